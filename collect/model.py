@@ -1,0 +1,242 @@
+"""Loading a gated-MLP language model, refactor_glu, weight geometry, and the MLP hooks.
+
+Models load through Hugging Face transformers (a hub name, a ``save_pretrained`` folder, or a GGUF
+file) and are wrapped in TransformerLens' ``TransformerBridge`` in its raw mode, whose hooks are
+
+* ``blocks.{L}.mlp.hook_pre``: gate pre-activation (``gate``),
+* ``blocks.{L}.mlp.hook_pre_linear``: in pre-activation (``in``),
+* ``blocks.{L}.mlp.hook_post``: ``act(gate) * in``, the input of the down projection.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from mkdocs_gluscope.errors import GluscopeError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GATED_MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class GatedMLP:
+    """The weights of one layer's gated MLP, as Hugging Face stores them."""
+
+    gate: torch.nn.Linear  # weight [d_mlp, d_model]
+    up: torch.nn.Linear  # weight [d_mlp, d_model]: the "in" projection
+    down: torch.nn.Linear  # weight [d_model, d_mlp]
+    act_fn: Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class LoadedModel:
+    bridge: Any  # transformer_lens.model_bridge.TransformerBridge
+    tokenizer: Any
+    mlps: list[GatedMLP]
+    act_fn_name: str
+    n_layers: int
+    d_mlp: int
+    device: torch.device
+    dtype: torch.dtype
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise GluscopeError(f"--device {device!r}; expected cpu, cuda, cuda:N or auto")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise GluscopeError(f"--device {device!r} but torch sees no CUDA device; use --device cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise GluscopeError(f"--dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def find_gguf(path: Path) -> Path | None:
+    """The GGUF file of a local model: the path itself, or the only ``.gguf`` in the folder."""
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.is_dir() and not (path / "config.json").exists():
+        found = sorted(path.glob("*.gguf"))
+        if len(found) > 1:
+            raise GluscopeError(
+                f"--model {str(path)!r} holds several GGUF files ({', '.join(p.name for p in found)}); "
+                "name one of them")
+        return found[0] if found else None
+    return None
+
+
+def load_hf(model: str, dtype: torch.dtype) -> tuple[Any, Any]:
+    """A causal LM and its tokenizer from a hub name, a folder, or a GGUF file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(model)
+    gguf = find_gguf(path) if path.exists() else None
+    try:
+        if gguf is not None:
+            kwargs = dict(gguf_file=gguf.name)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+            hf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=dtype, **kwargs)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(model)
+            hf_model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+    except (OSError, ValueError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        offline = " (HF_HUB_OFFLINE is set, so only the local cache is searched)" if os.environ.get(
+            "HF_HUB_OFFLINE") else ""
+        raise GluscopeError(
+            f"cannot load model {model!r}{offline}: {first_line}. --model takes a Hugging Face hub "
+            "name, a folder written by save_pretrained, or a GGUF file (or a folder holding one)"
+        ) from None
+    return hf_model.eval(), tokenizer
+
+
+def find_gated_mlps(hf_model: Any) -> list[GatedMLP]:
+    """Each decoder layer's gated MLP; a clear error for models without one."""
+    base = getattr(hf_model, "model", None) or getattr(hf_model, hf_model.base_model_prefix, None)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise GluscopeError(
+            f"model class {type(hf_model).__name__} has no decoder layers at .model.layers; gluscope "
+            "supports gated-MLP models such as Llama, OLMo, Gemma, Mistral, Qwen and SmolLM")
+    mlps = []
+    for index, layer in enumerate(layers):
+        mlp = getattr(layer, "mlp", None)
+        parts = [getattr(mlp, name, None) for name in GATED_MLP_PARTS]
+        if mlp is None or any(p is None for p in parts) or not hasattr(mlp, "act_fn"):
+            found = ", ".join(name for name, _ in mlp.named_children()) if mlp is not None else "none"
+            raise GluscopeError(
+                f"model class {type(hf_model).__name__} has no gated MLP: layer {index}'s MLP is "
+                f"{type(mlp).__name__} with modules [{found}]; gluscope needs a gated MLP with "
+                f"{', '.join(GATED_MLP_PARTS)} and act_fn (Llama, OLMo, Gemma, Mistral, Qwen, SmolLM)")
+        mlps.append(GatedMLP(gate=parts[0], up=parts[1], down=parts[2], act_fn=mlp.act_fn))
+    return mlps
+
+
+@torch.no_grad()
+def refactor_glu(mlps: list[GatedMLP]) -> torch.Tensor:
+    """Flip ``w_in`` (and its bias) and ``w_out`` of every neuron whose ``w_gate . w_in < 0``.
+
+    ``act(gate) * in * w_out`` is unchanged, so the model's output is too; ``in`` and ``post``
+    change sign for the flipped neurons. Returns which neurons flipped, ``[layer, neuron]`` bool.
+    """
+    flipped = []
+    for mlp in mlps:
+        dot = (mlp.gate.weight.float() * mlp.up.weight.float()).sum(dim=1)
+        flip = dot < 0
+        sign = torch.where(flip, -1.0, 1.0).to(mlp.up.weight.dtype)
+        mlp.up.weight.mul_(sign[:, None])
+        if mlp.up.bias is not None:
+            mlp.up.bias.mul_(sign)
+        mlp.down.weight.mul_(sign.to(mlp.down.weight.dtype)[None, :])
+        flipped.append(flip.cpu())
+    return torch.stack(flipped)
+
+
+@torch.no_grad()
+def weight_cosines(mlps: list[GatedMLP]) -> dict[str, torch.Tensor]:
+    """Per-neuron cosine similarities between ``w_gate``, ``w_in`` and ``w_out``, [layer, neuron]."""
+    out: dict[str, list[torch.Tensor]] = {"cos_gate_in": [], "cos_gate_out": [], "cos_in_out": []}
+    cos = torch.nn.functional.cosine_similarity
+    for mlp in mlps:
+        w_gate, w_in = mlp.gate.weight.float(), mlp.up.weight.float()
+        w_out = mlp.down.weight.float().T
+        out["cos_gate_in"].append(cos(w_gate, w_in, dim=1).cpu())
+        out["cos_gate_out"].append(cos(w_gate, w_out, dim=1).cpu())
+        out["cos_in_out"].append(cos(w_in, w_out, dim=1).cpu())
+    return {name: torch.stack(values) for name, values in out.items()}
+
+
+def act_fn_name(hf_model: Any) -> str:
+    config = hf_model.config
+    config = getattr(config, "text_config", None) or config
+    return str(getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "unknown"))
+
+
+def boot_bridge(name: str, hf_model: Any, tokenizer: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """Wrap a loaded model in TransformerBridge (raw mode: no weight processing)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if not getattr(hf_model.config, "architectures", None):
+        hf_model.config.architectures = [type(hf_model).__name__]  # bare configs lack it
+    bridge = TransformerBridge.boot_transformers(
+        name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype)
+    bridge.eval()
+    return bridge
+
+
+def load_model(model: str, *, dtype: str = "float32", device: str = "auto", refactor: bool = True,
+               ) -> tuple[LoadedModel, dict[str, torch.Tensor]]:
+    """Load, check, refactor and wrap a model. Returns it and its weight facts
+    (``flipped`` and the three cosines, computed after refactor_glu)."""
+    torch_dtype = resolve_dtype(dtype)
+    torch_device = resolve_device(device)
+    hf_model, tokenizer = load_hf(model, torch_dtype)
+    hf_model.to(torch_device)
+    mlps = find_gated_mlps(hf_model)
+    d_mlp = mlps[0].gate.weight.shape[0]
+    if refactor:
+        flipped = refactor_glu(mlps)
+    else:
+        flipped = torch.zeros(len(mlps), d_mlp, dtype=torch.bool)
+    facts = {"flipped": flipped, **weight_cosines(mlps)}
+    name = act_fn_name(hf_model)
+    bridge = boot_bridge(model, hf_model, tokenizer, torch_device, torch_dtype)
+    loaded = LoadedModel(bridge=bridge, tokenizer=tokenizer, mlps=mlps, act_fn_name=name,
+                         n_layers=len(mlps), d_mlp=d_mlp, device=torch_device, dtype=torch_dtype)
+    return loaded, facts
+
+
+class StopForward(Exception):
+    """Raised by the last needed hook: the rest of the model (and the unembedding) is skipped."""
+
+
+def hook_names(layer: int) -> tuple[str, str, str]:
+    """Bridge hook names of (gate, in, post) for one layer."""
+    return (f"blocks.{layer}.mlp.hook_pre", f"blocks.{layer}.mlp.hook_pre_linear",
+            f"blocks.{layer}.mlp.hook_post")
+
+
+def run_with_mlp_hooks(
+    bridge: Any,
+    input_ids: torch.Tensor,
+    layers: list[int],
+    on_layer: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None],
+) -> None:
+    """Run the model on ``input_ids`` (right-padded; causal attention keeps padding out of real
+    positions) and call ``on_layer(layer, gate, in, post)`` as each listed layer's MLP runs.
+    The forward pass stops after the last listed layer."""
+    last = max(layers)
+    captured: dict[str, torch.Tensor] = {}
+
+    def make_hooks(layer: int):
+        def save_gate(t, hook):
+            captured["gate"] = t
+
+        def save_in(t, hook):
+            captured["in"] = t
+
+        def on_post(t, hook):
+            on_layer(layer, captured.pop("gate"), captured.pop("in"), t)
+            if layer == last:
+                raise StopForward
+
+        return save_gate, save_in, on_post
+
+    fwd_hooks = []
+    for layer in layers:
+        fwd_hooks += list(zip(hook_names(layer), make_hooks(layer)))
+    try:
+        with torch.inference_mode():
+            bridge.run_with_hooks(input_ids, fwd_hooks=fwd_hooks, return_type=None)
+    except StopForward:
+        pass

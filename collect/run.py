@@ -1,0 +1,314 @@
+"""The collection run: one pass of the model over the corpus, statistics on the device, one file.
+
+Robustness: the state is checkpointed atomically every ``checkpoint_every`` seconds and on Ctrl-C
+(at the end of the batch in flight, so a checkpoint always holds whole batches); ``resume``
+continues from it and gives the same file as an uninterrupted run. The file itself is written
+to ``OUT.tmp`` and renamed, so a file at ``OUT`` is always complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from collect.corpus import Corpus, plan_batches, read_texts, token_strings, tokenize_corpus
+from collect.model import LoadedModel, load_model, run_with_mlp_hooks
+from collect.stats import LayerStats, add_batch, compiled_reduce_batch
+from mkdocs_gluscope.errors import GluscopeError
+from mkdocs_gluscope.store import ActivationsWriter
+
+
+@dataclass
+class CollectConfig:
+    """Every option of ``gluscope collect`` (see ``gluscope collect --help``)."""
+
+    model: str
+    dataset: list[str]
+    out: Path
+    text_column: str = "text"
+    split: str = "train"
+    seed: int = 0
+    max_tokens: int = 20_000_000
+    max_doc_tokens: int = 1024
+    long_docs: str = "truncate"
+    dtype: str = "float32"
+    device: str = "auto"
+    layers: list[int] | None = None
+    k: int = 16
+    context_before: int = 16
+    context_after: int = 2
+    include_bos: bool = False
+    refactor_glu: bool = True
+    batch_tokens: int = 8192
+    compile: bool = True
+    window_dtype: str = "float16"
+    resume: bool = False
+    checkpoint_every: float = 600.0
+    progress: bool = True
+    extra_attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out.with_name(self.out.name + ".ckpt")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What must match for a checkpoint to be resumed."""
+        skip = {"out", "resume", "checkpoint_every", "progress", "compile", "device"}
+        return {k: (str(v) if isinstance(v, Path) else v)
+                for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+
+class Interrupted(GluscopeError):
+    """Ctrl-C: the run stopped at a batch boundary and left a checkpoint."""
+
+
+def check_config(config: CollectConfig) -> None:
+    """Cheap checks before any model or corpus is loaded."""
+    if config.max_tokens <= 0:
+        raise GluscopeError(f"--max-tokens {config.max_tokens}; expected a positive count such as 200k")
+    if config.k < 1:
+        raise GluscopeError(f"--k {config.k}; expected at least 1")
+    if config.context_before < 0 or config.context_after < 0:
+        raise GluscopeError("--context-before and --context-after must be 0 or more")
+    if config.batch_tokens < 1:
+        raise GluscopeError(f"--batch-tokens {config.batch_tokens}; expected a positive number")
+    out_dir = config.out.parent if str(config.out.parent) else Path(".")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".gluscope-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise GluscopeError(f"cannot write --out {str(config.out)!r}: {e.strerror or e}") from None
+    if config.out.is_dir():
+        raise GluscopeError(f"--out {str(config.out)!r} is a folder; expected a file path such as run.h5")
+
+
+def resolve_layers(layers: list[int] | None, n_layers: int) -> list[int]:
+    if layers is None:
+        return list(range(n_layers))
+    bad = [layer for layer in layers if not 0 <= layer < n_layers]
+    if bad:
+        raise GluscopeError(f"--layers {bad}: this model has layers 0..{n_layers - 1}")
+    return sorted(set(layers))
+
+
+class _CtrlC:
+    """The first Ctrl-C asks the loop to stop after the batch in flight; a second one aborts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> "_CtrlC":
+        if threading_is_main():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ngluscope: stopping after this batch to write a checkpoint (Ctrl-C again to abort)",
+              file=sys.stderr)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def threading_is_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def save_checkpoint(path: Path, config: CollectConfig, batches_done: int,
+                    states: dict[int, LayerStats]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({
+        "fingerprint": config.fingerprint(),
+        "batches_done": batches_done,
+        "states": {layer: {k: v.cpu() for k, v in s.to_dict().items()} for layer, s in states.items()},
+    }, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(config: CollectConfig, device: torch.device) -> tuple[int, dict[int, LayerStats]] | None:
+    path = config.checkpoint_path
+    if not path.exists():
+        return None
+    saved = torch.load(path, map_location=device, weights_only=True)
+    if saved["fingerprint"] != config.fingerprint():
+        differ = sorted(k for k in config.fingerprint() if saved["fingerprint"].get(k) != config.fingerprint()[k])
+        raise GluscopeError(
+            f"checkpoint {str(path)!r} was made with other options ({', '.join(differ)}); rerun with "
+            "the same options, or delete it to start over")
+    states = {int(layer): LayerStats.from_dict(t) for layer, t in saved["states"].items()}
+    return int(saved["batches_done"]), states
+
+
+def finalize(state: LayerStats, window_dtype: str) -> dict[str, np.ndarray]:
+    """One layer's arrays as the file stores them."""
+    empty = (state.count == 0)[..., None]
+    gate, in_ = state.ordered_windows()
+    nan = float("nan")
+    return {
+        "count": state.count.cpu().numpy(),
+        "sum": state.sum.cpu().numpy(),
+        "min": torch.where(empty, nan, state.min).cpu().numpy(),
+        "max": torch.where(empty, nan, state.max).cpu().numpy(),
+        "top_value": state.top_value.cpu().numpy(),
+        "top_doc": state.top_doc.to(torch.int32).cpu().numpy(),
+        "top_pos": state.top_pos.to(torch.int32).cpu().numpy(),
+        "top_gate": gate.cpu().numpy().astype(window_dtype),
+        "top_in": in_.cpu().numpy().astype(window_dtype),
+    }
+
+
+def counted_tokens(corpus: Corpus, include_bos: bool) -> int:
+    excluded = corpus.n_docs if (corpus.has_bos and not include_bos) else 0
+    return int(corpus.lengths.sum()) - excluded
+
+
+def collect_statistics(
+    loaded: LoadedModel,
+    corpus: Corpus,
+    config: CollectConfig,
+    layers: list[int],
+    *,
+    stop_after_batches: int | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> dict[int, LayerStats]:
+    """Run the model over every batch of the corpus and return each layer's statistics."""
+    device = loaded.device
+    window = config.context_before + 1 + config.context_after
+    window_dtype = getattr(torch, config.window_dtype)
+    batches = plan_batches(corpus.lengths, config.batch_tokens)
+    start = 0
+    states = {layer: LayerStats.empty(loaded.d_mlp, config.k, window, device, window_dtype)
+              for layer in layers}
+    if config.resume:
+        restored = load_checkpoint(config, device)
+        if restored is not None:
+            start, states = restored
+            print(f"gluscope: resuming from {config.checkpoint_path} after {start}/{len(batches)} batches",
+                  file=sys.stderr)
+    reduce = compiled_reduce_batch(config.compile)
+    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    first_counted = 1 if (corpus.has_bos and not config.include_bos) else 0
+    lengths_all = corpus.lengths
+
+    from tqdm.auto import tqdm
+
+    total = int(sum(lengths_all[b.docs].sum() for b in batches))
+    done_tokens = int(sum(lengths_all[b.docs].sum() for b in batches[:start]))
+    bar = tqdm(total=total, initial=done_tokens, unit="tok", unit_scale=True, disable=not config.progress,
+               desc="collect", dynamic_ncols=True)
+    last_checkpoint = time.monotonic()
+    with _CtrlC() as ctrl_c:
+        for index in range(start, len(batches)):
+            batch = batches[index]
+            lengths_np = lengths_all[batch.docs]
+            ids = np.full((len(batch.docs), batch.length), pad_id, dtype=np.int64)
+            for row, doc in enumerate(batch.docs):
+                ids[row, : lengths_np[row]] = corpus.document(doc)
+            input_ids = torch.from_numpy(ids).to(device, non_blocking=True)
+            lengths = torch.from_numpy(lengths_np).to(device)
+            doc_ids = torch.from_numpy(batch.docs).to(device)
+            t = torch.arange(batch.length, device=device)
+            valid = (t[None, :] < lengths[:, None]) & (t[None, :] >= first_counted)
+
+            def on_layer(layer: int, gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor) -> None:
+                swish = loaded.mlps[layer].act_fn(gate)
+                reduced = reduce(gate, in_, post, swish, valid)
+                states[layer] = add_batch(states[layer], reduced, doc_ids, gate, in_, lengths,
+                                          config.context_before, config.context_after)
+
+            run_with_mlp_hooks(loaded.bridge, input_ids, layers, on_layer)
+            bar.update(int(lengths_np.sum()))
+            if on_batch is not None:
+                on_batch(index + 1, len(batches))
+            finished = index + 1
+            stop = ctrl_c.requested or (stop_after_batches is not None and finished >= stop_after_batches)
+            if finished < len(batches) and (stop or time.monotonic() - last_checkpoint > config.checkpoint_every):
+                save_checkpoint(config.checkpoint_path, config, finished, states)
+                last_checkpoint = time.monotonic()
+            if stop and finished < len(batches):
+                bar.close()
+                raise Interrupted(
+                    f"stopped after {finished}/{len(batches)} batches; checkpoint written to "
+                    f"{str(config.checkpoint_path)!r}; rerun the same command with --resume to continue")
+    bar.close()
+    return states
+
+
+def provenance(config: CollectConfig, loaded: LoadedModel, corpus: Corpus, layers: list[int]) -> dict[str, Any]:
+    import transformers
+
+    from mkdocs_gluscope import __version__
+
+    attrs = {
+        "model": config.model,
+        "dataset": ", ".join(config.dataset),
+        "text_column": config.text_column,
+        "split": config.split,
+        "seed": config.seed,
+        "n_docs": corpus.n_docs,
+        "max_tokens": config.max_tokens,
+        "max_doc_tokens": config.max_doc_tokens,
+        "long_docs": config.long_docs,
+        "include_bos": config.include_bos,
+        "has_bos": corpus.has_bos,
+        "refactor_glu": config.refactor_glu,
+        "act_fn": loaded.act_fn_name,
+        "dtype": config.dtype,
+        "device": str(loaded.device),
+        "layers": layers,
+        "n_model_layers": loaded.n_layers,
+        "window_dtype": config.window_dtype,
+        "batch_tokens": config.batch_tokens,
+        "gluscope_version": __version__,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    attrs.update(config.extra_attrs)
+    return attrs
+
+
+def collect(config: CollectConfig, *, stop_after_batches: int | None = None) -> Path:
+    """Run a whole collection and write ``config.out``. Returns its path."""
+    check_config(config)
+    started = time.monotonic()
+    loaded, facts = load_model(config.model, dtype=config.dtype, device=config.device,
+                               refactor=config.refactor_glu)
+    layers = resolve_layers(config.layers, loaded.n_layers)
+    texts = read_texts(config.dataset, text_column=config.text_column, split=config.split, seed=config.seed)
+    corpus = tokenize_corpus(texts, loaded.tokenizer, max_tokens=config.max_tokens,
+                             max_doc_tokens=config.max_doc_tokens, long_docs=config.long_docs)
+    states = collect_statistics(loaded, corpus, config, layers, stop_after_batches=stop_after_batches)
+    vocab_size = max(len(loaded.tokenizer), int(corpus.tokens.max()) + 1)
+    attrs = provenance(config, loaded, corpus, layers)
+    attrs["elapsed_s"] = round(time.monotonic() - started, 1)
+    with ActivationsWriter(config.out, n_layers=len(layers), d_mlp=loaded.d_mlp, k=config.k,
+                           context_before=config.context_before, context_after=config.context_after,
+                           window_dtype=config.window_dtype, attrs=attrs) as writer:
+        writer.write_corpus(corpus.tokens, corpus.doc_offsets, token_strings(loaded.tokenizer, vocab_size),
+                            source_index=corpus.source_index, doc_title=corpus.titles)
+        for row, layer in enumerate(layers):
+            writer.write_layer(row, finalize(states[layer], config.window_dtype))
+        writer.write_weights({name: values[layers].numpy() for name, values in facts.items()})
+        path = writer.close(n_tokens=counted_tokens(corpus, config.include_bos))
+    config.checkpoint_path.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,212 @@
+"""The ``gluscope`` command: ``collect``, ``pages``, ``info`` and ``demo``.
+
+Each subcommand is thin glue: it parses options and calls a library function. Errors the user can
+fix come out as one ``gluscope: error: ...`` line and exit status 2; Ctrl-C during ``collect``
+leaves a checkpoint and exits with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from mkdocs_gluscope.errors import GluscopeError
+
+
+def _int_list(text: str) -> list[int]:
+    """``3``, ``0,5,7`` or ``2-4`` (inclusive)."""
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part[1:]:
+                lo, hi = part.split("-", 1)
+                out += list(range(int(lo), int(hi) + 1))
+            elif part:
+                out.append(int(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected layers such as 3, 0,5,7 or 2-4") from None
+    return out
+
+
+def _count(text: str) -> int:
+    from collect.corpus import parse_count
+
+    try:
+        return parse_count(text)
+    except GluscopeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_collect_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="hub name, save_pretrained folder, or GGUF file (or a folder holding one)")
+    p.add_argument("--dataset", required=True, nargs="+",
+                   help="hub dataset name, save_to_disk folder, or .txt/.jsonl/.parquet files or folders")
+    p.add_argument("--out", required=True, type=Path, help="the activations file to write (.h5)")
+    p.add_argument("--text-column", default="text", help="column holding the text (default: text)")
+    p.add_argument("--split", default="train", help="dataset split (default: train)")
+    p.add_argument("--seed", type=int, default=0, help="shuffle seed of the corpus (default: 0)")
+    p.add_argument("--max-tokens", type=_count, default=20_000_000,
+                   help="stop after this many corpus tokens, e.g. 500k or 20M (default: 20M)")
+    p.add_argument("--max-doc-tokens", type=int, default=1024,
+                   help="tokens per document, BOS included (default: 1024)")
+    p.add_argument("--long-docs", choices=("truncate", "split"), default="truncate",
+                   help="cut long texts, or split them into further documents (default: truncate)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="dtype the model runs in; statistics accumulate in float32/float64 (default: float32)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--layers", type=_int_list, default=None,
+                   help="layers to record, e.g. 0,5 or 10-20 (default: all)")
+    p.add_argument("--k", type=int, default=16, help="examples kept per case and hook (default: 16)")
+    p.add_argument("--context-before", type=int, default=16,
+                   help="window tokens before each example's token (default: 16)")
+    p.add_argument("--context-after", type=int, default=2,
+                   help="window tokens after each example's token (default: 2)")
+    p.add_argument("--include-bos", action="store_true",
+                   help="count the BOS position too (excluded by default: it holds attention-sink outliers)")
+    p.add_argument("--no-refactor-glu", dest="refactor_glu", action="store_false",
+                   help="keep the weights as they are (by default, neurons with w_gate.w_in < 0 "
+                        "get w_in and w_out flipped)")
+    p.add_argument("--batch-tokens", type=int, default=8192,
+                   help="padded tokens per batch (default: 8192; raise it on a large GPU)")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="run the statistics eagerly (slower; no torch.compile warm-up)")
+    p.add_argument("--window-dtype", choices=("float16", "float32"), default="float16",
+                   help="dtype of the stored gate/in windows (default: float16)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt if it exists")
+    p.add_argument("--checkpoint-every", type=float, default=600.0,
+                   help="seconds between checkpoints (default: 600)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def run_collect(args: argparse.Namespace) -> int:
+    try:
+        from collect.run import CollectConfig, Interrupted, collect
+    except ImportError as e:
+        raise GluscopeError(
+            f"gluscope collect needs the [collect] extra ({e.name} is missing): "
+            "pip install 'gluscope[collect]'") from None
+    config = CollectConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "func")})
+    try:
+        path = collect(config)
+    except Interrupted as e:
+        print(f"gluscope: {e}", file=sys.stderr)
+        return 130
+    print(f"gluscope: wrote {path}")
+    return 0
+
+
+def add_pages_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("activations", type=Path, help="the activations file (.h5)")
+    p.add_argument("--neurons", nargs="+", required=True,
+                   help='neuron ids LAYER.NEURON, a whole layer "3.*", or "all"')
+    p.add_argument("--out", type=Path, required=True, help="folder to write Markdown pages into")
+    p.add_argument("--examples", type=int, default=None, help="examples shown per list (default: all k)")
+    p.add_argument("--color-hook", default="hook_post",
+                   help="hook that colors the tokens at first (default: hook_post)")
+
+
+def run_pages(args: argparse.Namespace) -> int:
+    from mkdocs_gluscope.pages import write_markdown_pages
+
+    written = write_markdown_pages(args.activations, args.neurons, args.out,
+                                   examples=args.examples, color_hook=args.color_hook)
+    print(f"gluscope: wrote {len(written)} pages under {args.out}")
+    return 0
+
+
+def add_info_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("activations", type=Path, help="the activations file (.h5)")
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from mkdocs_gluscope.store import CASES, ActivationsFile, FormatError
+
+    try:
+        f = ActivationsFile(args.activations)
+    except (FileNotFoundError, FormatError) as e:
+        raise GluscopeError(str(e)) from None
+    with f:
+        for key in ("model", "dataset", "dtype", "act_fn", "refactor_glu", "include_bos", "created"):
+            if key in f.attrs:
+                print(f"{key:>14}: {f.attrs[key]}")
+        print(f"{'layers':>14}: {f.describe_layers()} ({f.n_layers})")
+        print(f"{'neurons':>14}: {f.d_mlp} per layer")
+        print(f"{'documents':>14}: {f.n_docs}")
+        print(f"{'tokens':>14}: {f.n_tokens} counted")
+        print(f"{'k':>14}: {f.k}, window {f.context_before} before + 1 + {f.context_after} after")
+        freq = f.frequency().mean(axis=(0, 1))
+        print(f"{'mean freq.':>14}: " + ", ".join(f"{c} {100 * x:.1f}%" for c, x in zip(CASES, freq)))
+    return 0
+
+
+def add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=_count, default=200_000,
+                   help="corpus tokens to collect over (default: 200k)")
+    p.add_argument("--out", type=Path, default=Path("data/demo.h5"),
+                   help="where to write the activations file (default: data/demo.h5, as mkdocs.yml expects)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16",
+                   help="dtype the model runs in (default: bfloat16)")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="folder for the model and corpus (default: $GLUSCOPE_CACHE or ~/.cache/gluscope)")
+    p.add_argument("--serve", dest="action", action="store_const", const="serve", default="serve",
+                   help="serve the site when done (default)")
+    p.add_argument("--build", dest="action", action="store_const", const="build",
+                   help="build the site into site/ instead of serving it")
+    p.add_argument("--no-site", dest="action", action="store_const", const="none",
+                   help="only collect")
+    p.add_argument("--config-file", type=Path, default=Path("mkdocs.yml"), help="the site's mkdocs.yml")
+    p.add_argument("--dev-addr", default="127.0.0.1:8000", help="address to serve on (default: 127.0.0.1:8000)")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    try:
+        from collect.demo import run_demo as demo
+    except ImportError as e:
+        raise GluscopeError(
+            f"gluscope demo needs the [collect] extra ({e.name} is missing): "
+            "pip install 'gluscope[collect]'") from None
+    return demo(max_tokens=args.max_tokens, out=args.out, dtype=args.dtype, cache=args.cache,
+                action=args.action, config_file=args.config_file, dev_addr=args.dev_addr)
+
+
+COMMANDS = {
+    "collect": (add_collect_arguments, run_collect, "run a model over a corpus and write the activations file"),
+    "pages": (add_pages_arguments, run_pages, "write neuron pages as Markdown files, for any site generator"),
+    "info": (add_info_arguments, run_info, "summarize an activations file"),
+    "demo": (add_demo_arguments, run_demo,
+             "SmolLM2-135M on State of the Union addresses: fetch, collect, then serve the site"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mkdocs_gluscope import __version__
+
+    parser = argparse.ArgumentParser(prog="gluscope", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"gluscope {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (add_arguments, run, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(p)
+        p.set_defaults(func=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except GluscopeError as e:
+        print(f"gluscope: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gluscope: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

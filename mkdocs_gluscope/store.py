@@ -1,0 +1,407 @@
+"""The activations file: one HDF5 file per collection run (format_version 1).
+
+The layout is a contract (see ``ARCHITECTURE.md`` and the site's *Data format* page): axis order is
+always ``[layer, neuron, case, hook, ...]`` with :data:`CASES` and :data:`HOOKS` in the order given
+here. :class:`ActivationsWriter` writes a file atomically; :class:`ActivationsFile` reads one and
+hands out numpy arrays.
+
+Example -- the paper's section 5.1 analysis, across every neuron of the model::
+
+    import numpy as np
+    from mkdocs_gluscope.store import ActivationsFile
+
+    with ActivationsFile("demo.h5") as f:
+        freq = f.frequency()                      # [layer, neuron, case]
+        cos = f.weights("cos_gate_in")            # [layer, neuron]
+        rare = freq[..., f.case_index("gate-_in-")]
+        print(np.corrcoef(cos.ravel(), rare.ravel())[0, 1])
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import h5py
+import numpy as np
+
+FORMAT = "gluscope-activations"
+FORMAT_VERSION = 1
+
+#: Sign combinations of (gate, in), in file order.
+CASES: tuple[str, ...] = ("gate+_in+", "gate+_in-", "gate-_in+", "gate-_in-")
+#: Recorded quantities, in file order: act(gate)*in, in, gate, act(gate).
+HOOKS: tuple[str, ...] = ("hook_post", "hook_pre_linear", "hook_pre", "swish")
+
+STAT_NAMES = ("count", "sum", "min", "max")
+WEIGHT_NAMES = ("flipped", "cos_gate_in", "cos_gate_out", "cos_in_out")
+
+
+class FormatError(ValueError):
+    """The file is not a gluscope activations file this version can read."""
+
+
+def _to_attr(value: Any) -> Any:
+    """HDF5 attributes take numbers, strings and arrays; lists of strings need a string dtype."""
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return np.array(value, dtype=h5py.string_dtype("utf-8"))
+    if isinstance(value, (list, tuple)):
+        return np.asarray(value)
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return str(value)  # str subclasses (torch's version string) have no HDF5 type
+    return value
+
+
+def _compressed(chunks: tuple[int, ...]) -> dict[str, Any]:
+    return {"chunks": chunks, "compression": "gzip", "compression_opts": 4, "shuffle": True}
+
+
+class ActivationsWriter:
+    """Writes an activations file to ``PATH.tmp`` and renames it to ``PATH`` on :meth:`close`.
+
+    A run that fails before ``close`` leaves no file at ``PATH``, so a file that exists is complete.
+    Use it as a context manager; leaving the block by an exception deletes the temporary file.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        n_layers: int,
+        d_mlp: int,
+        k: int,
+        context_before: int,
+        context_after: int,
+        window_dtype: str = "float16",
+        attrs: Mapping[str, Any] | None = None,
+    ) -> None:
+        if window_dtype not in ("float16", "float32"):
+            raise ValueError(f"window_dtype={window_dtype!r}; expected 'float16' or 'float32'")
+        self.path = Path(path)
+        self.tmp_path = self.path.with_name(self.path.name + ".tmp")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = h5py.File(self.tmp_path, "w")
+        L, N, C, H = n_layers, d_mlp, len(CASES), len(HOOKS)
+        W = context_before + 1 + context_after
+        root = self.file.attrs
+        root["format"] = FORMAT
+        root["format_version"] = FORMAT_VERSION
+        root["cases"] = _to_attr(CASES)
+        root["hooks"] = _to_attr(HOOKS)
+        root["k"] = k
+        root["context_before"] = context_before
+        root["context_after"] = context_after
+        for key, value in (attrs or {}).items():
+            root[key] = _to_attr(value)
+        cn = max(1, min(N, 1024))
+        stats = self.file.create_group("stats")
+        stats.create_dataset("count", (L, N, C), "int64", **_compressed((1, cn, C)))
+        stats.create_dataset("sum", (L, N, C, H), "float64", **_compressed((1, cn, C, H)))
+        for name in ("min", "max"):
+            stats.create_dataset(name, (L, N, C, H), "float32", **_compressed((1, cn, C, H)))
+        # One chunk per neuron: a page reads exactly its own chunks.
+        top = self.file.create_group("top")
+        top.create_dataset("value", (L, N, C, H, k), "float32", **_compressed((1, 1, C, H, k)))
+        top.create_dataset("doc", (L, N, C, H, k), "int32", **_compressed((1, 1, C, H, k)))
+        top.create_dataset("pos", (L, N, C, H, k), "int32", **_compressed((1, 1, C, H, k)))
+        for name in ("gate", "in"):
+            top.create_dataset(
+                name, (L, N, C, H, k, W), window_dtype, **_compressed((1, 1, C, H, k, W))
+            )
+        weights = self.file.create_group("weights")
+        weights.create_dataset("flipped", (L, N), "bool")
+        for name in WEIGHT_NAMES[1:]:
+            weights.create_dataset(name, (L, N), "float32")
+
+    def write_corpus(
+        self,
+        tokens: np.ndarray,
+        doc_offsets: np.ndarray,
+        vocab: Sequence[str],
+        *,
+        source_index: np.ndarray | None = None,
+        doc_title: Sequence[str] | None = None,
+    ) -> None:
+        """Token ids of all documents, their offsets, and each token id's display string."""
+        corpus = self.file.create_group("corpus")
+        tokens = np.asarray(tokens, dtype=np.int32)
+        corpus.create_dataset("tokens", data=tokens, **_compressed((min(len(tokens), 1 << 16) or 1,)))
+        corpus.create_dataset("doc_offsets", data=np.asarray(doc_offsets, dtype=np.int64))
+        corpus.create_dataset("vocab", data=list(vocab), dtype=h5py.string_dtype("utf-8"))
+        if source_index is not None:
+            corpus.create_dataset("source_index", data=np.asarray(source_index, dtype=np.int64))
+        if doc_title is not None:
+            corpus.create_dataset("doc_title", data=list(doc_title), dtype=h5py.string_dtype("utf-8"))
+
+    def write_layer(self, layer: int, arrays: Mapping[str, np.ndarray]) -> None:
+        """One layer's statistics: keys ``count sum min max`` and ``top_value top_doc top_pos
+        top_gate top_in``, each shaped as its dataset without the layer axis."""
+        for name in STAT_NAMES:
+            self.file["stats"][name][layer] = arrays[name]
+        for name in ("value", "doc", "pos", "gate", "in"):
+            self.file["top"][name][layer] = arrays["top_" + name]
+
+    def write_weights(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """``flipped`` and the three cosines, each ``[layer, neuron]``."""
+        for name in WEIGHT_NAMES:
+            self.file["weights"][name][...] = arrays[name]
+
+    def close(self, **final_attrs: Any) -> Path:
+        """Write the last attributes (e.g. ``n_tokens``) and move the file into place."""
+        for key, value in final_attrs.items():
+            self.file.attrs[key] = _to_attr(value)
+        self.file.close()
+        os.replace(self.tmp_path, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        if self.file.id.valid:
+            self.file.close()
+        self.tmp_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> "ActivationsWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+@dataclass
+class NeuronData:
+    """Everything one neuron page shows, as plain numpy arrays.
+
+    Shapes use C = 4 cases, H = 4 hooks, k examples per list, W window tokens.
+    """
+
+    layer: int
+    neuron: int
+    n_tokens: int
+    count: np.ndarray  # [C] int64
+    sum: np.ndarray  # [C, H] float64
+    min: np.ndarray  # [C, H]
+    max: np.ndarray  # [C, H]
+    top_value: np.ndarray  # [C, H, k]
+    top_doc: np.ndarray  # [C, H, k], -1 for an empty slot
+    top_pos: np.ndarray  # [C, H, k]
+    top_gate: np.ndarray  # [C, H, k, W] float32, NaN outside the document
+    top_in: np.ndarray  # [C, H, k, W]
+    window_tokens: np.ndarray  # [C, H, k, W] token ids, -1 outside the document
+    flipped: bool
+    cos_gate_in: float
+    cos_gate_out: float
+    cos_in_out: float
+    context_before: int
+    context_after: int
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def frequency(self) -> np.ndarray:
+        """Share of counted positions in each case, in [0, 1]."""
+        return self.count / max(self.n_tokens, 1)
+
+    @property
+    def mean(self) -> np.ndarray:
+        """Mean of each hook within each case (NaN for an empty case)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.sum / self.count[:, None]
+
+    @property
+    def id(self) -> str:
+        return f"{self.layer}.{self.neuron}"
+
+
+def _attr(value: Any) -> Any:
+    """HDF5 attributes come back as numpy scalars and arrays; make them plain Python."""
+    if isinstance(value, np.ndarray):
+        return [_attr(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    return value
+
+
+class ActivationsFile:
+    """Read access to an activations file.
+
+    Whole-model arrays (:meth:`stat`, :meth:`frequency`, :meth:`mean`, :meth:`weights`) are read
+    on demand; :meth:`neuron` reads one neuron's chunks only, in about a millisecond.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"no activations file at {str(self.path)!r}")
+        try:
+            self.file = h5py.File(self.path, "r")
+        except OSError as e:
+            raise FormatError(f"{str(self.path)!r} is not an HDF5 file ({e})") from None
+        fmt = _attr(self.file.attrs.get("format"))
+        version = _attr(self.file.attrs.get("format_version"))
+        if fmt != FORMAT:
+            self.file.close()
+            raise FormatError(f"{str(self.path)!r} has format={fmt!r}; expected {FORMAT!r}")
+        if version != FORMAT_VERSION:
+            self.file.close()
+            raise FormatError(
+                f"{str(self.path)!r} has format_version={version!r}; this gluscope reads "
+                f"format_version {FORMAT_VERSION}"
+            )
+        self.attrs: dict[str, Any] = {k: _attr(v) for k, v in self.file.attrs.items()}
+        n_rows, self.d_mlp = self.file["stats/count"].shape[:2]
+        #: Model layer of each row of the layer axis (a run may cover some layers only).
+        self.layers: list[int] = [int(x) for x in self.attrs.get("layers", range(n_rows))]
+        self.n_layers = n_rows
+        self.k = int(self.attrs["k"])
+        self.context_before = int(self.attrs["context_before"])
+        self.context_after = int(self.attrs["context_after"])
+        self.n_tokens = int(self.attrs.get("n_tokens", 0))
+        self._vocab: list[str] | None = None
+        self._offsets: np.ndarray | None = None
+        self._tokens: np.ndarray | None = None
+
+    # -- whole-model arrays -------------------------------------------------------------------
+    @staticmethod
+    def case_index(case: str) -> int:
+        if case not in CASES:
+            raise KeyError(f"case {case!r}; expected one of {', '.join(CASES)}")
+        return CASES.index(case)
+
+    @staticmethod
+    def hook_index(hook: str) -> int:
+        if hook not in HOOKS:
+            raise KeyError(f"hook {hook!r}; expected one of {', '.join(HOOKS)}")
+        return HOOKS.index(hook)
+
+    def stat(self, name: str) -> np.ndarray:
+        """``count`` [L,N,C], or ``sum``/``min``/``max`` [L,N,C,H]."""
+        if name not in STAT_NAMES:
+            raise KeyError(f"statistic {name!r}; expected one of {', '.join(STAT_NAMES)}")
+        return self.file["stats"][name][...]
+
+    def frequency(self) -> np.ndarray:
+        """Share of counted positions in each case: ``count / n_tokens``, [L,N,C]."""
+        return self.stat("count") / max(self.n_tokens, 1)
+
+    def mean(self) -> np.ndarray:
+        """Mean of each hook within each case, [L,N,C,H]; NaN where a case never occurs."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.stat("sum") / self.stat("count")[..., None]
+
+    def weights(self, name: str) -> np.ndarray:
+        """``flipped``, ``cos_gate_in``, ``cos_gate_out`` or ``cos_in_out``, [L,N]."""
+        if name not in WEIGHT_NAMES:
+            raise KeyError(f"weight property {name!r}; expected one of {', '.join(WEIGHT_NAMES)}")
+        return self.file["weights"][name][...]
+
+    # -- corpus -------------------------------------------------------------------------------
+    @property
+    def vocab(self) -> list[str]:
+        """Display string of each token id."""
+        if self._vocab is None:
+            self._vocab = [s.decode("utf-8") if isinstance(s, bytes) else s
+                           for s in self.file["corpus/vocab"][...]]
+        return self._vocab
+
+    @property
+    def doc_offsets(self) -> np.ndarray:
+        if self._offsets is None:
+            self._offsets = self.file["corpus/doc_offsets"][...]
+        return self._offsets
+
+    @property
+    def tokens(self) -> np.ndarray:
+        if self._tokens is None:
+            self._tokens = self.file["corpus/tokens"][...]
+        return self._tokens
+
+    @property
+    def n_docs(self) -> int:
+        return len(self.doc_offsets) - 1
+
+    def document(self, doc: int) -> np.ndarray:
+        """Token ids of document ``doc`` (BOS included where the model uses one)."""
+        if not 0 <= doc < self.n_docs:
+            raise IndexError(f"document {doc}; this file has documents 0..{self.n_docs - 1}")
+        start, stop = self.doc_offsets[doc], self.doc_offsets[doc + 1]
+        return self.tokens[start:stop]
+
+    def doc_title(self, doc: int) -> str | None:
+        """A short provenance label of the document (e.g. year and speaker), if recorded."""
+        if "doc_title" not in self.file["corpus"]:
+            return None
+        title = self.file["corpus/doc_title"][doc]
+        return title.decode("utf-8") if isinstance(title, bytes) else title
+
+    # -- one neuron ---------------------------------------------------------------------------
+    def describe_layers(self) -> str:
+        first, last = self.layers[0], self.layers[-1]
+        if self.layers == list(range(first, last + 1)):
+            return f"{first}..{last}"
+        return ", ".join(map(str, self.layers))
+
+    def row(self, layer: int) -> int:
+        """Row of model layer ``layer`` on the file's layer axis."""
+        if layer not in self.layers:
+            raise IndexError(f"layer {layer}; this file has layers {self.describe_layers()}")
+        return self.layers.index(layer)
+
+    def check_neuron(self, layer: int, neuron: int) -> None:
+        self.row(layer)
+        if not 0 <= neuron < self.d_mlp:
+            raise IndexError(f"neuron {neuron}; this file has neurons 0..{self.d_mlp - 1}")
+
+    def neuron(self, layer: int, neuron: int) -> NeuronData:
+        """All data of one neuron's page (``layer`` is the model's layer index)."""
+        self.check_neuron(layer, neuron)
+        f = self.file
+        row = self.row(layer)
+        top_doc = f["top/doc"][row, neuron]
+        top_pos = f["top/pos"][row, neuron]
+        return NeuronData(
+            layer=layer,
+            neuron=neuron,
+            n_tokens=self.n_tokens,
+            count=f["stats/count"][row, neuron],
+            sum=f["stats/sum"][row, neuron],
+            min=f["stats/min"][row, neuron],
+            max=f["stats/max"][row, neuron],
+            top_value=f["top/value"][row, neuron],
+            top_doc=top_doc,
+            top_pos=top_pos,
+            top_gate=f["top/gate"][row, neuron].astype(np.float32),
+            top_in=f["top/in"][row, neuron].astype(np.float32),
+            window_tokens=self.window_tokens(top_doc, top_pos),
+            flipped=bool(f["weights/flipped"][row, neuron]),
+            cos_gate_in=float(f["weights/cos_gate_in"][row, neuron]),
+            cos_gate_out=float(f["weights/cos_gate_out"][row, neuron]),
+            cos_in_out=float(f["weights/cos_in_out"][row, neuron]),
+            context_before=self.context_before,
+            context_after=self.context_after,
+            attrs=self.attrs,
+        )
+
+    def window_tokens(self, doc: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """Token ids around each (doc, pos): shape ``doc.shape + (W,)``, -1 outside a document."""
+        offsets = np.arange(-self.context_before, self.context_after + 1)
+        doc = np.asarray(doc)[..., None]
+        t = np.asarray(pos)[..., None] + offsets
+        safe_doc = np.clip(doc, 0, self.n_docs - 1)
+        start, stop = self.doc_offsets[safe_doc], self.doc_offsets[safe_doc + 1]
+        inside = (doc >= 0) & (t >= 0) & (start + t < stop)
+        ids = self.tokens[np.where(inside, start + t, 0)]
+        return np.where(inside, ids, -1)
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> "ActivationsFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

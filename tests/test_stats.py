@@ -1,0 +1,194 @@
+"""The statistics against a brute-force reference written as plain loops over positions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from collect.stats import LayerStats, add_batch, merge_stats, reduce_batch
+
+BEFORE, AFTER = 3, 1
+W = BEFORE + 1 + AFTER
+
+
+def silu(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.silu(x)
+
+
+def make_docs(seed: int, n_docs: int, d_mlp: int, max_len: int, *, ties: bool = False,
+              all_negative_gate: bool = False, zeros: bool = False):
+    """Random documents: list of (gate [T, N], in [T, N]) with varied lengths."""
+    g = torch.Generator().manual_seed(seed)
+    docs = []
+    for d in range(n_docs):
+        length = int(torch.randint(1, max_len + 1, (1,), generator=g))
+        gate = torch.randn(length, d_mlp, generator=g)
+        in_ = torch.randn(length, d_mlp, generator=g)
+        if ties:
+            # Few distinct values: many exact ties within and across documents.
+            gate = torch.round(gate * 2) / 2
+            in_ = torch.round(in_ * 2) / 2
+        if all_negative_gate:
+            gate = -gate.abs() - 0.1
+        if zeros:
+            gate[::3, 0] = 0.0
+        docs.append((gate, in_))
+    return docs
+
+
+def hook_values(gate, in_):
+    """post, in, gate, swish of one document (computed once, so batches see the same bits)."""
+    swish = silu(gate)
+    return [swish * in_, in_, gate, swish]
+
+
+def brute_force(docs, k, first_counted: int):
+    """Reference statistics by loops: dicts keyed by (neuron, case, hook)."""
+    d_mlp = docs[0][0].shape[1]
+    count = torch.zeros(d_mlp, 4, dtype=torch.int64)
+    total = torch.zeros(d_mlp, 4, 4, dtype=torch.float64)
+    mins = torch.full((d_mlp, 4, 4), math.inf)
+    maxs = torch.full((d_mlp, 4, 4), -math.inf)
+    lists = {}  # (n, c, h) -> list of (abs, doc, value, pos)
+    for d, (gate, in_) in enumerate(docs):
+        hooks = hook_values(gate, in_)
+        best = {}
+        for t in range(first_counted, gate.shape[0]):
+            for n in range(d_mlp):
+                gv, iv = float(gate[t, n]), float(in_[t, n])
+                if gv == 0 or iv == 0:
+                    continue
+                c = (0 if gv > 0 else 2) + (0 if iv > 0 else 1)
+                count[n, c] += 1
+                for h in range(4):
+                    v = float(hooks[h][t, n])
+                    total[n, c, h] += v
+                    mins[n, c, h] = min(mins[n, c, h], v)
+                    maxs[n, c, h] = max(maxs[n, c, h], v)
+                    if (n, c, h) not in best or abs(v) > best[n, c, h][0]:
+                        best[n, c, h] = (abs(v), d, v, t)
+        for key, entry in best.items():
+            lists.setdefault(key, []).append(entry)
+    top = {key: sorted(entries, key=lambda e: (-e[0], e[1]))[:k] for key, entries in lists.items()}
+    return count, total, mins, maxs, top
+
+
+def run_batches(docs, k, first_counted, batch_size, doc_offset=0):
+    d_mlp = docs[0][0].shape[1]
+    stats = LayerStats.empty(d_mlp, k, W)
+    for start in range(0, len(docs), batch_size):
+        chunk = docs[start:start + batch_size]
+        lengths = torch.tensor([g.shape[0] for g, _ in chunk])
+        t_max = int(lengths.max()) + 2  # padding beyond the longest document
+        # Padding carries large values that must not count.
+        post, in_, gate, swish = (torch.full((len(chunk), t_max, d_mlp), 5.0) for _ in range(4))
+        for b, (g, i) in enumerate(chunk):
+            for full, part in zip((post, in_, gate, swish), hook_values(g, i)):
+                full[b, : g.shape[0]] = part
+        t = torch.arange(t_max)
+        valid = (t[None] < lengths[:, None]) & (t[None] >= first_counted)
+        red = reduce_batch(gate, in_, post, swish, valid)
+        doc_ids = torch.arange(start, start + len(chunk)) + doc_offset
+        stats = add_batch(stats, red, doc_ids, gate, in_, lengths, BEFORE, AFTER)
+    return stats
+
+
+def assert_matches(stats: LayerStats, docs, k, first_counted):
+    count, total, mins, maxs, top = brute_force(docs, k, first_counted)
+    assert torch.equal(stats.count, count)
+    torch.testing.assert_close(stats.sum, total, rtol=1e-5, atol=1e-5)
+    assert torch.equal(stats.min, mins.float())
+    assert torch.equal(stats.max, maxs.float())
+    d_mlp = count.shape[0]
+    for n in range(d_mlp):
+        for c in range(4):
+            for h in range(4):
+                expected = top.get((n, c, h), [])
+                docs_got = stats.top_doc[n, c, h].tolist()
+                assert docs_got[: len(expected)] == [e[1] for e in expected], (n, c, h)
+                assert all(d == -1 for d in docs_got[len(expected):])
+                assert stats.top_pos[n, c, h, : len(expected)].tolist() == [e[3] for e in expected]
+                torch.testing.assert_close(
+                    stats.top_value[n, c, h, : len(expected)],
+                    torch.tensor([e[2] for e in expected], dtype=torch.float32))
+                assert stats.top_value[n, c, h, len(expected):].isnan().all()
+                win_gate, win_in = stats.ordered_windows()
+                for j, (_, d, _, p) in enumerate(expected):
+                    gate, in_ = docs[d]
+                    for w, t in enumerate(range(p - BEFORE, p + AFTER + 1)):
+                        got_g = float(win_gate[n, c, h, j, w])
+                        got_i = float(win_in[n, c, h, j, w])
+                        if 0 <= t < gate.shape[0]:
+                            assert got_g == float(gate[t, n]) and got_i == float(in_[t, n])
+                        else:
+                            assert math.isnan(got_g) and math.isnan(got_i)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(seed=0, n_docs=12, k=4, batch=5, first=1),  # BOS excluded
+        dict(seed=1, n_docs=9, k=4, batch=4, first=0, ties=True),  # exact ties everywhere
+        dict(seed=2, n_docs=3, k=8, batch=2, first=1),  # k larger than the number of documents
+        dict(seed=3, n_docs=7, k=3, batch=3, first=1, all_negative_gate=True),  # empty gate+ cases
+        dict(seed=4, n_docs=8, k=3, batch=8, first=0, zeros=True),  # zeros belong to no case
+    ],
+    ids=["plain", "ties", "k>docs", "all-negative-gate", "zeros"],
+)
+def test_statistics_match_brute_force(case):
+    docs = make_docs(case["seed"], case["n_docs"], d_mlp=5, max_len=7, ties=case.get("ties", False),
+                     all_negative_gate=case.get("all_negative_gate", False),
+                     zeros=case.get("zeros", False))
+    stats = run_batches(docs, case["k"], case["first"], case["batch"])
+    assert_matches(stats, docs, case["k"], case["first"])
+
+
+def test_documents_shorter_than_window_and_single_token():
+    docs = make_docs(5, 6, d_mlp=4, max_len=2)
+    stats = run_batches(docs, 4, 0, 3)
+    assert_matches(stats, docs, 4, 0)
+    # Each filled slot has NaN before the document's start.
+    filled = stats.top_doc >= 0
+    assert stats.ordered_windows()[0][..., 0][filled].isnan().all()
+
+
+def test_all_negative_gate_leaves_gate_plus_cases_empty():
+    docs = make_docs(6, 5, d_mlp=3, max_len=6, all_negative_gate=True)
+    stats = run_batches(docs, 4, 0, 5)
+    assert (stats.count[:, :2] == 0).all()
+    assert (stats.top_doc[:, :2] == -1).all()
+    assert torch.isinf(stats.min[:, :2]).all() and (stats.min[:, :2] > 0).all()
+
+
+def test_merge_of_two_halves_equals_whole():
+    docs = make_docs(7, 14, d_mlp=6, max_len=9, ties=True)
+    whole = run_batches(docs, 5, 1, 4)
+    first = run_batches(docs[:6], 5, 1, 4)
+    second = run_batches(docs[6:], 5, 1, 4, doc_offset=6)
+    merged = merge_stats(first, second)
+    assert torch.equal(merged.count, whole.count)
+    for name in ("min", "max", "top_key", "top_doc", "top_pos"):
+        assert torch.equal(getattr(merged, name), getattr(whole, name)), name
+    pairs = [(merged.top_value, whole.top_value)]
+    pairs += list(zip(merged.ordered_windows(), whole.ordered_windows()))
+    for a, b in pairs:
+        assert ((a == b) | (a.isnan() & b.isnan())).all()
+    # Sums are added per batch in float32, so batch boundaries move the last bits only.
+    torch.testing.assert_close(merged.sum, whole.sum, rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_reduction_equals_eager():
+    from collect.stats import compiled_reduce_batch
+
+    g = torch.Generator().manual_seed(0)
+    gate = torch.randn(3, 11, 8, generator=g)
+    in_ = torch.randn(3, 11, 8, generator=g)
+    valid = torch.rand(3, 11, generator=g) > 0.2
+    swish = silu(gate)
+    eager = reduce_batch(gate, in_, swish * in_, swish, valid)
+    fused = compiled_reduce_batch(True)(gate, in_, swish * in_, swish, valid)
+    for name in ("count", "min", "max", "doc_abs", "doc_pos", "doc_value"):
+        assert torch.equal(getattr(eager, name), getattr(fused, name)), name
+    torch.testing.assert_close(eager.sum, fused.sum)

@@ -102,12 +102,11 @@ def load_hf(model: str, dtype: torch.dtype) -> tuple[Any, Any]:
 
 def find_gated_mlps(hf_model: Any) -> list[GatedMLP]:
     """Each decoder layer's gated MLP; a clear error for models without one."""
-    base = getattr(hf_model, "model", None) or getattr(hf_model, hf_model.base_model_prefix, None)
-    layers = getattr(base, "layers", None)
+    layers = next((m for m in hf_model.modules() if isinstance(m, torch.nn.ModuleList)), None)
     if layers is None:
         raise GluscopeError(
-            f"model class {type(hf_model).__name__} has no decoder layers at .model.layers; gluscope "
-            "supports gated-MLP models such as Llama, OLMo, Gemma, Mistral, Qwen and SmolLM")
+            f"model class {type(hf_model).__name__} has no list of decoder layers; gluscope supports "
+            "gated-MLP models such as Llama, OLMo, Gemma, Mistral, Qwen and SmolLM")
     mlps = []
     for index, layer in enumerate(layers):
         mlp = getattr(layer, "mlp", None)

@@ -1,0 +1,52 @@
+"""Neuron ids as users write them: ``"29.1034"`` (LAYER.NEURON, zero-based), ``"3.*"``, ``"all"``."""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Sequence
+
+_ID = re.compile(r"^\s*(\d+)\s*\.\s*(\d+|\*)\s*$")
+
+
+class NeuronSpecError(ValueError):
+    """A neuron id that is malformed or outside the file's range."""
+
+
+def parse_neuron_ids(specs: str | int | float | Iterable[str | int | float], layers: Sequence[int],
+                     d_mlp: int) -> list[tuple[int, int]]:
+    """``(layer, neuron)`` pairs in the order given, without repeats.
+
+    ``layers`` are the model layers the file holds; ``d_mlp`` its neurons per layer.
+    """
+    if isinstance(specs, (str, int, float)):
+        specs = [specs]
+    valid_layers = _describe(layers)
+    out: dict[tuple[int, int], None] = {}
+    for spec in specs:
+        text = str(spec).strip()
+        if text == "all":
+            out.update(((layer, n), None) for layer in layers for n in range(d_mlp))
+            continue
+        match = _ID.match(text)
+        if not match:
+            raise NeuronSpecError(
+                f"neuron id {spec!r} is malformed; expected LAYER.NEURON (e.g. '3.77'), "
+                f"a whole layer 'LAYER.*', or 'all' (layers {valid_layers}, neurons 0..{d_mlp - 1})")
+        layer = int(match.group(1))
+        if layer not in layers:
+            raise NeuronSpecError(f"neuron id {spec!r}: layer {layer} is out of range; the file has layers {valid_layers}")
+        if match.group(2) == "*":
+            out.update(((layer, n), None) for n in range(d_mlp))
+            continue
+        neuron = int(match.group(2))
+        if not 0 <= neuron < d_mlp:
+            raise NeuronSpecError(f"neuron id {spec!r}: neuron {neuron} is out of range; layers have neurons 0..{d_mlp - 1}")
+        out[(layer, neuron)] = None
+    return list(out)
+
+
+def _describe(layers: Sequence[int]) -> str:
+    layers = list(layers)
+    if layers and layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}..{layers[-1]}"
+    return ", ".join(map(str, layers))

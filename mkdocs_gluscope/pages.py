@@ -1,0 +1,195 @@
+"""The set of generated pages for a list of neurons: paths, Markdown, examples, document shards.
+
+:class:`SitePages` is what the MkDocs plugin and ``gluscope pages`` share. Paths are relative to
+the docs folder: ``neurons/index.md``, ``neurons/L{layer}/index.md``, ``neurons/L{layer}/N{neuron}.md``,
+and ``gluscope/docs/{shard}.json`` (the documents that examples come from, fetched when a reader
+expands one).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from mkdocs_gluscope.neurons import parse_neuron_ids
+from mkdocs_gluscope.render import (
+    EXAMPLES_PLACEHOLDER,
+    PageContext,
+    examples_html,
+    index_rows,
+    md_text,
+    neuron_markdown,
+    token_html,
+)
+from mkdocs_gluscope.store import CASES, ActivationsFile, NeuronData
+
+DOCS_PER_SHARD = 64
+ASSETS = ("gluscope.css", "gluscope.js")
+ASSET_DIR = "assets/gluscope"
+
+
+def asset_text(name: str) -> str:
+    return resources.files("mkdocs_gluscope").joinpath("assets", name).read_text(encoding="utf-8")
+
+
+class SitePages:
+    """Pages of ``neurons`` (ids as in :func:`parse_neuron_ids`) from one activations file."""
+
+    def __init__(self, activations: ActivationsFile, neurons: str | Iterable[str], *, url_prefix: str = "neurons",
+                 examples: int | None = None, color_hook: str = "hook_post") -> None:
+        self.file = activations
+        self.neurons = parse_neuron_ids(neurons, activations.layers, activations.d_mlp)
+        self.prefix = url_prefix.strip("/")
+        self.examples = examples
+        self.color_hook = color_hook
+        self._position = {n: i for i, n in enumerate(self.neurons)}
+        self._vocab_html: dict[int, str] = {}
+
+    # -- paths --------------------------------------------------------------------------------
+    def neuron_path(self, layer: int, neuron: int) -> str:
+        return f"{self.prefix}/L{layer}/N{neuron}.md"
+
+    def layer_path(self, layer: int) -> str:
+        return f"{self.prefix}/L{layer}/index.md"
+
+    @property
+    def index_path(self) -> str:
+        return f"{self.prefix}/index.md"
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({layer for layer, _ in self.neurons})
+
+    # -- shared lookups -----------------------------------------------------------------------
+    def vocab_html(self, token: int) -> str:
+        cached = self._vocab_html.get(token)
+        if cached is None:
+            cached = self._vocab_html[token] = token_html(self.file.vocab[token])
+        return cached
+
+    def vocab_text(self, token: int) -> str:
+        return self.file.vocab[token]
+
+    @lru_cache(maxsize=None)
+    def doc_title(self, doc: int) -> str | None:
+        return self.file.doc_title(doc)
+
+    def context(self, layer: int, neuron: int, site_root: str = "") -> PageContext:
+        i = self._position[(layer, neuron)]
+
+        def link(j: int) -> tuple[str, str] | None:
+            if not 0 <= j < len(self.neurons):
+                return None
+            other_layer, other = self.neurons[j]
+            target = f"N{other}.md" if other_layer == layer else f"../L{other_layer}/N{other}.md"
+            return f"{other_layer}.{other}", target
+
+        return PageContext(
+            vocab_html=self.vocab_html, vocab_text=self.vocab_text, doc_title=self.doc_title,
+            site_root=site_root, examples=self.examples, color_hook=self.color_hook,
+            prev_link=link(i - 1), next_link=link(i + 1), index_link="../index.md", layer_link="index.md")
+
+    # -- content ------------------------------------------------------------------------------
+    def neuron_data(self, layer: int, neuron: int) -> NeuronData:
+        return self.file.neuron(layer, neuron)
+
+    def neuron_markdown(self, layer: int, neuron: int, data: NeuronData | None = None) -> str:
+        data = data or self.neuron_data(layer, neuron)
+        return neuron_markdown(data, self.context(layer, neuron))
+
+    def examples_html(self, layer: int, neuron: int, site_root: str, data: NeuronData | None = None) -> str:
+        data = data or self.neuron_data(layer, neuron)
+        return examples_html(data, self.context(layer, neuron, site_root))
+
+    def _table(self, neurons: Sequence[tuple[int, int]], url) -> str:
+        entries = [(self.neuron_data(layer, n), url(layer, n)) for layer, n in neurons]
+        return index_rows(entries, self.vocab_text)
+
+    def index_markdown(self, *, directory_urls: bool = True) -> str:
+        a = self.file.attrs
+        layer_links = " · ".join(f"[{layer}](L{layer}/index.md)" for layer in self.layers)
+        suffix = "/" if directory_urls else ".html"
+        url = (lambda layer, n: f"L{layer}/N{n}{suffix}")
+        return "\n".join([
+            "# Neurons", "",
+            f"{len(self.neurons)} neurons of **{md_text(str(a.get('model', 'the model')))}**, recorded over "
+            f"{self.file.n_tokens:,} tokens of {md_text(str(a.get('dataset', 'the corpus')))}. Click a column "
+            "header to sort; the percentages are each case's share of all counted tokens, the top tokens "
+            "those of each case's strongest hook_post example.", "",
+            f"Layers: {layer_links}", "",
+            self._table(self.neurons, url), ""])
+
+    def layer_markdown(self, layer: int, *, directory_urls: bool = True) -> str:
+        listed = [(lay, n) for lay, n in self.neurons if lay == layer]
+        suffix = "/" if directory_urls else ".html"
+        url = (lambda lay, n: f"N{n}{suffix}")
+        return "\n".join([f"# Layer {layer}", "", "[All neurons](../index.md)", "",
+                          self._table(listed, url), ""])
+
+    def doc_shards(self) -> dict[str, str]:
+        """``gluscope/docs/{shard}.json`` for every document an example of a listed neuron
+        comes from: ``{doc: {"title": ..., "tokens": [display strings]}}``."""
+        docs: set[int] = set()
+        top_doc = self.file.file["top/doc"]
+        for layer, neuron in self.neurons:
+            docs.update(int(d) for d in top_doc[self.file.row(layer), neuron].ravel() if d >= 0)
+        shards: dict[int, dict[str, dict]] = {}
+        vocab = self.file.vocab
+        for doc in sorted(docs):
+            tokens = [vocab[t] for t in self.file.document(doc)]
+            shards.setdefault(doc // DOCS_PER_SHARD, {})[str(doc)] = {"title": self.doc_title(doc), "tokens": tokens}
+        return {f"gluscope/docs/{shard}.json": json.dumps(content, ensure_ascii=False, separators=(",", ":"))
+                for shard, content in shards.items()}
+
+
+def write_markdown_pages(activations: str | os.PathLike, neurons: Sequence[str], out: str | os.PathLike, *,
+                         examples: int | None = None, color_hook: str = "hook_post") -> list[Path]:
+    """Write every page as a Markdown file with the examples inlined as HTML, plus the CSS/JS
+    assets and document shards the pages use, under ``out`` (a docs folder of any generator)."""
+    from mkdocs_gluscope.errors import GluscopeError
+    from mkdocs_gluscope.neurons import NeuronSpecError
+    from mkdocs_gluscope.store import FormatError
+
+    out = Path(out)
+    try:
+        f = ActivationsFile(activations)
+    except (FileNotFoundError, FormatError) as e:
+        raise GluscopeError(str(e)) from None
+    written: list[Path] = []
+
+    def write(rel: str, text: str) -> None:
+        path = out / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        written.append(path)
+
+    with f:
+        try:
+            site = SitePages(f, neurons, examples=examples, color_hook=color_hook)
+        except NeuronSpecError as e:
+            raise GluscopeError(str(e)) from None
+        head = "".join(f'<link rel="stylesheet" href="{{root}}{ASSET_DIR}/{a}">' if a.endswith(".css") else
+                       f'<script src="{{root}}{ASSET_DIR}/{a}"></script>' for a in ASSETS)
+        for layer, neuron in site.neurons:
+            rel = site.neuron_path(layer, neuron)
+            root = "../" * rel.count("/")
+            data = site.neuron_data(layer, neuron)
+            page = site.neuron_markdown(layer, neuron, data).replace(
+                EXAMPLES_PLACEHOLDER, site.examples_html(layer, neuron, root, data))
+            write(rel, page + "\n" + head.replace("{root}", html.escape(root)) + "\n")
+        write(site.index_path, site.index_markdown(directory_urls=False))
+        for layer in site.layers:
+            write(site.layer_path(layer), site.layer_markdown(layer, directory_urls=False))
+        for rel, text in site.doc_shards().items():
+            write(rel, text)
+        for name in ASSETS:
+            write(f"{ASSET_DIR}/{name}", asset_text(name))
+    return written
+
+
+__all__ = ["SitePages", "write_markdown_pages", "CASES"]

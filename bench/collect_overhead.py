@@ -1,7 +1,7 @@
 """Collection cost against the bare forward pass, and file size per neuron.
 
 Runs, on the same model, tokens, batches and dtype: (a) the plain Hugging Face forward pass with
-its default attention, (b) the full collection (forward through the bridge with hooks, all
+its default attention, (b) the full collection (the same model with the MLP hooks, all
 statistics, the file written). Prints both times, the ratio b/a, and bytes per neuron.
 
     python bench/collect_overhead.py                      # SmolLM2-135M shape, CPU, one thread
@@ -96,7 +96,7 @@ def main() -> None:
         times_a.append(time.perf_counter() - t0)
     del hf
 
-    # (b) the full collection: statistics through the bridge, then the file.
+    # (b) the full collection: statistics from the MLP hooks, then the file.
     loaded, facts = load_model(str(work), dtype=args.dtype, device=args.device)
     out = work / "bench.h5"
     cfg = CollectConfig(model=str(work), dataset=["synthetic"], out=out, dtype=args.dtype, device=args.device,

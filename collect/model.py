@@ -1,11 +1,17 @@
 """Loading a gated-MLP language model, refactor_glu, weight geometry, and the MLP hooks.
 
 Models load through Hugging Face transformers (a hub name, a ``save_pretrained`` folder, or a GGUF
-file) and are wrapped in TransformerLens' ``TransformerBridge`` in its raw mode, whose hooks are
+file). The recorded quantities are those of TransformerLens' ``TransformerBridge`` (raw mode):
 
-* ``blocks.{L}.mlp.hook_pre``: gate pre-activation (``gate``),
-* ``blocks.{L}.mlp.hook_pre_linear``: in pre-activation (``in``),
-* ``blocks.{L}.mlp.hook_post``: ``act(gate) * in``, the input of the down projection.
+* ``blocks.{L}.mlp.hook_pre``: gate pre-activation (``gate``) = output of ``gate_proj``,
+* ``blocks.{L}.mlp.hook_pre_linear``: in pre-activation (``in``) = output of ``up_proj``,
+* ``blocks.{L}.mlp.hook_post``: ``act(gate) * in`` = input of ``down_proj``.
+
+Two engines capture them. ``hf`` (the default) hooks those three modules of the Hugging Face model
+directly and runs it with its default attention; ``bridge`` boots ``TransformerBridge`` and uses
+its hook points. Both give the same tensors (``tests/test_collect.py`` checks Llama, OLMo, Gemma
+and Qwen2), but the bridge always computes attention eagerly, which costs 15-25% of the forward
+pass on long documents: too much for a collection meant to cost little more than the forward pass.
 """
 
 from __future__ import annotations
@@ -33,9 +39,13 @@ class GatedMLP:
     act_fn: Callable[[torch.Tensor], torch.Tensor]
 
 
+ENGINES = ("hf", "bridge")
+
+
 @dataclass
 class LoadedModel:
-    bridge: Any  # transformer_lens.model_bridge.TransformerBridge
+    hf_model: Any
+    bridge: Any  # transformer_lens.model_bridge.TransformerBridge with engine "bridge", else None
     tokenizer: Any
     mlps: list[GatedMLP]
     act_fn_name: str
@@ -174,9 +184,12 @@ def boot_bridge(name: str, hf_model: Any, tokenizer: Any, device: torch.device, 
 
 
 def load_model(model: str, *, dtype: str = "float32", device: str = "auto", refactor: bool = True,
-               ) -> tuple[LoadedModel, dict[str, torch.Tensor]]:
-    """Load, check, refactor and wrap a model. Returns it and its weight facts
-    (``flipped`` and the three cosines, computed after refactor_glu)."""
+               engine: str = "hf") -> tuple[LoadedModel, dict[str, torch.Tensor]]:
+    """Load, check and refactor a model (and wrap it in TransformerBridge for engine
+    ``bridge``). Returns it and its weight facts (``flipped`` and the three cosines, computed
+    after refactor_glu)."""
+    if engine not in ENGINES:
+        raise GluscopeError(f"--engine {engine!r}; expected one of {', '.join(ENGINES)}")
     torch_dtype = resolve_dtype(dtype)
     torch_device = resolve_device(device)
     hf_model, tokenizer = load_hf(model, torch_dtype)
@@ -189,8 +202,8 @@ def load_model(model: str, *, dtype: str = "float32", device: str = "auto", refa
         flipped = torch.zeros(len(mlps), d_mlp, dtype=torch.bool)
     facts = {"flipped": flipped, **weight_cosines(mlps)}
     name = act_fn_name(hf_model)
-    bridge = boot_bridge(model, hf_model, tokenizer, torch_device, torch_dtype)
-    loaded = LoadedModel(bridge=bridge, tokenizer=tokenizer, mlps=mlps, act_fn_name=name,
+    bridge = boot_bridge(model, hf_model, tokenizer, torch_device, torch_dtype) if engine == "bridge" else None
+    loaded = LoadedModel(hf_model=hf_model, bridge=bridge, tokenizer=tokenizer, mlps=mlps, act_fn_name=name,
                          n_layers=len(mlps), d_mlp=d_mlp, device=torch_device, dtype=torch_dtype)
     return loaded, facts
 
@@ -206,36 +219,53 @@ def hook_names(layer: int) -> tuple[str, str, str]:
 
 
 def run_with_mlp_hooks(
-    bridge: Any,
+    loaded: LoadedModel,
     input_ids: torch.Tensor,
     layers: list[int],
     on_layer: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None],
 ) -> None:
-    """Run the model on ``input_ids`` (right-padded; causal attention keeps padding out of real
-    positions) and call ``on_layer(layer, gate, in, post)`` as each listed layer's MLP runs.
-    The forward pass stops after the last listed layer."""
+    """Run the model on ``input_ids`` (right-padded: causal attention keeps padding out of real
+    positions, so no attention mask is needed) and call ``on_layer(layer, gate, in, post)`` as each
+    listed layer's MLP runs. The forward pass stops after the last listed layer's MLP input is
+    seen, skipping the rest of the model and the unembedding."""
     last = max(layers)
     captured: dict[str, torch.Tensor] = {}
 
-    def make_hooks(layer: int):
-        def save_gate(t, hook):
-            captured["gate"] = t
+    def save(key: str) -> Callable[[torch.Tensor], None]:
+        def hook(t: torch.Tensor) -> None:
+            captured[key] = t
+        return hook
 
-        def save_in(t, hook):
-            captured["in"] = t
-
-        def on_post(t, hook):
+    def on_post(layer: int) -> Callable[[torch.Tensor], None]:
+        def hook(t: torch.Tensor) -> None:
             on_layer(layer, captured.pop("gate"), captured.pop("in"), t)
             if layer == last:
                 raise StopForward
+        return hook
 
-        return save_gate, save_in, on_post
-
-    fwd_hooks = []
-    for layer in layers:
-        fwd_hooks += list(zip(hook_names(layer), make_hooks(layer)))
     try:
         with torch.inference_mode():
-            bridge.run_with_hooks(input_ids, fwd_hooks=fwd_hooks, return_type=None)
+            if loaded.bridge is not None:
+                fwd_hooks = []
+                for layer in layers:
+                    gate_name, in_name, post_name = hook_names(layer)
+                    fwd_hooks += [(gate_name, lambda t, hook, f=save("gate"): f(t)),
+                                  (in_name, lambda t, hook, f=save("in"): f(t)),
+                                  (post_name, lambda t, hook, f=on_post(layer): f(t))]
+                loaded.bridge.run_with_hooks(input_ids, fwd_hooks=fwd_hooks, return_type=None)
+            else:
+                handles = []
+                try:
+                    for layer in layers:
+                        mlp = loaded.mlps[layer]
+                        handles += [
+                            mlp.gate.register_forward_hook(lambda m, i, o, f=save("gate"): f(o)),
+                            mlp.up.register_forward_hook(lambda m, i, o, f=save("in"): f(o)),
+                            mlp.down.register_forward_pre_hook(lambda m, i, f=on_post(layer): f(i[0])),
+                        ]
+                    loaded.hf_model(input_ids=input_ids, use_cache=False)
+                finally:
+                    for handle in handles:
+                        handle.remove()
     except StopForward:
         pass

@@ -44,6 +44,7 @@ class CollectConfig:
     dtype: str = "float32"
     device: str = "auto"
     layers: list[int] | None = None
+    engine: str = "hf"
     k: int = 16
     context_before: int = 16
     context_after: int = 2
@@ -63,7 +64,7 @@ class CollectConfig:
 
     def fingerprint(self) -> dict[str, Any]:
         """What must match for a checkpoint to be resumed."""
-        skip = {"out", "resume", "checkpoint_every", "progress", "compile", "device"}
+        skip = {"out", "resume", "checkpoint_every", "progress", "compile", "device", "engine"}
         return {k: (str(v) if isinstance(v, Path) else v)
                 for k, v in dataclasses.asdict(self).items() if k not in skip}
 
@@ -235,7 +236,7 @@ def collect_statistics(
                 states[layer] = add_batch(states[layer], reduced, doc_ids, gate, in_, lengths,
                                           config.context_before, config.context_after)
 
-            run_with_mlp_hooks(loaded.bridge, input_ids, layers, on_layer)
+            run_with_mlp_hooks(loaded, input_ids, layers, on_layer)
             bar.update(int(lengths_np.sum()))
             if on_batch is not None:
                 on_batch(index + 1, len(batches))
@@ -275,6 +276,7 @@ def provenance(config: CollectConfig, loaded: LoadedModel, corpus: Corpus, layer
         "dtype": config.dtype,
         "device": str(loaded.device),
         "layers": layers,
+        "engine": config.engine,
         "n_model_layers": loaded.n_layers,
         "window_dtype": config.window_dtype,
         "batch_tokens": config.batch_tokens,
@@ -292,7 +294,7 @@ def collect(config: CollectConfig, *, stop_after_batches: int | None = None) -> 
     check_config(config)
     started = time.monotonic()
     loaded, facts = load_model(config.model, dtype=config.dtype, device=config.device,
-                               refactor=config.refactor_glu)
+                               refactor=config.refactor_glu, engine=config.engine)
     layers = resolve_layers(config.layers, loaded.n_layers)
     texts = read_texts(config.dataset, text_column=config.text_column, split=config.split, seed=config.seed)
     corpus = tokenize_corpus(texts, loaded.tokenizer, max_tokens=config.max_tokens,

@@ -60,6 +60,9 @@ def add_collect_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     p.add_argument("--layers", type=_int_list, default=None,
                    help="layers to record, e.g. 0,5 or 10-20 (default: all)")
+    p.add_argument("--engine", choices=("hf", "bridge"), default="hf",
+                   help="capture the hooks from the Hugging Face modules (default, fastest) or through "
+                        "TransformerLens' TransformerBridge (same values; eager attention)")
     p.add_argument("--k", type=int, default=16, help="examples kept per case and hook (default: 16)")
     p.add_argument("--context-before", type=int, default=16,
                    help="window tokens before each example's token (default: 16)")

@@ -24,8 +24,9 @@ def small_config(model: Path, corpus: list[Path], out: Path, **overrides) -> Col
     return CollectConfig(**options)
 
 
+@pytest.mark.parametrize("engine", ["hf", "bridge"])
 @pytest.mark.parametrize("arch", ["llama", "olmo", "gemma", "qwen2"])
-def test_bridge_hooks_match_hugging_face_forward_hooks(arch, model_factory):
+def test_hooks_match_hugging_face_forward_hooks(arch, engine, model_factory):
     folder = model_factory(arch)
     reference, tokenizer = load_hf(str(folder), torch.float32)
     reference.set_attn_implementation("eager")  # the bridge runs eager attention
@@ -42,13 +43,15 @@ def test_bridge_hooks_match_hugging_face_forward_hooks(arch, model_factory):
                         tokenizer("The cat sat on the mat, twice.")["input_ids"][:8]][0:1])
     with torch.inference_mode():
         reference(ids)
-    loaded, _ = load_model(str(folder), device="cpu", refactor=False)
+    loaded, _ = load_model(str(folder), device="cpu", refactor=False, engine=engine)
+    if engine == "hf":
+        loaded.hf_model.set_attn_implementation("eager")  # compare like with like
     got = {}
 
     def on_layer(layer, gate, in_, post):
         got[layer, "gate"], got[layer, "in"], got[layer, "post"] = gate.clone(), in_.clone(), post.clone()
 
-    run_with_mlp_hooks(loaded.bridge, ids, list(range(loaded.n_layers)), on_layer)
+    run_with_mlp_hooks(loaded, ids, list(range(loaded.n_layers)), on_layer)
     assert set(got) == set(seen)
     for key in seen:
         torch.testing.assert_close(got[key], seen[key], rtol=1e-5, atol=1e-6, msg=str(key))

@@ -1,0 +1,110 @@
+"""A built site in a real browser: headless Chromium (Debian's package) driven by Playwright."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from sites import build_site, serve_folder
+from synthetic import write_synthetic
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not shutil.which("chromium"), reason="Debian's chromium package is not installed"),
+]
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    root = tmp_path_factory.mktemp("browser-site")
+    vocab = ["<s>"] + [f" w{i}" for i in range(1, 60)] + [" zygomorphic", "\n", " <b>bold</b>"]
+    docs = [[0] + [(7 * d + 3 * t) % 62 + 1 for t in range(30)] for d in range(16)]
+    for doc in docs:
+        doc[5] = 60  # the rare word appears in every document
+    titles = [f"{1790 + 4 * d} · President {d}" for d in range(16)]
+    write_synthetic(root / "data" / "act.h5", layers=2, d_mlp=6, k=4, before=5, after=2, vocab=vocab, docs=docs,
+                    titles=titles, seed=3)
+    return build_site(root, {"activations": "data/act.h5", "neurons": ["1.2", "0.4", "1.5"]})
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+def test_neuron_page_in_chromium(site, browser, output_dir):
+    errors: list[str] = []
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    with serve_folder(site) as base:
+        page.goto(base + "neurons/")
+        page.get_by_role("link", name="1.2", exact=True).click()
+        page.wait_for_url("**/neurons/L1/N2/")
+        assert page.locator("h1").inner_text() == "Neuron 1.2"
+
+        # Open the first case and its first list, as a reader would.
+        page.locator(".gs-case-block > summary").first.click()
+        page.locator(".gs-case-block").first.locator(".gs-list > summary").first.click()
+        tokens = page.locator(".gs-case-block").first.locator(".gs-list").first.locator(".gs-toks > span")
+        assert tokens.count() > 0
+        colors = tokens.evaluate_all("els => els.map(e => getComputedStyle(e).backgroundColor)")
+        assert any(c not in ("rgba(0, 0, 0, 0)", "transparent") for c in colors), colors
+        assert page.locator(".gs-x").first.is_visible()
+
+        # Hovering a token shows its values and case.
+        tokens.nth(2).hover()
+        tip = page.locator(".gs-tip")
+        tip.wait_for(state="visible")
+        text = tip.inner_text()
+        for word in ("gate", "in", "act(gate)", "post", "case", "position"):
+            assert word in text, text
+
+        # Recolor by another hook: the classes change.
+        before = tokens.evaluate_all("els => els.map(e => e.className)")
+        page.select_option(".gs-hook-select", "hook_pre")
+        after = tokens.evaluate_all("els => els.map(e => e.className)")
+        assert before != after
+
+        # Expand an example to its whole document.
+        page.locator(".gs-doc-btn").first.click()
+        doc = page.locator(".gs-doc").first
+        doc.wait_for(state="visible")
+        page.wait_for_function("() => document.querySelector('.gs-doc-head') !== null")
+        assert "President" in doc.inner_text() and "zygomorphic" in doc.inner_text()
+        page.screenshot(path=str(output_dir / "neuron-page.png"), full_page=True)
+
+        # Sort the index by a case frequency.
+        page.goto(base + "neurons/")
+        first_before = page.locator("table.gs-sortable tbody tr td a").first.inner_text()
+        page.locator("table.gs-sortable th").nth(5).click()
+        page.locator("table.gs-sortable th").nth(5).click()
+        order = page.locator("table.gs-sortable tbody tr td:nth-child(6)").evaluate_all(
+            "els => els.map(e => parseFloat(e.dataset.sort))")
+        assert order == sorted(order, reverse=True) or order == sorted(order)
+        assert first_before
+    assert not errors, errors
+
+
+def test_search_finds_a_neuron_by_a_top_token(site, browser, output_dir):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    with serve_folder(site) as base:
+        page.goto(base)
+        page.locator("label.md-search__icon, .md-search__input").first.click()
+        page.locator(".md-search__input").fill("zygomorphic")
+        results = page.locator(".md-search-result__item")
+        results.first.wait_for(state="visible", timeout=15000)
+        assert "Neuron" in page.locator(".md-search-result").inner_text()
+        page.screenshot(path=str(output_dir / "search.png"))
+        page.locator(".md-search__input").fill("Neuron 0.4")
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('.md-search-result__item')].some(e => e.innerText.includes('0.4'))",
+            timeout=15000)

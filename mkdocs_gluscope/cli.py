@@ -146,6 +146,27 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_pick_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("activations", type=Path, help="the activations file (.h5)")
+    p.add_argument("--per-layer", type=int, default=1, help="rare-case standouts per layer (default: 1)")
+    p.add_argument("--mix", type=int, default=10, help="neurons with the most unusual case mix (default: 10)")
+    p.add_argument("--rare", type=float, default=0.10,
+                   help="a case is rare below this share of tokens (default: 0.10)")
+
+
+def run_pick(args: argparse.Namespace) -> int:
+    from mkdocs_gluscope.pick import pick_neurons, picks_yaml
+    from mkdocs_gluscope.store import ActivationsFile, FormatError
+
+    try:
+        f = ActivationsFile(args.activations)
+    except (FileNotFoundError, FormatError) as e:
+        raise GluscopeError(str(e)) from None
+    with f:
+        print(picks_yaml(pick_neurons(f, per_layer=args.per_layer, mix=args.mix, rare=args.rare)))
+    return 0
+
+
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=_count, default=200_000,
                    help="corpus tokens to collect over (default: 200k)")
@@ -180,6 +201,8 @@ COMMANDS = {
     "collect": (add_collect_arguments, run_collect, "run a model over a corpus and write the activations file"),
     "pages": (add_pages_arguments, run_pages, "write neuron pages as Markdown files, for any site generator"),
     "info": (add_info_arguments, run_info, "summarize an activations file"),
+    "pick": (add_pick_arguments, run_pick,
+             "choose neurons worth a page (rare-case standouts, unusual case mixes), as mkdocs.yml entries"),
     "demo": (add_demo_arguments, run_demo,
              "SmolLM2-135M on State of the Union addresses: fetch, collect, then serve the site"),
 }
@@ -196,6 +219,28 @@ def build_parser() -> argparse.ArgumentParser:
         add_arguments(p)
         p.set_defaults(func=run)
     return parser
+
+
+def cli_reference() -> str:
+    """Markdown reference of every subcommand and option (the site's CLI page includes it)."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    out = []
+    for name, p in sub.choices.items():
+        out += [f"## {name}", "", p.description or "", "", "```", p.format_usage().strip(), "```", "",
+                "| option | meaning |", "|---|---|"]
+        for action in p._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            flag = ", ".join(action.option_strings) or action.dest
+            if action.option_strings and action.nargs != 0:
+                flag += f" {action.metavar or action.dest.upper()}"
+            text = (action.help or "").replace("|", "\\|")
+            if action.choices and "choices" not in text:
+                text += f" (one of: {', '.join(map(str, action.choices))})"
+            out.append(f"| `{flag}` | {text} |")
+        out.append("")
+    return "\n".join(out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -57,7 +57,8 @@ def _to_attr(value: Any) -> Any:
 
 
 def _compressed(chunks: tuple[int, ...]) -> dict[str, Any]:
-    return {"chunks": chunks, "compression": "gzip", "compression_opts": 4, "shuffle": True}
+    # gzip level 1 with byte shuffling halves float16 windows; higher levels cost more and gain ~1%.
+    return {"chunks": chunks, "compression": "gzip", "compression_opts": 1, "shuffle": True}
 
 
 class ActivationsWriter:
@@ -103,14 +104,16 @@ class ActivationsWriter:
         stats.create_dataset("sum", (L, N, C, H), "float64", **_compressed((1, cn, C, H)))
         for name in ("min", "max"):
             stats.create_dataset(name, (L, N, C, H), "float32", **_compressed((1, cn, C, H)))
-        # One chunk per neuron: a page reads exactly its own chunks.
+        # Chunks of 8 neurons: a page reads ~80 KB (under a millisecond) and compression gets
+        # enough data per chunk; one neuron per chunk was 8% larger and no faster to write.
         top = self.file.create_group("top")
-        top.create_dataset("value", (L, N, C, H, k), "float32", **_compressed((1, 1, C, H, k)))
-        top.create_dataset("doc", (L, N, C, H, k), "int32", **_compressed((1, 1, C, H, k)))
-        top.create_dataset("pos", (L, N, C, H, k), "int32", **_compressed((1, 1, C, H, k)))
+        tn = min(N, 8)
+        top.create_dataset("value", (L, N, C, H, k), "float32", **_compressed((1, tn, C, H, k)))
+        top.create_dataset("doc", (L, N, C, H, k), "int32", **_compressed((1, tn, C, H, k)))
+        top.create_dataset("pos", (L, N, C, H, k), "int32", **_compressed((1, tn, C, H, k)))
         for name in ("gate", "in"):
             top.create_dataset(
-                name, (L, N, C, H, k, W), window_dtype, **_compressed((1, 1, C, H, k, W))
+                name, (L, N, C, H, k, W), window_dtype, **_compressed((1, tn, C, H, k, W))
             )
         weights = self.file.create_group("weights")
         weights.create_dataset("flipped", (L, N), "bool")

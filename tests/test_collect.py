@@ -216,3 +216,21 @@ def test_bad_input_gives_one_clear_error(problem, args, message, model_factory, 
     assert f"gluscope: error: " in text and message in text, text
     assert "Traceback" not in text
     assert not (tmp_path / "x.h5").exists()
+
+
+def test_saved_dataset_and_parquet_inputs(model_factory, tmp_path):
+    import datasets
+
+    import tiny
+
+    rows = {"body": tiny.CORPUS}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "saved"))
+    datasets.Dataset.from_dict(rows).to_parquet(str(tmp_path / "rows.parquet"))
+    model = model_factory("llama")
+    counts = []
+    for source in (tmp_path / "saved", tmp_path / "rows.parquet"):
+        out = collect(small_config(model, [source], tmp_path / f"{source.stem}.h5", text_column="body"))
+        with h5py.File(out) as f:
+            counts.append(len(f["corpus/doc_offsets"]) - 1)
+            assert sorted(f["corpus/source_index"][...]) == list(range(len(tiny.CORPUS)))
+    assert counts == [len(tiny.CORPUS)] * 2

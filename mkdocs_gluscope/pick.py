@@ -1,0 +1,72 @@
+"""A reproducible rule for choosing neurons worth a page, from the statistics alone.
+
+Two kinds of neuron stand out in a four-case view:
+
+* **rare-case standouts** (``per_layer`` per layer): a case the neuron is rarely in (under
+  ``rare`` of tokens, with at least k examples) whose most extreme hook_post is large compared with
+  the whole layer (divided by the layer's 99th percentile of per-neuron extremes). These are the
+  paper's "gate-_in-" kind of neuron that a max-activation tool never shows.
+* **unusual case mixes** (``mix`` in all): the neurons whose four case frequencies are farthest
+  (L1 distance) from their layer's average mix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from mkdocs_gluscope.store import CASES, ActivationsFile
+
+
+@dataclass
+class Pick:
+    layer: int
+    neuron: int
+    reason: str
+    score: float
+
+    @property
+    def id(self) -> str:
+        return f"{self.layer}.{self.neuron}"
+
+
+def pick_neurons(f: ActivationsFile, *, per_layer: int = 1, mix: int = 10, rare: float = 0.10) -> list[Pick]:
+    freq = f.frequency()  # [L, N, C]
+    count = f.stat("count")
+    post = f.file["top/value"][:, :, :, 0, 0]  # [L, N, C]: each case's most extreme hook_post
+    magnitude = np.nan_to_num(np.abs(post), nan=0.0)
+    picks: list[Pick] = []
+    chosen: set[tuple[int, int]] = set()
+    for row, layer in enumerate(f.layers):
+        scale = np.percentile(magnitude[row].max(axis=-1), 99) or 1.0
+        eligible = (freq[row] < rare) & (count[row] >= f.k)
+        score = np.where(eligible, magnitude[row] / scale, 0.0)  # [N, C]
+        best_case = score.argmax(axis=-1)
+        best = score.max(axis=-1)
+        for neuron in np.argsort(-best, kind="stable")[:per_layer]:
+            if best[neuron] <= 0:
+                continue
+            c = int(best_case[neuron])
+            picks.append(Pick(layer, int(neuron), f"rare {CASES[c]} ({100 * freq[row, neuron, c]:.2g}% of tokens) "
+                                                   f"reaches hook_post {post[row, neuron, c]:.3g}", float(best[neuron])))
+            chosen.add((layer, int(neuron)))
+    distance = np.abs(freq - freq.mean(axis=1, keepdims=True)).sum(axis=-1)  # [L, N]
+    for flat in np.argsort(-distance, axis=None, kind="stable"):
+        if mix <= 0:
+            break
+        row, neuron = np.unravel_index(flat, distance.shape)
+        layer = f.layers[row]
+        if (layer, int(neuron)) in chosen:
+            continue
+        mix_text = " / ".join(f"{100 * x:.0f}" for x in freq[row, neuron])
+        picks.append(Pick(layer, int(neuron), f"unusual case mix {mix_text}% (++/+-/-+/--)", float(distance[row, neuron])))
+        chosen.add((layer, int(neuron)))
+        mix -= 1
+    picks.sort(key=lambda p: (p.layer, p.neuron))
+    return picks
+
+
+def picks_yaml(picks: list[Pick]) -> str:
+    """The ``neurons:`` entries for mkdocs.yml, each with its reason as a comment."""
+    return "\n".join(f'        - "{p.id}"  # {p.reason}' for p in picks)

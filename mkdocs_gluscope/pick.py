@@ -6,8 +6,8 @@ Two kinds of neuron stand out in a four-case view:
   ``rare`` of tokens, with at least k examples) whose most extreme hook_post is large compared with
   the whole layer (divided by the layer's 99th percentile of per-neuron extremes). These are the
   paper's "gate-_in-" kind of neuron that a max-activation tool never shows.
-* **unusual case mixes** (``mix`` in all): the neurons whose four case frequencies are farthest
-  (L1 distance) from their layer's average mix.
+* **unusual case mixes** (``mix`` in all, at most one per layer): the neurons whose four case
+  frequencies are farthest (L1 distance) from their layer's average mix.
 """
 
 from __future__ import annotations
@@ -52,13 +52,15 @@ def pick_neurons(f: ActivationsFile, *, per_layer: int = 1, mix: int = 10, rare:
                                                    f"reaches hook_post {post[row, neuron, c]:.3g}", float(best[neuron])))
             chosen.add((layer, int(neuron)))
     distance = np.abs(freq - freq.mean(axis=1, keepdims=True)).sum(axis=-1)  # [L, N]
+    layers_used: set[int] = set()
     for flat in np.argsort(-distance, axis=None, kind="stable"):
         if mix <= 0:
             break
         row, neuron = np.unravel_index(flat, distance.shape)
         layer = f.layers[row]
-        if (layer, int(neuron)) in chosen:
+        if (layer, int(neuron)) in chosen or layer in layers_used:
             continue
+        layers_used.add(layer)
         mix_text = " / ".join(f"{100 * x:.0f}" for x in freq[row, neuron])
         picks.append(Pick(layer, int(neuron), f"unusual case mix {mix_text}% (++/+-/-+/--)", float(distance[row, neuron])))
         chosen.add((layer, int(neuron)))

@@ -103,9 +103,8 @@ def hook_windows(data: NeuronData, hook: str) -> np.ndarray:
 def color_levels(values: np.ndarray) -> np.ndarray:
     """Integer color levels in ``-LEVELS..LEVELS``, scaled per list (last two axes) so that the
     list's largest ``|value|`` gets the strongest color; zero and NaN get 0 (white)."""
-    with np.errstate(invalid="ignore"):
-        scale = np.nanmax(np.abs(values), axis=(-2, -1), keepdims=True)
-    scale = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
+    scale = np.nan_to_num(np.abs(values), nan=0.0, posinf=0.0).max(axis=(-2, -1), keepdims=True)
+    scale = np.where(scale > 0, scale, 1.0)  # an empty list: nothing to color
     levels = np.rint(values / scale * LEVELS)
     return np.nan_to_num(levels, nan=0.0).astype(np.int8)
 
@@ -274,9 +273,9 @@ def _example_row(data: NeuronData, ctx: PageContext, c: int, h: int, j: int, lev
 
 def index_rows(entries: Sequence[tuple[NeuronData, str]], vocab_text: Callable[[int], str]) -> str:
     """A sortable HTML table: one row per (neuron, relative url)."""
-    head = ("<th>neuron</th><th>layer</th>" + "".join(
-        f'<th class="gs-case gs-case{c}">{html.escape(case)} %</th>' for c, case in enumerate(CASES)) + "".join(
-        f"<th>top token {html.escape(case)}</th>" for case in CASES))
+    head = ("<th>neuron</th>" + "".join(
+        f'<th class="gs-case gs-case{c}">{html.escape(case)}&nbsp;%</th>' for c, case in enumerate(CASES))
+        + "<th>top token of each case</th>")
     rows = []
     for data, url in entries:
         freq = "".join(f'<td data-sort="{f:.6f}">{100 * f:.3g}</td>' for f in data.frequency)
@@ -284,9 +283,10 @@ def index_rows(entries: Sequence[tuple[NeuronData, str]], vocab_text: Callable[[
         for c in range(len(CASES)):
             doc = data.top_doc[c, 0, 0]
             token = int(data.window_tokens[c, 0, 0, data.context_before]) if doc >= 0 else -1
-            tops.append(f"<td><code>{token_html(vocab_text(token))}</code></td>" if token >= 0 else "<td>–</td>")
+            label = token_html(vocab_text(token)) if token >= 0 else "–"
+            tops.append(f'<code class="gs-top gs-case{c}" title="{html.escape(CASES[c])}">{label}</code>')
         rows.append(
             f'<tr><td data-sort="{data.layer:04d}.{data.neuron:06d}"><a href="{html.escape(url)}">{data.id}</a></td>'
-            f"<td>{data.layer}</td>{freq}{''.join(tops)}</tr>")
-    return (f'<div class="md-typeset__scrollwrap"><table class="gs-table gs-sortable"><thead><tr>{head}</tr></thead>'
-            f"<tbody>{''.join(rows)}</tbody></table></div>")
+            f"{freq}<td class=\"gs-tops\">{''.join(tops)}</td></tr>")
+    return (f'<div class="md-typeset__scrollwrap"><table class="gs-table gs-sortable gs-index"><thead><tr>{head}</tr>'
+            f"</thead><tbody>{''.join(rows)}</tbody></table></div>")

@@ -20,7 +20,7 @@ def write_project(root: Path, plugin: dict[str, Any], *, nav: list | None = None
         "site_name": "GLUScope test",
         "docs_dir": "docs",
         "site_dir": "site",
-        "theme": {"name": "material"},
+        "theme": {"name": "material", "font": False},  # no web fonts: the tests run offline
         "plugins": ["search", {"gluscope": plugin}],
     }
     if nav is not None:

@@ -85,9 +85,9 @@ def test_neuron_page_in_chromium(site, browser, output_dir):
         # Sort the index by a case frequency.
         page.goto(base + "neurons/")
         first_before = page.locator("table.gs-sortable tbody tr td a").first.inner_text()
-        page.locator("table.gs-sortable th").nth(5).click()
-        page.locator("table.gs-sortable th").nth(5).click()
-        order = page.locator("table.gs-sortable tbody tr td:nth-child(6)").evaluate_all(
+        page.locator("table.gs-sortable th").nth(4).click()
+        page.locator("table.gs-sortable th").nth(4).click()
+        order = page.locator("table.gs-sortable tbody tr td:nth-child(5)").evaluate_all(
             "els => els.map(e => parseFloat(e.dataset.sort))")
         assert order == sorted(order, reverse=True) or order == sorted(order)
         assert first_before
@@ -98,13 +98,15 @@ def test_search_finds_a_neuron_by_a_top_token(site, browser, output_dir):
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     with serve_folder(site) as base:
         page.goto(base)
+        page.wait_for_load_state("networkidle")  # the search index is loaded by a worker
         page.locator("label.md-search__icon, .md-search__input").first.click()
-        page.locator(".md-search__input").fill("zygomorphic")
+        page.locator(".md-search__input").press_sequentially("zygomorphic", delay=30)
         results = page.locator(".md-search-result__item")
         results.first.wait_for(state="visible", timeout=15000)
         assert "Neuron" in page.locator(".md-search-result").inner_text()
         page.screenshot(path=str(output_dir / "search.png"))
-        page.locator(".md-search__input").fill("Neuron 0.4")
+        page.locator(".md-search__input").fill("")
+        page.locator(".md-search__input").press_sequentially("Neuron 0.4", delay=30)
         page.wait_for_function(
             "() => [...document.querySelectorAll('.md-search-result__item')].some(e => e.innerText.includes('0.4'))",
             timeout=15000)

@@ -127,6 +127,15 @@ def test_model_without_bos_counts_every_position(model_factory, corpus_files, tm
         assert f.attrs["n_tokens"] == f["corpus/doc_offsets"][-1]
 
 
+def test_bos_always_prepends_one_where_the_tokenizer_does_not(model_factory, corpus_files, tmp_path):
+    out = collect(small_config(model_factory("qwen2"), corpus_files, tmp_path / "qwen-bos.h5", bos="always"))
+    with h5py.File(out) as f:
+        offsets = f["corpus/doc_offsets"][...]
+        eos = 1  # the test tokenizer's </s>
+        assert f.attrs["has_bos"] and (f["corpus/tokens"][...][offsets[:-1]] == eos).all()
+        assert f.attrs["n_tokens"] == offsets[-1] - (len(offsets) - 1)
+
+
 def test_resume_gives_the_same_file_as_an_uninterrupted_run(model_factory, corpus_files, tmp_path):
     model = model_factory("llama")
     whole = collect(small_config(model, corpus_files, tmp_path / "whole.h5", batch_tokens=64))

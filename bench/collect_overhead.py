@@ -40,6 +40,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads on the CPU (default 1)")
     p.add_argument("--repeats", type=int, default=2, help="timed runs of each variant; medians are printed")
+    p.add_argument("--no-file", action="store_true",
+                   help="time the run only, without writing the file (for large models on a GPU)")
     args = p.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
@@ -48,7 +50,7 @@ def main() -> None:
 
     from collect.corpus import Corpus
     from collect.run import CollectConfig, collect_statistics, finalize
-    from collect.model import load_model
+    from collect.model import prepare_model
     from mkdocs_gluscope.store import ActivationsWriter
 
     work = Path(tempfile.mkdtemp(prefix="gluscope-bench-"))
@@ -59,8 +61,6 @@ def main() -> None:
         vocab_size=args.vocab, hidden_size=args.d_model, intermediate_size=args.d_mlp,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
         max_position_embeddings=max(2048, args.doc_len), tie_word_embeddings=True, bos_token_id=0)
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(work)
 
     n_docs = args.tokens // args.doc_len
     rng = np.random.default_rng(0)
@@ -78,7 +78,9 @@ def main() -> None:
     # (a) the plain Hugging Face model, default attention, same batches.
     from collect.corpus import plan_batches
 
-    hf = transformers.AutoModelForCausalLM.from_pretrained(work, dtype=dtype).to(device).eval()
+    torch.manual_seed(0)
+    with device:  # random weights made where they run: no copy of a large model through the host
+        hf = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     batches = plan_batches(corpus.lengths, args.batch_tokens)
     inputs = [torch.from_numpy(tokens[b.docs].astype(np.int64)) for b in batches]
 
@@ -96,10 +98,9 @@ def main() -> None:
         t0 = time.perf_counter()
         forward()
         times_a.append(time.perf_counter() - t0)
-    del hf
 
-    # (b) the full collection: statistics from the MLP hooks, then the file.
-    loaded, facts = load_model(str(work), dtype=args.dtype, device=args.device)
+    # (b) the full collection, on the same model: statistics from the MLP hooks, then the file.
+    loaded, facts = prepare_model(hf, tokenizer)
     out = work / "bench.h5"
     cfg = CollectConfig(model=str(work), dataset=["synthetic"], out=out, dtype=args.dtype, device=args.device,
                         batch_tokens=args.batch_tokens, progress=False)
@@ -118,6 +119,8 @@ def main() -> None:
         states = collect_statistics(loaded, corpus, cfg, layers)
         sync()
         loop_times.append(time.perf_counter() - start)
+        if args.no_file:
+            return
         with ActivationsWriter(out, n_layers=len(layers), d_mlp=loaded.d_mlp, k=cfg.k,
                                context_before=cfg.context_before, context_after=cfg.context_after,
                                attrs={"model": "bench"}) as writer:
@@ -135,7 +138,7 @@ def main() -> None:
 
     a, b = statistics.median(times_a), statistics.median(times_b)
     neurons = args.layers * args.d_mlp
-    size = out.stat().st_size
+    size = out.stat().st_size if out.exists() else 0
     print(f"device {args.device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{args.threads} thread(s)'}), "
           f"dtype {args.dtype}, {n_docs} docs x {args.doc_len} tokens, batch_tokens {args.batch_tokens}")
     print(f"model: {args.layers} layers, d_model {args.d_model}, d_mlp {args.d_mlp}, vocab {args.vocab}")
@@ -144,8 +147,9 @@ def main() -> None:
     print(f"(b) full collection:      {b:8.2f} s  ({args.tokens / b:,.0f} tok/s): run {loop:.2f} s + "
           f"writing the file {b - loop:.2f} s   [compile warm-up, once per process: {warm_up:.1f} s]")
     print(f"ratio b/a:                {b / a:8.3f}   (run alone: {loop / a:.3f})")
-    print(f"file: {size:,} bytes = {size / neurons:,.0f} bytes per neuron ({neurons:,} neurons; "
-          f"corpus {corpus.tokens.nbytes:,} bytes of it)")
+    if size:
+        print(f"file: {size:,} bytes = {size / neurons:,.0f} bytes per neuron ({neurons:,} neurons; "
+              f"corpus {corpus.tokens.nbytes:,} bytes of it)")
 
 
 if __name__ == "__main__":

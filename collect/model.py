@@ -185,15 +185,20 @@ def boot_bridge(name: str, hf_model: Any, tokenizer: Any, device: torch.device, 
 
 def load_model(model: str, *, dtype: str = "float32", device: str = "auto", refactor: bool = True,
                engine: str = "hf") -> tuple[LoadedModel, dict[str, torch.Tensor]]:
-    """Load, check and refactor a model (and wrap it in TransformerBridge for engine
-    ``bridge``). Returns it and its weight facts (``flipped`` and the three cosines, computed
-    after refactor_glu)."""
+    """Load a model by name or path and :func:`prepare_model` it."""
     if engine not in ENGINES:
         raise GluscopeError(f"--engine {engine!r}; expected one of {', '.join(ENGINES)}")
     torch_dtype = resolve_dtype(dtype)
     torch_device = resolve_device(device)
     hf_model, tokenizer = load_hf(model, torch_dtype)
-    hf_model.to(torch_device)
+    return prepare_model(hf_model.to(torch_device), tokenizer, name=model, refactor=refactor, engine=engine)
+
+
+def prepare_model(hf_model: Any, tokenizer: Any, *, name: str = "model", refactor: bool = True,
+                  engine: str = "hf") -> tuple[LoadedModel, dict[str, torch.Tensor]]:
+    """Check, refactor (and for engine ``bridge``, wrap) a loaded model. Returns it and its weight
+    facts (``flipped`` and the three cosines, computed after refactor_glu)."""
+    param = next(hf_model.parameters())
     mlps = find_gated_mlps(hf_model)
     d_mlp = mlps[0].gate.weight.shape[0]
     if refactor:
@@ -201,10 +206,10 @@ def load_model(model: str, *, dtype: str = "float32", device: str = "auto", refa
     else:
         flipped = torch.zeros(len(mlps), d_mlp, dtype=torch.bool)
     facts = {"flipped": flipped, **weight_cosines(mlps)}
-    name = act_fn_name(hf_model)
-    bridge = boot_bridge(model, hf_model, tokenizer, torch_device, torch_dtype) if engine == "bridge" else None
-    loaded = LoadedModel(hf_model=hf_model, bridge=bridge, tokenizer=tokenizer, mlps=mlps, act_fn_name=name,
-                         n_layers=len(mlps), d_mlp=d_mlp, device=torch_device, dtype=torch_dtype)
+    bridge = boot_bridge(name, hf_model, tokenizer, param.device, param.dtype) if engine == "bridge" else None
+    loaded = LoadedModel(hf_model=hf_model, bridge=bridge, tokenizer=tokenizer, mlps=mlps,
+                         act_fn_name=act_fn_name(hf_model), n_layers=len(mlps), d_mlp=d_mlp,
+                         device=param.device, dtype=param.dtype)
     return loaded, facts
 
 

@@ -82,6 +82,8 @@ def check_config(config: CollectConfig) -> None:
         raise GluscopeError(f"--k {config.k}; expected at least 1")
     if config.context_before < 0 or config.context_after < 0:
         raise GluscopeError("--context-before and --context-after must be 0 or more")
+    if not 1 <= config.max_doc_tokens <= 2**16:
+        raise GluscopeError(f"--max-doc-tokens {config.max_doc_tokens}; expected 1 to 65536")
     if config.batch_tokens < 1:
         raise GluscopeError(f"--batch-tokens {config.batch_tokens}; expected a positive number")
     out_dir = config.out.parent if str(config.out.parent) else Path(".")

@@ -49,6 +49,7 @@ class SitePages:
         self.color_hook = color_hook
         self._position = {n: i for i, n in enumerate(self.neurons)}
         self._vocab_html: dict[int, str] = {}
+        self._summaries: dict[tuple[int, int], NeuronData] = {}
 
     # -- paths --------------------------------------------------------------------------------
     def neuron_path(self, layer: int, neuron: int) -> str:
@@ -96,10 +97,18 @@ class SitePages:
 
     # -- content ------------------------------------------------------------------------------
     def neuron_data(self, layer: int, neuron: int) -> NeuronData:
+        """Everything, windows included (for the examples)."""
         return self.file.neuron(layer, neuron)
 
+    def neuron_summary(self, layer: int, neuron: int) -> NeuronData:
+        """All but the windows, read once: the page's Markdown and the index tables share it."""
+        key = (layer, neuron)
+        if key not in self._summaries:
+            self._summaries[key] = self.file.neuron(layer, neuron, windows=False)
+        return self._summaries[key]
+
     def neuron_markdown(self, layer: int, neuron: int, data: NeuronData | None = None) -> str:
-        data = data or self.neuron_data(layer, neuron)
+        data = data or self.neuron_summary(layer, neuron)
         return neuron_markdown(data, self.context(layer, neuron))
 
     def examples_html(self, layer: int, neuron: int, site_root: str, data: NeuronData | None = None) -> str:
@@ -107,7 +116,7 @@ class SitePages:
         return examples_html(data, self.context(layer, neuron, site_root))
 
     def _table(self, neurons: Sequence[tuple[int, int]], url) -> str:
-        entries = [(self.neuron_data(layer, n), url(layer, n)) for layer, n in neurons]
+        entries = [(self.neuron_summary(layer, n), url(layer, n)) for layer, n in neurons]
         return index_rows(entries, self.vocab_text)
 
     def index_markdown(self, *, directory_urls: bool = True) -> str:

@@ -210,7 +210,8 @@ def examples_html(data: NeuronData, ctx: PageContext) -> str:
     """Collapsible lists (case, then hook) of colored-token examples, with a recolor control."""
     k = data.top_doc.shape[-1] if ctx.examples is None else min(ctx.examples, data.top_doc.shape[-1])
     color_hook = ctx.color_hook if ctx.color_hook in HOOKS else "hook_post"
-    levels = color_levels(hook_windows(data, color_hook))
+    levels = color_levels(hook_windows(data, color_hook)).tolist()  # plain ints: no numpy per token
+    window_tokens = data.window_tokens.tolist()
     centre = data.context_before
     options = "".join(
         f'<option value="{h}"{" selected" if h == color_hook else ""}>{html.escape(HOOK_LABELS[h])}</option>'
@@ -241,7 +242,7 @@ def examples_html(data: NeuronData, ctx: PageContext) -> str:
                 if doc < 0:
                     break
                 shown += 1
-                parts.append(_example_row(data, ctx, c, h, j, levels[c, h, j], centre))
+                parts.append(_example_row(data, ctx, c, h, j, levels[c][h][j], window_tokens[c][h][j], centre))
             if not shown:
                 parts.append('<p class="gs-empty">No token of the corpus fell in this case.</p>')
             parts.append("</div></details>")
@@ -250,17 +251,18 @@ def examples_html(data: NeuronData, ctx: PageContext) -> str:
     return "".join(parts)
 
 
-def _example_row(data: NeuronData, ctx: PageContext, c: int, h: int, j: int, levels: np.ndarray,
-                 centre: int) -> str:
+_SPAN_OPEN = {level: f'<span class="c{level}">' for level in range(-LEVELS, LEVELS + 1)}
+_PEAK_OPEN = {level: f'<span class="c{level} gs-x">' for level in range(-LEVELS, LEVELS + 1)}
+
+
+def _example_row(data: NeuronData, ctx: PageContext, c: int, h: int, j: int, levels: list[int],
+                 tokens: list[int], centre: int) -> str:
     doc = int(data.top_doc[c, h, j])
     pos = int(data.top_pos[c, h, j])
-    tokens = data.window_tokens[c, h, j]
-    inside = np.flatnonzero(tokens >= 0)
-    first = int(inside[0]) if len(inside) else centre
-    spans = []
-    for w in inside:
-        cls = f"c{levels[w]}" + (" gs-x" if w == centre else "")
-        spans.append(f'<span class="{cls}">{ctx.vocab_html(int(tokens[w]))}</span>')
+    vocab_html = ctx.vocab_html
+    spans = [(_PEAK_OPEN if w == centre else _SPAN_OPEN)[levels[w]] + vocab_html(t) + "</span>"
+             for w, t in enumerate(tokens) if t >= 0]
+    first = next((w for w, t in enumerate(tokens) if t >= 0), centre)
     title = ctx.doc_title(doc)
     where = f"doc {doc}" + (f" · {html.escape(title)}" if title else "") + f" · pos {pos}"
     return (

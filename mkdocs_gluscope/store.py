@@ -191,8 +191,8 @@ class NeuronData:
     top_value: np.ndarray  # [C, H, k]
     top_doc: np.ndarray  # [C, H, k], -1 for an empty slot
     top_pos: np.ndarray  # [C, H, k]
-    top_gate: np.ndarray  # [C, H, k, W] float32, NaN outside the document
-    top_in: np.ndarray  # [C, H, k, W]
+    top_gate: np.ndarray | None  # [C, H, k, W] float32, NaN outside the document (None: not read)
+    top_in: np.ndarray | None  # [C, H, k, W]
     window_tokens: np.ndarray  # [C, H, k, W] token ids, -1 outside the document
     flipped: bool
     cos_gate_in: float
@@ -264,6 +264,8 @@ class ActivationsFile:
         self.context_before = int(self.attrs["context_before"])
         self.context_after = int(self.attrs["context_after"])
         self.n_tokens = int(self.attrs.get("n_tokens", 0))
+        self._datasets: dict[str, h5py.Dataset] = {}
+        self._weight_cache: dict[str, np.ndarray] = {}
         self._vocab: list[str] | None = None
         self._offsets: np.ndarray | None = None
         self._tokens: np.ndarray | None = None
@@ -359,31 +361,45 @@ class ActivationsFile:
         if not 0 <= neuron < self.d_mlp:
             raise IndexError(f"neuron {neuron}; this file has neurons 0..{self.d_mlp - 1}")
 
-    def neuron(self, layer: int, neuron: int) -> NeuronData:
-        """All data of one neuron's page (``layer`` is the model's layer index)."""
+    def _weight(self, name: str) -> np.ndarray:
+        # [L, N] each, a few MB even for a 7B model: read once, then index in memory.
+        if name not in self._weight_cache:
+            self._weight_cache[name] = self.weights(name)
+        return self._weight_cache[name]
+
+    def _dataset(self, name: str) -> h5py.Dataset:
+        # Looking a dataset up by path costs more than reading one neuron's chunk: keep handles.
+        handle = self._datasets.get(name)
+        if handle is None:
+            handle = self._datasets[name] = self.file[name]
+        return handle
+
+    def neuron(self, layer: int, neuron: int, *, windows: bool = True) -> NeuronData:
+        """All data of one neuron's page (``layer`` is the model's layer index). With
+        ``windows=False`` the gate/in windows are not read (``top_gate``/``top_in`` are None)."""
         self.check_neuron(layer, neuron)
-        f = self.file
+        f = self._dataset
         row = self.row(layer)
-        top_doc = f["top/doc"][row, neuron]
-        top_pos = f["top/pos"][row, neuron]
+        top_doc = f("top/doc")[row, neuron]
+        top_pos = f("top/pos")[row, neuron]
         return NeuronData(
             layer=layer,
             neuron=neuron,
             n_tokens=self.n_tokens,
-            count=f["stats/count"][row, neuron],
-            sum=f["stats/sum"][row, neuron],
-            min=f["stats/min"][row, neuron],
-            max=f["stats/max"][row, neuron],
-            top_value=f["top/value"][row, neuron],
+            count=f("stats/count")[row, neuron],
+            sum=f("stats/sum")[row, neuron],
+            min=f("stats/min")[row, neuron],
+            max=f("stats/max")[row, neuron],
+            top_value=f("top/value")[row, neuron],
             top_doc=top_doc,
             top_pos=top_pos,
-            top_gate=f["top/gate"][row, neuron].astype(np.float32),
-            top_in=f["top/in"][row, neuron].astype(np.float32),
+            top_gate=f("top/gate")[row, neuron].astype(np.float32) if windows else None,
+            top_in=f("top/in")[row, neuron].astype(np.float32) if windows else None,
             window_tokens=self.window_tokens(top_doc, top_pos),
-            flipped=bool(f["weights/flipped"][row, neuron]),
-            cos_gate_in=float(f["weights/cos_gate_in"][row, neuron]),
-            cos_gate_out=float(f["weights/cos_gate_out"][row, neuron]),
-            cos_in_out=float(f["weights/cos_in_out"][row, neuron]),
+            flipped=bool(self._weight("flipped")[row, neuron]),
+            cos_gate_in=float(self._weight("cos_gate_in")[row, neuron]),
+            cos_gate_out=float(self._weight("cos_gate_out")[row, neuron]),
+            cos_in_out=float(self._weight("cos_in_out")[row, neuron]),
             context_before=self.context_before,
             context_after=self.context_after,
             attrs=self.attrs,

@@ -128,14 +128,20 @@ def add_info_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("activations", type=Path, help="the activations file (.h5)")
 
 
-def run_info(args: argparse.Namespace) -> int:
-    from mkdocs_gluscope.store import CASES, ActivationsFile, FormatError
+def open_activations(path: Path):
+    """The file, or a one-line error naming it and what is wrong."""
+    from mkdocs_gluscope.store import ActivationsFile, FormatError
 
     try:
-        f = ActivationsFile(args.activations)
+        return ActivationsFile(path)
     except (FileNotFoundError, FormatError) as e:
         raise GluscopeError(str(e)) from None
-    with f:
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from mkdocs_gluscope.store import CASES
+
+    with open_activations(args.activations) as f:
         for key in ("model", "dataset", "dtype", "act_fn", "refactor_glu", "include_bos", "created"):
             if key in f.attrs:
                 print(f"{key:>14}: {f.attrs[key]}")
@@ -159,13 +165,8 @@ def add_pick_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_pick(args: argparse.Namespace) -> int:
     from mkdocs_gluscope.pick import pick_neurons, picks_yaml
-    from mkdocs_gluscope.store import ActivationsFile, FormatError
 
-    try:
-        f = ActivationsFile(args.activations)
-    except (FileNotFoundError, FormatError) as e:
-        raise GluscopeError(str(e)) from None
-    with f:
+    with open_activations(args.activations) as f:
         print(picks_yaml(pick_neurons(f, per_layer=args.per_layer, mix=args.mix, rare=args.rare)))
     return 0
 

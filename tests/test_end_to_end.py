@@ -82,3 +82,25 @@ def test_demo_end_to_end(tmp_path):
     pages = list((project / "site/neurons").glob("L*/N*/index.html"))
     assert len(pages) >= 30
     assert "Neuron" in pages[0].read_text()
+
+
+def test_pick_proposes_valid_neurons_with_reasons(model_factory, corpus_files, tmp_path, capsys):
+    from collect.run import CollectConfig, collect
+    from mkdocs_gluscope.neurons import parse_neuron_ids
+    from mkdocs_gluscope.pick import pick_neurons
+
+    out = collect(CollectConfig(model=str(model_factory("llama")), dataset=[str(p) for p in corpus_files],
+                                out=tmp_path / "p.h5", k=2, compile=False, progress=False, device="cpu"))
+    with ActivationsFile(out) as f:
+        picks = pick_neurons(f, per_layer=1, mix=3, rare=0.5)
+        freq = f.frequency()
+    assert 3 <= len(picks) <= 5 and len({p.id for p in picks}) == len(picks)
+    assert parse_neuron_ids([p.id for p in picks], [0, 1], 48)
+    mixes = [p for p in picks if p.reason.startswith("unusual case mix")]
+    assert len({p.layer for p in mixes}) == len(mixes)  # at most one per layer
+    for p in picks:
+        if p.reason.startswith("rare"):
+            case = p.reason.split()[1]
+            assert freq[p.layer, p.neuron, ["gate+_in+", "gate+_in-", "gate-_in+", "gate-_in-"].index(case)] < 0.5
+    assert main(["pick", str(out), "--mix", "1"]) == 0
+    assert '- "' in capsys.readouterr().out

@@ -243,3 +243,17 @@ def test_saved_dataset_and_parquet_inputs(model_factory, tmp_path):
             counts.append(len(f["corpus/doc_offsets"]) - 1)
             assert sorted(f["corpus/source_index"][...]) == list(range(len(tiny.CORPUS)))
     assert counts == [len(tiny.CORPUS)] * 2
+
+
+def test_first_ctrl_c_asks_for_a_checkpoint_and_the_second_aborts():
+    import signal
+
+    from collect.run import _CtrlC
+
+    with _CtrlC() as ctrl_c:
+        handler = signal.getsignal(signal.SIGINT)
+        handler(signal.SIGINT, None)
+        assert ctrl_c.requested  # the loop finishes its batch, checkpoints and stops
+        with pytest.raises(KeyboardInterrupt):
+            handler(signal.SIGINT, None)
+    assert signal.getsignal(signal.SIGINT) is not handler  # the previous handler is back

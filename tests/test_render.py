@@ -1,0 +1,38 @@
+"""Display strings of tokens and their escaping, as a reader sees them."""
+
+from __future__ import annotations
+
+import html
+
+from collect.corpus import token_strings
+from mkdocs_gluscope.render import md_text, token_html, token_label
+
+
+def test_whitespace_stays_visible():
+    assert token_label("\n") == "↵"
+    assert token_label("\n\n") == "↵↵"
+    assert token_label("\t") == "⇥"
+    assert token_label("   ") == "···"
+    assert token_label(" the") == " the"  # a leading space is kept as is (rendered white-space: pre)
+    assert token_label("\x07") == "\\x07"
+
+
+def test_token_strings_escape_bytes_that_are_not_text(model_factory):
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(model_factory("llama"))
+    strings = token_strings(tokenizer, len(tokenizer))
+    byte_level = {s for s in strings if s.startswith("\\x")}
+    # The byte-level alphabet holds the 128 bytes above 0x7f, which are no text on their own.
+    assert len(byte_level) >= 128 and "\\xe2" in byte_level
+    assert " the" in strings and "\n" in strings and "<s>" in strings
+    assert all("\x00" not in s for s in strings)
+
+
+def test_markdown_text_cannot_become_markup():
+    for text in ("<script>alert(1)</script>", "[x](javascript:alert(1))", "**bold**", "`code`", "{{ x }}",
+                 "a | b", "# heading", "&amp;"):
+        escaped = md_text(text)
+        assert not any(ch in escaped for ch in "<>[]*`{}|#")
+        assert html.unescape(escaped) == text
+    assert token_html("<b>") == "&lt;b&gt;"

@@ -54,6 +54,7 @@ class CollectConfig:
     batch_tokens: int = 8192
     compile: bool = True
     window_dtype: str = "float16"
+    shard: str | None = None
     resume: bool = False
     checkpoint_every: float = 600.0
     progress: bool = True
@@ -94,8 +95,29 @@ def check_config(config: CollectConfig) -> None:
         probe.unlink()
     except OSError as e:
         raise GluscopeError(f"cannot write --out {str(config.out)!r}: {e.strerror or e}") from None
+    parse_shard(config.shard)
     if config.out.is_dir():
         raise GluscopeError(f"--out {str(config.out)!r} is a folder; expected a file path such as run.h5")
+
+
+def parse_shard(shard: str | None) -> tuple[int, int]:
+    """``"I/N"`` as (I, N); no shard is (0, 1)."""
+    if shard is None:
+        return 0, 1
+    try:
+        index, count = (int(x) for x in shard.split("/"))
+    except ValueError:
+        raise GluscopeError(f"--shard {shard!r}; expected I/N such as 0/4") from None
+    if not 0 <= index < count:
+        raise GluscopeError(f"--shard {shard!r}; expected 0 <= I < N")
+    return index, count
+
+
+def shard_batches(corpus: Corpus, batch_tokens: int, shard: str | None) -> list:
+    """This shard's batches: every N-th batch of the whole corpus's plan, so shards of similar
+    work share the documents, and every shard numbers documents alike."""
+    index, count = parse_shard(shard)
+    return plan_batches(corpus.lengths, batch_tokens)[index::count]
 
 
 def resolve_layers(layers: list[int] | None, n_layers: int) -> list[int]:
@@ -180,9 +202,11 @@ def finalize(state: LayerStats, window_dtype: str) -> dict[str, np.ndarray]:
     }
 
 
-def counted_tokens(corpus: Corpus, include_bos: bool) -> int:
-    excluded = corpus.n_docs if (corpus.has_bos and not include_bos) else 0
-    return int(corpus.lengths.sum()) - excluded
+def counted_tokens(corpus: Corpus, config: CollectConfig) -> int:
+    """Counted positions of the documents this run (or shard) processes."""
+    docs = np.concatenate([b.docs for b in shard_batches(corpus, config.batch_tokens, config.shard)])
+    excluded = len(docs) if (corpus.has_bos and not config.include_bos) else 0
+    return int(corpus.lengths[docs].sum()) - excluded
 
 
 def collect_statistics(
@@ -198,7 +222,7 @@ def collect_statistics(
     device = loaded.device
     window = config.context_before + 1 + config.context_after
     window_dtype = getattr(torch, config.window_dtype)
-    batches = plan_batches(corpus.lengths, config.batch_tokens)
+    batches = shard_batches(corpus, config.batch_tokens, config.shard)
     start = 0
     states = {layer: LayerStats.empty(loaded.d_mlp, config.k, window, device, window_dtype)
               for layer in layers}
@@ -284,6 +308,7 @@ def provenance(config: CollectConfig, loaded: LoadedModel, corpus: Corpus, layer
         "n_model_layers": loaded.n_layers,
         "window_dtype": config.window_dtype,
         "batch_tokens": config.batch_tokens,
+        "shard": config.shard or "",
         "gluscope_version": __version__,
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
@@ -315,6 +340,6 @@ def collect(config: CollectConfig, *, stop_after_batches: int | None = None) -> 
         for row, layer in enumerate(layers):
             writer.write_layer(row, finalize(states[layer], config.window_dtype))
         writer.write_weights({name: values[layers].numpy() for name, values in facts.items()})
-        path = writer.close(n_tokens=counted_tokens(corpus, config.include_bos))
+        path = writer.close(n_tokens=counted_tokens(corpus, config))
     config.checkpoint_path.unlink(missing_ok=True)
     return path

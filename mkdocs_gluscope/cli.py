@@ -82,6 +82,9 @@ def add_collect_arguments(p: argparse.ArgumentParser) -> None:
                    help="run the statistics eagerly (slower; no torch.compile warm-up)")
     p.add_argument("--window-dtype", choices=("float16", "float32"), default="float16",
                    help="dtype of the stored gate/in windows (default: float16)")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="process shard I of N (every N-th batch), e.g. one per GPU; combine the files "
+                        "with gluscope merge (default: the whole corpus)")
     p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt if it exists")
     p.add_argument("--checkpoint-every", type=float, default=600.0,
                    help="seconds between checkpoints (default: 600)")
@@ -155,6 +158,18 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_merge_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", type=Path, nargs="+", help="the shard files of one run (collect --shard I/N)")
+    p.add_argument("--out", type=Path, required=True, help="the merged activations file")
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from mkdocs_gluscope.merge import merge_files
+
+    print(f"gluscope: wrote {merge_files(args.inputs, args.out)}")
+    return 0
+
+
 def add_pick_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("activations", type=Path, help="the activations file (.h5)")
     p.add_argument("--per-layer", type=int, default=1, help="rare-case standouts per layer (default: 1)")
@@ -205,6 +220,8 @@ COMMANDS = {
     "collect": (add_collect_arguments, run_collect, "run a model over a corpus and write the activations file"),
     "pages": (add_pages_arguments, run_pages, "write neuron pages as Markdown files, for any site generator"),
     "info": (add_info_arguments, run_info, "summarize an activations file"),
+    "merge": (add_merge_arguments, run_merge,
+              "merge the files of a sharded collection into the file one run would have written"),
     "pick": (add_pick_arguments, run_pick,
              "choose neurons worth a page (rare-case standouts, unusual case mixes), as mkdocs.yml entries"),
     "demo": (add_demo_arguments, run_demo,

@@ -117,7 +117,10 @@ def shard_batches(corpus: Corpus, batch_tokens: int, shard: str | None) -> list:
     """This shard's batches: every N-th batch of the whole corpus's plan, so shards of similar
     work share the documents, and every shard numbers documents alike."""
     index, count = parse_shard(shard)
-    return plan_batches(corpus.lengths, batch_tokens)[index::count]
+    batches = plan_batches(corpus.lengths, batch_tokens)
+    if index >= len(batches):
+        raise GluscopeError(f"--shard {shard}: the corpus makes only {len(batches)} batches; use fewer shards")
+    return batches[index::count]
 
 
 def resolve_layers(layers: list[int] | None, n_layers: int) -> list[int]:

@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -219,7 +219,6 @@ def collect_statistics(
     layers: list[int],
     *,
     stop_after_batches: int | None = None,
-    on_batch: Callable[[int, int], None] | None = None,
 ) -> dict[int, LayerStats]:
     """Run the model over every batch of the corpus and return each layer's statistics."""
     device = loaded.device
@@ -268,8 +267,6 @@ def collect_statistics(
 
             run_with_mlp_hooks(loaded, input_ids, layers, on_layer)
             bar.update(int(lengths_np.sum()))
-            if on_batch is not None:
-                on_batch(index + 1, len(batches))
             finished = index + 1
             stop = ctrl_c.requested or (stop_after_batches is not None and finished >= stop_after_batches)
             if finished < len(batches) and (stop or time.monotonic() - last_checkpoint > config.checkpoint_every):

@@ -26,7 +26,7 @@ from mkdocs_gluscope.render import (
     neuron_markdown,
     token_html,
 )
-from mkdocs_gluscope.store import CASES, ActivationsFile, NeuronData
+from mkdocs_gluscope.store import ActivationsFile, NeuronData
 
 DOCS_PER_SHARD = 64
 ASSETS = ("gluscope.css", "gluscope.js")
@@ -200,5 +200,3 @@ def write_markdown_pages(activations: str | os.PathLike, neurons: Sequence[str],
             write(f"{ASSET_DIR}/{name}", asset_text(name))
     return written
 
-
-__all__ = ["SitePages", "write_markdown_pages", "CASES"]

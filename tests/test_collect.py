@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import h5py
@@ -222,7 +221,7 @@ def test_bad_input_gives_one_clear_error(problem, args, message, model_factory, 
     argv = ["collect", *[x for kv in options.items() for x in kv], "--no-compile", "--no-progress", "--device", "cpu"]
     code, text = run_cli(*argv, capsys=capsys)
     assert code == 2, text
-    assert f"gluscope: error: " in text and message in text, text
+    assert "gluscope: error: " in text and message in text, text
     assert "Traceback" not in text
     assert not (tmp_path / "x.h5").exists()
 

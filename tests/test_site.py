@@ -15,7 +15,7 @@ from mkdocs.exceptions import Abort, PluginError
 from mkdocs_gluscope.cli import main
 from mkdocs_gluscope.store import CASES
 from sites import build_site, write_project
-from synthetic import DEFAULT_VOCAB, write_synthetic
+from synthetic import write_synthetic
 
 UNTRUSTED = [
     "<script>alert(1)</script>",

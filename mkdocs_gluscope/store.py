@@ -38,7 +38,29 @@ CASES: tuple[str, ...] = ("gate+_in+", "gate+_in-", "gate-_in+", "gate-_in-")
 HOOKS: tuple[str, ...] = ("hook_post", "hook_pre_linear", "hook_pre", "swish")
 
 STAT_NAMES = ("count", "sum", "min", "max")
+#: ``stats/nonfinite`` [L, N, 5]: positions with a NaN or infinite value, by case, then "no case"
+#: (gate or in NaN, so no sign); they are left out of every other statistic.
+NONFINITE_COLUMNS: tuple[str, ...] = CASES + ("no case",)
 WEIGHT_NAMES = ("flipped", "cos_gate_in", "cos_gate_out", "cos_in_out")
+
+
+#: Examples within this many counted positions of their document's start are marked on pages and
+#: left out of ``gluscope pick``'s scores: many models put attention-sink outliers there.
+EARLY_POSITIONS = 8
+
+
+def first_counted_position(attrs: Mapping[str, Any]) -> int:
+    """The first position of every document that the statistics count: after the BOS (unless
+    ``include_bos``) and after the ``skip_positions`` a run was told to leave out."""
+    bos = 1 if attrs.get("has_bos", False) and not attrs.get("include_bos", False) else 0
+    return bos + int(attrs.get("skip_positions", 0))
+
+
+def early_end(attrs: Mapping[str, Any]) -> int:
+    """Examples at positions below this are "start of document" examples: the first
+    :data:`EARLY_POSITIONS` counted positions, unless the run skipped positions itself."""
+    first = first_counted_position(attrs)
+    return first if int(attrs.get("skip_positions", 0)) > 0 else first + EARLY_POSITIONS
 
 
 class FormatError(ValueError):
@@ -233,6 +255,7 @@ class NeuronData:
     context_before: int
     context_after: int
     attrs: dict[str, Any] = field(default_factory=dict)
+    nonfinite: np.ndarray | None = None  # [5] int64 (NONFINITE_COLUMNS); None in files without it
 
     @property
     def frequency(self) -> np.ndarray:
@@ -296,6 +319,8 @@ class ActivationsFile:
         self.context_before = int(self.attrs["context_before"])
         self.context_after = int(self.attrs["context_after"])
         self.n_tokens = int(self.attrs.get("n_tokens", 0))
+        #: Whether the file counts non-finite values (``stats/nonfinite``; files before it do not).
+        self.has_nonfinite = "nonfinite" in self.file["stats"]
         self._datasets: dict[str, h5py.Dataset] = {}
         self._weight_cache: dict[str, np.ndarray] = {}
         self._vocab: list[str] | None = None
@@ -435,6 +460,7 @@ class ActivationsFile:
             context_before=self.context_before,
             context_after=self.context_after,
             attrs=self.attrs,
+            nonfinite=f("stats/nonfinite")[row, neuron] if self.has_nonfinite else None,
         )
 
     def window_tokens(self, doc: np.ndarray, pos: np.ndarray) -> np.ndarray:

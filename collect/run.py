@@ -194,6 +194,7 @@ def finalize(state: LayerStats, window_dtype: str) -> dict[str, np.ndarray]:
     nan = float("nan")
     return {
         "count": state.count.cpu().numpy(),
+        "nonfinite": state.nonfinite.cpu().numpy(),
         "sum": state.sum.cpu().numpy(),
         "min": torch.where(empty, nan, state.min).cpu().numpy(),
         "max": torch.where(empty, nan, state.max).cpu().numpy(),

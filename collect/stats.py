@@ -10,6 +10,9 @@ The definitions (the contract in ``ARCHITECTURE.md``):
 
 * a counted position is in case ``c`` by the strict signs of gate and in; a zero in either puts it
   in no case;
+* a position where any hook is NaN or infinite (float16 overflow, ``silu(-inf)``) is counted in
+  ``nonfinite`` (by case, or "no case" where gate or in has no sign) and left out of everything
+  else, so it can never win a document's maximum and push the document's real values out;
 * within a case every hook has a fixed sign, so a list's "most extreme" value is its largest
   ``|value|``; each document enters a list at most once, with its most extreme position (the
   earliest on ties); lists order by ``|value|`` descending, then document index ascending.
@@ -53,6 +56,7 @@ class LayerStats:
     """
 
     count: torch.Tensor  # [N, C] int64
+    nonfinite: torch.Tensor  # [N, C + 1] int64: non-finite positions by case, then "no case"
     sum: torch.Tensor  # [N, C, H] float64
     min: torch.Tensor  # [N, C, H] float32, +inf while a case is empty
     max: torch.Tensor  # [N, C, H] float32, -inf while a case is empty
@@ -74,6 +78,7 @@ class LayerStats:
         i64 = dict(dtype=torch.int64, device=device)
         return cls(
             count=torch.zeros(d_mlp, N_CASES, **i64),
+            nonfinite=torch.zeros(d_mlp, N_CASES + 1, **i64),
             sum=torch.zeros(shape, dtype=torch.float64, device=device),
             min=torch.full(shape, float("inf"), **f32),
             max=torch.full(shape, float("-inf"), **f32),
@@ -107,6 +112,7 @@ class BatchReduction:
     """What one batch contributes, before the top-k merge."""
 
     count: torch.Tensor  # [N, C] int64
+    nonfinite: torch.Tensor  # [N, C + 1] int64
     sum: torch.Tensor  # [N, C, H] float32
     min: torch.Tensor  # [N, C, H]
     max: torch.Tensor  # [N, C, H]
@@ -116,8 +122,9 @@ class BatchReduction:
 
 
 def case_masks(gate: torch.Tensor, in_: torch.Tensor, valid: torch.Tensor) -> list[torch.Tensor]:
-    """Boolean masks ``[B, T, N]`` of the four cases, in :data:`CASES` order."""
-    v = valid[:, :, None]
+    """Boolean masks ``[B, T, N]`` of the four cases, in :data:`CASES` order, among the positions
+    where ``valid`` (``[B, T]``, or ``[B, T, N]`` per neuron) is True."""
+    v = valid if valid.dim() == 3 else valid[:, :, None]
     g_pos, g_neg = gate > 0, gate < 0
     i_pos, i_neg = in_ > 0, in_ < 0
     return [v & g_pos & i_pos, v & g_pos & i_neg, v & g_neg & i_pos, v & g_neg & i_neg]
@@ -139,6 +146,7 @@ def reduce_batch(
 
     ``gate``, ``in_``, ``post``, ``swish``: ``[B, T, N]`` in any float dtype (computed in float32);
     ``valid``: ``[B, T]`` bool, True at counted positions (not padding, not an excluded BOS).
+    Positions where a hook is NaN or infinite are counted apart (``nonfinite``) and left out.
 
     Every reduction runs along positions (one fused pass under ``torch.compile``); the batch-wide
     sums and extremes then come from the per-document ones. Within a case each hook's values all
@@ -146,7 +154,11 @@ def reduce_batch(
     ``|value|``.
     """
     hooks = [h.float() for h in (post, in_, gate, swish)]  # HOOKS order
-    masks = case_masks(hooks[2], hooks[1], valid)
+    finite = torch.isfinite(hooks[0]) & torch.isfinite(hooks[1]) & torch.isfinite(hooks[2]) & torch.isfinite(hooks[3])
+    bad = valid[:, :, None] & ~finite
+    bad_by_case = [m.sum(dim=(0, 1)) for m in case_masks(hooks[2], hooks[1], bad)]
+    nonfinite = torch.stack(bad_by_case + [bad.sum(dim=(0, 1)) - sum(bad_by_case)], dim=-1)
+    masks = case_masks(hooks[2], hooks[1], valid[:, :, None] & finite)
     t_max = hooks[0].shape[1]
     # An argmax reduction is 5x slower than amax here, so pack |value| (its float32 bits order
     # like the value) and the reversed position into one int64: amax gives the largest |value|
@@ -176,6 +188,7 @@ def reduce_batch(
     lo = torch.where(present, torch.where(signs > 0, doc_min_abs, -doc_abs), float("inf"))
     return BatchReduction(
         count=torch.stack(count, dim=-1).sum(dim=0),
+        nonfinite=nonfinite,
         sum=torch.stack(sums, dim=-1).view(shape).sum(dim=0),
         min=lo.amin(dim=0),
         max=hi.amax(dim=0),
@@ -263,6 +276,7 @@ def merge_top(
             store.view(-1, window)[row] = cut.to(store.dtype)
     return LayerStats(
         count=stats.count,
+        nonfinite=stats.nonfinite,
         sum=stats.sum,
         min=stats.min,
         max=stats.max,
@@ -290,6 +304,7 @@ def add_batch(
     Consumes ``stats`` (its window storage is reused)."""
     merged = merge_top(stats, batch, doc_ids, gate, in_, lengths, context_before, context_after)
     merged.count = stats.count + batch.count
+    merged.nonfinite = stats.nonfinite + batch.nonfinite
     merged.sum = stats.sum + batch.sum.double()
     merged.min = torch.minimum(stats.min, batch.min)
     merged.max = torch.maximum(stats.max, batch.max)
@@ -308,6 +323,7 @@ def merge_stats(a: LayerStats, b: LayerStats) -> LayerStats:
 
     return LayerStats(
         count=a.count + b.count,
+        nonfinite=a.nonfinite + b.nonfinite,
         sum=a.sum + b.sum,
         min=torch.minimum(a.min, b.min),
         max=torch.maximum(a.max, b.max),

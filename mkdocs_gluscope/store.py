@@ -153,6 +153,7 @@ class ActivationsWriter:
         cn = max(1, min(N, 1024))
         stats = self.file.create_group("stats")
         stats.create_dataset("count", (L, N, C), "int64", **_compressed((1, cn, C)))
+        stats.create_dataset("nonfinite", (L, N, C + 1), "int64", **_compressed((1, cn, C + 1)))
         stats.create_dataset("sum", (L, N, C, H), "float64", **_compressed((1, cn, C, H)))
         for name in ("min", "max"):
             stats.create_dataset(name, (L, N, C, H), "float32", **_compressed((1, cn, C, H)))
@@ -193,9 +194,9 @@ class ActivationsWriter:
             corpus.create_dataset("doc_title", data=list(doc_title), dtype=h5py.string_dtype("utf-8"))
 
     def write_layer(self, layer: int, arrays: Mapping[str, np.ndarray]) -> None:
-        """One layer's statistics: keys ``count sum min max`` and ``top_value top_doc top_pos
-        top_gate top_in``, each shaped as its dataset without the layer axis."""
-        for name in STAT_NAMES:
+        """One layer's statistics: keys ``count nonfinite sum min max`` and ``top_value top_doc
+        top_pos top_gate top_in``, each shaped as its dataset without the layer axis."""
+        for name in STAT_NAMES + ("nonfinite",):
             self.file["stats"][name][layer] = arrays[name]
         for name in ("value", "doc", "pos", "gate", "in"):
             write_layer_chunks(self.file["top"][name], layer, arrays["top_" + name], self._pool)

@@ -256,22 +256,3 @@ def test_first_ctrl_c_asks_for_a_checkpoint_and_the_second_aborts():
         with pytest.raises(KeyboardInterrupt):
             handler(signal.SIGINT, None)
     assert signal.getsignal(signal.SIGINT) is not handler  # the previous handler is back
-
-
-def test_sharded_run_merges_into_the_uninterrupted_file(model_factory, corpus_files, tmp_path, capsys):
-    model = model_factory("llama")
-    whole = collect(small_config(model, corpus_files, tmp_path / "whole.h5", batch_tokens=64))
-    shards = [collect(small_config(model, corpus_files, tmp_path / f"s{i}.h5", batch_tokens=64, shard=f"{i}/3"))
-              for i in range(3)]
-    assert main(["merge", *map(str, shards), "--out", str(tmp_path / "merged.h5")]) == 0
-    with h5py.File(whole) as a, h5py.File(tmp_path / "merged.h5") as b:
-        assert a.attrs["n_tokens"] == b.attrs["n_tokens"]
-        for name in ("stats/count", "stats/min", "stats/max", "top/value", "top/doc", "top/pos", "top/gate",
-                     "top/in", "corpus/tokens", "weights/flipped"):
-            assert np.array_equal(a[name][...], b[name][...], equal_nan=a[name].dtype.kind == "f"), name
-        np.testing.assert_allclose(a["stats/sum"][...], b["stats/sum"][...], rtol=1e-6, atol=1e-6)
-    with h5py.File(shards[0]) as f:
-        assert f.attrs["shard"] == "0/3" and 0 < f.attrs["n_tokens"] < h5py.File(whole).attrs["n_tokens"]
-    other = collect(small_config(model, corpus_files, tmp_path / "other.h5", k=3))
-    assert main(["merge", str(shards[0]), str(other), "--out", str(tmp_path / "bad.h5")]) == 2
-    assert "k=3" in capsys.readouterr().err and not (tmp_path / "bad.h5").exists()

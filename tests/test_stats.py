@@ -18,7 +18,7 @@ def silu(x: torch.Tensor) -> torch.Tensor:
 
 
 def make_docs(seed: int, n_docs: int, d_mlp: int, max_len: int, *, ties: bool = False,
-              all_negative_gate: bool = False, zeros: bool = False):
+              all_negative_gate: bool = False, zeros: bool = False, nonfinite: bool = False):
     """Random documents: list of (gate [T, N], in [T, N]) with varied lengths."""
     g = torch.Generator().manual_seed(seed)
     docs = []
@@ -34,6 +34,12 @@ def make_docs(seed: int, n_docs: int, d_mlp: int, max_len: int, *, ties: bool = 
             gate = -gate.abs() - 0.1
         if zeros:
             gate[::3, 0] = 0.0
+        if nonfinite and length > 1:
+            # float16 overflow and silu(-inf) = NaN, next to ordinary values of the same document.
+            gate[1, 0] = float("nan")
+            in_[length - 1, 1] = float("inf")
+            gate[0, 2] = float("-inf")  # post = silu(-inf) * in = NaN, though gate and in have signs
+            in_[0, 3] = 1e30  # finite in float32, but post * 1e30 overflows nothing: stays counted
         docs.append((gate, in_))
     return docs
 
@@ -48,6 +54,7 @@ def brute_force(docs, k, first_counted: int):
     """Reference statistics by loops: dicts keyed by (neuron, case, hook)."""
     d_mlp = docs[0][0].shape[1]
     count = torch.zeros(d_mlp, 4, dtype=torch.int64)
+    nonfinite = torch.zeros(d_mlp, 5, dtype=torch.int64)
     total = torch.zeros(d_mlp, 4, 4, dtype=torch.float64)
     mins = torch.full((d_mlp, 4, 4), math.inf)
     maxs = torch.full((d_mlp, 4, 4), -math.inf)
@@ -58,9 +65,13 @@ def brute_force(docs, k, first_counted: int):
         for t in range(first_counted, gate.shape[0]):
             for n in range(d_mlp):
                 gv, iv = float(gate[t, n]), float(in_[t, n])
-                if gv == 0 or iv == 0:
+                c = None if (gv == 0 or iv == 0 or math.isnan(gv) or math.isnan(iv)) else (
+                    (0 if gv > 0 else 2) + (0 if iv > 0 else 1))
+                if not all(math.isfinite(float(h[t, n])) for h in hooks):
+                    nonfinite[n, 4 if c is None else c] += 1
                     continue
-                c = (0 if gv > 0 else 2) + (0 if iv > 0 else 1)
+                if c is None:
+                    continue
                 count[n, c] += 1
                 for h in range(4):
                     v = float(hooks[h][t, n])
@@ -72,7 +83,7 @@ def brute_force(docs, k, first_counted: int):
         for key, entry in best.items():
             lists.setdefault(key, []).append(entry)
     top = {key: sorted(entries, key=lambda e: (-e[0], e[1]))[:k] for key, entries in lists.items()}
-    return count, total, mins, maxs, top
+    return count, total, mins, maxs, top, nonfinite
 
 
 def run_batches(docs, k, first_counted, batch_size, doc_offset=0):
@@ -96,8 +107,9 @@ def run_batches(docs, k, first_counted, batch_size, doc_offset=0):
 
 
 def assert_matches(stats: LayerStats, docs, k, first_counted):
-    count, total, mins, maxs, top = brute_force(docs, k, first_counted)
+    count, total, mins, maxs, top, nonfinite = brute_force(docs, k, first_counted)
     assert torch.equal(stats.count, count)
+    assert torch.equal(stats.nonfinite, nonfinite)
     torch.testing.assert_close(stats.sum, total, rtol=1e-5, atol=1e-5)
     assert torch.equal(stats.min, mins.float())
     assert torch.equal(stats.max, maxs.float())
@@ -121,7 +133,9 @@ def assert_matches(stats: LayerStats, docs, k, first_counted):
                         got_g = float(win_gate[n, c, h, j, w])
                         got_i = float(win_in[n, c, h, j, w])
                         if 0 <= t < gate.shape[0]:
-                            assert got_g == float(gate[t, n]) and got_i == float(in_[t, n])
+                            # a window keeps a neighbour's NaN or inf as it was
+                            for got, want in ((got_g, float(gate[t, n])), (got_i, float(in_[t, n]))):
+                                assert got == want or (math.isnan(got) and math.isnan(want))
                         else:
                             assert math.isnan(got_g) and math.isnan(got_i)
 
@@ -134,13 +148,15 @@ def assert_matches(stats: LayerStats, docs, k, first_counted):
         dict(seed=2, n_docs=3, k=8, batch=2, first=1),  # k larger than the number of documents
         dict(seed=3, n_docs=7, k=3, batch=3, first=1, all_negative_gate=True),  # empty gate+ cases
         dict(seed=4, n_docs=8, k=3, batch=8, first=0, zeros=True),  # zeros belong to no case
+        # NaN and inf are counted apart and never push a document's finite values out of a list
+        dict(seed=8, n_docs=10, k=4, batch=4, first=0, nonfinite=True, zeros=True),
     ],
-    ids=["plain", "ties", "k>docs", "all-negative-gate", "zeros"],
+    ids=["plain", "ties", "k>docs", "all-negative-gate", "zeros", "nonfinite"],
 )
 def test_statistics_match_brute_force(case):
     docs = make_docs(case["seed"], case["n_docs"], d_mlp=5, max_len=7, ties=case.get("ties", False),
                      all_negative_gate=case.get("all_negative_gate", False),
-                     zeros=case.get("zeros", False))
+                     zeros=case.get("zeros", False), nonfinite=case.get("nonfinite", False))
     stats = run_batches(docs, case["k"], case["first"], case["batch"])
     assert_matches(stats, docs, case["k"], case["first"])
 
@@ -162,13 +178,29 @@ def test_all_negative_gate_leaves_gate_plus_cases_empty():
     assert torch.isinf(stats.min[:, :2]).all() and (stats.min[:, :2] > 0).all()
 
 
+def test_nan_never_removes_a_documents_finite_values():
+    """Finding: a NaN won the per-document maximum, so its document dropped out of the list."""
+    gate = torch.tensor([[[2.0], [float("nan")], [1.0]]])
+    in_ = torch.ones_like(gate)
+    swish = silu(gate)
+    valid = torch.ones(1, 3, dtype=torch.bool)
+    stats = add_batch(LayerStats.empty(1, 2, W), reduce_batch(gate, in_, swish * in_, swish, valid),
+                      torch.tensor([0]), gate, in_, torch.tensor([3]), BEFORE, AFTER)
+    assert stats.top_doc[0, 0, 2].tolist() == [0, -1]  # gate+_in+, hook gate: document 0 at its 2.0
+    assert stats.top_pos[0, 0, 2, 0] == 0 and stats.top_value[0, 0, 2, 0] == 2.0
+    assert stats.max[0, 0, 2] == 2.0 and stats.min[0, 0, 2] == 1.0
+    assert stats.count[0].tolist() == [2, 0, 0, 0]
+    assert stats.nonfinite[0].tolist() == [0, 0, 0, 0, 1]  # NaN gate: no sign, so no case
+
+
 def test_merge_of_two_halves_equals_whole():
-    docs = make_docs(7, 14, d_mlp=6, max_len=9, ties=True)
+    docs = make_docs(7, 14, d_mlp=6, max_len=9, ties=True, nonfinite=True)
     whole = run_batches(docs, 5, 1, 4)
     first = run_batches(docs[:6], 5, 1, 4)
     second = run_batches(docs[6:], 5, 1, 4, doc_offset=6)
     merged = merge_stats(first, second)
     assert torch.equal(merged.count, whole.count)
+    assert torch.equal(merged.nonfinite, whole.nonfinite) and merged.nonfinite.sum() > 0
     for name in ("min", "max", "top_key", "top_doc", "top_pos"):
         assert torch.equal(getattr(merged, name), getattr(whole, name)), name
     pairs = [(merged.top_value, whole.top_value)]
@@ -185,11 +217,12 @@ def test_compiled_reduction_equals_eager():
     g = torch.Generator().manual_seed(0)
     gate = torch.randn(3, 11, 8, generator=g)
     in_ = torch.randn(3, 11, 8, generator=g)
+    gate[0, 2, 1], in_[1, 3, 2] = float("nan"), float("-inf")
     valid = torch.rand(3, 11, generator=g) > 0.2
     swish = silu(gate)
     eager = reduce_batch(gate, in_, swish * in_, swish, valid)
     fused = compiled_reduce_batch(True)(gate, in_, swish * in_, swish, valid)
-    for name in ("count", "min", "max", "doc_abs", "doc_pos"):
+    for name in ("count", "nonfinite", "min", "max", "doc_abs", "doc_pos"):
         assert torch.equal(getattr(eager, name), getattr(fused, name)), name
     assert torch.allclose(eager.doc_value, fused.doc_value, equal_nan=True, rtol=0, atol=0)
     torch.testing.assert_close(eager.sum, fused.sum)

@@ -70,6 +70,7 @@ def write_synthetic(path: Path, *, layers: int = 2, d_mlp: int = 8, k: int = 4, 
             signs = np.stack([g_sign * i_sign, i_sign, g_sign, g_sign], axis=1)[..., 0]  # [C, H, 1]
             w.write_layer(layer, {
                 "count": count,
+                "nonfinite": np.zeros(count.shape[:-1] + (count.shape[-1] + 1,), np.int64),
                 "sum": (mag * count[..., None] * 0.3 * signs[None, :, :, 0]).astype(np.float64),
                 "min": (np.where(signs[None, :, :, 0] > 0, 0.01, -mag * 3)).astype(np.float32),
                 "max": (np.where(signs[None, :, :, 0] > 0, mag * 3, -0.01)).astype(np.float32),

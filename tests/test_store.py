@@ -18,7 +18,7 @@ def test_parallel_compressed_chunks_read_back_exactly(tmp_path):
             gate = rng.normal(size=(N, 4, 4, k, W)).astype(np.float16)
             gate[0, 0, 0, 0, :2] = np.nan
             layer_arrays = {
-                "count": rng.integers(0, 9, (N, 4)), "sum": rng.normal(size=(N, 4, 4)),
+                "count": rng.integers(0, 9, (N, 4)), "nonfinite": rng.integers(0, 3, (N, 5)), "sum": rng.normal(size=(N, 4, 4)),
                 "min": rng.normal(size=(N, 4, 4)).astype(np.float32), "max": rng.normal(size=(N, 4, 4)).astype(np.float32),
                 "top_value": rng.normal(size=(N, 4, 4, k)).astype(np.float32),
                 "top_doc": rng.integers(-1, 2, (N, 4, 4, k)).astype(np.int32),
@@ -33,6 +33,7 @@ def test_parallel_compressed_chunks_read_back_exactly(tmp_path):
     with h5py.File(tmp_path / "f.h5") as f:
         assert f["top/gate"].compression == "gzip" and f["top/gate"].shuffle
         for layer, expected in enumerate(arrays):
+            np.testing.assert_array_equal(f["stats/nonfinite"][layer], expected["nonfinite"])
             for name in ("value", "doc", "pos", "gate", "in"):
                 np.testing.assert_array_equal(f["top"][name][layer], expected["top_" + name])
     with ActivationsFile(tmp_path / "f.h5") as f:

@@ -154,7 +154,9 @@ def reduce_batch(
     ``|value|``.
     """
     hooks = [h.float() for h in (post, in_, gate, swish)]  # HOOKS order
-    finite = torch.isfinite(hooks[0]) & torch.isfinite(hooks[1]) & torch.isfinite(hooks[2]) & torch.isfinite(hooks[3])
+    # x * 0 is 0 for every finite x and NaN for NaN and inf: one fused expression, where four
+    # isfinite calls made the compiled CPU reduction 3.4x slower (bench in the commit message).
+    finite = (hooks[0] * 0 + hooks[1] * 0 + hooks[2] * 0 + hooks[3] * 0) == 0
     bad = valid[:, :, None] & ~finite
     bad_by_case = [m.sum(dim=(0, 1)) for m in case_masks(hooks[2], hooks[1], bad)]
     nonfinite = torch.stack(bad_by_case + [bad.sum(dim=(0, 1)) - sum(bad_by_case)], dim=-1)

@@ -20,6 +20,7 @@ The definitions (the contract in ``ARCHITECTURE.md``):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields
 from typing import Callable
 
@@ -119,6 +120,7 @@ class BatchReduction:
     doc_abs: torch.Tensor  # [B, N, C, H] largest |value| of the document in the case, EMPTY if none
     doc_value: torch.Tensor  # [B, N, C, H] the signed value there
     doc_pos: torch.Tensor  # [B, N, C, H] int64 its position (the earliest on ties)
+    suspect: torch.Tensor  # bool scalar: assume_finite was wrong for this batch (see reduce_batch)
 
 
 def case_masks(gate: torch.Tensor, in_: torch.Tensor, valid: torch.Tensor) -> list[torch.Tensor]:
@@ -141,12 +143,16 @@ def reduce_batch(
     post: torch.Tensor,
     swish: torch.Tensor,
     valid: torch.Tensor,
+    assume_finite: bool = False,
 ) -> BatchReduction:
     """Per-case statistics of one batch of one layer.
 
     ``gate``, ``in_``, ``post``, ``swish``: ``[B, T, N]`` in any float dtype (computed in float32);
     ``valid``: ``[B, T]`` bool, True at counted positions (not padding, not an excluded BOS).
     Positions where a hook is NaN or infinite are counted apart (``nonfinite``) and left out.
+    With ``assume_finite`` that check is skipped (it triples the compiled CPU cost, since every
+    reduction then reads all four hooks) and ``suspect`` says whether the batch needs it: then
+    the result is not to be used, and the batch is reduced again without ``assume_finite``.
 
     Every reduction runs along positions (one fused pass under ``torch.compile``); the batch-wide
     sums and extremes then come from the per-document ones. Within a case each hook's values all
@@ -154,19 +160,23 @@ def reduce_batch(
     ``|value|``.
     """
     hooks = [h.float() for h in (post, in_, gate, swish)]  # HOOKS order
-    # x * 0 is 0 for every finite x and NaN for NaN and inf: one fused expression, where four
-    # isfinite calls made the compiled CPU reduction 3.4x slower (bench in the commit message).
-    finite = (hooks[0] * 0 + hooks[1] * 0 + hooks[2] * 0 + hooks[3] * 0) == 0
-    bad = valid[:, :, None] & ~finite
-    bad_by_case = [m.sum(dim=(0, 1)) for m in case_masks(hooks[2], hooks[1], bad)]
-    nonfinite = torch.stack(bad_by_case + [bad.sum(dim=(0, 1)) - sum(bad_by_case)], dim=-1)
-    masks = case_masks(hooks[2], hooks[1], valid[:, :, None] & finite)
+    magnitudes = [h.abs() for h in hooks]
+    if assume_finite:
+        masks = case_masks(hooks[2], hooks[1], valid)
+        nonfinite = torch.zeros(hooks[0].shape[-1], N_CASES + 1, dtype=torch.int64, device=valid.device)
+    else:
+        # torch.maximum propagates NaN, so one comparison covers NaN and inf in every hook.
+        finite = torch.maximum(torch.maximum(magnitudes[0], magnitudes[1]),
+                               torch.maximum(magnitudes[2], magnitudes[3])) < float("inf")
+        bad = valid[:, :, None] & ~finite
+        bad_by_case = [m.sum(dim=(0, 1)) for m in case_masks(hooks[2], hooks[1], bad)]
+        nonfinite = torch.stack(bad_by_case + [bad.sum(dim=(0, 1)) - sum(bad_by_case)], dim=-1)
+        masks = case_masks(hooks[2], hooks[1], valid[:, :, None] & finite)
     t_max = hooks[0].shape[1]
     # An argmax reduction is 5x slower than amax here, so pack |value| (its float32 bits order
     # like the value) and the reversed position into one int64: amax gives the largest |value|
     # and, among equal ones, the earliest position.
     reversed_pos = (t_max - 1 - torch.arange(t_max, device=valid.device))[None, :, None]
-    magnitudes = [h.abs() for h in hooks]
     keys = [(m.view(torch.int32).to(torch.int64) << POS_BITS) | reversed_pos for m in magnitudes]
     count, sums, best_keys, min_abs = [], [], [], []
     for mask in masks:
@@ -188,16 +198,25 @@ def reduce_batch(
     # Signed extremes per document, +-inf where the document has no position in the case.
     hi = torch.where(present, torch.where(signs > 0, doc_abs, -doc_min_abs), float("-inf"))
     lo = torch.where(present, torch.where(signs > 0, doc_min_abs, -doc_abs), float("inf"))
+    sum_by_doc = torch.stack(sums, dim=-1)
+    if assume_finite:
+        # A NaN or inf at a position in a case makes that case's sum non-finite; one at a position
+        # in no case has a NaN gate or in (or an inf in with a zero gate), caught by gate + in.
+        suspect = ~(torch.isfinite(sum_by_doc).all()
+                    & torch.isfinite(torch.where(valid[:, :, None], hooks[1] + hooks[2], 0.0).sum()))
+    else:
+        suspect = torch.zeros((), dtype=torch.bool, device=valid.device)
     return BatchReduction(
         count=torch.stack(count, dim=-1).sum(dim=0),
         nonfinite=nonfinite,
-        sum=torch.stack(sums, dim=-1).view(shape).sum(dim=0),
+        sum=sum_by_doc.view(shape).sum(dim=0),
         min=lo.amin(dim=0),
         max=hi.amax(dim=0),
         doc_abs=doc_abs,
         # The value itself: within a case its sign is the hook's (a zero may come out as -0.0).
         doc_value=torch.where(present, signs * doc_abs, float("nan")),
         doc_pos=doc_pos_flat.view(shape),
+        suspect=suspect,
     )
 
 
@@ -341,7 +360,20 @@ def merge_stats(a: LayerStats, b: LayerStats) -> LayerStats:
 
 def compiled_reduce_batch(enabled: bool) -> Callable[..., BatchReduction]:
     """:func:`reduce_batch`, fused by ``torch.compile`` when ``enabled`` (about 28x faster on a
-    CPU; the same code becomes Triton kernels on CUDA)."""
-    if not enabled:
-        return reduce_batch
-    return torch.compile(reduce_batch, dynamic=True)
+    CPU; the same code becomes Triton kernels on CUDA). Batches run the fast path that assumes
+    finite values; the rare batch with a NaN or inf is reduced again with the check (compiled on
+    first need), so results are exact either way."""
+    compile = (lambda f: torch.compile(f, dynamic=True)) if enabled else (lambda f: f)
+    fast = compile(functools.partial(reduce_batch, assume_finite=True))
+    exact: list[Callable[..., BatchReduction]] = []
+
+    def reduce(gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor, swish: torch.Tensor,
+               valid: torch.Tensor) -> BatchReduction:
+        reduced = fast(gate, in_, post, swish, valid)
+        if not bool(reduced.suspect):
+            return reduced
+        if not exact:
+            exact.append(compile(reduce_batch))
+        return exact[0](gate, in_, post, swish, valid)
+
+    return reduce

@@ -211,16 +211,28 @@ def test_merge_of_two_halves_equals_whole():
     torch.testing.assert_close(merged.sum, whole.sum, rtol=1e-6, atol=1e-6)
 
 
-def test_compiled_reduction_equals_eager():
+@pytest.mark.parametrize("poison", [None, ("gate", float("nan")), ("in", float("-inf")), ("gate", float("-inf")),
+                                    ("in_zero_gate", float("inf"))],
+                         ids=["finite", "nan-gate", "inf-in", "silu(-inf)", "inf-in-at-zero-gate"])
+def test_compiled_reduction_equals_eager(poison):
+    """The compiled path assumes finite values and must notice when they are not."""
     from collect.stats import compiled_reduce_batch
 
     g = torch.Generator().manual_seed(0)
     gate = torch.randn(3, 11, 8, generator=g)
     in_ = torch.randn(3, 11, 8, generator=g)
-    gate[0, 2, 1], in_[1, 3, 2] = float("nan"), float("-inf")
+    if poison is not None:
+        where, value = poison
+        if where == "in_zero_gate":
+            gate[1, 4, 5], in_[1, 4, 5] = 0.0, value  # no case, but post = silu(0) * inf = NaN
+        else:
+            (gate if where == "gate" else in_)[1, 4, 5] = value
     valid = torch.rand(3, 11, generator=g) > 0.2
+    valid[1, 4] = True
     swish = silu(gate)
     eager = reduce_batch(gate, in_, swish * in_, swish, valid)
+    assert int(eager.nonfinite.sum()) == (poison is not None)
+    assert bool(reduce_batch(gate, in_, swish * in_, swish, valid, assume_finite=True).suspect) == (poison is not None)
     fused = compiled_reduce_batch(True)(gate, in_, swish * in_, swish, valid)
     for name in ("count", "nonfinite", "min", "max", "doc_abs", "doc_pos"):
         assert torch.equal(getattr(eager, name), getattr(fused, name)), name

@@ -120,10 +120,11 @@ def test_untrusted_corpus_text_renders_literally(tmp_path):
         assert 'href="javascript:' not in body
         assert "<b>model</b> {{" not in body and "<em>" not in body
     page = read(site, "neurons/L0/N0/index.html")
-    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
-    assert "&lt;img src=x onerror=alert(1)&gt;" in page
+    # Shown as text: the characters are there once character references are read.
+    assert "<script>alert(1)</script>" in html.unescape(page)
+    assert "<img src=x onerror=alert(1)>" in html.unescape(page)
     # The model name shows as text, with the template braces intact.
-    assert "&lt;b&gt;model&lt;/b&gt;" in page.replace("&#60;", "&lt;").replace("&#62;", "&gt;")
+    assert "<b>model</b> {{ evil }}" in html.unescape(page)
     shard = json.loads(read(site, "gluscope/docs/0.json"))
     assert UNTRUSTED[0] in next(iter(shard.values()))["tokens"]  # raw in JSON, set as textContent
 
@@ -359,7 +360,7 @@ def test_template_syntax_in_the_corpus_reaches_no_template_engine(tmp_path):
     for rel in ("neurons/L0/N0/index.html", "neurons/index.html", "neurons/L0/index.html"):
         page = read(site, rel)
         text = html.unescape(page)
-        assert "{{ 7*7 }} model" in text and "49 model" not in text, rel
+        assert "49 model" not in text and ("{{ 7*7 }} model" in text or rel.endswith("L0/index.html")), rel
         tops = [html.unescape(t) for t in re.findall(r'<code class="gs-top[^"]*"[^>]*>(.*?)</code>', page)]
         assert set(tops) <= labels | {"–"} and (tops or "L0/N0" in rel), (rel, tops)
     page = read(site, "neurons/L0/N0/index.html")
@@ -369,8 +370,8 @@ def test_template_syntax_in_the_corpus_reaches_no_template_engine(tmp_path):
     for literal in TEMPLATES:
         assert literal in text
     assert "{% if true %}x{% endif %} data" in text and "{# c #} title" in text
-    top_line = re.search(r"<strong>gate\+_in\+</strong>.*?</li>", page).group(0)
-    assert any(t.strip() in html.unescape(top_line) for t in TEMPLATES), top_line
+    top_line = re.search(r"<strong>gate\+_in\+</strong>.*?</li>", text).group(0)  # the "Top tokens" line
+    assert any(t.strip() in top_line for t in TEMPLATES), top_line
 
 
 def test_pages_command_markdown_holds_no_template_syntax(tmp_path):
@@ -433,10 +434,10 @@ def test_act_fn_from_the_table_gives_the_page_its_act_values(tmp_path):
 def test_unknown_activation_fails_build_and_pages_command(tmp_path, caplog):
     path = write_synthetic(tmp_path / "data" / "act.h5", layers=1, d_mlp=2)
     set_attrs(path, act_fn="softplus")
-    with pytest.raises(PluginError) as info:
-        build_site(tmp_path, {"activations": "data/act.h5", "neurons": ["0.0"]})
-    for text in ("'softplus'", "silu", "gelu_pytorch_tanh", "relu"):
-        assert text in str(info.value)
+    error = build_error(tmp_path, {"activations": "data/act.h5", "neurons": ["0.0"]}, caplog)
+    for text in ("act.h5", "'softplus'", "silu", "gelu_pytorch_tanh", "relu"):
+        assert text in error
+    assert "Traceback" not in error
     with pytest.raises(GluscopeError, match="'softplus' is not supported"):
         write_markdown_pages(path, ["0.0"], tmp_path / "md")
 

@@ -12,18 +12,35 @@ class NeuronSpecError(ValueError):
     """A neuron id that is malformed or outside the file's range."""
 
 
-def parse_neuron_ids(specs: str | int | float | Iterable[str | int | float], layers: Sequence[int],
-                     d_mlp: int) -> list[tuple[int, int]]:
+def neuron_specs(specs: object) -> list[str]:
+    """``specs`` as a list of id strings: one string or a list of strings.
+
+    Numbers are refused, never reinterpreted: unquoted in YAML, ``1.10`` is the float 1.1 and
+    ``3.0`` the float 3.0, so the neuron a reader meant is already lost.
+    """
+    items = [specs] if isinstance(specs, (str, int, float)) else specs
+    if not isinstance(items, (list, tuple)):
+        raise NeuronSpecError(f"neurons: {specs!r}; expected a list of quoted ids like \"1.10\", or 'all'")
+    for spec in items:
+        if isinstance(spec, (bool, int, float)):
+            kind = "boolean" if isinstance(spec, bool) else "number"
+            raise NeuronSpecError(
+                f"neuron id {spec!r} is a YAML {kind}: quote neuron ids so they stay as written, "
+                f"e.g. \"1.10\" (unquoted, 1.10 reads as 1.1)")
+        if not isinstance(spec, str):
+            raise NeuronSpecError(f"neuron id {spec!r}; expected a quoted string like \"1.10\", \"3.*\" or 'all'")
+    return list(items)
+
+
+def parse_neuron_ids(specs: str | Iterable[str], layers: Sequence[int], d_mlp: int) -> list[tuple[int, int]]:
     """``(layer, neuron)`` pairs in the order given, without repeats.
 
     ``layers`` are the model layers the file holds; ``d_mlp`` its neurons per layer.
     """
-    if isinstance(specs, (str, int, float)):
-        specs = [specs]
     valid_layers = _describe(layers)
     out: dict[tuple[int, int], None] = {}
-    for spec in specs:
-        text = str(spec).strip()
+    for spec in neuron_specs(specs):
+        text = spec.strip()
         if text == "all":
             out.update(((layer, n), None) for layer in layers for n in range(d_mlp))
             continue

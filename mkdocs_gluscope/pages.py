@@ -16,10 +16,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from mkdocs_gluscope.activations import UnknownActivation, activation
 from mkdocs_gluscope.neurons import parse_neuron_ids
 from mkdocs_gluscope.render import (
     EXAMPLES_PLACEHOLDER,
     PageContext,
+    display_name,
     examples_html,
     index_rows,
     md_text,
@@ -37,15 +39,43 @@ def asset_text(name: str) -> str:
     return resources.files("mkdocs_gluscope").joinpath("assets", name).read_text(encoding="utf-8")
 
 
+class PageOptionError(ValueError):
+    """A page option (``url_prefix``, ``examples``) that cannot be used; the message says what would do."""
+
+
+def check_url_prefix(prefix: object) -> str:
+    """``prefix`` as a folder path relative to the docs folder, without a trailing slash.
+
+    Pages are written at ``{prefix}/...`` inside the site: an absolute path, a ``..`` or ``.``
+    component, a backslash or a drive would write them somewhere else (or over other pages)."""
+    if isinstance(prefix, str):
+        parts = prefix[:-1].split("/") if prefix.endswith("/") else prefix.split("/")
+        if (prefix and not prefix.startswith("/") and "\\" not in prefix and ":" not in prefix
+                and all(part not in ("", ".", "..") for part in parts)):
+            return "/".join(parts)
+    raise PageOptionError(
+        f"url_prefix: {prefix!r}; expected a relative path inside the site, folder names separated by '/' "
+        "(e.g. 'neurons' or 'model/neurons'), with no leading '/', '..', '.', backslash or drive")
+
+
+def check_examples(examples: object) -> int | None:
+    """``examples`` per list: a whole number, 1 or more, or None for all k in the file."""
+    if examples is None or (isinstance(examples, int) and not isinstance(examples, bool) and examples >= 1):
+        return examples
+    raise PageOptionError(f"examples: {examples!r}; expected a whole number, 1 or more (or none for all k)")
+
+
 class SitePages:
     """Pages of ``neurons`` (ids as in :func:`parse_neuron_ids`) from one activations file."""
 
     def __init__(self, activations: ActivationsFile, neurons: str | Iterable[str], *, url_prefix: str = "neurons",
                  examples: int | None = None, color_hook: str = "hook_post") -> None:
         self.file = activations
+        act_name = str(activations.attrs.get("act_fn", "silu"))
+        activation(act_name)  # every page computes act(gate): an unknown one fails before any page is written
         self.neurons = parse_neuron_ids(neurons, activations.layers, activations.d_mlp)
-        self.prefix = url_prefix.strip("/")
-        self.examples = examples
+        self.prefix = check_url_prefix(url_prefix)
+        self.examples = check_examples(examples)
         self.color_hook = color_hook
         self._position = {n: i for i, n in enumerate(self.neurons)}
         self._vocab_html: dict[int, str] = {}
@@ -126,8 +156,9 @@ class SitePages:
         url = (lambda layer, n: f"L{layer}/N{n}{suffix}")
         return "\n".join([
             "# Neurons", "",
-            f"{len(self.neurons)} neurons of **{md_text(str(a.get('model', 'the model')))}**, recorded over "
-            f"{self.file.n_tokens:,} tokens of {md_text(str(a.get('dataset', 'the corpus')))}. Click a column "
+            f"{len(self.neurons)} neurons of **{md_text(display_name(a.get('model') or 'the model'))}**, recorded "
+            f"over {self.file.n_tokens:,} tokens of {md_text(display_name(a.get('dataset') or 'the corpus'))}. "
+            "Click a column "
             "header to sort; the percentages are each case's share of all counted tokens, the top tokens "
             "those of each case's strongest hook_post example.", "",
             f"Layers: {layer_links}", "",
@@ -161,13 +192,13 @@ def write_markdown_pages(activations: str | os.PathLike, neurons: Sequence[str],
     """Write every page as a Markdown file with the examples inlined as HTML, plus the CSS/JS
     assets and document shards the pages use, under ``out`` (a docs folder of any generator)."""
     from mkdocs_gluscope.errors import GluscopeError
-    from mkdocs_gluscope.neurons import NeuronSpecError
     from mkdocs_gluscope.store import FormatError
 
     out = Path(out)
     try:
+        check_examples(examples)  # before opening the file: the cheapest mistake to report
         f = ActivationsFile(activations)
-    except (FileNotFoundError, FormatError) as e:
+    except (FileNotFoundError, FormatError, PageOptionError) as e:
         raise GluscopeError(str(e)) from None
     written: list[Path] = []
 
@@ -180,8 +211,8 @@ def write_markdown_pages(activations: str | os.PathLike, neurons: Sequence[str],
     with f:
         try:
             site = SitePages(f, neurons, examples=examples, color_hook=color_hook)
-        except NeuronSpecError as e:
-            raise GluscopeError(str(e)) from None
+        except ValueError as e:  # a neuron id, an option, or an activation the file names
+            raise GluscopeError(f"{f.path}: {e}" if isinstance(e, UnknownActivation) else str(e)) from None
         head = "".join(f'<link rel="stylesheet" href="{{root}}{ASSET_DIR}/{a}">' if a.endswith(".css") else
                        f'<script src="{{root}}{ASSET_DIR}/{a}"></script>' for a in ASSETS)
         for layer, neuron in site.neurons:

@@ -5,9 +5,10 @@ Two kinds of neuron stand out in a four-case view:
 * **rare-case standouts** (``per_layer`` per layer): a case the neuron is rarely in (under
   ``rare`` of tokens, with at least k examples) whose most extreme hook_post is large compared with
   the whole layer (divided by the layer's 99th percentile of per-neuron extremes). These are the
-  paper's "gate-_in-" kind of neuron that a max-activation tool never shows. Examples on a
-  document's first real token are left out of the score: many models put huge activations there
-  (an attention-sink effect), which would make every rare-case list look alike.
+  paper's "gate-_in-" kind of neuron that a max-activation tool never shows. Examples at the start
+  of their document (positions below :func:`~mkdocs_gluscope.store.early_end`, the rule pages use
+  for their "start of document" badge) are left out of the score: many models put huge
+  activations there (attention sinks), which would make every rare-case list look alike.
 * **unusual case mixes** (``mix`` in all, at most one per layer): the neurons whose four case
   frequencies are farthest (L1 distance) from their layer's average mix.
 """
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mkdocs_gluscope.store import CASES, ActivationsFile
+from mkdocs_gluscope.store import CASES, ActivationsFile, early_end
 
 
 @dataclass
@@ -36,10 +37,9 @@ class Pick:
 def pick_neurons(f: ActivationsFile, *, per_layer: int = 1, mix: int = 10, rare: float = 0.10) -> list[Pick]:
     freq = f.frequency()  # [L, N, C]
     count = f.stat("count")
-    # Each case's most extreme hook_post beyond the first real token of its document.
-    first_real = 1 if f.attrs.get("has_bos", False) else 0
+    # Each case's most extreme hook_post after the start of its document (the pages' badge rule).
     values = f.file["top/value"][:, :, :, 0, :]  # [L, N, C, k]
-    beyond = f.file["top/pos"][:, :, :, 0, :] > first_real
+    beyond = f.file["top/pos"][:, :, :, 0, :] >= early_end(f.attrs)
     magnitude_k = np.where(beyond, np.nan_to_num(np.abs(values), nan=0.0), 0.0)
     best_j = magnitude_k.argmax(axis=-1)
     magnitude = np.take_along_axis(magnitude_k, best_j[..., None], -1)[..., 0]

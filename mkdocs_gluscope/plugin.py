@@ -15,6 +15,7 @@ out of the navigation (a thousand nav entries make every page huge); ``neurons/`
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -26,33 +27,99 @@ from mkdocs.plugins import BasePlugin
 from mkdocs.structure.files import File, Files, InclusionLevel
 from mkdocs.structure.pages import Page
 
-from mkdocs_gluscope.neurons import NeuronSpecError
-from mkdocs_gluscope.pages import ASSET_DIR, ASSETS, SitePages, asset_text
+from mkdocs_gluscope.activations import UnknownActivation
+from mkdocs_gluscope.neurons import NeuronSpecError, neuron_specs
+from mkdocs_gluscope.pages import ASSET_DIR, ASSETS, PageOptionError, SitePages, asset_text, check_examples, check_url_prefix
 from mkdocs_gluscope.render import EXAMPLES_PLACEHOLDER
 from mkdocs_gluscope.store import HOOKS, ActivationsFile, FormatError
 
 log = logging.getLogger("mkdocs.plugins.gluscope")
 
+DEFAULT_MISSING_HINT = "gluscope collect --model MODEL --dataset DATA --out FILE"
+
+
+# Option types: MkDocs checks every option when it loads mkdocs.yml, and reports a bad one as
+# "Plugin 'gluscope' option 'NAME': MESSAGE" before anything is built.
+
+class ActivationsPath(c.File):
+    """``c.File(exists=True)``: a path relative to ``mkdocs.yml``, made absolute. A path that does not
+    exist names the command that makes the file (the ``missing_hint`` option); a folder is refused."""
+
+    def __init__(self) -> None:
+        super().__init__(exists=False)  # existence is checked below, with a message that helps
+        self.hint = DEFAULT_MISSING_HINT
+
+    def pre_validation(self, config: base.Config, key_name: str) -> None:
+        super().pre_validation(config, key_name)
+        # Options are validated one by one; read the hint as the user wrote it.
+        self.hint = str(config.get("missing_hint") or DEFAULT_MISSING_HINT)
+
+    def run_validation(self, value: object) -> str:
+        written = value
+        path = super().run_validation(value)
+        if os.path.isdir(path):
+            raise c.ValidationError(
+                f"{written!r} is a folder (looked at {path}); expected the activations file (.h5) written by "
+                f"gluscope collect, e.g. made with: {self.hint}")
+        if not os.path.isfile(path):
+            raise c.ValidationError(f"activations file {written!r} not found (looked at {path}); make it with: {self.hint}")
+        return path
+
+
+class NeuronIds(c.BaseConfigOption[list]):
+    """A list of quoted neuron ids (or one, e.g. ``all``); YAML numbers are refused, never reinterpreted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.default = []
+
+    def run_validation(self, value: object) -> list:
+        try:
+            return neuron_specs(value)
+        except NeuronSpecError as e:
+            raise c.ValidationError(str(e)) from None
+
+
+class _Checked(c.BaseConfigOption):
+    """An option whose rule is a function of :mod:`mkdocs_gluscope.pages`, shared with ``gluscope pages``."""
+
+    def __init__(self, check: Any, default: Any = None) -> None:
+        super().__init__()
+        self.check = check
+        self.default = default
+
+    def run_validation(self, value: object) -> Any:
+        try:
+            return self.check(value)
+        except PageOptionError as e:
+            raise c.ValidationError(str(e)) from None
+
 
 class GluscopeConfig(base.Config):
-    activations = c.Type(str)
-    """Path of the activations file, relative to ``mkdocs.yml`` (written by ``gluscope collect``)."""
+    missing_hint = c.Type(str, default=DEFAULT_MISSING_HINT)
+    """Command named in the error when the activations file does not exist (e.g. the command that
+    makes it for this project)."""
 
-    neurons = c.Type((list, str, int, float), default=[])
-    """Neurons to publish: ``"LAYER.NEURON"`` ids (zero-based), ``"LAYER.*"`` for a whole layer,
-    or ``all``."""
+    activations = ActivationsPath()
+    """Required. Path of the activations file written by ``gluscope collect``, relative to
+    ``mkdocs.yml``. A missing file or a folder fails the build at config load, naming the path."""
 
-    url_prefix = c.Type(str, default="neurons")
-    """Folder of the generated pages: ``{url_prefix}/L{layer}/N{neuron}/``."""
+    neurons = NeuronIds()
+    """Neurons to publish, as quoted strings: ``"LAYER.NEURON"`` (zero-based), ``"LAYER.*"`` for a
+    whole layer, or ``all``. Quote them: unquoted, YAML reads ``1.10`` as the number 1.1, and numbers
+    are refused rather than guessed at. Default: none (only the index page)."""
 
-    examples = c.Optional(c.Type(int))
-    """Examples shown per (case, hook) list; default: all k in the file."""
+    url_prefix = _Checked(check_url_prefix, default="neurons")
+    """Folder of the generated pages inside the site: ``{url_prefix}/L{layer}/N{neuron}/``. A relative
+    path of folder names separated by ``/`` (no leading ``/``, ``..``, ``.``, backslash or drive).
+    Default: ``neurons``."""
+
+    examples = _Checked(check_examples)
+    """Examples shown per (case, hook) list: a whole number, 1 or more. Default: all k in the file."""
 
     color_hook = c.Choice(HOOKS, default="hook_post")
-    """Hook that colors the example tokens when a page opens (readers can switch on the page)."""
-
-    missing_hint = c.Type(str, default="gluscope collect --model MODEL --dataset DATA --out FILE")
-    """Command named in the error when the activations file does not exist."""
+    """Hook that colors the example tokens when a page opens (readers can switch on the page):
+    ``hook_post``, ``hook_pre_linear``, ``hook_pre`` or ``swish``. Default: ``hook_post``."""
 
 
 class GluscopePlugin(BasePlugin[GluscopeConfig]):
@@ -62,14 +129,7 @@ class GluscopePlugin(BasePlugin[GluscopeConfig]):
         self._pages: dict[str, tuple[int, int]] = {}
 
     def on_config(self, config: MkDocsConfig) -> MkDocsConfig:
-        base_dir = Path(config.config_file_path or ".").resolve().parent
-        path = (base_dir / self.config.activations).resolve()
-        if not path.exists():
-            raise PluginError(
-                f"gluscope: activations file {self.config.activations!r} not found (looked at {path}); "
-                f"make it with: {self.config.missing_hint}")
-        if self.config.examples is not None and self.config.examples < 1:
-            raise PluginError(f"gluscope: examples: {self.config.examples}; expected 1 or more")
+        path = Path(self.config.activations)  # validated at load: an existing file, absolute
         if self.site is not None:
             self.site.file.close()  # a rebuild under `mkdocs serve` rereads the file
         try:
@@ -82,6 +142,9 @@ class GluscopePlugin(BasePlugin[GluscopeConfig]):
         except NeuronSpecError as e:
             activations.close()
             raise PluginError(f"gluscope: neurons: {e}") from None
+        except UnknownActivation as e:
+            activations.close()
+            raise PluginError(f"gluscope: activations file {path}: {e}") from None
         if not self.site.neurons:
             log.warning("no neurons listed under plugins.gluscope.neurons; only the index page is built")
         self.path = path

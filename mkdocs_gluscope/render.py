@@ -5,25 +5,41 @@ and a plain-text line of top tokens per case (what search indexes). The bulky co
 examples come from :func:`examples_html` and replace :data:`EXAMPLES_PLACEHOLDER` after Markdown
 has run: Python-Markdown is slow on thousands of spans, and search should not index them.
 
-Every string from the corpus is untrusted. Text placed in Markdown goes through :func:`md_text`
-(HTML-escaped, and every character Markdown or a template engine would act on written as a
-numeric character reference); text placed in HTML goes through :func:`html.escape`.
+Every string from the corpus, the vocabulary or the file's provenance is untrusted, and all of it
+goes through one function, :func:`md_text`, whether it lands in Markdown or in HTML: it writes every
+character that HTML, Markdown or a template engine (Jinja in mkdocs-macros, Liquid in Jekyll) would
+act on as a numeric character reference. The examples HTML ends up in Markdown too (``gluscope
+pages`` inlines it), so it gets the same treatment.
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 
-from mkdocs_gluscope.store import CASES, HOOKS, NeuronData
+from mkdocs_gluscope.activations import act_values
+from mkdocs_gluscope.store import (
+    CASES,
+    EARLY_POSITIONS,
+    HOOKS,
+    NONFINITE_COLUMNS,
+    NeuronData,
+    early_end,
+    first_counted_position,
+)
 
 EXAMPLES_PLACEHOLDER = "<!-- gluscope:examples -->"
 LEVELS = 10  # color steps on each side of zero
+#: Each list's color scale is this percentile of |value| over its counted window values; stronger
+#: values get the strongest color. A maximum would let one attention-sink token wash out a list.
+COLOR_PERCENTILE = 98
 HOOK_LABELS = {
     "hook_post": "hook_post = act(gate)·in",
     "hook_pre_linear": "hook_pre_linear = in",
@@ -35,8 +51,8 @@ _WHITESPACE = {"\n": "↵", "\t": "⇥", "\r": "␍"}
 
 
 def md_text(text: str) -> str:
-    """``text`` as literal characters in Markdown: nothing in it becomes markup, a link, an
-    element, a table cell or a template expression."""
+    """``text`` as literal characters in Markdown or HTML (text or a quoted attribute): nothing in
+    it becomes markup, a link, an element, a table cell or a template expression."""
     out = []
     for ch in text:
         if ch in _MD_SPECIAL or ord(ch) < 32 or ch in "\u2028\u2029":
@@ -46,10 +62,19 @@ def md_text(text: str) -> str:
     return "".join(out)
 
 
-def _html_in_md(fragment: str) -> str:
-    """Escaped HTML placed in Markdown: characters Markdown or a template engine would still act
-    on (emphasis, code, links, template braces) become numeric character references."""
-    return "".join(f"&#{ord(ch)};" if ch in "\\`*_{}[]|~$" else ch for ch in fragment)
+# A path on the collector's machine: absolute, in a home folder, explicitly relative, or Windows.
+_LOCAL_PATH = re.compile(r"^(/|~|\.{1,2}[/\\]|[A-Za-z]:[/\\]|\\\\|file:)")
+
+
+def display_name(value: str) -> str:
+    """How a page names a model or dataset: hub ids and descriptions as recorded, a local path by
+    its last component only (the file keeps the full path; pages are published). A dataset
+    recorded as several sources joined by ", " is named source by source."""
+    def one(source: str) -> str:
+        if not _LOCAL_PATH.match(source.strip()):
+            return source
+        return re.split(r"[/\\]", source.strip().rstrip("/\\"))[-1] or source
+    return ", ".join(one(part) for part in str(value).split(", "))
 
 
 def token_label(token: str) -> str:
@@ -70,7 +95,7 @@ def token_label(token: str) -> str:
 
 
 def token_html(token: str) -> str:
-    return html.escape(token_label(token), quote=True)
+    return md_text(token_label(token))
 
 
 def fmt(x: float) -> str:
@@ -82,31 +107,50 @@ def fmt(x: float) -> str:
     return f"{float(x):.4g}"
 
 
-def act_values(gate: np.ndarray, act_fn: str) -> np.ndarray:
-    """act(gate) for the model's activation: SiLU, or GELU (tanh approximation) for GEGLU models."""
-    gate = gate.astype(np.float64)
-    if act_fn.startswith("gelu"):
-        return 0.5 * gate * (1 + np.tanh(math.sqrt(2 / math.pi) * (gate + 0.044715 * gate**3)))
-    return gate / (1 + np.exp(-gate))
+def act_fn(data: NeuronData) -> str:
+    """The model's activation as recorded (files from before ``act_fn`` was recorded: SiLU)."""
+    return str(data.attrs.get("act_fn", "silu"))
 
 
-def hook_windows(data: NeuronData, hook: str) -> np.ndarray:
-    """Values of ``hook`` over every example window, ``[C, H, k, W]`` (NaN outside documents)."""
-    if hook == "hook_pre":
-        return data.top_gate
-    if hook == "hook_pre_linear":
-        return data.top_in
-    act = act_values(data.top_gate, str(data.attrs.get("act_fn", "silu")))
-    return act if hook == "swish" else act * data.top_in
+def page_windows(data: NeuronData) -> dict[str, np.ndarray]:
+    """Each hook's values over every example window, ``[C, H, k, W]`` float64 (NaN outside documents),
+    exactly as the page carries them to ``gluscope.js``: gate and in as stored, act(gate) from the one
+    activation table rounded to float16 (``data-s``), and post = act(gate) * in from those. Colors
+    computed here and recolors in the browser then start from the same numbers."""
+    gate = data.top_gate.astype(np.float64)
+    in_ = data.top_in.astype(np.float64)
+    swish = act_values(gate, act_fn(data)).astype(np.float16).astype(np.float64)
+    return {"hook_post": swish * in_, "hook_pre_linear": in_, "hook_pre": gate, "swish": swish}
 
 
-def color_levels(values: np.ndarray) -> np.ndarray:
-    """Integer color levels in ``-LEVELS..LEVELS``, scaled per list (last two axes) so that the
-    list's largest ``|value|`` gets the strongest color; zero and NaN get 0 (white)."""
-    scale = np.nan_to_num(np.abs(values), nan=0.0, posinf=0.0).max(axis=(-2, -1), keepdims=True)
-    scale = np.where(scale > 0, scale, 1.0)  # an empty list: nothing to color
-    levels = np.rint(values / scale * LEVELS)
-    return np.nan_to_num(levels, nan=0.0).astype(np.int8)
+def counted_windows(data: NeuronData) -> np.ndarray:
+    """``[C, H, k, W]``: whether each window token is a position the statistics count (not the BOS,
+    not a skipped position), relative to each example's own position."""
+    offsets = np.arange(-data.context_before, data.context_after + 1)
+    return data.top_pos[..., None] + offsets >= first_counted_position(data.attrs)
+
+
+def color_scales(values: np.ndarray, counted: np.ndarray, shown: int) -> np.ndarray:
+    """Per list (``[C, H]``): :data:`COLOR_PERCENTILE` of ``|value|`` over the counted, finite window
+    values of the first ``shown`` examples; 1 where a list has none."""
+    magnitude = np.where(counted & np.isfinite(values), np.abs(values), np.nan)[..., :shown, :]
+    flat = magnitude.reshape(magnitude.shape[:-2] + (-1,))
+    scales = np.ones(flat.shape[:-1])
+    for index in np.ndindex(*flat.shape[:-1]):
+        finite = flat[index][~np.isnan(flat[index])]
+        if finite.size:  # "lower": a real value of the list, never one interpolated towards a sink
+            scales[index] = np.percentile(finite, COLOR_PERCENTILE, method="lower")
+    return np.where(scales > 0, scales, 1.0)
+
+
+def color_levels(values: np.ndarray, scales: np.ndarray, counted: np.ndarray) -> np.ndarray:
+    """Integer color levels in ``-LEVELS..LEVELS``: ``value / scale`` of its list, clipped, so values
+    beyond the scale get the strongest color; NaN and positions not counted get 0 (white).
+    ``gluscope.js`` applies the same rule to the scales written in the page."""
+    # floor(x + 0.5) is JavaScript's Math.round, so the browser's recolor gives the same levels.
+    with np.errstate(invalid="ignore"):
+        levels = np.clip(np.floor(values / scales[..., None, None] * LEVELS + 0.5), -LEVELS, LEVELS)
+    return np.where(counted & np.isfinite(levels), levels, 0).astype(np.int8)
 
 
 def _b64_float16(values: np.ndarray) -> str:
@@ -131,7 +175,8 @@ class PageContext:
 
 def provenance_rows(attrs: dict) -> list[tuple[str, str]]:
     rows = [
-        ("model", attrs.get("model")), ("dataset", attrs.get("dataset")),
+        ("model", display_name(attrs["model"]) if attrs.get("model") else None),
+        ("dataset", display_name(attrs["dataset"]) if attrs.get("dataset") else None),
         ("tokens", fmt(int(attrs.get("n_tokens", 0))) + " counted"),
         ("documents", fmt(int(attrs["n_docs"])) if "n_docs" in attrs else None),
         ("dtype", attrs.get("dtype")), ("k", attrs.get("k")),
@@ -175,6 +220,21 @@ def summary_table(data: NeuronData) -> str:
             f"<thead><tr><th></th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
 
 
+def nonfinite_note(data: NeuronData) -> list[str]:
+    """A warning under the summary when some of the neuron's positions had NaN or infinite values."""
+    if data.nonfinite is None or not int(np.sum(data.nonfinite)):
+        return []
+    counts = [int(n) for n in data.nonfinite]
+    parts = [f"{n:,} in {md_text(name)}" for n, name in zip(counts, NONFINITE_COLUMNS[:-1]) if n]
+    if counts[-1]:
+        parts.append(f"{counts[-1]:,} with no case (gate or in was NaN, so it has no sign)")
+    return [
+        '<div class="admonition warning gs-nonfinite"><p class="admonition-title">Non-finite values</p>'
+        f"<p>{sum(counts):,} positions of this neuron had a NaN or infinite value: {', '.join(parts)}. "
+        "They are excluded from every statistic on this page (counts, frequencies, min, max, mean and "
+        "examples).</p></div>", ""]
+
+
 def neuron_markdown(data: NeuronData, ctx: PageContext) -> str:
     """The page's Markdown, with :data:`EXAMPLES_PLACEHOLDER` where the examples go."""
     lines = [f"# Neuron {data.id}", ""]
@@ -184,10 +244,10 @@ def neuron_markdown(data: NeuronData, ctx: PageContext) -> str:
     if ctx.next_link:
         nav.append(f"[{md_text(ctx.next_link[0])} →]({ctx.next_link[1]})")
     lines += [" · ".join(nav), ""]
-    prov = " · ".join(f"<b>{html.escape(k)}</b> {html.escape(v)}"
+    prov = " · ".join(f"<b>{md_text(k)}</b> {md_text(v)}"
                       for k, v in provenance_rows({**data.attrs, "n_tokens": data.n_tokens}))
-    lines += [f'<p class="gs-provenance">{_html_in_md(prov)}</p>', "",
-              "## Summary", "", summary_table(data), ""]
+    lines += [f'<p class="gs-provenance">{prov}</p>', "",
+              "## Summary", "", summary_table(data), "", *nonfinite_note(data)]
     lines += [
         "## Weights", "",
         f"- cos(w_gate, w_in) = {data.cos_gate_in:.3f} · cos(w_gate, w_out) = {data.cos_gate_out:.3f} · "
@@ -206,23 +266,40 @@ def neuron_markdown(data: NeuronData, ctx: PageContext) -> str:
     return "\n".join(lines)
 
 
+EARLY_TITLE = (
+    "Position {pos} is among the first {n} counted positions of its document. Many models put very large "
+    "activations there whatever the text says (attention sinks: the first tokens absorb attention that has "
+    "nowhere else to go), so such an example may say little about what the neuron responds to. "
+    "gluscope pick leaves these examples out of its scores.")
+
+
 def examples_html(data: NeuronData, ctx: PageContext) -> str:
-    """Collapsible lists (case, then hook) of colored-token examples, with a recolor control."""
+    """Collapsible lists (case, then hook) of colored-token examples, with a recolor control.
+
+    The page carries what ``gluscope.js`` needs to recolor and explain tokens without a rule of its
+    own: each example's gate, in and act(gate) windows, each list's color scale per hook, the
+    number of color levels and the first counted position."""
     k = data.top_doc.shape[-1] if ctx.examples is None else min(ctx.examples, data.top_doc.shape[-1])
     color_hook = ctx.color_hook if ctx.color_hook in HOOKS else "hook_post"
-    levels = color_levels(hook_windows(data, color_hook)).tolist()  # plain ints: no numpy per token
+    counted = counted_windows(data)
+    windows = page_windows(data)
+    scales = {hook: color_scales(values, counted, k) for hook, values in windows.items()}  # [C, H] each
+    levels = color_levels(windows[color_hook], scales[color_hook], counted).tolist()  # plain ints per token
+    counted_list = counted.tolist()
     window_tokens = data.window_tokens.tolist()
     centre = data.context_before
+    early = early_end(data.attrs)
     options = "".join(
         f'<option value="{h}"{" selected" if h == color_hook else ""}>{html.escape(HOOK_LABELS[h])}</option>'
         for h in HOOKS)
     parts = [
-        f'<div class="gs-examples" data-act="{html.escape(str(data.attrs.get("act_fn", "silu")))}" '
-        f'data-root="{html.escape(ctx.site_root)}" data-centre="{centre}">',
+        f'<div class="gs-examples" data-root="{md_text(ctx.site_root)}" data-centre="{centre}" '
+        f'data-levels="{LEVELS}" data-counted-from="{first_counted_position(data.attrs)}">',
         '<div class="gs-controls"><label>Color tokens by <select class="gs-hook-select">'
         f'{options}</select></label> <span class="gs-legend"><span class="gs-legend-bar"></span>'
         '<span>− most negative</span><span>0</span><span>most positive +</span></span>'
-        '<span class="gs-hint">scaled per list · hover a token for its values</span></div>',
+        f'<span class="gs-hint">scaled per list (its {COLOR_PERCENTILE}th percentile of |value|; stronger values '
+        'get the strongest color) · hover a token for its values</span></div>',
     ]
     for c, case in enumerate(CASES):
         n_filled = int((data.top_doc[c, 0] >= 0).sum())
@@ -232,17 +309,18 @@ def examples_html(data: NeuronData, ctx: PageContext) -> str:
             f'{n_filled} documents</summary>')
         for h, hook in enumerate(HOOKS):
             docs = data.top_doc[c, h]
-            best = data.top_value[c, h, 0]
+            scale = json.dumps({name: float(scales[name][c, h]) for name in HOOKS})  # exact: JS reads these
             parts.append(
-                f'<details class="gs-list"><summary>{html.escape(HOOK_LABELS[hook])}: most extreme '
-                f'{fmt(best)}</summary><div class="gs-rows">')
+                f'<details class="gs-list" data-scale="{md_text(scale)}"><summary>{html.escape(HOOK_LABELS[hook])}: '
+                f'most extreme {_extreme(data, c, h, early)}</summary><div class="gs-rows">')
             shown = 0
             for j in range(k):
                 doc = int(docs[j])
                 if doc < 0:
                     break
                 shown += 1
-                parts.append(_example_row(data, ctx, c, h, j, levels[c][h][j], window_tokens[c][h][j], centre))
+                parts.append(_example_row(data, ctx, c, h, j, levels[c][h][j], counted_list[c][h][j],
+                                          window_tokens[c][h][j], windows["swish"][c, h, j], centre, early))
             if not shown:
                 parts.append('<p class="gs-empty">No token of the corpus fell in this case.</p>')
             parts.append("</div></details>")
@@ -251,24 +329,39 @@ def examples_html(data: NeuronData, ctx: PageContext) -> str:
     return "".join(parts)
 
 
+def _extreme(data: NeuronData, c: int, h: int, early: int) -> str:
+    """A list's most extreme value; when that example is at the start of its document, also the most
+    extreme one after it (the value ``gluscope pick`` scores)."""
+    text = fmt(data.top_value[c, h, 0])
+    if data.top_doc[c, h, 0] >= 0 and data.top_pos[c, h, 0] < early:
+        later = np.flatnonzero((data.top_doc[c, h] >= 0) & (data.top_pos[c, h] >= early))
+        text += (" (start of document; " + (f"first later example {fmt(data.top_value[c, h, later[0]])})"
+                                            if later.size else "no later example in the list)"))
+    return text
+
+
 _SPAN_OPEN = {level: f'<span class="c{level}">' for level in range(-LEVELS, LEVELS + 1)}
 _PEAK_OPEN = {level: f'<span class="c{level} gs-x">' for level in range(-LEVELS, LEVELS + 1)}
+_NOT_COUNTED_OPEN = '<span class="c0 gs-nc">'
 
 
 def _example_row(data: NeuronData, ctx: PageContext, c: int, h: int, j: int, levels: list[int],
-                 tokens: list[int], centre: int) -> str:
+                 counted: list[bool], tokens: list[int], swish: np.ndarray, centre: int, early: int) -> str:
     doc = int(data.top_doc[c, h, j])
     pos = int(data.top_pos[c, h, j])
     vocab_html = ctx.vocab_html
-    spans = [(_PEAK_OPEN if w == centre else _SPAN_OPEN)[levels[w]] + vocab_html(t) + "</span>"
-             for w, t in enumerate(tokens) if t >= 0]
+    spans = [(_PEAK_OPEN[levels[w]] if w == centre else _SPAN_OPEN[levels[w]] if counted[w] else _NOT_COUNTED_OPEN)
+             + vocab_html(t) + "</span>" for w, t in enumerate(tokens) if t >= 0]
     first = next((w for w, t in enumerate(tokens) if t >= 0), centre)
     title = ctx.doc_title(doc)
-    where = f"doc {doc}" + (f" · {html.escape(title)}" if title else "") + f" · pos {pos}"
+    where = f"doc {doc}" + (f" · {md_text(title)}" if title else "") + f" · pos {pos}"
+    badge = (f'<span class="gs-early" title="{md_text(EARLY_TITLE.format(pos=pos, n=EARLY_POSITIONS))}">'
+             "start of document</span>" if pos < early else "")
     return (
         f'<div class="gs-ex" data-doc="{doc}" data-pos="{pos}" data-first="{first}" '
-        f'data-g="{_b64_float16(data.top_gate[c, h, j])}" data-i="{_b64_float16(data.top_in[c, h, j])}">'
-        f'<span class="gs-rank">{j + 1}</span><span class="gs-val">{fmt(data.top_value[c, h, j])}</span>'
+        f'data-g="{_b64_float16(data.top_gate[c, h, j])}" data-i="{_b64_float16(data.top_in[c, h, j])}" '
+        f'data-s="{_b64_float16(swish)}">'
+        f'<span class="gs-rank">{j + 1}</span><span class="gs-val">{fmt(data.top_value[c, h, j])}{badge}</span>'
         f'<span class="gs-toks">{"".join(spans)}</span>'
         f'<button class="gs-doc-btn" type="button" title="show the whole document">{where}</button></div>')
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import h5py
 import numpy as np
 
+from mkdocs_gluscope.activations import act_values
 from mkdocs_gluscope.store import ActivationsWriter
 
 DEFAULT_VOCAB = ["<s>"] + [f" w{i}" for i in range(1, 300)]
@@ -19,7 +21,9 @@ DEFAULT_VOCAB = ["<s>"] + [f" w{i}" for i in range(1, 300)]
 def write_synthetic(path: Path, *, layers: int = 2, d_mlp: int = 8, k: int = 4, before: int = 3, after: int = 1,
                     vocab: Sequence[str] = DEFAULT_VOCAB, docs: Sequence[Sequence[int]] | None = None,
                     titles: Sequence[str] | None = None, seed: int = 0, model: str = "synthetic/tiny",
-                    layer_ids: Sequence[int] | None = None) -> Path:
+                    layer_ids: Sequence[int] | None = None, dataset: str = "synthetic corpus", act_fn: str = "silu",
+                    nonfinite: np.ndarray | None = None) -> Path:
+    """``nonfinite`` ([layers, d_mlp, 5] int64) adds ``stats/nonfinite`` as a collection would."""
     rng = np.random.default_rng(seed)
     if docs is None:
         docs = [[0] + list(rng.integers(1, len(vocab), size=int(rng.integers(3, 40)))) for _ in range(max(k * 3, 12))]
@@ -28,8 +32,8 @@ def write_synthetic(path: Path, *, layers: int = 2, d_mlp: int = 8, k: int = 4, 
     n_tokens = int(lengths.sum() - len(docs))
     W = before + 1 + after
     C = H = 4
-    attrs = {"model": model, "dataset": "synthetic corpus", "n_docs": len(docs), "dtype": "float32",
-             "act_fn": "silu", "include_bos": False, "has_bos": True, "refactor_glu": True,
+    attrs = {"model": model, "dataset": dataset, "n_docs": len(docs), "dtype": "float32",
+             "act_fn": act_fn, "include_bos": False, "has_bos": True, "refactor_glu": True,
              "layers": list(layer_ids) if layer_ids is not None else list(range(layers))}
     with ActivationsWriter(path, n_layers=layers, d_mlp=d_mlp, k=k, context_before=before, context_after=after,
                            attrs=attrs) as w:
@@ -61,7 +65,7 @@ def write_synthetic(path: Path, *, layers: int = 2, d_mlp: int = 8, k: int = 4, 
             inside = (top_doc[..., None] >= 0) & (t >= 0) & (t < lengths[np.clip(top_doc, 0, None)][..., None])
             gate[~inside] = np.nan
             in_[~inside] = np.nan
-            swish = gate[..., centre] / (1 + np.exp(-gate[..., centre]))
+            swish = act_values(gate[..., centre], act_fn).astype(np.float32)
             hooks = np.stack([swish[:, :, 0] * in_[:, :, 0, :, centre], in_[:, :, 1, :, centre],
                               gate[:, :, 2, :, centre], swish[:, :, 3]], axis=2)
             order = np.argsort(-np.abs(hooks), axis=-1, kind="stable")
@@ -87,4 +91,41 @@ def write_synthetic(path: Path, *, layers: int = 2, d_mlp: int = 8, k: int = 4, 
             "cos_in_out": rng.uniform(-0.3, 0.3, (layers, d_mlp)).astype(np.float32),
         })
         w.close(n_tokens=n_tokens)
+    if nonfinite is not None:
+        with h5py.File(path, "a") as f:
+            f["stats"].create_dataset("nonfinite", data=np.asarray(nonfinite, dtype=np.int64))
     return path
+
+
+def set_attrs(path: Path, **attrs) -> None:
+    """Change root attributes (provenance) of a written file."""
+    with h5py.File(path, "a") as f:
+        for key, value in attrs.items():
+            f.attrs[key] = value
+
+
+def stage_early_list(path: Path, *, positions: Sequence[int], bos: float = 60.0, sink: float = 20.0,
+                     values: Sequence[float] | None = None, layer: int = 0, neuron: int = 0, case: int = 0,
+                     hook: int = 0) -> None:
+    """One list of examples at chosen positions, as models with attention sinks give them: gate = in = 1
+    on ordinary tokens, ``bos`` on each document's BOS, and ``sink`` at position 1 of the first example only."""
+    with h5py.File(path, "a") as f:
+        before = int(f.attrs["context_before"])
+        W = f["top/gate"].shape[-1]
+        pos = np.asarray(positions, dtype=np.int32)
+        doc = np.arange(len(pos), dtype=np.int32)
+        lengths = np.diff(f["corpus/doc_offsets"][...])[doc]
+        assert (pos < lengths).all(), "documents too short for these positions"
+        t = pos[:, None] + np.arange(-before, W - before)
+        inside = (t >= 0) & (t < lengths[:, None])
+        g = np.where(inside, 1.0, np.nan)
+        g[t == 0] = bos
+        g[0, (t[0] == 1)] = sink
+        sel = (layer, neuron, case, hook, slice(0, len(pos)))
+        staged = [("top/gate", g), ("top/in", g), ("top/pos", pos), ("top/doc", doc)]
+        if values is not None:
+            staged.append(("top/value", np.asarray(values, dtype=np.float32)))
+        for name, new in staged:
+            data = f[name][...]
+            data[sel] = new
+            f[name][...] = data

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from sites import build_site, serve_folder
-from synthetic import write_synthetic
+from synthetic import stage_early_list, write_synthetic
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = [
@@ -110,3 +110,56 @@ def test_search_finds_a_neuron_by_a_top_token(site, browser, output_dir):
         page.wait_for_function(
             "() => [...document.querySelectorAll('.md-search-result__item')].some(e => e.innerText.includes('0.4'))",
             timeout=15000)
+
+
+@pytest.fixture(scope="module")
+def relu_site(tmp_path_factory):
+    """A ReLU model's file whose first list starts at the document start, with a huge BOS and one sink."""
+    root = tmp_path_factory.mktemp("relu-site")
+    docs = [[0] + [(d + t) % 50 + 1 for t in range(40)] for d in range(12)]
+    path = write_synthetic(root / "data" / "act.h5", layers=1, d_mlp=2, k=8, before=5, after=2, docs=docs,
+                           act_fn="relu", seed=5)
+    stage_early_list(path, positions=[1, 2, 3, 4, 5, 6, 7, 20])
+    return build_site(root, {"activations": "data/act.h5", "neurons": ["0.0", "0.1"]})
+
+
+def test_relu_page_hover_and_recolor_follow_the_page_data(relu_site, browser, output_dir):
+    errors: list[str] = []
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    with serve_folder(relu_site) as base:
+        page.goto(base + "neurons/L0/N1/")
+        page.locator(".gs-case-block > summary").first.click()
+        first_list = page.locator(".gs-case-block").first.locator(".gs-list").first
+        first_list.locator("summary").click()
+        tokens = page.locator(".gs-case-block").first.locator(".gs-toks > span")
+        seen_negative = 0
+        for n in range(min(tokens.count(), 12)):
+            tokens.nth(n).hover()
+            values = dict(line.split(" ", 1) for line in page.locator(".gs-tip").inner_text().splitlines())
+            if values["gate"] == "–":
+                continue
+            gate, act = float(values["gate"]), float(values["act(gate)"])
+            assert act == pytest.approx(max(gate, 0.0), rel=1e-2, abs=1e-3), values  # ReLU, not SiLU
+            seen_negative += gate < 0
+        assert seen_negative
+
+        # Recoloring back to hook_post gives the server's colors: one rule, in Python and in JS.
+        page.goto(base + "neurons/L0/N0/")
+        page.locator(".gs-case-block > summary").first.click()
+        first_list = page.locator(".gs-case-block").first.locator(".gs-list").first
+        first_list.locator("summary").click()
+        spans = page.locator(".gs-examples .gs-toks > span")
+        initial = spans.evaluate_all("els => els.map(e => e.className)")
+        page.select_option(".gs-hook-select", "hook_pre")
+        assert spans.evaluate_all("els => els.map(e => e.className)") != initial
+        page.select_option(".gs-hook-select", "hook_post")
+        assert spans.evaluate_all("els => els.map(e => e.className)") == initial
+        # The staged list: ordinary tokens are strongly colored although the BOS and a sink are huge.
+        staged = first_list.locator(".gs-toks > span").evaluate_all("els => els.map(e => e.className)")
+        strong = [c for c in staged if "gs-nc" not in c and int(c.split()[0][1:]) >= 5]
+        assert len(strong) > len(staged) / 2, staged
+        assert first_list.locator(".gs-early").count() == 7
+        first_list.locator(".gs-ex").first.scroll_into_view_if_needed()
+        page.screenshot(path=str(output_dir / "start-of-document.png"), full_page=True)
+    assert not errors, errors

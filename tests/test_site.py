@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import base64
+import html
 import json
+import math
 import sys
 import re
 import subprocess
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pytest
 from mkdocs.exceptions import Abort, PluginError
 
 from mkdocs_gluscope.cli import main
+from mkdocs_gluscope.errors import GluscopeError
+from mkdocs_gluscope.pages import write_markdown_pages
 from mkdocs_gluscope.store import CASES
 from sites import build_site, write_project
-from synthetic import write_synthetic
+from synthetic import set_attrs, stage_early_list, write_synthetic
 
 UNTRUSTED = [
     "<script>alert(1)</script>",
@@ -114,10 +120,11 @@ def test_untrusted_corpus_text_renders_literally(tmp_path):
         assert 'href="javascript:' not in body
         assert "<b>model</b> {{" not in body and "<em>" not in body
     page = read(site, "neurons/L0/N0/index.html")
-    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
-    assert "&lt;img src=x onerror=alert(1)&gt;" in page
+    # Shown as text: the characters are there once character references are read.
+    assert "<script>alert(1)</script>" in html.unescape(page)
+    assert "<img src=x onerror=alert(1)>" in html.unescape(page)
     # The model name shows as text, with the template braces intact.
-    assert "&lt;b&gt;model&lt;/b&gt;" in page.replace("&#60;", "&lt;").replace("&#62;", "&gt;")
+    assert "<b>model</b> {{ evil }}" in html.unescape(page)
     shard = json.loads(read(site, "gluscope/docs/0.json"))
     assert UNTRUSTED[0] in next(iter(shard.values()))["tokens"]  # raw in JSON, set as textContent
 
@@ -260,3 +267,230 @@ def test_light_dependencies_suffice(activations, tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "site/neurons/L0/N0/index.html").exists()
+
+
+# -- Trust (issue 7) --------------------------------------------------------------------------------
+
+def config_error(tmp_path, plugin, caplog) -> str:
+    """The error of loading mkdocs.yml: options are checked when the config loads, before any build."""
+    from mkdocs.config import load_config
+
+    with pytest.raises(Abort):
+        load_config(str(write_project(tmp_path, plugin)))
+    return caplog.text
+
+
+def rows(page: str) -> list[dict]:
+    """Example rows of a page: their data attributes and token spans (class, text)."""
+    out = []
+    for attrs, body in re.findall(r'<div class="gs-ex"([^>]*)>(.*?)</div>', page):
+        toks = re.search(r'<span class="gs-toks">(.*)</span><button', body).group(1)
+        out.append({"attrs": dict(re.findall(r'(data-[\w-]+)="([^"]*)"', attrs)), "body": body,
+                    "spans": [(cls, html.unescape(text)) for cls, text in
+                              re.findall(r'<span class="([^"]*)">(.*?)</span>', toks)]})
+    return out
+
+
+def float16s(b64: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(b64), dtype="<f2").astype(np.float64)
+
+
+@pytest.mark.parametrize("neurons, shown", [([1.10, 0.20], "1.1"), ([3], "3"), (2, "2")])
+def test_yaml_numbers_as_neuron_ids_are_refused(neurons, shown, activations, tmp_path, caplog):
+    # Unquoted in mkdocs.yml, 1.10 is the float 1.1: refused at config load, never read as neuron 1.1.
+    error = config_error(tmp_path, {"activations": "data/act.h5", "neurons": neurons}, caplog)
+    assert "neurons" in error and f"{shown} is a YAML number" in error and '"1.10"' in error
+    assert not (tmp_path / "site").exists()
+
+
+@pytest.mark.parametrize("prefix", ["../../../escaped", "/abs/neurons", "", "/", "a/../../b", "a\\b", "C:/x", "./."])
+def test_url_prefix_must_stay_inside_the_site(prefix, activations, tmp_path, caplog):
+    error = config_error(tmp_path, {"activations": "data/act.h5", "neurons": ["0.0"], "url_prefix": prefix}, caplog)
+    assert "url_prefix" in error and repr(prefix) in error and "relative path inside the site" in error
+    assert not (tmp_path.parent / "escaped").exists() and not (tmp_path / "site").exists()
+
+
+def test_url_prefix_may_be_a_nested_folder(activations, tmp_path):
+    site = build_site(tmp_path, {"activations": "data/act.h5", "neurons": ["0.0"], "url_prefix": "docs/neurons/"})
+    assert (site / "docs/neurons/L0/N0/index.html").exists()
+
+
+def test_activations_option_must_name_a_file(activations, tmp_path, caplog):
+    error = config_error(tmp_path, {"neurons": ["0.0"]}, caplog)
+    assert "'activations'" in error and "Required" in error
+    caplog.clear()
+    error = config_error(tmp_path, {"activations": "data", "neurons": ["0.0"]}, caplog)
+    assert "'activations'" in error and "is a folder" in error and "gluscope collect" in error
+
+
+def test_examples_below_one_are_refused_by_plugin_and_pages_command(activations, tmp_path, caplog, capsys):
+    for bad in (0, -2, True):
+        caplog.clear()
+        error = config_error(tmp_path, {"activations": "data/act.h5", "neurons": ["0.0"], "examples": bad}, caplog)
+        assert "'examples'" in error and f"{bad!r}" in error and "1 or more" in error
+    with pytest.raises(GluscopeError, match="examples: 0; expected a whole number, 1 or more"):
+        write_markdown_pages(activations, ["0.0"], tmp_path / "md", examples=0)
+    assert main(["pages", str(activations), "--neurons", "0.0", "--out", str(tmp_path / "md"), "--examples", "0"]) == 2
+    assert "examples: 0" in capsys.readouterr().err
+
+
+TEMPLATES = ["{{ 7*7 }}", "{% if true %}x{% endif %}", "{# c #}"]
+
+
+def template_corpus(path: Path) -> Path:
+    vocab = ["<s>"] + TEMPLATES + [" ok"]
+    docs = [[0] + [1, 4, 2, 4, 3, 4] * 3 for _ in range(12)]
+    return write_synthetic(path, layers=1, d_mlp=2, k=4, vocab=vocab, docs=docs, model="{{ 7*7 }} model",
+                           dataset="{% if true %}x{% endif %} data", titles=[f"{TEMPLATES[d % 3]} title" for d in range(12)])
+
+
+def test_template_syntax_in_the_corpus_reaches_no_template_engine(tmp_path):
+    """A site with mkdocs-macros (Jinja) evaluates {{ }}, {% %} and {# #} in every page's Markdown."""
+    pytest.importorskip("mkdocs_macros")
+    template_corpus(tmp_path / "data" / "act.h5")
+    write_project(tmp_path, {"activations": "data/act.h5", "neurons": ["0.0", "0.1"]},
+                  extra={"plugins": ["search", "macros", {"gluscope": {"activations": "data/act.h5",
+                                                                         "neurons": ["0.0", "0.1"]}}]})
+    (tmp_path / "docs" / "macro.md").write_text("# Macro\n\nseven sevens: {{ 7*7 }}\n")
+    from sites import build
+
+    site = build(tmp_path / "mkdocs.yml")
+    assert "seven sevens: 49" in read(site, "macro/index.html")  # the engine runs on this site
+    labels = set(TEMPLATES) | {"<s>", " ok"}
+    for rel in ("neurons/L0/N0/index.html", "neurons/index.html", "neurons/L0/index.html"):
+        page = read(site, rel)
+        text = html.unescape(page)
+        assert "49 model" not in text and ("{{ 7*7 }} model" in text or rel.endswith("L0/index.html")), rel
+        tops = [html.unescape(t) for t in re.findall(r'<code class="gs-top[^"]*"[^>]*>(.*?)</code>', page)]
+        assert set(tops) <= labels | {"–"} and (tops or "L0/N0" in rel), (rel, tops)
+    page = read(site, "neurons/L0/N0/index.html")
+    spans = [text for row in rows(page) for _, text in row["spans"]]
+    assert spans and set(spans) <= labels
+    text = html.unescape(page)
+    for literal in TEMPLATES:
+        assert literal in text
+    assert "{% if true %}x{% endif %} data" in text and "{# c #} title" in text
+    top_line = re.search(r"<strong>gate\+_in\+</strong>.*?</li>", text).group(0)  # the "Top tokens" line
+    assert any(t.strip() in top_line for t in TEMPLATES), top_line
+
+
+def test_pages_command_markdown_holds_no_template_syntax(tmp_path):
+    activations = template_corpus(tmp_path / "act.h5")
+    written = write_markdown_pages(activations, ["0.0", "0.1"], tmp_path / "md")
+    markdown = [p for p in written if p.suffix == ".md"]
+    assert len(markdown) == 4
+    for path in markdown:
+        text = path.read_text(encoding="utf-8")
+        for syntax in ("{{", "{%", "{#"):
+            assert syntax not in text, (path.name, syntax)
+    page = html.unescape((tmp_path / "md/neurons/L0/N0.md").read_text(encoding="utf-8"))
+    assert "{% if true %}x{% endif %}" in page and "{# c #} title" in page
+
+
+def test_pages_name_local_models_and_datasets_by_file_name(tmp_path):
+    write_synthetic(tmp_path / "data" / "act.h5", layers=1, d_mlp=2, model="/home/alice/m/SmolLM.gguf",
+                    dataset="/home/alice/d/a.jsonl, /home/alice/d/b.jsonl")
+    site = build_site(tmp_path, {"activations": "data/act.h5", "neurons": ["0.0"]})
+    for path in site.rglob("*"):
+        if path.is_file() and path.suffix in (".html", ".json", ".xml"):
+            assert "/home/alice" not in html.unescape(path.read_text(encoding="utf-8")), path
+    for rel in ("neurons/L0/N0/index.html", "neurons/index.html"):
+        text = html.unescape(read(site, rel))
+        assert "SmolLM.gguf" in text and "a.jsonl, b.jsonl" in text
+    with h5py.File(tmp_path / "data" / "act.h5") as f:
+        assert f.attrs["model"] == "/home/alice/m/SmolLM.gguf"  # the file keeps full provenance
+
+
+def test_act_fn_from_the_table_gives_the_page_its_act_values(tmp_path):
+    from mkdocs_gluscope.pages import SitePages
+    from mkdocs_gluscope.store import ActivationsFile
+
+    path = write_synthetic(tmp_path / "data" / "act.h5", layers=1, d_mlp=2, act_fn="relu")
+    site = build_site(tmp_path, {"activations": "data/act.h5", "neurons": ["0.1"]})
+    page = read(site, "neurons/L0/N1/index.html")
+    assert "data-act=" not in page  # the browser is given values, not an activation name
+    checked = 0
+    for row in rows(page):
+        g, s = float16s(row["attrs"]["data-g"]), float16s(row["attrs"]["data-s"])
+        inside = ~np.isnan(g)
+        assert np.allclose(s[inside], np.maximum(g[inside], 0), rtol=1e-3, atol=1e-3)
+        checked += int((g[inside] < 0).sum())
+    assert checked > 0  # negative gates were there, and act(gate) was 0 for them
+
+    def swish(act_fn: str) -> tuple[np.ndarray, np.ndarray]:
+        set_attrs(path, act_fn=act_fn)
+        with ActivationsFile(path) as f:
+            row = rows(SitePages(f, ["0.1"]).examples_html(0, 1, site_root=""))[0]["attrs"]
+        return float16s(row["data-g"]), float16s(row["data-s"])
+
+    g, exact = swish("gelu")
+    _, tanh = swish("gelu_pytorch_tanh")
+    inside = ~np.isnan(g)
+    erf = np.array([0.5 * x * (1 + math.erf(x / math.sqrt(2))) for x in g[inside]])
+    assert np.allclose(exact[inside], erf, rtol=2e-3, atol=1e-3)
+    assert not np.array_equal(exact[inside], tanh[inside])
+
+
+def test_unknown_activation_fails_build_and_pages_command(tmp_path, caplog):
+    path = write_synthetic(tmp_path / "data" / "act.h5", layers=1, d_mlp=2)
+    set_attrs(path, act_fn="softplus")
+    error = build_error(tmp_path, {"activations": "data/act.h5", "neurons": ["0.0"]}, caplog)
+    for text in ("act.h5", "'softplus'", "silu", "gelu_pytorch_tanh", "relu"):
+        assert text in error
+    assert "Traceback" not in error
+    with pytest.raises(GluscopeError, match="'softplus' is not supported"):
+        write_markdown_pages(path, ["0.0"], tmp_path / "md")
+
+
+def sink_file(path: Path, **kwargs) -> Path:
+    """A list (case gate+_in+, hook_post) of neuron 0.0 whose examples sit at the start of documents, with a
+    huge BOS value in every window and one attention sink, and one later example."""
+    docs = [[0] + [(d + t) % 50 + 1 for t in range(40)] for d in range(12)]
+    write_synthetic(path, layers=1, d_mlp=2, k=8, before=5, after=2, docs=docs, **kwargs)
+    stage_early_list(path, positions=[1, 2, 3, 4, 5, 6, 7, 20], values=[3600, 40, 30, 20, 10, 5, 3, 0.9])
+    return path
+
+
+def test_color_scale_ignores_bos_and_one_sink(tmp_path):
+    sink_file(tmp_path / "data" / "act.h5")
+    site = build_site(tmp_path, {"activations": "data/act.h5", "neurons": ["0.0"]})
+    page = read(site, "neurons/L0/N0/index.html")
+    staged = rows(page)[:8]
+    for row in staged:
+        first = int(row["attrs"]["data-first"])
+        pos, centre = int(row["attrs"]["data-pos"]), 5
+        for n, (cls, token) in enumerate(row["spans"]):
+            position = pos + first + n - centre
+            level = int(re.match(r"c(-?\d+)", cls).group(1))
+            if position == 0:
+                assert token == "<s>" and level == 0 and "gs-nc" in cls  # BOS: not counted, not colored
+            elif not (row is staged[0] and position == 1):
+                # an ordinary token of value ~0.73 in a list whose BOS is 3600 and one sink 400
+                assert level >= 5, (pos, position, cls)
+    scales = json.loads(html.unescape(re.search(r'<details class="gs-list" data-scale="([^"]*)"', page).group(1)))
+    assert 0.5 < scales["hook_post"] < 1.0
+
+
+def test_start_of_document_examples_are_marked(tmp_path):
+    sink_file(tmp_path / "data" / "act.h5")
+    site = build_site(tmp_path, {"activations": "data/act.h5", "neurons": ["0.0"]})
+    page = read(site, "neurons/L0/N0/index.html")
+    staged = rows(page)[:8]
+    marked = ["gs-early" in row["body"] for row in staged]
+    assert marked == [True] * 7 + [False]
+    assert "attention sink" in re.search(r'class="gs-early" title="([^"]*)"', page).group(1)
+    summary = re.search(r'<details class="gs-list"[^>]*><summary>(.*?)</summary>', page).group(1)
+    assert "3600" in summary and "start of document" in summary and "0.9" in summary
+
+
+def test_nonfinite_values_are_reported_on_the_page(tmp_path):
+    counts = np.zeros((1, 2, 5), dtype=np.int64)
+    counts[0, 1] = [3, 0, 0, 2, 5]
+    write_synthetic(tmp_path / "data" / "act.h5", layers=1, d_mlp=2, nonfinite=counts)
+    site = build_site(tmp_path, {"activations": "data/act.h5", "neurons": ["0.0", "0.1"]})
+    text = re.sub(r"<[^>]+>", "", read(site, "neurons/L0/N1/index.html"))
+    assert "Non-finite values" in text
+    assert "10 positions" in text and "excluded from every statistic" in text
+    for part in ("3 in gate+_in+", "2 in gate-_in-", "5 with no case"):
+        assert part in html.unescape(text), part
+    assert "Non-finite" not in read(site, "neurons/L0/N0/index.html")

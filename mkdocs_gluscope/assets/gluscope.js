@@ -1,8 +1,10 @@
 /* GLUScope neuron pages: recoloring by hook, token tooltips, whole documents, sortable tables.
-   Token values come from data attributes (float16, base64) written by mkdocs_gluscope.render. */
+   Everything comes from the page, written by mkdocs_gluscope.render: each example's gate, in and
+   act(gate) windows (data-g, data-i, data-s: float16, base64), each list's color scale per hook
+   (data-scale), the number of color levels and the first counted position. This file computes no
+   activation function and chooses no scale: it applies render.color_levels' rule to those values. */
 (function () {
   "use strict";
-  var LEVELS = 10;
   var CASES = ["gate+_in+", "gate+_in-", "gate-_in+", "gate-_in-"];
   var DOCS_PER_SHARD = 64;
 
@@ -17,16 +19,15 @@
     for (var i = 0; i + 1 < raw.length; i += 2) out.push(float16(raw.charCodeAt(i) | (raw.charCodeAt(i + 1) << 8)));
     return out;
   }
-  function act(name, g) {
-    if (name.indexOf("gelu") === 0) return 0.5 * g * (1 + Math.tanh(Math.sqrt(2 / Math.PI) * (g + 0.044715 * g * g * g)));
-    return g / (1 + Math.exp(-g));
-  }
-  function values(ex, actName) {
+  function values(ex) {
     if (!ex._gs) {
-      var g = decode(ex.dataset.g), i = decode(ex.dataset.i), s = g.map(function (x) { return act(actName, x); });
+      var g = decode(ex.dataset.g), i = decode(ex.dataset.i), s = decode(ex.dataset.s);
       ex._gs = { hook_pre: g, hook_pre_linear: i, swish: s, hook_post: s.map(function (x, j) { return x * i[j]; }) };
     }
     return ex._gs;
+  }
+  function counted(container, ex, w) {  // the statistics count this window position (not the BOS)
+    return +ex.dataset.pos + (w - +container.dataset.centre) >= +container.dataset.countedFrom;
   }
   function fmt(x) {
     if (!isFinite(x)) return "–";
@@ -35,17 +36,15 @@
   }
 
   function recolor(container, hook) {
-    var actName = container.dataset.act || "silu", centre = +container.dataset.centre;
+    var centre = +container.dataset.centre, levels = +container.dataset.levels;
     container.querySelectorAll(".gs-list").forEach(function (list) {
-      var rows = list.querySelectorAll(".gs-ex"), scale = 0;
-      rows.forEach(function (ex) {
-        values(ex, actName)[hook].forEach(function (v) { if (isFinite(v)) scale = Math.max(scale, Math.abs(v)); });
-      });
-      if (!(scale > 0)) scale = 1;
-      rows.forEach(function (ex) {
-        var v = values(ex, actName)[hook], first = +ex.dataset.first;
+      var scale = JSON.parse(list.dataset.scale)[hook];
+      list.querySelectorAll(".gs-ex").forEach(function (ex) {
+        var v = values(ex)[hook], first = +ex.dataset.first;
         ex.querySelectorAll(".gs-toks > span").forEach(function (span, n) {
-          var w = first + n, level = isFinite(v[w]) ? Math.round(v[w] / scale * LEVELS) : 0;
+          var w = first + n;
+          if (!counted(container, ex, w)) { span.className = "c0 gs-nc"; return; }
+          var level = isFinite(v[w]) ? Math.max(-levels, Math.min(levels, Math.round(v[w] / scale * levels))) : 0;
           span.className = "c" + level + (w === centre ? " gs-x" : "");
         });
       });
@@ -57,7 +56,7 @@
     var ex = span.closest(".gs-ex"), container = span.closest(".gs-examples");
     if (!ex || !container) return;
     var n = Array.prototype.indexOf.call(span.parentNode.children, span);
-    var w = +ex.dataset.first + n, v = values(ex, container.dataset.act || "silu");
+    var w = +ex.dataset.first + n, v = values(ex);
     var g = v.hook_pre[w], i = v.hook_pre_linear[w];
     var kase = g > 0 ? (i > 0 ? 0 : i < 0 ? 1 : -1) : g < 0 ? (i > 0 ? 2 : i < 0 ? 3 : -1) : -1;
     var pos = +ex.dataset.pos + (w - +container.dataset.centre);
@@ -65,6 +64,7 @@
     tip.textContent = "";
     var lines = [["token", JSON.stringify(span.textContent)], ["position", String(pos)], ["gate", fmt(g)], ["in", fmt(i)],
       ["act(gate)", fmt(v.swish[w])], ["post", fmt(v.hook_post[w])], ["case", kase < 0 ? "none (a zero)" : CASES[kase]]];
+    if (!counted(container, ex, w)) lines.push(["counted", "no: left out of all statistics and color scales"]);
     lines.forEach(function (pair) {
       var row = document.createElement("div"), key = document.createElement("b");
       key.textContent = pair[0] + " "; row.appendChild(key); row.appendChild(document.createTextNode(pair[1]));

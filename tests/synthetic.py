@@ -23,7 +23,7 @@ def write_synthetic(path: Path, *, layers: int = 2, d_mlp: int = 8, k: int = 4, 
                     titles: Sequence[str] | None = None, seed: int = 0, model: str = "synthetic/tiny",
                     layer_ids: Sequence[int] | None = None, dataset: str = "synthetic corpus", act_fn: str = "silu",
                     nonfinite: np.ndarray | None = None) -> Path:
-    """``nonfinite`` ([layers, d_mlp, 5] int64) adds ``stats/nonfinite`` as a collection would."""
+    """``nonfinite`` ([layers, d_mlp, 5] int64): ``stats/nonfinite`` (default: none anywhere)."""
     rng = np.random.default_rng(seed)
     if docs is None:
         docs = [[0] + list(rng.integers(1, len(vocab), size=int(rng.integers(3, 40)))) for _ in range(max(k * 3, 12))]
@@ -74,7 +74,8 @@ def write_synthetic(path: Path, *, layers: int = 2, d_mlp: int = 8, k: int = 4, 
             signs = np.stack([g_sign * i_sign, i_sign, g_sign, g_sign], axis=1)[..., 0]  # [C, H, 1]
             w.write_layer(layer, {
                 "count": count,
-                "nonfinite": np.zeros(count.shape[:-1] + (count.shape[-1] + 1,), np.int64),
+                "nonfinite": (np.zeros(count.shape[:-1] + (count.shape[-1] + 1,), np.int64) if nonfinite is None
+                              else np.asarray(nonfinite[layer], dtype=np.int64)),
                 "sum": (mag * count[..., None] * 0.3 * signs[None, :, :, 0]).astype(np.float64),
                 "min": (np.where(signs[None, :, :, 0] > 0, 0.01, -mag * 3)).astype(np.float32),
                 "max": (np.where(signs[None, :, :, 0] > 0, mag * 3, -0.01)).astype(np.float32),
@@ -91,9 +92,6 @@ def write_synthetic(path: Path, *, layers: int = 2, d_mlp: int = 8, k: int = 4, 
             "cos_in_out": rng.uniform(-0.3, 0.3, (layers, d_mlp)).astype(np.float32),
         })
         w.close(n_tokens=n_tokens)
-    if nonfinite is not None:
-        with h5py.File(path, "a") as f:
-            f["stats"].create_dataset("nonfinite", data=np.asarray(nonfinite, dtype=np.int64))
     return path
 
 

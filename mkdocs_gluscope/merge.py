@@ -1,10 +1,20 @@
-"""Merging the files of a sharded collection into the file one run would have written.
+"""Merging the files of a sharded or layer-split collection into the file one run would have written.
 
-Every shard (``gluscope collect --shard I/N``) tokenizes the same corpus and processes a disjoint
-share of its documents (every N-th batch of one batch plan); :func:`check_shard_set` accepts only
-a complete set of shards of one run, so statistics combine exactly: counts and sums add, extremes take the
-extreme, and top-k lists merge under the same order (larger ``|value|`` first, then lower document
-index). Only sums can differ from a single run, in their last bits (another order of additions).
+Two kinds of split combine, also together:
+
+* **shards** (``gluscope collect --shard I/N``): every shard tokenizes the same corpus and processes
+  a disjoint share of its documents (every N-th batch of one batch plan), so statistics combine
+  exactly: counts and sums add, extremes take the extreme, and top-k lists merge under the same
+  order (larger ``|value|`` first, then lower document index). Only sums can differ from a single
+  run, in their last bits (another order of additions).
+* **layer groups** (``--layers``): runs over the same corpus with disjoint layer sets (e.g. to fit
+  a large model's statistics on a small card) are stacked along the layer axis.
+
+:func:`check_inputs` accepts only inputs that together cover every (layer, document) exactly once.
+The merge streams :data:`~mkdocs_gluscope.store.NEURON_BLOCK` neurons of one layer at a time, so its
+memory does not grow with the model: ``bench/merge_memory.py`` measured a peak of 186 MiB for 4
+shards (k = 16, W = 19, float16 windows) at 2,048 and at 4,096 neurons per layer alike, about 46 MiB
+per input file; a 70B-shaped file (80 layers x 28,672 neurons) merges in the same memory.
 """
 
 from __future__ import annotations
@@ -16,11 +26,18 @@ from typing import Sequence
 import numpy as np
 
 from mkdocs_gluscope.errors import GluscopeError
-from mkdocs_gluscope.store import STAT_NAMES, WEIGHT_NAMES, ActivationsFile, ActivationsWriter, FormatError
+from mkdocs_gluscope.store import (
+    NEURON_BLOCK,
+    STAT_NAMES,
+    WEIGHT_NAMES,
+    ActivationsFile,
+    ActivationsWriter,
+    FormatError,
+)
 
 #: Attributes that must agree between shards: the same model, corpus and options, and the same
 #: batch plan (``batch_tokens`` decides which documents each shard takes). The rest is provenance.
-MUST_MATCH = ("model", "dataset", "text_column", "split", "k", "context_before", "context_after", "layers",
+MUST_MATCH = ("model", "dataset", "text_column", "split", "k", "context_before", "context_after",
               "include_bos", "bos", "has_bos", "skip_positions", "refactor_glu", "act_fn", "dtype", "max_tokens",
               "max_doc_tokens", "long_docs", "seed", "n_docs", "window_dtype", "batch_tokens", "corpus_sha256")
 
@@ -44,43 +61,79 @@ def shard_of(f: ActivationsFile) -> tuple[int, int]:
     return int(index), int(count)
 
 
+def check_same_run(files: Sequence[ActivationsFile]) -> None:
+    """The same model, corpus (token for token) and options in every file; only ``layers`` and
+    ``shard`` may differ."""
+    first = files[0]
+    for f in files:
+        if not f.has_nonfinite:
+            raise GluscopeError(f"{str(f.path)!r} was written by an older gluscope (no stats/nonfinite); "
+                                "collect it again")
+        for key in MUST_MATCH:
+            if first.attrs.get(key) != f.attrs.get(key):
+                raise GluscopeError(
+                    f"{str(f.path)!r} has {key}={f.attrs.get(key)!r} but {str(first.path)!r} has "
+                    f"{first.attrs.get(key)!r}; only files of one run can be merged")
+        if not np.array_equal(first.doc_offsets, f.doc_offsets) or not np.array_equal(first.tokens, f.tokens):
+            raise GluscopeError(f"{str(f.path)!r} holds another corpus than {str(first.path)!r}")
+
+
 def check_shard_set(files: Sequence[ActivationsFile]) -> None:
-    """Accept exactly a complete, disjoint set of shards of one run: the same model, corpus and
-    options, one shard count N, and each index 0..N-1 once. Anything else would count documents
-    twice or leave some out, so the error names what is wrong."""
+    """A complete, disjoint set of shards: one shard count N, and each index 0..N-1 once (or a
+    single file of the whole corpus). Anything else would count documents twice or leave some
+    out, so the error names what is wrong."""
+    if len(files) == 1 and not files[0].attrs.get("shard"):
+        return
     first = files[0]
     seen: dict[int, ActivationsFile] = {}
     _, count = shard_of(first)
     for f in files:
-        if not f.has_nonfinite:
-            raise GluscopeError(f"{str(f.path)!r} was written by an older gluscope (no stats/nonfinite); "
-                                "collect its shards again")
         index, n = shard_of(f)
         if n != count:
             raise GluscopeError(f"{str(f.path)!r} is shard {index}/{n} but {str(first.path)!r} is one of {count} "
                                 "shards; only shards of one run can be merged")
         if index in seen:
-            same = seen[index].path.resolve() == f.path.resolve()
-            raise GluscopeError(
-                f"{str(f.path)!r} is given twice" if same else
-                f"{str(seen[index].path)!r} and {str(f.path)!r} are both shard {index}/{count}; each shard "
-                "must be given once")
+            raise GluscopeError(f"{str(seen[index].path)!r} and {str(f.path)!r} are both shard {index}/{count}; "
+                                "each shard must be given once")
         seen[index] = f
-        for key in MUST_MATCH:
-            if first.attrs.get(key) != f.attrs.get(key):
-                raise GluscopeError(
-                    f"{str(f.path)!r} has {key}={f.attrs.get(key)!r} but {str(first.path)!r} has "
-                    f"{first.attrs.get(key)!r}; only shards of one run can be merged")
-        if not np.array_equal(first.doc_offsets, f.doc_offsets) or not np.array_equal(first.tokens, f.tokens):
-            raise GluscopeError(f"{str(f.path)!r} holds another corpus than {str(first.path)!r}")
     missing = [f"{i}/{count}" for i in range(count) if i not in seen]
     if missing:
         raise GluscopeError(f"shard{'s' if len(missing) > 1 else ''} {', '.join(missing)} missing: merge needs "
-                            f"all {count} shards of the run")
+                            f"all {count} shards of the run (layers {first.describe_layers()})")
+
+
+def check_inputs(files: Sequence[ActivationsFile]) -> list[list[ActivationsFile]]:
+    """The inputs as layer groups (files with the same ``layers``), in layer order: accepted when
+    every (layer, document) is covered exactly once, else a GluscopeError naming the problem."""
+    paths: dict[Path, ActivationsFile] = {}
+    for f in files:
+        if f.path.resolve() in paths:
+            raise GluscopeError(f"{str(f.path)!r} is given twice")
+        paths[f.path.resolve()] = f
+    check_same_run(files)
+    groups: dict[tuple[int, ...], list[ActivationsFile]] = {}
+    for f in files:
+        groups.setdefault(tuple(f.layers), []).append(f)
+    owner: dict[int, ActivationsFile] = {}
+    for layers, group in groups.items():
+        for layer in layers:
+            if layer in owner:
+                raise GluscopeError(
+                    f"{str(owner[layer].path)!r} (layers {owner[layer].describe_layers()}) and {str(group[0].path)!r} "
+                    f"(layers {group[0].describe_layers()}) both hold layer {layer}; files of one run merge when "
+                    "they are shards of the same layers or hold disjoint layers")
+            owner[layer] = group[0]
+        check_shard_set(group)
+    ordered = sorted(groups.values(), key=lambda g: min(g[0].layers))
+    tokens = {sum(f.n_tokens for f in group) for group in ordered}
+    if len(tokens) > 1:
+        raise GluscopeError(f"the layer groups counted different numbers of tokens ({sorted(tokens)}); "
+                            "they are not runs over the same corpus")
+    return ordered
 
 
 def merge_files(inputs: Sequence[str | os.PathLike], out: str | os.PathLike) -> Path:
-    """Merge the shard files of one run (same corpus, disjoint documents) into ``out``."""
+    """Merge the files of one run (shards, layer groups, or both) into ``out``."""
     if len(inputs) < 2:
         raise GluscopeError(f"merge needs at least two files; got {len(inputs)}")
     files = []
@@ -90,21 +143,47 @@ def merge_files(inputs: Sequence[str | os.PathLike], out: str | os.PathLike) -> 
                 files.append(ActivationsFile(path))
             except (FileNotFoundError, FormatError) as e:
                 raise GluscopeError(str(e)) from None
-        check_shard_set(files)
-        return _write_merged(files, Path(out))
+        return _write_merged(check_inputs(files), Path(out))
     finally:
         for f in files:
             f.close()
 
 
-def _write_merged(files: list[ActivationsFile], out: Path) -> Path:
+def merge_block(blocks: Sequence[dict[str, np.ndarray]], k: int) -> dict[str, np.ndarray]:
+    """The statistics of one block of neurons from every shard, combined: each input holds the
+    datasets' values for the same neurons, keyed as :meth:`ActivationsWriter.write_layer` takes them."""
+    pick = merge_top(np.concatenate([b["top_value"] for b in blocks], axis=-1),
+                     np.concatenate([b["top_doc"] for b in blocks], axis=-1), k)
+    merged = {
+        "count": sum(b["count"] for b in blocks),
+        "nonfinite": sum(b["nonfinite"] for b in blocks),
+        "sum": sum(b["sum"] for b in blocks),
+        # fmin/fmax skip the NaN of a case that is empty in one shard.
+        "min": np.fmin.reduce([b["min"] for b in blocks]),
+        "max": np.fmax.reduce([b["max"] for b in blocks]),
+    }
+    for name in ("top_value", "top_doc", "top_pos"):
+        merged[name] = np.take_along_axis(np.concatenate([b[name] for b in blocks], axis=-1), pick, axis=-1)
+    for name in ("top_gate", "top_in"):
+        windows = np.concatenate([b[name] for b in blocks], axis=-2)
+        merged[name] = np.take_along_axis(windows, pick[..., None], axis=-2)
+    return merged
+
+
+def _read_block(f: ActivationsFile, row: int, neurons: slice) -> dict[str, np.ndarray]:
+    block = {name: f.file["stats"][name][row, neurons] for name in STAT_NAMES + ("nonfinite",)}
+    block.update({"top_" + name: f.file["top"][name][row, neurons] for name in ("value", "doc", "pos", "gate", "in")})
+    return block
+
+
+def _write_merged(groups: list[list[ActivationsFile]], out: Path) -> Path:
+    files = [f for group in groups for f in group]
     first = files[0]
-    k = first.k
+    layers = [layer for group in groups for layer in group[0].layers]
     attrs = {key: value for key, value in first.attrs.items() if key not in ("n_tokens", "shard")}
-    attrs["merged_from"] = [str(f.path) for f in files]
-    attrs["merged_shards"] = len(files)
+    attrs.update(layers=layers, merged_from=[str(f.path) for f in files], merged_shards=len(files))
     window_dtype = str(first.file["top/gate"].dtype)
-    with ActivationsWriter(out, n_layers=first.n_layers, d_mlp=first.d_mlp, k=k,
+    with ActivationsWriter(out, n_layers=len(layers), d_mlp=first.d_mlp, k=first.k,
                            context_before=first.context_before, context_after=first.context_after,
                            window_dtype=window_dtype, attrs=attrs) as writer:
         corpus = first.file["corpus"]
@@ -112,26 +191,13 @@ def _write_merged(files: list[ActivationsFile], out: Path) -> Path:
                             source_index=corpus["source_index"][...] if "source_index" in corpus else None,
                             doc_title=[first.doc_title(d) or "" for d in range(first.n_docs)]
                             if "doc_title" in corpus else None)
-        for row in range(first.n_layers):
-            stats = [{name: f.file["stats"][name][row] for name in STAT_NAMES + ("nonfinite",)} for f in files]
-            top = [{name: f.file["top"][name][row] for name in ("value", "doc", "pos", "gate", "in")} for f in files]
-            values = np.concatenate([t["value"] for t in top], axis=-1)
-            docs = np.concatenate([t["doc"] for t in top], axis=-1)
-            pick = merge_top(values, docs, k)
-            merged = {
-                "count": sum(s["count"] for s in stats),
-                "nonfinite": sum(s["nonfinite"] for s in stats),
-                "sum": sum(s["sum"] for s in stats),
-                # fmin/fmax skip the NaN of a case that is empty in one shard.
-                "min": np.fmin.reduce([s["min"] for s in stats]),
-                "max": np.fmax.reduce([s["max"] for s in stats]),
-            }
-            for name in ("value", "doc", "pos"):
-                merged["top_" + name] = np.take_along_axis(
-                    np.concatenate([t[name] for t in top], axis=-1), pick, axis=-1)
-            for name in ("gate", "in"):
-                windows = np.concatenate([t[name] for t in top], axis=-2)
-                merged["top_" + name] = np.take_along_axis(windows, pick[..., None], axis=-2)
-            writer.write_layer(row, merged)
-        writer.write_weights({name: first.weights(name) for name in WEIGHT_NAMES})
-        return writer.close(n_tokens=sum(f.n_tokens for f in files))
+        out_row = 0
+        for group in groups:
+            for row in range(group[0].n_layers):
+                for start in range(0, first.d_mlp, NEURON_BLOCK):
+                    neurons = slice(start, min(start + NEURON_BLOCK, first.d_mlp))
+                    blocks = [_read_block(f, row, neurons) for f in group]
+                    writer.write_neurons(out_row, start, blocks[0] if len(blocks) == 1 else merge_block(blocks, first.k))
+                out_row += 1
+        writer.write_weights({name: np.concatenate([group[0].weights(name) for group in groups]) for name in WEIGHT_NAMES})
+        return writer.close(n_tokens=sum(f.n_tokens for f in groups[0]))

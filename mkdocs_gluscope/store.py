@@ -81,6 +81,9 @@ def _to_attr(value: Any) -> Any:
 
 
 GZIP_LEVEL = 1
+#: Neurons per chunk of the ``stats/`` datasets; ``top/`` chunks (8 neurons) divide it, so any
+#: multiple of it is a valid start for :meth:`ActivationsWriter.write_neurons`.
+NEURON_BLOCK = 1024
 
 
 def _compressed(chunks: tuple[int, ...]) -> dict[str, Any]:
@@ -94,22 +97,27 @@ def _shuffle_deflate(block: np.ndarray) -> bytes:
     return zlib.compress(np.ascontiguousarray(raw.T).tobytes(), GZIP_LEVEL)
 
 
-def write_layer_chunks(dataset: h5py.Dataset, layer: int, values: np.ndarray, pool: ThreadPoolExecutor) -> None:
-    """``dataset[layer] = values`` with the chunks compressed in parallel (zlib releases the GIL),
-    then written as they are; readers see an ordinary shuffle+gzip dataset."""
+def write_layer_chunks(dataset: h5py.Dataset, layer: int, values: np.ndarray, pool: ThreadPoolExecutor,
+                       start: int = 0) -> None:
+    """``dataset[layer, start:start + len(values)] = values`` with the chunks compressed in parallel
+    (zlib releases the GIL), then written as they are; readers see an ordinary shuffle+gzip dataset.
+    ``start`` must be a multiple of the chunk's neuron count (:data:`NEURON_BLOCK` is one for every
+    dataset)."""
     chunk = dataset.chunks
     step = chunk[1]
+    if start % step:
+        raise ValueError(f"start={start} is not a multiple of the {step}-neuron chunks of {dataset.name}")
     values = np.asarray(values, dtype=dataset.dtype)
-    starts = range(0, values.shape[0], step)
+    offsets = range(0, values.shape[0], step)
 
-    def block(start: int) -> np.ndarray:
-        part = values[start:start + step]
+    def block(offset: int) -> np.ndarray:
+        part = values[offset:offset + step]
         if part.shape[0] < step:  # HDF5 stores edge chunks at full size
             part = np.concatenate([part, np.zeros((step - part.shape[0],) + part.shape[1:], part.dtype)])
         return part
 
-    for start, data in zip(starts, pool.map(lambda s: _shuffle_deflate(block(s)), starts)):
-        dataset.id.write_direct_chunk((layer, start) + (0,) * (len(chunk) - 2), data, filter_mask=0)
+    for offset, data in zip(offsets, pool.map(lambda o: _shuffle_deflate(block(o)), offsets)):
+        dataset.id.write_direct_chunk((layer, start + offset) + (0,) * (len(chunk) - 2), data, filter_mask=0)
 
 
 class ActivationsWriter:
@@ -150,7 +158,7 @@ class ActivationsWriter:
         root["context_after"] = context_after
         for key, value in (attrs or {}).items():
             root[key] = _to_attr(value)
-        cn = max(1, min(N, 1024))
+        cn = max(1, min(N, NEURON_BLOCK))
         stats = self.file.create_group("stats")
         stats.create_dataset("count", (L, N, C), "int64", **_compressed((1, cn, C)))
         stats.create_dataset("nonfinite", (L, N, C + 1), "int64", **_compressed((1, cn, C + 1)))
@@ -196,10 +204,16 @@ class ActivationsWriter:
     def write_layer(self, layer: int, arrays: Mapping[str, np.ndarray]) -> None:
         """One layer's statistics: keys ``count nonfinite sum min max`` and ``top_value top_doc
         top_pos top_gate top_in``, each shaped as its dataset without the layer axis."""
+        self.write_neurons(layer, 0, arrays)
+
+    def write_neurons(self, layer: int, start: int, arrays: Mapping[str, np.ndarray]) -> None:
+        """Like :meth:`write_layer` for the neurons ``start .. start + n`` of a layer (arrays with
+        ``n`` on their first axis); ``start`` is a multiple of :data:`NEURON_BLOCK`."""
+        n = len(arrays["count"])
         for name in STAT_NAMES + ("nonfinite",):
-            self.file["stats"][name][layer] = arrays[name]
+            self.file["stats"][name][layer, start:start + n] = arrays[name]
         for name in ("value", "doc", "pos", "gate", "in"):
-            write_layer_chunks(self.file["top"][name], layer, arrays["top_" + name], self._pool)
+            write_layer_chunks(self.file["top"][name], layer, arrays["top_" + name], self._pool, start)
 
     def write_weights(self, arrays: Mapping[str, np.ndarray]) -> None:
         """``flipped`` and the three cosines, each ``[layer, neuron]``."""

@@ -2,7 +2,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-TOKENS ?= 200k
+# The demo's token budget and dtype: `make demo TOKENS=1M DTYPE=bfloat16`. DTYPE auto picks
+# bfloat16 only where the CPU (AVX512-BF16, AMX) or GPU runs it natively, else float32.
+TOKENS ?= 100k
+DTYPE ?= auto
 
 .PHONY: setup demo test test-fast bench clean
 
@@ -18,7 +21,7 @@ $(BIN)/gluscope: pyproject.toml
 setup: $(BIN)/gluscope
 
 demo: setup
-	$(BIN)/gluscope demo --max-tokens $(TOKENS)
+	$(BIN)/gluscope demo --max-tokens $(TOKENS) --dtype $(DTYPE)
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "" -q -p no:cacheprovider

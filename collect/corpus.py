@@ -7,6 +7,7 @@ folder, or local files: ``.txt`` (one document per file), ``.jsonl`` (one per li
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -61,6 +62,14 @@ class Corpus:
     def document(self, doc: int) -> np.ndarray:
         return self.tokens[self.doc_offsets[doc]:self.doc_offsets[doc + 1]]
 
+    def sha256(self) -> str:
+        """Fingerprint of the tokenized corpus (tokens and document boundaries): a resumed run
+        must see exactly the documents the checkpoint was made from."""
+        digest = hashlib.sha256()
+        digest.update(np.ascontiguousarray(self.tokens, dtype="<i4").tobytes())
+        digest.update(np.ascontiguousarray(self.doc_offsets, dtype="<i8").tobytes())
+        return digest.hexdigest()
+
 
 def _local_files(paths: Sequence[Path]) -> list[Path]:
     files: list[Path] = []
@@ -85,7 +94,16 @@ def _rows_of_file(path: Path, text_column: str) -> Iterator[tuple[str, str | Non
             for number, line in enumerate(lines, 1):
                 if not line.strip():
                     continue
-                row = json.loads(line)
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise GluscopeError(
+                        f"{str(path)!r} line {number} is not valid JSON ({e.msg} at column {e.colno}); "
+                        "expected one JSON object per line, such as {\"text\": \"...\"}") from None
+                if not isinstance(row, dict):
+                    raise GluscopeError(
+                        f"{str(path)!r} line {number} is a JSON {type(row).__name__}, not an object; "
+                        f"expected one object per line, such as {{\"{text_column}\": \"...\"}}")
                 if text_column not in row:
                     raise GluscopeError(
                         f"{str(path)!r} line {number} has no column {text_column!r}; its columns are "
@@ -108,28 +126,54 @@ def _is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and any((path / m).exists() for m in markers)
 
 
-def read_texts(dataset: str | Sequence[str], *, text_column: str = "text", split: str = "train",
-               seed: int = 0) -> Iterator[Text]:
-    """Texts of a dataset in a shuffled order fixed by ``seed``."""
+@dataclass
+class DatasetSource:
+    """What ``--dataset`` names: a save_to_disk folder, local files, or a hub dataset."""
+
+    kind: str  # "saved", "files" or "hub"
+    saved: Path | None = None
+    files: list[Path] | None = None
+    hub_name: str | None = None
+
+
+def dataset_source(dataset: str | Sequence[str]) -> DatasetSource:
+    """Classify ``--dataset`` without reading any text: cheap enough to run before the model
+    loads, so a mistyped path is reported at once (the one place this rule lives)."""
     specs = [dataset] if isinstance(dataset, str) else list(dataset)
+    if not specs or any(not str(s).strip() for s in specs):
+        raise GluscopeError("--dataset is empty; expected a hub dataset name, a save_to_disk folder, "
+                            f"or {', '.join(LOCAL_SUFFIXES)} files or folders")
     paths = [Path(s) for s in specs]
     if all(p.exists() for p in paths):
         if len(paths) == 1 and _is_saved_dataset(paths[0]):
-            yield from _read_saved_dataset(paths[0], text_column, split, seed)
-            return
+            return DatasetSource("saved", saved=paths[0])
         files = _local_files(paths)
         if not files:
             raise GluscopeError(f"--dataset {', '.join(specs)}: no {', '.join(LOCAL_SUFFIXES)} files found")
-        rows = [row for f in files for row in _rows_of_file(f, text_column)]
+        return DatasetSource("files", files=files)
+    missing = [s for s, p in zip(specs, paths) if not p.exists()]
+    if len(specs) > 1 or any(Path(s).suffix in LOCAL_SUFFIXES or s.startswith((".", "/")) for s in missing):
+        raise GluscopeError(f"--dataset: no such file or folder: {', '.join(missing)}")
+    return DatasetSource("hub", hub_name=specs[0])
+
+
+def read_texts(dataset: str | Sequence[str], *, text_column: str = "text", split: str = "train",
+               seed: int = 0) -> Iterator[Text]:
+    """Texts of a dataset in a shuffled order fixed by ``seed``."""
+    source = dataset_source(dataset)
+    if source.kind == "saved":
+        assert source.saved is not None
+        yield from _read_saved_dataset(source.saved, text_column, split, seed)
+    elif source.kind == "files":
+        assert source.files is not None
+        rows = [row for f in source.files for row in _rows_of_file(f, text_column)]
         order = list(range(len(rows)))
         random.Random(seed).shuffle(order)
         for i in order:
             yield Text(i, rows[i][0], rows[i][1])
-        return
-    missing = [s for s, p in zip(specs, paths) if not p.exists()]
-    if len(specs) > 1 or any(Path(s).suffix in LOCAL_SUFFIXES or s.startswith((".", "/")) for s in missing):
-        raise GluscopeError(f"--dataset: no such file or folder: {', '.join(missing)}")
-    yield from _read_hub_dataset(specs[0], text_column, split, seed)
+    else:
+        assert source.hub_name is not None
+        yield from _read_hub_dataset(source.hub_name, text_column, split, seed)
 
 
 def _check_column(column_names: Iterable[str] | None, text_column: str, what: str) -> None:

@@ -141,15 +141,20 @@ def run_demo(*, max_tokens: int, out: Path, dtype: str, cache: Path | None, acti
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never wait on the hub
     import torch
 
+    from collect.model import dtype_name, resolve_device, resolve_dtype
     from collect.run import CollectConfig, collect
 
     root = cache_dir(cache)
     root.mkdir(parents=True, exist_ok=True)
     model = fetch_model(root)
     corpus = write_corpus(fetch_corpus(root), root / "sotu-documents.jsonl")
-    torch.set_num_threads(os.cpu_count() or 1)
+    # Every core this process may use (a container or taskset may allow fewer than the machine has).
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(cores)
     started = time.monotonic()
-    say(f"collecting {max_tokens:,} tokens of State of the Union addresses through SmolLM2-135M ({dtype})")
+    runs_in = dtype_name(resolve_dtype(dtype, resolve_device("auto")))
+    say(f"collecting {max_tokens:,} tokens of State of the Union addresses through SmolLM2-135M "
+        f"({runs_in}{' chosen by --dtype auto' if dtype == 'auto' else ''}, {cores} threads)")
     collect(CollectConfig(
         model=str(model), dataset=[str(corpus)], out=out, max_tokens=max_tokens, max_doc_tokens=512,
         long_docs="split", bos="always", dtype=dtype, device="auto", batch_tokens=4096,

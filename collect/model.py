@@ -26,6 +26,7 @@ import torch
 from mkdocs_gluscope.errors import GluscopeError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)
 GATED_MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -65,10 +66,35 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str) -> torch.dtype:
+def cpu_has_native_bf16() -> bool:
+    """Whether torch runs bfloat16 matmuls natively on this CPU: its kernels use AVX-512
+    (``get_cpu_capability()``, which honours ``ATEN_CPU_CAPABILITY``) and the CPU has AVX512-BF16
+    or AMX tiles. Without them bfloat16 is emulated: a 2048x576 @ 576x1536 linear took 444 ms vs
+    68 ms in float32 on a 2-core AVX2 EPYC (one thread)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if not capability.startswith("AVX512"):
+        return False
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private: may move
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def resolve_dtype(dtype: str, device: torch.device | None = None) -> torch.dtype:
+    """The dtype to run in. ``auto``: bfloat16 on a CUDA device that supports it; on a CPU,
+    bfloat16 where it is native (measured 4.5x faster than float32 there for SmolLM2-135M's matmul
+    shapes, one thread, AMD EPYC with avx512_bf16), else float32 (4x faster than emulated
+    bfloat16 on the same CPU limited to AVX2)."""
+    if dtype == "auto":
+        device = device or torch.device("cpu")
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     if dtype not in DTYPES:
-        raise GluscopeError(f"--dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+        raise GluscopeError(f"--dtype {dtype!r}; expected one of {', '.join(DTYPE_CHOICES)}")
     return DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def find_gguf(path: Path) -> Path | None:
@@ -165,10 +191,33 @@ def weight_cosines(mlps: list[GatedMLP]) -> dict[str, torch.Tensor]:
     return {name: torch.stack(values) for name, values in out.items()}
 
 
-def act_fn_name(hf_model: Any) -> str:
+def _text_config(hf_model: Any) -> Any:
     config = hf_model.config
-    config = getattr(config, "text_config", None) or config
+    return getattr(config, "text_config", None) or config
+
+
+def act_fn_name(hf_model: Any) -> str:
+    config = _text_config(hf_model)
     return str(getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "unknown"))
+
+
+def check_activation(hf_model: Any) -> str:
+    """The model's activation name, refused unless pages can recompute it: the one table in
+    :mod:`mkdocs_gluscope.activations` decides, before any batch runs."""
+    from mkdocs_gluscope.activations import UnknownActivation, activation
+
+    name = act_fn_name(hf_model)
+    try:
+        activation(name)
+    except UnknownActivation as e:
+        raise GluscopeError(f"model class {type(hf_model).__name__}: {e}") from None
+    return name
+
+
+def max_positions(hf_model: Any) -> int | None:
+    """The most positions the model was built for (``max_position_embeddings``), if it says."""
+    value = getattr(_text_config(hf_model), "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
 
 
 def boot_bridge(name: str, hf_model: Any, tokenizer: Any, device: torch.device, dtype: torch.dtype) -> Any:
@@ -183,13 +232,13 @@ def boot_bridge(name: str, hf_model: Any, tokenizer: Any, device: torch.device, 
     return bridge
 
 
-def load_model(model: str, *, dtype: str = "float32", device: str = "auto", refactor: bool = True,
+def load_model(model: str, *, dtype: str = "auto", device: str = "auto", refactor: bool = True,
                engine: str = "hf") -> tuple[LoadedModel, dict[str, torch.Tensor]]:
     """Load a model by name or path and :func:`prepare_model` it."""
     if engine not in ENGINES:
         raise GluscopeError(f"--engine {engine!r}; expected one of {', '.join(ENGINES)}")
-    torch_dtype = resolve_dtype(dtype)
     torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
     hf_model, tokenizer = load_hf(model, torch_dtype)
     return prepare_model(hf_model.to(torch_device), tokenizer, name=model, refactor=refactor, engine=engine)
 
@@ -200,6 +249,7 @@ def prepare_model(hf_model: Any, tokenizer: Any, *, name: str = "model", refacto
     facts (``flipped`` and the three cosines, computed after refactor_glu)."""
     param = next(hf_model.parameters())
     mlps = find_gated_mlps(hf_model)
+    act_name = check_activation(hf_model)
     d_mlp = mlps[0].gate.weight.shape[0]
     if refactor:
         flipped = refactor_glu(mlps)
@@ -208,7 +258,7 @@ def prepare_model(hf_model: Any, tokenizer: Any, *, name: str = "model", refacto
     facts = {"flipped": flipped, **weight_cosines(mlps)}
     bridge = boot_bridge(name, hf_model, tokenizer, param.device, param.dtype) if engine == "bridge" else None
     loaded = LoadedModel(hf_model=hf_model, bridge=bridge, tokenizer=tokenizer, mlps=mlps,
-                         act_fn_name=act_fn_name(hf_model), n_layers=len(mlps), d_mlp=d_mlp,
+                         act_fn_name=act_name, n_layers=len(mlps), d_mlp=d_mlp,
                          device=param.device, dtype=param.dtype)
     return loaded, facts
 

@@ -1,13 +1,16 @@
 """The collection run: one pass of the model over the corpus, statistics on the device, one file.
 
 Robustness: the state is checkpointed atomically every ``checkpoint_every`` seconds and on Ctrl-C
-(at the end of the batch in flight, so a checkpoint always holds whole batches); ``resume``
-continues from it and gives the same file as an uninterrupted run. The file itself is written
-to ``OUT.tmp`` and renamed, so a file at ``OUT`` is always complete.
+or SIGTERM (at the end of the batch in flight, so a checkpoint always holds whole batches);
+``resume`` continues from it and gives the same file as an uninterrupted run. A checkpoint
+remembers the options and a fingerprint of the tokenized corpus, so it is never resumed over
+other documents. The file itself is written to ``OUT.tmp`` and renamed, so a file at ``OUT`` is
+always complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -16,16 +19,18 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
-from collect.corpus import Corpus, plan_batches, read_texts, token_strings, tokenize_corpus
-from collect.model import LoadedModel, load_model, run_with_mlp_hooks
-from collect.stats import LayerStats, add_batch, compiled_reduce_batch
+from collect.corpus import (BOS_MODES, Corpus, dataset_source, plan_batches, read_texts, token_strings,
+                            tokenize_corpus)
+from collect.model import (DTYPE_CHOICES, ENGINES, LoadedModel, dtype_name, load_model, max_positions,
+                           resolve_device, run_with_mlp_hooks)
+from collect.stats import BatchReduction, LayerStats, add_batch, compiled_reduce_batch, reduce_batch
 from mkdocs_gluscope.errors import GluscopeError
-from mkdocs_gluscope.store import ActivationsWriter
+from mkdocs_gluscope.store import ActivationsWriter, first_counted_position
 
 
 @dataclass
@@ -42,7 +47,7 @@ class CollectConfig:
     max_doc_tokens: int = 1024
     long_docs: str = "truncate"
     bos: str = "auto"
-    dtype: str = "float32"
+    dtype: str = "auto"
     device: str = "auto"
     layers: list[int] | None = None
     engine: str = "hf"
@@ -50,6 +55,7 @@ class CollectConfig:
     context_before: int = 16
     context_after: int = 2
     include_bos: bool = False
+    skip_positions: int = 0
     refactor_glu: bool = True
     batch_tokens: int = 8192
     compile: bool = True
@@ -70,9 +76,33 @@ class CollectConfig:
         return {k: (str(v) if isinstance(v, Path) else v)
                 for k, v in dataclasses.asdict(self).items() if k not in skip}
 
+    def counted_from(self, has_bos: bool) -> int:
+        """First counted position of every document: the store's one definition."""
+        return first_counted_position({"has_bos": has_bos, "include_bos": self.include_bos,
+                                       "skip_positions": self.skip_positions})
+
+
+@dataclass
+class RunFacts:
+    """What a run resolved that its options alone do not fix; a checkpoint must match these too
+    (``dtype`` ``auto`` may resolve otherwise on another machine; the corpus files may change)."""
+
+    dtype: str
+    corpus_sha256: str
+
 
 class Interrupted(GluscopeError):
-    """Ctrl-C: the run stopped at a batch boundary and left a checkpoint."""
+    """Ctrl-C or SIGTERM: the run stopped at a batch boundary and left a checkpoint."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_status(self) -> int:
+        """128 + the signal, as a shell reports a process killed by it: 130 for Ctrl-C, 143 for
+        SIGTERM (what batch schedulers send before they kill a preempted job)."""
+        return 128 + int(self.signum)
 
 
 def check_config(config: CollectConfig) -> None:
@@ -87,6 +117,27 @@ def check_config(config: CollectConfig) -> None:
         raise GluscopeError(f"--max-doc-tokens {config.max_doc_tokens}; expected 1 to 65536")
     if config.batch_tokens < 1:
         raise GluscopeError(f"--batch-tokens {config.batch_tokens}; expected a positive number")
+    if config.dtype not in DTYPE_CHOICES:
+        raise GluscopeError(f"--dtype {config.dtype!r}; expected one of {', '.join(DTYPE_CHOICES)}")
+    if config.bos not in BOS_MODES:
+        raise GluscopeError(f"--bos {config.bos!r}; expected one of {', '.join(BOS_MODES)}")
+    if config.long_docs not in ("truncate", "split"):
+        raise GluscopeError(f"--long-docs {config.long_docs!r}; expected truncate or split")
+    if config.engine not in ENGINES:
+        raise GluscopeError(f"--engine {config.engine!r}; expected one of {', '.join(ENGINES)}")
+    if config.window_dtype not in ("float16", "float32"):
+        raise GluscopeError(f"--window-dtype {config.window_dtype!r}; expected float16 or float32")
+    if config.layers is not None and not config.layers:
+        raise GluscopeError("--layers names no layer; expected layers such as 3, 0,5,7 or 2-4")
+    if not 0 <= config.skip_positions < config.max_doc_tokens - 1:
+        raise GluscopeError(f"--skip-positions {config.skip_positions}; expected 0 to "
+                            f"{config.max_doc_tokens - 2} (below --max-doc-tokens {config.max_doc_tokens} - 1)")
+    if config.include_bos and config.skip_positions > 0:
+        # first_counted_position would skip the BOS again: --include-bos would quietly do nothing.
+        raise GluscopeError(f"--include-bos counts the BOS position, --skip-positions {config.skip_positions} "
+                            "leaves out the first positions after it; use one of them")
+    resolve_device(config.device)  # a bad --device fails before the model loads
+    dataset_source(config.dataset)  # a mistyped path fails now, not after the model has loaded
     out_dir = config.out.parent if str(config.out.parent) else Path(".")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -133,27 +184,36 @@ def resolve_layers(layers: list[int] | None, n_layers: int) -> list[int]:
 
 
 class _CtrlC:
-    """The first Ctrl-C asks the loop to stop after the batch in flight; a second one aborts."""
+    """The first Ctrl-C or SIGTERM asks the loop to stop after the batch in flight; a second one
+    aborts. SIGTERM is how clusters preempt a job (Slurm, Kubernetes): it gets the same
+    checkpoint, and the grace period before SIGKILL must cover one batch."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: Any = None
+        self.signum: int = signal.SIGINT
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "_CtrlC":
         if threading_is_main():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\ngluscope: stopping after this batch to write a checkpoint (Ctrl-C again to abort)",
-              file=sys.stderr)
+        self.signum = signum
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\ngluscope: {name}: stopping after this batch to write a checkpoint (again to abort)",
+              file=sys.stderr, flush=True)
 
     def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            if previous is not None:
+                signal.signal(signum, previous)
 
 
 def threading_is_main() -> bool:
@@ -162,27 +222,36 @@ def threading_is_main() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+def checkpoint_fingerprint(config: CollectConfig, facts: RunFacts) -> dict[str, Any]:
+    return {**config.fingerprint(), **{f"resolved_{k}": v for k, v in dataclasses.asdict(facts).items()}}
+
+
 def save_checkpoint(path: Path, config: CollectConfig, batches_done: int,
-                    states: dict[int, LayerStats]) -> None:
+                    states: dict[int, LayerStats], facts: RunFacts) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save({
-        "fingerprint": config.fingerprint(),
+        "fingerprint": checkpoint_fingerprint(config, facts),
         "batches_done": batches_done,
         "states": {layer: {k: v.cpu() for k, v in s.to_dict().items()} for layer, s in states.items()},
     }, tmp)
     os.replace(tmp, path)
 
 
-def load_checkpoint(config: CollectConfig, device: torch.device) -> tuple[int, dict[int, LayerStats]] | None:
+def load_checkpoint(config: CollectConfig, device: torch.device,
+                    facts: RunFacts) -> tuple[int, dict[int, LayerStats]] | None:
     path = config.checkpoint_path
     if not path.exists():
         return None
     saved = torch.load(path, map_location=device, weights_only=True)
-    if saved["fingerprint"] != config.fingerprint():
-        differ = sorted(k for k in config.fingerprint() if saved["fingerprint"].get(k) != config.fingerprint()[k])
+    expected = checkpoint_fingerprint(config, facts)
+    if saved["fingerprint"] != expected:
+        differ = sorted(k for k in expected if saved["fingerprint"].get(k) != expected[k])
+        what = ", ".join("the corpus (its tokens differ: the dataset files changed)" if k == "resolved_corpus_sha256"
+                         else "dtype (auto resolved otherwise here)" if k == "resolved_dtype" else k
+                         for k in differ)
         raise GluscopeError(
-            f"checkpoint {str(path)!r} was made with other options ({', '.join(differ)}); rerun with "
-            "the same options, or delete it to start over")
+            f"checkpoint {str(path)!r} was made with other options or input ({what}); rerun with "
+            "the same options and dataset, or delete it to start over")
     states = {int(layer): LayerStats.from_dict(t) for layer, t in saved["states"].items()}
     return int(saved["batches_done"]), states
 
@@ -207,10 +276,54 @@ def finalize(state: LayerStats, window_dtype: str) -> dict[str, np.ndarray]:
 
 
 def counted_tokens(corpus: Corpus, config: CollectConfig) -> int:
-    """Counted positions of the documents this run (or shard) processes."""
+    """Counted positions of the documents this run (or shard) processes: every position from
+    ``first_counted_position`` on, as the ``valid`` mask of :func:`collect_statistics`."""
     docs = np.concatenate([b.docs for b in shard_batches(corpus, config.batch_tokens, config.shard)])
-    excluded = len(docs) if (corpus.has_bos and not config.include_bos) else 0
-    return int(corpus.lengths[docs].sum()) - excluded
+    first = config.counted_from(corpus.has_bos)
+    return int(np.maximum(corpus.lengths[docs] - first, 0).sum())
+
+
+def check_positions(corpus: Corpus, limit: int | None, max_doc_tokens: int) -> None:
+    """Refuse, before any batch runs, documents longer than the model's positions: past them a
+    model computes activations it never produced in training (or fails mid-run)."""
+    longest = int(corpus.lengths.max())
+    if limit is not None and longest > limit:
+        raise GluscopeError(
+            f"--max-doc-tokens {max_doc_tokens} lets documents reach {longest} tokens, but the model has "
+            f"{limit} positions (max_position_embeddings); use --max-doc-tokens {limit} or less")
+
+
+def reduce_with_fallback(compile_: bool) -> Callable[..., BatchReduction]:
+    """The compiled statistics, or the eager ones with a warning line where ``torch.compile``
+    fails (no C++ compiler, an unsupported Python, a backend bug): slower, the same numbers."""
+    try:
+        compiled = compiled_reduce_batch(compile_)
+    except Exception as e:  # torch.compile raises many types, on creation or on first call
+        _warn_compile(e)
+        return reduce_batch
+    if compiled is reduce_batch:
+        return reduce_batch
+    state: dict[str, Callable[..., BatchReduction]] = {"fn": compiled}
+
+    def reduce(*args: Any) -> BatchReduction:
+        try:
+            return state["fn"](*args)
+        except torch.OutOfMemoryError:
+            raise  # not the compiler's fault: eager needs more memory still
+        except Exception as e:
+            if state["fn"] is reduce_batch:
+                raise
+            _warn_compile(e)
+            state["fn"] = reduce_batch
+            return reduce_batch(*args)
+
+    return reduce
+
+
+def _warn_compile(error: Exception) -> None:
+    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    print(f"gluscope: warning: torch.compile failed ({type(error).__name__}: {first}); computing the "
+          "statistics eagerly (slower; --no-compile skips the attempt)", file=sys.stderr, flush=True)
 
 
 def collect_statistics(
@@ -220,8 +333,10 @@ def collect_statistics(
     layers: list[int],
     *,
     stop_after_batches: int | None = None,
+    facts: RunFacts | None = None,
 ) -> dict[int, LayerStats]:
     """Run the model over every batch of the corpus and return each layer's statistics."""
+    facts = facts or RunFacts(dtype=dtype_name(loaded.dtype), corpus_sha256=corpus.sha256())
     device = loaded.device
     window = config.context_before + 1 + config.context_after
     window_dtype = getattr(torch, config.window_dtype)
@@ -230,24 +345,25 @@ def collect_statistics(
     states = {layer: LayerStats.empty(loaded.d_mlp, config.k, window, device, window_dtype)
               for layer in layers}
     if config.resume:
-        restored = load_checkpoint(config, device)
+        restored = load_checkpoint(config, device, facts)
         if restored is not None:
             start, states = restored
             print(f"gluscope: resuming from {config.checkpoint_path} after {start}/{len(batches)} batches",
                   file=sys.stderr)
-    reduce = compiled_reduce_batch(config.compile)
+    reduce = reduce_with_fallback(config.compile)
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
-    first_counted = 1 if (corpus.has_bos and not config.include_bos) else 0
+    first_counted = config.counted_from(corpus.has_bos)
     lengths_all = corpus.lengths
 
     from tqdm.auto import tqdm
 
     total = int(sum(lengths_all[b.docs].sum() for b in batches))
     done_tokens = int(sum(lengths_all[b.docs].sum() for b in batches[:start]))
-    bar = tqdm(total=total, initial=done_tokens, unit="tok", unit_scale=True, disable=not config.progress,
-               desc="collect", dynamic_ncols=True)
     last_checkpoint = time.monotonic()
-    with _CtrlC() as ctrl_c:
+    # The signal handlers are in place before the bar shows: once progress shows, SIGTERM checkpoints.
+    with _CtrlC() as ctrl_c, _out_of_memory_hint(config):
+        bar = tqdm(total=total, initial=done_tokens, unit="tok", unit_scale=True, disable=not config.progress,
+                   desc="collect", dynamic_ncols=True)
         for index in range(start, len(batches)):
             batch = batches[index]
             lengths_np = lengths_all[batch.docs]
@@ -271,15 +387,29 @@ def collect_statistics(
             finished = index + 1
             stop = ctrl_c.requested or (stop_after_batches is not None and finished >= stop_after_batches)
             if finished < len(batches) and (stop or time.monotonic() - last_checkpoint > config.checkpoint_every):
-                save_checkpoint(config.checkpoint_path, config, finished, states)
+                save_checkpoint(config.checkpoint_path, config, finished, states, facts)
                 last_checkpoint = time.monotonic()
             if stop and finished < len(batches):
                 bar.close()
                 raise Interrupted(
                     f"stopped after {finished}/{len(batches)} batches; checkpoint written to "
-                    f"{str(config.checkpoint_path)!r}; rerun the same command with --resume to continue")
-    bar.close()
+                    f"{str(config.checkpoint_path)!r}; rerun the same command with --resume to continue",
+                    ctrl_c.signum)
+        bar.close()
     return states
+
+
+@contextlib.contextmanager
+def _out_of_memory_hint(config: CollectConfig) -> Iterator[None]:
+    """Out of device memory becomes one line naming the option that sizes the batches."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        smaller = max(config.batch_tokens // 2, 1)
+        raise GluscopeError(
+            f"out of memory at --batch-tokens {config.batch_tokens}; rerun with a smaller value such as "
+            f"--batch-tokens {smaller} (checkpoints hold whole batches of one size, so start over: "
+            "--resume needs the same --batch-tokens)") from None
 
 
 def provenance(config: CollectConfig, loaded: LoadedModel, corpus: Corpus, layers: list[int]) -> dict[str, Any]:
@@ -298,11 +428,14 @@ def provenance(config: CollectConfig, loaded: LoadedModel, corpus: Corpus, layer
         "max_doc_tokens": config.max_doc_tokens,
         "long_docs": config.long_docs,
         "include_bos": config.include_bos,
+        "skip_positions": config.skip_positions,
         "bos": config.bos,
         "has_bos": corpus.has_bos,
         "refactor_glu": config.refactor_glu,
         "act_fn": loaded.act_fn_name,
-        "dtype": config.dtype,
+        "dtype": dtype_name(loaded.dtype),  # what ran, e.g. bfloat16 where "auto" was asked
+        "dtype_requested": config.dtype,
+        "corpus_sha256": corpus.sha256(),
         "device": str(loaded.device),
         "layers": layers,
         "engine": config.engine,
@@ -329,7 +462,10 @@ def collect(config: CollectConfig, *, stop_after_batches: int | None = None) -> 
     texts = read_texts(config.dataset, text_column=config.text_column, split=config.split, seed=config.seed)
     corpus = tokenize_corpus(texts, loaded.tokenizer, max_tokens=config.max_tokens,
                              max_doc_tokens=config.max_doc_tokens, long_docs=config.long_docs, bos=config.bos)
-    states = collect_statistics(loaded, corpus, config, layers, stop_after_batches=stop_after_batches)
+    check_positions(corpus, max_positions(loaded.hf_model), config.max_doc_tokens)
+    run_facts = RunFacts(dtype=dtype_name(loaded.dtype), corpus_sha256=corpus.sha256())
+    states = collect_statistics(loaded, corpus, config, layers, stop_after_batches=stop_after_batches,
+                                facts=run_facts)
     vocab_size = max(len(loaded.tokenizer), int(corpus.tokens.max()) + 1)
     attrs = provenance(config, loaded, corpus, layers)
     attrs["elapsed_s"] = round(time.monotonic() - started, 1)

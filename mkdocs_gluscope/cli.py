@@ -1,8 +1,8 @@
-"""The ``gluscope`` command: ``collect``, ``pages``, ``info`` and ``demo``.
+"""The ``gluscope`` command: ``collect``, ``pages``, ``info``, ``merge``, ``pick`` and ``demo``.
 
 Each subcommand is thin glue: it parses options and calls a library function. Errors the user can
-fix come out as one ``gluscope: error: ...`` line and exit status 2; Ctrl-C during ``collect``
-leaves a checkpoint and exits with 130.
+fix come out as one ``gluscope: error: ...`` line and exit status 2 (bad options too); Ctrl-C
+during ``collect`` leaves a checkpoint and exits with 130, SIGTERM the same with 143.
 """
 
 from __future__ import annotations
@@ -10,24 +10,38 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 from mkdocs_gluscope.errors import GluscopeError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad option is one ``gluscope: error: ...`` line like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("gluscope").strip()
+        where = f"{command}: " if command else ""
+        self.exit(2, f"gluscope: error: {where}{message} (see {self.prog} --help)\n")
+
+
 def _int_list(text: str) -> list[int]:
-    """``3``, ``0,5,7`` or ``2-4`` (inclusive)."""
+    """``3``, ``0,5,7`` or ``2-4`` (inclusive); at least one layer."""
+    expected = "expected layers such as 3, 0,5,7 or 2-4"
     out: list[int] = []
     for part in text.split(","):
         part = part.strip()
         try:
             if "-" in part[1:]:
-                lo, hi = part.split("-", 1)
-                out += list(range(int(lo), int(hi) + 1))
+                lo, hi = (int(x) for x in part.split("-", 1))
+                if lo > hi:
+                    raise argparse.ArgumentTypeError(f"{text!r}: the range {part} runs backwards; {expected}")
+                out += list(range(lo, hi + 1))
             elif part:
                 out.append(int(part))
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected layers such as 3, 0,5,7 or 2-4") from None
+            raise argparse.ArgumentTypeError(f"{text!r}: {expected}") from None
+    if not out:
+        raise argparse.ArgumentTypeError(f"{text!r} names no layer; {expected}")
     return out
 
 
@@ -58,8 +72,10 @@ def add_collect_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bos", choices=("auto", "always", "never"), default="auto",
                    help="a BOS token first in every document: as the tokenizer does (auto), always (its EOS "
                         "if it has no BOS, as TransformerLens does), or never (default: auto)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                   help="dtype the model runs in; statistics accumulate in float32/float64 (default: float32)")
+    p.add_argument("--dtype", default="auto",
+                   help="dtype the model runs in: auto, float32, bfloat16 or float16; auto is bfloat16 on a GPU "
+                        "that supports it and on a CPU with native bfloat16 (AVX512-BF16 or AMX), else "
+                        "float32; statistics accumulate in float32/float64 (default: auto)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     p.add_argument("--layers", type=_int_list, default=None,
                    help="layers to record, e.g. 0,5 or 10-20 (default: all)")
@@ -73,6 +89,9 @@ def add_collect_arguments(p: argparse.ArgumentParser) -> None:
                    help="window tokens after each example's token (default: 2)")
     p.add_argument("--include-bos", action="store_true",
                    help="count the BOS position too (excluded by default: it holds attention-sink outliers)")
+    p.add_argument("--skip-positions", type=int, default=0, metavar="N",
+                   help="leave the first N positions after the BOS of every document out of all statistics, "
+                        "e.g. where early tokens act as attention sinks; not with --include-bos (default: 0)")
     p.add_argument("--no-refactor-glu", dest="refactor_glu", action="store_false",
                    help="keep the weights as they are (by default, neurons with w_gate.w_in < 0 "
                         "get w_in and w_out flipped)")
@@ -85,7 +104,9 @@ def add_collect_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="process shard I of N (every N-th batch), e.g. one per GPU; combine the files "
                         "with gluscope merge (default: the whole corpus)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt if it exists")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT.ckpt if it exists (written every --checkpoint-every seconds and on "
+                        "Ctrl-C or SIGTERM); it must come from the same options and corpus")
     p.add_argument("--checkpoint-every", type=float, default=600.0,
                    help="seconds between checkpoints (default: 600)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -103,7 +124,7 @@ def run_collect(args: argparse.Namespace) -> int:
         path = collect(config)
     except Interrupted as e:
         print(f"gluscope: {e}", file=sys.stderr)
-        return 130
+        return e.exit_status  # 130 after Ctrl-C, 143 after SIGTERM
     print(f"gluscope: wrote {path}")
     return 0
 
@@ -186,13 +207,17 @@ def run_pick(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_TOKENS = 100_000  # fits the 10-minute demo on a 2-core AVX2 CPU in float32 (see README)
+
+
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=_count, default=200_000,
-                   help="corpus tokens to collect over (default: 200k)")
+    p.add_argument("--max-tokens", type=_count, default=DEMO_TOKENS,
+                   help=f"corpus tokens to collect over (default: {DEMO_TOKENS // 1000}k)")
     p.add_argument("--out", type=Path, default=Path("data/demo.h5"),
                    help="where to write the activations file (default: data/demo.h5, as mkdocs.yml expects)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16",
-                   help="dtype the model runs in (default: bfloat16)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="dtype the model runs in; auto is bfloat16 where the CPU or GPU runs it natively, "
+                        "else float32 (default: auto)")
     p.add_argument("--cache", type=Path, default=None,
                    help="folder for the model and corpus (default: $GLUSCOPE_CACHE or ~/.cache/gluscope)")
     p.add_argument("--serve", dest="action", action="store_const", const="serve", default="serve",
@@ -232,7 +257,11 @@ COMMANDS = {
 def build_parser() -> argparse.ArgumentParser:
     from mkdocs_gluscope import __version__
 
-    parser = argparse.ArgumentParser(prog="gluscope", description=__doc__.splitlines()[0])
+    parser = _Parser(
+        prog="gluscope",
+        description="GLUScope: four-case views of the neurons of gated-MLP language models. "
+                    f"Commands: {', '.join(COMMANDS)}.",
+        epilog="Run 'gluscope COMMAND --help' for the options of a command.")
     parser.add_argument("--version", action="version", version=f"gluscope {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (add_arguments, run, help_text) in COMMANDS.items():

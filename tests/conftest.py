@@ -7,6 +7,14 @@ import pytest
 # Never reach for the hub: every model and tokenizer here is built inside the tests.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+try:
+    # transformers binds its log handler to sys.stderr on first use: inside a capsys test that is a
+    # stream closed after the test, and later warnings print "--- Logging error --- Traceback".
+    import transformers
+
+    transformers.logging.get_verbosity()
+except ImportError:  # the light install: site tests only
+    pass
 sys.path.insert(0, str(Path(__file__).parent))
 
 OUTPUT = Path(os.environ.get("GLUSCOPE_TEST_OUTPUT", Path(__file__).parent.parent / "test-output"))

@@ -10,17 +10,33 @@ import numpy as np
 import pytest
 import torch
 
+import tiny
 from collect.model import find_gated_mlps, load_hf, load_model, refactor_glu, run_with_mlp_hooks
 from collect.run import CollectConfig, Interrupted, collect
 from mkdocs_gluscope.cli import main
-from mkdocs_gluscope.store import CASES, HOOKS, ActivationsFile
+from mkdocs_gluscope.errors import GluscopeError
+from mkdocs_gluscope.store import CASES, HOOKS, ActivationsFile, first_counted_position
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def small_config(model: Path, corpus: list[Path], out: Path, **overrides) -> CollectConfig:
     options = dict(model=str(model), dataset=[str(p) for p in corpus], out=out, k=4, context_before=3,
-                   context_after=1, compile=False, progress=False, device="cpu", batch_tokens=128)
+                   context_after=1, compile=False, progress=False, device="cpu", batch_tokens=128,
+                   dtype="float32")
     options.update(overrides)
     return CollectConfig(**options)
+
+
+def copy_model_with(folder: Path, target: Path, **config_changes) -> Path:
+    """A copy of a saved tiny model with some of its config.json entries changed."""
+    import shutil
+
+    shutil.copytree(folder, target)
+    config = json.loads((target / "config.json").read_text())
+    config.update(config_changes)
+    (target / "config.json").write_text(json.dumps(config))
+    return target
 
 
 @pytest.mark.parametrize("engine", ["hf", "bridge"])
@@ -42,7 +58,7 @@ def test_hooks_match_hugging_face_forward_hooks(arch, engine, model_factory):
                         tokenizer("The cat sat on the mat, twice.")["input_ids"][:8]][0:1])
     with torch.inference_mode():
         reference(ids)
-    loaded, _ = load_model(str(folder), device="cpu", refactor=False, engine=engine)
+    loaded, _ = load_model(str(folder), dtype="float32", device="cpu", refactor=False, engine=engine)
     if engine == "hf":
         loaded.hf_model.set_attn_implementation("eager")  # compare like with like
     got = {}
@@ -173,7 +189,10 @@ def test_max_tokens_stops_the_corpus(model_factory, corpus_files, tmp_path):
 
 
 def run_cli(*args: str, capsys) -> tuple[int, str]:
-    code = main(list(args))
+    try:
+        code = main(list(args))
+    except SystemExit as e:  # argparse's own errors and --help
+        code = int(e.code or 0)
     captured = capsys.readouterr()
     return code, captured.err + captured.out
 
@@ -199,6 +218,15 @@ def test_cli_collect_then_info(model_factory, corpus_files, tmp_path, capsys):
         ("bad layer", ["--layers", "7"], "--layers [7]: this model has layers 0..1"),
         ("missing dataset file", ["--dataset", "/nonexistent/file.jsonl"], "no such file"),
         ("not a gated model", ["--model", "GPT2"], "has no gated MLP"),
+        ("malformed JSONL line", ["--dataset", "BADJSON"], "line 2 is not valid JSON"),
+        ("JSONL line not an object", ["--dataset", "LISTJSON"], "line 1 is a JSON list, not an object"),
+        ("reversed layer range", ["--layers", "5-3"], "the range 5-3 runs backwards"),
+        ("empty layer list", ["--layers", ""], "'' names no layer"),
+        ("documents longer than the model's positions", ["--dataset", "LONG", "--max-doc-tokens", "400"],
+         "but the model has 256 positions (max_position_embeddings); use --max-doc-tokens 256 or less"),
+        ("unsupported activation", ["--model", "MISH"], "activation 'mish' is not supported; gluscope knows silu"),
+        ("include-bos with skip-positions", ["--include-bos", "FLAG", "--skip-positions", "2"],
+         "--include-bos counts the BOS position, --skip-positions 2"),
     ],
 )
 def test_bad_input_gives_one_clear_error(problem, args, message, model_factory, corpus_files, tmp_path, capsys):
@@ -209,6 +237,18 @@ def test_bad_input_gives_one_clear_error(problem, args, message, model_factory, 
         empty = tmp_path / "empty.jsonl"
         empty.write_text('{"text": ""}\n{"text": "   "}\n')
         given["--dataset"] = str(empty)
+    if given.get("--dataset") in ("BADJSON", "LISTJSON"):
+        bad = tmp_path / "bad.jsonl"
+        second = '{"text": "cut off' if given["--dataset"] == "BADJSON" else '{"text": "fine"}'
+        first = '["a", "list"]' if given["--dataset"] == "LISTJSON" else '{"text": "fine"}'
+        bad.write_text(f"{first}\n{second}\n")
+        given["--dataset"] = str(bad)
+    if given.get("--dataset") == "LONG":
+        long = tmp_path / "long.jsonl"
+        long.write_text(json.dumps({"text": " ".join(tiny.CORPUS) * 20}) + "\n")
+        given["--dataset"] = str(long)
+    if given.get("--model") == "MISH":
+        given["--model"] = str(copy_model_with(model_factory("llama"), tmp_path / "mish", hidden_act="mish"))
     if given.get("--model") == "GPT2":
         import transformers
 
@@ -218,7 +258,8 @@ def test_bad_input_gives_one_clear_error(problem, args, message, model_factory, 
             (tmp_path / "gpt2" / name).write_bytes((model_factory("llama") / name).read_bytes())
         given["--model"] = str(tmp_path / "gpt2")
     options.update(given)
-    argv = ["collect", *[x for kv in options.items() for x in kv], "--no-compile", "--no-progress", "--device", "cpu"]
+    argv = ["collect", *[x for kv in options.items() for x in kv if x != "FLAG"], "--no-compile", "--no-progress",
+            "--device", "cpu"]
     code, text = run_cli(*argv, capsys=capsys)
     assert code == 2, text
     assert "gluscope: error: " in text and message in text, text
@@ -228,8 +269,6 @@ def test_bad_input_gives_one_clear_error(problem, args, message, model_factory, 
 
 def test_saved_dataset_and_parquet_inputs(model_factory, tmp_path):
     import datasets
-
-    import tiny
 
     rows = {"body": tiny.CORPUS}
     datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "saved"))
@@ -256,3 +295,244 @@ def test_first_ctrl_c_asks_for_a_checkpoint_and_the_second_aborts():
         with pytest.raises(KeyboardInterrupt):
             handler(signal.SIGINT, None)
     assert signal.getsignal(signal.SIGINT) is not handler  # the previous handler is back
+
+
+# -- issue 7 ("Trust") ---------------------------------------------------------------------------
+
+def test_dtype_auto_follows_what_torch_reports_about_the_device(monkeypatch):
+    from collect import model as model_module
+    from collect.model import resolve_dtype
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    # AVX2 kernels emulate bfloat16 (4x slower than float32), whatever the CPU itself could do.
+    monkeypatch.setattr(model_module.torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert resolve_dtype("auto", cpu) == torch.float32
+    monkeypatch.setattr(model_module.torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert resolve_dtype("auto", cpu) == torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert resolve_dtype("auto", cpu) == torch.float32
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert resolve_dtype("auto", cpu) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_dtype("auto", cuda) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_dtype("auto", cuda) == torch.float32
+    assert resolve_dtype("float16", cpu) == torch.float16  # an explicit choice is kept
+
+
+def test_dtype_auto_is_float32_where_torch_is_limited_to_avx2():
+    """For real: ATEN_CPU_CAPABILITY=avx2 is what torch runs with on a CPU without AVX-512."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from collect.model import resolve_dtype; print(resolve_dtype('auto'))"
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "torch.float32", result.stderr
+
+
+def test_dtype_auto_is_the_default_and_the_file_records_what_ran(model_factory, corpus_files, tmp_path):
+    from collect.model import dtype_name, resolve_dtype
+    from mkdocs_gluscope.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["demo"]).dtype == "auto"
+    assert parser.parse_args(["collect", "--model", "m", "--dataset", "d", "--out", "o"]).dtype == "auto"
+    out = collect(small_config(model_factory("llama"), corpus_files, tmp_path / "auto.h5", dtype="auto"))
+    with h5py.File(out) as f:
+        assert f.attrs["dtype_requested"] == "auto"
+        assert f.attrs["dtype"] == dtype_name(resolve_dtype("auto")) and f.attrs["dtype"] in ("float32", "bfloat16")
+
+
+def same_statistics(a_path: Path, b_path: Path) -> None:
+    with h5py.File(a_path) as a, h5py.File(b_path) as b:
+        assert a.attrs["n_tokens"] == b.attrs["n_tokens"]
+        for name in ("stats/count", "stats/sum", "stats/min", "stats/max", "top/value", "top/doc", "top/pos",
+                     "top/gate", "top/in", "corpus/tokens"):
+            assert np.array_equal(a[name][...], b[name][...], equal_nan=a[name].dtype.kind == "f"), name
+
+
+def test_failing_torch_compile_falls_back_to_eager_with_a_warning(model_factory, corpus_files, tmp_path,
+                                                                  monkeypatch, capsys):
+    import collect.run as run_module
+
+    eager = collect(small_config(model_factory("llama"), corpus_files, tmp_path / "eager.h5"))
+
+    def broken_compile(enabled):
+        def compiled(*args):
+            raise RuntimeError("InductorError: CppCompileError: C++ compile error\nlong details")
+        return compiled
+
+    monkeypatch.setattr(run_module, "compiled_reduce_batch", broken_compile)
+    out = collect(small_config(model_factory("llama"), corpus_files, tmp_path / "fallback.h5", compile=True))
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("gluscope: warning: torch.compile failed")
+    same_statistics(eager, out)
+
+
+def test_out_of_memory_names_batch_tokens(model_factory, corpus_files, tmp_path, monkeypatch, capsys):
+    import collect.run as run_module
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(run_module, "run_with_mlp_hooks", no_memory)
+    code, text = run_cli("collect", "--model", str(model_factory("llama")), "--dataset", str(corpus_files[0]),
+                         "--out", str(tmp_path / "oom.h5"), "--batch-tokens", "4096", "--no-compile",
+                         "--no-progress", "--device", "cpu", capsys=capsys)
+    assert code == 2 and "Traceback" not in text
+    assert text.count("gluscope: error: ") == 1
+    assert "out of memory at --batch-tokens 4096" in text and "--batch-tokens 2048" in text
+
+
+def test_resume_refuses_a_changed_corpus(model_factory, tmp_path):
+    corpus = tiny.write_corpus_files(tmp_path / "corpus")
+    config = small_config(model_factory("llama"), corpus, tmp_path / "run.h5", batch_tokens=64)
+    with pytest.raises(Interrupted):
+        collect(config, stop_after_batches=2)
+    texts = list(tiny.CORPUS)
+    texts[3] = texts[3].replace("1999", "2001")  # one edited document, same options
+    tiny.write_corpus_files(tmp_path / "corpus", texts)
+    config.resume = True
+    with pytest.raises(GluscopeError, match="the corpus"):
+        collect(config)
+    tiny.write_corpus_files(tmp_path / "corpus")  # the original files: the checkpoint fits again
+    out = collect(config)
+    import hashlib
+
+    with h5py.File(out) as f:
+        digest = hashlib.sha256(f["corpus/tokens"][...].astype("<i4").tobytes()
+                                + f["corpus/doc_offsets"][...].astype("<i8").tobytes()).hexdigest()
+        assert f.attrs["corpus_sha256"] == digest
+
+
+def test_sigterm_checkpoints_and_resume_completes_the_same_file(model_factory, tmp_path):
+    """A cluster preempting the job: SIGTERM mid-run leaves a checkpoint and exit status 143, and
+    --resume finishes the file an uninterrupted run writes."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    corpus = tmp_path / "big.jsonl"
+    rng = np.random.default_rng(0)
+    words = " ".join(tiny.CORPUS).split()
+    corpus.write_text("".join(json.dumps({"text": " ".join(rng.choice(words, 30))}) + "\n" for _ in range(1500)))
+    model = model_factory("llama")
+    args = ["--model", str(model), "--dataset", str(corpus), "--k", "4", "--batch-tokens", "64",
+            "--no-compile", "--device", "cpu", "--dtype", "float32"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "preempted.h5"
+    command = [sys.executable, "-m", "mkdocs_gluscope.cli", "collect", *args, "--out", str(out)]
+    proc = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE)
+    stderr = bytearray()
+    progressed = threading.Event()
+
+    def read() -> None:
+        while chunk := proc.stderr.read1(4096):
+            stderr.extend(chunk)
+            # tqdm's bar shows tokens done: wait for a first batch (a count above zero).
+            if re.search(rb"collect:\s+\d+%\|[^|]*\|\s*(?!0\.00/)[\d.]+k?/", bytes(stderr)):
+                progressed.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert progressed.wait(120), bytes(stderr).decode(errors="replace")[-2000:]
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(60)
+    reader.join(10)
+    text = bytes(stderr).decode(errors="replace")
+    assert code == 143, text[-2000:]
+    assert "SIGTERM" in text and "rerun the same command with --resume" in text and "Traceback" not in text
+    checkpoint = out.with_name(out.name + ".ckpt")
+    assert checkpoint.exists() and not out.exists()
+    done = torch.load(checkpoint, weights_only=True)["batches_done"]
+    assert 1 <= done
+    resumed = subprocess.run(command + ["--resume", "--no-progress"], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"after {done}/" in resumed.stderr and not checkpoint.exists()
+    whole = subprocess.run([*command[:-1], str(tmp_path / "whole.h5"), "--no-progress"], env=env,
+                           capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    same_statistics(tmp_path / "whole.h5", out)
+
+
+def test_every_activation_matches_transformers():
+    from transformers.activations import ACT2FN
+
+    from mkdocs_gluscope.activations import ACTIVATIONS
+
+    x = torch.cat([torch.linspace(-30, 30, 2001, dtype=torch.float64),
+                   torch.tensor([-1e-8, 0.0, 1e-8, -88.0, 88.0], dtype=torch.float64)])
+    for name, ours in ACTIVATIONS.items():
+        theirs = ACT2FN[name](x).numpy()
+        np.testing.assert_allclose(ours(x.numpy()), theirs, rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+def test_unsupported_activation_is_refused_before_any_batch(model_factory, corpus_files, tmp_path, monkeypatch):
+    import collect.run as run_module
+
+    mish = copy_model_with(model_factory("llama"), tmp_path / "mish", hidden_act="mish")
+    monkeypatch.setattr(run_module, "run_with_mlp_hooks", lambda *a, **k: pytest.fail("a batch ran"))
+    with pytest.raises(GluscopeError, match="activation 'mish' is not supported; gluscope knows silu"):
+        collect(small_config(mish, corpus_files, tmp_path / "mish.h5"))
+    assert not (tmp_path / "mish.h5").exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # with a BOS, and without one
+def test_skip_positions_leaves_the_first_positions_out_of_every_statistic(arch, model_factory, corpus_files,
+                                                                          tmp_path):
+    out = collect(small_config(model_factory(arch), corpus_files, tmp_path / "skip.h5", skip_positions=3))
+    with ActivationsFile(out) as f:
+        first = first_counted_position(f.attrs)
+        assert f.attrs["skip_positions"] == 3 and first == (4 if arch == "llama" else 3)
+        lengths = np.diff(f.doc_offsets)
+        counted = int(np.maximum(lengths - first, 0).sum())  # brute force: positions first.. of each doc
+        assert f.n_tokens == counted
+    with h5py.File(out) as f:
+        count = f["stats/count"][...]
+        # No exact zeros in these random activations: every counted position is in one case.
+        assert (count.sum(axis=-1) == counted).all()
+        docs, pos = f["top/doc"][...], f["top/pos"][...]
+        assert (docs >= 0).any() and (pos[docs >= 0] >= first).all()
+
+
+def test_inputs_are_checked_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    import collect.run as run_module
+
+    monkeypatch.setattr(run_module, "load_model", lambda *a, **k: pytest.fail("the model loaded first"))
+    (tmp_path / "notes.csv").write_text("text\nhello\n")
+    good = tmp_path / "ok.jsonl"
+    good.write_text('{"text": "hello"}\n')
+    cases = [
+        (["--dataset", "/nonexistent/corpus.jsonl"], "--dataset: no such file or folder: /nonexistent/corpus.jsonl"),
+        (["--dataset", str(tmp_path / "notes.csv")], "has an unsupported type; expected .txt, .jsonl, .parquet"),
+        (["--dataset", str(good), "--shard", "3/2"], "--shard '3/2'"),
+        (["--dataset", str(good), "--bos", "sometimes"], "--bos"),
+        (["--dataset", str(good), "--dtype", "float64"], "--dtype 'float64'; expected one of auto, float32"),
+        (["--dataset", str(good), "--skip-positions", "-1"], "--skip-positions -1"),
+        (["--dataset", str(good), "--out", str(tmp_path)], "is a folder"),
+    ]
+    for args, message in cases:
+        options = {"--model": "/no/such/model", "--out": str(tmp_path / "x.h5")}
+        options.update(dict(zip(args[::2], args[1::2])))
+        code, text = run_cli("collect", *[x for kv in options.items() for x in kv], "--device", "cpu",
+                             capsys=capsys)
+        assert code == 2 and text.startswith("gluscope: error: ") and message in text, (args, text)
+        assert text.count("\n") == 1 and "Traceback" not in text
+
+
+def test_top_level_help_lists_every_command_in_plain_text(capsys):
+    from mkdocs_gluscope.cli import COMMANDS
+
+    code, text = run_cli("--help", capsys=capsys)
+    assert code == 0
+    assert "``" not in text and "`" not in text
+    summary = text.split("positional arguments")[0]  # the description, before argparse's own list
+    for name in COMMANDS:
+        assert name in summary, name

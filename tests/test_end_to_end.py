@@ -69,6 +69,8 @@ def test_demo_site_config_lists_valid_neurons():
 def test_demo_end_to_end(tmp_path):
     """The README's first command on a small budget: fetch SmolLM2 and the addresses from the
     package registries, collect, build the repository's site with --strict."""
+    from collect.model import dtype_name, resolve_dtype
+
     project = tmp_path / "project"
     shutil.copytree(REPO / "site_src", project / "site_src")
     shutil.copy(REPO / "mkdocs.yml", project / "mkdocs.yml")
@@ -77,7 +79,8 @@ def test_demo_end_to_end(tmp_path):
                              "--build"], cwd=project, env=env, capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, result.stderr[-3000:]
     with ActivationsFile(project / "data/demo.h5") as f:
-        assert f.n_layers == 30 and f.d_mlp == 1536 and f.attrs["dtype"] == "bfloat16"
+        assert f.n_layers == 30 and f.d_mlp == 1536 and f.attrs["dtype_requested"] == "auto"
+        assert f.attrs["dtype"] == dtype_name(resolve_dtype("auto"))  # float32 unless bfloat16 is native
         assert "State of the Union" in f.attrs["dataset"] and "·" in (f.doc_title(0) or "")
     pages = list((project / "site/neurons").glob("L*/N*/index.html"))
     assert len(pages) >= 30

@@ -373,6 +373,27 @@ def test_failing_torch_compile_falls_back_to_eager_with_a_warning(model_factory,
     same_statistics(eager, out)
 
 
+def test_miscompiled_statistics_are_caught_and_recomputed_eagerly(model_factory, corpus_files, tmp_path,
+                                                                  monkeypatch, capsys):
+    """Found: a compile cache from an AVX-512 run gave wrong counts on an AVX2-only CPU, silently."""
+    import collect.run as run_module
+
+    eager = collect(small_config(model_factory("llama"), corpus_files, tmp_path / "eager.h5"))
+
+    def miscompiled(enabled):
+        def compiled(*args):
+            reduced = run_module.reduce_batch(*args)
+            reduced.count[::2] += 1  # what a kernel built for another instruction set did
+            return reduced
+        return compiled
+
+    monkeypatch.setattr(run_module, "compiled_reduce_batch", miscompiled)
+    out = collect(small_config(model_factory("llama"), corpus_files, tmp_path / "checked.h5", compile=True))
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "differ from the eager computation (count of neurons" in warnings[0]
+    same_statistics(eager, out)
+
+
 def test_out_of_memory_names_batch_tokens(model_factory, corpus_files, tmp_path, monkeypatch, capsys):
     import collect.run as run_module
 

@@ -8,6 +8,7 @@ during ``collect`` leaves a checkpoint and exits with 130, SIGTERM the same with
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn, Sequence
@@ -304,6 +305,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gluscope: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `gluscope pick FILE | head`: the reader has what it wanted; no traceback, and no second
+        # error when Python flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # the shell's status for a process ended by SIGPIPE
 
 
 if __name__ == "__main__":

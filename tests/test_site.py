@@ -494,3 +494,20 @@ def test_nonfinite_values_are_reported_on_the_page(tmp_path):
     for part in ("3 in gate+_in+", "2 in gate-_in-", "5 with no case"):
         assert part in html.unescape(text), part
     assert "Non-finite" not in read(site, "neurons/L0/N0/index.html")
+
+
+def test_output_into_a_closed_pipe_ends_quietly(activations, monkeypatch):
+    """Found: `gluscope pick FILE | head` printed a BrokenPipeError traceback."""
+    import os
+    import sys
+
+    from mkdocs_gluscope.cli import main
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader (head) has gone
+    stream = os.fdopen(write_end, "w", buffering=1)
+    monkeypatch.setattr(sys, "stdout", stream)
+    try:
+        assert main(["pick", str(activations)]) == 141
+    finally:
+        stream.close()

@@ -107,3 +107,37 @@ def test_pick_proposes_valid_neurons_with_reasons(model_factory, corpus_files, t
             assert freq[p.layer, p.neuron, ["gate+_in+", "gate+_in-", "gate-_in+", "gate-_in-"].index(case)] < 0.5
     assert main(["pick", str(out), "--mix", "1"]) == 0
     assert '- "' in capsys.readouterr().out
+
+
+def documented_commands(name: str) -> list[list[str]]:
+    """Every ``gluscope NAME ...`` command in the README and the site's pages, as argument lists
+    (shell line continuations joined, the ``$`` prompt and trailing comments dropped)."""
+    import re
+    import shlex
+
+    root = Path(__file__).resolve().parent.parent
+    commands = []
+    for page in [root / "README.md", *sorted((root / "site_src").glob("*.md"))]:
+        text = page.read_text(encoding="utf-8").replace("\\\n", " ")
+        for line in text.splitlines():
+            match = re.search(rf"(?:^|\$ |; |do )\s*(?:CUDA_VISIBLE_DEVICES=\S+ )?gluscope {name}\b(.*)", line)
+            if match:
+                words = shlex.split(match.group(1).split(" #")[0].split(" &")[0].split(";")[0])
+                commands.append([name, *(re.sub(r"\$\{?\w+\}?", "0", w) for w in words)])  # $i of a loop: 0
+    return commands
+
+
+def test_documented_collect_commands_parse_and_the_olmo_one_prepends_a_bos():
+    """Finding: the README's OLMo command ran with --bos auto, while OLMo's tokenizer adds no BOS
+    and the paper prepends one (the EOS) to every document."""
+    from mkdocs_gluscope.cli import build_parser
+
+    commands = documented_commands("collect")
+    assert len(commands) >= 2
+    olmo = 0
+    for argv in commands:
+        args = build_parser().parse_args(argv)
+        if "OLMo" in args.model:
+            olmo += 1
+            assert args.bos == "always", argv
+    assert olmo >= 1

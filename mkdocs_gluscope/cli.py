@@ -177,11 +177,17 @@ def run_info(args: argparse.Namespace) -> int:
         print(f"{'k':>14}: {f.k}, window {f.context_before} before + 1 + {f.context_after} after")
         freq = f.frequency().mean(axis=(0, 1))
         print(f"{'mean freq.':>14}: " + ", ".join(f"{c} {100 * x:.1f}%" for c, x in zip(CASES, freq)))
+        if f.has_nonfinite:
+            nonfinite = f.file["stats/nonfinite"][...].sum(axis=-1)  # [L, N]
+            neurons = int((nonfinite > 0).sum())
+            print(f"{'non-finite':>14}: {int(nonfinite.sum()):,} positions in {neurons:,} neuron"
+                  f"{'' if neurons == 1 else 's'} (NaN or inf; left out of every statistic)")
     return 0
 
 
 def add_merge_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("inputs", type=Path, nargs="+", help="the shard files of one run (collect --shard I/N)")
+    p.add_argument("inputs", type=Path, nargs="+",
+                   help="the files of one run: shards (collect --shard I/N), layer groups (--layers), or both")
     p.add_argument("--out", type=Path, required=True, help="the merged activations file")
 
 

@@ -7,11 +7,12 @@ import numpy as np
 import torch
 
 from collect.run import collect
+from mkdocs_gluscope.cli import main
 from test_collect import small_config
 
 
 def test_overflowing_neuron_counts_its_nonfinite_positions_and_keeps_the_rest(model_factory, corpus_files,
-                                                                              tmp_path):
+                                                                              tmp_path, capsys):
     import transformers
 
     folder = tmp_path / "overflow-model"
@@ -38,3 +39,6 @@ def test_overflowing_neuron_counts_its_nonfinite_positions_and_keeps_the_rest(mo
             assert not np.isinf(values).any(), name  # NaN marks an empty case or slot, never inf
         filled = f["top/doc"][0] >= 0
         assert np.isfinite(f["top/value"][0][filled]).all()
+    assert main(["info", str(out)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "non-finite" in x)
+    assert f"{int(nonfinite.sum()):,} positions in 1 neuron " in line

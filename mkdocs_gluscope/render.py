@@ -1,7 +1,7 @@
 """Neuron pages as Markdown plus HTML, from one neuron's data alone (no MkDocs objects).
 
 :func:`neuron_markdown` gives the page's Markdown: title, provenance, summary table, weight facts
-and a plain-text line of top tokens per case (what search indexes). The bulky colored-token
+and a line of top words per case (whole words around each peak token: what search indexes). The bulky colored-token
 examples come from :func:`examples_html` and replace :data:`EXAMPLES_PLACEHOLDER` after Markdown
 has run: Python-Markdown is slow on thousands of spans, and search should not index them.
 
@@ -171,6 +171,10 @@ class PageContext:
     next_link: tuple[str, str] | None = None
     index_link: str = "../../"
     layer_link: str = "../"
+    #: Examples written into the page per list of the color hook; the other lists and the rest come
+    #: from ``data_url`` when a reader opens them (``gluscope.js``). None: every example inline.
+    inline: int | None = None
+    data_url: str = ""  # the neuron's example data file, relative to the page (with ``inline``)
 
 
 def provenance_rows(attrs: dict) -> list[tuple[str, str]]:
@@ -187,19 +191,65 @@ def provenance_rows(attrs: dict) -> list[tuple[str, str]]:
     return [(k, str(v)) for k, v in rows if v not in (None, "")]
 
 
-def top_tokens(data: NeuronData, ctx: PageContext, case: int, hook: int = 0, limit: int = 8) -> list[str]:
-    """Distinct display strings of the extreme tokens of one list, best first."""
-    centre = data.context_before
-    seen: dict[str, None] = {}
+def word_around(tokens: Sequence[str], centre: int, limit: int = 8) -> tuple[str, str, str]:
+    """The whole word that the token at ``centre`` is a piece of, as display strings ``(before, peak,
+    after)``: neighbours join while letters or digits meet across the piece boundary and the later
+    piece starts without a space (``"Appl" + "ause"``). ``tokens`` are the window's display strings
+    (None outside the document). Readers and search know words; tokenizers cut them into pieces."""
+    def joins(left: str | None, right: str | None) -> bool:
+        return bool(left) and bool(right) and left[-1].isalnum() and right[0].isalnum()
+
+    start = stop = centre
+    while start > 0 and centre - start < limit and joins(tokens[start - 1], tokens[start]):
+        start -= 1
+    while stop + 1 < len(tokens) and stop - centre < limit and joins(tokens[stop], tokens[stop + 1]):
+        stop += 1
+    return "".join(tokens[start:centre]), tokens[centre] or "", "".join(tokens[centre + 1:stop + 1])
+
+
+def example_word(data: NeuronData, vocab_text: Callable[[int], str], case: int, hook: int, j: int) -> tuple[str, str, str]:
+    """:func:`word_around` the extreme token of example ``j`` of one list."""
+    ids = data.window_tokens[case, hook, j]
+    return word_around([vocab_text(int(t)) if t >= 0 else None for t in ids], data.context_before)
+
+
+def word_key(word: tuple[str, str, str]) -> str:
+    """How search knows a word: the whole word, trimmed and lowercased (``gluscope.js`` normalizes
+    a query the same way)."""
+    return "".join(word).strip().lower()
+
+
+def word_labels(word: tuple[str, str, str]) -> tuple[str, str, str]:
+    """A whole word's pieces as shown: the word's outer whitespace trimmed, then :func:`token_label`
+    (a word of whitespace only keeps it, shown as its visible symbols)."""
+    before, peak, after = word
+    if "".join(word).strip():
+        if not before:
+            peak = peak.lstrip()
+        if not after:
+            peak = peak.rstrip()
+        before, after = before.lstrip(), after.rstrip()
+    return token_label(before), token_label(peak), token_label(after)
+
+
+def word_html(word: tuple[str, str, str]) -> str:
+    """A whole word with its peak piece marked (``gs-peak``)."""
+    before, peak, after = word_labels(word)
+    return f'{md_text(before)}<span class="gs-peak">{md_text(peak)}</span>{md_text(after)}'
+
+
+def top_words(data: NeuronData, ctx: PageContext, case: int, hook: int = 0, limit: int = 8) -> list[tuple[str, str, str]]:
+    """Distinct whole words (by :func:`word_key`) around the extreme tokens of one list, best first."""
+    seen: dict[str, tuple[str, str, str]] = {}
     for j in range(data.top_doc.shape[-1]):
         if data.top_doc[case, hook, j] < 0:
             break
-        token = int(data.window_tokens[case, hook, j, centre])
-        if token >= 0:
-            seen.setdefault(ctx.vocab_text(token), None)
+        if data.window_tokens[case, hook, j, data.context_before] >= 0:
+            word = example_word(data, ctx.vocab_text, case, hook, j)
+            seen.setdefault(word_key(word), word)
         if len(seen) >= limit:
             break
-    return list(seen)
+    return list(seen.values())
 
 
 def summary_table(data: NeuronData) -> str:
@@ -216,7 +266,8 @@ def summary_table(data: NeuronData) -> str:
         rows.append(f'<tr class="gs-hook-row"><th colspan="5">{html.escape(HOOK_LABELS[hook])}</th></tr>')
         for name, values in (("max", data.max[:, h]), ("min", data.min[:, h]), ("mean", mean[:, h])):
             rows.append(f"<tr><th>{name}</th>" + "".join(f"<td>{fmt(v)}</td>" for v in values) + "</tr>")
-    return ('<div class="gs-summary md-typeset__scrollwrap"><table class="gs-table">'
+    # data-search-exclude: search would index the numbers as one run of digits ("5.14807.6513.5").
+    return ('<div class="gs-summary md-typeset__scrollwrap" data-search-exclude><table class="gs-table">'
             f"<thead><tr><th></th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
 
 
@@ -256,11 +307,10 @@ def neuron_markdown(data: NeuronData, ctx: PageContext) -> str:
                               "in and post carry the opposite sign of the original model's)"
                               if data.flipped else "not flipped"),
         "",
-        "## Top tokens", "",
+        "## Top words", "",
     ]
     for c, case in enumerate(CASES):
-        tokens = top_tokens(data, ctx, c)
-        shown = ", ".join(md_text(repr(t)[1:-1] if t.strip() == "" else t.strip()) for t in tokens) or "none"
+        shown = ", ".join(word_html(w) for w in top_words(data, ctx, c)) or "none"
         lines.append(f"- **{md_text(case)}** ({100 * data.frequency[c]:.3g}%): {shown}")
     lines += ["", "## Examples", "", EXAMPLES_PLACEHOLDER, ""]
     return "\n".join(lines)
@@ -273,17 +323,29 @@ EARLY_TITLE = (
     "gluscope pick leaves these examples out of its scores.")
 
 
+def shown_examples(data: NeuronData, examples: int | None) -> int:
+    """Examples shown per list: the ``examples`` option, at most the file's k."""
+    return data.top_doc.shape[-1] if examples is None else min(examples, data.top_doc.shape[-1])
+
+
+def list_scales(data: NeuronData, k: int) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``counted_windows``, ``page_windows`` and each hook's :func:`color_scales` ([C, H] per hook):
+    what the page and its example data file both carry, computed once."""
+    counted = counted_windows(data)
+    windows = page_windows(data)
+    return counted, windows, {hook: color_scales(values, counted, k) for hook, values in windows.items()}
+
+
 def examples_html(data: NeuronData, ctx: PageContext) -> str:
     """Collapsible lists (case, then hook) of colored-token examples, with a recolor control.
 
     The page carries what ``gluscope.js`` needs to recolor and explain tokens without a rule of its
     own: each example's gate, in and act(gate) windows, each list's color scale per hook, the
-    number of color levels and the first counted position."""
-    k = data.top_doc.shape[-1] if ctx.examples is None else min(ctx.examples, data.top_doc.shape[-1])
+    number of color levels and the first counted position. With ``ctx.inline`` the page holds the
+    first examples of each case's color-hook list only, and names the data file of the rest."""
+    k = shown_examples(data, ctx.examples)
     color_hook = ctx.color_hook if ctx.color_hook in HOOKS else "hook_post"
-    counted = counted_windows(data)
-    windows = page_windows(data)
-    scales = {hook: color_scales(values, counted, k) for hook, values in windows.items()}  # [C, H] each
+    counted, windows, scales = list_scales(data, k)
     levels = color_levels(windows[color_hook], scales[color_hook], counted).tolist()  # plain ints per token
     counted_list = counted.tolist()
     window_tokens = data.window_tokens.tolist()
@@ -292,9 +354,13 @@ def examples_html(data: NeuronData, ctx: PageContext) -> str:
     options = "".join(
         f'<option value="{h}"{" selected" if h == color_hook else ""}>{html.escape(HOOK_LABELS[h])}</option>'
         for h in HOOKS)
+    light = ""
+    if ctx.inline is not None:
+        light = (f' data-src="{md_text(ctx.data_url)}" data-inline="{ctx.inline}" data-shown="{k}" data-early="{early}"'
+                 f' data-early-title="{md_text(EARLY_TITLE.replace("{n}", str(EARLY_POSITIONS)))}"')
     parts = [
         f'<div class="gs-examples" data-root="{md_text(ctx.site_root)}" data-centre="{centre}" '
-        f'data-levels="{LEVELS}" data-counted-from="{first_counted_position(data.attrs)}">',
+        f'data-levels="{LEVELS}" data-counted-from="{first_counted_position(data.attrs)}"{light}>',
         '<div class="gs-controls"><label>Color tokens by <select class="gs-hook-select">'
         f'{options}</select></label> <span class="gs-legend"><span class="gs-legend-bar"></span>'
         '<span>− most negative</span><span>0</span><span>most positive +</span></span>'
@@ -309,19 +375,21 @@ def examples_html(data: NeuronData, ctx: PageContext) -> str:
             f'{n_filled} documents</summary>')
         for h, hook in enumerate(HOOKS):
             docs = data.top_doc[c, h]
+            inline = k if ctx.inline is None else min(ctx.inline, k) if hook == color_hook else 0
             scale = json.dumps({name: float(scales[name][c, h]) for name in HOOKS})  # exact: JS reads these
+            attrs = f' data-scale="{md_text(scale)}"' if inline else ""
+            filled = int((docs[:k] >= 0).sum())
+            shown = min(inline, filled)
+            # A light page's list names how many examples load on demand; the stylesheet says so to a
+            # reader without JavaScript (one attribute instead of a sentence in each of 16 lists).
+            more = f' data-more="{filled - shown}"' if filled > shown else ""
             parts.append(
-                f'<details class="gs-list" data-scale="{md_text(scale)}"><summary>{html.escape(HOOK_LABELS[hook])}: '
-                f'most extreme {_extreme(data, c, h, early)}</summary><div class="gs-rows">')
-            shown = 0
-            for j in range(k):
-                doc = int(docs[j])
-                if doc < 0:
-                    break
-                shown += 1
+                f'<details class="gs-list"{attrs}><summary>{html.escape(HOOK_LABELS[hook])}: '
+                f'most extreme {_extreme(data, c, h, early)}</summary><div class="gs-rows"{more}>')
+            for j in range(shown):
                 parts.append(_example_row(data, ctx, c, h, j, levels[c][h][j], counted_list[c][h][j],
                                           window_tokens[c][h][j], windows["swish"][c, h, j], centre, early))
-            if not shown:
+            if not filled:
                 parts.append('<p class="gs-empty">No token of the corpus fell in this case.</p>')
             parts.append("</div></details>")
         parts.append("</details>")
@@ -370,15 +438,14 @@ def index_rows(entries: Sequence[tuple[NeuronData, str]], vocab_text: Callable[[
     """A sortable HTML table: one row per (neuron, relative url)."""
     head = ("<th>neuron</th>" + "".join(
         f'<th class="gs-case gs-case{c}">{html.escape(case)}&nbsp;%</th>' for c, case in enumerate(CASES))
-        + "<th>top token of each case</th>")
+        + "<th>top word of each case (peak token marked)</th>")
     rows = []
     for data, url in entries:
         freq = "".join(f'<td data-sort="{f:.6f}">{100 * f:.3g}</td>' for f in data.frequency)
         tops = []
         for c in range(len(CASES)):
-            doc = data.top_doc[c, 0, 0]
-            token = int(data.window_tokens[c, 0, 0, data.context_before]) if doc >= 0 else -1
-            label = token_html(vocab_text(token)) if token >= 0 else "–"
+            filled = data.top_doc[c, 0, 0] >= 0 and data.window_tokens[c, 0, 0, data.context_before] >= 0
+            label = word_html(example_word(data, vocab_text, c, 0, 0)) if filled else "–"
             tops.append(f'<code class="gs-top gs-case{c}" title="{html.escape(CASES[c])}">{label}</code>')
         rows.append(
             f'<tr><td data-sort="{data.layer:04d}.{data.neuron:06d}"><a href="{html.escape(url)}">{data.id}</a></td>'

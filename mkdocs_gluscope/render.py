@@ -132,15 +132,15 @@ def counted_windows(data: NeuronData) -> np.ndarray:
 
 def color_scales(values: np.ndarray, counted: np.ndarray, shown: int) -> np.ndarray:
     """Per list (``[C, H]``): :data:`COLOR_PERCENTILE` of ``|value|`` over the counted, finite window
-    values of the first ``shown`` examples; 1 where a list has none."""
+    values of the first ``shown`` examples (numpy's "lower" percentile: a real value of the list, never
+    one interpolated towards a sink); 1 where a list has none."""
     magnitude = np.where(counted & np.isfinite(values), np.abs(values), np.nan)[..., :shown, :]
-    flat = magnitude.reshape(magnitude.shape[:-2] + (-1,))
-    scales = np.ones(flat.shape[:-1])
-    for index in np.ndindex(*flat.shape[:-1]):
-        finite = flat[index][~np.isnan(flat[index])]
-        if finite.size:  # "lower": a real value of the list, never one interpolated towards a sink
-            scales[index] = np.percentile(finite, COLOR_PERCENTILE, method="lower")
-    return np.where(scales > 0, scales, 1.0)
+    flat = np.sort(magnitude.reshape(magnitude.shape[:-2] + (-1,)), axis=-1)  # NaN last
+    n = np.isfinite(flat).sum(axis=-1)
+    # np.percentile(finite, q, method="lower") of each list at once: index floor((n - 1) * q / 100).
+    index = np.floor((np.maximum(n, 1) - 1) * (COLOR_PERCENTILE / 100)).astype(np.intp)
+    scales = np.take_along_axis(flat, index[..., None], axis=-1)[..., 0] if flat.shape[-1] else np.zeros(n.shape)
+    return np.where((n > 0) & (scales > 0), scales, 1.0)
 
 
 def color_levels(values: np.ndarray, scales: np.ndarray, counted: np.ndarray) -> np.ndarray:
@@ -171,10 +171,12 @@ class PageContext:
     next_link: tuple[str, str] | None = None
     index_link: str = "../../"
     layer_link: str = "../"
-    #: Examples written into the page per list of the color hook; the other lists and the rest come
-    #: from ``data_url`` when a reader opens them (``gluscope.js``). None: every example inline.
-    inline: int | None = None
-    data_url: str = ""  # the neuron's example data file, relative to the page (with ``inline``)
+    #: Light pages: the strongest color-hook example of this many of the neuron's rarest cases (with
+    #: examples) is written into the page; every other example comes from ``data_url`` when a reader
+    #: opens its list (``gluscope.js``). None: every example inline.
+    inline_cases: int | None = None
+    data_url: str = ""  # the neuron's example data file, relative to the page (with ``inline_cases``)
+    top_words: int = 8  # whole words listed per case under "Top words"
 
 
 def provenance_rows(attrs: dict) -> list[tuple[str, str]]:
@@ -310,7 +312,7 @@ def neuron_markdown(data: NeuronData, ctx: PageContext) -> str:
         "## Top words", "",
     ]
     for c, case in enumerate(CASES):
-        shown = ", ".join(word_html(w) for w in top_words(data, ctx, c)) or "none"
+        shown = ", ".join(word_html(w) for w in top_words(data, ctx, c, limit=ctx.top_words)) or "none"
         lines.append(f"- **{md_text(case)}** ({100 * data.frequency[c]:.3g}%): {shown}")
     lines += ["", "## Examples", "", EXAMPLES_PLACEHOLDER, ""]
     return "\n".join(lines)
@@ -336,16 +338,18 @@ def list_scales(data: NeuronData, k: int) -> tuple[np.ndarray, dict[str, np.ndar
     return counted, windows, {hook: color_scales(values, counted, k) for hook, values in windows.items()}
 
 
-def examples_html(data: NeuronData, ctx: PageContext) -> str:
+def examples_html(data: NeuronData, ctx: PageContext,
+                  computed: tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]] | None = None) -> str:
     """Collapsible lists (case, then hook) of colored-token examples, with a recolor control.
 
     The page carries what ``gluscope.js`` needs to recolor and explain tokens without a rule of its
     own: each example's gate, in and act(gate) windows, each list's color scale per hook, the
-    number of color levels and the first counted position. With ``ctx.inline`` the page holds the
-    first examples of each case's color-hook list only, and names the data file of the rest."""
+    number of color levels and the first counted position. With ``ctx.inline_cases`` the page holds
+    the strongest color-hook example of its rarest cases only (the paper's point: a neuron's rare cases
+    are often the telling ones), and names the data file of the rest."""
     k = shown_examples(data, ctx.examples)
     color_hook = ctx.color_hook if ctx.color_hook in HOOKS else "hook_post"
-    counted, windows, scales = list_scales(data, k)
+    counted, windows, scales = computed or list_scales(data, k)
     levels = color_levels(windows[color_hook], scales[color_hook], counted).tolist()  # plain ints per token
     counted_list = counted.tolist()
     window_tokens = data.window_tokens.tolist()
@@ -355,9 +359,11 @@ def examples_html(data: NeuronData, ctx: PageContext) -> str:
         f'<option value="{h}"{" selected" if h == color_hook else ""}>{html.escape(HOOK_LABELS[h])}</option>'
         for h in HOOKS)
     light = ""
-    if ctx.inline is not None:
-        light = (f' data-src="{md_text(ctx.data_url)}" data-inline="{ctx.inline}" data-shown="{k}" data-early="{early}"'
-                 f' data-early-title="{md_text(EARLY_TITLE.replace("{n}", str(EARLY_POSITIONS)))}"')
+    h_color = HOOKS.index(color_hook)
+    if ctx.inline_cases is not None:
+        light = f' data-src="{md_text(ctx.data_url)}" data-shown="{k}" data-early="{early}"'
+        with_examples = [c for c in range(len(CASES)) if data.top_doc[c, h_color, 0] >= 0]
+        rare = set(sorted(with_examples, key=lambda c: (data.count[c], c))[:ctx.inline_cases])
     parts = [
         f'<div class="gs-examples" data-root="{md_text(ctx.site_root)}" data-centre="{centre}" '
         f'data-levels="{LEVELS}" data-counted-from="{first_counted_position(data.attrs)}"{light}>',
@@ -367,31 +373,41 @@ def examples_html(data: NeuronData, ctx: PageContext) -> str:
         f'<span class="gs-hint">scaled per list (its {COLOR_PERCENTILE}th percentile of |value|; stronger values '
         'get the strongest color) · hover a token for its values</span></div>',
     ]
+    opened = ""
     for c, case in enumerate(CASES):
         n_filled = int((data.top_doc[c, 0] >= 0).sum())
+        # A light page opens the cases whose example it holds: seen at once, with or without JavaScript.
+        opened = " open" if ctx.inline_cases is not None and c in rare else ""
         parts.append(
-            f'<details class="gs-case-block"><summary><span class="gs-chip gs-case{c}"></span>'
+            f'<details class="gs-case-block"{opened}><summary><span class="gs-chip gs-case{c}"></span>'
             f'<b>{html.escape(case)}</b> · {100 * data.frequency[c]:.3g}% of tokens · '
             f'{n_filled} documents</summary>')
         for h, hook in enumerate(HOOKS):
             docs = data.top_doc[c, h]
-            inline = k if ctx.inline is None else min(ctx.inline, k) if hook == color_hook else 0
-            scale = json.dumps({name: float(scales[name][c, h]) for name in HOOKS})  # exact: JS reads these
+            inline = k if ctx.inline_cases is None else 1 if h == h_color and c in rare else 0
+            if ctx.inline_cases is not None and not inline:
+                continue  # a light page: gluscope.js builds this list from the data file
+            # Exact (JS reads these), one per hook in HOOKS order, compact: md_text writes each [ , . as 5 characters.
+            scale = json.dumps([float(scales[name][c, h]) for name in HOOKS], separators=(",", ":"))
             attrs = f' data-scale="{md_text(scale)}"' if inline else ""
+            if ctx.inline_cases is not None:
+                attrs += f' data-hook="{h}"'
             filled = int((docs[:k] >= 0).sum())
             shown = min(inline, filled)
-            # A light page's list names how many examples load on demand; the stylesheet says so to a
-            # reader without JavaScript (one attribute instead of a sentence in each of 16 lists).
-            more = f' data-more="{filled - shown}"' if filled > shown else ""
             parts.append(
-                f'<details class="gs-list"{attrs}><summary>{html.escape(HOOK_LABELS[hook])}: '
-                f'most extreme {_extreme(data, c, h, early)}</summary><div class="gs-rows"{more}>')
+                f'<details class="gs-list"{attrs}{opened}><summary>{html.escape(HOOK_LABELS[hook])}: '
+                f'most extreme {_extreme(data, c, h, early)}</summary><div class="gs-rows">')
             for j in range(shown):
                 parts.append(_example_row(data, ctx, c, h, j, levels[c][h][j], counted_list[c][h][j],
                                           window_tokens[c][h][j], windows["swish"][c, h, j], centre, early))
             if not filled:
                 parts.append('<p class="gs-empty">No token of the corpus fell in this case.</p>')
             parts.append("</div></details>")
+        if ctx.inline_cases is not None:
+            # The case's other lists (and the rest of this one) come from the data file when the case opens;
+            # the stylesheet tells a reader without JavaScript how many examples that is.
+            rest = int((data.top_doc[c, :, :k] >= 0).sum()) - (1 if c in rare else 0)
+            parts.append(f'<div class="gs-lazy" data-more="{rest}"></div>' if rest else "")
         parts.append("</details>")
     parts.append("</div>")
     return "".join(parts)
@@ -450,5 +466,6 @@ def index_rows(entries: Sequence[tuple[NeuronData, str]], vocab_text: Callable[[
         rows.append(
             f'<tr><td data-sort="{data.layer:04d}.{data.neuron:06d}"><a href="{html.escape(url)}">{data.id}</a></td>'
             f"{freq}<td class=\"gs-tops\">{''.join(tops)}</td></tr>")
-    return (f'<div class="md-typeset__scrollwrap"><table class="gs-table gs-sortable gs-index"><thead><tr>{head}</tr>'
+    # data-search-exclude: a search snippet would run the cells together ("1.043.418.422.1").
+    return (f'<div class="md-typeset__scrollwrap" data-search-exclude><table class="gs-table gs-sortable gs-index"><thead><tr>{head}</tr>'
             f"</thead><tbody>{''.join(rows)}</tbody></table></div>")

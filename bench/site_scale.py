@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 SYLLABLES = ("ab al an ar as at be ca ce co con de di dis en er es ex for ge in is it la le li lo ma me mi "
              "mo na ne no or pa pe per pre pro ra re ri ro sa se si so sta sub ta te ter ti to tra tu un ur "
              "ve vi").split()
+SHARE_POST_IN = 0.4
 FUNCTION_WORDS = (" the", " of", " and", " to", " in", " a", " that", " is", " for", " we", " our", " will",
                   " it", " be", " this", " with", " have", " by", " as", " on", ",", ".", "\n", " (", ")", "[", "]")
 
@@ -96,11 +97,17 @@ def write_demo_shaped(path: Path, *, layers: int = 30, d_mlp: int = 1536, k: int
         w.write_corpus(np.concatenate(docs), offsets, vocab, doc_title=titles)
         for layer in range(layers):
             count = np.floor(rng.dirichlet(np.ones(C) * 0.7, size=d_mlp) * (n_tokens - n_docs)).astype(np.int64)
-            # k distinct documents per list; within a gate+ case the gate and act(gate) lists are the same
-            # examples (SiLU rises for gate > 0), as in a real file.
-            top_doc = np.argsort(rng.random((d_mlp, C, H, n_docs)), axis=-1)[..., :k].astype(np.int32)
+            # k distinct documents per list. Lists of a case share examples as in the real demo file (where
+            # 77% of a neuron's 256 examples are distinct): within a gate+ case the gate and act(gate) lists
+            # are the same (SiLU rises for gate > 0), and each post example is the in list's example of the
+            # same rank with probability SHARE_POST_IN (otherwise a document the in list does not have).
+            perm = np.argsort(rng.random((d_mlp, C, H, n_docs)), axis=-1)[..., :2 * k].astype(np.int32)
+            top_doc = perm[..., :k].copy()
+            shared = rng.random((d_mlp, C, k)) < SHARE_POST_IN
+            top_doc[:, :, 0] = np.where(shared, top_doc[:, :, 1], perm[:, :, 1, k:])
             top_doc[:, :2, 3] = top_doc[:, :2, 2]
             top_pos = (rng.random((d_mlp, C, H, k)) * (lengths[top_doc] - 1)).astype(np.int32) + 1
+            top_pos[:, :, 0] = np.where(shared, top_pos[:, :, 1], top_pos[:, :, 0])
             top_pos[:, :2, 3] = top_pos[:, :2, 2]
             scale = rng.gamma(2.0, 0.6, size=(d_mlp, 1, 1, 1, 1)).astype(np.float32)
             gate = (rng.normal(size=(d_mlp, C, H, k, W)) * scale).astype(np.float32)
@@ -109,8 +116,9 @@ def write_demo_shaped(path: Path, *, layers: int = 30, d_mlp: int = 1536, k: int
             peak = -np.sort(-peak, axis=-1)
             gate[..., before] = g_sign[None, ..., 0] * peak
             in_[..., before] = i_sign[None, ..., 0] * peak
-            gate[:, :2, 3] = gate[:, :2, 2]
-            in_[:, :2, 3] = in_[:, :2, 2]
+            for x in (gate, in_):  # a shared example has the same windows in every list
+                x[:, :, 0] = np.where(shared[..., None], x[:, :, 1], x[:, :, 0])
+                x[:, :2, 3] = x[:, :2, 2]
             t = top_pos[..., None] + np.arange(-before, after + 1)
             inside = (t >= 0) & (t < lengths[top_doc][..., None])
             gate, in_ = (np.where(inside, _bfloat16(x), np.nan).astype(np.float32) for x in (gate, in_))

@@ -1,13 +1,15 @@
 """Whole-model sites: every neuron as a light page, written straight into the built site.
 
-Why not MkDocs' page pipeline: measured on this project's 2-core machine, MkDocs + Material cost
-about 9 ms per neuron page out of the nav before any of our work, and each page carries every
-example inline (270 KB), so 46,080 neurons would be 12 GB built in over 10 minutes. Here MkDocs
-renders one *shell* page (header, palette, navigation, CSS and scripts are the theme's own, from
-the site's own config), and this module puts each neuron's content into that shell: the page
-keeps Material's look, costs what rendering its content costs, and holds only the first examples
-of each case's color-hook list (useful without JavaScript). The rest of its examples live in a
-compact data file that ``gluscope.js`` fetches when a reader opens a list.
+Why not MkDocs' page pipeline: measured on this project's 2-core machine (AMD EPYC), a page of a
+few lines costs MkDocs + Material 1.2 ms of CPU (3,000 pages out of the nav, one core, median of 3
+builds) but 9.8 KB of theme around it (navigation, search box, icons), so 46,080 neuron pages would hold
+450 MB of theme before any content (of a 1 GB budget), and MkDocs renders pages one at a time. With every example
+inline a page is 270 KB (12 GB for SmolLM2). Here MkDocs renders one *shell* page (header, palette,
+CSS and scripts are the theme's own, from the site's own config), and this module puts each
+neuron's content into that shell, leaving out what a neuron page does not need (3 KB of theme), in
+one process per CPU. The page holds the strongest examples of its rarest cases (useful without
+JavaScript); the rest of its examples live in a compact data file that ``gluscope.js`` fetches when
+a reader opens a case or a list. Measured: bench/site_scale.py.
 
 Files written (paths relative to the site; ``P`` is ``url_prefix``):
 
@@ -58,7 +60,7 @@ TOP_WORDS = 3
 PAGE_ROWS = 100
 #: Examples of each case's hook_post list whose words a neuron is found by.
 SEARCH_EXAMPLES = 8
-#: Neurons kept per word in the search index (most examples on the word first): a word on which
+#: Neurons kept per word in the search index (the strongest first, search_shards): a word on which
 #: thousands of neurons peak (" the") finds the strongest hundred, and keeps its shard small.
 SEARCH_POSTINGS = 100
 #: More listed neurons than this make ``layout: auto`` choose the light layout.
@@ -370,16 +372,18 @@ def search_postings(data: NeuronData, vocab_text) -> list[tuple[str, int, int, i
 
 
 def search_shards(postings: Iterable[tuple[str, int, int, int, int, float]]) -> dict[str, dict[str, list]]:
-    """``{shard key: {word: [[layer, neuron, case, examples, value], ...]}}``, each word's neurons with
-    the most examples on it first (then the most extreme value), at most :data:`SEARCH_POSTINGS`."""
+    """``{shard key: {word: [[layer, neuron, case, examples, value], ...]}}``, at most
+    :data:`SEARCH_POSTINGS` neurons per word, strongest first: examples on the word times the most
+    extreme value among them. (Examples alone put first the many neurons whose common case peaks on
+    the word at a tenth of a unit; the demo's applause neuron 28.473 fires at 41 on one.)"""
     words: dict[str, list] = {}
     for word, layer, neuron, case, n, value in postings:
-        words.setdefault(word, []).append((n, abs(value), layer, neuron, case, value))
+        words.setdefault(word, []).append((n * abs(value), n, layer, neuron, case, value))
     shards: dict[str, dict[str, list]] = {}
     for word, entries in words.items():
         entries.sort(key=lambda e: (-e[0], -e[1], e[2], e[3]))
         shards.setdefault(shard_key(word), {})[word] = [
-            [layer, neuron, case, n, float(f"{value:.4g}")] for n, _, layer, neuron, case, value in entries[:SEARCH_POSTINGS]]
+            [layer, neuron, case, n, float(f"{value:.4g}")] for _, n, layer, neuron, case, value in entries[:SEARCH_POSTINGS]]
     return shards
 
 

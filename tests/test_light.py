@@ -184,3 +184,11 @@ def test_inline_cases_must_be_0_to_4(value, tmp_path, caplog):
     with pytest.raises(Abort):
         load_config(str(write_project(tmp_path, {"activations": "data/act.h5", "neurons": "all", "inline_cases": value})))
     assert "inline_cases" in caplog.text and "from 0 to 4" in caplog.text
+
+
+def test_search_ranks_a_strong_neuron_before_many_weak_examples():
+    # As in the demo: 0.754's common case peaks on "applause" in 8 examples at 2.3; 28.473 in one at 41.
+    shards = light.search_shards([("applause", 0, 754, 2, 8, 2.3), ("applause", 28, 473, 0, 1, 41.0),
+                                  ("applaud", 3, 3, 1, 2, -0.5)])
+    assert [p[:2] for p in shards["ap"]["applause"]] == [[28, 473], [0, 754]]
+    assert shards["ap"]["applaud"] == [[3, 3, 1, 2, -0.5]]

@@ -204,7 +204,8 @@ class SitePages:
         suffix = "/" if directory_urls else ".html"
         url = (lambda lay, n: f"N{n}{suffix}")
         root = "../" * (self.prefix.count("/") + 2)
-        jumps = " · ".join(f"[{n}](N{n}{suffix})" for _, n in listed[::PAGE_ROWS])
+        # Markdown links name the page's Markdown path (MkDocs writes the URL); the raw HTML table cannot.
+        jumps = " · ".join(f"[{n}](N{n}.md)" for _, n in listed[::PAGE_ROWS])
         return "\n".join([
             f"# Layer {layer}", "",
             f"[All neurons](../index.md) · {len(listed):,} neurons", "",

@@ -192,3 +192,16 @@ def test_search_ranks_a_strong_neuron_before_many_weak_examples():
                                   ("applaud", 3, 3, 1, 2, -0.5)])
     assert [p[:2] for p in shards["ap"]["applause"]] == [[28, 473], [0, 754]]
     assert shards["ap"]["applaud"] == [[3, 3, 1, 2, -0.5]]
+
+
+def test_light_pages_without_directory_urls(tmp_path):
+    demo_like(tmp_path / "data" / "act.h5")
+    site = build_site(tmp_path, {"activations": "data/act.h5", "neurons": ["1.*"], "layout": "light"},
+                      extra={"use_directory_urls": False})
+    page = read(site, "neurons/L1/N4.html")
+    assert 'href="N3.html"' in page and 'href="N5.html"' in page and 'href="index.html"' in page
+    assert 'href="../index.html"' in page and 'action="../../neurons/index.html"' in page
+    assert 'src="../../assets/gluscope/gluscope.js"' in page
+    assert 'data-src="&#46;&#46;/&#46;&#46;/gluscope/x/L1/N4&#46;bin"' in page
+    assert '"suffix": ".html"' in read(site, "gluscope/site.js")
+    assert 'href="N4.html"' in read(site, "neurons/L1/index.html")

@@ -279,7 +279,7 @@ def write_pages(job: LightJob) -> dict[str, Any]:
     site_dir = Path(job.site_dir)
     rows: dict[int, list[list]] = {}
     postings: list[tuple[str, int, int, int, int, float]] = []
-    written = {"pages": 0, "page_bytes": 0, "data_bytes": 0, "largest_page": 0, "page_sizes": []}
+    written = {"pages": 0, "page_bytes": 0, "data_bytes": 0}
     made_dirs: set[Path] = set()
     head, between, tail = job.shell
     depth = job.prefix.count("/") + 3  # P/L{l}/N{n}/index.html (or P/L{l}/N{n}.html, one level fewer and no dir)
@@ -315,7 +315,6 @@ def write_pages(job: LightJob) -> dict[str, Any]:
             written["pages"] += 1
             written["page_bytes"] += len(page)
             written["data_bytes"] += len(blob)
-            written["page_sizes"].append(len(page) + len(blob))
             rows.setdefault(layer, []).append(layer_row(data, site.vocab_text))
             postings.extend(search_postings(data, site.vocab_text))
     return {"rows": rows, "postings": postings, "written": written}
@@ -424,7 +423,7 @@ def build_light(*, activations: str, neurons: Sequence[tuple[int, int]], site_di
     site = Path(site_dir)
     rows: dict[int, list] = {}
     postings: list = []
-    totals = {"pages": 0, "page_bytes": 0, "data_bytes": 0, "page_sizes": []}
+    totals = {"pages": 0, "page_bytes": 0, "data_bytes": 0}
     for result in results:
         for layer, layer_rows in result["rows"].items():
             rows.setdefault(layer, []).extend(layer_rows)

@@ -238,8 +238,8 @@
     return sign | h;
   }
   function examplesOf(container) {
-    return once("ex " + container.dataset.src, function () {
-      var url = new URL(container.dataset.src, location.href).href;
+    var url = new URL(container.dataset.src, location.href).href;
+    return once("ex " + url, function () {
       return Promise.all([fetchBytes(url), actTable(container.dataset.root)]).then(function (r) {
         return { data: parseExamples(r[0]), act: r[1] };
       });

@@ -248,6 +248,19 @@ def run_demo(args: argparse.Namespace) -> int:
                 action=args.action, config_file=args.config_file, dev_addr=args.dev_addr)
 
 
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("activations", type=Path, help="the activations file (.h5)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="a new folder for the dataset (Parquet shards and a dataset card; load_dataset reads it)")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from mkdocs_gluscope.export import export_dataset
+
+    print(f"gluscope: wrote {export_dataset(args.activations, args.out)}")
+    return 0
+
+
 COMMANDS = {
     "collect": (add_collect_arguments, run_collect, "run a model over a corpus and write the activations file"),
     "pages": (add_pages_arguments, run_pages, "write neuron pages as Markdown files, for any site generator"),
@@ -256,6 +269,8 @@ COMMANDS = {
               "merge the files of a sharded collection into the file one run would have written"),
     "pick": (add_pick_arguments, run_pick,
              "choose neurons worth a page (rare-case standouts, unusual case mixes), as mkdocs.yml entries"),
+    "export": (add_export_arguments, run_export,
+               "write the file as a Hugging Face dataset, one row per neuron (needs the [collect] extra)"),
     "demo": (add_demo_arguments, run_demo,
              "SmolLM2-135M on State of the Union addresses: fetch, collect, then serve the site"),
 }

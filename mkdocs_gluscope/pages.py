@@ -28,7 +28,7 @@ from mkdocs_gluscope.render import (
     neuron_markdown,
     token_html,
 )
-from mkdocs_gluscope.store import ActivationsFile, NeuronData
+from mkdocs_gluscope.store import CASES, ActivationsFile, NeuronData
 
 DOCS_PER_SHARD = 64
 ASSETS = ("gluscope.css", "gluscope.js")
@@ -63,6 +63,13 @@ def check_examples(examples: object) -> int | None:
     if examples is None or (isinstance(examples, int) and not isinstance(examples, bool) and examples >= 1):
         return examples
     raise PageOptionError(f"examples: {examples!r}; expected a whole number, 1 or more (or none for all k)")
+
+
+def check_inline_cases(cases: object) -> int:
+    """``inline_cases``: a whole number from 0 to 4."""
+    if isinstance(cases, int) and not isinstance(cases, bool) and 0 <= cases <= len(CASES):
+        return cases
+    raise PageOptionError(f"inline_cases: {cases!r}; expected a whole number from 0 to {len(CASES)}")
 
 
 class SitePages:
@@ -159,8 +166,8 @@ class SitePages:
             f"{len(self.neurons)} neurons of **{md_text(display_name(a.get('model') or 'the model'))}**, recorded "
             f"over {self.file.n_tokens:,} tokens of {md_text(display_name(a.get('dataset') or 'the corpus'))}. "
             "Click a column "
-            "header to sort; the percentages are each case's share of all counted tokens, the top tokens "
-            "those of each case's strongest hook_post example.", "",
+            "header to sort; the percentages are each case's share of all counted tokens, the top words "
+            "those of each case's strongest hook_post example (the whole word, its peak token underlined).", "",
             f"Layers: {layer_links}", "",
             self._table(self.neurons, url), ""])
 
@@ -171,9 +178,46 @@ class SitePages:
         return "\n".join([f"# Layer {layer}", "", "[All neurons](../index.md)", "",
                           self._table(listed, url), ""])
 
-    def doc_shards(self) -> dict[str, str]:
+    # -- light layout (a whole model): see mkdocs_gluscope.light -------------------------------
+    def light_index_markdown(self, directory_urls: bool = True) -> str:
+        """The neurons' front page: what was recorded, and one line per layer."""
+        a = self.file.attrs
+        counts: dict[int, int] = {}
+        for layer, _ in self.neurons:
+            counts[layer] = counts.get(layer, 0) + 1
+        return "\n".join([
+            "# Neurons", "",
+            f"{len(self.neurons):,} neurons of **{md_text(display_name(a.get('model') or 'the model'))}**, recorded "
+            f"over {self.file.n_tokens:,} tokens of {md_text(display_name(a.get('dataset') or 'the corpus'))}. "
+            "Each layer's page lists its neurons: sort them by a case's share of tokens, filter by it, and page "
+            "through. The search box at the top of every page finds a neuron by its id (`28.473`) or by a word "
+            "its strongest examples peak on (`applause`).", "",
+            "| layer | neurons |", "|---|---|",
+            *[f"| [Layer {layer}](L{layer}/index.md) | {n:,} |" for layer, n in sorted(counts.items())], ""])
+
+    def light_layer_markdown(self, layer: int, directory_urls: bool = True) -> str:
+        """A layer page: the table of its first rows (what a reader sees without JavaScript), which
+        ``gluscope.js`` replaces with a sortable, filterable, paged table of the whole layer."""
+        from mkdocs_gluscope.light import PAGE_ROWS
+
+        listed = [(lay, n) for lay, n in self.neurons if lay == layer]
+        suffix = "/" if directory_urls else ".html"
+        url = (lambda lay, n: f"N{n}{suffix}")
+        root = "../" * (self.prefix.count("/") + 2)
+        # Markdown links name the page's Markdown path (MkDocs writes the URL); the raw HTML table cannot.
+        jumps = " · ".join(f"[{n}](N{n}.md)" for _, n in listed[::PAGE_ROWS])
+        return "\n".join([
+            f"# Layer {layer}", "",
+            f"[All neurons](../index.md) · {len(listed):,} neurons", "",
+            f'<div class="gs-layer" data-src="{root}gluscope/layers/L{layer}.json" data-suffix="{suffix}">',
+            self._table(listed[:PAGE_ROWS], url),
+            "</div>", "",
+            f"Jump to neuron: {jumps}", ""])
+
+    def doc_shards(self, docs_per_shard: int = DOCS_PER_SHARD) -> dict[str, str]:
         """``gluscope/docs/{shard}.json`` for every document an example of a listed neuron
-        comes from: ``{doc: {"title": ..., "tokens": [display strings]}}``."""
+        comes from: ``{doc: {"title": ..., "tokens": [display strings]}}``, ``docs_per_shard``
+        documents per file (a light site picks it so a file holds about 4,096 tokens)."""
         docs: set[int] = set()
         top_doc = self.file.file["top/doc"]
         for layer, neuron in self.neurons:
@@ -182,7 +226,7 @@ class SitePages:
         vocab = self.file.vocab
         for doc in sorted(docs):
             tokens = [vocab[t] for t in self.file.document(doc)]
-            shards.setdefault(doc // DOCS_PER_SHARD, {})[str(doc)] = {"title": self.doc_title(doc), "tokens": tokens}
+            shards.setdefault(doc // docs_per_shard, {})[str(doc)] = {"title": self.doc_title(doc), "tokens": tokens}
         return {f"gluscope/docs/{shard}.json": json.dumps(content, ensure_ascii=False, separators=(",", ":"))
                 for shard, content in shards.items()}
 

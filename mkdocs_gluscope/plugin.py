@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +29,19 @@ from mkdocs.plugins import BasePlugin
 from mkdocs.structure.files import File, Files, InclusionLevel
 from mkdocs.structure.pages import Page
 
+from mkdocs_gluscope import light
 from mkdocs_gluscope.activations import UnknownActivation
 from mkdocs_gluscope.neurons import NeuronSpecError, neuron_specs
-from mkdocs_gluscope.pages import ASSET_DIR, ASSETS, PageOptionError, SitePages, asset_text, check_examples, check_url_prefix
+from mkdocs_gluscope.pages import (
+    ASSET_DIR,
+    ASSETS,
+    PageOptionError,
+    SitePages,
+    asset_text,
+    check_examples,
+    check_inline_cases,
+    check_url_prefix,
+)
 from mkdocs_gluscope.render import EXAMPLES_PLACEHOLDER
 from mkdocs_gluscope.store import HOOKS, ActivationsFile, FormatError
 
@@ -121,12 +133,31 @@ class GluscopeConfig(base.Config):
     """Hook that colors the example tokens when a page opens (readers can switch on the page):
     ``hook_post``, ``hook_pre_linear``, ``hook_pre`` or ``swish``. Default: ``hook_post``."""
 
+    layout = c.Choice(("auto", "full", "light"), default="auto")
+    """``full``: every example inline in each page, pages built by MkDocs and indexed by Material's
+    search (for a hand-picked list). ``light``: for a whole model, each page holds the first examples
+    of each case's color-hook list and loads the rest on demand from a compact data file; pages are
+    written from one theme shell after the build, layer pages sort, filter and page their neurons in
+    the browser, and the search box finds neurons by id and by the words their examples peak on through
+    an index sharded by word. ``auto`` (default): ``light`` above 2,000 listed neurons, else ``full``."""
+
+    inline_cases = _Checked(check_inline_cases, default=light.DEFAULT_INLINE_CASES)
+    """Light layout: the page itself holds the strongest color-hook example of this many of the neuron's
+    rarest cases (those with examples), so it is useful without JavaScript; every other example loads
+    when a reader opens its list. A whole number from 0 to 4. Default: 2 (a 1 GB site budget allows
+    about two colored examples per page at 46,080 neurons; bench/site_scale.py)."""
+
+    workers = c.Optional(c.Type(int))
+    """Light layout: processes that write the neuron pages. Default: one per CPU this build may use."""
+
 
 class GluscopePlugin(BasePlugin[GluscopeConfig]):
     def __init__(self) -> None:
         self.site: SitePages | None = None
         self.path: Path | None = None
         self._pages: dict[str, tuple[int, int]] = {}
+        self.light = False
+        self._shell: tuple[str, str, str] | None = None
 
     def on_config(self, config: MkDocsConfig) -> MkDocsConfig:
         path = Path(self.config.activations)  # validated at load: an existing file, absolute
@@ -148,10 +179,14 @@ class GluscopePlugin(BasePlugin[GluscopeConfig]):
         if not self.site.neurons:
             log.warning("no neurons listed under plugins.gluscope.neurons; only the index page is built")
         self.path = path
+        layout = self.config.layout
+        self.light = layout == "light" or (layout == "auto" and len(self.site.neurons) > light.AUTO_LIGHT)
         for name in ASSETS:
             target = config.extra_css if name.endswith(".css") else config.extra_javascript
             if f"{ASSET_DIR}/{name}" not in [str(x) for x in target]:
                 target.append(f"{ASSET_DIR}/{name}")
+        if self.light and light.SITE_SCRIPT not in [str(x) for x in config.extra_javascript]:
+            config.extra_javascript.insert(0, light.SITE_SCRIPT)  # before gluscope.js, which reads it
         return config
 
     def on_files(self, files: Files, *, config: MkDocsConfig) -> Files:
@@ -159,6 +194,8 @@ class GluscopePlugin(BasePlugin[GluscopeConfig]):
         assert site is not None
         self._pages = {}
         directory_urls = config.use_directory_urls
+        if self.light:
+            return self._light_files(files, config)
         files.append(File.generated(config, site.index_path, content=site.index_markdown(directory_urls=directory_urls)))
         for layer in site.layers:
             files.append(File.generated(config, site.layer_path(layer), inclusion=InclusionLevel.NOT_IN_NAV,
@@ -174,12 +211,67 @@ class GluscopePlugin(BasePlugin[GluscopeConfig]):
             files.append(File.generated(config, f"{ASSET_DIR}/{name}", content=asset_text(name)))
         return files
 
+    def _light_files(self, files: Files, config: MkDocsConfig) -> Files:
+        """Index and layer pages, the theme shell of the neuron pages, documents, assets, site.js."""
+        site = self.site
+        assert site is not None
+        directory_urls = config.use_directory_urls
+        files.append(File.generated(config, site.index_path, content=site.light_index_markdown(directory_urls)))
+        for layer in site.layers:
+            files.append(File.generated(config, site.layer_path(layer), inclusion=InclusionLevel.NOT_IN_NAV,
+                                        content=site.light_layer_markdown(layer, directory_urls)))
+        files.append(File.generated(config, self._shell_src, inclusion=InclusionLevel.NOT_IN_NAV,
+                                    content=light.SHELL_MARKDOWN))
+        # Neuron pages are written after the build (on_post_build); as excluded files MkDocs still
+        # resolves a hand-written page's link to "neurons/L5/N1480.md" to the page's URL.
+        for layer, neuron in site.neurons:
+            files.append(File.generated(config, site.neuron_path(layer, neuron), inclusion=InclusionLevel.EXCLUDED,
+                                        content=""))
+        per_shard = light.docs_per_shard(site.file)
+        for src, text in site.doc_shards(per_shard).items():
+            files.append(File.generated(config, src, content=text))
+        for name in ASSETS:
+            files.append(File.generated(config, f"{ASSET_DIR}/{name}", content=asset_text(name)))
+        files.append(File.generated(config, light.SITE_SCRIPT, content=light.site_script(
+            site.prefix, directory_urls, site.file.layers, site.file.d_mlp, per_shard)))
+        return files
+
+    @property
+    def _shell_src(self) -> str:
+        assert self.site is not None
+        return f"{self.site.prefix}/{light.SHELL_DIR}/shell.md"
+
     def on_post_page(self, output: str, *, page: Page, config: MkDocsConfig) -> str:
+        if self.light and page.file.src_uri == self._shell_src:
+            try:
+                index = "/" if config.use_directory_urls else "/index.html"  # the neurons' index page
+                search_url = "../" * page.url.count("/") + self.site.prefix + index
+                self._shell = light.shell_parts(output, search_url)
+            except ValueError as e:
+                raise PluginError(f"gluscope: layout light: {e}") from None
+            return output
         key = self._pages.get(page.file.src_uri)
         if key is None or self.site is None:
             return output
         site_root = "../" * page.url.count("/")
         return output.replace(EXAMPLES_PLACEHOLDER, self.site.examples_html(*key, site_root=site_root), 1)
+
+    def on_post_build(self, *, config: MkDocsConfig) -> None:
+        if not self.light or self.site is None:
+            return
+        if self._shell is None:
+            raise PluginError("gluscope: layout light: the shell page was not built")
+        site = self.site
+        start = time.perf_counter()
+        totals = light.build_light(
+            activations=str(self.path), neurons=site.neurons, site_dir=config.site_dir, prefix=site.prefix,
+            directory_urls=config.use_directory_urls, shell=self._shell,
+            markdown_extensions=list(config.markdown_extensions), mdx_configs=dict(config.mdx_configs),
+            examples=site.examples, color_hook=site.color_hook, inline_cases=self.config.inline_cases,
+            act_fn=str(site.file.attrs.get("act_fn", "silu")), workers=self.config.workers)
+        shutil.rmtree(Path(config.site_dir) / site.prefix / light.SHELL_DIR, ignore_errors=True)
+        log.info(f"gluscope: wrote {totals['pages']:,} neuron pages ({totals['page_bytes'] / 1e6:.0f} MB) and their "
+                 f"example data ({totals['data_bytes'] / 1e6:.0f} MB) in {time.perf_counter() - start:.1f} s")
 
     def on_serve(self, server: Any, *, config: MkDocsConfig, builder: Any) -> Any:
         if self.path is not None:

@@ -1,7 +1,7 @@
 """Neuron pages as Markdown plus HTML, from one neuron's data alone (no MkDocs objects).
 
 :func:`neuron_markdown` gives the page's Markdown: title, provenance, summary table, weight facts
-and a plain-text line of top tokens per case (what search indexes). The bulky colored-token
+and a line of top words per case (whole words around each peak token: what search indexes). The bulky colored-token
 examples come from :func:`examples_html` and replace :data:`EXAMPLES_PLACEHOLDER` after Markdown
 has run: Python-Markdown is slow on thousands of spans, and search should not index them.
 
@@ -132,15 +132,15 @@ def counted_windows(data: NeuronData) -> np.ndarray:
 
 def color_scales(values: np.ndarray, counted: np.ndarray, shown: int) -> np.ndarray:
     """Per list (``[C, H]``): :data:`COLOR_PERCENTILE` of ``|value|`` over the counted, finite window
-    values of the first ``shown`` examples; 1 where a list has none."""
+    values of the first ``shown`` examples (numpy's "lower" percentile: a real value of the list, never
+    one interpolated towards a sink); 1 where a list has none."""
     magnitude = np.where(counted & np.isfinite(values), np.abs(values), np.nan)[..., :shown, :]
-    flat = magnitude.reshape(magnitude.shape[:-2] + (-1,))
-    scales = np.ones(flat.shape[:-1])
-    for index in np.ndindex(*flat.shape[:-1]):
-        finite = flat[index][~np.isnan(flat[index])]
-        if finite.size:  # "lower": a real value of the list, never one interpolated towards a sink
-            scales[index] = np.percentile(finite, COLOR_PERCENTILE, method="lower")
-    return np.where(scales > 0, scales, 1.0)
+    flat = np.sort(magnitude.reshape(magnitude.shape[:-2] + (-1,)), axis=-1)  # NaN last
+    n = np.isfinite(flat).sum(axis=-1)
+    # np.percentile(finite, q, method="lower") of each list at once: index floor((n - 1) * q / 100).
+    index = np.floor((np.maximum(n, 1) - 1) * (COLOR_PERCENTILE / 100)).astype(np.intp)
+    scales = np.take_along_axis(flat, index[..., None], axis=-1)[..., 0] if flat.shape[-1] else np.zeros(n.shape)
+    return np.where((n > 0) & (scales > 0), scales, 1.0)
 
 
 def color_levels(values: np.ndarray, scales: np.ndarray, counted: np.ndarray) -> np.ndarray:
@@ -171,6 +171,12 @@ class PageContext:
     next_link: tuple[str, str] | None = None
     index_link: str = "../../"
     layer_link: str = "../"
+    #: Light pages: the strongest color-hook example of this many of the neuron's rarest cases (with
+    #: examples) is written into the page; every other example comes from ``data_url`` when a reader
+    #: opens its list (``gluscope.js``). None: every example inline.
+    inline_cases: int | None = None
+    data_url: str = ""  # the neuron's example data file, relative to the page (with ``inline_cases``)
+    top_words: int = 8  # whole words listed per case under "Top words"
 
 
 def provenance_rows(attrs: dict) -> list[tuple[str, str]]:
@@ -187,19 +193,65 @@ def provenance_rows(attrs: dict) -> list[tuple[str, str]]:
     return [(k, str(v)) for k, v in rows if v not in (None, "")]
 
 
-def top_tokens(data: NeuronData, ctx: PageContext, case: int, hook: int = 0, limit: int = 8) -> list[str]:
-    """Distinct display strings of the extreme tokens of one list, best first."""
-    centre = data.context_before
-    seen: dict[str, None] = {}
+def word_around(tokens: Sequence[str], centre: int, limit: int = 8) -> tuple[str, str, str]:
+    """The whole word that the token at ``centre`` is a piece of, as display strings ``(before, peak,
+    after)``: neighbours join while letters or digits meet across the piece boundary and the later
+    piece starts without a space (``"Appl" + "ause"``). ``tokens`` are the window's display strings
+    (None outside the document). Readers and search know words; tokenizers cut them into pieces."""
+    def joins(left: str | None, right: str | None) -> bool:
+        return bool(left) and bool(right) and left[-1].isalnum() and right[0].isalnum()
+
+    start = stop = centre
+    while start > 0 and centre - start < limit and joins(tokens[start - 1], tokens[start]):
+        start -= 1
+    while stop + 1 < len(tokens) and stop - centre < limit and joins(tokens[stop], tokens[stop + 1]):
+        stop += 1
+    return "".join(tokens[start:centre]), tokens[centre] or "", "".join(tokens[centre + 1:stop + 1])
+
+
+def example_word(data: NeuronData, vocab_text: Callable[[int], str], case: int, hook: int, j: int) -> tuple[str, str, str]:
+    """:func:`word_around` the extreme token of example ``j`` of one list."""
+    ids = data.window_tokens[case, hook, j]
+    return word_around([vocab_text(int(t)) if t >= 0 else None for t in ids], data.context_before)
+
+
+def word_key(word: tuple[str, str, str]) -> str:
+    """How search knows a word: the whole word, trimmed and lowercased (``gluscope.js`` normalizes
+    a query the same way)."""
+    return "".join(word).strip().lower()
+
+
+def word_labels(word: tuple[str, str, str]) -> tuple[str, str, str]:
+    """A whole word's pieces as shown: the word's outer whitespace trimmed, then :func:`token_label`
+    (a word of whitespace only keeps it, shown as its visible symbols)."""
+    before, peak, after = word
+    if "".join(word).strip():
+        if not before:
+            peak = peak.lstrip()
+        if not after:
+            peak = peak.rstrip()
+        before, after = before.lstrip(), after.rstrip()
+    return token_label(before), token_label(peak), token_label(after)
+
+
+def word_html(word: tuple[str, str, str]) -> str:
+    """A whole word with its peak piece marked (``gs-peak``)."""
+    before, peak, after = word_labels(word)
+    return f'{md_text(before)}<span class="gs-peak">{md_text(peak)}</span>{md_text(after)}'
+
+
+def top_words(data: NeuronData, ctx: PageContext, case: int, hook: int = 0, limit: int = 8) -> list[tuple[str, str, str]]:
+    """Distinct whole words (by :func:`word_key`) around the extreme tokens of one list, best first."""
+    seen: dict[str, tuple[str, str, str]] = {}
     for j in range(data.top_doc.shape[-1]):
         if data.top_doc[case, hook, j] < 0:
             break
-        token = int(data.window_tokens[case, hook, j, centre])
-        if token >= 0:
-            seen.setdefault(ctx.vocab_text(token), None)
+        if data.window_tokens[case, hook, j, data.context_before] >= 0:
+            word = example_word(data, ctx.vocab_text, case, hook, j)
+            seen.setdefault(word_key(word), word)
         if len(seen) >= limit:
             break
-    return list(seen)
+    return list(seen.values())
 
 
 def summary_table(data: NeuronData) -> str:
@@ -216,7 +268,8 @@ def summary_table(data: NeuronData) -> str:
         rows.append(f'<tr class="gs-hook-row"><th colspan="5">{html.escape(HOOK_LABELS[hook])}</th></tr>')
         for name, values in (("max", data.max[:, h]), ("min", data.min[:, h]), ("mean", mean[:, h])):
             rows.append(f"<tr><th>{name}</th>" + "".join(f"<td>{fmt(v)}</td>" for v in values) + "</tr>")
-    return ('<div class="gs-summary md-typeset__scrollwrap"><table class="gs-table">'
+    # data-search-exclude: search would index the numbers as one run of digits ("5.14807.6513.5").
+    return ('<div class="gs-summary md-typeset__scrollwrap" data-search-exclude><table class="gs-table">'
             f"<thead><tr><th></th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
 
 
@@ -256,11 +309,10 @@ def neuron_markdown(data: NeuronData, ctx: PageContext) -> str:
                               "in and post carry the opposite sign of the original model's)"
                               if data.flipped else "not flipped"),
         "",
-        "## Top tokens", "",
+        "## Top words", "",
     ]
     for c, case in enumerate(CASES):
-        tokens = top_tokens(data, ctx, c)
-        shown = ", ".join(md_text(repr(t)[1:-1] if t.strip() == "" else t.strip()) for t in tokens) or "none"
+        shown = ", ".join(word_html(w) for w in top_words(data, ctx, c, limit=ctx.top_words)) or "none"
         lines.append(f"- **{md_text(case)}** ({100 * data.frequency[c]:.3g}%): {shown}")
     lines += ["", "## Examples", "", EXAMPLES_PLACEHOLDER, ""]
     return "\n".join(lines)
@@ -273,17 +325,31 @@ EARLY_TITLE = (
     "gluscope pick leaves these examples out of its scores.")
 
 
-def examples_html(data: NeuronData, ctx: PageContext) -> str:
+def shown_examples(data: NeuronData, examples: int | None) -> int:
+    """Examples shown per list: the ``examples`` option, at most the file's k."""
+    return data.top_doc.shape[-1] if examples is None else min(examples, data.top_doc.shape[-1])
+
+
+def list_scales(data: NeuronData, k: int) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``counted_windows``, ``page_windows`` and each hook's :func:`color_scales` ([C, H] per hook):
+    what the page and its example data file both carry, computed once."""
+    counted = counted_windows(data)
+    windows = page_windows(data)
+    return counted, windows, {hook: color_scales(values, counted, k) for hook, values in windows.items()}
+
+
+def examples_html(data: NeuronData, ctx: PageContext,
+                  computed: tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]] | None = None) -> str:
     """Collapsible lists (case, then hook) of colored-token examples, with a recolor control.
 
     The page carries what ``gluscope.js`` needs to recolor and explain tokens without a rule of its
     own: each example's gate, in and act(gate) windows, each list's color scale per hook, the
-    number of color levels and the first counted position."""
-    k = data.top_doc.shape[-1] if ctx.examples is None else min(ctx.examples, data.top_doc.shape[-1])
+    number of color levels and the first counted position. With ``ctx.inline_cases`` the page holds
+    the strongest color-hook example of its rarest cases only (the paper's point: a neuron's rare cases
+    are often the telling ones), and names the data file of the rest."""
+    k = shown_examples(data, ctx.examples)
     color_hook = ctx.color_hook if ctx.color_hook in HOOKS else "hook_post"
-    counted = counted_windows(data)
-    windows = page_windows(data)
-    scales = {hook: color_scales(values, counted, k) for hook, values in windows.items()}  # [C, H] each
+    counted, windows, scales = computed or list_scales(data, k)
     levels = color_levels(windows[color_hook], scales[color_hook], counted).tolist()  # plain ints per token
     counted_list = counted.tolist()
     window_tokens = data.window_tokens.tolist()
@@ -292,38 +358,56 @@ def examples_html(data: NeuronData, ctx: PageContext) -> str:
     options = "".join(
         f'<option value="{h}"{" selected" if h == color_hook else ""}>{html.escape(HOOK_LABELS[h])}</option>'
         for h in HOOKS)
+    light = ""
+    h_color = HOOKS.index(color_hook)
+    if ctx.inline_cases is not None:
+        light = f' data-src="{md_text(ctx.data_url)}" data-shown="{k}" data-early="{early}"'
+        with_examples = [c for c in range(len(CASES)) if data.top_doc[c, h_color, 0] >= 0]
+        rare = set(sorted(with_examples, key=lambda c: (data.count[c], c))[:ctx.inline_cases])
     parts = [
         f'<div class="gs-examples" data-root="{md_text(ctx.site_root)}" data-centre="{centre}" '
-        f'data-levels="{LEVELS}" data-counted-from="{first_counted_position(data.attrs)}">',
+        f'data-levels="{LEVELS}" data-counted-from="{first_counted_position(data.attrs)}"{light}>',
         '<div class="gs-controls"><label>Color tokens by <select class="gs-hook-select">'
         f'{options}</select></label> <span class="gs-legend"><span class="gs-legend-bar"></span>'
         '<span>− most negative</span><span>0</span><span>most positive +</span></span>'
         f'<span class="gs-hint">scaled per list (its {COLOR_PERCENTILE}th percentile of |value|; stronger values '
         'get the strongest color) · hover a token for its values</span></div>',
     ]
+    opened = ""
     for c, case in enumerate(CASES):
         n_filled = int((data.top_doc[c, 0] >= 0).sum())
+        # A light page opens the cases whose example it holds: seen at once, with or without JavaScript.
+        opened = " open" if ctx.inline_cases is not None and c in rare else ""
         parts.append(
-            f'<details class="gs-case-block"><summary><span class="gs-chip gs-case{c}"></span>'
+            f'<details class="gs-case-block"{opened}><summary><span class="gs-chip gs-case{c}"></span>'
             f'<b>{html.escape(case)}</b> · {100 * data.frequency[c]:.3g}% of tokens · '
             f'{n_filled} documents</summary>')
         for h, hook in enumerate(HOOKS):
             docs = data.top_doc[c, h]
-            scale = json.dumps({name: float(scales[name][c, h]) for name in HOOKS})  # exact: JS reads these
+            inline = k if ctx.inline_cases is None else 1 if h == h_color and c in rare else 0
+            if ctx.inline_cases is not None and not inline:
+                continue  # a light page: gluscope.js builds this list from the data file
+            # Exact (JS reads these), one per hook in HOOKS order, compact: md_text writes each [ , . as 5 characters.
+            scale = json.dumps([float(scales[name][c, h]) for name in HOOKS], separators=(",", ":"))
+            attrs = f' data-scale="{md_text(scale)}"' if inline else ""
+            if ctx.inline_cases is not None:
+                attrs += f' data-hook="{h}"'
+            filled = int((docs[:k] >= 0).sum())
+            shown = min(inline, filled)
             parts.append(
-                f'<details class="gs-list" data-scale="{md_text(scale)}"><summary>{html.escape(HOOK_LABELS[hook])}: '
+                f'<details class="gs-list"{attrs}{opened}><summary>{html.escape(HOOK_LABELS[hook])}: '
                 f'most extreme {_extreme(data, c, h, early)}</summary><div class="gs-rows">')
-            shown = 0
-            for j in range(k):
-                doc = int(docs[j])
-                if doc < 0:
-                    break
-                shown += 1
+            for j in range(shown):
                 parts.append(_example_row(data, ctx, c, h, j, levels[c][h][j], counted_list[c][h][j],
                                           window_tokens[c][h][j], windows["swish"][c, h, j], centre, early))
-            if not shown:
+            if not filled:
                 parts.append('<p class="gs-empty">No token of the corpus fell in this case.</p>')
             parts.append("</div></details>")
+        if ctx.inline_cases is not None:
+            # The case's other lists (and the rest of this one) come from the data file when the case opens;
+            # the stylesheet tells a reader without JavaScript how many examples that is.
+            rest = int((data.top_doc[c, :, :k] >= 0).sum()) - (1 if c in rare else 0)
+            parts.append(f'<div class="gs-lazy" data-more="{rest}"></div>' if rest else "")
         parts.append("</details>")
     parts.append("</div>")
     return "".join(parts)
@@ -370,18 +454,18 @@ def index_rows(entries: Sequence[tuple[NeuronData, str]], vocab_text: Callable[[
     """A sortable HTML table: one row per (neuron, relative url)."""
     head = ("<th>neuron</th>" + "".join(
         f'<th class="gs-case gs-case{c}">{html.escape(case)}&nbsp;%</th>' for c, case in enumerate(CASES))
-        + "<th>top token of each case</th>")
+        + "<th>top word of each case (peak token marked)</th>")
     rows = []
     for data, url in entries:
         freq = "".join(f'<td data-sort="{f:.6f}">{100 * f:.3g}</td>' for f in data.frequency)
         tops = []
         for c in range(len(CASES)):
-            doc = data.top_doc[c, 0, 0]
-            token = int(data.window_tokens[c, 0, 0, data.context_before]) if doc >= 0 else -1
-            label = token_html(vocab_text(token)) if token >= 0 else "–"
+            filled = data.top_doc[c, 0, 0] >= 0 and data.window_tokens[c, 0, 0, data.context_before] >= 0
+            label = word_html(example_word(data, vocab_text, c, 0, 0)) if filled else "–"
             tops.append(f'<code class="gs-top gs-case{c}" title="{html.escape(CASES[c])}">{label}</code>')
         rows.append(
             f'<tr><td data-sort="{data.layer:04d}.{data.neuron:06d}"><a href="{html.escape(url)}">{data.id}</a></td>'
             f"{freq}<td class=\"gs-tops\">{''.join(tops)}</td></tr>")
-    return (f'<div class="md-typeset__scrollwrap"><table class="gs-table gs-sortable gs-index"><thead><tr>{head}</tr>'
+    # data-search-exclude: a search snippet would run the cells together ("1.043.418.422.1").
+    return (f'<div class="md-typeset__scrollwrap" data-search-exclude><table class="gs-table gs-sortable gs-index"><thead><tr>{head}</tr>'
             f"</thead><tbody>{''.join(rows)}</tbody></table></div>")

@@ -31,12 +31,12 @@ def write_project(root: Path, plugin: dict[str, Any], *, nav: list | None = None
     return path
 
 
-def build(config_file: Path) -> Path:
+def build(config_file: Path, *, strict: bool = True) -> Path:
     """Build like the ``mkdocs build --strict`` command; returns the site folder."""
     from mkdocs.commands.build import build as mkdocs_build
     from mkdocs.config import load_config
 
-    config = load_config(str(config_file), strict=True)
+    config = load_config(str(config_file), strict=strict)
     config.plugins.on_startup(command="build", dirty=False)
     try:
         mkdocs_build(config)

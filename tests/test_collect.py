@@ -361,7 +361,7 @@ def test_failing_torch_compile_falls_back_to_eager_with_a_warning(model_factory,
 
     eager = collect(small_config(model_factory("llama"), corpus_files, tmp_path / "eager.h5"))
 
-    def broken_compile(enabled):
+    def broken_compile(enabled, **kwargs):
         def compiled(*args):
             raise RuntimeError("InductorError: CppCompileError: C++ compile error\nlong details")
         return compiled
@@ -380,7 +380,7 @@ def test_miscompiled_statistics_are_caught_and_recomputed_eagerly(model_factory,
 
     eager = collect(small_config(model_factory("llama"), corpus_files, tmp_path / "eager.h5"))
 
-    def miscompiled(enabled):
+    def miscompiled(enabled, **kwargs):
         def compiled(*args):
             reduced = run_module.reduce_batch(*args)
             reduced.count[::2] += 1  # what a kernel built for another instruction set did

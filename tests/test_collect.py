@@ -557,3 +557,25 @@ def test_top_level_help_lists_every_command_in_plain_text(capsys):
     summary = text.split("positional arguments")[0]  # the description, before argparse's own list
     for name in COMMANDS:
         assert name in summary, name
+
+
+def test_gpu_path_without_host_syncs_gives_the_same_file(model_factory, corpus_files, tmp_path, monkeypatch):
+    """The GPU's path on a CPU: lists found by nonzero_static with a capacity learnt from earlier
+    batches (here too small on purpose, so some layer-batches overflow and are redone exactly)."""
+    import collect.run as run_module
+
+    plain = collect(small_config(model_factory("llama"), corpus_files, tmp_path / "plain.h5", batch_tokens=64))
+    redone = []
+    run_with_hooks = run_module.run_with_mlp_hooks
+
+    def counting(loaded, input_ids, layers, on_layer):
+        redone.append(on_layer.__name__ == "exactly")
+        return run_with_hooks(loaded, input_ids, layers, on_layer)
+
+    monkeypatch.setattr(run_module, "run_with_mlp_hooks", counting)
+    monkeypatch.setattr(run_module._Capacity, "ON_CPU", True)
+    monkeypatch.setattr(run_module._Capacity, "MARGIN", 0.5)
+    monkeypatch.setattr(run_module._Capacity, "FLOOR", 1)
+    static = collect(small_config(model_factory("llama"), corpus_files, tmp_path / "static.h5", batch_tokens=64))
+    assert any(redone) and not all(redone)
+    same_statistics(plain, static)

@@ -283,3 +283,21 @@ def test_statistics_without_host_syncs_match_brute_force(capacity, kind):
                      zeros=kind == "nonfinite")
     stats = run_batches(docs, 4, 1, 3, capacity=capacity)
     assert_matches(stats, docs, 4, 1)
+
+
+def test_windows_cut_by_either_path_agree():
+    """Many windows are cut from a neuron-major copy of the batch, few by direct gathers."""
+    from collect.stats import windows_at
+
+    g = torch.Generator().manual_seed(3)
+    values = torch.randn(3, 7, 5, generator=g)
+    rows, pos = torch.tensor([0, 1, 2, 2, 1]), torch.tensor([0, 3, 6, 2, 0])
+    neurons, lengths = torch.tensor([4, 0, 2, 1, 3]), torch.tensor([7, 4, 7])
+    many = windows_at(values, rows, pos, neurons, lengths, BEFORE, AFTER)  # 5 x 5 x 4 >= 105 values
+    wide = torch.cat([values, torch.zeros(3, 7, 200)], dim=2)  # the same values among many more
+    few = windows_at(wide, rows, pos, neurons, lengths, BEFORE, AFTER)
+    for window, (r, p, n) in zip(many, zip(rows.tolist(), pos.tolist(), neurons.tolist())):
+        expected = [float(values[r, t, n]) if 0 <= t < int(lengths[r]) else math.nan
+                    for t in range(p - BEFORE, p + AFTER + 1)]
+        assert window.nan_to_num(99.0).tolist() == torch.tensor(expected).nan_to_num(99.0).tolist()
+    assert torch.equal(many.nan_to_num(99.0), few.nan_to_num(99.0))

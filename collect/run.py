@@ -31,7 +31,7 @@ from collect.model import (DTYPE_CHOICES, ENGINES, LoadedModel, dtype_name, load
 from collect import distributed
 from collect.distributed import World, any_rank, broadcast_object, merge_into_rank0
 from collect.stats import (N_CASES, N_HOOKS, BatchReduction, LayerStats, compiled_reduce_batch, reduce_batch,
-                           state_window_dtype, update_stats)
+                           state_bytes_per_neuron, state_window_dtype, update_stats)
 from mkdocs_gluscope.errors import GluscopeError
 from mkdocs_gluscope.store import ActivationsWriter, first_counted_position
 
@@ -374,6 +374,51 @@ def _warn_compile(error: Exception) -> None:
           "statistics eagerly (slower; --no-compile skips the attempt)", file=sys.stderr, flush=True)
 
 
+def state_bytes(d_mlp: int, n_layers: int, config: CollectConfig, model_dtype: torch.dtype) -> int:
+    """Bytes of the statistics a collection keeps on its device (:class:`LayerStats` of every
+    recorded layer)."""
+    window_bytes = torch.empty((), dtype=state_window_dtype(config.window_dtype, model_dtype)).element_size()
+    window = config.context_before + 1 + config.context_after
+    return state_bytes_per_neuron(config.k, window, window_bytes) * d_mlp * n_layers
+
+
+def layer_groups(layers: list[int], per_layer: int, budget: int) -> list[list[int]]:
+    """``layers`` cut into consecutive groups of equal size whose statistics fit in ``budget``
+    bytes each: one collection per group (``--layers``), merged into one file by ``gluscope merge``."""
+    per_group = max(1, budget // max(per_layer, 1))
+    n_groups = -(-len(layers) // per_group)
+    size = -(-len(layers) // n_groups)
+    return [layers[i:i + size] for i in range(0, len(layers), size)]
+
+
+def check_state_fits(loaded: LoadedModel, layers: list[int], config: CollectConfig) -> None:
+    """On a GPU, refuse before the first batch a collection whose statistics cannot fit next to
+    the model (a 7B model in bfloat16 and all its layers' statistics need about 21 GiB), naming
+    the layer groups that do fit: running out of memory mid-run would waste the run."""
+    if loaded.device.type != "cuda":
+        return
+    free, _ = torch.cuda.mem_get_info(loaded.device)
+    per_layer = state_bytes(loaded.d_mlp, 1, config, loaded.dtype)
+    # The batch's hooks and the statistics' float32 temporaries: a rough bound, measured generous.
+    working = config.batch_tokens * loaded.d_mlp * 4 * 12
+    budget = int(free * 0.9) - working
+    if per_layer * len(layers) <= budget:
+        return
+    if budget < per_layer:
+        raise GluscopeError(
+            f"out of memory at --batch-tokens {config.batch_tokens}: {free / 2**30:.1f} GiB free on {loaded.device} "
+            f"after loading the model; rerun with a smaller --batch-tokens")
+    groups = layer_groups(layers, per_layer, budget)
+    spans = " then ".join("--layers " + (str(g[0]) if len(g) == 1 else f"{g[0]}-{g[-1]}"
+                                         if g == list(range(g[0], g[-1] + 1)) else ",".join(map(str, g)))
+                          for g in groups)
+    raise GluscopeError(
+        f"the statistics of {len(layers)} layers need {per_layer * len(layers) / 2**30:.1f} GiB on {loaded.device}, "
+        f"{max(budget, 0) / 2**30:.1f} GiB is free next to the model; collect the layers in {len(groups)} groups "
+        f"({spans}, each with the same other options; each may run under torchrun) and join the files with "
+        "gluscope merge")
+
+
 class _Capacity:
     """How many lists per layer a batch may change without a host sync (``nonzero_static``): on
     a GPU, sized from the last batches (the number falls as the lists fill), so that overflowing it,
@@ -649,6 +694,7 @@ def _collect(config: CollectConfig, world: World, device: str, *, stop_after_bat
     corpus = tokenize_corpus(texts, loaded.tokenizer, max_tokens=config.max_tokens,
                              max_doc_tokens=config.max_doc_tokens, long_docs=config.long_docs, bos=config.bos)
     check_positions(corpus, max_positions(loaded.hf_model), config.max_doc_tokens)
+    check_state_fits(loaded, layers, config)
     run_facts = RunFacts(dtype=dtype_name(loaded.dtype), corpus_sha256=corpus.sha256())
     if not distributed.all_equal(world, dataclasses.asdict(run_facts)):
         raise GluscopeError("the torchrun processes disagree on the tokenized corpus or the dtype; give every "

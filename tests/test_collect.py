@@ -579,3 +579,26 @@ def test_gpu_path_without_host_syncs_gives_the_same_file(model_factory, corpus_f
     static = collect(small_config(model_factory("llama"), corpus_files, tmp_path / "static.h5", batch_tokens=64))
     assert any(redone) and not all(redone)
     same_statistics(plain, static)
+
+
+def test_statistics_too_large_for_the_gpu_name_layer_groups_that_fit(model_factory, corpus_files, tmp_path,
+                                                                     monkeypatch):
+    """A small card: the run is refused before any batch, with the --layers groups that fit."""
+    import collect.run as run_module
+    from collect.run import layer_groups, state_bytes
+
+    assert layer_groups(list(range(32)), 10, 160) == [list(range(16)), list(range(16, 32))]
+    assert layer_groups(list(range(30)), 10, 115) == [list(range(i, i + 10)) for i in (0, 10, 20)]
+    # The figures of site_src/gpu.md: a 7B shape in bfloat16, k 16, 19-token float16 windows.
+    seven_b = state_bytes(11008, 32, small_config(Path("m"), [], Path("o"), k=16, context_before=16,
+                                                  context_after=2), torch.bfloat16)
+    assert 8.3 < seven_b / 2**30 < 8.4
+
+    per_layer = state_bytes(48, 1, small_config(Path("m"), [], Path("o")), torch.float32)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (
+        int((per_layer + 64 * 48 * 4 * 12) / 0.9) + 10, 2**34))
+    loaded = type("Loaded", (), {"device": torch.device("cuda:0"), "d_mlp": 48, "dtype": torch.float32})()
+    config = small_config(Path("m"), [], Path("o"), batch_tokens=64)
+    with pytest.raises(GluscopeError, match=r"in 2 groups \(--layers 0 then --layers 1, .*gluscope merge"):
+        run_module.check_state_fits(loaded, [0, 1], config)
+    run_module.check_state_fits(loaded, [1], config)  # one layer fits

@@ -1,9 +1,11 @@
 """Collection cost against the bare forward pass, and file size per neuron.
 
 Runs, on the same model, tokens, batches and dtype: (a) the plain Hugging Face forward pass with
-its default attention, (b) the full collection (the same model with the MLP hooks, all
-statistics, the file written). Prints both times, the ratio b/a, and bytes per neuron, for each
-document length asked for (default: 128 and 512 tokens).
+its default attention (logits included), (b) the full collection (the same model with the MLP
+hooks, all statistics, the file written; it stops after the last MLP). Each collection batch is
+followed by (a) on the same batch, so that both see the same load where cores are shared. Prints
+both times, the ratio b/a, and bytes per neuron, for each document length asked for (default:
+128 and 512 tokens).
 
 Two ratios, since the statistics cost falls during a run: a document enters a top-k list only if
 it beats the list's k-th entry, which happens about k / (documents seen) of the time, and only
@@ -51,7 +53,7 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads on the CPU (default 1)")
-    p.add_argument("--repeats", type=int, default=2, help="timed runs of each variant; medians are printed")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs; medians are printed")
     p.add_argument("--no-file", action="store_true",
                    help="time the run only, without writing the file (for large models on a GPU)")
     args = p.parse_args()
@@ -123,31 +125,18 @@ def measure(args: argparse.Namespace, doc_len: int) -> None:
     with device:  # random weights made where they run: no copy of a large model through the host
         hf = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     batches = plan_batches(corpus.lengths, args.batch_tokens)
-    inputs = [torch.from_numpy(tokens[b.docs].astype(np.int64)) for b in batches]
 
-    forward_batches: list[list[float]] = []  # per repeat, seconds per batch
-
-    def forward() -> None:
-        times = []
+    def forward(docs: np.ndarray) -> float:
+        start = time.perf_counter()
         with torch.inference_mode():
-            for ids in inputs:
-                start = time.perf_counter()
-                hf(ids.to(device))
-                sync()
-                times.append(time.perf_counter() - start)
-        forward_batches.append(times)
+            hf(torch.from_numpy(tokens[docs].astype(np.int64)).to(device))
+        sync()
+        return time.perf_counter() - start
 
-    with torch.inference_mode():
-        hf(inputs[0].to(device))  # warm-up
-    sync()
-    times_a = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        forward()
-        times_a.append(time.perf_counter() - t0)
+    forward(batches[0].docs)  # warm-up
 
     # (b) the full collection, on the same model: statistics from the MLP hooks, then the file.
-    loaded, facts = prepare_model(hf, tokenizer)
+    loaded, facts = prepare_model(hf, tokenizer)  # refactor_glu leaves the model's output as it was
     out = work / "bench.h5"
     cfg = CollectConfig(model=str(work), dataset=["synthetic"], out=out, dtype=args.dtype, device=args.device,
                         batch_tokens=args.batch_tokens, progress=False)
@@ -159,49 +148,52 @@ def measure(args: argparse.Namespace, doc_len: int) -> None:
     collect_statistics(loaded, warm_corpus, cfg, layers)  # torch.compile warm-up on one batch
     sync()
     warm_up = time.perf_counter() - t0
-    loop_times: list[float] = []
-    collect_batches: list[list[float]] = []
-    # Time each batch of the collection loop (it ends with the batch's one host sync).
+    # Paired timing: each collection batch (it ends with the batch's one host sync) is followed by
+    # the bare forward pass of the same batch, so both see the same load on shared cores.
     import collect.run as run_module
 
     run_batch = run_module._run_batch
+    pairs: list[list[tuple[float, float]]] = []  # per repeat: (collection, forward) seconds per batch
 
     def timed_batch(*a, **kw):
         start = time.perf_counter()
         run_batch(*a, **kw)
         sync()
-        collect_batches[-1].append(time.perf_counter() - start)
+        collected = time.perf_counter() - start
+        pairs[-1].append((collected, forward(a[2].docs)))
 
     run_module._run_batch = timed_batch
+    runs: list[tuple[float, float, float]] = []  # per repeat: loop, file, forward seconds
 
     def full() -> None:
-        collect_batches.append([])
+        pairs.append([])
         start = time.perf_counter()
         states = collect_statistics(loaded, corpus, cfg, layers)
         sync()
-        loop_times.append(time.perf_counter() - start)
-        if args.no_file:
-            return
-        with ActivationsWriter(out, n_layers=len(layers), d_mlp=loaded.d_mlp, k=cfg.k,
-                               context_before=cfg.context_before, context_after=cfg.context_after,
-                               attrs={"model": "bench"}) as writer:
-            writer.write_corpus(corpus.tokens, corpus.doc_offsets, ["t"] * args.vocab)
-            for row, layer in enumerate(layers):
-                writer.write_layer(row, finalize(states[layer], cfg.window_dtype))
-            writer.write_weights({k: v.numpy() for k, v in facts.items()})
-            writer.close(n_tokens=int(corpus.lengths.sum()) - n_docs)
+        forward_total = sum(f for _, f in pairs[-1])
+        loop = time.perf_counter() - start - forward_total
+        start = time.perf_counter()
+        if not args.no_file:
+            with ActivationsWriter(out, n_layers=len(layers), d_mlp=loaded.d_mlp, k=cfg.k,
+                                   context_before=cfg.context_before, context_after=cfg.context_after,
+                                   attrs={"model": "bench"}) as writer:
+                writer.write_corpus(corpus.tokens, corpus.doc_offsets, ["t"] * args.vocab)
+                for row, layer in enumerate(layers):
+                    writer.write_layer(row, finalize(states[layer], cfg.window_dtype))
+                writer.write_weights({k: v.numpy() for k, v in facts.items()})
+                writer.close(n_tokens=int(corpus.lengths.sum()) - n_docs)
+        runs.append((loop, time.perf_counter() - start, forward_total))
 
-    times_b = []
     for _ in range(args.repeats):
-        t0 = time.perf_counter()
         full()
-        times_b.append(time.perf_counter() - t0)
-
     run_module._run_batch = run_batch
-    a, b = statistics.median(times_a), statistics.median(times_b)
+    loop = statistics.median(r[0] for r in runs)
+    a = statistics.median(r[2] for r in runs)
+    b = statistics.median(r[0] + r[1] for r in runs)
     late = slice(len(batches) // 2, None)
-    late_a = statistics.median(x for times in forward_batches for x in times[late])
-    late_b = statistics.median(x for times in collect_batches for x in times[late])
+    late_ratio = statistics.median(c / f for repeat in pairs for c, f in repeat[late])
+    late_b = statistics.median(c for repeat in pairs for c, _ in repeat[late])
+    late_a = statistics.median(f for repeat in pairs for _, f in repeat[late])
     docs_seen = sum(len(x.docs) for x in batches[:late.start])
     neurons = args.layers * args.d_mlp
     size = out.stat().st_size if out.exists() else 0
@@ -210,12 +202,11 @@ def measure(args: argparse.Namespace, doc_len: int) -> None:
           f"({len(batches)} batches of {len(batches[0].docs)} documents)")
     print(f"model: {args.layers} layers, d_model {args.d_model}, d_mlp {args.d_mlp}, vocab {args.vocab}")
     print(f"(a) bare HF forward:      {a:8.2f} s  ({args.tokens / a:,.0f} tok/s)")
-    loop = statistics.median(loop_times)
     print(f"(b) full collection:      {b:8.2f} s  ({args.tokens / b:,.0f} tok/s): run {loop:.2f} s + "
           f"writing the file {b - loop:.2f} s   [compile warm-up, once per process: {warm_up:.1f} s]")
     print(f"ratio b/a, whole run:     {b / a:8.3f}   (run alone: {loop / a:.3f})")
-    print(f"ratio b/a, later batches: {late_b / late_a:8.3f}   (median per batch over batches "
-          f"{late.start + 1}-{len(batches)}, after {docs_seen} documents seen: {late_b:.3f} s vs {late_a:.3f} s)")
+    print(f"ratio b/a, later batches: {late_ratio:8.3f}   (median of per-batch ratios over batches "
+          f"{late.start + 1}-{len(batches)}, after {docs_seen} documents seen; medians {late_b:.3f} s vs {late_a:.3f} s)")
     from collect.stats import state_bytes_per_neuron
 
     state = state_bytes_per_neuron(cfg.k, cfg.context_before + 1 + cfg.context_after, 2) * neurons

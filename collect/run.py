@@ -419,6 +419,15 @@ def check_state_fits(loaded: LoadedModel, layers: list[int], config: CollectConf
         "gluscope merge")
 
 
+def _has_nonzero_static(device: torch.device) -> bool:
+    """Whether this torch has ``nonzero_static`` on ``device`` (else: ``nonzero``, with a sync)."""
+    try:
+        torch.nonzero_static(torch.ones(2, dtype=torch.bool, device=device), size=1)
+        return True
+    except (NotImplementedError, RuntimeError, AttributeError):
+        return False
+
+
 class _Capacity:
     """How many lists per layer a batch may change without a host sync (``nonzero_static``): on
     a GPU, sized from the last batches (the number falls as the lists fill), so that overflowing it,
@@ -429,7 +438,7 @@ class _Capacity:
     ON_CPU = False  # tests run the GPU's path on a CPU
 
     def __init__(self, device: torch.device, n_lists: int) -> None:
-        self.exact = device.type == "cpu" and not self.ON_CPU
+        self.exact = (device.type == "cpu" and not self.ON_CPU) or not _has_nonzero_static(device)
         self.n_lists = n_lists
         self.value = n_lists  # the first batch changes every list
 

@@ -585,13 +585,26 @@ class _CheckpointWriter:
     def __init__(self) -> None:
         self._thread: Any = None
         self._error: BaseException | None = None
+        self._pinned: dict[tuple[int, str], torch.Tensor] = {}  # reused: pinning GBs takes seconds
+
+    def _to_host(self, key: tuple[int, str], t: torch.Tensor) -> torch.Tensor:
+        """A host copy that later in-place updates of ``t`` do not change; from a GPU asynchronous,
+        into pinned memory (complete once an event recorded after it has passed)."""
+        if not t.is_cuda:
+            return t.clone()
+        host = self._pinned.get(key)
+        if host is None or host.shape != t.shape or host.dtype != t.dtype:
+            host = self._pinned[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        return host
 
     def save(self, path: Path, config: CollectConfig, batches_done: int, states: dict[int, LayerStats],
              facts: RunFacts, *, wait: bool = False) -> None:
         import threading
 
-        self.wait()
-        host = {layer: {name: _to_host(t) for name, t in s.to_dict().items()} for layer, s in states.items()}
+        self.wait()  # the previous checkpoint is written: its host buffers can take this one
+        host = {layer: {name: self._to_host((layer, name), t) for name, t in s.to_dict().items()}
+                for layer, s in states.items()}
         copied = torch.cuda.Event() if any(t.is_cuda for s in states.values() for t in s.to_dict().values()) else None
         if copied is not None:
             copied.record()
@@ -618,14 +631,6 @@ class _CheckpointWriter:
             raise error
 
 
-def _to_host(t: torch.Tensor) -> torch.Tensor:
-    """A host copy that later in-place updates of ``t`` do not change; from a GPU asynchronous,
-    into pinned memory (complete once an event recorded after it has passed)."""
-    if not t.is_cuda:
-        return t.clone()
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    return host
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""One collection on two gloo processes (torchrun, CPU) writes the file a single process writes."""
+"""One collection on several gloo processes (torchrun, CPU) writes the file a single process writes."""
 
 from __future__ import annotations
 
@@ -56,14 +56,17 @@ def cli_args(model: Path, corpus: list[Path], out: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_torchrun_two_gloo_processes_write_the_single_process_file(model_factory, corpus_files, tmp_path):
+@pytest.mark.parametrize("nproc", [2, 3], ids=["2-processes", "3-processes-uneven"])
+def test_torchrun_gloo_processes_write_the_single_process_file(nproc, model_factory, corpus_files, tmp_path):
+    """8 batches: 4 per rank for 2 processes; 3, 3 and 2 for 3 (the last round has an idle rank,
+    and the merge tree is not a power of two)."""
     model = model_factory("llama")
     single = collect(small_config(model, corpus_files, tmp_path / "single.h5", **OPTIONS))
-    out = tmp_path / "two.h5"
-    done = torchrun(cli_args(model, corpus_files, out))
+    out = tmp_path / "torchrun.h5"
+    done = torchrun(cli_args(model, corpus_files, out), nproc=nproc)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("gluscope: wrote") == 1  # rank 0 alone writes
-    same_file(single, out, world_size=2)
+    same_file(single, out, world_size=nproc)
 
 
 def _free_port() -> int:

@@ -1,11 +1,22 @@
 """Collection cost against the bare forward pass, and file size per neuron.
 
 Runs, on the same model, tokens, batches and dtype: (a) the plain Hugging Face forward pass with
-its default attention, (b) the full collection (the same model with the MLP hooks, all
-statistics, the file written). Prints both times, the ratio b/a, and bytes per neuron.
+its default attention (logits included), (b) the full collection (the same model with the MLP
+hooks, all statistics, the file written; it stops after the last MLP). Each collection batch is
+followed by (a) on the same batch, so that both see the same load where cores are shared. Prints
+both times, the ratio b/a, and bytes per neuron, for each document length asked for (default:
+128 and 512 tokens).
 
-    python bench/collect_overhead.py                      # SmolLM2-135M shape, CPU, one thread
-    python bench/collect_overhead.py --device cuda --dtype bfloat16 --tokens 262144
+Two ratios, since the statistics cost falls during a run: a document enters a top-k list only if
+it beats the list's k-th entry, which happens about k / (documents seen) of the time, and only
+the lists that change are merged. "whole run" is the ratio over the whole (short) bench corpus,
+where almost every document still enters the lists; "later batches" is the median per-batch
+time of the second half of the batches (after half the documents were seen) over the median
+forward time of the same batches: closer to a real run's steady state (20M tokens are 20,000 to
+150,000 documents, not a few hundred), and still an overestimate of it.
+
+    python bench/collect_overhead.py                      # SmolLM2-135M shape, CPU, one thread, 128 and 512
+    python bench/collect_overhead.py --shape 7b --device cuda --dtype bfloat16 --tokens 262144 --no-file
 """
 
 from __future__ import annotations
@@ -27,24 +38,56 @@ import torch  # noqa: E402
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=30)
-    p.add_argument("--d-model", type=int, default=576)
-    p.add_argument("--d-mlp", type=int, default=1536)
-    p.add_argument("--heads", type=int, default=9)
-    p.add_argument("--kv-heads", type=int, default=3)
-    p.add_argument("--vocab", type=int, default=49152)
-    p.add_argument("--tokens", type=int, default=16384, help="corpus tokens")
-    p.add_argument("--doc-len", type=int, default=512, help="tokens per document (BOS included)")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="smollm2",
+                   help="model shape (random weights); the options below override its parts")
+    p.add_argument("--layers", type=int)
+    p.add_argument("--d-model", type=int)
+    p.add_argument("--d-mlp", type=int)
+    p.add_argument("--heads", type=int)
+    p.add_argument("--kv-heads", type=int)
+    p.add_argument("--vocab", type=int)
+    p.add_argument("--tokens", type=int, default=32768, help="corpus tokens per document length")
+    p.add_argument("--doc-len", type=int, nargs="+", default=[128, 512],
+                   help="tokens per document (BOS included); one measurement each")
     p.add_argument("--batch-tokens", type=int, default=4096)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads on the CPU (default 1)")
-    p.add_argument("--repeats", type=int, default=2, help="timed runs of each variant; medians are printed")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs; medians are printed")
     p.add_argument("--no-file", action="store_true",
                    help="time the run only, without writing the file (for large models on a GPU)")
     args = p.parse_args()
+    for name, value in zip(("layers", "d_model", "d_mlp", "heads", "kv_heads", "vocab"), SHAPES[args.shape]):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
+    for doc_len in args.doc_len:
+        measure(args, doc_len)
+
+
+#: layers, d_model, d_mlp, heads, kv heads, vocab
+SHAPES = {
+    "smollm2": (30, 576, 1536, 9, 3, 49152),  # SmolLM2-135M
+    "1b": (16, 2048, 8192, 32, 8, 128256),  # Llama-3.2-1B
+    "7b": (32, 4096, 11008, 32, 32, 32000),  # Llama-2-7B / OLMo-7B
+}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "CPU"
+
+
+def measure(args: argparse.Namespace, doc_len: int) -> None:
+    args.doc_len = doc_len
 
     import transformers
 
@@ -82,25 +125,18 @@ def main() -> None:
     with device:  # random weights made where they run: no copy of a large model through the host
         hf = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     batches = plan_batches(corpus.lengths, args.batch_tokens)
-    inputs = [torch.from_numpy(tokens[b.docs].astype(np.int64)) for b in batches]
 
-    def forward() -> None:
+    def forward(docs: np.ndarray) -> float:
+        start = time.perf_counter()
         with torch.inference_mode():
-            for ids in inputs:
-                hf(ids.to(device))
+            hf(torch.from_numpy(tokens[docs].astype(np.int64)).to(device))
         sync()
+        return time.perf_counter() - start
 
-    with torch.inference_mode():
-        hf(inputs[0].to(device))  # warm-up
-    sync()
-    times_a = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        forward()
-        times_a.append(time.perf_counter() - t0)
+    forward(batches[0].docs)  # warm-up
 
     # (b) the full collection, on the same model: statistics from the MLP hooks, then the file.
-    loaded, facts = prepare_model(hf, tokenizer)
+    loaded, facts = prepare_model(hf, tokenizer)  # refactor_glu leaves the model's output as it was
     out = work / "bench.h5"
     cfg = CollectConfig(model=str(work), dataset=["synthetic"], out=out, dtype=args.dtype, device=args.device,
                         batch_tokens=args.batch_tokens, progress=False)
@@ -112,41 +148,69 @@ def main() -> None:
     collect_statistics(loaded, warm_corpus, cfg, layers)  # torch.compile warm-up on one batch
     sync()
     warm_up = time.perf_counter() - t0
-    loop_times: list[float] = []
+    # Paired timing: each collection batch (it ends with the batch's one host sync) is followed by
+    # the bare forward pass of the same batch, so both see the same load on shared cores.
+    import collect.run as run_module
+
+    run_batch = run_module._run_batch
+    pairs: list[list[tuple[float, float]]] = []  # per repeat: (collection, forward) seconds per batch
+
+    def timed_batch(*a, **kw):
+        start = time.perf_counter()
+        run_batch(*a, **kw)
+        sync()
+        collected = time.perf_counter() - start
+        pairs[-1].append((collected, forward(a[2].docs)))
+
+    run_module._run_batch = timed_batch
+    runs: list[tuple[float, float, float]] = []  # per repeat: loop, file, forward seconds
 
     def full() -> None:
+        pairs.append([])
         start = time.perf_counter()
         states = collect_statistics(loaded, corpus, cfg, layers)
         sync()
-        loop_times.append(time.perf_counter() - start)
-        if args.no_file:
-            return
-        with ActivationsWriter(out, n_layers=len(layers), d_mlp=loaded.d_mlp, k=cfg.k,
-                               context_before=cfg.context_before, context_after=cfg.context_after,
-                               attrs={"model": "bench"}) as writer:
-            writer.write_corpus(corpus.tokens, corpus.doc_offsets, ["t"] * args.vocab)
-            for row, layer in enumerate(layers):
-                writer.write_layer(row, finalize(states[layer], cfg.window_dtype))
-            writer.write_weights({k: v.numpy() for k, v in facts.items()})
-            writer.close(n_tokens=int(corpus.lengths.sum()) - n_docs)
+        forward_total = sum(f for _, f in pairs[-1])
+        loop = time.perf_counter() - start - forward_total
+        start = time.perf_counter()
+        if not args.no_file:
+            with ActivationsWriter(out, n_layers=len(layers), d_mlp=loaded.d_mlp, k=cfg.k,
+                                   context_before=cfg.context_before, context_after=cfg.context_after,
+                                   attrs={"model": "bench"}) as writer:
+                writer.write_corpus(corpus.tokens, corpus.doc_offsets, ["t"] * args.vocab)
+                for row, layer in enumerate(layers):
+                    writer.write_layer(row, finalize(states[layer], cfg.window_dtype))
+                writer.write_weights({k: v.numpy() for k, v in facts.items()})
+                writer.close(n_tokens=int(corpus.lengths.sum()) - n_docs)
+        runs.append((loop, time.perf_counter() - start, forward_total))
 
-    times_b = []
     for _ in range(args.repeats):
-        t0 = time.perf_counter()
         full()
-        times_b.append(time.perf_counter() - t0)
-
-    a, b = statistics.median(times_a), statistics.median(times_b)
+    run_module._run_batch = run_batch
+    loop = statistics.median(r[0] for r in runs)
+    a = statistics.median(r[2] for r in runs)
+    b = statistics.median(r[0] + r[1] for r in runs)
+    late = slice(len(batches) // 2, None)
+    late_ratio = statistics.median(c / f for repeat in pairs for c, f in repeat[late])
+    late_b = statistics.median(c for repeat in pairs for c, _ in repeat[late])
+    late_a = statistics.median(f for repeat in pairs for _, f in repeat[late])
+    docs_seen = sum(len(x.docs) for x in batches[:late.start])
     neurons = args.layers * args.d_mlp
     size = out.stat().st_size if out.exists() else 0
-    print(f"device {args.device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{args.threads} thread(s)'}), "
-          f"dtype {args.dtype}, {n_docs} docs x {args.doc_len} tokens, batch_tokens {args.batch_tokens}")
+    print(f"device {args.device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{cpu_name()}, {args.threads} thread(s)'}), "
+          f"dtype {args.dtype}, {n_docs} docs x {args.doc_len} tokens, batch_tokens {args.batch_tokens} "
+          f"({len(batches)} batches of {len(batches[0].docs)} documents)")
     print(f"model: {args.layers} layers, d_model {args.d_model}, d_mlp {args.d_mlp}, vocab {args.vocab}")
     print(f"(a) bare HF forward:      {a:8.2f} s  ({args.tokens / a:,.0f} tok/s)")
-    loop = statistics.median(loop_times)
     print(f"(b) full collection:      {b:8.2f} s  ({args.tokens / b:,.0f} tok/s): run {loop:.2f} s + "
           f"writing the file {b - loop:.2f} s   [compile warm-up, once per process: {warm_up:.1f} s]")
-    print(f"ratio b/a:                {b / a:8.3f}   (run alone: {loop / a:.3f})")
+    print(f"ratio b/a, whole run:     {b / a:8.3f}   (run alone: {loop / a:.3f})")
+    print(f"ratio b/a, later batches: {late_ratio:8.3f}   (median of per-batch ratios over batches "
+          f"{late.start + 1}-{len(batches)}, after {docs_seen} documents seen; medians {late_b:.3f} s vs {late_a:.3f} s)")
+    from collect.stats import state_bytes_per_neuron
+
+    state = state_bytes_per_neuron(cfg.k, cfg.context_before + 1 + cfg.context_after, 2) * neurons
+    print(f"resident statistics: {state / 2**30:.2f} GiB ({state / neurons:,.0f} bytes per neuron, float16 windows)")
     if size:
         print(f"file: {size:,} bytes = {size / neurons:,.0f} bytes per neuron ({neurons:,} neurons; "
               f"corpus {corpus.tokens.nbytes:,} bytes of it)")

@@ -28,7 +28,10 @@ from collect.corpus import (BOS_MODES, Corpus, dataset_source, plan_batches, rea
                             tokenize_corpus)
 from collect.model import (DTYPE_CHOICES, ENGINES, LoadedModel, dtype_name, load_model, max_positions,
                            resolve_device, run_with_mlp_hooks)
-from collect.stats import BatchReduction, LayerStats, add_batch, compiled_reduce_batch, reduce_batch
+from collect import distributed
+from collect.distributed import World, any_rank, broadcast_object, merge_into_rank0
+from collect.stats import (N_CASES, N_HOOKS, BatchReduction, LayerStats, compiled_reduce_batch, reduce_batch,
+                           state_bytes_per_neuron, state_window_dtype, update_stats)
 from mkdocs_gluscope.errors import GluscopeError
 from mkdocs_gluscope.store import ActivationsWriter, first_counted_position
 
@@ -227,12 +230,15 @@ def checkpoint_fingerprint(config: CollectConfig, facts: RunFacts) -> dict[str, 
 
 
 def save_checkpoint(path: Path, config: CollectConfig, batches_done: int,
-                    states: dict[int, LayerStats], facts: RunFacts) -> None:
+                    states: dict[int, LayerStats] | dict[int, dict[str, torch.Tensor]], facts: RunFacts) -> None:
+    """Write a checkpoint atomically: ``batches_done`` batches of the plan, whatever the number of
+    processes that did them (so a run resumes with another torchrun size, or none)."""
     tmp = path.with_name(path.name + ".tmp")
     torch.save({
         "fingerprint": checkpoint_fingerprint(config, facts),
         "batches_done": batches_done,
-        "states": {layer: {k: v.cpu() for k, v in s.to_dict().items()} for layer, s in states.items()},
+        "states": {layer: {k: v.cpu() for k, v in (s.to_dict() if isinstance(s, LayerStats) else s).items()}
+                   for layer, s in states.items()},
     }, tmp)
     os.replace(tmp, path)
 
@@ -270,8 +276,9 @@ def finalize(state: LayerStats, window_dtype: str) -> dict[str, np.ndarray]:
         "top_value": state.top_value.cpu().numpy(),
         "top_doc": state.top_doc.to(torch.int32).cpu().numpy(),
         "top_pos": state.top_pos.to(torch.int32).cpu().numpy(),
-        "top_gate": gate.cpu().numpy().astype(window_dtype),
-        "top_in": in_.cpu().numpy().astype(window_dtype),
+        # Through float32: numpy has no bfloat16 (the state's dtype for float32 files of bfloat16 models).
+        "top_gate": gate.float().cpu().numpy().astype(window_dtype),
+        "top_in": in_.float().cpu().numpy().astype(window_dtype),
     }
 
 
@@ -303,9 +310,12 @@ def reduce_with_fallback(compile_: bool) -> Callable[..., BatchReduction]:
 
     The compiled code is also checked against the eager computation on a few neurons of the first
     batch of every padded length: a compile cache written on another kind of CPU once gave wrong
-    counts for two thirds of the neurons without any error. A mismatch falls back to eager."""
+    counts for two thirds of the neurons without any error. A mismatch falls back to eager.
+
+    The result may be ``suspect`` (a NaN or inf where the fast path assumes none): the caller
+    leaves such a batch out and reduces it again with :func:`reduce_batch` (no sync here)."""
     try:
-        compiled = compiled_reduce_batch(compile_)
+        compiled = compiled_reduce_batch(compile_, exact_on_suspect=False)
     except Exception as e:  # torch.compile raises many types, on creation or on first call
         _warn_compile(e)
         return reduce_batch
@@ -325,7 +335,7 @@ def reduce_with_fallback(compile_: bool) -> Callable[..., BatchReduction]:
             state["fn"] = reduce_batch
             return reduce_batch(*args)
         length = args[0].shape[1]
-        if state["fn"] is not reduce_batch and length not in state["checked"]:
+        if state["fn"] is not reduce_batch and length not in state["checked"] and not bool(reduced.suspect):
             state["checked"].add(length)
             problem = compare_reductions(reduced, args, SELF_CHECK_NEURONS)
             if problem:
@@ -364,6 +374,81 @@ def _warn_compile(error: Exception) -> None:
           "statistics eagerly (slower; --no-compile skips the attempt)", file=sys.stderr, flush=True)
 
 
+def state_bytes(d_mlp: int, n_layers: int, config: CollectConfig, model_dtype: torch.dtype) -> int:
+    """Bytes of the statistics a collection keeps on its device (:class:`LayerStats` of every
+    recorded layer)."""
+    window_bytes = torch.empty((), dtype=state_window_dtype(config.window_dtype, model_dtype)).element_size()
+    window = config.context_before + 1 + config.context_after
+    return state_bytes_per_neuron(config.k, window, window_bytes) * d_mlp * n_layers
+
+
+def layer_groups(layers: list[int], per_layer: int, budget: int) -> list[list[int]]:
+    """``layers`` cut into consecutive groups of equal size whose statistics fit in ``budget``
+    bytes each: one collection per group (``--layers``), merged into one file by ``gluscope merge``."""
+    per_group = max(1, budget // max(per_layer, 1))
+    n_groups = -(-len(layers) // per_group)
+    size = -(-len(layers) // n_groups)
+    return [layers[i:i + size] for i in range(0, len(layers), size)]
+
+
+def check_state_fits(loaded: LoadedModel, layers: list[int], config: CollectConfig) -> None:
+    """On a GPU, refuse before the first batch a collection whose statistics cannot fit next to
+    the model (a 7B model in bfloat16 and all its layers' statistics need about 21 GiB), naming
+    the layer groups that do fit: running out of memory mid-run would waste the run."""
+    if loaded.device.type != "cuda":
+        return
+    free, _ = torch.cuda.mem_get_info(loaded.device)
+    per_layer = state_bytes(loaded.d_mlp, 1, config, loaded.dtype)
+    # The batch's hooks and the statistics' float32 temporaries: a rough bound, measured generous.
+    working = config.batch_tokens * loaded.d_mlp * 4 * 12
+    budget = int(free * 0.9) - working
+    if per_layer * len(layers) <= budget:
+        return
+    if budget < per_layer:
+        raise GluscopeError(
+            f"out of memory at --batch-tokens {config.batch_tokens}: {free / 2**30:.1f} GiB free on {loaded.device} "
+            f"after loading the model; rerun with a smaller --batch-tokens")
+    groups = layer_groups(layers, per_layer, budget)
+    spans = " then ".join("--layers " + (str(g[0]) if len(g) == 1 else f"{g[0]}-{g[-1]}"
+                                         if g == list(range(g[0], g[-1] + 1)) else ",".join(map(str, g)))
+                          for g in groups)
+    raise GluscopeError(
+        f"the statistics of {len(layers)} layers need {per_layer * len(layers) / 2**30:.1f} GiB on {loaded.device}, "
+        f"{max(budget, 0) / 2**30:.1f} GiB is free next to the model; collect the layers in {len(groups)} groups "
+        f"({spans}, each with the same other options; each may run under torchrun) and join the files with "
+        "gluscope merge")
+
+
+def _has_nonzero_static(device: torch.device) -> bool:
+    """Whether this torch has ``nonzero_static`` on ``device`` (else: ``nonzero``, with a sync)."""
+    try:
+        torch.nonzero_static(torch.ones(2, dtype=torch.bool, device=device), size=1)
+        return True
+    except (NotImplementedError, RuntimeError, AttributeError):
+        return False
+
+
+class _Capacity:
+    """How many lists per layer a batch may change without a host sync (``nonzero_static``): on
+    a GPU, sized from the last batches (the number falls as the lists fill), so that overflowing it,
+    which costs a second forward pass of the batch, stays rare. ``None`` on a CPU, where a sync
+    costs nothing and ``nonzero`` finds exactly the lists that change."""
+
+    MARGIN, FLOOR = 2.0, 4096
+    ON_CPU = False  # tests run the GPU's path on a CPU
+
+    def __init__(self, device: torch.device, n_lists: int) -> None:
+        self.exact = (device.type == "cpu" and not self.ON_CPU) or not _has_nonzero_static(device)
+        self.n_lists = n_lists
+        self.value = n_lists  # the first batch changes every list
+
+    def current(self) -> int | None:
+        return None if self.exact else self.value
+
+    def observe(self, active: int) -> None:
+        self.value = min(self.n_lists, max(self.FLOOR, int(active * self.MARGIN)))
+
+
 def collect_statistics(
     loaded: LoadedModel,
     corpus: Corpus,
@@ -372,69 +457,180 @@ def collect_statistics(
     *,
     stop_after_batches: int | None = None,
     facts: RunFacts | None = None,
+    world: World | None = None,
 ) -> dict[int, LayerStats]:
-    """Run the model over every batch of the corpus and return each layer's statistics."""
+    """Run the model over every batch of the corpus and return each layer's statistics (on rank 0
+    of a torchrun collection: the merge of every rank's; on other ranks: empty).
+
+    Inside the layer loop nothing waits for the device: a layer-batch whose fast statistics are
+    unusable (a NaN or inf where the fast path assumes finite values, or more changed lists than
+    the capacity) leaves that layer's statistics unchanged, decided on the device, and after the
+    batch's forward pass one host sync reads every layer's flag; the rare flagged layers are then
+    computed again, exactly, by a second forward pass of the batch.
+    """
+    world = world or World()
     facts = facts or RunFacts(dtype=dtype_name(loaded.dtype), corpus_sha256=corpus.sha256())
     device = loaded.device
     window = config.context_before + 1 + config.context_after
-    window_dtype = getattr(torch, config.window_dtype)
+    window_dtype = state_window_dtype(config.window_dtype, loaded.dtype)
     batches = shard_batches(corpus, config.batch_tokens, config.shard)
+
+    def empty(layer: int) -> LayerStats:
+        return LayerStats.empty(loaded.d_mlp, config.k, window, device, window_dtype)
+
     start = 0
-    states = {layer: LayerStats.empty(loaded.d_mlp, config.k, window, device, window_dtype)
-              for layer in layers}
+    states = {layer: empty(layer) for layer in layers}
     if config.resume:
-        restored = load_checkpoint(config, device, facts)
+        restored = load_checkpoint(config, device, facts) if world.is_main else None
+        start = broadcast_object(world, restored[0] if restored is not None else 0)
         if restored is not None:
-            start, states = restored
+            states = restored[1]
             print(f"gluscope: resuming from {config.checkpoint_path} after {start}/{len(batches)} batches",
                   file=sys.stderr)
     reduce = reduce_with_fallback(config.compile)
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     first_counted = config.counted_from(corpus.has_bos)
     lengths_all = corpus.lengths
+    capacity = {layer: _Capacity(device, loaded.d_mlp * N_CASES * N_HOOKS) for layer in layers}
+    checkpoints = _CheckpointWriter()
 
     from tqdm.auto import tqdm
 
-    total = int(sum(lengths_all[b.docs].sum() for b in batches))
-    done_tokens = int(sum(lengths_all[b.docs].sum() for b in batches[:start]))
+    def tokens(batch_indices: range) -> int:
+        return int(sum(lengths_all[batches[i].docs].sum() for i in batch_indices))
+
+    total = tokens(range(len(batches)))
     last_checkpoint = time.monotonic()
+    # Rounds: in round r, rank i takes batch start + r * N + i; the batches before a round's start
+    # are done by every rank, so a checkpoint holds whole rounds and resumes with any number of ranks.
+    n_rounds = -(-(len(batches) - start) // world.size)
     # The signal handlers are in place before the bar shows: once progress shows, SIGTERM checkpoints.
     with _CtrlC() as ctrl_c, _out_of_memory_hint(config):
-        bar = tqdm(total=total, initial=done_tokens, unit="tok", unit_scale=True, disable=not config.progress,
-                   desc="collect", dynamic_ncols=True)
-        for index in range(start, len(batches)):
-            batch = batches[index]
-            lengths_np = lengths_all[batch.docs]
-            ids = np.full((len(batch.docs), batch.length), pad_id, dtype=np.int64)
-            for row, doc in enumerate(batch.docs):
-                ids[row, : lengths_np[row]] = corpus.document(doc)
-            input_ids = torch.from_numpy(ids).to(device, non_blocking=True)
-            lengths = torch.from_numpy(lengths_np).to(device)
-            doc_ids = torch.from_numpy(batch.docs).to(device)
-            t = torch.arange(batch.length, device=device)
-            valid = (t[None, :] < lengths[:, None]) & (t[None, :] >= first_counted)
-
-            def on_layer(layer: int, gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor) -> None:
-                swish = loaded.mlps[layer].act_fn(gate)
-                reduced = reduce(gate, in_, post, swish, valid)
-                states[layer] = add_batch(states[layer], reduced, doc_ids, gate, in_, lengths,
-                                          config.context_before, config.context_after)
-
-            run_with_mlp_hooks(loaded, input_ids, layers, on_layer)
-            bar.update(int(lengths_np.sum()))
-            finished = index + 1
-            stop = ctrl_c.requested or (stop_after_batches is not None and finished >= stop_after_batches)
-            if finished < len(batches) and (stop or time.monotonic() - last_checkpoint > config.checkpoint_every):
-                save_checkpoint(config.checkpoint_path, config, finished, states, facts)
+        bar = tqdm(total=total, initial=tokens(range(start)), unit="tok", unit_scale=True,
+                   disable=not (config.progress and world.is_main), desc="collect", dynamic_ncols=True)
+        for round_ in range(n_rounds):
+            first_of_round = start + round_ * world.size
+            index = first_of_round + world.rank
+            if index < len(batches):
+                _run_batch(loaded, corpus, batches[index], layers, states, config, reduce, capacity, pad_id,
+                           first_counted, device)
+            finished = min(first_of_round + world.size, len(batches))
+            bar.update(tokens(range(first_of_round, finished)))
+            stop, due = any_rank(world, [
+                ctrl_c.requested or (stop_after_batches is not None and finished >= stop_after_batches),
+                world.is_main and time.monotonic() - last_checkpoint > config.checkpoint_every], device)
+            if finished < len(batches) and (stop or due):
+                states = merge_into_rank0(world, states, empty)
+                if world.is_main:
+                    checkpoints.save(config.checkpoint_path, config, finished, states, facts, wait=stop)
                 last_checkpoint = time.monotonic()
             if stop and finished < len(batches):
                 bar.close()
+                checkpoints.wait()
                 raise Interrupted(
                     f"stopped after {finished}/{len(batches)} batches; checkpoint written to "
                     f"{str(config.checkpoint_path)!r}; rerun the same command with --resume to continue",
                     ctrl_c.signum)
         bar.close()
-    return states
+        checkpoints.wait()
+    return merge_into_rank0(world, states, empty)
+
+
+def _run_batch(loaded: LoadedModel, corpus: Corpus, batch: Any, layers: list[int], states: dict[int, LayerStats],
+               config: CollectConfig, reduce: Callable[..., BatchReduction], capacity: dict[int, "_Capacity"],
+               pad_id: int, first_counted: int, device: torch.device) -> None:
+    """One batch through the model, every layer's statistics updated (see collect_statistics)."""
+    lengths_np = corpus.lengths[batch.docs]
+    ids = np.full((len(batch.docs), batch.length), pad_id, dtype=np.int64)
+    for row, doc in enumerate(batch.docs):
+        ids[row, : lengths_np[row]] = corpus.document(doc)
+    input_ids = torch.from_numpy(ids).to(device, non_blocking=True)
+    lengths = torch.from_numpy(lengths_np).to(device)
+    doc_ids = torch.from_numpy(batch.docs).to(device)
+    t = torch.arange(batch.length, device=device)
+    valid = (t[None, :] < lengths[:, None]) & (t[None, :] >= first_counted)
+    applied: dict[int, torch.Tensor] = {}
+    active: dict[int, torch.Tensor] = {}
+
+    def on_layer(layer: int, gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor) -> None:
+        swish = loaded.mlps[layer].act_fn(gate)
+        reduced = reduce(gate, in_, post, swish, valid)
+        applied[layer], active[layer] = update_stats(
+            states[layer], reduced, doc_ids, gate, in_, lengths, config.context_before, config.context_after,
+            capacity=capacity[layer].current(), accept=~reduced.suspect)
+
+    run_with_mlp_hooks(loaded, input_ids, layers, on_layer)
+    # The batch's one host sync: which layers were applied, and how many lists each changed.
+    flags = torch.stack([torch.stack([applied[layer].long(), active[layer].long()]) for layer in layers]).tolist()
+    redo = [layer for layer, (ok, _) in zip(layers, flags) if not ok]
+    for layer, (_, n_active) in zip(layers, flags):
+        capacity[layer].observe(n_active)
+    if not redo:
+        return
+
+    def exactly(layer: int, gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor) -> None:
+        swish = loaded.mlps[layer].act_fn(gate)
+        reduced = reduce_batch(gate, in_, post, swish, valid)  # checks every value; rare, so eager
+        update_stats(states[layer], reduced, doc_ids, gate, in_, lengths, config.context_before,
+                     config.context_after)
+
+    run_with_mlp_hooks(loaded, input_ids, redo, exactly)
+
+
+class _CheckpointWriter:
+    """Writes checkpoints in a background thread: the state is first copied to the host (into
+    pinned memory, behind the work already queued on the device, so the GPU does not wait), and
+    the thread waits for that copy, then writes. One checkpoint at a time."""
+
+    def __init__(self) -> None:
+        self._thread: Any = None
+        self._error: BaseException | None = None
+        self._pinned: dict[tuple[int, str], torch.Tensor] = {}  # reused: pinning GBs takes seconds
+
+    def _to_host(self, key: tuple[int, str], t: torch.Tensor) -> torch.Tensor:
+        """A host copy that later in-place updates of ``t`` do not change; from a GPU asynchronous,
+        into pinned memory (complete once an event recorded after it has passed)."""
+        if not t.is_cuda:
+            return t.clone()
+        host = self._pinned.get(key)
+        if host is None or host.shape != t.shape or host.dtype != t.dtype:
+            host = self._pinned[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        return host
+
+    def save(self, path: Path, config: CollectConfig, batches_done: int, states: dict[int, LayerStats],
+             facts: RunFacts, *, wait: bool = False) -> None:
+        import threading
+
+        self.wait()  # the previous checkpoint is written: its host buffers can take this one
+        host = {layer: {name: self._to_host((layer, name), t) for name, t in s.to_dict().items()}
+                for layer, s in states.items()}
+        copied = torch.cuda.Event() if any(t.is_cuda for s in states.values() for t in s.to_dict().values()) else None
+        if copied is not None:
+            copied.record()
+
+        def write() -> None:
+            try:
+                if copied is not None:
+                    copied.synchronize()
+                save_checkpoint(path, config, batches_done, host, facts)
+            except BaseException as e:  # reported by wait(), on the main thread
+                self._error = e
+
+        self._thread = threading.Thread(target=write, name="gluscope-checkpoint", daemon=True)
+        self._thread.start()
+        if wait:
+            self.wait()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
 
 
 @contextlib.contextmanager
@@ -491,21 +687,39 @@ def provenance(config: CollectConfig, loaded: LoadedModel, corpus: Corpus, layer
 
 
 def collect(config: CollectConfig, *, stop_after_batches: int | None = None) -> Path:
-    """Run a whole collection and write ``config.out``. Returns its path."""
+    """Run a whole collection and write ``config.out``. Returns its path.
+
+    Under torchrun every process runs this; they share the batches and rank 0 writes the file
+    (:mod:`collect.distributed`)."""
     check_config(config)
+    world, device = distributed.init(config.device)
+    try:
+        return _collect(config, world, device, stop_after_batches=stop_after_batches)
+    finally:
+        distributed.finish(world)
+
+
+def _collect(config: CollectConfig, world: World, device: str, *, stop_after_batches: int | None) -> Path:
     started = time.monotonic()
-    loaded, facts = load_model(config.model, dtype=config.dtype, device=config.device,
+    loaded, facts = load_model(config.model, dtype=config.dtype, device=device,
                                refactor=config.refactor_glu, engine=config.engine)
     layers = resolve_layers(config.layers, loaded.n_layers)
     texts = read_texts(config.dataset, text_column=config.text_column, split=config.split, seed=config.seed)
     corpus = tokenize_corpus(texts, loaded.tokenizer, max_tokens=config.max_tokens,
                              max_doc_tokens=config.max_doc_tokens, long_docs=config.long_docs, bos=config.bos)
     check_positions(corpus, max_positions(loaded.hf_model), config.max_doc_tokens)
+    check_state_fits(loaded, layers, config)
     run_facts = RunFacts(dtype=dtype_name(loaded.dtype), corpus_sha256=corpus.sha256())
+    if not distributed.all_equal(world, dataclasses.asdict(run_facts)):
+        raise GluscopeError("the torchrun processes disagree on the tokenized corpus or the dtype; give every "
+                            "node the same dataset files, model and torch version")
     states = collect_statistics(loaded, corpus, config, layers, stop_after_batches=stop_after_batches,
-                                facts=run_facts)
+                                facts=run_facts, world=world)
+    if not world.is_main:
+        return config.out  # rank 0 writes the file
     vocab_size = max(len(loaded.tokenizer), int(corpus.tokens.max()) + 1)
     attrs = provenance(config, loaded, corpus, layers)
+    attrs["world_size"] = world.size
     attrs["elapsed_s"] = round(time.monotonic() - started, 1)
     with ActivationsWriter(config.out, n_layers=len(layers), d_mlp=loaded.d_mlp, k=config.k,
                            context_before=config.context_before, context_after=config.context_after,

@@ -35,6 +35,17 @@ EMPTY = -1.0  # |value| of a document with no position in a case: below every re
 
 
 MAX_DOC = 2**31 - 1
+#: Window slots (0..k-1) are stored small; ``gather`` wants int64, so they widen where used.
+SLOT_DTYPE = torch.int16
+MAX_K = 2**15 - 1
+
+
+def state_bytes_per_neuron(k: int, window: int, window_bytes: int) -> int:
+    """Bytes of :class:`LayerStats` per neuron: what a collection keeps resident per neuron of
+    every recorded layer (the file's figure per shape is this times layers x d_mlp)."""
+    lists = N_CASES * N_HOOKS
+    per_list = k * (8 + 4 + 4 + 4 + 2) + 2 * k * window * window_bytes + 8 + 4 + 4  # keys..slot, windows, sum/min/max
+    return lists * per_list + N_CASES * 8 + (N_CASES + 1) * 8
 
 
 def sort_key(abs_value: torch.Tensor, doc: torch.Tensor) -> torch.Tensor:
@@ -63,11 +74,11 @@ class LayerStats:
     max: torch.Tensor  # [N, C, H] float32, -inf while a case is empty
     top_key: torch.Tensor  # [N, C, H, k] int64 sort_key, -1 for an unfilled slot
     top_value: torch.Tensor  # [N, C, H, k] float32, NaN for an unfilled slot
-    top_doc: torch.Tensor  # [N, C, H, k] int64, -1 for an unfilled slot
-    top_pos: torch.Tensor  # [N, C, H, k] int64, -1 for an unfilled slot
-    top_slot: torch.Tensor  # [N, C, H, k] int64, where each entry's window is stored
-    win_gate: torch.Tensor  # [N, C, H, k, W] float32 by slot, NaN outside the document
-    win_in: torch.Tensor  # [N, C, H, k, W] float32 by slot
+    top_doc: torch.Tensor  # [N, C, H, k] int32, -1 for an unfilled slot
+    top_pos: torch.Tensor  # [N, C, H, k] int32, -1 for an unfilled slot
+    top_slot: torch.Tensor  # [N, C, H, k] int16, where each entry's window is stored
+    win_gate: torch.Tensor  # [N, C, H, k, W] window dtype, by slot, NaN outside the document
+    win_in: torch.Tensor  # [N, C, H, k, W] window dtype, by slot
 
     @classmethod
     def empty(cls, d_mlp: int, k: int, window: int, device: torch.device | str = "cpu",
@@ -77,6 +88,7 @@ class LayerStats:
         shape = (d_mlp, N_CASES, N_HOOKS)
         f32 = dict(dtype=torch.float32, device=device)
         i64 = dict(dtype=torch.int64, device=device)
+        i32 = dict(dtype=torch.int32, device=device)
         return cls(
             count=torch.zeros(d_mlp, N_CASES, **i64),
             nonfinite=torch.zeros(d_mlp, N_CASES + 1, **i64),
@@ -85,9 +97,9 @@ class LayerStats:
             max=torch.full(shape, float("-inf"), **f32),
             top_key=torch.full(shape + (k,), -1, **i64),
             top_value=torch.full(shape + (k,), float("nan"), **f32),
-            top_doc=torch.full(shape + (k,), -1, **i64),
-            top_pos=torch.full(shape + (k,), -1, **i64),
-            top_slot=torch.arange(k, **i64).expand(shape + (k,)).contiguous(),
+            top_doc=torch.full(shape + (k,), -1, **i32),
+            top_pos=torch.full(shape + (k,), -1, **i32),
+            top_slot=torch.arange(k, dtype=SLOT_DTYPE, device=device).expand(shape + (k,)).contiguous(),
             win_gate=torch.full(shape + (k, window), float("nan"), dtype=window_dtype, device=device),
             win_in=torch.full(shape + (k, window), float("nan"), dtype=window_dtype, device=device),
         )
@@ -105,7 +117,13 @@ class LayerStats:
 
     @classmethod
     def from_dict(cls, tensors: dict[str, torch.Tensor]) -> "LayerStats":
-        return cls(**{f.name: tensors[f.name] for f in fields(cls)})
+        # Checkpoints of older versions hold int64 indices: narrow them to today's dtypes.
+        narrow = {"top_doc": torch.int32, "top_pos": torch.int32, "top_slot": SLOT_DTYPE}
+        return cls(**{f.name: tensors[f.name].to(narrow[f.name]) if f.name in narrow else tensors[f.name]
+                      for f in fields(cls)})
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.to_dict().values())
 
 
 @dataclass
@@ -229,19 +247,33 @@ def windows_at(
     context_before: int,
     context_after: int,
 ) -> torch.Tensor:
-    """``values[row, pos-before .. pos+after, neuron]`` for each selected slot: ``[S, W]``,
-    NaN outside the row's document (``lengths[row]`` tokens)."""
+    """``values[row, pos-before .. pos+after, neuron]`` for each selected slot: ``[S, W]`` in the
+    dtype of ``values``, NaN outside the row's document (``lengths[row]`` tokens)."""
+    b, t_max, d_mlp = values.shape
+    window = context_before + 1 + context_after
+    nan = float("nan")
+    if rows.numel() * window * 4 >= values.numel():
+        # Many windows (the first batches fill every list): one copy of the batch, neuron-major and
+        # NaN-padded, makes each window a contiguous run: much faster than gathering with stride d_mlp.
+        span = context_before + t_max + context_after
+        padded = values.new_full((d_mlp, b, span), nan)
+        core = padded[:, :, context_before:context_before + t_max]
+        core.copy_(values.permute(2, 0, 1))
+        core.masked_fill_(torch.arange(t_max, device=values.device) >= lengths[:, None], nan)
+        flat = padded.view(-1)
+        runs = flat.as_strided((flat.numel() - window + 1, window), (1, 1))
+        return runs[(neurons * b + rows) * span + pos]
     offsets = torch.arange(-context_before, context_after + 1, device=values.device)
-    _, t_max, d_mlp = values.shape
     t = pos[:, None] + offsets
     inside = (t >= 0) & (t < lengths[rows][:, None])
-    flat = (rows[:, None] * t_max + t.clamp(0, t_max - 1)) * d_mlp + neurons[:, None]
-    picked = values.reshape(-1).take(flat).float()
-    return torch.where(inside, picked, float("nan"))
+    base = (rows * t_max + pos) * d_mlp + neurons
+    flat_index = torch.where(inside, base[:, None] + offsets * d_mlp, base[:, None])
+    return torch.where(inside, values.reshape(-1).take(flat_index), nan)
 
 
 def _gather_k(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Gather along the k axis (3) of ``[N, C, H, k(, W)]`` tensors."""
+    idx = idx.long()
     if x.dim() == idx.dim():
         return x.gather(3, idx)
     return x.gather(3, idx[..., None].expand(*idx.shape, x.shape[-1]))
@@ -256,59 +288,126 @@ def merge_top(
     lengths: torch.Tensor,
     context_before: int,
     context_after: int,
-) -> LayerStats:
-    """The top-k lists after adding one batch's documents (rows ``doc_ids``, each with
-    ``lengths`` tokens), with the gate/in windows of newly entered examples cut from the batch.
+    *,
+    capacity: int | None = None,
+    accept: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add one batch's documents (rows ``doc_ids``, each with ``lengths`` tokens) to the top-k
+    lists of ``stats``, in place, with the gate/in windows of newly entered examples cut from the
+    batch. Returns ``(applied, active)``: device scalars, whether the batch was added, and how many
+    lists it changed.
 
-    The window storage of ``stats`` is updated in place and shared with the result.
+    A candidate enters a list only if its key beats the list's k-th key, and after the first
+    batches few do (about ``k / documents seen`` per list and document): so only the lists with an
+    entering candidate ("active") are merged. With ``capacity=None`` they are found with
+    ``nonzero`` (a host sync: free on a CPU); with a ``capacity`` with ``nonzero_static``, with no
+    host sync, and a batch that activates more lists is not applied (``applied`` False) and must
+    be added again with a larger capacity. ``accept`` False (a device bool) also leaves ``stats``
+    unchanged: the caller found the batch's reduction unusable, without a sync of its own.
     """
     k = stats.k
     b = doc_ids.shape[0]
-    cand_key = sort_key(batch.doc_abs, doc_ids.view(b, 1, 1, 1)).permute(1, 2, 3, 0)
-    top_key, idx = torch.cat([stats.top_key, cand_key], dim=-1).topk(k, dim=-1)
+    n_lists = stats.top_key[..., 0].numel()
+    window = stats.win_gate.shape[-1]
+    # Candidates as [B, lists]: each batch row is one document's candidate for every list.
+    cand_key = sort_key(batch.doc_abs, doc_ids.view(b, 1, 1, 1)).view(b, n_lists)
+    old_key = stats.top_key.view(n_lists, k)
+    active = (cand_key > old_key[:, k - 1]).any(dim=0)
+    n_active = active.sum()
+    applied = torch.ones((), dtype=torch.bool, device=active.device) if accept is None else accept.clone()
+    if capacity is None:
+        if accept is not None:
+            active &= applied
+        rows = active.nonzero().squeeze(1)
+    else:
+        applied &= n_active <= capacity
+        active &= applied
+        rows = torch.nonzero_static(active, size=min(capacity, n_lists), fill_value=-1).squeeze(1)
+        # Padding repeats the first row (list 0 where none is active): a list without an entering
+        # candidate merges into itself, and repeats of one row compute and write the same values.
+        rows = torch.where(rows >= 0, rows, rows[:1].clamp(min=0))
+    top_key, idx = torch.cat([old_key[rows], cand_key[:, rows].T], dim=1).topk(k, dim=1)
+    if accept is not None or capacity is not None:
+        # Not applied: every selected list keeps its entries in place (even the empty ones, whose
+        # ties topk may order either way), so the statistics stay bit for bit as they were.
+        idx = torch.where(applied, idx, torch.arange(k, device=idx.device))
+        top_key = torch.where(applied, top_key, old_key[rows])
     from_old = idx < k
     old_idx = idx.clamp(max=k - 1)
     new_row = (idx - k).clamp(min=0, max=b - 1)
     filled = top_key >= 0
 
     def pick(old: torch.Tensor, new: torch.Tensor, empty: float | int) -> torch.Tensor:
-        chosen = torch.where(from_old, old.gather(-1, old_idx), new.permute(1, 2, 3, 0).gather(-1, new_row))
-        return torch.where(filled, chosen, empty)
+        old_rows = old.view(n_lists, k)[rows].gather(1, old_idx)
+        new_rows = new.reshape(b, n_lists)[:, rows].T.gather(1, new_row).to(old.dtype)
+        return torch.where(filled, torch.where(from_old, old_rows, new_rows), empty)
 
     top_value = pick(stats.top_value, batch.doc_value, float("nan"))
     top_pos = pick(stats.top_pos, batch.doc_pos, -1)
-    top_doc = pick(stats.top_doc, doc_ids.view(b, 1, 1, 1).expand_as(batch.doc_pos), -1)
+    top_doc = torch.where(filled, torch.where(from_old, stats.top_doc.view(n_lists, k)[rows].gather(1, old_idx),
+                                              doc_ids.to(stats.top_doc.dtype)[new_row]), -1)
 
     # Every entry that enters evicts one old entry: reuse the evicted entries' window slots.
-    kept = torch.zeros_like(stats.top_slot).scatter_add_(-1, old_idx, from_old.long()) > 0
-    evicted_first = torch.sort(kept.to(torch.uint8), dim=-1, stable=True).indices
-    free_slots = stats.top_slot.gather(-1, evicted_first)
-    entry_rank = (torch.cumsum((~from_old).long(), dim=-1) - 1).clamp(min=0)
-    top_slot = torch.where(from_old, stats.top_slot.gather(-1, old_idx), free_slots.gather(-1, entry_rank))
+    old_slot = stats.top_slot.view(n_lists, k)[rows].long()
+    kept = torch.zeros_like(old_slot).scatter_add_(1, old_idx, from_old.long()) > 0
+    evicted_first = torch.sort(kept.to(torch.uint8), dim=1, stable=True).indices
+    free_slots = old_slot.gather(1, evicted_first)
+    entry_rank = (torch.cumsum((~from_old).long(), dim=1) - 1).clamp(min=0)
+    top_slot = torch.where(from_old, old_slot.gather(1, old_idx), free_slots.gather(1, entry_rank))
 
-    n, c, h, j = (~from_old & filled).nonzero(as_tuple=True)
-    if n.numel():
-        rows, pos, slot = new_row[n, c, h, j], top_pos[n, c, h, j], top_slot[n, c, h, j]
-        # One flat index per window row: much faster than four index tensors.
-        row = ((n * N_CASES + c) * N_HOOKS + h) * k + slot
-        window = stats.win_gate.shape[-1]
-        for store, values in ((stats.win_gate, gate), (stats.win_in, in_)):
-            cut = windows_at(values, rows, pos, n, lengths, context_before, context_after)
-            store.view(-1, window)[row] = cut.to(store.dtype)
-    return LayerStats(
-        count=stats.count,
-        nonfinite=stats.nonfinite,
-        sum=stats.sum,
-        min=stats.min,
-        max=stats.max,
-        top_key=top_key,
-        top_value=top_value,
-        top_doc=top_doc,
-        top_pos=top_pos,
-        top_slot=top_slot,
-        win_gate=stats.win_gate,
-        win_in=stats.win_in,
-    )
+    entered = ~from_old & filled
+    if capacity is None:
+        r, j = entered.nonzero(as_tuple=True)  # only the entries: after a few batches, a few per list
+        keep = None
+    else:
+        r, j = (x.reshape(-1) for x in torch.meshgrid(torch.arange(rows.numel(), device=rows.device),
+                                                      torch.arange(k, device=rows.device), indexing="ij"))
+        keep = entered.reshape(-1, 1)  # a fixed shape: write the old window back where none entered
+    store_row = rows[r] * k + top_slot[r, j]
+    neuron = rows[r] // (N_CASES * N_HOOKS)
+    for store, values in ((stats.win_gate, gate), (stats.win_in, in_)):
+        cut = windows_at(values, new_row[r, j], top_pos[r, j].long(), neuron, lengths,
+                         context_before, context_after).to(store.dtype)
+        flat = store.view(-1, window)
+        if keep is not None:
+            cut = torch.where(keep, cut, flat[store_row])
+        flat[store_row] = cut
+    for name, value in (("top_key", top_key), ("top_value", top_value), ("top_doc", top_doc),
+                        ("top_pos", top_pos), ("top_slot", top_slot)):
+        target = getattr(stats, name)
+        target.view(n_lists, k).index_copy_(0, rows, value.to(target.dtype))
+    return applied, n_active
+
+
+def update_stats(
+    stats: LayerStats,
+    batch: BatchReduction,
+    doc_ids: torch.Tensor,
+    gate: torch.Tensor,
+    in_: torch.Tensor,
+    lengths: torch.Tensor,
+    context_before: int,
+    context_after: int,
+    *,
+    capacity: int | None = None,
+    accept: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add one batch to ``stats`` in place: counts, sums (accumulated in float64), extremes, top-k.
+    ``capacity``, ``accept`` and the returned ``(applied, active)`` as in :func:`merge_top`: a batch
+    not applied leaves every statistic as it was, decided on the device (no sync)."""
+    applied, active = merge_top(stats, batch, doc_ids, gate, in_, lengths, context_before, context_after,
+                                capacity=capacity, accept=accept)
+    updated = {
+        "count": stats.count + batch.count,
+        "nonfinite": stats.nonfinite + batch.nonfinite,
+        "sum": stats.sum + batch.sum.double(),
+        "min": torch.minimum(stats.min, batch.min),
+        "max": torch.maximum(stats.max, batch.max),
+    }
+    conditional = accept is not None or capacity is not None
+    for name, value in updated.items():
+        setattr(stats, name, torch.where(applied, value, getattr(stats, name)) if conditional else value)
+    return applied, active
 
 
 def add_batch(
@@ -321,15 +420,9 @@ def add_batch(
     context_before: int,
     context_after: int,
 ) -> LayerStats:
-    """``stats`` updated with one batch: counts, sums (accumulated in float64), extremes, top-k.
-    Consumes ``stats`` (its window storage is reused)."""
-    merged = merge_top(stats, batch, doc_ids, gate, in_, lengths, context_before, context_after)
-    merged.count = stats.count + batch.count
-    merged.nonfinite = stats.nonfinite + batch.nonfinite
-    merged.sum = stats.sum + batch.sum.double()
-    merged.min = torch.minimum(stats.min, batch.min)
-    merged.max = torch.maximum(stats.max, batch.max)
-    return merged
+    """``stats`` updated with one batch (in place; returned for convenience)."""
+    update_stats(stats, batch, doc_ids, gate, in_, lengths, context_before, context_after)
+    return stats
 
 
 def merge_stats(a: LayerStats, b: LayerStats) -> LayerStats:
@@ -352,19 +445,23 @@ def merge_stats(a: LayerStats, b: LayerStats) -> LayerStats:
         top_value=pick(a.top_value, b.top_value),
         top_doc=pick(a.top_doc, b.top_doc),
         top_pos=pick(a.top_pos, b.top_pos),
-        top_slot=torch.arange(k, device=idx.device).expand_as(idx).contiguous(),
+        top_slot=torch.arange(k, dtype=SLOT_DTYPE, device=idx.device).expand_as(idx).contiguous(),
         win_gate=pick(a_gate, b_gate),
         win_in=pick(a_in, b_in),
     )
 
 
-def compiled_reduce_batch(enabled: bool) -> Callable[..., BatchReduction]:
+def compiled_reduce_batch(enabled: bool, *, exact_on_suspect: bool = True) -> Callable[..., BatchReduction]:
     """:func:`reduce_batch`, fused by ``torch.compile`` when ``enabled`` (about 28x faster on a
     CPU; the same code becomes Triton kernels on CUDA). Batches run the fast path that assumes
-    finite values; the rare batch with a NaN or inf is reduced again with the check (compiled on
-    first need), so results are exact either way."""
+    finite values. With ``exact_on_suspect`` the rare batch with a NaN or inf is reduced again with
+    the check (compiled on first need), at the cost of one host sync per call; without it the
+    result comes back as it is, ``suspect`` set on the device, for the caller to redo later
+    (:func:`collect.run.collect_statistics` does, once per batch for all layers)."""
     compile = (lambda f: torch.compile(f, dynamic=True)) if enabled else (lambda f: f)
     fast = compile(functools.partial(reduce_batch, assume_finite=True))
+    if not exact_on_suspect:
+        return fast
     exact: list[Callable[..., BatchReduction]] = []
 
     def reduce(gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor, swish: torch.Tensor,
@@ -377,3 +474,12 @@ def compiled_reduce_batch(enabled: bool) -> Callable[..., BatchReduction]:
         return exact[0](gate, in_, post, swish, valid)
 
     return reduce
+
+
+def state_window_dtype(window_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The smallest dtype that holds the windows exactly as the file will store them: float16
+    for float16 files; for float32 files the model's own 16-bit dtype when it runs in one (its
+    values are bfloat16 or float16 already), else float32."""
+    if window_dtype == "float16":
+        return torch.float16
+    return model_dtype if model_dtype in (torch.bfloat16, torch.float16) else torch.float32

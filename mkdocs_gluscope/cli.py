@@ -126,7 +126,8 @@ def run_collect(args: argparse.Namespace) -> int:
     except Interrupted as e:
         print(f"gluscope: {e}", file=sys.stderr)
         return e.exit_status  # 130 after Ctrl-C, 143 after SIGTERM
-    print(f"gluscope: wrote {path}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 writes the file
+        print(f"gluscope: wrote {path}")
     return 0
 
 

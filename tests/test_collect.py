@@ -361,7 +361,7 @@ def test_failing_torch_compile_falls_back_to_eager_with_a_warning(model_factory,
 
     eager = collect(small_config(model_factory("llama"), corpus_files, tmp_path / "eager.h5"))
 
-    def broken_compile(enabled):
+    def broken_compile(enabled, **kwargs):
         def compiled(*args):
             raise RuntimeError("InductorError: CppCompileError: C++ compile error\nlong details")
         return compiled
@@ -380,7 +380,7 @@ def test_miscompiled_statistics_are_caught_and_recomputed_eagerly(model_factory,
 
     eager = collect(small_config(model_factory("llama"), corpus_files, tmp_path / "eager.h5"))
 
-    def miscompiled(enabled):
+    def miscompiled(enabled, **kwargs):
         def compiled(*args):
             reduced = run_module.reduce_batch(*args)
             reduced.count[::2] += 1  # what a kernel built for another instruction set did
@@ -557,3 +557,48 @@ def test_top_level_help_lists_every_command_in_plain_text(capsys):
     summary = text.split("positional arguments")[0]  # the description, before argparse's own list
     for name in COMMANDS:
         assert name in summary, name
+
+
+def test_gpu_path_without_host_syncs_gives_the_same_file(model_factory, corpus_files, tmp_path, monkeypatch):
+    """The GPU's path on a CPU: lists found by nonzero_static with a capacity learnt from earlier
+    batches (here too small on purpose, so some layer-batches overflow and are redone exactly)."""
+    import collect.run as run_module
+
+    plain = collect(small_config(model_factory("llama"), corpus_files, tmp_path / "plain.h5", batch_tokens=64))
+    redone = []
+    run_with_hooks = run_module.run_with_mlp_hooks
+
+    def counting(loaded, input_ids, layers, on_layer):
+        redone.append(on_layer.__name__ == "exactly")
+        return run_with_hooks(loaded, input_ids, layers, on_layer)
+
+    monkeypatch.setattr(run_module, "run_with_mlp_hooks", counting)
+    monkeypatch.setattr(run_module._Capacity, "ON_CPU", True)
+    monkeypatch.setattr(run_module._Capacity, "MARGIN", 0.5)
+    monkeypatch.setattr(run_module._Capacity, "FLOOR", 1)
+    static = collect(small_config(model_factory("llama"), corpus_files, tmp_path / "static.h5", batch_tokens=64))
+    assert any(redone) and not all(redone)
+    same_statistics(plain, static)
+
+
+def test_statistics_too_large_for_the_gpu_name_layer_groups_that_fit(model_factory, corpus_files, tmp_path,
+                                                                     monkeypatch):
+    """A small card: the run is refused before any batch, with the --layers groups that fit."""
+    import collect.run as run_module
+    from collect.run import layer_groups, state_bytes
+
+    assert layer_groups(list(range(32)), 10, 160) == [list(range(16)), list(range(16, 32))]
+    assert layer_groups(list(range(30)), 10, 115) == [list(range(i, i + 10)) for i in (0, 10, 20)]
+    # The figures of site_src/gpu.md: a 7B shape in bfloat16, k 16, 19-token float16 windows.
+    seven_b = state_bytes(11008, 32, small_config(Path("m"), [], Path("o"), k=16, context_before=16,
+                                                  context_after=2), torch.bfloat16)
+    assert 8.3 < seven_b / 2**30 < 8.4
+
+    per_layer = state_bytes(48, 1, small_config(Path("m"), [], Path("o")), torch.float32)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (
+        int((per_layer + 64 * 48 * 4 * 12) / 0.9) + 10, 2**34))
+    loaded = type("Loaded", (), {"device": torch.device("cuda:0"), "d_mlp": 48, "dtype": torch.float32})()
+    config = small_config(Path("m"), [], Path("o"), batch_tokens=64)
+    with pytest.raises(GluscopeError, match=r"in 2 groups \(--layers 0 then --layers 1, .*gluscope merge"):
+        run_module.check_state_fits(loaded, [0, 1], config)
+    run_module.check_state_fits(loaded, [1], config)  # one layer fits

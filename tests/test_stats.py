@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from collect.stats import LayerStats, add_batch, merge_stats, reduce_batch
+from collect.stats import LayerStats, add_batch, merge_stats, reduce_batch, update_stats
 
 BEFORE, AFTER = 3, 1
 W = BEFORE + 1 + AFTER
@@ -86,9 +86,43 @@ def brute_force(docs, k, first_counted: int):
     return count, total, mins, maxs, top, nonfinite
 
 
-def run_batches(docs, k, first_counted, batch_size, doc_offset=0):
+def batch_tensors(chunk, first_counted):
+    """One batch as collection builds it: [B, T, N] hooks padded past each document, and valid."""
+    d_mlp = chunk[0][0].shape[1]
+    lengths = torch.tensor([g.shape[0] for g, _ in chunk])
+    t_max = int(lengths.max()) + 2  # padding beyond the longest document
+    # Padding carries large values that must not count.
+    post, in_, gate, swish = (torch.full((len(chunk), t_max, d_mlp), 5.0) for _ in range(4))
+    for b, (g, i) in enumerate(chunk):
+        for full, part in zip((post, in_, gate, swish), hook_values(g, i)):
+            full[b, : g.shape[0]] = part
+    t = torch.arange(t_max)
+    valid = (t[None] < lengths[:, None]) & (t[None] >= first_counted)
+    return gate, in_, post, swish, valid, lengths
+
+
+def run_batches(docs, k, first_counted, batch_size, doc_offset=0, capacity=None):
+    """Statistics of ``docs`` in batches; with ``capacity``, through the path without host syncs
+    (``nonzero_static``), growing the capacity and adding a batch again where it overflowed, as
+    collection does."""
     d_mlp = docs[0][0].shape[1]
     stats = LayerStats.empty(d_mlp, k, W)
+    if capacity is not None:
+        for start in range(0, len(docs), batch_size):
+            gate, in_, post, swish, valid, lengths = batch_tensors(docs[start:start + batch_size], first_counted)
+            red = reduce_batch(gate, in_, post, swish, valid, assume_finite=True)
+            doc_ids = torch.arange(start, start + len(lengths)) + doc_offset
+            before = {name: t.clone() for name, t in stats.to_dict().items()}
+            applied, active = update_stats(stats, red, doc_ids, gate, in_, lengths, BEFORE, AFTER,
+                                           capacity=capacity, accept=~red.suspect)
+            if not bool(applied):  # overflow or NaN: nothing changed; add it again exactly
+                assert int(active) > capacity or bool(red.suspect)
+                for name, t in stats.to_dict().items():
+                    assert torch.equal(t, before[name]) or (t.isnan() == before[name].isnan()).all() and torch.equal(
+                        t.nan_to_num(), before[name].nan_to_num()), name
+                update_stats(stats, reduce_batch(gate, in_, post, swish, valid), doc_ids, gate, in_, lengths,
+                             BEFORE, AFTER)
+        return stats
     for start in range(0, len(docs), batch_size):
         chunk = docs[start:start + batch_size]
         lengths = torch.tensor([g.shape[0] for g, _ in chunk])
@@ -238,3 +272,32 @@ def test_compiled_reduction_equals_eager(poison):
         assert torch.equal(getattr(eager, name), getattr(fused, name)), name
     assert torch.allclose(eager.doc_value, fused.doc_value, equal_nan=True, rtol=0, atol=0)
     torch.testing.assert_close(eager.sum, fused.sum)
+
+
+@pytest.mark.parametrize("capacity", [1, 7, 1000], ids=["overflows", "some-overflow", "ample"])
+@pytest.mark.parametrize("kind", ["plain", "ties", "nonfinite"])
+def test_statistics_without_host_syncs_match_brute_force(capacity, kind):
+    """The GPU path: a fixed number of lists per batch (``nonzero_static``); a batch that changes
+    more lists, or has a NaN, leaves the statistics unchanged and is added again exactly."""
+    docs = make_docs(11, 13, d_mlp=5, max_len=8, ties=kind == "ties", nonfinite=kind == "nonfinite",
+                     zeros=kind == "nonfinite")
+    stats = run_batches(docs, 4, 1, 3, capacity=capacity)
+    assert_matches(stats, docs, 4, 1)
+
+
+def test_windows_cut_by_either_path_agree():
+    """Many windows are cut from a neuron-major copy of the batch, few by direct gathers."""
+    from collect.stats import windows_at
+
+    g = torch.Generator().manual_seed(3)
+    values = torch.randn(3, 7, 5, generator=g)
+    rows, pos = torch.tensor([0, 1, 2, 2, 1]), torch.tensor([0, 3, 6, 2, 0])
+    neurons, lengths = torch.tensor([4, 0, 2, 1, 3]), torch.tensor([7, 4, 7])
+    many = windows_at(values, rows, pos, neurons, lengths, BEFORE, AFTER)  # 5 x 5 x 4 >= 105 values
+    wide = torch.cat([values, torch.zeros(3, 7, 200)], dim=2)  # the same values among many more
+    few = windows_at(wide, rows, pos, neurons, lengths, BEFORE, AFTER)
+    for window, (r, p, n) in zip(many, zip(rows.tolist(), pos.tolist(), neurons.tolist())):
+        expected = [float(values[r, t, n]) if 0 <= t < int(lengths[r]) else math.nan
+                    for t in range(p - BEFORE, p + AFTER + 1)]
+        assert window.nan_to_num(99.0).tolist() == torch.tensor(expected).nan_to_num(99.0).tolist()
+    assert torch.equal(many.nan_to_num(99.0), few.nan_to_num(99.0))

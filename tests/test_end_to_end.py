@@ -110,8 +110,9 @@ def test_pick_proposes_valid_neurons_with_reasons(model_factory, corpus_files, t
 
 
 def documented_commands(name: str) -> list[list[str]]:
-    """Every ``gluscope NAME ...`` command in the README and the site's pages, as argument lists
-    (shell line continuations joined, the ``$`` prompt and trailing comments dropped)."""
+    """Every complete ``gluscope NAME`` command in the README and the site's pages (torchrun's
+    included), as argument lists: shell line continuations joined, the ``$`` prompt and trailing
+    comments dropped, commands that elide options with ``...`` left out."""
     import re
     import shlex
 
@@ -120,8 +121,9 @@ def documented_commands(name: str) -> list[list[str]]:
     for page in [root / "README.md", *sorted((root / "site_src").glob("*.md"))]:
         text = page.read_text(encoding="utf-8").replace("\\\n", " ")
         for line in text.splitlines():
-            match = re.search(rf"(?:^|\$ |; |do )\s*(?:CUDA_VISIBLE_DEVICES=\S+ )?gluscope {name}\b(.*)", line)
-            if match:
+            match = re.search(rf"(?:^|\$ |; |do |--no-python )\s*(?:CUDA_VISIBLE_DEVICES=\S+ )?gluscope {name}\b(.*)",
+                              line)
+            if match and "..." not in match.group(1):  # "gluscope collect ... --layers 0-15" elides on purpose
                 words = shlex.split(match.group(1).split(" #")[0].split(" &")[0].split(";")[0])
                 commands.append([name, *(re.sub(r"\$\{?\w+\}?", "0", w) for w in words)])  # $i of a loop: 0
     return commands

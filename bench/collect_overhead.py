@@ -54,6 +54,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads on the CPU (default 1)")
     p.add_argument("--repeats", type=int, default=2, help="timed runs; medians are printed")
+    p.add_argument("--trunk", action="store_true",
+                   help="also time the forward pass without the logits (the collection stops before them)")
     p.add_argument("--no-file", action="store_true",
                    help="time the run only, without writing the file (for large models on a GPU)")
     args = p.parse_args()
@@ -126,10 +128,10 @@ def measure(args: argparse.Namespace, doc_len: int) -> None:
         hf = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     batches = plan_batches(corpus.lengths, args.batch_tokens)
 
-    def forward(docs: np.ndarray) -> float:
+    def forward(docs: np.ndarray, logits: bool = True) -> float:
         start = time.perf_counter()
         with torch.inference_mode():
-            hf(torch.from_numpy(tokens[docs].astype(np.int64)).to(device))
+            (hf if logits else hf.model)(torch.from_numpy(tokens[docs].astype(np.int64)).to(device))
         sync()
         return time.perf_counter() - start
 
@@ -154,6 +156,7 @@ def measure(args: argparse.Namespace, doc_len: int) -> None:
 
     run_batch = run_module._run_batch
     pairs: list[list[tuple[float, float]]] = []  # per repeat: (collection, forward) seconds per batch
+    trunk: list[float] = []  # per batch: the forward pass without the logits, which collection skips
 
     def timed_batch(*a, **kw):
         start = time.perf_counter()
@@ -161,9 +164,12 @@ def measure(args: argparse.Namespace, doc_len: int) -> None:
         sync()
         collected = time.perf_counter() - start
         pairs[-1].append((collected, forward(a[2].docs)))
+        if args.trunk:
+            trunk.append(forward(a[2].docs, logits=False))
 
     run_module._run_batch = timed_batch
     runs: list[tuple[float, float, float]] = []  # per repeat: loop, file, forward seconds
+    trunk_start = [0]
 
     def full() -> None:
         pairs.append([])
@@ -171,7 +177,8 @@ def measure(args: argparse.Namespace, doc_len: int) -> None:
         states = collect_statistics(loaded, corpus, cfg, layers)
         sync()
         forward_total = sum(f for _, f in pairs[-1])
-        loop = time.perf_counter() - start - forward_total
+        loop = time.perf_counter() - start - forward_total - sum(trunk[trunk_start[0]:])
+        trunk_start[0] = len(trunk)
         start = time.perf_counter()
         if not args.no_file:
             with ActivationsWriter(out, n_layers=len(layers), d_mlp=loaded.d_mlp, k=cfg.k,
@@ -207,6 +214,11 @@ def measure(args: argparse.Namespace, doc_len: int) -> None:
     print(f"ratio b/a, whole run:     {b / a:8.3f}   (run alone: {loop / a:.3f})")
     print(f"ratio b/a, later batches: {late_ratio:8.3f}   (median of per-batch ratios over batches "
           f"{late.start + 1}-{len(batches)}, after {docs_seen} documents seen; medians {late_b:.3f} s vs {late_a:.3f} s)")
+    if args.trunk:
+        per_repeat = len(batches)
+        trunk_total = statistics.median(sum(trunk[i:i + per_repeat]) for i in range(0, len(trunk), per_repeat))
+        print(f"(c) forward without logits: {trunk_total:6.2f} s: run alone / (c) = {loop / trunk_total:.3f} "
+              "(what the statistics add to the layers they read)")
     from collect.stats import state_bytes_per_neuron
 
     state = state_bytes_per_neuron(cfg.k, cfg.context_before + 1 + cfg.context_after, 2) * neurons

@@ -430,9 +430,10 @@ def _has_nonzero_static(device: torch.device) -> bool:
 
 class _Capacity:
     """How many lists per layer a batch may change without a host sync (``nonzero_static``): on
-    a GPU, sized from the last batches (the number falls as the lists fill), so that overflowing it,
-    which costs a second forward pass of the batch, stays rare. ``None`` on a CPU, where a sync
-    costs nothing and ``nonzero`` finds exactly the lists that change."""
+    a GPU, sized from the last batch's changed lists per document (the number falls as the lists
+    fill, and batches of shorter documents hold more documents), so that overflowing it, which
+    costs a second forward pass of the batch, stays rare. ``None`` on a CPU, where a sync costs
+    nothing and ``nonzero`` finds exactly the lists that change."""
 
     MARGIN, FLOOR = 2.0, 4096
     ON_CPU = False  # tests run the GPU's path on a CPU
@@ -440,13 +441,17 @@ class _Capacity:
     def __init__(self, device: torch.device, n_lists: int) -> None:
         self.exact = (device.type == "cpu" and not self.ON_CPU) or not _has_nonzero_static(device)
         self.n_lists = n_lists
-        self.value = n_lists  # the first batch changes every list
+        self.per_doc: float | None = None  # unknown before the first batch: it changes every list
 
-    def current(self) -> int | None:
-        return None if self.exact else self.value
+    def current(self, n_docs: int) -> int | None:
+        if self.exact:
+            return None
+        if self.per_doc is None:
+            return self.n_lists
+        return min(self.n_lists, max(self.FLOOR, int(self.per_doc * n_docs * self.MARGIN)))
 
-    def observe(self, active: int) -> None:
-        self.value = min(self.n_lists, max(self.FLOOR, int(active * self.MARGIN)))
+    def observe(self, active: int, n_docs: int) -> None:
+        self.per_doc = active / n_docs
 
 
 def collect_statistics(
@@ -557,14 +562,14 @@ def _run_batch(loaded: LoadedModel, corpus: Corpus, batch: Any, layers: list[int
         reduced = reduce(gate, in_, post, swish, valid)
         applied[layer], active[layer] = update_stats(
             states[layer], reduced, doc_ids, gate, in_, lengths, config.context_before, config.context_after,
-            capacity=capacity[layer].current(), accept=~reduced.suspect)
+            capacity=capacity[layer].current(len(batch.docs)), accept=~reduced.suspect)
 
     run_with_mlp_hooks(loaded, input_ids, layers, on_layer)
     # The batch's one host sync: which layers were applied, and how many lists each changed.
     flags = torch.stack([torch.stack([applied[layer].long(), active[layer].long()]) for layer in layers]).tolist()
     redo = [layer for layer, (ok, _) in zip(layers, flags) if not ok]
     for layer, (_, n_active) in zip(layers, flags):
-        capacity[layer].observe(n_active)
+        capacity[layer].observe(n_active, len(batch.docs))
     if not redo:
         return
 

@@ -339,7 +339,7 @@ def merge_top(
 
     def pick(old: torch.Tensor, new: torch.Tensor, empty: float | int) -> torch.Tensor:
         old_rows = old.view(n_lists, k)[rows].gather(1, old_idx)
-        new_rows = new.reshape(b, n_lists)[:, rows].T.gather(1, new_row).to(old.dtype)
+        new_rows = new.reshape(b, n_lists)[new_row, rows[:, None]].to(old.dtype)  # k of the B candidates
         return torch.where(filled, torch.where(from_old, old_rows, new_rows), empty)
 
     top_value = pick(stats.top_value, batch.doc_value, float("nan"))

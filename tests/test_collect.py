@@ -602,3 +602,18 @@ def test_statistics_too_large_for_the_gpu_name_layer_groups_that_fit(model_facto
     with pytest.raises(GluscopeError, match=r"in 2 groups \(--layers 0 then --layers 1, .*gluscope merge"):
         run_module.check_state_fits(loaded, [0, 1], config)
     run_module.check_state_fits(loaded, [1], config)  # one layer fits
+
+
+def test_gpu_capacity_follows_changed_lists_per_document(monkeypatch):
+    """Batches of shorter documents hold more documents, and change more lists: the capacity
+    scales with them, so that a longest-first plan does not overflow at every new length."""
+    from collect.run import _Capacity
+
+    monkeypatch.setattr(_Capacity, "ON_CPU", True)
+    monkeypatch.setattr(_Capacity, "FLOOR", 10)
+    capacity = _Capacity(torch.device("cpu"), n_lists=10_000)
+    assert capacity.current(8) == 10_000  # the first batch fills every list
+    capacity.observe(400, 8)
+    assert capacity.current(8) == 800 and capacity.current(16) == 1600
+    capacity.observe(1, 8)
+    assert capacity.current(8) == 10

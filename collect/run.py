@@ -439,6 +439,7 @@ def provenance(config: CollectConfig, loaded: LoadedModel, corpus: Corpus, layer
         "device": str(loaded.device),
         "layers": layers,
         "engine": config.engine,
+        "adapter": loaded.adapter,  # the TransformerLens architecture adapter that located the MLPs
         "n_model_layers": loaded.n_layers,
         "window_dtype": config.window_dtype,
         "batch_tokens": config.batch_tokens,
@@ -456,9 +457,13 @@ def collect(config: CollectConfig, *, stop_after_batches: int | None = None) -> 
     """Run a whole collection and write ``config.out``. Returns its path."""
     check_config(config)
     started = time.monotonic()
+    # Only the requested layers are located (and refactored): --layers can pick the layers we can record.
     loaded, facts = load_model(config.model, dtype=config.dtype, device=config.device,
-                               refactor=config.refactor_glu, engine=config.engine)
+                               refactor=config.refactor_glu, engine=config.engine, layers=config.layers)
     layers = resolve_layers(config.layers, loaded.n_layers)
+    if loaded.moe:
+        raise GluscopeError(f"layers {list(loaded.moe)} are mixture-of-experts layers, which gluscope cannot "
+                            "record yet; use --layers to pick dense layers")
     texts = read_texts(config.dataset, text_column=config.text_column, split=config.split, seed=config.seed)
     corpus = tokenize_corpus(texts, loaded.tokenizer, max_tokens=config.max_tokens,
                              max_doc_tokens=config.max_doc_tokens, long_docs=config.long_docs, bos=config.bos)
@@ -476,7 +481,7 @@ def collect(config: CollectConfig, *, stop_after_batches: int | None = None) -> 
                             source_index=corpus.source_index, doc_title=corpus.titles)
         for row, layer in enumerate(layers):
             writer.write_layer(row, finalize(states[layer], config.window_dtype))
-        writer.write_weights({name: values[layers].numpy() for name, values in facts.items()})
+        writer.write_weights({name: values.numpy() for name, values in facts.items()})  # in `layers` order
         path = writer.close(n_tokens=counted_tokens(corpus, config))
     config.checkpoint_path.unlink(missing_ok=True)
     return path

@@ -39,26 +39,50 @@ def copy_model_with(folder: Path, target: Path, **config_changes) -> Path:
     return target
 
 
-@pytest.mark.parametrize("engine", ["hf", "bridge"])
-@pytest.mark.parametrize("arch", ["llama", "olmo", "gemma", "qwen2"])
-def test_hooks_match_hugging_face_forward_hooks(arch, engine, model_factory):
-    folder = model_factory(arch)
-    reference, tokenizer = load_hf(str(folder), torch.float32)
-    reference.set_attn_implementation("eager")  # the bridge runs eager attention
+def reference_stack(model, arch: str):
+    """The decoder layers, written out per family here, independent of collect's adapter lookup."""
+    return model.model.language_model.layers if arch == "gemma3mm" else model.model.layers
+
+
+def hf_reference_hooks(model, arch: str, layers: list[int]) -> tuple[dict, list]:
+    """Hugging Face forward hooks on each listed layer's MLP modules: gate, in and post as the
+    model's own forward computes them (Phi-3 chunks its fused gate_up_proj output in two)."""
     seen: dict[tuple[int, str], torch.Tensor] = {}
     handles = []
-    for layer, mlp in enumerate(find_gated_mlps(reference)):
-        handles.append(mlp.gate.register_forward_hook(
-            lambda m, i, o, layer=layer: seen.__setitem__((layer, "gate"), o)))
-        handles.append(mlp.up.register_forward_hook(
-            lambda m, i, o, layer=layer: seen.__setitem__((layer, "in"), o)))
-        handles.append(mlp.down.register_forward_pre_hook(
+    stack = reference_stack(model, arch)
+    for layer in layers:
+        mlp = stack[layer].mlp
+        if arch == "phi3":
+            def fused(m, i, o, layer=layer):
+                seen[layer, "gate"], seen[layer, "in"] = o.chunk(2, dim=-1)
+            handles.append(mlp.gate_up_proj.register_forward_hook(fused))
+        else:
+            handles.append(mlp.gate_proj.register_forward_hook(
+                lambda m, i, o, layer=layer: seen.__setitem__((layer, "gate"), o)))
+            handles.append(mlp.up_proj.register_forward_hook(
+                lambda m, i, o, layer=layer: seen.__setitem__((layer, "in"), o)))
+        handles.append(mlp.down_proj.register_forward_pre_hook(
             lambda m, i, layer=layer: seen.__setitem__((layer, "post"), i[0])))
-    ids = torch.tensor([tokenizer("Once again the council met.")["input_ids"],
-                        tokenizer("The cat sat on the mat, twice.")["input_ids"][:8]][0:1])
+    return seen, handles
+
+
+DENSE = {"llama": 2, "olmo": 2, "gemma": 2, "qwen2": 2, "phi3": 2, "gemma3mm": 2, "deepseek2": 1}
+
+
+@pytest.mark.parametrize("engine", ["hf", "bridge"])
+@pytest.mark.parametrize("arch", list(DENSE))
+def test_hooks_match_hugging_face_forward_hooks(arch, engine, model_factory):
+    layers = 3 if arch == "deepseek2" else 2
+    folder = model_factory(arch, layers)
+    recorded = list(range(DENSE[arch]))  # DeepSeek-V2: its dense first layer (first_k_dense_replace)
+    reference, tokenizer = load_hf(str(folder), torch.float32)
+    reference.set_attn_implementation("eager")  # the bridge runs eager attention
+    seen, handles = hf_reference_hooks(reference, arch, recorded)
+    ids = torch.tensor([tokenizer("Once again the council met.")["input_ids"]])
     with torch.inference_mode():
         reference(ids)
-    loaded, _ = load_model(str(folder), dtype="float32", device="cpu", refactor=False, engine=engine)
+    loaded, _ = load_model(str(folder), dtype="float32", device="cpu", refactor=False, engine=engine,
+                           layers=recorded)
     if engine == "hf":
         loaded.hf_model.set_attn_implementation("eager")  # compare like with like
     got = {}
@@ -66,19 +90,20 @@ def test_hooks_match_hugging_face_forward_hooks(arch, engine, model_factory):
     def on_layer(layer, gate, in_, post):
         got[layer, "gate"], got[layer, "in"], got[layer, "post"] = gate.clone(), in_.clone(), post.clone()
 
-    run_with_mlp_hooks(loaded, ids, list(range(loaded.n_layers)), on_layer)
-    assert set(got) == set(seen)
+    run_with_mlp_hooks(loaded, ids, recorded, on_layer)
+    assert set(got) == set(seen) and len(seen) == 3 * len(recorded)
     for key in seen:
         torch.testing.assert_close(got[key], seen[key], rtol=1e-5, atol=1e-6, msg=str(key))
     # Gemma's gate goes through GELU, the others through SiLU.
-    assert loaded.act_fn_name.startswith("gelu" if arch == "gemma" else "silu")
+    assert loaded.act_fn_name.startswith("gelu" if arch.startswith("gemma") else "silu")
 
 
 def test_refactor_glu_keeps_logits_and_flips_exactly_negative_neurons(model_factory):
     model, tokenizer = load_hf(str(model_factory("llama")), torch.float32)
     ids = torch.tensor([tokenizer("Meanwhile the market rose again.")["input_ids"]])
     mlps = find_gated_mlps(model)
-    expected = torch.stack([(m.gate.weight * m.up.weight).sum(1) < 0 for m in mlps])
+    layers = model.model.layers
+    expected = torch.stack([(m.mlp.gate_proj.weight * m.mlp.up_proj.weight).sum(1) < 0 for m in layers])
     assert expected.any() and not expected.all()
     with torch.inference_mode():
         before = model(ids).logits
@@ -86,7 +111,7 @@ def test_refactor_glu_keeps_logits_and_flips_exactly_negative_neurons(model_fact
         after = model(ids).logits
     assert torch.equal(flipped, expected)
     torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
-    assert all(((m.gate.weight * m.up.weight).sum(1) >= 0).all() for m in mlps)
+    assert all(((m.mlp.gate_proj.weight * m.mlp.up_proj.weight).sum(1) >= 0).all() for m in layers)
 
 
 def test_file_matches_contract(model_factory, corpus_files, tmp_path):
@@ -536,3 +561,76 @@ def test_top_level_help_lists_every_command_in_plain_text(capsys):
     summary = text.split("positional arguments")[0]  # the description, before argparse's own list
     for name in COMMANDS:
         assert name in summary, name
+
+
+# -- issue 9: every gated architecture TransformerLens knows -------------------------------------
+
+def brute_force_counts(folder: Path, arch: str, layers: list[int], f: ActivationsFile) -> dict[int, tuple]:
+    """Per layer, each neuron's case counts and in-sums over the file's counted positions, from Hugging
+    Face forward hooks run on one document at a time, with refactor_glu's flip applied by hand."""
+    model, _ = load_hf(str(folder), torch.float32)
+    stack = reference_stack(model, arch)
+    first = first_counted_position(f.attrs)
+    out = {}
+    seen, handles = hf_reference_hooks(model, arch, layers)
+    counts = {layer: 0 for layer in layers}
+    sums = {layer: 0 for layer in layers}
+    for doc in range(f.n_docs):
+        with torch.inference_mode():
+            model(torch.tensor(f.document(doc), dtype=torch.long)[None])
+        for layer in layers:
+            mlp = stack[layer].mlp
+            if arch == "phi3":
+                w_gate, w_in = mlp.gate_up_proj.weight.chunk(2, dim=0)
+            else:
+                w_gate, w_in = mlp.gate_proj.weight, mlp.up_proj.weight
+            sign = torch.where((w_gate * w_in).sum(1) < 0, -1.0, 1.0)
+            gate, in_ = seen[layer, "gate"][0, first:], seen[layer, "in"][0, first:] * sign
+            cases = torch.stack([(gate > 0) & (in_ > 0), (gate > 0) & (in_ < 0), (gate < 0) & (in_ > 0),
+                                 (gate < 0) & (in_ < 0)], dim=-1)  # [T, N, C]
+            counts[layer] = counts[layer] + cases.sum(0).numpy()
+            sums[layer] = sums[layer] + (cases * in_[..., None]).sum(0).double().numpy()
+    for handle in handles:
+        handle.remove()
+    for layer in layers:
+        out[layer] = (counts[layer], sums[layer])
+    return out
+
+
+@pytest.mark.parametrize("arch,layers", [("phi3", None), ("gemma3mm", None), ("deepseek2", [0])])
+def test_collect_new_families_against_brute_force(arch, layers, model_factory, corpus_files, tmp_path):
+    """Fused gate/up (Phi-3), the language tower of a multimodal model (Gemma-3), and the dense layer
+    of a model whose other layers are mixture-of-experts (DeepSeek-V2, --layers 0): the file's
+    counts and sums match a recomputation from Hugging Face hooks, and its pages build."""
+    from mkdocs_gluscope.pages import write_markdown_pages
+
+    folder = model_factory(arch, 3 if arch == "deepseek2" else 2)
+    out = collect(small_config(folder, corpus_files, tmp_path / f"{arch}.h5", layers=layers))
+    with ActivationsFile(out) as f:
+        recorded = f.layers
+        assert recorded == (layers or [0, 1])
+        reference = brute_force_counts(folder, arch, recorded, f)
+        for row, layer in enumerate(recorded):
+            count, sums = reference[layer]
+            np.testing.assert_array_equal(f.stat("count")[row], count)
+            np.testing.assert_allclose(f.stat("sum")[row, :, :, HOOKS.index("hook_pre_linear")], sums,
+                                       rtol=1e-4, atol=1e-4)
+        assert f.attrs["adapter"]
+    pages = write_markdown_pages(out, [f"{recorded[-1]}.*"], tmp_path / "site")
+    assert any(p.name == "N0.md" for p in pages)
+
+
+def test_layers_outside_the_request_are_not_inspected(model_factory, corpus_files, tmp_path, monkeypatch):
+    """A layer we could not record is no obstacle when --layers leaves it out."""
+    import collect.architectures as arch_module
+
+    real = arch_module._dense
+    calls = []
+
+    def counting(mlp, gate, up, down, where):
+        calls.append(where)
+        return real(mlp, gate, up, down, where)
+
+    monkeypatch.setattr(arch_module, "_dense", counting)
+    collect(small_config(model_factory("llama"), corpus_files, tmp_path / "one.h5", layers=[1]))
+    assert len(calls) == 1 and "layer 1" in calls[0]

@@ -63,6 +63,7 @@ class MoELayer:
     optional shared expert that sees every token, and the module whose inputs (hidden states and
     routing) :mod:`collect.moe` captures."""
 
+    block: torch.nn.Module  # the whole MoE block: its forward hook fires once experts and shared expert ran
     experts_module: torch.nn.Module
     experts: list[GatedMLP]
     shared: GatedMLP | None
@@ -209,7 +210,7 @@ def _moe(bridge: Any, mlp: torch.nn.Module, where: str) -> GatedMLP | MoELayer:
     from collect.moe import check_expert_rule
 
     check_expert_rule(experts, routed, where)
-    return MoELayer(experts_module=experts, experts=routed, shared=shared, act_fn=act)
+    return MoELayer(block=mlp, experts_module=experts, experts=routed, shared=shared, act_fn=act)
 
 
 def locate(hf_model: Any, layers: list[int] | None) -> Located:

@@ -31,6 +31,7 @@ import torch
 
 from collect.architectures import GatedMLP, Located, MoELayer, locate
 from mkdocs_gluscope.errors import GluscopeError
+from mkdocs_gluscope.store import SHARED
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_CHOICES = ("auto", *DTYPES)
@@ -52,6 +53,8 @@ class LoadedModel:
     dtype: torch.dtype
     moe: dict[int, MoELayer] = field(default_factory=dict)  # the requested mixture-of-experts layers
     adapter: str = ""  # TransformerLens' adapter that located the MLPs
+    #: weight facts of every expert of the requested MoE layers, by (layer, expert or "s")
+    expert_facts: dict[tuple[int, int | str], dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -258,10 +261,19 @@ def prepare_model(hf_model: Any, tokenizer: Any, *, name: str = "model", refacto
         flipped = torch.zeros(len(mlps), d_mlp, dtype=torch.bool)
     facts = {"flipped": flipped, **(weight_cosines(mlps) if mlps else
                                     {k: torch.zeros(0, 0) for k in ("cos_gate_in", "cos_gate_out", "cos_in_out")})}
+    expert_facts = {}
+    for layer, moe_layer in moe.items():
+        # Every expert's neurons, as a dense layer's: refactor_glu and weight geometry per expert.
+        sets = {**dict(enumerate(moe_layer.experts)), **({SHARED: moe_layer.shared} if moe_layer.shared else {})}
+        for expert, neurons in sets.items():
+            flips = refactor_glu([neurons])[0] if refactor else torch.zeros(neurons.d_mlp, dtype=torch.bool)
+            expert_facts[layer, expert] = {"flipped": flips,
+                                           **{k: v[0] for k, v in weight_cosines([neurons]).items()}}
     bridge = boot_bridge(name, hf_model, tokenizer, param.device, param.dtype) if engine == "bridge" else None
     loaded = LoadedModel(hf_model=hf_model, bridge=bridge, tokenizer=tokenizer, mlps=dense,
                          act_fn_name=act_name, n_layers=found.n_layers, d_mlp=d_mlp,
-                         device=param.device, dtype=param.dtype, moe=moe, adapter=found.adapter)
+                         device=param.device, dtype=param.dtype, moe=moe, adapter=found.adapter,
+                         expert_facts=expert_facts)
     return loaded, facts
 
 
@@ -275,18 +287,45 @@ def hook_names(layer: int) -> tuple[str, str, str]:
             f"blocks.{layer}.mlp.hook_post")
 
 
+#: ``on_moe(layer, hidden [B, T, D], routing [B, T, top_k], shared)``: what a mixture-of-experts
+#: layer's experts were called with, and its shared expert's ``(gate, in, post)`` (None without one).
+OnMoE = Callable[[int, torch.Tensor, torch.Tensor, "tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None"], None]
+
+
+def _dense_hooks(mlp: GatedMLP, save: Callable[[str], Callable[[torch.Tensor], None]],
+                 on_post: Callable[[torch.Tensor], None], prefix: str = "") -> list[Any]:
+    """Forward hooks capturing one gated MLP's gate and in, then ``on_post(post)``."""
+    handles = []
+    if mlp.fused:  # one hook on the fused projection, split by the family's rule
+        gate_save, in_save = save(prefix + "gate"), save(prefix + "in")
+
+        def fused(m: Any, i: Any, o: torch.Tensor) -> None:
+            gate, in_ = mlp.split(o)
+            gate_save(gate)
+            in_save(in_)  # returns None: the model's output is unchanged
+        handles.append(mlp.gate.register_forward_hook(fused))
+    else:
+        handles += [mlp.gate.register_forward_hook(lambda m, i, o, f=save(prefix + "gate"): f(o)),
+                    mlp.up.register_forward_hook(lambda m, i, o, f=save(prefix + "in"): f(o))]
+    handles.append(mlp.down.register_forward_pre_hook(lambda m, i: on_post(i[0])))
+    return handles
+
+
 def run_with_mlp_hooks(
     loaded: LoadedModel,
     input_ids: torch.Tensor,
     layers: list[int],
     on_layer: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None],
+    on_moe: OnMoE | None = None,
 ) -> None:
     """Run the model on ``input_ids`` (right-padded: causal attention keeps padding out of real
     positions, so no attention mask is needed) and call ``on_layer(layer, gate, in, post)`` as each
-    listed layer's MLP runs. The forward pass stops after the last listed layer's MLP input is
-    seen, skipping the rest of the model and the unembedding."""
+    listed dense layer's MLP runs, ``on_moe`` (see :data:`OnMoE`) as each listed mixture-of-experts
+    layer finishes. The forward pass stops after the last listed layer, skipping the rest of the
+    model and the unembedding."""
     last = max(layers)
-    captured: dict[str, torch.Tensor] = {}
+    captured: dict[str, Any] = {}
+    batch, length = input_ids.shape
 
     def save(key: str) -> Callable[[torch.Tensor], None]:
         def hook(t: torch.Tensor) -> None:
@@ -299,6 +338,31 @@ def run_with_mlp_hooks(
             if layer == last:
                 raise StopForward
         return hook
+
+    def moe_hooks(layer: int, moe: MoELayer) -> list[Any]:
+        def experts_called(m: Any, args: tuple, kwargs: dict) -> None:
+            # experts(hidden_states, top_k_index, top_k_weights), tokens flattened (checked at load)
+            hidden = args[0] if args else kwargs["hidden_states"]
+            routing = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            captured["moe_hidden"] = hidden.reshape(batch, length, -1)
+            captured["moe_routing"] = routing.reshape(batch, length, -1)
+
+        def block_done(m: Any, i: Any, o: Any) -> None:
+            shared = None
+            if moe.shared is not None:
+                # Some blocks run the shared expert on flattened tokens (Qwen2-MoE): back to [B, T, N].
+                shared = tuple(captured.pop(f"shared_{name}").reshape(batch, length, -1)
+                               for name in ("gate", "in", "post"))
+            assert on_moe is not None
+            on_moe(layer, captured.pop("moe_hidden"), captured.pop("moe_routing"), shared)
+            if layer == last:
+                raise StopForward
+
+        handles = [moe.experts_module.register_forward_pre_hook(experts_called, with_kwargs=True),
+                   moe.block.register_forward_hook(block_done)]
+        if moe.shared is not None:
+            handles += _dense_hooks(moe.shared, save, save("shared_post"), prefix="shared_")
+        return handles
 
     try:
         with torch.inference_mode():
@@ -314,17 +378,10 @@ def run_with_mlp_hooks(
                 handles = []
                 try:
                     for layer in layers:
-                        mlp = loaded.mlps[layer]
-                        if mlp.fused:  # one hook on the fused projection, split by the family's rule
-                            def fused(m: Any, i: Any, o: torch.Tensor, mlp: GatedMLP = mlp) -> None:
-                                captured["gate"], captured["in"] = mlp.split(o)  # None: output unchanged
-                            handles.append(mlp.gate.register_forward_hook(fused))
+                        if layer in loaded.moe:
+                            handles += moe_hooks(layer, loaded.moe[layer])
                         else:
-                            handles += [
-                                mlp.gate.register_forward_hook(lambda m, i, o, f=save("gate"): f(o)),
-                                mlp.up.register_forward_hook(lambda m, i, o, f=save("in"): f(o)),
-                            ]
-                        handles.append(mlp.down.register_forward_pre_hook(lambda m, i, f=on_post(layer): f(i[0])))
+                            handles += _dense_hooks(loaded.mlps[layer], save, on_post(layer))
                     loaded.hf_model(input_ids=input_ids, use_cache=False)
                 finally:
                     for handle in handles:

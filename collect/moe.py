@@ -11,7 +11,7 @@ recomputation is what the module itself does; a family whose experts compute som
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -53,3 +53,35 @@ def check_expert_rule(experts_module: torch.nn.Module, routed: list[Any], where:
                 f"{where}: expert {e} of {type(experts_module).__name__} does not compute "
                 "down_proj(act(gate) * in) with [gate | in] = gate_up_proj halves; gluscope records experts of "
                 "that form only (gpt-oss-style experts with biases, interleaved or clamped gates are not)")
+
+
+def expert_batches(
+    moe: Any,
+    hidden: torch.Tensor,
+    routing: torch.Tensor,
+    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    valid: torch.Tensor,
+    experts: list[int | str],
+) -> Iterator[tuple[int | str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per recorded expert of one MoE layer and batch: ``(expert, gate, in, post, valid)`` with the
+    hooks ``[B, T, N]`` and ``valid`` ``[B, T]`` true at the counted positions routed to the expert,
+    so the dense statistics (:func:`collect.stats.reduce_batch`) apply as they are.
+
+    ``hidden`` [B, T, D] and ``routing`` [B, T, top_k] are what the experts module was called with.
+    A routed expert's ``gate`` and ``in`` are NaN at positions not routed to it: the expert never
+    saw those tokens, and the example windows show them as empty rather than as values the model
+    did not compute. The shared expert (``"s"``) sees every token; its hooks come from the model's
+    own modules."""
+    from mkdocs_gluscope.store import SHARED
+
+    nan = float("nan")
+    for expert in experts:
+        if expert == SHARED:
+            if shared is not None:
+                yield SHARED, *shared, valid
+            continue
+        routed = (routing == expert).any(dim=-1)  # [B, T]
+        counted = valid & routed
+        gate, in_, post = expert_hooks(moe.experts[expert], hidden)
+        keep = routed[:, :, None]
+        yield expert, torch.where(keep, gate, nan), torch.where(keep, in_, nan), torch.where(keep, post, nan), counted

@@ -28,9 +28,10 @@ from collect.corpus import (BOS_MODES, Corpus, dataset_source, plan_batches, rea
                             tokenize_corpus)
 from collect.model import (DTYPE_CHOICES, ENGINES, LoadedModel, dtype_name, load_model, max_positions,
                            resolve_device, run_with_mlp_hooks)
+from collect.moe import expert_batches
 from collect.stats import BatchReduction, LayerStats, add_batch, compiled_reduce_batch, reduce_batch
 from mkdocs_gluscope.errors import GluscopeError
-from mkdocs_gluscope.store import ActivationsWriter, first_counted_position
+from mkdocs_gluscope.store import SHARED, ActivationsWriter, expert_label, first_counted_position
 
 
 @dataclass
@@ -50,6 +51,7 @@ class CollectConfig:
     dtype: str = "auto"
     device: str = "auto"
     layers: list[int] | None = None
+    experts: list[int | str] | None = None  # routed experts (and "s", the shared expert) to record; None: all
     engine: str = "hf"
     k: int = 16
     context_before: int = 16
@@ -129,6 +131,8 @@ def check_config(config: CollectConfig) -> None:
         raise GluscopeError(f"--window-dtype {config.window_dtype!r}; expected float16 or float32")
     if config.layers is not None and not config.layers:
         raise GluscopeError("--layers names no layer; expected layers such as 3, 0,5,7 or 2-4")
+    if config.experts is not None and not config.experts:
+        raise GluscopeError("--experts names no expert; expected experts such as 3, 0-7 or 0-7,s")
     if not 0 <= config.skip_positions < config.max_doc_tokens - 1:
         raise GluscopeError(f"--skip-positions {config.skip_positions}; expected 0 to "
                             f"{config.max_doc_tokens - 2} (below --max-doc-tokens {config.max_doc_tokens} - 1)")
@@ -183,6 +187,28 @@ def resolve_layers(layers: list[int] | None, n_layers: int) -> list[int]:
     return sorted(set(layers))
 
 
+def resolve_experts(experts: list[int | str] | None, loaded: LoadedModel) -> dict[int, list[int | str]]:
+    """The experts to record at each requested mixture-of-experts layer: ``--experts`` (routed ones by
+    index, ``s`` for the shared expert), by default every expert."""
+    plan: dict[int, list[int | str]] = {}
+    for layer, moe in loaded.moe.items():
+        available: list[int | str] = list(range(moe.n_experts)) + ([SHARED] if moe.shared is not None else [])
+        if experts is None:
+            plan[layer] = available
+            continue
+        bad = [e for e in experts if e not in available]
+        if bad:
+            has = f"0..{moe.n_experts - 1}" + (" and s (shared)" if moe.shared is not None else "")
+            raise GluscopeError(f"--experts {','.join(map(str, bad))}: layer {layer} has experts {has}")
+        plan[layer] = [e for e in available if e in experts]
+    return plan
+
+
+def expert_key(layer: int, expert: int | str) -> str:
+    """An expert's key among the run's statistics (and in checkpoints): its neuron id prefix."""
+    return f"{layer}.{expert_label(expert)}"
+
+
 class _CtrlC:
     """The first Ctrl-C or SIGTERM asks the loop to stop after the batch in flight; a second one
     aborts. SIGTERM is how clusters preempt a job (Slurm, Kubernetes): it gets the same
@@ -227,18 +253,20 @@ def checkpoint_fingerprint(config: CollectConfig, facts: RunFacts) -> dict[str, 
 
 
 def save_checkpoint(path: Path, config: CollectConfig, batches_done: int,
-                    states: dict[int, LayerStats], facts: RunFacts) -> None:
+                    states: dict[int | str, LayerStats], facts: RunFacts,
+                    routed: dict[str, torch.Tensor] | None = None) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save({
         "fingerprint": checkpoint_fingerprint(config, facts),
         "batches_done": batches_done,
         "states": {layer: {k: v.cpu() for k, v in s.to_dict().items()} for layer, s in states.items()},
+        "routed": {key: v.cpu() for key, v in (routed or {}).items()},  # expert keys: tokens routed so far
     }, tmp)
     os.replace(tmp, path)
 
 
-def load_checkpoint(config: CollectConfig, device: torch.device,
-                    facts: RunFacts) -> tuple[int, dict[int, LayerStats]] | None:
+def load_checkpoint(config: CollectConfig, device: torch.device, facts: RunFacts
+                    ) -> tuple[int, dict[int | str, LayerStats], dict[str, torch.Tensor]] | None:
     path = config.checkpoint_path
     if not path.exists():
         return None
@@ -252,8 +280,9 @@ def load_checkpoint(config: CollectConfig, device: torch.device,
         raise GluscopeError(
             f"checkpoint {str(path)!r} was made with other options or input ({what}); rerun with "
             "the same options and dataset, or delete it to start over")
-    states = {int(layer): LayerStats.from_dict(t) for layer, t in saved["states"].items()}
-    return int(saved["batches_done"]), states
+    # Dense layers by number; experts by their key (expert_key), a string.
+    states = {(int(key) if str(key).isdigit() else key): LayerStats.from_dict(t) for key, t in saved["states"].items()}
+    return int(saved["batches_done"]), states, dict(saved.get("routed", {}))
 
 
 def finalize(state: LayerStats, window_dtype: str) -> dict[str, np.ndarray]:
@@ -334,20 +363,34 @@ def collect_statistics(
     *,
     stop_after_batches: int | None = None,
     facts: RunFacts | None = None,
-) -> dict[int, LayerStats]:
-    """Run the model over every batch of the corpus and return each layer's statistics."""
+    experts: dict[int, list[int | str]] | None = None,
+    routed: dict[str, torch.Tensor] | None = None,
+) -> dict[int | str, LayerStats]:
+    """Run the model over every batch of the corpus and return each layer's statistics: dense
+    layers by number, and for the mixture-of-experts layers, each expert in ``experts`` (see
+    :func:`resolve_experts`) by :func:`expert_key`, with the tokens routed to it added to ``routed``."""
+    experts = experts or {}
+    routed = routed if routed is not None else {}
     facts = facts or RunFacts(dtype=dtype_name(loaded.dtype), corpus_sha256=corpus.sha256())
     device = loaded.device
     window = config.context_before + 1 + config.context_after
     window_dtype = getattr(torch, config.window_dtype)
     batches = shard_batches(corpus, config.batch_tokens, config.shard)
     start = 0
-    states = {layer: LayerStats.empty(loaded.d_mlp, config.k, window, device, window_dtype)
-              for layer in layers}
+    states: dict[int | str, LayerStats] = {
+        layer: LayerStats.empty(loaded.d_mlp, config.k, window, device, window_dtype)
+        for layer in layers if layer not in loaded.moe}
+    for layer, chosen in experts.items():
+        moe = loaded.moe[layer]
+        for expert in chosen:
+            d = moe.shared.d_mlp if expert == SHARED else moe.d_expert
+            states[expert_key(layer, expert)] = LayerStats.empty(d, config.k, window, device, window_dtype)
+            routed[expert_key(layer, expert)] = torch.zeros((), dtype=torch.int64, device=device)
     if config.resume:
         restored = load_checkpoint(config, device, facts)
         if restored is not None:
-            start, states = restored
+            start, states, saved_routed = restored
+            routed.update({key: value.to(device) for key, value in saved_routed.items()})
             print(f"gluscope: resuming from {config.checkpoint_path} after {start}/{len(batches)} batches",
                   file=sys.stderr)
     reduce = reduce_with_fallback(config.compile)
@@ -376,18 +419,32 @@ def collect_statistics(
             t = torch.arange(batch.length, device=device)
             valid = (t[None, :] < lengths[:, None]) & (t[None, :] >= first_counted)
 
-            def on_layer(layer: int, gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor) -> None:
-                swish = loaded.mlps[layer].act_fn(gate)
-                reduced = reduce(gate, in_, post, swish, valid)
-                states[layer] = add_batch(states[layer], reduced, doc_ids, gate, in_, lengths,
-                                          config.context_before, config.context_after)
+            def accumulate(key: int | str, act_fn: Callable, gate: torch.Tensor, in_: torch.Tensor,
+                           post: torch.Tensor, counted: torch.Tensor) -> None:
+                swish = act_fn(gate)
+                reduced = reduce(gate, in_, post, swish, counted)
+                states[key] = add_batch(states[key], reduced, doc_ids, gate, in_, lengths,
+                                        config.context_before, config.context_after)
 
-            run_with_mlp_hooks(loaded, input_ids, layers, on_layer)
+            def on_layer(layer: int, gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor) -> None:
+                accumulate(layer, loaded.mlps[layer].act_fn, gate, in_, post, valid)
+
+            def on_moe(layer: int, hidden: torch.Tensor, routing: torch.Tensor, shared: Any) -> None:
+                # Each expert's neurons through the dense statistics, over the tokens routed to it.
+                moe = loaded.moe[layer]
+                for expert, gate, in_, post, counted in expert_batches(moe, hidden, routing, shared, valid,
+                                                                      experts[layer]):
+                    key = expert_key(layer, expert)
+                    routed[key] += counted.sum()
+                    act_fn = moe.shared.act_fn if expert == SHARED else moe.act_fn
+                    accumulate(key, act_fn, gate, in_, post, counted)
+
+            run_with_mlp_hooks(loaded, input_ids, layers, on_layer, on_moe)
             bar.update(int(lengths_np.sum()))
             finished = index + 1
             stop = ctrl_c.requested or (stop_after_batches is not None and finished >= stop_after_batches)
             if finished < len(batches) and (stop or time.monotonic() - last_checkpoint > config.checkpoint_every):
-                save_checkpoint(config.checkpoint_path, config, finished, states, facts)
+                save_checkpoint(config.checkpoint_path, config, finished, states, facts, routed)
                 last_checkpoint = time.monotonic()
             if stop and finished < len(batches):
                 bar.close()
@@ -453,6 +510,27 @@ def provenance(config: CollectConfig, loaded: LoadedModel, corpus: Corpus, layer
     return attrs
 
 
+def write_experts(writer: ActivationsWriter, loaded: LoadedModel, experts: dict[int, list[int | str]],
+                  states: dict[int | str, LayerStats], routed: dict[str, torch.Tensor], window_dtype: str) -> None:
+    """The ``experts`` and ``shared_experts`` groups: one row per recorded (layer, expert)."""
+    for group, shared in (("experts", False), ("shared_experts", True)):
+        rows = [(layer, e) for layer, chosen in experts.items() for e in chosen if (e == SHARED) == shared]
+        if not rows:
+            continue
+        moe = loaded.moe[rows[0][0]]
+        d = moe.shared.d_mlp if shared else moe.d_expert
+        sizes = {loaded.moe[layer].shared.d_mlp if shared else loaded.moe[layer].d_expert for layer, _ in rows}
+        if len(sizes) > 1:
+            raise GluscopeError(f"the recorded layers' experts differ in size ({sorted(sizes)}); record them in "
+                                "separate runs with --layers")
+        writer.add_experts(group, [layer for layer, _ in rows], [-1 if shared else e for _, e in rows],
+                           [int(routed[expert_key(layer, e)]) for layer, e in rows], d)
+        for row, (layer, e) in enumerate(rows):
+            writer.write_neurons(row, 0, finalize(states[expert_key(layer, e)], window_dtype), group=group)
+        writer.write_weights({name: torch.stack([loaded.expert_facts[layer, e][name] for layer, e in rows]).numpy()
+                              for name in ("flipped", "cos_gate_in", "cos_gate_out", "cos_in_out")}, group=group)
+
+
 def collect(config: CollectConfig, *, stop_after_batches: int | None = None) -> Path:
     """Run a whole collection and write ``config.out``. Returns its path."""
     check_config(config)
@@ -461,27 +539,34 @@ def collect(config: CollectConfig, *, stop_after_batches: int | None = None) -> 
     loaded, facts = load_model(config.model, dtype=config.dtype, device=config.device,
                                refactor=config.refactor_glu, engine=config.engine, layers=config.layers)
     layers = resolve_layers(config.layers, loaded.n_layers)
-    if loaded.moe:
-        raise GluscopeError(f"layers {list(loaded.moe)} are mixture-of-experts layers, which gluscope cannot "
-                            "record yet; use --layers to pick dense layers")
+    experts = resolve_experts(config.experts, loaded)
+    if config.experts is not None and not loaded.moe:
+        raise GluscopeError(f"--experts {','.join(map(str, config.experts))}: the requested layers have no experts "
+                            "(no mixture-of-experts layer among them)")
+    dense_layers = [layer for layer in layers if layer not in loaded.moe]
     texts = read_texts(config.dataset, text_column=config.text_column, split=config.split, seed=config.seed)
     corpus = tokenize_corpus(texts, loaded.tokenizer, max_tokens=config.max_tokens,
                              max_doc_tokens=config.max_doc_tokens, long_docs=config.long_docs, bos=config.bos)
     check_positions(corpus, max_positions(loaded.hf_model), config.max_doc_tokens)
     run_facts = RunFacts(dtype=dtype_name(loaded.dtype), corpus_sha256=corpus.sha256())
+    routed: dict[str, torch.Tensor] = {}
     states = collect_statistics(loaded, corpus, config, layers, stop_after_batches=stop_after_batches,
-                                facts=run_facts)
+                                facts=run_facts, experts=experts, routed=routed)
     vocab_size = max(len(loaded.tokenizer), int(corpus.tokens.max()) + 1)
-    attrs = provenance(config, loaded, corpus, layers)
+    attrs = provenance(config, loaded, corpus, dense_layers)
+    if experts:
+        attrs["expert_layers"] = list(experts)
+        attrs["n_experts"] = sorted({loaded.moe[layer].n_experts for layer in experts})
     attrs["elapsed_s"] = round(time.monotonic() - started, 1)
-    with ActivationsWriter(config.out, n_layers=len(layers), d_mlp=loaded.d_mlp, k=config.k,
+    with ActivationsWriter(config.out, n_layers=len(dense_layers), d_mlp=loaded.d_mlp, k=config.k,
                            context_before=config.context_before, context_after=config.context_after,
                            window_dtype=config.window_dtype, attrs=attrs) as writer:
         writer.write_corpus(corpus.tokens, corpus.doc_offsets, token_strings(loaded.tokenizer, vocab_size),
                             source_index=corpus.source_index, doc_title=corpus.titles)
-        for row, layer in enumerate(layers):
+        for row, layer in enumerate(dense_layers):
             writer.write_layer(row, finalize(states[layer], config.window_dtype))
         writer.write_weights({name: values.numpy() for name, values in facts.items()})  # in `layers` order
+        write_experts(writer, loaded, experts, states, routed, config.window_dtype)
         path = writer.close(n_tokens=counted_tokens(corpus, config))
     config.checkpoint_path.unlink(missing_ok=True)
     return path

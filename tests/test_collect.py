@@ -634,3 +634,98 @@ def test_layers_outside_the_request_are_not_inspected(model_factory, corpus_file
     monkeypatch.setattr(arch_module, "_dense", counting)
     collect(small_config(model_factory("llama"), corpus_files, tmp_path / "one.h5", layers=[1]))
     assert len(calls) == 1 and "layer 1" in calls[0]
+
+
+MOE = {"mixtral": 2, "olmoe": 2, "qwen2moe": 2, "deepseek2": 3}
+
+
+def moe_reference(folder: Path, arch: str, f: ActivationsFile) -> dict:
+    """Per (layer, expert): routed token count, case counts and in-sums, recomputed explicitly: the
+    MoE block's input from a Hugging Face forward pre-hook, routing from the model's own router,
+    each expert's gate and in from its slice of gate_up_proj (halves, as transformers' forward
+    chunks them), refactor_glu's flip applied by hand. The recomputed experts reproduce the block's
+    output, so these are the values the model used."""
+    model, _ = load_hf(str(folder), torch.float32)
+    first = first_counted_position(f.attrs)
+    seen = {}
+    handles = [layer.mlp.register_forward_hook(
+        lambda m, i, o, index=index: seen.__setitem__(index, (i[0], o)))
+        for index, layer in enumerate(model.model.layers)]
+    out: dict = {}
+
+    def add(key, gate, in_, routed):
+        cases = torch.stack([(gate > 0) & (in_ > 0), (gate > 0) & (in_ < 0), (gate < 0) & (in_ > 0),
+                             (gate < 0) & (in_ < 0)], dim=-1) & routed[:, None, None]
+        routed_n, count, sums = out.get(key, (0, 0, 0))
+        out[key] = (routed_n + int(routed.sum()), count + cases.sum(0).numpy(),
+                    sums + (cases * in_[..., None]).sum(0).double().numpy())
+
+    for doc in range(f.n_docs):
+        with torch.inference_mode():
+            model(torch.tensor(f.document(doc), dtype=torch.long)[None])
+            for index, layer in enumerate(model.model.layers):
+                mlp = layer.mlp
+                if not hasattr(mlp, "experts"):
+                    continue  # a dense layer
+                x, y = seen[index]
+                x = x[0]
+                _, weights, chosen = mlp.gate(x)
+                experts = mlp.experts
+                recomposed = torch.zeros_like(x)
+                for e in range(experts.gate_up_proj.shape[0]):
+                    w_gate, w_in = experts.gate_up_proj[e].chunk(2, dim=0)
+                    gate, in_ = x @ w_gate.T, x @ w_in.T
+                    hit = (chosen == e)
+                    weight = (weights * hit).sum(-1, keepdim=True)
+                    recomposed += weight * ((experts.act_fn(gate) * in_) @ experts.down_proj[e].T)
+                    sign = torch.where((w_gate * w_in).sum(1) < 0, -1.0, 1.0)
+                    routed = hit.any(-1)
+                    routed[:first] = False
+                    add((index, e), gate[first:], (in_ * sign)[first:], routed[first:])
+                shared = getattr(mlp, "shared_expert", None) or getattr(mlp, "shared_experts", None)
+                if shared is not None:
+                    w_gate, w_in = shared.gate_proj.weight, shared.up_proj.weight
+                    gate, in_ = x @ w_gate.T, x @ w_in.T
+                    part = shared(x)
+                    if hasattr(mlp, "shared_expert_gate"):
+                        part = torch.sigmoid(mlp.shared_expert_gate(x)) * part
+                    recomposed += part
+                    sign = torch.where((w_gate * w_in).sum(1) < 0, -1.0, 1.0)
+                    add((index, "s"), gate[first:], (in_ * sign)[first:], torch.ones(len(x) - first, dtype=torch.bool))
+                torch.testing.assert_close(recomposed, y[0], rtol=1e-4, atol=1e-5)
+    for handle in handles:
+        handle.remove()
+    return out
+
+
+@pytest.mark.parametrize("arch", list(MOE))
+def test_expert_neurons_against_explicit_recomputation(arch, model_factory, corpus_files, tmp_path):
+    """Every expert's neurons: tokens routed to each expert, case counts over those tokens and sums of
+    in, as an explicit recomputation of the routing and the experts gives them; shared experts (Qwen2-MoE,
+    DeepSeek-V2) over every token; DeepSeek-V2's dense first layer next to its MoE layers."""
+    folder = model_factory(arch, MOE[arch])
+    out = collect(small_config(folder, corpus_files, tmp_path / f"{arch}.h5"))
+    with ActivationsFile(out) as f:
+        reference = moe_reference(folder, arch, f)
+        assert set(f.expert_rows) == set(reference)
+        assert f.layers == ([0] if arch == "deepseek2" else [])
+        for (layer, expert), (routed, count, sums) in reference.items():
+            assert f.routed[layer, expert] == routed, (layer, expert)
+            n = f.expert_neurons(expert)
+            got = np.stack([f.neuron(layer, i, expert=expert, windows=False).count for i in range(n)])
+            np.testing.assert_array_equal(got, count, err_msg=str((layer, expert)))
+            got_sum = np.stack([f.neuron(layer, i, expert=expert, windows=False).sum[:, 1] for i in range(n)])
+            np.testing.assert_allclose(got_sum, sums, rtol=1e-4, atol=1e-4, err_msg=str((layer, expert)))
+        # Routed experts see only their tokens: each token goes to top_k of them.
+        top_k = 2
+        for layer in f.expert_layers:
+            assert sum(f.routed[layer, e] for e in f.experts_of(layer) if e != "s") == top_k * f.n_tokens
+        layer, expert = next(iter(f.expert_rows))
+        data = f.neuron(layer, 0, expert=expert)
+        assert data.id == f"{layer}.{'s' if expert == 's' else f'e{expert}'}.0"
+        np.testing.assert_allclose(data.frequency, data.count / f.routed[layer, expert])
+        # The windows' centre is the example's own value; tokens the expert never saw are NaN.
+        c = int(np.argmax(data.count))
+        filled = data.top_doc[c, 1] >= 0
+        np.testing.assert_allclose(data.top_in[c, 1, filled, f.context_before], data.top_value[c, 1, filled],
+                                   rtol=1e-3)

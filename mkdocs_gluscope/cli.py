@@ -45,6 +45,24 @@ def _int_list(text: str) -> list[int]:
     return out
 
 
+def _expert_list(text: str) -> list[int | str]:
+    """``3``, ``0,5,7``, ``0-7`` or ``0-7,s`` (``s``: the shared expert); at least one expert."""
+    expected = "expected experts such as 3, 0,5,7, 0-7 or 0-7,s (s: the shared expert)"
+    out: list[int | str] = []
+    for part in text.split(","):
+        part = part.strip()
+        if part == "s":
+            out.append("s")
+            continue
+        try:
+            out += _int_list(part) if part else []
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"{text!r}: {expected}") from None
+    if not out:
+        raise argparse.ArgumentTypeError(f"{text!r} names no expert; {expected}")
+    return list(dict.fromkeys(out))
+
+
 def _count(text: str) -> int:
     from collect.corpus import parse_count
 
@@ -79,6 +97,10 @@ def add_collect_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     p.add_argument("--layers", type=_int_list, default=None,
                    help="layers to record, e.g. 0,5 or 10-20 (default: all)")
+    p.add_argument("--experts", type=_expert_list, default=None,
+                   help="in mixture-of-experts layers, the experts to record, e.g. 0-7 or 0-7,s (s: the shared "
+                        "expert); every expert's neurons are neurons, with statistics over the tokens routed to "
+                        "it (default: all)")
     p.add_argument("--engine", choices=("hf", "bridge"), default="hf",
                    help="capture the hooks from the Hugging Face modules (default, fastest) or through "
                         "TransformerLens' TransformerBridge (same values; eager attention)")

@@ -66,6 +66,11 @@ def check_same_run(files: Sequence[ActivationsFile]) -> None:
     ``shard`` may differ."""
     first = files[0]
     for f in files:
+        if f.expert_rows:
+            # The merge streams the root datasets only: expert groups would be dropped without a word.
+            raise GluscopeError(f"{str(f.path)!r} holds expert neurons (mixture-of-experts layers "
+                                f"{', '.join(map(str, f.expert_layers))}); gluscope merge does not merge those yet: "
+                                "collect such a model in one run")
         if not f.has_nonfinite:
             raise GluscopeError(f"{str(f.path)!r} was written by an older gluscope (no stats/nonfinite); "
                                 "collect it again")

@@ -106,7 +106,8 @@ class GluscopeConfig(base.Config):
 
     neurons = NeuronIds()
     """Neurons to publish, as quoted strings: ``"LAYER.NEURON"`` (zero-based), ``"LAYER.*"`` for a
-    whole layer, or ``all``. Quote them: unquoted, YAML reads ``1.10`` as the number 1.1, and numbers
+    whole layer, ``"LAYER.eEXPERT.NEURON"`` / ``"LAYER.eEXPERT.*"`` for an expert's neurons
+    (``"LAYER.s.NEURON"`` for the shared expert), or ``all``. Quote them: unquoted, YAML reads ``1.10`` as the number 1.1, and numbers
     are refused rather than guessed at. Default: none (only the index page)."""
 
     url_prefix = _Checked(check_url_prefix, default="neurons")
@@ -126,7 +127,7 @@ class GluscopePlugin(BasePlugin[GluscopeConfig]):
     def __init__(self) -> None:
         self.site: SitePages | None = None
         self.path: Path | None = None
-        self._pages: dict[str, tuple[int, int]] = {}
+        self._pages: dict[str, tuple] = {}  # page source -> neuron key
 
     def on_config(self, config: MkDocsConfig) -> MkDocsConfig:
         path = Path(self.config.activations)  # validated at load: an existing file, absolute
@@ -163,11 +164,14 @@ class GluscopePlugin(BasePlugin[GluscopeConfig]):
         for layer in site.layers:
             files.append(File.generated(config, site.layer_path(layer), inclusion=InclusionLevel.NOT_IN_NAV,
                                         content=site.layer_markdown(layer, directory_urls=directory_urls)))
-        for layer, neuron in site.neurons:
-            src = site.neuron_path(layer, neuron)
-            self._pages[src] = (layer, neuron)
+        for layer, expert in site.experts:
+            files.append(File.generated(config, site.expert_path(layer, expert), inclusion=InclusionLevel.NOT_IN_NAV,
+                                        content=site.expert_markdown(layer, expert, directory_urls=directory_urls)))
+        for key in site.neurons:
+            src = site.neuron_path(*key)
+            self._pages[src] = key
             files.append(File.generated(config, src, inclusion=InclusionLevel.NOT_IN_NAV,
-                                        content=site.neuron_markdown(layer, neuron)))
+                                        content=site.neuron_markdown(*key)))
         for src, text in site.doc_shards().items():
             files.append(File.generated(config, src, content=text))
         for name in ASSETS:

@@ -486,6 +486,10 @@ class ActivationsFile:
         return title.decode("utf-8") if isinstance(title, bytes) else title
 
     # -- one neuron ---------------------------------------------------------------------------
+    def experts_index(self) -> dict[int, dict[int | str, int]]:
+        """layer -> {expert: neurons per expert}, as :func:`mkdocs_gluscope.neurons.parse_neuron_ids` takes it."""
+        return {layer: {e: self.expert_neurons(e) for e in self.experts_of(layer)} for layer in self.expert_layers}
+
     @property
     def expert_layers(self) -> list[int]:
         """Model layers with expert neurons in this file."""

@@ -729,3 +729,47 @@ def test_expert_neurons_against_explicit_recomputation(arch, model_factory, corp
         filled = data.top_doc[c, 1] >= 0
         np.testing.assert_allclose(data.top_in[c, 1, filled, f.context_before], data.top_value[c, 1, filled],
                                    rtol=1e-3)
+
+
+def test_expert_pages_build_with_routing_and_indexes(model_factory, corpus_files, tmp_path, capsys):
+    """`gluscope collect --experts` on a model with dense and MoE layers, then a strict MkDocs build of
+    pages for a dense neuron, a routed expert's neurons and a shared expert's neuron: index pages per
+    layer and expert, routing frequency on the pages, every link resolving."""
+    import sites
+
+    out = tmp_path / "ds.h5"
+    code, text = run_cli("collect", "--model", str(model_factory("deepseek2", 3)), "--dataset",
+                         str(corpus_files[0]), "--out", str(out), "--experts", "1-2,s", "--k", "4",
+                         "--no-compile", "--no-progress", "--device", "cpu", "--dtype", "float32", capsys=capsys)
+    assert code == 0, text
+    with ActivationsFile(out) as f:
+        assert sorted(f.expert_rows, key=str) == sorted([(1, 1), (1, 2), (2, 1), (2, 2), (1, "s"), (2, "s")], key=str)
+        routed = f.routed[1, 2]
+        assert 0 < routed < f.n_tokens and f.routed[2, "s"] == f.n_tokens
+    site = sites.build_site(tmp_path / "site", {"activations": str(out), "neurons": ["0.3", "1.e2.*", "2.s.5"]})
+    neurons = site / "neurons"
+    page = (neurons / "L1" / "E2" / "N0" / "index.html").read_text()
+    assert "Neuron 1.e2.0" in page and f"{routed:,} of" in page and "routing frequency" in page
+    assert (neurons / "L2" / "S" / "N5" / "index.html").exists() and (neurons / "L0" / "N3" / "index.html").exists()
+    assert "1.e2.23" in (neurons / "L1" / "E2" / "index.html").read_text()  # the expert's index lists its neurons
+    layer = (neurons / "L1" / "index.html").read_text()
+    assert "1.e2" in layer and "routing frequency" in layer
+    assert "2.s" in (neurons / "index.html").read_text()
+    # Ids the file cannot serve are one clear line each.
+    with pytest.raises(GluscopeError, match="layer 1 has no expert e0 in the file"):
+        from mkdocs_gluscope.pages import write_markdown_pages
+        write_markdown_pages(out, ["1.e0.3"], tmp_path / "md")
+    code, text = run_cli("collect", "--model", str(model_factory("deepseek2", 3)), "--dataset",
+                         str(corpus_files[0]), "--out", str(tmp_path / "bad.h5"), "--experts", "9",
+                         "--no-compile", "--no-progress", "--device", "cpu", capsys=capsys)
+    assert code == 2 and "--experts 9: layer 1 has experts 0..3 and s (shared)" in text and "Traceback" not in text
+
+
+def test_merge_refuses_files_with_expert_neurons(model_factory, corpus_files, tmp_path):
+    from mkdocs_gluscope.merge import merge_files
+
+    model = model_factory("olmoe", 2)
+    parts = [collect(small_config(model, corpus_files, tmp_path / f"s{i}.h5", shard=f"{i}/2")) for i in range(2)]
+    with pytest.raises(GluscopeError, match="holds expert neurons .* does not merge those yet"):
+        merge_files(parts, tmp_path / "merged.h5")
+    assert not (tmp_path / "merged.h5").exists()

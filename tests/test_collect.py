@@ -773,3 +773,41 @@ def test_merge_refuses_files_with_expert_neurons(model_factory, corpus_files, tm
     with pytest.raises(GluscopeError, match="holds expert neurons .* does not merge those yet"):
         merge_files(parts, tmp_path / "merged.h5")
     assert not (tmp_path / "merged.h5").exists()
+
+
+def test_expert_resume_and_weight_geometry(model_factory, corpus_files, tmp_path):
+    """An interrupted, resumed MoE run writes the uninterrupted run's file (routed counts included);
+    each expert neuron's flip and cosines are those of its slice of the fused expert weights."""
+    model = model_factory("qwen2moe", 2)
+    whole = collect(small_config(model, corpus_files, tmp_path / "whole.h5", batch_tokens=64))
+    config = small_config(model, corpus_files, tmp_path / "resumed.h5", batch_tokens=64)
+    with pytest.raises(Interrupted):
+        collect(config, stop_after_batches=2)
+    config.resume = True
+    resumed = collect(config)
+    with h5py.File(whole) as a, h5py.File(resumed) as b:
+        names = []
+        a.visit(lambda name: names.append(name) if isinstance(a[name], h5py.Dataset) else None)
+        assert "experts/routed" in names and "shared_experts/top/gate" in names
+        for name in names:
+            assert np.array_equal(a[name][...], b[name][...], equal_nan=a[name].dtype.kind == "f"), name
+    reference, _ = load_hf(str(model), torch.float32)
+    cos = torch.nn.functional.cosine_similarity
+    with ActivationsFile(whole) as f:
+        for (layer, expert) in [(0, 3), (1, "s")]:
+            mlp = reference.model.layers[layer].mlp
+            if expert == "s":
+                w_gate, w_in, w_out = (mlp.shared_expert.gate_proj.weight, mlp.shared_expert.up_proj.weight,
+                                       mlp.shared_expert.down_proj.weight.T)
+            else:
+                w_gate, w_in = mlp.experts.gate_up_proj[expert].chunk(2, dim=0)
+                w_out = mlp.experts.down_proj[expert].T
+            flip = (w_gate * w_in).sum(1) < 0
+            sign = torch.where(flip, -1.0, 1.0)[:, None]
+            n = f.expert_neurons(expert)
+            data = [f.neuron(layer, i, expert=expert, windows=False) for i in range(n)]
+            assert [d.flipped for d in data] == flip.tolist() and flip.any()
+            np.testing.assert_allclose([d.cos_gate_in for d in data], cos(w_gate, w_in * sign, dim=1).detach(),
+                                       rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose([d.cos_in_out for d in data], cos(w_in, w_out, dim=1).detach(),
+                                       rtol=1e-5, atol=1e-6)  # both flipped: unchanged

@@ -112,6 +112,22 @@ def find_gguf(path: Path) -> Path | None:
     return None
 
 
+def _from_pretrained(model: str, dtype: torch.dtype) -> Any:
+    """A causal LM, or failing that an image-text-to-text model (Llava-style wrappers have no causal-LM
+    class): its language tower is what gets recorded."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+    except ValueError as e:
+        if "Unrecognized configuration class" not in str(e):
+            raise
+        try:
+            return AutoModelForImageTextToText.from_pretrained(model, dtype=dtype)
+        except ValueError:
+            raise e from None
+
+
 def load_hf(model: str, dtype: torch.dtype) -> tuple[Any, Any]:
     """A causal LM and its tokenizer from a hub name, a folder, or a GGUF file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -125,7 +141,7 @@ def load_hf(model: str, dtype: torch.dtype) -> tuple[Any, Any]:
             hf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=dtype, **kwargs)
         else:
             tokenizer = AutoTokenizer.from_pretrained(model)
-            hf_model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+            hf_model = _from_pretrained(model, dtype)
     except (OSError, ValueError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         offline = " (HF_HUB_OFFLINE is set, so only the local cache is searched)" if os.environ.get(

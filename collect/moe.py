@@ -82,6 +82,13 @@ def expert_batches(
             continue
         routed = (routing == expert).any(dim=-1)  # [B, T]
         counted = valid & routed
-        gate, in_, post = expert_hooks(moe.experts[expert], hidden)
-        keep = routed[:, :, None]
-        yield expert, torch.where(keep, gate, nan), torch.where(keep, in_, nan), torch.where(keep, post, nan), counted
+        # Only the routed tokens go through the expert's weights (top_k / n_experts of them): the
+        # same matmul work the model itself does; the rest of the [B, T, N] view stays NaN.
+        tokens = routed.reshape(-1).nonzero().squeeze(1)
+        values = expert_hooks(moe.experts[expert], hidden.reshape(-1, hidden.shape[-1])[tokens])
+        out = []
+        for v in values:
+            full = v.new_full((routed.numel(), v.shape[-1]), nan)
+            full[tokens] = v
+            out.append(full.view(*routed.shape, v.shape[-1]))
+        yield expert, *out, counted

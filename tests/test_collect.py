@@ -41,7 +41,7 @@ def copy_model_with(folder: Path, target: Path, **config_changes) -> Path:
 
 def reference_stack(model, arch: str):
     """The decoder layers, written out per family here, independent of collect's adapter lookup."""
-    return model.model.language_model.layers if arch == "gemma3mm" else model.model.layers
+    return model.model.language_model.layers if arch in ("gemma3mm", "llava") else model.model.layers
 
 
 def hf_reference_hooks(model, arch: str, layers: list[int]) -> tuple[dict, list]:
@@ -66,7 +66,7 @@ def hf_reference_hooks(model, arch: str, layers: list[int]) -> tuple[dict, list]
     return seen, handles
 
 
-DENSE = {"llama": 2, "olmo": 2, "gemma": 2, "qwen2": 2, "phi3": 2, "gemma3mm": 2, "deepseek2": 1}
+DENSE = {"llama": 2, "olmo": 2, "gemma": 2, "qwen2": 2, "phi3": 2, "gemma3mm": 2, "llava": 2, "deepseek2": 1}
 
 
 @pytest.mark.parametrize("engine", ["hf", "bridge"])
@@ -597,7 +597,7 @@ def brute_force_counts(folder: Path, arch: str, layers: list[int], f: Activation
     return out
 
 
-@pytest.mark.parametrize("arch,layers", [("phi3", None), ("gemma3mm", None), ("deepseek2", [0])])
+@pytest.mark.parametrize("arch,layers", [("phi3", None), ("gemma3mm", None), ("llava", None), ("deepseek2", [0])])
 def test_collect_new_families_against_brute_force(arch, layers, model_factory, corpus_files, tmp_path):
     """Fused gate/up (Phi-3), the language tower of a multimodal model (Gemma-3), and the dense layer
     of a model whose other layers are mixture-of-experts (DeepSeek-V2, --layers 0): the file's

@@ -26,6 +26,8 @@ ARCHS = {
     "phi3": ("Phi3Config", {"pad_token_id": None}, True),
     # Gemma3ForConditionalGeneration: a vision tower first, the language model's layers inside it
     "gemma3mm": ("Gemma3Config", {"hidden_activation": "gelu_pytorch_tanh", "head_dim": 16}, True),
+    # LlavaForConditionalGeneration: no causal-LM class; a CLIP tower, then a Llama language model
+    "llava": ("LlamaConfig", {}, True),
     # mixture of experts
     "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}, True),
     "olmoe": ("OlmoeConfig", {"num_experts": 4, "num_experts_per_tok": 2}, True),
@@ -60,6 +62,12 @@ def tiny_config(arch: str, tokenizer, *, layers: int, d_model: int, d_mlp: int):
         return transformers.Gemma3Config(text_config=transformers.Gemma3TextConfig(**text), vision_config=vision,
                                          mm_tokens_per_image=4, boi_token_index=n, eoi_token_index=n + 1,
                                          image_token_index=n + 2)
+    if arch == "llava":
+        vision = transformers.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                               num_attention_heads=2, image_size=28, patch_size=14)
+        text["vocab_size"] = len(tokenizer) + 1
+        return transformers.LlavaConfig(text_config=transformers.LlamaConfig(**text), vision_config=vision,
+                                        image_token_index=len(tokenizer))
     return getattr(transformers, config_class)(**text)
 
 
@@ -94,7 +102,10 @@ def make_model_dir(folder: Path, arch: str = "llama", *, layers: int = 2, d_mode
     tokenizer = train_tokenizer(folder, bos=bos)
     config = tiny_config(arch, tokenizer, layers=layers, d_model=d_model, d_mlp=d_mlp)
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config)
+    if arch == "llava":
+        model = transformers.AutoModelForImageTextToText.from_config(config)
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(config)
     # Random init gives tiny weights (routers start at zero); scale the MLP projections and the
     # routers so activations spread over all four cases and tokens over all experts.
     mlp_names = ("gate_proj.weight", "up_proj.weight", "gate_up_proj.weight", "experts.gate_up_proj",

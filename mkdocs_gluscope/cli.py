@@ -196,8 +196,21 @@ def run_info(args: argparse.Namespace) -> int:
         print(f"{'documents':>14}: {f.n_docs}")
         print(f"{'tokens':>14}: {f.n_tokens} counted")
         print(f"{'k':>14}: {f.k}, window {f.context_before} before + 1 + {f.context_after} after")
-        freq = f.frequency().mean(axis=(0, 1))
-        print(f"{'mean freq.':>14}: " + ", ".join(f"{c} {100 * x:.1f}%" for c, x in zip(CASES, freq)))
+        if f.n_layers and f.d_mlp:
+            freq = f.frequency().mean(axis=(0, 1))
+            print(f"{'mean freq.':>14}: " + ", ".join(f"{c} {100 * x:.1f}%" for c, x in zip(CASES, freq)))
+        if f.expert_rows:
+            from mkdocs_gluscope.store import SHARED
+
+            for layer in f.expert_layers:
+                experts = f.experts_of(layer)
+                routed = [e for e in experts if e != SHARED]
+                shares = [f.routed[(layer, e)] / max(f.n_tokens, 1) for e in routed]
+                text = (f"{len(routed)} routed x {f.expert_neurons(routed[0])} neurons, routing "
+                        f"{100 * min(shares):.1f}%..{100 * max(shares):.1f}% of tokens" if routed else "")
+                if SHARED in experts:
+                    text += (", " if text else "") + f"shared expert of {f.expert_neurons(SHARED)} neurons"
+                print(f"{'experts L' + str(layer):>14}: {text}")
     return 0
 
 
@@ -225,6 +238,13 @@ def run_pick(args: argparse.Namespace) -> int:
     from mkdocs_gluscope.pick import pick_neurons, picks_yaml
 
     with open_activations(args.activations) as f:
+        if f.expert_rows:
+            layers = ", ".join(map(str, f.expert_layers))
+            if not (f.n_layers and f.d_mlp):
+                raise GluscopeError(f"{str(args.activations)!r} holds expert neurons only (layers {layers}); pick "
+                                    "scores dense layers' neurons, not experts' yet: list those as LAYER.eEXPERT.*")
+            print(f"gluscope: warning: pick scored the dense layers only; the expert neurons of layers {layers} "
+                  "are not scored yet", file=sys.stderr)
         print(picks_yaml(pick_neurons(f, per_layer=args.per_layer, mix=args.mix, rare=args.rare)))
     return 0
 

@@ -765,7 +765,8 @@ def test_expert_pages_build_with_routing_and_indexes(model_factory, corpus_files
     assert code == 2 and "--experts 9: layer 1 has experts 0..3 and s (shared)" in text and "Traceback" not in text
 
 
-def test_merge_refuses_files_with_expert_neurons(model_factory, corpus_files, tmp_path):
+def test_merge_and_pick_refuse_expert_neurons_info_lists_them(model_factory, corpus_files, tmp_path, capsys):
+    """Commands that do not handle expert neurons yet say so in one line, never a partial result."""
     from mkdocs_gluscope.merge import merge_files
 
     model = model_factory("olmoe", 2)
@@ -773,6 +774,10 @@ def test_merge_refuses_files_with_expert_neurons(model_factory, corpus_files, tm
     with pytest.raises(GluscopeError, match="holds expert neurons .* does not merge those yet"):
         merge_files(parts, tmp_path / "merged.h5")
     assert not (tmp_path / "merged.h5").exists()
+    code, text = run_cli("pick", str(parts[0]), capsys=capsys)
+    assert code == 2 and "holds expert neurons only (layers 0, 1)" in text and text.count("gluscope: error") == 1
+    code, text = run_cli("info", str(parts[0]), capsys=capsys)
+    assert code == 0 and "experts L1: 4 routed x 48 neurons" in text and "nan" not in text
 
 
 def test_expert_resume_and_weight_geometry(model_factory, corpus_files, tmp_path):

@@ -191,7 +191,18 @@ def _moe(bridge: Any, mlp: torch.nn.Module, where: str) -> GatedMLP | MoELayer:
             f"{where} is a mixture-of-experts block ({type(mlp).__name__}, modules [{_children(mlp)}]) whose "
             "experts are not kept as batched 3-D gate_up_proj/down_proj tensors; gluscope reads experts in "
             "that layout only (transformers 5)")
-    gate_up, down = experts.gate_up_proj, experts.down_proj
+    params = {name: tuple(p.shape) for name, p in experts.named_parameters()}
+    gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    layout_ok = (set(params) == {"gate_up_proj", "down_proj"} and gate_up.ndim == 3 and down.ndim == 3
+                 and gate_up.shape[0] == down.shape[0] and gate_up.shape[1] == 2 * down.shape[2]
+                 and gate_up.shape[2] == down.shape[1]
+                 and any(callable(getattr(experts, a, None)) for a in ACT_ATTRS))
+    if not layout_ok:
+        found = ", ".join(f"{name} {list(shape)}" for name, shape in params.items())
+        raise GluscopeError(
+            f"{where}: its experts ({type(experts).__name__}: {found}) are not gate_up_proj [E, 2I, D] and "
+            "down_proj [E, D, I] with an act_fn and no biases; gluscope records experts computing "
+            "down(act(gate) * in) only (gpt-oss's interleaved, biased, clamped experts are not)")
     n_experts, two_d, d_model = gate_up.shape
     d = two_d // 2
     act = _act_fn(experts, where + " experts")

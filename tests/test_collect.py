@@ -816,3 +816,18 @@ def test_expert_resume_and_weight_geometry(model_factory, corpus_files, tmp_path
                                        rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose([d.cos_in_out for d in data], cos(w_in, w_out, dim=1).detach(),
                                        rtol=1e-5, atol=1e-6)  # both flipped: unchanged
+
+
+def test_gpt_oss_experts_are_refused_naming_what_was_found():
+    """gpt-oss's experts interleave gate and in, add biases and clamp: not act(gate) * in."""
+    import transformers
+
+    from collect.architectures import locate
+
+    config = transformers.GptOssConfig(vocab_size=400, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
+                                       num_experts_per_tok=2, head_dim=16, max_position_embeddings=256)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(GluscopeError, match=r"layer 0's MLP: its experts \(GptOssExperts: gate_up_proj \[4, 32, 32\], "
+                                            r"gate_up_proj_bias .*gpt-oss's interleaved, biased, clamped experts"):
+        locate(model, [0])

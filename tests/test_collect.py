@@ -729,6 +729,13 @@ def test_expert_neurons_against_explicit_recomputation(arch, model_factory, corp
         filled = data.top_doc[c, 1] >= 0
         np.testing.assert_allclose(data.top_in[c, 1, filled, f.context_before], data.top_value[c, 1, filled],
                                    rtol=1e-3)
+        last = f.expert_layers[-1]
+    from mkdocs_gluscope.pages import write_markdown_pages
+
+    written = write_markdown_pages(out, [f"{last}.*"], tmp_path / "pages")  # every expert of the last layer
+    names = {p.relative_to(tmp_path / "pages").as_posix() for p in written}
+    assert f"neurons/L{last}/E3/N0.md" in names and f"neurons/L{last}/E0/index.md" in names
+    assert (f"neurons/L{last}/S/index.md" in names) == (arch in ("qwen2moe", "deepseek2"))
 
 
 def test_expert_pages_build_with_routing_and_indexes(model_factory, corpus_files, tmp_path, capsys):

@@ -91,17 +91,19 @@ def main() -> None:
     batches = plan_batches(corpus.lengths, args.batch_tokens)
     inputs = [torch.from_numpy(tokens[b.docs].astype(np.int64)) for b in batches]
 
-    def forward() -> float:
-        t0 = time.perf_counter()
+    # CPU seconds too: on shared cores (other jobs running) they vary much less than wall time.
+    def forward() -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
         with torch.inference_mode():
             for ids in inputs:
                 hf(ids.to(device))
         sync()
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
     with torch.inference_mode():
         hf(inputs[0].to(device))
-    a = statistics.median([forward() for _ in range(2)])
+    runs = [forward() for _ in range(2)]
+    a, a_cpu = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
     loaded, _ = prepare_model(hf, tokenizer)
     cfg = CollectConfig(model=str(work), dataset=["synthetic"], out=work / "x.h5", dtype=args.dtype,
@@ -117,10 +119,10 @@ def main() -> None:
     warm_up = time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     collect_statistics(loaded, corpus, cfg, layers, experts=experts)
     sync()
-    b = time.perf_counter() - t0
+    b, b_cpu = time.perf_counter() - t0, time.process_time() - c0
     window = cfg.context_before + 1 + cfg.context_after
     per_expert = stats_bytes(args.d_expert, args.k, window, getattr(torch, cfg.window_dtype))
     per_neuron = per_expert / args.d_expert
@@ -132,7 +134,7 @@ def main() -> None:
           f"top-{args.top_k}, vocab {args.vocab}")
     print(f"(a) bare HF forward:   {a:8.2f} s  ({args.tokens / a:,.0f} tok/s)")
     print(f"(b) collection run:    {b:8.2f} s  ({args.tokens / b:,.0f} tok/s)   [compile warm-up {warm_up:.1f} s]")
-    print(f"ratio b/a:             {b / a:8.2f}")
+    print(f"ratio b/a:             {b / a:8.2f}   (CPU seconds: {b_cpu:.2f} / {a_cpu:.2f} = {b_cpu / a_cpu:.2f})")
     print(f"statistics memory: {per_neuron / 1024:.1f} KiB per neuron (k={args.k}, W={window}, float16 windows) = "
           f"{per_expert / 2**20:.1f} MiB per expert = {per_expert * args.experts / 2**30:.2f} GiB per layer; "
           f"whole model ({args.full_layers} layers, {neurons:,} expert neurons): "

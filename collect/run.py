@@ -369,7 +369,7 @@ def collect_statistics(
     """Run the model over every batch of the corpus and return each layer's statistics: dense
     layers by number, and for the mixture-of-experts layers, each expert in ``experts`` (see
     :func:`resolve_experts`) by :func:`expert_key`, with the tokens routed to it added to ``routed``."""
-    experts = experts or {}
+    experts = resolve_experts(None, loaded) if experts is None else experts  # default: every expert
     routed = routed if routed is not None else {}
     facts = facts or RunFacts(dtype=dtype_name(loaded.dtype), corpus_sha256=corpus.sha256())
     device = loaded.device

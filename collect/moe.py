@@ -11,6 +11,7 @@ recomputation is what the module itself does; a family whose experts compute som
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -55,6 +56,27 @@ def check_expert_rule(experts_module: torch.nn.Module, routed: list[Any], where:
                 "that form only (gpt-oss-style experts with biases, interleaved or clamped gates are not)")
 
 
+@dataclass
+class ExpertBatch:
+    """One expert's share of a batch, ready for the dense statistics.
+
+    ``gate``/``in_``/``post`` are ``[B, T', N]`` over the expert's counted positions packed to the
+    front of each document, in position order (``valid`` marks the real ones, ``positions`` maps
+    them back to positions in the document): a routed expert sees top_k / n_experts of the tokens,
+    so the statistics run over that share, not over every position. ``window_gate``/``window_in``
+    are ``[B, T, N]`` at the original positions, NaN where the token was not routed to the expert,
+    for the example windows. For a shared expert nothing is packed (``positions`` None)."""
+
+    expert: int | str
+    gate: torch.Tensor
+    in_: torch.Tensor
+    post: torch.Tensor
+    valid: torch.Tensor
+    positions: torch.Tensor | None
+    window_gate: torch.Tensor
+    window_in: torch.Tensor
+
+
 def expert_batches(
     moe: Any,
     hidden: torch.Tensor,
@@ -62,33 +84,42 @@ def expert_batches(
     shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
     valid: torch.Tensor,
     experts: list[int | str],
-) -> Iterator[tuple[int | str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Per recorded expert of one MoE layer and batch: ``(expert, gate, in, post, valid)`` with the
-    hooks ``[B, T, N]`` and ``valid`` ``[B, T]`` true at the counted positions routed to the expert,
-    so the dense statistics (:func:`collect.stats.reduce_batch`) apply as they are.
-
-    ``hidden`` [B, T, D] and ``routing`` [B, T, top_k] are what the experts module was called with.
-    A routed expert's ``gate`` and ``in`` are NaN at positions not routed to it: the expert never
-    saw those tokens, and the example windows show them as empty rather than as values the model
-    did not compute. The shared expert (``"s"``) sees every token; its hooks come from the model's
-    own modules."""
+) -> Iterator[ExpertBatch]:
+    """Per recorded expert of one MoE layer and batch, its :class:`ExpertBatch` (none for an expert
+    no counted token was routed to). ``hidden`` [B, T, D] and ``routing`` [B, T, top_k] are what the
+    experts module was called with; ``valid`` [B, T] the counted positions. Only the routed tokens
+    go through the expert's weights: the same matmul work the model itself does. The shared expert
+    (``"s"``) sees every token; its hooks come from the model's own modules."""
     from mkdocs_gluscope.store import SHARED
 
     nan = float("nan")
+    batch, length, d_model = hidden.shape
+    flat_hidden = hidden.reshape(-1, d_model)
     for expert in experts:
         if expert == SHARED:
             if shared is not None:
-                yield SHARED, *shared, valid
+                gate, in_, post = shared
+                yield ExpertBatch(SHARED, gate, in_, post, valid, None, gate, in_)
             continue
         routed = (routing == expert).any(dim=-1)  # [B, T]
         counted = valid & routed
-        # Only the routed tokens go through the expert's weights (top_k / n_experts of them): the
-        # same matmul work the model itself does; the rest of the [B, T, N] view stays NaN.
+        per_doc = counted.sum(dim=1)
+        packed_len = int(per_doc.max())  # one sync per expert and batch
+        if packed_len == 0:
+            continue
+        # Counted routed positions first, in position order (a stable sort keeps the earliest first,
+        # which is the statistics' tie rule).
+        positions = torch.sort((~counted).to(torch.uint8), dim=1, stable=True).indices[:, :packed_len]
+        packed_valid = torch.arange(packed_len, device=valid.device)[None, :] < per_doc[:, None]
+        # The expert's values at every routed token (counted or not), NaN elsewhere: the windows.
         tokens = routed.reshape(-1).nonzero().squeeze(1)
-        values = expert_hooks(moe.experts[expert], hidden.reshape(-1, hidden.shape[-1])[tokens])
-        out = []
-        for v in values:
-            full = v.new_full((routed.numel(), v.shape[-1]), nan)
+        routed_gate, routed_in, _ = expert_hooks(moe.experts[expert], flat_hidden[tokens])
+        windows = []
+        for v in (routed_gate, routed_in):
+            full = v.new_full((batch * length, v.shape[-1]), nan)
             full[tokens] = v
-            out.append(full.view(*routed.shape, v.shape[-1]))
-        yield expert, *out, counted
+            windows.append(full.view(batch, length, -1))
+        index = positions[:, :, None].expand(-1, -1, routed_gate.shape[-1])
+        gate, in_ = windows[0].gather(1, index), windows[1].gather(1, index)
+        post = moe.experts[expert].act_fn(gate) * in_  # as expert_hooks computes it
+        yield ExpertBatch(expert, gate, in_, post, packed_valid, positions, *windows)

@@ -420,10 +420,15 @@ def collect_statistics(
             valid = (t[None, :] < lengths[:, None]) & (t[None, :] >= first_counted)
 
             def accumulate(key: int | str, act_fn: Callable, gate: torch.Tensor, in_: torch.Tensor,
-                           post: torch.Tensor, counted: torch.Tensor) -> None:
+                           post: torch.Tensor, counted: torch.Tensor, positions: torch.Tensor | None = None,
+                           windows: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
                 swish = act_fn(gate)
                 reduced = reduce(gate, in_, post, swish, counted)
-                states[key] = add_batch(states[key], reduced, doc_ids, gate, in_, lengths,
+                if positions is not None:  # packed positions (an expert's routed tokens) back to the document's
+                    b = positions.shape[0]
+                    reduced.doc_pos = positions.gather(1, reduced.doc_pos.reshape(b, -1)).view_as(reduced.doc_pos)
+                window_gate, window_in = windows or (gate, in_)
+                states[key] = add_batch(states[key], reduced, doc_ids, window_gate, window_in, lengths,
                                         config.context_before, config.context_after)
 
             def on_layer(layer: int, gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor) -> None:
@@ -432,12 +437,12 @@ def collect_statistics(
             def on_moe(layer: int, hidden: torch.Tensor, routing: torch.Tensor, shared: Any) -> None:
                 # Each expert's neurons through the dense statistics, over the tokens routed to it.
                 moe = loaded.moe[layer]
-                for expert, gate, in_, post, counted in expert_batches(moe, hidden, routing, shared, valid,
-                                                                      experts[layer]):
-                    key = expert_key(layer, expert)
-                    routed[key] += counted.sum()
-                    act_fn = moe.shared.act_fn if expert == SHARED else moe.act_fn
-                    accumulate(key, act_fn, gate, in_, post, counted)
+                for part in expert_batches(moe, hidden, routing, shared, valid, experts[layer]):
+                    key = expert_key(layer, part.expert)
+                    routed[key] += part.valid.sum()
+                    act_fn = moe.shared.act_fn if part.expert == SHARED else moe.act_fn
+                    accumulate(key, act_fn, part.gate, part.in_, part.post, part.valid, part.positions,
+                               (part.window_gate, part.window_in))
 
             run_with_mlp_hooks(loaded, input_ids, layers, on_layer, on_moe)
             bar.update(int(lengths_np.sum()))

@@ -653,12 +653,16 @@ def moe_reference(folder: Path, arch: str, f: ActivationsFile) -> dict:
         for index, layer in enumerate(model.model.layers)]
     out: dict = {}
 
+    best: dict = {}  # (layer, expert) -> per document: largest |in| per (neuron, case), -1 if none
+
     def add(key, gate, in_, routed):
         cases = torch.stack([(gate > 0) & (in_ > 0), (gate > 0) & (in_ < 0), (gate < 0) & (in_ > 0),
                              (gate < 0) & (in_ < 0)], dim=-1) & routed[:, None, None]
         routed_n, count, sums = out.get(key, (0, 0, 0))
         out[key] = (routed_n + int(routed.sum()), count + cases.sum(0).numpy(),
                     sums + (cases * in_[..., None]).sum(0).double().numpy())
+        magnitude = torch.where(cases, in_.abs()[..., None], -1.0).amax(dim=0)  # [N, C]
+        best.setdefault(key, []).append(magnitude.numpy())
 
     for doc in range(f.n_docs):
         with torch.inference_mode():
@@ -695,7 +699,7 @@ def moe_reference(folder: Path, arch: str, f: ActivationsFile) -> dict:
                 torch.testing.assert_close(recomposed, y[0], rtol=1e-4, atol=1e-5)
     for handle in handles:
         handle.remove()
-    return out
+    return {key: (*value, np.stack(best[key])) for key, value in out.items()}  # best: [docs, N, C]
 
 
 @pytest.mark.parametrize("arch", list(MOE))
@@ -709,13 +713,21 @@ def test_expert_neurons_against_explicit_recomputation(arch, model_factory, corp
         reference = moe_reference(folder, arch, f)
         assert set(f.expert_rows) == set(reference)
         assert f.layers == ([0] if arch == "deepseek2" else [])
-        for (layer, expert), (routed, count, sums) in reference.items():
+        for (layer, expert), (routed, count, sums, best) in reference.items():
             assert f.routed[layer, expert] == routed, (layer, expert)
             n = f.expert_neurons(expert)
-            got = np.stack([f.neuron(layer, i, expert=expert, windows=False).count for i in range(n)])
-            np.testing.assert_array_equal(got, count, err_msg=str((layer, expert)))
-            got_sum = np.stack([f.neuron(layer, i, expert=expert, windows=False).sum[:, 1] for i in range(n)])
-            np.testing.assert_allclose(got_sum, sums, rtol=1e-4, atol=1e-4, err_msg=str((layer, expert)))
+            data = [f.neuron(layer, i, expert=expert, windows=False) for i in range(n)]
+            np.testing.assert_array_equal(np.stack([d.count for d in data]), count, err_msg=str((layer, expert)))
+            np.testing.assert_allclose(np.stack([d.sum[:, 1] for d in data]), sums, rtol=1e-4, atol=1e-4,
+                                       err_msg=str((layer, expert)))
+            # The in lists: the k documents with the largest |in| among their routed positions of the case.
+            for i, d in enumerate(data):
+                for c in range(4):
+                    expected = np.sort(best[:, i, c][best[:, i, c] >= 0])[::-1][: f.k]
+                    got = d.top_value[c, 1][d.top_doc[c, 1] >= 0]
+                    np.testing.assert_allclose(np.abs(got), expected, rtol=1e-4, err_msg=str((layer, expert, i, c)))
+                    docs = d.top_doc[c, 1][d.top_doc[c, 1] >= 0]
+                    np.testing.assert_allclose(best[docs, i, c], np.abs(got), rtol=1e-4)
         # Routed experts see only their tokens: each token goes to top_k of them.
         top_k = 2
         for layer in f.expert_layers:

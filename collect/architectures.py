@@ -115,8 +115,13 @@ def adapter_for(hf_model: Any) -> Any:
             "cannot tell where its MLP is; supported: gated-MLP architectures TransformerLens knows, such as "
             "Llama, OLMo, Gemma, Mistral, Qwen, Phi-3, Mixtral, OLMoE, DeepSeek-V2")
     dtype = next(hf_model.parameters()).dtype
-    config = build_bridge_config_from_hf(hf_model.config, arch, "model", dtype)
-    return ArchitectureAdapterFactory.select_architecture_adapter(config)
+    try:
+        config = build_bridge_config_from_hf(hf_model.config, arch, "model", dtype)
+        return ArchitectureAdapterFactory.select_architecture_adapter(config)
+    except Exception as e:  # an adapter that cannot read this config: one line, not a traceback
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise GluscopeError(f"model class {type(hf_model).__name__}: TransformerLens' adapter for {arch} could not "
+                            f"be set up from its config ({type(e).__name__}: {first})") from None
 
 
 def _act_fn(module: torch.nn.Module, where: str) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -784,18 +784,36 @@ def test_expert_pages_build_with_routing_and_indexes(model_factory, corpus_files
     assert code == 2 and "--experts 9: layer 1 has experts 0..3 and s (shared)" in text and "Traceback" not in text
 
 
-def test_merge_and_pick_refuse_expert_neurons_info_lists_them(model_factory, corpus_files, tmp_path, capsys):
-    """Commands that do not handle expert neurons yet say so in one line, never a partial result."""
+def test_merged_shards_and_layer_groups_of_an_moe_run_equal_one_run(model_factory, corpus_files, tmp_path, capsys):
+    """Shards of an MoE run (and runs of disjoint layers) merge into the file one run writes: expert
+    statistics merge like a dense layer's and routed counts add. pick refuses a file of expert neurons
+    only (it scores dense layers), info lists the experts."""
     from mkdocs_gluscope.merge import merge_files
 
-    model = model_factory("olmoe", 2)
-    parts = [collect(small_config(model, corpus_files, tmp_path / f"s{i}.h5", shard=f"{i}/2")) for i in range(2)]
-    with pytest.raises(GluscopeError, match="holds expert neurons .* does not merge those yet"):
-        merge_files(parts, tmp_path / "merged.h5")
-    assert not (tmp_path / "merged.h5").exists()
-    code, text = run_cli("pick", str(parts[0]), capsys=capsys)
+    model = model_factory("deepseek2", 3)
+    whole = collect(small_config(model, corpus_files, tmp_path / "whole.h5", batch_tokens=64))
+    parts = [collect(small_config(model, corpus_files, tmp_path / f"s{i}.h5", shard=f"{i}/2", batch_tokens=64))
+             for i in range(2)]
+    parts += [collect(small_config(model, corpus_files, tmp_path / f"l{i}.h5", layers=layers, batch_tokens=64))
+              for i, layers in enumerate(([0, 1], [2]))]
+    for inputs, name in ((parts[:2], "sharded"), (parts[2:], "layers")):
+        merged = merge_files(inputs, tmp_path / f"{name}.h5")
+        with h5py.File(whole) as a, h5py.File(merged) as b:
+            names = []
+            a.visit(lambda n: names.append(n) if isinstance(a[n], h5py.Dataset) else None)
+            assert "experts/routed" in names and "shared_experts/stats/count" in names
+            for n in names:
+                x, y = a[n][...], b[n][...]
+                if n.endswith("sum"):
+                    np.testing.assert_allclose(x, y, rtol=1e-9, err_msg=n)  # added in another order
+                else:
+                    assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), (name, n)
+            assert a.attrs["n_tokens"] == b.attrs["n_tokens"]
+    olmoe = collect(small_config(model_factory("olmoe", 2), corpus_files, tmp_path / "olmoe.h5"))
+    capsys.readouterr()
+    code, text = run_cli("pick", str(olmoe), capsys=capsys)
     assert code == 2 and "holds expert neurons only (layers 0, 1)" in text and text.count("gluscope: error") == 1
-    code, text = run_cli("info", str(parts[0]), capsys=capsys)
+    code, text = run_cli("info", str(olmoe), capsys=capsys)
     assert code == 0 and "experts L1: 4 routed x 48 neurons" in text and "nan" not in text
 
 

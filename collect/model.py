@@ -3,41 +3,38 @@
 Models load through Hugging Face transformers (a hub name, a ``save_pretrained`` folder, or a GGUF
 file). The recorded quantities are those of TransformerLens' ``TransformerBridge`` (raw mode):
 
-* ``blocks.{L}.mlp.hook_pre``: gate pre-activation (``gate``) = output of ``gate_proj``,
-* ``blocks.{L}.mlp.hook_pre_linear``: in pre-activation (``in``) = output of ``up_proj``,
-* ``blocks.{L}.mlp.hook_post``: ``act(gate) * in`` = input of ``down_proj``.
+* ``blocks.{L}.mlp.hook_pre``: gate pre-activation (``gate``) = output of the gate projection,
+* ``blocks.{L}.mlp.hook_pre_linear``: in pre-activation (``in``) = output of the up projection,
+* ``blocks.{L}.mlp.hook_post``: ``act(gate) * in`` = input of the down projection.
 
-Two engines capture them. ``hf`` (the default) hooks those three modules of the Hugging Face model
+Which modules those are, TransformerLens' architecture adapters say (:mod:`collect.architectures`):
+``gate_proj``/``up_proj``/``down_proj`` in Llama, ``w1``/``w3``/``w2`` in InternLM2, one fused
+``gate_up_proj`` in Phi-3 (hooked once and split as the family splits it), the language tower of
+a multimodal model. Mixture-of-experts layers are recorded per expert (:mod:`collect.moe`).
+
+Two engines capture them. ``hf`` (the default) hooks those modules of the Hugging Face model
 directly and runs it with its default attention; ``bridge`` boots ``TransformerBridge`` and uses
-its hook points. Both give the same tensors (``tests/test_collect.py`` checks Llama, OLMo, Gemma
-and Qwen2), but the bridge always computes attention eagerly, which costs 15-25% of the forward
-pass on long documents: too much for a collection meant to cost little more than the forward pass.
+its hook points. Both give the same tensors (``tests/test_collect.py`` checks them against Hugging
+Face forward hooks), but the bridge always computes attention eagerly, which costs 15-25% of the
+forward pass on long documents: too much for a collection meant to cost little more than the
+forward pass.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from collect.architectures import GatedMLP, Located, MoELayer, locate
 from mkdocs_gluscope.errors import GluscopeError
+from mkdocs_gluscope.store import SHARED
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_CHOICES = ("auto", *DTYPES)
-GATED_MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
-
-
-@dataclass
-class GatedMLP:
-    """The weights of one layer's gated MLP, as Hugging Face stores them."""
-
-    gate: torch.nn.Linear  # weight [d_mlp, d_model]
-    up: torch.nn.Linear  # weight [d_mlp, d_model]: the "in" projection
-    down: torch.nn.Linear  # weight [d_model, d_mlp]
-    act_fn: Callable[[torch.Tensor], torch.Tensor]
 
 
 ENGINES = ("hf", "bridge")
@@ -48,12 +45,16 @@ class LoadedModel:
     hf_model: Any
     bridge: Any  # transformer_lens.model_bridge.TransformerBridge with engine "bridge", else None
     tokenizer: Any
-    mlps: list[GatedMLP]
+    mlps: dict[int, GatedMLP]  # the requested dense layers, by model layer
     act_fn_name: str
-    n_layers: int
-    d_mlp: int
+    n_layers: int  # layers of the model (not only those requested)
+    d_mlp: int  # neurons per dense layer (0 when only mixture-of-experts layers were requested)
     device: torch.device
     dtype: torch.dtype
+    moe: dict[int, MoELayer] = field(default_factory=dict)  # the requested mixture-of-experts layers
+    adapter: str = ""  # TransformerLens' adapter that located the MLPs
+    #: weight facts of every expert of the requested MoE layers, by (layer, expert or "s")
+    expert_facts: dict[tuple[int, int | str], dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -111,6 +112,22 @@ def find_gguf(path: Path) -> Path | None:
     return None
 
 
+def _from_pretrained(model: str, dtype: torch.dtype) -> Any:
+    """A causal LM, or failing that an image-text-to-text model (Llava-style wrappers have no causal-LM
+    class): its language tower is what gets recorded."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+    except ValueError as e:
+        if "Unrecognized configuration class" not in str(e):
+            raise
+        try:
+            return AutoModelForImageTextToText.from_pretrained(model, dtype=dtype)
+        except ValueError:
+            raise e from None
+
+
 def load_hf(model: str, dtype: torch.dtype) -> tuple[Any, Any]:
     """A causal LM and its tokenizer from a hub name, a folder, or a GGUF file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -124,7 +141,7 @@ def load_hf(model: str, dtype: torch.dtype) -> tuple[Any, Any]:
             hf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=dtype, **kwargs)
         else:
             tokenizer = AutoTokenizer.from_pretrained(model)
-            hf_model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+            hf_model = _from_pretrained(model, dtype)
     except (OSError, ValueError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         offline = " (HF_HUB_OFFLINE is set, so only the local cache is searched)" if os.environ.get(
@@ -136,25 +153,14 @@ def load_hf(model: str, dtype: torch.dtype) -> tuple[Any, Any]:
     return hf_model.eval(), tokenizer
 
 
-def find_gated_mlps(hf_model: Any) -> list[GatedMLP]:
-    """Each decoder layer's gated MLP; a clear error for models without one."""
-    layers = next((m for m in hf_model.modules() if isinstance(m, torch.nn.ModuleList)), None)
-    if layers is None:
-        raise GluscopeError(
-            f"model class {type(hf_model).__name__} has no list of decoder layers; gluscope supports "
-            "gated-MLP models such as Llama, OLMo, Gemma, Mistral, Qwen and SmolLM")
-    mlps = []
-    for index, layer in enumerate(layers):
-        mlp = getattr(layer, "mlp", None)
-        parts = [getattr(mlp, name, None) for name in GATED_MLP_PARTS]
-        if mlp is None or any(p is None for p in parts) or not hasattr(mlp, "act_fn"):
-            found = ", ".join(name for name, _ in mlp.named_children()) if mlp is not None else "none"
-            raise GluscopeError(
-                f"model class {type(hf_model).__name__} has no gated MLP: layer {index}'s MLP is "
-                f"{type(mlp).__name__} with modules [{found}]; gluscope needs a gated MLP with "
-                f"{', '.join(GATED_MLP_PARTS)} and act_fn (Llama, OLMo, Gemma, Mistral, Qwen, SmolLM)")
-        mlps.append(GatedMLP(gate=parts[0], up=parts[1], down=parts[2], act_fn=mlp.act_fn))
-    return mlps
+def find_gated_mlps(hf_model: Any, layers: list[int] | None = None) -> list[GatedMLP]:
+    """The dense gated MLPs of the requested layers (all by default), located through
+    TransformerLens' architecture adapter; a clear error for a layer without one."""
+    found = locate(hf_model, layers)
+    moe = [layer for layer, mlp in found.layers.items() if isinstance(mlp, MoELayer)]
+    if moe:
+        raise GluscopeError(f"layers {moe} of model class {type(hf_model).__name__} are mixture-of-experts layers")
+    return [found.layers[layer] for layer in sorted(found.layers)]
 
 
 @torch.no_grad()
@@ -166,13 +172,14 @@ def refactor_glu(mlps: list[GatedMLP]) -> torch.Tensor:
     """
     flipped = []
     for mlp in mlps:
-        dot = (mlp.gate.weight.float() * mlp.up.weight.float()).sum(dim=1)
+        dot = (mlp.w_gate.float() * mlp.w_in.float()).sum(dim=1)
         flip = dot < 0
-        sign = torch.where(flip, -1.0, 1.0).to(mlp.up.weight.dtype)
-        mlp.up.weight.mul_(sign[:, None])
-        if mlp.up.bias is not None:
-            mlp.up.bias.mul_(sign)
-        mlp.down.weight.mul_(sign.to(mlp.down.weight.dtype)[None, :])
+        sign = torch.where(flip, -1.0, 1.0).to(mlp.w_in.dtype)
+        # In place on views of the model's parameters (a fused projection's half, an expert's slice).
+        mlp.w_in.mul_(sign[:, None])
+        if mlp.b_in is not None:
+            mlp.b_in.mul_(sign)
+        mlp.w_out.mul_(sign.to(mlp.w_out.dtype)[None, :])
         flipped.append(flip.cpu())
     return torch.stack(flipped)
 
@@ -183,8 +190,8 @@ def weight_cosines(mlps: list[GatedMLP]) -> dict[str, torch.Tensor]:
     out: dict[str, list[torch.Tensor]] = {"cos_gate_in": [], "cos_gate_out": [], "cos_in_out": []}
     cos = torch.nn.functional.cosine_similarity
     for mlp in mlps:
-        w_gate, w_in = mlp.gate.weight.float(), mlp.up.weight.float()
-        w_out = mlp.down.weight.float().T
+        w_gate, w_in = mlp.w_gate.float(), mlp.w_in.float()
+        w_out = mlp.w_out.float().T
         out["cos_gate_in"].append(cos(w_gate, w_in, dim=1).cpu())
         out["cos_gate_out"].append(cos(w_gate, w_out, dim=1).cpu())
         out["cos_in_out"].append(cos(w_in, w_out, dim=1).cpu())
@@ -233,33 +240,56 @@ def boot_bridge(name: str, hf_model: Any, tokenizer: Any, device: torch.device, 
 
 
 def load_model(model: str, *, dtype: str = "auto", device: str = "auto", refactor: bool = True,
-               engine: str = "hf") -> tuple[LoadedModel, dict[str, torch.Tensor]]:
+               engine: str = "hf", layers: list[int] | None = None) -> tuple[LoadedModel, dict[str, torch.Tensor]]:
     """Load a model by name or path and :func:`prepare_model` it."""
     if engine not in ENGINES:
         raise GluscopeError(f"--engine {engine!r}; expected one of {', '.join(ENGINES)}")
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     hf_model, tokenizer = load_hf(model, torch_dtype)
-    return prepare_model(hf_model.to(torch_device), tokenizer, name=model, refactor=refactor, engine=engine)
+    return prepare_model(hf_model.to(torch_device), tokenizer, name=model, refactor=refactor, engine=engine,
+                         layers=layers)
 
 
 def prepare_model(hf_model: Any, tokenizer: Any, *, name: str = "model", refactor: bool = True,
-                  engine: str = "hf") -> tuple[LoadedModel, dict[str, torch.Tensor]]:
-    """Check, refactor (and for engine ``bridge``, wrap) a loaded model. Returns it and its weight
-    facts (``flipped`` and the three cosines, computed after refactor_glu)."""
+                  engine: str = "hf", layers: list[int] | None = None
+                  ) -> tuple[LoadedModel, dict[str, torch.Tensor]]:
+    """Locate the requested layers' MLPs (all by default), check, refactor (and for engine
+    ``bridge``, wrap) a loaded model. Returns it and the weight facts of its dense layers, in layer
+    order (``flipped`` and the three cosines, computed after refactor_glu)."""
     param = next(hf_model.parameters())
-    mlps = find_gated_mlps(hf_model)
+    found = locate(hf_model, layers)
+    dense = {layer: mlp for layer, mlp in sorted(found.layers.items()) if isinstance(mlp, GatedMLP)}
+    moe = {layer: mlp for layer, mlp in sorted(found.layers.items()) if isinstance(mlp, MoELayer)}
     act_name = check_activation(hf_model)
-    d_mlp = mlps[0].gate.weight.shape[0]
+    sizes = sorted({mlp.d_mlp for mlp in dense.values()})
+    if len(sizes) > 1:
+        raise GluscopeError(f"the requested dense layers have MLPs of different sizes ({sizes}); record them "
+                            "in separate runs with --layers")
+    d_mlp = sizes[0] if sizes else 0
+    if moe and engine == "bridge":
+        raise GluscopeError(f"--engine bridge has no hooks on expert neurons (mixture-of-experts layers "
+                            f"{list(moe)}); use --engine hf")
+    mlps = list(dense.values())
     if refactor:
-        flipped = refactor_glu(mlps)
+        flipped = refactor_glu(mlps) if mlps else torch.zeros(0, 0, dtype=torch.bool)
     else:
         flipped = torch.zeros(len(mlps), d_mlp, dtype=torch.bool)
-    facts = {"flipped": flipped, **weight_cosines(mlps)}
+    facts = {"flipped": flipped, **(weight_cosines(mlps) if mlps else
+                                    {k: torch.zeros(0, 0) for k in ("cos_gate_in", "cos_gate_out", "cos_in_out")})}
+    expert_facts = {}
+    for layer, moe_layer in moe.items():
+        # Every expert's neurons, as a dense layer's: refactor_glu and weight geometry per expert.
+        sets = {**dict(enumerate(moe_layer.experts)), **({SHARED: moe_layer.shared} if moe_layer.shared else {})}
+        for expert, neurons in sets.items():
+            flips = refactor_glu([neurons])[0] if refactor else torch.zeros(neurons.d_mlp, dtype=torch.bool)
+            expert_facts[layer, expert] = {"flipped": flips,
+                                           **{k: v[0] for k, v in weight_cosines([neurons]).items()}}
     bridge = boot_bridge(name, hf_model, tokenizer, param.device, param.dtype) if engine == "bridge" else None
-    loaded = LoadedModel(hf_model=hf_model, bridge=bridge, tokenizer=tokenizer, mlps=mlps,
-                         act_fn_name=act_name, n_layers=len(mlps), d_mlp=d_mlp,
-                         device=param.device, dtype=param.dtype)
+    loaded = LoadedModel(hf_model=hf_model, bridge=bridge, tokenizer=tokenizer, mlps=dense,
+                         act_fn_name=act_name, n_layers=found.n_layers, d_mlp=d_mlp,
+                         device=param.device, dtype=param.dtype, moe=moe, adapter=found.adapter,
+                         expert_facts=expert_facts)
     return loaded, facts
 
 
@@ -273,18 +303,45 @@ def hook_names(layer: int) -> tuple[str, str, str]:
             f"blocks.{layer}.mlp.hook_post")
 
 
+#: ``on_moe(layer, hidden [B, T, D], routing [B, T, top_k], shared)``: what a mixture-of-experts
+#: layer's experts were called with, and its shared expert's ``(gate, in, post)`` (None without one).
+OnMoE = Callable[[int, torch.Tensor, torch.Tensor, "tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None"], None]
+
+
+def _dense_hooks(mlp: GatedMLP, save: Callable[[str], Callable[[torch.Tensor], None]],
+                 on_post: Callable[[torch.Tensor], None], prefix: str = "") -> list[Any]:
+    """Forward hooks capturing one gated MLP's gate and in, then ``on_post(post)``."""
+    handles = []
+    if mlp.fused:  # one hook on the fused projection, split by the family's rule
+        gate_save, in_save = save(prefix + "gate"), save(prefix + "in")
+
+        def fused(m: Any, i: Any, o: torch.Tensor) -> None:
+            gate, in_ = mlp.split(o)
+            gate_save(gate)
+            in_save(in_)  # returns None: the model's output is unchanged
+        handles.append(mlp.gate.register_forward_hook(fused))
+    else:
+        handles += [mlp.gate.register_forward_hook(lambda m, i, o, f=save(prefix + "gate"): f(o)),
+                    mlp.up.register_forward_hook(lambda m, i, o, f=save(prefix + "in"): f(o))]
+    handles.append(mlp.down.register_forward_pre_hook(lambda m, i: on_post(i[0])))
+    return handles
+
+
 def run_with_mlp_hooks(
     loaded: LoadedModel,
     input_ids: torch.Tensor,
     layers: list[int],
     on_layer: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None],
+    on_moe: OnMoE | None = None,
 ) -> None:
     """Run the model on ``input_ids`` (right-padded: causal attention keeps padding out of real
     positions, so no attention mask is needed) and call ``on_layer(layer, gate, in, post)`` as each
-    listed layer's MLP runs. The forward pass stops after the last listed layer's MLP input is
-    seen, skipping the rest of the model and the unembedding."""
+    listed dense layer's MLP runs, ``on_moe`` (see :data:`OnMoE`) as each listed mixture-of-experts
+    layer finishes. The forward pass stops after the last listed layer, skipping the rest of the
+    model and the unembedding."""
     last = max(layers)
-    captured: dict[str, torch.Tensor] = {}
+    captured: dict[str, Any] = {}
+    batch, length = input_ids.shape
 
     def save(key: str) -> Callable[[torch.Tensor], None]:
         def hook(t: torch.Tensor) -> None:
@@ -297,6 +354,31 @@ def run_with_mlp_hooks(
             if layer == last:
                 raise StopForward
         return hook
+
+    def moe_hooks(layer: int, moe: MoELayer) -> list[Any]:
+        def experts_called(m: Any, args: tuple, kwargs: dict) -> None:
+            # experts(hidden_states, top_k_index, top_k_weights), tokens flattened (checked at load)
+            hidden = args[0] if args else kwargs["hidden_states"]
+            routing = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            captured["moe_hidden"] = hidden.reshape(batch, length, -1)
+            captured["moe_routing"] = routing.reshape(batch, length, -1)
+
+        def block_done(m: Any, i: Any, o: Any) -> None:
+            shared = None
+            if moe.shared is not None:
+                # Some blocks run the shared expert on flattened tokens (Qwen2-MoE): back to [B, T, N].
+                shared = tuple(captured.pop(f"shared_{name}").reshape(batch, length, -1)
+                               for name in ("gate", "in", "post"))
+            assert on_moe is not None
+            on_moe(layer, captured.pop("moe_hidden"), captured.pop("moe_routing"), shared)
+            if layer == last:
+                raise StopForward
+
+        handles = [moe.experts_module.register_forward_pre_hook(experts_called, with_kwargs=True),
+                   moe.block.register_forward_hook(block_done)]
+        if moe.shared is not None:
+            handles += _dense_hooks(moe.shared, save, save("shared_post"), prefix="shared_")
+        return handles
 
     try:
         with torch.inference_mode():
@@ -312,12 +394,10 @@ def run_with_mlp_hooks(
                 handles = []
                 try:
                     for layer in layers:
-                        mlp = loaded.mlps[layer]
-                        handles += [
-                            mlp.gate.register_forward_hook(lambda m, i, o, f=save("gate"): f(o)),
-                            mlp.up.register_forward_hook(lambda m, i, o, f=save("in"): f(o)),
-                            mlp.down.register_forward_pre_hook(lambda m, i, f=on_post(layer): f(i[0])),
-                        ]
+                        if layer in loaded.moe:
+                            handles += moe_hooks(layer, loaded.moe[layer])
+                        else:
+                            handles += _dense_hooks(loaded.mlps[layer], save, on_post(layer))
                     loaded.hf_model(input_ids=input_ids, use_cache=False)
                 finally:
                     for handle in handles:

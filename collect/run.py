@@ -32,8 +32,9 @@ from collect import distributed
 from collect.distributed import World, any_rank, broadcast_object, merge_into_rank0
 from collect.stats import (N_CASES, N_HOOKS, BatchReduction, LayerStats, compiled_reduce_batch, reduce_batch,
                            state_bytes_per_neuron, state_window_dtype, update_stats)
+from collect.moe import expert_batches
 from mkdocs_gluscope.errors import GluscopeError
-from mkdocs_gluscope.store import ActivationsWriter, first_counted_position
+from mkdocs_gluscope.store import SHARED, ActivationsWriter, expert_label, first_counted_position
 
 
 @dataclass
@@ -53,6 +54,7 @@ class CollectConfig:
     dtype: str = "auto"
     device: str = "auto"
     layers: list[int] | None = None
+    experts: list[int | str] | None = None  # routed experts (and "s", the shared expert) to record; None: all
     engine: str = "hf"
     k: int = 16
     context_before: int = 16
@@ -132,6 +134,8 @@ def check_config(config: CollectConfig) -> None:
         raise GluscopeError(f"--window-dtype {config.window_dtype!r}; expected float16 or float32")
     if config.layers is not None and not config.layers:
         raise GluscopeError("--layers names no layer; expected layers such as 3, 0,5,7 or 2-4")
+    if config.experts is not None and not config.experts:
+        raise GluscopeError("--experts names no expert; expected experts such as 3, 0-7 or 0-7,s")
     if not 0 <= config.skip_positions < config.max_doc_tokens - 1:
         raise GluscopeError(f"--skip-positions {config.skip_positions}; expected 0 to "
                             f"{config.max_doc_tokens - 2} (below --max-doc-tokens {config.max_doc_tokens} - 1)")
@@ -186,6 +190,28 @@ def resolve_layers(layers: list[int] | None, n_layers: int) -> list[int]:
     return sorted(set(layers))
 
 
+def resolve_experts(experts: list[int | str] | None, loaded: LoadedModel) -> dict[int, list[int | str]]:
+    """The experts to record at each requested mixture-of-experts layer: ``--experts`` (routed ones by
+    index, ``s`` for the shared expert), by default every expert."""
+    plan: dict[int, list[int | str]] = {}
+    for layer, moe in loaded.moe.items():
+        available: list[int | str] = list(range(moe.n_experts)) + ([SHARED] if moe.shared is not None else [])
+        if experts is None:
+            plan[layer] = available
+            continue
+        bad = [e for e in experts if e not in available]
+        if bad:
+            has = f"0..{moe.n_experts - 1}" + (" and s (shared)" if moe.shared is not None else "")
+            raise GluscopeError(f"--experts {','.join(map(str, bad))}: layer {layer} has experts {has}")
+        plan[layer] = [e for e in available if e in experts]
+    return plan
+
+
+def expert_key(layer: int, expert: int | str) -> str:
+    """An expert's key among the run's statistics (and in checkpoints): its neuron id prefix."""
+    return f"{layer}.{expert_label(expert)}"
+
+
 class _CtrlC:
     """The first Ctrl-C or SIGTERM asks the loop to stop after the batch in flight; a second one
     aborts. SIGTERM is how clusters preempt a job (Slurm, Kubernetes): it gets the same
@@ -230,21 +256,24 @@ def checkpoint_fingerprint(config: CollectConfig, facts: RunFacts) -> dict[str, 
 
 
 def save_checkpoint(path: Path, config: CollectConfig, batches_done: int,
-                    states: dict[int, LayerStats] | dict[int, dict[str, torch.Tensor]], facts: RunFacts) -> None:
+                    states: dict[int | str, LayerStats] | dict[int | str, dict[str, torch.Tensor]],
+                    facts: RunFacts, routed: dict[str, torch.Tensor] | None = None) -> None:
     """Write a checkpoint atomically: ``batches_done`` batches of the plan, whatever the number of
-    processes that did them (so a run resumes with another torchrun size, or none)."""
+    processes that did them (so a run resumes with another torchrun size, or none); ``routed``: the
+    tokens routed so far to each recorded expert (by :func:`expert_key`)."""
     tmp = path.with_name(path.name + ".tmp")
     torch.save({
         "fingerprint": checkpoint_fingerprint(config, facts),
         "batches_done": batches_done,
         "states": {layer: {k: v.cpu() for k, v in (s.to_dict() if isinstance(s, LayerStats) else s).items()}
                    for layer, s in states.items()},
+        "routed": {key: v.cpu() for key, v in (routed or {}).items()},  # expert keys: tokens routed so far
     }, tmp)
     os.replace(tmp, path)
 
 
-def load_checkpoint(config: CollectConfig, device: torch.device,
-                    facts: RunFacts) -> tuple[int, dict[int, LayerStats]] | None:
+def load_checkpoint(config: CollectConfig, device: torch.device, facts: RunFacts
+                    ) -> tuple[int, dict[int | str, LayerStats], dict[str, torch.Tensor]] | None:
     path = config.checkpoint_path
     if not path.exists():
         return None
@@ -258,8 +287,9 @@ def load_checkpoint(config: CollectConfig, device: torch.device,
         raise GluscopeError(
             f"checkpoint {str(path)!r} was made with other options or input ({what}); rerun with "
             "the same options and dataset, or delete it to start over")
-    states = {int(layer): LayerStats.from_dict(t) for layer, t in saved["states"].items()}
-    return int(saved["batches_done"]), states
+    # Dense layers by number; experts by their key (expert_key), a string.
+    states = {(int(key) if str(key).isdigit() else key): LayerStats.from_dict(t) for key, t in saved["states"].items()}
+    return int(saved["batches_done"]), states, dict(saved.get("routed", {}))
 
 
 def finalize(state: LayerStats, window_dtype: str) -> dict[str, np.ndarray]:
@@ -463,17 +493,27 @@ def collect_statistics(
     stop_after_batches: int | None = None,
     facts: RunFacts | None = None,
     world: World | None = None,
-) -> dict[int, LayerStats]:
+    experts: dict[int, list[int | str]] | None = None,
+    routed: dict[str, torch.Tensor] | None = None,
+) -> dict[int | str, LayerStats]:
     """Run the model over every batch of the corpus and return each layer's statistics (on rank 0
-    of a torchrun collection: the merge of every rank's; on other ranks: empty).
+    of a torchrun collection: the merge of every rank's; on other ranks: empty): dense layers by
+    number, and for the mixture-of-experts layers, each expert in ``experts`` (see
+    :func:`resolve_experts`) by :func:`expert_key`, with the tokens routed to it added to ``routed``.
 
-    Inside the layer loop nothing waits for the device: a layer-batch whose fast statistics are
-    unusable (a NaN or inf where the fast path assumes finite values, or more changed lists than
+    Inside the layer loop nothing waits for the device: a dense layer-batch whose fast statistics
+    are unusable (a NaN or inf where the fast path assumes finite values, or more changed lists than
     the capacity) leaves that layer's statistics unchanged, decided on the device, and after the
     batch's forward pass one host sync reads every layer's flag; the rare flagged layers are then
-    computed again, exactly, by a second forward pass of the batch.
+    computed again, exactly, by a second forward pass of the batch. Experts' statistics are always
+    computed exactly (their packed token batches change size with the routing).
     """
     world = world or World()
+    experts = resolve_experts(None, loaded) if experts is None else experts  # default: every expert
+    routed = routed if routed is not None else {}
+    if world.size > 1 and any(experts.values()):
+        raise GluscopeError("torchrun does not merge expert neurons yet; run MoE layers in one process, or "
+                            "--shard and gluscope merge")
     facts = facts or RunFacts(dtype=dtype_name(loaded.dtype), corpus_sha256=corpus.sha256())
     device = loaded.device
     window = config.context_before + 1 + config.context_after
@@ -484,19 +524,27 @@ def collect_statistics(
         return LayerStats.empty(loaded.d_mlp, config.k, window, device, window_dtype)
 
     start = 0
-    states = {layer: empty(layer) for layer in layers}
+    dense = [layer for layer in layers if layer not in loaded.moe]
+    states: dict[int | str, LayerStats] = {layer: empty(layer) for layer in dense}
+    for layer, chosen in experts.items():
+        moe = loaded.moe[layer]
+        for expert in chosen:
+            d = moe.shared.d_mlp if expert == SHARED else moe.d_expert
+            states[expert_key(layer, expert)] = LayerStats.empty(d, config.k, window, device, window_dtype)
+            routed[expert_key(layer, expert)] = torch.zeros((), dtype=torch.int64, device=device)
     if config.resume:
         restored = load_checkpoint(config, device, facts) if world.is_main else None
         start = broadcast_object(world, restored[0] if restored is not None else 0)
         if restored is not None:
             states = restored[1]
+            routed.update({key: value.to(device) for key, value in restored[2].items()})
             print(f"gluscope: resuming from {config.checkpoint_path} after {start}/{len(batches)} batches",
                   file=sys.stderr)
     reduce = reduce_with_fallback(config.compile)
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     first_counted = config.counted_from(corpus.has_bos)
     lengths_all = corpus.lengths
-    capacity = {layer: _Capacity(device, loaded.d_mlp * N_CASES * N_HOOKS) for layer in layers}
+    capacity = {layer: _Capacity(device, loaded.d_mlp * N_CASES * N_HOOKS) for layer in dense}
     checkpoints = _CheckpointWriter()
 
     from tqdm.auto import tqdm
@@ -518,7 +566,7 @@ def collect_statistics(
             index = first_of_round + world.rank
             if index < len(batches):
                 _run_batch(loaded, corpus, batches[index], layers, states, config, reduce, capacity, pad_id,
-                           first_counted, device)
+                           first_counted, device, experts, routed)
             finished = min(first_of_round + world.size, len(batches))
             bar.update(tokens(range(first_of_round, finished)))
             stop, due = any_rank(world, [
@@ -527,7 +575,7 @@ def collect_statistics(
             if finished < len(batches) and (stop or due):
                 states = merge_into_rank0(world, states, empty)
                 if world.is_main:
-                    checkpoints.save(config.checkpoint_path, config, finished, states, facts, wait=stop)
+                    checkpoints.save(config.checkpoint_path, config, finished, states, facts, routed, wait=stop)
                 last_checkpoint = time.monotonic()
             if stop and finished < len(batches):
                 bar.close()
@@ -541,10 +589,16 @@ def collect_statistics(
     return merge_into_rank0(world, states, empty)
 
 
-def _run_batch(loaded: LoadedModel, corpus: Corpus, batch: Any, layers: list[int], states: dict[int, LayerStats],
-               config: CollectConfig, reduce: Callable[..., BatchReduction], capacity: dict[int, "_Capacity"],
-               pad_id: int, first_counted: int, device: torch.device) -> None:
-    """One batch through the model, every layer's statistics updated (see collect_statistics)."""
+def _run_batch(loaded: LoadedModel, corpus: Corpus, batch: Any, layers: list[int],
+               states: dict[int | str, LayerStats], config: CollectConfig, reduce: Callable[..., BatchReduction],
+               capacity: dict[int, "_Capacity"], pad_id: int, first_counted: int, device: torch.device,
+               experts: dict[int, list[int | str]] | None = None,
+               routed: dict[str, torch.Tensor] | None = None) -> None:
+    """One batch through the model, every layer's statistics updated (see collect_statistics):
+    dense layers by the fast path (redone exactly where flagged), the experts of mixture-of-experts
+    layers exactly, with the tokens routed to each added to ``routed``."""
+    experts = experts or {}
+    routed = routed if routed is not None else {}
     lengths_np = corpus.lengths[batch.docs]
     ids = np.full((len(batch.docs), batch.length), pad_id, dtype=np.int64)
     for row, doc in enumerate(batch.docs):
@@ -564,11 +618,29 @@ def _run_batch(loaded: LoadedModel, corpus: Corpus, batch: Any, layers: list[int
             states[layer], reduced, doc_ids, gate, in_, lengths, config.context_before, config.context_after,
             capacity=capacity[layer].current(len(batch.docs)), accept=~reduced.suspect)
 
-    run_with_mlp_hooks(loaded, input_ids, layers, on_layer)
+    def on_moe(layer: int, hidden: torch.Tensor, routing: torch.Tensor, shared: Any) -> None:
+        # Each expert's neurons through the dense statistics, over the tokens routed to it; exactly
+        # (no capacity, every value checked): never redone, since a second pass would count twice.
+        moe = loaded.moe[layer]
+        for part in expert_batches(moe, hidden, routing, shared, valid, experts.get(layer, [])):
+            key = expert_key(layer, part.expert)
+            routed[key] += part.valid.sum()
+            act_fn = moe.shared.act_fn if part.expert == SHARED else moe.act_fn
+            reduced = reduce_batch(part.gate, part.in_, part.post, act_fn(part.gate), part.valid)
+            if part.positions is not None:  # packed positions (a routed expert's tokens) back to the document's
+                b = part.positions.shape[0]
+                reduced.doc_pos = part.positions.gather(1, reduced.doc_pos.reshape(b, -1)).view_as(reduced.doc_pos)
+            update_stats(states[key], reduced, doc_ids, part.window_gate, part.window_in, lengths,
+                         config.context_before, config.context_after)
+
+    run_with_mlp_hooks(loaded, input_ids, layers, on_layer, on_moe)
+    dense = [layer for layer in layers if layer in applied]
+    if not dense:
+        return
     # The batch's one host sync: which layers were applied, and how many lists each changed.
-    flags = torch.stack([torch.stack([applied[layer].long(), active[layer].long()]) for layer in layers]).tolist()
-    redo = [layer for layer, (ok, _) in zip(layers, flags) if not ok]
-    for layer, (_, n_active) in zip(layers, flags):
+    flags = torch.stack([torch.stack([applied[layer].long(), active[layer].long()]) for layer in dense]).tolist()
+    redo = [layer for layer, (ok, _) in zip(dense, flags) if not ok]
+    for layer, (_, n_active) in zip(dense, flags):
         capacity[layer].observe(n_active, len(batch.docs))
     if not redo:
         return
@@ -590,9 +662,9 @@ class _CheckpointWriter:
     def __init__(self) -> None:
         self._thread: Any = None
         self._error: BaseException | None = None
-        self._pinned: dict[tuple[int, str], torch.Tensor] = {}  # reused: pinning GBs takes seconds
+        self._pinned: dict[tuple[int | str, str], torch.Tensor] = {}  # reused: pinning GBs takes seconds
 
-    def _to_host(self, key: tuple[int, str], t: torch.Tensor) -> torch.Tensor:
+    def _to_host(self, key: tuple[int | str, str], t: torch.Tensor) -> torch.Tensor:
         """A host copy that later in-place updates of ``t`` do not change; from a GPU asynchronous,
         into pinned memory (complete once an event recorded after it has passed)."""
         if not t.is_cuda:
@@ -603,13 +675,14 @@ class _CheckpointWriter:
         host.copy_(t, non_blocking=True)
         return host
 
-    def save(self, path: Path, config: CollectConfig, batches_done: int, states: dict[int, LayerStats],
-             facts: RunFacts, *, wait: bool = False) -> None:
+    def save(self, path: Path, config: CollectConfig, batches_done: int, states: dict[int | str, LayerStats],
+             facts: RunFacts, routed: dict[str, torch.Tensor] | None = None, *, wait: bool = False) -> None:
         import threading
 
         self.wait()  # the previous checkpoint is written: its host buffers can take this one
         host = {layer: {name: self._to_host((layer, name), t) for name, t in s.to_dict().items()}
                 for layer, s in states.items()}
+        host_routed = {key: self._to_host((key, "routed"), t) for key, t in (routed or {}).items()}
         copied = torch.cuda.Event() if any(t.is_cuda for s in states.values() for t in s.to_dict().values()) else None
         if copied is not None:
             copied.record()
@@ -618,7 +691,7 @@ class _CheckpointWriter:
             try:
                 if copied is not None:
                     copied.synchronize()
-                save_checkpoint(path, config, batches_done, host, facts)
+                save_checkpoint(path, config, batches_done, host, facts, host_routed)
             except BaseException as e:  # reported by wait(), on the main thread
                 self._error = e
 
@@ -678,6 +751,7 @@ def provenance(config: CollectConfig, loaded: LoadedModel, corpus: Corpus, layer
         "device": str(loaded.device),
         "layers": layers,
         "engine": config.engine,
+        "adapter": loaded.adapter,  # the TransformerLens architecture adapter that located the MLPs
         "n_model_layers": loaded.n_layers,
         "window_dtype": config.window_dtype,
         "batch_tokens": config.batch_tokens,
@@ -689,6 +763,27 @@ def provenance(config: CollectConfig, loaded: LoadedModel, corpus: Corpus, layer
     }
     attrs.update(config.extra_attrs)
     return attrs
+
+
+def write_experts(writer: ActivationsWriter, loaded: LoadedModel, experts: dict[int, list[int | str]],
+                  states: dict[int | str, LayerStats], routed: dict[str, torch.Tensor], window_dtype: str) -> None:
+    """The ``experts`` and ``shared_experts`` groups: one row per recorded (layer, expert)."""
+    for group, shared in (("experts", False), ("shared_experts", True)):
+        rows = [(layer, e) for layer, chosen in experts.items() for e in chosen if (e == SHARED) == shared]
+        if not rows:
+            continue
+        moe = loaded.moe[rows[0][0]]
+        d = moe.shared.d_mlp if shared else moe.d_expert
+        sizes = {loaded.moe[layer].shared.d_mlp if shared else loaded.moe[layer].d_expert for layer, _ in rows}
+        if len(sizes) > 1:
+            raise GluscopeError(f"the recorded layers' experts differ in size ({sorted(sizes)}); record them in "
+                                "separate runs with --layers")
+        writer.add_experts(group, [layer for layer, _ in rows], [-1 if shared else e for _, e in rows],
+                           [int(routed[expert_key(layer, e)]) for layer, e in rows], d)
+        for row, (layer, e) in enumerate(rows):
+            writer.write_neurons(row, 0, finalize(states[expert_key(layer, e)], window_dtype), group=group)
+        writer.write_weights({name: torch.stack([loaded.expert_facts[layer, e][name] for layer, e in rows]).numpy()
+                              for name in ("flipped", "cos_gate_in", "cos_gate_out", "cos_in_out")}, group=group)
 
 
 def collect(config: CollectConfig, *, stop_after_batches: int | None = None) -> Path:
@@ -706,9 +801,15 @@ def collect(config: CollectConfig, *, stop_after_batches: int | None = None) -> 
 
 def _collect(config: CollectConfig, world: World, device: str, *, stop_after_batches: int | None) -> Path:
     started = time.monotonic()
+    # Only the requested layers are located (and refactored): --layers can pick the layers we can record.
     loaded, facts = load_model(config.model, dtype=config.dtype, device=device,
-                               refactor=config.refactor_glu, engine=config.engine)
+                               refactor=config.refactor_glu, engine=config.engine, layers=config.layers)
     layers = resolve_layers(config.layers, loaded.n_layers)
+    experts = resolve_experts(config.experts, loaded)
+    if config.experts is not None and not loaded.moe:
+        raise GluscopeError(f"--experts {','.join(map(str, config.experts))}: the requested layers have no experts "
+                            "(no mixture-of-experts layer among them)")
+    dense_layers = [layer for layer in layers if layer not in loaded.moe]
     texts = read_texts(config.dataset, text_column=config.text_column, split=config.split, seed=config.seed)
     corpus = tokenize_corpus(texts, loaded.tokenizer, max_tokens=config.max_tokens,
                              max_doc_tokens=config.max_doc_tokens, long_docs=config.long_docs, bos=config.bos)
@@ -718,22 +819,27 @@ def _collect(config: CollectConfig, world: World, device: str, *, stop_after_bat
     if not distributed.all_equal(world, dataclasses.asdict(run_facts)):
         raise GluscopeError("the torchrun processes disagree on the tokenized corpus or the dtype; give every "
                             "node the same dataset files, model and torch version")
+    routed: dict[str, torch.Tensor] = {}
     states = collect_statistics(loaded, corpus, config, layers, stop_after_batches=stop_after_batches,
-                                facts=run_facts, world=world)
+                                facts=run_facts, world=world, experts=experts, routed=routed)
     if not world.is_main:
         return config.out  # rank 0 writes the file
     vocab_size = max(len(loaded.tokenizer), int(corpus.tokens.max()) + 1)
-    attrs = provenance(config, loaded, corpus, layers)
+    attrs = provenance(config, loaded, corpus, dense_layers)
     attrs["world_size"] = world.size
+    if experts:
+        attrs["expert_layers"] = list(experts)
+        attrs["n_experts"] = sorted({loaded.moe[layer].n_experts for layer in experts})
     attrs["elapsed_s"] = round(time.monotonic() - started, 1)
-    with ActivationsWriter(config.out, n_layers=len(layers), d_mlp=loaded.d_mlp, k=config.k,
+    with ActivationsWriter(config.out, n_layers=len(dense_layers), d_mlp=loaded.d_mlp, k=config.k,
                            context_before=config.context_before, context_after=config.context_after,
                            window_dtype=config.window_dtype, attrs=attrs) as writer:
         writer.write_corpus(corpus.tokens, corpus.doc_offsets, token_strings(loaded.tokenizer, vocab_size),
                             source_index=corpus.source_index, doc_title=corpus.titles)
-        for row, layer in enumerate(layers):
+        for row, layer in enumerate(dense_layers):
             writer.write_layer(row, finalize(states[layer], config.window_dtype))
-        writer.write_weights({name: values[layers].numpy() for name, values in facts.items()})
+        writer.write_weights({name: values.numpy() for name, values in facts.items()})  # in `layers` order
+        write_experts(writer, loaded, experts, states, routed, config.window_dtype)
         path = writer.close(n_tokens=counted_tokens(corpus, config))
     config.checkpoint_path.unlink(missing_ok=True)
     return path

@@ -46,6 +46,24 @@ def _int_list(text: str) -> list[int]:
     return out
 
 
+def _expert_list(text: str) -> list[int | str]:
+    """``3``, ``0,5,7``, ``0-7`` or ``0-7,s`` (``s``: the shared expert); at least one expert."""
+    expected = "expected experts such as 3, 0,5,7, 0-7 or 0-7,s (s: the shared expert)"
+    out: list[int | str] = []
+    for part in text.split(","):
+        part = part.strip()
+        if part == "s":
+            out.append("s")
+            continue
+        try:
+            out += _int_list(part) if part else []
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"{text!r}: {expected}") from None
+    if not out:
+        raise argparse.ArgumentTypeError(f"{text!r} names no expert; {expected}")
+    return list(dict.fromkeys(out))
+
+
 def _count(text: str) -> int:
     from collect.corpus import parse_count
 
@@ -80,6 +98,10 @@ def add_collect_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     p.add_argument("--layers", type=_int_list, default=None,
                    help="layers to record, e.g. 0,5 or 10-20 (default: all)")
+    p.add_argument("--experts", type=_expert_list, default=None,
+                   help="in mixture-of-experts layers, the experts to record, e.g. 0-7 or 0-7,s (s: the shared "
+                        "expert); every expert's neurons are neurons, with statistics over the tokens routed to "
+                        "it (default: all)")
     p.add_argument("--engine", choices=("hf", "bridge"), default="hf",
                    help="capture the hooks from the Hugging Face modules (default, fastest) or through "
                         "TransformerLens' TransformerBridge (same values; eager attention)")
@@ -176,13 +198,26 @@ def run_info(args: argparse.Namespace) -> int:
         print(f"{'documents':>14}: {f.n_docs}")
         print(f"{'tokens':>14}: {f.n_tokens} counted")
         print(f"{'k':>14}: {f.k}, window {f.context_before} before + 1 + {f.context_after} after")
-        freq = f.frequency().mean(axis=(0, 1))
-        print(f"{'mean freq.':>14}: " + ", ".join(f"{c} {100 * x:.1f}%" for c, x in zip(CASES, freq)))
+        if f.n_layers and f.d_mlp:
+            freq = f.frequency().mean(axis=(0, 1))
+            print(f"{'mean freq.':>14}: " + ", ".join(f"{c} {100 * x:.1f}%" for c, x in zip(CASES, freq)))
         if f.has_nonfinite:
             nonfinite = f.file["stats/nonfinite"][...].sum(axis=-1)  # [L, N]
             neurons = int((nonfinite > 0).sum())
             print(f"{'non-finite':>14}: {int(nonfinite.sum()):,} positions in {neurons:,} neuron"
                   f"{'' if neurons == 1 else 's'} (NaN or inf; left out of every statistic)")
+        if f.expert_rows:
+            from mkdocs_gluscope.store import SHARED
+
+            for layer in f.expert_layers:
+                experts = f.experts_of(layer)
+                routed = [e for e in experts if e != SHARED]
+                shares = [f.routed[(layer, e)] / max(f.n_tokens, 1) for e in routed]
+                text = (f"{len(routed)} routed x {f.expert_neurons(routed[0])} neurons, routing "
+                        f"{100 * min(shares):.1f}%..{100 * max(shares):.1f}% of tokens" if routed else "")
+                if SHARED in experts:
+                    text += (", " if text else "") + f"shared expert of {f.expert_neurons(SHARED)} neurons"
+                print(f"{'experts L' + str(layer):>14}: {text}")
     return 0
 
 
@@ -211,6 +246,13 @@ def run_pick(args: argparse.Namespace) -> int:
     from mkdocs_gluscope.pick import pick_neurons, picks_yaml
 
     with open_activations(args.activations) as f:
+        if f.expert_rows:
+            layers = ", ".join(map(str, f.expert_layers))
+            if not (f.n_layers and f.d_mlp):
+                raise GluscopeError(f"{str(args.activations)!r} holds expert neurons only (layers {layers}); pick "
+                                    "scores dense layers' neurons, not experts' yet: list those as LAYER.eEXPERT.*")
+            print(f"gluscope: warning: pick scored the dense layers only; the expert neurons of layers {layers} "
+                  "are not scored yet", file=sys.stderr)
         print(picks_yaml(pick_neurons(f, per_layer=args.per_layer, mix=args.mix, rare=args.rare)))
     return 0
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from mkdocs_gluscope.errors import GluscopeError
 from mkdocs_gluscope.store import (
+    EXPERT_GROUPS,
     NEURON_BLOCK,
     STAT_NAMES,
     WEIGHT_NAMES,
@@ -113,10 +114,15 @@ def check_inputs(files: Sequence[ActivationsFile]) -> list[list[ActivationsFile]
     check_same_run(files)
     groups: dict[tuple[int, ...], list[ActivationsFile]] = {}
     for f in files:
-        groups.setdefault(tuple(f.layers), []).append(f)
+        # A layer group is the dense layers and the expert layers a run recorded.
+        groups.setdefault((tuple(f.layers), tuple(f.expert_layers)), []).append(f)
     owner: dict[int, ActivationsFile] = {}
-    for layers, group in groups.items():
-        for layer in layers:
+    for (dense, expert_layers), group in groups.items():
+        for f in group:
+            if list(f.expert_rows) != list(group[0].expert_rows):
+                raise GluscopeError(f"{str(f.path)!r} and {str(group[0].path)!r} hold different experts; shards of "
+                                    "one run record the same experts")
+        for layer in dense + expert_layers:
             if layer in owner:
                 raise GluscopeError(
                     f"{str(owner[layer].path)!r} (layers {owner[layer].describe_layers()}) and {str(group[0].path)!r} "
@@ -124,7 +130,7 @@ def check_inputs(files: Sequence[ActivationsFile]) -> list[list[ActivationsFile]
                     "they are shards of the same layers or hold disjoint layers")
             owner[layer] = group[0]
         check_shard_set(group)
-    ordered = sorted(groups.values(), key=lambda g: min(g[0].layers))
+    ordered = sorted(groups.values(), key=lambda g: min(g[0].layers + g[0].expert_layers))
     tokens = {sum(f.n_tokens for f in group) for group in ordered}
     if len(tokens) > 1:
         raise GluscopeError(f"the layer groups counted different numbers of tokens ({sorted(tokens)}); "
@@ -170,20 +176,47 @@ def merge_block(blocks: Sequence[dict[str, np.ndarray]], k: int) -> dict[str, np
     return merged
 
 
-def _read_block(f: ActivationsFile, row: int, neurons: slice) -> dict[str, np.ndarray]:
-    block = {name: f.file["stats"][name][row, neurons] for name in STAT_NAMES + ("nonfinite",)}
-    block.update({"top_" + name: f.file["top"][name][row, neurons] for name in ("value", "doc", "pos", "gate", "in")})
+def _read_block(f: ActivationsFile, row: int, neurons: slice, group: str = "") -> dict[str, np.ndarray]:
+    root = f.file[group] if group else f.file
+    block = {name: root["stats"][name][row, neurons] for name in STAT_NAMES + ("nonfinite",)}
+    block.update({"top_" + name: root["top"][name][row, neurons] for name in ("value", "doc", "pos", "gate", "in")})
     return block
+
+
+def _write_merged_experts(writer: ActivationsWriter, groups: list[list[ActivationsFile]], k: int) -> None:
+    """The expert groups: rows of every layer group in layer order; within a layer group the shards'
+    statistics merge as the dense layers' do, and their routed counts add."""
+    for name in EXPERT_GROUPS:
+        parts = [group for group in groups if name in group[0].file]
+        if not parts:
+            continue
+        rows = [(group, row) for group in parts for row in range(group[0].file[name]["layer"].shape[0])]
+        d = parts[0][0].file[name]["stats/count"].shape[1]
+        writer.add_experts(name, [int(g[0].file[name]["layer"][r]) for g, r in rows],
+                           [int(g[0].file[name]["expert"][r]) for g, r in rows],
+                           [sum(int(f.file[name]["routed"][r]) for f in g) for g, r in rows], d)
+        for out_row, (group, row) in enumerate(rows):
+            for start in range(0, d, NEURON_BLOCK):
+                neurons = slice(start, min(start + NEURON_BLOCK, d))
+                blocks = [_read_block(f, row, neurons, name) for f in group]
+                writer.write_neurons(out_row, start, blocks[0] if len(blocks) == 1 else merge_block(blocks, k), group=name)
+        writer.write_weights({w: np.stack([g[0].file[name]["weights"][w][r] for g, r in rows]) for w in WEIGHT_NAMES},
+                             group=name)
 
 
 def _write_merged(groups: list[list[ActivationsFile]], out: Path) -> Path:
     files = [f for group in groups for f in group]
     first = files[0]
     layers = [layer for group in groups for layer in group[0].layers]
+    dense = [group for group in groups if group[0].layers]  # groups of expert layers only have no dense rows
+    d_mlp = dense[0][0].d_mlp if dense else 0
     attrs = {key: value for key, value in first.attrs.items() if key not in ("n_tokens", "shard")}
     attrs.update(layers=layers, merged_from=[str(f.path) for f in files], merged_shards=len(files))
+    expert_layers = sorted({layer for group in groups for layer in group[0].expert_layers})
+    if expert_layers:
+        attrs["expert_layers"] = expert_layers
     window_dtype = str(first.file["top/gate"].dtype)
-    with ActivationsWriter(out, n_layers=len(layers), d_mlp=first.d_mlp, k=first.k,
+    with ActivationsWriter(out, n_layers=len(layers), d_mlp=d_mlp, k=first.k,
                            context_before=first.context_before, context_after=first.context_after,
                            window_dtype=window_dtype, attrs=attrs) as writer:
         corpus = first.file["corpus"]
@@ -192,12 +225,15 @@ def _write_merged(groups: list[list[ActivationsFile]], out: Path) -> Path:
                             doc_title=[first.doc_title(d) or "" for d in range(first.n_docs)]
                             if "doc_title" in corpus else None)
         out_row = 0
-        for group in groups:
+        for group in dense:
             for row in range(group[0].n_layers):
-                for start in range(0, first.d_mlp, NEURON_BLOCK):
-                    neurons = slice(start, min(start + NEURON_BLOCK, first.d_mlp))
+                for start in range(0, d_mlp, NEURON_BLOCK):
+                    neurons = slice(start, min(start + NEURON_BLOCK, d_mlp))
                     blocks = [_read_block(f, row, neurons) for f in group]
                     writer.write_neurons(out_row, start, blocks[0] if len(blocks) == 1 else merge_block(blocks, first.k))
                 out_row += 1
-        writer.write_weights({name: np.concatenate([group[0].weights(name) for group in groups]) for name in WEIGHT_NAMES})
+        if dense:
+            writer.write_weights({name: np.concatenate([group[0].weights(name) for group in dense])
+                                  for name in WEIGHT_NAMES})
+        _write_merged_experts(writer, groups, first.k)
         return writer.close(n_tokens=sum(f.n_tokens for f in groups[0]))

@@ -1,11 +1,22 @@
-"""Neuron ids as users write them: ``"29.1034"`` (LAYER.NEURON, zero-based), ``"3.*"``, ``"all"``."""
+"""Neuron ids as users write them: ``"29.1034"`` (LAYER.NEURON, zero-based), ``"3.*"``, ``"all"``;
+in a mixture-of-experts layer ``"3.e5.17"`` (LAYER.eEXPERT.NEURON), ``"3.e5.*"``, and ``"3.s.17"`` for
+its shared expert.
+
+Keys are ``(layer, neuron)`` for a dense layer's neuron and ``(layer, neuron, expert)`` for an
+expert's (``expert`` an int, or ``"s"`` for the shared expert), so code that handles dense
+neurons takes expert neurons as ``*key`` with one more argument.
+"""
 
 from __future__ import annotations
 
 import re
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
-_ID = re.compile(r"^\s*(\d+)\s*\.\s*(\d+|\*)\s*$")
+_ID = re.compile(r"^\s*(\d+)\s*\.\s*(?:(e\d+|s)\s*\.\s*)?(\d+|\*)\s*$")
+SHARED = "s"  # as in mkdocs_gluscope.store
+
+#: layer -> {expert: neurons}: the experts a file holds.
+Experts = Mapping[int, Mapping[object, int]]
 
 
 class NeuronSpecError(ValueError):
@@ -32,30 +43,62 @@ def neuron_specs(specs: object) -> list[str]:
     return list(items)
 
 
-def parse_neuron_ids(specs: str | Iterable[str], layers: Sequence[int], d_mlp: int) -> list[tuple[int, int]]:
-    """``(layer, neuron)`` pairs in the order given, without repeats.
+def parse_neuron_ids(specs: str | Iterable[str], layers: Sequence[int], d_mlp: int,
+                     experts: Experts | None = None) -> list[tuple]:
+    """Keys (see the module docstring) in the order given, without repeats.
 
-    ``layers`` are the model layers the file holds; ``d_mlp`` its neurons per layer.
+    ``layers`` are the dense model layers the file holds, ``d_mlp`` their neurons per layer;
+    ``experts`` its expert layers (layer -> {expert: neurons per expert}).
     """
-    valid_layers = _describe(layers)
-    out: dict[tuple[int, int], None] = {}
+    experts = experts or {}
+    valid_layers = _describe(sorted(set(layers) | set(experts)))
+    out: dict[tuple, None] = {}
+
+    def expert_keys(layer: int, expert: object) -> list[tuple]:
+        return [(layer, n, expert) for n in range(experts[layer][expert])]
+
     for spec in neuron_specs(specs):
         text = spec.strip()
         if text == "all":
             out.update(((layer, n), None) for layer in layers for n in range(d_mlp))
+            out.update((key, None) for layer in experts for e in experts[layer] for key in expert_keys(layer, e))
             continue
         match = _ID.match(text)
         if not match:
             raise NeuronSpecError(
-                f"neuron id {spec!r} is malformed; expected LAYER.NEURON (e.g. '3.77'), "
-                f"a whole layer 'LAYER.*', or 'all' (layers {valid_layers}, neurons 0..{d_mlp - 1})")
+                f"neuron id {spec!r} is malformed; expected LAYER.NEURON (e.g. '3.77'), a whole layer 'LAYER.*', "
+                f"an expert's neuron LAYER.eEXPERT.NEURON or LAYER.s.NEURON (shared expert), or 'all' "
+                f"(layers {valid_layers}, neurons 0..{d_mlp - 1})")
         layer = int(match.group(1))
-        if layer not in layers:
+        label, last = match.group(2), match.group(3)
+        if layer not in layers and layer not in experts:
             raise NeuronSpecError(f"neuron id {spec!r}: layer {layer} is out of range; the file has layers {valid_layers}")
-        if match.group(2) == "*":
+        if label is None and layer in experts and layer not in layers:
+            if last != "*":
+                have = ", ".join(SHARED if e == SHARED else f"e{e}" for e in experts[layer])
+                raise NeuronSpecError(f"neuron id {spec!r}: layer {layer} is a mixture-of-experts layer; name an "
+                                      f"expert, e.g. '{layer}.e0.{last}' (experts {have})")
+            out.update((key, None) for e in experts[layer] for key in expert_keys(layer, e))
+            continue
+        if label is not None:
+            expert: object = SHARED if label == SHARED else int(label[1:])
+            if layer not in experts or expert not in experts[layer]:
+                have = ", ".join(SHARED if e == SHARED else f"e{e}" for e in experts.get(layer, {})) or "none"
+                raise NeuronSpecError(f"neuron id {spec!r}: layer {layer} has no expert {label} in the file "
+                                      f"(experts: {have})")
+            if last == "*":
+                out.update((key, None) for key in expert_keys(layer, expert))
+                continue
+            neuron, size = int(last), experts[layer][expert]
+            if not 0 <= neuron < size:
+                raise NeuronSpecError(f"neuron id {spec!r}: neuron {neuron} is out of range; expert {label} has "
+                                      f"neurons 0..{size - 1}")
+            out[(layer, neuron, expert)] = None
+            continue
+        if last == "*":
             out.update(((layer, n), None) for n in range(d_mlp))
             continue
-        neuron = int(match.group(2))
+        neuron = int(last)
         if not 0 <= neuron < d_mlp:
             raise NeuronSpecError(f"neuron id {spec!r}: neuron {neuron} is out of range; layers have neurons 0..{d_mlp - 1}")
         out[(layer, neuron)] = None

@@ -118,7 +118,8 @@ class GluscopeConfig(base.Config):
 
     neurons = NeuronIds()
     """Neurons to publish, as quoted strings: ``"LAYER.NEURON"`` (zero-based), ``"LAYER.*"`` for a
-    whole layer, or ``all``. Quote them: unquoted, YAML reads ``1.10`` as the number 1.1, and numbers
+    whole layer, ``"LAYER.eEXPERT.NEURON"`` / ``"LAYER.eEXPERT.*"`` for an expert's neurons
+    (``"LAYER.s.NEURON"`` for the shared expert), or ``all``. Quote them: unquoted, YAML reads ``1.10`` as the number 1.1, and numbers
     are refused rather than guessed at. Default: none (only the index page)."""
 
     url_prefix = _Checked(check_url_prefix, default="neurons")
@@ -155,7 +156,7 @@ class GluscopePlugin(BasePlugin[GluscopeConfig]):
     def __init__(self) -> None:
         self.site: SitePages | None = None
         self.path: Path | None = None
-        self._pages: dict[str, tuple[int, int]] = {}
+        self._pages: dict[str, tuple] = {}  # page source -> neuron key
         self.light = False
         self._shell: tuple[str, str, str] | None = None
 
@@ -181,6 +182,12 @@ class GluscopePlugin(BasePlugin[GluscopeConfig]):
         self.path = path
         layout = self.config.layout
         self.light = layout == "light" or (layout == "auto" and len(self.site.neurons) > light.AUTO_LIGHT)
+        if self.light and any(len(key) == 3 for key in self.site.neurons):
+            # The light layout (mkdocs_gluscope.light) names neurons by (layer, neuron) only.
+            self.site = None
+            activations.close()
+            raise PluginError("gluscope: the light layout does not support expert neurons yet; list them in the "
+                              "full layout (layout: full)")
         for name in ASSETS:
             target = config.extra_css if name.endswith(".css") else config.extra_javascript
             if f"{ASSET_DIR}/{name}" not in [str(x) for x in target]:
@@ -200,11 +207,14 @@ class GluscopePlugin(BasePlugin[GluscopeConfig]):
         for layer in site.layers:
             files.append(File.generated(config, site.layer_path(layer), inclusion=InclusionLevel.NOT_IN_NAV,
                                         content=site.layer_markdown(layer, directory_urls=directory_urls)))
-        for layer, neuron in site.neurons:
-            src = site.neuron_path(layer, neuron)
-            self._pages[src] = (layer, neuron)
+        for layer, expert in site.experts:
+            files.append(File.generated(config, site.expert_path(layer, expert), inclusion=InclusionLevel.NOT_IN_NAV,
+                                        content=site.expert_markdown(layer, expert, directory_urls=directory_urls)))
+        for key in site.neurons:
+            src = site.neuron_path(*key)
+            self._pages[src] = key
             files.append(File.generated(config, src, inclusion=InclusionLevel.NOT_IN_NAV,
-                                        content=site.neuron_markdown(layer, neuron)))
+                                        content=site.neuron_markdown(*key)))
         for src, text in site.doc_shards().items():
             files.append(File.generated(config, src, content=text))
         for name in ASSETS:

@@ -177,6 +177,7 @@ class PageContext:
     inline_cases: int | None = None
     data_url: str = ""  # the neuron's example data file, relative to the page (with ``inline_cases``)
     top_words: int = 8  # whole words listed per case under "Top words"
+    expert_link: str | None = None  # an expert neuron's page links its expert's index
 
 
 def provenance_rows(attrs: dict) -> list[tuple[str, str]]:
@@ -273,6 +274,22 @@ def summary_table(data: NeuronData) -> str:
             f"<thead><tr><th></th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
 
 
+def routing_note(data: NeuronData) -> list[str]:
+    """For an expert's neuron: how many tokens its expert saw, which every frequency on the page is a
+    share of."""
+    if data.routed is None:
+        return []
+    share = data.routing_frequency or 0.0
+    if data.expert == "s":
+        what = f"a shared expert: it sees every token ({data.routed:,})"
+    else:
+        what = (f"routed expert {int(data.expert)}: {data.routed:,} of {data.n_tokens:,} counted tokens were routed "
+                f"to it (routing frequency {100 * share:.3g}%)")
+    return [f'<p class="gs-routing">This neuron belongs to layer {data.layer}\'s {md_text(what)}. Its statistics '
+            "are over those tokens, and each case's frequency is a share of them; in the examples, tokens "
+            "not routed to the expert have no value.</p>", ""]
+
+
 def nonfinite_note(data: NeuronData) -> list[str]:
     """A warning under the summary when some of the neuron's positions had NaN or infinite values."""
     if data.nonfinite is None or not int(np.sum(data.nonfinite)):
@@ -292,6 +309,8 @@ def neuron_markdown(data: NeuronData, ctx: PageContext) -> str:
     """The page's Markdown, with :data:`EXAMPLES_PLACEHOLDER` where the examples go."""
     lines = [f"# Neuron {data.id}", ""]
     nav = [f"[All neurons]({ctx.index_link}) · [Layer {data.layer}]({ctx.layer_link})"]
+    if data.expert is not None and ctx.expert_link:
+        nav.append(f"[Expert {md_text(data.id.rsplit('.', 1)[0])}]({ctx.expert_link})")
     if ctx.prev_link:
         nav.append(f"[← {md_text(ctx.prev_link[0])}]({ctx.prev_link[1]})")
     if ctx.next_link:
@@ -299,7 +318,7 @@ def neuron_markdown(data: NeuronData, ctx: PageContext) -> str:
     lines += [" · ".join(nav), ""]
     prov = " · ".join(f"<b>{md_text(k)}</b> {md_text(v)}"
                       for k, v in provenance_rows({**data.attrs, "n_tokens": data.n_tokens}))
-    lines += [f'<p class="gs-provenance">{prov}</p>', "",
+    lines += [f'<p class="gs-provenance">{prov}</p>', "", *routing_note(data),
               "## Summary", "", summary_table(data), "", *nonfinite_note(data)]
     lines += [
         "## Weights", "",

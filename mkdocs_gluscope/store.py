@@ -120,6 +120,45 @@ def write_layer_chunks(dataset: h5py.Dataset, layer: int, values: np.ndarray, po
         dataset.id.write_direct_chunk((layer, start + offset) + (0,) * (len(chunk) - 2), data, filter_mask=0)
 
 
+#: Groups of expert neurons (mixture-of-experts layers): routed experts, and shared experts, which see
+#: every token. Each holds ``layer``, ``expert`` and ``routed`` per row and the root's neuron datasets.
+EXPERT_GROUPS = ("experts", "shared_experts")
+#: How an expert is named in ids and paths: routed expert ``E`` is ``eE``, the shared expert ``s``.
+SHARED = "s"
+
+
+def _create_neuron_datasets(root: h5py.Group, L: int, N: int, k: int, W: int, window_dtype: str) -> None:
+    """``stats/``, ``top/`` and ``weights/`` for ``L`` rows of ``N`` neurons under ``root``."""
+    C, H = len(CASES), len(HOOKS)
+    cn = max(1, min(N, NEURON_BLOCK))
+    tn = max(1, min(N, 8))
+
+    def compressed(shape: tuple[int, ...], chunks: tuple[int, ...]) -> dict[str, Any]:
+        options = _compressed(chunks)
+        if 0 in shape:  # no rows (a run of expert layers only): chunks may exceed an empty shape
+            options["maxshape"] = (None,) * len(shape)
+        return options
+
+    stats = root.create_group("stats")
+    stats.create_dataset("count", (L, N, C), "int64", **compressed((L, N, C), (1, cn, C)))
+    stats.create_dataset("nonfinite", (L, N, C + 1), "int64", **compressed((L, N, C + 1), (1, cn, C + 1)))
+    stats.create_dataset("sum", (L, N, C, H), "float64", **compressed((L, N, C, H), (1, cn, C, H)))
+    for name in ("min", "max"):
+        stats.create_dataset(name, (L, N, C, H), "float32", **compressed((L, N, C, H), (1, cn, C, H)))
+    # Chunks of 8 neurons: a page reads ~80 KB (under a millisecond) and compression gets
+    # enough data per chunk; one neuron per chunk was 8% larger and no faster to write.
+    top = root.create_group("top")
+    for name, dtype in (("value", "float32"), ("doc", "int32"), ("pos", "int32")):
+        top.create_dataset(name, (L, N, C, H, k), dtype, **compressed((L, N, C, H, k), (1, tn, C, H, k)))
+    for name in ("gate", "in"):
+        top.create_dataset(name, (L, N, C, H, k, W), window_dtype,
+                           **compressed((L, N, C, H, k, W), (1, tn, C, H, k, W)))
+    weights = root.create_group("weights")
+    weights.create_dataset("flipped", (L, N), "bool")
+    for name in WEIGHT_NAMES[1:]:
+        weights.create_dataset(name, (L, N), "float32")
+
+
 class ActivationsWriter:
     """Writes an activations file to ``PATH.tmp`` and renames it to ``PATH`` on :meth:`close`.
 
@@ -158,28 +197,22 @@ class ActivationsWriter:
         root["context_after"] = context_after
         for key, value in (attrs or {}).items():
             root[key] = _to_attr(value)
-        cn = max(1, min(N, NEURON_BLOCK))
-        stats = self.file.create_group("stats")
-        stats.create_dataset("count", (L, N, C), "int64", **_compressed((1, cn, C)))
-        stats.create_dataset("nonfinite", (L, N, C + 1), "int64", **_compressed((1, cn, C + 1)))
-        stats.create_dataset("sum", (L, N, C, H), "float64", **_compressed((1, cn, C, H)))
-        for name in ("min", "max"):
-            stats.create_dataset(name, (L, N, C, H), "float32", **_compressed((1, cn, C, H)))
-        # Chunks of 8 neurons: a page reads ~80 KB (under a millisecond) and compression gets
-        # enough data per chunk; one neuron per chunk was 8% larger and no faster to write.
-        top = self.file.create_group("top")
-        tn = min(N, 8)
-        top.create_dataset("value", (L, N, C, H, k), "float32", **_compressed((1, tn, C, H, k)))
-        top.create_dataset("doc", (L, N, C, H, k), "int32", **_compressed((1, tn, C, H, k)))
-        top.create_dataset("pos", (L, N, C, H, k), "int32", **_compressed((1, tn, C, H, k)))
-        for name in ("gate", "in"):
-            top.create_dataset(
-                name, (L, N, C, H, k, W), window_dtype, **_compressed((1, tn, C, H, k, W))
-            )
-        weights = self.file.create_group("weights")
-        weights.create_dataset("flipped", (L, N), "bool")
-        for name in WEIGHT_NAMES[1:]:
-            weights.create_dataset(name, (L, N), "float32")
+        self.window_dtype = window_dtype
+        self.k, self.window = k, W
+        _create_neuron_datasets(self.file, L, N, k, W, window_dtype)
+
+    def add_experts(self, group: str, layers: Sequence[int], experts: Sequence[int], routed: Sequence[int],
+                    d_mlp: int) -> None:
+        """An expert group (``experts`` or ``shared_experts``): one row per (layer, expert) with the
+        same ``stats/``, ``top/`` and ``weights/`` datasets as the root has per layer, ``d_mlp``
+        neurons per expert; ``routed`` is each row's number of counted positions routed to it."""
+        if group not in EXPERT_GROUPS:
+            raise ValueError(f"expert group {group!r}; expected one of {', '.join(EXPERT_GROUPS)}")
+        g = self.file.create_group(group)
+        g.create_dataset("layer", data=np.asarray(layers, dtype=np.int32))
+        g.create_dataset("expert", data=np.asarray(experts, dtype=np.int32))
+        g.create_dataset("routed", data=np.asarray(routed, dtype=np.int64))
+        _create_neuron_datasets(g, len(layers), d_mlp, self.k, self.window, self.window_dtype)
 
     def write_corpus(
         self,
@@ -206,19 +239,22 @@ class ActivationsWriter:
         top_pos top_gate top_in``, each shaped as its dataset without the layer axis."""
         self.write_neurons(layer, 0, arrays)
 
-    def write_neurons(self, layer: int, start: int, arrays: Mapping[str, np.ndarray]) -> None:
+    def write_neurons(self, layer: int, start: int, arrays: Mapping[str, np.ndarray], group: str = "") -> None:
         """Like :meth:`write_layer` for the neurons ``start .. start + n`` of a layer (arrays with
-        ``n`` on their first axis); ``start`` is a multiple of :data:`NEURON_BLOCK`."""
+        ``n`` on their first axis); ``start`` is a multiple of :data:`NEURON_BLOCK`. With ``group``
+        (see :meth:`add_experts`), ``layer`` is a row of that group."""
+        root = self.file[group] if group else self.file
         n = len(arrays["count"])
         for name in STAT_NAMES + ("nonfinite",):
-            self.file["stats"][name][layer, start:start + n] = arrays[name]
+            root["stats"][name][layer, start:start + n] = arrays[name]
         for name in ("value", "doc", "pos", "gate", "in"):
-            write_layer_chunks(self.file["top"][name], layer, arrays["top_" + name], self._pool, start)
+            write_layer_chunks(root["top"][name], layer, arrays["top_" + name], self._pool, start)
 
-    def write_weights(self, arrays: Mapping[str, np.ndarray]) -> None:
-        """``flipped`` and the three cosines, each ``[layer, neuron]``."""
+    def write_weights(self, arrays: Mapping[str, np.ndarray], group: str = "") -> None:
+        """``flipped`` and the three cosines, each ``[layer, neuron]`` (``[row, neuron]`` of ``group``)."""
+        root = self.file[group] if group else self.file
         for name in WEIGHT_NAMES:
-            self.file["weights"][name][...] = arrays[name]
+            root["weights"][name][...] = arrays[name]
 
     def close(self, **final_attrs: Any) -> Path:
         """Write the last attributes (e.g. ``n_tokens``) and move the file into place."""
@@ -271,11 +307,20 @@ class NeuronData:
     context_after: int
     attrs: dict[str, Any] = field(default_factory=dict)
     nonfinite: np.ndarray | None = None  # [5] int64 (NONFINITE_COLUMNS); None in files without it
+    expert: int | str | None = None  # a routed expert's index, SHARED, or None for a dense layer's neuron
+    routed: int | None = None  # counted positions routed to the expert (every one for a shared expert)
 
     @property
     def frequency(self) -> np.ndarray:
-        """Share of counted positions in each case, in [0, 1]."""
-        return self.count / max(self.n_tokens, 1)
+        """Share of counted positions in each case, in [0, 1]; for an expert's neuron, share of the
+        positions routed to the expert (the positions its statistics are over)."""
+        total = self.n_tokens if self.routed is None else self.routed
+        return self.count / max(total, 1)
+
+    @property
+    def routing_frequency(self) -> float | None:
+        """Share of all counted positions routed to this neuron's expert (None outside experts)."""
+        return None if self.routed is None else self.routed / max(self.n_tokens, 1)
 
     @property
     def mean(self) -> np.ndarray:
@@ -285,7 +330,19 @@ class NeuronData:
 
     @property
     def id(self) -> str:
-        return f"{self.layer}.{self.neuron}"
+        return neuron_id(self.layer, self.neuron, self.expert)
+
+
+def expert_label(expert: int | str) -> str:
+    """``e3`` for routed expert 3, ``s`` for the shared expert: the middle part of an expert neuron's id."""
+    return SHARED if expert == SHARED else f"e{int(expert)}"
+
+
+def neuron_id(layer: int, neuron: int, expert: int | str | None = None) -> str:
+    """``LAYER.NEURON``, or ``LAYER.eEXPERT.NEURON`` / ``LAYER.s.NEURON`` for an expert's neuron."""
+    if expert is None:
+        return f"{layer}.{neuron}"
+    return f"{layer}.{expert_label(expert)}.{neuron}"
 
 
 def _attr(value: Any) -> Any:
@@ -336,6 +393,19 @@ class ActivationsFile:
         self.n_tokens = int(self.attrs.get("n_tokens", 0))
         #: Whether the file counts non-finite values (``stats/nonfinite``; files before it do not).
         self.has_nonfinite = "nonfinite" in self.file["stats"]
+        #: Expert rows: ``{(layer, expert): (group, row)}`` with ``expert`` an int or SHARED.
+        self.expert_rows: dict[tuple[int, int | str], tuple[str, int]] = {}
+        #: Tokens routed to each expert row, and neurons per expert, by group.
+        self.routed: dict[tuple[int, int | str], int] = {}
+        self.expert_d_mlp: dict[str, int] = {}
+        for group in EXPERT_GROUPS:
+            if group in self.file:
+                g = self.file[group]
+                self.expert_d_mlp[group] = int(g["stats/count"].shape[1])
+                for row, (layer, expert, routed) in enumerate(zip(g["layer"][...], g["expert"][...], g["routed"][...])):
+                    key = (int(layer), SHARED if group == "shared_experts" else int(expert))
+                    self.expert_rows[key] = (group, row)
+                    self.routed[key] = int(routed)
         self._datasets: dict[str, h5py.Dataset] = {}
         self._weight_cache: dict[str, np.ndarray] = {}
         self._vocab: list[str] | None = None
@@ -416,7 +486,27 @@ class ActivationsFile:
         return title.decode("utf-8") if isinstance(title, bytes) else title
 
     # -- one neuron ---------------------------------------------------------------------------
+    def experts_index(self) -> dict[int, dict[int | str, int]]:
+        """layer -> {expert: neurons per expert}, as :func:`mkdocs_gluscope.neurons.parse_neuron_ids` takes it."""
+        return {layer: {e: self.expert_neurons(e) for e in self.experts_of(layer)} for layer in self.expert_layers}
+
+    @property
+    def expert_layers(self) -> list[int]:
+        """Model layers with expert neurons in this file."""
+        return sorted({layer for layer, _ in self.expert_rows})
+
+    def experts_of(self, layer: int) -> list[int | str]:
+        """The experts recorded at ``layer``: routed ones by index, then SHARED if recorded."""
+        found = [e for lay, e in self.expert_rows if lay == layer]
+        return sorted(e for e in found if e != SHARED) + ([SHARED] if SHARED in found else [])
+
+    def expert_neurons(self, expert: int | str) -> int:
+        """Neurons per expert: routed experts share one size, the shared expert has its own."""
+        return self.expert_d_mlp["shared_experts" if expert == SHARED else "experts"]
+
     def describe_layers(self) -> str:
+        if not self.layers:
+            return "none"
         first, last = self.layers[0], self.layers[-1]
         if self.layers == list(range(first, last + 1)):
             return f"{first}..{last}"
@@ -446,14 +536,32 @@ class ActivationsFile:
             handle = self._datasets[name] = self.file[name]
         return handle
 
-    def neuron(self, layer: int, neuron: int, *, windows: bool = True) -> NeuronData:
-        """All data of one neuron's page (``layer`` is the model's layer index). With
-        ``windows=False`` the gate/in windows are not read (``top_gate``/``top_in`` are None)."""
-        self.check_neuron(layer, neuron)
-        f = self._dataset
-        row = self.row(layer)
+    def check_expert_neuron(self, layer: int, expert: int | str, neuron: int) -> tuple[str, int]:
+        """The (group, row) of an expert neuron; an IndexError naming what the file has."""
+        if (layer, expert) not in self.expert_rows:
+            has = ", ".join(expert_label(e) for e in self.experts_of(layer)) or "none"
+            raise IndexError(f"expert {expert_label(expert)} of layer {layer}; this file has experts {has} there")
+        n = self.expert_neurons(expert)
+        if not 0 <= neuron < n:
+            raise IndexError(f"neuron {neuron}; experts have neurons 0..{n - 1}")
+        return self.expert_rows[(layer, expert)]
+
+    def neuron(self, layer: int, neuron: int, *, windows: bool = True, expert: int | str | None = None) -> NeuronData:
+        """All data of one neuron's page (``layer`` is the model's layer index; ``expert`` a routed
+        expert's index or SHARED for an expert's neuron). With ``windows=False`` the gate/in windows
+        are not read (``top_gate``/``top_in`` are None)."""
+        if expert is None:
+            self.check_neuron(layer, neuron)
+            prefix, row, routed = "", self.row(layer), None
+        else:
+            group, row = self.check_expert_neuron(layer, expert, neuron)
+            prefix, routed = group + "/", self.routed[(layer, expert)]
+        f = lambda name: self._dataset(prefix + name)  # noqa: E731
         top_doc = f("top/doc")[row, neuron]
         top_pos = f("top/pos")[row, neuron]
+        weight = (lambda name: self._weight(name)[row, neuron]) if expert is None else (
+            lambda name: f("weights/" + name)[row, neuron])
+        nonfinite = "nonfinite" in self.file[prefix + "stats"]
         return NeuronData(
             layer=layer,
             neuron=neuron,
@@ -468,14 +576,16 @@ class ActivationsFile:
             top_gate=f("top/gate")[row, neuron].astype(np.float32) if windows else None,
             top_in=f("top/in")[row, neuron].astype(np.float32) if windows else None,
             window_tokens=self.window_tokens(top_doc, top_pos),
-            flipped=bool(self._weight("flipped")[row, neuron]),
-            cos_gate_in=float(self._weight("cos_gate_in")[row, neuron]),
-            cos_gate_out=float(self._weight("cos_gate_out")[row, neuron]),
-            cos_in_out=float(self._weight("cos_in_out")[row, neuron]),
+            flipped=bool(weight("flipped")),
+            cos_gate_in=float(weight("cos_gate_in")),
+            cos_gate_out=float(weight("cos_gate_out")),
+            cos_in_out=float(weight("cos_in_out")),
             context_before=self.context_before,
             context_after=self.context_after,
             attrs=self.attrs,
-            nonfinite=f("stats/nonfinite")[row, neuron] if self.has_nonfinite else None,
+            nonfinite=f("stats/nonfinite")[row, neuron] if nonfinite else None,
+            expert=expert,
+            routed=routed,
         )
 
     def window_tokens(self, doc: np.ndarray, pos: np.ndarray) -> np.ndarray:

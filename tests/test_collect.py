@@ -39,26 +39,50 @@ def copy_model_with(folder: Path, target: Path, **config_changes) -> Path:
     return target
 
 
-@pytest.mark.parametrize("engine", ["hf", "bridge"])
-@pytest.mark.parametrize("arch", ["llama", "olmo", "gemma", "qwen2"])
-def test_hooks_match_hugging_face_forward_hooks(arch, engine, model_factory):
-    folder = model_factory(arch)
-    reference, tokenizer = load_hf(str(folder), torch.float32)
-    reference.set_attn_implementation("eager")  # the bridge runs eager attention
+def reference_stack(model, arch: str):
+    """The decoder layers, written out per family here, independent of collect's adapter lookup."""
+    return model.model.language_model.layers if arch in ("gemma3mm", "llava") else model.model.layers
+
+
+def hf_reference_hooks(model, arch: str, layers: list[int]) -> tuple[dict, list]:
+    """Hugging Face forward hooks on each listed layer's MLP modules: gate, in and post as the
+    model's own forward computes them (Phi-3 chunks its fused gate_up_proj output in two)."""
     seen: dict[tuple[int, str], torch.Tensor] = {}
     handles = []
-    for layer, mlp in enumerate(find_gated_mlps(reference)):
-        handles.append(mlp.gate.register_forward_hook(
-            lambda m, i, o, layer=layer: seen.__setitem__((layer, "gate"), o)))
-        handles.append(mlp.up.register_forward_hook(
-            lambda m, i, o, layer=layer: seen.__setitem__((layer, "in"), o)))
-        handles.append(mlp.down.register_forward_pre_hook(
+    stack = reference_stack(model, arch)
+    for layer in layers:
+        mlp = stack[layer].mlp
+        if arch == "phi3":
+            def fused(m, i, o, layer=layer):
+                seen[layer, "gate"], seen[layer, "in"] = o.chunk(2, dim=-1)
+            handles.append(mlp.gate_up_proj.register_forward_hook(fused))
+        else:
+            handles.append(mlp.gate_proj.register_forward_hook(
+                lambda m, i, o, layer=layer: seen.__setitem__((layer, "gate"), o)))
+            handles.append(mlp.up_proj.register_forward_hook(
+                lambda m, i, o, layer=layer: seen.__setitem__((layer, "in"), o)))
+        handles.append(mlp.down_proj.register_forward_pre_hook(
             lambda m, i, layer=layer: seen.__setitem__((layer, "post"), i[0])))
-    ids = torch.tensor([tokenizer("Once again the council met.")["input_ids"],
-                        tokenizer("The cat sat on the mat, twice.")["input_ids"][:8]][0:1])
+    return seen, handles
+
+
+DENSE = {"llama": 2, "olmo": 2, "gemma": 2, "qwen2": 2, "phi3": 2, "gemma3mm": 2, "llava": 2, "deepseek2": 1}
+
+
+@pytest.mark.parametrize("engine", ["hf", "bridge"])
+@pytest.mark.parametrize("arch", list(DENSE))
+def test_hooks_match_hugging_face_forward_hooks(arch, engine, model_factory):
+    layers = 3 if arch == "deepseek2" else 2
+    folder = model_factory(arch, layers)
+    recorded = list(range(DENSE[arch]))  # DeepSeek-V2: its dense first layer (first_k_dense_replace)
+    reference, tokenizer = load_hf(str(folder), torch.float32)
+    reference.set_attn_implementation("eager")  # the bridge runs eager attention
+    seen, handles = hf_reference_hooks(reference, arch, recorded)
+    ids = torch.tensor([tokenizer("Once again the council met.")["input_ids"]])
     with torch.inference_mode():
         reference(ids)
-    loaded, _ = load_model(str(folder), dtype="float32", device="cpu", refactor=False, engine=engine)
+    loaded, _ = load_model(str(folder), dtype="float32", device="cpu", refactor=False, engine=engine,
+                           layers=recorded)
     if engine == "hf":
         loaded.hf_model.set_attn_implementation("eager")  # compare like with like
     got = {}
@@ -66,19 +90,20 @@ def test_hooks_match_hugging_face_forward_hooks(arch, engine, model_factory):
     def on_layer(layer, gate, in_, post):
         got[layer, "gate"], got[layer, "in"], got[layer, "post"] = gate.clone(), in_.clone(), post.clone()
 
-    run_with_mlp_hooks(loaded, ids, list(range(loaded.n_layers)), on_layer)
-    assert set(got) == set(seen)
+    run_with_mlp_hooks(loaded, ids, recorded, on_layer)
+    assert set(got) == set(seen) and len(seen) == 3 * len(recorded)
     for key in seen:
         torch.testing.assert_close(got[key], seen[key], rtol=1e-5, atol=1e-6, msg=str(key))
     # Gemma's gate goes through GELU, the others through SiLU.
-    assert loaded.act_fn_name.startswith("gelu" if arch == "gemma" else "silu")
+    assert loaded.act_fn_name.startswith("gelu" if arch.startswith("gemma") else "silu")
 
 
 def test_refactor_glu_keeps_logits_and_flips_exactly_negative_neurons(model_factory):
     model, tokenizer = load_hf(str(model_factory("llama")), torch.float32)
     ids = torch.tensor([tokenizer("Meanwhile the market rose again.")["input_ids"]])
     mlps = find_gated_mlps(model)
-    expected = torch.stack([(m.gate.weight * m.up.weight).sum(1) < 0 for m in mlps])
+    layers = model.model.layers
+    expected = torch.stack([(m.mlp.gate_proj.weight * m.mlp.up_proj.weight).sum(1) < 0 for m in layers])
     assert expected.any() and not expected.all()
     with torch.inference_mode():
         before = model(ids).logits
@@ -86,7 +111,7 @@ def test_refactor_glu_keeps_logits_and_flips_exactly_negative_neurons(model_fact
         after = model(ids).logits
     assert torch.equal(flipped, expected)
     torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
-    assert all(((m.gate.weight * m.up.weight).sum(1) >= 0).all() for m in mlps)
+    assert all(((m.mlp.gate_proj.weight * m.mlp.up_proj.weight).sum(1) >= 0).all() for m in layers)
 
 
 def test_file_matches_contract(model_factory, corpus_files, tmp_path):
@@ -568,9 +593,9 @@ def test_gpu_path_without_host_syncs_gives_the_same_file(model_factory, corpus_f
     redone = []
     run_with_hooks = run_module.run_with_mlp_hooks
 
-    def counting(loaded, input_ids, layers, on_layer):
+    def counting(loaded, input_ids, layers, on_layer, on_moe=None):
         redone.append(on_layer.__name__ == "exactly")
-        return run_with_hooks(loaded, input_ids, layers, on_layer)
+        return run_with_hooks(loaded, input_ids, layers, on_layer, on_moe)
 
     monkeypatch.setattr(run_module, "run_with_mlp_hooks", counting)
     monkeypatch.setattr(run_module._Capacity, "ON_CPU", True)
@@ -617,3 +642,328 @@ def test_gpu_capacity_follows_changed_lists_per_document(monkeypatch):
     assert capacity.current(8) == 800 and capacity.current(16) == 1600
     capacity.observe(1, 8)
     assert capacity.current(8) == 10
+
+
+# -- issue 9: every gated architecture TransformerLens knows -------------------------------------
+
+def brute_force_counts(folder: Path, arch: str, layers: list[int], f: ActivationsFile) -> dict[int, tuple]:
+    """Per layer, each neuron's case counts and in-sums over the file's counted positions, from Hugging
+    Face forward hooks run on one document at a time, with refactor_glu's flip applied by hand."""
+    model, _ = load_hf(str(folder), torch.float32)
+    stack = reference_stack(model, arch)
+    first = first_counted_position(f.attrs)
+    out = {}
+    seen, handles = hf_reference_hooks(model, arch, layers)
+    counts = {layer: 0 for layer in layers}
+    sums = {layer: 0 for layer in layers}
+    for doc in range(f.n_docs):
+        with torch.inference_mode():
+            model(torch.tensor(f.document(doc), dtype=torch.long)[None])
+        for layer in layers:
+            mlp = stack[layer].mlp
+            if arch == "phi3":
+                w_gate, w_in = mlp.gate_up_proj.weight.chunk(2, dim=0)
+            else:
+                w_gate, w_in = mlp.gate_proj.weight, mlp.up_proj.weight
+            sign = torch.where((w_gate * w_in).sum(1) < 0, -1.0, 1.0)
+            gate, in_ = seen[layer, "gate"][0, first:], seen[layer, "in"][0, first:] * sign
+            cases = torch.stack([(gate > 0) & (in_ > 0), (gate > 0) & (in_ < 0), (gate < 0) & (in_ > 0),
+                                 (gate < 0) & (in_ < 0)], dim=-1)  # [T, N, C]
+            counts[layer] = counts[layer] + cases.sum(0).numpy()
+            sums[layer] = sums[layer] + (cases * in_[..., None]).sum(0).double().numpy()
+    for handle in handles:
+        handle.remove()
+    for layer in layers:
+        out[layer] = (counts[layer], sums[layer])
+    return out
+
+
+@pytest.mark.parametrize("arch,layers", [("phi3", None), ("gemma3mm", None), ("llava", None), ("deepseek2", [0])])
+def test_collect_new_families_against_brute_force(arch, layers, model_factory, corpus_files, tmp_path):
+    """Fused gate/up (Phi-3), the language tower of a multimodal model (Gemma-3), and the dense layer
+    of a model whose other layers are mixture-of-experts (DeepSeek-V2, --layers 0): the file's
+    counts and sums match a recomputation from Hugging Face hooks, and its pages build."""
+    from mkdocs_gluscope.pages import write_markdown_pages
+
+    folder = model_factory(arch, 3 if arch == "deepseek2" else 2)
+    out = collect(small_config(folder, corpus_files, tmp_path / f"{arch}.h5", layers=layers))
+    with ActivationsFile(out) as f:
+        recorded = f.layers
+        assert recorded == (layers or [0, 1])
+        reference = brute_force_counts(folder, arch, recorded, f)
+        for row, layer in enumerate(recorded):
+            count, sums = reference[layer]
+            np.testing.assert_array_equal(f.stat("count")[row], count)
+            np.testing.assert_allclose(f.stat("sum")[row, :, :, HOOKS.index("hook_pre_linear")], sums,
+                                       rtol=1e-4, atol=1e-4)
+        assert f.attrs["adapter"]
+    pages = write_markdown_pages(out, [f"{recorded[-1]}.*"], tmp_path / "site")
+    assert any(p.name == "N0.md" for p in pages)
+
+
+def test_layers_outside_the_request_are_not_inspected(model_factory, corpus_files, tmp_path, monkeypatch):
+    """A layer we could not record is no obstacle when --layers leaves it out."""
+    import collect.architectures as arch_module
+
+    real = arch_module._dense
+    calls = []
+
+    def counting(mlp, gate, up, down, where):
+        calls.append(where)
+        return real(mlp, gate, up, down, where)
+
+    monkeypatch.setattr(arch_module, "_dense", counting)
+    collect(small_config(model_factory("llama"), corpus_files, tmp_path / "one.h5", layers=[1]))
+    assert len(calls) == 1 and "layer 1" in calls[0]
+
+
+MOE = {"mixtral": 2, "olmoe": 2, "qwen2moe": 2, "deepseek2": 3}
+
+
+def moe_reference(folder: Path, arch: str, f: ActivationsFile) -> dict:
+    """Per (layer, expert): routed token count, case counts and in-sums, recomputed explicitly: the
+    MoE block's input from a Hugging Face forward pre-hook, routing from the model's own router,
+    each expert's gate and in from its slice of gate_up_proj (halves, as transformers' forward
+    chunks them), refactor_glu's flip applied by hand. The recomputed experts reproduce the block's
+    output, so these are the values the model used."""
+    model, _ = load_hf(str(folder), torch.float32)
+    first = first_counted_position(f.attrs)
+    seen = {}
+    handles = [layer.mlp.register_forward_hook(
+        lambda m, i, o, index=index: seen.__setitem__(index, (i[0], o)))
+        for index, layer in enumerate(model.model.layers)]
+    out: dict = {}
+
+    best: dict = {}  # (layer, expert) -> per document: largest |in| per (neuron, case), -1 if none
+
+    def add(key, gate, in_, routed):
+        cases = torch.stack([(gate > 0) & (in_ > 0), (gate > 0) & (in_ < 0), (gate < 0) & (in_ > 0),
+                             (gate < 0) & (in_ < 0)], dim=-1) & routed[:, None, None]
+        routed_n, count, sums = out.get(key, (0, 0, 0))
+        out[key] = (routed_n + int(routed.sum()), count + cases.sum(0).numpy(),
+                    sums + (cases * in_[..., None]).sum(0).double().numpy())
+        magnitude = torch.where(cases, in_.abs()[..., None], -1.0).amax(dim=0)  # [N, C]
+        best.setdefault(key, []).append(magnitude.numpy())
+
+    for doc in range(f.n_docs):
+        with torch.inference_mode():
+            model(torch.tensor(f.document(doc), dtype=torch.long)[None])
+            for index, layer in enumerate(model.model.layers):
+                mlp = layer.mlp
+                if not hasattr(mlp, "experts"):
+                    continue  # a dense layer
+                x, y = seen[index]
+                x = x[0]
+                _, weights, chosen = mlp.gate(x)
+                experts = mlp.experts
+                recomposed = torch.zeros_like(x)
+                for e in range(experts.gate_up_proj.shape[0]):
+                    w_gate, w_in = experts.gate_up_proj[e].chunk(2, dim=0)
+                    gate, in_ = x @ w_gate.T, x @ w_in.T
+                    hit = (chosen == e)
+                    weight = (weights * hit).sum(-1, keepdim=True)
+                    recomposed += weight * ((experts.act_fn(gate) * in_) @ experts.down_proj[e].T)
+                    sign = torch.where((w_gate * w_in).sum(1) < 0, -1.0, 1.0)
+                    routed = hit.any(-1)
+                    routed[:first] = False
+                    add((index, e), gate[first:], (in_ * sign)[first:], routed[first:])
+                shared = getattr(mlp, "shared_expert", None) or getattr(mlp, "shared_experts", None)
+                if shared is not None:
+                    w_gate, w_in = shared.gate_proj.weight, shared.up_proj.weight
+                    gate, in_ = x @ w_gate.T, x @ w_in.T
+                    part = shared(x)
+                    if hasattr(mlp, "shared_expert_gate"):
+                        part = torch.sigmoid(mlp.shared_expert_gate(x)) * part
+                    recomposed += part
+                    sign = torch.where((w_gate * w_in).sum(1) < 0, -1.0, 1.0)
+                    add((index, "s"), gate[first:], (in_ * sign)[first:], torch.ones(len(x) - first, dtype=torch.bool))
+                torch.testing.assert_close(recomposed, y[0], rtol=1e-4, atol=1e-5)
+    for handle in handles:
+        handle.remove()
+    return {key: (*value, np.stack(best[key])) for key, value in out.items()}  # best: [docs, N, C]
+
+
+@pytest.mark.parametrize("arch", list(MOE))
+def test_expert_neurons_against_explicit_recomputation(arch, model_factory, corpus_files, tmp_path):
+    """Every expert's neurons: tokens routed to each expert, case counts over those tokens and sums of
+    in, as an explicit recomputation of the routing and the experts gives them; shared experts (Qwen2-MoE,
+    DeepSeek-V2) over every token; DeepSeek-V2's dense first layer next to its MoE layers."""
+    folder = model_factory(arch, MOE[arch])
+    out = collect(small_config(folder, corpus_files, tmp_path / f"{arch}.h5"))
+    with ActivationsFile(out) as f:
+        reference = moe_reference(folder, arch, f)
+        assert set(f.expert_rows) == set(reference)
+        assert f.layers == ([0] if arch == "deepseek2" else [])
+        for (layer, expert), (routed, count, sums, best) in reference.items():
+            assert f.routed[layer, expert] == routed, (layer, expert)
+            n = f.expert_neurons(expert)
+            data = [f.neuron(layer, i, expert=expert, windows=False) for i in range(n)]
+            np.testing.assert_array_equal(np.stack([d.count for d in data]), count, err_msg=str((layer, expert)))
+            np.testing.assert_allclose(np.stack([d.sum[:, 1] for d in data]), sums, rtol=1e-4, atol=1e-4,
+                                       err_msg=str((layer, expert)))
+            # The in lists: the k documents with the largest |in| among their routed positions of the case.
+            for i, d in enumerate(data):
+                for c in range(4):
+                    expected = np.sort(best[:, i, c][best[:, i, c] >= 0])[::-1][: f.k]
+                    got = d.top_value[c, 1][d.top_doc[c, 1] >= 0]
+                    np.testing.assert_allclose(np.abs(got), expected, rtol=1e-4, err_msg=str((layer, expert, i, c)))
+                    docs = d.top_doc[c, 1][d.top_doc[c, 1] >= 0]
+                    np.testing.assert_allclose(best[docs, i, c], np.abs(got), rtol=1e-4)
+        # Routed experts see only their tokens: each token goes to top_k of them.
+        top_k = 2
+        for layer in f.expert_layers:
+            assert sum(f.routed[layer, e] for e in f.experts_of(layer) if e != "s") == top_k * f.n_tokens
+        layer, expert = next(iter(f.expert_rows))
+        data = f.neuron(layer, 0, expert=expert)
+        assert data.id == f"{layer}.{'s' if expert == 's' else f'e{expert}'}.0"
+        np.testing.assert_allclose(data.frequency, data.count / f.routed[layer, expert])
+        # The windows' centre is the example's own value; tokens the expert never saw are NaN.
+        c = int(np.argmax(data.count))
+        filled = data.top_doc[c, 1] >= 0
+        np.testing.assert_allclose(data.top_in[c, 1, filled, f.context_before], data.top_value[c, 1, filled],
+                                   rtol=1e-3)
+        last = f.expert_layers[-1]
+    from mkdocs_gluscope.pages import write_markdown_pages
+
+    written = write_markdown_pages(out, [f"{last}.*"], tmp_path / "pages")  # every expert of the last layer
+    names = {p.relative_to(tmp_path / "pages").as_posix() for p in written}
+    assert f"neurons/L{last}/E3/N0.md" in names and f"neurons/L{last}/E0/index.md" in names
+    assert (f"neurons/L{last}/S/index.md" in names) == (arch in ("qwen2moe", "deepseek2"))
+
+
+def test_expert_pages_build_with_routing_and_indexes(model_factory, corpus_files, tmp_path, capsys, caplog):
+    """`gluscope collect --experts` on a model with dense and MoE layers, then a strict MkDocs build of
+    pages for a dense neuron, a routed expert's neurons and a shared expert's neuron: index pages per
+    layer and expert, routing frequency on the pages, every link resolving."""
+    import sites
+
+    out = tmp_path / "ds.h5"
+    code, text = run_cli("collect", "--model", str(model_factory("deepseek2", 3)), "--dataset",
+                         str(corpus_files[0]), "--out", str(out), "--experts", "1-2,s", "--k", "4",
+                         "--no-compile", "--no-progress", "--device", "cpu", "--dtype", "float32", capsys=capsys)
+    assert code == 0, text
+    with ActivationsFile(out) as f:
+        assert sorted(f.expert_rows, key=str) == sorted([(1, 1), (1, 2), (2, 1), (2, 2), (1, "s"), (2, "s")], key=str)
+        routed = f.routed[1, 2]
+        assert 0 < routed < f.n_tokens and f.routed[2, "s"] == f.n_tokens
+    site = sites.build_site(tmp_path / "site", {"activations": str(out), "neurons": ["0.3", "1.e2.*", "2.s.5"]})
+    neurons = site / "neurons"
+    page = (neurons / "L1" / "E2" / "N0" / "index.html").read_text()
+    assert "Neuron 1.e2.0" in page and f"{routed:,} of" in page and "routing frequency" in page
+    assert (neurons / "L2" / "S" / "N5" / "index.html").exists() and (neurons / "L0" / "N3" / "index.html").exists()
+    assert "1.e2.23" in (neurons / "L1" / "E2" / "index.html").read_text()  # the expert's index lists its neurons
+    layer = (neurons / "L1" / "index.html").read_text()
+    assert "1.e2" in layer and "routing frequency" in layer
+    assert "2.s" in (neurons / "index.html").read_text()
+    # The light layout (a whole model) names neurons by (layer, neuron): expert neurons are refused.
+    from mkdocs.exceptions import Abort
+
+    with caplog.at_level("ERROR"), pytest.raises(Abort):
+        sites.build_site(tmp_path / "light", {"activations": str(out), "neurons": ["0.3", "1.e2.*"],
+                                              "layout": "light"})
+    assert "the light layout does not support expert neurons yet; list them in the full layout" in caplog.text
+    # Ids the file cannot serve are one clear line each.
+    with pytest.raises(GluscopeError, match="layer 1 has no expert e0 in the file"):
+        from mkdocs_gluscope.pages import write_markdown_pages
+        write_markdown_pages(out, ["1.e0.3"], tmp_path / "md")
+    code, text = run_cli("collect", "--model", str(model_factory("deepseek2", 3)), "--dataset",
+                         str(corpus_files[0]), "--out", str(tmp_path / "bad.h5"), "--experts", "9",
+                         "--no-compile", "--no-progress", "--device", "cpu", capsys=capsys)
+    assert code == 2 and "--experts 9: layer 1 has experts 0..3 and s (shared)" in text and "Traceback" not in text
+
+
+def test_merged_shards_and_layer_groups_of_an_moe_run_equal_one_run(model_factory, corpus_files, tmp_path, capsys):
+    """Shards of an MoE run (and runs of disjoint layers) merge into the file one run writes: expert
+    statistics merge like a dense layer's and routed counts add. pick refuses a file of expert neurons
+    only (it scores dense layers), info lists the experts."""
+    from mkdocs_gluscope.merge import merge_files
+
+    model = model_factory("deepseek2", 3)
+    whole = collect(small_config(model, corpus_files, tmp_path / "whole.h5", batch_tokens=64))
+    parts = [collect(small_config(model, corpus_files, tmp_path / f"s{i}.h5", shard=f"{i}/2", batch_tokens=64))
+             for i in range(2)]
+    parts += [collect(small_config(model, corpus_files, tmp_path / f"l{i}.h5", layers=layers, batch_tokens=64))
+              for i, layers in enumerate(([0, 1], [2]))]
+    for inputs, name in ((parts[:2], "sharded"), (parts[2:], "layers")):
+        merged = merge_files(inputs, tmp_path / f"{name}.h5")
+        with h5py.File(whole) as a, h5py.File(merged) as b:
+            names = []
+            a.visit(lambda n: names.append(n) if isinstance(a[n], h5py.Dataset) else None)
+            assert "experts/routed" in names and "shared_experts/stats/count" in names
+            for n in names:
+                x, y = a[n][...], b[n][...]
+                if n.endswith("sum"):
+                    np.testing.assert_allclose(x, y, rtol=1e-9, err_msg=n)  # added in another order
+                else:
+                    assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), (name, n)
+            assert a.attrs["n_tokens"] == b.attrs["n_tokens"]
+    olmoe = collect(small_config(model_factory("olmoe", 2), corpus_files, tmp_path / "olmoe.h5"))
+    capsys.readouterr()
+    code, text = run_cli("pick", str(olmoe), capsys=capsys)
+    assert code == 2 and "holds expert neurons only (layers 0, 1)" in text and text.count("gluscope: error") == 1
+    code, text = run_cli("info", str(olmoe), capsys=capsys)
+    assert code == 0 and "experts L1: 4 routed x 48 neurons" in text and "nan" not in text
+
+
+def test_expert_resume_and_weight_geometry(model_factory, corpus_files, tmp_path):
+    """An interrupted, resumed MoE run writes the uninterrupted run's file (routed counts included);
+    each expert neuron's flip and cosines are those of its slice of the fused expert weights."""
+    model = model_factory("qwen2moe", 2)
+    whole = collect(small_config(model, corpus_files, tmp_path / "whole.h5", batch_tokens=64))
+    config = small_config(model, corpus_files, tmp_path / "resumed.h5", batch_tokens=64)
+    with pytest.raises(Interrupted):
+        collect(config, stop_after_batches=2)
+    config.resume = True
+    resumed = collect(config)
+    with h5py.File(whole) as a, h5py.File(resumed) as b:
+        names = []
+        a.visit(lambda name: names.append(name) if isinstance(a[name], h5py.Dataset) else None)
+        assert "experts/routed" in names and "shared_experts/top/gate" in names
+        for name in names:
+            assert np.array_equal(a[name][...], b[name][...], equal_nan=a[name].dtype.kind == "f"), name
+    reference, _ = load_hf(str(model), torch.float32)
+    cos = torch.nn.functional.cosine_similarity
+    with ActivationsFile(whole) as f:
+        for (layer, expert) in [(0, 3), (1, "s")]:
+            mlp = reference.model.layers[layer].mlp
+            if expert == "s":
+                w_gate, w_in, w_out = (mlp.shared_expert.gate_proj.weight, mlp.shared_expert.up_proj.weight,
+                                       mlp.shared_expert.down_proj.weight.T)
+            else:
+                w_gate, w_in = mlp.experts.gate_up_proj[expert].chunk(2, dim=0)
+                w_out = mlp.experts.down_proj[expert].T
+            flip = (w_gate * w_in).sum(1) < 0
+            sign = torch.where(flip, -1.0, 1.0)[:, None]
+            n = f.expert_neurons(expert)
+            data = [f.neuron(layer, i, expert=expert, windows=False) for i in range(n)]
+            assert [d.flipped for d in data] == flip.tolist() and flip.any()
+            np.testing.assert_allclose([d.cos_gate_in for d in data], cos(w_gate, w_in * sign, dim=1).detach(),
+                                       rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose([d.cos_in_out for d in data], cos(w_in, w_out, dim=1).detach(),
+                                       rtol=1e-5, atol=1e-6)  # both flipped: unchanged
+
+
+def test_gpt_oss_experts_are_refused_naming_what_was_found():
+    """gpt-oss's experts interleave gate and in, add biases and clamp: not act(gate) * in."""
+    import transformers
+
+    from collect.architectures import locate
+
+    config = transformers.GptOssConfig(vocab_size=400, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
+                                       num_experts_per_tok=2, head_dim=16, max_position_embeddings=256)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(GluscopeError, match=r"layer 0's MLP: its experts \(GptOssExperts: gate_up_proj \[4, 32, 32\], "
+                                            r"gate_up_proj_bias .*gpt-oss's interleaved, biased, clamped experts"):
+        locate(model, [0])
+
+
+def test_torchrun_refuses_expert_neurons_before_the_first_batch():
+    """torchrun's merge (collect.distributed.merge_into_rank0) handles dense layers only: a run
+    recording experts is refused before it loads a batch, naming what works instead."""
+    from collect.distributed import World
+    from collect.run import collect_statistics
+
+    with pytest.raises(GluscopeError, match="torchrun does not merge expert neurons yet.*--shard and gluscope merge"):
+        collect_statistics(None, None, small_config(Path("m"), [], Path("o")), [1], world=World(rank=0, size=2),
+                           experts={1: [0, 1]})

@@ -22,7 +22,53 @@ ARCHS = {
     "olmo": ("OlmoConfig", {}, True),
     "gemma": ("GemmaConfig", {"hidden_activation": "gelu_pytorch_tanh", "head_dim": 16}, True),
     "qwen2": ("Qwen2Config", {}, False),
+    # fused gate/up projection (gate_up_proj), split by TransformerLens' Phi-3 rule
+    "phi3": ("Phi3Config", {"pad_token_id": None}, True),
+    # Gemma3ForConditionalGeneration: a vision tower first, the language model's layers inside it
+    "gemma3mm": ("Gemma3Config", {"hidden_activation": "gelu_pytorch_tanh", "head_dim": 16}, True),
+    # LlavaForConditionalGeneration: no causal-LM class; a CLIP tower, then a Llama language model
+    "llava": ("LlamaConfig", {}, True),
+    # mixture of experts
+    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}, True),
+    "olmoe": ("OlmoeConfig", {"num_experts": 4, "num_experts_per_tok": 2}, True),
+    "qwen2moe": ("Qwen2MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24,
+                                    "shared_expert_intermediate_size": 40}, False),
+    # the first layer dense (first_k_dense_replace), the others MoE with a shared expert
+    "deepseek2": ("DeepseekV2Config", {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24,
+                                       "n_shared_experts": 1, "first_k_dense_replace": 1, "q_lora_rank": None,
+                                       "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
+                                       "v_head_dim": 16, "n_group": 1, "topk_group": 1,
+                                       "num_key_value_heads": 2}, True),  # MLA: one KV head per head
 }
+MOE_ARCHS = ("mixtral", "olmoe", "qwen2moe", "deepseek2")
+
+
+def tiny_config(arch: str, tokenizer, *, layers: int, d_model: int, d_mlp: int):
+    """A transformers config of a tiny ``arch`` model for ``tokenizer``'s vocabulary."""
+    import transformers
+
+    config_class, extra, _ = ARCHS[arch]
+    text = dict(vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=d_mlp,
+                num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+                max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    text.update(extra)
+    if arch == "gemma3mm":
+        vision = transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                 num_attention_heads=2, image_size=28, patch_size=14)
+        # Image placeholder ids past the text vocabulary: no corpus token is taken for an image.
+        n = len(tokenizer)
+        text["vocab_size"] = n + 3
+        return transformers.Gemma3Config(text_config=transformers.Gemma3TextConfig(**text), vision_config=vision,
+                                         mm_tokens_per_image=4, boi_token_index=n, eoi_token_index=n + 1,
+                                         image_token_index=n + 2)
+    if arch == "llava":
+        vision = transformers.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                               num_attention_heads=2, image_size=28, patch_size=14)
+        text["vocab_size"] = len(tokenizer) + 1
+        return transformers.LlavaConfig(text_config=transformers.LlamaConfig(**text), vision_config=vision,
+                                        image_token_index=len(tokenizer))
+    return getattr(transformers, config_class)(**text)
 
 
 def train_tokenizer(folder: Path, *, bos: bool, vocab_size: int = 400):
@@ -51,21 +97,23 @@ def make_model_dir(folder: Path, arch: str = "llama", *, layers: int = 2, d_mode
     import torch
     import transformers
 
-    config_class, extra, bos = ARCHS[arch]
+    bos = ARCHS[arch][2]
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(folder, bos=bos)
-    config = getattr(transformers, config_class)(
-        vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=d_mlp,
-        num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
-        max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **extra)
+    config = tiny_config(arch, tokenizer, layers=layers, d_model=d_model, d_mlp=d_mlp)
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    # Random init gives tiny weights; scale the MLP so activations spread over all four cases.
+    if arch == "llava":
+        model = transformers.AutoModelForImageTextToText.from_config(config)
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    # Random init gives tiny weights (routers start at zero); scale the MLP projections and the
+    # routers so activations spread over all four cases and tokens over all experts.
+    mlp_names = ("gate_proj.weight", "up_proj.weight", "gate_up_proj.weight", "experts.gate_up_proj",
+                 "gate.weight")
     with torch.no_grad():
-        for layer in model.model.layers:
-            for proj in (layer.mlp.gate_proj, layer.mlp.up_proj):
-                proj.weight.normal_(0, 0.5)
+        for name, param in model.named_parameters():
+            if ".mlp." in name and name.endswith(mlp_names) and "vision" not in name:
+                param.normal_(0, 0.5)
     model.save_pretrained(folder)
     return folder
 

@@ -217,8 +217,10 @@ def measure(args: argparse.Namespace, doc_len: int) -> None:
     if args.trunk:
         per_repeat = len(batches)
         trunk_total = statistics.median(sum(trunk[i:i + per_repeat]) for i in range(0, len(trunk), per_repeat))
-        print(f"(c) forward without logits: {trunk_total:6.2f} s: run alone / (c) = {loop / trunk_total:.3f} "
-              "(what the statistics add to the layers they read)")
+        late_trunk = statistics.median(c / t for repeat, start in zip(pairs, range(0, len(trunk), per_repeat))
+                                       for (c, _), t in list(zip(repeat, trunk[start:start + per_repeat]))[late])
+        print(f"(c) forward without logits: {trunk_total:6.2f} s: run alone / (c) = {loop / trunk_total:.3f} whole run, "
+              f"{late_trunk:.3f} later batches (what the statistics add to the layers they read)")
     from collect.stats import state_bytes_per_neuron
 
     state = state_bytes_per_neuron(cfg.k, cfg.context_before + 1 + cfg.context_after, 2) * neurons

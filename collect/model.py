@@ -22,10 +22,12 @@ forward pass.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -233,10 +235,36 @@ def boot_bridge(name: str, hf_model: Any, tokenizer: Any, device: torch.device, 
 
     if not getattr(hf_model.config, "architectures", None):
         hf_model.config.architectures = [type(hf_model).__name__]  # bare configs lack it
-    bridge = TransformerBridge.boot_transformers(
-        name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype)
+    with _no_package_installs():
+        bridge = TransformerBridge.boot_transformers(
+            name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype)
     bridge.eval()
     return bridge
+
+
+@contextlib.contextmanager
+def _no_package_installs() -> Iterator[None]:
+    """TransformerLens 4.3 runs ``pip install torchvision`` when it boots a multimodal model without
+    it (for an image processor we never use). That upgrades torch in the user's environment (here:
+    2.13 CPU to a multi-GB 2.14 CUDA build, mid-run, which broke torch.compile): say it is missing."""
+    try:
+        from transformer_lens.model_bridge.sources.transformers import helpers
+    except ImportError:
+        yield
+        return
+    if not hasattr(helpers, "_ensure_torchvision"):
+        yield
+        return
+    original = helpers._ensure_torchvision
+    helpers._ensure_torchvision = _torchvision_importable
+    try:
+        yield
+    finally:
+        helpers._ensure_torchvision = original
+
+
+def _torchvision_importable() -> bool:
+    return importlib.util.find_spec("torchvision") is not None
 
 
 def load_model(model: str, *, dtype: str = "auto", device: str = "auto", refactor: bool = True,

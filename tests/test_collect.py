@@ -967,3 +967,19 @@ def test_torchrun_refuses_expert_neurons_before_the_first_batch():
     with pytest.raises(GluscopeError, match="torchrun does not merge expert neurons yet.*--shard and gluscope merge"):
         collect_statistics(None, None, small_config(Path("m"), [], Path("o")), [1], world=World(rank=0, size=2),
                            experts={1: [0, 1]})
+
+
+def test_bridge_on_a_multimodal_model_installs_no_package(model_factory, monkeypatch):
+    """Found: TransformerLens ran `pip install torchvision` when it booted Gemma-3 or Llava, which
+    replaced the user's torch (2.13 CPU) by a multi-GB 2.14 CUDA build in the middle of a run."""
+    import subprocess
+
+    installs = []
+
+    def no_install(command, *args, **kwargs):
+        installs.append(command)
+        raise AssertionError(f"a package install was attempted: {command}")
+
+    monkeypatch.setattr(subprocess, "check_call", no_install)
+    load_model(str(model_factory("gemma3mm")), dtype="float32", device="cpu", engine="bridge")
+    assert installs == []

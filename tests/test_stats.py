@@ -124,18 +124,9 @@ def run_batches(docs, k, first_counted, batch_size, doc_offset=0, capacity=None)
                              BEFORE, AFTER)
         return stats
     for start in range(0, len(docs), batch_size):
-        chunk = docs[start:start + batch_size]
-        lengths = torch.tensor([g.shape[0] for g, _ in chunk])
-        t_max = int(lengths.max()) + 2  # padding beyond the longest document
-        # Padding carries large values that must not count.
-        post, in_, gate, swish = (torch.full((len(chunk), t_max, d_mlp), 5.0) for _ in range(4))
-        for b, (g, i) in enumerate(chunk):
-            for full, part in zip((post, in_, gate, swish), hook_values(g, i)):
-                full[b, : g.shape[0]] = part
-        t = torch.arange(t_max)
-        valid = (t[None] < lengths[:, None]) & (t[None] >= first_counted)
+        gate, in_, post, swish, valid, lengths = batch_tensors(docs[start:start + batch_size], first_counted)
         red = reduce_batch(gate, in_, post, swish, valid)
-        doc_ids = torch.arange(start, start + len(chunk)) + doc_offset
+        doc_ids = torch.arange(start, start + len(lengths)) + doc_offset
         stats = add_batch(stats, red, doc_ids, gate, in_, lengths, BEFORE, AFTER)
     return stats
 

@@ -29,6 +29,9 @@ from typing import Any, Mapping, Sequence
 import h5py
 import numpy as np
 
+from mkdocs_gluscope.distributions import (BAND_EDGES, BAND_SAMPLES, DENSITY_EDGES, HIST_EDGES, N_BANDS, N_BINS,
+                                           N_DENSITY)
+
 FORMAT = "gluscope-activations"
 FORMAT_VERSION = 1
 
@@ -42,6 +45,12 @@ STAT_NAMES = ("count", "sum", "min", "max")
 #: (gate or in NaN, so no sign); they are left out of every other statistic.
 NONFINITE_COLUMNS: tuple[str, ...] = CASES + ("no case",)
 WEIGHT_NAMES = ("flipped", "cos_gate_in", "cos_gate_out", "cos_in_out")
+#: ``samples/`` and ``bands/`` hold examples as ``top/`` does: these datasets each.
+EXAMPLE_PARTS = ("doc", "pos", "value", "gate", "in")
+#: ``vocab/token`` and ``vocab/score`` [L, N, 3, 2, K]: for each weight vector (axis 2, this order)
+#: the K tokens of highest score (axis 3 index 0) and of lowest score (index 1).
+VOCAB_WEIGHTS: tuple[str, ...] = ("out", "gate", "in")
+VOCAB_DIRECTIONS: tuple[str, ...] = ("top", "bottom")
 
 
 #: Examples within this many counted positions of their document's start are marked on pages and
@@ -127,8 +136,11 @@ EXPERT_GROUPS = ("experts", "shared_experts")
 SHARED = "s"
 
 
-def _create_neuron_datasets(root: h5py.Group, L: int, N: int, k: int, W: int, window_dtype: str) -> None:
-    """``stats/``, ``top/`` and ``weights/`` for ``L`` rows of ``N`` neurons under ``root``."""
+def _create_neuron_datasets(root: h5py.Group, L: int, N: int, k: int, W: int, window_dtype: str,
+                            samples: int = 0, band_samples: int = 0) -> None:
+    """``stats/``, ``top/`` and ``weights/`` for ``L`` rows of ``N`` neurons under ``root``; with
+    ``samples`` > 0 also the distributions: ``stats/hist``, ``stats/density``, ``samples/`` (that
+    many per case) and ``bands/`` (``band_samples`` per case and band)."""
     C, H = len(CASES), len(HOOKS)
     cn = max(1, min(N, NEURON_BLOCK))
     tn = max(1, min(N, 8))
@@ -153,6 +165,17 @@ def _create_neuron_datasets(root: h5py.Group, L: int, N: int, k: int, W: int, wi
     for name in ("gate", "in"):
         top.create_dataset(name, (L, N, C, H, k, W), window_dtype,
                            **compressed((L, N, C, H, k, W), (1, tn, C, H, k, W)))
+    if samples > 0:
+        B, G = N_BINS, N_DENSITY
+        stats.create_dataset("hist", (L, N, C, H, B), "int64", **compressed((L, N, C, H, B), (1, tn, C, H, B)))
+        stats.create_dataset("density", (L, N, G, G), "int64", **compressed((L, N, G, G), (1, tn, G, G)))
+        for group_name, extra in (("samples", (samples,)), ("bands", (N_BANDS, band_samples))):
+            group = root.create_group(group_name)
+            for name, dtype, shape in (("doc", "int32", (C,) + extra), ("pos", "int32", (C,) + extra),
+                                       ("value", "float32", (C, H) + extra),
+                                       ("gate", window_dtype, (C,) + extra + (W,)),
+                                       ("in", window_dtype, (C,) + extra + (W,))):
+                group.create_dataset(name, (L, N) + shape, dtype, **compressed((L, N) + shape, (1, tn) + shape))
     weights = root.create_group("weights")
     weights.create_dataset("flipped", (L, N), "bool")
     for name in WEIGHT_NAMES[1:]:
@@ -177,7 +200,11 @@ class ActivationsWriter:
         context_after: int,
         window_dtype: str = "float16",
         attrs: Mapping[str, Any] | None = None,
+        samples: int = 0,
+        band_samples: int = BAND_SAMPLES,
     ) -> None:
+        """``samples`` > 0 adds the distributions (histograms, density, ``samples`` random examples
+        per case, ``band_samples`` per case and band); 0 writes a file without them."""
         if window_dtype not in ("float16", "float32"):
             raise ValueError(f"window_dtype={window_dtype!r}; expected 'float16' or 'float32'")
         self.path = Path(path)
@@ -199,7 +226,14 @@ class ActivationsWriter:
             root[key] = _to_attr(value)
         self.window_dtype = window_dtype
         self.k, self.window = k, W
-        _create_neuron_datasets(self.file, L, N, k, W, window_dtype)
+        self.samples, self.band_samples = samples, band_samples if samples > 0 else 0
+        _create_neuron_datasets(self.file, L, N, k, W, window_dtype, self.samples, self.band_samples)
+        if samples > 0:
+            root["samples"] = samples
+            root["band_samples"] = band_samples
+            self.file["stats"].create_dataset("hist_edges", data=HIST_EDGES)
+            self.file["stats"].create_dataset("density_edges", data=DENSITY_EDGES)
+            self.file["bands"].create_dataset("edges", data=BAND_EDGES)
 
     def add_experts(self, group: str, layers: Sequence[int], experts: Sequence[int], routed: Sequence[int],
                     d_mlp: int) -> None:
@@ -212,7 +246,8 @@ class ActivationsWriter:
         g.create_dataset("layer", data=np.asarray(layers, dtype=np.int32))
         g.create_dataset("expert", data=np.asarray(experts, dtype=np.int32))
         g.create_dataset("routed", data=np.asarray(routed, dtype=np.int64))
-        _create_neuron_datasets(g, len(layers), d_mlp, self.k, self.window, self.window_dtype)
+        _create_neuron_datasets(g, len(layers), d_mlp, self.k, self.window, self.window_dtype, self.samples,
+                                self.band_samples)
 
     def write_corpus(
         self,
@@ -236,7 +271,9 @@ class ActivationsWriter:
 
     def write_layer(self, layer: int, arrays: Mapping[str, np.ndarray]) -> None:
         """One layer's statistics: keys ``count nonfinite sum min max`` and ``top_value top_doc
-        top_pos top_gate top_in``, each shaped as its dataset without the layer axis."""
+        top_pos top_gate top_in``, each shaped as its dataset without the layer axis; in a file
+        with distributions also ``hist density`` and ``samples_``/``bands_`` + each of
+        :data:`EXAMPLE_PARTS`."""
         self.write_neurons(layer, 0, arrays)
 
     def write_neurons(self, layer: int, start: int, arrays: Mapping[str, np.ndarray], group: str = "") -> None:
@@ -249,6 +286,22 @@ class ActivationsWriter:
             root["stats"][name][layer, start:start + n] = arrays[name]
         for name in ("value", "doc", "pos", "gate", "in"):
             write_layer_chunks(root["top"][name], layer, arrays["top_" + name], self._pool, start)
+        if self.samples > 0:
+            for name in ("hist", "density"):
+                write_layer_chunks(root["stats"][name], layer, arrays[name], self._pool, start)
+            for group in ("samples", "bands"):
+                for name in EXAMPLE_PARTS:
+                    write_layer_chunks(root[group][name], layer, arrays[f"{group}_{name}"], self._pool, start)
+
+    def write_vocab(self, token: np.ndarray, score: np.ndarray, group: str = "") -> None:
+        """``vocab/token`` (int32) and ``vocab/score`` (float32), ``[layer, neuron, 3, 2, K]``: see
+        :data:`VOCAB_WEIGHTS` and :data:`VOCAB_DIRECTIONS`."""
+        root = self.file[group] if group else self.file
+        vocab = root.require_group("vocab")
+        token, score = np.asarray(token, dtype=np.int32), np.asarray(score, dtype=np.float32)
+        chunks = (1, max(1, min(token.shape[1], 8))) + token.shape[2:]
+        vocab.create_dataset("token", data=token, **_compressed(chunks))
+        vocab.create_dataset("score", data=score, **_compressed(chunks))
 
     def write_weights(self, arrays: Mapping[str, np.ndarray], group: str = "") -> None:
         """``flipped`` and the three cosines, each ``[layer, neuron]`` (``[row, neuron]`` of ``group``)."""
@@ -277,6 +330,22 @@ class ActivationsWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.abort()
+
+
+@dataclass
+class Examples:
+    """Examples of one neuron that are not top-k lists (``samples/`` or ``bands/``), as numpy arrays:
+    ``doc``/``pos`` ``[C, *E]`` (``*E``: ``[S]`` for samples, ``[R, S]`` for bands; doc -1 where
+    a slot is empty), ``value`` ``[C, H, *E]`` every hook's value at the example, ``gate``/``in_``
+    ``[C, *E, W]`` float32 windows (NaN outside the document), ``tokens`` ``[C, *E, W]`` ids (-1 outside).
+    Within a list examples are in sampling order (random), not by value."""
+
+    doc: np.ndarray
+    pos: np.ndarray
+    value: np.ndarray
+    gate: np.ndarray
+    in_: np.ndarray
+    tokens: np.ndarray
 
 
 @dataclass
@@ -309,6 +378,16 @@ class NeuronData:
     nonfinite: np.ndarray | None = None  # [5] int64 (NONFINITE_COLUMNS); None in files without it
     expert: int | str | None = None  # a routed expert's index, SHARED, or None for a dense layer's neuron
     routed: int | None = None  # counted positions routed to the expert (every one for a shared expert)
+    # Distributions (None in files without them); edges as the file records them.
+    hist: np.ndarray | None = None  # [C, H, B] int64: bins of |value| (hist_edges), summing to count per case
+    hist_edges: np.ndarray | None = None  # [B + 1]
+    density: np.ndarray | None = None  # [G, G] int64: (gate cell, in cell) on density_edges
+    density_edges: np.ndarray | None = None  # [G + 1], signed
+    samples: Examples | None = None  # uniform random examples per case: [C, S]
+    bands: Examples | None = None  # random examples per case and band of |hook_post|: [C, R, S]
+    band_edges: np.ndarray | None = None  # [R + 1]
+    vocab_token: np.ndarray | None = None  # [3, 2, K] (VOCAB_WEIGHTS x VOCAB_DIRECTIONS x K) token ids
+    vocab_score: np.ndarray | None = None  # [3, 2, K] float32
 
     @property
     def frequency(self) -> np.ndarray:
@@ -562,6 +641,7 @@ class ActivationsFile:
         weight = (lambda name: self._weight(name)[row, neuron]) if expert is None else (
             lambda name: f("weights/" + name)[row, neuron])
         nonfinite = "nonfinite" in self.file[prefix + "stats"]
+        distributions = self._distributions(prefix, row, neuron, windows)
         return NeuronData(
             layer=layer,
             neuron=neuron,
@@ -586,7 +666,39 @@ class ActivationsFile:
             nonfinite=f("stats/nonfinite")[row, neuron] if nonfinite else None,
             expert=expert,
             routed=routed,
+            **distributions,
         )
+
+    @property
+    def has_distributions(self) -> bool:
+        """Whether the file has histograms, density, samples and bands (files before them do not)."""
+        return "hist" in self.file["stats"]
+
+    def _edges(self, name: str) -> np.ndarray:
+        if name not in self._weight_cache:
+            self._weight_cache[name] = self.file[name][...]
+        return self._weight_cache[name]
+
+    def _distributions(self, prefix: str, row: int, neuron: int, windows: bool) -> dict[str, Any]:
+        """The distribution fields of :class:`NeuronData` present in the file."""
+        out: dict[str, Any] = {}
+        f = lambda name: self._dataset(prefix + name)  # noqa: E731
+        if self.has_distributions:
+            out["hist"] = f("stats/hist")[row, neuron]
+            out["density"] = f("stats/density")[row, neuron]
+            out["hist_edges"] = self._edges("stats/hist_edges")
+            out["density_edges"] = self._edges("stats/density_edges")
+            out["band_edges"] = self._edges("bands/edges")
+            for group in ("samples", "bands"):
+                doc, pos = f(group + "/doc")[row, neuron], f(group + "/pos")[row, neuron]
+                window = (lambda name: f(f"{group}/{name}")[row, neuron].astype(np.float32)) if windows else (
+                    lambda name: None)
+                out[group] = Examples(doc=doc, pos=pos, value=f(group + "/value")[row, neuron],
+                                      gate=window("gate"), in_=window("in"), tokens=self.window_tokens(doc, pos))
+        if prefix + "vocab" in self.file:
+            out["vocab_token"] = f("vocab/token")[row, neuron]
+            out["vocab_score"] = f("vocab/score")[row, neuron]
+        return out
 
     def window_tokens(self, doc: np.ndarray, pos: np.ndarray) -> np.ndarray:
         """Token ids around each (doc, pos): shape ``doc.shape + (W,)``, -1 outside a document."""

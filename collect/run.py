@@ -30,9 +30,12 @@ from collect.model import (DTYPE_CHOICES, ENGINES, LoadedModel, dtype_name, load
                            resolve_device, run_with_mlp_hooks)
 from collect import distributed
 from collect.distributed import World, any_rank, broadcast_object, merge_into_rank0
-from collect.stats import (N_CASES, N_HOOKS, BatchReduction, LayerStats, compiled_reduce_batch, reduce_batch,
+from collect.stats import (N_CASES, N_HOOKS, BatchReduction, LayerStats, compiled_histogram_batch,
+                           compiled_reduce_batch, hist_and_density, histogram_batch, reduce_batch,
                            state_bytes_per_neuron, state_window_dtype, update_stats)
 from collect.moe import expert_batches
+from mkdocs_gluscope.distributions import (BAND_SAMPLES, EMPTY_PRIORITY, SAMPLES, document_pieces,
+                                           position_priority)
 from mkdocs_gluscope.errors import GluscopeError
 from mkdocs_gluscope.store import SHARED, ActivationsWriter, expert_label, first_counted_position
 
@@ -65,6 +68,8 @@ class CollectConfig:
     batch_tokens: int = 8192
     compile: bool = True
     window_dtype: str = "float16"
+    samples: int = SAMPLES  # random examples per case; 0: no distributions (histograms, density, samples, bands)
+    band_samples: int = BAND_SAMPLES  # random examples per case and band of |post|
     shard: str | None = None
     resume: bool = False
     checkpoint_every: float = 600.0
@@ -130,6 +135,12 @@ def check_config(config: CollectConfig) -> None:
         raise GluscopeError(f"--long-docs {config.long_docs!r}; expected truncate or split")
     if config.engine not in ENGINES:
         raise GluscopeError(f"--engine {config.engine!r}; expected one of {', '.join(ENGINES)}")
+    if config.samples < 0 or config.band_samples < 1:
+        raise GluscopeError(f"--samples {config.samples} --band-samples {config.band_samples}; expected --samples 0 "
+                            "or more (0: no distributions) and --band-samples 1 or more")
+    if config.samples > 0 and config.max_tokens > 2**31 - 1:
+        raise GluscopeError(f"--max-tokens {config.max_tokens}: histograms count up to 2**31 - 1 positions per run; "
+                            "collect fewer tokens per run (--shard) and join the files with gluscope merge")
     if config.window_dtype not in ("float16", "float32"):
         raise GluscopeError(f"--window-dtype {config.window_dtype!r}; expected float16 or float32")
     if config.layers is not None and not config.layers:
@@ -309,7 +320,24 @@ def finalize(state: LayerStats, window_dtype: str) -> dict[str, np.ndarray]:
         # Through float32: numpy has no bfloat16 (the state's dtype for float32 files of bfloat16 models).
         "top_gate": gate.float().cpu().numpy().astype(window_dtype),
         "top_in": in_.float().cpu().numpy().astype(window_dtype),
+        **(finalize_distributions(state, window_dtype) if state.has_distributions else {}),
     }
+
+
+def finalize_distributions(state: LayerStats, window_dtype: str) -> dict[str, np.ndarray]:
+    """The distributions' arrays as the file stores them (hooks before the examples' axes)."""
+    hist, density = hist_and_density(state)
+    out = {"hist": hist.cpu().numpy(), "density": density.cpu().numpy()}
+    for prefix, group in (("sample", "samples"), ("band", "bands")):
+        value = getattr(state, prefix + "_value")  # [N, C, (R,) S, H] -> [N, C, H, (R,) S]
+        out.update({
+            f"{group}_doc": getattr(state, prefix + "_doc").to(torch.int32).cpu().numpy(),
+            f"{group}_pos": getattr(state, prefix + "_pos").to(torch.int32).cpu().numpy(),
+            f"{group}_value": value.movedim(-1, 2).float().cpu().numpy(),
+            f"{group}_gate": getattr(state, prefix + "_gate").float().cpu().numpy().astype(window_dtype),
+            f"{group}_in": getattr(state, prefix + "_in").float().cpu().numpy().astype(window_dtype),
+        })
+    return out
 
 
 def counted_tokens(corpus: Corpus, config: CollectConfig) -> int:
@@ -382,11 +410,14 @@ def reduce_with_fallback(compile_: bool) -> Callable[..., BatchReduction]:
 def compare_reductions(reduced: BatchReduction, args: tuple, neurons: int) -> str | None:
     """What differs between ``reduced`` and the eager :func:`reduce_batch` on the first
     ``neurons`` neurons of the same batch, or None."""
-    gate, in_, post, swish, valid = args
+    gate, in_, post, swish, valid, *prio = args
     n = slice(0, min(neurons, gate.shape[-1]))
-    eager = reduce_batch(gate[..., n], in_[..., n], post[..., n], swish[..., n], valid)
-    per_neuron = {"count": 0, "nonfinite": 0, "min": 0, "max": 0, "doc_abs": 1, "doc_pos": 1, "doc_value": 1}
+    eager = reduce_batch(gate[..., n], in_[..., n], post[..., n], swish[..., n], valid, *prio)
+    per_neuron = {"count": 0, "nonfinite": 0, "min": 0, "max": 0, "doc_abs": 1, "doc_pos": 1, "doc_value": 1,
+                  "doc_min_abs": 1, "doc_prio": 1}
     for name, axis in per_neuron.items():
+        if getattr(eager, name) is None:
+            continue
         got = getattr(reduced, name).narrow(axis, 0, n.stop)
         want = getattr(eager, name)
         if got.is_floating_point():  # NaN marks an empty slot; compare it as a value
@@ -409,7 +440,7 @@ def state_bytes(d_mlp: int, n_layers: int, config: CollectConfig, model_dtype: t
     recorded layer)."""
     window_bytes = torch.empty((), dtype=state_window_dtype(config.window_dtype, model_dtype)).element_size()
     window = config.context_before + 1 + config.context_after
-    return state_bytes_per_neuron(config.k, window, window_bytes) * d_mlp * n_layers
+    return state_bytes_per_neuron(config.k, window, window_bytes, config.samples, config.band_samples) * d_mlp * n_layers
 
 
 def layer_groups(layers: list[int], per_layer: int, budget: int) -> list[list[int]]:
@@ -521,7 +552,8 @@ def collect_statistics(
     batches = shard_batches(corpus, config.batch_tokens, config.shard)
 
     def empty(layer: int) -> LayerStats:
-        return LayerStats.empty(loaded.d_mlp, config.k, window, device, window_dtype)
+        return LayerStats.empty(loaded.d_mlp, config.k, window, device, window_dtype, config.samples,
+                                config.band_samples)
 
     start = 0
     dense = [layer for layer in layers if layer not in loaded.moe]
@@ -530,7 +562,8 @@ def collect_statistics(
         moe = loaded.moe[layer]
         for expert in chosen:
             d = moe.shared.d_mlp if expert == SHARED else moe.d_expert
-            states[expert_key(layer, expert)] = LayerStats.empty(d, config.k, window, device, window_dtype)
+            states[expert_key(layer, expert)] = LayerStats.empty(d, config.k, window, device, window_dtype,
+                                                                 config.samples, config.band_samples)
             routed[expert_key(layer, expert)] = torch.zeros((), dtype=torch.int64, device=device)
     if config.resume:
         restored = load_checkpoint(config, device, facts) if world.is_main else None
@@ -541,6 +574,7 @@ def collect_statistics(
             print(f"gluscope: resuming from {config.checkpoint_path} after {start}/{len(batches)} batches",
                   file=sys.stderr)
     reduce = reduce_with_fallback(config.compile)
+    sampling = _Sampling.of(corpus, config) if config.samples > 0 else None
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     first_counted = config.counted_from(corpus.has_bos)
     lengths_all = corpus.lengths
@@ -566,7 +600,7 @@ def collect_statistics(
             index = first_of_round + world.rank
             if index < len(batches):
                 _run_batch(loaded, corpus, batches[index], layers, states, config, reduce, capacity, pad_id,
-                           first_counted, device, experts, routed)
+                           first_counted, device, experts, routed, sampling)
             finished = min(first_of_round + world.size, len(batches))
             bar.update(tokens(range(first_of_round, finished)))
             stop, due = any_rank(world, [
@@ -589,14 +623,60 @@ def collect_statistics(
     return merge_into_rank0(world, states, empty)
 
 
+@dataclass
+class _Sampling:
+    """What a run's distributions need beyond the statistics: each document's identity for the
+    sampling order (its source row and which piece of it), and the histogram function (compiled)."""
+
+    seed: int
+    sources: np.ndarray
+    pieces: np.ndarray
+    histogram: Callable[..., None]
+
+    @classmethod
+    def of(cls, corpus: Corpus, config: CollectConfig) -> "_Sampling":
+        return cls(config.seed, corpus.source_index, document_pieces(corpus.source_index),
+                   histogram_with_fallback(config.compile))
+
+    def priorities(self, docs: np.ndarray, length: int, lengths: np.ndarray, first_counted: int) -> torch.Tensor:
+        """``[B, T]`` sampling priorities of a batch's positions (EMPTY_PRIORITY where not counted)."""
+        t = np.arange(length, dtype=np.int64)[None, :]
+        prio = position_priority(self.seed, self.sources[docs][:, None], self.pieces[docs][:, None], t)
+        return torch.from_numpy(np.where((t < lengths[:, None]) & (t >= first_counted), prio, EMPTY_PRIORITY))
+
+
+def histogram_with_fallback(compile_: bool) -> Callable[..., None]:
+    """The compiled histogram, or the eager one with a warning where ``torch.compile`` fails."""
+    if not compile_:
+        return histogram_batch
+    compiled = compiled_histogram_batch(True)
+    state: dict[str, Any] = {"fn": compiled}
+
+    def histogram(*args: Any) -> None:
+        try:
+            return state["fn"](*args)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:
+            if state["fn"] is histogram_batch:
+                raise
+            _warn_compile(e)
+            state["fn"] = histogram_batch
+            return histogram_batch(*args)
+
+    return histogram
+
+
 def _run_batch(loaded: LoadedModel, corpus: Corpus, batch: Any, layers: list[int],
                states: dict[int | str, LayerStats], config: CollectConfig, reduce: Callable[..., BatchReduction],
                capacity: dict[int, "_Capacity"], pad_id: int, first_counted: int, device: torch.device,
                experts: dict[int, list[int | str]] | None = None,
-               routed: dict[str, torch.Tensor] | None = None) -> None:
+               routed: dict[str, torch.Tensor] | None = None,
+               sampling: "_Sampling | None" = None) -> None:
     """One batch through the model, every layer's statistics updated (see collect_statistics):
     dense layers by the fast path (redone exactly where flagged), the experts of mixture-of-experts
-    layers exactly, with the tokens routed to each added to ``routed``."""
+    layers exactly, with the tokens routed to each added to ``routed``; with ``sampling``, the
+    distributions too."""
     experts = experts or {}
     routed = routed if routed is not None else {}
     lengths_np = corpus.lengths[batch.docs]
@@ -608,15 +688,20 @@ def _run_batch(loaded: LoadedModel, corpus: Corpus, batch: Any, layers: list[int
     doc_ids = torch.from_numpy(batch.docs).to(device)
     t = torch.arange(batch.length, device=device)
     valid = (t[None, :] < lengths[:, None]) & (t[None, :] >= first_counted)
+    prio = (sampling.priorities(batch.docs, batch.length, lengths_np, first_counted).to(device, non_blocking=True)
+            if sampling else None)
+    with_prio = (prio,) if sampling else ()
+    histogram = sampling.histogram if sampling else histogram_batch
     applied: dict[int, torch.Tensor] = {}
     active: dict[int, torch.Tensor] = {}
 
     def on_layer(layer: int, gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor) -> None:
         swish = loaded.mlps[layer].act_fn(gate)
-        reduced = reduce(gate, in_, post, swish, valid)
+        reduced = reduce(gate, in_, post, swish, valid, *with_prio)
         applied[layer], active[layer] = update_stats(
             states[layer], reduced, doc_ids, gate, in_, lengths, config.context_before, config.context_after,
-            capacity=capacity[layer].current(len(batch.docs)), accept=~reduced.suspect)
+            capacity=capacity[layer].current(len(batch.docs)), accept=~reduced.suspect,
+            hooks=(post, in_, gate, swish), valid=valid, prio=prio, histogram=histogram)
 
     def on_moe(layer: int, hidden: torch.Tensor, routing: torch.Tensor, shared: Any) -> None:
         # Each expert's neurons through the dense statistics, over the tokens routed to it; exactly
@@ -626,12 +711,16 @@ def _run_batch(loaded: LoadedModel, corpus: Corpus, batch: Any, layers: list[int
             key = expert_key(layer, part.expert)
             routed[key] += part.valid.sum()
             act_fn = moe.shared.act_fn if part.expert == SHARED else moe.act_fn
-            reduced = reduce_batch(part.gate, part.in_, part.post, act_fn(part.gate), part.valid)
+            swish = act_fn(part.gate)
+            part_prio = None if prio is None else prio if part.positions is None else prio.gather(1, part.positions)
+            reduced = reduce_batch(part.gate, part.in_, part.post, swish, part.valid, part_prio)
             if part.positions is not None:  # packed positions (a routed expert's tokens) back to the document's
                 b = part.positions.shape[0]
                 reduced.doc_pos = part.positions.gather(1, reduced.doc_pos.reshape(b, -1)).view_as(reduced.doc_pos)
             update_stats(states[key], reduced, doc_ids, part.window_gate, part.window_in, lengths,
-                         config.context_before, config.context_after)
+                         config.context_before, config.context_after, hooks=(part.post, part.in_, part.gate, swish),
+                         valid=part.valid, prio=part_prio, positions=part.positions, check_finite=True,
+                         histogram=histogram)
 
     run_with_mlp_hooks(loaded, input_ids, layers, on_layer, on_moe)
     dense = [layer for layer in layers if layer in applied]
@@ -647,9 +736,10 @@ def _run_batch(loaded: LoadedModel, corpus: Corpus, batch: Any, layers: list[int
 
     def exactly(layer: int, gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor) -> None:
         swish = loaded.mlps[layer].act_fn(gate)
-        reduced = reduce_batch(gate, in_, post, swish, valid)  # checks every value; rare, so eager
+        reduced = reduce_batch(gate, in_, post, swish, valid, *with_prio)  # checks every value; rare, so eager
         update_stats(states[layer], reduced, doc_ids, gate, in_, lengths, config.context_before,
-                     config.context_after)
+                     config.context_after, hooks=(post, in_, gate, swish), valid=valid, prio=prio, check_finite=True,
+                     histogram=histogram)
 
     run_with_mlp_hooks(loaded, input_ids, redo, exactly)
 
@@ -833,7 +923,8 @@ def _collect(config: CollectConfig, world: World, device: str, *, stop_after_bat
     attrs["elapsed_s"] = round(time.monotonic() - started, 1)
     with ActivationsWriter(config.out, n_layers=len(dense_layers), d_mlp=loaded.d_mlp, k=config.k,
                            context_before=config.context_before, context_after=config.context_after,
-                           window_dtype=config.window_dtype, attrs=attrs) as writer:
+                           window_dtype=config.window_dtype, attrs=attrs, samples=config.samples,
+                           band_samples=config.band_samples) as writer:
         writer.write_corpus(corpus.tokens, corpus.doc_offsets, token_strings(loaded.tokenizer, vocab_size),
                             source_index=corpus.source_index, doc_title=corpus.titles)
         for row, layer in enumerate(dense_layers):

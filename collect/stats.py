@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, fields
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
+from mkdocs_gluscope.distributions import (BAND_EDGES, BAND_OF_BIN, DENSITY_HALF, DENSITY_OF_BIN, EMPTY_PRIORITY,
+                                           HIST_LOW_EXPONENT, N_BANDS, N_BINS, N_DENSITY)
 from mkdocs_gluscope.store import CASES, HOOKS
 
 N_CASES = len(CASES)
@@ -40,12 +42,17 @@ SLOT_DTYPE = torch.int16
 MAX_K = 2**15 - 1
 
 
-def state_bytes_per_neuron(k: int, window: int, window_bytes: int) -> int:
+def state_bytes_per_neuron(k: int, window: int, window_bytes: int, samples: int = 0, band_samples: int = 0) -> int:
     """Bytes of :class:`LayerStats` per neuron: what a collection keeps resident per neuron of
     every recorded layer (the file's figure per shape is this times layers x d_mlp)."""
     lists = N_CASES * N_HOOKS
     per_list = k * (8 + 4 + 4 + 4 + 2) + 2 * k * window * window_bytes + 8 + 4 + 4  # keys..slot, windows, sum/min/max
-    return lists * per_list + N_CASES * 8 + (N_CASES + 1) * 8
+    total = lists * per_list + N_CASES * 8 + (N_CASES + 1) * 8
+    if samples > 0:
+        histograms = N_CASES * (N_BINS * N_BINS + 2 * N_BINS) * 4
+        per_example = 8 + 4 + 4 + N_HOOKS * 4 + 2 * window * window_bytes
+        total += histograms + N_CASES * (samples + N_BANDS * band_samples) * per_example
+    return total
 
 
 def sort_key(abs_value: torch.Tensor, doc: torch.Tensor) -> torch.Tensor:
@@ -79,16 +86,54 @@ class LayerStats:
     top_slot: torch.Tensor  # [N, C, H, k] int16, where each entry's window is stored
     win_gate: torch.Tensor  # [N, C, H, k, W] window dtype, by slot, NaN outside the document
     win_in: torch.Tensor  # [N, C, H, k, W] window dtype, by slot
+    # Distributions (None where a run records none). Histogram counts are int32 on the device
+    # (runs are limited to 2**31 - 1 counted positions); gate and in are binned jointly, which
+    # gives their histograms and the density from one scatter instead of three.
+    hist_joint: torch.Tensor | None = None  # [N, C, B, B] int32: (gate bin, in bin) per case
+    hist_post: torch.Tensor | None = None  # [N, C, B] int32
+    hist_swish: torch.Tensor | None = None  # [N, C, B] int32
+    # Random examples: the S positions of lowest priority per case ("sample") and per (case, band)
+    # of |post| ("band"), ascending; key EMPTY_PRIORITY, doc/pos -1 and NaN values in empty slots.
+    sample_key: torch.Tensor | None = None  # [N, C, S] int64
+    sample_doc: torch.Tensor | None = None  # [N, C, S] int32
+    sample_pos: torch.Tensor | None = None  # [N, C, S] int32
+    sample_value: torch.Tensor | None = None  # [N, C, S, H] float32
+    sample_gate: torch.Tensor | None = None  # [N, C, S, W] window dtype
+    sample_in: torch.Tensor | None = None  # [N, C, S, W] window dtype
+    band_key: torch.Tensor | None = None  # [N, C, R, S2] int64
+    band_doc: torch.Tensor | None = None  # [N, C, R, S2] int32
+    band_pos: torch.Tensor | None = None  # [N, C, R, S2] int32
+    band_value: torch.Tensor | None = None  # [N, C, R, S2, H] float32
+    band_gate: torch.Tensor | None = None  # [N, C, R, S2, W] window dtype
+    band_in: torch.Tensor | None = None  # [N, C, R, S2, W] window dtype
 
     @classmethod
     def empty(cls, d_mlp: int, k: int, window: int, device: torch.device | str = "cpu",
-              window_dtype: torch.dtype = torch.float32) -> "LayerStats":
+              window_dtype: torch.dtype = torch.float32, samples: int = 0, band_samples: int = 0) -> "LayerStats":
         """Statistics of no documents. ``window_dtype`` float16 halves the window memory and
-        loses nothing when the file stores float16 windows anyway."""
+        loses nothing when the file stores float16 windows anyway. ``samples`` > 0 adds the
+        distributions (histograms, ``samples`` random examples per case, ``band_samples`` per band)."""
         shape = (d_mlp, N_CASES, N_HOOKS)
         f32 = dict(dtype=torch.float32, device=device)
         i64 = dict(dtype=torch.int64, device=device)
         i32 = dict(dtype=torch.int32, device=device)
+        distributions: dict[str, torch.Tensor] = {}
+        if samples > 0:
+            distributions = dict(
+                hist_joint=torch.zeros(d_mlp, N_CASES, N_BINS, N_BINS, **i32),
+                hist_post=torch.zeros(d_mlp, N_CASES, N_BINS, **i32),
+                hist_swish=torch.zeros(d_mlp, N_CASES, N_BINS, **i32),
+            )
+            for prefix, lists in (("sample", (samples,)), ("band", (N_BANDS, band_samples))):
+                lead = (d_mlp, N_CASES) + lists
+                distributions.update({
+                    prefix + "_key": torch.full(lead, EMPTY_PRIORITY, **i64),
+                    prefix + "_doc": torch.full(lead, -1, **i32),
+                    prefix + "_pos": torch.full(lead, -1, **i32),
+                    prefix + "_value": torch.full(lead + (N_HOOKS,), float("nan"), **f32),
+                    prefix + "_gate": torch.full(lead + (window,), float("nan"), dtype=window_dtype, device=device),
+                    prefix + "_in": torch.full(lead + (window,), float("nan"), dtype=window_dtype, device=device),
+                })
         return cls(
             count=torch.zeros(d_mlp, N_CASES, **i64),
             nonfinite=torch.zeros(d_mlp, N_CASES + 1, **i64),
@@ -102,7 +147,12 @@ class LayerStats:
             top_slot=torch.arange(k, dtype=SLOT_DTYPE, device=device).expand(shape + (k,)).contiguous(),
             win_gate=torch.full(shape + (k, window), float("nan"), dtype=window_dtype, device=device),
             win_in=torch.full(shape + (k, window), float("nan"), dtype=window_dtype, device=device),
+            **distributions,
         )
+
+    @property
+    def has_distributions(self) -> bool:
+        return self.hist_joint is not None
 
     @property
     def k(self) -> int:
@@ -113,14 +163,14 @@ class LayerStats:
         return _gather_k(self.win_gate, self.top_slot), _gather_k(self.win_in, self.top_slot)
 
     def to_dict(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
     @classmethod
     def from_dict(cls, tensors: dict[str, torch.Tensor]) -> "LayerStats":
         # Checkpoints of older versions hold int64 indices: narrow them to today's dtypes.
         narrow = {"top_doc": torch.int32, "top_pos": torch.int32, "top_slot": SLOT_DTYPE}
         return cls(**{f.name: tensors[f.name].to(narrow[f.name]) if f.name in narrow else tensors[f.name]
-                      for f in fields(cls)})
+                      for f in fields(cls) if f.name in tensors})
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.to_dict().values())
@@ -139,6 +189,8 @@ class BatchReduction:
     doc_value: torch.Tensor  # [B, N, C, H] the signed value there
     doc_pos: torch.Tensor  # [B, N, C, H] int64 its position (the earliest on ties)
     suspect: torch.Tensor  # bool scalar: assume_finite was wrong for this batch (see reduce_batch)
+    doc_min_abs: torch.Tensor | None = None  # [B, N, C, H] smallest |value| of the document in the case, inf if none
+    doc_prio: torch.Tensor | None = None  # [B, N, C] int64 lowest sampling priority in the case, EMPTY_PRIORITY if none
 
 
 def case_masks(gate: torch.Tensor, in_: torch.Tensor, valid: torch.Tensor) -> list[torch.Tensor]:
@@ -161,12 +213,15 @@ def reduce_batch(
     post: torch.Tensor,
     swish: torch.Tensor,
     valid: torch.Tensor,
+    prio: torch.Tensor | None = None,
     assume_finite: bool = False,
 ) -> BatchReduction:
     """Per-case statistics of one batch of one layer.
 
     ``gate``, ``in_``, ``post``, ``swish``: ``[B, T, N]`` in any float dtype (computed in float32);
     ``valid``: ``[B, T]`` bool, True at counted positions (not padding, not an excluded BOS).
+    ``prio`` (``[B, T]`` int64, the positions' sampling priorities) adds each document's lowest
+    priority per case, which tells :func:`update_examples` the few documents worth a look.
     Positions where a hook is NaN or infinite are counted apart (``nonfinite``) and left out.
     With ``assume_finite`` that check is skipped (it triples the compiled CPU cost, since every
     reduction then reads all four hooks) and ``suspect`` says whether the batch needs it: then
@@ -196,9 +251,11 @@ def reduce_batch(
     # and, among equal ones, the earliest position.
     reversed_pos = (t_max - 1 - torch.arange(t_max, device=valid.device))[None, :, None]
     keys = [(m.view(torch.int32).to(torch.int64) << POS_BITS) | reversed_pos for m in magnitudes]
-    count, sums, best_keys, min_abs = [], [], [], []
+    count, sums, best_keys, min_abs, doc_prio = [], [], [], [], []
     for mask in masks:
         count.append(mask.sum(dim=1))
+        if prio is not None:
+            doc_prio.append(torch.where(mask, prio[:, :, None], EMPTY_PRIORITY).amin(dim=1))
         for h, magnitude, key in zip(hooks, magnitudes, keys):
             sums.append(torch.where(mask, h, 0.0).sum(dim=1))
             best_keys.append(torch.where(mask, key, -1).amax(dim=1))
@@ -235,6 +292,8 @@ def reduce_batch(
         doc_value=torch.where(present, signs * doc_abs, float("nan")),
         doc_pos=doc_pos_flat.view(shape),
         suspect=suspect,
+        doc_min_abs=torch.where(present, doc_min_abs, float("inf")),
+        doc_prio=torch.stack(doc_prio, dim=-1) if prio is not None else None,
     )
 
 
@@ -379,6 +438,161 @@ def merge_top(
     return applied, n_active
 
 
+# -- distributions: histograms, density, random examples -------------------------------------------
+
+def value_bins(x: torch.Tensor) -> torch.Tensor:
+    """Histogram bin of each ``|value|`` (:data:`mkdocs_gluscope.distributions.HIST_EDGES`), int32:
+    the float32 exponent field, so every device bins every value alike."""
+    exponent = x.float().abs().view(torch.int32) >> 23
+    return (exponent - (127 + HIST_LOW_EXPONENT - 1)).clamp(0, N_BINS - 1)
+
+
+def histogram_batch(gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor, swish: torch.Tensor,
+                    counted: torch.Tensor, weight: torch.Tensor, joint: torch.Tensor, hist_post: torch.Tensor,
+                    hist_swish: torch.Tensor) -> None:
+    """Add one batch to the histograms, in place. ``counted``: ``[B, T]`` or ``[B, T, N]`` bool, the
+    positions that count (a position also needs a nonzero gate and in: a case); ``weight``: an
+    int32 scalar tensor, 1, or 0 for a batch that is not to be added (decided on the device).
+
+    Three scatters per position and neuron: (gate bin, in bin) jointly (the gate and in histograms
+    and the density are its sums), post's bin and act(gate)'s bin. Under ``torch.compile`` the bins
+    and the scatters are one loop."""
+    n = gate.shape[-1]
+    case = (gate < 0).int() * 2 + (in_ < 0).int()
+    mask = counted if counted.dim() == 3 else counted[:, :, None]
+    ones = ((mask & (gate != 0) & (in_ != 0)).int() * weight).reshape(-1)
+    row = torch.arange(n, device=gate.device, dtype=torch.int32) * N_CASES + case
+    joint.view(-1).index_put_((((row * N_BINS + value_bins(gate)) * N_BINS + value_bins(in_)).reshape(-1).long(),),
+                              ones, accumulate=True)
+    hist_post.view(-1).index_put_(((row * N_BINS + value_bins(post)).reshape(-1).long(),), ones, accumulate=True)
+    hist_swish.view(-1).index_put_(((row * N_BINS + value_bins(swish)).reshape(-1).long(),), ones, accumulate=True)
+
+
+def compiled_histogram_batch(enabled: bool) -> Callable[..., None]:
+    """:func:`histogram_batch`, fused into one loop by ``torch.compile`` when ``enabled``."""
+    return torch.compile(histogram_batch, dynamic=True) if enabled else histogram_batch
+
+
+def hist_and_density(stats: LayerStats) -> tuple[torch.Tensor, torch.Tensor]:
+    """The file's ``hist`` ``[N, C, H, B]`` and ``density`` ``[N, G, G]`` (int64) from the running
+    histograms: gate's and in's histograms are the joint one's sums, the density its bins merged
+    in pairs of octaves and mirrored by the case's signs."""
+    joint = stats.hist_joint.long()
+    hist = torch.stack([stats.hist_post.long(), joint.sum(dim=2), joint.sum(dim=3), stats.hist_swish.long()], dim=2)
+    device = joint.device
+    coarse = torch.as_tensor(DENSITY_OF_BIN, device=device)
+    # One-hot maps from octave bins to signed density cells, for a positive and a negative value.
+    to_cell = {sign: torch.nn.functional.one_hot(DENSITY_HALF + coarse if sign > 0 else DENSITY_HALF - 1 - coarse,
+                                                 N_DENSITY).double()
+               for sign in (1, -1)}
+    density = torch.zeros(joint.shape[0], N_DENSITY, N_DENSITY, dtype=torch.float64, device=device)
+    for c in range(N_CASES):
+        g_sign, i_sign = (1 if c < 2 else -1), (1 if c % 2 == 0 else -1)
+        # float64 holds counts below 2**53 exactly (matmul has no int64 kernel on every device).
+        density += to_cell[g_sign].T @ joint[:, c].double() @ to_cell[i_sign]
+    return hist, density.round().long()
+
+
+def merge_examples(lists: dict[str, torch.Tensor], cand_list: torch.Tensor, cand: dict[str, torch.Tensor]) -> None:
+    """Add candidate examples to lists of random examples, in place.
+
+    ``lists``: ``key doc pos value gate in`` viewed as ``[n_lists, S, ...]``; ``cand_list`` ``[M]``:
+    each candidate's list; ``cand``: the candidates' ``key doc pos value gate in`` ``[M, ...]``. Each
+    changed list keeps its S entries of lowest key (ties, as good as impossible with 62-bit
+    priorities, by document then position), ascending; empty slots (key ``EMPTY_PRIORITY``) last.
+    The candidates must not repeat a position already in their list."""
+    if cand_list.numel() == 0:
+        return
+    rows = torch.unique(cand_list)
+    S = lists["key"].shape[1]
+    every = {name: torch.cat([lists[name][rows].reshape((-1,) + lists[name].shape[2:]),
+                              cand[name].to(lists[name].dtype)]) for name in lists}
+    list_of = torch.cat([rows.repeat_interleave(S), cand_list])
+    order = torch.argsort(every["doc"].long() * 2**16 + every["pos"].long(), stable=True)
+    order = order[torch.argsort(every["key"][order], stable=True)]
+    order = order[torch.argsort(list_of[order], stable=True)]
+    sorted_list = list_of[order]
+    rank = torch.arange(len(order), device=order.device) - torch.searchsorted(sorted_list, sorted_list)
+    keep = rank < S
+    dest_list, dest_rank, source = sorted_list[keep], rank[keep], order[keep]
+    # Every changed list had S entries and gets S back (its old ones are among the sorted ones).
+    for name, target in lists.items():
+        target[dest_list, dest_rank] = every[name][source]
+
+
+def _example_views(stats: LayerStats, prefix: str) -> dict[str, torch.Tensor]:
+    """One kind of random-example lists (``sample`` or ``band``) as flat ``[n_lists, S, ...]`` views."""
+    size = getattr(stats, prefix + "_key").shape[-1]
+    views = {}
+    for name in ("key", "doc", "pos", "value", "gate", "in"):
+        t = getattr(stats, f"{prefix}_{name}")
+        views[name] = t.view(-1, size) if name in ("key", "doc", "pos") else t.view(-1, size, t.shape[-1])
+    return views
+
+
+#: Pairs (document, neuron) whose positions are tested at a time: bounds the memory of the first
+#: batches, when every list is still open to every position.
+EXAMPLE_CHUNK = 1 << 20
+
+
+def update_examples(stats: LayerStats, batch: BatchReduction, doc_ids: torch.Tensor, hooks: tuple[torch.Tensor, ...],
+                    counted: torch.Tensor, prio: torch.Tensor, lengths: torch.Tensor, context_before: int,
+                    context_after: int, *, positions: torch.Tensor | None = None,
+                    windows: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """Offer one batch's positions to the random-example lists (exactly; in place).
+
+    ``hooks``: ``(post, in, gate, swish)`` ``[B, T, N]``; ``counted`` as in :func:`histogram_batch`;
+    ``prio``: ``[B, T]`` sampling priorities. A list keeps its S positions of lowest priority, so a
+    position can enter only below the list's S-th priority; the batch's per-document lowest
+    priority per case and range of ``|post|`` (from :func:`reduce_batch`) name the few (document,
+    neuron) pairs that can hold such a position, and only their positions are tested.
+    ``positions``/``windows``: packed hooks, as in :func:`update_stats`."""
+    post, in_, gate, swish = hooks
+    window_gate, window_in = windows if windows is not None else (gate, in_)
+    device = gate.device
+    sample_limit = stats.sample_key[..., -1]  # [N, C]: an entry must come below it
+    band_limit = stats.band_key[..., -1]  # [N, C, R]
+    edges = torch.as_tensor(BAND_EDGES, device=device)
+    low, high = batch.doc_min_abs[..., 0], batch.doc_abs[..., 0]  # |post| range of each document's case
+    reaches = (high[..., None] >= edges[:-1]) & (low[..., None] < edges[1:])  # [B, N, C, R]
+    doc_prio = batch.doc_prio
+    wanted = (high >= 0) & ((doc_prio < sample_limit) | (reaches & (doc_prio[..., None] < band_limit)).any(-1))
+    pairs = wanted.any(-1).nonzero()
+    if pairs.numel() == 0:
+        return
+    band_of_bin = torch.as_tensor(BAND_OF_BIN, device=device)
+    t_max = gate.shape[1]
+    samples, bands = _example_views(stats, "sample"), _example_views(stats, "band")
+    step = max(1, EXAMPLE_CHUNK // t_max)
+    for start in range(0, len(pairs), step):
+        b, n = pairs[start:start + step].unbind(1)
+        g, i = gate[b, :, n].float(), in_[b, :, n].float()  # [M, T]
+        ok = (counted[b] if counted.dim() == 2 else counted[b, :, n]) & (g != 0) & (i != 0)
+        case = (g < 0).long() * 2 + (i < 0).long()
+        p = prio[b]
+        band = band_of_bin[value_bins(post[b, :, n])]
+        for views, limit, list_index in (
+                (samples, stats.sample_key[n, :, -1].gather(1, case), n[:, None] * N_CASES + case),
+                (bands, stats.band_key[n, :, :, -1].reshape(len(n), -1).gather(1, case * N_BANDS + band),
+                 (n[:, None] * N_CASES + case) * N_BANDS + band)):
+            j, t = (ok & (p < limit)).nonzero(as_tuple=True)
+            if j.numel() == 0:
+                continue
+            rows, neurons = b[j], n[j]
+            values = torch.stack([h[rows, t, neurons].float() for h in hooks], dim=-1)
+            at = t if positions is None else positions[rows, t]
+            cand = {"key": p[j, t], "doc": doc_ids[rows], "pos": at, "value": values,
+                    "gate": windows_at(window_gate, rows, at, neurons, lengths, context_before, context_after),
+                    "in": windows_at(window_in, rows, at, neurons, lengths, context_before, context_after)}
+            merge_examples(views, list_index[j, t], cand)
+
+
+def finite_positions(hooks: tuple[torch.Tensor, ...], valid: torch.Tensor) -> torch.Tensor:
+    """``[B, T, N]``: counted positions where every hook is finite (the others count nowhere)."""
+    finite = torch.stack([h.float().abs() for h in hooks]).amax(dim=0) < float("inf")
+    return (valid if valid.dim() == 3 else valid[:, :, None]) & finite
+
+
 def update_stats(
     stats: LayerStats,
     batch: BatchReduction,
@@ -391,10 +605,24 @@ def update_stats(
     *,
     capacity: int | None = None,
     accept: torch.Tensor | None = None,
+    hooks: tuple[torch.Tensor, ...] | None = None,
+    valid: torch.Tensor | None = None,
+    prio: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
+    check_finite: bool = False,
+    histogram: Callable[..., None] = histogram_batch,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Add one batch to ``stats`` in place: counts, sums (accumulated in float64), extremes, top-k.
+    """Add one batch to ``stats`` in place: counts, sums (accumulated in float64), extremes, top-k,
+    and where ``stats`` has distributions, the histograms and random examples. Those need what
+    ``batch`` was reduced from: ``hooks`` ``(post, in, gate, swish)``, ``valid`` and ``prio`` (the
+    positions' sampling priorities); ``positions`` where those are packed (an expert's tokens,
+    mapped back to document positions as for ``batch.doc_pos``; ``gate``/``in_`` then hold the
+    windows' values at document positions); ``check_finite`` where ``batch`` came from the exact
+    path, which counts non-finite values apart; ``histogram``: :func:`histogram_batch` or its
+    compiled form.
     ``capacity``, ``accept`` and the returned ``(applied, active)`` as in :func:`merge_top`: a batch
-    not applied leaves every statistic as it was, decided on the device (no sync)."""
+    not applied leaves every statistic as it was, decided on the device (no sync, except that the
+    random examples, when there are any, read ``applied``)."""
     applied, active = merge_top(stats, batch, doc_ids, gate, in_, lengths, context_before, context_after,
                                 capacity=capacity, accept=accept)
     updated = {
@@ -407,6 +635,16 @@ def update_stats(
     conditional = accept is not None or capacity is not None
     for name, value in updated.items():
         setattr(stats, name, torch.where(applied, value, getattr(stats, name)) if conditional else value)
+    if stats.has_distributions:
+        if hooks is None or valid is None or prio is None or batch.doc_prio is None:
+            raise ValueError("statistics with distributions need hooks, valid and prio (and a batch reduced with prio)")
+        counted = finite_positions(hooks, valid) if check_finite else valid
+        post, hook_in, hook_gate, swish = hooks
+        histogram(hook_gate, hook_in, post, swish, counted, applied.int(), stats.hist_joint, stats.hist_post,
+                  stats.hist_swish)
+        if not conditional or bool(applied):
+            update_examples(stats, batch, doc_ids, hooks, counted, prio, lengths, context_before, context_after,
+                            positions=positions, windows=(gate, in_))
     return applied, active
 
 
@@ -419,9 +657,11 @@ def add_batch(
     lengths: torch.Tensor,
     context_before: int,
     context_after: int,
+    **distributions: Any,
 ) -> LayerStats:
-    """``stats`` updated with one batch (in place; returned for convenience)."""
-    update_stats(stats, batch, doc_ids, gate, in_, lengths, context_before, context_after)
+    """``stats`` updated with one batch (in place; returned for convenience); ``distributions``:
+    the keywords of :func:`update_stats` that the distributions need."""
+    update_stats(stats, batch, doc_ids, gate, in_, lengths, context_before, context_after, **distributions)
     return stats
 
 
@@ -435,7 +675,7 @@ def merge_stats(a: LayerStats, b: LayerStats) -> LayerStats:
     def pick(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return _gather_k(torch.cat([x, y], dim=3), idx)
 
-    return LayerStats(
+    merged = LayerStats(
         count=a.count + b.count,
         nonfinite=a.nonfinite + b.nonfinite,
         sum=a.sum + b.sum,
@@ -449,6 +689,18 @@ def merge_stats(a: LayerStats, b: LayerStats) -> LayerStats:
         win_gate=pick(a_gate, b_gate),
         win_in=pick(a_in, b_in),
     )
+    if a.has_distributions:
+        merged.hist_joint = a.hist_joint + b.hist_joint
+        merged.hist_post = a.hist_post + b.hist_post
+        merged.hist_swish = a.hist_swish + b.hist_swish
+        for prefix in ("sample", "band"):
+            for name in ("key", "doc", "pos", "value", "gate", "in"):
+                setattr(merged, f"{prefix}_{name}", getattr(a, f"{prefix}_{name}").clone())
+            views, other = _example_views(merged, prefix), _example_views(b, prefix)
+            filled = other["key"] != EMPTY_PRIORITY
+            lists = torch.arange(len(filled), device=filled.device)[:, None].expand_as(filled)[filled]
+            merge_examples(views, lists, {name: t[filled] for name, t in other.items()})
+    return merged
 
 
 def compiled_reduce_batch(enabled: bool, *, exact_on_suspect: bool = True) -> Callable[..., BatchReduction]:
@@ -464,14 +716,13 @@ def compiled_reduce_batch(enabled: bool, *, exact_on_suspect: bool = True) -> Ca
         return fast
     exact: list[Callable[..., BatchReduction]] = []
 
-    def reduce(gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor, swish: torch.Tensor,
-               valid: torch.Tensor) -> BatchReduction:
-        reduced = fast(gate, in_, post, swish, valid)
+    def reduce(*args: torch.Tensor) -> BatchReduction:
+        reduced = fast(*args)
         if not bool(reduced.suspect):
             return reduced
         if not exact:
             exact.append(compile(reduce_batch))
-        return exact[0](gate, in_, post, swish, valid)
+        return exact[0](*args)
 
     return reduce
 

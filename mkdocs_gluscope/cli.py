@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import NoReturn, Sequence
 
 from mkdocs_gluscope.errors import GluscopeError
+from mkdocs_gluscope.distributions import BAND_SAMPLES, SAMPLES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -122,6 +123,11 @@ def add_collect_arguments(p: argparse.ArgumentParser) -> None:
                    help="padded tokens per batch (default: 8192; raise it on a large GPU)")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="run the statistics eagerly (slower; no torch.compile warm-up)")
+    p.add_argument("--samples", type=int, default=SAMPLES, metavar="S",
+                   help="uniform random examples kept per case, next to the top-k; 0 records no distributions "
+                        f"(no histograms, density, samples or bands) (default: {SAMPLES})")
+    p.add_argument("--band-samples", type=int, default=BAND_SAMPLES, metavar="S",
+                   help=f"random examples kept per case and band of |post| (default: {BAND_SAMPLES})")
     p.add_argument("--window-dtype", choices=("float16", "float32"), default="float16",
                    help="dtype of the stored gate/in windows (default: float16)")
     p.add_argument("--shard", default=None, metavar="I/N",

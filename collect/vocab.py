@@ -96,6 +96,18 @@ def _merge(best_value: torch.Tensor, best_id: torch.Tensor, value: torch.Tensor,
     return value.gather(1, order), ids.gather(1, order)
 
 
+def _chunk_best(scores: torch.Tensor, k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best columns of each row of ``scores`` [B, T] (unordered), where ties at the k-th
+    value go to the lower columns: ``topk`` alone leaves that choice to the kernel."""
+    threshold = scores.topk(k, dim=1, largest=largest, sorted=True).values[:, -1:]
+    better = scores > threshold if largest else scores < threshold
+    tied = scores == threshold
+    keep = better | (tied & (tied.cumsum(dim=1) <= k - better.sum(dim=1, keepdim=True)))
+    column = torch.arange(scores.shape[1], device=scores.device)
+    index = torch.where(keep, column, column + scores.shape[1]).topk(k, dim=1, largest=False).indices
+    return scores.gather(1, index), index
+
+
 @torch.no_grad()
 def extreme_tokens(inputs: Callable[[int, int], Sequence[torch.Tensor]], weights: Sequence[torch.Tensor],
                    n_tokens: int, *, k: int = VOCAB_K, token_chunk: int = 8192, neuron_block: int = 4096
@@ -123,9 +135,9 @@ def extreme_tokens(inputs: Callable[[int, int], Sequence[torch.Tensor]], weights
                 n1 = min(n0 + neuron_block, n_neurons)
                 scores = w[n0:n1].float() @ x.T  # [block, tokens]
                 for direction, largest in enumerate((True, False)):
-                    top = scores.topk(min(kk, b - a), dim=1, largest=largest, sorted=False)
+                    top_value, top_index = _chunk_best(scores, min(kk, b - a), largest)
                     value, ids = best[j][direction]
-                    value[n0:n1], ids[n0:n1] = _merge(value[n0:n1], ids[n0:n1], top.values, top.indices + a,
+                    value[n0:n1], ids[n0:n1] = _merge(value[n0:n1], ids[n0:n1], top_value, top_index + a,
                                                       kk, largest)
     out_ids = torch.full((n_neurons, len(weights), 2, k), -1, dtype=torch.long)
     out_scores = torch.full((n_neurons, len(weights), 2, k), float("nan"))

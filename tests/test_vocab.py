@@ -176,5 +176,10 @@ def test_extreme_tokens_blocks_give_the_unblocked_answer_and_ties_go_to_the_lowe
         torch.testing.assert_close(got[1][:, 0, 1], scores.sort(dim=1).values[:, :5])
         assert got[0][0, 0, 0, :2].tolist() == [3, 40]
     assert torch.equal(full[0], blocked[0])
+    # Ten equal tokens at the top of one chunk: the lowest ids make the list, whatever the blocks.
+    x[20:30] = x[3]
+    for chunk in (6, 50):
+        got = extreme_tokens(lambda a, b: [x[a:b]], [w], 50, k=5, token_chunk=chunk, neuron_block=3)
+        assert got[0][0, 0, 0].tolist() == [3, 20, 21, 22, 23]
     few = extreme_tokens(lambda a, b: [x[a:b]], [w], 3, k=5)
     assert (few[0][:, 0, :, 3:] == -1).all() and few[1][:, 0, :, 3:].isnan().all()

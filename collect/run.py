@@ -33,7 +33,7 @@ from collect.distributed import World, any_rank, broadcast_object, merge_into_ra
 from collect.stats import (N_CASES, N_HOOKS, BatchReduction, LayerStats, compiled_reduce_batch, reduce_batch,
                            state_bytes_per_neuron, state_window_dtype, update_stats)
 from collect.moe import expert_batches
-from collect.vocab import try_vocab_projections
+from collect.vocab import file_vocab
 from mkdocs_gluscope.errors import GluscopeError
 from mkdocs_gluscope.store import SHARED, ActivationsWriter, expert_label, first_counted_position
 
@@ -832,9 +832,8 @@ def _collect(config: CollectConfig, world: World, device: str, *, stop_after_bat
         attrs["expert_layers"] = list(experts)
         attrs["n_experts"] = sorted({loaded.moe[layer].n_experts for layer in experts})
     # Vocabulary projections of the (refactored) weights: no corpus needed (collect.vocab).
-    vocab = try_vocab_projections(loaded, dense_layers) if dense_layers else None
-    if vocab is not None:
-        attrs.update(vocab[2])
+    vocab, vocab_attrs = file_vocab(loaded, dense_layers, experts)
+    attrs.update(vocab_attrs)
     attrs["elapsed_s"] = round(time.monotonic() - started, 1)
     with ActivationsWriter(config.out, n_layers=len(dense_layers), d_mlp=loaded.d_mlp, k=config.k,
                            context_before=config.context_before, context_after=config.context_after,
@@ -844,9 +843,9 @@ def _collect(config: CollectConfig, world: World, device: str, *, stop_after_bat
         for row, layer in enumerate(dense_layers):
             writer.write_layer(row, finalize(states[layer], config.window_dtype))
         writer.write_weights({name: values.numpy() for name, values in facts.items()})  # in `layers` order
-        if vocab is not None:
-            writer.write_vocab(vocab[0], vocab[1])  # in `dense_layers` order, as the rows above
         write_experts(writer, loaded, experts, states, routed, config.window_dtype)
+        for group, (token, score) in vocab.items():  # rows in the order of the datasets above
+            writer.write_vocab(token, score, group=group)
         path = writer.close(n_tokens=counted_tokens(corpus, config))
     config.checkpoint_path.unlink(missing_ok=True)
     return path

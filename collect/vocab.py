@@ -212,26 +212,28 @@ def describe(names: dict[str, str]) -> str:
 
 
 @torch.no_grad()
-def vocab_projections(loaded: Any, layers: list[int], *, k: int = VOCAB_K, token_chunk: int = 8192,
+def vocab_projections(loaded: Any, rows: list[tuple[int, Any]], *, k: int = VOCAB_K, token_chunk: int = 8192,
                       neuron_block: int = 4096) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """``vocab/token`` and ``vocab/score`` ``[len(layers), d_mlp, 3, 2, k]`` of the dense layers
-    ``layers`` (rows in that order) of a prepared model, and the root attributes describing them."""
+    """``vocab/token`` and ``vocab/score`` ``[len(rows), d_mlp, 3, 2, k]`` of ``rows``, each a model
+    layer and a set of its gated neurons (:class:`collect.architectures.GatedMLP`: a dense layer's
+    MLP or an expert), of a prepared model, and the root attributes describing them."""
+    layers = sorted({layer for layer, _ in rows})
     m = find_modules(loaded, layers)
     device, dtype, d_model = m.unembed.device, m.unembed.dtype, m.unembed.shape[1]
     final = norm_scale(m.final_norm, d_model, dtype=dtype, device=device) if m.final_norm is not None else None
-    n_neurons = loaded.mlps[layers[0]].d_mlp
-    shape = (len(layers), n_neurons, len(VOCAB_WEIGHTS), len(VOCAB_DIRECTIONS), k)
+    post_scales = {layer: norm_scale(m.post_mlp[layer], d_model, dtype=dtype, device=device)
+                   for layer in layers if m.post_mlp[layer] is not None}
+    shape = (len(rows), rows[0][1].d_mlp, len(VOCAB_WEIGHTS), len(VOCAB_DIRECTIONS), k)
     token, score = np.empty(shape, dtype=np.int32), np.empty(shape, dtype=np.float32)
-    for row, layer in enumerate(layers):
-        mlp, pre, post = loaded.mlps[layer], m.pre_mlp[layer], m.post_mlp[layer]
+    for row, (layer, mlp) in enumerate(rows):
         # out: the direction each neuron writes, [N, d_model], through the post-MLP norm, then the final norm.
         out = mlp.w_out.float().T
-        if post is not None:
-            out = linear_part(out, *norm_scale(post, d_model, dtype=dtype, device=device))
+        if layer in post_scales:
+            out = linear_part(out, *post_scales[layer])
         if final is not None:
             out = linear_part(out, *final)
 
-        def inputs(a: int, b: int, pre: Any = pre) -> list[torch.Tensor]:
+        def inputs(a: int, b: int, pre: Any = m.pre_mlp[layer]) -> list[torch.Tensor]:
             embedded = m.embed(torch.arange(a, b, device=device))
             x = (pre(embedded) if pre is not None else embedded).float()
             return [m.unembed[a:b].float(), x, x]
@@ -243,11 +245,25 @@ def vocab_projections(loaded: Any, layers: list[int], *, k: int = VOCAB_K, token
     return token, score, attrs
 
 
-def try_vocab_projections(loaded: Any, layers: list[int]) -> tuple[np.ndarray, np.ndarray, dict[str, Any]] | None:
-    """:func:`vocab_projections`, or None with a warning where the model's modules are not where
-    its adapter says (the statistics do not need them)."""
+def file_vocab(loaded: Any, dense_layers: list[int], experts: dict[int, list[int | str]]
+               ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, Any]]:
+    """``vocab/`` of every group of a collection's file (``""`` the dense layers in ``dense_layers``
+    order, ``experts``/``shared_experts`` in the rows order of ``collect.run.write_experts``) and the
+    root attributes; nothing, with a warning, where the model's modules are not where its adapter
+    says (the statistics do not need them)."""
+    from mkdocs_gluscope.store import SHARED
+
+    groups = {"": [(layer, loaded.mlps[layer]) for layer in dense_layers]}
+    for group, shared in (("experts", False), ("shared_experts", True)):
+        groups[group] = [(layer, loaded.moe[layer].shared if e == SHARED else loaded.moe[layer].experts[e])
+                         for layer, chosen in experts.items() for e in chosen if (e == SHARED) == shared]
+    out, attrs = {}, {}
     try:
-        return vocab_projections(loaded, layers)
+        for group, rows in groups.items():
+            if rows:
+                token, score, attrs = vocab_projections(loaded, rows)
+                out[group] = (token, score)
     except ValueError as e:
         print(f"gluscope: no vocab/ in this file: {e}", file=sys.stderr)
-        return None
+        return {}, {}
+    return out, attrs

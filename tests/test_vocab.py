@@ -183,3 +183,49 @@ def test_extreme_tokens_blocks_give_the_unblocked_answer_and_ties_go_to_the_lowe
         assert got[0][0, 0, 0].tolist() == [3, 20, 21, 22, 23]
     few = extreme_tokens(lambda a, b: [x[a:b]], [w], 3, k=5)
     assert (few[0][:, 0, :, 3:] == -1).all() and few[1][:, 0, :, 3:].isnan().all()
+
+
+def brute_force_lists(normed, unembed_out, w_gate, w_in, w_out, refactor=True):
+    """``[N, 3, 2, K]`` ids and scores of one set of neurons; ``normed`` the pre-MLP inputs [V, d],
+    ``unembed_out`` the unembedding with the final norm's scale folded in [V, d]."""
+    w_in, w_out = w_in.clone(), w_out.clone()
+    flip = ((w_gate * w_in).sum(1) < 0) if refactor else torch.zeros(len(w_gate), dtype=torch.bool)
+    w_in[flip] *= -1
+    w_out[:, flip] *= -1
+    ids, scores = [], []
+    for neuron in range(len(w_gate)):
+        per_weight = [unembed_out @ w_out[:, neuron], normed @ w_gate[neuron], normed @ w_in[neuron]]
+        order = [s.argsort(descending=True) for s in per_weight]
+        ids.append([[o[:VOCAB_K].numpy(), o.flip(0)[:VOCAB_K].numpy()] for o in order])
+        scores.append([[s[o[:VOCAB_K]].numpy(), s[o.flip(0)[:VOCAB_K]].numpy()] for s, o in zip(per_weight, order)])
+    return np.array(ids), np.array(scores)
+
+
+def test_expert_neurons_have_vocab_lists_too(padded, corpus_files, tmp_path):
+    from transformers import AutoTokenizer
+
+    folder = padded("qwen2moe")
+    out = collect(small_config(folder, corpus_files, tmp_path / "moe.h5"))
+    model, _ = load_hf(str(folder), torch.float32)
+    n = len(AutoTokenizer.from_pretrained(folder))
+    with torch.no_grad():
+        embedded = model.get_input_embeddings()(torch.arange(n))
+        unembed_out = model.get_output_embeddings().weight[:n] * model.model.norm.weight
+        with h5py.File(out) as f:
+            for group in ("experts", "shared_experts"):
+                token, score = f[group + "/vocab/token"][...], f[group + "/vocab/score"][...]
+                layers, experts = f[group + "/layer"][...], f[group + "/expert"][...]
+                assert len(token) == len(layers) > 0 and ((token >= 0) & (token < n)).all()
+                for row, (layer, expert) in enumerate(zip(layers, experts)):
+                    block = model.model.layers[layer]
+                    normed = torch.stack([block.post_attention_layernorm(e) for e in embedded])
+                    if expert == -1:
+                        mlp = block.mlp.shared_expert
+                        weights = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+                    else:
+                        gate_up, down = block.mlp.experts.gate_up_proj[expert], block.mlp.experts.down_proj[expert]
+                        d = gate_up.shape[0] // 2
+                        weights = gate_up[:d], gate_up[d:], down
+                    ids, scores = brute_force_lists(normed, unembed_out, *weights)
+                    np.testing.assert_array_equal(token[row], ids, err_msg=f"{group} row {row}")
+                    np.testing.assert_allclose(score[row], scores, rtol=1e-4, atol=1e-4 * np.abs(scores).max())

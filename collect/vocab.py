@@ -23,7 +23,7 @@ to ``vocab/token`` and ``vocab/score`` ``[layer, neuron, 3, 2, K]`` (:data:`VOCA
 ``top`` holds the K tokens of highest score, highest first; ``bottom`` the K of lowest score, lowest
 (most negative) first. Only ids below the tokenizer's length are considered: the padding rows of an
 embedding matrix never appear. Scores are float32 computed from float32 copies of the weights;
-equal scores within a list order by lower token id. The work runs over blocks of tokens and
+equal scores order by lower token id, which also wins a tie for the last place. The work runs over blocks of tokens and
 neurons on the model's device, so no ``[d_mlp, vocab]`` matrix is ever held.
 
 Finding the modules (embedding, unembedding, final norm, each layer's ``ln2``/``ln2_post``) goes

@@ -23,8 +23,8 @@ to ``vocab/token`` and ``vocab/score`` ``[layer, neuron, 3, 2, K]`` (:data:`VOCA
 ``top`` holds the K tokens of highest score, highest first; ``bottom`` the K of lowest score, lowest
 (most negative) first. Only ids below the tokenizer's length are considered: the padding rows of an
 embedding matrix never appear. Scores are float32 computed from float32 copies of the weights;
-equal scores order by lower token id, which also wins a tie for the last place. The work runs over blocks of tokens and
-neurons on the model's device, so no ``[d_mlp, vocab]`` matrix is ever held.
+equal scores order by lower token id, which also wins a tie for the last place. The work runs over
+blocks of tokens and neurons on the model's device, so no ``[d_mlp, vocab]`` matrix is ever held.
 
 Finding the modules (embedding, unembedding, final norm, each layer's ``ln2``/``ln2_post``) goes
 through TransformerLens' adapter, as :mod:`collect.architectures` does for the MLPs; the math

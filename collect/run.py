@@ -34,6 +34,7 @@ from collect.stats import (N_CASES, N_HOOKS, BatchReduction, LayerStats, compile
                            compiled_reduce_batch, hist_and_density, histogram_batch, reduce_batch,
                            state_bytes_per_neuron, state_window_dtype, update_stats)
 from collect.moe import expert_batches
+from collect.vocab import file_vocab
 from mkdocs_gluscope.distributions import (BAND_SAMPLES, EMPTY_PRIORITY, SAMPLES, document_pieces,
                                            position_priority)
 from mkdocs_gluscope.errors import GluscopeError
@@ -920,6 +921,9 @@ def _collect(config: CollectConfig, world: World, device: str, *, stop_after_bat
     if experts:
         attrs["expert_layers"] = list(experts)
         attrs["n_experts"] = sorted({loaded.moe[layer].n_experts for layer in experts})
+    # Vocabulary projections of the (refactored) weights: no corpus needed (collect.vocab).
+    vocab, vocab_attrs = file_vocab(loaded, dense_layers, experts)
+    attrs.update(vocab_attrs)
     attrs["elapsed_s"] = round(time.monotonic() - started, 1)
     with ActivationsWriter(config.out, n_layers=len(dense_layers), d_mlp=loaded.d_mlp, k=config.k,
                            context_before=config.context_before, context_after=config.context_after,
@@ -931,6 +935,8 @@ def _collect(config: CollectConfig, world: World, device: str, *, stop_after_bat
             writer.write_layer(row, finalize(states[layer], config.window_dtype))
         writer.write_weights({name: values.numpy() for name, values in facts.items()})  # in `layers` order
         write_experts(writer, loaded, experts, states, routed, config.window_dtype)
+        for group, (token, score) in vocab.items():  # rows in the order of the datasets above
+            writer.write_vocab(token, score, group=group)
         path = writer.close(n_tokens=counted_tokens(corpus, config))
     config.checkpoint_path.unlink(missing_ok=True)
     return path

@@ -51,6 +51,8 @@ EXAMPLE_PARTS = ("doc", "pos", "value", "gate", "in")
 #: the K tokens of highest score (axis 3 index 0) and of lowest score (index 1).
 VOCAB_WEIGHTS: tuple[str, ...] = ("out", "gate", "in")
 VOCAB_DIRECTIONS: tuple[str, ...] = ("top", "bottom")
+#: Tokens per vocabulary list (the last axis of ``vocab/``), as ``gluscope collect`` writes it.
+VOCAB_K = 10
 
 
 #: Examples within this many counted positions of their document's start are marked on pages and

@@ -21,6 +21,9 @@ ARCHS = {
     "llama": ("LlamaConfig", {}, True),
     "olmo": ("OlmoConfig", {}, True),
     "gemma": ("GemmaConfig", {"hidden_activation": "gelu_pytorch_tanh", "head_dim": 16}, True),
+    # norms around the MLP: Gemma-2 pre_ and post_feedforward_layernorm ((1 + weight)), OLMo-2 only after it
+    "gemma2": ("Gemma2Config", {"hidden_activation": "gelu_pytorch_tanh", "head_dim": 16}, True),
+    "olmo2": ("Olmo2Config", {}, True),
     "qwen2": ("Qwen2Config", {}, False),
     # fused gate/up projection (gate_up_proj), split by TransformerLens' Phi-3 rule
     "phi3": ("Phi3Config", {"pad_token_id": None}, True),

@@ -20,7 +20,9 @@ every shard holds the same: it is copied, and checked equal.
 The merge streams :data:`~mkdocs_gluscope.store.NEURON_BLOCK` neurons of one layer at a time, so its
 memory does not grow with the model: ``bench/merge_memory.py`` measured a peak of 186 MiB for 4
 shards (k = 16, W = 19, float16 windows) at 2,048 and at 4,096 neurons per layer alike, about 46 MiB
-per input file; a 70B-shaped file (80 layers x 28,672 neurons) merges in the same memory.
+per input file; a 70B-shaped file (80 layers x 28,672 neurons) merges in the same memory. With
+distributions (8 samples per case, 2 per band, ``--samples 8``) the peak is 293 MiB at 2,048 and
+at 8,192 neurons per layer alike.
 """
 
 from __future__ import annotations

@@ -242,7 +242,9 @@ def run_merge(args: argparse.Namespace) -> int:
 
 def add_pick_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("activations", type=Path, help="the activations file (.h5)")
-    p.add_argument("--per-layer", type=int, default=1, help="rare-case standouts per layer (default: 1)")
+    p.add_argument("--per-layer", type=int, default=1,
+                   help="rare-case standouts per layer: the rare cases whose most extreme hook_post after the start of "
+                        "the document is largest against that case's 99th percentile in the layer (default: 1)")
     p.add_argument("--mix", type=int, default=10, help="neurons with the most unusual case mix (default: 10)")
     p.add_argument("--rare", type=float, default=0.10,
                    help="a case is rare below this share of tokens (default: 0.10)")

@@ -10,11 +10,19 @@ Two kinds of split combine, also together:
 * **layer groups** (``--layers``): runs over the same corpus with disjoint layer sets (e.g. to fit
   a large model's statistics on a small card) are stacked along the layer axis.
 
+Files with distributions (``stats/hist``, ``stats/density``, ``samples/``, ``bands/``) merge exactly
+too: histograms add, and every ``samples/`` and ``bands/`` list keeps the positions of lowest
+sampling priority (:func:`~mkdocs_gluscope.distributions.position_priority`) among the shards'
+entries, which is the list one run over all documents keeps. ``vocab/`` comes from the weights, so
+every shard holds the same: it is copied, and checked equal.
+
 :func:`check_inputs` accepts only inputs that together cover every (layer, document) exactly once.
 The merge streams :data:`~mkdocs_gluscope.store.NEURON_BLOCK` neurons of one layer at a time, so its
 memory does not grow with the model: ``bench/merge_memory.py`` measured a peak of 186 MiB for 4
 shards (k = 16, W = 19, float16 windows) at 2,048 and at 4,096 neurons per layer alike, about 46 MiB
-per input file; a 70B-shaped file (80 layers x 28,672 neurons) merges in the same memory.
+per input file; a 70B-shaped file (80 layers x 28,672 neurons) merges in the same memory. With
+distributions (8 samples per case, 2 per band, ``--samples 8``) the peak is 293 MiB at 2,048 and
+at 8,192 neurons per layer alike.
 """
 
 from __future__ import annotations
@@ -25,8 +33,10 @@ from typing import Sequence
 
 import numpy as np
 
+from mkdocs_gluscope.distributions import EMPTY_PRIORITY, document_pieces, position_priority
 from mkdocs_gluscope.errors import GluscopeError
 from mkdocs_gluscope.store import (
+    EXAMPLE_PARTS,
     EXPERT_GROUPS,
     NEURON_BLOCK,
     STAT_NAMES,
@@ -40,7 +50,10 @@ from mkdocs_gluscope.store import (
 #: batch plan (``batch_tokens`` decides which documents each shard takes). The rest is provenance.
 MUST_MATCH = ("model", "dataset", "text_column", "split", "k", "context_before", "context_after",
               "include_bos", "bos", "has_bos", "skip_positions", "refactor_glu", "act_fn", "dtype", "max_tokens",
-              "max_doc_tokens", "long_docs", "seed", "n_docs", "window_dtype", "batch_tokens", "corpus_sha256")
+              "max_doc_tokens", "long_docs", "seed", "n_docs", "window_dtype", "batch_tokens", "corpus_sha256",
+              "samples", "band_samples")
+#: Example lists that keep the positions of lowest sampling priority: ``samples/`` and ``bands/``.
+EXAMPLE_GROUPS = ("samples", "bands")
 
 
 def merge_top(values: np.ndarray, docs: np.ndarray, k: int) -> np.ndarray:
@@ -49,6 +62,42 @@ def merge_top(values: np.ndarray, docs: np.ndarray, k: int) -> np.ndarray:
     magnitude = np.where(docs >= 0, np.abs(np.nan_to_num(values, nan=0.0)), -1.0)
     order = np.lexsort((docs, -magnitude), axis=-1)
     return order[..., :k]
+
+
+class Priority:
+    """Sampling priority of a file's examples: :func:`position_priority` of (the file's ``seed``, the
+    document's source row and piece, the position), from ``corpus/source_index`` (each document its
+    own row where a file has none)."""
+
+    def __init__(self, f: ActivationsFile) -> None:
+        corpus = f.file["corpus"]
+        self.seed = int(f.attrs.get("seed", 0))
+        self.source = corpus["source_index"][...].astype(np.int64) if "source_index" in corpus else np.arange(f.n_docs)
+        self.piece = document_pieces(self.source)
+
+    def __call__(self, doc: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """int64 priorities, shaped like ``doc``; :data:`EMPTY_PRIORITY` (after every real one) where doc = -1."""
+        real = doc >= 0
+        d = np.where(real, doc, 0)
+        priority = position_priority(self.seed, self.source[d], self.piece[d], np.asarray(pos, dtype=np.int64))
+        return np.where(real, priority, EMPTY_PRIORITY)
+
+
+def merge_examples(parts: Sequence[dict[str, np.ndarray]], size: int, priority: Priority) -> dict[str, np.ndarray]:
+    """``samples/`` or ``bands/`` lists of one block of neurons from every shard, merged: each list
+    keeps the ``size`` entries of lowest priority (ties: lower document, then lower position), in
+    ascending priority, empty slots last. ``parts`` hold :data:`EXAMPLE_PARTS` as the datasets do
+    (``doc``/``pos`` ``[n, C, *E, S]``, ``value`` ``[n, C, H, *E, S]``, windows ``[n, C, *E, S, W]``)."""
+    doc = np.concatenate([p["doc"] for p in parts], axis=-1)
+    pos = np.concatenate([p["pos"] for p in parts], axis=-1)
+    pick = np.lexsort((pos, doc, priority(doc, pos)), axis=-1)[..., :size]
+    merged = {"doc": np.take_along_axis(doc, pick, -1), "pos": np.take_along_axis(pos, pick, -1)}
+    # value has the hook axis after the case axis: the same pick for every hook.
+    merged["value"] = np.take_along_axis(np.concatenate([p["value"] for p in parts], axis=-1),
+                                         np.expand_dims(pick, 2), -1)
+    for name in ("gate", "in"):
+        merged[name] = np.take_along_axis(np.concatenate([p[name] for p in parts], axis=-2), pick[..., None], -2)
+    return merged
 
 
 def shard_of(f: ActivationsFile) -> tuple[int, int]:
@@ -70,6 +119,10 @@ def check_same_run(files: Sequence[ActivationsFile]) -> None:
         if not f.has_nonfinite:
             raise GluscopeError(f"{str(f.path)!r} was written by an older gluscope (no stats/nonfinite); "
                                 "collect it again")
+        if f.has_distributions != first.has_distributions:
+            with_, without = (f, first) if f.has_distributions else (first, f)
+            raise GluscopeError(f"{str(with_.path)!r} has distributions (stats/hist, samples/, bands/) but "
+                                f"{str(without.path)!r} has none; only files of one run can be merged")
         for key in MUST_MATCH:
             if first.attrs.get(key) != f.attrs.get(key):
                 raise GluscopeError(
@@ -77,6 +130,21 @@ def check_same_run(files: Sequence[ActivationsFile]) -> None:
                     f"{first.attrs.get(key)!r}; only files of one run can be merged")
         if not np.array_equal(first.doc_offsets, f.doc_offsets) or not np.array_equal(first.tokens, f.tokens):
             raise GluscopeError(f"{str(f.path)!r} holds another corpus than {str(first.path)!r}")
+        for group in ("",) + EXPERT_GROUPS:
+            if not (_has_rows(f, group) and _has_rows(first, group)):
+                continue  # layer groups may differ in which rows they have
+            if _has_vocab(f, group) != _has_vocab(first, group):
+                with_, without = (f, first) if _has_vocab(f, group) else (first, f)
+                raise GluscopeError(f"{str(with_.path)!r} has {group + '/' if group else ''}vocab/ but "
+                                    f"{str(without.path)!r} has none; only files of one run can be merged")
+
+
+def _has_rows(f: ActivationsFile, group: str) -> bool:
+    return f.n_layers > 0 if not group else group in f.file and f.file[group]["layer"].shape[0] > 0
+
+
+def _has_vocab(f: ActivationsFile, group: str) -> bool:
+    return (group + "/vocab" if group else "vocab") in f.file
 
 
 def check_shard_set(files: Sequence[ActivationsFile]) -> None:
@@ -155,9 +223,11 @@ def merge_files(inputs: Sequence[str | os.PathLike], out: str | os.PathLike) -> 
             f.close()
 
 
-def merge_block(blocks: Sequence[dict[str, np.ndarray]], k: int) -> dict[str, np.ndarray]:
+def merge_block(blocks: Sequence[dict[str, np.ndarray]], k: int, priority: Priority | None = None,
+                sizes: tuple[int, int] = (0, 0)) -> dict[str, np.ndarray]:
     """The statistics of one block of neurons from every shard, combined: each input holds the
-    datasets' values for the same neurons, keyed as :meth:`ActivationsWriter.write_layer` takes them."""
+    datasets' values for the same neurons, keyed as :meth:`ActivationsWriter.write_layer` takes them.
+    Blocks with distributions need the corpus's ``priority`` and ``sizes`` = (samples, band_samples)."""
     pick = merge_top(np.concatenate([b["top_value"] for b in blocks], axis=-1),
                      np.concatenate([b["top_doc"] for b in blocks], axis=-1), k)
     merged = {
@@ -173,6 +243,13 @@ def merge_block(blocks: Sequence[dict[str, np.ndarray]], k: int) -> dict[str, np
     for name in ("top_gate", "top_in"):
         windows = np.concatenate([b[name] for b in blocks], axis=-2)
         merged[name] = np.take_along_axis(windows, pick[..., None], axis=-2)
+    if "hist" in blocks[0]:
+        merged["hist"] = sum(b["hist"] for b in blocks)
+        merged["density"] = sum(b["density"] for b in blocks)
+        for group, size in zip(EXAMPLE_GROUPS, sizes):
+            parts = [{name: b[f"{group}_{name}"] for name in EXAMPLE_PARTS} for b in blocks]
+            merged.update({f"{group}_{name}": value
+                           for name, value in merge_examples(parts, size, priority).items()})
     return merged
 
 
@@ -180,10 +257,54 @@ def _read_block(f: ActivationsFile, row: int, neurons: slice, group: str = "") -
     root = f.file[group] if group else f.file
     block = {name: root["stats"][name][row, neurons] for name in STAT_NAMES + ("nonfinite",)}
     block.update({"top_" + name: root["top"][name][row, neurons] for name in ("value", "doc", "pos", "gate", "in")})
+    if "hist" in root["stats"]:
+        block.update({name: root["stats"][name][row, neurons] for name in ("hist", "density")})
+        block.update({f"{group}_{name}": root[group][name][row, neurons]
+                      for group in EXAMPLE_GROUPS for name in EXAMPLE_PARTS})
     return block
 
 
-def _write_merged_experts(writer: ActivationsWriter, groups: list[list[ActivationsFile]], k: int) -> None:
+class _Merger:
+    """What every block's merge needs: k, the sampling priority and list sizes of the run."""
+
+    def __init__(self, first: ActivationsFile) -> None:
+        self.k = first.k
+        self.distributions = first.has_distributions
+        self.priority = Priority(first) if self.distributions else None
+        self.sizes = (int(first.attrs["samples"]), int(first.attrs["band_samples"])) if self.distributions else (0, 0)
+
+    def __call__(self, blocks: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        return blocks[0] if len(blocks) == 1 else merge_block(blocks, self.k, self.priority, self.sizes)
+
+
+def _copy_vocab(writer: ActivationsWriter, rows: list[tuple[list[ActivationsFile], int]], group: str = "") -> None:
+    """``vocab/`` of the output's rows, in order: ``rows`` gives each one's shards and row in them.
+    Streamed by blocks of neurons; every shard must hold the same projections (they come from the
+    weights), else the shards are not of one run."""
+    name = group + "/vocab" if group else "vocab"
+    if not rows or name not in rows[0][0][0].file:
+        return
+    out = writer.file.require_group(name)
+    for part in ("token", "score"):
+        source = rows[0][0][0].file[name][part]
+        out.create_dataset(part, (len(rows),) + source.shape[1:], source.dtype, chunks=source.chunks,
+                           compression=source.compression, compression_opts=source.compression_opts,
+                           shuffle=source.shuffle)
+    n = out["token"].shape[1]
+    for out_row, (files, row) in enumerate(rows):
+        for start in range(0, n, NEURON_BLOCK):
+            neurons = slice(start, min(start + NEURON_BLOCK, n))
+            for part in ("token", "score"):
+                values = [f.file[name][part][row, neurons] for f in files]
+                for f, value in zip(files[1:], values[1:]):
+                    if not np.array_equal(values[0], value, equal_nan=value.dtype.kind == "f"):
+                        raise GluscopeError(
+                            f"{str(f.path)!r} and {str(files[0].path)!r} hold different {name}/{part} (row {row}); "
+                            "vocab/ comes from the weights, so the files are not shards of one run")
+                out[part][out_row, neurons] = values[0]
+
+
+def _write_merged_experts(writer: ActivationsWriter, groups: list[list[ActivationsFile]], merger: _Merger) -> None:
     """The expert groups: rows of every layer group in layer order; within a layer group the shards'
     statistics merge as the dense layers' do, and their routed counts add."""
     for name in EXPERT_GROUPS:
@@ -199,9 +320,10 @@ def _write_merged_experts(writer: ActivationsWriter, groups: list[list[Activatio
             for start in range(0, d, NEURON_BLOCK):
                 neurons = slice(start, min(start + NEURON_BLOCK, d))
                 blocks = [_read_block(f, row, neurons, name) for f in group]
-                writer.write_neurons(out_row, start, blocks[0] if len(blocks) == 1 else merge_block(blocks, k), group=name)
+                writer.write_neurons(out_row, start, merger(blocks), group=name)
         writer.write_weights({w: np.stack([g[0].file[name]["weights"][w][r] for g, r in rows]) for w in WEIGHT_NAMES},
                              group=name)
+        _copy_vocab(writer, rows, name)
 
 
 def _write_merged(groups: list[list[ActivationsFile]], out: Path) -> Path:
@@ -216,9 +338,11 @@ def _write_merged(groups: list[list[ActivationsFile]], out: Path) -> Path:
     if expert_layers:
         attrs["expert_layers"] = expert_layers
     window_dtype = str(first.file["top/gate"].dtype)
+    merger = _Merger(first)
     with ActivationsWriter(out, n_layers=len(layers), d_mlp=d_mlp, k=first.k,
                            context_before=first.context_before, context_after=first.context_after,
-                           window_dtype=window_dtype, attrs=attrs) as writer:
+                           window_dtype=window_dtype, attrs=attrs, samples=merger.sizes[0],
+                           band_samples=merger.sizes[1]) as writer:
         corpus = first.file["corpus"]
         writer.write_corpus(first.tokens, first.doc_offsets, first.vocab,
                             source_index=corpus["source_index"][...] if "source_index" in corpus else None,
@@ -230,10 +354,11 @@ def _write_merged(groups: list[list[ActivationsFile]], out: Path) -> Path:
                 for start in range(0, d_mlp, NEURON_BLOCK):
                     neurons = slice(start, min(start + NEURON_BLOCK, d_mlp))
                     blocks = [_read_block(f, row, neurons) for f in group]
-                    writer.write_neurons(out_row, start, blocks[0] if len(blocks) == 1 else merge_block(blocks, first.k))
+                    writer.write_neurons(out_row, start, merger(blocks))
                 out_row += 1
         if dense:
             writer.write_weights({name: np.concatenate([group[0].weights(name) for group in dense])
                                   for name in WEIGHT_NAMES})
-        _write_merged_experts(writer, groups, first.k)
+            _copy_vocab(writer, [(group, row) for group in dense for row in range(group[0].n_layers)])
+        _write_merged_experts(writer, groups, merger)
         return writer.close(n_tokens=sum(f.n_tokens for f in groups[0]))

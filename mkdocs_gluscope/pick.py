@@ -4,11 +4,15 @@ Two kinds of neuron stand out in a four-case view:
 
 * **rare-case standouts** (``per_layer`` per layer): a case the neuron is rarely in (under
   ``rare`` of tokens, with at least k examples) whose most extreme hook_post is large compared with
-  the whole layer (divided by the layer's 99th percentile of per-neuron extremes). These are the
-  paper's "gate-_in-" kind of neuron that a max-activation tool never shows. Examples at the start
-  of their document (positions below :func:`~mkdocs_gluscope.store.early_end`, the rule pages use
-  for their "start of document" badge) are left out of the score: many models put huge
-  activations there (attention sinks), which would make every rare-case list look alike.
+  the same case in the rest of the layer: divided by the 99th percentile, over the layer's neurons
+  with an example of that case, of that case's extreme. Each case has its own scale because the
+  cases differ in size by construction (with SiLU, ``|act(gate)| <= 0.28`` when gate < 0, so
+  gate- cases are far smaller than gate+ ones and would never win against one scale per layer).
+  These are the paper's "gate-_in-" kind of neuron that a max-activation tool never shows.
+  Examples at the start of their document (positions below
+  :func:`~mkdocs_gluscope.store.early_end`, the rule pages use for their "start of document"
+  badge) are left out of the score and of the scales: many models put huge activations there
+  (attention sinks), which would make every rare-case list look alike.
 * **unusual case mixes** (``mix`` in all, at most one per layer): the neurons whose four case
   frequencies are farthest (L1 distance) from their layer's average mix.
 """
@@ -34,6 +38,18 @@ class Pick:
         return f"{self.layer}.{self.neuron}"
 
 
+def case_scales(magnitude: np.ndarray, percentile: float = 99) -> np.ndarray:
+    """Each case's scale in one layer: the ``percentile`` of ``magnitude`` [N, C] (each neuron's
+    extreme ``|hook_post|`` in the case) over the neurons that have an example of the case (1.0
+    where none has)."""
+    scales = np.ones(magnitude.shape[-1])
+    for c in range(magnitude.shape[-1]):
+        present = magnitude[:, c][magnitude[:, c] > 0]
+        if len(present):
+            scales[c] = np.percentile(present, percentile) or 1.0
+    return scales
+
+
 def pick_neurons(f: ActivationsFile, *, per_layer: int = 1, mix: int = 10, rare: float = 0.10) -> list[Pick]:
     freq = f.frequency()  # [L, N, C]
     count = f.stat("count")
@@ -47,7 +63,7 @@ def pick_neurons(f: ActivationsFile, *, per_layer: int = 1, mix: int = 10, rare:
     picks: list[Pick] = []
     chosen: set[tuple[int, int]] = set()
     for row, layer in enumerate(f.layers):
-        scale = np.percentile(magnitude[row].max(axis=-1), 99) or 1.0
+        scale = case_scales(magnitude[row])  # [C]
         eligible = (freq[row] < rare) & (count[row] >= f.k)
         score = np.where(eligible, magnitude[row] / scale, 0.0)  # [N, C]
         best_case = score.argmax(axis=-1)

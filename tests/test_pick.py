@@ -23,3 +23,48 @@ def test_pick_scores_leave_out_start_of_document_examples(tmp_path):
     assert 5 < 1 + EARLY_POSITIONS <= 20  # positions 3 and 5 are "start of document" on the page
     assert "reaches hook_post -496" in reasons["0.2"], reasons
     assert np.isfinite([p.score for p in picks]).all()
+
+
+SIGNS = np.array([1, -1, -1, 1])  # sign of hook_post in each case
+
+
+def staged_scales(tmp_path, scales, outliers, *, layers=1, d_mlp=200, seed=1):
+    """A file whose every case is rare (10 positions in 480) and whose hook_post extremes are, per
+    case, uniform in [0.5, 1] x ``scales[case]`` (after the start of the document), except
+    ``outliers`` {(layer, neuron): case}: 5 x the case's scale."""
+    docs = [[0] + [(d + t) % 50 + 1 for t in range(40)] for d in range(12)]
+    path = write_synthetic(tmp_path / "act.h5", layers=layers, d_mlp=d_mlp, k=4, docs=docs)
+    rng = np.random.default_rng(seed)
+    with h5py.File(path, "a") as f:
+        magnitude = -np.sort(-rng.uniform(0.5, 1.0, (layers, d_mlp, 4, 4)), axis=-1) * np.asarray(scales)[:, None]
+        for (layer, neuron), case in outliers.items():
+            magnitude[layer, neuron, case] *= 5
+        for name, new in (("top/value", magnitude * SIGNS[:, None]), ("top/pos", 20)):
+            data = f[name][...]
+            data[:, :, :, 0] = new
+            f[name][...] = data
+        f["stats/count"][...] = 10
+    return path
+
+
+def test_pick_scores_each_case_against_its_own_scale(tmp_path):
+    # gate-_in- reaches |hook_post| 0.01..0.02 (SiLU of a negative gate is small); neuron 7's 0.05..0.1.
+    path = staged_scales(tmp_path, [2.0, 1.0, 0.05, 0.02], {(0, 7): 3})
+    with ActivationsFile(path) as f:
+        post = f.file["top/value"][0, :, :, 0, 0]
+        # One scale for the whole layer would not pick it: every neuron's gate+_in+ is larger.
+        assert abs(post[7, 3]) < np.abs(post[:, 0]).min()
+        picks = pick_neurons(f, per_layer=1, mix=0)
+    assert [p.id for p in picks] == ["0.7"], picks
+    assert picks[0].reason == f"rare gate-_in- (2.1% of tokens) reaches hook_post {post[7, 3]:.3g}", picks[0].reason
+    assert picks[0].score > 2.5  # at least 5 x 0.5 of the case's scale
+
+
+def test_picks_cover_all_four_cases_when_their_scales_differ(tmp_path):
+    outliers = {(0, 3): 3, (1, 11): 2, (2, 5): 1, (3, 42): 0}
+    path = staged_scales(tmp_path, [30.0, 3.0, 0.1, 0.01], outliers, layers=4)
+    with ActivationsFile(path) as f:
+        picks = pick_neurons(f, per_layer=1, mix=0)
+    assert {(p.layer, p.neuron) for p in picks} == set(outliers)
+    cases = {p.reason.split()[1] for p in picks}
+    assert cases == {"gate+_in+", "gate+_in-", "gate-_in+", "gate-_in-"}, picks

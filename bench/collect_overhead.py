@@ -5,7 +5,9 @@ its default attention (logits included), (b) the full collection (the same model
 hooks, all statistics, the file written; it stops after the last MLP). Each collection batch is
 followed by (a) on the same batch, so that both see the same load where cores are shared. Prints
 both times, the ratio b/a, and bytes per neuron, for each document length asked for (default:
-128 and 512 tokens).
+128 and 512 tokens), and for each ``--samples`` asked for (default: 0, the statistics without the
+distributions, and 8, with histograms, density, samples and bands), the variants interleaved so
+that they see the same load; the vocabulary projections (once per run, not per batch) are timed apart.
 
 Two ratios, since the statistics cost falls during a run: a document enters a top-k list only if
 it beats the list's k-th entry, which happens about k / (documents seen) of the time, and only
@@ -56,6 +58,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="timed runs; medians are printed")
     p.add_argument("--trunk", action="store_true",
                    help="also time the forward pass without the logits (the collection stops before them)")
+    p.add_argument("--samples", type=int, nargs="+", default=[0, 8],
+                   help="--samples of each variant (0: no distributions; default: 0 and 8)")
     p.add_argument("--no-file", action="store_true",
                    help="time the run only, without writing the file (for large models on a GPU)")
     args = p.parse_args()
@@ -140,94 +144,121 @@ def measure(args: argparse.Namespace, doc_len: int) -> None:
     # (b) the full collection, on the same model: statistics from the MLP hooks, then the file.
     loaded, facts = prepare_model(hf, tokenizer)  # refactor_glu leaves the model's output as it was
     out = work / "bench.h5"
-    cfg = CollectConfig(model=str(work), dataset=["synthetic"], out=out, dtype=args.dtype, device=args.device,
-                        batch_tokens=args.batch_tokens, progress=False)
     layers = list(range(loaded.n_layers))
     first = batches[0].docs
     warm_corpus = Corpus(tokens=tokens[first].reshape(-1), doc_offsets=np.arange(len(first) + 1) * args.doc_len,
                          source_index=first, titles=None, has_bos=True)
+    configs = {samples: CollectConfig(model=str(work), dataset=["synthetic"], out=work / f"bench-{samples}.h5",
+                                      dtype=args.dtype, device=args.device, batch_tokens=args.batch_tokens,
+                                      progress=False, samples=samples)
+               for samples in args.samples}
+    warm_up = {}
+    for samples, cfg in configs.items():
+        t0 = time.perf_counter()
+        collect_statistics(loaded, warm_corpus, cfg, layers)  # torch.compile warm-up on one batch
+        sync()
+        warm_up[samples] = time.perf_counter() - t0
+    from collect.vocab import file_vocab
+
     t0 = time.perf_counter()
-    collect_statistics(loaded, warm_corpus, cfg, layers)  # torch.compile warm-up on one batch
+    vocab, _ = file_vocab(loaded, layers, {})
     sync()
-    warm_up = time.perf_counter() - t0
+    vocab_time = time.perf_counter() - t0
     # Paired timing: each collection batch (it ends with the batch's one host sync) is followed by
     # the bare forward pass of the same batch, so both see the same load on shared cores.
     import collect.run as run_module
 
     run_batch = run_module._run_batch
-    pairs: list[list[tuple[float, float]]] = []  # per repeat: (collection, forward) seconds per batch
+    pairs: dict[int, list[list[tuple[float, float]]]] = {s: [] for s in configs}  # per repeat, per batch
     trunk: list[float] = []  # per batch: the forward pass without the logits, which collection skips
+    current = [args.samples[0]]
 
     def timed_batch(*a, **kw):
         start = time.perf_counter()
         run_batch(*a, **kw)
         sync()
         collected = time.perf_counter() - start
-        pairs[-1].append((collected, forward(a[2].docs)))
+        pairs[current[0]][-1].append((collected, forward(a[2].docs)))
         if args.trunk:
             trunk.append(forward(a[2].docs, logits=False))
 
     run_module._run_batch = timed_batch
-    runs: list[tuple[float, float, float]] = []  # per repeat: loop, file, forward seconds
+    runs: dict[int, list[tuple[float, float, float]]] = {s: [] for s in configs}  # loop, file, forward seconds
     trunk_start = [0]
 
-    def full() -> None:
-        pairs.append([])
+    def full(samples: int) -> None:
+        cfg = configs[samples]
+        current[0] = samples
+        pairs[samples].append([])
         start = time.perf_counter()
         states = collect_statistics(loaded, corpus, cfg, layers)
         sync()
-        forward_total = sum(f for _, f in pairs[-1])
+        forward_total = sum(f for _, f in pairs[samples][-1])
         loop = time.perf_counter() - start - forward_total - sum(trunk[trunk_start[0]:])
         trunk_start[0] = len(trunk)
         start = time.perf_counter()
         if not args.no_file:
-            with ActivationsWriter(out, n_layers=len(layers), d_mlp=loaded.d_mlp, k=cfg.k,
+            with ActivationsWriter(cfg.out, n_layers=len(layers), d_mlp=loaded.d_mlp, k=cfg.k,
                                    context_before=cfg.context_before, context_after=cfg.context_after,
-                                   attrs={"model": "bench"}) as writer:
-                writer.write_corpus(corpus.tokens, corpus.doc_offsets, ["t"] * args.vocab)
+                                   attrs={"model": "bench"}, samples=cfg.samples,
+                                   band_samples=cfg.band_samples) as writer:
+                writer.write_corpus(corpus.tokens, corpus.doc_offsets, ["t"] * args.vocab,
+                                    source_index=corpus.source_index)
                 for row, layer in enumerate(layers):
                     writer.write_layer(row, finalize(states[layer], cfg.window_dtype))
                 writer.write_weights({k: v.numpy() for k, v in facts.items()})
+                if samples:
+                    writer.write_vocab(*vocab)
                 writer.close(n_tokens=int(corpus.lengths.sum()) - n_docs)
-        runs.append((loop, time.perf_counter() - start, forward_total))
+        runs[samples].append((loop, time.perf_counter() - start, forward_total))
 
     for _ in range(args.repeats):
-        full()
+        for samples in configs:
+            full(samples)
     run_module._run_batch = run_batch
-    loop = statistics.median(r[0] for r in runs)
-    a = statistics.median(r[2] for r in runs)
-    b = statistics.median(r[0] + r[1] for r in runs)
-    late = slice(len(batches) // 2, None)
-    late_ratio = statistics.median(c / f for repeat in pairs for c, f in repeat[late])
-    late_b = statistics.median(c for repeat in pairs for c, _ in repeat[late])
-    late_a = statistics.median(f for repeat in pairs for _, f in repeat[late])
-    docs_seen = sum(len(x.docs) for x in batches[:late.start])
     neurons = args.layers * args.d_mlp
-    size = out.stat().st_size if out.exists() else 0
     print(f"device {args.device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{cpu_name()}, {args.threads} thread(s)'}), "
           f"dtype {args.dtype}, {n_docs} docs x {args.doc_len} tokens, batch_tokens {args.batch_tokens} "
           f"({len(batches)} batches of {len(batches[0].docs)} documents)")
     print(f"model: {args.layers} layers, d_model {args.d_model}, d_mlp {args.d_mlp}, vocab {args.vocab}")
-    print(f"(a) bare HF forward:      {a:8.2f} s  ({args.tokens / a:,.0f} tok/s)")
-    print(f"(b) full collection:      {b:8.2f} s  ({args.tokens / b:,.0f} tok/s): run {loop:.2f} s + "
-          f"writing the file {b - loop:.2f} s   [compile warm-up, once per process: {warm_up:.1f} s]")
-    print(f"ratio b/a, whole run:     {b / a:8.3f}   (run alone: {loop / a:.3f})")
-    print(f"ratio b/a, later batches: {late_ratio:8.3f}   (median of per-batch ratios over batches "
-          f"{late.start + 1}-{len(batches)}, after {docs_seen} documents seen; medians {late_b:.3f} s vs {late_a:.3f} s)")
-    if args.trunk:
-        per_repeat = len(batches)
-        trunk_total = statistics.median(sum(trunk[i:i + per_repeat]) for i in range(0, len(trunk), per_repeat))
-        late_trunk = statistics.median(c / t for repeat, start in zip(pairs, range(0, len(trunk), per_repeat))
-                                       for (c, _), t in list(zip(repeat, trunk[start:start + per_repeat]))[late])
-        print(f"(c) forward without logits: {trunk_total:6.2f} s: run alone / (c) = {loop / trunk_total:.3f} whole run, "
-              f"{late_trunk:.3f} later batches (what the statistics add to the layers they read)")
-    from collect.stats import state_bytes_per_neuron
+    late = slice(len(batches) // 2, None)
+    docs_seen = sum(len(x.docs) for x in batches[:late.start])
+    late_ratios = {}
+    for samples, cfg in configs.items():
+        label = "without distributions (--samples 0)" if samples == 0 else f"with distributions (--samples {samples})"
+        loop = statistics.median(r[0] for r in runs[samples])
+        a = statistics.median(r[2] for r in runs[samples])
+        b = statistics.median(r[0] + r[1] for r in runs[samples])
+        late_ratio = statistics.median(c / f for repeat in pairs[samples] for c, f in repeat[late])
+        late_ratios[samples] = late_ratio
+        late_b = statistics.median(c for repeat in pairs[samples] for c, _ in repeat[late])
+        late_a = statistics.median(f for repeat in pairs[samples] for _, f in repeat[late])
+        print(f"-- {label}")
+        print(f"(a) bare HF forward:      {a:8.2f} s  ({args.tokens / a:,.0f} tok/s)")
+        print(f"(b) full collection:      {b:8.2f} s  ({args.tokens / b:,.0f} tok/s): run {loop:.2f} s + "
+              f"writing the file {b - loop:.2f} s   [compile warm-up, once per process: {warm_up[samples]:.1f} s]")
+        print(f"ratio b/a, whole run:     {b / a:8.3f}   (run alone: {loop / a:.3f})")
+        print(f"ratio b/a, later batches: {late_ratio:8.3f}   (median of per-batch ratios over batches "
+              f"{late.start + 1}-{len(batches)}, after {docs_seen} documents seen; medians {late_b:.3f} s vs {late_a:.3f} s)")
+        if args.trunk and samples == args.samples[0]:
+            per_repeat = len(batches)
+            trunk_total = statistics.median(sum(trunk[i:i + per_repeat]) for i in range(0, len(trunk), per_repeat))
+            print(f"(c) forward without logits: {trunk_total:6.2f} s (what the statistics add to the layers they read)")
+        from collect.stats import state_bytes_per_neuron
 
-    state = state_bytes_per_neuron(cfg.k, cfg.context_before + 1 + cfg.context_after, 2) * neurons
-    print(f"resident statistics: {state / 2**30:.2f} GiB ({state / neurons:,.0f} bytes per neuron, float16 windows)")
-    if size:
-        print(f"file: {size:,} bytes = {size / neurons:,.0f} bytes per neuron ({neurons:,} neurons; "
-              f"corpus {corpus.tokens.nbytes:,} bytes of it)")
+        state = state_bytes_per_neuron(cfg.k, cfg.context_before + 1 + cfg.context_after, 2, cfg.samples,
+                                       cfg.band_samples) * neurons
+        print(f"resident statistics: {state / 2**30:.2f} GiB ({state / neurons:,.0f} bytes per neuron, float16 windows)")
+        size = cfg.out.stat().st_size if cfg.out.exists() else 0
+        if size:
+            print(f"file: {size:,} bytes = {size / neurons:,.0f} bytes per neuron ({neurons:,} neurons; "
+                  f"corpus {corpus.tokens.nbytes:,} bytes of it)")
+    if 0 in late_ratios:
+        for samples, ratio in late_ratios.items():
+            if samples:
+                print(f"distributions (--samples {samples}) raise the later-batch ratio by "
+                      f"{(ratio / late_ratios[0] - 1) * 100:+.1f}% ({late_ratios[0]:.3f} -> {ratio:.3f})")
+    print(f"vocabulary projections (once per run): {vocab_time:.1f} s")
 
 
 if __name__ == "__main__":

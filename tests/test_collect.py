@@ -375,8 +375,10 @@ def test_dtype_auto_is_the_default_and_the_file_records_what_ran(model_factory, 
 def same_statistics(a_path: Path, b_path: Path) -> None:
     with h5py.File(a_path) as a, h5py.File(b_path) as b:
         assert a.attrs["n_tokens"] == b.attrs["n_tokens"]
-        for name in ("stats/count", "stats/sum", "stats/min", "stats/max", "top/value", "top/doc", "top/pos",
-                     "top/gate", "top/in", "corpus/tokens"):
+        names: list[str] = []
+        a.visit(lambda name: names.append(name) if isinstance(a[name], h5py.Dataset) else None)
+        assert "samples/doc" in names and "stats/hist" in names and "vocab/token" in names  # every dataset
+        for name in names:
             assert np.array_equal(a[name][...], b[name][...], equal_nan=a[name].dtype.kind == "f"), name
 
 

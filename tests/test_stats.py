@@ -255,14 +255,39 @@ def test_compiled_reduction_equals_eager(poison):
     valid = torch.rand(3, 11, generator=g) > 0.2
     valid[1, 4] = True
     swish = silu(gate)
-    eager = reduce_batch(gate, in_, swish * in_, swish, valid)
+    prio = torch.randint(0, 2**62, (3, 11), generator=g)
+    eager = reduce_batch(gate, in_, swish * in_, swish, valid, prio)
     assert int(eager.nonfinite.sum()) == (poison is not None)
-    assert bool(reduce_batch(gate, in_, swish * in_, swish, valid, assume_finite=True).suspect) == (poison is not None)
-    fused = compiled_reduce_batch(True)(gate, in_, swish * in_, swish, valid)
-    for name in ("count", "nonfinite", "min", "max", "doc_abs", "doc_pos"):
+    assert bool(reduce_batch(gate, in_, swish * in_, swish, valid, prio, assume_finite=True).suspect) == (
+        poison is not None)
+    fused = compiled_reduce_batch(True)(gate, in_, swish * in_, swish, valid, prio)
+    for name in ("count", "nonfinite", "min", "max", "doc_abs", "doc_pos", "doc_min_abs", "doc_prio"):
         assert torch.equal(getattr(eager, name), getattr(fused, name)), name
     assert torch.allclose(eager.doc_value, fused.doc_value, equal_nan=True, rtol=0, atol=0)
     torch.testing.assert_close(eager.sum, fused.sum)
+
+
+def test_compiled_histograms_equal_eager():
+    """The histograms' compiled scatter counts what the eager one counts, values at bin edges included."""
+    from collect.stats import N_BINS, compiled_histogram_batch, histogram_batch
+
+    g = torch.Generator().manual_seed(1)
+    gate = torch.randn(3, 13, 6, generator=g) * 8
+    in_ = torch.randn(3, 13, 6, generator=g) ** 3
+    gate[0, :4, 0] = torch.tensor([0.0, 2.0**-10, 1024.0, -0.5])  # a zero (no case) and exact edges
+    swish = silu(gate)
+    valid = torch.rand(3, 13, generator=g) > 0.3
+    results = []
+    for fn in (histogram_batch, compiled_histogram_batch(True)):
+        joint = torch.zeros(6, 4, N_BINS, N_BINS, dtype=torch.int32)
+        post, sw = torch.zeros(6, 4, N_BINS, dtype=torch.int32), torch.zeros(6, 4, N_BINS, dtype=torch.int32)
+        for weight in (1, 0, 1):  # a batch with weight 0 (not applied) adds nothing
+            fn(gate, in_, swish * in_, swish, valid, torch.tensor(weight, dtype=torch.int32), joint, post, sw)
+        results.append((joint, post, sw))
+    for eager, fused in zip(*results):
+        assert torch.equal(eager, fused)
+    counted = (valid[:, :, None] & (gate != 0) & (in_ != 0)).sum()
+    assert int(results[0][0].sum()) == 2 * int(counted)
 
 
 @pytest.mark.parametrize("capacity", [1, 7, 1000], ids=["overflows", "some-overflow", "ample"])

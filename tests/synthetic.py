@@ -14,7 +14,7 @@ import numpy as np
 
 from mkdocs_gluscope.activations import act_values
 from mkdocs_gluscope.distributions import BAND_OF_BIN, DENSITY_HALF, HIST_EDGES, N_BANDS, N_BINS
-from mkdocs_gluscope.store import ActivationsWriter, VOCAB_DIRECTIONS, VOCAB_WEIGHTS
+from mkdocs_gluscope.store import HOOKS, VOCAB_DIRECTIONS, VOCAB_WEIGHTS, ActivationsWriter
 
 DEFAULT_VOCAB = ["<s>"] + [f" w{i}" for i in range(1, 300)]
 
@@ -137,7 +137,8 @@ def _examples(rng, lengths, before, after, act_fn, cases_bins: list[list[int]]) 
             p = int(rng.integers(1, lengths[d]))
             g = np.float32(G_SIGN[c] * rng.uniform(0.5, 2.0))
             sw = np.float32(act_values(np.array([g], np.float32), act_fn)[0])
-            i = np.float32(I_SIGN[c] * _bin_value(rng, b) / abs(float(sw)))
+            # |post| in bin b; where act(gate) is 0 (ReLU, gate < 0) post is 0 whatever in is.
+            i = np.float32(I_SIGN[c] * (_bin_value(rng, b) / abs(float(sw)) if sw else rng.uniform(0.5, 2.0)))
             t = p + np.arange(-before, after + 1)
             inside = (t >= 0) & (t < lengths[d])
             gate[c, s] = np.where(inside, rng.normal(size=W), np.nan)
@@ -160,6 +161,7 @@ def distribution_arrays(rng: np.random.Generator, count: np.ndarray, mag: np.nda
     hist = np.zeros((N, C, H, N_BINS), np.int64)
     density = np.zeros((N, 2 * DENSITY_HALF, 2 * DENSITY_HALF), np.int64)
     parts: dict[str, list] = {}
+    dead = act_values(np.array([-1.0], np.float32), act_fn)[0] == 0  # act(gate) = 0 for gate < 0 (ReLU)
     for n in range(N):
         sample_bins, band_bins = [], []
         for c in range(C):
@@ -167,6 +169,9 @@ def distribution_arrays(rng: np.random.Generator, count: np.ndarray, mag: np.nda
                 centre = 11 + np.log2(mag[n, c, h] + 1e-3) + (-3 if h == 3 and G_SIGN[c] < 0 else 0)
                 p = np.exp(-0.5 * ((centres - centre) / 2.0) ** 2)
                 hist[n, c, h] = rng.multinomial(count[n, c], p / p.sum())
+                if dead and G_SIGN[c] < 0 and HOOKS[h] in ("hook_post", "swish"):
+                    hist[n, c, h] = 0
+                    hist[n, c, h, 0] = count[n, c]  # every value is 0: the under-flow bin
             # The quadrant of case c: gate cells 12..23 when gate > 0 (0..11 when < 0), in likewise.
             cells = np.arange(DENSITY_HALF)
             pg = np.exp(-0.5 * ((cells - rng.uniform(4, 8)) / 1.5) ** 2)
@@ -202,11 +207,11 @@ def distribution_arrays(rng: np.random.Generator, count: np.ndarray, mag: np.nda
 
 def vocab_arrays(rng: np.random.Generator, layers: int, d_mlp: int, K: int, V: int) -> tuple[np.ndarray, np.ndarray]:
     """``vocab/token`` and ``vocab/score`` [layers, d_mlp, 3, 2, K]: distinct non-BOS tokens per
-    (weight, direction), top scores positive and descending, bottom scores negative and ascending."""
+    (weight, direction) where the vocabulary has enough, top scores positive and descending, bottom scores negative and ascending."""
     shape = (layers, d_mlp, len(VOCAB_WEIGHTS), len(VOCAB_DIRECTIONS), K)
     token = np.zeros(shape, np.int32)
     for idx in np.ndindex(shape[:3]):
-        token[idx] = rng.choice(np.arange(1, V), size=(2, K), replace=False)
+        token[idx] = rng.choice(np.arange(1, V) if V > 1 else [0], size=(2, K), replace=V - 1 < 2 * K)
     top = -np.sort(-rng.gamma(2.0, 0.5, size=shape[:3] + (K,)), axis=-1)
     score = np.stack([top, -top[..., ::-1][..., ::-1] * rng.uniform(0.5, 1.5)], axis=3).astype(np.float32)
     return token, score

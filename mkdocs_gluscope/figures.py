@@ -60,7 +60,7 @@ def bin_range(edges: np.ndarray, b: int, name: str) -> str:
 
 
 # Histogram geometry (SVG user units = CSS pixels at natural size).
-_HW, _HH, _HL, _HB, _HT = 230, 92, 6, 26, 4  # width, height, left pad, bottom (axis) pad, top pad
+_HW, _HH, _HL, _HB, _HT = 240, 92, 14, 26, 4  # width, height, left pad, bottom (axis) pad, top pad
 
 
 def _histogram_svg(hist: np.ndarray, edges: np.ndarray, lo: int, hi: int, case: int, hook: str) -> str:
@@ -115,7 +115,7 @@ def histograms_html(hist: np.ndarray, edges: np.ndarray, count: np.ndarray, colo
         lo, hi = (int(filled[0]), int(filled[-1])) if filled.size else (0, len(edges) - 2)
         cells = []
         for c, case in enumerate(CASES):
-            share = f"{int(count[c]):,} tokens"
+            share = f"{int(count[c]):,} tokens · {HOOK_SHORT[hook]} {'>' if hook_sign(c, hook) > 0 else '<'} 0"
             cells.append(f'<figure class="gs-hist-fig gs-case{c}"><figcaption><span class="gs-chip gs-case{c}"></span>'
                          f"<b>{html.escape(case)}</b> · {share}</figcaption>"
                          f"{_histogram_svg(hist[c, h], edges, lo, hi, c, hook)}</figure>")
@@ -124,7 +124,7 @@ def histograms_html(hist: np.ndarray, edges: np.ndarray, count: np.ndarray, colo
     return "".join(parts)
 
 
-_DC, _DL, _DB, _DT, _DR = 11, 40, 34, 6, 6  # cell size, left (gate labels), bottom (in labels), top, right pads
+_DC, _DL, _DB, _DT, _DR = 11, 40, 34, 16, 10  # cell size, left (gate labels), bottom (in labels), top, right pads
 
 
 def _signed_range(edges: np.ndarray, j: int) -> str:
@@ -188,5 +188,5 @@ def density_html(density: np.ndarray, edges: np.ndarray) -> str:
             continue
         out.append(f'<text x="{_DL - 3}" y="{y(j - 1) + 3:.0f}" text-anchor="end">{pow2(float(edges[j]))}</text>')
     out.append(f'<text class="gs-axname" x="{_DL + nx * _DC}" y="{height - 2}" text-anchor="end">in →</text>'
-               f'<text class="gs-axname" x="2" y="{_DT + 8}">gate ↑</text></svg>')
+               f'<text class="gs-axname" x="2" y="10">gate ↑</text></svg>')
     return "".join(out)

@@ -16,6 +16,8 @@ a browser shows on hover and a screen reader reads. No string here comes from th
 from __future__ import annotations
 
 import html
+import math
+from functools import lru_cache
 
 import numpy as np
 
@@ -45,6 +47,10 @@ def pow2(edge: float) -> str:
     return ("−" if edge < 0 else "") + ("1" if e == 0 else "2" + str(e).translate(_SUPERSCRIPT))
 
 
+def _tokens(n: int) -> str:
+    return f"{n:,} token" + ("" if n == 1 else "s")
+
+
 def _decimal(x: float) -> str:
     return f"{abs(float(x)):.3g}"
 
@@ -57,6 +63,22 @@ def bin_range(edges: np.ndarray, b: int, name: str) -> str:
     if not np.isfinite(hi):
         return f"|{name}| ≥ {pow2(lo)} ({_decimal(lo)})"
     return f"{pow2(lo)} ≤ |{name}| < {pow2(hi)} ({_decimal(lo)}–{_decimal(hi)})"
+
+
+@lru_cache(maxsize=16)
+def _bin_titles(edges: bytes, name: str) -> tuple[str, ...]:
+    """:func:`bin_range` of every bin, HTML-escaped (the bins are the same on every page: computed once)."""
+    e = np.frombuffer(edges, dtype=np.float64)
+    return tuple(html.escape(bin_range(e, b, name)) for b in range(len(e) - 1))
+
+
+@lru_cache(maxsize=16)
+def _edge_labels(edges: bytes) -> tuple[str, ...]:
+    return tuple(pow2(float(x)) for x in np.frombuffer(edges, dtype=np.float64))
+
+
+def _key(edges: np.ndarray) -> bytes:
+    return np.asarray(edges, dtype=np.float64).tobytes()
 
 
 # Histogram geometry (SVG user units = CSS pixels at natural size).
@@ -72,19 +94,22 @@ def _histogram_svg(hist: np.ndarray, edges: np.ndarray, lo: int, hi: int, case: 
     step = (_HW - 2 * _HL) / n_bins
     plot_h = _HH - _HB - _HT
     sign = hook_sign(case, hook)
+    titles = _bin_titles(_key(edges), name)
+    labels = _edge_labels(_key(edges * sign))
     out = [f'<svg class="gs-hist" viewBox="0 0 {_HW} {_HH}" width="{_HW}" height="{_HH}" role="img" '
            f'aria-label="histogram of |{name}| in {CASES[case]}">',
            f"<title>{html.escape(CASES[case])}: |{name}| of its {total:,} tokens, octave bins "
            f"(values are {'positive' if sign > 0 else 'negative'})</title>",
            f'<line class="gs-axis" x1="{_HL}" y1="{_HH - _HB}" x2="{_HW - _HL}" y2="{_HH - _HB}"/>']
+    hist_list = hist.tolist()
     for b in range(lo, hi + 1):
-        n = int(hist[b])
+        n = hist_list[b]
         if not n:
             continue
         h = max(1.0, plot_h * n / top)
         x = _HL + (b - lo) * step
         out.append(f'<rect class="gs-bar-{case}" x="{x + 0.5:.1f}" y="{_HH - _HB - h:.1f}" width="{max(step - 1, 1):.1f}" '
-                   f'height="{h:.1f}"><title>{bin_range(edges, b, name)}: {n:,} tokens '
+                   f'height="{h:.1f}"><title>{titles[b]}: {_tokens(n)} '
                    f'({100 * n / total:.3g}% of {html.escape(CASES[case])})</title></rect>')
     # Ticks: at most 6 labelled edges, on whole octaves shared by all cases of the hook.
     every = max(1, -(-(n_bins + 1) // 6))
@@ -92,9 +117,8 @@ def _histogram_svg(hist: np.ndarray, edges: np.ndarray, lo: int, hi: int, case: 
         if (b - lo) % every and b != hi + 1:
             continue
         x = _HL + (b - lo) * step
-        edge = float(edges[b]) * sign
         out.append(f'<line class="gs-tick" x1="{x:.1f}" y1="{_HH - _HB}" x2="{x:.1f}" y2="{_HH - _HB + 3}"/>'
-                   f'<text x="{x:.1f}" y="{_HH - _HB + 13}" text-anchor="middle">{pow2(edge)}</text>')
+                   f'<text x="{x:.1f}" y="{_HH - _HB + 13}" text-anchor="middle">{labels[b]}</text>')
     if not total:
         out.append(f'<text x="{_HW / 2:.0f}" y="{(_HH - _HB) / 2:.0f}" text-anchor="middle" class="gs-none">'
                    "no tokens</text>")
@@ -127,6 +151,12 @@ def histograms_html(hist: np.ndarray, edges: np.ndarray, count: np.ndarray, colo
 _DC, _DL, _DB, _DT, _DR = 11, 40, 34, 16, 10  # cell size, left (gate labels), bottom (in labels), top, right pads
 
 
+@lru_cache(maxsize=4)
+def _cell_titles(edges: bytes) -> tuple[str, ...]:
+    e = np.frombuffer(edges, dtype=np.float64)
+    return tuple(html.escape(_signed_range(e, j)) for j in range(len(e) - 1))
+
+
 def _signed_range(edges: np.ndarray, j: int) -> str:
     lo, hi = float(edges[j]), float(edges[j + 1])
     if hi <= 0:  # a negative cell: lo < v <= hi
@@ -148,7 +178,9 @@ def density_html(density: np.ndarray, edges: np.ndarray) -> str:
     i_hi = int(max(cols_used.max(), half)) if cols_used.size else half
     nx, ny = i_hi - i_lo + 1, g_hi - g_lo + 1
     width, height = _DL + nx * _DC + _DR, _DT + ny * _DC + _DB
-    top = float(np.log1p(density.max())) or 1.0
+    top = math.log1p(int(density.max())) or 1.0
+    ranges, labels = _cell_titles(_key(edges)), _edge_labels(_key(edges))
+    cells = density.tolist()
 
     def x(j: int) -> float:  # left edge of in cell j
         return _DL + (j - i_lo) * _DC
@@ -167,14 +199,14 @@ def density_html(density: np.ndarray, edges: np.ndarray) -> str:
                    f'height="{gy[1] - gy[0]}"><title>{html.escape(case)}</title></rect>')
     for g in range(g_lo, g_hi + 1):
         for i in range(i_lo, i_hi + 1):
-            n = int(density[g, i])
+            n = cells[g][i]
             if not n:
                 continue
             c = (0 if g >= half else 2) + (0 if i >= half else 1)
-            alpha = 0.15 + 0.85 * float(np.log1p(n)) / top
+            alpha = 0.15 + 0.85 * math.log1p(n) / top
             out.append(f'<rect fill="{CASE_COLORS[c]}" fill-opacity="{alpha:.2f}" x="{x(i)}" y="{y(g)}" width="{_DC}" '
-                       f'height="{_DC}"><title>gate: {_signed_range(edges, g)}, in: {_signed_range(edges, i)}: '
-                       f"{n:,} tokens ({100 * n / total:.3g}%) · {html.escape(CASES[c])}</title></rect>")
+                       f'height="{_DC}"><title>gate {ranges[g]}, in {ranges[i]}: {_tokens(n)} '
+                       f"({100 * n / total:.3g}%) · {CASES[c]}</title></rect>")
     # Zero lines and edge labels (every other edge, and 0).
     out.append(f'<line class="gs-zero" x1="{x(half)}" y1="{_DT}" x2="{x(half)}" y2="{_DT + ny * _DC}"/>'
                f'<line class="gs-zero" x1="{_DL}" y1="{y(half - 1)}" x2="{_DL + nx * _DC}" y2="{y(half - 1)}"/>')
@@ -182,11 +214,11 @@ def density_html(density: np.ndarray, edges: np.ndarray) -> str:
         if (j - half) % 2 or not np.isfinite(edges[j]):
             continue
         out.append(f'<text class="gs-xlab" transform="translate({x(j)},{_DT + ny * _DC + 4}) rotate(-60)" '
-                   f'text-anchor="end">{pow2(float(edges[j]))}</text>')
+                   f'text-anchor="end">{labels[j]}</text>')
     for j in range(g_lo, g_hi + 2):
         if (j - half) % 2 or not np.isfinite(edges[j]):
             continue
-        out.append(f'<text x="{_DL - 3}" y="{y(j - 1) + 3:.0f}" text-anchor="end">{pow2(float(edges[j]))}</text>')
+        out.append(f'<text x="{_DL - 3}" y="{y(j - 1) + 3:.0f}" text-anchor="end">{labels[j]}</text>')
     out.append(f'<text class="gs-axname" x="{_DL + nx * _DC}" y="{height - 2}" text-anchor="end">in →</text>'
                f'<text class="gs-axname" x="2" y="10">gate ↑</text></svg>')
     return "".join(out)

@@ -607,27 +607,33 @@ def _container_open(data: NeuronData, ctx: PageContext, kind: str) -> str:
             f'data-levels="{LEVELS}" data-counted-from="{first_counted_position(data.attrs)}">')
 
 
-def _sample_rows(data: NeuronData, ctx: PageContext, ex: Examples, index: tuple, hook: str) -> tuple[str, str, int]:
+def _example_lists(data: NeuronData, ex: Examples, hook: str) -> dict:
+    """What the rows of every list of ``ex`` need, computed for all lists at once (a list is
+    ``[C, *E]`` down to its last axis): windows per hook, counted positions, each list's scale per hook
+    and the color levels of ``hook``."""
+    counted = counted_windows(data, ex.pos)
+    windows = hook_windows(ex.gate, ex.in_, act_fn(data))
+    scales = {name: color_scales(values, counted, values.shape[-2]) for name, values in windows.items()}
+    levels = color_levels(windows[hook], scales[hook], counted)
+    return {"counted": counted.tolist(), "swish": windows["swish"], "scales": scales, "levels": levels.tolist(),
+            "tokens": ex.tokens.tolist(), "early": early_end(data.attrs)}
+
+
+def _sample_rows(data: NeuronData, ctx: PageContext, ex: Examples, lists: dict, index: tuple) -> tuple[str, str, int]:
     """The rows of one list of ``ex`` (``index`` selects ``[C, *E]`` down to the list's examples),
-    colored by ``hook`` on the list's own scale: the list's data-scale attribute, the rows' HTML and
-    their number."""
+    colored on the list's own scale: the list's data-scale attribute, the rows' HTML and their number."""
     doc, pos = ex.doc[index], ex.pos[index]
-    gate, in_, tokens = ex.gate[index], ex.in_[index], ex.tokens[index]
-    counted = counted_windows(data, pos)
-    windows = hook_windows(gate, in_, act_fn(data))
-    shown = doc >= 0
-    scales = {name: float(color_scales(values[shown][None], counted[shown][None], int(shown.sum()))[0])
-              for name, values in windows.items()}
-    levels = color_levels(windows[hook][None], np.array([scales[hook]]), counted[None])[0].tolist()
-    early = early_end(data.attrs)
     post = ex.value[(index[0], 0) + index[1:]]  # [C, H, *E]: hook_post of the list
+    counted, levels, tokens = lists["counted"], lists["levels"], lists["tokens"]
+    for i in index:
+        counted, levels, tokens = counted[i], levels[i], tokens[i]
+    gate, in_, swish = ex.gate[index], ex.in_[index], lists["swish"][index]
     rows = []
-    counted_list, token_list = counted.tolist(), tokens.tolist()
-    for j in np.flatnonzero(shown):
-        rows.append(example_row(ctx, doc=int(doc[j]), pos=int(pos[j]), gate=gate[j], in_=in_[j],
-                                swish=windows["swish"][j], value=post[j], tokens=token_list[j], levels=levels[j],
-                                counted=counted_list[j], centre=data.context_before, early=early, rank=len(rows) + 1))
-    scale = json.dumps([scales[name] for name in HOOKS], separators=(",", ":"))
+    for j in np.flatnonzero(doc >= 0):
+        rows.append(example_row(ctx, doc=int(doc[j]), pos=int(pos[j]), gate=gate[j], in_=in_[j], swish=swish[j],
+                                value=post[j], tokens=tokens[j], levels=levels[j], counted=counted[j],
+                                centre=data.context_before, early=lists["early"], rank=len(rows) + 1))
+    scale = json.dumps([float(lists["scales"][name][index]) for name in HOOKS], separators=(",", ":"))
     return f' data-scale="{md_text(scale)}"', "".join(rows), len(rows)
 
 
@@ -637,8 +643,9 @@ def samples_html(data: NeuronData, ctx: PageContext) -> str:
         return ""
     hook = ctx.color_hook if ctx.color_hook in HOOKS else "hook_post"
     parts = [_container_open(data, ctx, "samples")]
+    lists = _example_lists(data, data.samples, hook)
     for c, case in enumerate(CASES):
-        attr, rows, n = _sample_rows(data, ctx, data.samples, (c,), hook)
+        attr, rows, n = _sample_rows(data, ctx, data.samples, lists, (c,))
         parts.append(f'<details class="gs-case-block" open><summary><span class="gs-chip gs-case{c}"></span>'
                      f'<b>{html.escape(case)}</b> · {n} random tokens of {int(data.count[c]):,}</summary>'
                      f'<div class="gs-list"{attr}><div class="gs-rows">{rows}')
@@ -657,10 +664,11 @@ def bands_html(data: NeuronData, ctx: PageContext) -> str:
     hook = ctx.color_hook if ctx.color_hook in HOOKS else "hook_post"
     telling = telling_case(data)
     parts = [_container_open(data, ctx, "bands")]
+    computed = _example_lists(data, data.bands, hook)
     for c, case in enumerate(CASES):
         lists = []
         for r in range(data.bands.doc.shape[1]):
-            attr, rows, n = _sample_rows(data, ctx, data.bands, (c, r), hook)
+            attr, rows, n = _sample_rows(data, ctx, data.bands, computed, (c, r))
             if n:
                 lists.append(f'<div class="gs-list gs-band"{attr}><p class="gs-band-label">{band_label(data.band_edges, r)}'
                              "</p><div class=\"gs-rows\">" + rows + "</div></div>")

@@ -32,6 +32,7 @@ def write_synthetic(path: Path, *, layers: int = 2, d_mlp: int = 8, k: int = 4, 
     of ``vocab_k`` tokens, all consistent with the counts and the contract's signs (see
     :func:`distribution_arrays`); ``distributions=False`` writes a file as collected before them."""
     rng = np.random.default_rng(seed)
+    drng = np.random.default_rng([seed, 1])  # its own stream: the other data do not depend on distributions
     if docs is None:
         docs = [[0] + list(rng.integers(1, len(vocab), size=int(rng.integers(3, 40)))) for _ in range(max(k * 3, 12))]
     lengths = np.array([len(d) for d in docs])
@@ -79,7 +80,7 @@ def write_synthetic(path: Path, *, layers: int = 2, d_mlp: int = 8, k: int = 4, 
             top_value = np.take_along_axis(hooks, order, -1).astype(np.float32)
             top_value[top_doc < 0] = np.nan
             signs = np.stack([g_sign * i_sign, i_sign, g_sign, g_sign], axis=1)[..., 0]  # [C, H, 1]
-            extra = (distribution_arrays(rng, count, mag, lengths, before, after, act_fn, samples, band_samples)
+            extra = (distribution_arrays(drng, count, mag, lengths, before, after, act_fn, samples, band_samples)
                      if distributions else {})
             w.write_layer(layer, {
                 **extra,
@@ -96,7 +97,7 @@ def write_synthetic(path: Path, *, layers: int = 2, d_mlp: int = 8, k: int = 4, 
                 "top_in": np.take_along_axis(in_, order[..., None], 3),
             })
         if distributions and vocab_k:
-            w.write_vocab(*vocab_arrays(rng, layers, d_mlp, vocab_k, len(vocab)))
+            w.write_vocab(*vocab_arrays(drng, layers, d_mlp, vocab_k, len(vocab)))
         w.write_weights({
             "flipped": rng.random((layers, d_mlp)) < 0.3,
             "cos_gate_in": rng.uniform(0, 0.5, (layers, d_mlp)).astype(np.float32),

@@ -41,6 +41,16 @@ def browser():
         b.close()
 
 
+def open_first_list(page):
+    """Open the first case and its first list, as a reader would (the page may have opened them
+    already); returns that list."""
+    first_list = page.locator(".gs-case-block").first.locator(".gs-list").first
+    for block in (page.locator(".gs-case-block").first, first_list):
+        if not block.evaluate("e => e.open"):
+            block.locator("> summary").click()
+    return first_list
+
+
 def test_neuron_page_in_chromium(site, browser, output_dir):
     errors: list[str] = []
     page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -51,10 +61,7 @@ def test_neuron_page_in_chromium(site, browser, output_dir):
         page.wait_for_url("**/neurons/L1/N2/")
         assert page.locator("h1").inner_text() == "Neuron 1.2"
 
-        # Open the first case and its first list, as a reader would (the page may have opened them already).
-        for block in (page.locator(".gs-case-block").first, page.locator(".gs-case-block").first.locator(".gs-list").first):
-            if not block.evaluate("e => e.open"):
-                block.locator("> summary").click()
+        open_first_list(page)
         tokens = page.locator(".gs-case-block").first.locator(".gs-list").first.locator(".gs-toks > span")
         assert tokens.count() > 0
         colors = tokens.evaluate_all("els => els.map(e => getComputedStyle(e).backgroundColor)")
@@ -171,9 +178,7 @@ def test_relu_page_hover_and_recolor_follow_the_page_data(relu_site, browser, ou
     page.on("pageerror", lambda e: errors.append(str(e)))
     with serve_folder(relu_site) as base:
         page.goto(base + "neurons/L0/N1/")
-        page.locator(".gs-case-block > summary").first.click()
-        first_list = page.locator(".gs-case-block").first.locator(".gs-list").first
-        first_list.locator("summary").click()
+        open_first_list(page)
         tokens = page.locator(".gs-case-block").first.locator(".gs-toks > span")
         seen_negative = 0
         for n in range(min(tokens.count(), 12)):
@@ -188,9 +193,7 @@ def test_relu_page_hover_and_recolor_follow_the_page_data(relu_site, browser, ou
 
         # Recoloring back to hook_post gives the server's colors: one rule, in Python and in JS.
         page.goto(base + "neurons/L0/N0/")
-        page.locator(".gs-case-block > summary").first.click()
-        first_list = page.locator(".gs-case-block").first.locator(".gs-list").first
-        first_list.locator("summary").click()
+        first_list = open_first_list(page)
         spans = page.locator(".gs-examples .gs-toks > span")
         initial = spans.evaluate_all("els => els.map(e => e.className)")
         page.select_option(".gs-hook-select", "hook_pre")

@@ -40,10 +40,9 @@ import numpy as np
 from mkdocs_gluscope.activations import act_values
 from mkdocs_gluscope.render import (
     EARLY_TITLE,
-    EXAMPLES_PLACEHOLDER,
     PageContext,
     example_word,
-    examples_html,
+    fill_page,
     list_scales,
     neuron_markdown,
     shown_examples,
@@ -298,8 +297,7 @@ def write_pages(job: LightJob) -> dict[str, Any]:
                 layer_link="../" if job.directory_urls else "index.html", inline_cases=job.inline_cases,
                 data_url=f"{root}gluscope/x/L{layer}/N{neuron}.bin", top_words=TOP_WORDS)
             computed = list_scales(data, k)
-            body = convert(md, neuron_markdown(data, ctx)).replace(
-                EXAMPLES_PLACEHOLDER, examples_html(data, ctx, computed), 1)
+            body = fill_page(convert(md, neuron_markdown(data, ctx)), data, ctx, computed)
             anchor = re.search(r'<h1 id="([^"]*)"', body)  # the theme's "skip to content" link
             middle = between.replace("#" + SHELL_SLUG, "#" + anchor.group(1)) if anchor else between
             page = (head + f"Neuron {data.id}" + middle + body + tail).encode("utf-8")

@@ -20,10 +20,10 @@ from typing import Any, Iterable, Sequence
 from mkdocs_gluscope.activations import UnknownActivation, activation
 from mkdocs_gluscope.neurons import parse_neuron_ids
 from mkdocs_gluscope.render import (
-    EXAMPLES_PLACEHOLDER,
     PageContext,
     display_name,
     examples_html,
+    fill_page,
     index_rows,
     md_text,
     neuron_markdown,
@@ -181,6 +181,11 @@ class SitePages:
     def examples_html(self, *key: Any, site_root: str, data: NeuronData | None = None) -> str:
         data = data or self.neuron_data(*key)
         return examples_html(data, self.context(*key, site_root=site_root))
+
+    def fill_page(self, page: str, *key: Any, site_root: str, data: NeuronData | None = None) -> str:
+        """``page`` with its placeholders (examples, distributions, samples, bands) replaced."""
+        data = data or self.neuron_data(*key)
+        return fill_page(page, data, self.context(*key, site_root=site_root))
 
     def _table(self, neurons: Sequence[Key], url) -> str:
         entries = [(self.neuron_summary(*key), url(*key)) for key in neurons]
@@ -350,8 +355,7 @@ def write_markdown_pages(activations: str | os.PathLike, neurons: Sequence[str],
             rel = site.neuron_path(*key)
             root = "../" * rel.count("/")
             data = site.neuron_data(*key)
-            page = site.neuron_markdown(*key, data=data).replace(
-                EXAMPLES_PLACEHOLDER, site.examples_html(*key, site_root=root, data=data))
+            page = site.fill_page(site.neuron_markdown(*key, data=data), *key, site_root=root, data=data)
             write(rel, page + "\n" + head.replace("{root}", html.escape(root)) + "\n")
         write(site.index_path, site.index_markdown(directory_urls=False))
         for layer in site.layers:

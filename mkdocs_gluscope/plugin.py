@@ -42,7 +42,7 @@ from mkdocs_gluscope.pages import (
     check_inline_cases,
     check_url_prefix,
 )
-from mkdocs_gluscope.render import EXAMPLES_PLACEHOLDER
+
 from mkdocs_gluscope.store import HOOKS, ActivationsFile, FormatError
 
 log = logging.getLogger("mkdocs.plugins.gluscope")
@@ -264,7 +264,7 @@ class GluscopePlugin(BasePlugin[GluscopeConfig]):
         if key is None or self.site is None:
             return output
         site_root = "../" * page.url.count("/")
-        return output.replace(EXAMPLES_PLACEHOLDER, self.site.examples_html(*key, site_root=site_root), 1)
+        return self.site.fill_page(output, *key, site_root=site_root)
 
     def on_post_build(self, *, config: MkDocsConfig) -> None:
         if not self.light or self.site is None:

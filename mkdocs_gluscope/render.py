@@ -25,8 +25,11 @@ from typing import Callable, Sequence
 import numpy as np
 
 from mkdocs_gluscope.activations import act_values
+from mkdocs_gluscope.figures import density_html, histograms_html
 from mkdocs_gluscope.store import (
     CASES,
+    VOCAB_WEIGHTS,
+    Examples,
     EARLY_POSITIONS,
     HOOKS,
     NONFINITE_COLUMNS,
@@ -36,6 +39,12 @@ from mkdocs_gluscope.store import (
 )
 
 EXAMPLES_PLACEHOLDER = "<!-- gluscope:examples -->"
+DISTRIBUTIONS_PLACEHOLDER = "<!-- gluscope:distributions -->"
+SAMPLES_PLACEHOLDER = "<!-- gluscope:samples -->"
+BANDS_PLACEHOLDER = "<!-- gluscope:bands -->"
+#: A case counts as rare (and so as the most telling when its output is the largest) below this share
+#: of tokens: ``gluscope pick``'s default.
+RARE_SHARE = 0.10
 LEVELS = 10  # color steps on each side of zero
 #: Each list's color scale is this percentile of |value| over its counted window values; stronger
 #: values get the strongest color. A maximum would let one attention-sink token wash out a list.
@@ -117,17 +126,22 @@ def page_windows(data: NeuronData) -> dict[str, np.ndarray]:
     exactly as the page carries them to ``gluscope.js``: gate and in as stored, act(gate) from the one
     activation table rounded to float16 (``data-s``), and post = act(gate) * in from those. Colors
     computed here and recolors in the browser then start from the same numbers."""
-    gate = data.top_gate.astype(np.float64)
-    in_ = data.top_in.astype(np.float64)
-    swish = act_values(gate, act_fn(data)).astype(np.float16).astype(np.float64)
+    return hook_windows(data.top_gate, data.top_in, act_fn(data))
+
+
+def hook_windows(gate: np.ndarray, in_: np.ndarray, act: str) -> dict[str, np.ndarray]:
+    """:func:`page_windows`' rule for any windows of gate and in (top-k lists, samples, bands)."""
+    gate = gate.astype(np.float64)
+    in_ = in_.astype(np.float64)
+    swish = act_values(gate, act).astype(np.float16).astype(np.float64)
     return {"hook_post": swish * in_, "hook_pre_linear": in_, "hook_pre": gate, "swish": swish}
 
 
-def counted_windows(data: NeuronData) -> np.ndarray:
+def counted_windows(data: NeuronData, pos: np.ndarray | None = None) -> np.ndarray:
     """``[C, H, k, W]``: whether each window token is a position the statistics count (not the BOS,
-    not a skipped position), relative to each example's own position."""
+    not a skipped position), relative to each example's own position (``pos``: other examples')."""
     offsets = np.arange(-data.context_before, data.context_after + 1)
-    return data.top_pos[..., None] + offsets >= first_counted_position(data.attrs)
+    return (data.top_pos if pos is None else pos)[..., None] + offsets >= first_counted_position(data.attrs)
 
 
 def color_scales(values: np.ndarray, counted: np.ndarray, shown: int) -> np.ndarray:
@@ -320,6 +334,11 @@ def neuron_markdown(data: NeuronData, ctx: PageContext) -> str:
                       for k, v in provenance_rows({**data.attrs, "n_tokens": data.n_tokens}))
     lines += [f'<p class="gs-provenance">{prov}</p>', "", *routing_note(data),
               "## Summary", "", summary_table(data), "", *nonfinite_note(data)]
+    if data.hist is not None:
+        lines += ["## Distributions", "",
+                  "How each case's tokens spread over |value| (octave bins; hover a bar for its range and count) "
+                  "and over the (gate, in) plane:", "", DISTRIBUTIONS_PLACEHOLDER, ""]
+    lines += vocab_section(data, ctx)
     lines += [
         "## Weights", "",
         f"- cos(w_gate, w_in) = {data.cos_gate_in:.3f} · cos(w_gate, w_out) = {data.cos_gate_out:.3f} · "
@@ -334,6 +353,13 @@ def neuron_markdown(data: NeuronData, ctx: PageContext) -> str:
         shown = ", ".join(word_html(w) for w in top_words(data, ctx, c, limit=ctx.top_words)) or "none"
         lines.append(f"- **{md_text(case)}** ({100 * data.frequency[c]:.3g}%): {shown}")
     lines += ["", "## Examples", "", EXAMPLES_PLACEHOLDER, ""]
+    if data.samples is not None and ctx.inline_cases is None:
+        lines += ["## Random samples", "",
+                  "Tokens drawn uniformly at random from each case: what the case looks like on an ordinary "
+                  "token, not at its extremes (value: post).", "", SAMPLES_PLACEHOLDER, "",
+                  "## Samples by strength", "",
+                  "Random tokens of each case from each band of |post|, weak to strong: where along that range "
+                  "the neuron starts to mean something.", "", BANDS_PLACEHOLDER, ""]
     return "\n".join(lines)
 
 
@@ -393,10 +419,15 @@ def examples_html(data: NeuronData, ctx: PageContext,
         'get the strongest color) · hover a token for its values</span></div>',
     ]
     opened = ""
+    telling = telling_case(data)
     for c, case in enumerate(CASES):
         n_filled = int((data.top_doc[c, 0] >= 0).sum())
-        # A light page opens the cases whose example it holds: seen at once, with or without JavaScript.
-        opened = " open" if ctx.inline_cases is not None and c in rare else ""
+        # A light page opens the cases whose example it holds: seen at once, with or without JavaScript;
+        # a full page opens its most telling case (telling_case) and, in it, the color hook's list.
+        if ctx.inline_cases is not None:
+            opened = " open" if c in rare else ""
+        else:
+            opened = " open" if c == telling else ""
         parts.append(
             f'<details class="gs-case-block"{opened}><summary><span class="gs-chip gs-case{c}"></span>'
             f'<b>{html.escape(case)}</b> · {100 * data.frequency[c]:.3g}% of tokens · '
@@ -413,12 +444,16 @@ def examples_html(data: NeuronData, ctx: PageContext,
                 attrs += f' data-hook="{h}"'
             filled = int((docs[:k] >= 0).sum())
             shown = min(inline, filled)
+            list_open = opened if ctx.inline_cases is not None or h == h_color else ""
             parts.append(
-                f'<details class="gs-list"{attrs}{opened}><summary>{html.escape(HOOK_LABELS[hook])}: '
+                f'<details class="gs-list"{attrs}{list_open}><summary>{html.escape(HOOK_LABELS[hook])}: '
                 f'most extreme {_extreme(data, c, h, early)}</summary><div class="gs-rows">')
             for j in range(shown):
-                parts.append(_example_row(data, ctx, c, h, j, levels[c][h][j], counted_list[c][h][j],
-                                          window_tokens[c][h][j], windows["swish"][c, h, j], centre, early))
+                parts.append(example_row(
+                    ctx, doc=int(data.top_doc[c, h, j]), pos=int(data.top_pos[c, h, j]), gate=data.top_gate[c, h, j],
+                    in_=data.top_in[c, h, j], swish=windows["swish"][c, h, j], value=data.top_value[c, h, j],
+                    tokens=window_tokens[c][h][j], levels=levels[c][h][j], counted=counted_list[c][h][j],
+                    centre=centre, early=early, rank=j + 1))
             if not filled:
                 parts.append('<p class="gs-empty">No token of the corpus fell in this case.</p>')
             parts.append("</div></details>")
@@ -448,10 +483,11 @@ _PEAK_OPEN = {level: f'<span class="c{level} gs-x">' for level in range(-LEVELS,
 _NOT_COUNTED_OPEN = '<span class="c0 gs-nc">'
 
 
-def _example_row(data: NeuronData, ctx: PageContext, c: int, h: int, j: int, levels: list[int],
-                 counted: list[bool], tokens: list[int], swish: np.ndarray, centre: int, early: int) -> str:
-    doc = int(data.top_doc[c, h, j])
-    pos = int(data.top_pos[c, h, j])
+def example_row(ctx: PageContext, *, doc: int, pos: int, gate: np.ndarray, in_: np.ndarray, swish: np.ndarray,
+                value: float, tokens: list[int], levels: list[int], counted: list[bool], centre: int, early: int,
+                rank: int) -> str:
+    """One colored-token example (a top-k list's, a random sample's or a band's): rank, value, the
+    tokens of its window colored by ``levels`` with the peak framed, and its document button."""
     vocab_html = ctx.vocab_html
     spans = [(_PEAK_OPEN[levels[w]] if w == centre else _SPAN_OPEN[levels[w]] if counted[w] else _NOT_COUNTED_OPEN)
              + vocab_html(t) + "</span>" for w, t in enumerate(tokens) if t >= 0]
@@ -462,9 +498,9 @@ def _example_row(data: NeuronData, ctx: PageContext, c: int, h: int, j: int, lev
              "start of document</span>" if pos < early else "")
     return (
         f'<div class="gs-ex" data-doc="{doc}" data-pos="{pos}" data-first="{first}" '
-        f'data-g="{_b64_float16(data.top_gate[c, h, j])}" data-i="{_b64_float16(data.top_in[c, h, j])}" '
+        f'data-g="{_b64_float16(gate)}" data-i="{_b64_float16(in_)}" '
         f'data-s="{_b64_float16(swish)}">'
-        f'<span class="gs-rank">{j + 1}</span><span class="gs-val">{fmt(data.top_value[c, h, j])}{badge}</span>'
+        f'<span class="gs-rank">{rank}</span><span class="gs-val">{fmt(value)}{badge}</span>'
         f'<span class="gs-toks">{"".join(spans)}</span>'
         f'<button class="gs-doc-btn" type="button" title="show the whole document">{where}</button></div>')
 
@@ -488,3 +524,170 @@ def index_rows(entries: Sequence[tuple[NeuronData, str]], vocab_text: Callable[[
     # data-search-exclude: a search snippet would run the cells together ("1.043.418.422.1").
     return (f'<div class="md-typeset__scrollwrap" data-search-exclude><table class="gs-table gs-sortable gs-index"><thead><tr>{head}</tr>'
             f"</thead><tbody>{''.join(rows)}</tbody></table></div>")
+
+
+# -- distributions, vocabulary projections, samples and bands -----------------------------------------
+
+def telling_case(data: NeuronData) -> int | None:
+    """The case a full page opens: the one whose strongest hook_post example after the start of its
+    document is the most extreme, among the rare cases (under :data:`RARE_SHARE` of tokens, with at least
+    k examples) when one of them has any such example, else among all: what ``gluscope pick`` scores.
+    Start-of-document examples count only when a case has nothing else. None: no case has examples."""
+    doc, pos, value = data.top_doc[:, 0], data.top_pos[:, 0], data.top_value[:, 0]  # [C, k]
+    filled = doc >= 0
+    if not filled.any():
+        return None
+    magnitude = np.where(filled, np.nan_to_num(np.abs(value), nan=0.0), -1.0)
+    later = np.where(pos >= early_end(data.attrs), magnitude, -1.0).max(axis=-1)
+    best = np.where(later > 0, later, magnitude.max(axis=-1))  # [C]
+    rare = (data.frequency < RARE_SHARE) & (filled.sum(axis=-1) >= data.top_doc.shape[-1]) & (later > 0)
+    pool = np.where(rare if rare.any() else filled.any(axis=-1), best, -np.inf)
+    return int(np.argmax(pool))
+
+
+def distributions_html(data: NeuronData, ctx: PageContext) -> str:
+    """The histograms (tabs per hook, the page's color hook first shown) and the (gate, in) density."""
+    if data.hist is None:
+        return ""
+    hook = ctx.color_hook if ctx.color_hook in HOOKS else "hook_post"
+    return ('<div class="gs-dists">' + histograms_html(data.hist, data.hist_edges, data.count, hook)
+            + '<figure class="gs-density-fig" data-search-exclude><figcaption>gate × in, all cases '
+            "(log count)</figcaption>" + density_html(data.density, data.density_edges) + "</figure></div>")
+
+
+VOCAB_TEXT = {
+    "out": ("output (w_out)", "promotes", "suppresses",
+            "Tokens whose logit the neuron's output raises most (left) and lowers most (right) per unit of post; "
+            "where post < 0 the roles swap."),
+    "gate": ("gate (w_gate)", "gate+", "gate−",
+             "Input tokens (embeddings) that give the largest gate (into the gate+ cases) and the most negative "
+             "(into the gate− cases)."),
+    "in": ("in (w_in)", "in+", "in−",
+           "Input tokens (embeddings) that give the largest in (into the in+ cases) and the most negative "
+           "(into the in− cases)."),
+}
+
+
+def vocab_section(data: NeuronData, ctx: PageContext) -> list[str]:
+    """``## Vocabulary``: the projections of w_out, w_gate and w_in as token tables (every token
+    through :func:`md_text`); nothing for files without them."""
+    if data.vocab_token is None or data.vocab_score is None:
+        return []
+    tables = []
+    for w, weight in enumerate(VOCAB_WEIGHTS):
+        title, top, bottom, note = VOCAB_TEXT.get(weight, (weight, "top", "bottom", ""))
+        tokens, scores = data.vocab_token[w], data.vocab_score[w]
+        rows = []
+        for j in range(tokens.shape[-1]):
+            cells = []
+            for d in range(2):
+                t = int(tokens[d, j])
+                cells.append(f'<td><code>{ctx.vocab_html(t)}</code></td><td class="gs-num">{fmt(scores[d, j])}</td>'
+                             if t >= 0 else "<td></td><td></td>")
+            rows.append(f"<tr>{''.join(cells)}</tr>")
+        tables.append(
+            f'<div class="gs-vocab-block"><p class="gs-vocab-title"><b>{html.escape(title)}</b> · {html.escape(note)}</p>'
+            f'<table class="gs-table gs-vocab"><thead><tr><th colspan="2">{html.escape(top)}</th>'
+            f'<th colspan="2">{html.escape(bottom)}</th></tr></thead><tbody>{"".join(rows)}</tbody></table></div>')
+    return ["## Vocabulary", "", '<div class="gs-vocab-row" data-search-exclude>' + "".join(tables) + "</div>", ""]
+
+
+def band_label(edges: np.ndarray, r: int) -> str:
+    """A band of |post| in words: ``|post| < 0.0156``, ``|post| 0.125–1``, ``|post| ≥ 8``."""
+    lo, hi = float(edges[r]), float(edges[r + 1])
+    if lo == 0:
+        return f"|post| < {hi:.3g}"
+    if not np.isfinite(hi):
+        return f"|post| ≥ {lo:.3g}"
+    return f"|post| {lo:.3g}–{hi:.3g}"
+
+
+def _container_open(data: NeuronData, ctx: PageContext, kind: str) -> str:
+    return (f'<div class="gs-examples gs-{kind}" data-root="{md_text(ctx.site_root)}" data-centre="{data.context_before}" '
+            f'data-levels="{LEVELS}" data-counted-from="{first_counted_position(data.attrs)}">')
+
+
+def _example_lists(data: NeuronData, ex: Examples, hook: str) -> dict:
+    """What the rows of every list of ``ex`` need, computed for all lists at once (a list is
+    ``[C, *E]`` down to its last axis): windows per hook, counted positions, each list's scale per hook
+    and the color levels of ``hook``."""
+    counted = counted_windows(data, ex.pos)
+    windows = hook_windows(ex.gate, ex.in_, act_fn(data))
+    scales = {name: color_scales(values, counted, values.shape[-2]) for name, values in windows.items()}
+    levels = color_levels(windows[hook], scales[hook], counted)
+    return {"counted": counted.tolist(), "swish": windows["swish"], "scales": scales, "levels": levels.tolist(),
+            "tokens": ex.tokens.tolist(), "early": early_end(data.attrs)}
+
+
+def _sample_rows(data: NeuronData, ctx: PageContext, ex: Examples, lists: dict, index: tuple) -> tuple[str, str, int]:
+    """The rows of one list of ``ex`` (``index`` selects ``[C, *E]`` down to the list's examples),
+    colored on the list's own scale: the list's data-scale attribute, the rows' HTML and their number."""
+    doc, pos = ex.doc[index], ex.pos[index]
+    post = ex.value[(index[0], 0) + index[1:]]  # [C, H, *E]: hook_post of the list
+    counted, levels, tokens = lists["counted"], lists["levels"], lists["tokens"]
+    for i in index:
+        counted, levels, tokens = counted[i], levels[i], tokens[i]
+    gate, in_, swish = ex.gate[index], ex.in_[index], lists["swish"][index]
+    rows = []
+    for j in np.flatnonzero(doc >= 0):
+        rows.append(example_row(ctx, doc=int(doc[j]), pos=int(pos[j]), gate=gate[j], in_=in_[j], swish=swish[j],
+                                value=post[j], tokens=tokens[j], levels=levels[j], counted=counted[j],
+                                centre=data.context_before, early=lists["early"], rank=len(rows) + 1))
+    scale = json.dumps([float(lists["scales"][name][index]) for name in HOOKS], separators=(",", ":"))
+    return f' data-scale="{md_text(scale)}"', "".join(rows), len(rows)
+
+
+def samples_html(data: NeuronData, ctx: PageContext) -> str:
+    """The random samples of each case as colored-token lists (one per case, all open)."""
+    if data.samples is None or data.samples.gate is None:
+        return ""
+    hook = ctx.color_hook if ctx.color_hook in HOOKS else "hook_post"
+    parts = [_container_open(data, ctx, "samples")]
+    lists = _example_lists(data, data.samples, hook)
+    for c, case in enumerate(CASES):
+        attr, rows, n = _sample_rows(data, ctx, data.samples, lists, (c,))
+        parts.append(f'<details class="gs-case-block" open><summary><span class="gs-chip gs-case{c}"></span>'
+                     f'<b>{html.escape(case)}</b> · {n} random tokens of {int(data.count[c]):,}</summary>'
+                     f'<div class="gs-list"{attr}><div class="gs-rows">{rows}')
+        if not n:
+            parts.append('<p class="gs-empty">No token of the corpus fell in this case.</p>')
+        parts.append("</div></div></details>")
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def bands_html(data: NeuronData, ctx: PageContext) -> str:
+    """Per case, random tokens from each band of |post| (weak to strong), each band its own list;
+    the case :func:`telling_case` names is open."""
+    if data.bands is None or data.bands.gate is None or data.band_edges is None:
+        return ""
+    hook = ctx.color_hook if ctx.color_hook in HOOKS else "hook_post"
+    telling = telling_case(data)
+    parts = [_container_open(data, ctx, "bands")]
+    computed = _example_lists(data, data.bands, hook)
+    for c, case in enumerate(CASES):
+        lists = []
+        for r in range(data.bands.doc.shape[1]):
+            attr, rows, n = _sample_rows(data, ctx, data.bands, computed, (c, r))
+            if n:
+                lists.append(f'<div class="gs-list gs-band"{attr}><p class="gs-band-label">{band_label(data.band_edges, r)}'
+                             "</p><div class=\"gs-rows\">" + rows + "</div></div>")
+        opened = " open" if c == telling else ""
+        parts.append(f'<details class="gs-case-block"{opened}><summary><span class="gs-chip gs-case{c}"></span>'
+                     f'<b>{html.escape(case)}</b> · {len(lists)} bands with tokens</summary>{"".join(lists)}')
+        if not lists:
+            parts.append('<p class="gs-empty">No token of the corpus fell in this case.</p>')
+        parts.append("</details>")
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def fill_page(page: str, data: NeuronData, ctx: PageContext,
+              computed: tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]] | None = None) -> str:
+    """``page`` (the page's Markdown, or the HTML made from it) with every placeholder replaced by its HTML."""
+    page = page.replace(EXAMPLES_PLACEHOLDER, examples_html(data, ctx, computed), 1)
+    for placeholder, make in ((DISTRIBUTIONS_PLACEHOLDER, distributions_html), (SAMPLES_PLACEHOLDER, samples_html),
+                              (BANDS_PLACEHOLDER, bands_html)):
+        if placeholder in page:
+            page = page.replace(placeholder, make(data, ctx), 1)
+    return page

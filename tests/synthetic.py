@@ -13,7 +13,8 @@ import h5py
 import numpy as np
 
 from mkdocs_gluscope.activations import act_values
-from mkdocs_gluscope.store import ActivationsWriter
+from mkdocs_gluscope.distributions import BAND_OF_BIN, DENSITY_HALF, HIST_EDGES, N_BANDS, N_BINS
+from mkdocs_gluscope.store import HOOKS, VOCAB_DIRECTIONS, VOCAB_WEIGHTS, ActivationsWriter
 
 DEFAULT_VOCAB = ["<s>"] + [f" w{i}" for i in range(1, 300)]
 
@@ -22,9 +23,16 @@ def write_synthetic(path: Path, *, layers: int = 2, d_mlp: int = 8, k: int = 4, 
                     vocab: Sequence[str] = DEFAULT_VOCAB, docs: Sequence[Sequence[int]] | None = None,
                     titles: Sequence[str] | None = None, seed: int = 0, model: str = "synthetic/tiny",
                     layer_ids: Sequence[int] | None = None, dataset: str = "synthetic corpus", act_fn: str = "silu",
-                    nonfinite: np.ndarray | None = None) -> Path:
-    """``nonfinite`` ([layers, d_mlp, 5] int64): ``stats/nonfinite`` (default: none anywhere)."""
+                    nonfinite: np.ndarray | None = None, distributions: bool = True, samples: int = 4,
+                    band_samples: int = 2, vocab_k: int | None = 6) -> Path:
+    """``nonfinite`` ([layers, d_mlp, 5] int64): ``stats/nonfinite`` (default: none anywhere).
+
+    ``distributions`` (default) also writes histograms, the density, ``samples`` random examples per
+    case, ``band_samples`` per case and band, and (unless ``vocab_k`` is None) vocabulary projections
+    of ``vocab_k`` tokens, all consistent with the counts and the contract's signs (see
+    :func:`distribution_arrays`); ``distributions=False`` writes a file as collected before them."""
     rng = np.random.default_rng(seed)
+    drng = np.random.default_rng([seed, 1])  # its own stream: the other data do not depend on distributions
     if docs is None:
         docs = [[0] + list(rng.integers(1, len(vocab), size=int(rng.integers(3, 40)))) for _ in range(max(k * 3, 12))]
     lengths = np.array([len(d) for d in docs])
@@ -36,7 +44,7 @@ def write_synthetic(path: Path, *, layers: int = 2, d_mlp: int = 8, k: int = 4, 
              "act_fn": act_fn, "include_bos": False, "has_bos": True, "refactor_glu": True,
              "layers": list(layer_ids) if layer_ids is not None else list(range(layers))}
     with ActivationsWriter(path, n_layers=layers, d_mlp=d_mlp, k=k, context_before=before, context_after=after,
-                           attrs=attrs) as w:
+                           attrs=attrs, samples=samples if distributions else 0, band_samples=band_samples) as w:
         w.write_corpus(np.concatenate([np.asarray(d, dtype=np.int32) for d in docs]), offsets, list(vocab),
                        doc_title=titles)
         g_sign = np.array([1, 1, -1, -1], dtype=np.float32)[:, None, None]
@@ -72,7 +80,10 @@ def write_synthetic(path: Path, *, layers: int = 2, d_mlp: int = 8, k: int = 4, 
             top_value = np.take_along_axis(hooks, order, -1).astype(np.float32)
             top_value[top_doc < 0] = np.nan
             signs = np.stack([g_sign * i_sign, i_sign, g_sign, g_sign], axis=1)[..., 0]  # [C, H, 1]
+            extra = (distribution_arrays(drng, count, mag, lengths, before, after, act_fn, samples, band_samples)
+                     if distributions else {})
             w.write_layer(layer, {
+                **extra,
                 "count": count,
                 "nonfinite": (np.zeros(count.shape[:-1] + (count.shape[-1] + 1,), np.int64) if nonfinite is None
                               else np.asarray(nonfinite[layer], dtype=np.int64)),
@@ -85,6 +96,8 @@ def write_synthetic(path: Path, *, layers: int = 2, d_mlp: int = 8, k: int = 4, 
                 "top_gate": np.take_along_axis(gate, order[..., None], 3),
                 "top_in": np.take_along_axis(in_, order[..., None], 3),
             })
+        if distributions and vocab_k:
+            w.write_vocab(*vocab_arrays(drng, layers, d_mlp, vocab_k, len(vocab)))
         w.write_weights({
             "flipped": rng.random((layers, d_mlp)) < 0.3,
             "cos_gate_in": rng.uniform(0, 0.5, (layers, d_mlp)).astype(np.float32),
@@ -93,6 +106,116 @@ def write_synthetic(path: Path, *, layers: int = 2, d_mlp: int = 8, k: int = 4, 
         })
         w.close(n_tokens=n_tokens)
     return path
+
+
+G_SIGN = np.array([1, 1, -1, -1], dtype=np.float32)  # sign of gate in each case
+I_SIGN = np.array([1, -1, 1, -1], dtype=np.float32)  # sign of in
+
+
+def _bin_value(rng: np.random.Generator, b: int) -> float:
+    """A |value| inside histogram bin ``b``, away from its edges (so float32 keeps it there)."""
+    lo, hi = float(HIST_EDGES[b]), float(HIST_EDGES[b + 1])
+    lo, hi = (2.0**-12 if lo == 0 else lo * 1.05), (lo * 1.5 if not np.isfinite(hi) else hi * 0.95)
+    return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+
+
+def _examples(rng, lengths, before, after, act_fn, cases_bins: list[list[int]]) -> dict[str, np.ndarray]:
+    """Examples of each case ``c`` whose |post| lies in each bin of ``cases_bins[c]`` (-1: an empty
+    slot): doc, pos, value [C, H, n], gate and in windows [C, n, W] with the case's signs at the centre."""
+    C, n, W = len(cases_bins), len(cases_bins[0]), before + 1 + after
+    doc = np.full((C, n), -1, np.int32)
+    pos = np.full((C, n), -1, np.int32)
+    value = np.full((C, 4, n), np.nan, np.float32)
+    gate = np.full((C, n, W), np.nan, np.float32)
+    in_ = np.full((C, n, W), np.nan, np.float32)
+    for c, bins in enumerate(cases_bins):
+        for s, b in enumerate(bins):
+            if b < 0:
+                continue
+            d = int(rng.integers(len(lengths)))
+            while lengths[d] < 2:
+                d = int(rng.integers(len(lengths)))
+            p = int(rng.integers(1, lengths[d]))
+            g = np.float32(G_SIGN[c] * rng.uniform(0.5, 2.0))
+            sw = np.float32(act_values(np.array([g], np.float32), act_fn)[0])
+            # |post| in bin b; where act(gate) is 0 (ReLU, gate < 0) post is 0 whatever in is.
+            i = np.float32(I_SIGN[c] * (_bin_value(rng, b) / abs(float(sw)) if sw else rng.uniform(0.5, 2.0)))
+            t = p + np.arange(-before, after + 1)
+            inside = (t >= 0) & (t < lengths[d])
+            gate[c, s] = np.where(inside, rng.normal(size=W), np.nan)
+            in_[c, s] = np.where(inside, rng.normal(size=W), np.nan)
+            gate[c, s, before], in_[c, s, before] = g, i
+            doc[c, s], pos[c, s] = d, p
+            value[c, :, s] = [sw * i, i, g, sw]
+    return {"doc": doc, "pos": pos, "value": value, "gate": gate, "in": in_}
+
+
+def distribution_arrays(rng: np.random.Generator, count: np.ndarray, mag: np.ndarray, lengths: np.ndarray,
+                        before: int, after: int, act_fn: str, samples: int, band_samples: int) -> dict[str, np.ndarray]:
+    """One layer's ``hist``, ``density``, ``samples_*`` and ``bands_*`` for ``write_layer``, consistent
+    with ``count`` [N, C]: every (case, hook) histogram sums to the case's count; the density's
+    quadrant of each case holds exactly its count; samples and bands are at positions inside documents,
+    with the case's signs, their |post| drawn from the case's hook_post histogram (bands: inside their band),
+    and as many per list as the case (band) has positions."""
+    N, C, H = count.shape[0], 4, 4
+    centres = np.arange(N_BINS)
+    hist = np.zeros((N, C, H, N_BINS), np.int64)
+    density = np.zeros((N, 2 * DENSITY_HALF, 2 * DENSITY_HALF), np.int64)
+    parts: dict[str, list] = {}
+    dead = act_values(np.array([-1.0], np.float32), act_fn)[0] == 0  # act(gate) = 0 for gate < 0 (ReLU)
+    for n in range(N):
+        sample_bins, band_bins = [], []
+        for c in range(C):
+            for h in range(H):
+                centre = 11 + np.log2(mag[n, c, h] + 1e-3) + (-3 if h == 3 and G_SIGN[c] < 0 else 0)
+                p = np.exp(-0.5 * ((centres - centre) / 2.0) ** 2)
+                hist[n, c, h] = rng.multinomial(count[n, c], p / p.sum())
+                if dead and G_SIGN[c] < 0 and HOOKS[h] in ("hook_post", "swish"):
+                    hist[n, c, h] = 0
+                    hist[n, c, h, 0] = count[n, c]  # every value is 0: the under-flow bin
+            # The quadrant of case c: gate cells 12..23 when gate > 0 (0..11 when < 0), in likewise.
+            cells = np.arange(DENSITY_HALF)
+            pg = np.exp(-0.5 * ((cells - rng.uniform(4, 8)) / 1.5) ** 2)
+            pi = np.exp(-0.5 * ((cells - rng.uniform(4, 8)) / 2.0) ** 2)
+            quad = rng.multinomial(count[n, c], (np.outer(pg, pi) / np.outer(pg, pi).sum()).ravel())
+            quad = quad.reshape(DENSITY_HALF, DENSITY_HALF)
+            gi = cells + DENSITY_HALF if G_SIGN[c] > 0 else DENSITY_HALF - 1 - cells
+            ii = cells + DENSITY_HALF if I_SIGN[c] > 0 else DENSITY_HALF - 1 - cells
+            density[n][np.ix_(gi, ii)] += quad
+            post_hist = hist[n, c, 0]
+            drawn = rng.choice(N_BINS, size=min(samples, int(count[n, c])), replace=True,
+                               p=post_hist / post_hist.sum()) if count[n, c] else np.zeros(0, int)
+            sample_bins.append(list(drawn) + [-1] * (samples - len(drawn)))
+            bands = []
+            for r in range(N_BANDS):
+                in_band = np.where(BAND_OF_BIN == r, post_hist, 0)
+                m = min(band_samples, int(in_band.sum()))
+                drawn = rng.choice(N_BINS, size=m, p=in_band / in_band.sum()) if m else np.zeros(0, int)
+                bands += list(drawn) + [-1] * (band_samples - m)
+            band_bins.append(bands)
+        for group, bins, shape in (("samples", sample_bins, (samples,)), ("bands", band_bins, (N_BANDS, band_samples))):
+            ex = _examples(rng, lengths, before, after, act_fn, bins)
+            for name, a in ex.items():
+                if name == "value":
+                    a = a.reshape((C, H) + shape)
+                elif name in ("doc", "pos"):
+                    a = a.reshape((C,) + shape)
+                else:
+                    a = a.reshape((C,) + shape + (a.shape[-1],))
+                parts.setdefault(f"{group}_{name}", []).append(a)
+    return {"hist": hist, "density": density, **{k: np.stack(v) for k, v in parts.items()}}
+
+
+def vocab_arrays(rng: np.random.Generator, layers: int, d_mlp: int, K: int, V: int) -> tuple[np.ndarray, np.ndarray]:
+    """``vocab/token`` and ``vocab/score`` [layers, d_mlp, 3, 2, K]: distinct non-BOS tokens per
+    (weight, direction) where the vocabulary has enough, top scores positive and descending, bottom scores negative and ascending."""
+    shape = (layers, d_mlp, len(VOCAB_WEIGHTS), len(VOCAB_DIRECTIONS), K)
+    token = np.zeros(shape, np.int32)
+    for idx in np.ndindex(shape[:3]):
+        token[idx] = rng.choice(np.arange(1, V) if V > 1 else [0], size=(2, K), replace=V - 1 < 2 * K)
+    top = -np.sort(-rng.gamma(2.0, 0.5, size=shape[:3] + (K,)), axis=-1)
+    score = np.stack([top, -top[..., ::-1][..., ::-1] * rng.uniform(0.5, 1.5)], axis=3).astype(np.float32)
+    return token, score
 
 
 def set_attrs(path: Path, **attrs) -> None:

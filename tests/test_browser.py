@@ -41,6 +41,16 @@ def browser():
         b.close()
 
 
+def open_first_list(page):
+    """Open the first case and its first list, as a reader would (the page may have opened them
+    already); returns that list."""
+    first_list = page.locator(".gs-case-block").first.locator(".gs-list").first
+    for block in (page.locator(".gs-case-block").first, first_list):
+        if not block.evaluate("e => e.open"):
+            block.locator("> summary").click()
+    return first_list
+
+
 def test_neuron_page_in_chromium(site, browser, output_dir):
     errors: list[str] = []
     page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -51,9 +61,7 @@ def test_neuron_page_in_chromium(site, browser, output_dir):
         page.wait_for_url("**/neurons/L1/N2/")
         assert page.locator("h1").inner_text() == "Neuron 1.2"
 
-        # Open the first case and its first list, as a reader would.
-        page.locator(".gs-case-block > summary").first.click()
-        page.locator(".gs-case-block").first.locator(".gs-list > summary").first.click()
+        open_first_list(page)
         tokens = page.locator(".gs-case-block").first.locator(".gs-list").first.locator(".gs-toks > span")
         assert tokens.count() > 0
         colors = tokens.evaluate_all("els => els.map(e => getComputedStyle(e).backgroundColor)")
@@ -94,6 +102,47 @@ def test_neuron_page_in_chromium(site, browser, output_dir):
     assert not errors, errors
 
 
+def test_neuron_page_opens_with_tokens_plots_and_wide_rows(site, browser, output_dir):
+    errors: list[str] = []
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    with serve_folder(site) as base:
+        page.goto(base + "neurons/L1/N2/")
+        page.wait_for_load_state("load")
+        # Tokens show without any click: the most telling case and its list are open.
+        first = page.locator(".gs-examples").first.locator(".gs-toks > span:visible").first
+        assert first.is_visible()
+        assert page.locator(".gs-samples .gs-toks > span:visible").first.is_visible()
+        # The plots: the color hook's histograms (one per case) and the density, with hover titles.
+        hists = page.locator(".gs-tab-panel[data-hook='hook_post'] svg.gs-hist")
+        assert hists.count() == 4 and all(hists.nth(c).is_visible() for c in range(4))
+        assert not page.locator(".gs-tab-panel[data-hook='hook_pre'] svg.gs-hist").first.is_visible()
+        assert page.locator("svg.gs-density").is_visible()
+        box = page.locator("svg.gs-density").bounding_box()
+        assert box["width"] > 150 and box["height"] > 150
+        assert "|post|" in hists.first.locator("rect title").first.text_content()
+        # A tab switches the histograms without JavaScript's help; the hook control switches them too.
+        page.locator("label[for='gs-hist-2']").click()
+        assert page.locator(".gs-tab-panel[data-hook='hook_pre'] svg.gs-hist").first.is_visible()
+        page.select_option(".gs-hook-select", "hook_pre_linear")
+        assert page.locator(".gs-tab-panel[data-hook='hook_pre_linear'] svg.gs-hist").first.is_visible()
+        page.select_option(".gs-hook-select", "hook_post")
+        # No peak frame splits across a line break: each is one box, on every visible row.
+        boxes = page.locator(".gs-toks .gs-x").evaluate_all(
+            "els => els.filter(e => e.offsetParent).map(e => e.getClientRects().length)")
+        assert boxes and all(n == 1 for n in boxes), boxes
+        # Example rows use the content's width.
+        content = page.locator(".md-content__inner").evaluate("e => e.getBoundingClientRect().width")
+        rows = page.locator(".gs-ex").evaluate_all(
+            "els => els.filter(e => e.offsetParent).map(e => e.getBoundingClientRect().width)")
+        toks = page.locator(".gs-toks").evaluate_all(
+            "els => els.filter(e => e.offsetParent).map(e => e.getBoundingClientRect().width)")
+        assert content > 900, content  # wider than Material's default column next to two sidebars
+        assert min(rows) > 0.85 * content and min(toks) > 0.5 * content, (content, min(rows), min(toks))
+        page.screenshot(path=str(output_dir / "neuron-page-opened.png"), full_page=True)
+    assert not errors, errors
+
+
 def test_search_finds_a_neuron_by_a_top_token(site, browser, output_dir):
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     with serve_folder(site) as base:
@@ -129,9 +178,7 @@ def test_relu_page_hover_and_recolor_follow_the_page_data(relu_site, browser, ou
     page.on("pageerror", lambda e: errors.append(str(e)))
     with serve_folder(relu_site) as base:
         page.goto(base + "neurons/L0/N1/")
-        page.locator(".gs-case-block > summary").first.click()
-        first_list = page.locator(".gs-case-block").first.locator(".gs-list").first
-        first_list.locator("summary").click()
+        open_first_list(page)
         tokens = page.locator(".gs-case-block").first.locator(".gs-toks > span")
         seen_negative = 0
         for n in range(min(tokens.count(), 12)):
@@ -146,9 +193,7 @@ def test_relu_page_hover_and_recolor_follow_the_page_data(relu_site, browser, ou
 
         # Recoloring back to hook_post gives the server's colors: one rule, in Python and in JS.
         page.goto(base + "neurons/L0/N0/")
-        page.locator(".gs-case-block > summary").first.click()
-        first_list = page.locator(".gs-case-block").first.locator(".gs-list").first
-        first_list.locator("summary").click()
+        first_list = open_first_list(page)
         spans = page.locator(".gs-examples .gs-toks > span")
         initial = spans.evaluate_all("els => els.map(e => e.className)")
         page.select_option(".gs-hook-select", "hook_pre")

@@ -6,7 +6,10 @@ import html
 import re
 
 from collect.corpus import token_strings
+import numpy as np
+
 from mkdocs_gluscope.render import display_name, md_text, token_html, token_label
+from mkdocs_gluscope.store import CASES
 
 
 def test_whitespace_stays_visible():
@@ -67,3 +70,113 @@ def test_a_peak_piece_is_shown_within_its_whole_word():
     assert html.unescape(re.sub(r"<[^>]+>", "", word_html(("Appl", "ause", "")))) == "Applause"
     assert '<span class="gs-peak">ause</span>' in word_html(("Appl", "ause", ""))
     assert "<" not in re.sub(r'</?span[^>]*>', "", word_html(("<b>", "x", "")))  # escaped, as every token
+
+
+# -- distributions, vocabulary projections, samples and bands ---------------------------------------
+
+def _page_parts(tmp_path, **kwargs):
+    """One neuron's data and its rendered Markdown and filled HTML, from a synthetic file."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from synthetic import write_synthetic
+
+    from mkdocs_gluscope.pages import SitePages
+    from mkdocs_gluscope.store import ActivationsFile
+
+    path = write_synthetic(tmp_path / "act.h5", layers=1, d_mlp=3, k=4, **kwargs)
+    f = ActivationsFile(path)
+    site = SitePages(f, ["0.1"])
+    data = site.neuron_data(0, 1)
+    md = site.neuron_markdown(0, 1, data=data)
+    return f, data, md, site.fill_page(md, 0, 1, site_root="", data=data)
+
+
+def test_histogram_bars_and_density_cells_reflect_the_data(tmp_path):
+    from mkdocs_gluscope.figures import bin_range
+    from mkdocs_gluscope.store import HOOKS
+
+    f, data, md, page = _page_parts(tmp_path)
+    assert "gluscope:" not in page
+    panels = re.findall(r'<div class="gs-tab-panel" data-hook="([^"]+)">(.*?)</div>', page)
+    assert [hook for hook, _ in panels] == list(HOOKS)
+    for h, (hook, panel) in enumerate(panels):
+        svgs = re.findall(r'<svg class="gs-hist".*?</svg>', panel)
+        assert len(svgs) == 4
+        for c, svg in enumerate(svgs):
+            bars = re.findall(r'<rect class="gs-bar-(\d)"[^>]*><title>([^<]*)</title>', svg)
+            filled = np.flatnonzero(data.hist[c, h])
+            assert len(bars) == len(filled)  # a bar per non-empty bin, none for empty ones
+            for (case, title), b in zip(bars, filled):
+                assert int(case) == c
+                name = html.unescape(title)
+                assert name.startswith(bin_range(data.hist_edges, b, name.split("|")[1]))
+                assert f": {int(data.hist[c, h, b]):,} token" in name
+    # The color hook's tab is the one checked (no JavaScript needed to see it).
+    assert re.search(r'id="gs-hist-0" value="hook_post" checked', page)
+    density = re.search(r'<svg class="gs-density".*?</svg>', page).group(0)
+    cells = re.findall(r'<rect fill="(#[0-9a-f]+)" fill-opacity="[\d.]+"[^>]*><title>([^<]*)</title>', density)
+    assert len(cells) == int((data.density > 0).sum())
+    assert sum(int(re.search(r": ([\d,]+) tokens?", t).group(1).replace(",", "")) for _, t in cells) == data.count.sum()
+    from mkdocs_gluscope.figures import CASE_COLORS
+    for color, title in cells:  # each cell in its quadrant's case color
+        assert color == CASE_COLORS[CASES.index(title.rsplit("· ", 1)[1])]
+
+
+def test_vocabulary_tables_escape_tokens_through_md_text(tmp_path):
+    vocab = ["<s>"] + [" <script>alert(1)</script>", " {{ x }}"] * 10
+    f, data, md, page = _page_parts(tmp_path, vocab=vocab, vocab_k=3)
+    section = md.split("## Vocabulary")[1].split("## Weights")[0]
+    for weight, note in (("output (w_out)", "promotes"), ("gate (w_gate)", "gate+"), ("in (w_in)", "in+")):
+        assert weight in section and note in section
+    assert "<script" not in section and "{{" not in section
+    assert md_text(" <script>alert(1)</script>") in section and md_text(" {{ x }}") in section
+    for w in range(3):  # every token and score of the file, in order
+        for d in range(2):
+            for t, score in zip(data.vocab_token[w, d], data.vocab_score[w, d]):
+                assert f"<code>{token_html(f.vocab[int(t)])}</code>" in section
+    scores = [float(x) for x in re.findall(r'<td class="gs-num">([^<]+)</td>', section)]
+    assert len(scores) == 3 * 2 * 3
+
+
+def test_samples_and_bands_use_the_example_rows(tmp_path):
+    from mkdocs_gluscope.render import band_label
+
+    f, data, md, page = _page_parts(tmp_path, samples=5, band_samples=2)
+    samples = page.split('class="gs-examples gs-samples"')[1].split('class="gs-examples gs-bands"')[0]
+    bands = page.split('class="gs-examples gs-bands"')[1]
+    assert samples.count('class="gs-ex"') == int((data.samples.doc >= 0).sum())
+    assert bands.count('class="gs-ex"') == int((data.bands.doc >= 0).sum())
+    # Same row markup as the top-k lists: peak framed, data for the tooltips and the recolor.
+    rows = re.findall(r'<div class="gs-ex" data-doc="(\d+)" data-pos="(\d+)"', samples)
+    want = [(int(d), int(p)) for c in range(4) for d, p in zip(data.samples.doc[c], data.samples.pos[c]) if d >= 0]
+    assert [(int(d), int(p)) for d, p in rows] == want
+    assert samples.count("gs-x") == len(rows) and "data-scale=" in samples
+    for r in range(data.bands.doc.shape[1]):
+        if (data.bands.doc[:, r] >= 0).any():
+            assert html.escape(band_label(data.band_edges, r), quote=False) in bands
+    assert band_label(data.band_edges, 2) == "|post| 0.125–1"
+
+
+def test_the_most_telling_case_is_open_without_a_click(tmp_path):
+    from mkdocs_gluscope.render import RARE_SHARE, telling_case
+
+    f, data, md, page = _page_parts(tmp_path)
+    c = telling_case(data)
+    blocks = re.findall(r'<details class="gs-case-block"( open)?>', page.split('gs-examples gs-samples')[0])
+    assert [bool(b) for b in blocks] == [i == c for i in range(4)]
+    rare = [i for i in range(4) if data.frequency[i] < RARE_SHARE]
+    if rare:
+        assert c in rare
+    # In the open case, the color hook's list is open too: tokens show at once.
+    case_html = page.split('<details class="gs-case-block" open>')[1]
+    assert re.search(r'<details class="gs-list"[^>]* open>', case_html).start() < case_html.index('class="gs-ex"')
+
+
+def test_old_files_render_without_distribution_sections(tmp_path):
+    f, data, md, page = _page_parts(tmp_path, distributions=False)
+    assert data.hist is None and data.samples is None and data.vocab_token is None
+    for section in ("## Distributions", "## Vocabulary", "## Random samples", "## Samples by strength"):
+        assert section not in md
+    assert "gluscope:" not in page and page.count('class="gs-ex"') == 4 * 4 * 4

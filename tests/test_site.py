@@ -50,7 +50,10 @@ def read(site: Path, rel: str) -> str:
     return (site / rel).read_text(encoding="utf-8")
 
 
-def test_pages_for_listed_neurons(activations, tmp_path):
+@pytest.mark.parametrize("distributions", [True, False], ids=["with-distributions", "old-file"])
+def test_pages_for_listed_neurons(distributions, tmp_path):
+    # An old-style file (collected before histograms, samples and vocabulary) still gives every page.
+    write_synthetic(tmp_path / "data" / "act.h5", layers=3, d_mlp=10, k=4, distributions=distributions)
     site = build_site(tmp_path, {"activations": "data/act.h5", "neurons": ["1.3", "2.*", "0.9"]})
     page = read(site, "neurons/L1/N3/index.html")
     assert "<h1" in page and "Neuron 1.3" in page
@@ -61,8 +64,12 @@ def test_pages_for_listed_neurons(activations, tmp_path):
     assert "synthetic/tiny" in page  # provenance
     assert "cos(w_gate, w_in)" in page and "refactor_glu" in page
     # Examples were inserted after Markdown: colored token spans and the recolor control.
-    assert "gluscope:examples" not in page
-    assert page.count('class="gs-ex"') == 4 * 4 * 4
+    assert "gluscope:" not in page  # every placeholder was filled
+    top_k = page.split('class="gs-examples gs-samples"')[0]
+    assert top_k.count('class="gs-ex"') == 4 * 4 * 4
+    for section in ("Distributions", "Vocabulary", "Random samples", "Samples by strength"):
+        assert (f">{section}<" in page) == distributions, section
+    assert ('<svg class="gs-hist"' in page) == distributions and ('class="gs-density"' in page) == distributions
     assert 'class="gs-hook-select"' in page
     assert re.search(r'<span class="c-?\d+ gs-x">', page)
     # Every layer-2 neuron has a page; unlisted neurons have none.
@@ -193,7 +200,7 @@ def test_whole_layer_all_and_examples_option(activations, tmp_path):
                                  "url_prefix": "n", "color_hook": "hook_pre"})
     assert len(list((site / "n").glob("L*/N*/index.html"))) == 30
     page = read(site, "n/L0/N0/index.html")
-    assert page.count('class="gs-ex"') == 4 * 4 * 2
+    assert page.split('class="gs-examples gs-samples"')[0].count('class="gs-ex"') == 4 * 4 * 2
     assert '<option value="hook_pre" selected>' in page
 
 

@@ -544,7 +544,13 @@
       if (container.dataset.ready) return;
       container.dataset.ready = "1";
       var select = container.querySelector(".gs-hook-select");
-      if (select) select.addEventListener("change", function () { recolor(container, select.value); });
+      // One control colors the whole page: the top-k lists, the samples and the bands, and shows that
+      // hook's histograms.
+      if (select) select.addEventListener("change", function () {
+        document.querySelectorAll(".gs-examples").forEach(function (c) { recolor(c, select.value); });
+        var tab = document.getElementById("gs-hist-" + HOOKS.indexOf(select.value));
+        if (tab) tab.checked = true;
+      });
       container.addEventListener("mouseover", function (e) {
         var span = e.target.closest(".gs-toks > span");
         if (span) showTip(span, e); else hideTip();

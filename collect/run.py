@@ -31,7 +31,8 @@ from collect.model import (DTYPE_CHOICES, ENGINES, LoadedModel, dtype_name, load
 from collect import distributed
 from collect.distributed import World, any_rank, broadcast_object, merge_into_rank0
 from collect.stats import (N_CASES, N_HOOKS, BatchReduction, LayerStats, compiled_histogram_batch,
-                           compiled_reduce_batch, hist_and_density, histogram_batch, reduce_batch,
+                           compiled_example_candidates, compiled_reduce_batch, example_candidates,
+                           hist_and_density, histogram_batch, reduce_batch,
                            state_bytes_per_neuron, state_window_dtype, update_stats)
 from collect.moe import expert_batches
 from collect.vocab import file_vocab
@@ -411,14 +412,11 @@ def reduce_with_fallback(compile_: bool) -> Callable[..., BatchReduction]:
 def compare_reductions(reduced: BatchReduction, args: tuple, neurons: int) -> str | None:
     """What differs between ``reduced`` and the eager :func:`reduce_batch` on the first
     ``neurons`` neurons of the same batch, or None."""
-    gate, in_, post, swish, valid, *prio = args
+    gate, in_, post, swish, valid = args
     n = slice(0, min(neurons, gate.shape[-1]))
-    eager = reduce_batch(gate[..., n], in_[..., n], post[..., n], swish[..., n], valid, *prio)
-    per_neuron = {"count": 0, "nonfinite": 0, "min": 0, "max": 0, "doc_abs": 1, "doc_pos": 1, "doc_value": 1,
-                  "doc_min_abs": 1, "doc_prio": 1}
+    eager = reduce_batch(gate[..., n], in_[..., n], post[..., n], swish[..., n], valid)
+    per_neuron = {"count": 0, "nonfinite": 0, "min": 0, "max": 0, "doc_abs": 1, "doc_pos": 1, "doc_value": 1}
     for name, axis in per_neuron.items():
-        if getattr(eager, name) is None:
-            continue
         got = getattr(reduced, name).narrow(axis, 0, n.stop)
         want = getattr(eager, name)
         if got.is_floating_point():  # NaN marks an empty slot; compare it as a value
@@ -633,11 +631,13 @@ class _Sampling:
     sources: np.ndarray
     pieces: np.ndarray
     histogram: Callable[..., None]
+    candidates: Callable[..., torch.Tensor]
 
     @classmethod
     def of(cls, corpus: Corpus, config: CollectConfig) -> "_Sampling":
         return cls(config.seed, corpus.source_index, document_pieces(corpus.source_index),
-                   histogram_with_fallback(config.compile))
+                   compiled_with_fallback(histogram_batch, compiled_histogram_batch, config.compile),
+                   compiled_with_fallback(example_candidates, compiled_example_candidates, config.compile))
 
     def priorities(self, docs: np.ndarray, length: int, lengths: np.ndarray, first_counted: int) -> torch.Tensor:
         """``[B, T]`` sampling priorities of a batch's positions (EMPTY_PRIORITY where not counted)."""
@@ -646,26 +646,26 @@ class _Sampling:
         return torch.from_numpy(np.where((t < lengths[:, None]) & (t >= first_counted), prio, EMPTY_PRIORITY))
 
 
-def histogram_with_fallback(compile_: bool) -> Callable[..., None]:
-    """The compiled histogram, or the eager one with a warning where ``torch.compile`` fails."""
+def compiled_with_fallback(eager: Callable[..., Any], compiled: Callable[[bool], Callable[..., Any]],
+                           compile_: bool) -> Callable[..., Any]:
+    """``compiled(True)``, or ``eager`` with a warning line where ``torch.compile`` fails on a call."""
     if not compile_:
-        return histogram_batch
-    compiled = compiled_histogram_batch(True)
-    state: dict[str, Any] = {"fn": compiled}
+        return eager
+    state: dict[str, Any] = {"fn": compiled(True)}
 
-    def histogram(*args: Any) -> None:
+    def call(*args: Any) -> Any:
         try:
             return state["fn"](*args)
         except torch.OutOfMemoryError:
             raise
         except Exception as e:
-            if state["fn"] is histogram_batch:
+            if state["fn"] is eager:
                 raise
             _warn_compile(e)
-            state["fn"] = histogram_batch
-            return histogram_batch(*args)
+            state["fn"] = eager
+            return eager(*args)
 
-    return histogram
+    return call
 
 
 def _run_batch(loaded: LoadedModel, corpus: Corpus, batch: Any, layers: list[int],
@@ -691,18 +691,18 @@ def _run_batch(loaded: LoadedModel, corpus: Corpus, batch: Any, layers: list[int
     valid = (t[None, :] < lengths[:, None]) & (t[None, :] >= first_counted)
     prio = (sampling.priorities(batch.docs, batch.length, lengths_np, first_counted).to(device, non_blocking=True)
             if sampling else None)
-    with_prio = (prio,) if sampling else ()
     histogram = sampling.histogram if sampling else histogram_batch
+    candidates = sampling.candidates if sampling else example_candidates
     applied: dict[int, torch.Tensor] = {}
     active: dict[int, torch.Tensor] = {}
 
     def on_layer(layer: int, gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor) -> None:
         swish = loaded.mlps[layer].act_fn(gate)
-        reduced = reduce(gate, in_, post, swish, valid, *with_prio)
+        reduced = reduce(gate, in_, post, swish, valid)
         applied[layer], active[layer] = update_stats(
             states[layer], reduced, doc_ids, gate, in_, lengths, config.context_before, config.context_after,
             capacity=capacity[layer].current(len(batch.docs)), accept=~reduced.suspect,
-            hooks=(post, in_, gate, swish), valid=valid, prio=prio, histogram=histogram)
+            hooks=(post, in_, gate, swish), valid=valid, prio=prio, histogram=histogram, candidates=candidates)
 
     def on_moe(layer: int, hidden: torch.Tensor, routing: torch.Tensor, shared: Any) -> None:
         # Each expert's neurons through the dense statistics, over the tokens routed to it; exactly
@@ -714,14 +714,14 @@ def _run_batch(loaded: LoadedModel, corpus: Corpus, batch: Any, layers: list[int
             act_fn = moe.shared.act_fn if part.expert == SHARED else moe.act_fn
             swish = act_fn(part.gate)
             part_prio = None if prio is None else prio if part.positions is None else prio.gather(1, part.positions)
-            reduced = reduce_batch(part.gate, part.in_, part.post, swish, part.valid, part_prio)
+            reduced = reduce_batch(part.gate, part.in_, part.post, swish, part.valid)
             if part.positions is not None:  # packed positions (a routed expert's tokens) back to the document's
                 b = part.positions.shape[0]
                 reduced.doc_pos = part.positions.gather(1, reduced.doc_pos.reshape(b, -1)).view_as(reduced.doc_pos)
             update_stats(states[key], reduced, doc_ids, part.window_gate, part.window_in, lengths,
                          config.context_before, config.context_after, hooks=(part.post, part.in_, part.gate, swish),
                          valid=part.valid, prio=part_prio, positions=part.positions, check_finite=True,
-                         histogram=histogram)
+                         histogram=histogram, candidates=candidates)
 
     run_with_mlp_hooks(loaded, input_ids, layers, on_layer, on_moe)
     dense = [layer for layer in layers if layer in applied]
@@ -737,10 +737,10 @@ def _run_batch(loaded: LoadedModel, corpus: Corpus, batch: Any, layers: list[int
 
     def exactly(layer: int, gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor) -> None:
         swish = loaded.mlps[layer].act_fn(gate)
-        reduced = reduce_batch(gate, in_, post, swish, valid, *with_prio)  # checks every value; rare, so eager
+        reduced = reduce_batch(gate, in_, post, swish, valid)  # checks every value; rare, so eager
         update_stats(states[layer], reduced, doc_ids, gate, in_, lengths, config.context_before,
                      config.context_after, hooks=(post, in_, gate, swish), valid=valid, prio=prio, check_finite=True,
-                     histogram=histogram)
+                     histogram=histogram, candidates=candidates)
 
     run_with_mlp_hooks(loaded, input_ids, redo, exactly)
 

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from mkdocs_gluscope.distributions import (BAND_EDGES, BAND_OF_BIN, DENSITY_HALF, DENSITY_OF_BIN, EMPTY_PRIORITY,
+from mkdocs_gluscope.distributions import (BAND_EDGES, DENSITY_HALF, DENSITY_OF_BIN, EMPTY_PRIORITY,
                                            HIST_LOW_EXPONENT, N_BANDS, N_BINS, N_DENSITY)
 from mkdocs_gluscope.store import CASES, HOOKS
 
@@ -189,8 +189,6 @@ class BatchReduction:
     doc_value: torch.Tensor  # [B, N, C, H] the signed value there
     doc_pos: torch.Tensor  # [B, N, C, H] int64 its position (the earliest on ties)
     suspect: torch.Tensor  # bool scalar: assume_finite was wrong for this batch (see reduce_batch)
-    doc_min_abs: torch.Tensor | None = None  # [B, N, C, H] smallest |value| of the document in the case, inf if none
-    doc_prio: torch.Tensor | None = None  # [B, N, C] int64 lowest sampling priority in the case, EMPTY_PRIORITY if none
 
 
 def case_masks(gate: torch.Tensor, in_: torch.Tensor, valid: torch.Tensor) -> list[torch.Tensor]:
@@ -213,15 +211,12 @@ def reduce_batch(
     post: torch.Tensor,
     swish: torch.Tensor,
     valid: torch.Tensor,
-    prio: torch.Tensor | None = None,
     assume_finite: bool = False,
 ) -> BatchReduction:
     """Per-case statistics of one batch of one layer.
 
     ``gate``, ``in_``, ``post``, ``swish``: ``[B, T, N]`` in any float dtype (computed in float32);
     ``valid``: ``[B, T]`` bool, True at counted positions (not padding, not an excluded BOS).
-    ``prio`` (``[B, T]`` int64, the positions' sampling priorities) adds each document's lowest
-    priority per case, which tells :func:`update_examples` the few documents worth a look.
     Positions where a hook is NaN or infinite are counted apart (``nonfinite``) and left out.
     With ``assume_finite`` that check is skipped (it triples the compiled CPU cost, since every
     reduction then reads all four hooks) and ``suspect`` says whether the batch needs it: then
@@ -251,11 +246,9 @@ def reduce_batch(
     # and, among equal ones, the earliest position.
     reversed_pos = (t_max - 1 - torch.arange(t_max, device=valid.device))[None, :, None]
     keys = [(m.view(torch.int32).to(torch.int64) << POS_BITS) | reversed_pos for m in magnitudes]
-    count, sums, best_keys, min_abs, doc_prio = [], [], [], [], []
+    count, sums, best_keys, min_abs = [], [], [], []
     for mask in masks:
         count.append(mask.sum(dim=1))
-        if prio is not None:
-            doc_prio.append(torch.where(mask, prio[:, :, None], EMPTY_PRIORITY).amin(dim=1))
         for h, magnitude, key in zip(hooks, magnitudes, keys):
             sums.append(torch.where(mask, h, 0.0).sum(dim=1))
             best_keys.append(torch.where(mask, key, -1).amax(dim=1))
@@ -292,8 +285,6 @@ def reduce_batch(
         doc_value=torch.where(present, signs * doc_abs, float("nan")),
         doc_pos=doc_pos_flat.view(shape),
         suspect=suspect,
-        doc_min_abs=torch.where(present, doc_min_abs, float("inf")),
-        doc_prio=torch.stack(doc_prio, dim=-1) if prio is not None else None,
     )
 
 
@@ -447,6 +438,19 @@ def value_bins(x: torch.Tensor) -> torch.Tensor:
     return (exponent - (127 + HIST_LOW_EXPONENT - 1)).clamp(0, N_BINS - 1)
 
 
+def band_of(abs_post: torch.Tensor) -> torch.Tensor:
+    """Band (:data:`mkdocs_gluscope.distributions.BAND_EDGES`) of each ``|post|``, int64: one
+    comparison per inner edge (powers of two, so the histogram's bins agree)."""
+    band = (abs_post >= _BAND_INNER_EDGES[0]).long()
+    for edge in _BAND_INNER_EDGES[1:]:
+        band = band + (abs_post >= edge).long()
+    return band
+
+
+#: The bands' inner edges as Python floats: constants to ``torch.compile`` (a numpy array breaks its graph).
+_BAND_INNER_EDGES: tuple[float, ...] = tuple(float(e) for e in BAND_EDGES[1:-1])
+
+
 def histogram_batch(gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor, swish: torch.Tensor,
                     counted: torch.Tensor, weight: torch.Tensor, joint: torch.Tensor, hist_post: torch.Tensor,
                     hist_swish: torch.Tensor) -> None:
@@ -530,61 +534,107 @@ def _example_views(stats: LayerStats, prefix: str) -> dict[str, torch.Tensor]:
     return views
 
 
-#: Pairs (document, neuron) whose positions are tested at a time: bounds the memory of the first
-#: batches, when every list is still open to every position.
+#: Positions tested at a time (pairs (document, neuron) times their length, or first-stage
+#: positions times the neurons): bounds the memory of the batches while the lists fill.
 EXAMPLE_CHUNK = 1 << 20
+#: While more than this share of a layer's sample lists is still not full (its first batch), a batch
+#: first offers its lowest-priority positions, in growing chunks up to FIRST_STAGE positions: every
+#: position can still enter, and each chunk tightens the lists for the next.
+FILLING_SHARE, FIRST_STAGE = 0.01, 2048
 
 
-def update_examples(stats: LayerStats, batch: BatchReduction, doc_ids: torch.Tensor, hooks: tuple[torch.Tensor, ...],
+def _offer(stats: LayerStats, views: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]],
+           hooks: tuple[torch.Tensor, ...], windows: tuple[torch.Tensor, torch.Tensor], counted: torch.Tensor,
+           prio: torch.Tensor, rows: torch.Tensor, t: torch.Tensor, neurons: torch.Tensor,
+           doc_ids: torch.Tensor, lengths: torch.Tensor, positions: torch.Tensor | None,
+           context: tuple[int, int]) -> None:
+    """Offer the positions ``(rows, t)`` of ``neurons`` (index tensors broadcast to one grid) to
+    the lists: those below their list's S-th priority enter."""
+    post, in_, gate, swish = hooks
+    shape = torch.broadcast_shapes(rows.shape, t.shape, neurons.shape)
+    rows, t, neurons = rows.expand(shape), t.expand(shape), neurons.expand(shape)
+    g, i = gate[rows, t, neurons].float(), in_[rows, t, neurons].float()
+    ok = (counted[rows, t] if counted.dim() == 2 else counted[rows, t, neurons]) & (g != 0) & (i != 0)
+    p = prio[rows, t]
+    case = (g < 0).long() * 2 + (i < 0).long()
+    band = band_of(post[rows, t, neurons].float().abs())
+    sample_list = neurons * N_CASES + case
+    band_list = sample_list * N_BANDS + band
+    for kind, lists in zip(views, (sample_list, band_list)):
+        chosen = ok & (p < kind["key"][:, -1][lists])  # below the list's S-th priority
+        if not bool(chosen.any()):
+            continue
+        r, at, n = rows[chosen], t[chosen], neurons[chosen]
+        values = torch.stack([h[r, at, n].float() for h in hooks], dim=-1)
+        if positions is not None:
+            at = positions[r, at]
+        cand = {"key": p[chosen], "doc": doc_ids[r], "pos": at, "value": values,
+                "gate": windows_at(windows[0], r, at, n, lengths, *context),
+                "in": windows_at(windows[1], r, at, n, lengths, *context)}
+        merge_examples(kind, lists[chosen], cand)
+
+
+def example_candidates(gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor, counted: torch.Tensor,
+                       prio: torch.Tensor, sample_limit: torch.Tensor, band_limit: torch.Tensor) -> torch.Tensor:
+    """``[B, T, N]`` int8: 1 where a position comes below the S-th priority of its case's sample
+    list (``sample_limit`` ``[N, C]``), 2 below that of its (case, band) list (``band_limit``
+    ``[N, C, R]``), 3 both; 0 elsewhere. One pass over the batch, fused under ``torch.compile``."""
+    n = gate.shape[-1]
+    mask = counted if counted.dim() == 3 else counted[:, :, None]
+    ok = mask & (gate != 0) & (in_ != 0)
+    row = torch.arange(n, device=gate.device) * N_CASES + (gate < 0).long() * 2 + (in_ < 0).long()
+    p = prio[:, :, None]
+    in_sample = ok & (p < sample_limit.reshape(-1)[row])
+    in_band = ok & (p < band_limit.reshape(-1)[row * N_BANDS + band_of(post.float().abs())])
+    return in_sample.to(torch.int8) | (in_band.to(torch.int8) << 1)
+
+
+def compiled_example_candidates(enabled: bool) -> Callable[..., torch.Tensor]:
+    """:func:`example_candidates`, one loop under ``torch.compile`` when ``enabled``."""
+    return torch.compile(example_candidates, dynamic=True) if enabled else example_candidates
+
+
+def update_examples(stats: LayerStats, doc_ids: torch.Tensor, hooks: tuple[torch.Tensor, ...],
                     counted: torch.Tensor, prio: torch.Tensor, lengths: torch.Tensor, context_before: int,
                     context_after: int, *, positions: torch.Tensor | None = None,
-                    windows: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                    windows: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    candidates: Callable[..., torch.Tensor] = example_candidates) -> None:
     """Offer one batch's positions to the random-example lists (exactly; in place).
 
     ``hooks``: ``(post, in, gate, swish)`` ``[B, T, N]``; ``counted`` as in :func:`histogram_batch`;
     ``prio``: ``[B, T]`` sampling priorities. A list keeps its S positions of lowest priority, so a
-    position can enter only below the list's S-th priority; the batch's per-document lowest
-    priority per case and range of ``|post|`` (from :func:`reduce_batch`) name the few (document,
-    neuron) pairs that can hold such a position, and only their positions are tested.
+    position can enter only below the list's S-th priority: one pass (:func:`example_candidates`,
+    or its compiled form) finds those, and once the lists are full they are few. While a layer's
+    lists are still filling (its first batch), the batch's lowest-priority positions go first, in
+    growing chunks, so that the lists take S positions each instead of every position of the batch.
     ``positions``/``windows``: packed hooks, as in :func:`update_stats`."""
     post, in_, gate, swish = hooks
-    window_gate, window_in = windows if windows is not None else (gate, in_)
+    windows = windows if windows is not None else (gate, in_)
     device = gate.device
-    sample_limit = stats.sample_key[..., -1]  # [N, C]: an entry must come below it
-    band_limit = stats.band_key[..., -1]  # [N, C, R]
-    edges = torch.as_tensor(BAND_EDGES, device=device)
-    low, high = batch.doc_min_abs[..., 0], batch.doc_abs[..., 0]  # |post| range of each document's case
-    reaches = (high[..., None] >= edges[:-1]) & (low[..., None] < edges[1:])  # [B, N, C, R]
-    doc_prio = batch.doc_prio
-    wanted = (high >= 0) & ((doc_prio < sample_limit) | (reaches & (doc_prio[..., None] < band_limit)).any(-1))
-    pairs = wanted.any(-1).nonzero()
-    if pairs.numel() == 0:
-        return
-    band_of_bin = torch.as_tensor(BAND_OF_BIN, device=device)
-    t_max = gate.shape[1]
-    samples, bands = _example_views(stats, "sample"), _example_views(stats, "band")
-    step = max(1, EXAMPLE_CHUNK // t_max)
-    for start in range(0, len(pairs), step):
-        b, n = pairs[start:start + step].unbind(1)
-        g, i = gate[b, :, n].float(), in_[b, :, n].float()  # [M, T]
-        ok = (counted[b] if counted.dim() == 2 else counted[b, :, n]) & (g != 0) & (i != 0)
-        case = (g < 0).long() * 2 + (i < 0).long()
-        p = prio[b]
-        band = band_of_bin[value_bins(post[b, :, n])]
-        for views, limit, list_index in (
-                (samples, stats.sample_key[n, :, -1].gather(1, case), n[:, None] * N_CASES + case),
-                (bands, stats.band_key[n, :, :, -1].reshape(len(n), -1).gather(1, case * N_BANDS + band),
-                 (n[:, None] * N_CASES + case) * N_BANDS + band)):
-            j, t = (ok & (p < limit)).nonzero(as_tuple=True)
-            if j.numel() == 0:
-                continue
-            rows, neurons = b[j], n[j]
-            values = torch.stack([h[rows, t, neurons].float() for h in hooks], dim=-1)
-            at = t if positions is None else positions[rows, t]
-            cand = {"key": p[j, t], "doc": doc_ids[rows], "pos": at, "value": values,
-                    "gate": windows_at(window_gate, rows, at, neurons, lengths, context_before, context_after),
-                    "in": windows_at(window_in, rows, at, neurons, lengths, context_before, context_after)}
-            merge_examples(views, list_index[j, t], cand)
+    n_docs, t_max, n_neurons = gate.shape
+    views = (_example_views(stats, "sample"), _example_views(stats, "band"))
+    offer = functools.partial(_offer, stats, views, hooks, windows, counted, prio, doc_ids=doc_ids, lengths=lengths,
+                              positions=positions, context=(context_before, context_after))
+    rest = prio
+    filling = (stats.sample_key[..., -1] == EMPTY_PRIORITY).float().mean()
+    if float(filling) > FILLING_SHARE:
+        flat = prio.reshape(-1)
+        n_counted = int((flat < EMPTY_PRIORITY).sum())
+        order = torch.argsort(flat)[:min(n_counted, FIRST_STAGE)]
+        neuron_ids = torch.arange(n_neurons, device=device)[None, :]
+        start, size = 0, 16
+        while start < len(order):
+            chunk = order[start:start + max(1, min(size, EXAMPLE_CHUNK // n_neurons))]
+            offer(chunk[:, None] // t_max, chunk[:, None] % t_max, neuron_ids)
+            start, size = start + len(chunk), size * 2
+        if len(order):
+            rest = prio.clone()
+            rest.view(-1)[order] = EMPTY_PRIORITY  # offered already
+    found = candidates(gate, in_, post, counted, rest, stats.sample_key[..., -1], stats.band_key[..., -1])
+    rows, t, neurons = found.nonzero(as_tuple=True)
+    for start in range(0, len(rows), EXAMPLE_CHUNK):
+        part = slice(start, start + EXAMPLE_CHUNK)
+        offer(rows[part], t[part], neurons[part])
 
 
 def finite_positions(hooks: tuple[torch.Tensor, ...], valid: torch.Tensor) -> torch.Tensor:
@@ -611,6 +661,7 @@ def update_stats(
     positions: torch.Tensor | None = None,
     check_finite: bool = False,
     histogram: Callable[..., None] = histogram_batch,
+    candidates: Callable[..., torch.Tensor] = example_candidates,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Add one batch to ``stats`` in place: counts, sums (accumulated in float64), extremes, top-k,
     and where ``stats`` has distributions, the histograms and random examples. Those need what
@@ -618,8 +669,8 @@ def update_stats(
     positions' sampling priorities); ``positions`` where those are packed (an expert's tokens,
     mapped back to document positions as for ``batch.doc_pos``; ``gate``/``in_`` then hold the
     windows' values at document positions); ``check_finite`` where ``batch`` came from the exact
-    path, which counts non-finite values apart; ``histogram``: :func:`histogram_batch` or its
-    compiled form.
+    path, which counts non-finite values apart; ``histogram`` and ``candidates``:
+    :func:`histogram_batch` and :func:`example_candidates` or their compiled forms.
     ``capacity``, ``accept`` and the returned ``(applied, active)`` as in :func:`merge_top`: a batch
     not applied leaves every statistic as it was, decided on the device (no sync, except that the
     random examples, when there are any, read ``applied``)."""
@@ -636,15 +687,15 @@ def update_stats(
     for name, value in updated.items():
         setattr(stats, name, torch.where(applied, value, getattr(stats, name)) if conditional else value)
     if stats.has_distributions:
-        if hooks is None or valid is None or prio is None or batch.doc_prio is None:
-            raise ValueError("statistics with distributions need hooks, valid and prio (and a batch reduced with prio)")
+        if hooks is None or valid is None or prio is None:
+            raise ValueError("statistics with distributions need hooks, valid and prio")
         counted = finite_positions(hooks, valid) if check_finite else valid
         post, hook_in, hook_gate, swish = hooks
         histogram(hook_gate, hook_in, post, swish, counted, applied.int(), stats.hist_joint, stats.hist_post,
                   stats.hist_swish)
         if not conditional or bool(applied):
-            update_examples(stats, batch, doc_ids, hooks, counted, prio, lengths, context_before, context_after,
-                            positions=positions, windows=(gate, in_))
+            update_examples(stats, doc_ids, hooks, counted, prio, lengths, context_before, context_after,
+                            positions=positions, windows=(gate, in_), candidates=candidates)
     return applied, active
 
 

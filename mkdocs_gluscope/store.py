@@ -521,6 +521,18 @@ class ActivationsFile:
         with np.errstate(invalid="ignore", divide="ignore"):
             return self.stat("sum") / self.stat("count")[..., None]
 
+    def hist(self, case: str, hook: str = "hook_post") -> np.ndarray:
+        """``stats/hist`` of one (case, hook) for every neuron, ``[L, N, B]`` counts of ``|value|``
+        in the bins :attr:`hist_edges`; a KeyError in files without distributions."""
+        if not self.has_distributions:
+            raise KeyError(f"{str(self.path)!r} has no histograms (collected with --samples 0, or before them)")
+        return self.file["stats/hist"][:, :, self.case_index(case), self.hook_index(hook), :]
+
+    @property
+    def hist_edges(self) -> np.ndarray:
+        """The histogram's ``|value|`` bin edges, ``[B + 1]``."""
+        return self._edges("stats/hist_edges")
+
     def weights(self, name: str) -> np.ndarray:
         """``flipped``, ``cos_gate_in``, ``cos_gate_out`` or ``cos_in_out``, [L,N]."""
         if name not in WEIGHT_NAMES:

@@ -40,12 +40,12 @@ def run(docs, k, first_counted, batch_size, samples, band_samples, *, seed=SEED,
         prio = batch_prio(doc_ids, gate.shape[1], lengths, seed)
         extra = dict(hooks=(post, in_, gate, swish), valid=valid, prio=prio)
         if not exact:
-            red = reduce_batch(gate, in_, post, swish, valid, prio, assume_finite=True)
+            red = reduce_batch(gate, in_, post, swish, valid, assume_finite=True)
             applied, _ = update_stats(stats, red, doc_ids, gate, in_, lengths, BEFORE, AFTER, capacity=capacity,
                                       accept=~red.suspect, **extra)
             if bool(applied):
                 continue
-        red = reduce_batch(gate, in_, post, swish, valid, prio)
+        red = reduce_batch(gate, in_, post, swish, valid)
         add_batch(stats, red, doc_ids, gate, in_, lengths, BEFORE, AFTER, check_finite=True, **extra)
     return stats
 
@@ -132,8 +132,18 @@ def make(case, d_mlp=5, max_len=7):
     return [(g * scale.sqrt(), i * scale.sqrt()) for g, i in docs]
 
 
+@pytest.mark.parametrize("stage", [None, "never", "always-3"], ids=["default", "no-first-stage", "first-stage-of-3"])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_distributions_match_brute_force(case):
+def test_distributions_match_brute_force(case, stage, monkeypatch):
+    """Whichever way positions are offered (the lowest-priority ones first while lists fill, or
+    only the documents that can hold an entry), the lists are the brute-force ones."""
+    import collect.stats as stats_module
+
+    if stage == "never":
+        monkeypatch.setattr(stats_module, "FILLING_SHARE", 1.1)
+    elif stage == "always-3":
+        monkeypatch.setattr(stats_module, "FILLING_SHARE", -1.0)
+        monkeypatch.setattr(stats_module, "FIRST_STAGE", 3)
     docs = make(case)
     stats = run(docs, 3, case["first"], case["batch"], case["samples"], case["band_samples"])
     assert_distributions(stats, docs, case["first"], case["samples"], case["band_samples"])

@@ -46,6 +46,10 @@ def test_analysis_example_runs(model_factory, corpus_files, tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "96 neurons: corr(cos(w_gate, w_in), freq(gate-_in-)) = " in result.stdout
+    result = subprocess.run([sys.executable, str(REPO / "site_src/examples/bimodal.py"), str(out)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert " of 96 neurons have a two-peaked gate-_in- histogram of |post|" in result.stdout
 
 
 def test_cli_reference_page_is_current():

@@ -255,13 +255,11 @@ def test_compiled_reduction_equals_eager(poison):
     valid = torch.rand(3, 11, generator=g) > 0.2
     valid[1, 4] = True
     swish = silu(gate)
-    prio = torch.randint(0, 2**62, (3, 11), generator=g)
-    eager = reduce_batch(gate, in_, swish * in_, swish, valid, prio)
+    eager = reduce_batch(gate, in_, swish * in_, swish, valid)
     assert int(eager.nonfinite.sum()) == (poison is not None)
-    assert bool(reduce_batch(gate, in_, swish * in_, swish, valid, prio, assume_finite=True).suspect) == (
-        poison is not None)
-    fused = compiled_reduce_batch(True)(gate, in_, swish * in_, swish, valid, prio)
-    for name in ("count", "nonfinite", "min", "max", "doc_abs", "doc_pos", "doc_min_abs", "doc_prio"):
+    assert bool(reduce_batch(gate, in_, swish * in_, swish, valid, assume_finite=True).suspect) == (poison is not None)
+    fused = compiled_reduce_batch(True)(gate, in_, swish * in_, swish, valid)
+    for name in ("count", "nonfinite", "min", "max", "doc_abs", "doc_pos"):
         assert torch.equal(getattr(eager, name), getattr(fused, name)), name
     assert torch.allclose(eager.doc_value, fused.doc_value, equal_nan=True, rtol=0, atol=0)
     torch.testing.assert_close(eager.sum, fused.sum)

@@ -381,28 +381,20 @@ def reduce_with_fallback(compile_: bool) -> Callable[..., BatchReduction]:
         return reduce_batch
     if not compile_:
         return compiled
-    state: dict[str, Any] = {"fn": compiled, "checked": set()}
+    call = CompiledWithFallback(reduce_batch, compiled)
+    checked: set[int] = set()
 
     def reduce(*args: Any) -> BatchReduction:
-        try:
-            reduced = state["fn"](*args)
-        except torch.OutOfMemoryError:
-            raise  # not the compiler's fault: eager needs more memory still
-        except Exception as e:
-            if state["fn"] is reduce_batch:
-                raise
-            _warn_compile(e)
-            state["fn"] = reduce_batch
-            return reduce_batch(*args)
+        reduced = call(*args)
         length = args[0].shape[1]
-        if state["fn"] is not reduce_batch and length not in state["checked"] and not bool(reduced.suspect):
-            state["checked"].add(length)
+        if call.fn is not reduce_batch and length not in checked and not bool(reduced.suspect):
+            checked.add(length)
             problem = compare_reductions(reduced, args, SELF_CHECK_NEURONS)
             if problem:
                 print(f"gluscope: warning: the compiled statistics differ from the eager computation ({problem}); "
                       "computing them eagerly (slower). A compile cache from another kind of CPU can do this: "
                       "set TORCHINDUCTOR_CACHE_DIR to an empty folder", file=sys.stderr, flush=True)
-                state["fn"] = reduce_batch
+                call.fn = reduce_batch
                 return reduce_batch(*args)
         return reduced
 
@@ -646,26 +638,31 @@ class _Sampling:
         return torch.from_numpy(np.where((t < lengths[:, None]) & (t >= first_counted), prio, EMPTY_PRIORITY))
 
 
-def compiled_with_fallback(eager: Callable[..., Any], compiled: Callable[[bool], Callable[..., Any]],
-                           compile_: bool) -> Callable[..., Any]:
-    """``compiled(True)``, or ``eager`` with a warning line where ``torch.compile`` fails on a call."""
-    if not compile_:
-        return eager
-    state: dict[str, Any] = {"fn": compiled(True)}
+class CompiledWithFallback:
+    """A compiled function that turns into ``eager`` (with one warning line) the first time
+    ``torch.compile`` fails on a call: no C++ compiler, an unsupported Python, a backend bug.
+    ``fn`` is what runs now."""
 
-    def call(*args: Any) -> Any:
+    def __init__(self, eager: Callable[..., Any], compiled: Callable[..., Any]) -> None:
+        self.eager, self.fn = eager, compiled
+
+    def __call__(self, *args: Any) -> Any:
         try:
-            return state["fn"](*args)
+            return self.fn(*args)
         except torch.OutOfMemoryError:
-            raise
+            raise  # not the compiler's fault: eager needs more memory still
         except Exception as e:
-            if state["fn"] is eager:
+            if self.fn is self.eager:
                 raise
             _warn_compile(e)
-            state["fn"] = eager
-            return eager(*args)
+            self.fn = self.eager
+            return self.eager(*args)
 
-    return call
+
+def compiled_with_fallback(eager: Callable[..., Any], compiled: Callable[[bool], Callable[..., Any]],
+                           compile_: bool) -> Callable[..., Any]:
+    """``compiled(True)`` that falls back to ``eager`` (:class:`CompiledWithFallback`), or ``eager``."""
+    return CompiledWithFallback(eager, compiled(True)) if compile_ else eager
 
 
 def _run_batch(loaded: LoadedModel, corpus: Corpus, batch: Any, layers: list[int],

@@ -29,6 +29,7 @@ import torch
 from mkdocs_gluscope.distributions import (BAND_EDGES, DENSITY_HALF, DENSITY_OF_BIN, EMPTY_PRIORITY,
                                            HIST_LOW_EXPONENT, N_BANDS, N_BINS, N_DENSITY)
 from mkdocs_gluscope.store import CASES, HOOKS
+from mkdocs_gluscope.store import HOOK_SIGNS as STORE_HOOK_SIGNS
 
 N_CASES = len(CASES)
 N_HOOKS = len(HOOKS)
@@ -202,7 +203,7 @@ def case_masks(gate: torch.Tensor, in_: torch.Tensor, valid: torch.Tensor) -> li
 
 #: Sign of each hook within each case, ``[C, H]``: post = act(gate)·in has the product of the
 #: signs, in the sign of in, gate and act(gate) the sign of gate (act keeps the sign, or gives 0).
-HOOK_SIGNS = torch.tensor([[1, 1, 1, 1], [-1, -1, 1, 1], [-1, 1, -1, -1], [1, -1, -1, -1]], dtype=torch.float32)
+HOOK_SIGNS = torch.tensor(STORE_HOOK_SIGNS, dtype=torch.float32)
 
 
 def reduce_batch(

@@ -21,20 +21,18 @@ from functools import lru_cache
 
 import numpy as np
 
-from mkdocs_gluscope.store import CASES, HOOKS
+from mkdocs_gluscope.store import CASES, HOOK_SIGNS, HOOKS
 
-CASE_COLORS = ("#2e7d32", "#ef6c00", "#6a1b9a", "#c62828")
 #: The sign of ``gate`` and ``in`` in each case, and so of every hook (post = act(gate)·in has the
 #: sign of gate × in, act(gate) the sign of gate).
-GATE_SIGN = (1, 1, -1, -1)
-IN_SIGN = (1, -1, 1, -1)
+GATE_SIGN = tuple(HOOK_SIGNS[c][HOOKS.index("hook_pre")] for c in range(len(CASES)))
+IN_SIGN = tuple(HOOK_SIGNS[c][HOOKS.index("hook_pre_linear")] for c in range(len(CASES)))
 HOOK_SHORT = {"hook_post": "post", "hook_pre_linear": "in", "hook_pre": "gate", "swish": "act(gate)"}
 _SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
 
 
 def hook_sign(case: int, hook: str) -> int:
-    g, i = GATE_SIGN[case], IN_SIGN[case]
-    return {"hook_post": g * i, "hook_pre_linear": i, "hook_pre": g, "swish": g}[hook]
+    return HOOK_SIGNS[case][HOOKS.index(hook)]
 
 
 def pow2(edge: float) -> str:
@@ -195,7 +193,7 @@ def density_html(density: np.ndarray, edges: np.ndarray) -> str:
     for c, case in enumerate(CASES):
         gx = (x(half), x(i_hi + 1)) if IN_SIGN[c] > 0 else (x(i_lo), x(half))
         gy = (y(g_hi), y(half - 1)) if GATE_SIGN[c] > 0 else (y(half - 1), y(g_lo - 1))
-        out.append(f'<rect class="gs-quad" fill="{CASE_COLORS[c]}" x="{gx[0]}" y="{gy[0]}" width="{gx[1] - gx[0]}" '
+        out.append(f'<rect class="gs-quad" style="fill:var(--gs-case{c})" x="{gx[0]}" y="{gy[0]}" width="{gx[1] - gx[0]}" '
                    f'height="{gy[1] - gy[0]}"><title>{html.escape(case)}</title></rect>')
     for g in range(g_lo, g_hi + 1):
         for i in range(i_lo, i_hi + 1):
@@ -204,7 +202,7 @@ def density_html(density: np.ndarray, edges: np.ndarray) -> str:
                 continue
             c = (0 if g >= half else 2) + (0 if i >= half else 1)
             alpha = 0.15 + 0.85 * math.log1p(n) / top
-            out.append(f'<rect fill="{CASE_COLORS[c]}" fill-opacity="{alpha:.2f}" x="{x(i)}" y="{y(g)}" width="{_DC}" '
+            out.append(f'<rect style="fill:var(--gs-case{c})" fill-opacity="{alpha:.2f}" x="{x(i)}" y="{y(g)}" width="{_DC}" '
                        f'height="{_DC}"><title>gate {ranges[g]}, in {ranges[i]}: {_tokens(n)} '
                        f"({100 * n / total:.3g}%) · {CASES[c]}</title></rect>")
     # Zero lines and edge labels (every other edge, and 0).

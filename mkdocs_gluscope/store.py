@@ -40,6 +40,9 @@ CASES: tuple[str, ...] = ("gate+_in+", "gate+_in-", "gate-_in+", "gate-_in-")
 #: Recorded quantities, in file order: act(gate)*in, in, gate, act(gate).
 HOOKS: tuple[str, ...] = ("hook_post", "hook_pre_linear", "hook_pre", "swish")
 
+#: Sign of each hook's values within each case, ``[case][hook]``: gate and act(gate) have the sign
+#: of gate, in the sign of in, post = act(gate)·in their product (a value may also be 0).
+HOOK_SIGNS: tuple[tuple[int, ...], ...] = ((1, 1, 1, 1), (-1, -1, 1, 1), (-1, 1, -1, -1), (1, -1, -1, -1))
 STAT_NAMES = ("count", "sum", "min", "max")
 #: ``stats/nonfinite`` [L, N, 5]: positions with a NaN or infinite value, by case, then "no case"
 #: (gate or in NaN, so no sign); they are left out of every other statistic.

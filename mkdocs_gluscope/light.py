@@ -295,7 +295,8 @@ def write_pages(job: LightJob) -> dict[str, Any]:
                 examples=job.examples, color_hook=job.color_hook, prev_link=prev_link, next_link=next_link,
                 index_link="../../" if job.directory_urls else "../index.html",
                 layer_link="../" if job.directory_urls else "index.html", inline_cases=job.inline_cases,
-                data_url=f"{root}gluscope/x/L{layer}/N{neuron}.bin", top_words=TOP_WORDS)
+                data_url=f"{root}gluscope/x/L{layer}/N{neuron}.bin", top_words=TOP_WORDS,
+                case_scales=site.case_scales(layer))
             computed = list_scales(data, k)
             body = fill_page(convert(md, neuron_markdown(data, ctx)), data, ctx, computed)
             anchor = re.search(r'<h1 id="([^"]*)"', body)  # the theme's "skip to content" link

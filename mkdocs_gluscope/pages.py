@@ -19,6 +19,7 @@ from typing import Any, Iterable, Sequence
 
 from mkdocs_gluscope.activations import UnknownActivation, activation
 from mkdocs_gluscope.neurons import parse_neuron_ids
+from mkdocs_gluscope.pick import layer_case_scales
 from mkdocs_gluscope.render import (
     PageContext,
     display_name,
@@ -141,6 +142,11 @@ class SitePages:
     def doc_title(self, doc: int) -> str | None:
         return self.file.doc_title(doc)
 
+    @lru_cache(maxsize=None)
+    def case_scales(self, layer: int) -> tuple[float, ...]:
+        """The layer's scale of each case, as ``gluscope pick`` scores (read once per layer)."""
+        return tuple(float(x) for x in layer_case_scales(self.file, layer))
+
     def context(self, *key: Any, site_root: str = "") -> PageContext:
         i = self._position[tuple(key)]
         here = posixpath.dirname(self.neuron_path(*key))
@@ -160,7 +166,8 @@ class SitePages:
             site_root=site_root, examples=self.examples, color_hook=self.color_hook,
             prev_link=link(i - 1), next_link=link(i + 1), index_link=rel(self.index_path),
             layer_link=rel(self.layer_path(key[0])),
-            expert_link=None if expert is None else rel(self.expert_path(key[0], expert)))
+            expert_link=None if expert is None else rel(self.expert_path(key[0], expert)),
+            case_scales=self.case_scales(key[0]) if expert is None else None)
 
     # -- content ------------------------------------------------------------------------------
     def neuron_data(self, layer: int, neuron: int, expert: int | str | None = None) -> NeuronData:

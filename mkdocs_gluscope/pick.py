@@ -50,16 +50,29 @@ def case_scales(magnitude: np.ndarray, percentile: float = 99) -> np.ndarray:
     return scales
 
 
+def case_extremes(values: np.ndarray, pos: np.ndarray, early: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each case's most extreme hook_post after the start of its document (the pages' badge rule):
+    from ``top/value`` and ``top/pos`` of hook_post ``[..., C, k]``, the magnitude ``[..., C]``
+    (0 where the case has no such example) and the signed value."""
+    magnitude_k = np.where(pos >= early, np.nan_to_num(np.abs(values), nan=0.0), 0.0)
+    best_j = magnitude_k.argmax(axis=-1)
+    magnitude = np.take_along_axis(magnitude_k, best_j[..., None], -1)[..., 0]
+    return magnitude, np.take_along_axis(values, best_j[..., None], -1)[..., 0]
+
+
+def layer_case_scales(f: ActivationsFile, layer: int) -> np.ndarray:
+    """:func:`case_scales` of one model layer of ``f``: what pick divides each case's extreme by."""
+    row = f.row(layer)
+    magnitude, _ = case_extremes(f.file["top/value"][row, :, :, 0, :], f.file["top/pos"][row, :, :, 0, :],
+                                 early_end(f.attrs))
+    return case_scales(magnitude)
+
+
 def pick_neurons(f: ActivationsFile, *, per_layer: int = 1, mix: int = 10, rare: float = 0.10) -> list[Pick]:
     freq = f.frequency()  # [L, N, C]
     count = f.stat("count")
-    # Each case's most extreme hook_post after the start of its document (the pages' badge rule).
-    values = f.file["top/value"][:, :, :, 0, :]  # [L, N, C, k]
-    beyond = f.file["top/pos"][:, :, :, 0, :] >= early_end(f.attrs)
-    magnitude_k = np.where(beyond, np.nan_to_num(np.abs(values), nan=0.0), 0.0)
-    best_j = magnitude_k.argmax(axis=-1)
-    magnitude = np.take_along_axis(magnitude_k, best_j[..., None], -1)[..., 0]
-    post = np.take_along_axis(values, best_j[..., None], -1)[..., 0]
+    magnitude, post = case_extremes(f.file["top/value"][:, :, :, 0, :], f.file["top/pos"][:, :, :, 0, :],
+                                    early_end(f.attrs))
     picks: list[Pick] = []
     chosen: set[tuple[int, int]] = set()
     for row, layer in enumerate(f.layers):

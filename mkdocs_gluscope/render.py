@@ -192,6 +192,9 @@ class PageContext:
     data_url: str = ""  # the neuron's example data file, relative to the page (with ``inline_cases``)
     top_words: int = 8  # whole words listed per case under "Top words"
     expert_link: str | None = None  # an expert neuron's page links its expert's index
+    #: The layer's scale of each case (``pick.layer_case_scales``): the page opens the case pick
+    #: would flag, each case against its own scale. None: cases compared as they are.
+    case_scales: tuple[float, ...] | None = None
 
 
 def provenance_rows(attrs: dict) -> list[tuple[str, str]]:
@@ -419,7 +422,7 @@ def examples_html(data: NeuronData, ctx: PageContext,
         'get the strongest color) · hover a token for its values</span></div>',
     ]
     opened = ""
-    telling = telling_case(data)
+    telling = telling_case(data, ctx.case_scales)
     for c, case in enumerate(CASES):
         n_filled = int((data.top_doc[c, 0] >= 0).sum())
         # A light page opens the cases whose example it holds: seen at once, with or without JavaScript;
@@ -528,11 +531,12 @@ def index_rows(entries: Sequence[tuple[NeuronData, str]], vocab_text: Callable[[
 
 # -- distributions, vocabulary projections, samples and bands -----------------------------------------
 
-def telling_case(data: NeuronData) -> int | None:
+def telling_case(data: NeuronData, scales: Sequence[float] | None = None) -> int | None:
     """The case a full page opens: the one whose strongest hook_post example after the start of its
-    document is the most extreme, among the rare cases (under :data:`RARE_SHARE` of tokens, with at least
-    k examples) when one of them has any such example, else among all: what ``gluscope pick`` scores.
-    Start-of-document examples count only when a case has nothing else. None: no case has examples."""
+    document is the most extreme against its case's ``scales`` (the layer's, as ``gluscope pick``
+    scores), among the rare cases (under :data:`RARE_SHARE` of tokens, with at least k examples)
+    when one of them has any such example, else among all. Start-of-document examples count only
+    when a case has nothing else. None: no case has examples."""
     doc, pos, value = data.top_doc[:, 0], data.top_pos[:, 0], data.top_value[:, 0]  # [C, k]
     filled = doc >= 0
     if not filled.any():
@@ -540,6 +544,8 @@ def telling_case(data: NeuronData) -> int | None:
     magnitude = np.where(filled, np.nan_to_num(np.abs(value), nan=0.0), -1.0)
     later = np.where(pos >= early_end(data.attrs), magnitude, -1.0).max(axis=-1)
     best = np.where(later > 0, later, magnitude.max(axis=-1))  # [C]
+    if scales is not None:
+        best = best / np.asarray(scales, dtype=np.float64)
     rare = (data.frequency < RARE_SHARE) & (filled.sum(axis=-1) >= data.top_doc.shape[-1]) & (later > 0)
     pool = np.where(rare if rare.any() else filled.any(axis=-1), best, -np.inf)
     return int(np.argmax(pool))
@@ -662,7 +668,7 @@ def bands_html(data: NeuronData, ctx: PageContext) -> str:
     if data.bands is None or data.bands.gate is None or data.band_edges is None:
         return ""
     hook = ctx.color_hook if ctx.color_hook in HOOKS else "hook_post"
-    telling = telling_case(data)
+    telling = telling_case(data, ctx.case_scales)
     parts = [_container_open(data, ctx, "bands")]
     computed = _example_lists(data, data.bands, hook)
     for c, case in enumerate(CASES):

@@ -163,7 +163,7 @@ def test_the_most_telling_case_is_open_without_a_click(tmp_path):
     from mkdocs_gluscope.render import RARE_SHARE, telling_case
 
     f, data, md, page = _page_parts(tmp_path)
-    c = telling_case(data)
+    c = telling_case(data, site_scales(f))
     blocks = re.findall(r'<details class="gs-case-block"( open)?>', page.split('gs-examples gs-samples')[0])
     assert [bool(b) for b in blocks] == [i == c for i in range(4)]
     rare = [i for i in range(4) if data.frequency[i] < RARE_SHARE]
@@ -172,6 +172,27 @@ def test_the_most_telling_case_is_open_without_a_click(tmp_path):
     # In the open case, the color hook's list is open too: tokens show at once.
     case_html = page.split('<details class="gs-case-block" open>')[1]
     assert re.search(r'<details class="gs-list"[^>]* open>', case_html).start() < case_html.index('class="gs-ex"')
+
+
+def site_scales(f):
+    from mkdocs_gluscope.pick import layer_case_scales
+
+    return tuple(layer_case_scales(f, 0))
+
+
+def test_the_open_case_is_judged_against_each_cases_own_scale(tmp_path):
+    """A gate-_in- case weaker in absolute terms than a gate+ case opens when it is the stronger
+    against its own case's scale in the layer, as gluscope pick judges it."""
+    from mkdocs_gluscope.render import telling_case
+
+    f, data, md, page = _page_parts(tmp_path)
+    data.count[:] = [10**6, 10**6, 10**6, 100]  # only gate-_in- is rare
+    data.top_doc[:, 0] = 0
+    data.top_pos[:, 0] = 50  # after the start of the document
+    data.top_value[:, 0] = [[40.0] * 4, [-40.0] * 4, [-0.2] * 4, [0.9] * 4]
+    data.count[0] = 100  # gate+_in+ rare too, and larger in absolute terms
+    assert telling_case(data) == 0
+    assert telling_case(data, (50.0, 50.0, 0.3, 0.3)) == 3  # 0.9 / 0.3 beats 40 / 50
 
 
 def test_old_files_render_without_distribution_sections(tmp_path):

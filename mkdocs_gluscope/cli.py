@@ -207,6 +207,14 @@ def run_info(args: argparse.Namespace) -> int:
         if f.n_layers and f.d_mlp:
             freq = f.frequency().mean(axis=(0, 1))
             print(f"{'mean freq.':>14}: " + ", ".join(f"{c} {100 * x:.1f}%" for c, x in zip(CASES, freq)))
+        if f.has_distributions:
+            print(f"{'distributions':>14}: histograms ({len(f.hist_edges) - 1} octave bins), gate x in density, "
+                  f"{f.attrs.get('samples')} random examples per case, {f.attrs.get('band_samples')} per case "
+                  "and band of |post|")
+        else:
+            print(f"{'distributions':>14}: none (collected with --samples 0, or before them)")
+        if "vocab" in f.file:
+            print(f"{'vocabulary':>14}: top and bottom {f.attrs.get('vocab_k')} tokens of w_out, w_gate, w_in")
         if f.has_nonfinite:
             nonfinite = f.file["stats/nonfinite"][...].sum(axis=-1)  # [L, N]
             neurons = int((nonfinite > 0).sum())

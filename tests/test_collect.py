@@ -230,6 +230,16 @@ def test_cli_collect_then_info(model_factory, corpus_files, tmp_path, capsys):
     assert code == 0, text
     code, text = run_cli("info", str(out), capsys=capsys)
     assert code == 0 and "tokens" in text and "gate-_in-" in text
+    assert "8 random examples per case, 2 per case and band" in text and "top and bottom 10 tokens" in text
+    bare = tmp_path / "bare.h5"
+    code, text = run_cli("collect", "--model", str(model_factory("llama")), "--dataset",
+                         *map(str, corpus_files), "--out", str(bare), "--max-tokens", "1k", "--k", "3", "--samples", "0",
+                         "--no-compile", "--no-progress", "--device", "cpu", capsys=capsys)
+    assert code == 0, text
+    code, text = run_cli("info", str(bare), capsys=capsys)
+    assert "distributions: none" in text
+    with ActivationsFile(bare) as f:
+        assert not f.has_distributions and f.neuron(0, 0).samples is None and "samples" not in f.file
 
 
 @pytest.mark.parametrize(

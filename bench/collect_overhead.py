@@ -208,7 +208,7 @@ def measure(args: argparse.Namespace, doc_len: int) -> None:
                     writer.write_layer(row, finalize(states[layer], cfg.window_dtype))
                 writer.write_weights({k: v.numpy() for k, v in facts.items()})
                 if samples:
-                    writer.write_vocab(*vocab)
+                    writer.write_vocab(*vocab[""])
                 writer.close(n_tokens=int(corpus.lengths.sum()) - n_docs)
         runs[samples].append((loop, time.perf_counter() - start, forward_total))
 

@@ -99,6 +99,12 @@ def _merge(best_value: torch.Tensor, best_id: torch.Tensor, value: torch.Tensor,
 def _chunk_best(scores: torch.Tensor, k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best columns of each row of ``scores`` [B, T] (unordered), where ties at the k-th
     value go to the lower columns: ``topk`` alone leaves that choice to the kernel."""
+    if k < scores.shape[1]:
+        # Usually the k-th and (k+1)-th values differ in every row: then topk's k are the ones, and
+        # the caller orders them (ties inside the k by id). Only a tie across the k-th place needs more.
+        values, index = scores.topk(k + 1, dim=1, largest=largest, sorted=True)
+        if bool((values[:, k - 1] != values[:, k]).all()):
+            return values[:, :k], index[:, :k]
     threshold = scores.topk(k, dim=1, largest=largest, sorted=True).values[:, -1:]
     better = scores > threshold if largest else scores < threshold
     tied = scores == threshold

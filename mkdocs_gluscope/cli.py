@@ -253,6 +253,9 @@ def add_pick_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-layer", type=int, default=1,
                    help="rare-case standouts per layer: the rare cases whose most extreme hook_post after the start of "
                         "the document is largest against that case's 99th percentile in the layer (default: 1)")
+    p.add_argument("--per-case", type=int, default=2,
+                   help="at least this many rare-case standouts of every case, over all layers, where the per-layer "
+                        "ones have fewer (default: 2)")
     p.add_argument("--mix", type=int, default=10, help="neurons with the most unusual case mix (default: 10)")
     p.add_argument("--rare", type=float, default=0.10,
                    help="a case is rare below this share of tokens (default: 0.10)")
@@ -269,7 +272,8 @@ def run_pick(args: argparse.Namespace) -> int:
                                     "scores dense layers' neurons, not experts' yet: list those as LAYER.eEXPERT.*")
             print(f"gluscope: warning: pick scored the dense layers only; the expert neurons of layers {layers} "
                   "are not scored yet", file=sys.stderr)
-        print(picks_yaml(pick_neurons(f, per_layer=args.per_layer, mix=args.mix, rare=args.rare)))
+        print(picks_yaml(pick_neurons(f, per_layer=args.per_layer, mix=args.mix, rare=args.rare,
+                                      per_case=args.per_case)))
     return 0
 
 

@@ -68,26 +68,43 @@ def layer_case_scales(f: ActivationsFile, layer: int) -> np.ndarray:
     return case_scales(magnitude)
 
 
-def pick_neurons(f: ActivationsFile, *, per_layer: int = 1, mix: int = 10, rare: float = 0.10) -> list[Pick]:
+def pick_neurons(f: ActivationsFile, *, per_layer: int = 1, mix: int = 10, rare: float = 0.10,
+                 per_case: int = 2) -> list[Pick]:
+    """Rare-case standouts (``per_layer`` per layer), then the best of each case that has fewer
+    than ``per_case`` of them (over all layers: so every case a neuron has rarely shows), then the
+    ``mix`` most unusual case mixes (one per layer)."""
     freq = f.frequency()  # [L, N, C]
     count = f.stat("count")
     magnitude, post = case_extremes(f.file["top/value"][:, :, :, 0, :], f.file["top/pos"][:, :, :, 0, :],
                                     early_end(f.attrs))
     picks: list[Pick] = []
     chosen: set[tuple[int, int]] = set()
-    for row, layer in enumerate(f.layers):
-        scale = case_scales(magnitude[row])  # [C]
+    scores = np.zeros(magnitude.shape)  # [L, N, C]
+    for row in range(len(f.layers)):
         eligible = (freq[row] < rare) & (count[row] >= f.k)
-        score = np.where(eligible, magnitude[row] / scale, 0.0)  # [N, C]
-        best_case = score.argmax(axis=-1)
-        best = score.max(axis=-1)
+        scores[row] = np.where(eligible, magnitude[row] / case_scales(magnitude[row]), 0.0)
+    by_case = [0] * len(CASES)
+
+    def add(row: int, neuron: int, c: int) -> None:
+        picks.append(Pick(f.layers[row], neuron, f"rare {CASES[c]} ({100 * freq[row, neuron, c]:.2g}% of tokens) "
+                                                 f"reaches hook_post {post[row, neuron, c]:.3g}",
+                          float(scores[row, neuron, c])))
+        chosen.add((f.layers[row], neuron))
+        by_case[c] += 1
+
+    for row in range(len(f.layers)):
+        best_case = scores[row].argmax(axis=-1)
+        best = scores[row].max(axis=-1)
         for neuron in np.argsort(-best, kind="stable")[:per_layer]:
-            if best[neuron] <= 0:
-                continue
-            c = int(best_case[neuron])
-            picks.append(Pick(layer, int(neuron), f"rare {CASES[c]} ({100 * freq[row, neuron, c]:.2g}% of tokens) "
-                                                   f"reaches hook_post {post[row, neuron, c]:.3g}", float(best[neuron])))
-            chosen.add((layer, int(neuron)))
+            if best[neuron] > 0:
+                add(row, int(neuron), int(best_case[neuron]))
+    for c in range(len(CASES)):
+        for flat in np.argsort(-scores[..., c], axis=None, kind="stable"):
+            row, neuron = (int(x) for x in np.unravel_index(flat, scores.shape[:2]))
+            if by_case[c] >= per_case or scores[row, neuron, c] <= 0:
+                break
+            if (f.layers[row], neuron) not in chosen:
+                add(row, neuron, c)
     distance = np.abs(freq - freq.mean(axis=1, keepdims=True)).sum(axis=-1)  # [L, N]
     layers_used: set[int] = set()
     for flat in np.argsort(-distance, axis=None, kind="stable"):

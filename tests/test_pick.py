@@ -54,7 +54,7 @@ def test_pick_scores_each_case_against_its_own_scale(tmp_path):
         post = f.file["top/value"][0, :, :, 0, 0]
         # One scale for the whole layer would not pick it: every neuron's gate+_in+ is larger.
         assert abs(post[7, 3]) < np.abs(post[:, 0]).min()
-        picks = pick_neurons(f, per_layer=1, mix=0)
+        picks = pick_neurons(f, per_layer=1, mix=0, per_case=0)
     assert [p.id for p in picks] == ["0.7"], picks
     assert picks[0].reason == f"rare gate-_in- (2.1% of tokens) reaches hook_post {post[7, 3]:.3g}", picks[0].reason
     assert picks[0].score > 2.5  # at least 5 x 0.5 of the case's scale
@@ -64,7 +64,25 @@ def test_picks_cover_all_four_cases_when_their_scales_differ(tmp_path):
     outliers = {(0, 3): 3, (1, 11): 2, (2, 5): 1, (3, 42): 0}
     path = staged_scales(tmp_path, [30.0, 3.0, 0.1, 0.01], outliers, layers=4)
     with ActivationsFile(path) as f:
-        picks = pick_neurons(f, per_layer=1, mix=0)
+        picks = pick_neurons(f, per_layer=1, mix=0, per_case=0)
     assert {(p.layer, p.neuron) for p in picks} == set(outliers)
     cases = {p.reason.split()[1] for p in picks}
     assert cases == {"gate+_in+", "gate+_in-", "gate-_in+", "gate-_in-"}, picks
+
+
+def test_every_case_gets_its_standouts_when_the_layers_best_are_all_one_case(tmp_path):
+    """Each layer's standout is a gate+_in+ neuron; --per-case still brings the best of the others."""
+    outliers = {(0, 3): 0, (1, 11): 0, (1, 50): 3, (0, 60): 2}
+    path = staged_scales(tmp_path, [1.0, 1.0, 1.0, 1.0], outliers, layers=2)
+    with h5py.File(path, "a") as f:  # the gate+_in+ outliers stand out most of all
+        data = f["top/value"][...]
+        data[0, 3, 0, 0] *= 4
+        data[1, 11, 0, 0] *= 4
+        f["top/value"][...] = data
+    with ActivationsFile(path) as f:
+        per_layer = pick_neurons(f, per_layer=1, mix=0, per_case=0)
+        assert {p.reason.split()[1] for p in per_layer} == {"gate+_in+"}
+        picks = pick_neurons(f, per_layer=1, mix=0, per_case=1)
+    cases = {p.reason.split()[1] for p in picks}
+    assert cases == {"gate+_in+", "gate+_in-", "gate-_in+", "gate-_in-"}, picks
+    assert {(1, 50), (0, 60)} <= {(p.layer, p.neuron) for p in picks}

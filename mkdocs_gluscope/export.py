@@ -22,7 +22,8 @@ import numpy as np
 
 from mkdocs_gluscope.errors import GluscopeError
 from mkdocs_gluscope.render import display_name, md_text
-from mkdocs_gluscope.store import CASES, HOOKS, WEIGHT_NAMES, ActivationsFile, FormatError
+from mkdocs_gluscope.store import (CASES, HOOKS, VOCAB_DIRECTIONS, VOCAB_WEIGHTS, WEIGHT_NAMES, ActivationsFile,
+                                   FormatError)
 
 SPLIT = "train"
 
@@ -36,8 +37,9 @@ def _datasets():
     return datasets
 
 
-def features(k: int, has_nonfinite: bool) -> Any:
-    """The dataset's column types, in column order."""
+def features(k: int, has_nonfinite: bool, bins: int | None = None, vocab_k: int | None = None) -> Any:
+    """The dataset's column types, in column order (``bins``: the histograms' bins, in files with
+    distributions; ``vocab_k``: tokens per vocabulary list, in files with ``vocab/``)."""
     datasets = _datasets()
     v = datasets.Value
     seq = datasets.Sequence
@@ -58,6 +60,15 @@ def features(k: int, has_nonfinite: bool) -> Any:
         cols[name] = v("float32")
     if has_nonfinite:
         cols["nonfinite"] = seq(v("int64"), length=len(CASES) + 1)
+    if bins is not None:
+        for case in CASES:
+            for hook in HOOKS:
+                cols[f"{case}_{hook}_hist"] = seq(v("int64"), length=bins)
+    if vocab_k is not None:
+        for weight in VOCAB_WEIGHTS:
+            for direction in VOCAB_DIRECTIONS:
+                cols[f"vocab_{weight}_{direction}_tokens"] = seq(v("int32"), length=vocab_k)
+                cols[f"vocab_{weight}_{direction}_scores"] = seq(v("float32"), length=vocab_k)
     return datasets.Features(cols)
 
 
@@ -91,6 +102,17 @@ def layer_columns(f: ActivationsFile, layer: int) -> dict[str, Any]:
         cols[name] = f.weights(name)[row]
     if f.has_nonfinite:
         cols["nonfinite"] = g["stats/nonfinite"][row]
+    if f.has_distributions:
+        hist = g["stats/hist"][row]  # [N, C, H, B]
+        for c, case in enumerate(CASES):
+            for h, hook in enumerate(HOOKS):
+                cols[f"{case}_{hook}_hist"] = hist[:, c, h]
+    if "vocab" in g:
+        token, score = g["vocab/token"][row], g["vocab/score"][row]  # [N, 3, 2, K]
+        for w, weight in enumerate(VOCAB_WEIGHTS):
+            for d, direction in enumerate(VOCAB_DIRECTIONS):
+                cols[f"vocab_{weight}_{direction}_tokens"] = token[:, w, d]
+                cols[f"vocab_{weight}_{direction}_scores"] = score[:, w, d]
     return cols
 
 
@@ -117,7 +139,10 @@ def dataset_card(f: ActivationsFile, shards: str) -> str:
         "are those of the paper's released data; `{case}_count`, `{case}_{hook}_min`, `{case}_{hook}_max`, "
         "`{case}_{hook}_max_docs` (documents of the activations file), `{case}_{hook}_max_positions` (token "
         "positions, BOS = 0), `flipped`, `cos_gate_in`, `cos_gate_out`, `cos_in_out` and `nonfinite` are GLUScope's. "
-        "Empty top-k slots have index, doc and position -1 and value NaN.", ""])
+        "Empty top-k slots have index, doc and position -1 and value NaN. Where the file has them, "
+        "`{case}_{hook}_hist` counts the case's tokens per octave of |value| (edges 0, 2^-10, 2^-9, ..., 2^10, inf), "
+        "and `vocab_{out,gate,in}_{top,bottom}_tokens` / `_scores` are the neuron's vocabulary projections "
+        "(token ids of the model's tokenizer).", ""])
 
 
 def export_dataset(activations: str | os.PathLike, out: str | os.PathLike) -> Path:
@@ -135,7 +160,8 @@ def export_dataset(activations: str | os.PathLike, out: str | os.PathLike) -> Pa
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "data").mkdir(parents=True)
-        kinds = features(f.k, f.has_nonfinite)
+        kinds = features(f.k, f.has_nonfinite, len(f.hist_edges) - 1 if f.has_distributions else None,
+                         int(f.file["vocab/token"].shape[-1]) if "vocab" in f.file else None)
         n = len(f.layers)
         for i, layer in enumerate(f.layers):
             table = datasets.Dataset.from_dict(layer_columns(f, layer), features=kinds)

@@ -41,6 +41,11 @@ def test_export_round_trips_through_load_dataset(tmp_path, capsys):
     assert row["gate+_in+_hook_post_max_indices"] == (n.top_doc[0, 0] * 10 + 5).tolist()  # rows of the source
     assert row["gate-_in+_swish_max_positions"] == n.top_pos[2, 3].tolist()
     assert row["flipped"] == n.flipped and row["cos_gate_in"] == pytest.approx(n.cos_gate_in)
+    # The distributions and vocabulary projections the file has.
+    assert row["gate-_in-_hook_post_hist"] == n.hist[3, 0].tolist()
+    assert sum(row["gate+_in-_swish_hist"]) == n.count[1]
+    assert row["vocab_in_bottom_tokens"] == n.vocab_token[2, 1].tolist()
+    assert row["vocab_out_top_scores"] == pytest.approx(n.vocab_score[0, 0].tolist())
     card = (tmp_path / "ds" / "README.md").read_text(encoding="utf-8")
     assert "SmolLM2" in card and "/home/alice" not in card  # local paths named by their last part
     assert "gluscope: wrote" in capsys.readouterr().out

@@ -31,8 +31,7 @@ from collect.model import (DTYPE_CHOICES, ENGINES, LoadedModel, dtype_name, load
 from collect import distributed
 from collect.distributed import World, any_rank, broadcast_object, merge_into_rank0
 from collect.stats import (N_CASES, N_HOOKS, BatchReduction, LayerStats, compiled_histogram_batch,
-                           compiled_example_candidates, compiled_reduce_batch, example_candidates,
-                           hist_and_density, histogram_batch, reduce_batch,
+                           compiled_reduce_batch, hist_and_density, histogram_batch, reduce_batch,
                            state_bytes_per_neuron, state_window_dtype, update_stats)
 from collect.moe import expert_batches
 from collect.vocab import file_vocab
@@ -623,13 +622,11 @@ class _Sampling:
     sources: np.ndarray
     pieces: np.ndarray
     histogram: Callable[..., None]
-    candidates: Callable[..., torch.Tensor]
 
     @classmethod
     def of(cls, corpus: Corpus, config: CollectConfig) -> "_Sampling":
         return cls(config.seed, corpus.source_index, document_pieces(corpus.source_index),
-                   compiled_with_fallback(histogram_batch, compiled_histogram_batch, config.compile),
-                   compiled_with_fallback(example_candidates, compiled_example_candidates, config.compile))
+                   compiled_with_fallback(histogram_batch, compiled_histogram_batch, config.compile))
 
     def priorities(self, docs: np.ndarray, length: int, lengths: np.ndarray, first_counted: int) -> torch.Tensor:
         """``[B, T]`` sampling priorities of a batch's positions (EMPTY_PRIORITY where not counted)."""
@@ -689,7 +686,6 @@ def _run_batch(loaded: LoadedModel, corpus: Corpus, batch: Any, layers: list[int
     prio = (sampling.priorities(batch.docs, batch.length, lengths_np, first_counted).to(device, non_blocking=True)
             if sampling else None)
     histogram = sampling.histogram if sampling else histogram_batch
-    candidates = sampling.candidates if sampling else example_candidates
     applied: dict[int, torch.Tensor] = {}
     active: dict[int, torch.Tensor] = {}
 
@@ -699,7 +695,7 @@ def _run_batch(loaded: LoadedModel, corpus: Corpus, batch: Any, layers: list[int
         applied[layer], active[layer] = update_stats(
             states[layer], reduced, doc_ids, gate, in_, lengths, config.context_before, config.context_after,
             capacity=capacity[layer].current(len(batch.docs)), accept=~reduced.suspect,
-            hooks=(post, in_, gate, swish), valid=valid, prio=prio, histogram=histogram, candidates=candidates)
+            hooks=(post, in_, gate, swish), valid=valid, prio=prio, histogram=histogram)
 
     def on_moe(layer: int, hidden: torch.Tensor, routing: torch.Tensor, shared: Any) -> None:
         # Each expert's neurons through the dense statistics, over the tokens routed to it; exactly
@@ -718,7 +714,7 @@ def _run_batch(loaded: LoadedModel, corpus: Corpus, batch: Any, layers: list[int
             update_stats(states[key], reduced, doc_ids, part.window_gate, part.window_in, lengths,
                          config.context_before, config.context_after, hooks=(part.post, part.in_, part.gate, swish),
                          valid=part.valid, prio=part_prio, positions=part.positions, check_finite=True,
-                         histogram=histogram, candidates=candidates)
+                         histogram=histogram)
 
     run_with_mlp_hooks(loaded, input_ids, layers, on_layer, on_moe)
     dense = [layer for layer in layers if layer in applied]
@@ -737,7 +733,7 @@ def _run_batch(loaded: LoadedModel, corpus: Corpus, batch: Any, layers: list[int
         reduced = reduce_batch(gate, in_, post, swish, valid)  # checks every value; rare, so eager
         update_stats(states[layer], reduced, doc_ids, gate, in_, lengths, config.context_before,
                      config.context_after, hooks=(post, in_, gate, swish), valid=valid, prio=prio, check_finite=True,
-                     histogram=histogram, candidates=candidates)
+                     histogram=histogram)
 
     run_with_mlp_hooks(loaded, input_ids, redo, exactly)
 

@@ -190,6 +190,8 @@ class BatchReduction:
     doc_value: torch.Tensor  # [B, N, C, H] the signed value there
     doc_pos: torch.Tensor  # [B, N, C, H] int64 its position (the earliest on ties)
     suspect: torch.Tensor  # bool scalar: assume_finite was wrong for this batch (see reduce_batch)
+    doc_count: torch.Tensor | None = None  # [B, N, C] int64 the document's positions in each case
+    doc_min_abs: torch.Tensor | None = None  # [B, N, C, H] smallest |value| of the document in the case, inf if none
 
 
 def case_masks(gate: torch.Tensor, in_: torch.Tensor, valid: torch.Tensor) -> list[torch.Tensor]:
@@ -275,8 +277,9 @@ def reduce_batch(
                     & torch.isfinite(torch.where(valid[:, :, None], hooks[1] + hooks[2], 0.0).sum()))
     else:
         suspect = torch.zeros((), dtype=torch.bool, device=valid.device)
+    doc_count = torch.stack(count, dim=-1)
     return BatchReduction(
-        count=torch.stack(count, dim=-1).sum(dim=0),
+        count=doc_count.sum(dim=0),
         nonfinite=nonfinite,
         sum=sum_by_doc.view(shape).sum(dim=0),
         min=lo.amin(dim=0),
@@ -286,6 +289,8 @@ def reduce_batch(
         doc_value=torch.where(present, signs * doc_abs, float("nan")),
         doc_pos=doc_pos_flat.view(shape),
         suspect=suspect,
+        doc_count=doc_count,
+        doc_min_abs=doc_min_abs,
     )
 
 
@@ -542,6 +547,8 @@ EXAMPLE_CHUNK = 1 << 20
 #: first offers its lowest-priority positions, in growing chunks up to FIRST_STAGE positions: every
 #: position can still enter, and each chunk tightens the lists for the next.
 FILLING_SHARE, FIRST_STAGE = 0.01, 2048
+#: Positions of lowest priority in a batch that are offered to every list (see update_examples).
+PREFIX = 64
 
 
 def _offer(stats: LayerStats, views: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]],
@@ -575,39 +582,26 @@ def _offer(stats: LayerStats, views: tuple[dict[str, torch.Tensor], dict[str, to
         merge_examples(kind, lists[chosen], cand)
 
 
-def example_candidates(gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor, counted: torch.Tensor,
-                       prio: torch.Tensor, sample_limit: torch.Tensor, band_limit: torch.Tensor) -> torch.Tensor:
-    """``[B, T, N]`` int8: 1 where a position comes below the S-th priority of its case's sample
-    list (``sample_limit`` ``[N, C]``), 2 below that of its (case, band) list (``band_limit``
-    ``[N, C, R]``), 3 both; 0 elsewhere. One pass over the batch, fused under ``torch.compile``."""
-    n = gate.shape[-1]
-    mask = counted if counted.dim() == 3 else counted[:, :, None]
-    ok = mask & (gate != 0) & (in_ != 0)
-    row = torch.arange(n, device=gate.device) * N_CASES + (gate < 0).long() * 2 + (in_ < 0).long()
-    p = prio[:, :, None]
-    in_sample = ok & (p < sample_limit.reshape(-1)[row])
-    in_band = ok & (p < band_limit.reshape(-1)[row * N_BANDS + band_of(post.float().abs())])
-    return in_sample.to(torch.int8) | (in_band.to(torch.int8) << 1)
-
-
-def compiled_example_candidates(enabled: bool) -> Callable[..., torch.Tensor]:
-    """:func:`example_candidates`, one loop under ``torch.compile`` when ``enabled``."""
-    return torch.compile(example_candidates, dynamic=True) if enabled else example_candidates
-
-
-def update_examples(stats: LayerStats, doc_ids: torch.Tensor, hooks: tuple[torch.Tensor, ...],
-                    counted: torch.Tensor, prio: torch.Tensor, lengths: torch.Tensor, context_before: int,
-                    context_after: int, *, positions: torch.Tensor | None = None,
-                    windows: tuple[torch.Tensor, torch.Tensor] | None = None,
-                    candidates: Callable[..., torch.Tensor] = example_candidates) -> None:
+def update_examples(stats: LayerStats, batch: BatchReduction, doc_ids: torch.Tensor,
+                    hooks: tuple[torch.Tensor, ...], counted: torch.Tensor, prio: torch.Tensor, lengths: torch.Tensor,
+                    context_before: int, context_after: int, *, positions: torch.Tensor | None = None,
+                    windows: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Offer one batch's positions to the random-example lists (exactly; in place).
 
     ``hooks``: ``(post, in, gate, swish)`` ``[B, T, N]``; ``counted`` as in :func:`histogram_batch`;
-    ``prio``: ``[B, T]`` sampling priorities. A list keeps its S positions of lowest priority, so a
-    position can enter only below the list's S-th priority: one pass (:func:`example_candidates`,
-    or its compiled form) finds those, and once the lists are full they are few. While a layer's
-    lists are still filling (its first batch), the batch's lowest-priority positions go first, in
-    growing chunks, so that the lists take S positions each instead of every position of the batch.
+    ``prio``: ``[B, T]`` sampling priorities; ``batch``: the batch's reduction, for its per-document
+    counts and ``|post|`` ranges. A list keeps its S positions of lowest priority, so a position
+    enters only below its list's S-th priority (its limit). Nothing here reads every value:
+
+    * the batch's :data:`PREFIX` positions of lowest priority are offered to every list;
+    * a later position has a priority above the prefix's, so only a list whose limit is above that
+      too can take it: an *open* list, one whose positions have been rare so far (a rare case, a
+      rare band). The documents that hold a position of an open list's case (count > 0) or band
+      (the document's ``|post|`` range in the case reaches the band) are read, and only for the
+      neurons concerned.
+
+    While a layer's lists are still filling (its first batch), the lowest-priority positions go
+    first, in growing chunks, so that the lists take S positions each instead of every position.
     ``positions``/``windows``: packed hooks, as in :func:`update_stats`."""
     post, in_, gate, swish = hooks
     windows = windows if windows is not None else (gate, in_)
@@ -616,26 +610,37 @@ def update_examples(stats: LayerStats, doc_ids: torch.Tensor, hooks: tuple[torch
     views = (_example_views(stats, "sample"), _example_views(stats, "band"))
     offer = functools.partial(_offer, stats, views, hooks, windows, counted, prio, doc_ids=doc_ids, lengths=lengths,
                               positions=positions, context=(context_before, context_after))
-    rest = prio
-    filling = (stats.sample_key[..., -1] == EMPTY_PRIORITY).float().mean()
-    if float(filling) > FILLING_SHARE:
-        flat = prio.reshape(-1)
-        n_counted = int((flat < EMPTY_PRIORITY).sum())
-        order = torch.argsort(flat)[:min(n_counted, FIRST_STAGE)]
-        neuron_ids = torch.arange(n_neurons, device=device)[None, :]
-        start, size = 0, 16
-        while start < len(order):
-            chunk = order[start:start + max(1, min(size, EXAMPLE_CHUNK // n_neurons))]
-            offer(chunk[:, None] // t_max, chunk[:, None] % t_max, neuron_ids)
-            start, size = start + len(chunk), size * 2
-        if len(order):
-            rest = prio.clone()
-            rest.view(-1)[order] = EMPTY_PRIORITY  # offered already
-    found = candidates(gate, in_, post, counted, rest, stats.sample_key[..., -1], stats.band_key[..., -1])
-    rows, t, neurons = found.nonzero(as_tuple=True)
-    for start in range(0, len(rows), EXAMPLE_CHUNK):
-        part = slice(start, start + EXAMPLE_CHUNK)
-        offer(rows[part], t[part], neurons[part])
+    flat = prio.reshape(-1)
+    order = torch.argsort(flat)[:int((flat < EMPTY_PRIORITY).sum())]  # counted positions, lowest priority first
+    neuron_ids = torch.arange(n_neurons, device=device)[None, :]
+    filling = float((stats.sample_key[..., -1] == EMPTY_PRIORITY).float().mean()) > FILLING_SHARE
+    prefix = min(len(order), FIRST_STAGE if filling else PREFIX)
+    start, size = 0, 16 if filling else prefix
+    while start < prefix:
+        chunk = order[start:min(prefix, start + max(1, min(size, EXAMPLE_CHUNK // n_neurons)))]
+        offer(chunk[:, None] // t_max, chunk[:, None] % t_max, neuron_ids)
+        start, size = start + len(chunk), size * 2
+    if prefix == len(order):
+        return
+    after = int(flat[order[prefix - 1]]) if prefix else -1  # every position up to this priority was offered
+    open_samples = stats.sample_key[..., -1] > after  # [N, C]
+    open_bands = stats.band_key[..., -1] > after  # [N, C, R]
+    edges = torch.as_tensor(BAND_EDGES, device=device)
+    low, high = batch.doc_min_abs[..., 0], batch.doc_abs[..., 0]  # [B, N, C]: |post| range of the case
+    reaches = (high[..., None] >= edges[:-1]) & (low[..., None] < edges[1:])  # [B, N, C, R]
+    wanted = ((open_samples & (batch.doc_count > 0)).any(-1)
+              | (open_bands & reaches & (high >= 0)[..., None]).flatten(2).any(-1))  # [B, N]
+    pairs = wanted.nonzero()
+    if pairs.numel() == 0:
+        return
+    rest = prio.masked_fill(prio <= after, EMPTY_PRIORITY)  # the prefix was offered already
+    offer_rest = functools.partial(_offer, stats, views, hooks, windows, counted, rest, doc_ids=doc_ids,
+                                   lengths=lengths, positions=positions, context=(context_before, context_after))
+    step = max(1, EXAMPLE_CHUNK // t_max)
+    t = torch.arange(t_max, device=device)[None, :]
+    for start in range(0, len(pairs), step):
+        b, n = pairs[start:start + step].unbind(1)
+        offer_rest(b[:, None], t, n[:, None])
 
 
 def finite_positions(hooks: tuple[torch.Tensor, ...], valid: torch.Tensor) -> torch.Tensor:
@@ -662,7 +667,6 @@ def update_stats(
     positions: torch.Tensor | None = None,
     check_finite: bool = False,
     histogram: Callable[..., None] = histogram_batch,
-    candidates: Callable[..., torch.Tensor] = example_candidates,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Add one batch to ``stats`` in place: counts, sums (accumulated in float64), extremes, top-k,
     and where ``stats`` has distributions, the histograms and random examples. Those need what
@@ -670,8 +674,8 @@ def update_stats(
     positions' sampling priorities); ``positions`` where those are packed (an expert's tokens,
     mapped back to document positions as for ``batch.doc_pos``; ``gate``/``in_`` then hold the
     windows' values at document positions); ``check_finite`` where ``batch`` came from the exact
-    path, which counts non-finite values apart; ``histogram`` and ``candidates``:
-    :func:`histogram_batch` and :func:`example_candidates` or their compiled forms.
+    path, which counts non-finite values apart; ``histogram``: :func:`histogram_batch` or its
+    compiled form.
     ``capacity``, ``accept`` and the returned ``(applied, active)`` as in :func:`merge_top`: a batch
     not applied leaves every statistic as it was, decided on the device (no sync, except that the
     random examples, when there are any, read ``applied``)."""
@@ -695,8 +699,8 @@ def update_stats(
         histogram(hook_gate, hook_in, post, swish, counted, applied.int(), stats.hist_joint, stats.hist_post,
                   stats.hist_swish)
         if not conditional or bool(applied):
-            update_examples(stats, doc_ids, hooks, counted, prio, lengths, context_before, context_after,
-                            positions=positions, windows=(gate, in_), candidates=candidates)
+            update_examples(stats, batch, doc_ids, hooks, counted, prio, lengths, context_before, context_after,
+                            positions=positions, windows=(gate, in_))
     return applied, active
 
 

@@ -132,11 +132,13 @@ def make(case, d_mlp=5, max_len=7):
     return [(g * scale.sqrt(), i * scale.sqrt()) for g, i in docs]
 
 
-@pytest.mark.parametrize("stage", [None, "never", "always-3"], ids=["default", "no-first-stage", "first-stage-of-3"])
+@pytest.mark.parametrize("stage", [None, "never", "always-3", "prefix-0", "prefix-2"],
+                         ids=["default", "no-first-stage", "first-stage-of-3", "documents-only", "prefix-of-2"])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_distributions_match_brute_force(case, stage, monkeypatch):
-    """Whichever way positions are offered (the lowest-priority ones first while lists fill, or
-    only the documents that can hold an entry), the lists are the brute-force ones."""
+    """Whichever way positions are offered (the lowest-priority ones first while lists fill, a
+    prefix of the lowest priorities, or only the documents that can hold an entry of a list still
+    open), the lists are the brute-force ones."""
     import collect.stats as stats_module
 
     if stage == "never":
@@ -144,6 +146,9 @@ def test_distributions_match_brute_force(case, stage, monkeypatch):
     elif stage == "always-3":
         monkeypatch.setattr(stats_module, "FILLING_SHARE", -1.0)
         monkeypatch.setattr(stats_module, "FIRST_STAGE", 3)
+    elif stage is not None:  # a prefix, then only the documents that hold a position of an open list
+        monkeypatch.setattr(stats_module, "FILLING_SHARE", 1.1)
+        monkeypatch.setattr(stats_module, "PREFIX", int(stage.split("-")[1]))
     docs = make(case)
     stats = run(docs, 3, case["first"], case["batch"], case["samples"], case["band_samples"])
     assert_distributions(stats, docs, case["first"], case["samples"], case["band_samples"])

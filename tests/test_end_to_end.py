@@ -99,9 +99,15 @@ def test_pick_proposes_valid_neurons_with_reasons(model_factory, corpus_files, t
     out = collect(CollectConfig(model=str(model_factory("llama")), dataset=[str(p) for p in corpus_files],
                                 out=tmp_path / "p.h5", k=2, compile=False, progress=False, device="cpu"))
     with ActivationsFile(out) as f:
-        picks = pick_neurons(f, per_layer=1, mix=3, rare=0.5)
+        picks = pick_neurons(f, per_layer=1, mix=3, rare=0.5, per_case=0)
+        every_case = pick_neurons(f, per_layer=1, mix=3, rare=0.5, per_case=2)
         freq = f.frequency()
     assert 3 <= len(picks) <= 5 and len({p.id for p in picks}) == len(picks)
+    # --per-case adds standouts of the cases the per-layer picks left out, never the same neuron twice.
+    assert {p.id for p in picks} <= {p.id for p in every_case} and len({p.id for p in every_case}) == len(every_case)
+    assert all(sum(p.reason.startswith(f"rare {case} ") for p in every_case) >= 2
+               for case in ("gate+_in+", "gate+_in-", "gate-_in+", "gate-_in-")
+               if (freq[..., ["gate+_in+", "gate+_in-", "gate-_in+", "gate-_in-"].index(case)] < 0.5).sum() >= 2)
     assert parse_neuron_ids([p.id for p in picks], [0, 1], 48)
     mixes = [p for p in picks if p.reason.startswith("unusual case mix")]
     assert len({p.layer for p in mixes}) == len(mixes)  # at most one per layer

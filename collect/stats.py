@@ -50,7 +50,7 @@ def state_bytes_per_neuron(k: int, window: int, window_bytes: int, samples: int 
     per_list = k * (8 + 4 + 4 + 4 + 2) + 2 * k * window * window_bytes + 8 + 4 + 4  # keys..slot, windows, sum/min/max
     total = lists * per_list + N_CASES * 8 + (N_CASES + 1) * 8
     if samples > 0:
-        histograms = N_CASES * (N_BINS * N_BINS + 2 * N_BINS) * 4
+        histograms = N_CASES * 2 * N_BINS * N_BINS * 4
         per_example = 8 + 4 + 4 + N_HOOKS * 4 + 2 * window * window_bytes
         total += histograms + N_CASES * (samples + N_BANDS * band_samples) * per_example
     return total
@@ -88,11 +88,11 @@ class LayerStats:
     win_gate: torch.Tensor  # [N, C, H, k, W] window dtype, by slot, NaN outside the document
     win_in: torch.Tensor  # [N, C, H, k, W] window dtype, by slot
     # Distributions (None where a run records none). Histogram counts are int32 on the device
-    # (runs are limited to 2**31 - 1 counted positions); gate and in are binned jointly, which
-    # gives their histograms and the density from one scatter instead of three.
+    # (runs are limited to 2**31 - 1 counted positions); the hooks are binned in pairs, gate with in
+    # (which also gives the density) and post with act(gate): two scatters per position and neuron
+    # instead of five, for 7.7 KB per neuron each (bench/distributions_overhead.py).
     hist_joint: torch.Tensor | None = None  # [N, C, B, B] int32: (gate bin, in bin) per case
-    hist_post: torch.Tensor | None = None  # [N, C, B] int32
-    hist_swish: torch.Tensor | None = None  # [N, C, B] int32
+    hist_outputs: torch.Tensor | None = None  # [N, C, B, B] int32: (post bin, act(gate) bin) per case
     # Random examples: the S positions of lowest priority per case ("sample") and per (case, band)
     # of |post| ("band"), ascending; key EMPTY_PRIORITY, doc/pos -1 and NaN values in empty slots.
     sample_key: torch.Tensor | None = None  # [N, C, S] int64
@@ -122,8 +122,7 @@ class LayerStats:
         if samples > 0:
             distributions = dict(
                 hist_joint=torch.zeros(d_mlp, N_CASES, N_BINS, N_BINS, **i32),
-                hist_post=torch.zeros(d_mlp, N_CASES, N_BINS, **i32),
-                hist_swish=torch.zeros(d_mlp, N_CASES, N_BINS, **i32),
+                hist_outputs=torch.zeros(d_mlp, N_CASES, N_BINS, N_BINS, **i32),
             )
             for prefix, lists in (("sample", (samples,)), ("band", (N_BANDS, band_samples))):
                 lead = (d_mlp, N_CASES) + lists
@@ -458,8 +457,7 @@ _BAND_INNER_EDGES: tuple[float, ...] = tuple(float(e) for e in BAND_EDGES[1:-1])
 
 
 def histogram_batch(gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor, swish: torch.Tensor,
-                    counted: torch.Tensor, weight: torch.Tensor, joint: torch.Tensor, hist_post: torch.Tensor,
-                    hist_swish: torch.Tensor) -> None:
+                    counted: torch.Tensor, weight: torch.Tensor, joint: torch.Tensor, outputs: torch.Tensor) -> None:
     """Add one batch to the histograms, in place. ``counted``: ``[B, T]`` or ``[B, T, N]`` bool, the
     positions that count (a position also needs a nonzero gate and in: a case); ``weight``: an
     int32 scalar tensor, 1, or 0 for a batch that is not to be added (decided on the device).
@@ -474,8 +472,8 @@ def histogram_batch(gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor, s
     row = torch.arange(n, device=gate.device, dtype=torch.int32) * N_CASES + case
     joint.view(-1).index_put_((((row * N_BINS + value_bins(gate)) * N_BINS + value_bins(in_)).reshape(-1).long(),),
                               ones, accumulate=True)
-    hist_post.view(-1).index_put_(((row * N_BINS + value_bins(post)).reshape(-1).long(),), ones, accumulate=True)
-    hist_swish.view(-1).index_put_(((row * N_BINS + value_bins(swish)).reshape(-1).long(),), ones, accumulate=True)
+    outputs.view(-1).index_put_((((row * N_BINS + value_bins(post)) * N_BINS + value_bins(swish)).reshape(-1).long(),),
+                                ones, accumulate=True)
 
 
 def compiled_histogram_batch(enabled: bool) -> Callable[..., None]:
@@ -488,7 +486,8 @@ def hist_and_density(stats: LayerStats) -> tuple[torch.Tensor, torch.Tensor]:
     histograms: gate's and in's histograms are the joint one's sums, the density its bins merged
     in pairs of octaves and mirrored by the case's signs."""
     joint = stats.hist_joint.long()
-    hist = torch.stack([stats.hist_post.long(), joint.sum(dim=2), joint.sum(dim=3), stats.hist_swish.long()], dim=2)
+    outputs = stats.hist_outputs.long()
+    hist = torch.stack([outputs.sum(dim=3), joint.sum(dim=2), joint.sum(dim=3), outputs.sum(dim=2)], dim=2)
     device = joint.device
     coarse = torch.as_tensor(DENSITY_OF_BIN, device=device)
     # One-hot maps from octave bins to signed density cells, for a positive and a negative value.
@@ -636,11 +635,22 @@ def update_examples(stats: LayerStats, batch: BatchReduction, doc_ids: torch.Ten
     rest = prio.masked_fill(prio <= after, EMPTY_PRIORITY)  # the prefix was offered already
     offer_rest = functools.partial(_offer, stats, views, hooks, windows, counted, rest, doc_ids=doc_ids,
                                    lengths=lengths, positions=positions, context=(context_before, context_after))
+    # A pair whose neuron has an open case list is read whole; the others only at the positions whose
+    # band of |post| is open in some case (post alone is read to find them).
+    whole = open_samples.any(-1)[pairs[:, 1]]
+    open_band = open_bands.any(1)  # [N, R]
     step = max(1, EXAMPLE_CHUNK // t_max)
     t = torch.arange(t_max, device=device)[None, :]
-    for start in range(0, len(pairs), step):
-        b, n = pairs[start:start + step].unbind(1)
-        offer_rest(b[:, None], t, n[:, None])
+    for read_whole, part in ((True, pairs[whole]), (False, pairs[~whole])):
+        for start in range(0, len(part), step):
+            b, n = part[start:start + step].unbind(1)
+            if read_whole:
+                offer_rest(b[:, None], t, n[:, None])
+                continue
+            band = band_of(post[b[:, None], t, n[:, None]].float().abs())  # [M, T]
+            j, at = (open_band[n[:, None], band] & (rest[b] < EMPTY_PRIORITY)).nonzero(as_tuple=True)
+            if j.numel():
+                offer_rest(b[j], at, n[j])
 
 
 def finite_positions(hooks: tuple[torch.Tensor, ...], valid: torch.Tensor) -> torch.Tensor:
@@ -696,8 +706,7 @@ def update_stats(
             raise ValueError("statistics with distributions need hooks, valid and prio")
         counted = finite_positions(hooks, valid) if check_finite else valid
         post, hook_in, hook_gate, swish = hooks
-        histogram(hook_gate, hook_in, post, swish, counted, applied.int(), stats.hist_joint, stats.hist_post,
-                  stats.hist_swish)
+        histogram(hook_gate, hook_in, post, swish, counted, applied.int(), stats.hist_joint, stats.hist_outputs)
         if not conditional or bool(applied):
             update_examples(stats, batch, doc_ids, hooks, counted, prio, lengths, context_before, context_after,
                             positions=positions, windows=(gate, in_))
@@ -747,8 +756,7 @@ def merge_stats(a: LayerStats, b: LayerStats) -> LayerStats:
     )
     if a.has_distributions:
         merged.hist_joint = a.hist_joint + b.hist_joint
-        merged.hist_post = a.hist_post + b.hist_post
-        merged.hist_swish = a.hist_swish + b.hist_swish
+        merged.hist_outputs = a.hist_outputs + b.hist_outputs
         for prefix in ("sample", "band"):
             for name in ("key", "doc", "pos", "value", "gate", "in"):
                 setattr(merged, f"{prefix}_{name}", getattr(a, f"{prefix}_{name}").clone())

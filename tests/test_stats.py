@@ -277,11 +277,10 @@ def test_compiled_histograms_equal_eager():
     valid = torch.rand(3, 13, generator=g) > 0.3
     results = []
     for fn in (histogram_batch, compiled_histogram_batch(True)):
-        joint = torch.zeros(6, 4, N_BINS, N_BINS, dtype=torch.int32)
-        post, sw = torch.zeros(6, 4, N_BINS, dtype=torch.int32), torch.zeros(6, 4, N_BINS, dtype=torch.int32)
+        joint, outputs = (torch.zeros(6, 4, N_BINS, N_BINS, dtype=torch.int32) for _ in range(2))
         for weight in (1, 0, 1):  # a batch with weight 0 (not applied) adds nothing
-            fn(gate, in_, swish * in_, swish, valid, torch.tensor(weight, dtype=torch.int32), joint, post, sw)
-        results.append((joint, post, sw))
+            fn(gate, in_, swish * in_, swish, valid, torch.tensor(weight, dtype=torch.int32), joint, outputs)
+        results.append((joint, outputs))
     for eager, fused in zip(*results):
         assert torch.equal(eager, fused)
     counted = (valid[:, :, None] & (gate != 0) & (in_ != 0)).sum()

@@ -337,11 +337,14 @@ def neuron_markdown(data: NeuronData, ctx: PageContext) -> str:
                       for k, v in provenance_rows({**data.attrs, "n_tokens": data.n_tokens}))
     lines += [f'<p class="gs-provenance">{prov}</p>', "", *routing_note(data),
               "## Summary", "", summary_table(data), "", *nonfinite_note(data)]
-    if data.hist is not None:
+    # Light pages (a whole model) leave the figures and projections out: their SVG is about 60 KB a
+    # page, 2.8 GB for SmolLM2's 46,080 neurons, which would not fit a GitHub Pages site.
+    if data.hist is not None and ctx.inline_cases is None:
         lines += ["## Distributions", "",
                   "How each case's tokens spread over |value| (octave bins; hover a bar for its range and count) "
                   "and over the (gate, in) plane:", "", DISTRIBUTIONS_PLACEHOLDER, ""]
-    lines += vocab_section(data, ctx)
+    if ctx.inline_cases is None:
+        lines += vocab_section(data, ctx)
     lines += [
         "## Weights", "",
         f"- cos(w_gate, w_in) = {data.cos_gate_in:.3f} · cos(w_gate, w_out) = {data.cos_gate_out:.3f} · "

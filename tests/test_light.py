@@ -91,6 +91,9 @@ def test_every_neuron_gets_a_light_page_in_the_theme(site):
     # Neuron pages stay out of Material's search index and the sitemap; the index pages are in it.
     index = json.loads(read(site, "search/search_index.json"))
     assert not any(d["location"].startswith("neurons/L1/N") for d in index["docs"])
+    # The figures and projections (about 60 KB of SVG a page) stay on the full layout's pages:
+    # a whole model's site must fit GitHub Pages.
+    assert 'id="distributions"' not in page and 'class="gs-hist"' not in page and 'id="vocabulary"' not in page
 
 
 def test_a_page_holds_the_strongest_example_of_its_two_rarest_cases(site):

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from mkdocs_gluscope.activations import act_values
-from mkdocs_gluscope.figures import density_html, histograms_html
+from mkdocs_gluscope.figures import bin_range, density_html, histograms_html
 from mkdocs_gluscope.store import (
     CASES,
     VOCAB_WEIGHTS,
@@ -601,16 +601,6 @@ def vocab_section(data: NeuronData, ctx: PageContext) -> list[str]:
     return ["## Vocabulary", "", '<div class="gs-vocab-row" data-search-exclude>' + "".join(tables) + "</div>", ""]
 
 
-def band_label(edges: np.ndarray, r: int) -> str:
-    """A band of |post| in words: ``|post| < 0.0156``, ``|post| 0.125–1``, ``|post| ≥ 8``."""
-    lo, hi = float(edges[r]), float(edges[r + 1])
-    if lo == 0:
-        return f"|post| < {hi:.3g}"
-    if not np.isfinite(hi):
-        return f"|post| ≥ {lo:.3g}"
-    return f"|post| {lo:.3g}–{hi:.3g}"
-
-
 def _container_open(data: NeuronData, ctx: PageContext, kind: str) -> str:
     return (f'<div class="gs-examples gs-{kind}" data-root="{md_text(ctx.site_root)}" data-centre="{data.context_before}" '
             f'data-levels="{LEVELS}" data-counted-from="{first_counted_position(data.attrs)}">')
@@ -679,7 +669,8 @@ def bands_html(data: NeuronData, ctx: PageContext) -> str:
         for r in range(data.bands.doc.shape[1]):
             attr, rows, n = _sample_rows(data, ctx, data.bands, computed, (c, r))
             if n:
-                lists.append(f'<div class="gs-list gs-band"{attr}><p class="gs-band-label">{band_label(data.band_edges, r)}'
+                label = html.escape(bin_range(data.band_edges, r, "post"), quote=False)
+                lists.append(f'<div class="gs-list gs-band"{attr}><p class="gs-band-label">{label}'
                              "</p><div class=\"gs-rows\">" + rows + "</div></div>")
         opened = " open" if c == telling else ""
         parts.append(f'<details class="gs-case-block"{opened}><summary><span class="gs-chip gs-case{c}"></span>'

@@ -141,7 +141,7 @@ def test_vocabulary_tables_escape_tokens_through_md_text(tmp_path):
 
 
 def test_samples_and_bands_use_the_example_rows(tmp_path):
-    from mkdocs_gluscope.render import band_label
+    from mkdocs_gluscope.figures import bin_range
 
     f, data, md, page = _page_parts(tmp_path, samples=5, band_samples=2)
     samples = page.split('class="gs-examples gs-samples"')[1].split('class="gs-examples gs-bands"')[0]
@@ -155,8 +155,8 @@ def test_samples_and_bands_use_the_example_rows(tmp_path):
     assert samples.count("gs-x") == len(rows) and "data-scale=" in samples
     for r in range(data.bands.doc.shape[1]):
         if (data.bands.doc[:, r] >= 0).any():
-            assert html.escape(band_label(data.band_edges, r), quote=False) in bands
-    assert band_label(data.band_edges, 2) == "|post| 0.125–1"
+            assert html.escape(bin_range(data.band_edges, r, "post"), quote=False) in bands
+    assert bin_range(data.band_edges, 2, "post") == "2⁻³ ≤ |post| < 1 (0.125–1)"
 
 
 def test_the_most_telling_case_is_open_without_a_click(tmp_path):

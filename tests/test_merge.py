@@ -75,8 +75,11 @@ def test_merge_equals_the_whole_run(inputs, shard_files, tmp_path, monkeypatch):
     assert merge(*(shard_files[name] for name in inputs), out=out) == 0
     with h5py.File(shard_files["whole"]) as a, h5py.File(out) as b:
         assert a.attrs["n_tokens"] == b.attrs["n_tokens"]
+        distributions = [f"{group}/{part}" for group in ("samples", "bands")
+                         for part in ("doc", "pos", "value", "gate", "in")]
         for name in ("stats/count", "stats/nonfinite", "stats/min", "stats/max", "top/value", "top/doc",
-                     "top/pos", "top/gate", "top/in"):
+                     "top/pos", "top/gate", "top/in", "stats/hist", "stats/density", "vocab/token", "vocab/score",
+                     *distributions):
             assert np.array_equal(a[name][...], b[name][...], equal_nan=a[name].dtype.kind == "f"), name
         np.testing.assert_allclose(a["stats/sum"][...], b["stats/sum"][...], rtol=1e-6, atol=1e-6)
         assert "shard" not in b.attrs and b.attrs["merged_shards"] == 3

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, fields
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -235,13 +235,11 @@ def reduce_batch(
         masks = case_masks(hooks[2], hooks[1], valid)
         nonfinite = torch.zeros(hooks[0].shape[-1], N_CASES + 1, dtype=torch.int64, device=valid.device)
     else:
-        # torch.maximum propagates NaN, so one comparison covers NaN and inf in every hook.
-        finite = torch.maximum(torch.maximum(magnitudes[0], magnitudes[1]),
-                               torch.maximum(magnitudes[2], magnitudes[3])) < float("inf")
-        bad = valid[:, :, None] & ~finite
+        counted = finite_positions(hooks, valid)
+        bad = valid[:, :, None] & ~counted
         bad_by_case = [m.sum(dim=(0, 1)) for m in case_masks(hooks[2], hooks[1], bad)]
         nonfinite = torch.stack(bad_by_case + [bad.sum(dim=(0, 1)) - sum(bad_by_case)], dim=-1)
-        masks = case_masks(hooks[2], hooks[1], valid[:, :, None] & finite)
+        masks = case_masks(hooks[2], hooks[1], counted)
     t_max = hooks[0].shape[1]
     # An argmax reduction is 5x slower than amax here, so pack |value| (its float32 bits order
     # like the value) and the reversed position into one int64: amax gives the largest |value|
@@ -653,10 +651,12 @@ def update_examples(stats: LayerStats, batch: BatchReduction, doc_ids: torch.Ten
                 offer_rest(b[j], at, n[j])
 
 
-def finite_positions(hooks: tuple[torch.Tensor, ...], valid: torch.Tensor) -> torch.Tensor:
-    """``[B, T, N]``: counted positions where every hook is finite (the others count nowhere)."""
-    finite = torch.stack([h.float().abs() for h in hooks]).amax(dim=0) < float("inf")
-    return (valid if valid.dim() == 3 else valid[:, :, None]) & finite
+def finite_positions(hooks: Sequence[torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
+    """``[B, T, N]``: the ``valid`` positions (``[B, T]`` or ``[B, T, N]``) where every hook is
+    finite; the others count nowhere but in ``nonfinite``. ``torch.maximum`` propagates NaN, so one
+    comparison covers NaN and inf in every hook."""
+    largest = functools.reduce(torch.maximum, [h.float().abs() for h in hooks])
+    return (valid if valid.dim() == 3 else valid[:, :, None]) & (largest < float("inf"))
 
 
 def update_stats(

@@ -45,8 +45,6 @@ BAND_EDGES: np.ndarray = np.array([0.0, 2.0**-6, 2.0**-3, 1.0, 8.0, np.inf], dty
 N_BANDS = len(BAND_EDGES) - 1
 #: Band of each histogram bin (every band edge is a histogram edge).
 BAND_OF_BIN: np.ndarray = (np.searchsorted(BAND_EDGES, HIST_EDGES[:-1], side="right") - 1).astype(np.int64)
-#: The hook whose value picks a position's band: the neuron's output.
-BAND_HOOK = "hook_post"
 
 #: Defaults: uniform random examples per case, and examples per (case, band).
 SAMPLES = 8
@@ -54,9 +52,6 @@ BAND_SAMPLES = 2
 
 #: Priority of an empty list slot: above every real priority (those are below 2**62).
 EMPTY_PRIORITY = np.iinfo(np.int64).max
-
-_MASK = (1 << 64) - 1
-
 
 def _as_signed(x: int) -> int:
     return x - (1 << 64) if x >= 1 << 63 else x

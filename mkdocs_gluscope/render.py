@@ -636,6 +636,15 @@ def _sample_rows(data: NeuronData, ctx: PageContext, ex: Examples, lists: dict, 
     return f' data-scale="{md_text(scale)}"', "".join(rows), len(rows)
 
 
+_NO_TOKEN = '<p class="gs-empty">No token of the corpus fell in this case.</p>'
+
+
+def _case_block(c: int, opened: bool, summary: str, body: str) -> str:
+    """One case's collapsible block of example lists, headed by its color chip and name."""
+    return (f'<details class="gs-case-block"{" open" if opened else ""}><summary><span class="gs-chip gs-case{c}">'
+            f'</span><b>{html.escape(CASES[c])}</b> · {summary}</summary>{body}</details>')
+
+
 def samples_html(data: NeuronData, ctx: PageContext) -> str:
     """The random samples of each case as colored-token lists (one per case, all open)."""
     if data.samples is None or data.samples.gate is None:
@@ -643,14 +652,10 @@ def samples_html(data: NeuronData, ctx: PageContext) -> str:
     hook = ctx.color_hook if ctx.color_hook in HOOKS else "hook_post"
     parts = [_container_open(data, ctx, "samples")]
     lists = _example_lists(data, data.samples, hook)
-    for c, case in enumerate(CASES):
+    for c in range(len(CASES)):
         attr, rows, n = _sample_rows(data, ctx, data.samples, lists, (c,))
-        parts.append(f'<details class="gs-case-block" open><summary><span class="gs-chip gs-case{c}"></span>'
-                     f'<b>{html.escape(case)}</b> · {n} random tokens of {int(data.count[c]):,}</summary>'
-                     f'<div class="gs-list"{attr}><div class="gs-rows">{rows}')
-        if not n:
-            parts.append('<p class="gs-empty">No token of the corpus fell in this case.</p>')
-        parts.append("</div></div></details>")
+        body = f'<div class="gs-list"{attr}><div class="gs-rows">{rows}{"" if n else _NO_TOKEN}</div></div>'
+        parts.append(_case_block(c, True, f"{n} random tokens of {int(data.count[c]):,}", body))
     parts.append("</div>")
     return "".join(parts)
 
@@ -664,7 +669,7 @@ def bands_html(data: NeuronData, ctx: PageContext) -> str:
     telling = telling_case(data, ctx.case_scales)
     parts = [_container_open(data, ctx, "bands")]
     computed = _example_lists(data, data.bands, hook)
-    for c, case in enumerate(CASES):
+    for c in range(len(CASES)):
         lists = []
         for r in range(data.bands.doc.shape[1]):
             attr, rows, n = _sample_rows(data, ctx, data.bands, computed, (c, r))
@@ -672,12 +677,8 @@ def bands_html(data: NeuronData, ctx: PageContext) -> str:
                 label = html.escape(bin_range(data.band_edges, r, "post"), quote=False)
                 lists.append(f'<div class="gs-list gs-band"{attr}><p class="gs-band-label">{label}'
                              "</p><div class=\"gs-rows\">" + rows + "</div></div>")
-        opened = " open" if c == telling else ""
-        parts.append(f'<details class="gs-case-block"{opened}><summary><span class="gs-chip gs-case{c}"></span>'
-                     f'<b>{html.escape(case)}</b> · {len(lists)} bands with tokens</summary>{"".join(lists)}')
-        if not lists:
-            parts.append('<p class="gs-empty">No token of the corpus fell in this case.</p>')
-        parts.append("</details>")
+        parts.append(_case_block(c, c == telling, f"{len(lists)} bands with tokens",
+                                 "".join(lists) + ("" if lists else _NO_TOKEN)))
     parts.append("</div>")
     return "".join(parts)
 

@@ -393,6 +393,8 @@ class NeuronData:
     band_edges: np.ndarray | None = None  # [R + 1]
     vocab_token: np.ndarray | None = None  # [3, 2, K] (VOCAB_WEIGHTS x VOCAB_DIRECTIONS x K) token ids
     vocab_score: np.ndarray | None = None  # [3, 2, K] float32
+    #: Each case's explanation (``explanations.CaseExplanation``, CASES order); None in files without them.
+    explanations: list[Any] | None = None
 
     @property
     def frequency(self) -> np.ndarray:
@@ -683,6 +685,7 @@ class ActivationsFile:
             nonfinite=f("stats/nonfinite")[row, neuron] if nonfinite else None,
             expert=expert,
             routed=routed,
+            explanations=self._explanations(layer, neuron, expert),
             **distributions,
         )
 
@@ -716,6 +719,12 @@ class ActivationsFile:
             out["vocab_token"] = f("vocab/token")[row, neuron]
             out["vocab_score"] = f("vocab/score")[row, neuron]
         return out
+
+    def _explanations(self, layer: int, neuron: int, expert: int | str | None) -> list[Any] | None:
+        # The explanations/ group's own module reads it (it imports this one, hence here).
+        from mkdocs_gluscope.explanations import neuron_explanations
+
+        return neuron_explanations(self, layer, neuron, expert)
 
     def window_tokens(self, doc: np.ndarray, pos: np.ndarray) -> np.ndarray:
         """Token ids around each (doc, pos): shape ``doc.shape + (W,)``, -1 outside a document."""

@@ -1,0 +1,329 @@
+"""The ``explanations/`` group of an activations file: one explanation per neuron and case.
+
+An explanation is a short label (``"` again` after `once`"``), the method that wrote it, the
+structured content a rule-based simulator reads (tokens at the peak, the token before, the token
+after, and kinds of token, each with a weight in units of ``hook_post``), and the scores measured by
+simulation against the model on held-out text. The layout is a contract (``site_src/data-format.md``,
+*Explanations*); this module holds its names, the simulator's rule (:class:`Simulator`: what the
+stored weights mean), the token kinds, reading a neuron's explanations, and writing the group into
+a file safely.
+
+**Writing into an existing file.** HDF5 has no journal: a process killed while it changes a file's
+metadata can leave the whole file unreadable, statistics included, and a collection may have taken
+days. So explanations never go into the file in place: :func:`write_explanations` copies the file
+next to itself (``FILE.explain.tmp``), writes the group into the copy, flushes it to disk and
+renames it over the original (``os.replace``, atomic on POSIX). A crash at any moment leaves either
+the old file or the new one, never a half-written one; the price is room for one copy of the file
+while it runs, and a few seconds of copying (measured in ``bench/explain_scores.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import h5py
+import numpy as np
+
+from mkdocs_gluscope.store import CASES, EXPERT_GROUPS, SHARED, ActivationsFile, _compressed, _to_attr
+
+GROUP = "explanations"
+#: Token features per explanation: tokens at the peak, tokens before it, tokens after it.
+N_TOKENS = 8
+N_CONTEXT = 4
+#: Kinds of token position, in the order of ``explanations/kind_weight``'s last axis; the phrases
+#: labels use for them. A position's kind depends on its token and the token before it (see
+#: :func:`token_classes`).
+KINDS: tuple[str, ...] = ("digit inside a number", "number start", "word piece inside a word", "capitalized word",
+                          "lowercase word", "punctuation", "line break", "other")
+KIND_PHRASES: tuple[str, ...] = ("digits inside numbers", "the first digit of a number", "pieces inside a word",
+                                 "capitalized words", "lowercase words", "punctuation", "line breaks", "other tokens")
+#: The explainer that needs nothing but the file (:mod:`mkdocs_gluscope.explain`), as ``method`` names it.
+METHOD_TOKENS = "tokens"
+#: Per-neuron datasets of the group: name -> (dtype, trailing shape after ``[L, N, 4]``).
+ARRAYS: dict[str, tuple[str, tuple[int, ...]]] = {
+    "token": ("int32", (N_TOKENS,)),
+    "token_weight": ("float32", (N_TOKENS,)),
+    "previous": ("int32", (N_CONTEXT,)),
+    "previous_weight": ("float32", (N_CONTEXT,)),
+    "next": ("int32", (N_CONTEXT,)),
+    "next_weight": ("float32", (N_CONTEXT,)),
+    "kind_weight": ("float32", (len(KINDS),)),
+    "threshold": ("float32", ()),
+    "score": ("float32", ()),
+    "precision": ("float32", ()),
+    "recall": ("float32", ()),
+    "scored_positions": ("int64", ()),
+    "strong_positions": ("int64", ()),
+}
+STRINGS = ("label", "method")
+SCORES = ("score", "precision", "recall", "scored_positions", "strong_positions")
+
+
+def empty_arrays(n: int) -> dict[str, np.ndarray]:
+    """Arrays for ``n`` neurons with nothing explained: label and method "", token ids -1, weights 0,
+    scores NaN, counts -1."""
+    out: dict[str, np.ndarray] = {name: np.full((n, len(CASES)), "", dtype=object) for name in STRINGS}
+    for name, (dtype, tail) in ARRAYS.items():
+        fill: Any = -1 if dtype.startswith("int") else (np.nan if name in SCORES or name == "threshold" else 0.0)
+        out[name] = np.full((n, len(CASES)) + tail, fill, dtype=dtype)
+    return out
+
+
+# -- token kinds ------------------------------------------------------------------------------------
+
+# What a token's display string starts with, and what it ends with.
+_START = ("space lower", "space upper", "space digit", "lower", "upper", "digit", "punctuation", "newline", "other")
+_END = ("letter", "digit", "other", "none")
+#: KIND_OF[end class of the previous token, start class of this token] -> index into KINDS.
+KIND_OF = np.array([
+    # sp-lower sp-upper sp-digit lower upper digit punct newline other
+    [4, 3, 1, 2, 2, 1, 5, 6, 7],  # previous ends with a letter
+    [4, 3, 1, 4, 3, 0, 5, 6, 7],  # previous ends with a digit
+    [4, 3, 1, 4, 3, 1, 5, 6, 7],  # previous ends otherwise
+    [4, 3, 1, 4, 3, 1, 5, 6, 7],  # no previous token
+], dtype=np.int8)
+NO_PREVIOUS = _END.index("none")
+
+
+def token_classes(vocab: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end class of every token id's display string (int8 ``[V]`` each), as
+    :data:`KIND_OF` takes them. A token starts with a lowercase letter, an uppercase letter or a digit,
+    with or without one leading space; or is punctuation (every character neither a letter, a digit
+    nor whitespace); or holds a line break; or is something else (spaces, special tokens, mixed).
+    It ends with a letter, a digit or something else."""
+    start = np.full(len(vocab), _START.index("other"), dtype=np.int8)
+    end = np.full(len(vocab), _END.index("other"), dtype=np.int8)
+    for i, s in enumerate(vocab):
+        if not s:
+            continue
+        if "\n" in s:
+            start[i] = _START.index("newline")
+        else:
+            body, space = (s[1:], "space ") if s[0] == " " and len(s) > 1 else (s, "")
+            first = body[0]
+            if first.isdigit():
+                start[i] = _START.index(space + "digit")
+            elif first.isalpha() and first.isupper():
+                start[i] = _START.index(space + "upper")
+            elif first.isalpha():
+                start[i] = _START.index(space + "lower")
+            elif not space and all(not (ch.isalnum() or ch.isspace()) for ch in s):
+                start[i] = _START.index("punctuation")
+        last = s[-1]
+        end[i] = _END.index("digit") if last.isdigit() else _END.index("letter") if last.isalpha() else end[i]
+    return start, end
+
+
+def position_kinds(tokens: np.ndarray, previous: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """Kind (index into :data:`KINDS`) of each position from its token and the token before it
+    (-1: none, at a document's first position)."""
+    prev_end = np.where(previous >= 0, end[np.maximum(previous, 0)], NO_PREVIOUS)
+    return KIND_OF[prev_end, start[tokens]]
+
+
+# -- the simulator -----------------------------------------------------------------------------------
+
+class Simulator:
+    """The rule-based simulator: what an explanation's structured content predicts at each token.
+
+    For explanation ``m`` and position ``t`` of a document with tokens ``x``::
+
+        pred[t, m] = sum_i token_weight[m, i]    * (x[t]   == token[m, i])
+                   + sum_j previous_weight[m, j] * (x[t-1] == previous[m, j])
+                   + sum_j next_weight[m, j]     * (x[t+1] == next[m, j])
+                   + kind_weight[m, kind(x[t-1], x[t])]
+
+    where a token id of -1 matches nothing, ``x[t-1]`` does not exist at a document's first position
+    and ``x[t+1]`` not at its last. Weights are in units of ``hook_post`` (signed like the case's
+    post), so ``pred`` predicts the case's activation, 0 where nothing in the explanation applies.
+    Built once for many explanations (``[M, ...]`` arrays), it predicts all of them at once."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], vocab_size: int, start: np.ndarray, end: np.ndarray) -> None:
+        M = len(arrays["token"])
+        self.M = M
+        self.start, self.end = start, end
+        self.kind_weight = np.asarray(arrays["kind_weight"], dtype=np.float32).reshape(M, -1).T.copy()  # [K, M]
+        self.tables = []
+        for ids_name, weight_name in (("token", "token_weight"), ("previous", "previous_weight"),
+                                      ("next", "next_weight")):
+            ids = np.asarray(arrays[ids_name]).reshape(M, -1)
+            weights = np.asarray(arrays[weight_name], dtype=np.float32).reshape(M, -1)
+            used = (ids >= 0) & (ids < vocab_size) & (weights != 0)
+            distinct = np.unique(ids[used])
+            # row_of[token id] -> row of the table (the last row, all zeros, for every other id and for "none")
+            row_of = np.full(vocab_size + 1, len(distinct), dtype=np.int64)
+            row_of[distinct] = np.arange(len(distinct))
+            table = np.zeros((len(distinct) + 1, M), dtype=np.float32)
+            m = np.broadcast_to(np.arange(M)[:, None], ids.shape)
+            np.add.at(table, (row_of[ids[used]], m[used]), weights[used])
+            self.tables.append((row_of, table))
+
+    def __call__(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """``pred`` ``[B, T, M]`` float32 for documents ``tokens`` ``[B, T]`` (their first ``lengths``
+        entries real; the rest is padding, predicted 0)."""
+        B, T = tokens.shape
+        V = len(self.tables[0][0]) - 1
+        t = np.arange(T)[None, :]
+        real = t < np.asarray(lengths)[:, None]
+        current = np.where(real, tokens, V)
+        previous = np.where(real & (t > 0), np.concatenate([np.full((B, 1), V), current[:, :-1]], axis=1), V)
+        following = np.concatenate([current[:, 1:], np.full((B, 1), V)], axis=1)
+        following = np.where(real & (t + 1 < np.asarray(lengths)[:, None]), following, V)
+        pred = np.zeros((B, T, self.M), dtype=np.float32)
+        for (row_of, table), ids in zip(self.tables, (current, previous, following)):
+            if len(table) > 1:
+                pred += table[row_of[ids]]
+        kinds = position_kinds(np.where(real, current, 0), np.where(previous < V, previous, -1), self.start, self.end)
+        pred += self.kind_weight[kinds.astype(np.int64)]
+        pred[~real] = 0.0
+        return pred
+
+
+# -- reading -------------------------------------------------------------------------------------------
+
+@dataclass
+class CaseExplanation:
+    """One case's explanation as pages, ``pick`` and the export show it."""
+
+    case: str
+    label: str
+    method: str
+    score: float  # correlation of simulated and true activations; NaN: not scored
+    precision: float
+    recall: float
+    scored_positions: int  # positions in the case within the scored sequences (-1: not scored)
+
+    @property
+    def scored(self) -> bool:
+        return bool(np.isfinite(self.score))
+
+
+def has_explanations(f: ActivationsFile) -> bool:
+    """Whether any group of the file holds explanations."""
+    return GROUP in f.file or any(g in f.file and GROUP in f.file[g] for g in EXPERT_GROUPS)
+
+
+def neuron_explanations(f: ActivationsFile, layer: int, neuron: int,
+                        expert: int | str | None = None) -> list[CaseExplanation] | None:
+    """The four cases' explanations of one neuron (in :data:`CASES` order), or None where the file
+    (or the neuron's group) has none. A case nobody explained has label and method ""."""
+    if expert is None:
+        prefix, row = "", f.row(layer)
+    else:
+        group, row = f.check_expert_neuron(layer, expert, neuron)
+        prefix = group + "/"
+    if prefix + GROUP not in f.file:
+        return None
+    g = f.file[prefix + GROUP]
+    label, method = g["label"].asstr()[row, neuron], g["method"].asstr()[row, neuron]
+    values = {name: g[name][row, neuron] for name in ("score", "precision", "recall", "scored_positions")}
+    return [CaseExplanation(case=CASES[c], label=str(label[c]), method=str(method[c]),
+                            score=float(values["score"][c]), precision=float(values["precision"][c]),
+                            recall=float(values["recall"][c]), scored_positions=int(values["scored_positions"][c]))
+            for c in range(len(CASES))]
+
+
+def read_arrays(f: ActivationsFile, group: str, row: int) -> dict[str, np.ndarray] | None:
+    """Every dataset of one row of ``group``'s explanations (``""`` the dense layers), ``[N, 4, ...]``;
+    None where there are none."""
+    prefix = group + "/" if group else ""
+    if prefix + GROUP not in f.file:
+        return None
+    g = f.file[prefix + GROUP]
+    out = {name: g[name][row] for name in ARRAYS}
+    for name in STRINGS:
+        out[name] = g[name].asstr()[row]
+    return out
+
+
+def group_attrs(f: ActivationsFile, group: str = "") -> dict[str, Any]:
+    prefix = group + "/" if group else ""
+    if prefix + GROUP not in f.file:
+        return {}
+    from mkdocs_gluscope.store import _attr
+
+    return {k: _attr(v) for k, v in f.file[prefix + GROUP].attrs.items()}
+
+
+# -- writing ----------------------------------------------------------------------------------------------
+
+def _write_group(parent: h5py.Group, rows: int, n: int, updates: Mapping[int, Mapping[str, np.ndarray]],
+                 attrs: Mapping[str, Any]) -> None:
+    """Create (or update) ``parent/explanations`` for ``rows`` rows of ``n`` neurons; ``updates``
+    maps a row to its arrays ``[n, 4, ...]`` plus ``listed`` [n] bool (the neurons to overwrite)."""
+    strings = h5py.string_dtype("utf-8")
+    if GROUP in parent:
+        g = parent[GROUP]
+    else:
+        g = parent.create_group(GROUP)
+        cn = max(1, min(n, 256))
+        for name in STRINGS:  # unwritten entries read as ""
+            g.create_dataset(name, (rows, n, len(CASES)), dtype=strings, chunks=(1, cn, len(CASES)))
+        for name, (dtype, tail) in ARRAYS.items():
+            shape = (rows, n, len(CASES)) + tail
+            fill = empty_arrays(1)[name].reshape(-1)[0]
+            g.create_dataset(name, shape, dtype, fillvalue=fill, **_compressed((1, cn, len(CASES)) + tail))
+    for row, arrays in sorted(updates.items()):
+        listed = np.asarray(arrays["listed"], dtype=bool)
+        if not listed.any():
+            continue
+        for name in STRINGS + tuple(ARRAYS):
+            current = g[name].asstr()[row] if name in STRINGS else g[name][row]
+            current[listed] = np.asarray(arrays[name])[listed]
+            g[name][row] = current
+    for key, value in attrs.items():
+        g.attrs[key] = _to_attr(value)
+    g.attrs["kinds"] = _to_attr(list(KINDS))
+
+
+def write_explanations(path: str | os.PathLike, updates: Mapping[tuple[str, int], Mapping[str, np.ndarray]],
+                       attrs: Mapping[str, Any]) -> Path:
+    """Write ``updates`` (``(group, row)`` -> arrays, see :func:`_write_group`; group ``""`` for the
+    dense layers, else ``experts`` or ``shared_experts``) into the file at ``path``, through a copy that
+    replaces the file only once complete (module docstring). Neurons not listed keep what they had."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".explain.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        shutil.copyfile(path, tmp)
+        with h5py.File(tmp, "a") as h:
+            for group in ("",) + EXPERT_GROUPS:
+                rows = {row: arrays for (g, row), arrays in updates.items() if g == group}
+                if not rows:
+                    continue
+                parent = h[group] if group else h
+                n_rows, n = parent["stats/count"].shape[:2]
+                _write_group(parent, n_rows, n, rows, attrs)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def describe_attrs(attrs: Mapping[str, Any]) -> str:
+    """The group's scoring settings in one line (for messages)."""
+    keys = [k for k in sorted(attrs) if k.startswith("score_")]
+    return json.dumps({k: attrs[k] for k in keys}, default=str)
+
+
+def expert_of(group: str, f: ActivationsFile, row: int) -> tuple[int, int | str | None]:
+    """The (model layer, expert or None) of a row of ``group``."""
+    if not group:
+        return f.layers[row], None
+    for (layer, expert), (g, r) in f.expert_rows.items():
+        if g == group and r == row:
+            return layer, expert
+    raise IndexError(f"row {row} of {group}")
+
+
+__all__ = ["ARRAYS", "CaseExplanation", "GROUP", "KINDS", "KIND_PHRASES", "METHOD_TOKENS", "N_CONTEXT", "N_TOKENS",
+           "SHARED", "Simulator", "empty_arrays", "has_explanations", "neuron_explanations", "position_kinds",
+           "read_arrays", "token_classes", "write_explanations"]

@@ -37,7 +37,7 @@ from collect.moe import expert_batches
 from mkdocs_gluscope.distributions import document_pieces, position_priority
 from mkdocs_gluscope.errors import GluscopeError
 from mkdocs_gluscope.explain_run import Unit
-from mkdocs_gluscope.explanations import SCORES, Simulator, token_classes
+from mkdocs_gluscope.explanations import Simulator, document_positions, token_classes
 from mkdocs_gluscope.store import CASES, HOOK_SIGNS, SHARED, ActivationsFile, early_end
 
 #: Tokens per scored sequence (Bills et al. used 64-token excerpts).
@@ -99,101 +99,159 @@ def random_sequences(corpus: Corpus, first: int, count: int, seed: int = SEED) -
 
 @dataclass
 class _Target:
-    """One unit's explanation sets under scoring: which neurons, their simulators, and the streamed sums."""
+    """One unit's explanation sets under scoring: which neurons, their simulators, and what the pass keeps.
+
+    The pass keeps, per explanation column (``M = N' * 4``, neuron-major): the true activations of its
+    ``D`` top sequences so far (``top_y``, with their documents and sequence numbers), and each set's
+    sums over the random sequences (whose simulation is cheap: few positions for every column). The
+    top sequences are simulated once the pass is over, each column at its own sequences only."""
 
     unit: Unit
     neurons: torch.Tensor  # [N'] listed neuron indices
     simulators: list[Simulator]  # one per explanation set
-    threshold: torch.Tensor  # [M] (M = N' * 4, neuron-major)
-    sign: torch.Tensor  # [M]
-    random: list[torch.Tensor]  # per set [M, 7] float64
-    top_key: torch.Tensor  # [M, D] max |y| of each kept top sequence, -1 when empty
-    top_random: torch.Tensor  # [M, D] bool: the kept sequence is a random one too
-    top: list[torch.Tensor]  # per set [M, D, 7]
-    counts: list[torch.Tensor]  # per set [M, 3] int64: predicted strong, true strong, both
+    threshold: np.ndarray  # [M] (inf where the case has none)
+    sign: np.ndarray  # [M]
+    random: list[np.ndarray]  # per set [M, 7] float64 sums over the random sequences
+    random_counts: list[np.ndarray]  # per set [M, 3] int64: predicted strong, true strong, both
+    top_key: torch.Tensor  # [M, D] max |y| of each kept top sequence (> 0), -1 when empty
+    top_doc: torch.Tensor  # [M, D] held-out document of each, -1 when empty
+    top_seq: torch.Tensor  # [M, D] its sequence number in the document
+    top_random: torch.Tensor  # [M, D] bool: the sequence is a random one too (counted there)
+    top_y: torch.Tensor  # [M, D, SEQUENCE] true activations (0 outside scored positions)
 
     @classmethod
     def of(cls, unit: Unit, sets: Sequence[dict[str, np.ndarray]], vocab_size: int, start: np.ndarray,
            end: np.ndarray, top: int) -> "_Target":
         idx = unit.neurons
         M = len(idx) * len(CASES)
-        flat = [{name: np.asarray(a[name])[idx].reshape((M,) + np.asarray(a[name]).shape[2:]) for name in a
-                 if name in ("token", "token_weight", "previous", "previous_weight", "next", "next_weight",
-                             "kind_weight")} for a in sets]
+        names = ("token", "token_weight", "previous", "previous_weight", "next", "next_weight", "kind_weight")
+        flat = [{name: np.asarray(a[name])[idx].reshape((M,) + np.asarray(a[name]).shape[2:]) for name in names}
+                for a in sets]
         threshold = np.asarray(sets[0]["threshold"], dtype=np.float32)[idx].reshape(M)
-        sign = np.tile(np.array([s[0] for s in HOOK_SIGNS], dtype=np.float32), len(idx))
-        zeros = lambda *shape, dtype=torch.float64: torch.zeros(shape, dtype=dtype)  # noqa: E731
-        return cls(unit=unit, neurons=torch.from_numpy(idx), simulators=[Simulator(a, vocab_size, start, end) for a in flat],
-                   threshold=torch.from_numpy(np.nan_to_num(threshold, nan=np.inf)), sign=torch.from_numpy(sign),
-                   random=[zeros(M, _SUMS) for _ in sets], top_key=torch.full((M, top), -1.0),
-                   top_random=torch.zeros(M, top, dtype=torch.bool), top=[zeros(M, top, _SUMS) for _ in sets],
-                   counts=[zeros(M, 3, dtype=torch.int64) for _ in sets])
+        return cls(unit=unit, neurons=torch.from_numpy(idx),
+                   simulators=[Simulator(a, vocab_size, start, end) for a in flat],
+                   threshold=np.nan_to_num(threshold, nan=np.inf),
+                   sign=np.tile(np.array([s[0] for s in HOOK_SIGNS], dtype=np.float32), len(idx)),
+                   random=[np.zeros((M, _SUMS)) for _ in sets], random_counts=[np.zeros((M, 3), np.int64) for _ in sets],
+                   top_key=torch.full((M, top), -1.0), top_doc=torch.full((M, top), -1, dtype=torch.int64),
+                   top_seq=torch.zeros((M, top), dtype=torch.int64), top_random=torch.zeros((M, top), dtype=torch.bool),
+                   top_y=torch.zeros((M, top, SEQUENCE)))
 
-    def add(self, gate: torch.Tensor, in_: torch.Tensor, tokens: np.ndarray, lengths: np.ndarray,
-            valid: torch.Tensor, is_random: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def add(self, gate: torch.Tensor, in_: torch.Tensor, docs: np.ndarray, positions: tuple[np.ndarray, ...],
+            valid: torch.Tensor, is_random: np.ndarray, act: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """One batch: ``gate``/``in_`` ``[B, T, N]`` (NaN where the neuron did not run: an expert's
-        unrouted tokens), ``valid`` ``[B, T]`` the scored positions, ``is_random`` ``[B, J]``."""
-        g = gate[..., self.neurons].float()
-        i = in_[..., self.neurons].float()
-        post = act(g) * i
+        unrouted tokens), ``docs`` ``[B]`` held-out documents, ``positions`` the batch's
+        ``(current, previous, following)`` (:meth:`Simulator.positions`), ``valid`` ``[B, T]`` the
+        scored positions, ``is_random`` ``[B, J]`` the random sequences."""
+        every = len(self.neurons) == gate.shape[-1]  # all of the row's neurons: no copy
+        g = (gate if every else gate[..., self.neurons]).float()
+        i = (in_ if every else in_[..., self.neurons]).float()
         B, T, n = g.shape
-        cases = []
-        for c in range(len(CASES)):
-            gs, is_ = HOOK_SIGNS[c][2], HOOK_SIGNS[c][1]
-            inside = ((g > 0) if gs > 0 else (g < 0)) & ((i > 0) if is_ > 0 else (i < 0))
-            cases.append(torch.where(inside, post, 0.0))
-        y = torch.stack(cases, dim=-1).reshape(B, T, n * len(CASES))
-        y = torch.where(valid[..., None], torch.nan_to_num(y, nan=0.0), 0.0)
+        post = act(g) * i
+        # Each position's case (0..3 in CASES order: gate sign, then in sign), and its post there; 0 where
+        # the position is not scored, has no case (a zero), or the neuron did not run (NaN).
+        case = (g < 0).to(torch.int64) * 2 + (i < 0).to(torch.int64)
+        counted = valid[..., None] & (g != 0) & (i != 0) & torch.isfinite(post)
+        y = torch.zeros(B, T, n, len(CASES))
+        y.scatter_(3, case[..., None], torch.where(counted, post, 0.0)[..., None])
+        y = y.reshape(B, T, n * len(CASES))
         J = T // SEQUENCE
-        n_pos = valid.reshape(B, J, SEQUENCE).sum(-1).float()  # [B, J]
         y_seq = y.reshape(B, J, SEQUENCE, -1)
-        key = y_seq.abs().amax(dim=2)  # [B, J, M]
-        held = n_pos > 0
-        true_strong = (y.abs() >= self.threshold) & (y != 0)
+        held = valid.reshape(B, J, SEQUENCE).any(-1).numpy()  # [B, J]: sequences with a scored position
+        # Random sequences: simulated here, at their few positions, for every column.
+        chosen = is_random & held
+        if chosen.any():
+            y_r = y_seq[torch.from_numpy(chosen)].double().numpy()  # [Qr, S, M]
+            where = np.repeat(chosen[:, :, None], SEQUENCE, axis=2).reshape(B, T)
+            v = valid.numpy()[where].reshape(-1, SEQUENCE)
+            for s, simulate in enumerate(self.simulators):
+                x = simulate.predict(*(p[where].reshape(-1, SEQUENCE) for p in positions)).astype(np.float64)
+                x[~v] = 0.0
+                self.random[s] += _sums(x, y_r, v[..., None], axes=(0, 1))
+                self.random_counts[s] += _strong(x, y_r, self.threshold, self.sign, v[..., None], axes=(0, 1))
         # Top sequences: keep the D with the largest |y| (ties: the earlier one), merged with those kept.
-        cand_key = key[held]  # [Q, M]
-        Q = cand_key.shape[0]
-        all_key = torch.cat([self.top_key, cand_key.T], dim=1)  # [M, D + Q]
-        order = torch.sort(-all_key, dim=1, stable=True).indices[:, :self.top_key.shape[1]]
-        self.top_key = all_key.gather(1, order)
-        self.top_random = torch.cat([self.top_random, is_random[held][None, :].expand(len(order), Q)], 1).gather(1, order)
-        y_sums = [y_seq.sum(2), (y_seq * y_seq).sum(2), (y_seq != 0).sum(2).float()]
-        for s, simulate in enumerate(self.simulators):
-            x = torch.from_numpy(simulate(tokens, lengths)).reshape(B, T, -1)
-            x = torch.where(valid[..., None], x, 0.0)
-            x_seq = x.reshape(B, J, SEQUENCE, -1)
-            # Sums over a sequence's 64 positions in float32, then float64 from there on.
-            sums = torch.stack([n_pos[..., None].expand(-1, -1, x.shape[-1]), x_seq.sum(2), y_sums[0],
-                                (x_seq * x_seq).sum(2), y_sums[1], (x_seq * y_seq).sum(2), y_sums[2]],
-                               dim=-1).double()  # [B, J, M, 7]
-            self.random[s] += sums[is_random].sum(0)
-            cand = sums[held].permute(1, 0, 2)  # [M, Q, 7]
-            merged = torch.cat([self.top[s], cand], dim=1)
-            self.top[s] = merged.gather(1, order[..., None].expand(-1, -1, _SUMS))
-            pred_strong = (x * self.sign >= self.threshold) & valid[..., None]
-            self.counts[s] += torch.stack([pred_strong.sum((0, 1)), true_strong.sum((0, 1)),
-                                           (pred_strong & true_strong).sum((0, 1))], dim=-1)
+        rows, seqs = np.nonzero(held)
+        if not len(rows):
+            return
+        rows_t, seqs_t = torch.from_numpy(rows), torch.from_numpy(seqs)
+        low, high = torch.aminmax(y_seq, dim=2)  # [B, J, M]: within a case y has one sign
+        cand_key = torch.maximum(high, -low)[rows_t, seqs_t]  # [Q, M]; 0: the case does not occur there
+        D = self.top_key.shape[1]
+        # The D sequences of largest max |y| (> 0), ties by lower (document, sequence): the same whatever
+        # the batches; a sort by the tie key, then a stable sort by the value.
+        M = cand_key.shape[1]
+        place = torch.cat([self.top_doc * (1 << 20) + self.top_seq,
+                           torch.from_numpy(docs[rows] * (1 << 20) + seqs).expand(M, -1)], dim=1)
+        place = torch.where(torch.cat([self.top_key > 0, cand_key.T > 0], dim=1), place, torch.iinfo(torch.int64).max)
+        by_place = torch.sort(place, dim=1, stable=True).indices
+        key = torch.cat([self.top_key, torch.where(cand_key > 0, cand_key, -1.0).T], dim=1).gather(1, by_place)
+        order = by_place.gather(1, torch.sort(-key, dim=1, stable=True).indices[:, :D])
+        old = order < D
+        q = (order - D).clamp(min=0)  # [M, D]: the candidate a new slot takes
 
-    def scores(self, s: int) -> dict[str, np.ndarray]:
-        """Set ``s``'s scores ``[N', 4]``: the ``explanations/`` score datasets."""
-        top = torch.where((self.top_key >= 0) & ~self.top_random, 1.0, 0.0).double()[..., None] * self.top[s]
-        t = (self.random[s] + top.sum(1)).numpy()  # [M, 7]
-        n, x, y = t[:, _N], t[:, _X], t[:, _Y]
+        def keep(kept: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+            return torch.where(old, kept.gather(1, order.clamp(max=D - 1)), new)
+
+        columns = torch.arange(M)[:, None]
+        self.top_key = keep(self.top_key, torch.where(cand_key > 0, cand_key, -1.0).T.gather(1, q))
+        self.top_doc = keep(self.top_doc, torch.from_numpy(docs)[rows_t[q]])
+        self.top_seq = keep(self.top_seq, seqs_t[q])
+        self.top_random = keep(self.top_random, torch.from_numpy(is_random)[rows_t[q], seqs_t[q]])
+        kept_y = self.top_y.gather(1, order.clamp(max=D - 1)[..., None].expand(-1, -1, SEQUENCE))
+        self.top_y = torch.where(old[..., None], kept_y, y_seq[rows_t[q], seqs_t[q], :, columns])
+
+    def scores(self, s: int, corpus: Corpus, early: int) -> dict[str, np.ndarray]:
+        """Set ``s``'s scores ``[N', 4]`` (the ``explanations/`` score datasets), its top sequences
+        simulated now, each column at its own."""
+        sim = self.simulators[s]
+        kept = (self.top_key > 0) & ~self.top_random  # [M, D]: a top sequence not counted among the random ones
+        doc = self.top_doc.clamp(min=0).numpy()
+        t = self.top_seq.numpy()[..., None] * SEQUENCE + np.arange(SEQUENCE)  # [M, D, S] positions in the document
+        length = corpus.lengths[doc][..., None]
+        inside = (t < length) & kept.numpy()[..., None]
+        at = corpus.doc_offsets[doc][..., None] + np.minimum(t, length - 1)
+        V = sim.V
+        current = np.where(inside, corpus.tokens[at], V).astype(np.int64)
+        previous = np.where(inside & (t > 0), corpus.tokens[np.maximum(at - 1, 0)], V).astype(np.int64)
+        following = np.where(inside & (t + 1 < length), corpus.tokens[np.minimum(at + 1, len(corpus.tokens) - 1)], V)
+        x = sim.predict_own(current, previous, following.astype(np.int64)).astype(np.float64)
+        v = inside & (t >= early)
+        x[~v] = 0.0
+        y = np.where(v, self.top_y.double().numpy(), 0.0)  # a random sequence counts once, with the random ones
+        total = self.random[s] + _sums(x, y, v, axes=(1, 2))
+        counts = self.random_counts[s] + _strong(x, y, self.threshold[:, None, None], self.sign[:, None, None], v,
+                                                 axes=(1, 2))
+        n, sx, sy = total[:, _N], total[:, _X], total[:, _Y]
         with np.errstate(invalid="ignore", divide="ignore"):
-            var_x = n * t[:, _XX] - x * x
-            var_y = n * t[:, _YY] - y * y
-            corr = (n * t[:, _XY] - x * y) / np.sqrt(var_x * var_y)
+            var_x = n * total[:, _XX] - sx * sx
+            var_y = n * total[:, _YY] - sy * sy
+            corr = (n * total[:, _XY] - sx * sy) / np.sqrt(var_x * var_y)
             # Nothing predicted where the case varies: the explanation explains none of it.
-            corr = np.where((var_y > 1e-12 * np.maximum(n * t[:, _YY], 1e-300)) & (var_x <= 0), 0.0, corr)
-            counts = self.counts[s].numpy().astype(np.float64)
+            corr = np.where((var_y > 0) & (var_x <= 1e-12 * np.maximum(n * total[:, _XX], 1e-300)), 0.0, corr)
             precision = counts[:, 2] / counts[:, 0]
             recall = counts[:, 2] / counts[:, 1]
         shape = (len(self.neurons), len(CASES))
         return {"score": np.clip(corr, -1, 1).astype(np.float32).reshape(shape),
                 "precision": precision.astype(np.float32).reshape(shape),
                 "recall": recall.astype(np.float32).reshape(shape),
-                "scored_positions": t[:, _CASE].astype(np.int64).reshape(shape),
-                "strong_positions": self.counts[s][:, 1].numpy().astype(np.int64).reshape(shape)}
+                "scored_positions": total[:, _CASE].astype(np.int64).reshape(shape),
+                "strong_positions": counts[:, 1].astype(np.int64).reshape(shape)}
+
+
+def _sums(x: np.ndarray, y: np.ndarray, valid: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """``[M, 7]`` sums over ``axes`` (positions, x, y, xx, yy, xy, positions in the case), the
+    other axis being the columns; ``x`` and ``y`` are 0 outside the scored positions ``valid``."""
+    n = np.broadcast_to(valid, x.shape).sum(axis=axes)
+    return np.stack([n, x.sum(axis=axes), y.sum(axis=axes), (x * x).sum(axis=axes), (y * y).sum(axis=axes),
+                     (x * y).sum(axis=axes), (y != 0).sum(axis=axes)], axis=-1).astype(np.float64)
+
+
+def _strong(x: np.ndarray, y: np.ndarray, threshold: np.ndarray, sign: np.ndarray, valid: np.ndarray,
+            axes: tuple[int, ...]) -> np.ndarray:
+    """``[M, 3]`` counts of predicted strong, true strong, and both positions over ``axes``."""
+    predicted = (x * sign >= threshold) & valid
+    true = (np.abs(y) >= threshold) & (y != 0) & valid
+    return np.stack([predicted.sum(axis=axes), true.sum(axis=axes), (predicted & true).sum(axis=axes)], -1)
 
 
 def score_pass(loaded: LoadedModel, held_out: HeldOut, units: list[Unit], sets: dict[str, list[dict[str, np.ndarray]]],
@@ -225,26 +283,30 @@ def score_pass(loaded: LoadedModel, held_out: HeldOut, units: list[Unit], sets: 
         t = np.arange(batch.length)[None, :]
         valid = torch.from_numpy((t < lengths[:, None]) & (t >= early))
         J = batch.length // SEQUENCE
-        is_random = torch.from_numpy(held_out.random[batch.docs][:, :J] if held_out.random.shape[1] >= J else
-                                     np.pad(held_out.random[batch.docs], ((0, 0), (0, J - held_out.random.shape[1]))))
+        random = held_out.random[batch.docs]
+        is_random = np.zeros((len(batch.docs), J), dtype=bool)
+        is_random[:, :min(J, random.shape[1])] = random[:, :J]
+        positions = document_positions(tokens, lengths, len(vocab))
         device_ids = torch.from_numpy(tokens).to(loaded.device)
 
         def on_layer(layer: int, gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor) -> None:
             if layer in dense:
-                dense[layer].add(gate.cpu(), in_.cpu(), tokens, lengths, valid, is_random, loaded.mlps[layer].act_fn)
+                dense[layer].add(gate.cpu(), in_.cpu(), batch.docs, positions, valid, is_random,
+                                 loaded.mlps[layer].act_fn)
 
         def on_moe(layer: int, hidden: torch.Tensor, routing: torch.Tensor, shared: Any) -> None:
             wanted = experts.get(layer, {})
             moe = loaded.moe[layer]
             for part in expert_batches(moe, hidden, routing, shared, valid.to(hidden.device), list(wanted)):
                 act = moe.shared.act_fn if part.expert == SHARED else moe.act_fn
-                wanted[part.expert].add(part.window_gate.cpu(), part.window_in.cpu(), tokens, lengths, valid,
+                wanted[part.expert].add(part.window_gate.cpu(), part.window_in.cpu(), batch.docs, positions, valid,
                                         is_random, act)
 
         run_with_mlp_hooks(loaded, device_ids, layers, on_layer, on_moe)
         bar.update(int(lengths.sum()))
     bar.close()
-    return {name: [target.scores(s) for s in range(len(target.simulators))] for name, target in targets.items()}
+    return {name: [target.scores(s, corpus, early) for s in range(len(target.simulators))]
+            for name, target in targets.items()}
 
 
 class Scorer:

@@ -53,6 +53,9 @@ MAX_PICKS = 12
 MAX_KINDS = 2
 #: A pick must explain at least this share of the first pick's gain.
 MIN_GAIN_SHARE = 0.03
+#: Occurrences added to every feature's corpus count: a feature seen once in the examples (a rare token at
+#: one peak) is weak evidence of what the neuron does elsewhere, so its weight shrinks towards 0.
+PRIOR_COUNT = 0.0
 #: A position is "strong" for a case where |post| reaches this share of the median |post| of the
 #: case's top-k hook_post examples after the start of the document.
 STRONG_SHARE = 0.5
@@ -199,42 +202,64 @@ class Pick:
     gain: float
 
 
-def pick_features(ev: Evidence, rates: BaseRates, c: int, mean: float) -> list[Pick]:
-    """The greedy picks for case ``c`` (module docstring); ``mean`` is the case's mean activation over
-    all positions (``stats/sum`` of hook_post / counted positions), the residual of an unseen one."""
-    sign = HOOK_SIGNS[c][0]
-    r = ev.y[:, c] - mean
+def pick_features(ev: Evidence, rates: BaseRates, means: Sequence[float], cases: Sequence[int]) -> dict[int, list[Pick]]:
+    """The greedy picks (module docstring) of each case in ``cases``, all cases in step; ``means[c]`` is
+    case ``c``'s mean activation over all positions (``stats/sum`` of hook_post / counted positions),
+    the residual of a position the windows do not show."""
+    signs = np.array([HOOK_SIGNS[c][0] for c in range(len(CASES))], dtype=np.float64)
+    r = ev.y - np.asarray(means, dtype=np.float64)[None, :]  # [P, 4] residuals
     prepared = {}
     for kind in FEATURE_TYPES:
         ids = ev.features[kind]
-        present = ids >= 0
-        distinct, inverse = np.unique(ids[present], return_inverse=True)
-        seen = np.bincount(inverse, minlength=len(distinct))
-        n = np.maximum(rates.of(kind)[distinct], seen).astype(np.float64)  # never fewer than the windows show
-        prepared[kind] = (np.flatnonzero(present), inverse, distinct, n, np.zeros(len(distinct), dtype=bool))
-    picks: list[Pick] = []
-    first_gain = 0.0
-    while len(picks) < MAX_PICKS:
-        best: tuple[float, str, int] | None = None
-        for kind in FEATURE_TYPES:
-            rows, inverse, distinct, n, taken = prepared[kind]
-            if sum(p.kind == kind for p in picks) >= _SLOTS[kind] or not len(distinct):
-                continue
-            sums = np.bincount(inverse, weights=r[rows], minlength=len(distinct))
-            gain = np.where((sums * sign > 0) & ~taken, sums * sums / n, 0.0)
-            j = int(np.argmax(gain))  # ties: the lower id (np.unique sorts)
-            if gain[j] > 0 and (best is None or gain[j] > best[0]):
-                best = (float(gain[j]), kind, j)
-        if best is None or best[0] <= MIN_GAIN_SHARE * first_gain:
+        rows = np.flatnonzero(ids >= 0)
+        order = np.argsort(ids[rows], kind="stable")
+        rows, sorted_ids = rows[order], ids[rows][order]
+        starts = np.flatnonzero(np.concatenate([[True], sorted_ids[1:] != sorted_ids[:-1]])) if len(rows) else rows
+        distinct = sorted_ids[starts]
+        seen = np.diff(np.append(starts, len(rows)))
+        n = np.maximum(rates.of(kind)[distinct], seen).astype(np.float64) + PRIOR_COUNT  # never fewer than seen
+        inverse = np.full(len(r), -1, dtype=np.int64)  # each position's feature of this type, as an index
+        inverse[rows] = np.repeat(np.arange(len(distinct)), seen)
+        sums = np.add.reduceat(r[rows], starts, axis=0) if len(rows) else np.zeros((0, len(CASES)))
+        prepared[kind] = (rows, starts, distinct, n, np.zeros((len(distinct), len(CASES)), dtype=bool), inverse, sums)
+    picks: dict[int, list[Pick]] = {c: [] for c in cases}
+    used = {kind: np.zeros(len(CASES), dtype=np.int64) for kind in FEATURE_TYPES}
+    first_gain = np.zeros(len(CASES))
+    active = np.zeros(len(CASES), dtype=bool)
+    active[list(cases)] = True
+    for _ in range(MAX_PICKS):
+        if not active.any():
             break
-        gain, kind, j = best
-        rows, inverse, distinct, n, taken = prepared[kind]
-        covered = rows[inverse == j]
-        weight = float(r[covered].sum() / n[j])
-        r[covered] -= weight
-        taken[j] = True
-        first_gain = first_gain or gain
-        picks.append(Pick(kind, int(distinct[j]), weight, gain))
+        best = np.zeros(len(CASES))
+        choice: list[tuple[str, int] | None] = [None] * len(CASES)
+        for kind in FEATURE_TYPES:
+            rows, starts, distinct, n, taken, inverse, sums = prepared[kind]
+            if not len(distinct):
+                continue
+            open_ = active & (used[kind] < _SLOTS[kind])
+            gain = np.where((sums * signs > 0) & ~taken & open_, sums * sums / n[:, None], 0.0)
+            j = gain.argmax(axis=0)  # ties: the lower id
+            g = gain[j, np.arange(len(CASES))]
+            for c in np.flatnonzero(g > best):
+                best[c], choice[c] = g[c], (kind, int(j[c]))
+        for c in np.flatnonzero(active):
+            if choice[c] is None or best[c] <= MIN_GAIN_SHARE * first_gain[c]:
+                active[c] = False
+                continue
+            kind, j = choice[c]
+            rows, starts, distinct, n, taken = prepared[kind][:5]
+            stop = starts[j + 1] if j + 1 < len(starts) else len(rows)
+            covered = rows[starts[j]:stop]
+            weight = float(prepared[kind][6][j, c] / n[j])  # the feature's residual sum over the corpus's count
+            r[covered, c] -= weight
+            for other in FEATURE_TYPES:  # the sums of every feature at the covered positions drop with them
+                index = prepared[other][5][covered]
+                other_sums = prepared[other][6]
+                other_sums[:, c] -= weight * np.bincount(index[index >= 0], minlength=len(other_sums))
+            taken[j, c] = True
+            used[kind][c] += 1
+            first_gain[c] = first_gain[c] or best[c]
+            picks[c].append(Pick(kind, int(distinct[j]), weight, float(best[c])))
     return picks
 
 
@@ -314,10 +339,10 @@ def explain_block(block: dict[str, np.ndarray], corpus: Corpus, rates: BaseRates
     for i in (range(n) if which is None else which):
         doc, pos, gate, in_ = _windows(block, i, W)
         ev = evidence(corpus, rates, doc, pos, gate, in_, before, act_fn)
-        for c in range(len(CASES)):
-            if block["count"][i, c] == 0:
-                continue
-            picks = pick_features(ev, rates, c, float(block["sum"][i, c]) / max(n_tokens, 1))
+        cases = [c for c in range(len(CASES)) if block["count"][i, c] > 0]
+        by_case = pick_features(ev, rates, block["sum"][i] / max(n_tokens, 1), cases)
+        for c in cases:
+            picks = by_case[c]
             for name, value in explanation_arrays(picks).items():
                 out[name][i, c] = value
             out["threshold"][i, c] = strong_threshold(block["top_value"][i, c], block["top_pos"][i, c, 0],

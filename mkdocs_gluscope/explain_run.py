@@ -242,11 +242,11 @@ def explain_units(path: Path, units: list[Unit], *, workers: int | None, progres
     bar = tqdm(total=total, unit="neuron", desc="explain", disable=not progress, dynamic_ncols=True)
 
     try:
-        if workers > 1:
-            # fork shares the parent's pages; after torch is imported (gluscope explain --score), spawn: forking a
-            # process whose thread pools have started can deadlock.
-            method = "fork" if "torch" not in sys.modules and "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            with multiprocessing.get_context(method).Pool(workers, initializer=_start_worker, initargs=(str(path),)) as pool:
+        if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+            # fork: the workers run numpy and h5py only (no torch thread pool a fork could leave locked), and a
+            # caller's script needs no ``if __name__ == "__main__"`` guard. Each worker opens the file itself.
+            with multiprocessing.get_context("fork").Pool(workers, initializer=_start_worker,
+                                                          initargs=(str(path),)) as pool:
                 _gather(pool.imap(_explain_task, tasks), tasks, pending, bar, done)
         else:
             previous = _WORKER

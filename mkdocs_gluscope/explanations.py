@@ -141,47 +141,83 @@ class Simulator:
     where a token id of -1 matches nothing, ``x[t-1]`` does not exist at a document's first position
     and ``x[t+1]`` not at its last. Weights are in units of ``hook_post`` (signed like the case's
     post), so ``pred`` predicts the case's activation, 0 where nothing in the explanation applies.
-    Built once for many explanations (``[M, ...]`` arrays), it predicts all of them at once."""
+    Built once for many explanations (``[M, ...]`` arrays), it predicts all of them at once.
+
+    Positions are given as ``(current, previous, following)`` token ids (:meth:`positions`), with
+    the vocabulary size ``V`` standing for "no token" (before a document, after it, padding)."""
 
     def __init__(self, arrays: Mapping[str, np.ndarray], vocab_size: int, start: np.ndarray, end: np.ndarray) -> None:
         M = len(arrays["token"])
-        self.M = M
-        self.start, self.end = start, end
+        self.M, self.V = M, vocab_size
+        # The classes of "no token" too (index V): no previous token; a padding position's kind is never read.
+        self.start = np.append(start, np.int8(len(_START) - 1))
+        self.end = np.append(end, np.int8(NO_PREVIOUS))
         self.kind_weight = np.asarray(arrays["kind_weight"], dtype=np.float32).reshape(M, -1).T.copy()  # [K, M]
+        # Per feature type, the weights as sorted keys ``token * M + m`` (an id listed twice in one
+        # explanation: its weights add): grouped by token, so a token's entries are one slice.
         self.tables = []
         for ids_name, weight_name in (("token", "token_weight"), ("previous", "previous_weight"),
                                       ("next", "next_weight")):
-            ids = np.asarray(arrays[ids_name]).reshape(M, -1)
+            ids = np.asarray(arrays[ids_name]).reshape(M, -1).astype(np.int64)
             weights = np.asarray(arrays[weight_name], dtype=np.float32).reshape(M, -1)
             used = (ids >= 0) & (ids < vocab_size) & (weights != 0)
-            distinct = np.unique(ids[used])
-            # row_of[token id] -> row of the table (the last row, all zeros, for every other id and for "none")
-            row_of = np.full(vocab_size + 1, len(distinct), dtype=np.int64)
-            row_of[distinct] = np.arange(len(distinct))
-            table = np.zeros((len(distinct) + 1, M), dtype=np.float32)
-            m = np.broadcast_to(np.arange(M)[:, None], ids.shape)
-            np.add.at(table, (row_of[ids[used]], m[used]), weights[used])
-            self.tables.append((row_of, table))
+            m = np.broadcast_to(np.arange(M)[:, None], ids.shape)[used]
+            keys, inverse = np.unique(ids[used] * M + m, return_inverse=True)
+            values = np.bincount(inverse, weights=weights[used], minlength=len(keys)).astype(np.float32)
+            bounds = np.searchsorted(keys, np.arange(vocab_size + 2, dtype=np.int64) * M)  # token v: bounds[v]..bounds[v+1]
+            self.tables.append((keys, values, bounds))
+
+    def positions(self, tokens: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return document_positions(tokens, lengths, self.V)
+
+    def _kinds(self, current: np.ndarray, previous: np.ndarray) -> np.ndarray:
+        return KIND_OF[self.end[previous], self.start[current]].astype(np.int64)
+
+    def predict(self, current: np.ndarray, previous: np.ndarray, following: np.ndarray) -> np.ndarray:
+        """``pred`` ``[..., M]``: every explanation at every position (arrays of any shape ``[...]``)."""
+        shape = current.shape
+        pred = self.kind_weight[self._kinds(current, previous)].reshape(-1, self.M)
+        for (keys, values, bounds), ids in zip(self.tables, (current, previous, following)):
+            ids = ids.reshape(-1)
+            first, count = bounds[ids], bounds[ids + 1] - bounds[ids]
+            total = int(count.sum())
+            if not total:
+                continue
+            at = np.repeat(np.arange(len(ids)), count)  # one entry per (position, explanation naming its token)
+            entry = first[at] + np.arange(total) - np.repeat(np.cumsum(count) - count, count)
+            pred[at, keys[entry] % self.M] += values[entry]  # each (position, explanation) once per type
+        pred = pred.reshape(shape + (self.M,))
+        pred[current == self.V] = 0.0
+        return pred
+
+    def predict_own(self, current: np.ndarray, previous: np.ndarray, following: np.ndarray) -> np.ndarray:
+        """``pred`` ``[M, ...]``: explanation ``m`` at its own positions ``current[m]`` (arrays ``[M, ...]``)."""
+        m = np.arange(self.M).reshape((self.M,) + (1,) * (current.ndim - 1))
+        pred = self.kind_weight[self._kinds(current, previous), m]
+        for (keys, values, _), ids in zip(self.tables, (current, previous, following)):
+            if not len(keys):
+                continue
+            wanted = ids.astype(np.int64) * self.M + m
+            found = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
+            pred += np.where(keys[found] == wanted, values[found], 0.0)
+        pred[current == self.V] = 0.0
+        return pred
 
     def __call__(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        """``pred`` ``[B, T, M]`` float32 for documents ``tokens`` ``[B, T]`` (their first ``lengths``
-        entries real; the rest is padding, predicted 0)."""
-        B, T = tokens.shape
-        V = len(self.tables[0][0]) - 1
-        t = np.arange(T)[None, :]
-        real = t < np.asarray(lengths)[:, None]
-        current = np.where(real, tokens, V)
-        previous = np.where(real & (t > 0), np.concatenate([np.full((B, 1), V), current[:, :-1]], axis=1), V)
-        following = np.concatenate([current[:, 1:], np.full((B, 1), V)], axis=1)
-        following = np.where(real & (t + 1 < np.asarray(lengths)[:, None]), following, V)
-        pred = np.zeros((B, T, self.M), dtype=np.float32)
-        for (row_of, table), ids in zip(self.tables, (current, previous, following)):
-            if len(table) > 1:
-                pred += table[row_of[ids]]
-        kinds = position_kinds(np.where(real, current, 0), np.where(previous < V, previous, -1), self.start, self.end)
-        pred += self.kind_weight[kinds.astype(np.int64)]
-        pred[~real] = 0.0
-        return pred
+        """``pred`` ``[B, T, M]`` float32 for documents ``tokens`` ``[B, T]`` (padding predicted 0)."""
+        return self.predict(*self.positions(tokens, lengths))
+
+
+def document_positions(tokens: np.ndarray, lengths: np.ndarray, vocab_size: int
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(current, previous, following)`` token ids ``[B, T]`` for documents ``tokens`` ``[B, T]`` whose
+    first ``lengths`` entries are real, ``vocab_size`` standing for "no token" (before and after a
+    document, and in its padding)."""
+    B, T = tokens.shape
+    t = np.arange(T)[None, :]
+    current = np.where(t < np.asarray(lengths)[:, None], tokens, vocab_size).astype(np.int64)
+    none = np.full((B, 1), vocab_size, dtype=np.int64)
+    return current, np.concatenate([none, current[:, :-1]], axis=1), np.concatenate([current[:, 1:], none], axis=1)
 
 
 # -- reading -------------------------------------------------------------------------------------------

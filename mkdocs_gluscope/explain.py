@@ -13,10 +13,13 @@ token (:data:`~mkdocs_gluscope.explanations.KINDS`: digits inside numbers, piece
 account for **over the whole corpus the file holds**, not just over the examples: a feature seen
 ``m`` times in the windows, with residual activations summing to ``s`` there, occurs ``n`` times in
 the corpus (``corpus/tokens`` gives these base rates), and the ``n - m`` occurrences the windows do
-not show are taken to be ordinary (residual 0). Its weight is ``s / n`` (the feature's mean residual
-activation over the corpus) and its gain ``s^2 / n`` (the squared activation it explains). So a
-token that fills the top-k list but occurs thousands of times elsewhere (`` the``) gets a small
-weight, and a rare token on which the neuron always fires (`` again``) a large one. Only features
+not show are taken to be ordinary (residual 0). Its weight is ``s / (n + PRIOR_COUNT)`` (the
+feature's mean residual activation over the corpus, shrunk by :data:`PRIOR_COUNT` occurrences of
+prior belief that it does nothing) and its gain ``s^2 / (n + PRIOR_COUNT)`` (the squared
+activation it explains). So a token that fills the top-k list but occurs thousands of times
+elsewhere (`` the``) gets a small weight, a rare token on which the neuron always fires (`` again``)
+a large one, and a token seen once at one peak little (on the demo's held-out text the prior raised
+the median score of every case, most for the gate- cases: ``bench/explain_scores.py``). Only features
 that push the activation the case's own way are taken; each pick lowers the residuals of the
 positions it covers before the next. The picks become the explanation's structured content (what
 :class:`~mkdocs_gluscope.explanations.Simulator` reads) and, phrased, its label.
@@ -55,7 +58,7 @@ MAX_KINDS = 2
 MIN_GAIN_SHARE = 0.03
 #: Occurrences added to every feature's corpus count: a feature seen once in the examples (a rare token at
 #: one peak) is weak evidence of what the neuron does elsewhere, so its weight shrinks towards 0.
-PRIOR_COUNT = 0.0
+PRIOR_COUNT = 100.0
 #: A position is "strong" for a case where |post| reaches this share of the median |post| of the
 #: case's top-k hook_post examples after the start of the document.
 STRONG_SHARE = 0.5
@@ -300,7 +303,7 @@ def phrase(picks: list[Pick], vocab: Sequence[str]) -> str:
     if lead.kind == "kind":
         text = KIND_PHRASES[lead.id]
         if tokens:
-            text += " (" + ", ".join(quote(vocab[p.id]) for p in tokens[:2]) + ")"
+            text += ", " + _either([quote(vocab[p.id]) for p in tokens[:2]])
     elif lead.kind == "token" or tokens and tokens[0].gain >= strong:
         text = _either([quote(vocab[p.id]) for p in tokens])
         if kinds and lead.kind != "kind":

@@ -300,15 +300,14 @@ def explanations_section(data: NeuronData) -> list[str]:
             continue
         detail = []
         if expl.scored:
-            detail.append(f"score {expl.score:.2f}")
             if np.isfinite(expl.precision) or np.isfinite(expl.recall):
                 detail.append(f"strong positions: precision {fmt(expl.precision)}, recall {fmt(expl.recall)}")
-            detail.append(f"{expl.scored_positions:,} positions of the case scored")
-        else:
-            detail.append("not scored")
+            if expl.scored_positions >= 0:
+                detail.append(f"{expl.scored_positions:,} positions of the case scored")
         detail.append(f"method {md_text(expl.method)}")
-        lines.append(f"- {chip}**{md_text(expl.case)}**: {label_html(expl.label)} "
-                     f'<span class="gs-score">({"; ".join(detail)})</span>')
+        score = f"<b>score {expl.score:.2f}</b>" if expl.scored else "not scored"
+        lines.append(f'- {chip}**{md_text(expl.case)}**: <span class="gs-label">{label_html(expl.label)}</span> '
+                     f'<span class="gs-score">{score} ({"; ".join(detail)})</span>')
     lines += ["", '<p class="gs-note">Each label was written from the file\'s examples alone. Its score is the '
               "correlation between the activation a simulator predicts from the label's content and the model's true "
               "activation (post where the token is in the case, else 0) on held-out text: 1 is perfect, 0 no better "
@@ -393,11 +392,12 @@ def neuron_markdown(data: NeuronData, ctx: PageContext) -> str:
     lines += [" · ".join(nav), ""]
     prov = " · ".join(f"<b>{md_text(k)}</b> {md_text(v)}"
                       for k, v in provenance_rows({**data.attrs, "n_tokens": data.n_tokens}))
-    lines += [f'<p class="gs-provenance">{prov}</p>', "", *routing_note(data),
-              "## Summary", "", summary_table(data), "", *nonfinite_note(data)]
-    # Full pages only: the light layout (mkdocs_gluscope.light) shows explanations its own way.
+    lines += [f'<p class="gs-provenance">{prov}</p>', "", *routing_note(data)]
+    # First, where the file has them: what each case is about. Full pages only: the light layout
+    # (mkdocs_gluscope.light) shows explanations its own way.
     if ctx.inline_cases is None:
         lines += explanations_section(data)
+    lines += ["## Summary", "", summary_table(data), "", *nonfinite_note(data)]
     # Light pages (a whole model) leave the figures and projections out: their SVG is about 60 KB a
     # page, 2.8 GB for SmolLM2's 46,080 neurons, which would not fit a GitHub Pages site.
     if data.hist is not None and ctx.inline_cases is None:

@@ -341,3 +341,63 @@ def test_layer_page_sorts_filters_and_pages(light_site, browser, output_dir):
         assert page.locator(".gs-layer-table .gs-peak").count() > 100  # top words with their peak piece
         page.screenshot(path=str(output_dir / "layer-page.png"), full_page=True)
     assert not errors, errors
+
+
+# -- Explanations (issue 19) ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def explained_site(tmp_path_factory):
+    """A full-layout site whose neuron 1.2 explains its gate-_in- case with a label no example holds."""
+    import numpy as np
+
+    from mkdocs_gluscope.explain_run import explain_file
+    from mkdocs_gluscope.explanations import read_arrays, write_explanations
+    from mkdocs_gluscope.store import ActivationsFile
+
+    root = tmp_path_factory.mktemp("explained-site")
+    vocab = ["<s>"] + [f" w{i}" for i in range(1, 60)] + [" marmalade", " once", " again"]
+    docs = [[0] + [(7 * d + 3 * t) % 59 + 1 for t in range(30)] for d in range(16)]
+    path = write_synthetic(root / "data" / "act.h5", layers=2, d_mlp=6, k=4, before=5, after=2, vocab=vocab, docs=docs,
+                           titles=[f"{1790 + 4 * d} · President {d}" for d in range(16)], seed=3)
+    explain_file(path, "all", workers=1, progress=False, log=lambda m: None)
+    with ActivationsFile(path) as f:
+        arrays = read_arrays(f, "", 1)
+    arrays["label"][2, 3] = "` marmalade` after ` once`"
+    arrays["score"][2] = [0.41, 0.12, np.nan, 0.87]
+    arrays["precision"][2, 3], arrays["recall"][2, 3], arrays["scored_positions"][2, 3] = 0.75, 0.6, 120
+    arrays["listed"] = np.arange(6) == 2
+    write_explanations(path, {("", 1): arrays}, {"score_model": "synthetic"})
+    return build_site(root, {"activations": "data/act.h5", "neurons": ["1.2", "0.4", "1.5"]})
+
+
+def test_labels_show_on_full_pages_and_search_finds_them(explained_site, browser, output_dir):
+    errors: list[str] = []
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    with serve_folder(explained_site) as base:
+        page.goto(base + "neurons/L1/N2/")
+        section = page.locator("#explanations + ul")
+        text = section.inner_text()
+        assert "gate-_in-:  marmalade after  once" in text.replace("\u00a0", " ") or "marmalade" in text, text
+        assert "score 0.87" in text and "precision 0.75, recall 0.6" in text and "120 positions" in text
+        assert "not scored" in text  # gate-_in+ has a label but no score
+        assert section.locator("code").first.is_visible()
+        # The case's block in the examples opens with its label and score.
+        summary = page.locator(".gs-examples > .gs-case-block > summary").nth(3).inner_text()
+        assert "marmalade" in summary and "score 0.87" in summary, summary
+        page.screenshot(path=str(output_dir / "explanations.png"))
+        # The layer table lists each case's label and score.
+        page.goto(base + "neurons/L1/")
+        cell = page.locator("table.gs-index tbody tr", has_text="1.2").locator("td.gs-labels")
+        assert "marmalade" in cell.inner_text() and "score 0.87" in cell.inner_text()
+        page.screenshot(path=str(output_dir / "layer-labels.png"), full_page=True)
+        # Search by a word of the label finds the neuron.
+        page.goto(base)
+        page.wait_for_load_state("networkidle")
+        page.locator("label.md-search__icon, .md-search__input").first.click()
+        page.locator(".md-search__input").press_sequentially("marmalade", delay=30)
+        results = page.locator(".md-search-result__item")
+        results.first.wait_for(state="visible", timeout=15000)
+        assert "Neuron 1.2" in page.locator(".md-search-result").inner_text()
+        page.screenshot(path=str(output_dir / "search-label.png"))
+    assert not errors, errors

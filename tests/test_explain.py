@@ -134,6 +134,74 @@ def test_shuffled_explanation_scores_near_zero(planted):
     assert abs(scores[1]["score"][neuron, 0]) < 0.2, scores[1]["score"][neuron]
 
 
+def test_scores_are_bills_correlation_over_top_and_random_sequences(planted):
+    """The streamed scores equal the correlation computed directly, document by document: over each
+    case's top sequences (largest |post|, ties by document) and the random ones, each sequence once."""
+    import torch
+
+    from collect.model import run_with_mlp_hooks
+    from collect.score import SEQUENCE, HeldOut, Scorer, random_sequences, score_pass
+    from mkdocs_gluscope.explain_run import explain_units, plan_units
+    from mkdocs_gluscope.explanations import Simulator
+    from mkdocs_gluscope.store import HOOK_SIGNS, early_end
+
+    layer = 1  # a layer of random weights: every case occurs, at many strengths
+    with ActivationsFile(planted["file"]) as f:
+        units = plan_units(f, [f"{layer}.{n}" for n in range(0, 48, 5)])
+        early = early_end(f.attrs)
+        vocab = f.vocab
+    explained = {}
+    explain_units(planted["file"], units, workers=1, progress=False, done=lambda u, a: explained.update({u.name: a}))
+    arrays = explained[units[0].name]
+    scorer = Scorer(planted["file"], model=str(planted["model"]), dataset=[str(planted["held_out"])])
+    top, n_random = 2, 3
+    with ActivationsFile(planted["file"]) as f:
+        loaded = scorer.load(f, units)
+        corpus = scorer.held_out(loaded, f).corpus
+    held_out = HeldOut(corpus, "", random_sequences(corpus, early, n_random))
+    got = score_pass(loaded, held_out, units, {units[0].name: [arrays]}, vocab=vocab, early=early, batch_tokens=256,
+                     top=top, progress=False)[units[0].name][0]
+    neurons = units[0].neurons
+    flat = {name: arrays[name][neurons].reshape((len(neurons) * 4,) + arrays[name].shape[2:]) for name in
+            ("token", "token_weight", "previous", "previous_weight", "next", "next_weight", "kind_weight")}
+    from mkdocs_gluscope.explanations import token_classes
+
+    simulate = Simulator(flat, len(vocab), *token_classes(vocab))
+    sequences = []  # (document, sequence, y [S, M], x [S, M])
+    for d in range(corpus.n_docs):
+        tokens = corpus.document(d).astype(np.int64)
+        seen = {}
+        run_with_mlp_hooks(loaded, torch.from_numpy(tokens)[None], [layer],
+                           lambda _, g, i, p: seen.update(g=g[0][:, neurons].double(), i=i[0][:, neurons].double()))
+        post = (torch.nn.functional.silu(seen["g"]) * seen["i"]).numpy()
+        y = np.stack([np.where((np.sign(seen["g"].numpy()) == HOOK_SIGNS[c][2]) &
+                               (np.sign(seen["i"].numpy()) == HOOK_SIGNS[c][1]), post, 0.0) for c in range(4)], -1)
+        y = y.reshape(len(tokens), -1)
+        x = simulate(tokens[None], np.array([len(tokens)]))[0].astype(np.float64)
+        y[:early], x[:early] = 0.0, 0.0
+        for j in range(-(-len(tokens) // SEQUENCE)):
+            part = slice(j * SEQUENCE, (j + 1) * SEQUENCE)
+            if j * SEQUENCE + SEQUENCE > early:
+                n = int(np.clip(len(tokens), 0, (j + 1) * SEQUENCE) - max(j * SEQUENCE, early))
+                sequences.append((d, j, y[part], x[part], n))
+    checked = 0
+    for m in range(len(neurons) * 4):
+        keys = [np.abs(s[2][:, m]).max() for s in sequences]
+        tops = [i for i in sorted(range(len(sequences)), key=lambda i: (-keys[i], sequences[i][0], sequences[i][1]))[:top]
+                if keys[i] > 0]
+        chosen = sorted(set(tops) | {i for i, s in enumerate(sequences) if held_out.random[s[0], s[1]]})
+        xs = np.concatenate([np.pad(sequences[i][3][:, m], (0, 0))[max(0, early - sequences[i][1] * SEQUENCE):]
+                             [:sequences[i][4]] for i in chosen])
+        ys = np.concatenate([sequences[i][2][:, m][max(0, early - sequences[i][1] * SEQUENCE):][:sequences[i][4]]
+                             for i in chosen])
+        n, c = divmod(m, 4)
+        if xs.std() > 0 and ys.std() > 0:
+            assert got["score"][n, c] == pytest.approx(np.corrcoef(xs, ys)[0, 1], abs=1e-4), (m, chosen)
+            assert got["scored_positions"][n, c] == int((ys != 0).sum())
+            checked += 1
+    assert checked >= 10
+
+
 # -- the explainer and the simulator, without a model --------------------------------------------------
 
 def test_token_kinds_follow_the_display_strings():
@@ -162,6 +230,39 @@ def test_simulator_adds_token_context_and_kind_weights():
     # <s>, once, again (after once, before the), the, 5, 0 (a digit after a digit), 0 (again), then padding
     assert pred[0].tolist() == [0.0, 0.25 * 0, 3.5 + 0.25, 0.0, 1.0, 2.0, 2.0]
     assert pred[1].tolist() == [3.0, 0.0, 0, 0, 0, 0, 0]
+
+
+def test_simulator_predicts_each_explanation_at_its_own_positions_alike():
+    rng = np.random.default_rng(0)
+    vocab = [" a", "b", "1", ",", "\n", "Cd", " 2"] * 7 + [" x"]
+    start, end = token_classes(vocab)
+    M, V = 7, len(vocab)
+    arrays = {name: value[:, 0] for name, value in empty_arrays(M).items()}
+    for name, n in (("token", 8), ("previous", 4), ("next", 4)):
+        ids = np.stack([rng.choice(V, n, replace=False) for _ in range(M)])
+        ids[:, -1] = -1
+        arrays[name][...] = ids
+        arrays[name + "_weight"][...] = rng.normal(size=(M, n))
+    arrays["kind_weight"][...] = rng.normal(size=arrays["kind_weight"].shape)
+    sim = Simulator(arrays, V, start, end)
+    tokens, lengths = rng.integers(0, V, size=(3, 20)), np.array([20, 15, 3])
+    positions = sim.positions(tokens, lengths)
+    every = sim.predict(*positions)  # [3, 20, M]
+    own = sim.predict_own(*(np.broadcast_to(p, (M,) + p.shape) for p in positions))  # [M, 3, 20]
+    assert np.array_equal(every.transpose(2, 0, 1), own)
+    # The rule in words (explanations.Simulator), one position and explanation at a time.
+    for b in range(3):
+        for t in range(lengths[b]):
+            x, p = tokens[b, t], tokens[b, t - 1] if t else -1
+            q = tokens[b, t + 1] if t + 1 < lengths[b] else -1
+            kind = position_kinds(np.array([x]), np.array([p]), start, end)[0]
+            for m in range(M):
+                want = (sum(w for i, w in zip(arrays["token"][m], arrays["token_weight"][m]) if i == x)
+                        + sum(w for i, w in zip(arrays["previous"][m], arrays["previous_weight"][m]) if i == p >= 0)
+                        + sum(w for i, w in zip(arrays["next"][m], arrays["next_weight"][m]) if i == q >= 0)
+                        + arrays["kind_weight"][m, kind])
+                assert every[b, t, m] == pytest.approx(want, abs=1e-5)
+    assert (every[1, 15:] == 0).all() and (every[2, 3:] == 0).all()  # padding
 
 
 def _explained_synthetic(tmp_path: Path, **kwargs) -> Path:
@@ -300,7 +401,7 @@ def test_pages_show_labels_and_scores(tmp_path):
     path = _scored(tmp_path)
     write_markdown_pages(path, ["1.2", "1.3"], tmp_path / "pages")
     page = (tmp_path / "pages/neurons/L1/N2.md").read_text(encoding="utf-8")
-    section = page[page.index("## Explanations"):page.index("## Distributions")]
+    section = page[page.index("## Explanations"):page.index("## Summary")]
     assert "<code>&#60;b&#62;</code> after <code>quokka</code>" in section and "<b>`" not in section
     assert "score 0.93" in section and "precision 0.5, recall 0.25" in section and "100 positions" in section
     # The case's section of the examples opens with its label and score too.

@@ -22,7 +22,6 @@ per sequence.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -347,6 +346,8 @@ class Scorer:
         used = f.file["corpus/source_index"][...] if "source_index" in f.file["corpus"] else np.zeros(0, np.int64)
         texts, description = held_out_texts(self.dataset, self.attrs, used, text_column=self.text_column,
                                             split=self.split)
+        texts = _nonempty(texts, f"--dataset {', '.join(self.dataset)}: every text is in the file (the explainer "
+                                 "saw them) or empty; score on text it never saw, another --dataset")
         corpus = tokenize_corpus(texts, loaded.tokenizer, max_tokens=self.tokens,
                                  max_doc_tokens=int(self.attrs.get("max_doc_tokens", 1024)),
                                  long_docs=str(self.attrs.get("long_docs", "truncate")),
@@ -380,9 +381,26 @@ class Scorer:
             done(unit, unit_arrays)
 
 
+def _nonempty(texts: Iterator[Text], message: str) -> Iterator[Text]:
+    """``texts``, or a GluscopeError with ``message`` when there is no text to score on."""
+    texts = iter(texts)
+    for text in texts:
+        if text.text.strip():
+            yield text
+            yield from texts
+            return
+    raise GluscopeError(message)
+
+
 def check_same_model(f: ActivationsFile, loaded: LoadedModel, facts: dict[str, torch.Tensor], layers: list[int]) -> None:
     """Refuse a model whose weights are not those the file was collected from: refactor_glu's flips
     and the weight cosines of the scored layers must agree with the file's."""
+    for (layer, expert), facts_e in loaded.expert_facts.items():
+        if (layer, expert) in f.expert_rows:
+            group, row = f.expert_rows[(layer, expert)]
+            if not np.array_equal(facts_e["flipped"].numpy(), f.file[group]["weights/flipped"][row]):
+                raise GluscopeError(f"--model: the weights of layer {layer}'s expert {expert} differ from those recorded "
+                                    f"in {str(f.path)!r}; score with the model the file was collected with")
     dense = sorted(loaded.mlps)
     for layer in layers:
         row = f.row(layer)

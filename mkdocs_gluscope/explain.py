@@ -30,24 +30,16 @@ thousand window positions.
 
 from __future__ import annotations
 
-import json
-import multiprocessing
-import os
-import sys
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
 from mkdocs_gluscope.activations import act_values
-from mkdocs_gluscope.errors import GluscopeError
 from mkdocs_gluscope.explanations import (ARRAYS, KIND_PHRASES, KINDS, METHOD_TOKENS, N_CONTEXT, N_TOKENS, SCORES,
                                           empty_arrays, position_kinds, token_classes)
-from mkdocs_gluscope.neurons import parse_neuron_ids
 from mkdocs_gluscope.render import token_label
-from mkdocs_gluscope.store import CASES, HOOK_SIGNS, SHARED, ActivationsFile, early_end, expert_label
+from mkdocs_gluscope.store import CASES, HOOK_SIGNS, ActivationsFile, early_end
 
 #: Version of the rule below, recorded with every explanation it writes (``explainer`` attribute).
 EXPLAINER = "gluscope tokens explainer 1"

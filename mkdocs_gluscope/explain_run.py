@@ -28,7 +28,7 @@ import numpy as np
 from mkdocs_gluscope.errors import GluscopeError
 from mkdocs_gluscope.explain import (EXPLAINER, BaseRates, Corpus, base_rates, explain_block, read_block,
                                      read_corpus)
-from mkdocs_gluscope.explanations import (ARRAYS, SCORES, STRINGS, describe_attrs, empty_arrays, group_attrs,
+from mkdocs_gluscope.explanations import (ARRAYS, STRINGS, describe_attrs, empty_arrays, group_attrs,
                                           write_explanations)
 from mkdocs_gluscope.neurons import NeuronSpecError, parse_neuron_ids
 from mkdocs_gluscope.store import ActivationsFile, FormatError, expert_label

@@ -134,6 +134,7 @@ def test_shuffled_explanation_scores_near_zero(planted):
     assert abs(scores[1]["score"][neuron, 0]) < 0.2, scores[1]["score"][neuron]
 
 
+@pytest.mark.slow
 def test_scores_are_bills_correlation_over_top_and_random_sequences(planted):
     """The streamed scores equal the correlation computed directly, document by document: over each
     case's top sequences (largest |post|, ties by document) and the random ones, each sequence once."""
@@ -200,6 +201,29 @@ def test_scores_are_bills_correlation_over_top_and_random_sequences(planted):
             assert got["scored_positions"][n, c] == int((ys != 0).sum())
             checked += 1
     assert checked >= 10
+
+
+@pytest.mark.slow
+def test_expert_neurons_are_explained_and_scored(model_factory, corpus_files, tmp_path, capsys):
+    from collect.run import CollectConfig, collect
+
+    model = model_factory("qwen2moe", 2)
+    out = collect(CollectConfig(model=str(model), dataset=[str(p) for p in corpus_files], out=tmp_path / "moe.h5", k=4,
+                                compile=False, progress=False, device="cpu"))
+    args = ["explain", str(out), "--neurons", "1.e2.*", "1.s.*", "--score", "--model", str(model), "--no-progress",
+            "--workers", "1"]
+    # The collection's own dataset: every text is in the file, so nothing is left to score on.
+    assert main(args) == 2 and "every text is in the file" in capsys.readouterr().err
+    held_out = _jsonl(tmp_path / "held_out.jsonl", HELD_OUT)
+    assert main(args + ["--dataset", str(held_out)]) == 0, capsys.readouterr().err
+    with ActivationsFile(out) as f:
+        assert "explanations" not in f.file  # no dense layer was listed
+        for expert in (2, "s"):
+            cases = [e for n in range(f.expert_neurons(expert)) for e in neuron_explanations(f, 1, n, expert=expert)]
+            scored = [e for e in cases if e.scored]
+            assert len(scored) > len(cases) / 2 and all(e.method == "tokens" for e in scored)
+            assert all(-1 <= e.score <= 1 and 0 < e.scored_positions for e in scored)
+        assert not any(e.label for e in neuron_explanations(f, 1, 0, expert=1))  # not listed
 
 
 # -- the explainer and the simulator, without a model --------------------------------------------------
@@ -410,6 +434,18 @@ def test_pages_show_labels_and_scores(tmp_path):
     assert block.index("quokka") < block.index("</summary>") and "score 0.93" in block[:block.index("</summary>")]
     layer_page = (tmp_path / "pages/neurons/L1/index.md").read_text(encoding="utf-8")
     assert "label of each case (score)" in layer_page and "<code>quokka</code>" in layer_page
+
+
+def test_info_counts_explanations_and_merge_refuses_them(tmp_path, capsys):
+    path = _scored(tmp_path)
+    assert main(["info", str(path)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "explanations" in x)
+    with ActivationsFile(path) as f:
+        labelled = int((f.file["explanations/method"].asstr()[...] != "").sum())
+    assert f"{labelled:,} cases labelled, 120 scored" in line and "gluscope tokens explainer" in line
+    other = write_synthetic(tmp_path / "other.h5", layers=3, d_mlp=10, k=4, before=3, after=1, seed=2)
+    assert main(["merge", str(other), str(path), "--out", str(tmp_path / "m.h5")]) == 2
+    assert "holds explanations" in capsys.readouterr().err
 
 
 def test_pick_ranks_neurons_by_score(tmp_path, capsys):

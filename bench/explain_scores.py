@@ -82,23 +82,30 @@ def main() -> int:
     p.add_argument("--min-positions", type=int, default=20,
                    help="a case counts when this many of its positions were scored (default: 20)")
     p.add_argument("--workdir", type=Path, default=None, help="where to put the copy (default: a temporary folder)")
+    p.add_argument("--explained", action="store_true",
+                   help="--file already holds scored explanations (of --neurons, with --score-tokens): skip step 1 "
+                        "and score the baselines beside them")
     args = p.parse_args()
     print(machine())
     print(f"before: {load()}")
     tmp = Path(tempfile.mkdtemp(dir=args.workdir))
     try:
-        path = tmp / args.file.name
-        started = time.perf_counter()
-        shutil.copyfile(args.file, path)
-        print(f"copied the file in {time.perf_counter() - started:.1f} s ({path.stat().st_size / 1e6:.0f} MB)")
-        scorer = TimedScorer(path, tokens=args.score_tokens)
-        cpu, started = cpu_seconds(), time.perf_counter()
-        explain_file(path, args.neurons, scorer=scorer, progress=True)
-        wall, cpu = time.perf_counter() - started, cpu_seconds() - cpu
-        print(f"gluscope explain --score, {' '.join(args.neurons)}, {args.score_tokens:,} held-out tokens: "
-              f"{wall / 60:.1f} min wall ({(scorer.started - started) / 60:.1f} explaining, "
-              f"{(scorer.ended - scorer.started) / 60:.1f} scoring, the rest writing the file), "
-              f"{cpu / 60:.1f} min of CPU; after: {load()}")
+        if args.explained:
+            path = args.file
+            scorer = Scorer(path, tokens=args.score_tokens)
+        else:
+            path = tmp / args.file.name
+            started = time.perf_counter()
+            shutil.copyfile(args.file, path)
+            print(f"copied the file in {time.perf_counter() - started:.1f} s ({path.stat().st_size / 1e6:.0f} MB)")
+            scorer = TimedScorer(path, tokens=args.score_tokens)
+            cpu, started = cpu_seconds(), time.perf_counter()
+            explain_file(path, args.neurons, scorer=scorer, progress=True)
+            wall, cpu = time.perf_counter() - started, cpu_seconds() - cpu
+            print(f"gluscope explain --score, {' '.join(args.neurons)}, {args.score_tokens:,} held-out tokens: "
+                  f"{wall / 60:.1f} min wall ({(scorer.started - started) / 60:.1f} explaining, "
+                  f"{(scorer.ended - scorer.started) / 60:.1f} scoring, the rest writing the file), "
+                  f"{cpu / 60:.1f} min of CPU; after: {load()}")
 
         with ActivationsFile(path) as f:
             units = plan_units(f, args.neurons)

@@ -36,7 +36,7 @@ from collect.moe import expert_batches
 from mkdocs_gluscope.distributions import document_pieces, position_priority
 from mkdocs_gluscope.errors import GluscopeError
 from mkdocs_gluscope.explain_run import Unit
-from mkdocs_gluscope.explanations import Simulator, document_positions, token_classes
+from mkdocs_gluscope.explanations import ARRAYS, STRINGS, Simulator, document_positions, token_classes
 from mkdocs_gluscope.store import CASES, HOOK_SIGNS, SHARED, ActivationsFile, early_end
 
 #: Tokens per scored sequence (Bills et al. used 64-token excerpts).
@@ -119,18 +119,16 @@ class _Target:
     top_y: torch.Tensor  # [M, D, SEQUENCE] true activations (0 outside scored positions)
 
     @classmethod
-    def of(cls, unit: Unit, sets: Sequence[dict[str, np.ndarray]], vocab_size: int, start: np.ndarray,
-           end: np.ndarray, top: int) -> "_Target":
+    def of(cls, unit: Unit, sets: Sequence[dict[str, np.ndarray]], simulator: Callable[[dict[str, np.ndarray]], Any],
+           top: int) -> "_Target":
         idx = unit.neurons
         M = len(idx) * len(CASES)
-        names = ("token", "token_weight", "previous", "previous_weight", "next", "next_weight", "kind_weight")
-        flat = [{name: np.asarray(a[name])[idx].reshape((M,) + np.asarray(a[name]).shape[2:]) for name in names}
-                for a in sets]
+        sign = np.tile(np.array([s[0] for s in HOOK_SIGNS], dtype=np.float32), len(idx))
+        flat = [{name: np.asarray(a[name])[idx].reshape((M,) + np.asarray(a[name]).shape[2:]) for name in a
+                 if name in ARRAYS or name in STRINGS} | {"sign": sign} for a in sets]
         threshold = np.asarray(sets[0]["threshold"], dtype=np.float32)[idx].reshape(M)
-        return cls(unit=unit, neurons=torch.from_numpy(idx),
-                   simulators=[Simulator(a, vocab_size, start, end) for a in flat],
-                   threshold=np.nan_to_num(threshold, nan=np.inf),
-                   sign=np.tile(np.array([s[0] for s in HOOK_SIGNS], dtype=np.float32), len(idx)),
+        return cls(unit=unit, neurons=torch.from_numpy(idx), simulators=[simulator(a) for a in flat],
+                   threshold=np.nan_to_num(threshold, nan=np.inf), sign=sign,
                    random=[np.zeros((M, _SUMS)) for _ in sets], random_counts=[np.zeros((M, 3), np.int64) for _ in sets],
                    top_key=torch.full((M, top), -1.0), top_doc=torch.full((M, top), -1, dtype=torch.int64),
                    top_seq=torch.zeros((M, top), dtype=torch.int64), top_random=torch.zeros((M, top), dtype=torch.bool),
@@ -255,14 +253,17 @@ def _strong(x: np.ndarray, y: np.ndarray, threshold: np.ndarray, sign: np.ndarra
 
 def score_pass(loaded: LoadedModel, held_out: HeldOut, units: list[Unit], sets: dict[str, list[dict[str, np.ndarray]]],
                *, vocab: Sequence[str], early: int, batch_tokens: int, top: int = TOP_SEQUENCES,
-               progress: bool = True) -> dict[str, list[dict[str, np.ndarray]]]:
+               progress: bool = True, simulator: Callable[[dict[str, np.ndarray]], Any] | None = None
+               ) -> dict[str, list[dict[str, np.ndarray]]]:
     """Score every explanation set of every unit (``sets[unit.name]``: arrays ``[size, 4, ...]``, one
     dict per set) in one pass of the model over ``held_out``; returns each set's scores ``[N', 4]``
-    for the unit's listed neurons (:meth:`_Target.scores`)."""
+    for the unit's listed neurons (:meth:`_Target.scores`). ``simulator`` makes the simulator of a
+    set's explanations (arrays ``[M, ...]`` and their ``sign``); default: the rule-based one."""
     from tqdm.auto import tqdm
 
     start, end = token_classes(vocab)
-    targets = {u.name: _Target.of(u, sets[u.name], len(vocab), start, end, top) for u in units}
+    simulator = simulator or (lambda flat: Simulator(flat, len(vocab), start, end))
+    targets = {u.name: _Target.of(u, sets[u.name], simulator, top) for u in units}
     dense = {u.layer: targets[u.name] for u in units if u.expert is None}
     experts: dict[int, dict[int | str, _Target]] = {}
     for u in units:
@@ -313,7 +314,9 @@ class Scorer:
 
     def __init__(self, activations: Path, *, model: str | None = None, dataset: Sequence[str] | None = None,
                  text_column: str | None = None, split: str | None = None, tokens: int = SCORE_TOKENS,
-                 dtype: str | None = None, device: str = "auto", batch_tokens: int = 4096) -> None:
+                 dtype: str | None = None, device: str = "auto", batch_tokens: int = 4096, llm: Any = None) -> None:
+        """``llm``: an :class:`mkdocs_gluscope.llm.LLMSimulator` maker, ``(labels, threshold, sign, vocab)
+        -> simulator``, with a ``model`` name; None: the rule-based simulator."""
         with ActivationsFile(activations) as f:
             attrs = dict(f.attrs)
         self.model = model or attrs.get("model_path") or attrs.get("model")
@@ -340,7 +343,9 @@ class Scorer:
             "score_held_out": "the collection's dataset, texts the file does not hold" if same else "another dataset",
             "score_tokens": tokens, "score_sequence_tokens": SEQUENCE, "score_top_sequences": TOP_SEQUENCES,
             "score_random_sequences": RANDOM_SEQUENCES, "score_seed": SEED, "score_dtype": resolved,
+            "score_simulator": "rules" if llm is None else f"llm {llm.model}",
         }
+        self.llm = llm
 
     def held_out(self, loaded: LoadedModel, f: ActivationsFile) -> HeldOut:
         used = f.file["corpus/source_index"][...] if "source_index" in f.file["corpus"] else np.zeros(0, np.int64)
@@ -372,8 +377,13 @@ class Scorer:
             loaded = self.load(f, units)
             held_out = self.held_out(loaded, f)
             print(f"gluscope: scoring on {held_out.description}", file=sys.stderr, flush=True)
+            simulator = None
+            if self.llm is not None:
+                vocab = f.vocab
+                simulator = lambda flat: self.llm(flat["label"], flat["threshold"], flat["sign"], vocab)  # noqa: E731
             scores = score_pass(loaded, held_out, units, {u.name: [arrays[u.name]] for u in units}, vocab=f.vocab,
-                                early=early_end(f.attrs), batch_tokens=self.batch_tokens, progress=progress)
+                                early=early_end(f.attrs), batch_tokens=self.batch_tokens, progress=progress,
+                                simulator=simulator)
         for unit in units:
             unit_arrays = arrays[unit.name]
             for name, value in scores[unit.name][0].items():

@@ -328,6 +328,16 @@ def add_explain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="with --score: cpu, cuda, cuda:N or auto (default: auto)")
     p.add_argument("--batch-tokens", type=int, default=4096,
                    help="with --score: padded tokens per batch (default: 4096)")
+    p.add_argument("--llm", default=None, metavar="URL",
+                   help="an OpenAI-compatible server (vLLM, llama.cpp's server, Ollama), e.g. http://127.0.0.1:8000/v1: "
+                        "its model writes the labels and, with --score, simulates them (default: the explainer that "
+                        "reads only the file, and the rule-based simulator)")
+    p.add_argument("--llm-model", default=None, help="with --llm: the server's model to use (default: its first)")
+    p.add_argument("--llm-key-env", default=None, metavar="VAR",
+                   help="with --llm: the environment variable holding the server's API key (default: none)")
+    p.add_argument("--prompts", type=Path, default=None,
+                   help="with --llm: a folder with explain.txt and simulate.txt, edited copies of the package's "
+                        "prompts (default: the package's)")
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="do the I-th of N contiguous shares of the layers (rows); the last shard to finish writes "
                         "every share into the file (default: all)")
@@ -341,7 +351,18 @@ def add_explain_arguments(p: argparse.ArgumentParser) -> None:
 def run_explain(args: argparse.Namespace) -> int:
     from mkdocs_gluscope.explain_run import explain_file
 
-    scorer = None
+    scorer = explainer = llm = None
+    if args.llm:
+        from mkdocs_gluscope.llm import ChatServer, LLMExplainer, LLMSimulators, load_prompts
+
+        key = os.environ.get(args.llm_key_env) if args.llm_key_env else None
+        if args.llm_key_env and not key:
+            raise GluscopeError(f"--llm-key-env {args.llm_key_env}: that environment variable is not set")
+        prompts = load_prompts(args.prompts)
+        server = ChatServer(args.llm, model=args.llm_model, api_key=key)
+        explainer, llm = LLMExplainer(server, prompts), LLMSimulators(server, prompts)
+    elif args.llm_model or args.llm_key_env or args.prompts:
+        raise GluscopeError("--llm-model, --llm-key-env and --prompts are for --llm URL")
     if args.score:
         try:
             from collect.score import Scorer
@@ -351,13 +372,13 @@ def run_explain(args: argparse.Namespace) -> int:
         open_activations(args.activations).close()
         scorer = Scorer(args.activations, model=args.model, dataset=args.dataset, text_column=args.text_column,
                         split=args.split, tokens=args.score_tokens, dtype=args.dtype, device=args.device,
-                        batch_tokens=args.batch_tokens)
+                        batch_tokens=args.batch_tokens, llm=llm)
     elif args.model or args.dataset:
         raise GluscopeError("--model and --dataset are for --score; add --score to score the explanations")
     if args.workers is not None and args.workers < 1:
         raise GluscopeError(f"--workers {args.workers}; expected 1 or more")
     explain_file(args.activations, args.neurons, work=args.work, shard=args.shard, workers=args.workers,
-                 progress=args.progress, scorer=scorer)
+                 progress=args.progress, scorer=scorer, explainer=explainer)
     return 0
 
 

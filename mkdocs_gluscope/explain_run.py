@@ -121,10 +121,10 @@ class WorkFolder:
     """Finished units as ``NAME.npz`` (each written to a temporary name and renamed, so one that exists
     is whole) and ``job.json`` naming the file it belongs to."""
 
-    def __init__(self, path: Path, identity: dict[str, Any]) -> None:
+    def __init__(self, path: Path, identity: dict[str, Any], explainer: str = EXPLAINER) -> None:
         self.path = path
         job = path / "job.json"
-        wanted = json.loads(json.dumps({"explainer": EXPLAINER, "file": identity}, default=str))
+        wanted = json.loads(json.dumps({"explainer": explainer, "file": identity}, default=str))
         if job.exists():
             found = json.loads(job.read_text(encoding="utf-8"))
             if found != wanted:
@@ -277,10 +277,12 @@ def _gather(results: Iterable[dict[str, np.ndarray]], tasks: list[Task], pending
 
 def explain_file(path: str | os.PathLike, neurons: str | Sequence[str] = "all", *, work: str | os.PathLike | None = None,
                  shard: str | None = None, workers: int | None = None, progress: bool = True,
-                 scorer: Scorer | None = None, log: Callable[[str], None] | None = None) -> bool:
+                 scorer: Scorer | None = None, explainer: Any = None, log: Callable[[str], None] | None = None) -> bool:
     """``gluscope explain``: explain (and with ``scorer``, score) ``neurons`` of the file at ``path``
     and write them into it once every unit of the job is done. Returns whether the file was written
-    (a shard that finishes before the others leaves its units in the work folder)."""
+    (a shard that finishes before the others leaves its units in the work folder). ``explainer``:
+    another explainer than the file-only one (:class:`mkdocs_gluscope.llm.LLMExplainer`), called as
+    :func:`explain_units` is and naming itself by ``method`` and ``identity``."""
     say = log or (lambda message: print(f"gluscope: {message}", file=sys.stderr, flush=True))
     path = Path(path)
     try:
@@ -293,14 +295,17 @@ def explain_file(path: str | os.PathLike, neurons: str | Sequence[str] = "all", 
         check_scores_compatible(f, units, scorer)
     if not units:
         raise GluscopeError("no neurons listed: expected ids such as 3.77, 3.*, 3.e5.* or all")
+    check_writable(path)  # before the work, not after it
     mine = shard_units(units, shard)
-    folder = WorkFolder(Path(work) if work else path.with_name(path.name + ".explain"), identity)
+    folder = WorkFolder(Path(work) if work else path.with_name(path.name + ".explain"), identity,
+                        explainer.identity if explainer is not None else EXPLAINER)
     settings = scorer.settings if scorer else None
     todo = [u for u in mine if folder.load(u, None) is None]
     if len(todo) < len(mine):
         say(f"resuming: {len(mine) - len(todo)} of {len(mine)} units already explained in {folder.path}")
     if todo:
-        explain_units(path, todo, workers=workers, progress=progress, done=lambda u, a: folder.save(u, a, None))
+        (explainer or explain_units)(path, todo, workers=workers, progress=progress,
+                                     done=lambda u, a: folder.save(u, a, None))
     if scorer is not None:
         unscored = [u for u in mine if folder.load(u, settings) is None]
         if len(unscored) < len(mine):
@@ -326,7 +331,8 @@ def explain_file(path: str | os.PathLike, neurons: str | Sequence[str] = "all", 
         return False
     os.close(fd)
     try:
-        attrs = {"explainer": EXPLAINER, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        attrs = {"explainer": EXPLAINER if explainer is None else explainer.method,
+                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         if scorer is not None:
             attrs.update(scorer.settings)
         write_explanations(path, {(u.group, u.row): a for u, a in zip(units, finished)}, attrs)
@@ -336,6 +342,18 @@ def explain_file(path: str | os.PathLike, neurons: str | Sequence[str] = "all", 
     n = sum(len(u.neurons) for u in units)
     say(f"wrote explanations of {n:,} neurons ({4 * n:,} cases){' with scores' if scorer else ''} into {path}")
     return True
+
+
+def check_writable(path: Path) -> None:
+    """The file can be replaced: it and its folder are writable (the new file is written beside it)."""
+    folder = path.resolve().parent
+    if not os.access(path, os.W_OK) or not os.access(folder, os.W_OK):
+        raise GluscopeError(f"cannot write explanations into {str(path)!r}: it or its folder is read-only; copy the file "
+                            "somewhere writable and explain the copy")
+    free = shutil.disk_usage(folder).free
+    if free < path.stat().st_size * 1.1:
+        raise GluscopeError(f"explanations are written through a copy of {str(path)!r} ({path.stat().st_size / 1e6:,.0f} MB), "
+                            f"and its folder has {free / 1e6:,.0f} MB free; make room for one copy")
 
 
 def check_scores_compatible(f: ActivationsFile, units: list[Unit], scorer: Scorer | None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -387,6 +388,11 @@ def test_explaining_some_neurons_keeps_the_others(tmp_path):
 
 def test_explain_errors_are_one_line(tmp_path, capsys):
     path = write_synthetic(tmp_path / "act.h5", layers=1, d_mlp=4, k=4, before=3, after=1)
+    path.chmod(0o444)
+    if not os.access(path, os.W_OK):  # root may write anyway
+        assert main(["explain", str(path), "--no-progress"]) == 2
+        assert "read-only" in capsys.readouterr().err
+    path.chmod(0o644)
     for args, message in ((["--neurons", "5.1"], "layer 5 is out of range"),
                           (["--shard", "3/2"], "expected 0 <= I < N"),
                           (["--model", "m"], "add --score"),

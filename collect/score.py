@@ -10,9 +10,10 @@ define the "all at once" score, and two more:
   sequences (those where its true activation reaches the largest ``|post|``) and ``random``
   sequences, the same for every case (drawn by the sampling hash of
   :func:`~mkdocs_gluscope.distributions.position_priority`); a sequence in both counts once;
-* ``precision`` and ``recall`` of the case's **strong** positions over every held-out position:
-  true strong where ``|post|`` in the case reaches the explanation's ``threshold``, predicted strong
-  where the simulation does (in the case's sign).
+* ``precision`` and ``recall`` of the case's **strong** positions over the same positions: truly
+  strong where ``|post|`` in the case reaches the explanation's ``threshold``, predicted strong where
+  the simulation (in the case's sign) reaches the simulator's ``strong_level`` (half the
+  explanation's largest weight).
 
 Positions before :func:`~mkdocs_gluscope.store.early_end` of each document are left out, as the
 explainer, pages and ``gluscope pick`` leave them out (attention-sink outliers that no token
@@ -108,8 +109,9 @@ class _Target:
     unit: Unit
     neurons: torch.Tensor  # [N'] listed neuron indices
     simulators: list[Simulator]  # one per explanation set
-    threshold: np.ndarray  # [M] (inf where the case has none)
+    threshold: np.ndarray  # [M] truly strong from this |post| (inf where the case has none)
     sign: np.ndarray  # [M]
+    strong: list[np.ndarray]  # per set [M]: predicted strong from this prediction (times sign)
     random: list[np.ndarray]  # per set [M, 7] float64 sums over the random sequences
     random_counts: list[np.ndarray]  # per set [M, 3] int64: predicted strong, true strong, both
     top_key: torch.Tensor  # [M, D] max |y| of each kept top sequence (> 0), -1 when empty
@@ -127,8 +129,10 @@ class _Target:
         flat = [{name: np.asarray(a[name])[idx].reshape((M,) + np.asarray(a[name]).shape[2:]) for name in a
                  if name in ARRAYS or name in STRINGS} | {"sign": sign} for a in sets]
         threshold = np.asarray(sets[0]["threshold"], dtype=np.float32)[idx].reshape(M)
-        return cls(unit=unit, neurons=torch.from_numpy(idx), simulators=[simulator(a) for a in flat],
+        simulators = [simulator(a) for a in flat]
+        return cls(unit=unit, neurons=torch.from_numpy(idx), simulators=simulators,
                    threshold=np.nan_to_num(threshold, nan=np.inf), sign=sign,
+                   strong=[sim.strong_level(sign) for sim in simulators],
                    random=[np.zeros((M, _SUMS)) for _ in sets], random_counts=[np.zeros((M, 3), np.int64) for _ in sets],
                    top_key=torch.full((M, top), -1.0), top_doc=torch.full((M, top), -1, dtype=torch.int64),
                    top_seq=torch.zeros((M, top), dtype=torch.int64), top_random=torch.zeros((M, top), dtype=torch.bool),
@@ -144,35 +148,43 @@ class _Target:
         g = (gate if every else gate[..., self.neurons]).float()
         i = (in_ if every else in_[..., self.neurons]).float()
         B, T, n = g.shape
-        post = act(g) * i
-        # Each position's case (0..3 in CASES order: gate sign, then in sign), and its post there; 0 where
-        # the position is not scored, has no case (a zero), or the neuron did not run (NaN).
-        case = (g < 0).to(torch.int64) * 2 + (i < 0).to(torch.int64)
-        counted = valid[..., None] & (g != 0) & (i != 0) & torch.isfinite(post)
-        y = torch.zeros(B, T, n, len(CASES))
-        y.scatter_(3, case[..., None], torch.where(counted, post, 0.0)[..., None])
-        y = y.reshape(B, T, n * len(CASES))
         J = T // SEQUENCE
-        y_seq = y.reshape(B, J, SEQUENCE, -1)
+        post = act(g) * i
+        # The case of each (position, neuron) (0..3 in CASES order: gate sign, then in sign); counted where
+        # the position is scored, the neuron ran (not NaN: an expert's unrouted tokens) and has a case
+        # (no zero). The true activation of case c is post where counted and in c, else 0: never built
+        # whole ([B, T, 4N]), only where needed.
+        counted = (valid[..., None] & (g != 0) & (i != 0) & torch.isfinite(post)).view(B, J, SEQUENCE, n)
+        case = (((g < 0).to(torch.uint8) << 1) | (i < 0).to(torch.uint8)).view(B, J, SEQUENCE, n)
+        post = post.view(B, J, SEQUENCE, n)
         held = valid.reshape(B, J, SEQUENCE).any(-1).numpy()  # [B, J]: sequences with a scored position
+
+        def true_activation(p: torch.Tensor, k: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+            """``[..., n, 4]`` from post, case and counted ``[..., n]``."""
+            return torch.stack([torch.where(ok & (k == c), p, 0.0) for c in range(len(CASES))], dim=-1)
+
         # Random sequences: simulated here, at their few positions, for every column.
         chosen = is_random & held
         if chosen.any():
-            y_r = y_seq[torch.from_numpy(chosen)].double().numpy()  # [Qr, S, M]
+            pick = torch.from_numpy(chosen)
+            y_r = true_activation(post[pick], case[pick], counted[pick]).reshape(-1, SEQUENCE, n * len(CASES))
             where = np.repeat(chosen[:, :, None], SEQUENCE, axis=2).reshape(B, T)
             v = valid.numpy()[where].reshape(-1, SEQUENCE)
+            y_r = y_r.numpy()
             for s, simulate in enumerate(self.simulators):
-                x = simulate.predict(*(p[where].reshape(-1, SEQUENCE) for p in positions)).astype(np.float64)
+                x = simulate.predict(*(p[where].reshape(-1, SEQUENCE) for p in positions)).astype(np.float32)
                 x[~v] = 0.0
                 self.random[s] += _sums(x, y_r, v[..., None], axes=(0, 1))
-                self.random_counts[s] += _strong(x, y_r, self.threshold, self.sign, v[..., None], axes=(0, 1))
-        # Top sequences: keep the D with the largest |y| (ties: the earlier one), merged with those kept.
+                self.random_counts[s] += _strong(x, y_r, self.threshold, self.sign, self.strong[s], v[..., None],
+                                                 axes=(0, 1))
         rows, seqs = np.nonzero(held)
         if not len(rows):
             return
         rows_t, seqs_t = torch.from_numpy(rows), torch.from_numpy(seqs)
-        low, high = torch.aminmax(y_seq, dim=2)  # [B, J, M]: within a case y has one sign
-        cand_key = torch.maximum(high, -low)[rows_t, seqs_t]  # [Q, M]; 0: the case does not occur there
+        magnitude = torch.where(counted, post.abs(), 0.0)
+        # [B, J, n, 4] -> [Q, M]: each case's largest |post| in each sequence (0: the case does not occur there)
+        cand_key = torch.stack([torch.where(case == c, magnitude, 0.0).amax(dim=2) for c in range(len(CASES))],
+                               dim=-1)[rows_t, seqs_t].reshape(len(rows), n * len(CASES))
         D = self.top_key.shape[1]
         # The D sequences of largest max |y| (> 0), ties by lower (document, sequence): the same whatever
         # the batches; a sort by the tie key, then a stable sort by the value.
@@ -189,13 +201,16 @@ class _Target:
         def keep(kept: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
             return torch.where(old, kept.gather(1, order.clamp(max=D - 1)), new)
 
-        columns = torch.arange(M)[:, None]
+        neuron = torch.arange(M)[:, None] // len(CASES)  # [M, 1]: the column's neuron, and its case
+        which = torch.arange(M)[:, None] % len(CASES)
         self.top_key = keep(self.top_key, torch.where(cand_key > 0, cand_key, -1.0).T.gather(1, q))
         self.top_doc = keep(self.top_doc, torch.from_numpy(docs)[rows_t[q]])
         self.top_seq = keep(self.top_seq, seqs_t[q])
         self.top_random = keep(self.top_random, torch.from_numpy(is_random)[rows_t[q], seqs_t[q]])
         kept_y = self.top_y.gather(1, order.clamp(max=D - 1)[..., None].expand(-1, -1, SEQUENCE))
-        self.top_y = torch.where(old[..., None], kept_y, y_seq[rows_t[q], seqs_t[q], :, columns])
+        at = (rows_t[q], seqs_t[q], slice(None), neuron)  # [M, D, S]: the new slots' sequences, the column's neuron
+        new_y = torch.where(counted[at] & (case[at] == which[..., None]), post[at], 0.0)
+        self.top_y = torch.where(old[..., None], kept_y, new_y)
 
     def scores(self, s: int, corpus: Corpus, early: int) -> dict[str, np.ndarray]:
         """Set ``s``'s scores ``[N', 4]`` (the ``explanations/`` score datasets), its top sequences
@@ -216,8 +231,8 @@ class _Target:
         x[~v] = 0.0
         y = np.where(v, self.top_y.double().numpy(), 0.0)  # a random sequence counts once, with the random ones
         total = self.random[s] + _sums(x, y, v, axes=(1, 2))
-        counts = self.random_counts[s] + _strong(x, y, self.threshold[:, None, None], self.sign[:, None, None], v,
-                                                 axes=(1, 2))
+        counts = self.random_counts[s] + _strong(x, y, self.threshold[:, None, None], self.sign[:, None, None],
+                                                 self.strong[s][:, None, None], v, axes=(1, 2))
         n, sx, sy = total[:, _N], total[:, _X], total[:, _Y]
         with np.errstate(invalid="ignore", divide="ignore"):
             var_x = n * total[:, _XX] - sx * sx
@@ -243,10 +258,11 @@ def _sums(x: np.ndarray, y: np.ndarray, valid: np.ndarray, axes: tuple[int, ...]
                      (x * y).sum(axis=axes), (y != 0).sum(axis=axes)], axis=-1).astype(np.float64)
 
 
-def _strong(x: np.ndarray, y: np.ndarray, threshold: np.ndarray, sign: np.ndarray, valid: np.ndarray,
-            axes: tuple[int, ...]) -> np.ndarray:
-    """``[M, 3]`` counts of predicted strong, true strong, and both positions over ``axes``."""
-    predicted = (x * sign >= threshold) & valid
+def _strong(x: np.ndarray, y: np.ndarray, threshold: np.ndarray, sign: np.ndarray, strong: np.ndarray,
+            valid: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """``[M, 3]`` counts of predicted strong (``x * sign >= strong``), truly strong (``|y| >= threshold``)
+    and both positions over ``axes``."""
+    predicted = (x * sign >= strong) & valid
     true = (np.abs(y) >= threshold) & (y != 0) & valid
     return np.stack([predicted.sum(axis=axes), true.sum(axis=axes), (predicted & true).sum(axis=axes)], -1)
 

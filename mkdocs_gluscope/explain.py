@@ -13,15 +13,15 @@ token (:data:`~mkdocs_gluscope.explanations.KINDS`: digits inside numbers, piece
 account for **over the whole corpus the file holds**, not just over the examples: a feature seen
 ``m`` times in the windows, with residual activations summing to ``s`` there, occurs ``n`` times in
 the corpus (``corpus/tokens`` gives these base rates), and the ``n - m`` occurrences the windows do
-not show are taken to be ordinary (residual 0). Its weight is ``s / (n + PRIOR_COUNT)`` (the
-feature's mean residual activation over the corpus, shrunk by :data:`PRIOR_COUNT` occurrences of
-prior belief that it does nothing) and its gain ``s^2 / (n + PRIOR_COUNT)`` (the squared
-activation it explains). So a token that fills the top-k list but occurs thousands of times
-elsewhere (`` the``) gets a small weight, a rare token on which the neuron always fires (`` again``)
-a large one, and a token seen once at one peak little (on the demo's held-out text the prior raised
-the median score of every case, most for the gate- cases: ``bench/explain_scores.py``). Only features
-that push the activation the case's own way are taken; each pick lowers the residuals of the
-positions it covers before the next. The picks become the explanation's structured content (what
+not show are taken to be ordinary (residual 0). Its gain is ``s^2 / (n + PRIOR_COUNT)`` (the squared
+activation it explains over the corpus, with :data:`PRIOR_COUNT` occurrences of prior belief that a
+feature does nothing), and its weight ``s / (n + PRIOR_COUNT)``. So a token that fills the top-k list
+but occurs thousands of times elsewhere (`` the``) gets a small weight, a rare token on which the
+neuron always fires (`` again``) a large one, and a token seen once at one peak little (on the demo's
+held-out text the prior raised the median score of every case, most for the gate- cases). Only
+features that push the activation the case's own way are taken; each pick takes its evidence off
+the residuals of the positions it covers (its mean ``s / n``, in full, so the next picks explain
+something else) before the next. The picks become the explanation's structured content (what
 :class:`~mkdocs_gluscope.explanations.Simulator` reads) and, phrased, its label.
 
 Deterministic (no randomness, ties by lower token id) and fast: numpy over each neuron's few
@@ -212,7 +212,7 @@ def pick_features(ev: Evidence, rates: BaseRates, means: Sequence[float], cases:
         starts = np.flatnonzero(np.concatenate([[True], sorted_ids[1:] != sorted_ids[:-1]])) if len(rows) else rows
         distinct = sorted_ids[starts]
         seen = np.diff(np.append(starts, len(rows)))
-        n = np.maximum(rates.of(kind)[distinct], seen).astype(np.float64) + PRIOR_COUNT  # never fewer than seen
+        n = np.maximum(rates.of(kind)[distinct], seen).astype(np.float64)  # never fewer than the windows show
         inverse = np.full(len(r), -1, dtype=np.int64)  # each position's feature of this type, as an index
         inverse[rows] = np.repeat(np.arange(len(distinct)), seen)
         sums = np.add.reduceat(r[rows], starts, axis=0) if len(rows) else np.zeros((0, len(CASES)))
@@ -232,7 +232,7 @@ def pick_features(ev: Evidence, rates: BaseRates, means: Sequence[float], cases:
             if not len(distinct):
                 continue
             open_ = active & (used[kind] < _SLOTS[kind])
-            gain = np.where((sums * signs > 0) & ~taken & open_, sums * sums / n[:, None], 0.0)
+            gain = np.where((sums * signs > 0) & ~taken & open_, sums * sums / (n + PRIOR_COUNT)[:, None], 0.0)
             j = gain.argmax(axis=0)  # ties: the lower id
             g = gain[j, np.arange(len(CASES))]
             for c in np.flatnonzero(g > best):
@@ -245,12 +245,15 @@ def pick_features(ev: Evidence, rates: BaseRates, means: Sequence[float], cases:
             rows, starts, distinct, n, taken = prepared[kind][:5]
             stop = starts[j + 1] if j + 1 < len(starts) else len(rows)
             covered = rows[starts[j]:stop]
-            weight = float(prepared[kind][6][j, c] / n[j])  # the feature's residual sum over the corpus's count
-            r[covered, c] -= weight
+            # Its evidence comes off the residuals in full (its mean over the corpus), so later picks explain
+            # something else; the weight it keeps is shrunk by the prior count.
+            total = float(prepared[kind][6][j, c])
+            removed, weight = total / n[j], total / (n[j] + PRIOR_COUNT)
+            r[covered, c] -= removed
             for other in FEATURE_TYPES:  # the sums of every feature at the covered positions drop with them
                 index = prepared[other][5][covered]
                 other_sums = prepared[other][6]
-                other_sums[:, c] -= weight * np.bincount(index[index >= 0], minlength=len(other_sums))
+                other_sums[:, c] -= removed * np.bincount(index[index >= 0], minlength=len(other_sums))
             taken[j, c] = True
             used[kind][c] += 1
             first_gain[c] = first_gain[c] or best[c]

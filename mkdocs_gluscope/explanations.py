@@ -167,6 +167,16 @@ class Simulator:
             bounds = np.searchsorted(keys, np.arange(vocab_size + 2, dtype=np.int64) * M)  # token v: bounds[v]..bounds[v+1]
             self.tables.append((keys, values, bounds))
 
+        weights = np.concatenate([np.asarray(arrays[name], dtype=np.float32).reshape(M, -1) for name in
+                                  ("token_weight", "previous_weight", "next_weight", "kind_weight")], axis=1)
+        self._weights = weights
+
+    def strong_level(self, sign: np.ndarray) -> np.ndarray:
+        """``[M]``: where an explanation calls a position strong: its prediction (times the case's
+        ``sign``) reaches half its largest weight; inf for one with no weight in the case's sign."""
+        largest = (self._weights * np.asarray(sign, dtype=np.float32)[:, None]).max(axis=1, initial=0.0)
+        return np.where(largest > 0, largest / 2, np.inf).astype(np.float32)
+
     def positions(self, tokens: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return document_positions(tokens, lengths, self.V)
 

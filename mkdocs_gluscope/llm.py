@@ -167,6 +167,11 @@ class LLMSimulator:
         self.scale = np.nan_to_num(2 * np.asarray(threshold, dtype=np.float32) / 10) * np.asarray(sign, np.float32)
         self.calls = 0
 
+    def strong_level(self, sign: np.ndarray) -> np.ndarray:
+        """``[M]``: a prediction of 5 or more (of 10) calls a position strong."""
+        level = 5 * np.abs(self.scale)
+        return np.where(level > 0, level, np.inf).astype(np.float32)
+
     def _sequence(self, m: int, ids: np.ndarray) -> np.ndarray:
         out = np.zeros(len(ids), dtype=np.float32)
         real = ids < self.V

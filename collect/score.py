@@ -149,25 +149,24 @@ class _Target:
         i = (in_ if every else in_[..., self.neurons]).float()
         B, T, n = g.shape
         J = T // SEQUENCE
-        post = act(g) * i
-        # The case of each (position, neuron) (0..3 in CASES order: gate sign, then in sign); counted where
-        # the position is scored, the neuron ran (not NaN: an expert's unrouted tokens) and has a case
-        # (no zero). The true activation of case c is post where counted and in c, else 0: never built
-        # whole ([B, T, 4N]), only where needed.
-        counted = (valid[..., None] & (g != 0) & (i != 0) & torch.isfinite(post)).view(B, J, SEQUENCE, n)
+        # post where the position is scored and finite (an expert's unrouted tokens are NaN), else 0; with the
+        # case of each (position, neuron) (0..3 in CASES order: gate sign, then in sign), the true activation of
+        # case c is post where the case is c: never built whole ([B, T, 4N]), only where needed. (A zero gate or
+        # in has no case, and a post of 0, which no sum or maximum below sees.)
+        post = torch.nan_to_num_(act(g) * i, nan=0.0, posinf=0.0, neginf=0.0).mul_(valid[..., None])
         case = (((g < 0).to(torch.uint8) << 1) | (i < 0).to(torch.uint8)).view(B, J, SEQUENCE, n)
         post = post.view(B, J, SEQUENCE, n)
         held = valid.reshape(B, J, SEQUENCE).any(-1).numpy()  # [B, J]: sequences with a scored position
 
-        def true_activation(p: torch.Tensor, k: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
-            """``[..., n, 4]`` from post, case and counted ``[..., n]``."""
-            return torch.stack([torch.where(ok & (k == c), p, 0.0) for c in range(len(CASES))], dim=-1)
+        def true_activation(p: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+            """``[..., n, 4]`` from post and case ``[..., n]``."""
+            return torch.stack([torch.where(k == c, p, 0.0) for c in range(len(CASES))], dim=-1)
 
         # Random sequences: simulated here, at their few positions, for every column.
         chosen = is_random & held
         if chosen.any():
             pick = torch.from_numpy(chosen)
-            y_r = true_activation(post[pick], case[pick], counted[pick]).reshape(-1, SEQUENCE, n * len(CASES))
+            y_r = true_activation(post[pick], case[pick]).reshape(-1, SEQUENCE, n * len(CASES))
             where = np.repeat(chosen[:, :, None], SEQUENCE, axis=2).reshape(B, T)
             v = valid.numpy()[where].reshape(-1, SEQUENCE)
             y_r = y_r.numpy()
@@ -181,10 +180,9 @@ class _Target:
         if not len(rows):
             return
         rows_t, seqs_t = torch.from_numpy(rows), torch.from_numpy(seqs)
-        magnitude = torch.where(counted, post.abs(), 0.0)
-        # [B, J, n, 4] -> [Q, M]: each case's largest |post| in each sequence (0: the case does not occur there)
-        cand_key = torch.stack([torch.where(case == c, magnitude, 0.0).amax(dim=2) for c in range(len(CASES))],
-                               dim=-1)[rows_t, seqs_t].reshape(len(rows), n * len(CASES))
+        # [B, J, 4, n] -> [Q, M]: each case's largest |post| in each sequence (0: the case does not occur there)
+        largest = torch.zeros(B, J, len(CASES), n).scatter_reduce_(2, case.to(torch.int64), post.abs(), "amax")
+        cand_key = largest[rows_t, seqs_t].transpose(1, 2).reshape(len(rows), n * len(CASES))
         D = self.top_key.shape[1]
         # The D sequences of largest max |y| (> 0), ties by lower (document, sequence): the same whatever
         # the batches; a sort by the tie key, then a stable sort by the value.
@@ -209,7 +207,7 @@ class _Target:
         self.top_random = keep(self.top_random, torch.from_numpy(is_random)[rows_t[q], seqs_t[q]])
         kept_y = self.top_y.gather(1, order.clamp(max=D - 1)[..., None].expand(-1, -1, SEQUENCE))
         at = (rows_t[q], seqs_t[q], slice(None), neuron)  # [M, D, S]: the new slots' sequences, the column's neuron
-        new_y = torch.where(counted[at] & (case[at] == which[..., None]), post[at], 0.0)
+        new_y = torch.where(case[at] == which[..., None], post[at], 0.0)
         self.top_y = torch.where(old[..., None], kept_y, new_y)
 
     def scores(self, s: int, corpus: Corpus, early: int) -> dict[str, np.ndarray]:

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn, Sequence
 
-from mkdocs_gluscope.errors import GluscopeError
+from mkdocs_gluscope.errors import GluscopeError, printable
 from mkdocs_gluscope.distributions import BAND_SAMPLES, SAMPLES
 
 
@@ -197,8 +197,8 @@ def run_info(args: argparse.Namespace) -> int:
 
     with open_activations(args.activations) as f:
         for key in ("model", "dataset", "dtype", "act_fn", "refactor_glu", "include_bos", "created"):
-            if key in f.attrs:
-                print(f"{key:>14}: {f.attrs[key]}")
+            if key in f.attrs:  # text from the file: escaped, so it cannot act on the terminal
+                print(f"{key:>14}: {printable(f.attrs[key])}")
         print(f"{'layers':>14}: {f.describe_layers()} ({f.n_layers})")
         print(f"{'neurons':>14}: {f.d_mlp} per layer")
         print(f"{'documents':>14}: {f.n_docs}")
@@ -214,9 +214,9 @@ def run_info(args: argparse.Namespace) -> int:
         else:
             print(f"{'distributions':>14}: none (collected with --samples 0, or before them)")
         if "vocab" in f.file:
-            print(f"{'vocabulary':>14}: top and bottom {f.attrs.get('vocab_k')} tokens of w_out, w_gate, w_in")
+            print(f"{'vocabulary':>14}: top and bottom {f.file['vocab/token'].shape[-1]} tokens of w_out, w_gate, w_in")
         if f.has_nonfinite:
-            nonfinite = f.file["stats/nonfinite"][...].sum(axis=-1)  # [L, N]
+            nonfinite = f.read("stats/nonfinite").sum(axis=-1)  # [L, N]
             neurons = int((nonfinite > 0).sum())
             print(f"{'non-finite':>14}: {int(nonfinite.sum()):,} positions in {neurons:,} neuron"
                   f"{'' if neurons == 1 else 's'} (NaN or inf; left out of every statistic)")
@@ -384,7 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except GluscopeError as e:
-        print(f"gluscope: error: {e}", file=sys.stderr)
+        print(f"gluscope: error: {printable(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gluscope: interrupted", file=sys.stderr)

@@ -12,7 +12,7 @@ imported here, when the command runs.
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from mkdocs_gluscope.errors import GluscopeError
-from mkdocs_gluscope.render import display_name, md_text
+from mkdocs_gluscope.render import display_name, json_text, md_text
 from mkdocs_gluscope.schema import check_places
 from mkdocs_gluscope.store import (CASES, HOOKS, VOCAB_DIRECTIONS, VOCAB_WEIGHTS, WEIGHT_NAMES, ActivationsFile,
                                    FormatError)
@@ -119,6 +119,16 @@ def layer_columns(f: ActivationsFile, layer: int) -> dict[str, Any]:
     return cols
 
 
+def json_value(value: Any) -> Any:
+    """An attribute as JSON can hold it: a NaN or infinite number as null (JSON has neither), lists
+    item by item, anything that is not a number, string or bool by its text."""
+    if isinstance(value, list):
+        return [json_value(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return value if value is None or isinstance(value, (bool, int, str)) else str(value)
+
+
 def dataset_card(f: ActivationsFile, shards: str) -> str:
     """README.md of the dataset: the YAML header ``load_dataset`` reads, then what the columns mean.
     Provenance strings come from the file, so they go through :func:`render.md_text` like on a page."""
@@ -170,11 +180,11 @@ def export_dataset(activations: str | os.PathLike, out: str | os.PathLike) -> Pa
             table = datasets.Dataset.from_dict(layer_columns(f, layer), features=kinds)
             table.to_parquet(str(tmp / "data" / f"{SPLIT}-{i:05d}-of-{n:05d}.parquet"))
         (tmp / "README.md").write_text(dataset_card(f, f"data/{SPLIT}-*.parquet"), encoding="utf-8")
-        (tmp / "gluscope.json").write_text(json.dumps(
+        (tmp / "gluscope.json").write_text(json_text(
             # Local paths of the collector's machine are named by their last part, as on the site.
             {"cases": list(CASES), "hooks": list(HOOKS), "attrs": {
-                k: display_name(v) if k in ("model", "dataset") and isinstance(v, str) else v for k, v in f.attrs.items()}},
-            default=str, indent=1), encoding="utf-8")
+                k: display_name(v) if k in ("model", "dataset") and isinstance(v, str) else json_value(v)
+                for k, v in f.attrs.items()}}), encoding="utf-8")
         if out.exists():
             out.rmdir()
         tmp.rename(out)

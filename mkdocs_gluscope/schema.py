@@ -197,10 +197,11 @@ class _Check:
             create = self.f[name].id.get_create_plist()  # opening reads no data
             if create.get_layout() == h5py.h5d.VIRTUAL:
                 sources = sorted({create.get_virtual_filename(i) for i in range(create.get_virtual_count())})
+                sources = [s.decode("utf-8", "replace") if isinstance(s, bytes) else s for s in sources]
                 raise self.fail(name, f"a virtual dataset (its data would come from {show(sources)}); a gluscope "
                                       "file keeps everything inside itself (virtual datasets are refused)")
             if create.get_external_count():
-                outside = create.get_external(0)[0]
+                outside = create.get_external(0)[0].decode("utf-8", "replace")
                 raise self.fail(name, f"stored in an outside file ({show(outside)}); a gluscope file keeps every "
                                       "byte inside itself (external storage is refused)")
             for i in range(create.get_nfilters()):
@@ -208,8 +209,8 @@ class _Check:
                 if code not in ALLOWED_FILTERS:
                     raise self.fail(name, f"compressed with HDF5 filter {code} ({show(filter_name)}), which HDF5 "
                                           f"would load as a plugin; expected only {', '.join(ALLOWED_FILTERS.values())}")
-        for name, link in links:  # a soft link whose target is not in the file (`in` follows it)
-            if isinstance(link, h5py.SoftLink) and name not in self.f:
+        for name, link in links:  # a soft link whose target is not in the file (get follows it)
+            if isinstance(link, h5py.SoftLink) and self.f.get(name) is None:
                 raise self.fail(name, f"a soft link to {show(link.path)}, which is not in the file; a gluscope file "
                                       "keeps everything inside itself")
 

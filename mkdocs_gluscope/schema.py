@@ -401,7 +401,7 @@ def check_file(f: h5py.File, where: str) -> Checked:
                                       f"0..{n_vocab - 1} (corpus/vocab has {n_vocab} entries)")
 
     # The root's neurons (the dense layers; zero rows in a file of expert layers only).
-    root_has_distributions = all(c.present("", [name for name, _, _ in DISTRIBUTIONS]))
+    root_has_distributions = any(c.present("", [name for name, _, _ in DISTRIBUTIONS]))  # all: c.neurons checks
     if root_has_distributions:
         for key, value in (("samples", samples), ("band_samples", band_samples)):
             if not value:
@@ -410,8 +410,8 @@ def check_file(f: h5py.File, where: str) -> Checked:
         c.bind("S", samples, "attribute samples")
         c.bind("S2", band_samples, "attribute band_samples")
     elif samples:
-        raise c.fail("samples/doc", f"missing while the attribute samples is {samples}; the distributions come "
-                                    "together or not at all")
+        raise c.fail("stats/hist", f"missing while the attribute samples is {samples}; the distributions "
+                                   "(stats/hist, stats/density, samples/, bands/) come together or not at all")
     root = c.neurons("", root_has_distributions)
     if root["distributions"]:
         for name, dtype, shape in DISTRIBUTION_EDGES:

@@ -18,7 +18,7 @@ import pytest
 from mkdocs_gluscope import light
 from mkdocs_gluscope.store import ActivationsFile
 from sites import build_site, write_project
-from synthetic import write_synthetic
+from synthetic import stage_early_list, write_synthetic
 
 UNTRUSTED = ["<script>alert(1)</script>", "<img src=x onerror=alert(1)>", "{{ 7*7 }}", "[x](javascript:alert(1))"]
 VOCAB = ["<s>"] + [f" w{i}" for i in range(1, 40)] + [" (", "Appl", "ause", ")"] + UNTRUSTED
@@ -213,3 +213,21 @@ def test_light_pages_without_directory_urls(tmp_path):
     assert 'data-src="&#46;&#46;/&#46;&#46;/gluscope/x/L1/N4&#46;bin"' in page
     assert '"suffix":".html"' in read(site, "gluscope/site.js")
     assert 'href="N4.html"' in read(site, "neurons/L1/index.html")
+
+
+def test_a_bos_outlier_leaves_every_counted_window_value_readable(tmp_path):
+    """8-bit codes reach 2^-10 of their scale: a BOS 5,000 times the ordinary values made them all "≈ 0"
+    when the scale was the window's largest |value|. Counted positions now have their own scale."""
+    from mkdocs_gluscope.render import list_scales
+
+    path = write_synthetic(tmp_path / "act.h5", layers=1, d_mlp=2, k=4, before=3, after=1)
+    stage_early_list(path, positions=[1, 2, 3, 5], bos=5000.0, sink=1.0)  # 0.0's gate+_in+ hook_post list
+    with ActivationsFile(path) as f:
+        data = f.neuron(0, 0)
+    d = parse_examples(light.encode_examples(data, 4, list_scales(data, 4)[2]))
+    for j in range(4):
+        u = d["example"][0, 0, j]
+        for got, want in ((d["gate"][u], data.top_gate[0, 0, j]), (d["in"][u], data.top_in[0, 0, j])):
+            inside = ~np.isnan(want)
+            assert np.allclose(got[inside], want[inside], rtol=0.029), (j, got, want)
+            assert (want[d["counted"][u] & inside] == 1.0).all() and (want[~d["counted"][u] & inside] == 5000).all()

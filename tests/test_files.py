@@ -327,6 +327,40 @@ def read_every_neuron(path: Path) -> ActivationsFile:
     return f
 
 
+def assert_lists_as_documented(path: Path) -> None:
+    """The data-format page's *Lists* rules on a real file: filled slots first, empty ones with doc and pos
+    -1 and NaN values and windows, top-k lists by |value| then lower document, bands [lo, hi)."""
+    with h5py.File(path) as f:
+        for group in ("", "experts/", "shared_experts/"):
+            if group and group[:-1] not in f:
+                continue
+            for kind in ("top", "samples", "bands"):
+                if group + kind not in f:
+                    continue
+                doc, pos = f[group + kind + "/doc"][...], f[group + kind + "/pos"][...]
+                value = f[group + kind + "/value"][...]
+                if kind != "top":  # samples and bands have every hook's value: the hook axis last
+                    value = np.moveaxis(value, 3, -1)
+                filled = doc >= 0
+                assert (np.diff(filled.astype(int), axis=-1) <= 0).all(), (path, group, kind)  # filled first
+                assert (pos[~filled] == -1).all() and np.isnan(value[~filled]).all()
+                for name in ("gate", "in"):
+                    assert np.isnan(f[group + kind + "/" + name][...][~filled]).all()
+            doc, value = f[group + "top/doc"][...], np.abs(f[group + "top/value"][...])
+            both = (doc[..., 1:] >= 0) & (doc[..., :-1] >= 0)
+            ordered = (value[..., :-1] > value[..., 1:]) | ((value[..., :-1] == value[..., 1:])
+                                                             & (doc[..., :-1] < doc[..., 1:]))
+            assert ordered[both].all()
+            count = f[group + "stats/count"][...]
+            assert np.isnan(f[group + "stats/min"][...][count == 0]).all()
+            if group + "bands" in f:
+                edges = f["bands/edges"][...]  # the root's, shared by every group
+                post, band_doc = np.abs(f[group + "bands/value"][...][:, :, :, 0]), f[group + "bands/doc"][...]
+                for r in range(len(edges) - 1):
+                    inside = post[:, :, :, r][band_doc[:, :, :, r] >= 0]
+                    assert ((edges[r] <= inside) & (inside < edges[r + 1])).all(), r
+
+
 def test_every_file_todays_collect_writes_passes(model_factory, corpus_files, tmp_path):
     """Dense with distributions, --samples 0 with --layers, two shards and their merge, and a model with
     dense, routed and shared experts: each opens, and every neuron of it reads."""
@@ -345,10 +379,24 @@ def test_every_file_todays_collect_writes_passes(model_factory, corpus_files, tm
     files.append(moe)
     for path in files:
         read_every_neuron(path)
+        assert_lists_as_documented(path)
     with ActivationsFile(moe) as f:
         assert f.attrs["expert_layers"] == [1, 2] and f.attrs["n_experts_per_layer"] == [4, 4]
         for group in ("experts", "shared_experts"):  # expert groups hold samples, bands and vocab too
             assert {"samples", "bands", "vocab"} <= set(f.file[group]) and "hist" in f.file[group]["stats"]
+        # Windows: a shared expert has a value at every token of the document, the BOS included; a
+        # routed expert only at the tokens routed to it.
+        inside = {}
+        for group in ("experts", "shared_experts"):
+            doc, pos = f.file[group + "/top/doc"][...], f.file[group + "/top/pos"][...]
+            t = pos[..., None] + np.arange(-f.context_before, f.context_after + 1)
+            length = np.diff(f.doc_offsets)[np.clip(doc, 0, None)][..., None]
+            inside[group] = (doc[..., None] >= 0) & (t >= 0) & (t < length)
+            window = f.file[group + "/top/gate"][...]
+            finite = np.isfinite(window[inside[group]])
+            assert finite.all() if group == "shared_experts" else (finite.any() and not finite.all()), group
+            bos = inside[group] & (t == 0)
+            assert bos.any() and (np.isfinite(window[bos]).all() if group == "shared_experts" else True)
 
 
 def test_layer_groups_of_an_moe_run_merge_with_one_expert_count_per_layer(model_factory, corpus_files, tmp_path):

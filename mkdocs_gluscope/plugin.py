@@ -136,8 +136,8 @@ class GluscopeConfig(base.Config):
 
     url_prefix = _Checked(check_url_prefix, default="neurons")
     """Folder of the generated pages inside the site: ``{url_prefix}/L{layer}/N{neuron}/``. A relative
-    path of folder names separated by ``/`` (no leading ``/``, ``..``, ``.``, backslash or drive).
-    Default: ``neurons``."""
+    path of folder names of ASCII letters, digits, ``-``, ``_`` and ``.`` separated by ``/`` (no leading
+    ``/``, no ``.`` or ``..`` folder). Default: ``neurons``."""
 
     examples = _Checked(check_examples)
     """Examples shown per (case, hook) list: a whole number, 1 or more. Default: all k in the file."""

@@ -176,6 +176,9 @@ class _Check:
         self.f = f
         self.where = where
         self.dims: dict[str, tuple[int, str]] = {}  # symbol -> (value, what set it)
+        #: Every object of the file by path, opened once by :meth:`storage` (h5py's lookups cost more
+        #: than the rest of the check).
+        self.objects: dict[str, Any] = {}
 
     def fail(self, what: str, message: str) -> FormatError:
         return FormatError(f"{self.where}: {what}: {message}")
@@ -192,9 +195,12 @@ class _Check:
                 raise self.fail(name, f"a link of an unknown kind ({type(link).__name__}); a gluscope file has "
                                       "hard links only (and soft links inside the file)")
         for name, link in links:
-            if not isinstance(link, h5py.HardLink) or self.f.get(name, getclass=True) is not h5py.Dataset:
+            if not isinstance(link, h5py.HardLink):
                 continue
-            create = self.f[name].id.get_create_plist()  # opening reads no data
+            obj = self.objects[name] = self.f[name]
+            if not isinstance(obj, h5py.Dataset):
+                continue
+            create = obj.id.get_create_plist()  # opening reads no data
             if create.get_layout() == h5py.h5d.VIRTUAL:
                 sources = sorted({create.get_virtual_filename(i) for i in range(create.get_virtual_count())})
                 sources = [s.decode("utf-8", "replace") if isinstance(s, bytes) else s for s in sources]
@@ -210,9 +216,11 @@ class _Check:
                     raise self.fail(name, f"compressed with HDF5 filter {code} ({show(filter_name)}), which HDF5 "
                                           f"would load as a plugin; expected only {', '.join(ALLOWED_FILTERS.values())}")
         for name, link in links:  # a soft link whose target is not in the file (get follows it)
-            if isinstance(link, h5py.SoftLink) and self.f.get(name) is None:
-                raise self.fail(name, f"a soft link to {show(link.path)}, which is not in the file; a gluscope file "
-                                      "keeps everything inside itself")
+            if isinstance(link, h5py.SoftLink):
+                obj = self.objects[name] = self.f.get(name)
+                if obj is None:
+                    raise self.fail(name, f"a soft link to {show(link.path)}, which is not in the file; a gluscope "
+                                          "file keeps everything inside itself")
 
     # -- attributes -------------------------------------------------------------------------------
     def attributes(self) -> dict[str, Any]:
@@ -258,7 +266,7 @@ class _Check:
 
     def dataset(self, group: str, name: str, dtype: tuple, shape: tuple) -> h5py.Dataset:
         path = f"{group}/{name}" if group else name
-        obj = self.f.get(path)
+        obj = self.lookup(path)
         axes = ", ".join(SYMBOLS.get(s, str(s)) if isinstance(s, str) else str(s) for s in shape)
         if obj is None:
             raise self.fail(path, f"missing; expected {dtype[0]} [{axes}]")
@@ -291,8 +299,13 @@ class _Check:
                 raise self.fail(path, f"shape {obj.shape}; expected {wanted} [{axes}], since {why}")
         return obj
 
+    def lookup(self, path: str) -> Any:
+        """The object at ``path``, or None (below a soft-linked group, h5py finds it)."""
+        obj = self.objects.get(path)
+        return obj if obj is not None else self.f.get(path)
+
     def present(self, group: str, names: Sequence[str]) -> list[bool]:
-        return [(f"{group}/{n}" if group else n) in self.f for n in names]
+        return [self.lookup(f"{group}/{n}" if group else n) is not None for n in names]
 
     def all_or_none(self, group: str, spec: Sequence[tuple], what: str) -> bool:
         """Whether the datasets of ``spec`` are there (checked), when all or none are."""
@@ -326,7 +339,7 @@ class _Check:
 
     def read(self, path: str) -> np.ndarray:
         try:
-            return self.f[path][...]
+            return self.lookup(path)[...]
         except OSError as e:
             raise self.fail(path, f"cannot be read ({e}); the file is damaged") from None
 
@@ -371,7 +384,7 @@ def check_file(f: h5py.File, where: str) -> Checked:
     for name, dtype, shape in CORPUS:
         c.dataset("", name, dtype, shape)
     for name, dtype, shape in CORPUS_OPTIONAL:
-        if name in f:
+        if c.lookup(name) is not None:
             c.dataset("", name, dtype, shape)
     n_docs, n_vocab, total = c.dims["D+1"][0] - 1, c.dims["V"][0], c.dims["T"][0]
     if n_docs < 1:

@@ -266,7 +266,7 @@ def word_labels(word: tuple[str, str, str]) -> tuple[str, str, str]:
 
 def word_html(word: tuple[str, str, str]) -> str:
     """A whole word with its peak piece marked (``gs-peak``); where it stands alone (a list of top
-    words) wrap it in ``<span class="gs-word">``, which isolates its bidirectional text."""
+    words) wrap it in ``<bdi>``, which isolates its bidirectional text from its neighbours'."""
     before, peak, after = word_labels(word)
     return f'{md_text(before)}<span class="gs-peak">{md_text(peak)}</span>{md_text(after)}'
 
@@ -369,8 +369,7 @@ def neuron_markdown(data: NeuronData, ctx: PageContext) -> str:
         "## Top words", "",
     ]
     for c, case in enumerate(CASES):
-        shown = ", ".join(f'<span class="gs-word">{word_html(w)}</span>'
-                          for w in top_words(data, ctx, c, limit=ctx.top_words)) or "none"
+        shown = ", ".join(f"<bdi>{word_html(w)}</bdi>" for w in top_words(data, ctx, c, limit=ctx.top_words)) or "none"
         lines.append(f"- **{md_text(case)}** ({100 * data.frequency[c]:.3g}%): {shown}")
     lines += ["", "## Examples", "", EXAMPLES_PLACEHOLDER, ""]
     if data.samples is not None and ctx.inline_cases is None:

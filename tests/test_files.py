@@ -435,7 +435,7 @@ def shown_words(page: str) -> list[str]:
     """The top words a neuron page lists, as a reader sees them."""
     import html
 
-    found = re.findall(r'<span class="gs-word">(.*?<span class="gs-peak">.*?</span>.*?)</span>', page)
+    found = re.findall(r"<bdi>(.*?)</bdi>", page)
     return [html.unescape(re.sub(r"<[^>]+>", "", word)) for word in found]
 
 

@@ -40,6 +40,7 @@ import numpy as np
 from mkdocs_gluscope.activations import act_values
 from mkdocs_gluscope.render import (
     EARLY_TITLE,
+    PLACEHOLDER_MARK,
     PageContext,
     counted_windows,
     example_word,
@@ -345,10 +346,10 @@ def write_pages(job: LightJob) -> dict[str, Any]:
 
 
 _HTML_LINE = re.compile(r"^<.*$", re.MULTILINE)
-#: Where a raw HTML line waits while Markdown runs: an HTML comment, which Markdown passes through as
-#: it is and which no corpus text can spell (every ``<`` from the corpus is escaped by render.md_text).
-_BLOCK = "<!--gluscope-block-{}-->"
-_BLOCK_BACK = re.compile(r"(?:<p>)?<!--gluscope-block-(\d+)-->(?:</p>)?\n?")  # Markdown adds a blank line after a block
+#: Where a raw HTML line waits while Markdown runs: a number between two render.PLACEHOLDER_MARK, which
+#: no corpus text can spell (render.md_text escapes the mark) and which Markdown passes through as text.
+_BLOCK = PLACEHOLDER_MARK + "{}" + PLACEHOLDER_MARK
+_BLOCK_BACK = re.compile(f"(?:<p>)?{PLACEHOLDER_MARK}(\\d+){PLACEHOLDER_MARK}(?:</p>)?")
 
 
 def convert(md: Any, text: str) -> str:

@@ -56,6 +56,10 @@ HOOK_LABELS = {
     "swish": "swish = act(gate)",
 }
 _MD_SPECIAL = set("\\`*_{}[]()<>#+-.!|~$&\"'=:^%@")
+#: Marks a layout's own placeholders in Markdown (light.convert's raw HTML blocks): a private-use
+#: character that :func:`md_text` always escapes, so no text from the corpus or the file can spell one,
+#: and that Markdown and its extensions leave as it is (an HTML comment would make Markdown parse HTML).
+PLACEHOLDER_MARK = "\ue000"
 #: Bidirectional controls (embeddings, overrides, isolates, marks): inside a token they would reorder
 #: the tokens around it, so a token shows them by name instead.
 BIDI_CONTROLS = (0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A))
@@ -74,7 +78,7 @@ def md_text(text: str) -> str:
     it becomes markup, a link, an element, a table cell or a template expression."""
     out = []
     for ch in text:
-        if ch in _MD_SPECIAL or ord(ch) < 32 or ch in "\u2028\u2029":
+        if ch in _MD_SPECIAL or ord(ch) < 32 or ch in "\u2028\u2029" or ch == PLACEHOLDER_MARK:
             out.append(f"&#{ord(ch)};")
         else:
             out.append(ch)
@@ -368,10 +372,13 @@ def neuron_markdown(data: NeuronData, ctx: PageContext) -> str:
         "",
         "## Top words", "",
     ]
+    # One line of HTML (each word a <bdi>: isolated from its neighbours' bidirectional text), which
+    # Markdown passes through: inline HTML in a Markdown list cost a third of a light page's conversion.
+    items = []
     for c, case in enumerate(CASES):
         shown = ", ".join(f"<bdi>{word_html(w)}</bdi>" for w in top_words(data, ctx, c, limit=ctx.top_words)) or "none"
-        lines.append(f"- **{md_text(case)}** ({100 * data.frequency[c]:.3g}%): {shown}")
-    lines += ["", "## Examples", "", EXAMPLES_PLACEHOLDER, ""]
+        items.append(f"<li><strong>{md_text(case)}</strong> ({100 * data.frequency[c]:.3g}%): {shown}</li>")
+    lines += [f'<ul class="gs-top-words">{"".join(items)}</ul>', "", "## Examples", "", EXAMPLES_PLACEHOLDER, ""]
     if data.samples is not None and ctx.inline_cases is None:
         lines += ["## Random samples", "",
                   "Tokens drawn uniformly at random from each case: what the case looks like on an ordinary "

@@ -425,10 +425,11 @@ def test_a_wrong_count_of_experts_per_layer_is_refused(base, tmp_path):
 
 
 # -- the corpus cannot write markup ------------------------------------------------------------------
-#: Every placeholder the layouts use (and the light layout's former one), as corpus words.
-PLACEHOLDERS = ["GLUSCOPEBLOCK0X", "<!--gluscope-block-0-->", "<!--gluscope-block-1-->", "<!-- gluscope:examples -->",
+#: Every placeholder the layouts use (the light layout's raw HTML blocks: a number between two
+#: render.PLACEHOLDER_MARK; and its former ones), as corpus words.
+PLACEHOLDERS = ["GLUSCOPEBLOCK0X", "\ue0000\ue000", "\ue0001\ue000", "<!-- gluscope:examples -->",
                 "<!-- gluscope:distributions -->", "<!-- gluscope:samples -->", "<!-- gluscope:bands -->",
-                "GLUSCOPE-SHELL-TITLE", "GLUSCOPE-SHELL-CONTENT", "gluscope-shell-title"]
+                "GLUSCOPE-SHELL-TITLE", "GLUSCOPE-SHELL-CONTENT", "gluscope-shell-title", "<!--gluscope-block-0-->"]
 
 
 def shown_words(page: str) -> list[str]:
@@ -445,6 +446,7 @@ def test_corpus_words_spelling_placeholders_show_as_words_in_both_layouts(tmp_pa
     from mkdocs_gluscope import light, render
 
     assert render.EXAMPLES_PLACEHOLDER in PLACEHOLDERS and light.SHELL_TITLE in PLACEHOLDERS
+    assert light._BLOCK.format(0) in PLACEHOLDERS
     vocab = ["<s>", " ;"] + PLACEHOLDERS  # a spacer that joins no word
     docs = [[0] + [t for i in range(len(PLACEHOLDERS)) for t in (2 + (i + d) % len(PLACEHOLDERS), 1)] for d in range(12)]
     path = write_synthetic(tmp_path / "data" / "act.h5", layers=2, d_mlp=6, k=4, before=2, after=1, vocab=vocab,
@@ -461,8 +463,9 @@ def test_corpus_words_spelling_placeholders_show_as_words_in_both_layouts(tmp_pa
             seen.update(words)
             # The page's own parts are there once each, and no placeholder is left unreplaced.
             assert page.count('class="gs-provenance"') == 1 and page.count('<h2 id="examples"') == 1
-            for placeholder in PLACEHOLDERS[1:7]:
+            for placeholder in PLACEHOLDERS[3:7]:
                 assert placeholder not in page, (page_path, placeholder)
+            assert render.PLACEHOLDER_MARK not in page  # always escaped: no text can spell a block
             assert "GLUSCOPE-SHELL" not in page.split("<h1", 1)[0]  # the shell's title was replaced
         tokens = " ".join(html.unescape(t) for t in re.findall(r'<span class="gs-toks">(.*?)</span></span>',
                                                                  (pages[0]).read_text(encoding="utf-8")))

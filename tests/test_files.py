@@ -61,7 +61,9 @@ def build_failure(root: Path, plugin: dict, caplog) -> str:
     caplog.clear()
     with caplog.at_level(logging.ERROR), pytest.raises(Abort):
         build_site(root, plugin)
-    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    # (an error while a page is written, MkDocs first names the page itself: "Error building page ...")
+    errors = [r.getMessage() for r in caplog.records
+              if r.levelno >= logging.ERROR and not r.getMessage().startswith("Error building page")]
     assert len(errors) == 1 and "\n" not in errors[0] and errors[0].startswith("gluscope: "), errors
     return errors[0]
 
@@ -136,9 +138,10 @@ def test_a_file_that_would_read_outside_itself_is_refused_everywhere(kind, base,
         error = build_failure(tmp_path / layout, {"activations": str(path), "neurons": DENSE, "layout": layout,
                                                   "workers": 1}, caplog)
         assert message in error and where in error, error
-    for command in (("pages", path, "--neurons", *DENSE, "--out", tmp_path / "md"), ("info", path)):
+    for command in (("pages", path, "--neurons", *DENSE, "--out", tmp_path / "md"), ("info", path), ("pick", path),
+                    ("merge", path, base, "--out", tmp_path / "merged.h5")):
         code, text = cli(*command, capsys=capsys)
-        assert code == 2 and message in one_error_line(text)
+        assert code == 2 and message in one_error_line(text), command
     pytest.importorskip("datasets")
     code, text = cli("export", path, "--out", tmp_path / "dataset", capsys=capsys)
     assert code == 2 and message in one_error_line(text)
@@ -247,6 +250,9 @@ def test_a_damaged_file_is_one_line_in_both_layouts_pages_and_info(kind, base, t
     path = tmp_path / "data" / "act.h5"
     damage(base, path, kind)
     message, found = DAMAGED[kind][1:]
+    if found == "open":  # pick reads the whole model's statistics: it meets what opening finds
+        code, text = cli("pick", path, capsys=capsys)
+        assert code == 2 and message in one_error_line(text)
     for layout in ("full", "light"):
         error = build_failure(tmp_path / layout, {"activations": str(path), "neurons": DENSE, "layout": layout,
                                                   "workers": 1}, caplog)
@@ -260,8 +266,9 @@ def test_a_damaged_file_is_one_line_in_both_layouts_pages_and_info(kind, base, t
         assert code == 2 and message in one_error_line(text)
 
 
-def test_a_corrupt_chunk_in_a_forked_light_worker_names_the_neuron(base, tmp_path, caplog):
-    """The windows are read only by the light layout's page writers (forked processes)."""
+def test_a_corrupt_chunk_of_windows_names_the_neuron_being_written(base, tmp_path, capsys, caplog):
+    """The windows are read only when a page is written: by the light layout's page writers (forked
+    processes), the full layout's on_post_page, and gluscope pages."""
     path = tmp_path / "data" / "act.h5"
     path.parent.mkdir()
     shutil.copy(base, path)
@@ -274,7 +281,12 @@ def test_a_corrupt_chunk_in_a_forked_light_worker_names_the_neuron(base, tmp_pat
     error = build_failure(tmp_path, {"activations": str(path), "neurons": DENSE, "layout": "light", "workers": 2},
                           caplog)
     # The chunk holds neurons 0.0-0.3; the first worker to reach one of them reports it.
-    assert re.search(r"top/gate of neuron 0\.[0-3] cannot be read \(.*\); the file is damaged$", error), error
+    damaged = re.compile(r"top/gate of neuron 0\.[0-3] cannot be read \(.*\); the file is damaged$")
+    assert damaged.search(error), error
+    error = build_failure(tmp_path / "full", {"activations": str(path), "neurons": DENSE, "layout": "full"}, caplog)
+    assert damaged.search(error), error
+    code, text = cli("pages", path, "--neurons", *DENSE, "--out", tmp_path / "md", capsys=capsys)
+    assert code == 2 and damaged.search(one_error_line(text))
 
 
 def test_merge_and_export_name_a_damaged_block(base, tmp_path, capsys):

@@ -24,13 +24,13 @@ The names of the format live here, and :mod:`mkdocs_gluscope.store` re-exports t
 from __future__ import annotations
 
 import reprlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import h5py
 import numpy as np
 
-from mkdocs_gluscope.errors import GluscopeError
+from mkdocs_gluscope.errors import GluscopeError, printable
 
 FORMAT = "gluscope-activations"
 FORMAT_VERSION = 1
@@ -166,7 +166,6 @@ class Checked:
     tokens: np.ndarray
     doc_offsets: np.ndarray
     n_vocab: int
-    dims: dict[str, int] = field(default_factory=dict)
 
 
 class _Check:
@@ -181,7 +180,8 @@ class _Check:
         self.objects: dict[str, Any] = {}
 
     def fail(self, what: str, message: str) -> FormatError:
-        return FormatError(f"{self.where}: {what}: {message}")
+        # ``what`` may be a name from the file: printed with its control characters escaped.
+        return FormatError(f"{self.where}: {printable(what)}: {message}")
 
     # -- nothing outside the file -----------------------------------------------------------------
     def storage(self) -> None:
@@ -262,7 +262,14 @@ class _Check:
 
     # -- datasets ---------------------------------------------------------------------------------
     def bind(self, symbol: str, value: int, source: str) -> None:
-        self.dims.setdefault(symbol, (value, source))
+        """The first value of ``symbol`` stays; ``X`` and ``X+1`` are bound together."""
+        if symbol in self.dims:
+            return
+        self.dims[symbol] = (value, source)
+        if symbol.endswith("+1"):
+            self.dims.setdefault(symbol[:-2], (value - 1, source))
+        elif symbol + "+1" in SYMBOLS:
+            self.dims.setdefault(symbol + "+1", (value + 1, source))
 
     def dataset(self, group: str, name: str, dtype: tuple, shape: tuple) -> h5py.Dataset:
         path = f"{group}/{name}" if group else name
@@ -323,7 +330,7 @@ class _Check:
 
     def neurons(self, group: str, distributions: bool) -> dict[str, bool]:
         """One group of neurons (``""``: the root's dense layers); symbols L and N are the group's own."""
-        for symbol in ("L", "N", "K"):
+        for symbol in ("L", "N", "K"):  # (none of them has an "+1")
             self.dims.pop(symbol, None)
         for name, dtype, shape in NEURON_DATASETS:
             self.dataset(group, name, dtype, shape)
@@ -474,8 +481,7 @@ def check_file(f: h5py.File, where: str) -> Checked:
             if not shared:
                 routed_rows.append((lay, e))
     _check_expert_attrs(c, attrs, expert_layers, routed_rows)
-    return Checked(attrs=attrs, tokens=tokens, doc_offsets=offsets, n_vocab=n_vocab,
-                   dims={symbol: value for symbol, (value, _) in c.dims.items()})
+    return Checked(attrs=attrs, tokens=tokens, doc_offsets=offsets, n_vocab=n_vocab)
 
 
 def _check_expert_attrs(c: _Check, attrs: Mapping[str, Any], expert_layers: set[int],

@@ -32,7 +32,8 @@ DENSE = ["0.*", "1.*"]
 def base(tmp_path_factory) -> Path:
     """2 layers x 4 neurons with distributions and vocabulary projections, and an expert group
     (layer 5, experts 0 and 1) built from the same arrays: every part of the format at once."""
-    path = write_synthetic(tmp_path_factory.mktemp("base") / "act.h5", layers=2, d_mlp=4, k=3, before=2, after=1)
+    path = write_synthetic(tmp_path_factory.mktemp("base") / "act.h5", layers=2, d_mlp=4, k=3, before=2, after=1,
+                           titles=[f"{1790 + d} · President {d}" for d in range(12)])
     with h5py.File(path, "a") as f:
         g = f.create_group("experts")
         for name in ("stats", "top", "weights", "samples", "bands", "vocab"):
@@ -205,6 +206,10 @@ DAMAGED: dict[str, tuple[Callable[[h5py.File], None], str, str]] = {
     "half-the-distributions": (lambda f: f.__delitem__("samples/gate"),
                                "samples/gate: missing while stats/hist is there", "open"),
     "half-the-vocab": (lambda f: f.__delitem__("vocab/score"), "vocab/score: missing while vocab/token is there", "open"),
+    "edges-one-short": (lambda f: rewrite(f, "stats/hist_edges", f["stats/hist_edges"][:-1]),
+                        "stats/hist_edges: shape (22,); expected (23,)", "open"),
+    "titles-one-short": (lambda f: rewrite(f, "corpus/doc_title", np.array(["t"] * 11, dtype=h5py.string_dtype())),
+                         "corpus/doc_title: shape (11,); expected (12,)", "open"),
     "edges-backwards": (edit("stats/hist_edges", lambda e: e.__setitem__(slice(None), e[::-1].copy())),
                         "stats/hist_edges:", "open"),
     "expert-rows-mismatch": (lambda f: rewrite(f, "experts/routed", np.array([1, 1, 1], np.int64)),

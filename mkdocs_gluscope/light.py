@@ -149,6 +149,7 @@ def encode_windows(windows: np.ndarray, counted: np.ndarray) -> tuple[float, flo
     """Windows ``[U, W]`` as codes, counted positions on the scale of the largest counted ``|value|``
     and the others (the BOS, skipped positions: often attention-sink outliers) on their own: a BOS
     value 1,000 times the rest would otherwise turn every counted value into "≈ 0"."""
+    windows = windows.astype(np.float64)
     counted_scale, other_scale = largest_magnitude(windows[counted]), largest_magnitude(windows[~counted])
     codes = np.where(counted, encode_values(windows, counted_scale), encode_values(windows, other_scale))
     return counted_scale, other_scale, codes.astype(np.int8)

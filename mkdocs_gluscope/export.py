@@ -83,7 +83,7 @@ def layer_columns(f: ActivationsFile, layer: int) -> dict[str, Any]:
     total = g("stats/sum")
     low, high = g("stats/min"), g("stats/max")
     value, doc, pos = g("top/value"), g("top/doc"), g("top/pos")  # [N, C, H, k]
-    check_places(f.where, "top", doc, pos, f.doc_offsets, label)
+    check_places(f.where, "top", doc, pos, f.doc_lengths, label)
     source = f.read("corpus/source_index") if "source_index" in f.file["corpus"] else None
     # The paper's indices are rows of the source dataset; without a recorded source, this file's documents.
     index = np.where(doc >= 0, (source[np.clip(doc, 0, None)] if source is not None else doc), -1).astype(np.int64)

@@ -269,7 +269,7 @@ def _read_block(f: ActivationsFile, row: int, neurons: slice, group: str = "") -
         block.update({f"{kind}_{name}": read(f"{kind}/{name}") for kind in EXAMPLE_GROUPS for name in EXAMPLE_PARTS})
         lists += EXAMPLE_GROUPS
     for kind in lists:
-        check_places(f.where, prefix + kind, block[f"{kind}_doc"], block[f"{kind}_pos"], f.doc_offsets, label)
+        check_places(f.where, prefix + kind, block[f"{kind}_doc"], block[f"{kind}_pos"], f.doc_lengths, label)
     return block
 
 

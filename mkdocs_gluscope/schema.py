@@ -514,17 +514,17 @@ def _check_expert_attrs(c: _Check, attrs: Mapping[str, Any], expert_layers: set[
 
 
 # -- one neuron's data, when it is read ------------------------------------------------------------
-def check_places(where: str, dataset: str, doc: np.ndarray, pos: np.ndarray, offsets: np.ndarray, label: str) -> None:
+def check_places(where: str, dataset: str, doc: np.ndarray, pos: np.ndarray, lengths: np.ndarray, label: str) -> None:
     """Every example of ``doc``/``pos`` (any shape) is an empty slot (doc -1) or a position inside its
-    document; ``label`` names the neuron (or block) in the error."""
-    n_docs = len(offsets) - 1
+    document (``lengths``: each document's tokens); ``label`` names the neuron (or block) in the error."""
+    n_docs = len(lengths)
     bad = (doc < -1) | (doc >= n_docs)
     if bad.any():
         d = int(doc[bad].flat[0])
         raise FormatError(f"{where}: {dataset}/doc of {label}: document {d}; expected -1 (an empty slot) or a "
                           f"document 0..{n_docs - 1}")
     filled = doc >= 0
-    length = np.diff(offsets)[np.where(filled, doc, 0)]
+    length = lengths[np.where(filled, doc, 0)]
     outside = filled & ((pos < 0) | (pos >= length))
     if outside.any():
         i = tuple(np.argwhere(outside)[0])

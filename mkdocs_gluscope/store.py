@@ -435,6 +435,7 @@ class ActivationsFile:
         self.attrs: dict[str, Any] = checked.attrs
         self._offsets: np.ndarray = checked.doc_offsets
         self._tokens: np.ndarray = checked.tokens
+        self._lengths: np.ndarray = np.diff(checked.doc_offsets)
         self.n_vocab = checked.n_vocab
         n_rows, self.d_mlp = self.file["stats/count"].shape[:2]
         #: Model layer of each row of the layer axis (a run may cover some layers only).
@@ -537,6 +538,11 @@ class ActivationsFile:
         return self._tokens
 
     @property
+    def doc_lengths(self) -> np.ndarray:
+        """Tokens of each document (``np.diff(doc_offsets)``)."""
+        return self._lengths
+
+    @property
     def n_docs(self) -> int:
         return len(self.doc_offsets) - 1
 
@@ -632,7 +638,7 @@ class ActivationsFile:
         label = "neuron " + neuron_id(layer, neuron, expert)
         f = lambda name: self.read(prefix + name, (row, neuron), label)  # noqa: E731
         top_doc, top_pos = f("top/doc"), f("top/pos")
-        schema.check_places(self.where, prefix + "top", top_doc, top_pos, self.doc_offsets, label)
+        schema.check_places(self.where, prefix + "top", top_doc, top_pos, self.doc_lengths, label)
         count = f("stats/count")
         schema.check_counts(self.where, prefix + "stats/count", count, self.n_tokens if routed is None else routed,
                             label, "the attribute n_tokens" if routed is None else f"{prefix}routed")
@@ -689,7 +695,7 @@ class ActivationsFile:
             out["band_edges"] = self._edges("bands/edges")
             for group in ("samples", "bands"):
                 doc, pos = f(group + "/doc"), f(group + "/pos")
-                schema.check_places(self.where, prefix + group, doc, pos, self.doc_offsets, label)
+                schema.check_places(self.where, prefix + group, doc, pos, self.doc_lengths, label)
                 window = (lambda name: f(f"{group}/{name}").astype(np.float32)) if windows else (lambda name: None)
                 out[group] = Examples(doc=doc, pos=pos, value=f(group + "/value"), gate=window("gate"),
                                       in_=window("in"), tokens=self.window_tokens(doc, pos))

@@ -29,6 +29,7 @@ from typing import Any, Mapping, Sequence
 import h5py
 import numpy as np
 
+from mkdocs_gluscope.schema import EXPLANATIONS, STRING, check_vocab_ids
 from mkdocs_gluscope.store import CASES, EXPERT_GROUPS, SHARED, ActivationsFile, _compressed, _to_attr
 
 GROUP = "explanations"
@@ -44,23 +45,13 @@ KIND_PHRASES: tuple[str, ...] = ("digits inside numbers", "the first digit of a 
                                  "capitalized words", "lowercase words", "punctuation", "line breaks", "other tokens")
 #: The explainer that needs nothing but the file (:mod:`mkdocs_gluscope.explain`), as ``method`` names it.
 METHOD_TOKENS = "tokens"
-#: Per-neuron datasets of the group: name -> (dtype, trailing shape after ``[L, N, 4]``).
+#: Per-neuron datasets of the group: name -> (dtype, trailing shape after ``[L, N, 4]``), from the
+#: format's list (:data:`mkdocs_gluscope.schema.EXPLANATIONS`) with this writer's slot counts.
+_SLOTS = {"Et": N_TOKENS, "Ec": N_CONTEXT, "Ek": len(KINDS)}
 ARRAYS: dict[str, tuple[str, tuple[int, ...]]] = {
-    "token": ("int32", (N_TOKENS,)),
-    "token_weight": ("float32", (N_TOKENS,)),
-    "previous": ("int32", (N_CONTEXT,)),
-    "previous_weight": ("float32", (N_CONTEXT,)),
-    "next": ("int32", (N_CONTEXT,)),
-    "next_weight": ("float32", (N_CONTEXT,)),
-    "kind_weight": ("float32", (len(KINDS),)),
-    "threshold": ("float32", ()),
-    "score": ("float32", ()),
-    "precision": ("float32", ()),
-    "recall": ("float32", ()),
-    "scored_positions": ("int64", ()),
-    "strong_positions": ("int64", ()),
-}
-STRINGS = ("label", "method")
+    path.split("/", 1)[1]: (dtype[0], tuple(_SLOTS[s] for s in shape[3:]))
+    for path, dtype, shape in EXPLANATIONS if dtype is not STRING}
+STRINGS = tuple(path.split("/", 1)[1] for path, dtype, _ in EXPLANATIONS if dtype is STRING)
 SCORES = ("score", "precision", "recall", "scored_positions", "strong_positions")
 
 
@@ -282,6 +273,8 @@ def read_arrays(f: ActivationsFile, group: str, row: int) -> dict[str, np.ndarra
         return None
     g = f.file[prefix + GROUP]
     out = {name: g[name][row] for name in ARRAYS}
+    for name in ("token", "previous", "next"):  # the simulator looks them up
+        check_vocab_ids(f.where, f"{prefix}{GROUP}/{name}", out[name], f.n_vocab, f"row {row}")
     for name in STRINGS:
         out[name] = g[name].asstr()[row]
     return out

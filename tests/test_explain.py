@@ -479,3 +479,27 @@ def test_export_carries_the_explanations(tmp_path):
     assert row["gate-_in-_explanation"] == "`<b>` after `quokka`"
     assert row["gate-_in-_explanation_score"] == pytest.approx(0.93)
     assert row["gate-_in-_explanation_method"] == "tokens" and row["gate-_in-_explanation_scored_positions"] == 100
+
+
+def test_an_explained_file_passes_the_schema_and_builds_both_layouts(tmp_path, capsys):
+    """schema.py checks explanations/ when present: a file gluscope explain wrote opens, `gluscope info`
+    reads it, both layouts build from it; an incomplete group or a bad `kinds` is one error line."""
+    import h5py
+
+    from sites import build_site
+
+    path = _scored(tmp_path)
+    assert main(["info", str(path)]) == 0
+    for layout in ("full", "light"):
+        site = build_site(tmp_path / layout, {"activations": str(path), "neurons": ["1.2", "0.1"], "layout": layout})
+        assert (site / "neurons/L1/N2/index.html").exists()
+    capsys.readouterr()
+    for damage, expected in ((lambda g: g.__delitem__("recall"), "explanations/recall: missing while"),
+                             (lambda g: g.attrs.__setitem__("kinds", ["one"]), "attribute kinds: ['one']; expected 8")):
+        broken = tmp_path / "broken.h5"
+        broken.write_bytes(path.read_bytes())
+        with h5py.File(broken, "a") as h:
+            damage(h["explanations"])
+        assert main(["info", str(broken)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("gluscope: error: ") and expected in err and len(err.splitlines()) == 1, err

@@ -245,24 +245,48 @@ def has_explanations(f: ActivationsFile) -> bool:
     return GROUP in f.file or any(g in f.file and GROUP in f.file[g] for g in EXPERT_GROUPS)
 
 
-def neuron_explanations(f: ActivationsFile, layer: int, neuron: int,
-                        expert: int | str | None = None) -> list[CaseExplanation] | None:
-    """The four cases' explanations of one neuron (in :data:`CASES` order), or None where the file
-    (or the neuron's group) has none. A case nobody explained has label and method ""."""
+def _group_of(f: ActivationsFile, layer: int, neuron: int,
+              expert: int | str | None) -> tuple[h5py.Group, str, int] | None:
+    """The explanations group of a neuron's layer or expert, its path prefix and the neuron's row; None
+    where that group has none."""
     if expert is None:
         prefix, row = "", f.row(layer)
     else:
         group, row = f.check_expert_neuron(layer, expert, neuron)
         prefix = group + "/"
-    if prefix + GROUP not in f.file:
+    return (f.file[prefix + GROUP], prefix, row) if prefix + GROUP in f.file else None
+
+
+def neuron_explanations(f: ActivationsFile, layer: int, neuron: int,
+                        expert: int | str | None = None) -> list[CaseExplanation] | None:
+    """The four cases' explanations of one neuron (in :data:`CASES` order), or None where the file
+    (or the neuron's group) has none. A case nobody explained has label and method ""."""
+    found = _group_of(f, layer, neuron, expert)
+    if found is None:
         return None
-    g = f.file[prefix + GROUP]
+    g, _, row = found
     label, method = g["label"].asstr()[row, neuron], g["method"].asstr()[row, neuron]
     values = {name: g[name][row, neuron] for name in ("score", "precision", "recall", "scored_positions")}
     return [CaseExplanation(case=CASES[c], label=str(label[c]), method=str(method[c]),
                             score=float(values["score"][c]), precision=float(values["precision"][c]),
                             recall=float(values["recall"][c]), scored_positions=int(values["scored_positions"][c]))
             for c in range(len(CASES))]
+
+
+def table_labels(f: ActivationsFile, layer: int, start: int, stop: int,
+                 expert: int | str | None = None) -> list[list[list | None]] | None:
+    """What a table row shows of neurons ``start .. stop-1`` of a layer (or an expert): per neuron, per
+    case, ``[label, score]`` (the score to 2 digits, None where not scored) or None where the case has no
+    label; None where the group has no explanations. Two reads, whatever the range (the light layout's
+    layer tables and search take it for every neuron)."""
+    found = _group_of(f, layer, start, expert)
+    if found is None:
+        return None
+    g, prefix, row = found
+    labels = g["label"].asstr()[row, start:stop]
+    scores = f.read(f"{prefix}{GROUP}/score", (row, slice(start, stop)), f"layer {layer}")
+    return [[[str(label), round(float(score), 2) if np.isfinite(score) else None] if label else None
+             for label, score in zip(labels[i], scores[i])] for i in range(len(labels))]
 
 
 def read_arrays(f: ActivationsFile, group: str, row: int) -> dict[str, np.ndarray] | None:

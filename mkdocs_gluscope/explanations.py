@@ -261,16 +261,26 @@ def neuron_explanations(f: ActivationsFile, layer: int, neuron: int,
                         expert: int | str | None = None) -> list[CaseExplanation] | None:
     """The four cases' explanations of one neuron (in :data:`CASES` order), or None where the file
     (or the neuron's group) has none. A case nobody explained has label and method ""."""
-    found = _group_of(f, layer, neuron, expert)
+    found = block_explanations(f, layer, neuron, neuron + 1, expert)
+    return None if found is None else found[0]
+
+
+def block_explanations(f: ActivationsFile, layer: int, start: int, stop: int,
+                       expert: int | str | None = None) -> list[list[CaseExplanation]] | None:
+    """:func:`neuron_explanations` of neurons ``start .. stop-1``, each dataset read once."""
+    found = _group_of(f, layer, start, expert)
     if found is None:
         return None
-    g, _, row = found
-    label, method = g["label"].asstr()[row, neuron], g["method"].asstr()[row, neuron]
-    values = {name: g[name][row, neuron] for name in ("score", "precision", "recall", "scored_positions")}
-    return [CaseExplanation(case=CASES[c], label=str(label[c]), method=str(method[c]),
-                            score=float(values["score"][c]), precision=float(values["precision"][c]),
-                            recall=float(values["recall"][c]), scored_positions=int(values["scored_positions"][c]))
-            for c in range(len(CASES))]
+    g, prefix, row = found
+    part = (row, slice(start, stop))
+    label, method = g["label"].asstr()[part], g["method"].asstr()[part]
+    values = {name: f.read(f"{prefix}{GROUP}/{name}", part, f"layer {layer}")
+              for name in ("score", "precision", "recall", "scored_positions")}
+    return [[CaseExplanation(case=CASES[c], label=str(label[i, c]), method=str(method[i, c]),
+                             score=float(values["score"][i, c]), precision=float(values["precision"][i, c]),
+                             recall=float(values["recall"][i, c]),
+                             scored_positions=int(values["scored_positions"][i, c]))
+             for c in range(len(CASES))] for i in range(stop - start)]
 
 
 def table_labels(f: ActivationsFile, layer: int, start: int, stop: int,

@@ -168,7 +168,7 @@ def test_merge_of_two_halves_equals_whole_with_distributions():
     first = run(docs[:6], 3, 0, 4, 3, 2)
     second = run(docs[6:], 3, 0, 4, 3, 2, doc_offset=6)
     merged = merge_stats(first, second)
-    for name in ("hist_joint", "hist_outputs", "sample_key", "sample_doc", "sample_pos", "band_key",
+    for name in ("hist", "density", "sample_key", "sample_doc", "sample_pos", "band_key",
                  "band_doc", "band_pos"):
         assert torch.equal(getattr(merged, name), getattr(whole, name)), name
     for name in ("sample_value", "sample_gate", "band_value", "band_in"):

@@ -1,0 +1,530 @@
+// One pass over a layer-batch's hooks on the CPU: every statistic of collect.stats.reduce_batch,
+// the histograms and the random examples' candidates, fused (collect/fused.py calls it).
+//
+// Built by `pip install` as an optional extension (setup.py): plain CPython, no torch or numpy at
+// build time; tensors arrive as raw pointers with their strides. Where it is absent (no C++
+// compiler), collect falls back to the torch code, which computes the same values (tests compare
+// them value by value).
+//
+// Layout: hooks [B, T, N] (neurons contiguous) in float32 or bfloat16, in HOOKS order (post, in,
+// gate, swish). Lanes are 8 consecutive neurons (GCC vector extensions: AVX2 where the CPU has it,
+// chosen at run time by target_clones; SSE2 otherwise); a block of neurons is read position by
+// position, so that its accumulators stay in L1 and its histograms in L2.
+//
+// Definitions (as reduce_batch): a counted position where any hook is NaN or infinite counts in
+// `nonfinite` (by case, or "no case") and nowhere else; a position is in case c by the strict signs
+// of gate and in; per document and (case, hook): the count, the float32 sum, the largest |value|
+// and its earliest position, the smallest |value|.
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+typedef float vf __attribute__((vector_size(32)));
+typedef int32_t vi __attribute__((vector_size(32)));
+
+static const int C = 4, H = 4, NBINS = 22, DH = 12, R = 5, L = 8;
+#ifndef CHUNK
+#define CHUNK 32
+#endif
+static const int64_t EMPTY_PRIORITY = INT64_MAX;
+// Histogram bin of |value| from its float32 exponent field (mkdocs_gluscope.distributions): bin 0
+// below 2**-10, bin j for 2**(j-11) <= |v| < 2**(j-10), bin 21 from 2**10 up.
+static const int HIST_BIAS = 127 - 10 - 1;
+// Density cell (per sign) of each histogram bin, and band of |post| of each bin.
+static const int8_t DENSITY_OF_BIN[NBINS] = {0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11};
+static const int8_t BAND_OF_BIN[NBINS] = {0, 0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 4, 4, 4, 4, 4};
+
+struct Args {
+    int64_t B, T, N, n0, n1, block;
+    int bf16;
+    const char* hook[H];
+    int64_t hook_sb[H], hook_st[H];  // element strides of b and t (n is contiguous)
+    const uint8_t* valid;
+    int64_t valid_sb, valid_st, valid_sn;  // valid_sn 0: one mask for every neuron
+    // outputs, [B, N, C] and [B, N, C, H]
+    int32_t* doc_count;
+    float* doc_sum;
+    float* doc_max;
+    float* doc_min;
+    int32_t* doc_pos;
+    int64_t* nonfinite;  // [N, C + 1], added to
+    // distributions (NULL without): tables added to, priorities, thresholds and candidates
+    int32_t* hist;  // [N, C, H, NBINS]
+    int32_t* dens;  // [N, C, DH, DH]
+    const int64_t* prio;  // [B, T]
+    const int64_t* doc_id;  // [B]
+    const int64_t* limit_s;  // [N, C]: each case list's last priority; a position enters only below it
+    const int64_t* limit_b;  // [N, C, R]: the same for each (case, band) list
+    int64_t* cand_s_key;  // [N, C, S] ascending, EMPTY_PRIORITY in empty slots
+    int32_t* cand_s_b;
+    int32_t* cand_s_t;
+    int64_t* cand_b_key;  // [N, C, R, S2]
+    int32_t* cand_b_b;
+    int32_t* cand_b_t;
+    int64_t S, S2;
+};
+
+static inline float load_scalar(const char* base, int64_t i, int bf16) {
+    if (bf16) {
+        uint32_t bits = (uint32_t)((const uint16_t*)base)[i] << 16;
+        float f;
+        std::memcpy(&f, &bits, 4);
+        return f;
+    }
+    return ((const float*)base)[i];
+}
+
+// 8 lanes from base[i..i+8) (all of them inside the tensor).
+static inline __attribute__((always_inline)) vf load8(const char* base, int64_t i, int bf16) {
+    if (bf16) {
+        typedef uint16_t vh __attribute__((vector_size(16)));
+        vh h;
+        std::memcpy(&h, (const uint16_t*)base + i, 16);
+        vi w = __builtin_convertvector(h, vi) << 16;
+        return (vf)w;
+    }
+    vf v;
+    std::memcpy(&v, (const float*)base + i, 32);
+    return v;
+}
+
+// Insert (key, doc, t) into an ascending list of `size` entries (order: key, then document, then
+// position), the last one dropped; lowers *thr to the list's last key once it is full.
+static void insert(int64_t* keys, int32_t* bs, int32_t* ts, int64_t size, int64_t* thr, int64_t key, int32_t b,
+                   int32_t t, const int64_t* doc_id) {
+    int64_t j = size - 1;
+    auto before = [&](int64_t i) {  // the new entry sorts before entry i
+        if (keys[i] == EMPTY_PRIORITY) return true;
+        if (key != keys[i]) return key < keys[i];
+        if (doc_id[b] != doc_id[bs[i]]) return doc_id[b] < doc_id[bs[i]];
+        return t < ts[i];
+    };
+    if (!before(j)) return;
+    while (j > 0 && before(j - 1)) {
+        keys[j] = keys[j - 1];
+        bs[j] = bs[j - 1];
+        ts[j] = ts[j - 1];
+        --j;
+    }
+    keys[j] = key;
+    bs[j] = b;
+    ts[j] = t;
+    if (keys[size - 1] != EMPTY_PRIORITY && keys[size - 1] < *thr) *thr = keys[size - 1];
+}
+
+struct Acc {  // one document's accumulators for 8 lanes; max and min as |value| + 1 in integers
+    vi count[C];
+    vf sum[C][H];
+    vi max[C][H], min[C][H], pos[C][H];
+};
+
+static inline __attribute__((always_inline)) bool any(vi m) {
+    typedef uint64_t vq __attribute__((vector_size(32)));
+    const vq q = (vq)m;
+    return (q[0] | q[1] | q[2] | q[3]) != 0;
+}
+
+// Narrow counters per neuron: the joint (gate bin, in bin) and (post bin, act(gate) bin) tables of
+// each case, and a last slot for the lanes in no case. A position adds to two of them; the
+// histograms and the density the file stores are their sums (flush).
+static const int JOINT = NBINS * NBINS, PER_NEURON = 2 * C * JOINT + 1, NO_CASE = 2 * C * JOINT;
+
+__attribute__((target_clones("avx2", "default")))
+static void kernel(const Args& a) {
+    const vf zero = {0, 0, 0, 0, 0, 0, 0, 0};
+    const vi lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    const vi none = lane * 0;
+    const vi abs_mask = none + 0x7fffffff;
+    const int64_t B = a.B, T = a.T, N = a.N, n0 = a.n0, n1 = a.n1, block = (a.block + L - 1) / L * L;
+    const int bf16 = a.bf16, width_bytes = bf16 ? 2 : 4;
+    const char* hook[H];
+    int64_t hook_sb[H], hook_st[H];
+    for (int h = 0; h < H; ++h) hook[h] = a.hook[h], hook_sb[h] = a.hook_sb[h], hook_st[h] = a.hook_st[h];
+    const uint8_t* valid = a.valid;
+    const int64_t valid_sb = a.valid_sb, valid_st = a.valid_st, valid_sn = a.valid_sn;
+    const bool dist = a.hist != nullptr;
+    const bool examples = a.prio != nullptr;
+    const int64_t groups = (n1 - n0 + L - 1) / L;
+    Acc* acc = new Acc[groups];
+    // Each list's current bar for this range's neurons: its limit, lowered to the priority of the
+    // last of the batch's candidates once the list's candidates fill it (ties then go by document
+    // and position: insert).
+    int64_t* thr_s = examples ? new int64_t[(n1 - n0) * C] : nullptr;
+    int64_t* thr_b = examples ? new int64_t[(n1 - n0) * C * R] : nullptr;
+    if (examples) {
+        std::memcpy(thr_s, a.limit_s + n0 * C, sizeof(int64_t) * (n1 - n0) * C);
+        std::memcpy(thr_b, a.limit_b + n0 * C * R, sizeof(int64_t) * (n1 - n0) * C * R);
+    }
+    struct Slot {
+        vf v[H];
+        vi m[C];
+        vi code;  // case * 8 + band of |post|, for the random examples
+        vi hit;  // lanes that may enter a random-example list (a superset)
+        int32_t t;
+    };
+    Slot* tile = new Slot[CHUNK];  // one group's values and case masks over a chunk of positions
+    // Per group and position of the document: each lane's two counters (low and high 16 bits).
+    vi* codes = dist ? new vi[groups * B * T] : nullptr;
+    int32_t* counted = new int32_t[B * T];  // each document's counted positions
+    int64_t* n_counted_of = new int64_t[B];
+    uint16_t* local = dist ? new uint16_t[(n1 - n0) * PER_NEURON]() : nullptr;
+    auto flush = [&]() {
+        for (int64_t n = n0; n < n1; ++n) {
+            const uint16_t* joint = local + (n - n0) * PER_NEURON;
+            int32_t* hist = a.hist + n * C * H * NBINS;  // [C, H, NBINS], hooks post, in, gate, swish
+            int32_t* dens = a.dens + n * C * DH * DH;
+            for (int c = 0; c < C; ++c) {
+                const uint16_t* gi = joint + c * JOINT;
+                const uint16_t* ps = joint + (C + c) * JOINT;
+                int32_t* hc = hist + c * H * NBINS;
+                for (int i = 0; i < NBINS; ++i) {
+                    for (int j = 0; j < NBINS; ++j) {
+                        const int32_t x = gi[i * NBINS + j], y = ps[i * NBINS + j];
+                        if (x) {  // gate bin i, in bin j
+                            hc[2 * NBINS + i] += x;
+                            hc[1 * NBINS + j] += x;
+                            dens[(c * DH + ((i + 1) >> 1)) * DH + ((j + 1) >> 1)] += x;
+                        }
+                        if (y) {  // post bin i, act(gate) bin j
+                            hc[i] += y;
+                            hc[3 * NBINS + j] += y;
+                        }
+                    }
+                }
+            }
+        }
+        std::memset(local, 0, sizeof(uint16_t) * (n1 - n0) * PER_NEURON);
+    };
+    for (int64_t b = 0; b < B; ++b) {
+        for (int64_t g = 0; g < groups; ++g) {
+            Acc& x = acc[g];
+            for (int c = 0; c < C; ++c) {
+                x.count[c] = none;
+                for (int h = 0; h < H; ++h) {
+                    x.sum[c][h] = zero;
+                    x.max[c][h] = none;
+                    x.min[c][h] = none + INT32_MAX;
+                    x.pos[c][h] = none;
+                }
+            }
+        }
+        int32_t* counted_b = counted + b * T;
+        int64_t n_counted = 0;
+        for (int64_t t = 0; t < T; ++t)
+            if (valid_sn != 0 || valid[b * valid_sb + t * valid_st]) counted_b[n_counted++] = (int32_t)t;
+        n_counted_of[b] = n_counted;
+        // Positions a chunk at a time, and within a chunk one block of neurons after another: a
+        // position's neurons are a row of N values (a page or more), so a block read position by
+        // position would wait for a page walk at every position; the chunk's pages are walked once.
+        for (int64_t c0 = 0; c0 < n_counted; c0 += CHUNK) {
+            const int64_t c1 = c0 + CHUNK < n_counted ? c0 + CHUNK : n_counted;
+            for (int64_t s0 = n0; s0 < n1; s0 += block) {
+                const int64_t s1 = s0 + block < n1 ? s0 + block : n1;
+                for (int64_t n = s0; n < s1; n += L) {
+                    const int64_t width = s1 - n < L ? s1 - n : L;
+                    const int64_t g = (n - n0) / L;
+                    Acc& x = acc[g];
+                    vi count[C] = {none, none, none, none};
+                    vi bad_any = none, hits = none;
+                    // Per lane: which of its 24 lists are not full yet (bit case * 6 + band, and
+                    // case * 6 + 5 for the case's list), and the largest limit of the full ones, in
+                    // its top 32 bits (limits only fall during the batch: this stays a bound).
+                    vi lanes_open = none, lanes_limit = none - 1;
+                    if (examples) {
+                        for (int64_t j = 0; j < width; ++j) {
+                            int32_t open = 0;
+                            int64_t limit = -1;
+                            for (int c = 0; c < C; ++c) {
+                                for (int r = 0; r <= R; ++r) {
+                                    const int64_t lim = r < R ? thr_b[((n + j - n0) * C + c) * R + r] : thr_s[(n + j - n0) * C + c];
+                                    if (lim == EMPTY_PRIORITY) open |= 1 << (c * 6 + r);
+                                    else if (lim > limit) limit = lim;
+                                }
+                            }
+                            lanes_open[j] = open;
+                            lanes_limit[j] = limit < 0 ? -1 : (int32_t)(limit >> 31);
+                        }
+                    }
+                    // First the chunk's values, their cases, counts, bins and candidates ...
+                    const int64_t k = c1 - c0;
+                    for (int64_t i = 0; i < k; ++i) {
+                        const int64_t t = counted_b[c0 + i];
+                        Slot& here = tile[i];
+                        here.t = (int32_t)t;
+                        // The values two groups on (the next cache line of this row), requested now:
+                        // rows lie N values apart, too far apart for the hardware to guess.
+                        if (n + 2 * L < n1)
+                            for (int h = 0; h < H; ++h)
+                                __builtin_prefetch(hook[h] + (b * hook_sb[h] + t * hook_st[h] + n + 2 * L) * width_bytes);
+                        vf* v = here.v;
+                        vi live = lane < (int32_t)width;
+                        for (int h = 0; h < H; ++h) {
+                            const int64_t at = b * hook_sb[h] + t * hook_st[h] + n;
+                            if (width == L) {
+                                v[h] = load8(hook[h], at, bf16);
+                            } else {
+                                float tmp[L] = {0, 0, 0, 0, 0, 0, 0, 0};
+                                for (int j = 0; j < width; ++j) tmp[j] = load_scalar(hook[h], at + j, bf16);
+                                std::memcpy(&v[h], tmp, 32);
+                            }
+                        }
+                        if (valid_sn != 0) {
+                            const uint8_t* valid_row = valid + b * valid_sb + t * valid_st;
+                            int32_t tmp[L] = {0, 0, 0, 0, 0, 0, 0, 0};
+                            for (int j = 0; j < width; ++j) tmp[j] = valid_row[(n + j) * valid_sn] ? -1 : 0;
+                            vi m;
+                            std::memcpy(&m, tmp, 32);
+                            live &= m;
+                        }
+                        const vf gate = v[2], in = v[1];
+                        // x * 0 is NaN exactly where x is NaN or infinite: such lanes count nowhere
+                        // but in nonfinite (counted below, in the rare chunk that has any).
+                        const vf z = v[0] * 0.0f + v[1] * 0.0f + v[2] * 0.0f + v[3] * 0.0f;
+                        const vi bad = (z != z) & live;
+                        bad_any |= bad;
+                        live &= ~bad;
+                        const vi gp = gate > 0.0f, gn = gate < 0.0f, ip = in > 0.0f, in_neg = in < 0.0f;
+                        vi* m = here.m;
+                        m[0] = gp & ip & live;
+                        m[1] = gp & in_neg & live;
+                        m[2] = gn & ip & live;
+                        m[3] = gn & in_neg & live;
+                        for (int c = 0; c < C; ++c) count[c] -= m[c];
+                        if (!dist) continue;
+                        // Bins: the exponent field, clamped.
+                        const vi in_any = m[0] | m[1] | m[2] | m[3];
+                        vi bin[H];
+                        for (int h = 0; h < H; ++h) {
+                            vi e = (((vi)v[h] & abs_mask) >> 23) - HIST_BIAS;
+                            e = e < 0 ? none : e;
+                            bin[h] = e > NBINS - 1 ? none + (NBINS - 1) : e;
+                        }
+                        const vi cv = (gn & 2) | (in_neg & 1);
+                        const vi joint = cv * JOINT;
+                        const vi both = (joint + bin[2] * NBINS + bin[1]) |
+                                        ((joint + C * JOINT + bin[0] * NBINS + bin[3]) << 16);
+                        codes[(g * B + b) * T + t] = in_any ? both : none + (NO_CASE | NO_CASE << 16);
+                        if (!examples) continue;
+                        // A lane may enter its case's list or its (case, band) list: below the
+                        // largest limit of its full lists, or into one of its lists not yet full.
+                        const vi band = -((bin[0] >= 5) + (bin[0] >= 8) + (bin[0] >= 11) + (bin[0] >= 14));
+                        here.code = cv * 8 + band;
+                        const int32_t p_hi = (int32_t)(a.prio[b * T + t] >> 31);
+                        const vi open = (vi)((1 << (cv * 6 + 5)) | (1 << (cv * 6 + band)));
+                        here.hit = in_any & (((open & lanes_open) != 0) | ((none + p_hi) <= lanes_limit));
+                        hits |= here.hit;
+                    }
+                    for (int c = 0; c < C; ++c) x.count[c] += count[c];
+                    if (examples && any(hits)) {
+                        for (int64_t i = 0; i < k; ++i) {
+                            if (!any(tile[i].hit)) continue;
+                            const int32_t t = tile[i].t;
+                            const int64_t p = a.prio[b * T + t];
+                            for (int j = 0; j < width; ++j) {
+                                if (!tile[i].hit[j]) continue;
+                                const int64_t list = (n + j) * C + tile[i].code[j] / 8;
+                                const int64_t bl = list * R + tile[i].code[j] % 8;
+                                const int64_t at = list - n0 * C, bat = bl - n0 * C * R;
+                                if (p < a.limit_s[list] && p <= thr_s[at])
+                                    insert(a.cand_s_key + list * a.S, a.cand_s_b + list * a.S,
+                                           a.cand_s_t + list * a.S, a.S, thr_s + at, p, (int32_t)b, t, a.doc_id);
+                                if (p < a.limit_b[bl] && p <= thr_b[bat])
+                                    insert(a.cand_b_key + bl * a.S2, a.cand_b_b + bl * a.S2, a.cand_b_t + bl * a.S2,
+                                           a.S2, thr_b + bat, p, (int32_t)b, t, a.doc_id);
+                            }
+                        }
+                    }
+                    if (__builtin_expect(any(bad_any), 0)) {
+                        for (int64_t i = 0; i < k; ++i) {
+                            const int64_t t = tile[i].t;
+                            const uint8_t* valid_row = valid + b * valid_sb + t * valid_st;
+                            for (int64_t j = 0; j < width; ++j) {
+                                if (!valid_row[valid_sn * (n + j)]) continue;
+                                float y[H];
+                                for (int h = 0; h < H; ++h)
+                                    y[h] = load_scalar(hook[h], b * hook_sb[h] + t * hook_st[h] + n + j, bf16);
+                                if (std::isfinite(y[0]) && std::isfinite(y[1]) && std::isfinite(y[2]) &&
+                                    std::isfinite(y[3]))
+                                    continue;
+                                int col = 4;  // no case: a NaN or a zero in gate or in
+                                if ((y[2] > 0 || y[2] < 0) && (y[1] > 0 || y[1] < 0))
+                                    col = (y[2] < 0) * 2 + (y[1] < 0);
+                                a.nonfinite[(n + j) * (C + 1) + col] += 1;
+                            }
+                        }
+                    }
+                    // ... then each hook over the chunk: sums, and the extremes of each pair of
+                    // cases, their accumulators in registers. The extremes in integers: |value| + 1
+                    // (its bits order like the value; 0 stands for "no position"), so that a lane
+                    // outside the case is a 0 for the maximum and INT32_MAX for the minimum.
+                    for (int h = 0; h < H; ++h) {
+                        vf sm0 = x.sum[0][h], sm1 = x.sum[1][h], sm2 = x.sum[2][h], sm3 = x.sum[3][h];
+                        for (int64_t i = 0; i < k; ++i) {
+                            const vi val = (vi)tile[i].v[h];
+                            sm0 += (vf)(val & tile[i].m[0]);
+                            sm1 += (vf)(val & tile[i].m[1]);
+                            sm2 += (vf)(val & tile[i].m[2]);
+                            sm3 += (vf)(val & tile[i].m[3]);
+                        }
+                        x.sum[0][h] = sm0, x.sum[1][h] = sm1, x.sum[2][h] = sm2, x.sum[3][h] = sm3;
+                        for (int c0 = 0; c0 < C; c0 += 2) {
+                            vi mx0 = x.max[c0][h], mx1 = x.max[c0 + 1][h];
+                            vi mn0 = x.min[c0][h], mn1 = x.min[c0 + 1][h];
+                            vi ps0 = x.pos[c0][h], ps1 = x.pos[c0 + 1][h];
+                            for (int64_t i = 0; i < k; ++i) {
+                                const vi key = ((vi)tile[i].v[h] & abs_mask) + 1;
+                                const vi tv = none + tile[i].t;
+                                const vi m0 = tile[i].m[c0], m1 = tile[i].m[c0 + 1];
+                                const vi k0 = key & m0, k1 = key & m1;
+                                const vi hi0 = k0 > mx0, hi1 = k1 > mx1;
+                                mx0 = hi0 ? k0 : mx0;
+                                mx1 = hi1 ? k1 : mx1;
+                                ps0 = hi0 ? tv : ps0;
+                                ps1 = hi1 ? tv : ps1;
+                                const vi lo0 = key | (~m0 & INT32_MAX), lo1 = key | (~m1 & INT32_MAX);
+                                mn0 = lo0 < mn0 ? lo0 : mn0;
+                                mn1 = lo1 < mn1 ? lo1 : mn1;
+                            }
+                            x.max[c0][h] = mx0, x.max[c0 + 1][h] = mx1;
+                            x.min[c0][h] = mn0, x.min[c0 + 1][h] = mn1;
+                            x.pos[c0][h] = ps0, x.pos[c0 + 1][h] = ps1;
+                        }
+                    }
+                }
+            }
+        }
+        // The document's accumulators out, [B, N, C(, H)].
+        for (int64_t g = 0; g < groups; ++g) {
+            const Acc& x = acc[g];
+            const int64_t n = n0 + g * L;
+            const int64_t width = n1 - n < L ? n1 - n : L;
+            for (int64_t j = 0; j < width; ++j) {
+                const int64_t row = (b * N + n + j) * C;
+                for (int c = 0; c < C; ++c) {
+                    a.doc_count[row + c] = x.count[c][j];
+                    for (int h = 0; h < H; ++h) {
+                        const int64_t o = (row + c) * H + h;
+                        a.doc_sum[o] = x.sum[c][h][j];
+                        const int32_t most = x.max[c][h][j] - 1, least = x.min[c][h][j] - 1;
+                        float f;
+                        std::memcpy(&f, &most, 4);
+                        a.doc_max[o] = most < 0 ? -1.0f : f;  // EMPTY where the case has no position
+                        std::memcpy(&f, &least, 4);
+                        a.doc_min[o] = most < 0 ? INFINITY : f;
+                        a.doc_pos[o] = x.pos[c][h][j];
+                    }
+                }
+            }
+        }
+    }
+    // The batch's counters, a group of neurons at a time: their narrow counters stay in cache
+    // while the positions add to them (documents in runs of at most 65535 positions between
+    // flushes, so that no narrow counter overflows).
+    for (int64_t first = 0; dist && first < B;) {
+        int64_t last = first, positions = n_counted_of[first];
+        while (last + 1 < B && positions + n_counted_of[last + 1] <= 65535) positions += n_counted_of[++last];
+        for (int64_t g = 0; g < groups; ++g) {
+            uint16_t* base = local + g * L * PER_NEURON;
+            const int64_t width = n1 - (n0 + g * L) < L ? n1 - (n0 + g * L) : L;
+            for (int64_t b = first; b <= last; ++b) {
+                const vi* code = codes + (g * B + b) * T;
+                const int32_t* counted_b = counted + b * T;
+                for (int64_t i = 0; i < n_counted_of[b]; ++i) {
+                    const vi both = code[counted_b[i]];
+                    for (int j = 0; j < width; ++j) {
+                        const uint32_t c = (uint32_t)both[j];
+                        base[j * PER_NEURON + (c & 0xffff)] += 1;
+                        base[j * PER_NEURON + (c >> 16)] += 1;
+                    }
+                }
+            }
+        }
+        flush();
+        first = last + 1;
+    }
+    delete[] acc;
+    delete[] tile;
+    delete[] codes;
+    delete[] counted;
+    delete[] thr_s;
+    delete[] thr_b;
+    delete[] n_counted_of;
+    delete[] local;
+}
+
+static void* ptr(PyObject* list, Py_ssize_t i) {
+    return PyLong_AsVoidPtr(PyList_GET_ITEM(list, i));
+}
+
+static int64_t num(PyObject* list, Py_ssize_t i) {
+    return PyLong_AsLongLong(PyList_GET_ITEM(list, i));
+}
+
+// layer_batch(pointers: list[int], sizes: list[int]): see collect/fused.py for the order.
+static PyObject* layer_batch(PyObject*, PyObject* args) {
+    PyObject *p, *s;
+    if (!PyArg_ParseTuple(args, "O!O!", &PyList_Type, &p, &PyList_Type, &s)) return nullptr;
+    if (PyList_GET_SIZE(p) != 23 || PyList_GET_SIZE(s) != 20) {
+        PyErr_SetString(PyExc_ValueError, "layer_batch: expected 23 pointers and 20 sizes");
+        return nullptr;
+    }
+    Args a;
+    for (int h = 0; h < H; ++h) a.hook[h] = (const char*)ptr(p, h);
+    a.valid = (const uint8_t*)ptr(p, 4);
+    a.doc_count = (int32_t*)ptr(p, 5);
+    a.doc_sum = (float*)ptr(p, 6);
+    a.doc_max = (float*)ptr(p, 7);
+    a.doc_min = (float*)ptr(p, 8);
+    a.doc_pos = (int32_t*)ptr(p, 9);
+    a.nonfinite = (int64_t*)ptr(p, 10);
+    a.hist = (int32_t*)ptr(p, 11);
+    a.dens = (int32_t*)ptr(p, 12);
+    a.prio = (const int64_t*)ptr(p, 13);
+    a.doc_id = (const int64_t*)ptr(p, 14);
+    a.limit_s = (const int64_t*)ptr(p, 15);
+    a.limit_b = (const int64_t*)ptr(p, 16);
+    a.cand_s_key = (int64_t*)ptr(p, 17);
+    a.cand_s_b = (int32_t*)ptr(p, 18);
+    a.cand_s_t = (int32_t*)ptr(p, 19);
+    a.cand_b_key = (int64_t*)ptr(p, 20);
+    a.cand_b_b = (int32_t*)ptr(p, 21);
+    a.cand_b_t = (int32_t*)ptr(p, 22);
+    a.B = num(s, 0);
+    a.T = num(s, 1);
+    a.N = num(s, 2);
+    a.n0 = num(s, 3);
+    a.n1 = num(s, 4);
+    a.block = num(s, 5);
+    a.bf16 = (int)num(s, 6);
+    for (int h = 0; h < H; ++h) {
+        a.hook_sb[h] = num(s, 7 + 2 * h);
+        a.hook_st[h] = num(s, 8 + 2 * h);
+    }
+    a.valid_sb = num(s, 15);
+    a.valid_st = num(s, 16);
+    a.valid_sn = num(s, 17);
+    a.S = num(s, 18);
+    a.S2 = num(s, 19);
+    if (PyErr_Occurred()) return nullptr;
+    if ((a.hist == nullptr) != (a.dens == nullptr) || (a.prio != nullptr && a.hist == nullptr) || a.block < 1) {
+        PyErr_SetString(PyExc_ValueError, "layer_batch: inconsistent arguments");
+        return nullptr;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    kernel(a);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"layer_batch", layer_batch, METH_VARARGS, "One layer-batch's fused statistics (see collect/fused.py)."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fused", nullptr, -1, methods};
+
+PyMODINIT_FUNC PyInit__fused(void) { return PyModule_Create(&module); }

@@ -1,0 +1,131 @@
+"""The CPU's statistics in one pass: the C++ kernel ``collect/_fused.cpp``, called on the hooks' memory.
+
+``torch.compile`` fuses :func:`collect.stats.reduce_batch` into one loop, but on a CPU the
+histograms and the random examples then need passes of their own, and the compiled loop computes
+every case's reductions for every value. The kernel reads each value once and does all of it: the
+per-document counts, sums and extremes of :func:`~collect.stats.reduce_batch` (non-finite values
+counted apart, as its exact path does), the histograms (narrow counters per block of neurons,
+flushed into the tables), and for each random-example list the batch's positions that may enter it
+(:class:`Candidates`). Neurons are split among ``torch.get_num_threads()`` threads.
+
+The kernel is an optional part of the install (``setup.py``); :func:`available` says whether it was
+built. Without it collection runs the torch code, which gives the same values (the tests compare
+both, value by value, and collection checks the kernel against it at run time:
+:mod:`collect.compiled`).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import torch
+
+from collect.stats import (N_CASES, N_HOOKS, BatchDistributions, BatchReduction, Candidates, LayerStats, from_documents,
+                           list_limits)
+
+try:
+    from collect import _fused
+except ImportError:  # not built: no C++ compiler at install time, or a source checkout
+    _fused = None
+
+#: Neurons a thread reads position by position: their accumulators stay in L1, their narrow
+#: histogram counters in L2 (bench/fused_kernel.py measured 32 to 128 alike on a 2-core EPYC).
+BLOCK = 64
+
+
+def available() -> bool:
+    """Whether the C++ kernel was built with this install."""
+    return _fused is not None
+
+
+def supports(*hooks: torch.Tensor) -> bool:
+    """Whether the kernel can read these hooks: CPU tensors of one float dtype it knows, neurons
+    contiguous (float16 is converted by the caller)."""
+    return all(h.device.type == "cpu" and h.dtype in (torch.float32, torch.bfloat16, torch.float16) and h.dim() == 3
+               for h in hooks)
+
+
+def reduce_and_bin(stats: LayerStats, gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor,
+                   swish: torch.Tensor, valid: torch.Tensor, *, prio: torch.Tensor | None = None,
+                   doc_ids: torch.Tensor | None = None,
+                   threads: int | None = None) -> tuple[BatchReduction, BatchDistributions | None]:
+    """One layer-batch through the kernel, for :func:`collect.stats.update_stats`: its reduction
+    (exact: non-finite values counted apart, ``suspect`` never set) and, where ``stats`` has
+    distributions, its :class:`~collect.stats.BatchDistributions`, whose histograms the kernel has
+    added to ``stats`` already (so the batch must then be added as it is). ``gate``, ``in_``,
+    ``post``, ``swish``: ``[B, T, N]``; ``valid``: ``[B, T]`` or ``[B, T, N]`` bool; ``prio``: ``[B, T]``
+    sampling priorities and ``doc_ids`` ``[B]`` the rows' documents (with distributions)."""
+    if not stats.has_distributions:
+        return layer_batch(gate, in_, post, swish, valid, threads=threads)[0], None
+    limit_s, limit_b = list_limits(stats)
+    reduced, candidates = layer_batch(gate, in_, post, swish, valid, hist=stats.hist, density=stats.density,
+                                      prio=prio, doc_ids=doc_ids, sample_limit=limit_s, band_limit=limit_b,
+                                      list_sizes=(stats.sample_key.shape[-1], stats.band_key.shape[-1]),
+                                      threads=threads)
+    return reduced, BatchDistributions(candidates)
+
+
+def layer_batch(gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor, swish: torch.Tensor, valid: torch.Tensor,
+                *, hist: torch.Tensor | None = None, density: torch.Tensor | None = None,
+                prio: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
+                sample_limit: torch.Tensor | None = None, band_limit: torch.Tensor | None = None,
+                list_sizes: tuple[int, int] = (0, 0), threads: int | None = None) -> tuple[BatchReduction, Candidates | None]:
+    """One layer-batch through the kernel. ``gate``, ``in_``, ``post``, ``swish``: ``[B, T, N]``;
+    ``valid``: ``[B, T]`` or ``[B, T, N]`` bool. Returns the batch's reduction (exact: ``suspect`` is
+    never set) and, with ``prio``, the random examples' candidates.
+
+    ``hist`` ``[N, C, H, B]`` and ``density`` ``[N, C, G/2, G/2]`` (int32, the quadrant of each case):
+    the histogram tables, added to in place. ``prio`` ``[B, T]`` int64, ``doc_ids`` ``[B]``: the
+    positions' sampling priorities and the rows' documents; ``sample_limit`` ``[N, C]`` and
+    ``band_limit`` ``[N, C, R]``: each list's last priority (a position enters only below it);
+    ``list_sizes``: the lists' lengths (S, S2)."""
+    if _fused is None:
+        raise RuntimeError("collect._fused was not built")
+    hooks = [h if h.dtype != torch.float16 else h.float() for h in (post, in_, gate, swish)]
+    dtype = hooks[0].dtype
+    hooks = [h.to(dtype) if h.dtype != dtype else h for h in hooks]
+    hooks = [h if h.stride(-1) == 1 else h.contiguous() for h in hooks]
+    b, t, n = hooks[0].shape
+    valid = valid.to(torch.uint8)
+    valid_strides = valid.stride() if valid.dim() == 3 else valid.stride() + (0,)
+    doc_count = torch.empty(b, n, N_CASES, dtype=torch.int32)
+    doc_sum, doc_max, doc_min = (torch.empty(b, n, N_CASES, N_HOOKS) for _ in range(3))
+    doc_pos = torch.empty(b, n, N_CASES, N_HOOKS, dtype=torch.int32)
+    nonfinite = torch.zeros(n, N_CASES + 1, dtype=torch.int64)
+    candidates = None
+    null = 0
+    extra = [null] * 12
+    S = S2 = 0
+    if hist is not None:
+        extra[0], extra[1] = hist.data_ptr(), density.data_ptr()
+    if prio is not None:
+        assert hist is not None and sample_limit is not None and band_limit is not None and doc_ids is not None
+        S, S2 = list_sizes
+        prio = prio.contiguous()
+        doc_ids = doc_ids.to(torch.int64).contiguous()
+        sample_limit, band_limit = sample_limit.contiguous(), band_limit.contiguous()
+        candidates = Candidates.empty(n, S, S2)
+        extra[2:] = [prio.data_ptr(), doc_ids.data_ptr(), sample_limit.data_ptr(), band_limit.data_ptr(),
+                     candidates.sample_key.data_ptr(), candidates.sample_b.data_ptr(), candidates.sample_t.data_ptr(),
+                     candidates.band_key.data_ptr(), candidates.band_b.data_ptr(), candidates.band_t.data_ptr()]
+    pointers = [h.data_ptr() for h in hooks] + [valid.data_ptr(), doc_count.data_ptr(), doc_sum.data_ptr(),
+                                                doc_max.data_ptr(), doc_min.data_ptr(), doc_pos.data_ptr(),
+                                                nonfinite.data_ptr()] + extra
+    strides = [s for h in hooks for s in h.stride()[:2]]
+
+    def run(n0: int, n1: int) -> None:
+        _fused.layer_batch(pointers, [b, t, n, n0, n1, BLOCK, int(dtype == torch.bfloat16), *strides,
+                                      *valid_strides, S, S2])
+
+    threads = threads or torch.get_num_threads()
+    blocks = -(-n // BLOCK)
+    if threads <= 1 or blocks <= 1:
+        run(0, n)
+    else:
+        per = -(-blocks // min(threads, blocks)) * BLOCK
+        with concurrent.futures.ThreadPoolExecutor(min(threads, blocks)) as pool:
+            list(pool.map(lambda n0: run(n0, min(n, n0 + per)), range(0, n, per)))
+    reduced = from_documents(doc_count.long(), doc_sum, doc_max, doc_min, doc_pos.long(), nonfinite,
+                             torch.zeros((), dtype=torch.bool))
+    return reduced, candidates
+

@@ -48,20 +48,25 @@ def supports(*hooks: torch.Tensor) -> bool:
 def reduce_and_bin(stats: LayerStats, gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor,
                    swish: torch.Tensor, valid: torch.Tensor, *, prio: torch.Tensor | None = None,
                    doc_ids: torch.Tensor | None = None,
+                   tables: tuple[torch.Tensor, torch.Tensor] | None = None,
                    threads: int | None = None) -> tuple[BatchReduction, BatchDistributions | None]:
     """One layer-batch through the kernel, for :func:`collect.stats.update_stats`: its reduction
     (exact: non-finite values counted apart, ``suspect`` never set) and, where ``stats`` has
     distributions, its :class:`~collect.stats.BatchDistributions`, whose histograms the kernel has
-    added to ``stats`` already (so the batch must then be added as it is). ``gate``, ``in_``,
+    added to ``stats`` already (so the batch must then be added as it is), or to ``tables`` (zeroed
+    ``hist`` and ``density`` of the batch alone, for a check before they count). ``gate``, ``in_``,
     ``post``, ``swish``: ``[B, T, N]``; ``valid``: ``[B, T]`` or ``[B, T, N]`` bool; ``prio``: ``[B, T]``
     sampling priorities and ``doc_ids`` ``[B]`` the rows' documents (with distributions)."""
     if not stats.has_distributions:
         return layer_batch(gate, in_, post, swish, valid, threads=threads)[0], None
     limit_s, limit_b = list_limits(stats)
-    reduced, candidates = layer_batch(gate, in_, post, swish, valid, hist=stats.hist, density=stats.density,
+    hist, density = tables if tables is not None else (stats.hist, stats.density)
+    reduced, candidates = layer_batch(gate, in_, post, swish, valid, hist=hist, density=density,
                                       prio=prio, doc_ids=doc_ids, sample_limit=limit_s, band_limit=limit_b,
                                       list_sizes=(stats.sample_key.shape[-1], stats.band_key.shape[-1]),
                                       threads=threads)
+    if tables is not None:
+        return reduced, BatchDistributions(candidates, hist, density)
     return reduced, BatchDistributions(candidates)
 
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from mkdocs_gluscope.distributions import (BAND_EDGES, DENSITY_HALF, DENSITY_OF_BIN, EMPTY_PRIORITY,
+from mkdocs_gluscope.distributions import (BAND_EDGES, DENSITY_HALF, EMPTY_PRIORITY,
                                            HIST_LOW_EXPONENT, N_BANDS, N_BINS, N_DENSITY)
 from mkdocs_gluscope.store import CASES, HOOKS
 from mkdocs_gluscope.store import HOOK_SIGNS as STORE_HOOK_SIGNS
@@ -509,7 +509,8 @@ def tables_of_joint(gate_in: torch.Tensor, post_act: torch.Tensor) -> tuple[torc
     act(gate) bin): the four histograms ``[N, C, H, B]`` are their sums, the density ``[N, C, G/2,
     G/2]`` the (gate, in) counts with their bins merged in pairs of octaves (DENSITY_OF_BIN)."""
     hist = torch.stack([post_act.sum(dim=3), gate_in.sum(dim=2), gate_in.sum(dim=3), post_act.sum(dim=2)], dim=2)
-    coarse = torch.as_tensor(DENSITY_OF_BIN, device=gate_in.device)
+    # DENSITY_OF_BIN is (bin + 1) // 2; computed here, since torch.compile mishandles a numpy constant.
+    coarse = (torch.arange(N_BINS, device=gate_in.device) + 1) // 2
     n = gate_in.shape[0]
     by_gate = torch.zeros(n, N_CASES, DENSITY_HALF, N_BINS, dtype=gate_in.dtype, device=gate_in.device)
     by_gate.index_add_(2, coarse, gate_in)
@@ -772,8 +773,9 @@ def find_candidates(stats: LayerStats, hooks: tuple[torch.Tensor, ...], counted:
     key = prio[b, t]
     doc = doc_ids.to(torch.int64)[b]
     buffers = []
-    for lists, limits, size in ((sample_list.reshape(-1)[flat], limit_s.reshape(-1), samples),
-                                (band_list.reshape(-1)[flat], limit_b.reshape(-1), band_samples)):
+    for lists, shaped, size in ((sample_list.reshape(-1)[flat], limit_s, samples),
+                                (band_list.reshape(-1)[flat], limit_b, band_samples)):
+        limits = shaped.reshape(-1)
         n_lists = limits.numel()
         lists = torch.where(real & (key < limits[lists]), lists, n_lists)  # not this kind's: after every list
         # Ascending by (list, key, document, position): stable sorts, the last key first.
@@ -787,7 +789,7 @@ def find_candidates(stats: LayerStats, hooks: tuple[torch.Tensor, ...], counted:
         for values, fill in ((key, EMPTY_PRIORITY), (b, -1), (t, -1)):
             buffer = torch.full((n_lists * size + 1,), fill, dtype=values.dtype, device=flat.device)
             buffer.scatter_(0, slot, values[order])  # the last slot takes what is kept nowhere
-            out.append(buffer[:-1].view(limits.shape + (size,)))
+            out.append(buffer[:-1].view(shaped.shape + (size,)))
         buffers.append(out)
     (sk, sb, st), (bk, bb, bt) = buffers
     candidates = Candidates(sk, sb.int(), st.int(), bk, bb.int(), bt.int())

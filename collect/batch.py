@@ -126,14 +126,20 @@ class LayerPaths:
             return None
         reduced = self.reduce(gate, in_, post, swish, batch.valid)
         if not self.deferred:  # a CPU: every check read at once, a flagged batch redone from the tensors in hand
-            code = int(check_outputs(reduced, ordered, batch.valid, neurons, exact=False)) if check else 0
+            tables = None
+            if check and dist:  # this batch's histograms apart, to compare them before they count
+                tables = BatchDistributions(None, torch.zeros_like(stats.hist), torch.zeros_like(stats.density))
+                self.histogram(gate, in_, post, swish, batch.valid, torch.ones((), dtype=torch.int32),
+                               tables.hist, tables.density)
+            code = int(check_outputs(reduced, ordered, batch.valid, neurons, exact=False,
+                                     distributions=tables)) if check else 0
             if code:
                 self.distrust(code, neurons)
             if code or bool(reduced.suspect):
                 self.redo(stats, hooks, batch)
                 return None
             update_stats(stats, reduced, batch.doc_ids, gate, in_, batch.lengths, batch.context_before,
-                         batch.context_after, histogram=self.histogram, **extra)
+                         batch.context_after, histogram=self.histogram, distributions=tables, **extra)
             return None
         n_docs = len(batch.doc_ids)
         lists = self.lists.setdefault(layer, ListCapacity(gate.device, self.n_lists))
@@ -141,9 +147,10 @@ class LayerPaths:
         distributions = None
         found = torch.zeros((), dtype=torch.int64, device=gate.device)
         if dist:
-            capacity = self.candidates.setdefault(layer, CandidateCapacity()).current(n_docs)
-            distributions = find_candidates(stats, ordered, batch.valid, batch.prio, batch.doc_ids, capacity,
-                                            histogram=self.histogram)
+            slots = stats.sample_key.numel() + stats.band_key.numel()
+            learnt = self.candidates.setdefault(layer, CandidateCapacity(slots))
+            distributions = find_candidates(stats, ordered, batch.valid, batch.prio, batch.doc_ids,
+                                            learnt.current(n_docs), histogram=self.histogram, filling=learnt.filling)
             accept = accept & ~distributions.overflow
             found = distributions.candidate_positions
         problem = torch.zeros((), dtype=torch.int64, device=gate.device)

@@ -71,11 +71,13 @@ def fast_reduce(compile_: bool) -> Callable[..., BatchReduction]:
 
 
 def sample_neurons(d_mlp: int, seed: int, size: int = SELF_CHECK_NEURONS) -> torch.Tensor:
-    """``size`` neurons spread over ``[0, d_mlp)``, shifted by ``seed`` (each layer checks others)."""
+    """``size`` neurons spread evenly over ``[0, d_mlp)``, first and last included, shifted by
+    ``seed`` within their gaps (each layer checks others)."""
     if d_mlp <= size:
         return torch.arange(d_mlp)
-    stride = d_mlp // size
-    return torch.arange(size) * stride + seed % stride
+    spread = torch.arange(size) * (d_mlp - 1) // (size - 1)
+    gap = (d_mlp - 1) // (size - 1)
+    return (spread + seed % max(gap, 1)).clamp(max=d_mlp - 1).unique()
 
 
 def check_outputs(reduced: BatchReduction, hooks: tuple[torch.Tensor, ...], valid: torch.Tensor,

@@ -98,17 +98,23 @@ class ListCapacity:
 class CandidateCapacity:
     """How many (position, neuron) pairs of a layer-batch may be random-example candidates on the
     GPU's path (``nonzero_static``): sized from earlier batches' candidates per document, which fall
-    as the lists fill. The first batch fills the lists, so it takes the exact path anyway (about
-    every position is a candidate then): it starts at the floor."""
+    as the lists fill. In a layer's first batch (``filling``) every position is below its empty
+    list's limit: the limits are lowered to the batch's own first S per list, so that at most every
+    list's length of pairs remain (``n_slots``: the lists' slots of a layer)."""
 
     MARGIN, FLOOR = 2.0, 4096
 
-    def __init__(self) -> None:
+    def __init__(self, n_slots: int) -> None:
+        self.n_slots = n_slots
         self.per_doc: float | None = None
+
+    @property
+    def filling(self) -> bool:
+        return self.per_doc is None
 
     def current(self, n_docs: int) -> int:
         if self.per_doc is None:
-            return self.FLOOR
+            return self.n_slots
         return max(self.FLOOR, int(self.per_doc * n_docs * self.MARGIN))
 
     def observe(self, found: int, n_docs: int) -> None:

@@ -726,12 +726,13 @@ class Candidates:
 class BatchDistributions:
     """What one batch adds to the distributions, found before it is added (by the CPU kernel,
     :mod:`collect.fused`, or by :func:`find_candidates` on a GPU): its histogram tables (None where
-    they are in the stored tables already) and its random-example candidates. ``candidate_positions``
+    they are in the stored tables already) and its random-example candidates (None where
+    :func:`update_examples` is to offer the batch's positions). ``candidate_positions``
     (int64 scalar) counts the (position, neuron) pairs below some list's limit, ``overflow`` (bool
     scalar) says whether they were more than a capacity allowed: then the candidates are incomplete
     and the batch must not be added."""
 
-    candidates: Candidates
+    candidates: Candidates | None  # None: offered by update_examples instead
     hist: torch.Tensor | None = None  # [N, C, H, B] int32
     density: torch.Tensor | None = None  # [N, C, G/2, G/2] int32
     candidate_positions: torch.Tensor | None = None
@@ -745,14 +746,18 @@ def list_limits(stats: LayerStats) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def find_candidates(stats: LayerStats, hooks: tuple[torch.Tensor, ...], counted: torch.Tensor, prio: torch.Tensor,
-                    doc_ids: torch.Tensor, capacity: int,
-                    histogram: Callable[..., None] = histogram_batch) -> BatchDistributions:
+                    doc_ids: torch.Tensor, capacity: int, histogram: Callable[..., None] = histogram_batch, *,
+                    filling: bool = False) -> BatchDistributions:
     """The batch's distributions without a host sync (the GPU's path): its histogram tables
     (``histogram``: :func:`histogram_batch` or its compiled form) and its :class:`Candidates`, the
     (position, neuron) pairs below their lists' limits, at most ``capacity`` of them
     (``nonzero_static``), ranked within their lists in fixed-size tensors. More pairs than
     ``capacity`` set ``overflow``. ``hooks``: ``(post, in, gate, swish)`` ``[B, T, N]``; ``counted``:
-    ``[B, T]`` or ``[B, T, N]``; ``prio``: ``[B, T]``."""
+    ``[B, T]`` or ``[B, T, N]``; ``prio``: ``[B, T]``.
+
+    ``filling``: the lists may still be empty (a layer's first batch), so that about every position
+    is below its limit: the limits are first lowered to each list's S-th lowest priority in this
+    batch (``topk`` per list, :func:`batch_limits`), so that at most S pairs per list remain."""
     post, in_, gate, _ = hooks
     b_, t_, n_ = gate.shape
     samples, band_samples = stats.sample_key.shape[-1], stats.band_key.shape[-1]
@@ -763,8 +768,13 @@ def find_candidates(stats: LayerStats, hooks: tuple[torch.Tensor, ...], counted:
     band_list = sample_list * N_BANDS + band
     p = prio[:, :, None]
     mask = counted if counted.dim() == 3 else counted[:, :, None]
-    wanted = mask & (gate != 0) & (in_ != 0) & ((p < limit_s.reshape(-1)[sample_list])
-                                                 | (p < limit_b.reshape(-1)[band_list]))
+    in_case = mask & (gate != 0) & (in_ != 0)
+    below_s, below_b = p < limit_s.reshape(-1)[sample_list], p < limit_b.reshape(-1)[band_list]
+    if filling:
+        last_s, last_b = batch_limits(p, in_case, case, band, samples, band_samples)
+        below_s &= p <= last_s.reshape(-1)[sample_list]
+        below_b &= p <= last_b.reshape(-1)[band_list]
+    wanted = in_case & (below_s | below_b)
     found = wanted.sum()
     flat = torch.nonzero_static(wanted.reshape(-1), size=capacity, fill_value=-1).squeeze(1)
     real = flat >= 0
@@ -797,6 +807,32 @@ def find_candidates(stats: LayerStats, hooks: tuple[torch.Tensor, ...], counted:
     density = torch.zeros_like(stats.density)
     histogram(gate, in_, post, hooks[3], counted, torch.ones((), dtype=torch.int32, device=gate.device), hist, density)
     return BatchDistributions(candidates, hist, density, candidate_positions=found, overflow=found > capacity)
+
+
+def batch_limits(prio: torch.Tensor, in_case: torch.Tensor, case: torch.Tensor, band: torch.Tensor, samples: int,
+                 band_samples: int, chunk_bytes: int = 1 << 28) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each list's S-th lowest priority among a batch's positions, ``[N, C]`` and ``[N, C, R]``
+    (EMPTY_PRIORITY where the batch has fewer): no later position of the batch can enter the list.
+    ``prio`` ``[B, T, 1]``; ``in_case``, ``case``, ``band``: ``[B, T, N]``. Neurons in chunks of about
+    ``chunk_bytes`` of priorities (a ``topk`` per case and per (case, band) over the positions)."""
+    b, t, n = case.shape
+    step = max(1, chunk_bytes // (8 * b * t))
+    out_s = torch.full((n, N_CASES), EMPTY_PRIORITY, dtype=torch.int64, device=case.device)
+    out_b = torch.full((n, N_CASES, N_BANDS), EMPTY_PRIORITY, dtype=torch.int64, device=case.device)
+    for start in range(0, n, step):
+        part = slice(start, min(n, start + step))
+        p = prio.expand(b, t, part.stop - part.start).reshape(b * t, -1)
+        c, r, ok = case[..., part].reshape(b * t, -1), band[..., part].reshape(b * t, -1), in_case[..., part].reshape(
+            b * t, -1)
+        for k in range(N_CASES):
+            mine = ok & (c == k)
+            if samples <= b * t:
+                out_s[part, k] = torch.where(mine, p, EMPTY_PRIORITY).topk(samples, dim=0, largest=False).values[-1]
+            for j in range(N_BANDS):
+                if band_samples <= b * t:
+                    out_b[part, k, j] = torch.where(mine & (r == j), p, EMPTY_PRIORITY).topk(
+                        band_samples, dim=0, largest=False).values[-1]
+    return out_s, out_b
 
 
 def add_candidates(stats: LayerStats, candidates: Candidates, doc_ids: torch.Tensor, hooks: tuple[torch.Tensor, ...],
@@ -911,7 +947,7 @@ def update_stats(
         stats.density += distributions.density * weight
     elif conditional:  # the CPU kernel added them to the stored tables: only for a batch added as it is
         raise ValueError("a batch whose histograms are added already cannot be added conditionally")
-    if distributions is None:
+    if distributions is None or distributions.candidates is None:
         if conditional:
             raise ValueError("a batch added conditionally needs its example candidates (find_candidates)")
         update_examples(stats, batch, doc_ids, hooks, counted, prio, lengths, context_before, context_after,

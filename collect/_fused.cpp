@@ -22,9 +22,13 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <cstdlib>
+#include <new>
 
-typedef float vf __attribute__((vector_size(32)));
-typedef int32_t vi __attribute__((vector_size(32)));
+// Aligned to their size even where the build's default target has no 32-byte vectors (GCC would
+// align them to 16 there, and the AVX2 clone's aligned moves would fault).
+typedef float vf __attribute__((vector_size(32), aligned(32)));
+typedef int32_t vi __attribute__((vector_size(32), aligned(32)));
 
 static const int C = 4, H = 4, NBINS = 22, DH = 12, R = 5, L = 8;
 #ifndef CHUNK
@@ -133,13 +137,68 @@ static inline __attribute__((always_inline)) bool any(vi m) {
 // histograms and the density the file stores are their sums (flush).
 static const int JOINT = NBINS * NBINS, PER_NEURON = 2 * C * JOINT + 1, NO_CASE = 2 * C * JOINT;
 
+// The joint counts of one neuron added to its stored tables, and cleared: the hist of gate and in
+// are the (gate, in) table's row and column sums, the density its cells merged in pairs of octaves
+// ((bin + 1) / 2), the hist of post and act(gate) the other table's row and column sums.
+static inline __attribute__((always_inline)) void fold(uint16_t* joint, int32_t* hist, int32_t* dens) {
+    for (int c = 0; c < C; ++c) {
+        uint16_t* gi = joint + c * JOINT;
+        uint16_t* ps = joint + (C + c) * JOINT;
+        int32_t* hc = hist + c * H * NBINS;  // hooks post, in, gate, swish
+        int32_t* dc = dens + c * DH * DH;
+        for (int i = 0; i < NBINS; ++i) {
+            int32_t row_gi = 0, row_ps = 0, coarse[NBINS + 2] = {0};
+            for (int j = 0; j < NBINS; ++j) {
+                const int32_t x = gi[i * NBINS + j], y = ps[i * NBINS + j];
+                row_gi += x;
+                row_ps += y;
+                hc[1 * NBINS + j] += x;
+                hc[3 * NBINS + j] += y;
+                coarse[j + 1] = x;
+            }
+            hc[2 * NBINS + i] += row_gi;
+            hc[i] += row_ps;
+            int32_t* drow = dc + ((i + 1) >> 1) * DH;
+            for (int cj = 0; cj < DH; ++cj) drow[cj] += coarse[2 * cj] + coarse[2 * cj + 1];
+        }
+    }
+    std::memset(joint, 0, sizeof(uint16_t) * PER_NEURON);
+}
+
+// A growable array aligned for the vector types, zeroed when it grows.
+template <class T>
+struct Aligned {
+    T* data = nullptr;
+    size_t size = 0;
+    T* need(size_t n) {
+        if (n > size) {
+            std::free(data);
+            const size_t bytes = (n * sizeof(T) + 63) / 64 * 64;
+            data = (T*)std::aligned_alloc(64, bytes);
+            size = data != nullptr ? n : 0;
+            if (data != nullptr) std::memset((void*)data, 0, bytes);
+        }
+        return data;
+    }
+    ~Aligned() { std::free(data); }
+};
+
+// Working memory of one thread, kept from call to call (large allocations fault in every page).
+struct Buffers {
+    Aligned<Acc> acc;
+    Aligned<int32_t> codes;  // vi, 8 lanes each
+    Aligned<uint16_t> local;  // all zero between calls: every fold clears what it read
+    Aligned<int32_t> counted;
+    Aligned<int64_t> n_counted, thr_s, thr_b;
+};
+
 __attribute__((target_clones("avx2", "default")))
-static void kernel(const Args& a) {
+static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buffers& buf) {
     const vf zero = {0, 0, 0, 0, 0, 0, 0, 0};
     const vi lane = {0, 1, 2, 3, 4, 5, 6, 7};
     const vi none = lane * 0;
     const vi abs_mask = none + 0x7fffffff;
-    const int64_t B = a.B, T = a.T, N = a.N, n0 = a.n0, n1 = a.n1, block = (a.block + L - 1) / L * L;
+    const int64_t B = a.B, T = a.T, N = a.N, block = (a.block + L - 1) / L * L;
     const int bf16 = a.bf16, width_bytes = bf16 ? 2 : 4;
     const char* hook[H];
     int64_t hook_sb[H], hook_st[H];
@@ -149,13 +208,17 @@ static void kernel(const Args& a) {
     const bool dist = a.hist != nullptr;
     const bool examples = a.prio != nullptr;
     const int64_t groups = (n1 - n0 + L - 1) / L;
-    Acc* acc = new Acc[groups];
+    Acc* acc = buf.acc.need(groups);
+    if (acc == nullptr) return false;
     // Each list's current bar for this range's neurons: its limit, lowered to the priority of the
     // last of the batch's candidates once the list's candidates fill it (ties then go by document
     // and position: insert).
-    int64_t* thr_s = examples ? new int64_t[(n1 - n0) * C] : nullptr;
-    int64_t* thr_b = examples ? new int64_t[(n1 - n0) * C * R] : nullptr;
+    int64_t* thr_s = nullptr;
+    int64_t* thr_b = nullptr;
     if (examples) {
+        thr_s = buf.thr_s.need((n1 - n0) * C);
+        thr_b = buf.thr_b.need((n1 - n0) * C * R);
+        if (thr_s == nullptr || thr_b == nullptr) return false;
         std::memcpy(thr_s, a.limit_s + n0 * C, sizeof(int64_t) * (n1 - n0) * C);
         std::memcpy(thr_b, a.limit_b + n0 * C * R, sizeof(int64_t) * (n1 - n0) * C * R);
     }
@@ -166,38 +229,21 @@ static void kernel(const Args& a) {
         vi hit;  // lanes that may enter a random-example list (a superset)
         int32_t t;
     };
-    Slot* tile = new Slot[CHUNK];  // one group's values and case masks over a chunk of positions
-    // Per group and position of the document: each lane's two counters (low and high 16 bits).
-    vi* codes = dist ? new vi[groups * B * T] : nullptr;
-    int32_t* counted = new int32_t[B * T];  // each document's counted positions
-    int64_t* n_counted_of = new int64_t[B];
-    uint16_t* local = dist ? new uint16_t[(n1 - n0) * PER_NEURON]() : nullptr;
+    Slot tile[CHUNK];  // one group's values and case masks over a chunk of positions
+    // Per group and position of the batch: each lane's two counters (low and high 16 bits).
+    vi* codes = nullptr;
+    uint16_t* local = nullptr;
+    if (dist) {
+        codes = (vi*)buf.codes.need(groups * B * T * L);
+        local = buf.local.need((n1 - n0) * PER_NEURON);
+        if (codes == nullptr || local == nullptr) return false;
+    }
+    int32_t* counted = buf.counted.need(B * T);  // each document's counted positions
+    int64_t* n_counted_of = buf.n_counted.need(B);
+    if (counted == nullptr || n_counted_of == nullptr) return false;
     auto flush = [&]() {
-        for (int64_t n = n0; n < n1; ++n) {
-            const uint16_t* joint = local + (n - n0) * PER_NEURON;
-            int32_t* hist = a.hist + n * C * H * NBINS;  // [C, H, NBINS], hooks post, in, gate, swish
-            int32_t* dens = a.dens + n * C * DH * DH;
-            for (int c = 0; c < C; ++c) {
-                const uint16_t* gi = joint + c * JOINT;
-                const uint16_t* ps = joint + (C + c) * JOINT;
-                int32_t* hc = hist + c * H * NBINS;
-                for (int i = 0; i < NBINS; ++i) {
-                    for (int j = 0; j < NBINS; ++j) {
-                        const int32_t x = gi[i * NBINS + j], y = ps[i * NBINS + j];
-                        if (x) {  // gate bin i, in bin j
-                            hc[2 * NBINS + i] += x;
-                            hc[1 * NBINS + j] += x;
-                            dens[(c * DH + ((i + 1) >> 1)) * DH + ((j + 1) >> 1)] += x;
-                        }
-                        if (y) {  // post bin i, act(gate) bin j
-                            hc[i] += y;
-                            hc[3 * NBINS + j] += y;
-                        }
-                    }
-                }
-            }
-        }
-        std::memset(local, 0, sizeof(uint16_t) * (n1 - n0) * PER_NEURON);
+        for (int64_t n = n0; n < n1; ++n)
+            fold(local + (n - n0) * PER_NEURON, a.hist + n * C * H * NBINS, a.dens + n * C * DH * DH);
     };
     for (int64_t b = 0; b < B; ++b) {
         for (int64_t g = 0; g < groups; ++g) {
@@ -422,18 +468,25 @@ static void kernel(const Args& a) {
         }
     }
     // The batch's counters, a group of neurons at a time: their narrow counters stay in cache
-    // while the positions add to them (documents in runs of at most 65535 positions between
-    // flushes, so that no narrow counter overflows).
-    for (int64_t first = 0; dist && first < B;) {
-        int64_t last = first, positions = n_counted_of[first];
-        while (last + 1 < B && positions + n_counted_of[last + 1] <= 65535) positions += n_counted_of[++last];
+    // while the positions add to them, in runs of at most 65535 positions between folds into the
+    // stored tables, so that no narrow counter overflows (a document of more is cut in two).
+    const int64_t most = 65535;
+    for (int64_t b0 = 0, i0 = 0; dist && b0 < B;) {
+        int64_t b1 = b0, i1 = i0, positions = 0;  // the run ends before position i1 of document b1
+        while (b1 < B && positions < most) {
+            const int64_t take = n_counted_of[b1] - i1 < most - positions ? n_counted_of[b1] - i1 : most - positions;
+            positions += take;
+            i1 += take;
+            if (i1 == n_counted_of[b1]) ++b1, i1 = 0;
+        }
         for (int64_t g = 0; g < groups; ++g) {
             uint16_t* base = local + g * L * PER_NEURON;
             const int64_t width = n1 - (n0 + g * L) < L ? n1 - (n0 + g * L) : L;
-            for (int64_t b = first; b <= last; ++b) {
+            for (int64_t b = b0, i = i0; b < b1 || (b == b1 && i < i1);) {
+                const int64_t end = b < b1 ? n_counted_of[b] : i1;
                 const vi* code = codes + (g * B + b) * T;
                 const int32_t* counted_b = counted + b * T;
-                for (int64_t i = 0; i < n_counted_of[b]; ++i) {
+                for (; i < end; ++i) {
                     const vi both = code[counted_b[i]];
                     for (int j = 0; j < width; ++j) {
                         const uint32_t c = (uint32_t)both[j];
@@ -441,19 +494,27 @@ static void kernel(const Args& a) {
                         base[j * PER_NEURON + (c >> 16)] += 1;
                     }
                 }
+                ++b, i = 0;
             }
         }
         flush();
-        first = last + 1;
+        b0 = b1, i0 = i1;
     }
-    delete[] acc;
-    delete[] tile;
-    delete[] codes;
-    delete[] counted;
-    delete[] thr_s;
-    delete[] thr_b;
-    delete[] n_counted_of;
-    delete[] local;
+    return true;
+}
+
+// Neurons a superblock at a time: the positions' codes and narrow counters of at most this many
+// bytes per thread, whatever the model's width.
+static const int64_t SUPERBLOCK_BYTES = 8 << 20;
+
+static bool kernel(const Args& a) {
+    static thread_local Buffers buf;
+    const int64_t per_neuron = (a.hist != nullptr ? a.B * a.T * 4 + PER_NEURON * 2 : 0) + 1;
+    int64_t step = SUPERBLOCK_BYTES / per_neuron / a.block * a.block;
+    if (step < a.block) step = (a.block + L - 1) / L * L;
+    for (int64_t s0 = a.n0; s0 < a.n1; s0 += step)
+        if (!kernel_range(a, s0, s0 + step < a.n1 ? s0 + step : a.n1, buf)) return false;
+    return true;
 }
 
 static void* ptr(PyObject* list, Py_ssize_t i) {
@@ -514,9 +575,11 @@ static PyObject* layer_batch(PyObject*, PyObject* args) {
         PyErr_SetString(PyExc_ValueError, "layer_batch: inconsistent arguments");
         return nullptr;
     }
+    bool done;
     Py_BEGIN_ALLOW_THREADS
-    kernel(a);
+    done = kernel(a);
     Py_END_ALLOW_THREADS
+    if (!done) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 

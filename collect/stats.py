@@ -343,12 +343,24 @@ def windows_at(
         flat = padded.view(-1)
         runs = flat.as_strided((flat.numel() - window + 1, window), (1, 1))
         return runs[(neurons * b + rows) * span + pos]
-    offsets = torch.arange(-context_before, context_after + 1, device=values.device)
-    t = pos[:, None] + offsets
+    if t_max < window:  # a batch shorter than a window: padded (a copy of a short batch)
+        values = torch.cat([values, values.new_full((b, window - t_max, d_mlp), nan)], dim=1)
+    # Each window as one index into a strided view (the W positions from a start, at a neuron), in
+    # the order of their positions so that neighbours share the rows they read, then shifted where
+    # the window runs past the batch's start or end.
+    order = torch.argsort(rows * t_max + pos)
+    rows, pos, neurons = rows[order], pos[order], neurons[order]
+    padded_t = values.shape[1]
+    sb, st, sn = values.stride()
+    view = values.as_strided((b, padded_t - window + 1, d_mlp, window), (sb, st, sn, st), values.storage_offset())
+    first = pos - context_before
+    start = first.clamp(0, padded_t - window)
+    offsets = torch.arange(window, device=values.device)
+    t = first[:, None] + offsets
     inside = (t >= 0) & (t < lengths[rows][:, None])
-    base = (rows * t_max + pos) * d_mlp + neurons
-    flat_index = torch.where(inside, base[:, None] + offsets * d_mlp, base[:, None])
-    return torch.where(inside, values.reshape(-1).take(flat_index), nan)
+    cut = view[rows, start, neurons].gather(1, (t - start[:, None]).clamp(0, window - 1))
+    cut = torch.where(inside, cut, nan)
+    return torch.empty_like(cut).index_copy_(0, order, cut)
 
 
 def _gather_k(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -863,20 +875,25 @@ def add_candidates(stats: LayerStats, candidates: Candidates, doc_ids: torch.Ten
         filled = key != EMPTY_PRIORITY
         r, at = b.clamp(min=0), t.clamp(min=0)
         n = (rows // per_list)[:, None].expand_as(r)
-        values = torch.stack([h[r, at, n].float() for h in hooks], dim=-1)
         pos = positions[r, at] if positions is not None else at
-        flat = (r.reshape(-1), pos.reshape(-1), n.reshape(-1))
         nan = float("nan")
-        cand = {
-            "key": key,
-            "doc": torch.where(filled, doc_ids.to(torch.int64)[r], -1),
-            "pos": torch.where(filled, pos, -1),
-            "value": torch.where(filled[..., None], values, nan),
-            "gate": torch.where(filled[..., None], windows_at(windows[0], *flat, lengths, context_before,
-                                                              context_after).view(key.shape + (-1,)), nan),
-            "in": torch.where(filled[..., None], windows_at(windows[1], *flat, lengths, context_before,
-                                                            context_after).view(key.shape + (-1,)), nan),
-        }
+        cand = {"key": key, "doc": torch.where(filled, doc_ids.to(torch.int64)[r], -1),
+                "pos": torch.where(filled, pos, -1)}
+        # Values and windows of the filled slots (all of them on the GPU's path: a fixed size).
+        picked = filled.reshape(-1).nonzero().squeeze(1) if applied is None else None
+        at_slots = [x.reshape(-1) if picked is None else x.reshape(-1)[picked] for x in (r, at, pos, n)]
+        for name, cut in (
+                ("value", torch.stack([h[at_slots[0], at_slots[1], at_slots[3]].float() for h in hooks], dim=-1)),
+                ("gate", windows_at(windows[0], at_slots[0], at_slots[2], at_slots[3], lengths, context_before,
+                                    context_after)),
+                ("in", windows_at(windows[1], at_slots[0], at_slots[2], at_slots[3], lengths, context_before,
+                                  context_after))):
+            full = torch.full((filled.numel(), cut.shape[-1]), nan, dtype=cut.dtype, device=cut.device)
+            if picked is None:
+                full = torch.where(filled.reshape(-1, 1), cut, nan)
+            else:
+                full[picked] = cut
+            cand[name] = full.view(key.shape + (-1,))
         every = {name: torch.cat([views[name][rows], cand[name].to(views[name].dtype)], dim=1) for name in views}
         # Ascending by (priority, document, position): stable sorts, the last key first.
         order = torch.argsort(every["doc"].long() * 2**16 + every["pos"].long(), dim=1, stable=True)
@@ -937,9 +954,12 @@ def update_stats(
         return applied, active
     if hooks is None or valid is None or prio is None:
         raise ValueError("statistics with distributions need hooks, valid and prio")
-    counted = finite_positions(hooks, valid) if check_finite else valid
     post, hook_in, hook_gate, swish = hooks
     weight = applied.int()
+    exact_examples = distributions is None or distributions.candidates is None
+    # Only binning and update_examples read every position: the counted ones, finite where checked.
+    counted = (finite_positions(hooks, valid) if check_finite else valid) if (
+        distributions is None or exact_examples) else valid
     if distributions is None:
         histogram(hook_gate, hook_in, post, swish, counted, weight, stats.hist, stats.density)
     elif distributions.hist is not None:
@@ -947,7 +967,7 @@ def update_stats(
         stats.density += distributions.density * weight
     elif conditional:  # the CPU kernel added them to the stored tables: only for a batch added as it is
         raise ValueError("a batch whose histograms are added already cannot be added conditionally")
-    if distributions is None or distributions.candidates is None:
+    if exact_examples:
         if conditional:
             raise ValueError("a batch added conditionally needs its example candidates (find_candidates)")
         update_examples(stats, batch, doc_ids, hooks, counted, prio, lengths, context_before, context_after,

@@ -23,7 +23,9 @@
 #include <cstdint>
 #include <cstring>
 #include <cstdlib>
+#include <algorithm>
 #include <new>
+#include <vector>
 
 // Aligned to their size even where the build's default target has no 32-byte vectors (GCC would
 // align them to 16 there, and the AVX2 clone's aligned moves would fault).
@@ -186,7 +188,7 @@ struct Aligned {
 // Working memory of one thread, kept from call to call (large allocations fault in every page).
 struct Buffers {
     Aligned<Acc> acc;
-    Aligned<int32_t> codes;  // vi, 8 lanes each
+    Aligned<int32_t> codes, lanes;  // vi, 8 lanes each
     Aligned<uint16_t> local;  // all zero between calls: every fold clears what it read
     Aligned<int32_t> counted;
     Aligned<int64_t> n_counted, thr_s, thr_b;
@@ -238,6 +240,8 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
         local = buf.local.need((n1 - n0) * PER_NEURON);
         if (codes == nullptr || local == nullptr) return false;
     }
+    vi* lanes = examples ? (vi*)buf.lanes.need(groups * 2 * L) : nullptr;  // per group: open lists, limit bound
+    if (examples && lanes == nullptr) return false;
     int32_t* counted = buf.counted.need(B * T);  // each document's counted positions
     int64_t* n_counted_of = buf.n_counted.need(B);
     if (counted == nullptr || n_counted_of == nullptr) return false;
@@ -278,17 +282,21 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
                     vi bad_any = none, hits = none;
                     // Per lane: which of its 24 lists are not full yet (bit case * 6 + band, and
                     // case * 6 + 5 for the case's list), and the largest limit of the full ones, in
-                    // its top 32 bits (limits only fall during the batch: this stays a bound).
-                    vi lanes_open = none, lanes_limit = none - 1;
-                    if (examples) {
+                    // its top 32 bits; found at each document's start (limits only fall during the
+                    // batch: this stays a bound).
+                    vi& lanes_open = lanes[2 * g];
+                    vi& lanes_limit = lanes[2 * g + 1];
+                    if (examples && c0 == 0) {
+                        lanes_open = none, lanes_limit = none - 1;
                         for (int64_t j = 0; j < width; ++j) {
                             int32_t open = 0;
                             int64_t limit = -1;
                             for (int c = 0; c < C; ++c) {
                                 for (int r = 0; r <= R; ++r) {
-                                    const int64_t lim = r < R ? thr_b[((n + j - n0) * C + c) * R + r] : thr_s[(n + j - n0) * C + c];
-                                    if (lim == EMPTY_PRIORITY) open |= 1 << (c * 6 + r);
-                                    else if (lim > limit) limit = lim;
+                                    const int64_t lim = r < R ? thr_b[((n + j - n0) * C + c) * R + r]
+                                                              : thr_s[(n + j - n0) * C + c];
+                                    open |= (lim == EMPTY_PRIORITY) << (c * 6 + r);
+                                    limit = lim != EMPTY_PRIORITY && lim > limit ? lim : limit;
                                 }
                             }
                             lanes_open[j] = open;
@@ -583,8 +591,225 @@ static PyObject* layer_batch(PyObject*, PyObject* args) {
     Py_RETURN_NONE;
 }
 
+// Windows of gate or in around chosen positions: out[i, w] = values[rows[i], pos[i] - before + w,
+// neurons[i]] (float32), NaN outside the row's document. The windows are visited in the order of
+// their positions, so that neighbours read the same rows from cache.
+static void cut_windows(const char* values, int bf16, int64_t sb, int64_t st, int64_t T, const int64_t* rows,
+                        const int64_t* pos, const int64_t* neurons, const int64_t* lengths, int64_t count,
+                        int64_t before, int64_t after, const int64_t* order, float* out) {
+    const int64_t W = before + 1 + after;
+    for (int64_t k = 0; k < count; ++k) {
+        const int64_t i = order[k];
+        const int64_t r = rows[i], p = pos[i], n = neurons[i], len = lengths[r] < T ? lengths[r] : T;
+        float* o = out + i * W;
+        for (int64_t w = 0; w < W; ++w) {
+            const int64_t t = p - before + w;
+            o[w] = (t >= 0 && t < len) ? load_scalar(values, r * sb + t * st + n, bf16) : NAN;
+        }
+    }
+}
+
+// windows(pointers: [values, rows, pos, neurons, lengths, order, out], sizes: [bf16, sb, st, T, count,
+// before, after]): see cut_windows.
+static PyObject* windows(PyObject*, PyObject* args) {
+    PyObject *p, *s;
+    if (!PyArg_ParseTuple(args, "O!O!", &PyList_Type, &p, &PyList_Type, &s)) return nullptr;
+    if (PyList_GET_SIZE(p) != 7 || PyList_GET_SIZE(s) != 7) {
+        PyErr_SetString(PyExc_ValueError, "windows: expected 7 pointers and 7 sizes");
+        return nullptr;
+    }
+    const char* values = (const char*)ptr(p, 0);
+    const int64_t *rows = (const int64_t*)ptr(p, 1), *pos = (const int64_t*)ptr(p, 2),
+                  *neurons = (const int64_t*)ptr(p, 3), *lengths = (const int64_t*)ptr(p, 4),
+                  *order = (const int64_t*)ptr(p, 5);
+    float* out = (float*)ptr(p, 6);
+    const int bf16 = (int)num(s, 0);
+    const int64_t sb = num(s, 1), st = num(s, 2), T = num(s, 3), count = num(s, 4), before = num(s, 5),
+                  after = num(s, 6);
+    if (PyErr_Occurred()) return nullptr;
+    Py_BEGIN_ALLOW_THREADS
+    cut_windows(values, bf16, sb, st, T, rows, pos, neurons, lengths, count, before, after, order, out);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+// float32 to IEEE half, rounding to nearest even (as torch converts), NaN kept a NaN.
+static inline uint16_t to_half(float f) {
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000;
+    x &= 0x7fffffff;
+    if (x > 0x7f800000) return (uint16_t)(sign | 0x7e00);  // NaN
+    if (x >= 0x477ff000) return (uint16_t)(sign | 0x7c00);  // rounds to inf
+    if (x < 0x38800000) {  // a subnormal half (or zero)
+        if (x < 0x33000000) return (uint16_t)sign;  // below half the smallest subnormal: zero
+        const uint32_t exp = x >> 23, mant = (x & 0x7fffff) | 0x800000;
+        const uint32_t shift = 126 - exp;  // 14 .. 24
+        uint32_t half = mant >> shift;
+        const uint32_t rest = mant & ((1u << shift) - 1), mid = 1u << (shift - 1);
+        if (rest > mid || (rest == mid && (half & 1))) ++half;
+        return (uint16_t)(sign | half);
+    }
+    uint32_t half = ((x >> 13) - (112 << 10));
+    const uint32_t rest = x & 0x1fff;
+    if (rest > 0x1000 || (rest == 0x1000 && (half & 1))) ++half;
+    return (uint16_t)(sign | half);
+}
+
+// float32 to bfloat16, rounding to nearest even (as torch converts), NaN kept a NaN.
+static inline uint16_t to_bf16(float f) {
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    if ((x & 0x7fffffff) > 0x7f800000) return (uint16_t)((x >> 16) | 0x40);
+    return (uint16_t)((x + 0x7fff + ((x >> 16) & 1)) >> 16);
+}
+
+static inline void store_window_value(void* out, int64_t i, int kind, float v) {
+    if (kind == 0) ((float*)out)[i] = v;
+    else if (kind == 1) ((uint16_t*)out)[i] = to_bf16(v);
+    else ((uint16_t*)out)[i] = to_half(v);
+}
+
+struct Merge {
+    int64_t* key;  // [lists, k] sort keys, best first, -1 empty
+    int32_t* pos;  // [lists, k]
+    int16_t* slot;  // [lists, k] where each entry's windows are
+    void* win[2];  // [lists * k, W] gate and in windows by slot, of window kind
+    int window_kind;  // 0 float32, 1 bfloat16, 2 float16
+    const float* doc_abs;  // [B, lists]: each document's largest |value| per list, -1 without one
+    const int64_t* doc_pos;  // [B, lists]
+    const int64_t* doc_id;  // [B]
+    const char* hook[2];  // gate and in [B, T, N] of hook kind
+    int64_t hook_sb[2], hook_st[2];
+    int bf16;
+    const int64_t* lengths;  // [B]
+    int64_t B, T, lists, k, before, after, per_neuron, l0, l1;
+};
+
+// The batch's documents into the top-k lists [l0, l1): collect.stats.merge_top's rule (each list
+// keeps its k largest sort keys, best first; an entering entry takes an evicted entry's window
+// slot and gets its windows cut from the batch). Returns the lists changed.
+static int64_t merge_lists(const Merge& m) {
+    const int64_t W = m.before + 1 + m.after, k = m.k;
+    std::vector<int64_t> ck(m.B);
+    std::vector<int32_t> cb(m.B);
+    std::vector<int64_t> nkey(k);
+    std::vector<int32_t> npos(k), from(k), freed(k);
+    std::vector<int16_t> nslot(k);
+    std::vector<char> kept(k);
+    struct Entering {
+        int64_t at, n, out;  // batch position (row * T + position), neuron, first window value
+    };
+    std::vector<Entering> entering;
+    int64_t changed = 0;
+    const int64_t MAX_DOC = 2147483647LL;
+    for (int64_t l = m.l0; l < m.l1; ++l) {
+        int64_t* key = m.key + l * k;
+        const int64_t last = key[k - 1];
+        int64_t nc = 0;
+        for (int64_t b = 0; b < m.B; ++b) {
+            const float a = m.doc_abs[b * m.lists + l];
+            if (!(a >= 0)) continue;
+            int32_t bits;
+            std::memcpy(&bits, &a, 4);
+            const int64_t c = ((int64_t)bits << 31) | (MAX_DOC - m.doc_id[b]);
+            if (c <= last) continue;
+            int64_t j = nc++;  // insertion, descending
+            while (j > 0 && ck[j - 1] < c) ck[j] = ck[j - 1], cb[j] = cb[j - 1], --j;
+            ck[j] = c, cb[j] = (int32_t)b;
+        }
+        if (nc == 0) continue;
+        ++changed;
+        int32_t* pos = m.pos + l * k;
+        int16_t* slot = m.slot + l * k;
+        int64_t i = 0, j = 0;
+        for (int64_t p = 0; p < k; ++p) {
+            if (j < nc && (i >= k || ck[j] > key[i])) {
+                nkey[p] = ck[j], npos[p] = (int32_t)m.doc_pos[cb[j] * m.lists + l], from[p] = -1 - (int32_t)j, ++j;
+            } else {
+                nkey[p] = key[i], npos[p] = pos[i], nslot[p] = slot[i], from[p] = (int32_t)i, ++i;
+            }
+        }
+        std::fill(kept.begin(), kept.end(), 0);
+        for (int64_t p = 0; p < k; ++p)
+            if (from[p] >= 0) kept[from[p]] = 1;
+        int64_t nfree = 0;
+        for (int64_t q = 0; q < k; ++q)
+            if (!kept[q]) freed[nfree++] = slot[q];
+        for (int64_t p = 0, f = 0; p < k; ++p) {
+            if (from[p] >= 0) continue;
+            nslot[p] = (int16_t)freed[f++];
+            entering.push_back({cb[-1 - from[p]] * m.T + npos[p], l / m.per_neuron, (l * k + nslot[p]) * W});
+        }
+        for (int64_t p = 0; p < k; ++p) key[p] = nkey[p], pos[p] = npos[p], slot[p] = nslot[p];
+    }
+    // The entering entries' windows, in the order of their positions: neighbours read the same rows
+    // from cache (in list order every window would read its rows from memory).
+    std::sort(entering.begin(), entering.end(), [](const Entering& x, const Entering& y) { return x.at < y.at; });
+    for (const Entering& e : entering) {
+        const int64_t b = e.at / m.T, p = e.at % m.T, len = m.lengths[b] < m.T ? m.lengths[b] : m.T;
+        for (int h = 0; h < 2; ++h) {
+            for (int64_t w = 0; w < W; ++w) {
+                const int64_t t = p - m.before + w;
+                const float v = (t >= 0 && t < len) ? load_scalar(m.hook[h], b * m.hook_sb[h] + t * m.hook_st[h] + e.n,
+                                                                  m.bf16) : NAN;
+                store_window_value(m.win[h], e.out + w, m.window_kind, v);
+            }
+        }
+    }
+    return changed;
+}
+
+// merge(pointers: [key, pos, slot, win_gate, win_in, doc_abs, doc_pos, doc_id, gate, in, lengths],
+// sizes: [window_kind, bf16, gate_sb, gate_st, in_sb, in_st, B, T, lists, k, before, after,
+// per_neuron, l0, l1]): see merge_lists; returns the lists changed.
+static PyObject* merge(PyObject*, PyObject* args) {
+    PyObject *p, *s;
+    if (!PyArg_ParseTuple(args, "O!O!", &PyList_Type, &p, &PyList_Type, &s)) return nullptr;
+    if (PyList_GET_SIZE(p) != 11 || PyList_GET_SIZE(s) != 15) {
+        PyErr_SetString(PyExc_ValueError, "merge: expected 11 pointers and 15 sizes");
+        return nullptr;
+    }
+    Merge m;
+    m.key = (int64_t*)ptr(p, 0);
+    m.pos = (int32_t*)ptr(p, 1);
+    m.slot = (int16_t*)ptr(p, 2);
+    m.win[0] = ptr(p, 3);
+    m.win[1] = ptr(p, 4);
+    m.doc_abs = (const float*)ptr(p, 5);
+    m.doc_pos = (const int64_t*)ptr(p, 6);
+    m.doc_id = (const int64_t*)ptr(p, 7);
+    m.hook[0] = (const char*)ptr(p, 8);
+    m.hook[1] = (const char*)ptr(p, 9);
+    m.lengths = (const int64_t*)ptr(p, 10);
+    m.window_kind = (int)num(s, 0);
+    m.bf16 = (int)num(s, 1);
+    m.hook_sb[0] = num(s, 2), m.hook_st[0] = num(s, 3), m.hook_sb[1] = num(s, 4), m.hook_st[1] = num(s, 5);
+    m.B = num(s, 6), m.T = num(s, 7), m.lists = num(s, 8), m.k = num(s, 9), m.before = num(s, 10);
+    m.after = num(s, 11), m.per_neuron = num(s, 12), m.l0 = num(s, 13), m.l1 = num(s, 14);
+    if (PyErr_Occurred()) return nullptr;
+    int64_t changed;
+    Py_BEGIN_ALLOW_THREADS
+    changed = merge_lists(m);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLongLong(changed);
+}
+
+// to_half(values: int (float32 pointer), out: int (uint16 pointer), count): for the tests.
+static PyObject* halves(PyObject*, PyObject* args) {
+    unsigned long long values, out;
+    long long count;
+    int kind;
+    if (!PyArg_ParseTuple(args, "KKLi", &values, &out, &count, &kind)) return nullptr;
+    for (long long i = 0; i < count; ++i) store_window_value((void*)out, i, kind, ((const float*)values)[i]);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"layer_batch", layer_batch, METH_VARARGS, "One layer-batch's fused statistics (see collect/fused.py)."},
+    {"windows", windows, METH_VARARGS, "Windows around chosen positions (see collect/fused.py)."},
+    {"merge", merge, METH_VARARGS, "A batch's documents into the top-k lists (see collect/fused.py)."},
+    {"convert", halves, METH_VARARGS, "float32 to a window dtype, as the merge stores them (for the tests)."},
     {nullptr, nullptr, 0, nullptr},
 };
 

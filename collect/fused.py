@@ -22,6 +22,7 @@ import torch
 
 from collect.stats import (N_CASES, N_HOOKS, BatchDistributions, BatchReduction, Candidates, LayerStats, from_documents,
                            list_limits)
+from collect.stats import windows_at as stats_windows_at
 
 try:
     from collect import _fused
@@ -134,3 +135,69 @@ def layer_batch(gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor, swish
                              torch.zeros((), dtype=torch.bool))
     return reduced, candidates
 
+
+
+def windows_at(values: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, neurons: torch.Tensor,
+               lengths: torch.Tensor, context_before: int, context_after: int) -> torch.Tensor:
+    """:func:`collect.stats.windows_at` in the kernel (one loop over the windows in the order of
+    their positions, instead of tensors of indices): the same values, for CPU tensors it can read;
+    otherwise the torch code."""
+    if _fused is None or not supports(values) or values.stride(-1) != 1:
+        return stats_windows_at(values, rows, pos, neurons, lengths, context_before, context_after)
+    if values.dtype == torch.float16:
+        values = values.float()
+    rows, pos, neurons = (x.to(torch.int64).contiguous() for x in (rows, pos, neurons))
+    lengths = lengths.to(torch.int64).contiguous()
+    window = context_before + 1 + context_after
+    out = torch.empty(rows.numel(), window)
+    if rows.numel():
+        order = torch.argsort(rows * values.shape[1] + pos)
+        _fused.windows([values.data_ptr(), rows.data_ptr(), pos.data_ptr(), neurons.data_ptr(), lengths.data_ptr(),
+                        order.data_ptr(), out.data_ptr()],
+                       [int(values.dtype == torch.bfloat16), values.stride(0), values.stride(1), values.shape[1],
+                        rows.numel(), context_before, context_after])
+    return out.to(values.dtype)
+
+
+#: The kernel's codes of the windows' dtypes.
+_WINDOW_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def merge_top(stats: LayerStats, batch: BatchReduction, doc_ids: torch.Tensor, gate: torch.Tensor, in_: torch.Tensor,
+              lengths: torch.Tensor, context_before: int, context_after: int, *, capacity: int | None = None,
+              accept: torch.Tensor | None = None, cut: object = None,
+              threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`collect.stats.merge_top` in the kernel: the same lists and windows (their slots may
+    differ: :meth:`LayerStats.ordered_windows` reads them in list order), one loop per list instead
+    of tensors over every list. For a batch added as it is, from CPU tensors the kernel reads."""
+    if capacity is not None or accept is not None:
+        raise ValueError("the kernel's merge adds a batch as it is (no capacity, no accept)")
+    hooks = [h if h.dtype != torch.float16 else h.float() for h in (gate, in_)]
+    if hooks[0].dtype != hooks[1].dtype:
+        hooks = [h.float() for h in hooks]
+    hooks = [h if h.stride(-1) == 1 else h.contiguous() for h in hooks]
+    doc_abs = batch.doc_abs.float().contiguous()
+    doc_pos = batch.doc_pos.to(torch.int64).contiguous()
+    doc_ids = doc_ids.to(torch.int64).contiguous()
+    lengths = lengths.to(torch.int64).contiguous()
+    n_lists, k = stats.top_key[..., 0].numel(), stats.k
+    for name in ("top_key", "top_pos", "top_slot", "win_gate", "win_in"):
+        assert getattr(stats, name).is_contiguous(), name
+    pointers = [stats.top_key.data_ptr(), stats.top_pos.data_ptr(), stats.top_slot.data_ptr(),
+                stats.win_gate.data_ptr(), stats.win_in.data_ptr(), doc_abs.data_ptr(), doc_pos.data_ptr(),
+                doc_ids.data_ptr(), hooks[0].data_ptr(), hooks[1].data_ptr(), lengths.data_ptr()]
+    sizes = [_WINDOW_KINDS[stats.win_gate.dtype], int(hooks[0].dtype == torch.bfloat16), *hooks[0].stride()[:2],
+             *hooks[1].stride()[:2], doc_abs.shape[0], hooks[0].shape[1], n_lists, k, context_before, context_after,
+             N_CASES * N_HOOKS]
+
+    def run(l0: int, l1: int) -> int:
+        return _fused.merge(pointers, sizes + [l0, l1])
+
+    threads = threads or torch.get_num_threads()
+    if threads <= 1 or n_lists < 1024:
+        changed = run(0, n_lists)
+    else:
+        per = -(-n_lists // threads)
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            changed = sum(pool.map(lambda l0: run(l0, min(n_lists, l0 + per)), range(0, n_lists, per)))
+    return torch.ones((), dtype=torch.bool), torch.tensor(changed)

@@ -383,6 +383,7 @@ def merge_top(
     *,
     capacity: int | None = None,
     accept: torch.Tensor | None = None,
+    cut: Callable[..., torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Add one batch's documents (rows ``doc_ids``, each with ``lengths`` tokens) to the top-k
     lists of ``stats``, in place, with the gate/in windows of newly entered examples cut from the
@@ -396,7 +397,9 @@ def merge_top(
     host sync, and a batch that activates more lists is not applied (``applied`` False) and must
     be added again with a larger capacity. ``accept`` False (a device bool) also leaves ``stats``
     unchanged: the caller found the batch's reduction unusable, without a sync of its own.
+    ``cut``: :func:`windows_at`, or a faster function that computes the same (the CPU kernel's).
     """
+    cut_windows = cut or windows_at
     k = stats.k
     b = doc_ids.shape[0]
     n_lists = stats.top_key[..., 0].numel()
@@ -455,7 +458,7 @@ def merge_top(
     store_row = rows[r] * k + top_slot[r, j]
     neuron = rows[r] // (N_CASES * N_HOOKS)
     for store, values in ((stats.win_gate, gate), (stats.win_in, in_)):
-        cut = windows_at(values, new_row[r, j], top_pos[r, j].long(), neuron, lengths,
+        cut = cut_windows(values, new_row[r, j], top_pos[r, j].long(), neuron, lengths,
                          context_before, context_after).to(store.dtype)
         flat = store.view(-1, window)
         if keep is not None:
@@ -850,12 +853,14 @@ def batch_limits(prio: torch.Tensor, in_case: torch.Tensor, case: torch.Tensor, 
 def add_candidates(stats: LayerStats, candidates: Candidates, doc_ids: torch.Tensor, hooks: tuple[torch.Tensor, ...],
                    lengths: torch.Tensor, context_before: int, context_after: int, *,
                    positions: torch.Tensor | None = None, windows: tuple[torch.Tensor, torch.Tensor] | None = None,
-                   applied: torch.Tensor | None = None) -> None:
+                   applied: torch.Tensor | None = None, cut: Callable[..., torch.Tensor] | None = None) -> None:
     """Merge a batch's :class:`Candidates` into the random-example lists (in place): each list keeps
     its S entries of lowest priority (then document, then position), ascending. With ``applied`` (a
     device bool: the GPU's path) every list is merged, in fixed-size tensors, and kept as it was
     where ``applied`` is False; without it only the lists with a candidate (``nonzero``: a sync,
-    free on a CPU). ``positions``/``windows``: packed hooks, as in :func:`update_stats`."""
+    free on a CPU). ``positions``/``windows``: packed hooks, as in :func:`update_stats`; ``cut`` as in
+    :func:`merge_top`."""
+    cut_windows = cut or windows_at
     post, in_, gate, swish = hooks
     windows = windows if windows is not None else (gate, in_)
     for prefix, key, b, t in (("sample", candidates.sample_key, candidates.sample_b, candidates.sample_t),
@@ -884,9 +889,9 @@ def add_candidates(stats: LayerStats, candidates: Candidates, doc_ids: torch.Ten
         at_slots = [x.reshape(-1) if picked is None else x.reshape(-1)[picked] for x in (r, at, pos, n)]
         for name, cut in (
                 ("value", torch.stack([h[at_slots[0], at_slots[1], at_slots[3]].float() for h in hooks], dim=-1)),
-                ("gate", windows_at(windows[0], at_slots[0], at_slots[2], at_slots[3], lengths, context_before,
+                ("gate", cut_windows(windows[0], at_slots[0], at_slots[2], at_slots[3], lengths, context_before,
                                     context_after)),
-                ("in", windows_at(windows[1], at_slots[0], at_slots[2], at_slots[3], lengths, context_before,
+                ("in", cut_windows(windows[1], at_slots[0], at_slots[2], at_slots[3], lengths, context_before,
                                   context_after))):
             full = torch.full((filled.numel(), cut.shape[-1]), nan, dtype=cut.dtype, device=cut.device)
             if picked is None:
@@ -925,6 +930,8 @@ def update_stats(
     check_finite: bool = False,
     histogram: Callable[..., None] = histogram_batch,
     distributions: BatchDistributions | None = None,
+    cut: Callable[..., torch.Tensor] | None = None,
+    merge: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Add one batch to ``stats`` in place: counts, sums (accumulated in float64), extremes, top-k,
     and where ``stats`` has distributions, the histograms and random examples. Those need what
@@ -935,11 +942,12 @@ def update_stats(
     path, which counts non-finite values apart; ``histogram``: :func:`histogram_batch` or its
     compiled form; ``distributions``: the batch's histogram tables and example candidates where they
     were found already (:class:`BatchDistributions`), else the histograms are binned here and the
-    examples offered by :func:`update_examples`.
+    examples offered by :func:`update_examples`; ``cut``: what cuts the windows (:func:`merge_top`);
+    ``merge``: :func:`merge_top`, or a faster function that computes the same lists (the CPU kernel's).
     ``capacity``, ``accept`` and the returned ``(applied, active)`` as in :func:`merge_top`: a batch
     not applied leaves every statistic as it was, decided on the device, without a host sync."""
-    applied, active = merge_top(stats, batch, doc_ids, gate, in_, lengths, context_before, context_after,
-                                capacity=capacity, accept=accept)
+    applied, active = (merge or merge_top)(stats, batch, doc_ids, gate, in_, lengths, context_before, context_after,
+                                           capacity=capacity, accept=accept, cut=cut)
     updated = {
         "count": stats.count + batch.count,
         "nonfinite": stats.nonfinite + batch.nonfinite,
@@ -974,7 +982,7 @@ def update_stats(
                         positions=positions, windows=(gate, in_))
     else:
         add_candidates(stats, distributions.candidates, doc_ids, hooks, lengths, context_before, context_after,
-                       positions=positions, windows=(gate, in_), applied=applied if conditional else None)
+                       positions=positions, windows=(gate, in_), applied=applied if conditional else None, cut=cut)
     return applied, active
 
 

@@ -28,7 +28,8 @@ def run_kernel(docs, k, first_counted, batch_size, samples=0, band_samples=1, *,
         reduced, distributions = fused.reduce_and_bin(stats, gate, in_, post, swish, valid, prio=prio, doc_ids=doc_ids)
         assert not bool(reduced.suspect)
         update_stats(stats, reduced, doc_ids, gate, in_, lengths, BEFORE, AFTER, hooks=(post, in_, gate, swish),
-                     valid=valid, prio=prio, check_finite=True, distributions=distributions)
+                     valid=valid, prio=prio, check_finite=True, distributions=distributions, cut=fused.windows_at,
+                     merge=fused.merge_top)
     return stats
 
 

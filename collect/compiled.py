@@ -75,9 +75,10 @@ def sample_neurons(d_mlp: int, seed: int, size: int = SELF_CHECK_NEURONS) -> tor
     ``seed`` within their gaps (each layer checks others)."""
     if d_mlp <= size:
         return torch.arange(d_mlp)
-    spread = torch.arange(size) * (d_mlp - 1) // (size - 1)
     gap = (d_mlp - 1) // (size - 1)
-    return (spread + seed % max(gap, 1)).clamp(max=d_mlp - 1).unique()
+    # Host integers, not tensor ops: nothing here for a sync counter to mistake for a device wait.
+    spread = sorted({min(i * (d_mlp - 1) // (size - 1) + seed % max(gap, 1), d_mlp - 1) for i in range(size)})
+    return torch.tensor(spread, dtype=torch.int64)
 
 
 def check_outputs(reduced: BatchReduction, hooks: tuple[torch.Tensor, ...], valid: torch.Tensor,

@@ -34,7 +34,7 @@ def layer_groups(layers: list[int], per_layer: int, budget: int) -> list[list[in
 
 def check_state_fits(loaded: LoadedModel, layers: list[int], config: CollectConfig) -> None:
     """On a GPU, refuse before the first batch a collection whose statistics cannot fit next to
-    the model (a 7B model in bfloat16 and all its layers' statistics need about 21 GiB), naming
+    the model (a 7B model in bfloat16 and all its layers' statistics need about 24 GiB), naming
     the layer groups that do fit: running out of memory mid-run would waste the run."""
     if loaded.device.type != "cuda":
         return

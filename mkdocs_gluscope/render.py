@@ -26,6 +26,7 @@ import numpy as np
 
 from mkdocs_gluscope.activations import act_values
 from mkdocs_gluscope.figures import bin_range, density_html, histograms_html
+from mkdocs_gluscope.words import word_around, word_key
 from mkdocs_gluscope.store import (
     CASES,
     VOCAB_WEIGHTS,
@@ -211,32 +212,10 @@ def provenance_rows(attrs: dict) -> list[tuple[str, str]]:
     return [(k, str(v)) for k, v in rows if v not in (None, "")]
 
 
-def word_around(tokens: Sequence[str], centre: int, limit: int = 8) -> tuple[str, str, str]:
-    """The whole word that the token at ``centre`` is a piece of, as display strings ``(before, peak,
-    after)``: neighbours join while letters or digits meet across the piece boundary and the later
-    piece starts without a space (``"Appl" + "ause"``). ``tokens`` are the window's display strings
-    (None outside the document). Readers and search know words; tokenizers cut them into pieces."""
-    def joins(left: str | None, right: str | None) -> bool:
-        return bool(left) and bool(right) and left[-1].isalnum() and right[0].isalnum()
-
-    start = stop = centre
-    while start > 0 and centre - start < limit and joins(tokens[start - 1], tokens[start]):
-        start -= 1
-    while stop + 1 < len(tokens) and stop - centre < limit and joins(tokens[stop], tokens[stop + 1]):
-        stop += 1
-    return "".join(tokens[start:centre]), tokens[centre] or "", "".join(tokens[centre + 1:stop + 1])
-
-
 def example_word(data: NeuronData, vocab_text: Callable[[int], str], case: int, hook: int, j: int) -> tuple[str, str, str]:
     """:func:`word_around` the extreme token of example ``j`` of one list."""
     ids = data.window_tokens[case, hook, j]
     return word_around([vocab_text(int(t)) if t >= 0 else None for t in ids], data.context_before)
-
-
-def word_key(word: tuple[str, str, str]) -> str:
-    """How search knows a word: the whole word, trimmed and lowercased (``gluscope.js`` normalizes
-    a query the same way)."""
-    return "".join(word).strip().lower()
 
 
 def word_labels(word: tuple[str, str, str]) -> tuple[str, str, str]:

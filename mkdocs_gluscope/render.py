@@ -245,7 +245,7 @@ def top_words(data: NeuronData, ctx: PageContext, case: int, hook: int = 0, limi
             break
         if data.window_tokens[case, hook, j, data.context_before] >= 0:
             word = example_word(data, ctx.vocab_text, case, hook, j)
-            seen.setdefault(word_key(word), word)
+            seen.setdefault(word_key("".join(word)), word)
         if len(seen) >= limit:
             break
     return list(seen.values())

@@ -648,43 +648,50 @@ class ActivationsFile:
         are not read (``top_gate``/``top_in`` are None)."""
         if expert is None:
             self.check_neuron(layer, neuron)
+        else:
+            self.check_expert_neuron(layer, expert, neuron)
+        return self.neurons(layer, neuron, neuron + 1, windows=windows, expert=expert)[0]
+
+    def neurons(self, layer: int, start: int, stop: int, *, windows: bool = True,
+                expert: int | str | None = None) -> list[NeuronData]:
+        """:meth:`neuron` of the neurons ``start .. stop - 1`` of a layer (or expert), each dataset
+        read once for all of them (a whole-model site reads its neurons so)."""
+        if expert is None:
+            self.check_neuron(layer, start)
+            self.check_neuron(layer, stop - 1)
             prefix, row, routed = "", self.row(layer), None
         else:
-            group, row = self.check_expert_neuron(layer, expert, neuron)
+            group, row = self.check_expert_neuron(layer, expert, start)
+            self.check_expert_neuron(layer, expert, stop - 1)
             prefix, routed = group + "/", self.routed[(layer, expert)]
-        f = lambda name: self._dataset(prefix + name)  # noqa: E731
-        top_doc = f("top/doc")[row, neuron]
-        top_pos = f("top/pos")[row, neuron]
-        weight = (lambda name: self._weight(name)[row, neuron]) if expert is None else (
-            lambda name: f("weights/" + name)[row, neuron])
-        nonfinite = "nonfinite" in self.file[prefix + "stats"]
-        distributions = self._distributions(prefix, row, neuron, windows)
-        return NeuronData(
-            layer=layer,
-            neuron=neuron,
-            n_tokens=self.n_tokens,
-            count=f("stats/count")[row, neuron],
-            sum=f("stats/sum")[row, neuron],
-            min=f("stats/min")[row, neuron],
-            max=f("stats/max")[row, neuron],
-            top_value=f("top/value")[row, neuron],
-            top_doc=top_doc,
-            top_pos=top_pos,
-            top_gate=f("top/gate")[row, neuron].astype(np.float32) if windows else None,
-            top_in=f("top/in")[row, neuron].astype(np.float32) if windows else None,
-            window_tokens=self.window_tokens(top_doc, top_pos),
-            flipped=bool(weight("flipped")),
-            cos_gate_in=float(weight("cos_gate_in")),
-            cos_gate_out=float(weight("cos_gate_out")),
-            cos_in_out=float(weight("cos_in_out")),
-            context_before=self.context_before,
-            context_after=self.context_after,
-            attrs=self.attrs,
-            nonfinite=f("stats/nonfinite")[row, neuron] if nonfinite else None,
-            expert=expert,
-            routed=routed,
-            **distributions,
-        )
+        part = slice(start, stop)
+        f = lambda name: self._dataset(prefix + name)[row, part]  # noqa: E731
+        top_doc, top_pos = f("top/doc"), f("top/pos")
+        tokens = self.window_tokens(top_doc, top_pos)
+        if expert is None:
+            weights = {name: self._weight(name)[row, part] for name in WEIGHT_NAMES}
+        else:
+            weights = {name: f("weights/" + name) for name in WEIGHT_NAMES}
+        stats = {name: f("stats/" + name) for name in STAT_NAMES}
+        nonfinite = f("stats/nonfinite") if "nonfinite" in self.file[prefix + "stats"] else None
+        top_value = f("top/value")
+        top_gate = f("top/gate").astype(np.float32) if windows else None
+        top_in = f("top/in").astype(np.float32) if windows else None
+        distributions = self._distributions(prefix, row, part, windows)
+        out = []
+        for i in range(stop - start):
+            out.append(NeuronData(
+                layer=layer, neuron=start + i, n_tokens=self.n_tokens,
+                count=stats["count"][i], sum=stats["sum"][i], min=stats["min"][i], max=stats["max"][i],
+                top_value=top_value[i], top_doc=top_doc[i], top_pos=top_pos[i],
+                top_gate=None if top_gate is None else top_gate[i], top_in=None if top_in is None else top_in[i],
+                window_tokens=tokens[i], flipped=bool(weights["flipped"][i]),
+                cos_gate_in=float(weights["cos_gate_in"][i]), cos_gate_out=float(weights["cos_gate_out"][i]),
+                cos_in_out=float(weights["cos_in_out"][i]), context_before=self.context_before,
+                context_after=self.context_after, attrs=self.attrs,
+                nonfinite=None if nonfinite is None else nonfinite[i], expert=expert, routed=routed,
+                **{name: _pick(value, i) for name, value in distributions.items()}))
+        return out
 
     @property
     def has_distributions(self) -> bool:
@@ -696,25 +703,26 @@ class ActivationsFile:
             self._weight_cache[name] = self.file[name][...]
         return self._weight_cache[name]
 
-    def _distributions(self, prefix: str, row: int, neuron: int, windows: bool) -> dict[str, Any]:
-        """The distribution fields of :class:`NeuronData` present in the file."""
+    def _distributions(self, prefix: str, row: int, part: slice, windows: bool) -> dict[str, Any]:
+        """The distribution fields of :class:`NeuronData` present in the file, for the neurons ``part``
+        (each array with the neurons on its first axis; the edges are the same for every neuron)."""
         out: dict[str, Any] = {}
-        f = lambda name: self._dataset(prefix + name)  # noqa: E731
+        f = lambda name: self._dataset(prefix + name)[row, part]  # noqa: E731
         if self.has_distributions:
-            out["hist"] = f("stats/hist")[row, neuron]
-            out["density"] = f("stats/density")[row, neuron]
-            out["hist_edges"] = self._edges("stats/hist_edges")
-            out["density_edges"] = self._edges("stats/density_edges")
-            out["band_edges"] = self._edges("bands/edges")
+            out["hist"] = f("stats/hist")
+            out["density"] = f("stats/density")
+            out["hist_edges"] = _Shared(self._edges("stats/hist_edges"))
+            out["density_edges"] = _Shared(self._edges("stats/density_edges"))
+            out["band_edges"] = _Shared(self._edges("bands/edges"))
             for group in ("samples", "bands"):
-                doc, pos = f(group + "/doc")[row, neuron], f(group + "/pos")[row, neuron]
-                window = (lambda name: f(f"{group}/{name}")[row, neuron].astype(np.float32)) if windows else (
-                    lambda name: None)
-                out[group] = Examples(doc=doc, pos=pos, value=f(group + "/value")[row, neuron],
-                                      gate=window("gate"), in_=window("in"), tokens=self.window_tokens(doc, pos))
+                doc, pos = f(group + "/doc"), f(group + "/pos")
+                gate = f(group + "/gate").astype(np.float32) if windows else None
+                in_ = f(group + "/in").astype(np.float32) if windows else None
+                out[group] = _Block(doc=doc, pos=pos, value=f(group + "/value"), gate=gate, in_=in_,
+                                    tokens=self.window_tokens(doc, pos))
         if prefix + "vocab" in self.file:
-            out["vocab_token"] = f("vocab/token")[row, neuron]
-            out["vocab_score"] = f("vocab/score")[row, neuron]
+            out["vocab_token"] = f("vocab/token")
+            out["vocab_score"] = f("vocab/score")
         return out
 
     def window_tokens(self, doc: np.ndarray, pos: np.ndarray) -> np.ndarray:
@@ -736,3 +744,33 @@ class ActivationsFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@dataclass
+class _Shared:
+    """A value that every neuron of a block shares (not indexed by :func:`_pick`)."""
+
+    value: Any
+
+
+@dataclass
+class _Block:
+    """:class:`Examples` of a block of neurons (the neurons on each array's first axis)."""
+
+    doc: np.ndarray
+    pos: np.ndarray
+    value: np.ndarray
+    gate: np.ndarray | None
+    in_: np.ndarray | None
+    tokens: np.ndarray
+
+
+def _pick(value: Any, i: int) -> Any:
+    """Neuron ``i``'s part of a block's field."""
+    if isinstance(value, _Shared):
+        return value.value
+    if isinstance(value, _Block):
+        return Examples(doc=value.doc[i], pos=value.pos[i], value=value.value[i],
+                        gate=None if value.gate is None else value.gate[i],
+                        in_=None if value.in_ is None else value.in_[i], tokens=value.tokens[i])
+    return value[i]

@@ -1,0 +1,381 @@
+"""Building a light site in two cached stages, and placing them in the site.
+
+1. **data** (:func:`build_data`): from the activations file, every listed neuron's data file, the
+   corpus files its examples come from, each layer's table, the word index and the site's facts
+   (``site.json``). Workers (one process per CPU, forked) take a run of neurons each, read them a
+   data file's worth at a time (:meth:`ActivationsFile.neurons`) and return what the parent needs
+   (table rows, referenced documents, a sorted run of search postings on disk); nothing per neuron
+   is held before they fork, and the parent holds one layer's table rows at a time per layer.
+2. **pages** (:func:`build_pages`): from the layer tables and the theme's page (:mod:`.theme`), every
+   neuron page and the sitemaps that list them.
+
+Each stage writes into a folder of the cache named by a hash of everything its output depends on
+(the activations file's identity, the options, the code, and for pages the theme's page), so
+``mkdocs serve`` after an edit of a hand-written page rebuilds neither: :func:`place` links the
+cached files into the site (hard links for ``mkdocs build``, symbolic links for ``mkdocs serve``,
+whose site folder is new on every start and may be on another file system).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from mkdocs_gluscope.distributions import BAND_EDGES, DENSITY_EDGES, HIST_EDGES
+from mkdocs_gluscope.light import data as ldata
+from mkdocs_gluscope.light import page as lpage
+from mkdocs_gluscope.light import search as lsearch
+from mkdocs_gluscope.light.theme import Shell
+from mkdocs_gluscope.pick import layer_case_scales
+from mkdocs_gluscope.render import EARLY_TITLE, LEVELS, COLOR_PERCENTILE, RARE_SHARE, display_name, provenance_rows
+from mkdocs_gluscope.store import (CASES, EARLY_POSITIONS, HOOKS, SHARED, ActivationsFile, early_end,
+                                   first_counted_position, neuron_id)
+
+Group = tuple  # (layer, expert or None)
+#: Neurons per worker task: a few data files, so tasks finish evenly.
+TASK_NEURONS = 256
+
+
+def groups_of(keys: Iterable[tuple]) -> dict[Group, np.ndarray]:
+    """Listed neurons by (layer, expert): sorted neuron indices, dense layers first in each layer."""
+    found: dict[Group, list[int]] = {}
+    for key in keys:
+        found.setdefault((key[0], key[2] if len(key) == 3 else None), []).append(key[1])
+    order = sorted(found, key=lambda g: (g[0], g[1] is not None, g[1] == SHARED, 0 if g[1] in (None, SHARED) else g[1]))
+    return {g: np.unique(np.asarray(found[g], dtype=np.int64)) for g in order}
+
+
+def group_key(layer: int, neuron: int, expert: int | str | None) -> tuple:
+    return (layer, neuron) if expert is None else (layer, neuron, expert)
+
+
+def places(neurons: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each listed neuron's data file part and row group: files hold the listed neurons of
+    ``NEURONS_PER_FILE`` consecutive indices, in order."""
+    part = neurons // ldata.NEURONS_PER_FILE
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(part)) + 1])
+    row = np.arange(len(neurons)) - np.repeat(starts, np.diff(np.concatenate([starts, [len(neurons)]])))
+    return part, row
+
+
+def table_name(group: Group) -> str:
+    """A table's file under ``gluscope/layers/``: ``L3``, ``L3-E12``, ``L3-S``."""
+    layer, expert = group
+    return f"L{layer}" if expert is None else f"L{layer}-" + ("S" if expert == SHARED else f"E{int(expert)}")
+
+
+def code_version() -> str:
+    """A hash of this package's code and templates: a new version rebuilds the cache."""
+    h = hashlib.sha256()
+    root = resources.files("mkdocs_gluscope")
+    for path in sorted(Path(str(root)).rglob("*")):
+        if path.suffix in (".py", ".html") and "__pycache__" not in path.parts:
+            h.update(path.relative_to(str(root)).as_posix().encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def digest(content: Any) -> str:
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def file_identity(path: str) -> list:
+    st = os.stat(path)
+    return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
+
+
+# -- stage 1: data ----------------------------------------------------------------------------------
+
+@dataclass
+class Task:
+    activations: str
+    group: Group
+    neurons: np.ndarray
+    out: str
+    examples: int | None
+    scales: tuple[float, ...] | None
+    index: int
+
+
+def _data_task(task: Task) -> dict[str, Any]:
+    from mkdocs_gluscope.render import telling_case
+
+    layer, expert = task.group
+    out = Path(task.out)
+    rows: list[list] = []
+    posting_list: list = []
+    written = 0
+    with ActivationsFile(task.activations) as f:
+        vocab = f.vocab
+        vocab_text = vocab.__getitem__
+        docs = np.zeros(f.n_docs, dtype=bool)
+        part, _ = places(task.neurons)
+        for p in np.unique(part):
+            listed = task.neurons[part == p]
+            block = f.neurons(layer, int(listed[0]), int(listed[-1]) + 1, expert=expert)
+            file_rows = []
+            for n in listed:
+                data = block[int(n) - int(listed[0])]
+                shown = ldata.Shown.of(data, task.examples)
+                file_rows.append(ldata.neuron_row(data, shown, telling_case(data, task.scales)))
+                rows.append(lpage.layer_row(data, vocab_text))
+                posting_list.extend(lsearch.postings(data, vocab_text))
+                docs[data.top_doc[..., :shown.top][data.top_doc[..., :shown.top] >= 0]] = True
+                for ex, n_shown in ((data.samples, shown.samples), (data.bands, shown.bands)):
+                    if ex is not None:
+                        used = ex.doc[..., :n_shown]
+                        docs[used[used >= 0]] = True
+            name, _ = ldata.neuron_file(layer, int(listed[0]), expert)
+            written += ldata.write_neuron_file(file_rows, out / "data" / name)
+    run = lsearch.write_sorted(posting_list, out / "tmp" / f"postings-{task.index:06d}.jsonl")
+    return {"group": task.group, "rows": rows, "docs": np.packbits(docs), "bytes": written, "run": str(run)}
+
+
+def _corpus_task(args: tuple[str, str, list[int]]) -> int:
+    activations, out, parts = args
+    written = 0
+    with ActivationsFile(activations) as f:
+        vocab = f.vocab
+        for p in parts:
+            docs = range(p * ldata.DOCS_PER_FILE, min((p + 1) * ldata.DOCS_PER_FILE, f.n_docs))
+            written += ldata.write_corpus_file(
+                ((d, f.doc_title(d), [vocab[t] for t in f.document(d)]) for d in docs),
+                Path(out) / "data" / ldata.corpus_file(docs[0]))
+    return written
+
+
+def _pool(workers: int):
+    if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("fork").Pool(workers)
+    return None
+
+
+def _map(pool, fn, items: list) -> Iterable:
+    if pool is None:
+        return map(fn, items)
+    return pool.imap_unordered(fn, items)
+
+
+@dataclass
+class DataOptions:
+    activations: str
+    examples: int | None
+    workers: int
+
+
+def site_facts(f: ActivationsFile, shown: ldata.Shown, groups: dict[Group, np.ndarray]) -> dict[str, Any]:
+    """``site.json``: what every page of the site needs besides its own data (read once by the browser)."""
+    attrs = f.attrs
+    return {
+        "format": "gluscope-light", "version": 1,
+        "cases": list(CASES), "hooks": list(HOOKS), "k": f.k, "shown": [shown.top, shown.samples, shown.bands],
+        "contextBefore": f.context_before, "contextAfter": f.context_after,
+        "countedFrom": first_counted_position(attrs), "early": early_end(attrs), "earlyPositions": EARLY_POSITIONS,
+        "earlyTitle": EARLY_TITLE, "nTokens": f.n_tokens, "actFn": str(attrs.get("act_fn", "silu")),
+        "levels": LEVELS, "colorPercentile": COLOR_PERCENTILE, "rareShare": RARE_SHARE,
+        "provenance": provenance_rows({**attrs, "n_tokens": f.n_tokens}),
+        "model": display_name(attrs.get("model") or ""),
+        "histEdges": [float(x) for x in HIST_EDGES[:-1]] + ["inf"] if f.has_distributions else None,
+        "densityEdges": ["-inf"] + [float(x) for x in DENSITY_EDGES[1:-1]] + ["inf"] if f.has_distributions else None,
+        "bandEdges": [float(x) for x in BAND_EDGES[:-1]] + ["inf"] if f.has_distributions else None,
+        "neuronsPerFile": ldata.NEURONS_PER_FILE, "docsPerFile": ldata.DOCS_PER_FILE,
+        "codeSteps": ldata.CODE_STEPS, "codeOctaves": ldata.CODE_OCTAVES, "nanCode": ldata.NAN_CODE,
+        "summary": [list(p) for p in ldata.SUMMARY_PARTS],
+        "tables": {table_name(g): len(n) for g, n in groups.items()},
+    }
+
+
+def build_data(options: DataOptions, groups: dict[Group, np.ndarray], out: Path, log=None) -> dict[str, Any]:
+    """Stage 1 into ``out`` (``out/site``: what goes under ``url_prefix/gluscope``; ``out/data``: the
+    data folder). Returns totals."""
+    tmp = out / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    with ActivationsFile(options.activations) as f:
+        n_docs = f.n_docs
+        scales = {g: (None if g[1] is not None else tuple(float(x) for x in layer_case_scales(f, g[0])))
+                  for g in groups}
+        first = next(iter(groups.items()), None)
+        shown = (ldata.Shown.of(f.neuron(first[0][0], int(first[1][0]), windows=False, expert=first[0][1]),
+                                options.examples) if first else ldata.Shown(0, 0, 0))
+        facts = site_facts(f, shown, groups)
+        act = ldata.act_table(str(f.attrs.get("act_fn", "silu")))
+    tasks = []
+    for g, neurons in groups.items():
+        part, _ = places(neurons)
+        # Tasks of about TASK_NEURONS neurons that end where a data file ends: each file has one writer.
+        bounds = [0]
+        for start in (np.flatnonzero(np.diff(part)) + 1).tolist():
+            if start - bounds[-1] >= TASK_NEURONS:
+                bounds.append(start)
+        bounds.append(len(neurons))
+        for a, b in zip(bounds, bounds[1:]):
+            tasks.append(Task(options.activations, g, neurons[a:b], str(out), options.examples, scales[g], len(tasks)))
+    rows: dict[Group, list] = {g: [] for g in groups}
+    docs = np.zeros(n_docs, dtype=bool)
+    runs: list[Path] = []
+    totals = {"neurons": int(sum(len(n) for n in groups.values())), "data_bytes": 0}
+    pool = _pool(options.workers)
+    try:
+        for done, result in enumerate(_map(pool, _data_task, tasks), 1):
+            rows[result["group"]].extend(result["rows"])
+            docs |= np.unpackbits(result["docs"], count=n_docs).astype(bool)
+            runs.append(Path(result["run"]))
+            totals["data_bytes"] += result["bytes"]
+            if log and done % max(1, len(tasks) // 10) == 0:
+                log(f"gluscope: data of {done}/{len(tasks)} parts written")
+        parts = np.unique(np.flatnonzero(docs) // ldata.DOCS_PER_FILE).tolist()
+        chunks = [(options.activations, str(out), parts[i:i + 64]) for i in range(0, len(parts), 64)]
+        totals["corpus_bytes"] = sum(_map(pool, _corpus_task, chunks))
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    site = out / "site"
+    (site / "layers").mkdir(parents=True, exist_ok=True)
+    for g, table in rows.items():
+        table.sort(key=lambda r: r[0])
+        (site / "layers" / f"{table_name(g)}.json").write_text(
+            ldata.dumps({"layer": g[0], "expert": g[1], "rows": table}), encoding="utf-8")
+    totals.update(lsearch.write_shards(sorted(runs), site / "search"))
+    (site / "act.bin").write_bytes(act)
+    (site / "site.json").write_text(ldata.dumps(facts), encoding="utf-8")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return totals
+
+
+# -- stage 2: pages ---------------------------------------------------------------------------------
+
+@dataclass
+class PageOptions:
+    prefix: str
+    directory_urls: bool
+    site_url: str  # the site's URL for sitemaps ("/" without site_url)
+
+
+def build_pages(options: PageOptions, groups: dict[Group, np.ndarray], tables: Path, shell: Shell,
+                out: Path) -> dict[str, Any]:
+    """Stage 2 into ``out`` (paths as in the site): every neuron page and ``{prefix}/sitemap-N.xml``."""
+    written = 0
+    sizes = 0
+    urls: list[str] = []
+    made: set[Path] = set()
+    keys = [group_key(g[0], int(n), g[1]) for g, neurons in groups.items() for n in neurons]
+    index = 0
+    for g, neurons in groups.items():
+        table = json.loads((tables / f"{table_name(g)}.json").read_text(encoding="utf-8"))["rows"]
+        part, row_in = places(neurons)
+        for i, n in enumerate(neurons):
+            key = keys[index]
+            links = lpage.neighbour_links(keys, index, options.prefix, options.directory_urls)
+            name, _ = ldata.neuron_file(g[0], int(n), g[1])
+            content = lpage.neuron_content(key, table[i], lpage.Place(name, int(row_in[i])), links=links,
+                                           root=lpage.root_of(options.prefix, key, options.directory_urls))
+            text = shell.page(f"Neuron {neuron_id(*key)}", content).encode("utf-8")
+            path = out / lpage.page_path(options.prefix, key, options.directory_urls)
+            if path.parent not in made:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                made.add(path.parent)
+            path.write_bytes(text)
+            urls.append(lpage.page_url(options.prefix, key, options.directory_urls))
+            written += 1
+            sizes += len(text)
+            index += 1
+    maps = lpage.sitemap_files(urls, options.site_url)
+    for i, text in enumerate(maps):
+        (out / options.prefix).mkdir(parents=True, exist_ok=True)
+        (out / options.prefix / f"sitemap-neurons-{i}.xml").write_text(text, encoding="utf-8")
+    return {"pages": written, "page_bytes": sizes, "sitemaps": [f"{options.prefix}/sitemap-neurons-{i}.xml"
+                                                                 for i in range(len(maps))]}
+
+
+# -- the cache and placing it in the site -----------------------------------------------------------
+
+def cached(root: Path, name: str, make) -> tuple[Path, bool]:
+    """``root/name`` made by ``make(folder)`` unless it exists (complete: made in a temporary folder,
+    then renamed); returns (folder, whether it was made now)."""
+    final = root / name
+    if final.is_dir():
+        return final, False
+    root.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=name + ".", dir=root))
+    try:
+        make(work)
+        work.rename(final)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return final, True
+
+
+def prune(root: Path, keep: Sequence[str]) -> None:
+    """Remove the cache's other folders (an older file or other options)."""
+    if root.is_dir():
+        for entry in root.iterdir():
+            if entry.name not in keep:
+                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink()
+
+
+def place(src: Path, dst: Path, symlink: bool) -> int:
+    """Put the tree ``src`` into ``dst`` (merging with folders already there): each file as a hard link
+    (a copy where the file systems differ), or with ``symlink`` each entry that ``dst`` lacks as one
+    symbolic link. Returns the entries made."""
+    made = 0
+    dst.mkdir(parents=True, exist_ok=True)
+    with os.scandir(src) as entries:
+        for entry in entries:
+            target = dst / entry.name
+            if entry.is_dir(follow_symlinks=False):
+                if symlink and not target.exists():
+                    os.symlink(entry.path, target, target_is_directory=True)
+                    made += 1
+                else:
+                    made += place(Path(entry.path), target, symlink)
+                continue
+            if target.exists() or target.is_symlink():
+                target.unlink()
+            if symlink:
+                os.symlink(entry.path, target)
+            else:
+                try:
+                    os.link(entry.path, target)
+                except OSError:
+                    shutil.copy2(entry.path, target)
+            made += 1
+    return made
+
+
+def add_sitemaps(site_dir: Path, base: str, sitemaps: Sequence[str]) -> None:
+    """List ``sitemaps`` (paths in the site) in ``sitemap.xml``: MkDocs' own sitemap becomes
+    ``sitemap-pages.xml`` and ``sitemap.xml`` a sitemap index of it and of these (a second plugin
+    instance adds its own); ``sitemap.xml.gz`` follows."""
+    import gzip
+    import html as _html
+
+    path = site_dir / "sitemap.xml"
+    if not path.exists():
+        return
+    text = path.read_text(encoding="utf-8")
+    if "<sitemapindex" not in text:
+        (site_dir / "sitemap-pages.xml").write_text(text, encoding="utf-8")
+        entries = ["sitemap-pages.xml"]
+    else:
+        import re
+
+        entries = [_html.unescape(m)[len(base):] for m in re.findall(r"<loc>([^<]*)</loc>", text)]
+    entries += [s for s in sitemaps if s not in entries]
+    index = ('<?xml version="1.0" encoding="UTF-8"?>\n<sitemapindex xmlns="http://www.sitemaps.org/schemas/sitemap/0.9">\n'
+             + "".join(f"<sitemap><loc>{_html.escape(base + e)}</loc></sitemap>\n" for e in entries) + "</sitemapindex>\n")
+    path.write_text(index, encoding="utf-8")
+    gz = site_dir / "sitemap.xml.gz"
+    if gz.exists():
+        gz.write_bytes(gzip.compress(index.encode("utf-8"), mtime=0))

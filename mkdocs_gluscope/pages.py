@@ -36,7 +36,7 @@ from mkdocs_gluscope.words import js_constants
 DOCS_PER_SHARD = 64
 #: The pages' stylesheet and scripts (ES modules: gluscope.js imports the rules it shares with Python
 #: from rules.js, whose constants come from words-data.js; light.js draws a light site's neuron pages).
-ASSETS = ("gluscope.css", "gluscope.js", "rules.js", "figures.js", "light.js", "words-data.js")
+ASSETS = ("gluscope.css", "gluscope.js", "rules.js", "figures.js", "light.js", "stub.js", "words-data.js")
 #: What a page's head names (the rest is imported by these).
 PAGE_ASSETS = ("gluscope.css", "gluscope.js")
 ASSET_DIR = "assets/gluscope"

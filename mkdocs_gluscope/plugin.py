@@ -306,8 +306,17 @@ class GluscopePlugin(BasePlugin[GluscopeConfig]):
         from mkdocs_gluscope.light import page as lpage
         from mkdocs_gluscope.light.data import dumps
 
+        from mkdocs_gluscope.light.vendor import vendor_files
+
         assert self.groups is not None and self.path is not None
         groups = self.groups
+        try:
+            vendored = vendor_files()
+        except GluscopeError as e:
+            raise PluginError(f"gluscope: layout light: {e}") from None
+        for name, content in vendored.items():
+            if files.get_file_from_path(f"{ASSET_DIR}/{name}") is None:
+                files.append(File.generated(config, f"{ASSET_DIR}/{name}", content=content))
         options = lbuild.DataOptions(str(self.path), self.config.examples, self.config.workers or _cpus())
         key = lbuild.digest({"file": lbuild.file_identity(str(self.path)), "neurons": self.config.neurons,
                              "examples": self.config.examples, "code": lbuild.code_version()})
@@ -414,20 +423,24 @@ class GluscopePlugin(BasePlugin[GluscopeConfig]):
 
         assert self.groups is not None
         start = time.perf_counter()
-        first = next((lbuild.group_key(g[0], int(n[0]), g[1]) for g, n in self.groups.items() if len(n)), (0, 0))
-        url = lpage.page_url(self.prefix, first, config.use_directory_urls)
-        index = f"{self.prefix}/" if config.use_directory_urls else f"{self.prefix}/index.html"
-        try:
-            shell = render_shell(config, self._env, self._nav, self._files, url, lpage.relative(url, index))
-        except ThemeError as e:
-            raise PluginError(f"gluscope: layout light: {e}") from None
+        # The theme's page at each depth of neuron page (a dense layer's, an expert's): one file each.
+        shells: dict[str, str] = {}
+        for g, n in self.groups.items():
+            key = lbuild.group_key(g[0], int(n[0]), g[1])
+            name = lpage.shell_name(key)
+            if name not in shells:
+                try:
+                    shells[name] = render_shell(config, self._env, self._nav, self._files,
+                                                lpage.page_url(self.prefix, key, config.use_directory_urls))
+                except ThemeError as e:
+                    raise PluginError(f"gluscope: layout light: {e}") from None
         site_url = config.site_url or "/"
-        options = lbuild.PageOptions(self.prefix, config.use_directory_urls, site_url)
-        key = lbuild.digest({"data": self._data.name, "shell": [shell.head, shell.middle, shell.tail],
-                             "prefix": self.prefix, "urls": config.use_directory_urls, "site": site_url})
+        options = lbuild.PageOptions(self.prefix, config.use_directory_urls, site_url, config.site_name)
+        key = lbuild.digest({"data": self._data.name, "shells": shells, "prefix": self.prefix,
+                             "urls": config.use_directory_urls, "site": site_url, "name": config.site_name})
         holder: dict = {}
         pages, made = lbuild.cached(self._data.parent, f"pages-{key}", lambda out: holder.update(
-            lbuild.build_pages(options, self.groups, self._data / "site" / "layers", shell, out)))
+            lbuild.build_pages(options, self.groups, self._data / "site" / "layers", shells, out)))
         site_dir = Path(config.site_dir)
         symlink = self._serve
         lbuild.place(pages, site_dir, symlink)
@@ -442,7 +455,7 @@ class GluscopePlugin(BasePlugin[GluscopeConfig]):
             self._temporary = None
         else:
             lbuild.prune(self._data.parent, [self._data.name, pages.name])
-        what = (f"wrote {holder['pages']:,} neuron pages ({holder['page_bytes'] / 1e6:.0f} MB)" if made
+        what = (f"wrote {holder['pages']:,} neuron pages ({holder['page_bytes'] / 1e6:.1f} MB)" if made
                 else "reused the neuron pages (the theme's page is unchanged)")
         log.info(f"gluscope: {what} and placed them{' and the data' if not self.config.data_url else ''} in the site "
                  f"in {time.perf_counter() - start:.1f} s" + (f"; data files in {data_target} for {self.config.data_url}"

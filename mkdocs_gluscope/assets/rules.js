@@ -206,9 +206,9 @@ export function fmtInt(n) {
   return n < 0 ? "-" + s : s;
 }
 
-// Python's html.escape (quote=True)
+// Python's html.escape
 const HTML_ESCAPES = { "&": "&amp;", "<": "&lt;", ">": "&gt;", "\"": "&quot;", "'": "&#x27;" };
-export function escapeHtml(text) { return String(text).replace(/[&<>"']/g, ch => HTML_ESCAPES[ch]); }
+export function escapeHtml(text, quote = true) { return String(text).replace(quote ? /[&<>"']/g : /[&<>]/g, ch => HTML_ESCAPES[ch]); }
 
 // -- page parts a light page draws from its data file (mkdocs_gluscope.render) -----------------------
 export const LEVELS = 10;  // render.LEVELS

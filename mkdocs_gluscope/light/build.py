@@ -35,7 +35,6 @@ from mkdocs_gluscope.distributions import BAND_EDGES, DENSITY_EDGES, HIST_EDGES
 from mkdocs_gluscope.light import data as ldata
 from mkdocs_gluscope.light import page as lpage
 from mkdocs_gluscope.light import search as lsearch
-from mkdocs_gluscope.light.theme import Shell
 from mkdocs_gluscope.pick import layer_case_scales
 from mkdocs_gluscope.render import EARLY_TITLE, LEVELS, COLOR_PERCENTILE, RARE_SHARE, display_name, provenance_rows
 from mkdocs_gluscope.store import (CASES, EARLY_POSITIONS, HOOKS, SHARED, ActivationsFile, early_end,
@@ -114,7 +113,7 @@ def _data_task(task: Task) -> dict[str, Any]:
     out = Path(task.out)
     rows: list[list] = []
     posting_list: list = []
-    written = 0
+    written = tail = 0
     with ActivationsFile(task.activations) as f:
         vocab = f.vocab
         vocab_text = vocab.__getitem__
@@ -136,22 +135,24 @@ def _data_task(task: Task) -> dict[str, Any]:
                         used = ex.doc[..., :n_shown]
                         docs[used[used >= 0]] = True
             name, _ = ldata.neuron_file(layer, int(listed[0]), expert)
-            written += ldata.write_neuron_file(file_rows, out / "data" / name)
+            size, footer = ldata.write_neuron_file(file_rows, out / "data" / name)
+            written, tail = written + size, max(tail, footer)
     run = lsearch.write_sorted(posting_list, out / "tmp" / f"postings-{task.index:06d}.jsonl")
-    return {"group": task.group, "rows": rows, "docs": np.packbits(docs), "bytes": written, "run": str(run)}
+    return {"group": task.group, "rows": rows, "docs": np.packbits(docs), "bytes": written, "tail": tail, "run": str(run)}
 
 
-def _corpus_task(args: tuple[str, str, list[int]]) -> int:
+def _corpus_task(args: tuple[str, str, list[int]]) -> tuple[int, int]:
     activations, out, parts = args
-    written = 0
+    written = tail = 0
     with ActivationsFile(activations) as f:
         vocab = f.vocab
         for p in parts:
             docs = range(p * ldata.DOCS_PER_FILE, min((p + 1) * ldata.DOCS_PER_FILE, f.n_docs))
-            written += ldata.write_corpus_file(
+            size, footer = ldata.write_corpus_file(
                 ((d, f.doc_title(d), [vocab[t] for t in f.document(d)]) for d in docs),
                 Path(out) / "data" / ldata.corpus_file(docs[0]))
-    return written
+            written, tail = written + size, max(tail, footer)
+    return written, tail
 
 
 def _pool(workers: int):
@@ -173,6 +174,11 @@ class DataOptions:
     workers: int
 
 
+def _edges(edges: np.ndarray) -> list:
+    """Bin edges for JSON, which has no infinity: ``"inf"`` and ``"-inf"`` stand for them."""
+    return [float(x) if np.isfinite(x) else ("inf" if x > 0 else "-inf") for x in edges]
+
+
 def site_facts(f: ActivationsFile, shown: ldata.Shown, groups: dict[Group, np.ndarray]) -> dict[str, Any]:
     """``site.json``: what every page of the site needs besides its own data (read once by the browser)."""
     attrs = f.attrs
@@ -185,9 +191,9 @@ def site_facts(f: ActivationsFile, shown: ldata.Shown, groups: dict[Group, np.nd
         "levels": LEVELS, "colorPercentile": COLOR_PERCENTILE, "rareShare": RARE_SHARE,
         "provenance": provenance_rows({**attrs, "n_tokens": f.n_tokens}),
         "model": display_name(attrs.get("model") or ""),
-        "histEdges": [float(x) for x in HIST_EDGES[:-1]] + ["inf"] if f.has_distributions else None,
-        "densityEdges": ["-inf"] + [float(x) for x in DENSITY_EDGES[1:-1]] + ["inf"] if f.has_distributions else None,
-        "bandEdges": [float(x) for x in BAND_EDGES[:-1]] + ["inf"] if f.has_distributions else None,
+        "histEdges": _edges(HIST_EDGES) if f.has_distributions else None,
+        "densityEdges": _edges(DENSITY_EDGES) if f.has_distributions else None,
+        "bandEdges": _edges(BAND_EDGES) if f.has_distributions else None,
         "neuronsPerFile": ldata.NEURONS_PER_FILE, "docsPerFile": ldata.DOCS_PER_FILE,
         "codeSteps": ldata.CODE_STEPS, "codeOctaves": ldata.CODE_OCTAVES, "nanCode": ldata.NAN_CODE,
         "summary": [list(p) for p in ldata.SUMMARY_PARTS],
@@ -224,6 +230,7 @@ def build_data(options: DataOptions, groups: dict[Group, np.ndarray], out: Path,
     docs = np.zeros(n_docs, dtype=bool)
     runs: list[Path] = []
     totals = {"neurons": int(sum(len(n) for n in groups.values())), "data_bytes": 0}
+    tails = {"neurons": 8, "corpus": 8}
     pool = _pool(options.workers)
     try:
         for done, result in enumerate(_map(pool, _data_task, tasks), 1):
@@ -231,11 +238,15 @@ def build_data(options: DataOptions, groups: dict[Group, np.ndarray], out: Path,
             docs |= np.unpackbits(result["docs"], count=n_docs).astype(bool)
             runs.append(Path(result["run"]))
             totals["data_bytes"] += result["bytes"]
+            tails["neurons"] = max(tails["neurons"], result["tail"])
             if log and done % max(1, len(tasks) // 10) == 0:
                 log(f"gluscope: data of {done}/{len(tasks)} parts written")
         parts = np.unique(np.flatnonzero(docs) // ldata.DOCS_PER_FILE).tolist()
         chunks = [(options.activations, str(out), parts[i:i + 64]) for i in range(0, len(parts), 64)]
-        totals["corpus_bytes"] = sum(_map(pool, _corpus_task, chunks))
+        totals["corpus_bytes"] = 0
+        for size, tail in _map(pool, _corpus_task, chunks):
+            totals["corpus_bytes"] += size
+            tails["corpus"] = max(tails["corpus"], tail)
     finally:
         if pool is not None:
             pool.close()
@@ -248,7 +259,8 @@ def build_data(options: DataOptions, groups: dict[Group, np.ndarray], out: Path,
             ldata.dumps({"layer": g[0], "expert": g[1], "rows": table}), encoding="utf-8")
     totals.update(lsearch.write_shards(sorted(runs), site / "search"))
     (site / "act.bin").write_bytes(act)
-    (site / "site.json").write_text(ldata.dumps(facts), encoding="utf-8")
+    # A page's first request to a data file is for its tail: the largest footer of its kind, no more.
+    (site / "site.json").write_text(ldata.dumps({**facts, "tails": tails}), encoding="utf-8")
     shutil.rmtree(tmp, ignore_errors=True)
     return totals
 
@@ -260,11 +272,13 @@ class PageOptions:
     prefix: str
     directory_urls: bool
     site_url: str  # the site's URL for sitemaps ("/" without site_url)
+    site_name: str
 
 
-def build_pages(options: PageOptions, groups: dict[Group, np.ndarray], tables: Path, shell: Shell,
+def build_pages(options: PageOptions, groups: dict[Group, np.ndarray], tables: Path, shells: dict[str, str],
                 out: Path) -> dict[str, Any]:
-    """Stage 2 into ``out`` (paths as in the site): every neuron page and ``{prefix}/sitemap-N.xml``."""
+    """Stage 2 into ``out`` (paths as in the site): every neuron page, the shells (``shells``: their
+    names below ``url_prefix`` and text) and ``{prefix}/sitemap-neurons-N.xml``."""
     written = 0
     sizes = 0
     urls: list[str] = []
@@ -278,9 +292,11 @@ def build_pages(options: PageOptions, groups: dict[Group, np.ndarray], tables: P
             key = keys[index]
             links = lpage.neighbour_links(keys, index, options.prefix, options.directory_urls)
             name, _ = ldata.neuron_file(g[0], int(n), g[1])
-            content = lpage.neuron_content(key, table[i], lpage.Place(name, int(row_in[i])), links=links,
-                                           root=lpage.root_of(options.prefix, key, options.directory_urls))
-            text = shell.page(f"Neuron {neuron_id(*key)}", content).encode("utf-8")
+            root = lpage.root_of(options.prefix, key, options.directory_urls)
+            content = lpage.neuron_content(key, table[i], lpage.Place(name, int(row_in[i])), links=links, root=root)
+            up = root + "../" * (options.prefix.count("/") + 1)
+            text = lpage.neuron_stub(f"Neuron {neuron_id(*key)}", content, site_name=options.site_name,
+                                     stub_js=f"{up}assets/gluscope/stub.js", shell=root + lpage.shell_name(key)).encode("utf-8")
             path = out / lpage.page_path(options.prefix, key, options.directory_urls)
             if path.parent not in made:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -290,6 +306,10 @@ def build_pages(options: PageOptions, groups: dict[Group, np.ndarray], tables: P
             written += 1
             sizes += len(text)
             index += 1
+    for name, text in shells.items():
+        path = out / options.prefix / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
     maps = lpage.sitemap_files(urls, options.site_url)
     for i, text in enumerate(maps):
         (out / options.prefix).mkdir(parents=True, exist_ok=True)

@@ -170,7 +170,7 @@ def neuron_row(data: NeuronData, shown: Shown, telling: int | None) -> dict:
             "pos": (unique & 0xFFFFFFFF).astype(np.int32), "window": codes.astype(np.int8).tobytes()}
 
 
-def _write(rows: Sequence[dict], schema, path: Path, encodings: dict[str, str]) -> int:
+def _write(rows: Sequence[dict], schema, path: Path, encodings: dict[str, str]) -> tuple[int, int]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -178,7 +178,10 @@ def _write(rows: Sequence[dict], schema, path: Path, encodings: dict[str, str]) 
     table = pa.Table.from_pylist(list(rows), schema=schema)
     pq.write_table(table, path, row_group_size=1, compression="zstd", compression_level=ZSTD_LEVEL,
                    use_dictionary=False, write_statistics=False, store_schema=False, column_encoding=encodings)
-    return path.stat().st_size
+    with open(path, "rb") as f:
+        f.seek(-8, 2)
+        tail = 8 + int.from_bytes(f.read(4), "little")  # the footer and its length and magic
+    return path.stat().st_size, tail
 
 
 #: Encodings: integers as deltas (documents ascend, counts are sparse), floats by byte planes.
@@ -187,12 +190,13 @@ NEURON_ENCODINGS = {"summary.list.element": "BYTE_STREAM_SPLIT", "dist.list.elem
                     "doc.list.element": "DELTA_BINARY_PACKED", "pos.list.element": "DELTA_BINARY_PACKED"}
 
 
-def write_neuron_file(rows: Sequence[dict], path: Path) -> int:
-    """One data file of neuron rows (one row group each); returns its size in bytes."""
+def write_neuron_file(rows: Sequence[dict], path: Path) -> tuple[int, int]:
+    """One data file of neuron rows (one row group each); returns its size and its footer's (with the
+    8 bytes after it: what a reader fetches first)."""
     return _write(rows, neuron_schema(), path, NEURON_ENCODINGS)
 
 
-def write_corpus_file(docs: Iterable[tuple[int, str | None, list[str]]], path: Path) -> int:
+def write_corpus_file(docs: Iterable[tuple[int, str | None, list[str]]], path: Path) -> tuple[int, int]:
     """One corpus file: ``(doc, title, tokens)`` per document, one row group each."""
     rows = [{"doc": doc, "title": title, "tokens": tokens} for doc, title, tokens in docs]
     return _write(rows, corpus_schema(), path, {})

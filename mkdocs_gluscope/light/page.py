@@ -1,10 +1,11 @@
 """What a light site's own pages hold: a neuron page's few hundred bytes, its layer's table row, the
 neurons' index and layer pages, and the sitemap entries.
 
-A neuron page is the theme's page (:mod:`.theme`) around :func:`neuron_content`: the title, links to its
-neighbours, its layer and the index, one line with each case's share of tokens and top word (what a
-reader or a search engine sees without JavaScript), and the place of its data. ``gluscope.js`` draws
-the rest from the data file: the summary, the distributions, every example list, the samples.
+A neuron page is a stub (:func:`neuron_stub`): the title, links to its neighbours, its layer and the
+index, one line with each case's share of tokens and top word (what a reader or a search engine sees
+without JavaScript), and the place of its data. In the browser ``stub.js`` puts it into the theme's
+page (:mod:`.theme`) and ``gluscope.js`` draws the rest from the data file: the summary, the
+distributions, every example list, the samples.
 """
 
 from __future__ import annotations
@@ -87,6 +88,19 @@ class Place:
     row: int
 
 
+def neuron_stub(title: str, content: str, *, site_name: str, stub_js: str, shell: str) -> str:
+    """A whole neuron page: ``title`` and ``content`` (:func:`neuron_content`), and ``stub.js`` (whose
+    URL, and the shell's, are relative to the page)."""
+    return (f'<!doctype html><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">'
+            f"<title>{title} - {html.escape(site_name)}</title>"
+            f'<script src="{stub_js}" data-shell="{shell}"></script>{content}\n')
+
+
+def shell_name(key: Key) -> str:
+    """The shell of a neuron page's depth, below ``url_prefix``: a dense layer's and an expert's."""
+    return "gluscope-shell/" + ("neuron.html" if len(key) == 2 else "expert-neuron.html")
+
+
 def neuron_content(key: Key, row: Sequence, place: Place, *, links: dict[str, str], root: str,
                    routed: float | None = None) -> str:
     """The article of a neuron page. ``row``: its :func:`layer_row`; ``links``: URLs relative to the page
@@ -108,9 +122,7 @@ def neuron_content(key: Key, row: Sequence, place: Place, *, links: dict[str, st
     share = "" if routed is None else f" of its expert's tokens"
     return (f'<h1 id="neuron">Neuron {nid}</h1><p class="gs-nav">{" · ".join(nav)}</p>'
             f'<p class="gs-gist">Share of tokens{share} and top word by case: {" · ".join(gist)}</p>'
-            f'<div class="gs-light" data-root="{root}" data-file="{place.file}" data-row="{place.row}" data-id="{nid}">'
-            '<noscript>This page draws its summary, distributions and examples from its data file with '
-            'JavaScript.</noscript></div>')
+            f'<div class="gs-light" data-root="{root}" data-file="{place.file}" data-row="{place.row}" data-id="{nid}"></div>')
 
 
 def neighbour_links(keys: Sequence[Key], i: int, prefix: str, directory_urls: bool) -> dict[str, str]:

@@ -94,13 +94,13 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
             return None
         f = open(path, "rb")
         f.seek(start)
+        self._range = stop - start
         self.send_response(206)
         self.send_header("Content-Type", self.guess_type(path))
         self.send_header("Content-Range", f"bytes {start}-{stop - 1}/{size}")
         self.send_header("Content-Length", str(stop - start))
         self.send_header("Accept-Ranges", "bytes")
         self.end_headers()
-        self._range = stop - start
         return f
 
     def copyfile(self, source, outputfile):  # type: ignore[override]
@@ -122,5 +122,7 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
             sent = getattr(self, "_range", None)
             if sent is None:
                 path = self.translate_path(self.path)
+                if os.path.isdir(path):
+                    path = os.path.join(path, "index.html")
                 sent = os.path.getsize(path) if os.path.isfile(path) and str(code) == "200" else 0
             self.log.append((self.path, int(code) if str(code).isdigit() else 0, sent))

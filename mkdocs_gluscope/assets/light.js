@@ -7,7 +7,7 @@
    that writes full pages, and are tested against it): the summary table, the distributions, the
    example lists of every case and hook, the random and band samples. The example windows are 7-bit
    codes (light/data.py: encode_windows), so values shown for the tokens around an example are within
-   5%; each example's own value, the summary and the distributions are exact. */
+   6%; each example's own value, the summary and the distributions are exact. */
 import { parquetMetadataAsync, parquetReadObjects } from "./vendor/hyparquet/index.js";
 import { decompress } from "./vendor/fzstd.js";
 import { CASES, HOOKS, HOOK_LABELS, LEVELS, caseBlock, colorLevels, colorScale, escapeHtml, exampleRow, extremeText,
@@ -103,9 +103,10 @@ function decodeNeuron(row, f) {
   for (const [name, n] of f.summary) { parts[name] = s.slice(o, o + n); o += n; }
   const grid = a => CASES.map((_, c) => a.slice(c * H, (c + 1) * H));
   const [k, S, S2] = f.shown, R = f.bandEdges ? f.bandEdges.length - 1 : 0, W = f.contextBefore + 1 + f.contextAfter;
-  const lists = num(row.lists), values = num(row.values), docs = num(row.doc), pos = num(row.pos);
-  const largest = num(row.largest), codes = new Int8Array(row.window.buffer, row.window.byteOffset, row.window.byteLength);
-  const U = docs.length, caseOf = new Array(U).fill(0);
+  const lists = num(row.lists), all = num(row.values), place = num(row.place);
+  const values = all.slice(0, all.length - 2 * C), largest = all.slice(all.length - 2 * C);
+  const U = place.length / 2, docs = place.slice(0, U), pos = place.slice(U);
+  const codes = new Int8Array(row.window.buffer, row.window.byteOffset, row.window.byteLength), caseOf = new Array(U).fill(0);
   const slot = (offset, c, n) => { for (let j = 0; j < n; j++) if (lists[offset + j] >= 0) caseOf[lists[offset + j]] = c; };
   for (let c = 0; c < C; c++) {
     for (let h = 0; h < H; h++) slot((c * H + h) * k, c, k);
@@ -116,7 +117,7 @@ function decodeNeuron(row, f) {
     Math.sign(code) * big * Math.pow(2, (Math.abs(code) - f.codeSteps) * f.codeOctaves / f.codeSteps);
   const windows = w => Array.from({ length: U }, (_, u) => Array.from({ length: W }, (_, t) =>
     decode(codes[(w * U + u) * W + t], largest[caseOf[u] * 2 + w])));
-  const dist = num(row.dist), B = f.histEdges ? f.histEdges.length - 1 : 0, G = f.densityEdges ? f.densityEdges.length - 1 : 0;
+  const dist = Array.from(row.dist, code => countOf(code, f.countSteps)), B = f.histEdges ? f.histEdges.length - 1 : 0, G = f.densityEdges ? f.densityEdges.length - 1 : 0;
   return {
     id: null, count: parts.count, sum: grid(parts.sum), min: grid(parts.min), max: grid(parts.max), nonfinite: parts.nonfinite,
     cos: parts.cos, flipped: parts.flipped[0] > 0, telling: parts.telling[0], routed: parts.routed[0] >= 0 ? parts.routed[0] : null,
@@ -127,6 +128,15 @@ function decodeNeuron(row, f) {
     sample: c => ({ offset: C * H * k + c * S, n: S }),
     band: (c, r) => ({ offset: C * H * k + C * S + (c * R + r) * S2, n: S2 }),
   };
+}
+
+// light/data.py decode_counts: a count code's count, to three significant digits.
+function countOf(code, steps) {
+  if (!code) return 0;
+  const n = Math.pow(2, (code - 1) / steps);
+  if (n < 1000) return Math.round(n);
+  const unit = Math.pow(10, Math.floor(Math.log10(n)) - 2);
+  return Math.round(n / unit) * unit;
 }
 
 // -- drawing ------------------------------------------------------------------------------------------
@@ -151,7 +161,7 @@ function pageHtml(n, f, nid) {
   if (n.hist) {
     out.push(heading("distributions", "Distributions"),
       "<p>How each case's tokens spread over |value| (octave bins; hover a bar for its range and count) and over the " +
-      "(gate, in) plane:</p>", '<div class="gs-dists">' + histogramsHtml(n.hist, f.histEdges, n.count, "hook_post") +
+      "(gate, in) plane. Counts in these figures are to three significant digits (within 5%); the summary's are exact.</p>", '<div class="gs-dists">' + histogramsHtml(n.hist, f.histEdges, n.count, "hook_post") +
       '<figure class="gs-density-fig" data-search-exclude><figcaption>gate × in, all cases (darker: more tokens)</figcaption>' +
       densityHtml(n.density, f.densityEdges) + "</figure></div>");
   }
@@ -173,7 +183,7 @@ function pageHtml(n, f, nid) {
 
 function containerOpen(f, kind) {
   return '<div class="gs-examples gs-' + kind + '" data-centre="' + f.contextBefore + '" data-levels="' + LEVELS +
-    '" data-counted-from="' + f.countedFrom + '" data-approx="7-bit codes (within 5%); exact in the activations file">';
+    '" data-counted-from="' + f.countedFrom + '" data-approx="within 6% (7-bit codes); exact in the activations file">';
 }
 
 function examplesHtml(n, f, total) {

@@ -106,6 +106,20 @@ class Task:
     index: int
 
 
+#: What every worker reads of the file and derives from it, loaded by the parent before it forks (the
+#: children share these pages of memory): activations path -> (tokens, doc offsets, vocab, WordFinder).
+_SHARED: dict[str, tuple] = {}
+
+
+def _shared(f: ActivationsFile) -> lsearch.WordFinder:
+    """``f`` with the corpus and vocabulary of :data:`_SHARED` (loaded now if the parent did not)."""
+    key = str(f.path)
+    if key not in _SHARED:
+        _SHARED[key] = (f.tokens, f.doc_offsets, f.vocab, lsearch.WordFinder(f.vocab))
+    f._tokens, f._offsets, f._vocab, words = _SHARED[key]
+    return words
+
+
 def _data_task(task: Task) -> dict[str, Any]:
     from mkdocs_gluscope.render import telling_case
 
@@ -115,21 +129,27 @@ def _data_task(task: Task) -> dict[str, Any]:
     posting_list: list = []
     written = tail = 0
     with ActivationsFile(task.activations) as f:
-        vocab = f.vocab
-        vocab_text = vocab.__getitem__
+        words = _shared(f)
         docs = np.zeros(f.n_docs, dtype=bool)
+        first, last = int(task.neurons[0]), int(task.neurons[-1])
+        # One read per dataset for the task's neurons, unless they are too few of the range they span.
+        dense = last - first < 2 * len(task.neurons)
+        block = f.neurons(layer, first, last + 1, expert=expert) if dense else None
         part, _ = places(task.neurons)
         for p in np.unique(part):
-            listed = task.neurons[part == p]
-            block = f.neurons(layer, int(listed[0]), int(listed[-1]) + 1, expert=expert)
             file_rows = []
+            listed = task.neurons[part == p]
+            if not dense:
+                first = int(listed[0])
+                block = f.neurons(layer, first, int(listed[-1]) + 1, expert=expert)
             for n in listed:
-                data = block[int(n) - int(listed[0])]
+                data = block[int(n) - first]
                 shown = ldata.Shown.of(data, task.examples)
                 file_rows.append(ldata.neuron_row(data, shown, telling_case(data, task.scales)))
-                rows.append(lpage.layer_row(data, vocab_text))
-                posting_list.extend(lsearch.postings(data, vocab_text))
-                docs[data.top_doc[..., :shown.top][data.top_doc[..., :shown.top] >= 0]] = True
+                rows.append(lpage.layer_row(data, words))
+                posting_list.extend(lsearch.postings(data, words))
+                top = data.top_doc[..., :shown.top]
+                docs[top[top >= 0]] = True
                 for ex, n_shown in ((data.samples, shown.samples), (data.bands, shown.bands)):
                     if ex is not None:
                         used = ex.doc[..., :n_shown]
@@ -145,6 +165,7 @@ def _corpus_task(args: tuple[str, str, list[int]]) -> tuple[int, int]:
     activations, out, parts = args
     written = tail = 0
     with ActivationsFile(activations) as f:
+        _shared(f)
         vocab = f.vocab
         for p in parts:
             docs = range(p * ldata.DOCS_PER_FILE, min((p + 1) * ldata.DOCS_PER_FILE, f.n_docs))
@@ -196,6 +217,7 @@ def site_facts(f: ActivationsFile, shown: ldata.Shown, groups: dict[Group, np.nd
         "bandEdges": _edges(BAND_EDGES) if f.has_distributions else None,
         "neuronsPerFile": ldata.NEURONS_PER_FILE, "docsPerFile": ldata.DOCS_PER_FILE,
         "codeSteps": ldata.CODE_STEPS, "codeOctaves": ldata.CODE_OCTAVES, "nanCode": ldata.NAN_CODE,
+        "countSteps": ldata.COUNT_STEPS,
         "summary": [list(p) for p in ldata.SUMMARY_PARTS],
         "tables": {table_name(g): len(n) for g, n in groups.items()},
     }
@@ -207,6 +229,7 @@ def build_data(options: DataOptions, groups: dict[Group, np.ndarray], out: Path,
     tmp = out / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     with ActivationsFile(options.activations) as f:
+        _shared(f)  # before the workers fork: they share it
         n_docs = f.n_docs
         scales = {g: (None if g[1] is not None else tuple(float(x) for x in layer_case_scales(f, g[0])))
                   for g in groups}

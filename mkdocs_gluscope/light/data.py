@@ -14,7 +14,8 @@ second while reading little. A Parquet reader reads a file's footer first; with 
 neuron the footer grows by about 60 bytes per column and neuron, so a file holds few neurons and
 the columns are few. Example windows are 7-bit codes (:func:`encode_windows`), ZSTD-compressed:
 the gate and in values of every token of every example are the bulk of a neuron's data, and 8-bit
-codes or float16 made a 7B model's data files 12% or 80% larger.
+codes or float16 made a 7B model's data files 12% or 80% larger. The distributions' counts are codes
+too (:func:`encode_counts`), within 4.4%.
 """
 
 from __future__ import annotations
@@ -35,12 +36,13 @@ NEURONS_PER_FILE = 16
 #: Documents per corpus file: each one a row group.
 DOCS_PER_FILE = 8
 #: Window codes: a sign and CODE_STEPS logarithmic steps over CODE_OCTAVES octaves below the largest
-#: |value| of the example's case (gate and in apart): steps of 9.2%, so a value is within 4.6%.
-CODE_STEPS = 63
+#: |value| of the example's case (gate and in apart): steps of 12.2%, so a value is within 6.1%, a color
+#: at most one level of ten off. (63 steps, within 4.6%, made a 7B model's data 4% larger and over budget.)
+CODE_STEPS = 48
 CODE_OCTAVES = 8
 NAN_CODE = -64
-#: ZSTD level of the data files (level 9 was 2% smaller than 3, the default, and as fast to read).
-ZSTD_LEVEL = 9
+#: ZSTD level of the data files (pyarrow's default; level 9 was under 2% smaller and slower to write).
+ZSTD_LEVEL = 3
 #: ``summary`` column: name and length of each part, in order.
 SUMMARY_PARTS: tuple[tuple[str, int], ...] = (
     ("count", 4), ("sum", 16), ("min", 16), ("max", 16), ("nonfinite", len(NONFINITE_COLUMNS)),
@@ -55,12 +57,12 @@ def neuron_schema():
     return pa.schema([
         ("neuron", pa.int32()),  # the neuron's index in its layer (or expert)
         ("summary", pa.list_(pa.float64())),  # SUMMARY_PARTS, flattened [case, hook] where 2-D
-        ("dist", pa.list_(pa.int64())),  # stats/hist [C, H, B] then stats/density [G, G]; empty without them
+        ("dist", pa.binary()),  # uint8 count codes (encode_counts) of stats/hist [C, H, B], then stats/density [G, G]
         ("lists", pa.list_(pa.int16())),  # example of every list slot: top [C,H,k], samples [C,S], bands [C,R,S2]
-        ("values", pa.list_(pa.float32())),  # each slot's value: top (the list's hook), samples and bands (post)
-        ("largest", pa.list_(pa.float32())),  # [C, 2]: the largest |gate| and |in| over each case's windows
-        ("doc", pa.list_(pa.int32())),  # each distinct example's document, ascending
-        ("pos", pa.list_(pa.int32())),  # and position in it (its first token is 0)
+        # each slot's value (top: the list's hook; samples and bands: post), then [C, 2]: the largest |gate|
+        # and |in| over each case's windows, the scale of its window codes
+        ("values", pa.list_(pa.float32())),
+        ("place", pa.list_(pa.int32())),  # each distinct example's document (ascending), then its position
         ("window", pa.binary()),  # int8 codes [2 (gate, in), examples, W]: encode_windows
     ])
 
@@ -81,6 +83,28 @@ def encode_windows(values: np.ndarray, largest: np.ndarray | float) -> np.ndarra
     magnitude = np.where(np.isfinite(steps) & (steps >= 1), np.minimum(steps, CODE_STEPS), 0)
     codes = (np.sign(np.nan_to_num(values)) * magnitude).astype(np.int8)
     return np.where(np.isnan(values), np.int8(NAN_CODE), codes)
+
+
+#: Count codes of the distributions: steps of an eighth of an octave (counts within 4.4%).
+COUNT_STEPS = 8
+
+
+def encode_counts(counts: np.ndarray) -> np.ndarray:
+    """Counts as uint8 codes: 0 for 0, else ``1 + round(COUNT_STEPS * log2(n))`` (at most 255: counts
+    above 3.6e9 clip). A light page's figures need their shape, not every token: a few hundred bytes a
+    neuron where exact counts took 1.7 KB (the activations file keeps them exact)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        codes = np.where(counts > 0, 1 + np.rint(COUNT_STEPS * np.log2(np.maximum(counts, 1))), 0)
+    return np.minimum(codes, 255).astype(np.uint8)
+
+
+def decode_counts(codes: np.ndarray) -> np.ndarray:
+    """The counts codes stand for, to three significant digits (what ``light.js`` shows)."""
+    codes = np.asarray(codes, dtype=np.float64)
+    n = np.where(codes > 0, np.exp2((codes - 1) / COUNT_STEPS), 0.0)
+    digits = np.where(n > 0, np.floor(np.log10(np.maximum(n, 1))) - 2, 0)
+    return np.where(n < 1000, np.rint(n), np.rint(n / 10.0 ** digits) * 10.0 ** digits).astype(np.int64)
 
 
 def decode_windows(codes: np.ndarray, largest: np.ndarray | float) -> np.ndarray:
@@ -141,9 +165,11 @@ def neuron_row(data: NeuronData, shown: Shown, telling: int | None) -> dict:
     gate = np.concatenate([k[4] for k in kinds])
     in_ = np.concatenate([k[5] for k in kinds])
     valid = np.flatnonzero(doc >= 0)
-    # Distinct examples in (doc, pos) order: a position shared by lists (within a gate+ case the gate and
-    # act(gate) lists are the same examples) is stored once, and ascending documents delta-encode.
-    unique, first, inverse = np.unique(doc[valid] << 32 | pos[valid], return_index=True, return_inverse=True)
+    # Distinct examples in (doc, pos) order: a position shared by lists of its case (within a gate+ case the
+    # gate and act(gate) lists are the same examples) is stored once, and ascending documents delta-encode.
+    # (A position is in one case; the case in the key keeps files that break that rule apart too.)
+    unique, first, inverse = np.unique(((doc[valid] << 32 | pos[valid]) << 2) | case[valid], return_index=True,
+                                       return_inverse=True)
     example = np.full(doc.shape, -1, dtype=np.int16)
     example[valid] = inverse.ravel()
     source = valid[first]
@@ -163,20 +189,38 @@ def neuron_row(data: NeuronData, shown: Shown, telling: int | None) -> dict:
         data.count, data.sum.ravel(), data.min.ravel(), data.max.ravel(), nonfinite,
         [data.cos_gate_in, data.cos_gate_out, data.cos_in_out], [float(data.flipped)],
         [-1 if telling is None else telling], [-1 if data.routed is None else data.routed]]).astype(np.float64)
-    dist = (np.concatenate([data.hist.ravel(), data.density.ravel()]) if data.hist is not None
-            else np.zeros(0)).astype(np.int64)
-    return {"neuron": data.neuron, "summary": summary, "dist": dist, "lists": example, "values": values,
-            "largest": largest.astype(np.float32).ravel(), "doc": (unique >> 32).astype(np.int32),
-            "pos": (unique & 0xFFFFFFFF).astype(np.int32), "window": codes.astype(np.int8).tobytes()}
+    dist = (encode_counts(np.concatenate([data.hist.ravel(), data.density.ravel()])) if data.hist is not None
+            else np.zeros(0, np.uint8)).tobytes()
+    return {"neuron": data.neuron, "summary": summary, "dist": dist, "lists": example,
+            "values": np.concatenate([values, largest.astype(np.float32).ravel()]),
+            "place": np.concatenate([unique >> 34, (unique >> 2) & 0xFFFFFFFF]).astype(np.int32),
+            "window": codes.astype(np.int8).tobytes()}
+
+
+def _table(rows: Sequence[dict], schema):
+    """Rows as an Arrow table, each list column from one flat array and its offsets (fast)."""
+    import pyarrow as pa
+
+    columns = []
+    for field in schema:
+        values = [row[field.name] for row in rows]
+        if pa.types.is_list(field.type):
+            offsets = np.concatenate([[0], np.cumsum([len(v) for v in values])]).astype(np.int32)
+            inner = field.type.value_type
+            data = (pa.array([x for v in values for x in v], inner) if pa.types.is_string(inner) else
+                    pa.array(np.concatenate([np.asarray(v) for v in values] or [np.zeros(0)]).astype(inner.to_pandas_dtype()),
+                             inner))
+            columns.append(pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), data))
+        else:
+            columns.append(pa.array(values, field.type))
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def _write(rows: Sequence[dict], schema, path: Path, encodings: dict[str, str]) -> tuple[int, int]:
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pylist(list(rows), schema=schema)
-    pq.write_table(table, path, row_group_size=1, compression="zstd", compression_level=ZSTD_LEVEL,
+    pq.write_table(_table(rows, schema), path, row_group_size=1, compression="zstd", compression_level=ZSTD_LEVEL,
                    use_dictionary=False, write_statistics=False, store_schema=False, column_encoding=encodings)
     with open(path, "rb") as f:
         f.seek(-8, 2)
@@ -184,10 +228,10 @@ def _write(rows: Sequence[dict], schema, path: Path, encodings: dict[str, str]) 
     return path.stat().st_size, tail
 
 
-#: Encodings: integers as deltas (documents ascend, counts are sparse), floats by byte planes.
-NEURON_ENCODINGS = {"summary.list.element": "BYTE_STREAM_SPLIT", "dist.list.element": "DELTA_BINARY_PACKED",
+#: Encodings: floats by byte planes, example indices and places as deltas (documents ascend).
+NEURON_ENCODINGS = {"summary.list.element": "BYTE_STREAM_SPLIT",
                     "lists.list.element": "DELTA_BINARY_PACKED", "values.list.element": "BYTE_STREAM_SPLIT",
-                    "doc.list.element": "DELTA_BINARY_PACKED", "pos.list.element": "DELTA_BINARY_PACKED"}
+                    "place.list.element": "DELTA_BINARY_PACKED"}
 
 
 def write_neuron_file(rows: Sequence[dict], path: Path) -> tuple[int, int]:

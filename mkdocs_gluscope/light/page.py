@@ -17,7 +17,6 @@ from typing import Any, Callable, Iterable, Sequence
 
 from mkdocs_gluscope.render import md_text, token_label
 from mkdocs_gluscope.store import CASES, SHARED, NeuronData, neuron_id
-from mkdocs_gluscope.words import word_around
 
 #: Rows per page of a layer table (in the browser, and the static first page without JavaScript).
 PAGE_ROWS = 100
@@ -64,20 +63,16 @@ def word_labels(word: tuple[str, str, str]) -> tuple[str, str, str]:
     return token_label(before), token_label(peak), token_label(after)
 
 
-def top_word(data: NeuronData, vocab_text: Callable[[int], str], case: int) -> list[str] | None:
-    """The whole word around the peak of a case's strongest hook_post example, as shown
-    ``[before, peak, after]`` (None when the case has no example)."""
-    if data.top_doc[case, 0, 0] < 0 or data.window_tokens[case, 0, 0, data.context_before] < 0:
-        return None
-    ids = data.window_tokens[case, 0, 0]
-    return list(word_labels(word_around([vocab_text(int(t)) if t >= 0 else None for t in ids], data.context_before)))
-
-
-def layer_row(data: NeuronData, vocab_text: Callable[[int], str]) -> list:
+def layer_row(data: NeuronData, words: Any) -> list:
     """One row of a layer table: neuron, the four case shares (percent, 4 digits) and the top word of
-    each case as ``[before, peak, after]`` labels (or None): text the browser sets with textContent."""
-    return [data.neuron, *[float(f"{100 * f:.4g}") for f in data.frequency],
-            *[top_word(data, vocab_text, c) for c in range(len(CASES))]]
+    each case (around the peak of its strongest hook_post example) as ``[before, peak, after]`` labels, or
+    None: text the browser sets with textContent. ``words``: a :class:`search.WordFinder`."""
+    ids = data.window_tokens[:, 0, 0]  # [C, W]
+    centre = data.context_before
+    starts, stops = words.extents(ids, centre)
+    tops = [list(word_labels(words.word(ids[c], centre, int(starts[c]), int(stops[c]))))
+            if data.top_doc[c, 0, 0] >= 0 and ids[c, centre] >= 0 else None for c in range(len(CASES))]
+    return [data.neuron, *[float(f"{100 * f:.4g}") for f in data.frequency], *tops]
 
 
 @dataclass(frozen=True)
@@ -92,7 +87,7 @@ def neuron_stub(title: str, content: str, *, site_name: str, stub_js: str, shell
     """A whole neuron page: ``title`` and ``content`` (:func:`neuron_content`), and ``stub.js`` (whose
     URL, and the shell's, are relative to the page)."""
     return (f'<!doctype html><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">'
-            f"<title>{title} - {html.escape(site_name)}</title>"
+            f'<title>{title} - {html.escape(site_name)}</title><link rel="icon" href="data:,">'
             f'<script src="{stub_js}" data-shell="{shell}"></script>{content}\n')
 
 

@@ -18,13 +18,13 @@ from __future__ import annotations
 import heapq
 import json
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
 from mkdocs_gluscope.light.data import dumps
 from mkdocs_gluscope.store import CASES, NeuronData
-from mkdocs_gluscope.words import index_terms
+from mkdocs_gluscope.words import WORD_LIMIT, index_terms, unspaced, word_around
 
 #: Neurons kept per term (the best by share): a word thousands of neurons peak on (" the") stays small.
 POSTINGS = 100
@@ -34,45 +34,95 @@ SHARD_BYTES = 64 * 1024
 Posting = tuple[str, float, float, str, int]  # term, -share, -|value|, neuron id, case (sort order)
 
 
-def postings(data: NeuronData, vocab_text: Callable[[int], str]) -> list[Posting]:
+class WordFinder:
+    """:func:`words.word_around` and :func:`words.index_terms` for windows of token ids, fast: the
+    vocabulary's per-token facts are arrays computed once, a window's word is found for all examples at
+    once, and each word's terms are computed once (``tests/test_light.py`` checks it against the rules)."""
+
+    def __init__(self, vocab: list[str]) -> None:
+        self.vocab = vocab
+
+        def facts(pick) -> np.ndarray:
+            return np.array([bool(s) and pick(s) for s in vocab] + [False])  # id -1 (outside): no word
+
+        self.first_alnum = facts(lambda s: s[0].isalnum())
+        self.last_alnum = facts(lambda s: s[-1].isalnum())
+        self.first_unspaced = facts(lambda s: unspaced(s[0]))
+        self.last_unspaced = facts(lambda s: unspaced(s[-1]))
+        self._terms: dict[tuple, list[str]] = {}
+        self._words: dict[tuple, tuple[str, str, str]] = {}
+
+    def extents(self, ids: np.ndarray, centre: int) -> tuple[np.ndarray, np.ndarray]:
+        """First and last window position of the whole word around ``centre`` of each window ``ids[..., W]``."""
+        a, b = ids[..., :-1], ids[..., 1:]
+        joins = (self.last_alnum[a] & self.first_alnum[b] & ~(self.last_unspaced[a] & self.first_unspaced[b])
+                 & (a >= 0) & (b >= 0))
+        left = np.cumprod(joins[..., :centre][..., ::-1], axis=-1).sum(axis=-1) if centre else np.zeros(ids.shape[:-1], int)
+        right = np.cumprod(joins[..., centre:], axis=-1).sum(axis=-1)
+        return centre - np.minimum(left, WORD_LIMIT), centre + np.minimum(right, WORD_LIMIT)
+
+    def _slice(self, ids: np.ndarray, centre: int, start: int, stop: int) -> tuple[tuple, list[str | None], int]:
+        """The word's tokens, with the token on each side that the rules look at (where the word stops at
+        its peak next to a character of a script without spaces), and a key for them."""
+        lo = start - 1 if start == centre and centre > 0 and self.last_unspaced[ids[centre - 1]] else start
+        hi = stop + 2 if stop == centre and centre + 1 < len(ids) and self.first_unspaced[ids[centre + 1]] else stop + 1
+        part = ids[lo:hi]
+        return (part.tobytes(), centre - lo), [self.vocab[t] if t >= 0 else None for t in part], centre - lo
+
+    def terms(self, ids: np.ndarray, centre: int, start: int, stop: int) -> list[str]:
+        key, tokens, at = self._slice(ids, centre, start, stop)
+        found = self._terms.get(key)
+        if found is None:
+            found = self._terms[key] = index_terms(tokens, at)
+        return found
+
+    def word(self, ids: np.ndarray, centre: int, start: int, stop: int) -> tuple[str, str, str]:
+        key, tokens, at = self._slice(ids, centre, start, stop)
+        found = self._words.get(key)
+        if found is None:
+            found = self._words[key] = word_around(tokens, at)
+        return found
+
+
+def postings(data: NeuronData, words: WordFinder) -> list[Posting]:
     """Each (term, case) of one neuron with the term's share of the case's top hook_post list."""
     out: list[Posting] = []
     nid = data.id
+    centre = data.context_before
+    ids = data.window_tokens[:, 0]  # [C, k, W]: the hook_post lists
+    starts, stops = words.extents(ids, centre)
     for c in range(len(CASES)):
-        weight = np.nan_to_num(np.abs(data.top_value[c, 0].astype(np.float64)), nan=0.0)
         filled = data.top_doc[c, 0] >= 0
-        total = float(weight[filled].sum())
         if not filled.any():
             continue
+        weight = np.nan_to_num(np.abs(data.top_value[c, 0].astype(np.float64)), nan=0.0)
+        total = float(weight[filled].sum())
         found: dict[str, list[float]] = {}
-        for j in np.flatnonzero(filled):
-            ids = data.window_tokens[c, 0, j]
-            if ids[data.context_before] < 0:
-                continue
-            tokens = [vocab_text(int(t)) if t >= 0 else None for t in ids]
-            for term in index_terms(tokens, data.context_before):
+        for j in np.flatnonzero(filled & (ids[c, :, centre] >= 0)):
+            for term in words.terms(ids[c, j], centre, int(starts[c, j]), int(stops[c, j])):
                 entry = found.setdefault(term, [0.0, 0.0])
                 entry[0] += weight[j]
                 entry[1] = max(entry[1], float(weight[j]))
         for term, (mass, peak) in found.items():
-            share = mass / total if total > 0 else 1.0 / filled.sum()
-            out.append((term, -round(share, 3), -float(f"{peak:.4g}"), nid, c))
+            share = float(mass / total) if total > 0 else 1.0 / int(filled.sum())
+            out.append((term, -int(share * 1000 + 0.5) / 1000, -float(f"{peak:.4g}"), nid, c))
     return out
 
 
 def write_sorted(items: list[Posting], path: Path) -> Path:
-    """Postings sorted (by term, then rank) as JSON lines, for :func:`write_shards` to merge."""
+    """Postings sorted (by term, then rank) as lines of tab-separated fields (the term as JSON), for
+    :func:`write_shards` to merge."""
     items.sort()
     with open(path, "w", encoding="utf-8") as f:
-        for item in items:
-            f.write(dumps(item) + "\n")
+        f.writelines(f"{json.dumps(t, ensure_ascii=False)}\t{s!r}\t{p!r}\t{n}\t{c}\n" for t, s, p, n, c in items)
     return path
 
 
 def _read(path: Path) -> Iterator[Posting]:
     with open(path, encoding="utf-8") as f:
         for line in f:
-            yield tuple(json.loads(line))  # type: ignore[misc]
+            term, share, peak, nid, case = line.rstrip("\n").split("\t")
+            yield json.loads(term), float(share), float(peak), nid, int(case)
 
 
 def write_shards(runs: Iterable[Path], folder: Path) -> dict[str, int]:

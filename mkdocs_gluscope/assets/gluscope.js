@@ -176,6 +176,19 @@ function tableOf(site, layer, label) {
 }
 function tableRows(site, name) { return fetchJSON(new URL("gluscope/layers/" + name + ".json", site.base).href).then(t => t.rows); }
 
+// Neurons 0..size-1 whose id begins with `prefix`: the exact one first, then by length and value (at most 12).
+function idsBeginning(prefix, size) {
+  const out = [];
+  if (prefix === "") { for (let n = 0; n < Math.min(12, size); n++) out.push(n); return out; }
+  if (prefix.length > 1 && prefix[0] === "0") return out;
+  const n = +prefix;
+  if (n < size) out.push(n);
+  for (let scale = 10; n > 0 && out.length < 12 && n * scale < size; scale *= 10) {
+    for (let m = n * scale; m < Math.min((n + 1) * scale, size) && out.length < 12; m++) out.push(m);
+  }
+  return out;
+}
+
 // "28.473", "28.47" (and the ids it begins), "3.e12.407", "5.s.20".
 async function searchIds(query) {
   const m = /^(\d+)\.(?:(e\d+|s)\.)?(\d*)$/.exec(query.trim().toLowerCase());
@@ -185,23 +198,11 @@ async function searchIds(query) {
     const name = tableOf(site, +m[1], m[2]);
     if (!name) continue;
     const [layer, , listed, size] = site.tables[name];
-    let neurons;
-    if (listed === size) {  // every neuron of the table: ids need no lookup
-      neurons = [];
-      if (m[3] !== "" && +m[3] < size) neurons.push(+m[3]);
-      for (let d = 0; neurons.length < 12; d++) {
-        const lo = (m[3] === "" ? 0 : +m[3] * Math.pow(10, d + 1)), hi = m[3] === "" ? size : (+m[3] + 1) * Math.pow(10, d + 1);
-        if (lo >= size || (m[3] !== "" && +m[3] === 0)) break;
-        for (let n = lo; n < Math.min(hi, size) && neurons.length < 12; n++) neurons.push(n);
-        if (m[3] === "") break;
-      }
-    } else {
-      neurons = (await tableRows(site, name)).map(r => r[0]).filter(n => m[3] === "" || String(n).startsWith(m[3]));
-      neurons.sort((a, b) => (String(a) !== m[3]) - (String(b) !== m[3]) || a - b);
-      neurons = neurons.slice(0, 12);
-    }
+    const neurons = listed === size ? idsBeginning(m[3], size) :  // every neuron of the table: no lookup
+      (await tableRows(site, name)).map(r => r[0]).filter(n => m[3] === "" || String(n).startsWith(m[3]))
+        .sort((a, b) => (String(a) !== m[3]) - (String(b) !== m[3]) || a - b).slice(0, 12);
     const label = layer + "." + (m[2] ? m[2] + "." : "");
-    for (const n of neurons) items.push([neuronUrl(site, label + n), "Neuron " + label + n, site.prefix]);
+    for (const n of neurons) items.push([neuronUrl(site, label + n), "Neuron " + label + n, sites().length > 1 ? site.prefix : ""]);
   }
   return { heading: "Neurons", items };
 }
@@ -216,34 +217,41 @@ async function shardsFor(site, term, prefix) {
 }
 
 // Neurons by word: each posting [id, case, share, peak] says the term is `share` of the case's strongest
-// activations. Every term of the query must match (the last one as a prefix too), in one case.
+// activations. A neuron's case scores the sum, over the query's terms, of its share of each (the last
+// term also matches the terms it begins, at half weight): a word that is all of a neuron's strong
+// activations first, and a longer query (several words, a run of Chinese) ranks by how much it covers.
 async function searchWords(query) {
   const terms = queryTerms(query);
   if (!terms.length) return null;
-  const last = terms[terms.length - 1], found = [];
+  const last = terms.length - 1, found = new Map();
   for (const site of sites()) {
-    const maps = await Promise.all(terms.map((t, i) => shardsFor(site, t, i === terms.length - 1)));
-    const lastMap = maps[maps.length - 1];
-    const lastTerms = Object.keys(lastMap).filter(t => t === last || t.startsWith(last))
-      .sort((x, y) => (x !== last) - (y !== last) || lastMap[y].length - lastMap[x].length || compare(x, y)).slice(0, 6);
-    for (const word of lastTerms) {
-      for (const [id, c, share, peak] of lastMap[word]) {
-        let score = share, ok = true;
-        for (let i = 0; i < terms.length - 1 && ok; i++) {
-          const hit = (maps[i][terms[i]] || []).find(p => p[0] === id && p[1] === c);
-          if (!hit) ok = false; else score = Math.min(score, hit[2]);
+    const maps = await Promise.all(terms.map((t, i) => shardsFor(site, t, i === last)));
+    terms.forEach((term, i) => {
+      const map = maps[i];
+      const matches = i < last ? (map[term] ? [term] : []) : Object.keys(map).filter(t => t === term || t.startsWith(term))
+        .sort((x, y) => (x !== term) - (y !== term) || map[y].length - map[x].length || compare(x, y)).slice(0, 6);
+      for (const word of matches) {
+        const weight = word === term ? 1 : 0.5;
+        for (const [id, c, share, peak] of map[word]) {
+          const key = site.prefix + " " + id + " " + c;
+          const entry = found.get(key) || { site, id, c, best: new Array(terms.length).fill(0), peak: 0, word };
+          if (weight * share > entry.best[i]) { entry.best[i] = weight * share; if (i === last) entry.word = word; }
+          entry.peak = Math.max(entry.peak, Math.abs(peak));
+          found.set(key, entry);
         }
-        if (ok) found.push({ site, id, c, share: score, peak, word, exact: word === last });
       }
-    }
+    });
   }
-  found.sort((a, b) => (b.exact - a.exact) || b.share - a.share || Math.abs(b.peak) - Math.abs(a.peak));
+  const ranked = Array.from(found.values()).map(e => Object.assign(e, { score: e.best.reduce((a, b) => a + b, 0) }))
+    .sort((a, b) => b.score - a.score || b.peak - a.peak);
   const seen = new Set(), items = [];
-  for (const f of found) {
+  for (const f of ranked) {
     if (seen.has(f.site.prefix + f.id) || items.length >= 12) continue;
     seen.add(f.site.prefix + f.id);
-    items.push([neuronUrl(f.site, f.id), "Neuron " + f.id, CASES[f.c] + " · “" + f.word + "” is " +
-      Math.round(100 * f.share) + "% of its strongest activations · peak " + fmt(f.peak)]);
+    const share = Math.round(100 * f.best[last] / (f.word === terms[last] ? 1 : 0.5));
+    items.push([neuronUrl(f.site, f.id), "Neuron " + f.id, CASES[f.c] + " · “" + f.word + "” is " + share +
+      "% of its strongest activations" + (terms.length > 1 ? " (" + f.best.filter(x => x).length + " of " + terms.length +
+      " terms)" : "") + " · peak " + fmt(f.peak)]);
   }
   return { heading: "Neurons whose strongest activations are on “" + terms.join(" ") + "”", items };
 }
@@ -291,6 +299,7 @@ function initSearch() {
         if (!found) return;
         const head = document.createElement("div"), list = document.createElement("ol");
         head.className = "gs-search-head";
+        head.dataset.query = input.value;  // what these results answer (tests wait for it)
         head.textContent = found.items.length ? found.heading : found.heading + ": none";
         list.className = "gs-search-list";
         for (const [href, title, detail] of found.items) list.appendChild(resultItem(href, title, detail));

@@ -585,6 +585,14 @@ def _container_open(data: NeuronData, ctx: PageContext, kind: str) -> str:
             f'data-levels="{LEVELS}" data-counted-from="{first_counted_position(data.attrs)}">')
 
 
+def _first(ex: Examples, n: int | None) -> Examples:
+    """The first ``n`` examples of each list of ``ex`` (all for None): the ``examples`` option limits every list."""
+    if n is None:
+        return ex
+    return Examples(doc=ex.doc[..., :n], pos=ex.pos[..., :n], value=ex.value[..., :n], gate=ex.gate[..., :n, :],
+                    in_=ex.in_[..., :n, :], tokens=ex.tokens[..., :n, :])
+
+
 def _example_lists(data: NeuronData, ex: Examples, hook: str) -> dict:
     """What the rows of every list of ``ex`` need, computed for all lists at once (a list is
     ``[C, *E]`` down to its last axis): windows per hook, counted positions, each list's scale per hook
@@ -630,9 +638,10 @@ def samples_html(data: NeuronData, ctx: PageContext) -> str:
         return ""
     hook = ctx.color_hook if ctx.color_hook in HOOKS else "hook_post"
     parts = [_container_open(data, ctx, "samples")]
-    lists = _example_lists(data, data.samples, hook)
+    samples = _first(data.samples, ctx.examples)
+    lists = _example_lists(data, samples, hook)
     for c in range(len(CASES)):
-        attr, rows, n = _sample_rows(data, ctx, data.samples, lists, (c,))
+        attr, rows, n = _sample_rows(data, ctx, samples, lists, (c,))
         body = f'<div class="gs-list"{attr}><div class="gs-rows">{rows}{"" if n else _NO_TOKEN}</div></div>'
         parts.append(_case_block(c, True, f"{n} random tokens of {int(data.count[c]):,}", body))
     parts.append("</div>")
@@ -647,11 +656,12 @@ def bands_html(data: NeuronData, ctx: PageContext) -> str:
     hook = ctx.color_hook if ctx.color_hook in HOOKS else "hook_post"
     telling = telling_case(data, ctx.case_scales)
     parts = [_container_open(data, ctx, "bands")]
-    computed = _example_lists(data, data.bands, hook)
+    bands = _first(data.bands, ctx.examples)
+    computed = _example_lists(data, bands, hook)
     for c in range(len(CASES)):
         lists = []
-        for r in range(data.bands.doc.shape[1]):
-            attr, rows, n = _sample_rows(data, ctx, data.bands, computed, (c, r))
+        for r in range(bands.doc.shape[1]):
+            attr, rows, n = _sample_rows(data, ctx, bands, computed, (c, r))
             if n:
                 label = html.escape(bin_range(data.band_edges, r, "post"), quote=False)
                 lists.append(f'<div class="gs-list gs-band"{attr}><p class="gs-band-label">{label}'

@@ -439,3 +439,31 @@ def test_mkdocs_serve_after_an_edit_rewrites_no_neuron_page(tmp_path, browser):
         server.terminate()
         server.wait(timeout=30)
         log.close()
+
+
+def test_expert_neurons_are_found_by_id_and_word_and_drawn(tmp_path, browser, output_dir):
+    from test_light import moe_file
+
+    moe_file(tmp_path / "data" / "act.h5")
+    site = build_site(tmp_path, {"activations": "data/act.h5", "neurons": "all", "layout": "light"})
+    errors: list[str] = []
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    with serve_folder(site) as base:
+        page.goto(base)
+        page.wait_for_load_state("networkidle")
+        page.locator("label.md-search__icon, .md-search__input").first.click()
+        assert search(page, "1.e2.4") == ["Neuron 1.e2.4"]
+        assert search(page, "1.s.")[:3] == ["Neuron 1.s.0", "Neuron 1.s.1", "Neuron 1.s.2"]
+        assert search(page, "applause")[0].startswith("Neuron 1.e2.4")
+        page.locator(".gs-search-item a").first.click()
+        page.wait_for_url("**/neurons/L1/E2/N4/")
+        wait_ready(page)
+        assert "routed to its expert" in page.locator(".gs-routing").inner_text()
+        assert page.locator(".gs-examples.gs-top details.gs-list[open] .gs-ex").count() > 0
+        page.goto(base + "neurons/L1/E2/")
+        page.wait_for_selector('.gs-layer[data-ready="2"]')
+        assert page.locator(".gs-layer-table tbody tr").count() == 6
+        assert page.locator(".gs-layer-table tbody td a").first.inner_text() == "1.e2.0"
+        page.screenshot(path=str(output_dir / "expert-table.png"), full_page=True)
+    assert not errors, errors

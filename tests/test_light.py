@@ -328,3 +328,41 @@ def test_data_url_puts_the_data_files_outside_the_site(tmp_path):
     assert not (site / "neurons/data").exists() and (tmp_path / "upload/neurons/L1/0.parquet").is_file()
     assert (tmp_path / "upload/corpus/0.parquet").is_file()
     assert '"data":"https://huggingface.co/datasets/u/r/resolve/main/"' in read(site, "neurons/site.js")
+
+
+def moe_file(path: Path) -> Path:
+    """A dense layer 0 and mixture-of-experts layers 1 (3 routed experts and a shared one) and 2 (2
+    routed), 6 neurons each; expert 1.e2's neuron 4 peaks on "applause" in its gate+_in+ list."""
+    docs = [[0, 1 + d % 30, 2, 3, ID[" ("], ID["Appl"], ID["ause"], ID[")"]] + [ID[w] for w in WORDS]
+            + [1 + (5 * d + 3 * t) % 39 for t in range(12)] for d in range(16)]
+    write_synthetic(path, layers=1, d_mlp=6, k=4, before=3, after=1, vocab=VOCAB, docs=docs, layer_ids=[0],
+                    experts={1: 3, 2: 2}, shared=[1], seed=6)
+    with h5py.File(path, "a") as f:
+        g = f["experts"]
+        for name, new in (("top/doc", [0, 1, 2, 3]), ("top/pos", [6, 6, 6, 6]), ("top/value", [2.0, 1.9, 1.8, 1.7])):
+            data = g[name][...]
+            data[2, 4, 0, 0, :4] = new  # row 2: layer 1, expert 2
+            g[name][...] = data
+    return path
+
+
+def test_expert_neurons_get_pages_tables_and_data(tmp_path):
+    moe_file(tmp_path / "data" / "act.h5")
+    site = build_site(tmp_path, {"activations": "data/act.h5", "neurons": "all", "layout": "light"})
+    with ActivationsFile(tmp_path / "data" / "act.h5") as f:
+        routed = f.routed[(1, 2)]
+    page = read(site, "neurons/L1/E2/N4/index.html")
+    assert "<title>Neuron 1.e2.4 - GLUScope test</title>" in page and 'data-file="neurons/L1/E2/0.parquet"' in page
+    assert "of its expert's tokens" in page and 'href="../../E2/"' not in page and 'href="../"' in page  # its expert
+    assert 'data-shell="../../../gluscope-shell/expert-neuron.html"' in page
+    assert (site / "neurons/gluscope-shell/expert-neuron.html").exists() and (site / "neurons/L1/S/N5/index.html").exists()
+    row = pq.ParquetFile(site / "neurons/data/neurons/L1/E2/0.parquet").read_row_group(4).to_pylist()[0]
+    assert row["neuron"] == 4 and row["summary"][-1] == routed  # frequencies are shares of the routed tokens
+    layer = read(site, "neurons/L1/index.html")
+    assert "1.e2" in layer and "1.s" in layer and "routing frequency" in layer
+    expert = read(site, "neurons/L1/E2/index.html")
+    assert f"routed {routed:,} of" in expert and 'data-src="../../gluscope/layers/L1-E2.json"' in expert
+    assert "1.e2.5" in expert  # the expert's table lists its neurons
+    script = read(site, "neurons/site.js")
+    assert '"L1-E2":[1,2,6,6]' in script and '"L1-S":[1,"s",6,6]' in script and '"L0":[0,null,6,6]' in script
+    assert terms_of(site, "applause")[0][:2] == ["1.e2.4", 0]

@@ -96,8 +96,7 @@ def shell_name(key: Key) -> str:
     return "gluscope-shell/" + ("neuron.html" if len(key) == 2 else "expert-neuron.html")
 
 
-def neuron_content(key: Key, row: Sequence, place: Place, *, links: dict[str, str], root: str,
-                   routed: float | None = None) -> str:
+def neuron_content(key: Key, row: Sequence, place: Place, *, links: dict[str, str], root: str) -> str:
     """The article of a neuron page. ``row``: its :func:`layer_row`; ``links``: URLs relative to the page
     (``index``, ``layer``, ``expert``, ``prev``/``next`` with ``prev_id``/``next_id``); ``root``: the
     URL of ``url_prefix`` relative to the page."""
@@ -114,7 +113,7 @@ def neuron_content(key: Key, row: Sequence, place: Place, *, links: dict[str, st
         word = row[5 + c]
         shown = f" {md_text(''.join(word)).strip()}" if word and "".join(word).strip() else ""
         gist.append(f'<span class="gs-case{c}">{html.escape(case)}</span> {row[1 + c]:.3g}%{shown}')
-    share = "" if routed is None else f" of its expert's tokens"
+    share = " of its expert's tokens" if len(key) == 3 else ""
     return (f'<h1 id="neuron">Neuron {nid}</h1><p class="gs-nav">{" · ".join(nav)}</p>'
             f'<p class="gs-gist">Share of tokens{share} and top word by case: {" · ".join(gist)}</p>'
             f'<div class="gs-light" data-root="{root}" data-file="{place.file}" data-row="{place.row}" data-id="{nid}"></div>')
@@ -218,7 +217,7 @@ def layer_markdown(layer: int, rows: Sequence[list], directory_urls: bool,
     lines += _table(str(layer), f"L{layer}", rows, "../", directory_urls)
     if experts:
         lines += ["## Experts", "", "| expert | neurons | routing frequency |", "|---|---|---|"]
-        lines += [f"| [{md_text(label)}]({sub}/index.md) | {n:,} | {100 * share:.3g}% |" for label, sub, n, share in experts]
+        lines += [f"| [{label}]({sub}/index.md) | {n:,} | {100 * share:.3g}% |" for label, sub, n, share in experts]
         lines.append("")
     return "\n".join(lines)
 

@@ -13,8 +13,9 @@ example's peak token, search finds neurons by it, and a layer table filters by i
 * **terms** (:func:`index_terms`, :func:`query_terms`): what the search index stores. A key without
   unspaced characters is one term. Runs of unspaced characters become character bigrams (a lone
   character is its own term), the way search engines index Chinese and Japanese without a
-  dictionary; the index keeps the bigrams that touch the peak token. Measured against jieba's
-  dictionary segmentation (Material's search for Chinese) in ``bench/cjk_terms.py``.
+  dictionary; the index keeps the bigrams from two characters before the peak token to two after it,
+  and the peak token's characters alone. Measured against jieba's dictionary segmentation (Material's
+  search for Chinese) in ``bench/cjk_terms.py``.
 * **shards** (:func:`shard_of`): the index is split into files of about the same size, each a range
   of terms in code-point order; the manifest lists each shard's first term, and a term belongs to
   the last shard whose first term is not after it.
@@ -132,26 +133,45 @@ def query_terms(text: str) -> list[str]:
     return list(out)
 
 
+#: Characters of text without spaces on each side of the peak token that an example's bigrams reach.
+CONTEXT = 2
+
+
+def _beside(tokens: Sequence[str | None], centre: int, step: int) -> str:
+    """Up to :data:`CONTEXT` characters of unspaced text next to the peak token (``step`` -1: before
+    it, +1: after it), across tokens, nearest first, stopping at any other character."""
+    found = ""
+    i = centre + step
+    while 0 <= i < len(tokens) and tokens[i] and len(found) < CONTEXT:
+        for ch in (reversed(tokens[i]) if step < 0 else tokens[i]):  # type: ignore[arg-type]
+            if not unspaced(ch) or len(found) == CONTEXT:
+                return found
+            found += ch
+        i += step
+    return found
+
+
 def index_terms(tokens: Sequence[str | None], centre: int) -> list[str]:
     """The terms an example whose peak token is ``tokens[centre]`` is found by: the key of its whole
-    word (:func:`word_around`) when that has no unspaced character; else the word's other runs, and
-    the bigrams of the unspaced text from the character before the peak token to the one after it."""
+    word (:func:`word_around`) when that has no unspaced character; else the word's other runs, the
+    bigrams of the unspaced text from :data:`CONTEXT` characters before the peak token to as many after
+    it, and each unspaced character of the peak token alone (a query of one character)."""
     before, peak, after = word_around(tokens, centre)
     key = word_key(before + peak + after)
     if not key:
         return []
     if not any(unspaced(ch) for ch in key):
         return [key]
-    left = tokens[centre - 1] if centre > 0 and not before else None
-    right = tokens[centre + 1] if centre + 1 < len(tokens) and not after else None
-    # The peak with one neighbouring character on each side where the text runs on without a space.
-    context = (left[-1] if left and unspaced(left[-1]) else "") + before + peak + after + (
-        right[0] if right and unspaced(right[0]) else "")
+    left = _beside(tokens, centre, -1)[::-1] if not before else ""
+    right = _beside(tokens, centre, 1) if not after else ""
     out: dict[str, None] = {}
-    for is_unspaced, run in _runs(word_key(context)):
+    for is_unspaced, run in _runs(word_key(left + before + peak + after + right)):
         run = word_key(run)
         for term in (_bigrams(run) if is_unspaced else [run] if run else []):
             out[term] = None
+    for ch in word_key(peak):
+        if unspaced(ch):
+            out[ch] = None
     return list(out)
 
 
@@ -166,4 +186,5 @@ def js_constants() -> str:
     return ("// Written by mkdocs_gluscope.words.js_constants: the word rules' constants, one definition.\n"
             f"export const TRIM = {json.dumps(''.join(sorted(TRIM)))};\n"
             f"export const UNSPACED = {json.dumps([list(r) for r in UNSPACED])};\n"
-            f"export const WORD_LIMIT = {WORD_LIMIT};\n")
+            f"export const WORD_LIMIT = {WORD_LIMIT};\n"
+            f"export const CONTEXT = {CONTEXT};\n")

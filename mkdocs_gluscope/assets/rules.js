@@ -1,7 +1,7 @@
 // GLUScope's rules that the browser applies, each the mirror of one Python function (named on it).
 // Pure functions of plain data that return strings: tests/test_rules_js.py runs them under node
 // against the Python functions on the same inputs. No DOM here, no fetching.
-import { TRIM, UNSPACED, WORD_LIMIT } from "./words-data.js";
+import { CONTEXT, TRIM, UNSPACED, WORD_LIMIT } from "./words-data.js";
 
 export const CASES = ["gate+_in+", "gate+_in-", "gate-_in+", "gate-_in-"];
 export const HOOKS = ["hook_post", "hook_pre_linear", "hook_pre", "swish"];
@@ -76,18 +76,30 @@ export function queryTerms(text) {
   return Array.from(out);
 }
 
+// words._beside: up to CONTEXT unspaced characters next to the peak token, across tokens, nearest first.
+function beside(tokens, centre, step) {
+  let found = "";
+  for (let i = centre + step; i >= 0 && i < tokens.length && tokens[i] && Array.from(found).length < CONTEXT; i += step) {
+    const chars = Array.from(tokens[i]);
+    for (const ch of step < 0 ? chars.reverse() : chars) {
+      if (!unspaced(ch) || Array.from(found).length === CONTEXT) return found;
+      found += ch;
+    }
+  }
+  return found;
+}
+
 // words.index_terms
 export function indexTerms(tokens, centre) {
   const [before, peak, after] = wordAround(tokens, centre);
   const key = wordKey(before + peak + after);
   if (!key) return [];
   if (!Array.from(key).some(unspaced)) return [key];
-  const left = centre > 0 && !before ? tokens[centre - 1] : null;
-  const right = centre + 1 < tokens.length && !after ? tokens[centre + 1] : null;
-  const context = (left && unspaced(lastChar(left)) ? lastChar(left) : "") + before + peak + after +
-    (right && unspaced(firstChar(right)) ? firstChar(right) : "");
+  const left = before ? "" : Array.from(beside(tokens, centre, -1)).reverse().join("");
+  const right = after ? "" : beside(tokens, centre, 1);
   const out = new Set();
-  runTerms(wordKey(context), out);
+  runTerms(wordKey(left + before + peak + after + right), out);
+  for (const ch of wordKey(peak)) if (unspaced(ch)) out.add(ch);
   return Array.from(out);
 }
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from mkdocs_gluscope.light.data import dumps
 from mkdocs_gluscope.store import CASES, NeuronData
-from mkdocs_gluscope.words import WORD_LIMIT, index_terms, unspaced, word_around
+from mkdocs_gluscope.words import CONTEXT, WORD_LIMIT, index_terms, unspaced, word_around
 
 #: Neurons kept per term (the best by share): a word thousands of neurons peak on (" the") stays small.
 POSTINGS = 100
@@ -62,10 +62,11 @@ class WordFinder:
         return centre - np.minimum(left, WORD_LIMIT), centre + np.minimum(right, WORD_LIMIT)
 
     def _slice(self, ids: np.ndarray, centre: int, start: int, stop: int) -> tuple[tuple, list[str | None], int]:
-        """The word's tokens, with the token on each side that the rules look at (where the word stops at
-        its peak next to a character of a script without spaces), and a key for them."""
-        lo = start - 1 if start == centre and centre > 0 and self.last_unspaced[ids[centre - 1]] else start
-        hi = stop + 2 if stop == centre and centre + 1 < len(ids) and self.first_unspaced[ids[centre + 1]] else stop + 1
+        """The word's tokens, with the tokens on each side that the rules look at (where the word stops at
+        its peak next to text without spaces: up to CONTEXT characters, so as many tokens), and a key."""
+        lo = max(0, start - CONTEXT) if start == centre and centre > 0 and self.last_unspaced[ids[centre - 1]] else start
+        hi = (min(len(ids), stop + 1 + CONTEXT) if stop == centre and centre + 1 < len(ids)
+              and self.first_unspaced[ids[centre + 1]] else stop + 1)
         part = ids[lo:hi]
         return (part.tobytes(), centre - lo), [self.vocab[t] if t >= 0 else None for t in part], centre - lo
 

@@ -653,9 +653,10 @@ class ActivationsFile:
         return self.neurons(layer, neuron, neuron + 1, windows=windows, expert=expert)[0]
 
     def neurons(self, layer: int, start: int, stop: int, *, windows: bool = True,
-                expert: int | str | None = None) -> list[NeuronData]:
+                expert: int | str | None = None, tokens: bool = True) -> list[NeuronData]:
         """:meth:`neuron` of the neurons ``start .. stop - 1`` of a layer (or expert), each dataset
-        read once for all of them (a whole-model site reads its neurons so)."""
+        read once for all of them (a whole-model site reads its neurons so). ``tokens=False`` leaves the
+        windows' token ids out (``window_tokens`` and the examples' ``tokens`` are None)."""
         if expert is None:
             self.check_neuron(layer, start)
             self.check_neuron(layer, stop - 1)
@@ -667,7 +668,7 @@ class ActivationsFile:
         part = slice(start, stop)
         f = lambda name: self._dataset(prefix + name)[row, part]  # noqa: E731
         top_doc, top_pos = f("top/doc"), f("top/pos")
-        tokens = self.window_tokens(top_doc, top_pos)
+        ids = self.window_tokens(top_doc, top_pos) if tokens else None
         if expert is None:
             weights = {name: self._weight(name)[row, part] for name in WEIGHT_NAMES}
         else:
@@ -677,7 +678,7 @@ class ActivationsFile:
         top_value = f("top/value")
         top_gate = f("top/gate").astype(np.float32) if windows else None
         top_in = f("top/in").astype(np.float32) if windows else None
-        distributions = self._distributions(prefix, row, part, windows)
+        distributions = self._distributions(prefix, row, part, windows, tokens)
         out = []
         for i in range(stop - start):
             out.append(NeuronData(
@@ -685,7 +686,7 @@ class ActivationsFile:
                 count=stats["count"][i], sum=stats["sum"][i], min=stats["min"][i], max=stats["max"][i],
                 top_value=top_value[i], top_doc=top_doc[i], top_pos=top_pos[i],
                 top_gate=None if top_gate is None else top_gate[i], top_in=None if top_in is None else top_in[i],
-                window_tokens=tokens[i], flipped=bool(weights["flipped"][i]),
+                window_tokens=None if ids is None else ids[i], flipped=bool(weights["flipped"][i]),
                 cos_gate_in=float(weights["cos_gate_in"][i]), cos_gate_out=float(weights["cos_gate_out"][i]),
                 cos_in_out=float(weights["cos_in_out"][i]), context_before=self.context_before,
                 context_after=self.context_after, attrs=self.attrs,
@@ -703,7 +704,7 @@ class ActivationsFile:
             self._weight_cache[name] = self.file[name][...]
         return self._weight_cache[name]
 
-    def _distributions(self, prefix: str, row: int, part: slice, windows: bool) -> dict[str, Any]:
+    def _distributions(self, prefix: str, row: int, part: slice, windows: bool, tokens: bool = True) -> dict[str, Any]:
         """The distribution fields of :class:`NeuronData` present in the file, for the neurons ``part``
         (each array with the neurons on its first axis; the edges are the same for every neuron)."""
         out: dict[str, Any] = {}
@@ -719,7 +720,7 @@ class ActivationsFile:
                 gate = f(group + "/gate").astype(np.float32) if windows else None
                 in_ = f(group + "/in").astype(np.float32) if windows else None
                 out[group] = _Block(doc=doc, pos=pos, value=f(group + "/value"), gate=gate, in_=in_,
-                                    tokens=self.window_tokens(doc, pos))
+                                    tokens=self.window_tokens(doc, pos) if tokens else None)
         if prefix + "vocab" in self.file:
             out["vocab_token"] = f("vocab/token")
             out["vocab_score"] = f("vocab/score")
@@ -772,5 +773,6 @@ def _pick(value: Any, i: int) -> Any:
     if isinstance(value, _Block):
         return Examples(doc=value.doc[i], pos=value.pos[i], value=value.value[i],
                         gate=None if value.gate is None else value.gate[i],
-                        in_=None if value.in_ is None else value.in_[i], tokens=value.tokens[i])
+                        in_=None if value.in_ is None else value.in_[i],
+                        tokens=None if value.tokens is None else value.tokens[i])
     return value[i]

@@ -296,20 +296,22 @@ export async function renderNeuron(el) {
     el.querySelectorAll(".gs-examples").forEach(container => {
       container.gsDocument = doc => documentOf(site, f, doc);
       initExamples(container);
-      // Lists fill when they open (toggle does not bubble: listen in the capture phase).
+      // Lists fill when they open (toggle does not bubble: listen in the capture phase). The samples' and
+      // bands' blocks, open from the start, fill when they come into view (below).
       container.addEventListener("toggle", e => {
         const t = e.target;
         if (t.open && t.classList && t.classList.contains("gs-list")) fillList(t, n, f, site, nid);
-        if (t.open && t.classList && t.classList.contains("gs-case-block")) {
+        if (t.open && t.classList && t.classList.contains("gs-case-block") && container.dataset.seen) {
           t.querySelectorAll(".gs-list:not(details)").forEach(l => fillList(l, n, f, site, nid));
         }
       }, true);
     });
-    // The opened list now; samples and bands when they come into view.
-    el.querySelectorAll("details.gs-list[open]").forEach(l => fillList(l, n, f, site, nid));
+    // The opened list first; then samples and bands, as they come into view.
+    await Promise.all(Array.from(el.querySelectorAll("details.gs-list[open]"), l => fillList(l, n, f, site, nid)));
     const later = new IntersectionObserver(entries => entries.forEach(entry => {
       if (!entry.isIntersecting) return;
       later.unobserve(entry.target);
+      entry.target.dataset.seen = "1";
       entry.target.querySelectorAll(".gs-case-block[open] .gs-list:not(details)").forEach(l => fillList(l, n, f, site, nid));
     }), { rootMargin: "200px" });
     el.querySelectorAll(".gs-samples, .gs-bands").forEach(c => later.observe(c));

@@ -134,20 +134,23 @@ def _data_task(task: Task) -> dict[str, Any]:
         first, last = int(task.neurons[0]), int(task.neurons[-1])
         # One read per dataset for the task's neurons, unless they are too few of the range they span.
         dense = last - first < 2 * len(task.neurons)
-        block = f.neurons(layer, first, last + 1, expert=expert) if dense else None
+        block = f.neurons(layer, first, last + 1, expert=expert, tokens=False) if dense else None
         part, _ = places(task.neurons)
         for p in np.unique(part):
             file_rows = []
             listed = task.neurons[part == p]
             if not dense:
                 first = int(listed[0])
-                block = f.neurons(layer, first, int(listed[-1]) + 1, expert=expert)
+                block = f.neurons(layer, first, int(listed[-1]) + 1, expert=expert, tokens=False)
+            # The token ids of the hook_post lists' windows: what the words of the tables and the index
+            # come from (the browser reads every other window's tokens from the corpus files).
             for n in listed:
                 data = block[int(n) - first]
+                data.window_tokens = f.window_tokens(data.top_doc[:, :1], data.top_pos[:, :1])
                 shown = ldata.Shown.of(data, task.examples)
                 file_rows.append(ldata.neuron_row(data, shown, telling_case(data, task.scales)))
                 rows.append(lpage.layer_row(data, words))
-                posting_list.extend(lsearch.postings(data, words))
+                posting_list.extend(lsearch.postings(data, words, data.window_tokens[:, 0]))
                 top = data.top_doc[..., :shown.top]
                 docs[top[top >= 0]] = True
                 for ex, n_shown in ((data.samples, shown.samples), (data.bands, shown.bands)):

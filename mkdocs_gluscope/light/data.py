@@ -174,14 +174,13 @@ def neuron_row(data: NeuronData, shown: Shown, telling: int | None) -> dict:
     example[valid] = inverse.ravel()
     source = valid[first]
     C = len(CASES)
-    largest = np.ones((C, 2), dtype=np.float64)
-    for c in range(C):
-        mine = source[case[source] == c]
-        for w, windows in enumerate((gate, in_)):
-            top = np.nanmax(np.abs(windows[mine]), initial=0.0) if mine.size else 0.0
-            largest[c, w] = top if np.isfinite(top) and top > 0 else 1.0
-    scale = largest[case[source]]  # [U, 2]
-    codes = np.stack([encode_windows(gate[source], scale[:, :1]), encode_windows(in_[source], scale[:, 1:])])
+    windows = np.stack([gate[source], in_[source]], axis=1).astype(np.float64)  # [U, 2, W]
+    with np.errstate(invalid="ignore"):
+        reach = np.fmax.reduce(np.abs(windows), axis=-1)  # [U, 2], NaN where a window is all NaN
+    largest = np.zeros((C, 2))
+    np.fmax.at(largest, case[source], np.nan_to_num(reach, nan=0.0, posinf=0.0))
+    largest[~(largest > 0)] = 1.0
+    codes = encode_windows(windows, largest[case[source]][..., None]).transpose(1, 0, 2)  # [2, U, W]
     values = np.concatenate([k[3] for k in kinds]).astype(np.float32)
     values[doc < 0] = np.nan
     nonfinite = data.nonfinite if data.nonfinite is not None else np.zeros(len(NONFINITE_COLUMNS))

@@ -49,8 +49,8 @@ class WordFinder:
         self.last_alnum = facts(lambda s: s[-1].isalnum())
         self.first_unspaced = facts(lambda s: unspaced(s[0]))
         self.last_unspaced = facts(lambda s: unspaced(s[-1]))
-        self._terms: dict[tuple, list[str]] = {}
-        self._words: dict[tuple, tuple[str, str, str]] = {}
+        self._terms: dict[bytes, list[str]] = {}
+        self._words: dict[bytes, tuple[str, str, str]] = {}
 
     def extents(self, ids: np.ndarray, centre: int) -> tuple[np.ndarray, np.ndarray]:
         """First and last window position of the whole word around ``centre`` of each window ``ids[..., W]``."""
@@ -61,69 +61,92 @@ class WordFinder:
         right = np.cumprod(joins[..., centre:], axis=-1).sum(axis=-1)
         return centre - np.minimum(left, WORD_LIMIT), centre + np.minimum(right, WORD_LIMIT)
 
-    def _slice(self, ids: np.ndarray, centre: int, start: int, stop: int) -> tuple[tuple, list[str | None], int]:
+    def _key(self, ids: np.ndarray, centre: int, start: int, stop: int) -> tuple[int, int, bytes]:
         """The word's tokens, with the tokens on each side that the rules look at (where the word stops at
-        its peak next to text without spaces: up to CONTEXT characters, so as many tokens), and a key."""
+        its peak next to text without spaces: up to CONTEXT characters, so as many tokens): the slice
+        and the bytes of its ids, the key of the word's terms."""
         lo = max(0, start - CONTEXT) if start == centre and centre > 0 and self.last_unspaced[ids[centre - 1]] else start
         hi = (min(len(ids), stop + 1 + CONTEXT) if stop == centre and centre + 1 < len(ids)
               and self.first_unspaced[ids[centre + 1]] else stop + 1)
-        part = ids[lo:hi]
-        return (part.tobytes(), centre - lo), [self.vocab[t] if t >= 0 else None for t in part], centre - lo
+        return lo, hi, ids[lo:hi].tobytes() + bytes([centre - lo])
+
+    def _tokens(self, ids: np.ndarray) -> list[str | None]:
+        return [self.vocab[t] if t >= 0 else None for t in ids]
 
     def terms(self, ids: np.ndarray, centre: int, start: int, stop: int) -> list[str]:
-        key, tokens, at = self._slice(ids, centre, start, stop)
+        lo, hi, key = self._key(ids, centre, start, stop)
         found = self._terms.get(key)
         if found is None:
-            found = self._terms[key] = index_terms(tokens, at)
+            found = self._terms[key] = index_terms(self._tokens(ids[lo:hi]), centre - lo)
         return found
 
     def word(self, ids: np.ndarray, centre: int, start: int, stop: int) -> tuple[str, str, str]:
-        key, tokens, at = self._slice(ids, centre, start, stop)
+        lo, hi, key = self._key(ids, centre, start, stop)
         found = self._words.get(key)
         if found is None:
-            found = self._words[key] = word_around(tokens, at)
+            found = self._words[key] = word_around(self._tokens(ids[lo:hi]), centre - lo)
         return found
 
 
-def postings(data: NeuronData, words: WordFinder) -> list[Posting]:
-    """Each (term, case) of one neuron with the term's share of the case's top hook_post list."""
+def postings(data: NeuronData, words: WordFinder, ids: np.ndarray | None = None) -> list[Posting]:
+    """Each (term, case) of one neuron with the term's share of the case's top hook_post list. ``ids``:
+    the token ids of those lists' windows ``[C, k, W]`` (default: from ``data.window_tokens``)."""
     out: list[Posting] = []
     nid = data.id
     centre = data.context_before
-    ids = data.window_tokens[:, 0]  # [C, k, W]: the hook_post lists
+    if ids is None:
+        ids = data.window_tokens[:, 0]
     starts, stops = words.extents(ids, centre)
+    filled = data.top_doc[:, 0] >= 0  # [C, k]
+    weights = np.abs(data.top_value[:, 0].astype(np.float64))
+    weights[~np.isfinite(weights) | ~filled] = 0.0
+    totals = weights.sum(axis=-1)
+    peaks = filled & (ids[:, :, centre] >= 0)
     for c in range(len(CASES)):
-        filled = data.top_doc[c, 0] >= 0
-        if not filled.any():
+        if not filled[c].any():
             continue
-        weight = np.nan_to_num(np.abs(data.top_value[c, 0].astype(np.float64)), nan=0.0)
-        total = float(weight[filled].sum())
         found: dict[str, list[float]] = {}
-        for j in np.flatnonzero(filled & (ids[c, :, centre] >= 0)):
+        for j in np.flatnonzero(peaks[c]).tolist():
+            w = float(weights[c, j])
             for term in words.terms(ids[c, j], centre, int(starts[c, j]), int(stops[c, j])):
-                entry = found.setdefault(term, [0.0, 0.0])
-                entry[0] += weight[j]
-                entry[1] = max(entry[1], float(weight[j]))
+                entry = found.get(term)
+                if entry is None:
+                    found[term] = [w, w]
+                else:
+                    entry[0] += w
+                    entry[1] = max(entry[1], w)
+        total = float(totals[c])
         for term, (mass, peak) in found.items():
-            share = float(mass / total) if total > 0 else 1.0 / int(filled.sum())
+            share = mass / total if total > 0 else 1.0 / int(filled[c].sum())
             out.append((term, -int(share * 1000 + 0.5) / 1000, -float(f"{peak:.4g}"), nid, c))
     return out
 
 
 def write_sorted(items: list[Posting], path: Path) -> Path:
-    """Postings sorted (by term, then rank) as lines of tab-separated fields (the term as JSON), for
-    :func:`write_shards` to merge."""
+    """Postings sorted (by term, then rank) as lines of tab-separated fields (backslash, tab and line
+    ends in the term escaped as in JSON), for :func:`write_shards` to merge."""
     items.sort()
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(f"{json.dumps(t, ensure_ascii=False)}\t{s!r}\t{p!r}\t{n}\t{c}\n" for t, s, p, n, c in items)
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        f.writelines(f"{_escape(t)}\t{s!r}\t{p!r}\t{n}\t{c}\n" for t, s, p, n, c in items)
     return path
 
 
+_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def _escape(term: str) -> str:
+    return term.translate(_ESCAPES)
+
+
+def _unescape(text: str) -> str:
+    return json.loads('"' + text.replace('"', '\\"') + '"', strict=False) if "\\" in text else text
+
+
 def _read(path: Path) -> Iterator[Posting]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", newline="\n") as f:
         for line in f:
-            term, share, peak, nid, case = line.rstrip("\n").split("\t")
-            yield json.loads(term), float(share), float(peak), nid, int(case)
+            term, share, peak, nid, case = line[:-1].split("\t")
+            yield _unescape(term), float(share), float(peak), nid, int(case)
 
 
 def write_shards(runs: Iterable[Path], folder: Path) -> dict[str, int]:

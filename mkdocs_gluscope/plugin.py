@@ -448,7 +448,8 @@ class GluscopePlugin(BasePlugin[GluscopeConfig]):
         data_target = (site_dir / self.prefix / "data" if not self.config.data_url else
                        Path(self.config.data_dir or Path(config.config_file_path or ".").parent / "site-data" / self.prefix))
         lbuild.place(self._data / "data", data_target, symlink and not self.config.data_url)
-        sitemaps = sorted(p.relative_to(pages).as_posix() for p in (pages / self.prefix).glob("sitemap-neurons-*.xml"))
+        sitemaps = sorted((p.relative_to(pages).as_posix() for p in (pages / self.prefix).glob("sitemap-neurons-*.xml")),
+                          key=lambda name: int(name.rsplit("-", 1)[1][:-len(".xml")]))
         lbuild.add_sitemaps(site_dir, site_url if site_url.endswith("/") else site_url + "/", sitemaps)
         if self._temporary is not None:
             shutil.rmtree(self._temporary, ignore_errors=True)

@@ -160,8 +160,11 @@ def _data_task(task: Task) -> dict[str, Any]:
             name, _ = ldata.neuron_file(layer, int(listed[0]), expert)
             size, footer = ldata.write_neuron_file(file_rows, out / "data" / name)
             written, tail = written + size, max(tail, footer)
-    run = lsearch.write_sorted(posting_list, out / "tmp" / f"postings-{task.index:06d}.jsonl")
-    return {"group": task.group, "rows": rows, "docs": np.packbits(docs), "bytes": written, "tail": tail, "run": str(run)}
+    run = lsearch.write_sorted(posting_list, out / "tmp" / f"postings-{task.index:06d}.txt")
+    table = out / "tmp" / f"rows-{task.index:06d}.json"
+    table.write_text(ldata.dumps(rows), encoding="utf-8")
+    return {"group": task.group, "rows": str(table), "docs": np.packbits(docs), "bytes": written, "tail": tail,
+            "run": str(run)}
 
 
 def _corpus_task(args: tuple[str, str, list[int]]) -> tuple[int, int]:
@@ -252,7 +255,7 @@ def build_data(options: DataOptions, groups: dict[Group, np.ndarray], out: Path,
         bounds.append(len(neurons))
         for a, b in zip(bounds, bounds[1:]):
             tasks.append(Task(options.activations, g, neurons[a:b], str(out), options.examples, scales[g], len(tasks)))
-    rows: dict[Group, list] = {g: [] for g in groups}
+    rows: dict[Group, list[str]] = {g: [] for g in groups}  # each group's table rows, in files of its tasks
     docs = np.zeros(n_docs, dtype=bool)
     runs: list[Path] = []
     totals = {"neurons": int(sum(len(n) for n in groups.values())), "data_bytes": 0}
@@ -260,7 +263,7 @@ def build_data(options: DataOptions, groups: dict[Group, np.ndarray], out: Path,
     pool = _pool(options.workers)
     try:
         for done, result in enumerate(_map(pool, _data_task, tasks), 1):
-            rows[result["group"]].extend(result["rows"])
+            rows[result["group"]].append(result["rows"])
             docs |= np.unpackbits(result["docs"], count=n_docs).astype(bool)
             runs.append(Path(result["run"]))
             totals["data_bytes"] += result["bytes"]
@@ -279,8 +282,9 @@ def build_data(options: DataOptions, groups: dict[Group, np.ndarray], out: Path,
             pool.join()
     site = out / "site"
     (site / "layers").mkdir(parents=True, exist_ok=True)
-    for g, table in rows.items():
-        table.sort(key=lambda r: r[0])
+    for g, parts in rows.items():  # one table in memory at a time
+        table = sorted((r for part in parts for r in json.loads(Path(part).read_text(encoding="utf-8"))),
+                       key=lambda r: r[0])
         (site / "layers" / f"{table_name(g)}.json").write_text(
             ldata.dumps({"layer": g[0], "expert": g[1], "rows": table}), encoding="utf-8")
     totals.update(lsearch.write_shards(sorted(runs), site / "search"))
@@ -305,43 +309,54 @@ def build_pages(options: PageOptions, groups: dict[Group, np.ndarray], tables: P
                 out: Path) -> dict[str, Any]:
     """Stage 2 into ``out`` (paths as in the site): every neuron page, the shells (``shells``: their
     names below ``url_prefix`` and text) and ``{prefix}/sitemap-neurons-N.xml``."""
-    written = 0
-    sizes = 0
+    written = sizes = 0
     urls: list[str] = []
-    made: set[Path] = set()
-    keys = [group_key(g[0], int(n), g[1]) for g, neurons in groups.items() for n in neurons]
-    index = 0
-    for g, neurons in groups.items():
-        table = json.loads((tables / f"{table_name(g)}.json").read_text(encoding="utf-8"))["rows"]
-        part, row_in = places(neurons)
-        for i, n in enumerate(neurons):
-            key = keys[index]
-            links = lpage.neighbour_links(keys, index, options.prefix, options.directory_urls)
-            name, _ = ldata.neuron_file(g[0], int(n), g[1])
-            root = lpage.root_of(options.prefix, key, options.directory_urls)
-            content = lpage.neuron_content(key, table[i], lpage.Place(name, int(row_in[i])), links=links, root=root)
-            up = root + "../" * (options.prefix.count("/") + 1)
-            text = lpage.neuron_stub(f"Neuron {neuron_id(*key)}", content, site_name=options.site_name,
-                                     stub_js=f"{up}assets/gluscope/stub.js", shell=root + lpage.shell_name(key)).encode("utf-8")
-            path = out / lpage.page_path(options.prefix, key, options.directory_urls)
-            if path.parent not in made:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                made.add(path.parent)
-            path.write_bytes(text)
-            urls.append(lpage.page_url(options.prefix, key, options.directory_urls))
-            written += 1
-            sizes += len(text)
-            index += 1
+    sitemaps: list[str] = []
+
+    def flush() -> None:
+        name = f"sitemap-neurons-{len(sitemaps)}.xml"
+        (out / options.prefix).mkdir(parents=True, exist_ok=True)
+        (out / options.prefix / name).write_text(lpage.sitemap(urls, options.site_url), encoding="utf-8")
+        sitemaps.append(f"{options.prefix}/{name}")
+        urls.clear()
+
+    def listed() -> Iterable[tuple[tuple, list, str, int]]:
+        """Every listed neuron in order: its key, table row, data file and row group (a table at a time)."""
+        for g, neurons in groups.items():
+            table = json.loads((tables / f"{table_name(g)}.json").read_text(encoding="utf-8"))["rows"]
+            _, row_in = places(neurons)
+            for i, n in enumerate(neurons.tolist()):
+                yield group_key(g[0], n, g[1]), table[i], ldata.neuron_file(g[0], n, g[1])[0], int(row_in[i])
+
+    before: tuple | None = None
+    items = listed()
+    current = next(items, None)
+    while current is not None:
+        following = next(items, None)
+        key, row, name, row_group = current
+        links = lpage.neighbour_links(before, key, following[0] if following else None, options.prefix,
+                                      options.directory_urls)
+        root = lpage.root_of(options.prefix, key, options.directory_urls)
+        content = lpage.neuron_content(key, row, lpage.Place(name, row_group), links=links, root=root)
+        up = root + "../" * (options.prefix.count("/") + 1)
+        text = lpage.neuron_stub(f"Neuron {neuron_id(*key)}", content, site_name=options.site_name,
+                                 stub_js=f"{up}assets/gluscope/stub.js", shell=root + lpage.shell_name(key)).encode("utf-8")
+        path = out / lpage.page_path(options.prefix, key, options.directory_urls)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(text)
+        urls.append(lpage.page_url(options.prefix, key, options.directory_urls))
+        if len(urls) == lpage.SITEMAP_URLS:
+            flush()
+        written += 1
+        sizes += len(text)
+        before, current = key, following
+    if urls:
+        flush()
     for name, text in shells.items():
         path = out / options.prefix / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
-    maps = lpage.sitemap_files(urls, options.site_url)
-    for i, text in enumerate(maps):
-        (out / options.prefix).mkdir(parents=True, exist_ok=True)
-        (out / options.prefix / f"sitemap-neurons-{i}.xml").write_text(text, encoding="utf-8")
-    return {"pages": written, "page_bytes": sizes, "sitemaps": [f"{options.prefix}/sitemap-neurons-{i}.xml"
-                                                                 for i in range(len(maps))]}
+    return {"pages": written, "page_bytes": sizes, "sitemaps": sitemaps}
 
 
 # -- the cache and placing it in the site -----------------------------------------------------------

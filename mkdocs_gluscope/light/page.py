@@ -119,9 +119,9 @@ def neuron_content(key: Key, row: Sequence, place: Place, *, links: dict[str, st
             f'<div class="gs-light" data-root="{root}" data-file="{place.file}" data-row="{place.row}" data-id="{nid}"></div>')
 
 
-def neighbour_links(keys: Sequence[Key], i: int, prefix: str, directory_urls: bool) -> dict[str, str]:
-    """The links of the ``i``-th listed neuron's page (see :func:`neuron_content`)."""
-    key = keys[i]
+def neighbour_links(before: Key | None, key: Key, after: Key | None, prefix: str, directory_urls: bool) -> dict[str, str]:
+    """The links of a neuron's page, ``before`` and ``after`` it the listed neurons beside it (see
+    :func:`neuron_content`)."""
     here = page_url(prefix, key, directory_urls)
     index = f"{prefix}/" if directory_urls else f"{prefix}/index.html"
     layer = f"{prefix}/L{key[0]}/" if directory_urls else f"{prefix}/L{key[0]}/index.html"
@@ -129,10 +129,10 @@ def neighbour_links(keys: Sequence[Key], i: int, prefix: str, directory_urls: bo
     if len(key) == 3:
         expert = f"{prefix}/{folder(key)}/" + ("" if directory_urls else "index.html")
         links["expert"] = relative(here, expert)
-    for name, j in (("prev", i - 1), ("next", i + 1)):
-        if 0 <= j < len(keys):
-            links[name] = relative(here, page_url(prefix, keys[j], directory_urls))
-            links[name + "_id"] = neuron_id(*keys[j])
+    for name, other in (("prev", before), ("next", after)):
+        if other is not None:
+            links[name] = relative(here, page_url(prefix, other, directory_urls))
+            links[name + "_id"] = neuron_id(*other)
     return links
 
 
@@ -141,22 +141,14 @@ def root_of(prefix: str, key: Key, directory_urls: bool) -> str:
     return relative(page_url(prefix, key, directory_urls), f"{prefix}/")
 
 
-def sitemap_files(urls: Iterable[str], base: str, per_file: int = 50_000) -> list[str]:
-    """Sitemaps (the protocol allows 50,000 URLs a file) listing ``urls`` (relative to the site) under ``base``."""
-    out, batch = [], []
+#: URLs a sitemap file holds (the protocol's limit).
+SITEMAP_URLS = 50_000
 
-    def flush() -> None:
-        out.append('<?xml version="1.0" encoding="UTF-8"?>\n<urlset xmlns="http://www.sitemaps.org/schemas/sitemap/0.9">\n'
-                   + "".join(f"<url><loc>{html.escape(base + u)}</loc></url>\n" for u in batch) + "</urlset>\n")
-        batch.clear()
 
-    for url in urls:
-        batch.append(url)
-        if len(batch) == per_file:
-            flush()
-    if batch:
-        flush()
-    return out
+def sitemap(urls: Iterable[str], base: str) -> str:
+    """A sitemap listing ``urls`` (relative to the site) under ``base``."""
+    return ('<?xml version="1.0" encoding="UTF-8"?>\n<urlset xmlns="http://www.sitemaps.org/schemas/sitemap/0.9">\n'
+            + "".join(f"<url><loc>{html.escape(base + u)}</loc></url>\n" for u in urls) + "</urlset>\n")
 
 
 def index_markdown(attrs: dict[str, Any], n_tokens: int, counts: dict[int, int], experts: dict[int, int]) -> str:

@@ -366,3 +366,24 @@ def test_expert_neurons_get_pages_tables_and_data(tmp_path):
     script = read(site, "neurons/site.js")
     assert '"L1-E2":[1,2,6,6]' in script and '"L1-S":[1,"s",6,6]' in script and '"L0":[0,null,6,6]' in script
     assert terms_of(site, "applause")[0][:2] == ["1.e2.4", 0]
+
+
+def test_window_codes_are_scaled_by_counted_positions_only(tmp_path):
+    """A huge value at the BOS (an attention sink, outside the statistics) does not flatten the codes of
+    every other token of the case: they keep their 6% resolution."""
+    from synthetic import stage_early_list
+
+    path = write_synthetic(tmp_path / "act.h5", layers=1, d_mlp=2, k=8, before=5, after=2, seed=5,
+                           docs=[[0] + [(d + t) % 50 + 1 for t in range(40)] for d in range(12)])
+    stage_early_list(path, positions=[1, 2, 3, 4, 5, 6, 7, 20], bos=5000.0, sink=2.0)
+    with ActivationsFile(path) as f:
+        data = f.neuron(0, 0)
+        row = ldata.neuron_row(data, ldata.Shown.of(data, None), None)
+    U = len(row["place"]) // 2
+    codes = np.frombuffer(row["window"], dtype=np.int8).reshape(2, U, 8)
+    largest = np.asarray(row["values"][-8:]).reshape(4, 2)
+    assert largest[0, 0] < 10  # not the BOS's 5000
+    staged = ldata.decode_windows(codes[0, np.asarray(row["lists"][:8])], largest[0, 0])  # the staged list
+    # gate is 1 on its ordinary tokens (its values at BOS and the sink are 5000 and 2; NaN outside)
+    ordinary = staged[np.isfinite(staged) & (staged < 1.9)]
+    assert ordinary.size > 30 and np.allclose(ordinary, 1.0, rtol=0.062), staged

@@ -29,7 +29,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from mkdocs_gluscope.activations import act_values
-from mkdocs_gluscope.store import CASES, HOOKS, NONFINITE_COLUMNS, NeuronData
+from mkdocs_gluscope.store import CASES, HOOKS, NONFINITE_COLUMNS, NeuronData, first_counted_position
 
 #: Neurons per data file: each one a row group (the footer a page reads grows with it).
 NEURONS_PER_FILE = 16
@@ -76,7 +76,7 @@ def corpus_schema():
 def encode_windows(values: np.ndarray, largest: np.ndarray | float) -> np.ndarray:
     """``values`` as int8 codes relative to ``largest`` (broadcast against them): 0 for 0 and anything below
     the smallest step, :data:`NAN_CODE` for NaN, else ``sign * clip(round(CODE_STEPS + log2(|v| / largest)
-    * CODE_STEPS / CODE_OCTAVES), 1, CODE_STEPS)``."""
+    * CODE_STEPS / CODE_OCTAVES), 1, CODE_STEPS)`` (values beyond ``largest`` clip to it)."""
     values = np.asarray(values, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         steps = np.rint(CODE_STEPS + np.log2(np.abs(values) / largest) * CODE_STEPS / CODE_OCTAVES)
@@ -175,8 +175,12 @@ def neuron_row(data: NeuronData, shown: Shown, telling: int | None) -> dict:
     source = valid[first]
     C = len(CASES)
     windows = np.stack([gate[source], in_[source]], axis=1).astype(np.float64)  # [U, 2, W]
+    # The codes' scale comes from the positions the statistics count: a BOS's attention-sink values
+    # (ten times the rest) would leave every other value a few codes (they clip to the scale instead).
+    counted = (pos[source, None] + np.arange(-data.context_before, data.context_after + 1)
+               >= first_counted_position(data.attrs))
     with np.errstate(invalid="ignore"):
-        reach = np.fmax.reduce(np.abs(windows), axis=-1)  # [U, 2], NaN where a window is all NaN
+        reach = np.fmax.reduce(np.where(counted[:, None], np.abs(windows), np.nan), axis=-1)  # [U, 2]
     largest = np.zeros((C, 2))
     np.fmax.at(largest, case[source], np.nan_to_num(reach, nan=0.0, posinf=0.0))
     largest[~(largest > 0)] = 1.0

@@ -98,7 +98,8 @@ def measure(args: argparse.Namespace, doc_len: int) -> None:
     import transformers
 
     from collect.corpus import Corpus
-    from collect.run import CollectConfig, collect_statistics, finalize
+    from collect.output import finalize
+    from collect.run import CollectConfig, collect_statistics
     from collect.model import prepare_model
     from mkdocs_gluscope.store import ActivationsWriter
 

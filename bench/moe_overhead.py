@@ -62,7 +62,8 @@ def main() -> None:
     import tiny
     from collect.corpus import Corpus, plan_batches
     from collect.model import prepare_model
-    from collect.run import CollectConfig, collect_statistics, resolve_experts
+    from collect.config import resolve_experts
+    from collect.run import CollectConfig, collect_statistics
 
     work = Path(tempfile.mkdtemp(prefix="gluscope-bench-moe-"))
     tokenizer = tiny.train_tokenizer(work, bos=True)

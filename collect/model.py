@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from collect.architectures import GatedMLP, Located, MoELayer, locate
+from collect.architectures import GatedMLP, MoELayer, locate
 from mkdocs_gluscope.errors import GluscopeError
 from mkdocs_gluscope.store import SHARED
 

@@ -254,7 +254,7 @@ def vocab_projections(loaded: Any, rows: list[tuple[int, Any]], *, k: int = VOCA
 def file_vocab(loaded: Any, dense_layers: list[int], experts: dict[int, list[int | str]]
                ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, Any]]:
     """``vocab/`` of every group of a collection's file (``""`` the dense layers in ``dense_layers``
-    order, ``experts``/``shared_experts`` in the rows order of ``collect.run.write_experts``) and the
+    order, ``experts``/``shared_experts`` in the rows order of ``collect.output.write_experts``) and the
     root attributes; nothing, with a warning, where the model's modules are not where its adapter
     says (the statistics do not need them)."""
     from mkdocs_gluscope.store import SHARED

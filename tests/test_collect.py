@@ -321,9 +321,9 @@ def test_saved_dataset_and_parquet_inputs(model_factory, tmp_path):
 def test_first_ctrl_c_asks_for_a_checkpoint_and_the_second_aborts():
     import signal
 
-    from collect.run import _CtrlC
+    from collect.interrupt import StopOnSignal
 
-    with _CtrlC() as ctrl_c:
+    with StopOnSignal() as ctrl_c:
         handler = signal.getsignal(signal.SIGINT)
         handler(signal.SIGINT, None)
         assert ctrl_c.requested  # the loop finishes its batch, checkpoints and stops
@@ -394,7 +394,7 @@ def same_statistics(a_path: Path, b_path: Path) -> None:
 
 def test_failing_torch_compile_falls_back_to_eager_with_a_warning(model_factory, corpus_files, tmp_path,
                                                                   monkeypatch, capsys):
-    import collect.run as run_module
+    import collect.compiled as compiled_module
 
     eager = collect(small_config(model_factory("llama"), corpus_files, tmp_path / "eager.h5"))
 
@@ -403,7 +403,7 @@ def test_failing_torch_compile_falls_back_to_eager_with_a_warning(model_factory,
             raise RuntimeError("InductorError: CppCompileError: C++ compile error\nlong details")
         return compiled
 
-    monkeypatch.setattr(run_module, "compiled_reduce_batch", broken_compile)
+    monkeypatch.setattr(compiled_module, "compiled_reduce_batch", broken_compile)
     out = collect(small_config(model_factory("llama"), corpus_files, tmp_path / "fallback.h5", compile=True))
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert len(warnings) == 1 and warnings[0].startswith("gluscope: warning: torch.compile failed")
@@ -413,18 +413,18 @@ def test_failing_torch_compile_falls_back_to_eager_with_a_warning(model_factory,
 def test_miscompiled_statistics_are_caught_and_recomputed_eagerly(model_factory, corpus_files, tmp_path,
                                                                   monkeypatch, capsys):
     """Found: a compile cache from an AVX-512 run gave wrong counts on an AVX2-only CPU, silently."""
-    import collect.run as run_module
+    import collect.compiled as compiled_module
 
     eager = collect(small_config(model_factory("llama"), corpus_files, tmp_path / "eager.h5"))
 
     def miscompiled(enabled, **kwargs):
         def compiled(*args):
-            reduced = run_module.reduce_batch(*args)
+            reduced = compiled_module.reduce_batch(*args)
             reduced.count[::2] += 1  # what a kernel built for another instruction set did
             return reduced
         return compiled
 
-    monkeypatch.setattr(run_module, "compiled_reduce_batch", miscompiled)
+    monkeypatch.setattr(compiled_module, "compiled_reduce_batch", miscompiled)
     out = collect(small_config(model_factory("llama"), corpus_files, tmp_path / "checked.h5", compile=True))
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert len(warnings) == 1 and "differ from the eager computation (count of neurons" in warnings[0]
@@ -600,6 +600,7 @@ def test_gpu_path_without_host_syncs_gives_the_same_file(model_factory, corpus_f
     """The GPU's path on a CPU: lists found by nonzero_static with a capacity learnt from earlier
     batches (here too small on purpose, so some layer-batches overflow and are redone exactly)."""
     import collect.run as run_module
+    from collect.memory import ListCapacity
 
     plain = collect(small_config(model_factory("llama"), corpus_files, tmp_path / "plain.h5", batch_tokens=64))
     redone = []
@@ -610,9 +611,9 @@ def test_gpu_path_without_host_syncs_gives_the_same_file(model_factory, corpus_f
         return run_with_hooks(loaded, input_ids, layers, on_layer, on_moe)
 
     monkeypatch.setattr(run_module, "run_with_mlp_hooks", counting)
-    monkeypatch.setattr(run_module._Capacity, "ON_CPU", True)
-    monkeypatch.setattr(run_module._Capacity, "MARGIN", 0.5)
-    monkeypatch.setattr(run_module._Capacity, "FLOOR", 1)
+    monkeypatch.setattr(ListCapacity, "ON_CPU", True)
+    monkeypatch.setattr(ListCapacity, "MARGIN", 0.5)
+    monkeypatch.setattr(ListCapacity, "FLOOR", 1)
     static = collect(small_config(model_factory("llama"), corpus_files, tmp_path / "static.h5", batch_tokens=64))
     assert any(redone) and not all(redone)
     same_statistics(plain, static)
@@ -621,8 +622,8 @@ def test_gpu_path_without_host_syncs_gives_the_same_file(model_factory, corpus_f
 def test_statistics_too_large_for_the_gpu_name_layer_groups_that_fit(model_factory, corpus_files, tmp_path,
                                                                      monkeypatch):
     """A small card: the run is refused before any batch, with the --layers groups that fit."""
-    import collect.run as run_module
-    from collect.run import layer_groups, state_bytes
+    import collect.memory as memory
+    from collect.memory import layer_groups, state_bytes
 
     assert layer_groups(list(range(32)), 10, 160) == [list(range(16)), list(range(16, 32))]
     assert layer_groups(list(range(30)), 10, 115) == [list(range(i, i + 10)) for i in (0, 10, 20)]
@@ -640,18 +641,18 @@ def test_statistics_too_large_for_the_gpu_name_layer_groups_that_fit(model_facto
     loaded = type("Loaded", (), {"device": torch.device("cuda:0"), "d_mlp": 48, "dtype": torch.float32})()
     config = small_config(Path("m"), [], Path("o"), batch_tokens=64)
     with pytest.raises(GluscopeError, match=r"in 2 groups \(--layers 0 then --layers 1, .*gluscope merge"):
-        run_module.check_state_fits(loaded, [0, 1], config)
-    run_module.check_state_fits(loaded, [1], config)  # one layer fits
+        memory.check_state_fits(loaded, [0, 1], config)
+    memory.check_state_fits(loaded, [1], config)  # one layer fits
 
 
 def test_gpu_capacity_follows_changed_lists_per_document(monkeypatch):
     """Batches of shorter documents hold more documents, and change more lists: the capacity
     scales with them, so that a longest-first plan does not overflow at every new length."""
-    from collect.run import _Capacity
+    from collect.memory import ListCapacity
 
-    monkeypatch.setattr(_Capacity, "ON_CPU", True)
-    monkeypatch.setattr(_Capacity, "FLOOR", 10)
-    capacity = _Capacity(torch.device("cpu"), n_lists=10_000)
+    monkeypatch.setattr(ListCapacity, "ON_CPU", True)
+    monkeypatch.setattr(ListCapacity, "FLOOR", 10)
+    capacity = ListCapacity(torch.device("cpu"), n_lists=10_000)
     assert capacity.current(8) == 10_000  # the first batch fills every list
     capacity.observe(400, 8)
     assert capacity.current(8) == 800 and capacity.current(16) == 1600

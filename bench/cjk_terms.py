@@ -106,7 +106,7 @@ def main() -> None:
     as_terms = {"bigrams": query_terms, "jieba": lambda q: [k for k in (word_key(w) for w in jieba.cut(q)) if k]}
     for name, terms in schemes.items():
         with tempfile.TemporaryDirectory() as tmp:
-            items = [(t, -1.0 / len(ts), -1.0, f"0.{i}", 0) for i, ts in enumerate(terms) for t in ts]
+            items = [(t, -1.0 / len(ts), -1.0 / len(ts), -1.0, f"0.{i}", 0) for i, ts in enumerate(terms) for t in ts]
             run = lsearch.write_sorted(items, Path(tmp) / "run.jsonl")
             lsearch.SHARD_BYTES = args.shard_bytes
             counts = lsearch.write_shards([run], Path(tmp) / "search")

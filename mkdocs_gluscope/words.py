@@ -11,7 +11,9 @@ example's peak token, search finds neurons by it, and a layer table filters by i
   the boundary and the later piece starts without a space, except between two characters of a script
   written without spaces (:data:`UNSPACED`: Han, kana, Thai, ...), where a word has no visible end.
 * **terms** (:func:`index_terms`, :func:`query_terms`): what the search index stores. A key without
-  unspaced characters is one term. Runs of unspaced characters become character bigrams (a lone
+  unspaced characters is one term: for an example, the key of its word *up to its peak piece*, what
+  the model had read there (a neuron that fires on "App" of "Applause" is found by "app", one that
+  fires on its "ause" by "applause"). Runs of unspaced characters become character bigrams (a lone
   character is its own term), the way search engines index Chinese and Japanese without a
   dictionary; the index keeps the bigrams from two characters before the peak token to two after it,
   and the peak token's characters alone. Measured against jieba's dictionary segmentation (Material's
@@ -152,16 +154,18 @@ def _beside(tokens: Sequence[str | None], centre: int, step: int) -> str:
 
 
 def index_terms(tokens: Sequence[str | None], centre: int) -> list[str]:
-    """The terms an example whose peak token is ``tokens[centre]`` is found by: the key of its whole
-    word (:func:`word_around`) when that has no unspaced character; else the word's other runs, the
-    bigrams of the unspaced text from :data:`CONTEXT` characters before the peak token to as many after
-    it, and each unspaced character of the peak token alone (a query of one character)."""
+    """The terms an example whose peak token is ``tokens[centre]`` is found by. When its whole word
+    (:func:`word_around`) has no unspaced character: the key of the word up to and with the peak token
+    (a causal model at that token has read no further). Else the word's other runs, the bigrams of the
+    unspaced text from :data:`CONTEXT` characters before the peak token to as many after it, and each
+    unspaced character of the peak token alone (a query of one character)."""
     before, peak, after = word_around(tokens, centre)
     key = word_key(before + peak + after)
     if not key:
         return []
     if not any(unspaced(ch) for ch in key):
-        return [key]
+        read = word_key(before + peak)
+        return [read] if read else []
     left = _beside(tokens, centre, -1)[::-1] if not before else ""
     right = _beside(tokens, centre, 1) if not after else ""
     out: dict[str, None] = {}

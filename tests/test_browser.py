@@ -226,10 +226,14 @@ def light_site(tmp_path_factory):
             + [1 + (5 * d + 3 * t) % 39 for t in range(12)] + [44 + d % 4] for d in range(24)]
     path = write_synthetic(root / "data" / "act.h5", layers=2, d_mlp=150, k=6, before=5, after=2, vocab=VOCAB, docs=docs,
                            titles=[f"{1790 + 4 * d} · President {d}" for d in range(24)], seed=4)
+    from test_light import quiet
+
     with h5py.File(path, "a") as f:
-        stage(f, 1, 4, 0, [(d, 6) for d in range(6)], [2.0, 1.9, 1.8, 1.7, 1.6, 1.5])
+        stage(f, 1, 4, 0, [(d, 6) for d in range(6)], [9.0, 8.9, 8.8, 8.7, 8.6, 8.5])
+        quiet(f, 1, 4)
         for neuron, word in ((1, "人民"), (2, " cafe\u0301"), (3, " 😀party"), (4, " Darmstadt"), (5, " arms")):
-            stage(f, 0, neuron, 0, [(d, 8 + WORDS.index(word)) for d in range(6)], [3.0, 2.5, 2.0, 1.5, 1.2, 1.1])
+            stage(f, 0, neuron, 0, [(d, 8 + WORDS.index(word)) for d in range(6)], [9.0, 8.5, 8.0, 7.5, 7.2, 7.1])
+            quiet(f, 0, neuron)
     return build_site(root, {"activations": "data/act.h5", "neurons": "all", "layout": "light"})
 
 

@@ -39,20 +39,35 @@ def stage(f: h5py.File, layer: int, neuron: int, case: int, where: list[tuple[in
         f[name][...] = data
 
 
+def quiet(f: h5py.File, layer: int, neuron: int, keep: int = 0) -> None:
+    """A neuron's hook_post lists of every case but ``keep`` at a thousandth of their values: its strong
+    activations are those of that case."""
+    data = f["top/value"][...]
+    for c in range(4):
+        if c != keep:
+            data[layer, neuron, c, 0] *= 0.001
+    f["top/value"][...] = data
+
+
 def demo_like(path: Path) -> Path:
     """2 layers x 6 neurons of k = 4; every document reads "(Appl|ause)" at positions 4-7, then the words
-    of WORDS at 8-14. Neuron 1.4's gate+_in+ list peaks on "ause" of all four documents, 1.3 once, harder
-    (a neuron the word accounts for vs one it does not); 0.1 on "人民", 0.2 on "café", 0.3 on "😀party",
-    0.4 on "Darmstadt" and 0.5 on "arms"."""
+    of WORDS at 8-14. Neuron 1.4's strong activations are all on "ause" (its gate+_in+ list, the other
+    lists quiet); 1.3 peaks on it once, harder, among three other strong words; 1.2's are all on it but
+    weak for the layer. 0.1 peaks on "人民", 0.2 on "café", 0.3 on "😀party", 0.4 on "Darmstadt" and
+    0.5 on "arms"."""
     docs = [[0, 1 + d % 30, 2, 3, ID[" ("], ID["Appl"], ID["ause"], ID[")"]] + [ID[w] for w in WORDS]
             + [1 + (5 * d + 3 * t) % 39 for t in range(12)] + [44 + d % 4] for d in range(16)]
     write_synthetic(path, layers=2, d_mlp=6, k=4, before=3, after=1, vocab=VOCAB, docs=docs,
                     titles=[UNTRUSTED[d % 4] + f" {1790 + d}" for d in range(16)], model="<b>m</b>")
     with h5py.File(path, "a") as f:
-        stage(f, 1, 4, 0, [(d, 6) for d in range(4)], [2.0, 1.9, 1.8, 1.7])
-        stage(f, 1, 3, 0, [(5, 6), (6, 2), (7, 3), (8, 1)], [9.0, 1.0, 0.9, 0.8])
+        stage(f, 1, 4, 0, [(d, 6) for d in range(4)], [8.0, 7.9, 7.8, 7.7])
+        stage(f, 1, 3, 0, [(5, 6), (6, 2), (7, 3), (8, 1)], [9.0, 8.5, 8.5, 8.5])
+        stage(f, 1, 2, 0, [(d, 6) for d in range(9, 13)], [0.5, 0.4, 0.3, 0.2])
+        for neuron in (2, 3, 4):
+            quiet(f, 1, neuron)
         for neuron, word in ((1, "人民"), (2, " cafe\u0301"), (3, " 😀party"), (4, " Darmstadt"), (5, " arms")):
-            stage(f, 0, neuron, 0, [(d, 8 + WORDS.index(word)) for d in range(4)], [3.0, 2.5, 2.0, 1.5])
+            stage(f, 0, neuron, 0, [(d, 8 + WORDS.index(word)) for d in range(4)], [9.0, 8.5, 8.0, 7.5])
+            quiet(f, 0, neuron)
     return path
 
 
@@ -158,11 +173,14 @@ def terms_of(site: Path, term: str) -> list:
 
 
 def test_search_ranks_neurons_by_how_much_of_their_strong_activations_a_word_is(site):
-    applause = terms_of(site, "applause")
-    # 1.4's four strongest gate+_in+ activations are all on the word; 1.3's strongest is too, at 9, but
-    # it accounts for 9 of 11.7 of them: the neuron about the word first.
-    assert applause[0][:3] == ["1.4", 0, 1.0] and applause[1][:2] == ["1.3", 0] and applause[1][2] < 0.8
-    assert "ause" not in json.dumps(json.loads(read(site, "neurons/gluscope/search/firsts.json")))  # pieces are no words
+    ranked = [p[0] for p in terms_of(site, "applause")]
+    # 1.4's strong activations are all on the word; 1.3's strongest is too, at 9, but it is a quarter of
+    # them; 1.2's are all on it, at a twentieth of the strength the layer's neurons reach.
+    assert ranked.index("1.4") < ranked.index("1.3") < ranked.index("1.2")
+    first = terms_of(site, "applause")[0]
+    assert first[:2] == ["1.4", 0] and first[3] > 0.99  # [id, case, score, share, peak]
+    # An example that peaks on "Appl" is found by what the model had read there, "appl".
+    assert not terms_of(site, "ause") and all(p[0] != "1.4" for p in terms_of(site, "appl"))
     # Every language: Chinese by bigrams, a decomposed word under its composed key, an emoji-led word.
     assert terms_of(site, "人民")[0][0] == "0.1" and terms_of(site, "华人")[0][0] == "0.1"
     assert terms_of(site, "café")[0][0] == "0.2" and terms_of(site, "😀party")[0][0] == "0.3"
@@ -172,8 +190,8 @@ def test_search_shards_are_ranges_of_about_equal_size(tmp_path):
     rng = random.Random(3)
     runs = []
     for r in range(3):
-        items = [("".join(rng.choice("abcdefgh人民😀é") for _ in range(rng.randint(1, 6))), -rng.random(), -1.0,
-                  f"{r}.{i}", i % 4) for i in range(4000)]
+        items = [("".join(rng.choice("abcdefgh人民😀é") for _ in range(rng.randint(1, 6))), -rng.random(), -rng.random(),
+                  -1.0, f"{r}.{i}", i % 4) for i in range(4000)]
         runs.append(lsearch.write_sorted(items, tmp_path / f"run{r}.jsonl"))
     lsearch.SHARD_BYTES, old = 8192, lsearch.SHARD_BYTES
     try:
@@ -339,9 +357,11 @@ def moe_file(path: Path) -> Path:
                     experts={1: 3, 2: 2}, shared=[1], seed=6)
     with h5py.File(path, "a") as f:
         g = f["experts"]
-        for name, new in (("top/doc", [0, 1, 2, 3]), ("top/pos", [6, 6, 6, 6]), ("top/value", [2.0, 1.9, 1.8, 1.7])):
+        for name, new in (("top/doc", [0, 1, 2, 3]), ("top/pos", [6, 6, 6, 6]), ("top/value", [9.0, 8.9, 8.8, 8.7])):
             data = g[name][...]
             data[2, 4, 0, 0, :4] = new  # row 2: layer 1, expert 2
+            if name == "top/value":
+                data[2, 4, 1:, 0] *= 0.001  # its strong activations are those of gate+_in+
             g[name][...] = data
     return path
 

@@ -65,6 +65,7 @@ def test_whole_words_join_pieces_but_not_unspaced_characters():
     assert words.word_around(["中华", "人民", "共和国"], 1) == ("", "人民", "")
     assert words.index_terms(["中华", "人民", "共和国"], 1) == ["中华", "华人", "人民", "民共", "共和", "人", "民"]
     assert words.index_terms([" the", "[", "L", "aughter", "]"], 3) == ["laughter"]
+    assert words.index_terms([" the", "[", "L", "aughter", "]"], 2) == ["l"]  # read so far: the model saw "L"
     assert words.query_terms("中华人民") == ["中华", "华人", "人民"]
     assert words.query_terms(" Applause  now") == ["applause", "now"]
     assert render.word_around is words.word_around  # one definition

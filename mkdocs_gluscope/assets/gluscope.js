@@ -216,10 +216,11 @@ async function shardsFor(site, term, prefix) {
   return Object.assign({}, ...shards);
 }
 
-// Neurons by word: each posting [id, case, share, peak] says the term is `share` of the case's strongest
-// activations. A neuron's case scores the sum, over the query's terms, of its share of each (the last
-// term also matches the terms it begins, at half weight): a word that is all of a neuron's strong
-// activations first, and a longer query (several words, a run of Chinese) ranks by how much it covers.
+// Neurons by word: each posting [id, case, score, share, peak] says the term is `share` of the neuron's
+// strongest activations (in that case), `score` that share discounted where the neuron is weak for its
+// layer (light/search.py). A neuron's case scores the sum, over the query's terms, of its score for each
+// (the last term also matches the terms it begins, at half weight): a word that is all of a neuron's
+// strong activations first, and a longer query (several words, a run of Chinese) ranks by how much it covers.
 async function searchWords(query) {
   const terms = queryTerms(query);
   if (!terms.length) return null;
@@ -232,10 +233,13 @@ async function searchWords(query) {
         .sort((x, y) => (x !== term) - (y !== term) || map[y].length - map[x].length || compare(x, y)).slice(0, 6);
       for (const word of matches) {
         const weight = word === term ? 1 : 0.5;
-        for (const [id, c, share, peak] of map[word]) {
+        for (const [id, c, score, share, peak] of map[word]) {
           const key = site.prefix + " " + id + " " + c;
-          const entry = found.get(key) || { site, id, c, best: new Array(terms.length).fill(0), peak: 0, word };
-          if (weight * share > entry.best[i]) { entry.best[i] = weight * share; if (i === last) entry.word = word; }
+          const entry = found.get(key) || { site, id, c, best: new Array(terms.length).fill(0), peak: 0, word, share: 0 };
+          if (weight * score > entry.best[i]) {
+            entry.best[i] = weight * score;
+            if (i === last) { entry.word = word; entry.share = share; }
+          }
           entry.peak = Math.max(entry.peak, Math.abs(peak));
           found.set(key, entry);
         }
@@ -248,8 +252,7 @@ async function searchWords(query) {
   for (const f of ranked) {
     if (seen.has(f.site.prefix + f.id) || items.length >= 12) continue;
     seen.add(f.site.prefix + f.id);
-    const share = Math.round(100 * f.best[last] / (f.word === terms[last] ? 1 : 0.5));
-    items.push([neuronUrl(f.site, f.id), "Neuron " + f.id, CASES[f.c] + " · “" + f.word + "” is " + share +
+    items.push([neuronUrl(f.site, f.id), "Neuron " + f.id, CASES[f.c] + " · “" + f.word + "” is " + Math.round(100 * f.share) +
       "% of its strongest activations" + (terms.length > 1 ? " (" + f.best.filter(x => x).length + " of " + terms.length +
       " terms)" : "") + " · peak " + fmt(f.peak)]);
   }

@@ -94,7 +94,7 @@ export function indexTerms(tokens, centre) {
   const [before, peak, after] = wordAround(tokens, centre);
   const key = wordKey(before + peak + after);
   if (!key) return [];
-  if (!Array.from(key).some(unspaced)) return [key];
+  if (!Array.from(key).some(unspaced)) { const read = wordKey(before + peak); return read ? [read] : []; }
   const left = before ? "" : Array.from(beside(tokens, centre, -1)).reverse().join("");
   const right = after ? "" : beside(tokens, centre, 1);
   const out = new Set();

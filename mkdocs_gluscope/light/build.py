@@ -150,7 +150,7 @@ def _data_task(task: Task) -> dict[str, Any]:
                 shown = ldata.Shown.of(data, task.examples)
                 file_rows.append(ldata.neuron_row(data, shown, telling_case(data, task.scales)))
                 rows.append(lpage.layer_row(data, words))
-                posting_list.extend(lsearch.postings(data, words, data.window_tokens[:, 0]))
+                posting_list.extend(lsearch.postings(data, words, data.window_tokens[:, 0], task.scales))
                 top = data.top_doc[..., :shown.top]
                 docs[top[top >= 0]] = True
                 for ex, n_shown in ((data.samples, shown.samples), (data.bands, shown.bands)):
@@ -237,8 +237,7 @@ def build_data(options: DataOptions, groups: dict[Group, np.ndarray], out: Path,
     with ActivationsFile(options.activations) as f:
         _shared(f)  # before the workers fork: they share it
         n_docs = f.n_docs
-        scales = {g: (None if g[1] is not None else tuple(float(x) for x in layer_case_scales(f, g[0])))
-                  for g in groups}
+        scales = {g: tuple(float(x) for x in layer_case_scales(f, g[0], g[1])) for g in groups}
         first = next(iter(groups.items()), None)
         shown = (ldata.Shown.of(f.neuron(first[0][0], int(first[1][0]), windows=False, expert=first[0][1]),
                                 options.examples) if first else ldata.Shown(0, 0, 0))

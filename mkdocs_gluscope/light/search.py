@@ -1,16 +1,22 @@
 """A light site's word index: which neurons a word is about, ranked by how much of their strong
 activations it accounts for.
 
-For each neuron and case, the examples of the case's ``hook_post`` top-k list (its strongest
-activations in the case) are found by the terms of the word each peaks on (:func:`words.index_terms`).
-A term's **share** of the case is the sum of ``|post|`` over the examples that peak on it divided by the
-sum over the whole list: 1.0 when every strong activation of the case is on the word. Search ranks
-neurons by share, then by the strongest ``|post|`` on the term; so a neuron whose rare case is made of
-transcript notes (``[Applause]``, ``[Laughter]``) comes before one that fires harder on many words.
+A neuron's strong activations are the examples of its four ``hook_post`` top-k lists (each case's
+strongest). Each example is found by the terms of the word it peaks on (:func:`words.index_terms`:
+the word up to the peak piece, what the model had read). For each case, a term's **share** is the sum
+of ``|post|`` over the case's examples on it divided by the sum over all four lists: how much of the
+neuron's strong activations the word accounts for, in that case. Its **score**, what search ranks by,
+is the share times ``min(1, peak / scale)``, ``peak`` the strongest ``|post|`` on the term and ``scale``
+the case's scale in the layer (``pick.case_scales``: the 99th percentile of the case's extremes over
+the layer's neurons), so a word that fills a neuron's lists only at a fraction of the strength the
+layer's neurons reach counts for that fraction. On the demo, the neuron whose rare case is made of
+bracketed transcript notes (28.473: ``[Applause]``, ``[Laughter]``) ranks first for both words, before
+neurons that fire on "App" of "Applause" (found by "app") and neurons whose weak cases hold the word.
 
 The index is written as shards of about :data:`SHARD_BYTES`, each a range of terms in code-point
-order (``search/{n}.json``), and ``search/firsts.json``, each shard's first term
-(:func:`words.shard_of`). A term keeps its :data:`POSTINGS` best neurons.
+order (``search/{n}.json``: ``{term: [[id, case, score, share, peak], ...]}``), and
+``search/firsts.json``, each shard's first term (:func:`words.shard_of`). A term keeps its
+:data:`POSTINGS` best neurons.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from __future__ import annotations
 import heapq
 import json
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -31,7 +37,7 @@ POSTINGS = 100
 #: Bytes per shard file (before the last term that crosses it): a query fetches one or two.
 SHARD_BYTES = 64 * 1024
 
-Posting = tuple[str, float, float, str, int]  # term, -share, -|value|, neuron id, case (sort order)
+Posting = tuple[str, float, float, float, str, int]  # term, -score, -share, -|peak|, neuron id, case (sort order)
 
 
 class WordFinder:
@@ -88,9 +94,11 @@ class WordFinder:
         return found
 
 
-def postings(data: NeuronData, words: WordFinder, ids: np.ndarray | None = None) -> list[Posting]:
-    """Each (term, case) of one neuron with the term's share of the case's top hook_post list. ``ids``:
-    the token ids of those lists' windows ``[C, k, W]`` (default: from ``data.window_tokens``)."""
+def postings(data: NeuronData, words: WordFinder, ids: np.ndarray | None = None,
+             scales: Sequence[float] | None = None) -> list[Posting]:
+    """Each (term, case) of one neuron with its score and share (see the module). ``ids``: the token
+    ids of the hook_post lists' windows ``[C, k, W]`` (default: from ``data.window_tokens``);
+    ``scales``: each case's scale in the layer (default: 1, no discount)."""
     out: list[Posting] = []
     nid = data.id
     centre = data.context_before
@@ -100,11 +108,9 @@ def postings(data: NeuronData, words: WordFinder, ids: np.ndarray | None = None)
     filled = data.top_doc[:, 0] >= 0  # [C, k]
     weights = np.abs(data.top_value[:, 0].astype(np.float64))
     weights[~np.isfinite(weights) | ~filled] = 0.0
-    totals = weights.sum(axis=-1)
+    total = float(weights.sum())
     peaks = filled & (ids[:, :, centre] >= 0)
     for c in range(len(CASES)):
-        if not filled[c].any():
-            continue
         found: dict[str, list[float]] = {}
         for j in np.flatnonzero(peaks[c]).tolist():
             w = float(weights[c, j])
@@ -115,11 +121,16 @@ def postings(data: NeuronData, words: WordFinder, ids: np.ndarray | None = None)
                 else:
                     entry[0] += w
                     entry[1] = max(entry[1], w)
-        total = float(totals[c])
+        scale = float(scales[c]) if scales is not None and scales[c] > 0 else 0.0
         for term, (mass, peak) in found.items():
-            share = mass / total if total > 0 else 1.0 / int(filled[c].sum())
-            out.append((term, -int(share * 1000 + 0.5) / 1000, -float(f"{peak:.4g}"), nid, c))
+            share = mass / total if total > 0 else 0.0
+            score = share * min(1.0, peak / scale) if scale else share
+            out.append((term, -_round(score), -_round(share), -float(f"{peak:.4g}"), nid, c))
     return out
+
+
+def _round(x: float) -> float:
+    return int(x * 1000 + 0.5) / 1000
 
 
 def write_sorted(items: list[Posting], path: Path) -> Path:
@@ -127,7 +138,7 @@ def write_sorted(items: list[Posting], path: Path) -> Path:
     ends in the term escaped as in JSON), for :func:`write_shards` to merge."""
     items.sort()
     with open(path, "w", encoding="utf-8", newline="\n") as f:
-        f.writelines(f"{_escape(t)}\t{s!r}\t{p!r}\t{n}\t{c}\n" for t, s, p, n, c in items)
+        f.writelines(f"{_escape(t)}\t{r!r}\t{s!r}\t{p!r}\t{n}\t{c}\n" for t, r, s, p, n, c in items)
     return path
 
 
@@ -145,8 +156,8 @@ def _unescape(text: str) -> str:
 def _read(path: Path) -> Iterator[Posting]:
     with open(path, encoding="utf-8", newline="\n") as f:
         for line in f:
-            term, share, peak, nid, case = line[:-1].split("\t")
-            yield _unescape(term), float(share), float(peak), nid, int(case)
+            term, score, share, peak, nid, case = line[:-1].split("\t")
+            yield _unescape(term), float(score), float(share), float(peak), nid, int(case)
 
 
 def write_shards(runs: Iterable[Path], folder: Path) -> dict[str, int]:
@@ -171,7 +182,7 @@ def write_shards(runs: Iterable[Path], folder: Path) -> dict[str, int]:
         nonlocal terms, kept
         if current is None:
             return
-        entry = [[nid, c, -share, -peak] for _, share, peak, nid, c in best]
+        entry = [[nid, c, -score, -share, -peak] for _, score, share, peak, nid, c in best]
         cost = len(dumps(current)) + len(dumps(entry)) + 2
         if not firsts or (size + cost > SHARD_BYTES and shard):
             flush()

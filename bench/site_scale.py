@@ -133,6 +133,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=None, help="processes writing the data (default: all CPUs)")
     p.add_argument("--pages", type=int, default=5, help="neuron pages to open in Chromium")
     p.add_argument("--config", type=Path, default=ROOT / "mkdocs.yml", help="the site whose theme to use")
+    p.add_argument("--search", nargs="*", default=[], help="words whose first results to print (the word index)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("mkdocs").setLevel(logging.WARNING)
@@ -177,22 +178,27 @@ def main() -> None:
     sampler = MemorySampler()
     sampler.start()
     load = os.getloadavg()
+    import resource
+
+    cpu0 = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     t0 = time.perf_counter()
     # The demo's hand-written pages link demo neurons: strict only for the demo's own shape.
     site = build(root / "mkdocs.yml", strict=(layers, d_mlp) == (list(range(30)), 1536))
     total = time.perf_counter() - t0
+    cpu = sum(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime for before, after in
+              zip(cpu0, [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]))
     sampler.stop.set()
     sampler.join()
     kinds = sizes(site)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               "unknown CPU")
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                 "unknown CPU")
     cores = len(os.sched_getaffinity(0))
-    print(f"\nmachine: {cpu}, {cores} cores; load average {load[0]:.1f} before the build, "
+    print(f"\nmachine: {model}, {cores} cores; load average {load[0]:.1f} before the build, "
           f"{os.getloadavg()[0]:.1f} after")
     print(f"activations file: {activations.name}, {activations.stat().st_size / 1e9:.2f} GB, {n_neurons:,} neurons"
           + (f" (written in {made:.0f} s)" if made else ""))
-    print(f"build: {total:.0f} s ({1000 * total / n_neurons:.2f} ms a neuron), peak memory {sampler.peak / 1e9:.2f} GB "
-          "(Pss of the build and its workers)")
+    print(f"build: {total:.0f} s ({1000 * total / n_neurons:.2f} ms a neuron), {cpu:.0f} CPU seconds ({cpu / cores:.0f} s "
+          f"on {cores} cores to themselves), peak memory {sampler.peak / 1e9:.2f} GB (Pss of the build and its workers)")
     data = {k: v for k, v in kinds.items() if k.startswith("data")}
     rest = {k: v for k, v in kinds.items() if not k.startswith("data")}
     print(f"site without the data files: {sum(rest.values()) / 1e6:.0f} MB ({sum(rest.values()) / n_neurons:.0f} B a neuron)")
@@ -201,6 +207,18 @@ def main() -> None:
     print(f"data files: {sum(data.values()) / 1e6:.0f} MB ({sum(data.values()) / n_neurons / 1e3:.2f} KB a neuron)")
     for kind, size in sorted(data.items(), key=lambda kv: -kv[1]):
         print(f"  {kind}: {size / 1e6:.1f} MB ({size / n_neurons / 1e3:.2f} KB a neuron)")
+    if args.search:
+        import json
+
+        from mkdocs_gluscope.words import query_terms, shard_of
+
+        index = site / "neurons/gluscope/search"
+        firsts = json.loads((index / "firsts.json").read_text(encoding="utf-8"))
+        for word in args.search:
+            term = query_terms(word)[0]
+            found = json.loads((index / f"{shard_of(term, firsts)}.json").read_text(encoding="utf-8")).get(term, [])
+            print(f"search {word!r}: " + ", ".join(f"{p[0]} (case {p[1]}, score {p[2]}, share {p[3]}, peak {p[4]})"
+                                                  for p in found[:5]))
     if args.pages:
         step = max(1, len(layers) // args.pages)
         urls = [f"neurons/L{layer}/N{(7919 * (i + 1)) % d_mlp}/" for i, layer in enumerate(layers[::step][:args.pages])]

@@ -341,7 +341,7 @@ function initTable(box) {
     caseSel.value = "3";
     const lo = element("input", "gs-filter-min"), hi = element("input", "gs-filter-max"), word = element("input", "gs-filter-word");
     for (const x of [lo, hi]) { x.type = "number"; x.min = "0"; x.max = "100"; x.step = "any"; x.size = 6; }
-    lo.placeholder = "0"; hi.placeholder = "100"; word.type = "search"; word.placeholder = "whole word (end with * for more)";
+    lo.placeholder = "0"; hi.placeholder = "100"; word.type = "search"; word.placeholder = "a whole word, or prefix*";
     const labelled = (text, input, after) => {
       const l = element("label", "", text + " "); l.appendChild(input); if (after) l.appendChild(document.createTextNode(" " + after)); return l;
     };

@@ -362,8 +362,9 @@ class GluscopePlugin(BasePlugin[GluscopeConfig]):
             data = "../" * (self.prefix.count("/") + 1) + data  # relative to the site root: make it relative to ours
         with ActivationsFile(self.path) as f:
             full = {g: (f.d_mlp if g[1] is None else f.expert_neurons(g[1])) for g in groups}
+        tails = _read_json(self._data / "site" / "site.json")["tails"]  # what a page fetches first of a data file
         files.append(File.generated(config, f"{self.prefix}/site.js", content=lpage.site_script({
-            "prefix": self.prefix, "suffix": "/" if config.use_directory_urls else ".html", "data": data,
+            "prefix": self.prefix, "suffix": "/" if config.use_directory_urls else ".html", "data": data, "tails": tails,
             # table -> [layer, expert, neurons listed, neurons it has]: ids of a whole table need no lookup
             "tables": {lbuild.table_name(g): [g[0], g[1], len(n), full[g]] for g, n in groups.items()}}, dumps)))
         self._link_neuron_pages(files, config)

@@ -92,7 +92,7 @@ function toHalf(x) { return Number.isNaN(x) ? NaN : float16(halfBits(x)); }
 // A document's title and tokens (display strings), from its corpus file.
 function documentOf(site, f, doc) {
   return once("doc " + site.base + doc, () => readRow(dataUrl(site, "corpus/" + Math.floor(doc / f.docsPerFile) + ".parquet"),
-    doc % f.docsPerFile, f.tails.corpus).then(r => ({ title: r.title, tokens: r.tokens })));
+    doc % f.docsPerFile, site.tails.corpus).then(r => ({ title: r.title, tokens: r.tokens })));
 }
 
 // -- a neuron's row, decoded --------------------------------------------------------------------------
@@ -289,8 +289,9 @@ async function fillList(list, n, f, site, nid) {
 
 export async function renderNeuron(el) {
   try {
-    const site = siteOf(el), f = await facts(site), nid = el.dataset.id;
-    const row = await readRow(dataUrl(site, el.dataset.file), +el.dataset.row, f.tails.neurons);
+    const site = siteOf(el), nid = el.dataset.id;
+    actTable(site).catch(() => {});  // wanted as soon as the first list fills (a failure shows there)
+    const [f, row] = await Promise.all([facts(site), readRow(dataUrl(site, el.dataset.file), +el.dataset.row, site.tails.neurons)]);
     const n = decodeNeuron(row, f);
     el.innerHTML = pageHtml(n, f, nid);
     el.querySelectorAll(".gs-examples").forEach(container => {

@@ -96,3 +96,21 @@ def test_summary_rows_and_list_summaries_are_the_same_html(tmp_path):
     got = run_js(tmp_path / "js", calls)
     wrong = [(call[0], want, have) for call, want, have in zip(calls, expected, got) if want != have]
     assert not wrong, wrong[:3]
+
+
+@needs_node
+def test_light_codes_decode_the_same_in_python_and_js(tmp_path):
+    from mkdocs_gluscope.light import data as ldata
+
+    codes = list(range(-64, 49))
+    largest = [1.0, 0.37, 41.65, 3e-5]
+    counts = list(range(256))
+    calls = ([("windowValue", [c, big, ldata.CODE_STEPS, ldata.CODE_OCTAVES, ldata.NAN_CODE]) for big in largest for c in codes]
+             + [("countOf", [c, ldata.COUNT_STEPS]) for c in counts])
+    decoded = [float(ldata.decode_windows(np.array([c]), big)[0]) for big in largest for c in codes]
+    expected = ([None if np.isnan(x) else x for x in decoded]  # NaN comes back from JSON as null
+                + [int(x) for x in ldata.decode_counts(np.array(counts))])
+    got = run_js(tmp_path, calls)
+    wrong = [(call, want, have) for call, want, have in zip(calls, expected, got)
+             if not (want == have or (isinstance(want, float) and isinstance(have, float) and abs(want - have) <= 1e-12 * abs(want)))]
+    assert not wrong, wrong[:5]

@@ -10,8 +10,8 @@
    6%; each example's own value, the summary and the distributions are exact. */
 import { parquetMetadataAsync, parquetReadObjects } from "./vendor/hyparquet/index.js";
 import { decompress } from "./vendor/fzstd.js";
-import { CASES, HOOKS, HOOK_LABELS, LEVELS, caseBlock, colorLevels, colorScale, escapeHtml, exampleRow, extremeText,
-  fmtInt, formatG, halfBits, mdText, summaryTable } from "./rules.js";
+import { CASES, HOOKS, HOOK_LABELS, LEVELS, caseBlock, colorLevels, colorScale, countOf, escapeHtml, exampleRow,
+  extremeText, fmtInt, formatG, halfBits, mdText, summaryTable, windowValue } from "./rules.js";
 import { binRange, densityHtml, histogramsHtml } from "./figures.js";
 import { fetchJSON, fetchOk, initExamples, once } from "./gluscope.js";
 
@@ -113,10 +113,8 @@ function decodeNeuron(row, f) {
     slot(C * H * k + c * S, c, S);
     for (let r = 0; r < R; r++) slot(C * H * k + C * S + (c * R + r) * S2, c, S2);
   }
-  const decode = (code, big) => code === f.nanCode ? NaN : code === 0 ? 0 :
-    Math.sign(code) * big * Math.pow(2, (Math.abs(code) - f.codeSteps) * f.codeOctaves / f.codeSteps);
   const windows = w => Array.from({ length: U }, (_, u) => Array.from({ length: W }, (_, t) =>
-    decode(codes[(w * U + u) * W + t], largest[caseOf[u] * 2 + w])));
+    windowValue(codes[(w * U + u) * W + t], largest[caseOf[u] * 2 + w], f.codeSteps, f.codeOctaves, f.nanCode)));
   const dist = Array.from(row.dist, code => countOf(code, f.countSteps)), B = f.histEdges ? f.histEdges.length - 1 : 0, G = f.densityEdges ? f.densityEdges.length - 1 : 0;
   return {
     id: null, count: parts.count, sum: grid(parts.sum), min: grid(parts.min), max: grid(parts.max), nonfinite: parts.nonfinite,
@@ -128,15 +126,6 @@ function decodeNeuron(row, f) {
     sample: c => ({ offset: C * H * k + c * S, n: S }),
     band: (c, r) => ({ offset: C * H * k + C * S + (c * R + r) * S2, n: S2 }),
   };
-}
-
-// light/data.py decode_counts: a count code's count, to three significant digits.
-function countOf(code, steps) {
-  if (!code) return 0;
-  const n = Math.pow(2, (code - 1) / steps);
-  if (n < 1000) return Math.round(n);
-  const unit = Math.pow(10, Math.floor(Math.log10(n)) - 2);
-  return Math.round(n / unit) * unit;
 }
 
 // -- drawing ------------------------------------------------------------------------------------------

@@ -334,3 +334,20 @@ export function caseBlock(c, opened, summary, body) {
   return '<details class="gs-case-block"' + (opened ? " open" : "") + '><summary><span class="gs-chip gs-case' + c + '">' +
     "</span><b>" + escapeHtml(CASES[c]) + "</b> · " + summary + "</summary>" + body + "</details>";
 }
+
+// -- a light site's codes (mkdocs_gluscope.light.data) -----------------------------------------------
+// data.decode_windows for one code: `largest` the scale of its case, the constants from site.json.
+export function windowValue(code, largest, steps, octaves, nanCode) {
+  if (code === nanCode) return NaN;
+  if (code === 0) return 0;
+  return Math.sign(code) * largest * Math.pow(2, (Math.abs(code) - steps) * octaves / steps);
+}
+
+// data.decode_counts for one code: its count, to three significant digits.
+export function countOf(code, steps) {
+  if (!code) return 0;
+  const n = Math.pow(2, (code - 1) / steps);
+  if (n < 1000) return Math.round(n);
+  const unit = Math.pow(10, Math.floor(Math.log10(n)) - 2);
+  return Math.round(n / unit) * unit;
+}

@@ -103,8 +103,9 @@ def decode_counts(codes: np.ndarray) -> np.ndarray:
     """The counts codes stand for, to three significant digits (what ``light.js`` shows)."""
     codes = np.asarray(codes, dtype=np.float64)
     n = np.where(codes > 0, np.exp2((codes - 1) / COUNT_STEPS), 0.0)
-    digits = np.where(n > 0, np.floor(np.log10(np.maximum(n, 1))) - 2, 0)
-    return np.where(n < 1000, np.rint(n), np.rint(n / 10.0 ** digits) * 10.0 ** digits).astype(np.int64)
+    unit = 10.0 ** (np.floor(np.log10(np.maximum(n, 1))) - 2)
+    # floor(x + 0.5): JavaScript's Math.round, which rules.js's countOf uses
+    return np.where(n < 1000, np.floor(n + 0.5), np.floor(n / unit + 0.5) * unit).astype(np.int64)
 
 
 def decode_windows(codes: np.ndarray, largest: np.ndarray | float) -> np.ndarray:

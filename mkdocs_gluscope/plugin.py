@@ -16,13 +16,14 @@ instances (``gluscope`` twice, each with its own ``url_prefix``) publish two fil
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from mkdocs.config import base
 from mkdocs.config import config_options as c
@@ -33,7 +34,7 @@ from mkdocs.structure.files import File, Files, InclusionLevel
 from mkdocs.structure.pages import Page
 
 from mkdocs_gluscope.activations import UnknownActivation, activation
-from mkdocs_gluscope.errors import GluscopeError
+from mkdocs_gluscope.errors import GluscopeError, printable
 from mkdocs_gluscope.neurons import NeuronSpecError, neuron_specs, parse_neuron_ids
 from mkdocs_gluscope.pages import (
     ASSET_DIR,
@@ -52,6 +53,16 @@ log = logging.getLogger("mkdocs.plugins.gluscope")
 DEFAULT_MISSING_HINT = "gluscope collect --model MODEL --dataset DATA --out FILE"
 #: More listed neurons than this make ``layout: auto`` choose the light layout.
 AUTO_LIGHT = 2000
+
+
+@contextlib.contextmanager
+def file_errors() -> Iterator[None]:
+    """A file that cannot be used (refused when opened, or damaged where a neuron is read) fails the
+    build with its one line: a PluginError, which MkDocs reports without a traceback."""
+    try:
+        yield
+    except FormatError as e:
+        raise PluginError(f"gluscope: activations: {printable(e)}") from None
 
 
 # Option types: MkDocs checks every option when it loads mkdocs.yml, and reports a bad one as
@@ -146,9 +157,9 @@ class GluscopeConfig(base.Config):
 
     url_prefix = _Checked(check_url_prefix, default="neurons")
     """Folder of the generated pages inside the site: ``{url_prefix}/L{layer}/N{neuron}/``. A relative
-    path of folder names separated by ``/`` (no leading ``/``, ``..``, ``.``, backslash or drive).
-    Every file the plugin writes for its pages lives under it, so two instances with different
-    prefixes publish two files in one site. Default: ``neurons``."""
+    path of folder names of ASCII letters, digits, ``-``, ``_`` and ``.`` separated by ``/`` (no leading
+    ``/``, no ``.`` or ``..`` folder). Every file the plugin writes for its pages lives under it, so two
+    instances with different prefixes publish two files in one site. Default: ``neurons``."""
 
     examples = _Checked(check_examples)
     """Examples shown per list (top-k lists, random samples, band samples): a whole number, 1 or more.
@@ -221,19 +232,17 @@ class GluscopePlugin(BasePlugin[GluscopeConfig]):
             return config
         path = Path(self.config.activations)  # validated at load: an existing file, absolute
         self.close()
-        try:
+        with file_errors():
             activations = ActivationsFile(path)
-        except FormatError as e:
-            raise PluginError(f"gluscope: activations: {e}") from None
         with activations:
             try:
                 activation(str(activations.attrs.get("act_fn", "silu")))
                 keys = parse_neuron_ids(self.config.neurons, activations.layers, activations.d_mlp,
                                         activations.experts_index())
             except NeuronSpecError as e:
-                raise PluginError(f"gluscope: neurons: {e}") from None
+                raise PluginError(f"gluscope: neurons: {printable(e)}") from None
             except UnknownActivation as e:
-                raise PluginError(f"gluscope: activations file {path}: {e}") from None
+                raise PluginError(f"gluscope: activations file {path}: {printable(e)}") from None
         layout = self.config.layout
         self.light = layout == "light" or (layout == "auto" and len(keys) > AUTO_LIGHT)
         self.path = path
@@ -249,8 +258,9 @@ class GluscopePlugin(BasePlugin[GluscopeConfig]):
                 config.theme.dirs.append(template_dir())  # gluscope/neuron.html, under any custom_dir
             config.extra_javascript.insert(0, f"{self.prefix}/site.js")  # before the modules that read it
         else:
-            self.site = SitePages(ActivationsFile(path), [self._id(k) for k in keys], url_prefix=self.config.url_prefix,
-                                  examples=self.config.examples, color_hook=self.config.color_hook)
+            with file_errors():
+                self.site = SitePages(ActivationsFile(path), [self._id(k) for k in keys], url_prefix=self.config.url_prefix,
+                                      examples=self.config.examples, color_hook=self.config.color_hook)
         for name in PAGE_ASSETS:
             target = config.extra_css if name.endswith(".css") else config.extra_javascript
             if f"{ASSET_DIR}/{name}" not in [str(x) for x in target]:
@@ -271,6 +281,10 @@ class GluscopePlugin(BasePlugin[GluscopeConfig]):
     def on_files(self, files: Files, *, config: MkDocsConfig) -> Files | None:
         if not self.config.enabled:
             return files
+        with file_errors():
+            return self._add_files(files, config)
+
+    def _add_files(self, files: Files, config: MkDocsConfig) -> Files:
         self._pages = {}
         self._files = files
         for name in ASSETS:
@@ -413,7 +427,8 @@ class GluscopePlugin(BasePlugin[GluscopeConfig]):
         if key is None or self.site is None:
             return output
         site_root = "../" * page.url.count("/")
-        return self.site.fill_page(output, *key, site_root=site_root)
+        with file_errors():
+            return self.site.fill_page(output, *key, site_root=site_root)
 
     def on_post_build(self, *, config: MkDocsConfig) -> None:
         if not self.config.enabled or not self.light or self._data is None:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from mkdocs_gluscope.words import js_constants
+from mkdocs_gluscope.pages import asset_text
 
 NODE = shutil.which("node")
 needs_node = pytest.mark.skipif(NODE is None, reason="node is not installed")
@@ -33,11 +32,8 @@ def run_js(folder: Path, calls: list[tuple[str, list[Any]]], module: str = "rule
     """``[module.NAME(*ARGS) for NAME, ARGS in calls]`` computed by node (JSON in, JSON out; the strings
     "Infinity", "-Infinity" and "NaN" stand for those numbers: :func:`js_numbers` writes them)."""
     folder.mkdir(parents=True, exist_ok=True)
-    assets = resources.files("mkdocs_gluscope").joinpath("assets")
-    for name in ("rules.js", "figures.js"):
-        if assets.joinpath(name).is_file():
-            (folder / name).write_text(assets.joinpath(name).read_text(encoding="utf-8"), encoding="utf-8")
-    (folder / "words-data.js").write_text(js_constants(), encoding="utf-8")
+    for name in ("rules.js", "figures.js", "words-data.js"):  # as the site serves them
+        (folder / name).write_text(asset_text(name), encoding="utf-8")
     (folder / "run.mjs").write_text(RUNNER.replace("MODULE", module), encoding="utf-8")
     result = subprocess.run([NODE, "run.mjs"], cwd=folder, input=json.dumps(calls), capture_output=True,
                             text=True, encoding="utf-8", timeout=120)

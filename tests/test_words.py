@@ -100,7 +100,8 @@ def test_the_js_rules_agree_with_python_on_1000_strings(tmp_path):
 
 @needs_node
 def test_the_js_text_and_number_formats_agree_with_python(tmp_path):
-    texts = samples(300, seed=3) + ["<script>", "{{ 7*7 }}", "\x00\x7f\x85", "   ", "\n\t\r"]
+    texts = samples(300, seed=3) + ["<script>", "{{ 7*7 }}", "\x00\x7f\x85", "   ", "\n\t\r",
+                                     "abc\u202edef", "\u2067א\u2069b\u200f", "\ue000 7 \ue000", "\u061c\u200e"]
     rng = random.Random(1)
     numbers = ([0.0, -0.0, 1.0625, 1.0635, 10.625, 0.03125, 12345.5, 9999.5, 0.00012345, 1e-5, 1e20, -3.14159,
                 99995.0, 0.5, 2.5, 1234.5, 123.45, 1.5e-7, 6.103515625e-05]

@@ -8,7 +8,7 @@
    function and chooses no scale: it applies render.color_levels' rule to those values. The rules it
    shares with Python (words, shard keys, number formats, labels) are in rules.js, tested against
    them. Untrusted text is set with textContent, or escaped by rules.mdText as in Python. */
-import { CASES, HOOKS, compare, fmt, queryTerms, shardOf, wordKey } from "./rules.js";
+import { CASES, HOOKS, compare, fmt, queryTerms, shardOf, tokenLabel, visible, wordKey } from "./rules.js";
 
 // -- fetching, cached per URL ------------------------------------------------------------------------
 const cache = new Map();
@@ -115,7 +115,7 @@ function toggleDocument(button) {
     box.appendChild(head);
     entry.tokens.forEach((t, p) => {
       const s = document.createElement("span");
-      s.textContent = t.replace(/\n/g, "↵\n").replace(/\t/g, "⇥");
+      s.textContent = t.split("\n").map(visible).join("↵\n");  // the document keeps its line breaks
       if (p === pos) s.className = "gs-x";
       box.appendChild(s);
     });
@@ -252,11 +252,11 @@ async function searchWords(query) {
   for (const f of ranked) {
     if (seen.has(f.site.prefix + f.id) || items.length >= 12) continue;
     seen.add(f.site.prefix + f.id);
-    items.push([neuronUrl(f.site, f.id), "Neuron " + f.id, CASES[f.c] + " · “" + f.word + "” is " + Math.round(100 * f.share) +
+    items.push([neuronUrl(f.site, f.id), "Neuron " + f.id, CASES[f.c] + " · “" + tokenLabel(f.word) + "” is " + Math.round(100 * f.share) +
       "% of its strongest activations" + (terms.length > 1 ? " (" + f.best.filter(x => x).length + " of " + terms.length +
       " terms)" : "") + " · peak " + fmt(f.peak)]);
   }
-  return { heading: "Neurons whose strongest activations are on “" + terms.join(" ") + "”", items };
+  return { heading: "Neurons whose strongest activations are on “" + terms.map(tokenLabel).join(" ") + "”", items };
 }
 
 export function searchNeurons(query) {

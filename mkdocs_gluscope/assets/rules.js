@@ -1,7 +1,7 @@
 // GLUScope's rules that the browser applies, each the mirror of one Python function (named on it).
 // Pure functions of plain data that return strings: tests/test_rules_js.py runs them under node
 // against the Python functions on the same inputs. No DOM here, no fetching.
-import { CONTEXT, TRIM, UNSPACED, WORD_LIMIT } from "./words-data.js";
+import { CONTEXT, TRIM, UNSPACED, VISIBLE, WORD_LIMIT } from "./words-data.js";
 
 export const CASES = ["gate+_in+", "gate+_in-", "gate-_in+", "gate-_in-"];
 export const HOOKS = ["hook_post", "hook_pre_linear", "hook_pre", "swish"];
@@ -134,16 +134,16 @@ export function mdText(text) {
   return out;
 }
 
-const WHITESPACE = { "\n": "↵", "\t": "⇥", "\r": "␍" };
-// render.token_label: whitespace as symbols, control characters escaped, a token of spaces as dots.
-export function tokenLabel(token) {
+// render.VISIBLE (one table, written into words-data.js by pages.asset_text): how a character a reader
+// could not see, or that would reorder the tokens around it (a bidirectional control), shows.
+export function visible(text) {
   let out = "";
-  for (const ch of token) {
-    const c = ch.codePointAt(0);
-    if (WHITESPACE[ch]) out += WHITESPACE[ch];
-    else if (c < 32 || (c >= 0x7f && c < 0xa0)) out += "\\x" + c.toString(16).padStart(2, "0");
-    else out += ch;
-  }
+  for (const ch of text) out += Object.prototype.hasOwnProperty.call(VISIBLE, ch) ? VISIBLE[ch] : ch;
+  return out;
+}
+// render.token_label: visible characters, a token of spaces as dots.
+export function tokenLabel(token) {
+  const out = visible(token);
   return out && !out.replace(/ /g, "") ? out.replace(/ /g, "·") : out;
 }
 

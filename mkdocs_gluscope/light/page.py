@@ -111,7 +111,8 @@ def neuron_content(key: Key, row: Sequence, place: Place, *, links: dict[str, st
     gist = []
     for c, case in enumerate(CASES):
         word = row[5 + c]
-        shown = f" {md_text(''.join(word)).strip()}" if word and "".join(word).strip() else ""
+        # a <bdi>: the word's bidirectional text cannot reorder the facts around it (as render.top_words_html)
+        shown = f" <bdi>{md_text(''.join(word).strip())}</bdi>" if word and "".join(word).strip() else ""
         gist.append(f'<span class="gs-case{c}">{html.escape(case)}</span> {row[1 + c]:.3g}%{shown}')
     share = " of its expert's tokens" if len(key) == 3 else ""
     return (f'<h1 id="neuron">Neuron {nid}</h1><p class="gs-nav">{" · ".join(nav)}</p>'

@@ -417,7 +417,9 @@ class ActivationsFile:
     be read (a damaged file) is a :class:`FormatError` naming the dataset and the neuron.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, checked: schema.Checked | None = None) -> None:
+        """``checked``: what opening this same file found before (:attr:`checked` of an open one, e.g.
+        in the process that forked this one); the file is not checked again."""
         self.path = Path(path)
         #: How errors name the file.
         self.where = repr(str(self.path))
@@ -427,11 +429,14 @@ class ActivationsFile:
             self.file = h5py.File(self.path, "r")
         except OSError as e:
             raise FormatError(f"{self.where} is not an HDF5 file, or a damaged one ({e})") from None
-        try:
-            checked = schema.check_file(self.file, self.where)
-        except BaseException:
-            self.file.close()
-            raise
+        if checked is None:
+            try:
+                checked = schema.check_file(self.file, self.where)
+            except BaseException:
+                self.file.close()
+                raise
+        #: What the check on opening found (the attributes, the corpus arrays).
+        self.checked = checked
         self.attrs: dict[str, Any] = checked.attrs
         self._offsets: np.ndarray = checked.doc_offsets
         self._tokens: np.ndarray = checked.tokens

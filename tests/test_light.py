@@ -407,3 +407,21 @@ def test_window_codes_are_scaled_by_counted_positions_only(tmp_path):
     # gate is 1 on its ordinary tokens (its values at BOS and the sink are 5000 and 2; NaN outside)
     ordinary = staged[np.isfinite(staged) & (staged < 1.9)]
     assert ordinary.size > 30 and np.allclose(ordinary, 1.0, rtol=0.062), staged
+
+
+def test_the_data_stage_checks_the_file_once(tmp_path, monkeypatch):
+    """Opening a file checks all of it (a 7B model's: its whole corpus, seconds): the data stage's tasks
+    reuse the first check (a forked worker, the parent's) rather than checking again for each task."""
+    from mkdocs_gluscope import schema
+    from mkdocs_gluscope.light import build as lbuild
+
+    path = write_synthetic(tmp_path / "act.h5", layers=2, d_mlp=40, k=3, seed=2)
+    checked: list[str] = []
+    check = schema.check_file
+    monkeypatch.setattr(schema, "check_file", lambda f, where: checked.append(where) or check(f, where))
+    monkeypatch.setattr(lbuild, "TASK_NEURONS", 16)
+    monkeypatch.setattr(lbuild, "_SHARED", {})
+    groups = lbuild.groups_of([(layer, n) for layer in range(2) for n in range(40)])
+    totals = lbuild.build_data(lbuild.DataOptions(str(path), None, 1), groups, tmp_path / "out")
+    assert totals["neurons"] == 80 and len(list((tmp_path / "out/data/neurons").rglob("*.parquet"))) == 6
+    assert len(checked) == 1, checked

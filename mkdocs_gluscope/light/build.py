@@ -107,17 +107,24 @@ class Task:
 
 
 #: What every worker reads of the file and derives from it, loaded by the parent before it forks (the
-#: children share these pages of memory): activations path -> (tokens, doc offsets, vocab, WordFinder).
+#: children share these pages of memory): the file's identity -> (what its check found, vocab, WordFinder).
 _SHARED: dict[str, tuple] = {}
 
 
-def _shared(f: ActivationsFile) -> lsearch.WordFinder:
-    """``f`` with the corpus and vocabulary of :data:`_SHARED` (loaded now if the parent did not)."""
-    key = str(f.path)
-    if key not in _SHARED:
-        _SHARED[key] = (f.tokens, f.doc_offsets, f.vocab, lsearch.WordFinder(f.vocab))
-    f._tokens, f._offsets, f._vocab, words = _SHARED[key]
-    return words
+def _open(path: str) -> tuple[ActivationsFile, lsearch.WordFinder]:
+    """The activations file, opened once per process and checked once per build: a worker forked after
+    the parent's :func:`_open` reuses the parent's check and corpus (checking a 7B model's file reads
+    its whole corpus, seconds per task otherwise)."""
+    key = json.dumps(file_identity(path))  # a file rewritten under `mkdocs serve` is checked again
+    if key in _SHARED:
+        checked, vocab, words = _SHARED[key]
+        f = ActivationsFile(path, checked=checked)
+        f._vocab = vocab
+        return f, words
+    f = ActivationsFile(path)
+    _SHARED.clear()  # one file's at a time
+    _SHARED[key] = (f.checked, f.vocab, lsearch.WordFinder(f.vocab))
+    return f, _SHARED[key][2]
 
 
 def _data_task(task: Task) -> dict[str, Any]:
@@ -128,8 +135,8 @@ def _data_task(task: Task) -> dict[str, Any]:
     rows: list[list] = []
     posting_list: list = []
     written = tail = 0
-    with ActivationsFile(task.activations) as f:
-        words = _shared(f)
+    f, words = _open(task.activations)
+    with f:
         docs = np.zeros(f.n_docs, dtype=bool)
         first, last = int(task.neurons[0]), int(task.neurons[-1])
         # One read per dataset for the task's neurons, unless they are too few of the range they span.
@@ -170,8 +177,8 @@ def _data_task(task: Task) -> dict[str, Any]:
 def _corpus_task(args: tuple[str, str, list[int]]) -> tuple[int, int]:
     activations, out, parts = args
     written = tail = 0
-    with ActivationsFile(activations) as f:
-        _shared(f)
+    f, _ = _open(activations)
+    with f:
         vocab = f.vocab
         for p in parts:
             docs = range(p * ldata.DOCS_PER_FILE, min((p + 1) * ldata.DOCS_PER_FILE, f.n_docs))
@@ -234,8 +241,8 @@ def build_data(options: DataOptions, groups: dict[Group, np.ndarray], out: Path,
     data folder). Returns totals."""
     tmp = out / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
-    with ActivationsFile(options.activations) as f:
-        _shared(f)  # before the workers fork: they share it
+    f, _ = _open(options.activations)  # before the workers fork: they share what it read
+    with f:
         n_docs = f.n_docs
         scales = {g: tuple(float(x) for x in layer_case_scales(f, g[0], g[1])) for g in groups}
         first = next(iter(groups.items()), None)

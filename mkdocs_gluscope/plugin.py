@@ -347,7 +347,7 @@ class GluscopePlugin(BasePlugin[GluscopeConfig]):
         if not made:
             log.info(f"gluscope: reusing {self._data} (the activations file and the options are unchanged)")
         tables = self._data / "site" / "layers"
-        with ActivationsFile(self.path) as f:
+        with lbuild.open_shared(str(self.path))[0] as f:  # checked once per build
             counts = {g[0]: len(n) for g, n in groups.items() if g[1] is None}
             in_experts: dict[int, int] = {}
             for g, n in groups.items():
@@ -374,7 +374,7 @@ class GluscopePlugin(BasePlugin[GluscopeConfig]):
         data = self.config.data_url or "data/"
         if not re.match(r"^https?://", data) and self.config.data_url:
             data = "../" * (self.prefix.count("/") + 1) + data  # relative to the site root: make it relative to ours
-        with ActivationsFile(self.path) as f:
+        with lbuild.open_shared(str(self.path))[0] as f:
             full = {g: (f.d_mlp if g[1] is None else f.expert_neurons(g[1])) for g in groups}
         tails = _read_json(self._data / "site" / "site.json")["tails"]  # what a page fetches first of a data file
         files.append(File.generated(config, f"{self.prefix}/site.js", content=lpage.site_script({

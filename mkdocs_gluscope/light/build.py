@@ -111,9 +111,9 @@ class Task:
 _SHARED: dict[str, tuple] = {}
 
 
-def _open(path: str) -> tuple[ActivationsFile, lsearch.WordFinder]:
+def open_shared(path: str) -> tuple[ActivationsFile, lsearch.WordFinder]:
     """The activations file, opened once per process and checked once per build: a worker forked after
-    the parent's :func:`_open` reuses the parent's check and corpus (checking a 7B model's file reads
+    the parent's :func:`open_shared` reuses the parent's check and corpus (checking a 7B model's file reads
     its whole corpus, seconds per task otherwise)."""
     key = json.dumps(file_identity(path))  # a file rewritten under `mkdocs serve` is checked again
     if key in _SHARED:
@@ -135,7 +135,7 @@ def _data_task(task: Task) -> dict[str, Any]:
     rows: list[list] = []
     posting_list: list = []
     written = tail = 0
-    f, words = _open(task.activations)
+    f, words = open_shared(task.activations)
     with f:
         docs = np.zeros(f.n_docs, dtype=bool)
         first, last = int(task.neurons[0]), int(task.neurons[-1])
@@ -177,7 +177,7 @@ def _data_task(task: Task) -> dict[str, Any]:
 def _corpus_task(args: tuple[str, str, list[int]]) -> tuple[int, int]:
     activations, out, parts = args
     written = tail = 0
-    f, _ = _open(activations)
+    f, _ = open_shared(activations)
     with f:
         vocab = f.vocab
         for p in parts:
@@ -241,7 +241,7 @@ def build_data(options: DataOptions, groups: dict[Group, np.ndarray], out: Path,
     data folder). Returns totals."""
     tmp = out / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
-    f, _ = _open(options.activations)  # before the workers fork: they share what it read
+    f, _ = open_shared(options.activations)  # before the workers fork: they share what it read
     with f:
         n_docs = f.n_docs
         scales = {g: tuple(float(x) for x in layer_case_scales(f, g[0], g[1])) for g in groups}

@@ -10,7 +10,10 @@ Chromium: the time until the summary, the histograms and the first examples show
 fetched (all, and those of the neuron: its page, data and documents, without the site's shared
 scripts, styles and the theme's page, which a reader's browser holds after the first page).
 
-    python bench/site_scale.py --shape olmo-7b [--layers 32] [--keep DIR] [--file FILE] [--pages 5]
+    python bench/site_scale.py --shape olmo-7b [--layers 32] [--keep DIR] [--file FILE] [--pages 5] [--neurons 5.*]
+
+``--neurons`` builds part of the model (e.g. one layer: the pages' figures do not depend on how many
+there are; sizes and times per neuron scale).
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ def sizes(site: Path, prefix: str = "neurons") -> dict[str, int]:
     return kinds
 
 
-def open_pages(site: Path, urls: list[str]) -> list[dict]:
+def open_pages(site: Path, urls: list[str], warm_url: str) -> list[dict]:
     """Each page in a fresh Chromium profile: seconds until it shows its summary, histograms and first
     examples, and bytes fetched (all; the neuron's own)."""
     from playwright.sync_api import sync_playwright
@@ -106,7 +109,7 @@ def open_pages(site: Path, urls: list[str]) -> list[dict]:
                 context = browser.new_context(viewport={"width": 1400, "height": 1000})
                 page = context.new_page()
                 if warm:  # the site's shared files in the browser's cache: another neuron's page first
-                    page.goto(base + "neurons/L0/N1/")
+                    page.goto(base + warm_url)
                     page.wait_for_selector(".gs-light[data-ready='2'] details.gs-list[open] .gs-ex", timeout=60000)
                 log.clear()
                 start = time.perf_counter()
@@ -133,6 +136,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=None, help="processes writing the data (default: all CPUs)")
     p.add_argument("--pages", type=int, default=5, help="neuron pages to open in Chromium")
     p.add_argument("--config", type=Path, default=ROOT / "mkdocs.yml", help="the site whose theme to use")
+    p.add_argument("--neurons", nargs="*", default=None, help="neuron specs to build (default: all)")
     p.add_argument("--search", nargs="*", default=[], help="words whose first results to print (the word index)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -163,7 +167,7 @@ def main() -> None:
     shutil.copytree(ROOT / "site_src", root / "site_src", dirs_exist_ok=True)
     for plugin in config["plugins"]:
         if isinstance(plugin, dict) and "gluscope" in plugin:
-            plugin["gluscope"] = {"activations": str(activations), "neurons": "all", "layout": "light"}
+            plugin["gluscope"] = {"activations": str(activations), "neurons": args.neurons or "all", "layout": "light"}
             if args.workers:
                 plugin["gluscope"]["workers"] = args.workers
     config["site_dir"] = str(root / "site")
@@ -171,10 +175,14 @@ def main() -> None:
                                      if not (isinstance(e, dict) and "pymdownx.snippets" in e)] + [
         {"pymdownx.snippets": {"base_path": [str(root / "site_src")], "check_paths": True}}]
     (root / "mkdocs.yml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    from mkdocs_gluscope.neurons import parse_neuron_ids
     from mkdocs_gluscope.store import ActivationsFile
 
     with ActivationsFile(activations) as f:
-        n_neurons, layers, d_mlp = len(f.layers) * f.d_mlp, f.layers, f.d_mlp
+        layers, d_mlp = f.layers, f.d_mlp
+        keys = parse_neuron_ids(args.neurons or "all", f.layers, f.d_mlp, f.experts_index())
+    n_neurons = len(keys)
+    built = sorted({k[0] for k in keys if len(k) == 2})  # the dense layers built
     sampler = MemorySampler()
     sampler.start()
     load = os.getloadavg()
@@ -195,7 +203,7 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
     print(f"\nmachine: {model}, {cores} cores; load average {load[0]:.1f} before the build, "
           f"{os.getloadavg()[0]:.1f} after")
-    print(f"activations file: {activations.name}, {activations.stat().st_size / 1e9:.2f} GB, {n_neurons:,} neurons"
+    print(f"activations file: {activations.name}, {activations.stat().st_size / 1e9:.2f} GB; built {n_neurons:,} neurons"
           + (f" (written in {made:.0f} s)" if made else ""))
     print(f"build: {total:.0f} s ({1000 * total / n_neurons:.2f} ms a neuron), {cpu:.0f} CPU seconds ({cpu / cores:.0f} s "
           f"on {cores} cores to themselves), peak memory {sampler.peak / 1e9:.2f} GB (Pss of the build and its workers)")
@@ -220,9 +228,10 @@ def main() -> None:
             print(f"search {word!r}: " + ", ".join(f"{p[0]} (case {p[1]}, score {p[2]}, share {p[3]}, peak {p[4]})"
                                                   for p in found[:5]))
     if args.pages:
-        step = max(1, len(layers) // args.pages)
-        urls = [f"neurons/L{layer}/N{(7919 * (i + 1)) % d_mlp}/" for i, layer in enumerate(layers[::step][:args.pages])]
-        loads = open_pages(site, urls)
+        step = max(1, len(built) // args.pages)
+        chosen = (built[::step] * args.pages)[:args.pages]
+        urls = [f"neurons/L{layer}/N{(7919 * (i + 1)) % d_mlp}/" for i, layer in enumerate(chosen)]
+        loads = open_pages(site, urls, f"neurons/L{built[0]}/N1/")
         for warm in (False, True):
             runs = [r for r in loads if r["warm"] == warm]
             print(f"neuron pages in Chromium, {'after another neuron page (shared files cached)' if warm else 'cold'}: "

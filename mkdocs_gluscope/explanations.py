@@ -283,22 +283,6 @@ def block_explanations(f: ActivationsFile, layer: int, start: int, stop: int,
              for c in range(len(CASES))] for i in range(stop - start)]
 
 
-def table_labels(f: ActivationsFile, layer: int, start: int, stop: int,
-                 expert: int | str | None = None) -> list[list[list | None]] | None:
-    """What a table row shows of neurons ``start .. stop-1`` of a layer (or an expert): per neuron, per
-    case, ``[label, score]`` (the score to 2 digits, None where not scored) or None where the case has no
-    label; None where the group has no explanations. Two reads, whatever the range (the light layout's
-    layer tables and search take it for every neuron)."""
-    found = _group_of(f, layer, start, expert)
-    if found is None:
-        return None
-    g, prefix, row = found
-    labels = g["label"].asstr()[row, start:stop]
-    scores = f.read(f"{prefix}{GROUP}/score", (row, slice(start, stop)), f"layer {layer}")
-    return [[[str(label), round(float(score), 2) if np.isfinite(score) else None] if label else None
-             for label, score in zip(labels[i], scores[i])] for i in range(len(labels))]
-
-
 def read_arrays(f: ActivationsFile, group: str, row: int) -> dict[str, np.ndarray] | None:
     """Every dataset of one row of ``group``'s explanations (``""`` the dense layers), ``[N, 4, ...]``;
     None where there are none."""

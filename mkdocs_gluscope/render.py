@@ -253,21 +253,26 @@ def word_html(word: tuple[str, str, str]) -> str:
 _QUOTED = re.compile(r"`([^`]*)`")
 
 
+def label_parts(label: str) -> list[str]:
+    """An explanation's label cut at its backtick quotes: plain text at even indices, the quoted
+    tokens at odd ones (what ``gluscope.js`` shows in a light site's tables, as text)."""
+    return _QUOTED.split(label)
+
+
 def label_html(label: str) -> str:
     """An explanation's label as HTML: the tokens it quotes in backticks as ``<code>``, everything
     through :func:`md_text` (labels hold corpus strings)."""
-    parts, last = [], 0
-    for match in _QUOTED.finditer(label):
-        parts.append(md_text(label[last:match.start()]))
-        parts.append(f"<code>{md_text(match.group(1))}</code>")
-        last = match.end()
-    parts.append(md_text(label[last:]))
-    return "".join(parts)
+    return parts_html(label_parts(label))
 
 
-def score_text(expl) -> str:
-    """``score 0.62``, or ``not scored``."""
-    return f"score {expl.score:.2f}" if expl.scored else "not scored"
+def parts_html(parts: Sequence[str]) -> str:
+    """:func:`label_parts` as HTML (see :func:`label_html`)."""
+    return "".join(f"<code>{md_text(part)}</code>" if i % 2 else md_text(part) for i, part in enumerate(parts))
+
+
+def score_text(score: float | None) -> str:
+    """``score 0.62``, or ``not scored`` (NaN or None)."""
+    return "not scored" if score is None or not math.isfinite(score) else f"score {score:.2f}"
 
 
 def explanation_html(expl) -> str:
@@ -275,7 +280,7 @@ def explanation_html(expl) -> str:
     if not expl.label:
         return ""
     return (f'<span class="gs-label" title="{md_text(expl.method)}">{label_html(expl.label)}</span>'
-            f' <span class="gs-score">{score_text(expl)}</span>')
+            f' <span class="gs-score">{score_text(expl.score)}</span>')
 
 
 def explanations_section(data: NeuronData) -> list[str]:

@@ -451,6 +451,39 @@ def test_labels_show_on_full_pages_and_search_finds_them(explained_site, browser
     assert not errors, errors
 
 
+def test_light_layout_shows_labels_and_finds_neurons_by_a_label_word(tmp_path, browser, output_dir):
+    """The light layout with explanations: a neuron page says each case's label and score, the layer
+    table has a label column its word filter searches, and the search box finds a neuron by a word of
+    its label."""
+    from test_light import demo_like, label_one
+
+    label_one(demo_like(tmp_path / "data" / "act.h5"), 1, 2, 3, "` marmalade` after ` once`", 0.87)
+    site = build_site(tmp_path, {"activations": "data/act.h5", "neurons": "all", "layout": "light"})
+    errors: list[str] = []
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    with serve_folder(site) as base:
+        page.goto(base + "neurons/L1/N2/")
+        wait_ready(page)
+        labels = page.locator(".gs-labels")
+        assert "gate-_in-  marmalade after  once score 0.87" in " ".join(labels.inner_text().split(" ")) or (
+            "marmalade" in labels.inner_text() and "score 0.87" in labels.inner_text()), labels.inner_text()
+        assert labels.locator("code").first.is_visible()
+        page.screenshot(path=str(output_dir / "light-labels.png"))
+        page.goto(base + "neurons/L1/")
+        page.wait_for_selector('.gs-layer[data-ready="2"]')
+        row = page.locator(".gs-layer-table tbody tr", has_text="1.2")
+        assert "marmalade" in row.locator("td.gs-labels").inner_text()
+        page.locator(".gs-filter-word").fill("marmalade")  # a word of a label, in no example
+        assert page.locator(".gs-layer-table tbody td:first-child").all_inner_texts() == ["1.2"]
+        page.screenshot(path=str(output_dir / "light-layer-labels.png"), full_page=True)
+        page.locator("label.md-search__icon, .md-search__input").first.click()
+        found = search(page, "marmalade")
+        assert found[0].startswith("Neuron 1.2") and "gate-_in-" in found[0] and "label says" in found[0], found
+        page.screenshot(path=str(output_dir / "light-search-label.png"))
+    assert not errors, errors
+
+
 def test_mkdocs_serve_after_an_edit_rewrites_no_neuron_page(tmp_path, browser):
     """A real `mkdocs serve`: edit one line of docs/index.md, and the rebuild links the cached neuron
     pages again (symbolic links into the cache) rather than writing them; the pages still work."""

@@ -13,7 +13,7 @@ import pytest
 
 from mkdocs_gluscope.cli import main
 from mkdocs_gluscope.explanations import (KINDS, Simulator, empty_arrays, neuron_explanations, position_kinds,
-                                          read_arrays, table_labels, token_classes, write_explanations)
+                                          read_arrays, token_classes, write_explanations)
 from mkdocs_gluscope.explain_run import explain_file
 from mkdocs_gluscope.store import CASES, ActivationsFile
 from synthetic import write_synthetic
@@ -440,19 +440,6 @@ def test_pages_show_labels_and_scores(tmp_path):
     assert block.index("quokka") < block.index("</summary>") and "score 0.93" in block[:block.index("</summary>")]
     layer_page = (tmp_path / "pages/neurons/L1/index.md").read_text(encoding="utf-8")
     assert "label of each case (score)" in layer_page and "<code>quokka</code>" in layer_page
-
-
-def test_table_labels_give_each_case_its_label_and_score(tmp_path):
-    """What the light layout's layer tables and search take: [label, score] per case, None without one."""
-    path = _scored(tmp_path)
-    with ActivationsFile(path) as f:
-        rows = table_labels(f, 1, 0, 10)
-        labels = f.file["explanations/label"].asstr()[f.row(1)]
-    assert len(rows) == 10 and rows[2][3] == ["`<b>` after `quokka`", 0.93]
-    assert all((case is None) == (labels[n, c] == "") for n, row in enumerate(rows) for c, case in enumerate(row))
-    bare = write_synthetic(tmp_path / "bare.h5", layers=1, d_mlp=4, k=4, before=3, after=1)
-    with ActivationsFile(bare) as f:
-        assert table_labels(f, 0, 0, 4) is None
 
 
 def test_info_counts_explanations_and_merge_refuses_them(tmp_path, capsys):

@@ -472,10 +472,10 @@ def test_light_layout_shows_labels_and_finds_neurons_by_a_label_word(tmp_path, b
         page.screenshot(path=str(output_dir / "light-labels.png"))
         page.goto(base + "neurons/L1/")
         page.wait_for_selector('.gs-layer[data-ready="2"]')
-        row = page.locator(".gs-layer-table tbody tr", has_text="1.2")
-        assert "marmalade" in row.locator("td.gs-labels").inner_text()
+        row = page.locator(".gs-layer-table tbody tr", has_text="1.2")  # the neuron's row, and its labels' below
+        assert "marmalade" in row.locator("xpath=following-sibling::tr[1]").locator("td.gs-labels").inner_text()
         page.locator(".gs-filter-word").fill("marmalade")  # a word of a label, in no example
-        assert page.locator(".gs-layer-table tbody td:first-child").all_inner_texts() == ["1.2"]
+        assert page.locator(".gs-layer-table tbody tr:not(.gs-label-row) td:first-child").all_inner_texts() == ["1.2"]
         page.screenshot(path=str(output_dir / "light-layer-labels.png"), full_page=True)
         page.locator("label.md-search__icon, .md-search__input").first.click()
         found = search(page, "marmalade")

@@ -453,7 +453,8 @@ def test_explanations_show_in_light_tables_pages_and_search(tmp_path):
     stub = read(site, "neurons/L1/N2/index.html")
     assert "<code> marmalade</code> after <code> once</code>" in stub and "score 0.87" in stub
     layer_page = read(site, "neurons/L1/index.html")
-    assert "label of each case (score)" in layer_page and "<code> marmalade</code>" in layer_page
+    assert "the label of each case (score)" in layer_page and '<tr class="gs-label-row">' in layer_page
+    assert "<code> marmalade</code>" in layer_page
     first = terms_of(site, "marmalade")[0]
     assert first == ["1.2", 3, 0.87, -1, 0] and terms_of(site, "once")[0][:2] == ["1.2", 3]
     # A file without explanations keeps the rows it had (no label columns).

@@ -375,8 +375,8 @@ function initTable(box) {
      labelled(hasLabels ? "top word or label word" : "top word", word)].forEach(x => controls.appendChild(x));
     const wrap = element("div", "md-typeset__scrollwrap"), tableEl = element("table", "gs-table gs-index gs-layer-table");
     const head = element("tr"), body = element("tbody"), thead = element("thead");
-    ["neuron"].concat(CASES.map(c => c + " %")).concat(["top word of each case (peak token marked)"])
-      .concat(hasLabels ? ["label of each case (score)"] : []).forEach((name, col) => {
+    ["neuron"].concat(CASES.map(c => c + " %")).concat(["top word of each case (peak token marked)" +
+      (hasLabels ? "; below, the label of each case (score)" : "")]).forEach((name, col) => {
       const th = element("th", col >= 1 && col <= 4 ? "gs-case gs-case" + (col - 1) : "", name);
       if (col <= 4) {
         th.classList.add("gs-sort");
@@ -416,9 +416,11 @@ function initTable(box) {
           else code.textContent = "–";
           tops.appendChild(code);
         }
-        tr.appendChild(tops);
-        if (hasLabels) tr.appendChild(labelCell(r.slice(9, 13)));
-        body.appendChild(tr);
+        tr.appendChild(tops); body.appendChild(tr);
+        if (hasLabels && r.slice(9, 13).some(l => l)) {  // the labels on a line of their own, the table's width
+          const labels = element("tr", "gs-label-row"), cell = labelCell(r.slice(9, 13));
+          cell.colSpan = 6; labels.appendChild(cell); body.appendChild(labels);
+        }
       }
       head.querySelectorAll("th").forEach((th, n) => { if (n === col) th.dataset.dir = dir > 0 ? "asc" : "desc"; else delete th.dataset.dir; });
       status.textContent = kept.length ? "neurons " + (start + 1) + "–" + (start + part.length) + " of " + kept.length +

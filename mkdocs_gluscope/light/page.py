@@ -211,7 +211,7 @@ def _table(label: str, table: str, rows: Sequence[list], up: str, directory_urls
                                             for c, case in enumerate(CASES)) + "<th>top word of each case</th>"
         labelled = len(rows[0]) > 9  # the file has explanations: a column of each case's label and score
         if labelled:
-            head += "<th>label of each case (score)</th>"
+            head = head[:-len("</th>")] + "; below, the label of each case (score)</th>"
         body = []
         for row in rows[:PAGE_ROWS]:
             words = "".join(
@@ -219,8 +219,9 @@ def _table(label: str, table: str, rows: Sequence[list], up: str, directory_urls
                                                        + md_text(w[2]) if w else "–") + "</code>"
                 for c, w in enumerate(row[5:9]))
             body.append(f'<tr><td><a href="N{row[0]}{suffix}">{label}.{row[0]}</a></td>'
-                        + "".join(f"<td>{x:.3g}</td>" for x in row[1:5]) + f'<td class="gs-tops">{words}</td>'
-                        + (f'<td class="gs-labels">{label_line(row[9:13])}</td>' if labelled else "") + "</tr>")
+                        + "".join(f"<td>{x:.3g}</td>" for x in row[1:5]) + f'<td class="gs-tops">{words}</td></tr>')
+            if labelled and any(row[9:13]):  # the labels on a line of their own, the table's width
+                body.append(f'<tr class="gs-label-row"><td class="gs-labels" colspan="6">{label_line(row[9:13])}</td></tr>')
         lines += [f'<div class="gs-layer" data-src="{up}gluscope/layers/{table}.json" data-suffix="{suffix}" '
                   f'data-label="{html.escape(label)}">',
                   '<div class="md-typeset__scrollwrap" data-search-exclude><table class="gs-table gs-index">'

@@ -567,6 +567,12 @@ class ActivationsFile:
         title = self.read("corpus/doc_title", doc)
         return title.decode("utf-8") if isinstance(title, bytes) else title
 
+    def doc_titles(self, start: int, stop: int) -> list[str | None]:
+        """:meth:`doc_title` of the documents ``start .. stop - 1``, read at once."""
+        if "doc_title" not in self.file["corpus"]:
+            return [None] * (stop - start)
+        return [t.decode("utf-8") if isinstance(t, bytes) else t for t in self.read("corpus/doc_title", slice(start, stop))]
+
     # -- one neuron ---------------------------------------------------------------------------
     def experts_index(self) -> dict[int, dict[int | str, int]]:
         """layer -> {expert: neurons per expert}, as :func:`mkdocs_gluscope.neurons.parse_neuron_ids` takes it."""

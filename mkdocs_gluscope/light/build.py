@@ -180,12 +180,12 @@ def _corpus_task(args: tuple[str, str, list[int]]) -> tuple[int, int]:
     written = tail = 0
     f, _ = open_shared(activations)
     with f:
-        vocab = f.vocab
+        vocab = ldata.vocab_array(f.vocab)
         for p in parts:
-            docs = range(p * ldata.DOCS_PER_FILE, min((p + 1) * ldata.DOCS_PER_FILE, f.n_docs))
-            size, footer = ldata.write_corpus_file(
-                ((d, f.doc_title(d), [vocab[t] for t in f.document(d)]) for d in docs),
-                Path(out) / "data" / ldata.corpus_file(docs[0]))
+            start, stop = p * ldata.DOCS_PER_FILE, min((p + 1) * ldata.DOCS_PER_FILE, f.n_docs)
+            docs = range(start, stop)
+            size, footer = ldata.write_corpus_file(list(docs), f.doc_titles(start, stop), [f.document(d) for d in docs],
+                                                   vocab, Path(out) / "data" / ldata.corpus_file(start))
             written, tail = written + size, max(tail, footer)
     return written, tail
 

@@ -46,8 +46,23 @@ def page_url(prefix: str, key: Key, directory_urls: bool) -> str:
 def relative(from_url: str, to_url: str) -> str:
     """``to_url`` relative to the page at ``from_url`` (both relative to the site root)."""
     here = from_url if from_url.endswith("/") else posixpath.dirname(from_url) + "/"
-    rel = posixpath.relpath(to_url.rstrip("/") or ".", here.rstrip("/") or ".")
+    rel = _relpath(to_url.rstrip("/") or ".", here.rstrip("/") or ".")
     return rel + ("/" if to_url.endswith("/") and rel != "." else "") if rel != "." else "./"
+
+
+def _relpath(path: str, start: str) -> str:
+    """``posixpath.relpath`` of two relative paths, without its ``os.getcwd()`` per call (a tenth of
+    a whole-model site's pages stage); paths that climb above the root take ``relpath`` itself."""
+    a, b = posixpath.normpath(start), posixpath.normpath(path)
+    if a.startswith("..") or b.startswith("..") or a.startswith("/") or b.startswith("/"):
+        return posixpath.relpath(path, start)
+    start_parts = [x for x in a.split("/") if x and x != "."]
+    path_parts = [x for x in b.split("/") if x and x != "."]
+    i = 0
+    while i < min(len(start_parts), len(path_parts)) and start_parts[i] == path_parts[i]:
+        i += 1
+    parts = [".."] * (len(start_parts) - i) + path_parts[i:]
+    return "/".join(parts) if parts else "."
 
 
 def word_labels(word: tuple[str, str, str]) -> tuple[str, str, str]:

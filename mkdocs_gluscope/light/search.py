@@ -81,6 +81,32 @@ class WordFinder:
               and self.first_unspaced[ids[centre + 1]] else stop + 1)
         return lo, hi, ids[lo:hi].tobytes() + bytes([centre - lo])
 
+    def terms_of(self, ids: np.ndarray, centre: int, starts: np.ndarray, stops: np.ndarray,
+                 which: np.ndarray) -> list[list[str]]:
+        """:meth:`terms` of the windows ``ids[..., W]`` where ``which``, in order: the bounds of
+        :meth:`_key` computed for all of them at once and each key sliced from one byte string."""
+        W = ids.shape[-1]
+        lo = starts
+        if centre > 0:
+            lo = np.where((starts == centre) & self.last_unspaced[ids[..., centre - 1]],
+                          np.maximum(0, starts - CONTEXT), starts)
+        hi = stops + 1
+        if centre + 1 < W:
+            hi = np.where((stops == centre) & self.first_unspaced[ids[..., centre + 1]],
+                          np.minimum(W, stops + 1 + CONTEXT), hi)
+        flat = np.ascontiguousarray(ids).reshape(-1, W)
+        raw, size = flat.tobytes(), flat.itemsize
+        picked = np.flatnonzero(which.ravel())
+        out = []
+        cache = self._terms
+        for r, a, b in zip(picked.tolist(), lo.ravel()[picked].tolist(), hi.ravel()[picked].tolist()):
+            key = raw[(r * W + a) * size:(r * W + b) * size] + bytes([centre - a])
+            found = cache.get(key)
+            if found is None:
+                found = cache[key] = index_terms(self._tokens(flat[r, a:b]), centre - a)
+            out.append(found)
+        return out
+
     def _tokens(self, ids: np.ndarray) -> list[str | None]:
         return [self.vocab[t] if t >= 0 else None for t in ids]
 
@@ -115,11 +141,13 @@ def postings(data: NeuronData, words: WordFinder, ids: np.ndarray | None = None,
     weights[~np.isfinite(weights) | ~filled] = 0.0
     total = float(weights.sum())
     peaks = filled & (ids[:, :, centre] >= 0)
+    each = iter(words.terms_of(ids, centre, starts, stops, peaks))  # in (case, slot) order
+    listed = weights.tolist()
     for c in range(len(CASES)):
         found: dict[str, list[float]] = {}
         for j in np.flatnonzero(peaks[c]).tolist():
-            w = float(weights[c, j])
-            for term in words.terms(ids[c, j], centre, int(starts[c, j]), int(stops[c, j])):
+            w = listed[c][j]
+            for term in next(each):
                 entry = found.get(term)
                 if entry is None:
                     found[term] = [w, w]

@@ -14,6 +14,12 @@ scripts, styles and the theme's page, which a reader's browser holds after the f
 
 ``--neurons`` builds part of the model (e.g. one layer: the pages' figures do not depend on how many
 there are; sizes and times per neuron scale).
+
+``--baseline DIR`` compares the build's CPU time with another version of the code (a checkout of it,
+e.g. ``git archive main | tar -x -C DIR``): each of ``--rounds`` rounds builds the same site with that
+code and with this one, alternately, each in a fresh process with an empty cache, and prints each
+build's CPU seconds (the process and its workers), the median ratio, and whether the two sites' data
+files, word index and layer tables are the same bytes.
 """
 
 from __future__ import annotations
@@ -125,6 +131,78 @@ def open_pages(site: Path, urls: list[str], warm_url: str) -> list[dict]:
     return out
 
 
+def machine() -> str:
+    """The CPU as ``/proc/cpuinfo`` names it (model, family, model number, widest vector unit) and its cores."""
+    info: dict[str, str] = {}
+    for line in open("/proc/cpuinfo"):
+        if ":" in line:
+            key, value = (x.strip() for x in line.split(":", 1))
+            info.setdefault(key, value)
+    flags = info.get("flags", "").split()
+    vector = "AVX-512" if "avx512f" in flags else "AVX2 only" if "avx2" in flags else "no AVX2"
+    return (f"{info.get('model name', 'unknown CPU')} family {info.get('cpu family', '?')} model {info.get('model', '?')}"
+            f" ({vector}), {len(os.sched_getaffinity(0))} cores")
+
+
+BUILD = """
+import resource, sys, time
+sys.path.insert(0, sys.argv[3])
+from sites import build
+t = time.perf_counter()
+build(__import__("pathlib").Path(sys.argv[1]), strict=False)
+wall = time.perf_counter() - t
+cpu = sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)))
+print("BUILT", wall, cpu)
+"""
+
+
+def compare_builds(config: Path, baseline: Path, rounds: int, n_neurons: int) -> None:
+    """Build ``config`` with the code in ``baseline`` and with this code, alternately (see the module)."""
+    import filecmp
+    import subprocess
+
+    import yaml
+
+    runs: dict[str, list[tuple[float, float]]] = {"baseline": [], "this": []}
+    sites = {}
+    for r in range(rounds):
+        for name, code in (("baseline", baseline.resolve()), ("this", ROOT)) if r % 2 == 0 else (("this", ROOT), ("baseline", baseline.resolve())):
+            conf = yaml.safe_load(config.read_text(encoding="utf-8"))
+            conf["site_dir"] = str(config.parent / f"site-{name}")
+            shutil.rmtree(conf["site_dir"], ignore_errors=True)
+            shutil.rmtree(config.parent / ".cache", ignore_errors=True)
+            path = config.parent / f"mkdocs-{name}.yml"
+            path.write_text(yaml.safe_dump(conf), encoding="utf-8")
+            env = {**os.environ, "PYTHONPATH": str(code)}
+            load = os.getloadavg()[0]
+            done = subprocess.run([sys.executable, "-c", BUILD, str(path), str(code), str(code / "tests")], env=env,
+                                  capture_output=True, text=True, cwd=config.parent)
+            line = next((x for x in done.stdout.splitlines() if x.startswith("BUILT")), None)
+            if done.returncode or line is None:
+                sys.exit(f"the {name} build failed:\n{done.stderr[-3000:]}")
+            wall, cpu = map(float, line.split()[1:])
+            runs[name].append((wall, cpu))
+            sites[name] = Path(conf["site_dir"])
+            print(f"round {r + 1}, {name} code: {cpu:.1f} CPU s ({1000 * cpu / n_neurons:.2f} ms a neuron), "
+                  f"{wall:.0f} s wall, load average {load:.1f}", flush=True)
+    ratios = [t[1] / b[1] for t, b in zip(runs["this"], runs["baseline"])]
+    print(f"CPU of this code / baseline: median {statistics.median(ratios):.3f} over {rounds} round(s) "
+          f"({', '.join(f'{x:.3f}' for x in ratios)})")
+    same, differ = 0, []
+    for folder in ("neurons/data", "neurons/gluscope/search", "neurons/gluscope/layers"):
+        a, b = sites["baseline"] / folder, sites["this"] / folder
+        for p in sorted(a.rglob("*")):
+            if p.is_file():
+                if filecmp.cmp(p, b / p.relative_to(a), shallow=False):
+                    same += 1
+                else:
+                    differ.append(p.relative_to(sites["baseline"]).as_posix())
+        missing = {q.relative_to(b) for q in b.rglob("*")} - {q.relative_to(a) for q in a.rglob("*")}
+        differ += [f"{folder}/{m.as_posix()} (only in this build)" for m in sorted(missing)]
+    print(f"data files, word index and layer tables: {same} files the same bytes, {len(differ)} differ"
+          + (": " + ", ".join(differ[:10]) if differ else ""))
+
+
 def main() -> None:
     from shaped import SHAPES, write_shaped
 
@@ -138,6 +216,8 @@ def main() -> None:
     p.add_argument("--config", type=Path, default=ROOT / "mkdocs.yml", help="the site whose theme to use")
     p.add_argument("--neurons", nargs="*", default=None, help="neuron specs to build (default: all)")
     p.add_argument("--search", nargs="*", default=[], help="words whose first results to print (the word index)")
+    p.add_argument("--baseline", type=Path, default=None, help="compare the build's CPU with this code (see above)")
+    p.add_argument("--rounds", type=int, default=1, help="with --baseline: builds of each")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("mkdocs").setLevel(logging.WARNING)
@@ -183,6 +263,12 @@ def main() -> None:
         keys = parse_neuron_ids(args.neurons or "all", f.layers, f.d_mlp, f.experts_index())
     n_neurons = len(keys)
     built = sorted({k[0] for k in keys if len(k) == 2})  # the dense layers built
+    if args.baseline:
+        print(f"machine: {machine()}; {n_neurons:,} neurons of {activations.name}")
+        compare_builds(root / "mkdocs.yml", args.baseline, args.rounds, n_neurons)
+        if not args.keep:
+            shutil.rmtree(root)
+        return
     sampler = MemorySampler()
     sampler.start()
     load = os.getloadavg()
@@ -198,10 +284,8 @@ def main() -> None:
     sampler.stop.set()
     sampler.join()
     kinds = sizes(site)
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                 "unknown CPU")
     cores = len(os.sched_getaffinity(0))
-    print(f"\nmachine: {model}, {cores} cores; load average {load[0]:.1f} before the build, "
+    print(f"\nmachine: {machine()}; load average {load[0]:.1f} before the build, "
           f"{os.getloadavg()[0]:.1f} after")
     print(f"activations file: {activations.name}, {activations.stat().st_size / 1e9:.2f} GB; built {n_neurons:,} neurons"
           + (f" (written in {made:.0f} s)" if made else ""))

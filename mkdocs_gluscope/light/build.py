@@ -150,10 +150,11 @@ def _data_task(task: Task) -> dict[str, Any]:
                 first = int(listed[0])
                 block = f.neurons(layer, first, int(listed[-1]) + 1, expert=expert, tokens=False)
             # The token ids of the hook_post lists' windows: what the words of the tables and the index
-            # come from (the browser reads every other window's tokens from the corpus files).
-            for n in listed:
-                data = block[int(n) - first]
-                data.window_tokens = f.window_tokens(data.top_doc[:, :1], data.top_pos[:, :1])
+            # come from (the browser reads every other window's tokens from the corpus files), a file's at once.
+            datas = [block[int(n) - first] for n in listed]
+            ids = f.window_tokens(np.stack([d.top_doc[:, :1] for d in datas]), np.stack([d.top_pos[:, :1] for d in datas]))
+            for data, window_tokens in zip(datas, ids):
+                data.window_tokens = window_tokens
                 shown = ldata.Shown.of(data, task.examples)
                 file_rows.append(ldata.neuron_row(data, shown, telling_case(data, task.scales)))
                 rows.append(lpage.layer_row(data, words))

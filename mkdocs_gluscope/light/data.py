@@ -80,9 +80,11 @@ def encode_windows(values: np.ndarray, largest: np.ndarray | float) -> np.ndarra
     values = np.asarray(values, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         steps = np.rint(CODE_STEPS + np.log2(np.abs(values) / largest) * CODE_STEPS / CODE_OCTAVES)
-    magnitude = np.where(np.isfinite(steps) & (steps >= 1), np.minimum(steps, CODE_STEPS), 0)
-    codes = (np.sign(np.nan_to_num(values)) * magnitude).astype(np.int8)
-    return np.where(np.isnan(values), np.int8(NAN_CODE), codes)
+        # NaN and infinite steps (NaN, 0 or infinite values) and steps below 1 are code 0; the sign is the value's
+        magnitude = np.where((steps >= 1) & (steps < np.inf), np.minimum(steps, CODE_STEPS), 0)
+    codes = np.copysign(magnitude, values).astype(np.int8)
+    codes[np.isnan(values)] = NAN_CODE
+    return codes
 
 
 #: Count codes of the distributions: steps of an eighth of an octave (counts within 4.4%).

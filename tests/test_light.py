@@ -219,6 +219,12 @@ def test_word_finder_agrees_with_the_word_rules():
         tokens = [vocab[t] if t >= 0 else None for t in row]
         assert finder.word(row, 4, int(start), int(stop)) == words.word_around(tokens, 4)
         assert finder.terms(row, 4, int(start), int(stop)) == words.index_terms(tokens, 4)
+    # The build's path: many windows at once ([neurons, slots, W], some left out), by a finder whose cache is
+    # empty, so every key it slices is checked against the rules.
+    fresh, grid = lsearch.WordFinder(vocab), ids.reshape(1000, 3, 9)
+    which = np.array([rng.random() < 0.8 for _ in range(3000)]).reshape(1000, 3)
+    found = fresh.terms_of(grid, 4, starts.reshape(1000, 3), stops.reshape(1000, 3), which)
+    assert found == [words.index_terms([vocab[t] if t >= 0 else None for t in row], 4) for row in grid[which]]
 
 
 def test_layer_tables_list_every_neuron_with_its_top_words(site):

@@ -60,14 +60,16 @@ class GatedMLP:
 @dataclass
 class MoELayer:
     """A mixture-of-experts layer: routed experts kept as fused 3-D tensors (transformers 5), an
-    optional shared expert that sees every token, and the module whose inputs (hidden states and
-    routing) :mod:`collect.moe` captures."""
+    optional shared expert that sees every token, the experts module whose call (hidden states and
+    routing) and the activation module whose input and output (``gate`` with ``in`` beside it,
+    ``act(gate)``) :mod:`collect.moe` reads."""
 
     block: torch.nn.Module  # the whole MoE block: its forward hook fires once experts and shared expert ran
     experts_module: torch.nn.Module
     experts: list[GatedMLP]
     shared: GatedMLP | None
     act_fn: Callable[[torch.Tensor], torch.Tensor]
+    act_module: torch.nn.Module | None = None  # the experts' activation, called on their [gate | in] rows' gate
 
     @property
     def n_experts(self) -> int:
@@ -211,6 +213,9 @@ def _moe(bridge: Any, mlp: torch.nn.Module, where: str) -> GatedMLP | MoELayer:
     n_experts, two_d, d_model = gate_up.shape
     d = two_d // 2
     act = _act_fn(experts, where + " experts")
+    if not isinstance(act, torch.nn.Module):
+        raise GluscopeError(f"{where}: its experts' activation is a plain function ({act!r}), not a module gluscope "
+                            "can hook to read gate and in where the experts computed them")
     routed = [GatedMLP(w_gate=gate_up[e, :d], w_in=gate_up[e, d:], w_out=down[e], b_gate=None, b_in=None,
                        act_fn=act) for e in range(n_experts)]
     shared = None
@@ -223,10 +228,11 @@ def _moe(bridge: Any, mlp: torch.nn.Module, where: str) -> GatedMLP | MoELayer:
                     raise GluscopeError(f"{where}'s shared expert lacks gate/in/out projections "
                                         f"(modules [{_children(module)}])")
                 shared = _dense(module, *parts, where=f"{where} shared expert")
-    from collect.moe import check_expert_rule
+    from collect.moe import check_experts
 
-    check_expert_rule(experts, routed, where)
-    return MoELayer(block=mlp, experts_module=experts, experts=routed, shared=shared, act_fn=act)
+    layer = MoELayer(block=mlp, experts_module=experts, experts=routed, shared=shared, act_fn=act, act_module=act)
+    check_experts(layer, where)
+    return layer
 
 
 def locate(hf_model: Any, layers: list[int] | None) -> Located:

@@ -95,6 +95,34 @@ class ListCapacity:
         self.per_doc = active / n_docs
 
 
+class PackedLength:
+    """The packed length of a mixture-of-experts layer's experts (slots per document and expert,
+    :func:`collect.moe.pack_experts`) without a host sync: on a GPU, a bucket above the last
+    batch's most tokens of one expert in one document (per token of the batch's length), with a
+    margin, so that a batch that overflows it (flagged on the device, redone exactly) stays rare;
+    the first batch uses the batch's length, which always fits. ``None`` on a CPU: the exact length
+    (a sync that costs nothing there)."""
+
+    MARGIN = 1.5
+    ON_CPU = False  # tests run the GPU's path on a CPU
+
+    def __init__(self, device: torch.device) -> None:
+        self.exact = device.type == "cpu" and not self.ON_CPU
+        self.share: float | None = None  # the last batch's most tokens of one expert per position
+
+    def current(self, length: int) -> int | None:
+        if self.exact:
+            return None
+        if self.share is None:
+            return length
+        from collect.moe import bucket
+
+        return min(length, bucket(int(self.share * length * self.MARGIN) + 1))
+
+    def observe(self, most: int, length: int) -> None:
+        self.share = most / length
+
+
 @contextlib.contextmanager
 def out_of_memory_hint(config: CollectConfig) -> Iterator[None]:
     """Out of device memory becomes one line naming the option that sizes the batches."""

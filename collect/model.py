@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from collect.architectures import GatedMLP, MoELayer, locate
+from collect.moe import ExpertRows, ExpertTap
 from mkdocs_gluscope.errors import GluscopeError
 from mkdocs_gluscope.store import SHARED
 
@@ -331,9 +332,10 @@ def hook_names(layer: int) -> tuple[str, str, str]:
             f"blocks.{layer}.mlp.hook_post")
 
 
-#: ``on_moe(layer, hidden [B, T, D], routing [B, T, top_k], shared)``: what a mixture-of-experts
-#: layer's experts were called with, and its shared expert's ``(gate, in, post)`` (None without one).
-OnMoE = Callable[[int, torch.Tensor, torch.Tensor, "tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None"], None]
+#: ``on_moe(layer, rows, shared)``: what a mixture-of-experts layer's experts computed
+#: (:class:`collect.moe.ExpertRows`), and its shared expert's ``(gate, in, post)`` ``[B, T, N]`` (None
+#: without one).
+OnMoE = Callable[[int, "ExpertRows", "tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None"], None]
 
 
 def _dense_hooks(mlp: GatedMLP, save: Callable[[str], Callable[[torch.Tensor], None]],
@@ -384,12 +386,7 @@ def run_with_mlp_hooks(
         return hook
 
     def moe_hooks(layer: int, moe: MoELayer) -> list[Any]:
-        def experts_called(m: Any, args: tuple, kwargs: dict) -> None:
-            # experts(hidden_states, top_k_index, top_k_weights), tokens flattened (checked at load)
-            hidden = args[0] if args else kwargs["hidden_states"]
-            routing = args[1] if len(args) > 1 else kwargs["top_k_index"]
-            captured["moe_hidden"] = hidden.reshape(batch, length, -1)
-            captured["moe_routing"] = routing.reshape(batch, length, -1)
+        tap = ExpertTap(moe, f"layer {layer}'s mixture-of-experts block")
 
         def block_done(m: Any, i: Any, o: Any) -> None:
             shared = None
@@ -398,12 +395,11 @@ def run_with_mlp_hooks(
                 shared = tuple(captured.pop(f"shared_{name}").reshape(batch, length, -1)
                                for name in ("gate", "in", "post"))
             assert on_moe is not None
-            on_moe(layer, captured.pop("moe_hidden"), captured.pop("moe_routing"), shared)
+            on_moe(layer, tap.take(), shared)
             if layer == last:
                 raise StopForward
 
-        handles = [moe.experts_module.register_forward_pre_hook(experts_called, with_kwargs=True),
-                   moe.block.register_forward_hook(block_done)]
+        handles = tap.install() + [moe.block.register_forward_hook(block_done)]
         if moe.shared is not None:
             handles += _dense_hooks(moe.shared, save, save("shared_post"), prefix="shared_")
         return handles

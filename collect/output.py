@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from collect.config import CollectConfig, expert_key, shard_batches
+from collect.config import CollectConfig, expert_key, experts_key, shard_batches
 from collect.corpus import Corpus, token_strings
 from collect.model import LoadedModel, dtype_name
 from collect.stats import LayerStats, hist_and_density
@@ -107,21 +107,31 @@ def provenance(config: CollectConfig, loaded: LoadedModel, corpus: Corpus, layer
 
 def write_experts(writer: ActivationsWriter, loaded: LoadedModel, experts: dict[int, list[int | str]],
                   states: dict[int | str, LayerStats], routed: dict[str, torch.Tensor], window_dtype: str) -> None:
-    """The ``experts`` and ``shared_experts`` groups: one row per recorded (layer, expert)."""
+    """The ``experts`` and ``shared_experts`` groups: one row per recorded (layer, expert). A layer's
+    routed experts were reduced as one wide layer (:func:`collect.config.experts_key`), expert after
+    expert: each row is one expert's slice of it."""
     for group, shared in (("experts", False), ("shared_experts", True)):
         rows = [(layer, e) for layer, chosen in experts.items() for e in chosen if (e == SHARED) == shared]
         if not rows:
             continue
-        moe = loaded.moe[rows[0][0]]
-        d = moe.shared.d_mlp if shared else moe.d_expert
         sizes = {loaded.moe[layer].shared.d_mlp if shared else loaded.moe[layer].d_expert for layer, _ in rows}
         if len(sizes) > 1:
             raise GluscopeError(f"the recorded layers' experts differ in size ({sorted(sizes)}); record them in "
                                 "separate runs with --layers")
-        writer.add_experts(group, [layer for layer, _ in rows], [-1 if shared else e for _, e in rows],
-                           [int(routed[expert_key(layer, e)]) for layer, e in rows], d)
-        for row, (layer, e) in enumerate(rows):
-            writer.write_neurons(row, 0, finalize(states[expert_key(layer, e)], window_dtype), group=group)
+        d = sizes.pop()
+        counts, arrays = [], []
+        for layer in dict.fromkeys(layer for layer, _ in rows):
+            if shared:
+                counts.append(int(routed[expert_key(layer, SHARED)]))
+                arrays.append(finalize(states[expert_key(layer, SHARED)], window_dtype))
+                continue
+            wide = finalize(states[experts_key(layer)], window_dtype)
+            n = [e for e in experts[layer] if e != SHARED]
+            counts += routed[experts_key(layer)].tolist()
+            arrays += [{name: values[g * d:(g + 1) * d] for name, values in wide.items()} for g in range(len(n))]
+        writer.add_experts(group, [layer for layer, _ in rows], [-1 if shared else e for _, e in rows], counts, d)
+        for row, values in enumerate(arrays):
+            writer.write_neurons(row, 0, values, group=group)
         writer.write_weights({name: torch.stack([loaded.expert_facts[layer, e][name] for layer, e in rows]).numpy()
                               for name in ("flipped", "cos_gate_in", "cos_gate_out", "cos_in_out")}, group=group)
 

@@ -15,6 +15,7 @@ guard (``compiled``), the memory plan (``memory``), and the file's arrays and pr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import time
 from dataclasses import dataclass
@@ -27,16 +28,16 @@ import torch
 from collect import distributed
 from collect.checkpoint import CheckpointWriter, load_checkpoint
 from collect.compiled import compiled_with_fallback, reduce_with_fallback
-from collect.config import (CollectConfig, RunFacts, check_config, check_positions, expert_key, resolve_experts,
-                            resolve_layers, shard_batches)
+from collect.config import (CollectConfig, RunFacts, check_config, check_positions, expert_key, experts_key,
+                            resolve_experts, resolve_layers, shard_batches, state_sizes)
 from collect.corpus import Corpus, read_texts, tokenize_corpus
 from collect.distributed import World, any_rank, broadcast_object, merge_into_rank0
 from collect.interrupt import Interrupted, StopOnSignal
-from collect.memory import ListCapacity, check_state_fits, out_of_memory_hint
+from collect.memory import ListCapacity, PackedLength, check_state_fits, out_of_memory_hint
 from collect.model import LoadedModel, dtype_name, load_model, max_positions, run_with_mlp_hooks
-from collect.moe import expert_batches
+from collect.moe import pack_experts
 from collect.output import write_activations
-from collect.stats import (N_CASES, N_HOOKS, BatchReduction, LayerStats, compiled_histogram_batch,
+from collect.stats import (N_CASES, N_HOOKS, BatchReduction, LayerStats, Packing, compiled_histogram_batch,
                            histogram_batch, reduce_batch, state_window_dtype, update_stats)
 from mkdocs_gluscope.distributions import EMPTY_PRIORITY, document_pieces, position_priority
 from mkdocs_gluscope.errors import GluscopeError
@@ -103,15 +104,17 @@ def collect_statistics(
 ) -> dict[int | str, LayerStats]:
     """Run the model over every batch of the corpus and return each layer's statistics (on rank 0
     of a torchrun collection: the merge of every rank's; on other ranks: empty): dense layers by
-    number, and for the mixture-of-experts layers, each expert in ``experts`` (see
-    :func:`resolve_experts`) by :func:`expert_key`, with the tokens routed to it added to ``routed``.
+    number; for the mixture-of-experts layers, the routed experts in ``experts`` (see
+    :func:`resolve_experts`) as one wide layer by :func:`experts_key` (expert after expert) and a
+    shared expert by :func:`expert_key`, with the tokens routed to each added to ``routed`` (a
+    ``[experts]`` tensor for the routed ones).
 
-    Inside the layer loop nothing waits for the device: a dense layer-batch whose fast statistics
-    are unusable (a NaN or inf where the fast path assumes finite values, or more changed lists than
-    the capacity) leaves that layer's statistics unchanged, decided on the device, and after the
-    batch's forward pass one host sync reads every layer's flag; the rare flagged layers are then
-    computed again, exactly, by a second forward pass of the batch. Experts' statistics are always
-    computed exactly (their packed token batches change size with the routing).
+    Inside the layer loop nothing waits for the device: a layer-batch whose fast statistics are
+    unusable (a NaN or inf where the fast path assumes finite values, more changed lists than the
+    capacity, more of an expert's tokens in a document than the packed length) leaves those
+    statistics unchanged, decided on the device, and after the batch's forward pass one host sync
+    reads every flag; the rare flagged layers are then computed again, exactly, by a second forward
+    pass of the batch. On a CPU, where a sync costs nothing, capacities and packed lengths are exact.
     """
     world = world or World()
     experts = resolve_experts(None, loaded) if experts is None else experts  # default: every expert
@@ -125,20 +128,20 @@ def collect_statistics(
     window_dtype = state_window_dtype(config.window_dtype, loaded.dtype)
     batches = shard_batches(corpus, config.batch_tokens, config.shard)
 
-    def empty(layer: int) -> LayerStats:
-        return LayerStats.empty(loaded.d_mlp, config.k, window, device, window_dtype, config.samples,
+    sizes = state_sizes(loaded, layers, experts)
+
+    def empty(key: int | str) -> LayerStats:
+        return LayerStats.empty(sizes[key], config.k, window, device, window_dtype, config.samples,
                                 config.band_samples)
 
     start = 0
-    dense = [layer for layer in layers if layer not in loaded.moe]
-    states: dict[int | str, LayerStats] = {layer: empty(layer) for layer in dense}
+    states: dict[int | str, LayerStats] = {key: empty(key) for key in sizes}
     for layer, chosen in experts.items():
-        moe = loaded.moe[layer]
-        for expert in chosen:
-            d = moe.shared.d_mlp if expert == SHARED else moe.d_expert
-            states[expert_key(layer, expert)] = LayerStats.empty(d, config.k, window, device, window_dtype,
-                                                                 config.samples, config.band_samples)
-            routed[expert_key(layer, expert)] = torch.zeros((), dtype=torch.int64, device=device)
+        n_routed = sum(1 for e in chosen if e != SHARED)
+        if n_routed:
+            routed[experts_key(layer)] = torch.zeros(n_routed, dtype=torch.int64, device=device)
+        if SHARED in chosen:
+            routed[expert_key(layer, SHARED)] = torch.zeros((), dtype=torch.int64, device=device)
     if config.resume:
         restored = load_checkpoint(config, device, facts) if world.is_main else None
         start = broadcast_object(world, restored[0] if restored is not None else 0)
@@ -152,7 +155,8 @@ def collect_statistics(
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     first_counted = config.counted_from(corpus.has_bos)
     lengths_all = corpus.lengths
-    capacity = {layer: ListCapacity(device, loaded.d_mlp * N_CASES * N_HOOKS) for layer in dense}
+    capacity = {key: ListCapacity(device, size * N_CASES * N_HOOKS) for key, size in sizes.items()}
+    packed_length = {layer: PackedLength(device) for layer in experts}
     checkpoints = CheckpointWriter()
 
     from tqdm.auto import tqdm
@@ -174,7 +178,7 @@ def collect_statistics(
             index = first_of_round + world.rank
             if index < len(batches):
                 _run_batch(loaded, corpus, batches[index], layers, states, config, reduce, capacity, pad_id,
-                           first_counted, device, experts, routed, sampling)
+                           first_counted, device, experts, routed, sampling, packed_length)
             finished = min(first_of_round + world.size, len(batches))
             bar.update(tokens(range(first_of_round, finished)))
             stop, due = any_rank(world, [
@@ -199,16 +203,18 @@ def collect_statistics(
 
 def _run_batch(loaded: LoadedModel, corpus: Corpus, batch: Any, layers: list[int],
                states: dict[int | str, LayerStats], config: CollectConfig, reduce: Callable[..., BatchReduction],
-               capacity: dict[int, "ListCapacity"], pad_id: int, first_counted: int, device: torch.device,
+               capacity: dict[int | str, ListCapacity], pad_id: int, first_counted: int, device: torch.device,
                experts: dict[int, list[int | str]] | None = None,
                routed: dict[str, torch.Tensor] | None = None,
-               sampling: "_Sampling | None" = None) -> None:
+               sampling: "_Sampling | None" = None,
+               packed_length: "dict[int, PackedLength] | None" = None) -> None:
     """One batch through the model, every layer's statistics updated (see collect_statistics):
-    dense layers by the fast path (redone exactly where flagged), the experts of mixture-of-experts
-    layers exactly, with the tokens routed to each added to ``routed``; with ``sampling``, the
-    distributions too."""
+    dense layers, shared experts and each MoE layer's routed experts by the fast path (redone
+    exactly where flagged), with the tokens routed to each expert added to ``routed``; with
+    ``sampling``, the distributions too."""
     experts = experts or {}
     routed = routed if routed is not None else {}
+    packed_length = packed_length or {}
     lengths_np = corpus.lengths[batch.docs]
     ids = np.full((len(batch.docs), batch.length), pad_id, dtype=np.int64)
     for row, doc in enumerate(batch.docs):
@@ -221,56 +227,72 @@ def _run_batch(loaded: LoadedModel, corpus: Corpus, batch: Any, layers: list[int
     prio = (sampling.priorities(batch.docs, batch.length, lengths_np, first_counted).to(device, non_blocking=True)
             if sampling else None)
     histogram = sampling.histogram if sampling else histogram_batch
-    applied: dict[int, torch.Tensor] = {}
-    active: dict[int, torch.Tensor] = {}
+    # Per statistics key: whether the batch was added (device bools) and how many lists it changed.
+    applied: dict[int | str, torch.Tensor] = {}
+    active: dict[int | str, torch.Tensor] = {}
+    longest: dict[int, torch.Tensor] = {}  # per MoE layer: the most tokens of one expert in one document
 
-    def on_layer(layer: int, gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor) -> None:
-        swish = loaded.mlps[layer].act_fn(gate)
-        reduced = reduce(gate, in_, post, swish, valid)
-        applied[layer], active[layer] = update_stats(
-            states[layer], reduced, doc_ids, gate, in_, lengths, config.context_before, config.context_after,
-            capacity=capacity[layer].current(len(batch.docs)), accept=~reduced.suspect,
-            hooks=(post, in_, gate, swish), valid=valid, prio=prio, histogram=histogram)
+    def add(key: int | str, gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor, swish: torch.Tensor,
+            hook_valid: torch.Tensor, *, exact: bool, packing: Packing | None = None,
+            fits: torch.Tensor | None = None) -> torch.Tensor:
+        """One set of neurons' statistics: fast (flagged where unusable) or ``exact`` (every value
+        checked, no capacity: a redo). Returns whether they were added (a device bool)."""
+        reduced = (reduce_batch if exact else reduce)(gate, in_, post, swish, hook_valid)
+        if packing is not None:  # packed slots back to the documents' positions
+            reduced.doc_pos = packing.to_document(reduced.doc_pos)
+        accept = None if exact else ~reduced.suspect if fits is None else ~reduced.suspect & fits
+        applied[key], active[key] = update_stats(
+            states[key], reduced, doc_ids, gate, in_, lengths, config.context_before, config.context_after,
+            capacity=None if exact else capacity[key].current(len(batch.docs)), accept=accept,
+            hooks=(post, in_, gate, swish), valid=hook_valid, prio=prio, packing=packing, check_finite=exact,
+            histogram=histogram)
+        return applied[key]
 
-    def on_moe(layer: int, hidden: torch.Tensor, routing: torch.Tensor, shared: Any) -> None:
-        # Each expert's neurons through the dense statistics, over the tokens routed to it; exactly
-        # (no capacity, every value checked): never redone, since a second pass would count twice.
-        moe = loaded.moe[layer]
-        for part in expert_batches(moe, hidden, routing, shared, valid, experts.get(layer, [])):
-            key = expert_key(layer, part.expert)
-            routed[key] += part.valid.sum()
-            act_fn = moe.shared.act_fn if part.expert == SHARED else moe.act_fn
-            swish = act_fn(part.gate)
-            part_prio = None if prio is None else prio if part.positions is None else prio.gather(1, part.positions)
-            reduced = reduce_batch(part.gate, part.in_, part.post, swish, part.valid)
-            if part.positions is not None:  # packed positions (a routed expert's tokens) back to the document's
-                b = part.positions.shape[0]
-                reduced.doc_pos = part.positions.gather(1, reduced.doc_pos.reshape(b, -1)).view_as(reduced.doc_pos)
-            update_stats(states[key], reduced, doc_ids, part.window_gate, part.window_in, lengths,
-                         config.context_before, config.context_after, hooks=(part.post, part.in_, part.gate, swish),
-                         valid=part.valid, prio=part_prio, positions=part.positions, check_finite=True,
-                         histogram=histogram)
+    def on_layer(layer: int, gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor, *,
+                 exact: bool = False) -> None:
+        add(layer, gate, in_, post, loaded.mlps[layer].act_fn(gate), valid, exact=exact)
+
+    def on_moe(layer: int, rows: Any, shared: Any, *, exact: bool = False,
+               only: set[int | str] | None = None) -> None:
+        # The shared expert sees every token, as a dense layer; the routed experts run as one wide
+        # layer over their packed tokens (collect.moe.pack_experts), values as the experts computed them.
+        moe, chosen = loaded.moe[layer], experts.get(layer, [])
+        key = expert_key(layer, SHARED)
+        if SHARED in chosen and shared is not None and (only is None or key in only):
+            gate, in_, post = shared
+            ok = add(key, gate, in_, post, moe.shared.act_fn(gate), valid, exact=exact)
+            routed[key] += torch.where(ok, valid.sum(), 0)
+        key = experts_key(layer)
+        if key not in states or (only is not None and key not in only):
+            return
+        recorded = [e for e in chosen if e != SHARED]
+        groups = torch.full((moe.n_experts,), -1, dtype=torch.long)
+        groups[recorded] = torch.arange(len(recorded))
+        packed = pack_experts(rows, valid, groups.to(device), len(recorded),
+                              None if exact else packed_length[layer].current(batch.length))
+        longest[layer] = packed.longest
+        ok = add(key, packed.gate, packed.in_, packed.post, packed.swish, packed.packing.neuron_valid(), exact=exact,
+                 packing=packed.packing, fits=None if exact else packed.fits)
+        routed[key] += torch.where(ok, packed.routed, 0)
 
     run_with_mlp_hooks(loaded, input_ids, layers, on_layer, on_moe)
-    dense = [layer for layer in layers if layer in applied]
-    if not dense:
+    if not applied:
         return
-    # The batch's one host sync: which layers were applied, and how many lists each changed.
-    flags = torch.stack([torch.stack([applied[layer].long(), active[layer].long()]) for layer in dense]).tolist()
-    redo = [layer for layer, (ok, _) in zip(dense, flags) if not ok]
-    for layer, (_, n_active) in zip(dense, flags):
-        capacity[layer].observe(n_active, len(batch.docs))
+    # The batch's one host sync: which statistics were added, how many lists each changed, and the
+    # most tokens one expert had in one document of each MoE layer.
+    keys = list(applied)
+    flags = torch.stack([torch.stack([applied[k].long(), active[k].long()]) for k in keys]).tolist()
+    tokens_per_doc = torch.stack(list(longest.values())).tolist() if longest else []
+    for layer, most in zip(longest, tokens_per_doc):
+        packed_length[layer].observe(int(most), batch.length)
+    redo = {k for k, (ok, _) in zip(keys, flags) if not ok}
+    for k, (_, n_active) in zip(keys, flags):
+        capacity[k].observe(n_active, len(batch.docs))
     if not redo:
         return
-
-    def exactly(layer: int, gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor) -> None:
-        swish = loaded.mlps[layer].act_fn(gate)
-        reduced = reduce_batch(gate, in_, post, swish, valid)  # checks every value; rare, so eager
-        update_stats(states[layer], reduced, doc_ids, gate, in_, lengths, config.context_before,
-                     config.context_after, hooks=(post, in_, gate, swish), valid=valid, prio=prio, check_finite=True,
-                     histogram=histogram)
-
-    run_with_mlp_hooks(loaded, input_ids, redo, exactly)
+    redo_layers = sorted({k if isinstance(k, int) else int(str(k).split(".")[0]) for k in redo})
+    run_with_mlp_hooks(loaded, input_ids, redo_layers, functools.partial(on_layer, exact=True),
+                       functools.partial(on_moe, exact=True, only=redo))
 
 
 @dataclass

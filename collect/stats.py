@@ -67,6 +67,57 @@ def sort_key(abs_value: torch.Tensor, doc: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
+class Packing:
+    """Where each neuron's positions are packed: the experts of a mixture-of-experts layer run as one
+    wide layer of ``G`` groups (experts) of ``group_size`` neurons, each group over its own tokens.
+
+    A routed expert sees about top_k / n_experts of the tokens, so its values are packed: slot ``s``
+    of document row ``b`` holds, for group ``g``, the document position ``positions[b, s, g]`` (its
+    ``s``-th routed position, in position order, so the earliest stays first on ties); ``valid``
+    marks the filled slots. ``inverse[b, t, g]`` is the slot of position ``t``, or -1 where group
+    ``g`` did not see it. Hook tensors are ``[B, T', G * group_size]``, neuron ``n`` in group
+    ``n // group_size``; a dense layer is one group of every neuron, unpacked (``Packing`` None)."""
+
+    positions: torch.Tensor  # [B, T', G] int64, 0 in empty slots
+    valid: torch.Tensor  # [B, T', G] bool
+    inverse: torch.Tensor  # [B, T, G] int64, -1 where the group did not see the position
+    group_size: int
+
+    def neuron_valid(self) -> torch.Tensor:
+        """``[B, T', N]`` (a broadcast view): the valid mask of every neuron."""
+        b, t, g = self.valid.shape
+        return self.valid[..., None].expand(b, t, g, self.group_size).reshape(b, t, g * self.group_size)
+
+    def to_document(self, slot: torch.Tensor) -> torch.Tensor:
+        """Document positions of packed slots ``[B, N, ...]`` (an int tensor, neuron on axis 1)."""
+        b, n = slot.shape[:2]
+        rows = torch.arange(b, device=slot.device).view((b,) + (1,) * (slot.dim() - 1))
+        group = (torch.arange(n, device=slot.device) // self.group_size).view((1, n) + (1,) * (slot.dim() - 2))
+        return self.positions[rows, slot.long(), group]
+
+    def priorities(self, prio: torch.Tensor) -> torch.Tensor:
+        """``[B, T', G]`` sampling priorities of the packed slots from the document's ``[B, T]``
+        (``EMPTY_PRIORITY`` in empty slots)."""
+        b, t, g = self.positions.shape
+        packed = prio.gather(1, self.positions.reshape(b, t * g)).view(b, t, g)
+        return torch.where(self.valid, packed, EMPTY_PRIORITY)
+
+    def windows_at(self, values: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, neurons: torch.Tensor,
+                   lengths: torch.Tensor, context_before: int, context_after: int) -> torch.Tensor:
+        """As :func:`windows_at`, with ``values`` packed ``[B, T', N]`` and ``pos`` document positions:
+        each window holds the group's value at every position it saw, NaN elsewhere. Only the
+        entering examples' windows are cut: no document-shaped copy of the values."""
+        offsets = torch.arange(-context_before, context_after + 1, device=values.device)
+        t = pos[:, None].long() + offsets
+        inside = (t >= 0) & (t < lengths[rows][:, None])
+        group = (neurons // self.group_size)[:, None]
+        slot = self.inverse[rows[:, None], t.clamp(0, self.inverse.shape[1] - 1), group]
+        seen = inside & (slot >= 0)
+        found = values[rows[:, None], slot.clamp(min=0), neurons[:, None]]
+        return torch.where(seen, found, float("nan"))
+
+
+@dataclass
 class LayerStats:
     """Running statistics of one layer; leading axes ``[neuron, case, hook]``.
 
@@ -218,7 +269,8 @@ def reduce_batch(
     """Per-case statistics of one batch of one layer.
 
     ``gate``, ``in_``, ``post``, ``swish``: ``[B, T, N]`` in any float dtype (computed in float32);
-    ``valid``: ``[B, T]`` bool, True at counted positions (not padding, not an excluded BOS).
+    ``valid``: ``[B, T]`` bool, True at counted positions (not padding, not an excluded BOS), or
+    ``[B, T, N]`` per neuron (packed experts, :class:`Packing`: positions are then slots).
     Positions where a hook is NaN or infinite are counted apart (``nonfinite``) and left out.
     With ``assume_finite`` that check is skipped (it triples the compiled CPU cost, since every
     reduction then reads all four hooks) and ``suspect`` says whether the batch needs it: then
@@ -271,7 +323,8 @@ def reduce_batch(
         # A NaN or inf at a position in a case makes that case's sum non-finite; one at a position
         # in no case has a NaN gate or in (or an inf in with a zero gate), caught by gate + in.
         suspect = ~(torch.isfinite(sum_by_doc).all()
-                    & torch.isfinite(torch.where(valid[:, :, None], hooks[1] + hooks[2], 0.0).sum()))
+                    & torch.isfinite(torch.where(valid if valid.dim() == 3 else valid[:, :, None],
+                                                 hooks[1] + hooks[2], 0.0).sum()))
     else:
         suspect = torch.zeros((), dtype=torch.bool, device=valid.device)
     doc_count = torch.stack(count, dim=-1)
@@ -344,6 +397,7 @@ def merge_top(
     *,
     capacity: int | None = None,
     accept: torch.Tensor | None = None,
+    packing: Packing | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Add one batch's documents (rows ``doc_ids``, each with ``lengths`` tokens) to the top-k
     lists of ``stats``, in place, with the gate/in windows of newly entered examples cut from the
@@ -357,6 +411,7 @@ def merge_top(
     host sync, and a batch that activates more lists is not applied (``applied`` False) and must
     be added again with a larger capacity. ``accept`` False (a device bool) also leaves ``stats``
     unchanged: the caller found the batch's reduction unusable, without a sync of its own.
+    With ``packing``, ``gate``/``in_`` are packed and ``batch.doc_pos`` holds document positions.
     """
     k = stats.k
     b = doc_ids.shape[0]
@@ -418,9 +473,10 @@ def merge_top(
         keep = entered.reshape(-1, 1)  # a fixed shape: write the old window back where none entered
     store_row = rows[r] * k + top_slot[r, j]
     neuron = rows[r] // (N_CASES * N_HOOKS)
+    cut_windows = windows_at if packing is None else packing.windows_at
     for store, values in ((stats.win_gate, gate), (stats.win_in, in_)):
-        cut = windows_at(values, new_row[r, j], top_pos[r, j].long(), neuron, lengths,
-                         context_before, context_after).to(store.dtype)
+        cut = cut_windows(values, new_row[r, j], top_pos[r, j].long(), neuron, lengths,
+                          context_before, context_after).to(store.dtype)
         flat = store.view(-1, window)
         if keep is not None:
             cut = torch.where(keep, cut, flat[store_row])
@@ -551,16 +607,18 @@ PREFIX = 64
 def _offer(stats: LayerStats, views: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]],
            hooks: tuple[torch.Tensor, ...], windows: tuple[torch.Tensor, torch.Tensor], counted: torch.Tensor,
            prio: torch.Tensor, rows: torch.Tensor, t: torch.Tensor, neurons: torch.Tensor,
-           doc_ids: torch.Tensor, lengths: torch.Tensor, positions: torch.Tensor | None,
+           doc_ids: torch.Tensor, lengths: torch.Tensor, packing: Packing | None,
            context: tuple[int, int]) -> None:
     """Offer the positions ``(rows, t)`` of ``neurons`` (index tensors broadcast to one grid) to
-    the lists: those below their list's S-th priority enter."""
+    the lists: those below their list's S-th priority enter. ``prio``: ``[B, T, G]``, the priority
+    of each position for each group of neurons (one group for a dense layer)."""
     post, in_, gate, swish = hooks
     shape = torch.broadcast_shapes(rows.shape, t.shape, neurons.shape)
     rows, t, neurons = rows.expand(shape), t.expand(shape), neurons.expand(shape)
     g, i = gate[rows, t, neurons].float(), in_[rows, t, neurons].float()
     ok = (counted[rows, t] if counted.dim() == 2 else counted[rows, t, neurons]) & (g != 0) & (i != 0)
-    p = prio[rows, t]
+    group = neurons // (gate.shape[-1] // prio.shape[-1])
+    p = prio[rows, t, group]
     case = (g < 0).long() * 2 + (i < 0).long()
     band = band_of(post[rows, t, neurons].float().abs())
     sample_list = neurons * N_CASES + case
@@ -571,17 +629,19 @@ def _offer(stats: LayerStats, views: tuple[dict[str, torch.Tensor], dict[str, to
             continue
         r, at, n = rows[chosen], t[chosen], neurons[chosen]
         values = torch.stack([h[r, at, n].float() for h in hooks], dim=-1)
-        if positions is not None:
-            at = positions[r, at]
+        cut_windows = windows_at
+        if packing is not None:
+            at = packing.positions[r, at, group[chosen]]
+            cut_windows = packing.windows_at
         cand = {"key": p[chosen], "doc": doc_ids[r], "pos": at, "value": values,
-                "gate": windows_at(windows[0], r, at, n, lengths, *context),
-                "in": windows_at(windows[1], r, at, n, lengths, *context)}
+                "gate": cut_windows(windows[0], r, at, n, lengths, *context),
+                "in": cut_windows(windows[1], r, at, n, lengths, *context)}
         merge_examples(kind, lists[chosen], cand)
 
 
 def update_examples(stats: LayerStats, batch: BatchReduction, doc_ids: torch.Tensor,
                     hooks: tuple[torch.Tensor, ...], counted: torch.Tensor, prio: torch.Tensor, lengths: torch.Tensor,
-                    context_before: int, context_after: int, *, positions: torch.Tensor | None = None,
+                    context_before: int, context_after: int, *, packing: Packing | None = None,
                     windows: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Offer one batch's positions to the random-example lists (exactly; in place).
 
@@ -599,27 +659,34 @@ def update_examples(stats: LayerStats, batch: BatchReduction, doc_ids: torch.Ten
 
     While a layer's lists are still filling (its first batch), the lowest-priority positions go
     first, in growing chunks, so that the lists take S positions each instead of every position.
-    ``positions``/``windows``: packed hooks, as in :func:`update_stats`."""
+    ``packing``/``windows``: packed hooks, as in :func:`update_stats`; ``prio`` is then
+    ``[B, T', G]`` (:meth:`Packing.priorities`): a position of one group is offered to its neurons."""
     post, in_, gate, swish = hooks
     windows = windows if windows is not None else (gate, in_)
     device = gate.device
     n_docs, t_max, n_neurons = gate.shape
+    prio = prio if prio.dim() == 3 else prio[:, :, None]
+    n_groups = prio.shape[-1]
+    group_size = n_neurons // n_groups
     views = (_example_views(stats, "sample"), _example_views(stats, "band"))
     offer = functools.partial(_offer, stats, views, hooks, windows, counted, prio, doc_ids=doc_ids, lengths=lengths,
-                              positions=positions, context=(context_before, context_after))
+                              packing=packing, context=(context_before, context_after))
     flat = prio.reshape(-1)
     order = torch.argsort(flat)[:int((flat < EMPTY_PRIORITY).sum())]  # counted positions, lowest priority first
-    neuron_ids = torch.arange(n_neurons, device=device)[None, :]
+    neuron_ids = torch.arange(group_size, device=device)[None, :]
     filling = float((stats.sample_key[..., -1] == EMPTY_PRIORITY).float().mean()) > FILLING_SHARE
     prefix = min(len(order), FIRST_STAGE if filling else PREFIX)
+    after = int(flat[order[prefix - 1]]) if prefix else -1  # every position up to this priority is offered
+    if n_groups > 1:  # one position seen by several groups has one priority: keep its copies together
+        prefix = int((flat <= after).sum())
     start, size = 0, 16 if filling else prefix
     while start < prefix:
-        chunk = order[start:min(prefix, start + max(1, min(size, EXAMPLE_CHUNK // n_neurons)))]
-        offer(chunk[:, None] // t_max, chunk[:, None] % t_max, neuron_ids)
+        chunk = order[start:min(prefix, start + max(1, min(size, EXAMPLE_CHUNK // group_size)))]
+        row_pos, group = chunk[:, None] // n_groups, chunk[:, None] % n_groups
+        offer(row_pos // t_max, row_pos % t_max, group * group_size + neuron_ids)
         start, size = start + len(chunk), size * 2
     if prefix == len(order):
         return
-    after = int(flat[order[prefix - 1]]) if prefix else -1  # every position up to this priority was offered
     open_samples = stats.sample_key[..., -1] > after  # [N, C]
     open_bands = stats.band_key[..., -1] > after  # [N, C, R]
     edges = torch.as_tensor(BAND_EDGES, device=device)
@@ -632,7 +699,7 @@ def update_examples(stats: LayerStats, batch: BatchReduction, doc_ids: torch.Ten
         return
     rest = prio.masked_fill(prio <= after, EMPTY_PRIORITY)  # the prefix was offered already
     offer_rest = functools.partial(_offer, stats, views, hooks, windows, counted, rest, doc_ids=doc_ids,
-                                   lengths=lengths, positions=positions, context=(context_before, context_after))
+                                   lengths=lengths, packing=packing, context=(context_before, context_after))
     # A pair whose neuron has an open case list is read whole; the others only at the positions whose
     # band of |post| is open in some case (post alone is read to find them).
     whole = open_samples.any(-1)[pairs[:, 1]]
@@ -646,7 +713,8 @@ def update_examples(stats: LayerStats, batch: BatchReduction, doc_ids: torch.Ten
                 offer_rest(b[:, None], t, n[:, None])
                 continue
             band = band_of(post[b[:, None], t, n[:, None]].float().abs())  # [M, T]
-            j, at = (open_band[n[:, None], band] & (rest[b] < EMPTY_PRIORITY)).nonzero(as_tuple=True)
+            j, at = (open_band[n[:, None], band] & (rest[b[:, None], t, (n // group_size)[:, None]] < EMPTY_PRIORITY)
+                     ).nonzero(as_tuple=True)
             if j.numel():
                 offer_rest(b[j], at, n[j])
 
@@ -674,23 +742,23 @@ def update_stats(
     hooks: tuple[torch.Tensor, ...] | None = None,
     valid: torch.Tensor | None = None,
     prio: torch.Tensor | None = None,
-    positions: torch.Tensor | None = None,
+    packing: Packing | None = None,
     check_finite: bool = False,
     histogram: Callable[..., None] = histogram_batch,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Add one batch to ``stats`` in place: counts, sums (accumulated in float64), extremes, top-k,
     and where ``stats`` has distributions, the histograms and random examples. Those need what
     ``batch`` was reduced from: ``hooks`` ``(post, in, gate, swish)``, ``valid`` and ``prio`` (the
-    positions' sampling priorities); ``positions`` where those are packed (an expert's tokens,
-    mapped back to document positions as for ``batch.doc_pos``; ``gate``/``in_`` then hold the
-    windows' values at document positions); ``check_finite`` where ``batch`` came from the exact
+    positions' sampling priorities, ``[B, T]``); ``packing`` where those are packed (a
+    mixture-of-experts layer's experts, :class:`Packing`: the hooks, ``gate``/``in_`` and ``valid`` are
+    then packed, ``batch.doc_pos`` holds document positions); ``check_finite`` where ``batch`` came from the exact
     path, which counts non-finite values apart; ``histogram``: :func:`histogram_batch` or its
     compiled form.
     ``capacity``, ``accept`` and the returned ``(applied, active)`` as in :func:`merge_top`: a batch
     not applied leaves every statistic as it was, decided on the device (no sync, except that the
     random examples, when there are any, read ``applied``)."""
     applied, active = merge_top(stats, batch, doc_ids, gate, in_, lengths, context_before, context_after,
-                                capacity=capacity, accept=accept)
+                                capacity=capacity, accept=accept, packing=packing)
     updated = {
         "count": stats.count + batch.count,
         "nonfinite": stats.nonfinite + batch.nonfinite,
@@ -708,8 +776,9 @@ def update_stats(
         post, hook_in, hook_gate, swish = hooks
         histogram(hook_gate, hook_in, post, swish, counted, applied.int(), stats.hist_joint, stats.hist_outputs)
         if not conditional or bool(applied):
-            update_examples(stats, batch, doc_ids, hooks, counted, prio, lengths, context_before, context_after,
-                            positions=positions, windows=(gate, in_))
+            update_examples(stats, batch, doc_ids, hooks, counted,
+                            prio if packing is None else packing.priorities(prio), lengths, context_before,
+                            context_after, packing=packing, windows=(gate, in_))
     return applied, active
 
 

@@ -174,21 +174,23 @@ class PackedExperts:
     fits: torch.Tensor  # bool scalar: the packed length held them
 
 
-def pack_experts(rows: ExpertRows, valid: torch.Tensor, groups: torch.Tensor, n_groups: int,
-                 length: int | None) -> PackedExperts:
+def pack_experts(rows: ExpertRows, valid: torch.Tensor, lengths: torch.Tensor, groups: torch.Tensor,
+                 n_groups: int, length: int | None) -> PackedExperts:
     """Pack the rows of the recorded experts (``groups`` ``[n_experts]``: each expert's group among the
-    ``n_groups`` recorded, -1 if not recorded) by document and expert: slot ``s`` of a document holds an
-    expert's ``s``-th counted routed position. ``valid`` ``[B, T]``: the counted positions.
-    ``length``: the packed length, or None for the exact one (a host sync); tokens past a given length
-    are left out and ``fits`` is False, decided on the device (no sync: masks become indices into a
-    spare row)."""
+    ``n_groups`` recorded, -1 if not recorded) by document and expert: slot ``s`` of a document holds
+    the expert's ``s``-th routed position in the document (``lengths``), counted or not (an uncounted
+    BOS still shows in the windows); ``valid`` ``[B, T]`` marks the counted positions, the packing's
+    ``valid`` the counted slots. ``length``: the packed length, or None for the exact one (a host
+    sync); tokens past a given length are left out and ``fits`` is False, decided on the device (no
+    sync: masks become indices into a spare row)."""
     b, t = valid.shape
     device = valid.device
     group = groups[rows.expert]  # [S]
-    counted = valid.reshape(-1)[rows.token] & (group >= 0)
-    # Each (document, group) pair's counted positions, in position order: their rank is the slot.
+    in_doc = torch.arange(t, device=device)[None, :] < lengths[:, None]
+    member = in_doc.reshape(-1)[rows.token] & (group >= 0)
+    # Each (document, group) pair's positions, in position order: their rank is the slot.
     seen = torch.zeros(b * t, n_groups + 1, dtype=torch.bool, device=device)
-    seen[rows.token, torch.where(counted, group, n_groups)] = True  # column n_groups: not recorded
+    seen[rows.token, torch.where(member, group, n_groups)] = True  # column n_groups: not recorded
     seen = seen[:, :n_groups].reshape(b, t, n_groups)
     rank = torch.cumsum(seen, dim=1) - 1  # [B, T, G]
     longest = rank[:, -1, :].max() + 1
@@ -196,13 +198,13 @@ def pack_experts(rows: ExpertRows, valid: torch.Tensor, groups: torch.Tensor, n_
         length = bucket(int(longest))  # the exact path's one sync per MoE layer and batch
     fits = longest <= length
     slot = rank.view(b * t, n_groups)[rows.token, group.clamp(min=0)]
-    keep = counted & (slot < length)
+    keep = member & (slot < length)
     spare = b * length * n_groups
     row_of = torch.full((spare + 1,), -1, dtype=torch.long, device=device)
     target = torch.where(keep, ((rows.token // t) * length + slot) * n_groups + group, spare)
     row_of[target] = torch.arange(len(keep), device=device)
     row_of = row_of[:spare].view(b, length, n_groups)
-    packed_valid = row_of >= 0
+    filled = row_of >= 0
     take = row_of.clamp(min=0).view(-1)
     size = rows.gate.shape[-1]
 
@@ -210,11 +212,12 @@ def pack_experts(rows: ExpertRows, valid: torch.Tensor, groups: torch.Tensor, n_
         return values[take].view(b, length, n_groups * size)
 
     gate, in_, swish = packed(rows.gate), packed(rows.in_), packed(rows.swish)
-    positions = torch.where(packed_valid, rows.token[take].view(b, length, n_groups) % t, 0)
+    token = rows.token[take].view(b, length, n_groups)
+    positions = torch.where(filled, token % t, 0)
     inverse = torch.where(seen & (rank < length), rank, -1)
-    packing = Packing(positions=positions, valid=packed_valid, inverse=inverse, group_size=size)
+    packing = Packing(positions=positions, valid=filled & valid.reshape(-1)[token], inverse=inverse, group_size=size)
     return PackedExperts(gate=gate, in_=in_, swish=swish, post=swish * in_, packing=packing,
-                         routed=seen.sum(dim=(0, 1)), longest=longest, fits=fits)
+                         routed=(seen & valid[:, :, None]).sum(dim=(0, 1)), longest=longest, fits=fits)
 
 
 @torch.no_grad()

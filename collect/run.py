@@ -268,7 +268,7 @@ def _run_batch(loaded: LoadedModel, corpus: Corpus, batch: Any, layers: list[int
         recorded = [e for e in chosen if e != SHARED]
         groups = torch.full((moe.n_experts,), -1, dtype=torch.long)
         groups[recorded] = torch.arange(len(recorded))
-        packed = pack_experts(rows, valid, groups.to(device), len(recorded),
+        packed = pack_experts(rows, valid, lengths, groups.to(device), len(recorded),
                               None if exact else packed_length[layer].current(batch.length))
         longest[layer] = packed.longest
         ok = add(key, packed.gate, packed.in_, packed.post, packed.swish, packed.packing.neuron_valid(), exact=exact,

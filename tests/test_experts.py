@@ -1,0 +1,203 @@
+"""Expert neurons from the model's own computation: the values in the file are the experts' own, bit for
+bit, whatever implementation ran them; the packed, wide-layer statistics; the GPU path's host syncs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from collect.run import CollectConfig, collect
+from mkdocs_gluscope.store import CASES, HOOKS, ActivationsFile, first_counted_position
+
+MOE = {"mixtral": 2, "olmoe": 2, "qwen2moe": 2, "deepseek2": 3}
+
+
+def small_config(model: Path, corpus: list[Path], out: Path, **overrides) -> CollectConfig:
+    options = dict(model=str(model), dataset=[str(p) for p in corpus], out=out, k=4, context_before=3,
+                   context_after=1, compile=False, progress=False, device="cpu", batch_tokens=128,
+                   dtype="float32")
+    options.update(overrides)
+    return CollectConfig(**options)
+
+
+def with_config(folder: Path, target: Path, **changes) -> Path:
+    """A copy of a saved tiny model with some config.json entries changed."""
+    shutil.copytree(folder, target)
+    config = json.loads((target / "config.json").read_text())
+    config.update(changes)
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+class ModelsOwnRows:
+    """Records, during a collection's own forward passes, the rows the experts themselves computed,
+    from the arguments and results of the matmuls the implementation calls (not through gluscope's
+    tap): ``grouped_mm``'s grouped linears (each row's expert from their offsets), the eager loop's
+    ``F.linear`` calls (the expert from the weight's place in ``gate_up_proj`` or ``down_proj``).
+    Each row's token is the one whose hidden state is the row's input, bit for bit; the up
+    projection's output is ``[gate | in]``, the down projection's input is ``post``."""
+
+    def __init__(self, monkeypatch) -> None:
+        import collect.run as run_module
+        import transformers.integrations.moe as moe_module
+
+        self.rows: list[tuple] = []  # (layer, input_ids, token, expert, "up" | "down", row)
+        self.current: tuple | None = None  # (layer, experts module, its hidden states, input_ids)
+        real_run, real_grouped, real_linear = (run_module.run_with_mlp_hooks, moe_module._grouped_linear,
+                                               torch.nn.functional.linear)
+
+        def add(inputs, outputs, experts, kind):
+            layer, module, hidden, ids = self.current
+            token_of = {row.tobytes(): t for t, row in enumerate(hidden.float().numpy())}
+            tokens = [token_of[x.tobytes()] for x in inputs.detach().float().cpu().numpy()] if kind == "up" else None
+            source = (outputs if kind == "up" else inputs).detach().float().cpu().numpy()
+            for i, (y, e) in enumerate(zip(source, experts)):
+                self.rows.append((layer, ids, None if tokens is None else tokens[i], int(e), kind, y))
+
+        def grouped(input, weight, offs, bias=None, is_transposed=False):
+            out = real_grouped(input, weight, offs, bias=bias, is_transposed=is_transposed)
+            if self.current is not None:
+                module = self.current[1]
+                experts = np.searchsorted(offs.cpu().numpy(), np.arange(len(input)), side="right")
+                add(input, out, experts, "up" if weight is module.gate_up_proj else "down")
+            return out
+
+        def linear(input, weight, bias=None):
+            out = real_linear(input, weight, bias)
+            if self.current is not None:
+                module = self.current[1]
+                for kind, base in (("up", module.gate_up_proj), ("down", module.down_proj)):
+                    offset = weight.data_ptr() - base.data_ptr()
+                    if weight.shape == base.shape[1:] and 0 <= offset < base.numel() * base.element_size():
+                        add(input, out, [offset // (weight.numel() * weight.element_size())] * len(input), kind)
+            return out
+
+        def run(loaded, input_ids, layers, on_layer, on_moe=None):
+            handles = []
+            for layer in layers:
+                if layer in loaded.moe:
+                    def pre(m, args, layer=layer):
+                        self.current = (layer, m, args[0].detach().cpu(), input_ids.cpu())
+
+                    def done(m, args, out):
+                        self.current = None
+                    module = loaded.moe[layer].experts_module
+                    handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(done)]
+            try:
+                return real_run(loaded, input_ids, layers, on_layer, on_moe)
+            finally:
+                for handle in handles:
+                    handle.remove()
+                self.current = None
+
+        monkeypatch.setattr(run_module, "run_with_mlp_hooks", run)
+        monkeypatch.setattr(moe_module, "_grouped_linear", grouped)
+        monkeypatch.setattr(torch.nn.functional, "linear", linear)
+
+    def by_document(self, f: ActivationsFile) -> dict[tuple[int, int], dict[int, np.ndarray]]:
+        """``{(layer, expert): {doc: [T, 3, I]}}``: gate, in, post of each position of each document
+        as the experts computed them, NaN where the token was not routed to the expert. An expert's
+        down projection takes its rows in the order its up projection made them, so its n-th down row
+        in a call is the post of its n-th up row."""
+        documents = [f.document(d) for d in range(f.n_docs)]
+
+        def doc_of(row: np.ndarray) -> int:
+            found = [d for d, doc in enumerate(documents) if len(doc) <= len(row) and np.array_equal(row[:len(doc)], doc)]
+            return max(found, key=lambda d: len(documents[d]))
+
+        out: dict = {}
+        ups: dict = {}
+        for layer, ids, token, expert, kind, row in self.rows:
+            call = (layer, id(ids), expert)
+            if kind == "up":
+                ups.setdefault(call, []).append((ids, token, row))
+                continue
+            ids, token, up = ups[call].pop(0)
+            b, pos = divmod(token, ids.shape[1])
+            doc = doc_of(ids[b].numpy())
+            table = out.setdefault((layer, expert), {})
+            if doc not in table:
+                table[doc] = np.full((len(documents[doc]), 3, len(row)), np.nan, dtype=np.float32)
+            if pos < len(documents[doc]):
+                half = len(up) // 2
+                table[doc][pos] = np.stack([up[:half], up[half:], row])
+        return out
+
+
+def check_against_models_own(path: Path, own: dict) -> int:
+    """Every routed expert neuron's case counts, its extremes of gate, in and post per case, and every
+    top-k example of gate and in (value and window): equal to the experts' own values, bit for bit.
+    Returns the number of values compared."""
+    gate_hook, in_hook, post_hook = HOOKS.index("hook_pre"), HOOKS.index("hook_pre_linear"), HOOKS.index("hook_post")
+    compared = 0
+    with ActivationsFile(path) as f:
+        first, before, n_docs = first_counted_position(f.attrs), f.context_before, f.n_docs
+        longest = max(len(f.document(d)) for d in range(n_docs))
+        rows = {key: row for key, (group, row) in f.expert_rows.items() if group == "experts"}
+        routed = dict(f.routed)
+    with h5py.File(path) as h:
+        g = h["experts"]
+        count, lo, hi = g["stats/count"][...], g["stats/min"][...], g["stats/max"][...]
+        top_doc, top_pos, top_value = g["top/doc"][...], g["top/pos"][...], g["top/value"][...]
+        top_gate, top_in = g["top/gate"][...], g["top/in"][...]
+    for (layer, expert), row in rows.items():
+        size = count.shape[1]
+        table = np.full((n_docs, longest + before + 8, 3, size), np.nan, dtype=np.float32)
+        for doc, values in own[layer, expert].items():
+            table[doc, :len(values)] = values
+        counted = table[:, first:]
+        counted = counted[~np.isnan(counted[:, :, 0, 0])]  # [P, 3, I]: the routed, counted positions
+        assert routed[layer, expert] == len(counted)
+        gate, in_, post = counted[:, 0], counted[:, 1], counted[:, 2]
+        masks = [(gate > 0) & (in_ > 0), (gate > 0) & (in_ < 0), (gate < 0) & (in_ > 0), (gate < 0) & (in_ < 0)]
+        np.testing.assert_array_equal(count[row], np.stack([m.sum(0) for m in masks], axis=-1), err_msg=str(expert))
+        for c, mask in enumerate(masks):
+            for hook, v in ((gate_hook, gate), (in_hook, in_), (post_hook, post)):
+                some = mask.any(0)
+                v_lo = np.where(mask, v, np.inf).min(0)
+                v_hi = np.where(mask, v, -np.inf).max(0)
+                np.testing.assert_array_equal(lo[row, some, c, hook], v_lo[some], err_msg=str((layer, expert, c, hook)))
+                np.testing.assert_array_equal(hi[row, some, c, hook], v_hi[some], err_msg=str((layer, expert, c, hook)))
+                compared += 2 * int(some.sum())
+        neuron = np.arange(size)[:, None, None, None]
+        for hook, which in ((gate_hook, 0), (in_hook, 1)):
+            doc, pos = top_doc[row, :, :, hook], top_pos[row, :, :, hook]  # [I, C, k]
+            filled = doc >= 0
+            d, p = np.where(filled, doc, 0), np.where(filled, pos, 0)
+            want = table[d, p, which, np.arange(size)[:, None, None]]
+            np.testing.assert_array_equal(top_value[row, :, :, hook][filled], want[filled])
+            offsets = np.arange(top_gate.shape[-1]) - before
+            at = p[..., None] + offsets  # [I, C, k, W]
+            inside = (at >= 0) & filled[..., None]
+            for windows, part in ((top_gate, 0), (top_in, 1)):
+                want = np.where(inside, table[d[..., None], np.clip(at, 0, None), part, neuron], np.nan)
+                got = windows[row, :, :, hook]
+                np.testing.assert_array_equal(got[filled], want[filled], err_msg=str((layer, expert, hook, part)))
+                compared += int(filled.sum()) * windows.shape[-1]
+    return compared
+
+
+@pytest.mark.parametrize("arch", list(MOE))
+def test_expert_values_are_the_models_own_bit_for_bit(arch, model_factory, corpus_files, tmp_path, monkeypatch):
+    """In float32 and bfloat16, with grouped_mm and with the eager experts loop: each routed expert
+    neuron's case counts, extremes of gate, in and post per case, and every top-k example's value and
+    window are the values the experts themselves computed (read from the implementation's own
+    matmuls), bit for bit: a value near zero keeps the sign the model gave it."""
+    base = model_factory(arch, MOE[arch])
+    for implementation in ("grouped_mm", "eager"):
+        folder = with_config(base, tmp_path / implementation, experts_implementation=implementation)
+        for dtype in ("float32", "bfloat16"):
+            own = ModelsOwnRows(monkeypatch)
+            out = collect(small_config(folder, corpus_files, tmp_path / f"{implementation}-{dtype}.h5", dtype=dtype,
+                                       window_dtype="float32", batch_tokens=64, samples=0))
+            with ActivationsFile(out) as f:
+                assert f.attrs["dtype"] == dtype
+                reference = own.by_document(f)
+            assert check_against_models_own(out, reference) > 1000
+            monkeypatch.undo()

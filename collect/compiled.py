@@ -58,7 +58,7 @@ def compare_reductions(reduced: BatchReduction, args: tuple, neurons: int) -> st
     ``neurons`` neurons of the same batch, or None."""
     gate, in_, post, swish, valid = args
     n = slice(0, min(neurons, gate.shape[-1]))
-    eager = reduce_batch(gate[..., n], in_[..., n], post[..., n], swish[..., n], valid)
+    eager = reduce_batch(gate[..., n], in_[..., n], post[..., n], swish[..., n], valid[..., n] if valid.dim() == 3 else valid)
     per_neuron = {"count": 0, "nonfinite": 0, "min": 0, "max": 0, "doc_abs": 1, "doc_pos": 1, "doc_value": 1}
     for name, axis in per_neuron.items():
         got = getattr(reduced, name).narrow(axis, 0, n.stop)

@@ -288,7 +288,7 @@ def reduce_batch(
         nonfinite = torch.zeros(hooks[0].shape[-1], N_CASES + 1, dtype=torch.int64, device=valid.device)
     else:
         counted = finite_positions(hooks, valid)
-        bad = valid[:, :, None] & ~counted
+        bad = (valid if valid.dim() == 3 else valid[:, :, None]) & ~counted
         bad_by_case = [m.sum(dim=(0, 1)) for m in case_masks(hooks[2], hooks[1], bad)]
         nonfinite = torch.stack(bad_by_case + [bad.sum(dim=(0, 1)) - sum(bad_by_case)], dim=-1)
         masks = case_masks(hooks[2], hooks[1], counted)

@@ -56,8 +56,22 @@ class LoadedModel:
     dtype: torch.dtype
     moe: dict[int, MoELayer] = field(default_factory=dict)  # the requested mixture-of-experts layers
     adapter: str = ""  # TransformerLens' adapter that located the MLPs
+    skipped: list[int] = field(default_factory=list)  # layers without an MLP (attention or state-space only)
     #: weight facts of every expert of the requested MoE layers, by (layer, expert or "s")
     expert_facts: dict[tuple[int, int | str], dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    def definitions(self) -> dict[str, str]:
+        """How the recorded hooks differ from the plain ``gate``, ``in``, ``post`` of a gated MLP, as
+        the file's attributes say it to every page: ``hook_definition`` for the dense layers'
+        neurons, ``expert_hook_definition`` for the routed experts' (families that scale, clamp or
+        shift their values: Falcon-H1, Llama 4, gpt-oss)."""
+        out = {}
+        for attr, texts in (("hook_definition", [m.definition for m in self.mlps.values()]),
+                            ("expert_hook_definition", [m.definition for m in self.moe.values()])):
+            found = list(dict.fromkeys(t for t in texts if t))
+            if found:
+                out[attr] = "; ".join(found)
+        return out
 
 
 def resolve_device(device: str) -> torch.device:
@@ -208,15 +222,19 @@ def _text_config(hf_model: Any) -> Any:
 
 def act_fn_name(hf_model: Any) -> str:
     config = _text_config(hf_model)
-    return str(getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "unknown"))
+    for attr in ("hidden_activation", "hidden_act", "activation_function"):  # activation_function: JetMoE
+        if getattr(config, attr, None):
+            return str(getattr(config, attr))
+    return "unknown"
 
 
-def check_activation(hf_model: Any) -> str:
-    """The model's activation name, refused unless pages can recompute it: the one table in
-    :mod:`mkdocs_gluscope.activations` decides, before any batch runs."""
+def check_activation(hf_model: Any, name: str | None = None) -> str:
+    """The model's activation name (or ``name``, where the recorded layers use their own), refused
+    unless pages can recompute it: the one table in :mod:`mkdocs_gluscope.activations` decides,
+    before any batch runs."""
     from mkdocs_gluscope.activations import UnknownActivation, activation
 
-    name = act_fn_name(hf_model)
+    name = name or act_fn_name(hf_model)
     try:
         activation(name)
     except UnknownActivation as e:
@@ -290,7 +308,11 @@ def prepare_model(hf_model: Any, tokenizer: Any, *, name: str = "model", refacto
     found = locate(hf_model, layers)
     dense = {layer: mlp for layer, mlp in sorted(found.layers.items()) if isinstance(mlp, GatedMLP)}
     moe = {layer: mlp for layer, mlp in sorted(found.layers.items()) if isinstance(mlp, MoELayer)}
-    act_name = check_activation(hf_model)
+    own = {layer.act_name for layer in moe.values() if layer.act_name}
+    if len(own) > 1 or (own and dense):
+        raise GluscopeError(f"the requested layers compute act(gate) with different functions ({sorted(own)} and the "
+                            "model's own); record them in separate runs with --layers")
+    act_name = check_activation(hf_model, own.pop() if own else None)
     sizes = sorted({mlp.d_mlp for mlp in dense.values()})
     if len(sizes) > 1:
         raise GluscopeError(f"the requested dense layers have MLPs of different sizes ({sizes}); record them "
@@ -311,14 +333,15 @@ def prepare_model(hf_model: Any, tokenizer: Any, *, name: str = "model", refacto
         # Every expert's neurons, as a dense layer's: refactor_glu and weight geometry per expert.
         sets = {**dict(enumerate(moe_layer.experts)), **({SHARED: moe_layer.shared} if moe_layer.shared else {})}
         for expert, neurons in sets.items():
-            flips = refactor_glu([neurons])[0] if refactor else torch.zeros(neurons.d_mlp, dtype=torch.bool)
+            flips = (refactor_glu([neurons])[0] if refactor and neurons.refactor
+                     else torch.zeros(neurons.d_mlp, dtype=torch.bool))
             expert_facts[layer, expert] = {"flipped": flips,
                                            **{k: v[0] for k, v in weight_cosines([neurons]).items()}}
     bridge = boot_bridge(name, hf_model, tokenizer, param.device, param.dtype) if engine == "bridge" else None
     loaded = LoadedModel(hf_model=hf_model, bridge=bridge, tokenizer=tokenizer, mlps=dense,
                          act_fn_name=act_name, n_layers=found.n_layers, d_mlp=d_mlp,
                          device=param.device, dtype=param.dtype, moe=moe, adapter=found.adapter,
-                         expert_facts=expert_facts)
+                         expert_facts=expert_facts, skipped=found.skipped)
     return loaded, facts
 
 
@@ -342,7 +365,10 @@ def _dense_hooks(mlp: GatedMLP, save: Callable[[str], Callable[[torch.Tensor], N
                  on_post: Callable[[torch.Tensor], None], prefix: str = "") -> list[Any]:
     """Forward hooks capturing one gated MLP's gate and in, then ``on_post(post)``."""
     handles = []
-    if mlp.fused:  # one hook on the fused projection, split by the family's rule
+    if mlp.act_module is not None:  # gate as the activation reads it (scaled after the gate projection)
+        handles.append(mlp.act_module.register_forward_pre_hook(lambda m, i, f=save(prefix + "gate"): f(i[0])))
+        handles.append(mlp.up.register_forward_hook(lambda m, i, o, f=save(prefix + "in"): f(o)))
+    elif mlp.fused:  # one hook on the fused projection, split by the family's rule
         gate_save, in_save = save(prefix + "gate"), save(prefix + "in")
 
         def fused(m: Any, i: Any, o: torch.Tensor) -> None:
@@ -399,7 +425,7 @@ def run_with_mlp_hooks(
             if layer == last:
                 raise StopForward
 
-        handles = tap.install() + [moe.block.register_forward_hook(block_done)]
+        handles = tap.install() + [(moe.done or moe.block).register_forward_hook(block_done)]
         if moe.shared is not None:
             handles += _dense_hooks(moe.shared, save, save("shared_post"), prefix="shared_")
         return handles

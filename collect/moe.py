@@ -87,66 +87,121 @@ def _first_half_rows(gate: torch.Tensor, where: str) -> torch.Tensor:
 @dataclass
 class ExpertRows:
     """What one MoE block's experts computed in one forward pass: ``gate``, ``in`` and ``act(gate)``
-    of each routed (token, expert) pair, as rows ``[S, I]``, with the pair of each row."""
+    (and ``post`` where the family's own forward gives it) of each computed (token, expert) pair, as
+    rows ``[S, I]``, with the pair of each row; ``member`` False marks rows of tokens not routed to
+    their expert (Llama 4 runs every expert on every token)."""
 
     gate: torch.Tensor
     in_: torch.Tensor
     swish: torch.Tensor
     token: torch.Tensor  # [S] flat token index (row-major over the batch's [B, T])
     expert: torch.Tensor  # [S]
+    post: torch.Tensor | None = None
+    member: torch.Tensor | None = None
+
+
+class _Restore:
+    """A handle that removes an instance attribute set over a class's method."""
+
+    def __init__(self, module: torch.nn.Module, name: str) -> None:
+        self.module, self.name = module, name
+
+    def remove(self) -> None:
+        self.module.__dict__.pop(self.name, None)
 
 
 @dataclass
 class ExpertTap:
-    """Hooks that collect :class:`ExpertRows` while one MoE block runs: the routing from the experts
-    module's call, the rows from its activation module (input: ``gate``, the first half of the
-    ``[gate | in]`` rows; output: ``act(gate)``), once per call (the eager loop calls it once per
-    expert)."""
+    """Hooks that collect :class:`ExpertRows` while one MoE block runs: the routing (the experts
+    module's call, or the router's output, as the family routes), and the rows, once per call of
+    the experts' activation (the eager loop calls it once per expert): its input is ``gate``, the
+    first half of the ``[gate | in]`` rows, its output ``act(gate)``; or, for a family with values of
+    its own (gpt-oss), the rows its ``_apply_gate`` receives and returns."""
 
     moe: Any  # collect.architectures.MoELayer
     where: str = "mixture-of-experts layer"
-    _rows: list[torch.Tensor] = field(default_factory=list)
+    _parts: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
     _acts: list[torch.Tensor] = field(default_factory=list)
-    _routing: torch.Tensor | None = None
+    _routing: Any = None
 
     def install(self) -> list[Any]:
-        experts, act = self.moe.experts_module, self.moe.act_module
-        if act is None:
-            raise GluscopeError(f"{self.where}: its experts have no activation module to read gate and in from")
+        moe = self.moe
+        handles: list[Any] = []
 
         def called(module: Any, args: tuple, kwargs: dict) -> None:
             # experts(hidden_states, top_k_index, top_k_weights): tokens flattened (checked at load)
             self._routing = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
-            self._rows.clear()
-            self._acts.clear()
+
+        def routed(module: Any, args: tuple, out: Any) -> None:
+            self._routing = out
+
+        if moe.routing == "call":
+            handles.append(moe.experts_module.register_forward_pre_hook(called, with_kwargs=True))
+        else:
+            handles.append(moe.router.register_forward_hook(routed))
+        if moe.rows is not None:  # the family's own values, read where its _apply_gate runs
+            experts, values = moe.experts_module, moe.rows
+            original = type(experts)._apply_gate
+
+            def apply_gate(gate_up: torch.Tensor) -> torch.Tensor:
+                out = original(experts, gate_up)
+                gate, in_, swish = values(gate_up)
+                self._parts.append((gate, in_, swish, out))
+                return out
+
+            experts.__dict__["_apply_gate"] = apply_gate
+            return handles + [_Restore(experts, "_apply_gate")]
+        if moe.act_module is None:
+            raise GluscopeError(f"{self.where}: its experts have no activation module to read gate and in from")
 
         def act_in(module: Any, args: tuple) -> None:
-            self._rows.append(_first_half_rows(args[0], self.where))
+            full = _first_half_rows(args[0], self.where)
+            half = full.shape[-1] // 2
+            self._parts.append((full[..., :half], full[..., half:]))
 
         def act_out(module: Any, args: tuple, out: torch.Tensor) -> None:
             self._acts.append(out)
 
-        return [experts.register_forward_pre_hook(called, with_kwargs=True),
-                act.register_forward_pre_hook(act_in), act.register_forward_hook(act_out)]
+        return handles + [moe.act_module.register_forward_pre_hook(act_in),
+                          moe.act_module.register_forward_hook(act_out)]
 
     def take(self) -> ExpertRows:
         """The rows of the last forward pass (and forget them)."""
-        if self._routing is None:
-            raise GluscopeError(f"{self.where}: its experts module was not called in the forward pass")
-        routing, rows, acts = self._routing, self._rows, self._acts
-        self._routing, self._rows, self._acts = None, [], []
-        implementation = experts_implementation(self.moe.experts_module)
-        token, expert = row_pairs(routing.reshape(-1, routing.shape[-1]), implementation, self.moe.n_experts)
-        full = rows[0].reshape(-1, rows[0].shape[-1]) if len(rows) == 1 else torch.cat(
-            [r.reshape(-1, r.shape[-1]) for r in rows])
-        swish = acts[0].reshape(-1, acts[0].shape[-1]) if len(acts) == 1 else torch.cat(
-            [a.reshape(-1, a.shape[-1]) for a in acts])
-        if full.shape[0] != token.shape[0]:
+        if self._routing is None or not self._parts:
+            raise GluscopeError(f"{self.where}: its experts were not called in the forward pass")
+        routing, parts, acts = self._routing, self._parts, self._acts
+        self._routing, self._parts, self._acts = None, [], []
+        moe = self.moe
+
+        def rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+            flat = [t.reshape(-1, t.shape[-1]) for t in tensors]
+            return flat[0] if len(flat) == 1 else torch.cat(flat)
+
+        gate, in_ = rows([p[0] for p in parts]), rows([p[1] for p in parts])
+        swish = rows([p[2] for p in parts] if moe.rows is not None else acts)
+        post = rows([p[3] for p in parts]) if moe.rows is not None else None
+        member = None
+        if moe.routing == "call":
+            implementation = experts_implementation(moe.experts_module)
+            token, expert = row_pairs(routing.reshape(-1, routing.shape[-1]), implementation, moe.n_experts)
+        elif moe.routing == "scores":  # every expert on every token, expert after expert
+            scores = routing[0]  # [T, E]: 0 where the token is not routed to the expert
+            n_tokens = scores.shape[0]
+            implementation = "every expert on every token"
+            pair = torch.arange(n_tokens * moe.n_experts, device=scores.device)
+            token, expert = pair % n_tokens, pair // n_tokens
+            member = scores.T.reshape(-1) > 0
+        else:  # "sorted": (index_sorted_experts, batch_index, batch_gates, expert_size, logits)
+            _, token, _, expert_size, _ = routing
+            implementation = "rows sorted by expert"
+            sizes = torch.as_tensor(expert_size, device=token.device)
+            expert = torch.repeat_interleave(torch.arange(len(expert_size), device=token.device), sizes,
+                                             output_size=token.shape[0])
+        if gate.shape[0] != token.shape[0]:
             raise GluscopeError(
-                f"{self.where}: its experts ({implementation}) computed {full.shape[0]} rows for {token.shape[0]} "
+                f"{self.where}: its experts ({implementation}) computed {gate.shape[0]} rows for {token.shape[0]} "
                 "routed (token, expert) pairs; gluscope cannot tell which row belongs to which pair")
-        d = full.shape[-1] // 2
-        return ExpertRows(gate=full[:, :d], in_=full[:, d:], swish=swish, token=token, expert=expert)
+        return ExpertRows(gate=gate, in_=in_, swish=swish, token=token, expert=expert, post=post, member=member)
 
 
 def bucket(length: int) -> int:
@@ -188,6 +243,8 @@ def pack_experts(rows: ExpertRows, valid: torch.Tensor, lengths: torch.Tensor, g
     group = groups[rows.expert]  # [S]
     in_doc = torch.arange(t, device=device)[None, :] < lengths[:, None]
     member = in_doc.reshape(-1)[rows.token] & (group >= 0)
+    if rows.member is not None:
+        member &= rows.member
     # Each (document, group) pair's positions, in position order: their rank is the slot.
     seen = torch.zeros(b * t, n_groups + 1, dtype=torch.bool, device=device)
     seen[rows.token, torch.where(member, group, n_groups)] = True  # column n_groups: not recorded
@@ -212,70 +269,88 @@ def pack_experts(rows: ExpertRows, valid: torch.Tensor, lengths: torch.Tensor, g
         return values[take].view(b, length, n_groups * size)
 
     gate, in_, swish = packed(rows.gate), packed(rows.in_), packed(rows.swish)
+    post = swish * in_ if rows.post is None else packed(rows.post)  # act(gate) * in: the experts' own product
     token = rows.token[take].view(b, length, n_groups)
     positions = torch.where(filled, token % t, 0)
     inverse = torch.where(seen & (rank < length), rank, -1)
     packing = Packing(positions=positions, valid=filled & valid.reshape(-1)[token], inverse=inverse, group_size=size)
-    return PackedExperts(gate=gate, in_=in_, swish=swish, post=swish * in_, packing=packing,
+    return PackedExperts(gate=gate, in_=in_, swish=swish, post=post, packing=packing,
                          routed=(seen & valid[:, :, None]).sum(dim=(0, 1)), longest=longest, fits=fits)
 
 
 @torch.no_grad()
 def check_experts(moe: Any, where: str) -> None:
-    """Run the experts module on a few random tokens with random routing, reading its rows with an
-    :class:`ExpertTap`, and compare with ``gate`` and ``in`` from our views of its weights (and its
-    output with ``down(act(gate) * in)``): proves the layout, the activation's place and the order of
-    rows of the implementation it runs with, before any batch (tolerances: a recomputation may
-    differ in the last bits, a wrong row or half would not be close)."""
-    experts_module = moe.experts_module
+    """Run the MoE block on a few random tokens, reading its experts' rows with an
+    :class:`ExpertTap`, and compare each row's ``gate`` and ``in`` with our views of the expert's
+    weights applied to the row's input, and ``post = act(gate) * in`` through the expert's down
+    projection with what the experts return: proves the layout, the activation's place and the
+    order of rows of the implementation the model runs with, before any batch. Tolerances: a
+    recomputation may differ in the last bits, a wrong row, half or expert would not be close."""
     param = moe.experts[0].w_gate
-    d_model, n_experts = param.shape[1], moe.n_experts
-    top_k = min(2, n_experts)
+    d_model = param.shape[1]
     generator = torch.Generator(device="cpu").manual_seed(0)
-    n_tokens = 5
-    hidden = torch.randn(n_tokens, d_model, generator=generator).to(param.device, param.dtype)
-    index = torch.stack([torch.randperm(n_experts, generator=generator)[:top_k] for _ in range(n_tokens)])
-    index[0, 0], index[-1, 0] = 0, n_experts - 1  # the first and the last expert
-    index = index.to(param.device)
-    weights = torch.full((n_tokens, top_k), 1.0 / top_k, dtype=param.dtype, device=param.device)
+    n_tokens = 4 * moe.n_experts
+    hidden = torch.randn(1, n_tokens, d_model, generator=generator).to(param.device, param.dtype)
+    seen: dict[str, Any] = {}
+
+    def experts_in(module: Any, args: tuple, kwargs: dict) -> None:
+        seen["input"] = args[0] if args else kwargs["hidden_states"]
+        if moe.routing == "call":
+            seen["index"] = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
+            seen["weights"] = args[2] if len(args) > 2 else kwargs.get("top_k_weights", kwargs.get("routing_weights"))
+
+    def experts_out(module: Any, args: tuple, kwargs: dict, out: Any) -> None:
+        seen["output"] = out[0] if isinstance(out, tuple) else out
+
+    down = moe.block.output_linear if moe.routing == "sorted" else moe.experts_module
     tap = ExpertTap(moe, where)
-    handles = tap.install()
+    handles = tap.install() + [moe.experts_module.register_forward_pre_hook(experts_in, with_kwargs=True)]
+    handles.append(down.register_forward_hook(experts_out, with_kwargs=True))
     try:
-        try:
-            theirs = experts_module(hidden, index, weights)
-        except GluscopeError:
-            raise
-        except Exception as error:  # another calling convention: not a layout we know
-            raise GluscopeError(
-                f"{where}: its experts module {type(experts_module).__name__} is not called as "
-                f"experts(hidden_states, top_k_index, top_k_weights) ({type(error).__name__}); gluscope "
-                "cannot tell which tokens each expert sees") from None
+        moe.block(hidden)
         rows = tap.take()
+    except GluscopeError:
+        raise
+    except Exception as error:  # another calling convention: not a layout we know
+        raise GluscopeError(f"{where}: its experts ({type(moe.experts_module).__name__}) do not run as gluscope "
+                            f"reads them ({type(error).__name__}: {str(error)[:160]})") from None
     finally:
         for handle in handles:
             handle.remove()
+    x = seen["input"].reshape(-1, d_model)
+    x = x[rows.token] if moe.routing == "call" else x  # Llama 4, JetMoE: the experts' input row by row
+    member = rows.member if rows.member is not None else torch.ones_like(rows.token, dtype=torch.bool)
     tolerance = 1e-4 if param.dtype == torch.float32 else 3e-2
-    ours = torch.zeros(n_tokens, d_model, dtype=torch.float32, device=param.device)
-    for e in range(n_experts):
-        routed = (index == e).any(dim=1)
-        mine = rows.expert == e
-        if int(mine.sum()) != int(routed.sum()):
-            raise GluscopeError(f"{where}: expert {e} computed {int(mine.sum())} rows for {int(routed.sum())} "
-                                "routed tokens; gluscope cannot tell which row belongs to which token")
-        tokens = rows.token[mine]
+    post = (rows.swish * rows.in_ if rows.post is None else rows.post).float()
+    out = torch.zeros(len(rows.token), d_model, dtype=torch.float32, device=param.device)
+    for e in range(moe.n_experts):
+        mine = (rows.expert == e) & member
         expert = moe.experts[e]
-        gate = torch.nn.functional.linear(hidden[tokens], expert.w_gate, expert.b_gate).float()
-        in_ = torch.nn.functional.linear(hidden[tokens], expert.w_in, expert.b_in).float()
+        gate = torch.nn.functional.linear(x[mine], expert.w_gate, expert.b_gate).float()
+        in_ = torch.nn.functional.linear(x[mine], expert.w_in, expert.b_in).float()
+        if moe.rows is not None:  # the family's own values of the interleaved row
+            gate, in_, _ = moe.rows(torch.stack([gate, in_], dim=-1).flatten(-2))
         for name, got, want in (("gate", rows.gate[mine], gate), ("in", rows.in_[mine], in_)):
             scale = float(want.abs().max()) if want.numel() else 1.0
             if not torch.allclose(got.float(), want, rtol=tolerance, atol=tolerance * max(scale, 1e-6)):
                 raise GluscopeError(
-                    f"{where}: the rows expert {e} of {type(experts_module).__name__} computed are not its {name} "
-                    "(gate_up_proj halves, gate first); gluscope records experts computing down(act(gate) * in) only")
-        post = (rows.swish[mine] * rows.in_[mine]).float()
-        ours.index_add_(0, tokens, torch.nn.functional.linear(post, expert.w_out.float()) / top_k)
+                    f"{where}: the rows expert {e} of {type(moe.experts_module).__name__} computed are not its {name} "
+                    "as gluscope reads its weights; gluscope records experts computing down(act(gate) * in) only")
+        out[mine] = torch.nn.functional.linear(post[mine], expert.w_out.float())
+    theirs = seen["output"].float().reshape(-1, d_model)
+    if moe.routing == "call":  # the experts sum each token's rows, weighted by its routing weights
+        index = seen["index"].reshape(-1, seen["index"].shape[-1])
+        weights = seen["weights"].float().reshape(index.shape)
+        routing = ((index[rows.token] == rows.expert[:, None]) * weights[rows.token]).sum(dim=1)
+        bias = getattr(moe.experts_module, "down_proj_bias", None)
+        if bias is not None:  # gpt-oss: the down projection's bias, inside the weighting
+            out = out + bias[rows.expert].float()
+        ours = torch.zeros_like(theirs).index_add_(0, rows.token, out * routing[:, None])
+    else:
+        ours = torch.where(member[:, None], out, 0.0)
+        theirs = torch.where(member[:, None], theirs, 0.0)
     scale = float(theirs.abs().max()) or 1.0
-    if not torch.allclose(ours, theirs.float(), rtol=tolerance, atol=tolerance * scale):
+    if not torch.allclose(ours, theirs, rtol=tolerance, atol=tolerance * scale):
         raise GluscopeError(
-            f"{where}: {type(experts_module).__name__} does not compute down_proj(act(gate) * in) with "
-            "[gate | in] = gate_up_proj halves; gluscope records experts of that form only")
+            f"{where}: {type(moe.experts_module).__name__} does not compute down(act(gate) * in) from the rows "
+            "gluscope reads; gluscope records experts of that form only")

@@ -101,6 +101,9 @@ def provenance(config: CollectConfig, loaded: LoadedModel, corpus: Corpus, layer
         "transformers_version": transformers.__version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    attrs.update(loaded.definitions())
+    if loaded.skipped:
+        attrs["skipped_layers"] = loaded.skipped  # the model's layers without an MLP (attention, state space)
     attrs.update(config.extra_attrs)
     return attrs
 

@@ -307,6 +307,19 @@ def routing_note(data: NeuronData) -> list[str]:
             "not routed to the expert have no value.</p>", ""]
 
 
+def definition_note(data: NeuronData) -> list[str]:
+    """How this neuron's gate, in and post are defined where its family's MLP is not the plain
+    ``act(x·w_gate) * (x·w_in)``: the file says it (``hook_definition`` for a dense layer's neurons,
+    ``expert_hook_definition`` for a routed expert's; a shared expert is a plain gated MLP), and every
+    page of such a neuron repeats it."""
+    if data.expert == "s":
+        return []
+    text = data.attrs.get("hook_definition" if data.expert is None else "expert_hook_definition")
+    if not text:
+        return []
+    return [f'<p class="gs-definition"><b>Hooks of this family.</b> {md_text(str(text))}.</p>', ""]
+
+
 def nonfinite_note(data: NeuronData) -> list[str]:
     """A warning under the summary when some of the neuron's positions had NaN or infinite values."""
     if data.nonfinite is None or not int(np.sum(data.nonfinite)):
@@ -335,7 +348,7 @@ def neuron_markdown(data: NeuronData, ctx: PageContext) -> str:
     lines += [" · ".join(nav), ""]
     prov = " · ".join(f"<b>{md_text(k)}</b> {md_text(v)}"
                       for k, v in provenance_rows({**data.attrs, "n_tokens": data.n_tokens}))
-    lines += [f'<p class="gs-provenance">{prov}</p>', "", *routing_note(data),
+    lines += [f'<p class="gs-provenance">{prov}</p>', "", *routing_note(data), *definition_note(data),
               "## Summary", "", summary_table(data), "", *nonfinite_note(data)]
     # Light pages (a whole model) leave the figures and projections out: their SVG is about 60 KB a
     # page, 2.8 GB for SmolLM2's 46,080 neurons, which would not fit a GitHub Pages site.

@@ -31,7 +31,7 @@ from collect.compiled import compiled_with_fallback, reduce_with_fallback
 from collect.config import (CollectConfig, RunFacts, check_config, check_positions, expert_key, experts_key,
                             resolve_experts, resolve_layers, shard_batches, state_sizes)
 from collect.corpus import Corpus, read_texts, tokenize_corpus
-from collect.distributed import World, any_rank, broadcast_object, merge_into_rank0
+from collect.distributed import World, add_into_rank0, any_rank, broadcast_object, merge_into_rank0
 from collect.interrupt import Interrupted, StopOnSignal
 from collect.memory import ListCapacity, PackedLength, check_state_fits, out_of_memory_hint
 from collect.model import LoadedModel, dtype_name, load_model, max_positions, run_with_mlp_hooks
@@ -119,9 +119,6 @@ def collect_statistics(
     world = world or World()
     experts = resolve_experts(None, loaded) if experts is None else experts  # default: every expert
     routed = routed if routed is not None else {}
-    if world.size > 1 and any(experts.values()):
-        raise GluscopeError("torchrun does not merge expert neurons yet; run MoE layers in one process, or "
-                            "--shard and gluscope merge")
     facts = facts or RunFacts(dtype=dtype_name(loaded.dtype), corpus_sha256=corpus.sha256())
     device = loaded.device
     window = config.context_before + 1 + config.context_after
@@ -186,6 +183,7 @@ def collect_statistics(
                 world.is_main and time.monotonic() - last_checkpoint > config.checkpoint_every], device)
             if finished < len(batches) and (stop or due):
                 states = merge_into_rank0(world, states, empty)
+                add_into_rank0(world, routed)
                 if world.is_main:
                     checkpoints.save(config.checkpoint_path, config, finished, states, facts, routed, wait=stop)
                 last_checkpoint = time.monotonic()
@@ -198,6 +196,7 @@ def collect_statistics(
                     ctrl_c.signum)
         bar.close()
         checkpoints.wait()
+    add_into_rank0(world, routed)
     return merge_into_rank0(world, states, empty)
 
 

@@ -107,13 +107,17 @@ class Packing:
         """As :func:`windows_at`, with ``values`` packed ``[B, T', N]`` and ``pos`` document positions:
         each window holds the group's value at every position it saw, NaN elsewhere. Only the
         entering examples' windows are cut: no document-shaped copy of the values."""
+        b, t_doc, n_groups = self.inverse.shape
+        t_packed, n = values.shape[1], values.shape[2]
         offsets = torch.arange(-context_before, context_after + 1, device=values.device)
+        rows, neurons = rows.long(), neurons.long()
         t = pos[:, None].long() + offsets
         inside = (t >= 0) & (t < lengths[rows][:, None])
-        group = (neurons // self.group_size)[:, None]
-        slot = self.inverse[rows[:, None], t.clamp(0, self.inverse.shape[1] - 1), group]
+        # Two flat takes (one index tensor each): the slot of every window position, then its value.
+        at = (rows * t_doc)[:, None] + t.clamp(0, t_doc - 1)
+        slot = self.inverse.reshape(-1).take(at * n_groups + (neurons // self.group_size)[:, None])
         seen = inside & (slot >= 0)
-        found = values[rows[:, None], slot.clamp(min=0), neurons[:, None]]
+        found = values.reshape(-1).take(((rows * t_packed)[:, None] + slot.clamp(min=0)) * n + neurons[:, None])
         return torch.where(seen, found, float("nan"))
 
 

@@ -959,32 +959,6 @@ def test_expert_resume_and_weight_geometry(model_factory, corpus_files, tmp_path
                                        rtol=1e-5, atol=1e-6)  # both flipped: unchanged
 
 
-def test_gpt_oss_experts_are_refused_naming_what_was_found():
-    """gpt-oss's experts interleave gate and in, add biases and clamp: not act(gate) * in."""
-    import transformers
-
-    from collect.architectures import locate
-
-    config = transformers.GptOssConfig(vocab_size=400, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
-                                       num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
-                                       num_experts_per_tok=2, head_dim=16, max_position_embeddings=256)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    with pytest.raises(GluscopeError, match=r"layer 0's MLP: its experts \(GptOssExperts: gate_up_proj \[4, 32, 32\], "
-                                            r"gate_up_proj_bias .*gpt-oss's interleaved, biased, clamped experts"):
-        locate(model, [0])
-
-
-def test_torchrun_refuses_expert_neurons_before_the_first_batch():
-    """torchrun's merge (collect.distributed.merge_into_rank0) handles dense layers only: a run
-    recording experts is refused before it loads a batch, naming what works instead."""
-    from collect.distributed import World
-    from collect.run import collect_statistics
-
-    with pytest.raises(GluscopeError, match="torchrun does not merge expert neurons yet.*--shard and gluscope merge"):
-        collect_statistics(None, None, small_config(Path("m"), [], Path("o")), [1], world=World(rank=0, size=2),
-                           experts={1: [0, 1]})
-
-
 def test_bridge_on_a_multimodal_model_installs_no_package(model_factory, monkeypatch):
     """Found: TransformerLens ran `pip install torchvision` when it booted Gemma-3 or Llava, which
     replaced the user's torch (2.13 CPU) by a multi-GB 2.14 CUDA build in the middle of a run."""

@@ -251,8 +251,9 @@ def run_merge(args: argparse.Namespace) -> int:
 def add_pick_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("activations", type=Path, help="the activations file (.h5)")
     p.add_argument("--per-layer", type=int, default=1,
-                   help="rare-case standouts per layer: the rare cases whose most extreme hook_post after the start of "
-                        "the document is largest against that case's 99th percentile in the layer (default: 1)")
+                   help="rare-case standouts per layer (and per MoE layer's experts, and shared expert): the rare cases "
+                        "whose most extreme hook_post after the start of the document is largest against that case's "
+                        "99th percentile in the layer (among its experts, for an expert's neuron) (default: 1)")
     p.add_argument("--per-case", type=int, default=2,
                    help="at least this many rare-case standouts of every case, over all layers, where the per-layer "
                         "ones have fewer (default: 2)")
@@ -265,13 +266,6 @@ def run_pick(args: argparse.Namespace) -> int:
     from mkdocs_gluscope.pick import pick_neurons, picks_yaml
 
     with open_activations(args.activations) as f:
-        if f.expert_rows:
-            layers = ", ".join(map(str, f.expert_layers))
-            if not (f.n_layers and f.d_mlp):
-                raise GluscopeError(f"{str(args.activations)!r} holds expert neurons only (layers {layers}); pick "
-                                    "scores dense layers' neurons, not experts' yet: list those as LAYER.eEXPERT.*")
-            print(f"gluscope: warning: pick scored the dense layers only; the expert neurons of layers {layers} "
-                  "are not scored yet", file=sys.stderr)
         print(picks_yaml(pick_neurons(f, per_layer=args.per_layer, mix=args.mix, rare=args.rare,
                                       per_case=args.per_case)))
     return 0

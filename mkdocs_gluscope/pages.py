@@ -142,10 +142,15 @@ class SitePages:
     def doc_title(self, doc: int) -> str | None:
         return self.file.doc_title(doc)
 
+    def case_scales(self, layer: int, expert: int | str | None = None) -> tuple[float, ...]:
+        """The layer's scale of each case, as ``gluscope pick`` scores (read once per layer; for an
+        expert's neuron, the scale among the layer's routed experts, or of its shared expert)."""
+        kind = None if expert is None else SHARED if expert == SHARED else 0  # every routed expert: one scale
+        return self._case_scales(layer, kind)
+
     @lru_cache(maxsize=None)
-    def case_scales(self, layer: int) -> tuple[float, ...]:
-        """The layer's scale of each case, as ``gluscope pick`` scores (read once per layer)."""
-        return tuple(float(x) for x in layer_case_scales(self.file, layer))
+    def _case_scales(self, layer: int, kind: int | str | None) -> tuple[float, ...]:
+        return tuple(float(x) for x in layer_case_scales(self.file, layer, kind))
 
     def context(self, *key: Any, site_root: str = "") -> PageContext:
         i = self._position[tuple(key)]
@@ -167,7 +172,7 @@ class SitePages:
             prev_link=link(i - 1), next_link=link(i + 1), index_link=rel(self.index_path),
             layer_link=rel(self.layer_path(key[0])),
             expert_link=None if expert is None else rel(self.expert_path(key[0], expert)),
-            case_scales=self.case_scales(key[0]) if expert is None else None)
+            case_scales=self.case_scales(key[0], expert))
 
     # -- content ------------------------------------------------------------------------------
     def neuron_data(self, layer: int, neuron: int, expert: int | str | None = None) -> NeuronData:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from collect.run import CollectConfig, collect
-from mkdocs_gluscope.store import CASES, HOOKS, ActivationsFile, first_counted_position
+from mkdocs_gluscope.store import CASES, HOOKS, ActivationsFile, early_end, first_counted_position
 
 MOE = {"mixtral": 2, "olmoe": 2, "qwen2moe": 2, "deepseek2": 3}
 
@@ -288,3 +288,36 @@ def test_gpu_path_of_an_moe_batch_makes_one_host_sync_and_writes_the_exact_file(
         assert all(len(s) <= 1 for s in syncs), syncs
         assert any(redone) == (margin < 1), redone
         same_file(exact, static)
+
+
+def test_pick_lists_expert_neurons_of_every_case(model_factory, corpus_files, tmp_path, capsys):
+    """`gluscope pick` on a file of expert neurons (OLMoE: routed experts only; DeepSeek-V2: a dense layer,
+    routed and shared experts): rare-case standouts of every case among the experts, each judged against
+    its case's scale among the layer's experts, their frequency a share of the tokens routed to the expert;
+    the ids are pages' ids."""
+    from mkdocs_gluscope.cli import main
+    from mkdocs_gluscope.pick import case_scales, expert_set, pick_neurons
+
+    for arch, layers in (("olmoe", 2), ("deepseek2", 3)):
+        out = collect(small_config(model_factory(arch, layers), corpus_files, tmp_path / f"{arch}.h5", k=4))
+        with ActivationsFile(out) as f:
+            picks = pick_neurons(f, per_layer=1, mix=2, rare=0.2, per_case=2)
+            experts = [p for p in picks if p.expert is not None]
+            rare = [p for p in experts if p.reason.startswith("rare")]
+            assert {c for c in CASES if any(f"rare {c} " in p.reason for p in rare)} == set(CASES), picks
+            assert any(p.reason.startswith("unusual case mix") for p in experts)
+            for p in rare:
+                data = f.neuron(p.layer, p.neuron, expert=p.expert, windows=False)
+                c = next(i for i, case in enumerate(CASES) if f"rare {case} " in p.reason)
+                assert data.frequency[c] < 0.2 and data.count[c] >= f.k
+                assert f"({100 * data.count[c] / f.routed[p.layer, p.expert]:.2g}% of its expert's tokens" in p.reason
+                s = expert_set(f, p.layer, p.expert == "s")
+                after_start = (data.top_doc[c, 0] >= 0) & (data.top_pos[c, 0] >= early_end(f.attrs))
+                extreme = np.abs(data.top_value[c, 0][after_start]).max()  # (pick leaves out the start)
+                assert p.score == pytest.approx(extreme / case_scales(s.magnitude)[c], rel=1e-6)
+            if arch == "deepseek2":
+                assert any(p.expert is None for p in picks) and any(p.expert == "s" for p in picks)
+        capsys.readouterr()
+        assert main(["pick", str(out), "--rare", "0.2"]) == 0
+        text = capsys.readouterr().out
+        assert '.e' in text and "gluscope: error" not in text

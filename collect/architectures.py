@@ -87,6 +87,7 @@ class MoELayer:
     act_name: str | None = None  # the activation pages compute act(gate) with, where not the model's own
     definition: str | None = None  # how this family's hooks differ from the plain gate, in, post (pages say it)
     done: torch.nn.Module | None = None  # whose forward hook fires once experts and shared expert ran (block)
+    top_k: int | None = None  # experts per token (the model's num_experts_per_tok), for the memory plan
 
     @property
     def n_experts(self) -> int:
@@ -446,6 +447,10 @@ def locate(hf_model: Any, layers: list[int] | None) -> Located:
                 "needs a gated MLP, act(gate) * in (Llama, OLMo, Gemma, Mistral, Qwen, Phi-3, Mixtral, OLMoE, ...)")
     if not found.layers:
         raise GluscopeError(f"model class {model_class} ({name}): none of its layers holds a gated MLP")
+    config = getattr(hf_model.config, "text_config", None) or hf_model.config
+    for layer in found.layers.values():
+        if isinstance(layer, MoELayer):
+            layer.top_k = getattr(config, "num_experts_per_tok", None) or getattr(config, "moe_topk", None)
     return found
 
 

@@ -638,7 +638,7 @@ def test_statistics_too_large_for_the_gpu_name_layer_groups_that_fit(model_facto
     per_layer = state_bytes(48, 1, small_config(Path("m"), [], Path("o")), torch.float32)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (
         int((per_layer + 64 * 48 * 4 * 12) / 0.9) + 10, 2**34))
-    loaded = type("Loaded", (), {"device": torch.device("cuda:0"), "d_mlp": 48, "dtype": torch.float32})()
+    loaded = type("Loaded", (), {"device": torch.device("cuda:0"), "d_mlp": 48, "dtype": torch.float32, "moe": {}})()
     config = small_config(Path("m"), [], Path("o"), batch_tokens=64)
     with pytest.raises(GluscopeError, match=r"in 2 groups \(--layers 0 then --layers 1, .*gluscope merge"):
         memory.check_state_fits(loaded, [0, 1], config)

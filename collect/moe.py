@@ -273,7 +273,8 @@ def pack_experts(rows: ExpertRows, valid: torch.Tensor, lengths: torch.Tensor, g
     token = rows.token[take].view(b, length, n_groups)
     positions = torch.where(filled, token % t, 0)
     inverse = torch.where(seen & (rank < length), rank, -1)
-    packing = Packing(positions=positions, valid=filled & valid.reshape(-1)[token], inverse=inverse, group_size=size)
+    packing = Packing(positions=positions, valid=filled & valid.reshape(-1)[token], inverse=inverse, group_size=size,
+                      filled=filled)
     return PackedExperts(gate=gate, in_=in_, swish=swish, post=post, packing=packing,
                          routed=(seen & valid[:, :, None]).sum(dim=(0, 1)), longest=longest, fits=fits)
 

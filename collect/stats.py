@@ -38,6 +38,8 @@ EMPTY = -1.0  # |value| of a document with no position in a case: below every re
 
 
 MAX_DOC = 2**31 - 1
+#: Entries whose windows are cut at a time from packed experts' values (bounds the index tensors).
+WINDOW_CHUNK = 1 << 18
 #: Window slots (0..k-1) are stored small; ``gather`` wants int64, so they widen where used.
 SLOT_DTYPE = torch.int16
 MAX_K = 2**15 - 1
@@ -79,9 +81,14 @@ class Packing:
     ``n // group_size``; a dense layer is one group of every neuron, unpacked (``Packing`` None)."""
 
     positions: torch.Tensor  # [B, T', G] int64, 0 in empty slots
-    valid: torch.Tensor  # [B, T', G] bool
+    valid: torch.Tensor  # [B, T', G] bool: the slot holds a counted position
     inverse: torch.Tensor  # [B, T, G] int64, -1 where the group did not see the position
     group_size: int
+    filled: torch.Tensor | None = None  # [B, T', G] bool: the slot holds a position, counted or not (valid if None)
+
+    def __post_init__(self) -> None:
+        if self.filled is None:
+            self.filled = self.valid
 
     def neuron_valid(self) -> torch.Tensor:
         """``[B, T', N]`` (a broadcast view): the valid mask of every neuron."""
@@ -102,11 +109,33 @@ class Packing:
         packed = prio.gather(1, self.positions.reshape(b, t * g)).view(b, t, g)
         return torch.where(self.valid, packed, EMPTY_PRIORITY)
 
+    def unpacked(self, values: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Neurons ``lo..hi-1`` of packed ``values`` back at their documents' positions, ``[B, T, hi - lo]``,
+        NaN where the neuron's group did not see the position."""
+        b, t_doc, _ = self.inverse.shape
+        size = self.group_size
+        out = values.new_full((b, t_doc + 1, hi - lo), float("nan"))  # row t_doc: where empty slots go
+        rows = torch.arange(b, device=values.device)[:, None]
+        for g in range(lo // size, (hi - 1) // size + 1):
+            first, last = max(lo, g * size), min(hi, (g + 1) * size)
+            at = torch.where(self.filled[:, :, g], self.positions[:, :, g], t_doc)
+            out[rows, at, first - lo:last - lo] = values[:, :, first:last]
+        return out[:, :t_doc]
+
     def windows_at(self, values: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, neurons: torch.Tensor,
-                   lengths: torch.Tensor, context_before: int, context_after: int) -> torch.Tensor:
+                   lengths: torch.Tensor, context_before: int, context_after: int, *,
+                   syncs_free: bool = False) -> torch.Tensor:
         """As :func:`windows_at`, with ``values`` packed ``[B, T', N]`` and ``pos`` document positions:
-        each window holds the group's value at every position it saw, NaN elsewhere. Only the
-        entering examples' windows are cut: no document-shaped copy of the values."""
+        each window holds the group's value at every position it saw, NaN elsewhere. Few windows are
+        cut by index, with no document-shaped copy of the values; many (the first batches fill every
+        list) where ``syncs_free`` (a CPU) from the neurons they concern put back at their positions,
+        as :func:`windows_at` cuts a dense layer's (contiguous runs: several times faster)."""
+        window = context_before + 1 + context_after
+        if syncs_free and rows.numel() and rows.numel() * window * 4 >= values.shape[0] * values.shape[1] * (
+                int(neurons.max()) + 1 - int(neurons.min())):
+            lo, hi = int(neurons.min()), int(neurons.max()) + 1
+            return windows_at(self.unpacked(values, lo, hi), rows, pos, neurons - lo, lengths, context_before,
+                              context_after)
         b, t_doc, n_groups = self.inverse.shape
         t_packed, n = values.shape[1], values.shape[2]
         offsets = torch.arange(-context_before, context_after + 1, device=values.device)
@@ -477,14 +506,21 @@ def merge_top(
         keep = entered.reshape(-1, 1)  # a fixed shape: write the old window back where none entered
     store_row = rows[r] * k + top_slot[r, j]
     neuron = rows[r] // (N_CASES * N_HOOKS)
-    cut_windows = windows_at if packing is None else packing.windows_at
-    for store, values in ((stats.win_gate, gate), (stats.win_in, in_)):
-        cut = cut_windows(values, new_row[r, j], top_pos[r, j].long(), neuron, lengths,
-                          context_before, context_after).to(store.dtype)
-        flat = store.view(-1, window)
-        if keep is not None:
-            cut = torch.where(keep, cut, flat[store_row])
-        flat[store_row] = cut
+    cut_windows = windows_at if packing is None else functools.partial(packing.windows_at,
+                                                                        syncs_free=capacity is None)
+    # Packed experts cut their windows in chunks (entries come by list, so by neuron): a wide MoE
+    # layer's first batch enters millions of entries.
+    chunk = len(r) if packing is None else WINDOW_CHUNK
+    for start in range(0, len(r), max(chunk, 1)):
+        part = slice(start, start + chunk)
+        rp, jp = r[part], j[part]
+        for store, values in ((stats.win_gate, gate), (stats.win_in, in_)):
+            cut = cut_windows(values, new_row[rp, jp], top_pos[rp, jp].long(), neuron[part], lengths,
+                              context_before, context_after).to(store.dtype)
+            flat = store.view(-1, window)
+            if keep is not None:
+                cut = torch.where(keep[part], cut, flat[store_row[part]])
+            flat[store_row[part]] = cut
     for name, value in (("top_key", top_key), ("top_value", top_value), ("top_doc", top_doc),
                         ("top_pos", top_pos), ("top_slot", top_slot)):
         target = getattr(stats, name)

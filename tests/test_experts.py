@@ -399,3 +399,34 @@ def test_groups_of_layers_and_experts_merge_into_one_run(model_factory, corpus_f
                               experts=group.experts)
         parts.append(collect(dataclasses.replace(config)))
     same_file(whole, merge_files(parts, tmp_path / "merged.h5"))
+
+
+def test_packed_windows_are_the_documents_windows():
+    """A packed expert's windows, cut by index (few) or from its values put back at their positions (many, a
+    CPU's first batches): the same as cutting them from the document-shaped values, NaN where the expert did
+    not see a position or outside the document."""
+    from collect.stats import Packing, windows_at
+
+    torch.manual_seed(0)
+    b, t, groups, size = 3, 40, 5, 7
+    lengths = torch.tensor([40, 33, 20])
+    routed = (torch.rand(b, t, groups) < 0.3) & (torch.arange(t)[None, :, None] < lengths[:, None, None])
+    longest = int(routed.sum(1).max())
+    positions = torch.zeros(b, longest, groups, dtype=torch.long)
+    filled = torch.zeros(b, longest, groups, dtype=torch.bool)
+    values = torch.randn(b, t, groups * size)
+    document = torch.full_like(values, float("nan"))
+    packed = torch.zeros(b, longest, groups * size)
+    for row in range(b):
+        for g in range(groups):
+            seen = torch.nonzero(routed[row, :, g]).squeeze(1)
+            cols = slice(g * size, (g + 1) * size)
+            positions[row, :len(seen), g], filled[row, :len(seen), g] = seen, True
+            packed[row, :len(seen), cols] = document[row, seen, cols] = values[row, seen, cols]
+    packing = Packing(positions, filled, torch.where(routed, routed.cumsum(1) - 1, -1), size, filled)
+    rows, neurons, pos = torch.randint(0, b, (500,)), torch.randint(0, groups * size, (500,)), torch.randint(0, 20, (500,))
+    want = windows_at(document, rows, pos, neurons, lengths, 4, 2)
+    assert want.isnan().any() and not want.isnan().all()
+    for syncs_free in (False, True):
+        got = packing.windows_at(packed, rows, pos, neurons, lengths, 4, 2, syncs_free=syncs_free)
+        assert torch.equal(got.nan_to_num(123.0), want.nan_to_num(123.0)), syncs_free

@@ -200,6 +200,16 @@ def run_info(args: argparse.Namespace) -> int:
             if key in f.attrs:
                 print(f"{key:>14}: {f.attrs[key]}")
         print(f"{'layers':>14}: {f.describe_layers()} ({f.n_layers})")
+        if f.expert_layers or f.attrs.get("skipped_layers") is not None:
+            # Which of the model's layers hold neurons: a hybrid stack's attention or state-space
+            # layers hold none, an MoE layer holds its experts'.
+            held = sorted(set(f.layers) | set(f.expert_layers))
+            total = f.attrs.get("n_model_layers")
+            text = f"{', '.join(map(str, held))}" + (f" of {total} model layers" if total else "")
+            skipped = list(f.attrs.get("skipped_layers", []))
+            if skipped:
+                text += f"; {', '.join(map(str, skipped))} hold no MLP (attention or state space only)"
+            print(f"{'with neurons':>14}: {text}")
         print(f"{'neurons':>14}: {f.d_mlp} per layer")
         print(f"{'documents':>14}: {f.n_docs}")
         print(f"{'tokens':>14}: {f.n_tokens} counted")

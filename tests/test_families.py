@@ -240,3 +240,25 @@ def test_llama4_language_tower_of_the_multimodal_model(model_factory):
     assert isinstance(found.layers[1], MoELayer) and not isinstance(found.layers[0], MoELayer)
     with pytest.raises(GluscopeError, match="--layers \\[5\\]"):
         locate(model, [5])
+
+
+def test_layers_without_an_mlp_are_skipped_by_name(model_factory, corpus_files, tmp_path, capsys):
+    """A hybrid stack's layer that holds only a mixer (attention or state space), here Jamba's first layer with
+    its feed-forward taken out: skipped when --layers does not name it (the file's skipped_layers, listed by
+    gluscope info), one clear error when it does; info lists the layers that hold neurons."""
+    from collect.architectures import locate
+    from collect.model import prepare_model
+    from mkdocs_gluscope.cli import main
+
+    model, tokenizer = load_hf(str(model_factory("jamba", 2)), torch.float32)
+    del model.model.layers[0].feed_forward
+    found = locate(model, None)
+    assert found.skipped == [0] and list(found.layers) == [1]
+    with pytest.raises(GluscopeError, match="layer 0's MLP was not found"):
+        locate(model, [0])
+    loaded, _ = prepare_model(model, tokenizer)
+    assert loaded.skipped == [0]
+    out = collect(small_config(model_factory("jamba", 2), corpus_files, tmp_path / "jamba.h5"))
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    assert "with neurons: 0, 1 of 2 model layers" in capsys.readouterr().out

@@ -96,13 +96,21 @@ def plan_groups(loaded: LoadedModel, layers: list[int], experts: dict[int, list[
     capacity = budget // per_neuron
 
     def packed(units: dict[int, int], options: list[int | str] | None) -> list[Group]:
-        groups: list[Group] = []
+        """Consecutive layers in as few groups as fit, as even as they can be."""
+        if not units:
+            return []
+        greedy: list[list[int]] = []
+        size = 0
         for layer, n in units.items():
-            if not groups or groups[-1].neurons + n > capacity:
-                groups.append(Group([], options))
-            groups[-1].layers.append(layer)
-            groups[-1].neurons += n
-        return groups
+            if not greedy or size + n > capacity:
+                greedy.append([])
+                size = 0
+            greedy[-1].append(layer)
+            size += n
+        even = _even_chunks(list(units), -(-len(units) // len(greedy)))
+        chunks = even if len(even) == len(greedy) and all(sum(units[x] for x in c) <= capacity for c in even) \
+            else greedy
+        return [Group(c, options, sum(units[x] for x in c)) for c in chunks]
 
     if max(per_layer.values()) <= capacity:  # whole layers (all at once if they fit)
         return StatePlan(per_neuron, total, packed(per_layer, requested))
@@ -139,16 +147,39 @@ def working_bytes(loaded: LoadedModel, config: CollectConfig) -> int:
     return config.batch_tokens * widest * 4 * 12
 
 
+def plan_line(loaded: LoadedModel, layers: list[int], config: CollectConfig, experts: dict[int, list[int | str]],
+              free: int | None = None) -> str:
+    """The run's plan in one line, printed before the first batch: what its statistics hold and
+    need on the device, and (on a GPU) what is free next to the model."""
+    from collect.config import state_sizes
+
+    sizes = state_sizes(loaded, layers, experts)
+    per_neuron = state_bytes(1, 1, config, loaded.dtype)
+    neurons = sum(sizes.values())
+    dense = [layer for layer in layers if layer not in loaded.moe]
+    parts = [f"{len(dense)} dense layer{'s' * (len(dense) != 1)}"] if dense else []
+    if experts:
+        n_routed = {len([e for e in chosen if e != SHARED]) for chosen in experts.values()}
+        shared = any(SHARED in chosen for chosen in experts.values())
+        parts.append(f"{len(experts)} MoE layer{'s' * (len(experts) != 1)} ({'/'.join(map(str, sorted(n_routed)))} "
+                     f"routed experts each{' + shared' if shared else ''})")
+    text = (f"statistics of {neurons:,} neurons ({', '.join(parts)}): {neurons * per_neuron / 2**30:.2f} GiB on "
+            f"{loaded.device} at {per_neuron:,} bytes a neuron")
+    if free is not None:
+        text += f"; {free / 2**30:.1f} GiB free next to the model"
+    return text
+
+
 def check_state_fits(loaded: LoadedModel, layers: list[int], config: CollectConfig,
-                     experts: dict[int, list[int | str]] | None = None) -> StatePlan | None:
-    """Before the first batch: the statistics' size (printed as the run's plan), and on a GPU the
-    refusal of a collection whose statistics cannot fit next to the model (a 7B model in bfloat16
-    and all its layers' statistics need about 21 GiB; OLMoE-1B-7B's million expert neurons about
-    25), naming the groups of layers and experts that do fit: running out of memory mid-run would
-    waste the run. Returns the plan on a GPU."""
-    if loaded.device.type != "cuda":
-        return None
+                     experts: dict[int, list[int | str]] | None = None) -> str:
+    """Before the first batch: the run's plan (:func:`plan_line`, which the run prints), and on a GPU
+    the refusal of a collection whose statistics cannot fit next to the model (a 7B model in bfloat16
+    and all its layers' statistics need about 16 GiB; OLMoE-1B-7B's million expert neurons about 48),
+    naming the groups of layers and experts that do fit: running out of memory mid-run would waste
+    the run."""
     experts = experts or {}
+    if loaded.device.type != "cuda":
+        return plan_line(loaded, layers, config, experts)
     free, _ = torch.cuda.mem_get_info(loaded.device)
     per_neuron = state_bytes(1, 1, config, loaded.dtype)
     working = working_bytes(loaded, config)
@@ -159,14 +190,14 @@ def check_state_fits(loaded: LoadedModel, layers: list[int], config: CollectConf
             f"after loading the model; rerun with a smaller --batch-tokens")
     plan = plan_groups(loaded, layers, experts, per_neuron, budget, config.experts)
     if len(plan.groups) == 1:
-        return plan
+        return plan_line(loaded, layers, config, experts, free) + ": one run"
     spans = " then ".join(g.options() for g in plan.groups)
     what = f"{len(layers)} layers" if not loaded.moe else f"{len(layers)} layers ({plan.neurons:,} neurons with experts)"
     raise GluscopeError(
         f"the statistics of {what} need {plan.total / 2**30:.1f} GiB on {loaded.device}, "
         f"{max(budget, 0) / 2**30:.1f} GiB is free next to the model; collect them in {len(plan.groups)} groups "
         f"({spans}, each with the same other options; each may run under torchrun) and join the files with "
-        "gluscope merge")
+        "gluscope merge (a smaller --batch-tokens leaves more room)")
 
 
 def has_nonzero_static(device: torch.device) -> bool:

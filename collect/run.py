@@ -74,7 +74,9 @@ def _collect(config: CollectConfig, world: World, device: str, *, stop_after_bat
     corpus = tokenize_corpus(texts, loaded.tokenizer, max_tokens=config.max_tokens,
                              max_doc_tokens=config.max_doc_tokens, long_docs=config.long_docs, bos=config.bos)
     check_positions(corpus, max_positions(loaded.hf_model), config.max_doc_tokens)
-    check_state_fits(loaded, layers, config, experts)
+    plan = check_state_fits(loaded, layers, config, experts)
+    if config.progress and world.is_main:
+        print(f"gluscope: {plan}", file=sys.stderr, flush=True)
     run_facts = RunFacts(dtype=dtype_name(loaded.dtype), corpus_sha256=corpus.sha256())
     if not distributed.all_equal(world, dataclasses.asdict(run_facts)):
         raise GluscopeError("the torchrun processes disagree on the tokenized corpus or the dtype; give every "

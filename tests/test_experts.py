@@ -430,3 +430,20 @@ def test_packed_windows_are_the_documents_windows():
     for syncs_free in (False, True):
         got = packing.windows_at(packed, rows, pos, neurons, lengths, 4, 2, syncs_free=syncs_free)
         assert torch.equal(got.nan_to_num(123.0), want.nan_to_num(123.0)), syncs_free
+
+
+def test_the_run_prints_its_plan_before_the_first_batch(model_factory, corpus_files, tmp_path, capsys):
+    """What the statistics hold and need, in one line, before the progress bar starts."""
+    from mkdocs_gluscope.cli import main
+
+    folder = model_factory("deepseek2", 3)
+    capsys.readouterr()
+    code = main(["collect", "--model", str(folder), "--dataset", str(corpus_files[0]), "--out", str(tmp_path / "d.h5"),
+                 "--device", "cpu", "--dtype", "float32", "--no-compile", "--k", "4"])
+    err = capsys.readouterr().err
+    assert code == 0
+    line = next(x for x in err.splitlines() if x.startswith("gluscope: statistics of"))
+    # 1 dense layer of 48 neurons, 2 MoE layers of 4 routed experts x 24 and a shared expert of 24
+    assert line.startswith("gluscope: statistics of 288 neurons (1 dense layer, 2 MoE layers (4 routed experts each "
+                           "+ shared)): ") and "GiB on cpu" in line
+    assert err.index(line) < err.index("collect:")  # before the progress bar

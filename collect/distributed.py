@@ -7,14 +7,21 @@ are merged exactly into rank 0 with :func:`collect.stats.merge_stats` (documents
 the whole corpus, so lists combine as one run's would), and rank 0 writes the one file. NCCL on
 GPUs, gloo on CPUs. There is no launcher of our own: torchrun (and a cluster's scheduler around
 it) starts, restarts and stops the processes.
+
+A failing rank stops every rank within seconds (:class:`FailFast`): otherwise the others would wait
+in their next collective until the process group's timeout (hours), while the failed rank's card
+sits idle. The last checkpoint written stays, for ``--resume``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import sys
+import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -60,10 +67,85 @@ def init(device: str) -> tuple[World, str]:
 
 
 def finish(world: World) -> None:
-    """Leave the process group (after rank 0 has written the file)."""
+    """Leave the process group. No barrier: after the statistics' last merge only rank 0 has work
+    left (writing the file), and a rank waiting for it in a collective could only hang if it failed;
+    torchrun waits for every process anyway."""
     if world.size > 1 and dist.is_initialized():
-        dist.barrier()
         dist.destroy_process_group()
+
+
+#: How often a rank looks whether another one failed, and how long it then lets the failed rank end
+#: first, so that torchrun names that rank as the root cause (seconds).
+FAIL_POLL_S, FAIL_GRACE_S = 0.5, 2.0
+
+
+class FailFast:
+    """Every rank stops within seconds when one fails, with that rank's message.
+
+    A rank that leaves :meth:`guard` by an exception (anything but a clean, agreed stop such as
+    :class:`collect.interrupt.Interrupted`) writes ``RANK<TAB>message`` under a key of torchrun's
+    key-value store, the first failure only. Every rank runs a watchdog thread that polls that key;
+    on another rank's failure it runs the ``on_abort`` callbacks (e.g. finishing a checkpoint that
+    is being written) and ends the process with status 1, wherever the main thread is waiting (a
+    collective cannot be interrupted otherwise). The store is torchrun's (``MASTER_ADDR``,
+    ``MASTER_PORT``), through a connection of its own, keyed by the run and restart so that a restarted
+    group does not read an earlier failure."""
+
+    def __init__(self, world: World, clean: tuple[type[BaseException], ...] = ()) -> None:
+        self.world = world
+        self.clean = clean
+        self.on_abort: list[Callable[[], None]] = []
+        self._stop = threading.Event()
+        self._store: Any = None
+        run = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+        self._key = f"gluscope/failed/{run}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+    def _connect(self) -> Any:
+        return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                             wait_for_workers=False, timeout=datetime.timedelta(seconds=60))
+
+    def _failure(self) -> tuple[int, str] | None:
+        if not self._store.check([self._key]):
+            return None
+        rank, _, message = self._store.get(self._key).decode("utf-8", "replace").partition("\t")
+        return int(rank), message
+
+    def _watch(self) -> None:
+        while not self._stop.wait(FAIL_POLL_S):
+            try:
+                failure = self._failure()
+            except Exception:  # the store went away: the group is ending
+                return
+            if failure is None or failure[0] == self.world.rank:
+                continue
+            rank, message = failure
+            print(f"gluscope: error: rank {rank} failed ({message}); rank {self.world.rank} stops too (the last "
+                  "checkpoint is kept: rerun with --resume)", file=sys.stderr, flush=True)
+            for callback in self.on_abort:
+                with contextlib.suppress(BaseException):
+                    callback()
+            self._stop.wait(FAIL_GRACE_S)
+            os._exit(1)
+
+    @contextlib.contextmanager
+    def guard(self) -> Iterator["FailFast"]:
+        if self.world.size == 1 or "MASTER_ADDR" not in os.environ:
+            yield self
+            return
+        self._store = self._connect()
+        watchdog = threading.Thread(target=self._watch, name="gluscope-fail-fast", daemon=True)
+        watchdog.start()
+        try:
+            yield self
+        except self.clean:
+            raise
+        except BaseException as error:
+            message = " ".join(str(error).split())[:500] or type(error).__name__
+            # The first failure wins: compare_set writes only where the key does not exist yet.
+            self._store.compare_set(self._key, "", f"{self.world.rank}\t{type(error).__name__}: {message}")
+            raise
+        finally:
+            self._stop.set()
 
 
 def any_rank(world: World, flags: list[bool], device: torch.device) -> list[bool]:

@@ -31,7 +31,7 @@ from collect.compiled import compiled_with_fallback, reduce_with_fallback
 from collect.config import (CollectConfig, RunFacts, check_config, check_positions, expert_key, experts_key,
                             resolve_experts, resolve_layers, shard_batches, state_sizes)
 from collect.corpus import Corpus, read_texts, tokenize_corpus
-from collect.distributed import World, add_into_rank0, any_rank, broadcast_object, merge_into_rank0
+from collect.distributed import FailFast, World, add_into_rank0, any_rank, broadcast_object, merge_into_rank0
 from collect.interrupt import Interrupted, StopOnSignal
 from collect.memory import ListCapacity, PackedLength, check_state_fits, out_of_memory_hint
 from collect.model import LoadedModel, dtype_name, load_model, max_positions, run_with_mlp_hooks
@@ -54,12 +54,17 @@ def collect(config: CollectConfig, *, stop_after_batches: int | None = None) -> 
     check_config(config)
     world, device = distributed.init(config.device)
     try:
-        return _collect(config, world, device, stop_after_batches=stop_after_batches)
-    finally:
+        with FailFast(world, clean=(Interrupted,)).guard() as fail_fast:
+            path = _collect(config, world, device, stop_after_batches=stop_after_batches, fail_fast=fail_fast)
+    except Interrupted:  # every rank stopped at the same batch, after a checkpoint
         distributed.finish(world)
+        raise
+    distributed.finish(world)
+    return path
 
 
-def _collect(config: CollectConfig, world: World, device: str, *, stop_after_batches: int | None) -> Path:
+def _collect(config: CollectConfig, world: World, device: str, *, stop_after_batches: int | None,
+             fail_fast: FailFast | None = None) -> Path:
     started = time.monotonic()
     # Only the requested layers are located (and refactored): --layers can pick the layers we can record.
     loaded, facts = load_model(config.model, dtype=config.dtype, device=device,
@@ -83,7 +88,7 @@ def _collect(config: CollectConfig, world: World, device: str, *, stop_after_bat
                             "node the same dataset files, model and torch version")
     routed: dict[str, torch.Tensor] = {}
     states = collect_statistics(loaded, corpus, config, layers, stop_after_batches=stop_after_batches,
-                                facts=run_facts, world=world, experts=experts, routed=routed)
+                                facts=run_facts, world=world, experts=experts, routed=routed, fail_fast=fail_fast)
     if not world.is_main:
         return config.out  # rank 0 writes the file
     path = write_activations(config, loaded, corpus, facts, states, routed, dense_layers, experts,
@@ -103,13 +108,15 @@ def collect_statistics(
     world: World | None = None,
     experts: dict[int, list[int | str]] | None = None,
     routed: dict[str, torch.Tensor] | None = None,
+    fail_fast: FailFast | None = None,
 ) -> dict[int | str, LayerStats]:
     """Run the model over every batch of the corpus and return each layer's statistics (on rank 0
     of a torchrun collection: the merge of every rank's; on other ranks: empty): dense layers by
     number; for the mixture-of-experts layers, the routed experts in ``experts`` (see
     :func:`resolve_experts`) as one wide layer by :func:`experts_key` (expert after expert) and a
     shared expert by :func:`expert_key`, with the tokens routed to each added to ``routed`` (a
-    ``[experts]`` tensor for the routed ones).
+    ``[experts]`` tensor for the routed ones). ``fail_fast``: under torchrun, the guard that ends
+    this rank when another fails (:class:`collect.distributed.FailFast`).
 
     Inside the layer loop nothing waits for the device: a layer-batch whose fast statistics are
     unusable (a NaN or inf where the fast path assumes finite values, more changed lists than the
@@ -157,6 +164,8 @@ def collect_statistics(
     capacity = {key: ListCapacity(device, size * N_CASES * N_HOOKS) for key, size in sizes.items()}
     packed_length = {layer: PackedLength(device) for layer in experts}
     checkpoints = CheckpointWriter()
+    if fail_fast is not None:  # another rank's failure ends this process: finish the checkpoint in flight first
+        fail_fast.on_abort.append(checkpoints.wait)
 
     from tqdm.auto import tqdm
 

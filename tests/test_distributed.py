@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -43,10 +44,68 @@ def same_file(single: Path, other: Path, world_size: int) -> None:
         assert a.attrs["world_size"] == 1 and b.attrs["world_size"] == world_size
 
 
-def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+def torchrun(args: list[str], nproc: int = 2, script: Path | None = None, **env_vars: str) -> subprocess.CompletedProcess:
+    program = [str(script)] if script else ["-m", "mkdocs_gluscope.cli"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "mkdocs_gluscope.cli", "collect", *args]
-    return subprocess.run(command, env=env(), capture_output=True, text=True, timeout=600)
+               *program, "collect", *args]
+    return subprocess.run(command, env={**env(), **env_vars}, capture_output=True, text=True, timeout=600)
+
+
+#: ``gluscope`` with one rank failing at one of its batches (GLUSCOPE_TEST_FAIL="RANK:BATCH"), as a GPU
+#: error or an out-of-memory would: run by torchrun in place of the command.
+FAILING_RANK = """
+import os, sys, time
+import collect.run as run
+
+rank, at = (int(x) for x in os.environ["GLUSCOPE_TEST_FAIL"].split(":"))
+calls, original = [0], run._run_batch
+
+def failing(*args, **kwargs):
+    calls[0] += 1
+    if int(os.environ["RANK"]) == rank and calls[0] == at:
+        with open(os.environ["GLUSCOPE_TEST_FAILED_AT"], "w") as f:
+            f.write(repr(time.time()))
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    return original(*args, **kwargs)
+
+run._run_batch = failing
+from mkdocs_gluscope.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_failing_rank_stops_every_rank_and_the_run_resumes(model_factory, corpus_files, tmp_path):
+    """Rank 1 fails at its third batch: every process ends within seconds (not at the process group's
+    timeout of hours), the run exits non-zero naming the failed rank, and --resume completes the file
+    that an uninterrupted run writes."""
+    import time
+
+    model = model_factory("llama")
+    single = collect(small_config(model, corpus_files, tmp_path / "single.h5", **OPTIONS))
+    script = tmp_path / "failing_rank.py"
+    script.write_text(FAILING_RANK)
+    out = tmp_path / "failed.h5"
+    args = cli_args(model, corpus_files, out) + ["--checkpoint-every", "0"]  # a checkpoint every round
+    failed_at = tmp_path / "failed_at"
+    done = torchrun(args, script=script, GLUSCOPE_TEST_FAIL="1:3", GLUSCOPE_TEST_FAILED_AT=str(failed_at))
+    elapsed = time.time() - float(failed_at.read_text())
+    assert done.returncode != 0 and not out.exists()
+    assert elapsed < 30, f"the ranks took {elapsed:.0f} s to stop after rank 1 failed"
+    assert "gluscope: error: rank 1 failed (RuntimeError: CUDA error: an illegal memory access" in done.stderr
+    with torch_checkpoint(out) as saved:
+        assert saved["batches_done"] == 4  # rounds 0 and 1 (batches 0-3) were checkpointed before it failed
+    resumed = torchrun(cli_args(model, corpus_files, out) + ["--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "after 4/" in resumed.stderr
+    same_file(single, out, world_size=2)
+
+
+@contextlib.contextmanager
+def torch_checkpoint(out: Path):
+    import torch
+
+    yield torch.load(out.with_name(out.name + ".ckpt"), weights_only=True)
 
 
 def cli_args(model: Path, corpus: list[Path], out: Path) -> list[str]:

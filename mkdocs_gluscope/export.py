@@ -12,7 +12,7 @@ imported here, when the command runs.
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from mkdocs_gluscope.errors import GluscopeError
-from mkdocs_gluscope.render import display_name, md_text
+from mkdocs_gluscope.render import display_name, json_text, md_text
+from mkdocs_gluscope.schema import check_places
 from mkdocs_gluscope.store import (CASES, HOOKS, VOCAB_DIRECTIONS, VOCAB_WEIGHTS, WEIGHT_NAMES, ActivationsFile,
                                    FormatError)
 
@@ -76,12 +77,14 @@ def layer_columns(f: ActivationsFile, layer: int) -> dict[str, Any]:
     """One layer's rows as columns (numpy arrays, neurons in order)."""
     row = f.row(layer)
     N = f.d_mlp
-    g = f.file
-    count = g["stats/count"][row]  # [N, C]
-    total = g["stats/sum"][row]
-    low, high = g["stats/min"][row], g["stats/max"][row]
-    value, doc, pos = g["top/value"][row], g["top/doc"][row], g["top/pos"][row]  # [N, C, H, k]
-    source = g["corpus/source_index"][...] if "source_index" in g["corpus"] else None
+    label = f"layer {layer}"
+    g = lambda name: f.read(name, row, label)  # noqa: E731
+    count = g("stats/count")  # [N, C]
+    total = g("stats/sum")
+    low, high = g("stats/min"), g("stats/max")
+    value, doc, pos = g("top/value"), g("top/doc"), g("top/pos")  # [N, C, H, k]
+    check_places(f.where, "top", doc, pos, f.doc_lengths, label)
+    source = f.read("corpus/source_index") if "source_index" in f.file["corpus"] else None
     # The paper's indices are rows of the source dataset; without a recorded source, this file's documents.
     index = np.where(doc >= 0, (source[np.clip(doc, 0, None)] if source is not None else doc), -1).astype(np.int64)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -101,19 +104,29 @@ def layer_columns(f: ActivationsFile, layer: int) -> dict[str, Any]:
     for name in WEIGHT_NAMES:
         cols[name] = f.weights(name)[row]
     if f.has_nonfinite:
-        cols["nonfinite"] = g["stats/nonfinite"][row]
+        cols["nonfinite"] = g("stats/nonfinite")
     if f.has_distributions:
-        hist = g["stats/hist"][row]  # [N, C, H, B]
+        hist = g("stats/hist")  # [N, C, H, B]
         for c, case in enumerate(CASES):
             for h, hook in enumerate(HOOKS):
                 cols[f"{case}_{hook}_hist"] = hist[:, c, h]
-    if "vocab" in g:
-        token, score = g["vocab/token"][row], g["vocab/score"][row]  # [N, 3, 2, K]
+    if "vocab" in f.file:
+        token, score = g("vocab/token"), g("vocab/score")  # [N, 3, 2, K]
         for w, weight in enumerate(VOCAB_WEIGHTS):
             for d, direction in enumerate(VOCAB_DIRECTIONS):
                 cols[f"vocab_{weight}_{direction}_tokens"] = token[:, w, d]
                 cols[f"vocab_{weight}_{direction}_scores"] = score[:, w, d]
     return cols
+
+
+def json_value(value: Any) -> Any:
+    """An attribute as JSON can hold it: a NaN or infinite number as null (JSON has neither), lists
+    item by item, anything that is not a number, string or bool by its text."""
+    if isinstance(value, list):
+        return [json_value(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return value if value is None or isinstance(value, (bool, int, str)) else str(value)
 
 
 def dataset_card(f: ActivationsFile, shards: str) -> str:
@@ -167,11 +180,11 @@ def export_dataset(activations: str | os.PathLike, out: str | os.PathLike) -> Pa
             table = datasets.Dataset.from_dict(layer_columns(f, layer), features=kinds)
             table.to_parquet(str(tmp / "data" / f"{SPLIT}-{i:05d}-of-{n:05d}.parquet"))
         (tmp / "README.md").write_text(dataset_card(f, f"data/{SPLIT}-*.parquet"), encoding="utf-8")
-        (tmp / "gluscope.json").write_text(json.dumps(
+        (tmp / "gluscope.json").write_text(json_text(
             # Local paths of the collector's machine are named by their last part, as on the site.
             {"cases": list(CASES), "hooks": list(HOOKS), "attrs": {
-                k: display_name(v) if k in ("model", "dataset") and isinstance(v, str) else v for k, v in f.attrs.items()}},
-            default=str, indent=1), encoding="utf-8")
+                k: display_name(v) if k in ("model", "dataset") and isinstance(v, str) else json_value(v)
+                for k, v in f.attrs.items()}}), encoding="utf-8")
         if out.exists():
             out.rmdir()
         tmp.rename(out)

@@ -83,9 +83,9 @@ class NeuronSet:
 def dense_set(f: ActivationsFile, layer: int) -> NeuronSet:
     """One dense layer's neurons as a :class:`NeuronSet`."""
     row = f.row(layer)
-    count = f.file["stats/count"][row]
-    magnitude, post = case_extremes(f.file["top/value"][row, :, :, 0, :], f.file["top/pos"][row, :, :, 0, :],
-                                    early_end(f.attrs))
+    count = f.read("stats/count", row)
+    hook_post = (row, slice(None), slice(None), 0)  # every neuron and case, hook_post
+    magnitude, post = case_extremes(f.read("top/value", hook_post), f.read("top/pos", hook_post), early_end(f.attrs))
     return NeuronSet(layer, [None], f.d_mlp, count / max(f.n_tokens, 1), count, magnitude, post)
 
 
@@ -96,10 +96,11 @@ def expert_set(f: ActivationsFile, layer: int, shared: bool) -> NeuronSet | None
     if not experts:
         return None
     rows = [f.expert_rows[layer, e][1] for e in experts]
-    group = f.file["shared_experts" if shared else "experts"]
-    count = group["stats/count"][rows]  # [E, d, C]
+    group = "shared_experts/" if shared else "experts/"
+    count = f.read(group + "stats/count", rows)  # [E, d, C]
     routed = np.array([max(f.routed[layer, e], 1) for e in experts], dtype=np.float64)
-    magnitude, post = case_extremes(group["top/value"][rows, :, :, 0, :], group["top/pos"][rows, :, :, 0, :],
+    hook_post = (rows, slice(None), slice(None), 0)
+    magnitude, post = case_extremes(f.read(group + "top/value", hook_post), f.read(group + "top/pos", hook_post),
                                     early_end(f.attrs))
     d = count.shape[1]
 

@@ -152,7 +152,7 @@ def main() -> None:
     bare = [statistics.median(f[i] for f in forward) for i in range(len(batches))]
     later = slice(max(1, len(batches) // 4), None)
     window = cfg.context_before + 1 + cfg.context_after
-    per_neuron = state_bytes_per_neuron(args.k, window, 2, samples, BAND_SAMPLES if samples else 0)
+    per_neuron = state_bytes_per_neuron(args.k, window, torch.float16, samples, BAND_SAMPLES if samples else 0)
     neurons = args.full_layers * args.experts * args.d_expert
     load = os.getloadavg()
     print(f"hardware: {hardware() if device.type == 'cpu' else torch.cuda.get_device_name()}; load average "

@@ -14,31 +14,33 @@ guard (``compiled``), the memory plan (``memory``), and the file's arrays and pr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import gc
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 from collect import distributed
 from collect.checkpoint import CheckpointWriter, load_checkpoint
-from collect.compiled import compiled_with_fallback, reduce_with_fallback
+from collect.batch import Batch, Flags, LayerPaths
+from collect.compiled import use_own_compile_cache
 from collect.config import (CollectConfig, RunFacts, check_config, check_positions, expert_key, experts_key,
                             resolve_experts, resolve_layers, shard_batches, state_sizes)
 from collect.corpus import Corpus, read_texts, tokenize_corpus
 from collect.distributed import FailFast, World, add_into_rank0, any_rank, broadcast_object, merge_into_rank0
 from collect.interrupt import Interrupted, StopOnSignal
-from collect.memory import ListCapacity, PackedLength, check_state_fits, out_of_memory_hint
+from collect.memory import PackedLength, check_state_fits, keep_hooks, out_of_memory_hint
 from collect.model import LoadedModel, dtype_name, load_model, max_positions, run_with_mlp_hooks
 from collect.moe import pack_experts
 from collect.output import write_activations
-from collect.stats import (N_CASES, N_HOOKS, BatchReduction, LayerStats, Packing, compiled_histogram_batch,
-                           histogram_batch, reduce_batch, state_window_dtype, update_stats)
+from collect.stats import LayerStats, Packing, state_window_dtype
 from mkdocs_gluscope.distributions import EMPTY_PRIORITY, document_pieces, position_priority
 from mkdocs_gluscope.errors import GluscopeError
 from mkdocs_gluscope.store import SHARED
@@ -52,6 +54,7 @@ def collect(config: CollectConfig, *, stop_after_batches: int | None = None) -> 
     Under torchrun every process runs this; they share the batches and rank 0 writes the file
     (:mod:`collect.distributed`)."""
     check_config(config)
+    use_own_compile_cache()
     world, device = distributed.init(config.device)
     try:
         with FailFast(world, clean=(Interrupted,)).guard() as fail_fast:
@@ -118,12 +121,17 @@ def collect_statistics(
     ``[experts]`` tensor for the routed ones). ``fail_fast``: under torchrun, the guard that ends
     this rank when another fails (:class:`collect.distributed.FailFast`).
 
-    Inside the layer loop nothing waits for the device: a layer-batch whose fast statistics are
-    unusable (a NaN or inf where the fast path assumes finite values, more changed lists than the
-    capacity, more of an expert's tokens in a document than the packed length) leaves those
+    Each layer-batch takes the fastest exact path of its device (:mod:`collect.batch`); a MoE layer's
+    routed experts run there as one wide layer over their packed tokens. On a CPU the kernel (dense
+    layers and shared experts), or the compiled code checked at once; on a GPU nothing in the layer
+    loop waits for the device: a layer-batch whose fast statistics are unusable (a NaN or inf where
+    the fast path assumes finite values, more changed lists or example candidates than the
+    capacities, more of an expert's tokens in a document than the packed length) leaves those
     statistics unchanged, decided on the device, and after the batch's forward pass one host sync
-    reads every flag; the rare flagged layers are then computed again, exactly, by a second forward
-    pass of the batch. On a CPU, where a sync costs nothing, capacities and packed lengths are exact.
+    reads every flag; the rare flagged dense layers are then computed again, exactly, from the hooks
+    kept for them where memory allows (:func:`collect.memory.keep_hooks`), else by a second forward
+    pass of those layers (flagged experts always by a second forward pass: their packed tokens may
+    not all have fit). On a CPU, where a sync costs nothing, capacities and packed lengths are exact.
     """
     world = world or World()
     experts = resolve_experts(None, loaded) if experts is None else experts  # default: every expert
@@ -156,12 +164,12 @@ def collect_statistics(
             routed.update({key: value.to(device) for key, value in restored[2].items()})
             print(f"gluscope: resuming from {config.checkpoint_path} after {start}/{len(batches)} batches",
                   file=sys.stderr)
-    reduce = reduce_with_fallback(config.compile)
+    paths = LayerPaths(device, loaded.d_mlp, config.compile)
+    keep = keep_hooks(loaded, [layer for layer in layers if layer not in loaded.moe], config, paths.deferred)
     sampling = _Sampling.of(corpus, config) if config.samples > 0 else None
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     first_counted = config.counted_from(corpus.has_bos)
     lengths_all = corpus.lengths
-    capacity = {key: ListCapacity(device, size * N_CASES * N_HOOKS) for key, size in sizes.items()}
     packed_length = {layer: PackedLength(device) for layer in experts}
     checkpoints = CheckpointWriter()
     if fail_fast is not None:  # another rank's failure ends this process: finish the checkpoint in flight first
@@ -178,14 +186,14 @@ def collect_statistics(
     # are done by every rank, so a checkpoint holds whole rounds and resumes with any number of ranks.
     n_rounds = -(-(len(batches) - start) // world.size)
     # The signal handlers are in place before the bar shows: once progress shows, SIGTERM checkpoints.
-    with StopOnSignal() as ctrl_c, out_of_memory_hint(config):
+    with StopOnSignal() as ctrl_c, out_of_memory_hint(config), _gc_spares_the_model():
         bar = tqdm(total=total, initial=tokens(range(start)), unit="tok", unit_scale=True,
                    disable=not (config.progress and world.is_main), desc="collect", dynamic_ncols=True)
         for round_ in range(n_rounds):
             first_of_round = start + round_ * world.size
             index = first_of_round + world.rank
             if index < len(batches):
-                _run_batch(loaded, corpus, batches[index], layers, states, config, reduce, capacity, pad_id,
+                _run_batch(loaded, corpus, batches[index], layers, states, config, paths, keep, pad_id,
                            first_counted, device, experts, routed, sampling, packed_length)
             finished = min(first_of_round + world.size, len(batches))
             bar.update(tokens(range(first_of_round, finished)))
@@ -212,15 +220,17 @@ def collect_statistics(
 
 
 def _run_batch(loaded: LoadedModel, corpus: Corpus, batch: Any, layers: list[int],
-               states: dict[int | str, LayerStats], config: CollectConfig, reduce: Callable[..., BatchReduction],
-               capacity: dict[int | str, ListCapacity], pad_id: int, first_counted: int, device: torch.device,
+               states: dict[int | str, LayerStats], config: CollectConfig, paths: LayerPaths, keep: bool,
+               pad_id: int, first_counted: int, device: torch.device,
                experts: dict[int, list[int | str]] | None = None,
                routed: dict[str, torch.Tensor] | None = None,
                sampling: "_Sampling | None" = None,
                packed_length: "dict[int, PackedLength] | None" = None) -> None:
     """One batch through the model, every layer's statistics updated (see collect_statistics):
-    dense layers, shared experts and each MoE layer's routed experts by the fast path (redone
-    exactly where flagged), with the tokens routed to each expert added to ``routed``; with
+    dense layers and experts by :class:`~collect.batch.LayerPaths` (a MoE layer's routed experts as one
+    wide layer over their packed tokens; a flagged layer-batch of the GPU's path redone exactly
+    after the batch's one host sync, a dense one from the hooks kept for it where ``keep``, else by
+    a second forward pass), with the tokens routed to each expert added to ``routed``; with
     ``sampling``, the distributions too."""
     experts = experts or {}
     routed = routed if routed is not None else {}
@@ -236,31 +246,27 @@ def _run_batch(loaded: LoadedModel, corpus: Corpus, batch: Any, layers: list[int
     valid = (t[None, :] < lengths[:, None]) & (t[None, :] >= first_counted)
     prio = (sampling.priorities(batch.docs, batch.length, lengths_np, first_counted).to(device, non_blocking=True)
             if sampling else None)
-    histogram = sampling.histogram if sampling else histogram_batch
-    # Per statistics key: whether the batch was added (device bools) and how many lists it changed.
-    applied: dict[int | str, torch.Tensor] = {}
-    active: dict[int | str, torch.Tensor] = {}
+    inputs = Batch(doc_ids, lengths, valid, prio, config.context_before, config.context_after)
+    flags: dict[int | str, Flags] = {}
+    kept: dict[int, tuple[torch.Tensor, ...]] = {}
     longest: dict[int, torch.Tensor] = {}  # per MoE layer: the most tokens of one expert in one document
 
-    def add(key: int | str, gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor, swish: torch.Tensor,
-            hook_valid: torch.Tensor, *, exact: bool, packing: Packing | None = None,
-            fits: torch.Tensor | None = None) -> torch.Tensor:
-        """One set of neurons' statistics: fast (flagged where unusable) or ``exact`` (every value
-        checked, no capacity: a redo). Returns whether they were added (a device bool)."""
-        reduced = (reduce_batch if exact else reduce)(gate, in_, post, swish, hook_valid)
-        if packing is not None:  # packed slots back to the documents' positions
-            reduced.doc_pos = packing.to_document(reduced.doc_pos)
-        accept = None if exact else ~reduced.suspect if fits is None else ~reduced.suspect & fits
-        applied[key], active[key] = update_stats(
-            states[key], reduced, doc_ids, gate, in_, lengths, config.context_before, config.context_after,
-            capacity=None if exact else capacity[key].current(len(batch.docs)), accept=accept,
-            hooks=(post, in_, gate, swish), valid=hook_valid, prio=prio, packing=packing, check_finite=exact,
-            histogram=histogram)
-        return applied[key]
+    def on_layer(layer: int, gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor) -> None:
+        hooks = (gate, in_, post, loaded.mlps[layer].act_fn(gate))
+        pending = paths.add(layer, states[layer], hooks, inputs)
+        if pending is not None:
+            flags[layer] = pending
+            if keep:
+                kept[layer] = hooks
 
-    def on_layer(layer: int, gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor, *,
-                 exact: bool = False) -> None:
-        add(layer, gate, in_, post, loaded.mlps[layer].act_fn(gate), valid, exact=exact)
+    def add(key: str, hooks: tuple[torch.Tensor, ...], part: Batch, n_routed: torch.Tensor, exact: bool,
+            packing: Packing | None = None, fits: torch.Tensor | None = None) -> None:
+        if exact:
+            paths.redo(states[key], hooks, part, packing=packing)
+        elif (pending := paths.add(key, states[key], hooks, part, packing=packing, fits=fits)) is not None:
+            flags[key] = pending
+            n_routed = torch.where(pending.applied, n_routed, 0)  # counted once added (a redo counts then)
+        routed[key] += n_routed
 
     def on_moe(layer: int, rows: Any, shared: Any, *, exact: bool = False,
                only: set[int | str] | None = None) -> None:
@@ -270,55 +276,67 @@ def _run_batch(loaded: LoadedModel, corpus: Corpus, batch: Any, layers: list[int
         key = expert_key(layer, SHARED)
         if SHARED in chosen and shared is not None and (only is None or key in only):
             gate, in_, post = shared
-            ok = add(key, gate, in_, post, moe.shared.act_fn(gate), valid, exact=exact)
-            routed[key] += torch.where(ok, valid.sum(), 0)
+            add(key, (gate, in_, post, moe.shared.act_fn(gate)), inputs, valid.sum(), exact)
         key = experts_key(layer)
         if key not in states or (only is not None and key not in only):
             return
         recorded = [e for e in chosen if e != SHARED]
         groups = torch.full((moe.n_experts,), -1, dtype=torch.long)
         groups[recorded] = torch.arange(len(recorded))
-        packed = pack_experts(rows, valid, lengths, groups.to(device), len(recorded),
-                              None if exact else packed_length[layer].current(batch.length))
-        longest[layer] = packed.longest
-        ok = add(key, packed.gate, packed.in_, packed.post, packed.swish, packed.packing.neuron_valid(), exact=exact,
-                 packing=packed.packing, fits=None if exact else packed.fits)
-        routed[key] += torch.where(ok, packed.routed, 0)
+        learnt = packed_length[layer].current(batch.length) if paths.deferred and not exact else None
+        packed = pack_experts(rows, valid, lengths, groups.to(device), len(recorded), learnt)
+        if learnt is not None:
+            longest[layer] = packed.longest
+        add(key, (packed.gate, packed.in_, packed.post, packed.swish),
+            dataclasses.replace(inputs, valid=packed.packing.neuron_valid()), packed.routed, exact,
+            packed.packing, None if learnt is None else packed.fits)
 
     run_with_mlp_hooks(loaded, input_ids, layers, on_layer, on_moe)
-    if not applied:
+    # The batch's one host sync: every flag, and the most tokens one expert had in one document.
+    redo, most = paths.settle(flags, len(batch.docs), list(longest.values()))
+    for layer, tokens_per_doc in zip(longest, most):
+        packed_length[layer].observe(int(tokens_per_doc), batch.length)
+    dense_redo = [key for key in redo if isinstance(key, int)]
+    expert_redo = {key for key in redo if not isinstance(key, int)}
+    if keep:
+        for layer in dense_redo:
+            paths.redo(states[layer], kept[layer], inputs)
+        dense_redo = []
+    if not dense_redo and not expert_redo:
         return
-    # The batch's one host sync: which statistics were added, how many lists each changed, and the
-    # most tokens one expert had in one document of each MoE layer.
-    keys = list(applied)
-    flags = torch.stack([torch.stack([applied[k].long(), active[k].long()]) for k in keys]).tolist()
-    tokens_per_doc = torch.stack(list(longest.values())).tolist() if longest else []
-    for layer, most in zip(longest, tokens_per_doc):
-        packed_length[layer].observe(int(most), batch.length)
-    redo = {k for k, (ok, _) in zip(keys, flags) if not ok}
-    for k, (_, n_active) in zip(keys, flags):
-        capacity[k].observe(n_active, len(batch.docs))
-    if not redo:
-        return
-    redo_layers = sorted({k if isinstance(k, int) else int(str(k).split(".")[0]) for k in redo})
-    run_with_mlp_hooks(loaded, input_ids, redo_layers, functools.partial(on_layer, exact=True),
-                       functools.partial(on_moe, exact=True, only=redo))
+
+    def exactly(layer: int, gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor) -> None:
+        if layer in dense_redo:
+            paths.redo(states[layer], (gate, in_, post, loaded.mlps[layer].act_fn(gate)), inputs)
+
+    redo_layers = sorted(set(dense_redo) | {int(str(key).split(".")[0]) for key in expert_redo})
+    run_with_mlp_hooks(loaded, input_ids, redo_layers, exactly, functools.partial(on_moe, exact=True, only=expert_redo))
+
+
+@contextlib.contextmanager
+def _gc_spares_the_model() -> Iterator[None]:
+    """Python's garbage collector, during the loop, leaves the objects that exist before it alone
+    (``gc.freeze``): the model, torch and transformers are a million of them, and every batch's
+    tensors set off collections that walked them all (8% of a CPU run's time, perf)."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 @dataclass
 class _Sampling:
     """What a run's distributions need beyond the statistics: each document's identity for the
-    sampling order (its source row and which piece of it), and the histogram function (compiled)."""
+    sampling order (its source row and which piece of it)."""
 
     seed: int
     sources: np.ndarray
     pieces: np.ndarray
-    histogram: Callable[..., None]
 
     @classmethod
     def of(cls, corpus: Corpus, config: CollectConfig) -> "_Sampling":
-        return cls(config.seed, corpus.source_index, document_pieces(corpus.source_index),
-                   compiled_with_fallback(histogram_batch, compiled_histogram_batch, config.compile))
+        return cls(config.seed, corpus.source_index, document_pieces(corpus.source_index))
 
     def priorities(self, docs: np.ndarray, length: int, lengths: np.ndarray, first_counted: int) -> torch.Tensor:
         """``[B, T]`` sampling priorities of a batch's positions (EMPTY_PRIORITY where not counted)."""

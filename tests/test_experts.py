@@ -203,33 +203,6 @@ def test_expert_values_are_the_models_own_bit_for_bit(arch, model_factory, corpu
             monkeypatch.undo()
 
 
-class HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the operations that make a GPU wait for the host (or the host for the GPU): reading a
-    value (``item``, ``bool``, ``tolist``), ``nonzero``, boolean-mask indexing, ``unique``,
-    ``repeat_interleave`` without an output size. On a CPU they cost nothing, so a test runs the GPU's
-    code path on a CPU under this mode to see where a GPU would stall."""
-
-    SYNCING = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2",
-               "aten::unique_consecutive", "aten::unique_dim", "aten::repeat_interleave"}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-        self.where: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = func._schema.name
-        syncs = name in self.SYNCING and not (name == "aten::repeat_interleave" and kwargs.get("output_size"))
-        if name in ("aten::index.Tensor", "aten::index_put_", "aten::index_put"):
-            indices = args[1]
-            syncs = any(i is not None and i.dtype == torch.bool for i in indices)
-        if syncs:
-            self.count += 1
-            self.where.append(name)
-        return func(*args, **(kwargs or {}))
-
-
 def same_file(a: Path, b: Path) -> None:
     """Every dataset of two files equal (sums up to the order of additions), and the token count."""
     with h5py.File(a) as x, h5py.File(b) as y:
@@ -247,45 +220,47 @@ def same_file(a: Path, b: Path) -> None:
 
 def test_gpu_path_of_an_moe_batch_makes_one_host_sync_and_writes_the_exact_file(model_factory, corpus_files,
                                                                                tmp_path, monkeypatch):
-    """The GPU's code path on a CPU (list capacities and packed lengths learnt from earlier batches,
-    nonzero_static): each batch of an MoE model (OLMoE, grouped_mm) makes at most one host sync, model
-    included, until its flags are read; a packed length too short on purpose is flagged on the device
-    and that layer redone exactly; the file equals the exact path's, dataset by dataset."""
+    """The GPU's code path on a CPU (list capacities, example candidates and packed lengths learnt from
+    earlier batches, nonzero_static), with the distributions: each batch of an MoE model (OLMoE,
+    grouped_mm) makes one host sync, model included, until its flags are read (collect.syncs'
+    counter); a packed length too short on purpose is flagged on the device and that layer redone
+    exactly; the file equals the exact path's, dataset by dataset."""
     import functools
 
     import collect.run as run_module
     from collect.memory import ListCapacity, PackedLength
+    from collect.syncs import SyncCounter
 
     folder = model_factory("olmoe", 2)
-    syncs: list[list[str]] = []
+    syncs: list[int] = []
     redone: list[bool] = []
     real_batch, real_hooks = run_module._run_batch, run_module.run_with_mlp_hooks
-    counter: list[HostSyncs] = []
+    counters: list[SyncCounter] = []
 
     def counted_batch(*args, **kwargs):
-        with HostSyncs() as mode:
-            counter.append(mode)
+        with SyncCounter() as counter:
+            counters.append(counter)
             real_batch(*args, **kwargs)
-        syncs.append(mode.where[:mode.first_pass] if hasattr(mode, "first_pass") else mode.where)
+        syncs.append(getattr(counter, "first_pass", counter.total))
 
     def hooks(loaded, input_ids, layers, on_layer, on_moe=None):
-        again = isinstance(on_layer, functools.partial)  # the exact redo of flagged layers
+        again = isinstance(on_moe, functools.partial)  # the exact redo of flagged layers, after the sync
         if again:
-            counter[-1].first_pass = len(counter[-1].where)
+            counters[-1].first_pass = counters[-1].total
         redone.append(again)
         return real_hooks(loaded, input_ids, layers, on_layer, on_moe)
 
     monkeypatch.setattr(run_module, "_run_batch", counted_batch)
     monkeypatch.setattr(run_module, "run_with_mlp_hooks", hooks)
-    exact = collect(small_config(folder, corpus_files, tmp_path / "exact.h5", batch_tokens=64, samples=0))
-    assert min(len(s) for s in syncs) > 1  # the CPU's exact path syncs freely: the counter sees it
+    exact = collect(small_config(folder, corpus_files, tmp_path / "exact.h5", batch_tokens=64))
+    assert min(syncs) > 1  # the CPU's exact path syncs freely: the counter sees it
     monkeypatch.setattr(ListCapacity, "ON_CPU", True)
     monkeypatch.setattr(PackedLength, "ON_CPU", True)
     for margin, name in ((1.5, "static.h5"), (0.5, "short.h5")):  # 0.5: too short, some batches overflow
         monkeypatch.setattr(PackedLength, "MARGIN", margin)
         syncs.clear(), redone.clear()
-        static = collect(small_config(folder, corpus_files, tmp_path / name, batch_tokens=64, samples=0))
-        assert all(len(s) <= 1 for s in syncs), syncs
+        static = collect(small_config(folder, corpus_files, tmp_path / name, batch_tokens=64))
+        assert len(syncs) > 3 and all(n == 1 for n in syncs), syncs
         assert any(redone) == (margin < 1), redone
         same_file(exact, static)
 

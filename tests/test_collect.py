@@ -884,13 +884,11 @@ def test_expert_pages_build_with_routing_and_indexes(model_factory, corpus_files
     layer = (neurons / "L1" / "index.html").read_text()
     assert "1.e2" in layer and "routing frequency" in layer
     assert "2.s" in (neurons / "index.html").read_text()
-    # The light layout (a whole model) names neurons by (layer, neuron): expert neurons are refused.
-    from mkdocs.exceptions import Abort
-
-    with caplog.at_level("ERROR"), pytest.raises(Abort):
-        sites.build_site(tmp_path / "light", {"activations": str(out), "neurons": ["0.3", "1.e2.*"],
-                                              "layout": "light"})
-    assert "the light layout does not support expert neurons yet; list them in the full layout" in caplog.text
+    # The light layout (a whole model) publishes expert neurons too.
+    light = sites.build_site(tmp_path / "light", {"activations": str(out), "neurons": ["0.3", "1.e2.*", "2.s.5"],
+                                                  "layout": "light"})
+    assert (light / "neurons/L1/E2/N23/index.html").exists() and (light / "neurons/L2/S/N5/index.html").exists()
+    assert (light / "neurons/data/neurons/L1/E2/1.parquet").exists() and "1.e2.23" in (light / "neurons/L1/E2/index.html").read_text()
     # Ids the file cannot serve are one clear line each.
     with pytest.raises(GluscopeError, match="layer 1 has no expert e0 in the file"):
         from mkdocs_gluscope.pages import write_markdown_pages

@@ -1,4 +1,4 @@
-"""The ``gluscope`` command: ``collect``, ``pages``, ``info``, ``merge``, ``pick`` and ``demo``.
+"""The ``gluscope`` command: ``collect``, ``pages``, ``info``, ``merge``, ``pick``, ``explain``, ``export`` and ``demo``.
 
 Each subcommand is thin glue: it parses options and calls a library function. Errors the user can
 fix come out as one ``gluscope: error: ...`` line and exit status 2 (bad options too); Ctrl-C
@@ -217,6 +217,16 @@ def run_info(args: argparse.Namespace) -> int:
             out(f"{'distributions':>14}: none (collected with --samples 0, or before them)")
         if "vocab" in f.file:
             out(f"{'vocabulary':>14}: top and bottom {f.file['vocab/token'].shape[-1]} tokens of w_out, w_gate, w_in")
+        if "explanations" in f.file:
+            import numpy as np
+
+            e = f.file["explanations"]
+            score = f.read("explanations/score")
+            labelled = int((e["method"].asstr()[...] != "").sum())
+            scored = np.isfinite(score)
+            median = f", median score {np.median(score[scored]):.2f}" if scored.any() else ""
+            out(f"{'explanations':>14}: {labelled:,} cases labelled, {int(scored.sum()):,} scored{median} "
+                f"({e.attrs.get('explainer', '')})")
         if f.has_nonfinite:
             nonfinite = f.read("stats/nonfinite").sum(axis=-1)  # [L, N]
             neurons = int((nonfinite > 0).sum())
@@ -262,11 +272,29 @@ def add_pick_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mix", type=int, default=10, help="neurons with the most unusual case mix (default: 10)")
     p.add_argument("--rare", type=float, default=0.10,
                    help="a case is rare below this share of tokens (default: 0.10)")
+    p.add_argument("--by-score", type=int, default=None, metavar="N",
+                   help="instead: the N neurons whose best-explained case has the highest explanation score "
+                        "(gluscope explain --score), best first, each with its label")
+    p.add_argument("--worst", action="store_true",
+                   help="with --by-score: the N neurons whose worst-explained case scores lowest")
+    p.add_argument("--min-positions", type=int, default=20,
+                   help="with --by-score: a case's score counts when at least this many of its positions were "
+                        "scored (default: 20)")
 
 
 def run_pick(args: argparse.Namespace) -> int:
-    from mkdocs_gluscope.pick import pick_neurons, picks_yaml
+    from mkdocs_gluscope.pick import pick_by_score, pick_neurons, picks_yaml
 
+    if args.by_score is not None:
+        if args.by_score < 1:
+            raise GluscopeError(f"--by-score {args.by_score}; expected 1 or more neurons")
+        with open_activations(args.activations) as f:
+            try:
+                picks = pick_by_score(f, args.by_score, min_positions=args.min_positions, worst=args.worst)
+            except KeyError as e:
+                raise GluscopeError(e.args[0]) from None
+        print(picks_yaml(picks))
+        return 0
     with open_activations(args.activations) as f:
         if f.expert_rows:
             layers = ", ".join(map(str, f.expert_layers))
@@ -277,6 +305,83 @@ def run_pick(args: argparse.Namespace) -> int:
                   "are not scored yet", file=sys.stderr)
         print(picks_yaml(pick_neurons(f, per_layer=args.per_layer, mix=args.mix, rare=args.rare,
                                       per_case=args.per_case)))
+    return 0
+
+
+def add_explain_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("activations", type=Path, help="the activations file (.h5); explanations are written into it")
+    p.add_argument("--neurons", nargs="+", default=["all"],
+                   help='neuron ids as the plugin takes them: LAYER.NEURON, "3.*", "3.e5.*" (an expert\'s), or "all" '
+                        "(default: all)")
+    p.add_argument("--score", action="store_true",
+                   help="score each explanation by simulation against the model on held-out text (needs the "
+                        "[collect] extra)")
+    p.add_argument("--model", default=None,
+                   help="with --score: the model the file was collected with (default: the file's model_path or "
+                        "model attribute)")
+    p.add_argument("--dataset", nargs="+", default=None,
+                   help="with --score: the text to score on; the collection's own dataset (the default, from the "
+                        "file's dataset_path or dataset attribute) gives its texts the file does not hold")
+    p.add_argument("--text-column", default=None, help="with --score: the dataset's text column (default: the file's)")
+    p.add_argument("--split", default=None, help="with --score: the dataset split (default: the file's)")
+    p.add_argument("--score-tokens", type=_count, default=32_000,
+                   help="with --score: held-out tokens to score on, e.g. 32k (default: 32k)")
+    p.add_argument("--dtype", default=None,
+                   help="with --score: dtype the model runs in (default: the file's dtype, what the collection ran)")
+    p.add_argument("--device", default="auto", help="with --score: cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--batch-tokens", type=int, default=4096,
+                   help="with --score: padded tokens per batch (default: 4096)")
+    p.add_argument("--llm", default=None, metavar="URL",
+                   help="an OpenAI-compatible server (vLLM, llama.cpp's server, Ollama), e.g. http://127.0.0.1:8000/v1: "
+                        "its model writes the labels and, with --score, simulates them (default: the explainer that "
+                        "reads only the file, and the rule-based simulator)")
+    p.add_argument("--llm-model", default=None, help="with --llm: the server's model to use (default: its first)")
+    p.add_argument("--llm-key-env", default=None, metavar="VAR",
+                   help="with --llm: the environment variable holding the server's API key (default: none)")
+    p.add_argument("--prompts", type=Path, default=None,
+                   help="with --llm: a folder with explain.txt and simulate.txt, edited copies of the package's "
+                        "prompts (default: the package's)")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="do the I-th of N contiguous shares of the layers (rows); the last shard to finish writes "
+                        "every share into the file (default: all)")
+    p.add_argument("--work", type=Path, default=None,
+                   help="folder of finished units, for resuming and shards (default: FILE.explain next to the file)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes that explain (default: one per CPU this command may use)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    from mkdocs_gluscope.explain_run import explain_file
+
+    scorer = explainer = llm = None
+    if args.llm:
+        from mkdocs_gluscope.llm import ChatServer, LLMExplainer, LLMSimulators, load_prompts
+
+        key = os.environ.get(args.llm_key_env) if args.llm_key_env else None
+        if args.llm_key_env and not key:
+            raise GluscopeError(f"--llm-key-env {args.llm_key_env}: that environment variable is not set")
+        prompts = load_prompts(args.prompts)
+        server = ChatServer(args.llm, model=args.llm_model, api_key=key)
+        explainer, llm = LLMExplainer(server, prompts), LLMSimulators(server, prompts)
+    elif args.llm_model or args.llm_key_env or args.prompts:
+        raise GluscopeError("--llm-model, --llm-key-env and --prompts are for --llm URL")
+    if args.score:
+        try:
+            from collect.score import Scorer
+        except ImportError as e:
+            raise GluscopeError(f"gluscope explain --score needs the [collect] extra ({e.name} is missing): "
+                                "pip install 'gluscope[collect]'") from None
+        open_activations(args.activations).close()
+        scorer = Scorer(args.activations, model=args.model, dataset=args.dataset, text_column=args.text_column,
+                        split=args.split, tokens=args.score_tokens, dtype=args.dtype, device=args.device,
+                        batch_tokens=args.batch_tokens, llm=llm)
+    elif args.model or args.dataset:
+        raise GluscopeError("--model and --dataset are for --score; add --score to score the explanations")
+    if args.workers is not None and args.workers < 1:
+        raise GluscopeError(f"--workers {args.workers}; expected 1 or more")
+    explain_file(args.activations, args.neurons, work=args.work, shard=args.shard, workers=args.workers,
+                 progress=args.progress, scorer=scorer, explainer=explainer)
     return 0
 
 
@@ -335,6 +440,8 @@ COMMANDS = {
               "merge the files of a sharded collection into the file one run would have written"),
     "pick": (add_pick_arguments, run_pick,
              "choose neurons worth a page (rare-case standouts, unusual case mixes), as mkdocs.yml entries"),
+    "explain": (add_explain_arguments, run_explain,
+                "write a label for every case of every neuron into the file, scored against the model with --score"),
     "export": (add_export_arguments, run_export,
                "write the file as a Hugging Face dataset, one row per neuron (needs the [collect] extra)"),
     "demo": (add_demo_arguments, run_demo,

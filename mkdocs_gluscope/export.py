@@ -38,9 +38,18 @@ def _datasets():
     return datasets
 
 
-def features(k: int, has_nonfinite: bool, bins: int | None = None, vocab_k: int | None = None) -> Any:
+#: Per case, the explanation columns (files with ``explanations/``): name suffix -> (dataset, type).
+EXPLANATION_COLUMNS = {"explanation": ("label", "string"), "explanation_method": ("method", "string"),
+                       "explanation_score": ("score", "float32"), "explanation_precision": ("precision", "float32"),
+                       "explanation_recall": ("recall", "float32"),
+                       "explanation_scored_positions": ("scored_positions", "int64")}
+
+
+def features(k: int, has_nonfinite: bool, bins: int | None = None, vocab_k: int | None = None,
+             explanations: bool = False) -> Any:
     """The dataset's column types, in column order (``bins``: the histograms' bins, in files with
-    distributions; ``vocab_k``: tokens per vocabulary list, in files with ``vocab/``)."""
+    distributions; ``vocab_k``: tokens per vocabulary list, in files with ``vocab/``; ``explanations``:
+    files with ``explanations/``)."""
     datasets = _datasets()
     v = datasets.Value
     seq = datasets.Sequence
@@ -70,6 +79,10 @@ def features(k: int, has_nonfinite: bool, bins: int | None = None, vocab_k: int 
             for direction in VOCAB_DIRECTIONS:
                 cols[f"vocab_{weight}_{direction}_tokens"] = seq(v("int32"), length=vocab_k)
                 cols[f"vocab_{weight}_{direction}_scores"] = seq(v("float32"), length=vocab_k)
+    if explanations:
+        for case in CASES:
+            for suffix, (_, kind) in EXPLANATION_COLUMNS.items():
+                cols[f"{case}_{suffix}"] = v(kind)
     return datasets.Features(cols)
 
 
@@ -116,6 +129,13 @@ def layer_columns(f: ActivationsFile, layer: int) -> dict[str, Any]:
             for d, direction in enumerate(VOCAB_DIRECTIONS):
                 cols[f"vocab_{weight}_{direction}_tokens"] = token[:, w, d]
                 cols[f"vocab_{weight}_{direction}_scores"] = score[:, w, d]
+    if "explanations" in f.file:
+        strings = ("label", "method")
+        e = {name: (f.file[f"explanations/{name}"].asstr()[row] if name in strings else g(f"explanations/{name}"))
+             for name, _ in EXPLANATION_COLUMNS.values()}  # [N, C]
+        for c, case in enumerate(CASES):
+            for suffix, (name, _) in EXPLANATION_COLUMNS.items():
+                cols[f"{case}_{suffix}"] = list(e[name][:, c]) if name in strings else e[name][:, c]
     return cols
 
 
@@ -155,7 +175,10 @@ def dataset_card(f: ActivationsFile, shards: str) -> str:
         "Empty top-k slots have index, doc and position -1 and value NaN. Where the file has them, "
         "`{case}_{hook}_hist` counts the case's tokens per octave of |value| (edges 0, 2^-10, 2^-9, ..., 2^10, inf), "
         "and `vocab_{out,gate,in}_{top,bottom}_tokens` / `_scores` are the neuron's vocabulary projections "
-        "(token ids of the model's tokenizer).", ""])
+        "(token ids of the model's tokenizer). Where the file has explanations, `{case}_explanation` is the case's "
+        "label, `{case}_explanation_method` what wrote it, and `{case}_explanation_score` / `_precision` / `_recall` / "
+        "`_scored_positions` how it scored by simulation against the model on held-out text (NaN, -1: not scored).",
+        ""])
 
 
 def export_dataset(activations: str | os.PathLike, out: str | os.PathLike) -> Path:
@@ -174,7 +197,8 @@ def export_dataset(activations: str | os.PathLike, out: str | os.PathLike) -> Pa
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "data").mkdir(parents=True)
         kinds = features(f.k, f.has_nonfinite, len(f.hist_edges) - 1 if f.has_distributions else None,
-                         int(f.file["vocab/token"].shape[-1]) if "vocab" in f.file else None)
+                         int(f.file["vocab/token"].shape[-1]) if "vocab" in f.file else None,
+                         "explanations" in f.file)
         n = len(f.layers)
         for i, layer in enumerate(f.layers):
             table = datasets.Dataset.from_dict(layer_columns(f, layer), features=kinds)

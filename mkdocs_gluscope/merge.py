@@ -35,6 +35,7 @@ import numpy as np
 
 from mkdocs_gluscope.distributions import EMPTY_PRIORITY, document_pieces, position_priority
 from mkdocs_gluscope.errors import GluscopeError
+from mkdocs_gluscope.explanations import has_explanations
 from mkdocs_gluscope.schema import check_places
 from mkdocs_gluscope.store import (
     EXAMPLE_PARTS,
@@ -181,6 +182,10 @@ def check_inputs(files: Sequence[ActivationsFile]) -> list[list[ActivationsFile]
         if f.path.resolve() in paths:
             raise GluscopeError(f"{str(f.path)!r} is given twice")
         paths[f.path.resolve()] = f
+        if has_explanations(f):
+            # Explanations are written from a whole file's examples and scored per neuron: nothing to merge.
+            raise GluscopeError(f"{str(f.path)!r} holds explanations (gluscope explain); merge the collection's files "
+                                "first, then explain the merged file")
     check_same_run(files)
     groups: dict[tuple[int, ...], list[ActivationsFile]] = {}
     for f in files:

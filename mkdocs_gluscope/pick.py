@@ -131,3 +131,33 @@ def pick_neurons(f: ActivationsFile, *, per_layer: int = 1, mix: int = 10, rare:
 def picks_yaml(picks: list[Pick]) -> str:
     """The ``neurons:`` entries for mkdocs.yml, each with its reason as a comment."""
     return "\n".join(f'        - "{p.id}"  # {p.reason}' for p in picks)
+
+
+#: ``gluscope pick --by-score``: a case's score counts when this many of its positions were scored.
+MIN_SCORED_POSITIONS = 20
+
+
+def pick_by_score(f: ActivationsFile, n: int, *, min_positions: int = MIN_SCORED_POSITIONS,
+                  worst: bool = False) -> list[Pick]:
+    """The ``n`` neurons whose best-explained case scores highest (``worst``: whose worst-explained
+    case scores lowest), among cases with at least ``min_positions`` scored positions; dense layers."""
+    from mkdocs_gluscope.explanations import GROUP
+
+    if GROUP not in f.file or not np.isfinite(f.file[GROUP]["score"][...]).any():
+        raise KeyError(f"{str(f.path)!r} has no scored explanations (gluscope explain --score writes them)")
+    g = f.file[GROUP]
+    score = g["score"][...].astype(np.float64)  # [L, N, C]
+    usable = np.isfinite(score) & (g["scored_positions"][...] >= min_positions)
+    ranked = np.where(usable, score if worst else -score, np.inf)
+    best_case = ranked.argmin(axis=-1)  # [L, N]
+    best = ranked.min(axis=-1)
+    picks = []
+    for flat in np.argsort(best, axis=None, kind="stable")[:n]:
+        row, neuron = (int(x) for x in np.unravel_index(flat, best.shape))
+        if not np.isfinite(best[row, neuron]):
+            break
+        c = int(best_case[row, neuron])
+        label = g["label"].asstr()[row, neuron, c]
+        picks.append(Pick(f.layers[row], neuron, f"{CASES[c]} explained as {label} (score {score[row, neuron, c]:.2f})",
+                          float(score[row, neuron, c])))
+    return picks

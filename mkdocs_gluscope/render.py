@@ -250,6 +250,68 @@ def word_html(word: tuple[str, str, str]) -> str:
     return f'{md_text(before)}<span class="gs-peak">{md_text(peak)}</span>{md_text(after)}'
 
 
+_QUOTED = re.compile(r"`([^`]*)`")
+
+
+def label_parts(label: str) -> list[str]:
+    """An explanation's label cut at its backtick quotes: plain text at even indices, the quoted
+    tokens at odd ones (what ``gluscope.js`` shows in a light site's tables, as text)."""
+    return _QUOTED.split(label)
+
+
+def label_html(label: str) -> str:
+    """An explanation's label as HTML: the tokens it quotes in backticks as ``<code>``, everything
+    through :func:`md_text` (labels hold corpus strings)."""
+    return parts_html(label_parts(label))
+
+
+def parts_html(parts: Sequence[str]) -> str:
+    """:func:`label_parts` as HTML (see :func:`label_html`)."""
+    return "".join(f"<code>{md_text(part)}</code>" if i % 2 else md_text(part) for i, part in enumerate(parts))
+
+
+def score_text(score: float | None) -> str:
+    """``score 0.62``, or ``not scored`` (NaN or None)."""
+    return "not scored" if score is None or not math.isfinite(score) else f"score {score:.2f}"
+
+
+def explanation_html(expl) -> str:
+    """One case's label and score, as the case's summary line and the layer tables show them."""
+    if not expl.label:
+        return ""
+    return (f'<span class="gs-label" title="{md_text(expl.method)}">{label_html(expl.label)}</span>'
+            f' <span class="gs-score">{score_text(expl.score)}</span>')
+
+
+def explanations_section(data: NeuronData) -> list[str]:
+    """``## Explanations``: each case's label (page text, so search finds the neuron by its words),
+    method and scores; nothing for files without explanations."""
+    if not data.explanations or not any(e.label for e in data.explanations):
+        return []
+    lines = ["## Explanations", ""]
+    for c, expl in enumerate(data.explanations):
+        chip = f'<span class="gs-chip gs-case{c}"></span>'
+        if not expl.label:
+            what = "no token of the corpus fell in this case" if data.count[c] == 0 else "no explanation"
+            lines.append(f"- {chip}**{md_text(expl.case)}**: {what}")
+            continue
+        detail = []
+        if expl.scored:
+            if np.isfinite(expl.precision) or np.isfinite(expl.recall):
+                detail.append(f"strong positions: precision {fmt(expl.precision)}, recall {fmt(expl.recall)}")
+            if expl.scored_positions >= 0:
+                detail.append(f"{expl.scored_positions:,} positions of the case scored")
+        detail.append(f"method {md_text(expl.method)}")
+        score = f"<b>score {expl.score:.2f}</b>" if expl.scored else "not scored"
+        lines.append(f'- {chip}**{md_text(expl.case)}**: <span class="gs-label">{label_html(expl.label)}</span> '
+                     f'<span class="gs-score">{score} ({"; ".join(detail)})</span>')
+    lines += ["", '<p class="gs-note">Each label was written from the file\'s examples alone. Its score is the '
+              "correlation between the activation a simulator predicts from the label's content and the model's true "
+              "activation (post where the token is in the case, else 0) on held-out text: 1 is perfect, 0 no better "
+              "than chance. Precision and recall: of the positions where the case is strong.</p>", ""]
+    return lines
+
+
 def top_words(data: NeuronData, ctx: PageContext, case: int, hook: int = 0, limit: int = 8) -> list[tuple[str, str, str]]:
     """Distinct whole words (by :func:`word_key`) around the extreme tokens of one list, best first."""
     seen: dict[str, tuple[str, str, str]] = {}
@@ -327,8 +389,12 @@ def neuron_markdown(data: NeuronData, ctx: PageContext) -> str:
     lines += [" · ".join(nav), ""]
     prov = " · ".join(f"<b>{md_text(k)}</b> {md_text(v)}"
                       for k, v in provenance_rows({**data.attrs, "n_tokens": data.n_tokens}))
-    lines += [f'<p class="gs-provenance">{prov}</p>', "", *routing_note(data),
-              "## Summary", "", summary_table(data), "", *nonfinite_note(data)]
+    lines += [f'<p class="gs-provenance">{prov}</p>', "", *routing_note(data)]
+    # First, where the file has them: what each case is about. Full pages only: the light layout
+    # (mkdocs_gluscope.light) shows explanations its own way.
+    if ctx.inline_cases is None:
+        lines += explanations_section(data)
+    lines += ["## Summary", "", summary_table(data), "", *nonfinite_note(data)]
     # Light pages (a whole model) leave the figures and projections out: their SVG is about 60 KB a
     # page, 2.8 GB for SmolLM2's 46,080 neurons, which would not fit a GitHub Pages site.
     if data.hist is not None and ctx.inline_cases is None:
@@ -429,10 +495,13 @@ def examples_html(data: NeuronData, ctx: PageContext,
             opened = " open" if c in rare else ""
         else:
             opened = " open" if c == telling else ""
+        label = ""
+        if ctx.inline_cases is None and data.explanations and data.explanations[c].label:
+            label = " · " + explanation_html(data.explanations[c])
         parts.append(
             f'<details class="gs-case-block"{opened}><summary><span class="gs-chip gs-case{c}"></span>'
             f'<b>{html.escape(case)}</b> · {100 * data.frequency[c]:.3g}% of tokens · '
-            f'{n_filled} documents</summary>')
+            f'{n_filled} documents{label}</summary>')
         for h, hook in enumerate(HOOKS):
             docs = data.top_doc[c, h]
             inline = k if ctx.inline_cases is None else 1 if h == h_color and c in rare else 0
@@ -508,9 +577,11 @@ def example_row(ctx: PageContext, *, doc: int, pos: int, gate: np.ndarray, in_: 
 
 def index_rows(entries: Sequence[tuple[NeuronData, str]], vocab_text: Callable[[int], str]) -> str:
     """A sortable HTML table: one row per (neuron, relative url)."""
+    labelled = any(data.explanations and any(e.label for e in data.explanations) for data, _ in entries)
     head = ("<th>neuron</th>" + "".join(
         f'<th class="gs-case gs-case{c}">{html.escape(case)}&nbsp;%</th>' for c, case in enumerate(CASES))
-        + "<th>top word of each case (peak token marked)</th>")
+        + "<th>top word of each case (peak token marked)</th>"
+        + ("<th>label of each case (score)</th>" if labelled else ""))
     rows = []
     for data, url in entries:
         freq = "".join(f'<td data-sort="{f:.6f}">{100 * f:.3g}</td>' for f in data.frequency)
@@ -519,9 +590,14 @@ def index_rows(entries: Sequence[tuple[NeuronData, str]], vocab_text: Callable[[
             filled = data.top_doc[c, 0, 0] >= 0 and data.window_tokens[c, 0, 0, data.context_before] >= 0
             label = word_html(example_word(data, vocab_text, c, 0, 0)) if filled else "–"
             tops.append(f'<code class="gs-top gs-case{c}" title="{html.escape(CASES[c])}">{label}</code>')
+        labels = ""
+        if labelled:
+            cells = [f'<div class="gs-case-label"><span class="gs-chip gs-case{c}" title="{html.escape(CASES[c])}"></span>'
+                     f"{explanation_html(e)}</div>" for c, e in enumerate(data.explanations or []) if e.label]
+            labels = f'<td class="gs-labels">{"".join(cells) or "–"}</td>'
         rows.append(
             f'<tr><td data-sort="{data.layer:04d}.{data.neuron:06d}"><a href="{html.escape(url)}">{data.id}</a></td>'
-            f"{freq}<td class=\"gs-tops\">{''.join(tops)}</td></tr>")
+            f"{freq}<td class=\"gs-tops\">{''.join(tops)}</td>{labels}</tr>")
     # data-search-exclude: a search snippet would run the cells together ("1.043.418.422.1").
     return (f'<div class="md-typeset__scrollwrap" data-search-exclude><table class="gs-table gs-sortable gs-index"><thead><tr>{head}</tr>'
             f"</thead><tbody>{''.join(rows)}</tbody></table></div>")

@@ -76,6 +76,7 @@ SYMBOLS = {
     "B": "histogram bins", "B+1": "bins + 1", "G": "density cells", "G+1": "cells + 1", "S": "samples",
     "R": "bands", "R+1": "bands + 1", "S2": "band samples", "K": "vocabulary list length", "T": "tokens",
     "D": "documents", "D+1": "documents + 1", "V": "vocabulary size",
+    "Et": "explanation token slots", "Ec": "explanation context slots", "Ek": "explanation kinds",
 }
 #: What every group of neurons holds (the root for dense layers, each expert group for its rows).
 NEURON_DATASETS: tuple[tuple[str, tuple, tuple], ...] = (
@@ -120,6 +121,25 @@ DISTRIBUTION_EDGES = (
 VOCAB = (
     ("vocab/token", I32, ("L", "N", 3, 2, "K")),
     ("vocab/score", F32, ("L", "N", 3, 2, "K")),
+)
+#: Explanations (``gluscope explain``): all of them or none, in any group of neurons. Slot counts are
+#: the file's own (Et, Ec; previous and next share Ec); Ek is the length of the group's attribute ``kinds``.
+EXPLANATIONS = (
+    ("explanations/label", STRING, ("L", "N", "C")),
+    ("explanations/method", STRING, ("L", "N", "C")),
+    ("explanations/token", I32, ("L", "N", "C", "Et")),
+    ("explanations/token_weight", F32, ("L", "N", "C", "Et")),
+    ("explanations/previous", I32, ("L", "N", "C", "Ec")),
+    ("explanations/previous_weight", F32, ("L", "N", "C", "Ec")),
+    ("explanations/next", I32, ("L", "N", "C", "Ec")),
+    ("explanations/next_weight", F32, ("L", "N", "C", "Ec")),
+    ("explanations/kind_weight", F32, ("L", "N", "C", "Ek")),
+    ("explanations/threshold", F32, ("L", "N", "C")),
+    ("explanations/score", F32, ("L", "N", "C")),
+    ("explanations/precision", F32, ("L", "N", "C")),
+    ("explanations/recall", F32, ("L", "N", "C")),
+    ("explanations/scored_positions", I64, ("L", "N", "C")),
+    ("explanations/strong_positions", I64, ("L", "N", "C")),
 )
 CORPUS = (
     ("corpus/tokens", I32, ("T",)),
@@ -336,13 +356,37 @@ class _Check:
             self.dataset(group, name, dtype, shape)
         has = {"nonfinite": self.all_or_none(group, NONFINITE, "stats/nonfinite"),
                "distributions": self.all_or_none(group, DISTRIBUTIONS, "the distributions"),
-               "vocab": self.all_or_none(group, VOCAB, "the vocabulary projections")}
+               "vocab": self.all_or_none(group, VOCAB, "the vocabulary projections"),
+               "explanations": self.explanations(group)}
         if has["distributions"] != distributions:
             prefix = f"{group}/" if group else ""
             raise self.fail(prefix + "stats/hist", ("present" if has["distributions"] else "missing") + " while the "
                             "root " + ("has no" if has["distributions"] else "has") + " distributions; expert groups "
                             "share the root's edges, so the distributions are everywhere or nowhere")
         return has
+
+    def explanations(self, group: str) -> bool:
+        """``explanations/`` of one group of neurons: a group, its datasets all there (or the group
+        absent), and its attribute ``kinds`` naming each kind of ``kind_weight``."""
+        path = f"{group}/explanations" if group else "explanations"
+        obj = self.lookup(path)
+        if obj is None:
+            return False
+        if not isinstance(obj, h5py.Group):
+            raise self.fail(path, "a dataset; expected a group of explanations")
+        if not self.all_or_none(group, EXPLANATIONS, "the explanations"):
+            first = EXPLANATIONS[0][0]
+            raise self.fail(f"{group}/{first}" if group else first, "missing; a group explanations/ holds "
+                            f"{', '.join(name.split('/')[1] for name, _, _ in EXPLANATIONS)}")
+        try:
+            kinds = plain(obj.attrs["kinds"]) if "kinds" in obj.attrs else None
+        except (OSError, TypeError, ValueError, UnicodeDecodeError) as e:
+            raise self.fail(f"{path} attribute kinds", f"cannot be read ({type(e).__name__}: {e})") from None
+        if (not isinstance(kinds, list) or len(kinds) != self.dims["Ek"][0]
+                or not all(isinstance(k, str) for k in kinds)):
+            raise self.fail(f"{path} attribute kinds", f"{show(kinds)}; expected {self.dims['Ek'][0]} names, one "
+                                                       "per entry of kind_weight's last axis")
+        return True
 
     def read(self, path: str) -> np.ndarray:
         try:

@@ -370,6 +370,8 @@ class NeuronData:
     band_edges: np.ndarray | None = None  # [R + 1]
     vocab_token: np.ndarray | None = None  # [3, 2, K] (VOCAB_WEIGHTS x VOCAB_DIRECTIONS x K) token ids
     vocab_score: np.ndarray | None = None  # [3, 2, K] float32
+    #: Each case's explanation (``explanations.CaseExplanation``, CASES order); None in files without them.
+    explanations: list[Any] | None = None
 
     @property
     def frequency(self) -> np.ndarray:
@@ -674,6 +676,7 @@ class ActivationsFile:
         top_gate = f("top/gate").astype(np.float32) if windows else None
         top_in = f("top/in").astype(np.float32) if windows else None
         distributions = self._distributions(prefix, row, part, windows, tokens, label)
+        explanations = self._explanations(layer, start, stop, expert)
         out = []
         for i in range(stop - start):
             out.append(NeuronData(
@@ -686,6 +689,7 @@ class ActivationsFile:
                 cos_in_out=float(weights["cos_in_out"][i]), context_before=self.context_before,
                 context_after=self.context_after, attrs=self.attrs,
                 nonfinite=None if nonfinite is None else nonfinite[i], expert=expert, routed=routed,
+                explanations=None if explanations is None else explanations[i],
                 **{name: _pick(value, i) for name, value in distributions.items()}))
         return out
 
@@ -746,6 +750,12 @@ class ActivationsFile:
                                                                          self.n_vocab, name), label, out["vocab_token"])
             out["vocab_score"] = f("vocab/score")
         return out
+
+    def _explanations(self, layer: int, start: int, stop: int, expert: int | str | None) -> list[Any] | None:
+        # The explanations/ group's own module reads it (it imports this one, hence here).
+        from mkdocs_gluscope.explanations import block_explanations
+
+        return block_explanations(self, layer, start, stop, expert)
 
     def window_tokens(self, doc: np.ndarray, pos: np.ndarray) -> np.ndarray:
         """Token ids around each (doc, pos): shape ``doc.shape + (W,)``, -1 outside a document."""

@@ -391,6 +391,99 @@ def test_layer_page_sorts_filters_by_whole_words_and_pages(light_site, browser, 
     assert not errors, errors
 
 
+# -- Explanations (issue 19) ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def explained_site(tmp_path_factory):
+    """A full-layout site whose neuron 1.2 explains its gate-_in- case with a label no example holds."""
+    import numpy as np
+
+    from mkdocs_gluscope.explain_run import explain_file
+    from mkdocs_gluscope.explanations import read_arrays, write_explanations
+    from mkdocs_gluscope.store import ActivationsFile
+
+    root = tmp_path_factory.mktemp("explained-site")
+    vocab = ["<s>"] + [f" w{i}" for i in range(1, 60)] + [" marmalade", " once", " again"]
+    docs = [[0] + [(7 * d + 3 * t) % 59 + 1 for t in range(30)] for d in range(16)]
+    path = write_synthetic(root / "data" / "act.h5", layers=2, d_mlp=6, k=4, before=5, after=2, vocab=vocab, docs=docs,
+                           titles=[f"{1790 + 4 * d} · President {d}" for d in range(16)], seed=3)
+    explain_file(path, "all", workers=1, progress=False, log=lambda m: None)
+    with ActivationsFile(path) as f:
+        arrays = read_arrays(f, "", 1)
+    arrays["label"][2, 3] = "` marmalade` after ` once`"
+    arrays["score"][2] = [0.41, 0.12, np.nan, 0.87]
+    arrays["precision"][2, 3], arrays["recall"][2, 3], arrays["scored_positions"][2, 3] = 0.75, 0.6, 120
+    arrays["listed"] = np.arange(6) == 2
+    write_explanations(path, {("", 1): arrays}, {"score_model": "synthetic"})
+    return build_site(root, {"activations": "data/act.h5", "neurons": ["1.2", "0.4", "1.5"]})
+
+
+def test_labels_show_on_full_pages_and_search_finds_them(explained_site, browser, output_dir):
+    errors: list[str] = []
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    with serve_folder(explained_site) as base:
+        page.goto(base + "neurons/L1/N2/")
+        section = page.locator("#explanations + ul")
+        text = section.inner_text()
+        assert "gate-_in-:  marmalade after  once" in text.replace("\u00a0", " ") or "marmalade" in text, text
+        assert "score 0.87" in text and "precision 0.75, recall 0.6" in text and "120 positions" in text
+        assert "not scored" in text  # gate-_in+ has a label but no score
+        assert section.locator("code").first.is_visible()
+        # The case's block in the examples opens with its label and score.
+        summary = page.locator(".gs-examples > .gs-case-block > summary").nth(3).inner_text()
+        assert "marmalade" in summary and "score 0.87" in summary, summary
+        page.screenshot(path=str(output_dir / "explanations.png"))
+        # The layer table lists each case's label and score.
+        page.goto(base + "neurons/L1/")
+        cell = page.locator("table.gs-index tbody tr", has_text="1.2").locator("td.gs-labels")
+        assert "marmalade" in cell.inner_text() and "score 0.87" in cell.inner_text()
+        page.screenshot(path=str(output_dir / "layer-labels.png"), full_page=True)
+        # Search by a word of the label finds the neuron.
+        page.goto(base)
+        page.wait_for_load_state("networkidle")
+        page.locator("label.md-search__icon, .md-search__input").first.click()
+        page.locator(".md-search__input").press_sequentially("marmalade", delay=30)
+        results = page.locator(".md-search-result__item")
+        results.first.wait_for(state="visible", timeout=15000)
+        assert "Neuron 1.2" in page.locator(".md-search-result").inner_text()
+        page.screenshot(path=str(output_dir / "search-label.png"))
+    assert not errors, errors
+
+
+def test_light_layout_shows_labels_and_finds_neurons_by_a_label_word(tmp_path, browser, output_dir):
+    """The light layout with explanations: a neuron page says each case's label and score, the layer
+    table has a label column its word filter searches, and the search box finds a neuron by a word of
+    its label."""
+    from test_light import demo_like, label_one
+
+    label_one(demo_like(tmp_path / "data" / "act.h5"), 1, 2, 3, "` marmalade` after ` once`", 0.87)
+    site = build_site(tmp_path, {"activations": "data/act.h5", "neurons": "all", "layout": "light"})
+    errors: list[str] = []
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    with serve_folder(site) as base:
+        page.goto(base + "neurons/L1/N2/")
+        wait_ready(page)
+        labels = page.locator(".gs-labels")
+        assert "gate-_in-  marmalade after  once score 0.87" in " ".join(labels.inner_text().split(" ")) or (
+            "marmalade" in labels.inner_text() and "score 0.87" in labels.inner_text()), labels.inner_text()
+        assert labels.locator("code").first.is_visible()
+        page.screenshot(path=str(output_dir / "light-labels.png"))
+        page.goto(base + "neurons/L1/")
+        page.wait_for_selector('.gs-layer[data-ready="2"]')
+        row = page.locator(".gs-layer-table tbody tr", has_text="1.2")  # the neuron's row, and its labels' below
+        assert "marmalade" in row.locator("xpath=following-sibling::tr[1]").locator("td.gs-labels").inner_text()
+        page.locator(".gs-filter-word").fill("marmalade")  # a word of a label, in no example
+        assert page.locator(".gs-layer-table tbody tr:not(.gs-label-row) td:first-child").all_inner_texts() == ["1.2"]
+        page.screenshot(path=str(output_dir / "light-layer-labels.png"), full_page=True)
+        page.locator("label.md-search__icon, .md-search__input").first.click()
+        found = search(page, "marmalade")
+        assert found[0].startswith("Neuron 1.2") and "gate-_in-" in found[0] and "label says" in found[0], found
+        page.screenshot(path=str(output_dir / "light-search-label.png"))
+    assert not errors, errors
+
+
 def test_mkdocs_serve_after_an_edit_rewrites_no_neuron_page(tmp_path, browser):
     """A real `mkdocs serve`: edit one line of docs/index.md, and the rebuild links the cached neuron
     pages again (symbolic links into the cache) rather than writing them; the pages still work."""

@@ -425,3 +425,40 @@ def test_the_data_stage_checks_the_file_once(tmp_path, monkeypatch):
     totals = lbuild.build_data(lbuild.DataOptions(str(path), None, 1), groups, tmp_path / "out")
     assert totals["neurons"] == 80 and len(list((tmp_path / "out/data/neurons").rglob("*.parquet"))) == 6
     assert len(checked) == 1, checked
+
+
+def label_one(path: Path, layer: int, neuron: int, case: int, label: str, score: float) -> Path:
+    """Explain every neuron of ``path`` (the file-only explainer), then give one case a label of our own."""
+    from mkdocs_gluscope.explain_run import explain_file
+    from mkdocs_gluscope.explanations import read_arrays, write_explanations
+
+    explain_file(path, "all", workers=1, progress=False, log=lambda m: None)
+    with ActivationsFile(path) as f:
+        arrays = read_arrays(f, "", f.row(layer))
+        n = f.d_mlp
+    arrays["label"][neuron, case], arrays["score"][neuron, case] = label, score
+    arrays["listed"] = np.arange(n) == neuron
+    write_explanations(path, {("", layer): arrays}, {"score_model": "synthetic"})
+    return path
+
+
+def test_explanations_show_in_light_tables_pages_and_search(tmp_path):
+    """A file with explanations: each case's label and score in the layer table's rows (and its static
+    first page), on the neuron's page, and each word of a label in the search index, ranked by score."""
+    path = label_one(demo_like(tmp_path / "data" / "act.h5"), 1, 2, 3, "` marmalade` after ` once`", 0.87)
+    site = build_site(tmp_path, {"activations": "data/act.h5", "neurons": "all", "layout": "light"})
+    rows = json.loads(read(site, "neurons/gluscope/layers/L1.json"))["rows"]
+    assert rows[2][12] == [["", " marmalade", " after ", " once", ""], 0.87]  # quoted tokens at odd indices
+    assert all(len(r) == 13 for r in rows) and any(r[9] for r in rows)  # the explainer labelled the others
+    stub = read(site, "neurons/L1/N2/index.html")
+    assert "<code> marmalade</code> after <code> once</code>" in stub and "score 0.87" in stub
+    layer_page = read(site, "neurons/L1/index.html")
+    assert "the label of each case (score)" in layer_page and '<tr class="gs-label-row">' in layer_page
+    assert "<code> marmalade</code>" in layer_page
+    first = terms_of(site, "marmalade")[0]
+    assert first == ["1.2", 3, 0.87, -1, 0] and terms_of(site, "once")[0][:2] == ["1.2", 3]
+    # A file without explanations keeps the rows it had (no label columns).
+    plain = build_site(tmp_path / "plain", {"activations": str(demo_like(tmp_path / "plain.h5")), "neurons": "all",
+                                             "layout": "light"})
+    assert all(len(r) == 9 for r in json.loads(read(plain, "neurons/gluscope/layers/L1.json"))["rows"])
+    assert not terms_of(plain, "marmalade")

@@ -249,14 +249,19 @@ async function searchWords(query) {
   const ranked = Array.from(found.values()).map(e => Object.assign(e, { score: e.best.reduce((a, b) => a + b, 0) }))
     .sort((a, b) => b.score - a.score || b.peak - a.peak);
   const seen = new Set(), items = [];
+  let labelled = false;
   for (const f of ranked) {
     if (seen.has(f.site.prefix + f.id) || items.length >= 12) continue;
     seen.add(f.site.prefix + f.id);
-    items.push([neuronUrl(f.site, f.id), "Neuron " + f.id, CASES[f.c] + " · “" + tokenLabel(f.word) + "” is " + Math.round(100 * f.share) +
-      "% of its strongest activations" + (terms.length > 1 ? " (" + f.best.filter(x => x).length + " of " + terms.length +
-      " terms)" : "") + " · peak " + fmt(f.peak)]);
+    labelled = labelled || f.share < 0;
+    // A share of -1 marks a word of the case's explanation label (light/search.py label_postings).
+    const what = f.share < 0 ? "its explanation's label says “" + tokenLabel(f.word) + "”" :
+      "“" + tokenLabel(f.word) + "” is " + Math.round(100 * f.share) + "% of its strongest activations";
+    items.push([neuronUrl(f.site, f.id), "Neuron " + f.id, CASES[f.c] + " · " + what + (terms.length > 1 ? " (" + f.best.filter(x => x).length + " of " + terms.length +
+      " terms)" : "") + (f.peak ? " · peak " + fmt(f.peak) : "")]);
   }
-  return { heading: "Neurons whose strongest activations are on “" + terms.map(tokenLabel).join(" ") + "”", items };
+  return { heading: "Neurons whose strongest activations" + (labelled ? " or explanation labels" : "") + " are on “" +
+    terms.map(tokenLabel).join(" ") + "”", items };
 }
 
 export function searchNeurons(query) {
@@ -321,15 +326,35 @@ function element(tag, cls, text) {
 }
 // Whole words: every term of the filter is a term of one of the row's top words ("arms" does not find
 // "Darmstadt"); a term ending in * matches the words it begins.
+// A row's explanation labels ([parts, score] per case) count as words too, each cut as a query is.
 export function wordFilter(text) {
   const raw = wordKey(text);
   if (!raw) return null;
   const star = raw.endsWith("*"), terms = queryTerms(star ? raw.slice(0, -1) : raw);
-  return words => {
+  return (words, labels) => {
     const have = new Set();
     for (const w of words) if (w) for (const t of queryTerms(w.join(""))) have.add(t);
+    for (const l of labels || []) if (l) for (const t of queryTerms(l[0].join(" "))) have.add(t);
     return terms.every((t, i) => have.has(t) || (star && i === terms.length - 1 && Array.from(have).some(h => h.startsWith(t))));
   };
+}
+
+// Each case's label ([parts, score]: quoted tokens at odd indices) and score, as text, like
+// light/page.py's label_line.
+function labelCell(labels) {
+  const td = element("td", "gs-labels");
+  labels.forEach((l, c) => {
+    if (!l) return;
+    if (td.childNodes.length) td.appendChild(document.createTextNode(" · "));
+    td.appendChild(element("span", "gs-case" + c, CASES[c]));
+    td.appendChild(document.createTextNode(" "));
+    const label = element("bdi", "gs-label");
+    l[0].forEach((part, i) => label.appendChild(i % 2 ? element("code", "", part) : document.createTextNode(part)));
+    td.appendChild(label);
+    td.appendChild(document.createTextNode(" "));
+    td.appendChild(element("span", "gs-score", l[1] === null ? "not scored" : "score " + l[1].toFixed(2)));
+  });
+  return td;
 }
 
 function initTable(box) {
@@ -345,10 +370,13 @@ function initTable(box) {
     const labelled = (text, input, after) => {
       const l = element("label", "", text + " "); l.appendChild(input); if (after) l.appendChild(document.createTextNode(" " + after)); return l;
     };
-    [labelled("share of", caseSel), labelled("from", lo, "%"), labelled("to", hi, "%"), labelled("top word", word)].forEach(x => controls.appendChild(x));
+    const hasLabels = rows.length > 0 && rows[0].length > 9;  // the file has explanations: rows end with each case's label
+    [labelled("share of", caseSel), labelled("from", lo, "%"), labelled("to", hi, "%"),
+     labelled(hasLabels ? "top word or label word" : "top word", word)].forEach(x => controls.appendChild(x));
     const wrap = element("div", "md-typeset__scrollwrap"), tableEl = element("table", "gs-table gs-index gs-layer-table");
     const head = element("tr"), body = element("tbody"), thead = element("thead");
-    ["neuron"].concat(CASES.map(c => c + " %")).concat(["top word of each case (peak token marked)"]).forEach((name, col) => {
+    ["neuron"].concat(CASES.map(c => c + " %")).concat(["top word of each case (peak token marked)" +
+      (hasLabels ? "; below, the label of each case (score)" : "")]).forEach((name, col) => {
       const th = element("th", col >= 1 && col <= 4 ? "gs-case gs-case" + (col - 1) : "", name);
       if (col <= 4) {
         th.classList.add("gs-sort");
@@ -369,7 +397,7 @@ function initTable(box) {
     function show() {
       const c = +caseSel.value, min = lo.value === "" ? -Infinity : +lo.value, max = hi.value === "" ? Infinity : +hi.value;
       const matches = wordFilter(word.value);
-      const kept = rows.filter(r => r[1 + c] >= min && r[1 + c] <= max && (!matches || matches(r.slice(5, 9))));
+      const kept = rows.filter(r => r[1 + c] >= min && r[1 + c] <= max && (!matches || matches(r.slice(5, 9), r.slice(9, 13))));
       const col = state.sort, dir = state.dir;
       kept.sort((a, b) => (a[col] - b[col]) * dir || a[0] - b[0]);
       const pages = Math.max(1, Math.ceil(kept.length / rowsPerPage));
@@ -389,6 +417,10 @@ function initTable(box) {
           tops.appendChild(code);
         }
         tr.appendChild(tops); body.appendChild(tr);
+        if (hasLabels && r.slice(9, 13).some(l => l)) {  // the labels on a line of their own, the table's width
+          const labels = element("tr", "gs-label-row"), cell = labelCell(r.slice(9, 13));
+          cell.colSpan = 6; labels.appendChild(cell); body.appendChild(labels);
+        }
       }
       head.querySelectorAll("th").forEach((th, n) => { if (n === col) th.dataset.dir = dir > 0 ? "asc" : "desc"; else delete th.dataset.dir; });
       status.textContent = kept.length ? "neurons " + (start + 1) + "–" + (start + part.length) + " of " + kept.length +

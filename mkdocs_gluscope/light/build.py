@@ -158,6 +158,7 @@ def _data_task(task: Task) -> dict[str, Any]:
                 file_rows.append(ldata.neuron_row(data, shown, telling_case(data, task.scales)))
                 rows.append(lpage.layer_row(data, words))
                 posting_list.extend(lsearch.postings(data, words, data.window_tokens[:, 0], task.scales))
+                posting_list.extend(lsearch.label_postings(data))
                 top = data.top_doc[..., :shown.top]
                 docs[top[top >= 0]] = True
                 for ex, n_shown in ((data.samples, shown.samples), (data.bands, shown.bands)):

@@ -15,7 +15,7 @@ import posixpath
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
-from mkdocs_gluscope.render import md_text, token_label
+from mkdocs_gluscope.render import label_parts, md_text, parts_html, score_text, token_label
 from mkdocs_gluscope.store import CASES, SHARED, NeuronData, neuron_id
 
 #: Rows per page of a layer table (in the browser, and the static first page without JavaScript).
@@ -72,7 +72,30 @@ def layer_row(data: NeuronData, words: Any) -> list:
     starts, stops = words.extents(ids, centre)
     tops = [list(word_labels(words.word(ids[c], centre, int(starts[c]), int(stops[c]))))
             if data.top_doc[c, 0, 0] >= 0 and ids[c, centre] >= 0 else None for c in range(len(CASES))]
-    return [data.neuron, *[float(f"{100 * f:.4g}") for f in data.frequency], *tops]
+    row = [data.neuron, *[float(f"{100 * f:.4g}") for f in data.frequency], *tops]
+    if data.explanations is not None:
+        row += [case_label(e) for e in data.explanations]
+    return row
+
+
+def case_label(expl: Any) -> list | None:
+    """A case's explanation as a table row holds it: ``[parts, score]`` (:func:`render.label_parts`,
+    the score to 2 digits or None where not scored), None where the case has no label."""
+    if not expl.label:
+        return None
+    return [label_parts(expl.label), round(expl.score, 2) if expl.scored else None]
+
+
+def label_line(labels: Sequence[list | None]) -> str:
+    """Each case's label and score as one line of HTML (a neuron page, a layer table's cell)."""
+    shown = []
+    for c, entry in enumerate(labels):
+        if entry is None:
+            continue
+        parts, score = entry
+        shown.append(f'<span class="gs-case{c}">{html.escape(CASES[c])}</span> <bdi class="gs-label">{parts_html(parts)}'
+                     f'</bdi> <span class="gs-score">{score_text(score)}</span>')
+    return " · ".join(shown)
 
 
 @dataclass(frozen=True)
@@ -115,8 +138,10 @@ def neuron_content(key: Key, row: Sequence, place: Place, *, links: dict[str, st
         shown = f" <bdi>{md_text(''.join(word).strip())}</bdi>" if word and "".join(word).strip() else ""
         gist.append(f'<span class="gs-case{c}">{html.escape(case)}</span> {row[1 + c]:.3g}%{shown}')
     share = " of its expert's tokens" if len(key) == 3 else ""
+    labels = label_line(row[9:13]) if len(row) > 9 else ""
     return (f'<h1 id="neuron">Neuron {nid}</h1><p class="gs-nav">{" · ".join(nav)}</p>'
             f'<p class="gs-gist">Share of tokens{share} and top word by case: {" · ".join(gist)}</p>'
+            + (f'<p class="gs-labels">Explained as: {labels}</p>' if labels else "") +
             f'<div class="gs-light" data-root="{root}" data-file="{place.file}" data-row="{place.row}" data-id="{nid}"></div>')
 
 
@@ -184,6 +209,9 @@ def _table(label: str, table: str, rows: Sequence[list], up: str, directory_urls
     if rows:
         head = "<th>neuron</th>" + "".join(f'<th class="gs-case gs-case{c}">{html.escape(case)}&nbsp;%</th>'
                                             for c, case in enumerate(CASES)) + "<th>top word of each case</th>"
+        labelled = len(rows[0]) > 9  # the file has explanations: a column of each case's label and score
+        if labelled:
+            head = head[:-len("</th>")] + "; below, the label of each case (score)</th>"
         body = []
         for row in rows[:PAGE_ROWS]:
             words = "".join(
@@ -192,6 +220,8 @@ def _table(label: str, table: str, rows: Sequence[list], up: str, directory_urls
                 for c, w in enumerate(row[5:9]))
             body.append(f'<tr><td><a href="N{row[0]}{suffix}">{label}.{row[0]}</a></td>'
                         + "".join(f"<td>{x:.3g}</td>" for x in row[1:5]) + f'<td class="gs-tops">{words}</td></tr>')
+            if labelled and any(row[9:13]):  # the labels on a line of their own, the table's width
+                body.append(f'<tr class="gs-label-row"><td class="gs-labels" colspan="6">{label_line(row[9:13])}</td></tr>')
         lines += [f'<div class="gs-layer" data-src="{up}gluscope/layers/{table}.json" data-suffix="{suffix}" '
                   f'data-label="{html.escape(label)}">',
                   '<div class="md-typeset__scrollwrap" data-search-exclude><table class="gs-table gs-index">'

@@ -13,6 +13,10 @@ layer's neurons reach counts for that fraction. On the demo, the neuron whose ra
 bracketed transcript notes (28.473: ``[Applause]``, ``[Laughter]``) ranks first for both words, before
 neurons that fire on "App" of "Applause" (found by "app") and neurons whose weak cases hold the word.
 
+In a file with explanations (``gluscope explain``), each word of a case's label is a term too
+(:func:`label_postings`): its share is -1 (the mark of a label's word), its score the explanation's
+score, so a query finds neurons by what their labels say.
+
 The index is written as shards of about :data:`SHARD_BYTES`, each a range of terms in code-point
 order (``search/{n}.json``: ``{term: [[id, case, score, share, peak], ...]}``), and
 ``search/firsts.json``, each shard's first term (:func:`words.shard_of`). A term keeps its
@@ -29,8 +33,9 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from mkdocs_gluscope.light.data import dumps
+from mkdocs_gluscope.render import label_parts
 from mkdocs_gluscope.store import CASES, NeuronData
-from mkdocs_gluscope.words import CONTEXT, WORD_LIMIT, index_terms, unspaced, word_around
+from mkdocs_gluscope.words import CONTEXT, WORD_LIMIT, index_terms, query_terms, unspaced, word_around
 
 #: Neurons kept per term (the best by share): a word thousands of neurons peak on (" the") stays small.
 POSTINGS = 100
@@ -126,6 +131,20 @@ def postings(data: NeuronData, words: WordFinder, ids: np.ndarray | None = None,
             share = mass / total if total > 0 else 0.0
             score = share * min(1.0, peak / scale) if scale else share
             out.append((term, -_round(score), -_round(share), -float(f"{peak:.4g}"), nid, c))
+    return out
+
+
+def label_postings(data: NeuronData) -> list[Posting]:
+    """Each word of each case's explanation label (``gluscope explain``), as a posting marked by a
+    share of -1: the label's text (its quotes' tokens and its words) cut into terms as a query is
+    (:func:`words.query_terms`), ranked by the explanation's score (below 0, or not scored: 0)."""
+    out: list[Posting] = []
+    for c, expl in enumerate(data.explanations or ()):
+        if not expl.label:
+            continue
+        score = _round(max(expl.score, 0.0)) if expl.scored else 0.0
+        for term in query_terms(" ".join(label_parts(expl.label))):
+            out.append((term, -score, 1.0, -0.0, data.id, c))
     return out
 
 

@@ -361,13 +361,15 @@ def run_with_mlp_hooks(
     layers: list[int],
     on_layer: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None],
     on_moe: OnMoE | None = None,
+    stop_after_last: bool = True,
 ) -> None:
     """Run the model on ``input_ids`` (right-padded: causal attention keeps padding out of real
     positions, so no attention mask is needed) and call ``on_layer(layer, gate, in, post)`` as each
     listed dense layer's MLP runs, ``on_moe`` (see :data:`OnMoE`) as each listed mixture-of-experts
     layer finishes. The forward pass stops after the last listed layer, skipping the rest of the
-    model and the unembedding."""
-    last = max(layers)
+    model and the unembedding; with ``stop_after_last=False`` it goes on (a hook of the caller's may
+    still raise :class:`StopForward`, e.g. at the final norm)."""
+    last = max(layers) if stop_after_last else None
     captured: dict[str, Any] = {}
     batch, length = input_ids.shape
 

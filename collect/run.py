@@ -31,6 +31,7 @@ from collect.config import (CollectConfig, RunFacts, check_config, check_positio
                             resolve_layers, shard_batches)
 from collect.corpus import Corpus, read_texts, tokenize_corpus
 from collect.distributed import FailFast, World, any_rank, broadcast_object, merge_into_rank0
+from collect.effects import FINAL_SCALE_KEY, final_scale_hook, share_final_scales, start_final_scales
 from collect.interrupt import Interrupted, StopOnSignal
 from collect.memory import ListCapacity, check_state_fits, out_of_memory_hint
 from collect.model import LoadedModel, dtype_name, load_model, max_positions, run_with_mlp_hooks
@@ -156,6 +157,7 @@ def collect_statistics(
             print(f"gluscope: resuming from {config.checkpoint_path} after {start}/{len(batches)} batches",
                   file=sys.stderr)
     reduce = reduce_with_fallback(config.compile)
+    final_norm = start_final_scales(loaded, corpus, routed, device) if config.effects else None
     sampling = _Sampling.of(corpus, config) if config.samples > 0 else None
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     first_counted = config.counted_from(corpus.has_bos)
@@ -184,7 +186,7 @@ def collect_statistics(
             index = first_of_round + world.rank
             if index < len(batches):
                 _run_batch(loaded, corpus, batches[index], layers, states, config, reduce, capacity, pad_id,
-                           first_counted, device, experts, routed, sampling)
+                           first_counted, device, experts, routed, sampling, final_norm)
             finished = min(first_of_round + world.size, len(batches))
             bar.update(tokens(range(first_of_round, finished)))
             stop, due = any_rank(world, [
@@ -192,6 +194,7 @@ def collect_statistics(
                 world.is_main and time.monotonic() - last_checkpoint > config.checkpoint_every], device)
             if finished < len(batches) and (stop or due):
                 states = merge_into_rank0(world, states, empty)
+                share_final_scales(world, routed.get(FINAL_SCALE_KEY))
                 if world.is_main:
                     checkpoints.save(config.checkpoint_path, config, finished, states, facts, routed, wait=stop)
                 last_checkpoint = time.monotonic()
@@ -204,6 +207,7 @@ def collect_statistics(
                     ctrl_c.signum)
         bar.close()
         checkpoints.wait()
+    share_final_scales(world, routed.get(FINAL_SCALE_KEY))
     return merge_into_rank0(world, states, empty)
 
 
@@ -212,11 +216,12 @@ def _run_batch(loaded: LoadedModel, corpus: Corpus, batch: Any, layers: list[int
                capacity: dict[int, "ListCapacity"], pad_id: int, first_counted: int, device: torch.device,
                experts: dict[int, list[int | str]] | None = None,
                routed: dict[str, torch.Tensor] | None = None,
-               sampling: "_Sampling | None" = None) -> None:
+               sampling: "_Sampling | None" = None, final_norm: Any = None) -> None:
     """One batch through the model, every layer's statistics updated (see collect_statistics):
     dense layers by the fast path (redone exactly where flagged), the experts of mixture-of-experts
     layers exactly, with the tokens routed to each added to ``routed``; with ``sampling``, the
-    distributions too."""
+    distributions too; with ``final_norm`` (:class:`collect.effects.FinalNorm`), the run goes on to
+    the final norm and records its scale at every position."""
     experts = experts or {}
     routed = routed if routed is not None else {}
     lengths_np = corpus.lengths[batch.docs]
@@ -261,7 +266,8 @@ def _run_batch(loaded: LoadedModel, corpus: Corpus, batch: Any, layers: list[int
                          valid=part.valid, prio=part_prio, positions=part.positions, check_finite=True,
                          histogram=histogram)
 
-    run_with_mlp_hooks(loaded, input_ids, layers, on_layer, on_moe)
+    with final_scale_hook(final_norm, routed, corpus.doc_offsets[batch.docs], lengths):
+        run_with_mlp_hooks(loaded, input_ids, layers, on_layer, on_moe, stop_after_last=final_norm is None)
     dense = [layer for layer in layers if layer in applied]
     if not dense:
         return

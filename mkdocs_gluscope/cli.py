@@ -128,6 +128,10 @@ def add_collect_arguments(p: argparse.ArgumentParser) -> None:
                         f"(no histograms, density, samples or bands) (default: {SAMPLES})")
     p.add_argument("--band-samples", type=int, default=BAND_SAMPLES, metavar="S",
                    help=f"random examples kept per case and band of |post| (default: {BAND_SAMPLES})")
+    p.add_argument("--no-effects", dest="effects", action="store_false",
+                   help="stop each forward pass after the last recorded MLP, as before effects: no "
+                        "corpus/final_scale and no top/next_score, so pages show no effect on the output "
+                        "(default: run on to the final norm and record them)")
     p.add_argument("--window-dtype", choices=("float16", "float32"), default="float16",
                    help="dtype of the stored gate/in windows (default: float16)")
     p.add_argument("--shard", default=None, metavar="I/N",

@@ -291,6 +291,8 @@ class ActivationsWriter:
             root["stats"][name][layer, start:start + n] = arrays[name]
         for name in ("value", "doc", "pos", "gate", "in"):
             write_layer_chunks(root["top"][name], layer, arrays["top_" + name], self._pool, start)
+        if "top_next_score" in arrays:
+            write_layer_chunks(root["top"]["next_score"], layer, arrays["top_next_score"], self._pool, start)
         if self.samples > 0:
             for name in ("hist", "density"):
                 write_layer_chunks(root["stats"][name], layer, arrays[name], self._pool, start)
@@ -307,6 +309,20 @@ class ActivationsWriter:
         chunks = (1, max(1, min(token.shape[1], 8))) + token.shape[2:]
         vocab.create_dataset("token", data=token, **_compressed(chunks))
         vocab.create_dataset("score", data=score, **_compressed(chunks))
+
+    def add_effects(self, final_scale: np.ndarray, effect_norm: str) -> None:
+        """Each example's direct effect on the output (:mod:`mkdocs_gluscope.effects`): ``corpus/final_scale``
+        (float32 per corpus position, NaN where not recorded), the root attribute ``effect_norm``, and
+        an empty ``top/next_score`` that :meth:`write_neurons` fills from ``top_next_score`` (float32
+        ``[N, C, H, k]``, the dense rows only)."""
+        self.file["corpus"].create_dataset("final_scale", data=np.asarray(final_scale, dtype=np.float32),
+                                           **_compressed((min(len(final_scale), 1 << 16) or 1,)))
+        self.file.attrs["effect_norm"] = effect_norm
+        value = self.file["top/value"]
+        options = _compressed(value.chunks)
+        if not value.shape[0]:  # no dense rows: chunks may exceed the empty shape
+            options["maxshape"] = (None,) * value.ndim
+        self.file["top"].create_dataset("next_score", value.shape, "float32", fillvalue=np.nan, **options)
 
     def write_weights(self, arrays: Mapping[str, np.ndarray], group: str = "") -> None:
         """``flipped`` and the three cosines, each ``[layer, neuron]`` (``[row, neuron]`` of ``group``)."""
@@ -393,6 +409,10 @@ class NeuronData:
     band_edges: np.ndarray | None = None  # [R + 1]
     vocab_token: np.ndarray | None = None  # [3, 2, K] (VOCAB_WEIGHTS x VOCAB_DIRECTIONS x K) token ids
     vocab_score: np.ndarray | None = None  # [3, 2, K] float32
+    # Direct effects (None in files without them): see mkdocs_gluscope.effects.
+    top_next_score: np.ndarray | None = None  # [C, H, k] float32: out score of the token after each example
+    top_final_scale: np.ndarray | None = None  # [C, H, k] float32: the final norm's scale at each example
+    related: Any = None  # mkdocs_gluscope.related.Related: related neurons (None: the file has none)
 
     @property
     def frequency(self) -> np.ndarray:
@@ -495,6 +515,7 @@ class ActivationsFile:
         self._vocab: list[str] | None = None
         self._offsets: np.ndarray | None = None
         self._tokens: np.ndarray | None = None
+        self._final_scale: np.ndarray | None = None
 
     # -- whole-model arrays -------------------------------------------------------------------
     @staticmethod
@@ -562,6 +583,21 @@ class ActivationsFile:
         if self._tokens is None:
             self._tokens = self.file["corpus/tokens"][...]
         return self._tokens
+
+    @property
+    def has_effects(self) -> bool:
+        """Whether the file records each example's direct effect on the output (``corpus/final_scale``
+        and ``top/next_score``; files collected before them, or with ``--no-effects``, do not)."""
+        return "final_scale" in self.file["corpus"] and "next_score" in self.file["top"]
+
+    def final_scale_at(self, doc: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """``corpus/final_scale`` at each (doc, pos), NaN for an empty slot (doc -1); the whole array is
+        read once (4 bytes a token)."""
+        if self._final_scale is None:
+            self._final_scale = self.file["corpus/final_scale"][...]
+        doc, pos = np.asarray(doc), np.asarray(pos)
+        at = self.doc_offsets[np.clip(doc, 0, self.n_docs - 1)] + np.clip(pos, 0, None)
+        return np.where(doc >= 0, self._final_scale[np.clip(at, 0, len(self._final_scale) - 1)], np.nan)
 
     @property
     def n_docs(self) -> int:
@@ -715,6 +751,13 @@ class ActivationsFile:
         if prefix + "vocab" in self.file:
             out["vocab_token"] = f("vocab/token")[row, neuron]
             out["vocab_score"] = f("vocab/score")[row, neuron]
+        if not prefix and "related" in self.file:  # dense layers only
+            from mkdocs_gluscope.related import read_related
+
+            out["related"] = read_related(self.file["related"], row, neuron)
+        if not prefix and self.has_effects:  # dense layers only: experts have no effects
+            out["top_next_score"] = f("top/next_score")[row, neuron]
+            out["top_final_scale"] = self.final_scale_at(f("top/doc")[row, neuron], f("top/pos")[row, neuron])
         return out
 
     def window_tokens(self, doc: np.ndarray, pos: np.ndarray) -> np.ndarray:

@@ -606,9 +606,9 @@ def test_gpu_path_without_host_syncs_gives_the_same_file(model_factory, corpus_f
     redone = []
     run_with_hooks = run_module.run_with_mlp_hooks
 
-    def counting(loaded, input_ids, layers, on_layer, on_moe=None):
+    def counting(loaded, input_ids, layers, on_layer, on_moe=None, **options):
         redone.append(on_layer.__name__ == "exactly")
-        return run_with_hooks(loaded, input_ids, layers, on_layer, on_moe)
+        return run_with_hooks(loaded, input_ids, layers, on_layer, on_moe, **options)
 
     monkeypatch.setattr(run_module, "run_with_mlp_hooks", counting)
     monkeypatch.setattr(ListCapacity, "ON_CPU", True)

@@ -328,6 +328,48 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_related_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("activations", type=Path, help="the activations file (.h5); related/ is added to it")
+    p.add_argument("--model", default=None,
+                   help="the model the file was collected from (hub name, folder or GGUF file): adds the related "
+                        "neurons by weights (needs the [collect] extra); without it, only those by activation")
+    p.add_argument("--dtype", default="float32",
+                   help="dtype the model loads in: float32, bfloat16, float16 or auto; scores are float32 "
+                        "(default: float32)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+
+
+def run_related(args: argparse.Namespace) -> int:
+    import time
+
+    from mkdocs_gluscope.related import RELATED_K, activation_part, store_related
+
+    started = time.monotonic()
+    with open_activations(args.activations) as f:
+        if not (f.n_layers and f.d_mlp):
+            raise GluscopeError(f"{str(args.activations)!r} has no dense layers; related neurons cover dense "
+                                "layers only")
+        arrays = activation_part(f)
+        attrs: dict = {"related_k": RELATED_K}
+        if args.model is not None:
+            try:
+                from collect.related import weights_part
+            except ImportError as e:
+                raise GluscopeError(f"gluscope related --model needs the [collect] extra ({e.name} is missing): "
+                                    "pip install 'gluscope[collect]'") from None
+            weights, more = weights_part(f, args.model, dtype=args.dtype, device=args.device)
+            arrays.update(weights)
+            attrs.update(more)
+    try:
+        store_related(args.activations, arrays, attrs)
+    except OSError as e:  # HDF5 locks a file another process has open (e.g. mkdocs serve)
+        raise GluscopeError(f"cannot add related/ to {str(args.activations)!r}: {e}; close what has it open "
+                            "(mkdocs serve?) and run again") from None
+    parts = "by activation" + (" and by weights" if args.model is not None else "")
+    print(f"gluscope: added related neurons ({parts}) to {args.activations} in {time.monotonic() - started:.1f} s")
+    return 0
+
+
 COMMANDS = {
     "collect": (add_collect_arguments, run_collect, "run a model over a corpus and write the activations file"),
     "pages": (add_pages_arguments, run_pages, "write neuron pages as Markdown files, for any site generator"),
@@ -336,6 +378,8 @@ COMMANDS = {
               "merge the files of a sharded collection into the file one run would have written"),
     "pick": (add_pick_arguments, run_pick,
              "choose neurons worth a page (rare-case standouts, unusual case mixes), as mkdocs.yml entries"),
+    "related": (add_related_arguments, run_related,
+                "add related neurons to the file: by shared strongest examples, and with --model by weights"),
     "export": (add_export_arguments, run_export,
                "write the file as a Hugging Face dataset, one row per neuron (needs the [collect] extra)"),
     "demo": (add_demo_arguments, run_demo,

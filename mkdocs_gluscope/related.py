@@ -1,0 +1,217 @@
+"""Related neurons: stored by addition in an activations file's ``related/`` group, one list per case.
+
+Two parts, computed once per file by ``gluscope related FILE`` (``--model M`` adds the second):
+
+* **by activation** (:func:`shared_examples`, from the file alone): for each neuron and case, the
+  (neuron, case) pairs whose strongest examples are the same tokens. A case's strongest examples are
+  its hook_post top-k list: k documents, each with its most extreme position. Two lists *share a
+  position* when both hold the same (document, position); positions before :func:`store.early_end`
+  (the start of a document, where attention sinks make many neurons fire at once) are left out. The
+  list ranks the other (neuron, case) pairs by shared positions, then by shared documents (documents
+  in both lists, at any position), then by layer, neuron and case; only pairs with a shared position
+  are listed. A position shared by chance is rare (k of the corpus's positions each), so even one says
+  something; the numbers are out of k. The random samples are not used: every neuron draws them in
+  one order of positions, so a shared sample says that two cases co-occur, not that the neurons are
+  strong together, and the pairs of a sketch cover most of the model.
+* **by weights** (:mod:`collect.related`, needs the model): the later neurons whose gate or in reads
+  most strongly what the neuron writes (``feeds_*``), and the neurons of the same layer whose ``w_out``
+  is most alike (``alike_*``).
+
+Datasets (``L`` rows as the root's layer axis, ``N`` neurons, ``K`` = :data:`RELATED_K`; -1 and NaN
+where a list has fewer entries):
+
+=====================  ===============================  ==============================================
+``shared_layer``       int32 ``[L, N, C, K]``           model layer of each related neuron, by case
+``shared_neuron``      int32 ``[L, N, C, K]``           its neuron
+``shared_case``        int8 ``[L, N, C, K]``            its case (index into ``cases``)
+``shared_positions``   int32 ``[L, N, C, K]``           positions both hook_post lists hold
+``shared_docs``        int32 ``[L, N, C, K]``           documents both lists hold
+``feeds_layer``        int32 ``[L, N, 2, 2, K]``        axis 2 the later neuron's ``gate``, ``in``;
+``feeds_neuron``       int32 ``[L, N, 2, 2, K]``        axis 3 ``top`` (highest score first),
+``feeds_score``        float32 ``[L, N, 2, 2, K]``      ``bottom`` (lowest first)
+``alike_neuron``       int32 ``[L, N, 2, K]``           same layer; axis 2 ``top`` (highest cosine of
+``alike_score``        float32 ``[L, N, 2, K]``         ``w_out`` first), ``bottom`` (lowest first)
+=====================  ===============================  ==============================================
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import h5py
+import numpy as np
+
+from mkdocs_gluscope.store import HOOK_SIGNS, ActivationsFile, _compressed, early_end
+
+#: Entries per list (related neurons per case, per gate/in and direction, per direction).
+RELATED_K = 10
+#: Axis 2 of ``feeds_*``: which weight of the later neuron reads what this one writes.
+FEEDS_READS: tuple[str, ...] = ("gate", "in")
+#: Axis 3 of ``feeds_*`` and axis 2 of ``alike_*``.
+RELATED_DIRECTIONS: tuple[str, ...] = ("top", "bottom")
+ACTIVATION_PART = ("shared_layer", "shared_neuron", "shared_case", "shared_positions", "shared_docs")
+WEIGHTS_PART = ("feeds_layer", "feeds_neuron", "feeds_score", "alike_neuron", "alike_score")
+#: Source-target pairs expanded at once by :func:`shared_examples` (memory: about 40 bytes each).
+PAIR_BUDGET = 1 << 22
+
+
+def shared_examples(top_doc: np.ndarray, top_pos: np.ndarray, doc_offsets: np.ndarray, early: int, layers: list[int],
+                    *, k: int = RELATED_K, pair_budget: int = PAIR_BUDGET) -> dict[str, np.ndarray]:
+    """The activation part of ``related/`` from the hook_post top-k lists ``top_doc``/``top_pos``
+    ``[L, N, C, k_file]`` (model layer of each row in ``layers``), as the module docstring defines it."""
+    L, N, C, kf = top_doc.shape
+    U = L * N * C
+    doc = top_doc.reshape(U, kf).astype(np.int64)
+    pos = top_pos.reshape(U, kf).astype(np.int64)
+    used = (doc >= 0) & (pos >= early)
+    unit = np.broadcast_to(np.arange(U)[:, None], (U, kf))[used]  # entries in unit order
+    key = (doc_offsets[np.clip(doc, 0, len(doc_offsets) - 2)] + pos)[used]
+    by_key = np.argsort(key, kind="stable")
+    key_sorted, unit_by_key = key[by_key], unit[by_key]
+    starts = np.flatnonzero(np.r_[True, key_sorted[1:] != key_sorted[:-1]])
+    sizes = np.diff(np.r_[starts, len(key_sorted)])
+    group_of_entry = np.empty(len(key), np.int64)
+    group_of_entry[by_key] = np.repeat(np.arange(len(starts)), sizes)
+    entry_start = np.searchsorted(unit, np.arange(U + 1))  # entries of unit u: entry_start[u]:entry_start[u + 1]
+    docs_sorted = np.sort(np.where(used, doc, -1), axis=1)  # each unit's documents (-1 last-sorted first)
+
+    out = {name: np.full((U, k), -1, np.int64) for name in ("unit", "positions", "docs")}
+    u0 = 0
+    for u1, block in _blocks(entry_start, group_of_entry, sizes, pair_budget):
+        entries = np.arange(entry_start[u0], entry_start[u1])
+        groups = group_of_entry[entries]
+        src = unit[entries]
+        width = sizes[groups]
+        src = np.repeat(src, width)
+        offset = np.arange(width.sum()) - np.repeat(np.cumsum(width) - width, width)
+        dst = unit_by_key[np.repeat(starts[groups], width) + offset]
+        keep = dst != src
+        code = (src[keep] - u0) * U + dst[keep]
+        pairs, shared = np.unique(code, return_counts=True)
+        a, b = pairs // U + u0, pairs % U
+        # Shared documents, only for pairs that may reach a list: at least the k-th best count of their source.
+        kth = _kth_largest(a, shared, k, u0, u1)
+        near = shared >= kth[a - u0]
+        a, b, shared = a[near], b[near], shared[near]
+        docs = _shared_docs(docs_sorted, a, b)
+        order = np.lexsort((b, -docs, -shared, a))
+        a, b, shared, docs = a[order], b[order], shared[order], docs[order]
+        first = np.searchsorted(a, np.arange(u0, u1))
+        rank = np.arange(len(a)) - first[a - u0]
+        take = rank < k
+        out["unit"][a[take], rank[take]] = b[take]
+        out["positions"][a[take], rank[take]] = shared[take]
+        out["docs"][a[take], rank[take]] = docs[take]
+        u0 = u1
+    target = out["unit"]
+    found = target >= 0
+    t_row, rest = np.divmod(np.clip(target, 0, None), N * C)
+    t_neuron, t_case = np.divmod(rest, C)
+    shape = (L, N, C, k)
+    return {
+        "shared_layer": np.where(found, np.asarray(layers)[t_row], -1).reshape(shape).astype(np.int32),
+        "shared_neuron": np.where(found, t_neuron, -1).reshape(shape).astype(np.int32),
+        "shared_case": np.where(found, t_case, -1).reshape(shape).astype(np.int8),
+        "shared_positions": np.where(found, out["positions"], -1).reshape(shape).astype(np.int32),
+        "shared_docs": np.where(found, out["docs"], -1).reshape(shape).astype(np.int32),
+    }
+
+
+def _blocks(entry_start: np.ndarray, group_of_entry: np.ndarray, sizes: np.ndarray, budget: int
+            ) -> Iterator[tuple[int, None]]:
+    """Ends of consecutive source-unit blocks whose expanded pairs stay near ``budget`` (a block has
+    at least one unit, however many pairs it makes)."""
+    per_entry = sizes[group_of_entry]
+    cumulative = np.r_[0, np.cumsum(per_entry)]
+    per_unit = cumulative[entry_start]  # pairs before each unit's first entry
+    U = len(entry_start) - 1
+    u0 = 0
+    while u0 < U:
+        u1 = int(np.searchsorted(per_unit, per_unit[u0] + budget, side="right")) - 1
+        u1 = min(max(u1, u0 + 1), U)
+        yield u1, None
+        u0 = u1
+
+
+def _kth_largest(a: np.ndarray, shared: np.ndarray, k: int, u0: int, u1: int) -> np.ndarray:
+    """Per source unit ``u0..u1``: its k-th largest shared count (1 where it has fewer than k pairs)."""
+    order = np.lexsort((-shared, a))
+    a_sorted, s_sorted = a[order], shared[order]
+    first = np.searchsorted(a_sorted, np.arange(u0, u1))
+    last = np.searchsorted(a_sorted, np.arange(u0, u1), side="right")
+    at = first + k - 1
+    kth = np.ones(u1 - u0, np.int64)
+    full = at < last
+    kth[full] = s_sorted[at[full]]
+    return kth
+
+
+def _shared_docs(docs_sorted: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = 1 << 18) -> np.ndarray:
+    """Documents in both units' lists (-1 entries never match), for each pair (a, b)."""
+    out = np.empty(len(a), np.int64)
+    for s in range(0, len(a), chunk):
+        x, y = docs_sorted[a[s:s + chunk]], docs_sorted[b[s:s + chunk]]
+        match = (x[:, :, None] == y[:, None, :]) & (x[:, :, None] >= 0)
+        out[s:s + chunk] = match.any(axis=2).sum(axis=1)
+    return out
+
+
+def activation_part(f: ActivationsFile, *, k: int = RELATED_K) -> dict[str, np.ndarray]:
+    """:func:`shared_examples` of a file's dense layers."""
+    top_doc = f.file["top/doc"][:, :, :, 0]  # hook_post lists: [L, N, C, k]
+    top_pos = f.file["top/pos"][:, :, :, 0]
+    return shared_examples(top_doc, top_pos, f.doc_offsets, early_end(f.attrs), f.layers, k=k)
+
+
+def store_related(path: str | os.PathLike, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
+    """Add ``arrays`` to the file's ``related/`` group (replacing datasets of the same names) and
+    ``attrs`` to its root. Each dataset is written under a ``.tmp`` name first and renamed once all
+    are written, so an interrupted run leaves the previous datasets (and stray ``.tmp`` ones, which
+    readers ignore and the next run removes)."""
+    with h5py.File(path, "r+") as h5:
+        group = h5.require_group("related")
+        for name in list(group):
+            if name.endswith(".tmp"):
+                del group[name]
+        for name, values in arrays.items():
+            chunks = (1, max(1, min(values.shape[1], 1024))) + values.shape[2:] if values.ndim > 1 else None
+            group.create_dataset(name + ".tmp", data=values, **(_compressed(chunks) if chunks and values.size else {}))
+        for name in arrays:
+            if name in group:
+                del group[name]
+            group.move(name + ".tmp", name)
+        for key, value in attrs.items():
+            h5.attrs[key] = value
+
+
+@dataclass
+class Related:
+    """One neuron's related lists, as read by :meth:`ActivationsFile.neuron` (``None`` parts are not in
+    the file). Arrays as the datasets without ``[L, N]``."""
+
+    shared: dict[str, np.ndarray] | None  # shared_* [C, K]
+    feeds: dict[str, np.ndarray] | None  # feeds_* [2, 2, K]
+    alike: dict[str, np.ndarray] | None  # alike_* [2, K]
+
+
+def read_related(group: h5py.Group | None, row: int, neuron: int) -> Related | None:
+    """The parts of ``related/`` present, for one neuron (``group`` None: the file has none)."""
+    if group is None:
+        return None
+
+    def part(names: tuple[str, ...], prefix: str) -> dict[str, np.ndarray] | None:
+        if not all(name in group for name in names):
+            return None
+        return {name[len(prefix):]: group[name][row, neuron] for name in names}
+
+    related = Related(shared=part(ACTIVATION_PART, "shared_"), feeds=part(WEIGHTS_PART[:3], "feeds_"),
+                      alike=part(WEIGHTS_PART[3:], "alike_"))
+    return related if (related.shared, related.feeds, related.alike) != (None, None, None) else None
+
+
+def post_sign(case: int) -> int:
+    """The sign of post in a case: where it is negative, a neuron feeds the other side of what it reads."""
+    return HOOK_SIGNS[case][0]
+

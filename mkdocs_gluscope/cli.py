@@ -370,6 +370,67 @@ def run_related(args: argparse.Namespace) -> int:
     return 0
 
 
+def _neuron_list(text: str) -> list[tuple[int, int]]:
+    """``28.473`` or ``28.473,7.824``: dense neurons as LAYER.NEURON (zero-based)."""
+    out = []
+    for part in text.split(","):
+        layer, _, neuron = part.strip().partition(".")
+        if not (layer.isdigit() and neuron.isdigit()):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected neurons LAYER.NEURON separated by commas, e.g. "
+                                             "28.473,7.824")
+        out.append((int(layer), int(neuron)))
+    return out
+
+
+def add_probe_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("text", help="the text to run through the model ('-': read it from standard input)")
+    p.add_argument("--model", required=True, help="hub name, save_pretrained folder, or GGUF file")
+    p.add_argument("--neurons", type=_neuron_list, required=True, metavar="L.N[,L.N...]",
+                   help="neurons to show, e.g. 28.473,7.824")
+    p.add_argument("--file", type=Path, default=None,
+                   help="an activations file of this model: take its --bos and refactor_glu, so the values are "
+                        "those its collection recorded (default: --bos auto, refactor_glu on)")
+    p.add_argument("--bos", choices=("auto", "always", "never"), default=None,
+                   help="a BOS token first, as gluscope collect --bos (default: auto, or the file's)")
+    p.add_argument("--no-refactor-glu", dest="refactor_glu", action="store_false", default=None,
+                   help="keep the weights as they are (default: refactor_glu, as gluscope collect)")
+    p.add_argument("--html", type=Path, default=None,
+                   help="also write the rows as the pages show them into this HTML file (hover a token for its values)")
+    p.add_argument("--values", action="store_true", help="also print every token's values as a tab-separated table")
+    p.add_argument("--color", dest="color", action="store_true", default=None,
+                   help="color even when the output is not a terminal")
+    p.add_argument("--no-color", dest="color", action="store_false", help="never color")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or auto (default: float32)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+
+
+def run_probe(args: argparse.Namespace) -> int:
+    from mkdocs_gluscope.pages import asset_text
+    from mkdocs_gluscope.probe import print_probed, probe_page_html, wants_color
+
+    try:
+        from collect.probe import Prober
+    except ImportError as e:
+        raise GluscopeError(f"gluscope probe needs the [collect] extra ({e.name} is missing): "
+                            "pip install 'gluscope[collect]'") from None
+    bos, refactor = args.bos, args.refactor_glu
+    if args.file is not None:
+        with open_activations(args.file) as f:
+            bos = bos or str(f.attrs.get("bos", "auto"))
+            refactor = bool(f.attrs.get("refactor_glu", True)) if refactor is None else refactor
+    text = sys.stdin.read() if args.text == "-" else args.text
+    prober = Prober.load(args.model, dtype=args.dtype, device=args.device,
+                         refactor_glu=True if refactor is None else refactor, bos=bos or "auto")
+    probed = prober.run(text, args.neurons)
+    print_probed(probed, sys.stdout, color=wants_color(sys.stdout, args.color), values=args.values)
+    if args.html is not None:
+        args.html.parent.mkdir(parents=True, exist_ok=True)
+        args.html.write_text(probe_page_html(probed, asset_text("gluscope.css"), asset_text("gluscope.js")),
+                             encoding="utf-8")
+        print(f"gluscope: wrote {args.html}", file=sys.stderr)
+    return 0
+
+
 COMMANDS = {
     "collect": (add_collect_arguments, run_collect, "run a model over a corpus and write the activations file"),
     "pages": (add_pages_arguments, run_pages, "write neuron pages as Markdown files, for any site generator"),
@@ -378,6 +439,8 @@ COMMANDS = {
               "merge the files of a sharded collection into the file one run would have written"),
     "pick": (add_pick_arguments, run_pick,
              "choose neurons worth a page (rare-case standouts, unusual case mixes), as mkdocs.yml entries"),
+    "probe": (add_probe_arguments, run_probe,
+              "run your own text through the model: each token colored by a neuron's post and marked by its case"),
     "related": (add_related_arguments, run_related,
                 "add related neurons to the file: by shared strongest examples, and with --model by weights"),
     "export": (add_export_arguments, run_export,

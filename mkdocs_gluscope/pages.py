@@ -161,13 +161,19 @@ class SitePages:
             return neuron_id(*_id_parts(other)), rel(self.neuron_path(*other))
 
         expert = key[2] if len(key) == 3 else None
+
+        def neuron_link(neuron: str) -> str | None:
+            """A related neuron's page (``LAYER.NEURON``), where the site has one."""
+            other = tuple(int(x) for x in neuron.split("."))
+            return rel(self.neuron_path(*other)) if other in self._position else None
+
         return PageContext(
             vocab_html=self.vocab_html, vocab_text=self.vocab_text, doc_title=self.doc_title,
             site_root=site_root, examples=self.examples, color_hook=self.color_hook,
             prev_link=link(i - 1), next_link=link(i + 1), index_link=rel(self.index_path),
             layer_link=rel(self.layer_path(key[0])),
             expert_link=None if expert is None else rel(self.expert_path(key[0], expert)),
-            case_scales=self.case_scales(key[0]) if expert is None else None)
+            case_scales=self.case_scales(key[0]) if expert is None else None, neuron_link=neuron_link)
 
     # -- content ------------------------------------------------------------------------------
     def neuron_data(self, layer: int, neuron: int, expert: int | str | None = None) -> NeuronData:

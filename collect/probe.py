@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Sequence
@@ -145,6 +147,14 @@ def serve(prober: Prober, port: int, origins: set[str]) -> None:
     """Answer ``POST /probe`` (``{"text", "neuron"}`` as JSON; a ``text/plain`` body keeps the browser
     from a preflight) on 127.0.0.1 only, to pages of ``origins``; print the port, then serve forever."""
     server = ThreadingHTTPServer(("127.0.0.1", port), _handler(prober, origins, threading.Lock()))
+    parent = os.getppid()
+
+    def orphaned() -> None:  # the site that started this server is gone (killed, not shut down): stop too
+        while os.getppid() == parent:
+            time.sleep(2)
+        server.shutdown()
+
+    threading.Thread(target=orphaned, daemon=True).start()
     print(f"gluscope-probe listening on {server.server_address[1]}", flush=True)
     server.serve_forever()
 

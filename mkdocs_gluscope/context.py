@@ -65,14 +65,15 @@ def related_context(data: NeuronData) -> dict[str, Any]:
     return out
 
 
-def example_posts(data: NeuronData, window_post: np.ndarray | None) -> np.ndarray:
-    """Each top-k example's hook_post ``[C, H, k]``: the recorded value in the hook_post lists, and in
-    the others act(gate)·in at the window's centre (``window_post``: the page's post windows
-    ``[C, H, k, W]``; None: NaN there)."""
-    post = np.full(data.top_value.shape, np.nan)
+def example_posts(top_value: np.ndarray, window_post: np.ndarray | None, centre: int) -> np.ndarray:
+    """Each top-k example's hook_post ``[..., C, H, k]``: the recorded value in the hook_post lists,
+    and in the others act(gate)·in at the window's centre (``window_post``: the page's post windows
+    ``[..., C, H, k, W]``, :func:`render.hook_windows`; None: NaN there)."""
+    post = np.full(top_value.shape, np.nan)
     if window_post is not None:
-        post[:] = window_post[..., data.context_before]
-    post[:, HOOKS.index("hook_post")] = data.top_value[:, HOOKS.index("hook_post")]
+        post[:] = window_post[..., centre]
+    h = HOOKS.index("hook_post")
+    post[..., h, :] = top_value[..., h, :]
     return post
 
 
@@ -82,7 +83,7 @@ def effects_context(data: NeuronData, window_post: np.ndarray | None) -> dict[st
     ``effect``), ``next`` the next token's id (-1 where none), and the neuron's ``out`` lists ``raises``
     / ``lowers`` for ``factor > 0`` as ``[token id, score]`` (swapped where ``factor < 0``). None where
     the file has no effects."""
-    effects = example_effects(data, example_posts(data, window_post))
+    effects = example_effects(data, example_posts(data.top_value, window_post, data.context_before))
     if effects is None:
         return None
     t = data.window_tokens[..., data.context_before + 1] if data.context_after > 0 else None

@@ -39,13 +39,19 @@ class Effects:
     factor: np.ndarray  # post * s: every token t's logit changes by factor * score(t)
 
 
+def direct_effect(post: np.ndarray, final_scale: np.ndarray, next_score: np.ndarray) -> Effects:
+    """The effects of examples with these ``post`` values, final-norm scales and next-token scores
+    (arrays of one shape)."""
+    factor = np.asarray(post, dtype=np.float64) * final_scale
+    return Effects(effect=factor * next_score, factor=factor)
+
+
 def example_effects(data: NeuronData, post: np.ndarray) -> Effects | None:
     """The effects of ``data``'s top-k examples given each example's ``post`` ``[C, H, k]``; None where
     the file has no effects."""
     if data.top_next_score is None or data.top_final_scale is None:
         return None
-    factor = np.asarray(post, dtype=np.float64) * data.top_final_scale
-    return Effects(effect=factor * data.top_next_score, factor=factor)
+    return direct_effect(post, data.top_final_scale, data.top_next_score)
 
 
 def raised_and_lowered(data: NeuronData, factor: float, n: int = 5) -> tuple[list[tuple[int, float]],

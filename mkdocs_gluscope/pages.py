@@ -96,6 +96,8 @@ class SitePages:
         self._position = {n: i for i, n in enumerate(self.neurons)}
         self._vocab_html: dict[int, str] = {}
         self._summaries: dict[Key, NeuronData] = {}
+        #: Where a full page's text box posts its text (a probe server of ``mkdocs serve``); None: no box.
+        self.probe_url: str | None = None
 
     # -- paths --------------------------------------------------------------------------------
     @staticmethod
@@ -173,7 +175,8 @@ class SitePages:
             prev_link=link(i - 1), next_link=link(i + 1), index_link=rel(self.index_path),
             layer_link=rel(self.layer_path(key[0])),
             expert_link=None if expert is None else rel(self.expert_path(key[0], expert)),
-            case_scales=self.case_scales(key[0]) if expert is None else None, neuron_link=neuron_link)
+            case_scales=self.case_scales(key[0]) if expert is None else None, neuron_link=neuron_link,
+            probe_url=self.probe_url if expert is None else None)
 
     # -- content ------------------------------------------------------------------------------
     def neuron_data(self, layer: int, neuron: int, expert: int | str | None = None) -> NeuronData:

@@ -43,6 +43,7 @@ from mkdocs_gluscope.pages import (
     check_url_prefix,
 )
 
+from mkdocs_gluscope.probe_server import ProbeError, ProbeServer
 from mkdocs_gluscope.store import HOOKS, ActivationsFile, FormatError
 
 log = logging.getLogger("mkdocs.plugins.gluscope")
@@ -151,6 +152,13 @@ class GluscopeConfig(base.Config):
     workers = c.Optional(c.Type(int))
     """Light layout: processes that write the neuron pages. Default: one per CPU this build may use."""
 
+    probe_model = c.Optional(c.Type(str))
+    """``mkdocs serve`` only: the model the file was collected from (a hub name, a folder or GGUF file,
+    relative to ``mkdocs.yml`` if it exists there). Each full neuron page then offers a text box that
+    runs the reader's own text through it (``gluscope probe``) on this machine: the plugin starts a
+    probe server on 127.0.0.1 that answers this site's pages only. Needs the ``[collect]`` extra. A
+    built site (``mkdocs build``) never has the box. Default: none."""
+
 
 class GluscopePlugin(BasePlugin[GluscopeConfig]):
     def __init__(self) -> None:
@@ -159,6 +167,11 @@ class GluscopePlugin(BasePlugin[GluscopeConfig]):
         self._pages: dict[str, tuple] = {}  # page source -> neuron key
         self.light = False
         self._shell: tuple[str, str, str] | None = None
+        self.command = "build"
+        self.probe: ProbeServer | None = None
+
+    def on_startup(self, *, command: str, dirty: bool) -> None:
+        self.command = command  # the text box needs a running model: mkdocs serve only
 
     def on_config(self, config: MkDocsConfig) -> MkDocsConfig:
         path = Path(self.config.activations)  # validated at load: an existing file, absolute
@@ -171,12 +184,19 @@ class GluscopePlugin(BasePlugin[GluscopeConfig]):
         try:
             self.site = SitePages(activations, self.config.neurons, url_prefix=self.config.url_prefix,
                                   examples=self.config.examples, color_hook=self.config.color_hook)
+            if self.config.probe_model and self.command == "serve":
+                if self.probe is None:  # one server for every rebuild of this serve session
+                    self.probe = ProbeServer.start(self._probe_model(config), activations.attrs, config.dev_addr)
+                self.site.probe_url = self.probe.url
         except NeuronSpecError as e:
             activations.close()
             raise PluginError(f"gluscope: neurons: {e}") from None
         except UnknownActivation as e:
             activations.close()
             raise PluginError(f"gluscope: activations file {path}: {e}") from None
+        except ProbeError as e:
+            activations.close()
+            raise PluginError(f"gluscope: probe_model: {e}") from None
         if not self.site.neurons:
             log.warning("no neurons listed under plugins.gluscope.neurons; only the index page is built")
         self.path = path
@@ -288,7 +308,15 @@ class GluscopePlugin(BasePlugin[GluscopeConfig]):
             server.watch(str(self.path))  # a new collection run rebuilds the site
         return server
 
+    def _probe_model(self, config: MkDocsConfig) -> str:
+        model = str(self.config.probe_model)
+        local = Path(config.config_file_path or ".").parent / model
+        return str(local.resolve()) if local.exists() else model
+
     def on_shutdown(self) -> None:
+        if self.probe is not None:
+            self.probe.stop()
+            self.probe = None
         if self.site is not None:
             self.site.file.close()
             self.site = None

@@ -200,6 +200,8 @@ class PageContext:
     #: The Markdown link target of another neuron's page (``LAYER.NEURON``), None where the site has none:
     #: related neurons link to their pages.
     neuron_link: Callable[[str], str | None] | None = None
+    #: A probe server's URL (``mkdocs serve`` with ``probe_model``): the page offers a text box. None: no box.
+    probe_url: str | None = None
 
 
 def provenance_rows(attrs: dict) -> list[tuple[str, str]]:
@@ -365,6 +367,8 @@ def neuron_markdown(data: NeuronData, ctx: PageContext) -> str:
     for c, case in enumerate(CASES):
         shown = ", ".join(word_html(w) for w in top_words(data, ctx, c, limit=ctx.top_words)) or "none"
         lines.append(f"- **{md_text(case)}** ({100 * data.frequency[c]:.3g}%): {shown}")
+    if ctx.probe_url and ctx.inline_cases is None:
+        lines += ["", "## Your own text", "", probe_box(data, ctx.probe_url)]
     lines += ["", "## Examples", "", EXAMPLES_PLACEHOLDER, ""]
     if data.samples is not None and ctx.inline_cases is None:
         lines += ["## Random samples", "",
@@ -524,6 +528,19 @@ def example_row(ctx: PageContext, *, doc: int, pos: int, gate: np.ndarray, in_: 
            else "") + "</div>")
 
 
+def probe_box(data: NeuronData, url: str) -> str:
+    """A text box whose text ``gluscope.js`` posts to the probe server at ``url`` (the model, on this
+    machine); the answer is an example row of the text, as :mod:`mkdocs_gluscope.probe` renders it."""
+    return (f'<div class="gs-probe" data-url="{md_text(url)}" data-neuron="{md_text(data.id)}" data-search-exclude>'
+            '<textarea class="gs-probe-text" rows="3" placeholder="Type a text; Run (or Ctrl+Enter) colors each '
+            f'token by this neuron\'s post."></textarea><button class="gs-probe-run md-button" type="button">Run</button>'
+            '<span class="gs-probe-status"></span><div class="gs-probe-result"></div></div>')
+
+
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def signed(x: float | None) -> str:
     """A change with its sign (``+0.42``, ``−1.3``), 3 significant digits; an en dash for none."""
     if x is None or not math.isfinite(x):
@@ -565,7 +582,9 @@ def related_section(data: NeuronData, ctx: PageContext) -> list[str]:
         return f"[{md_text(neuron)}]({target})" if target else md_text(neuron)
 
     lines = ["## Related neurons", ""]
-    if "feeds" in related:
+    if "feeds" in related and not any(row["sides"][side] for row in related["feeds"] for side in row["sides"]):
+        lines += ["**Feeds** (by weights): no later layer in this file reads what this neuron writes.", ""]
+    elif "feeds" in related:
         lines += ["**Feeds** (by weights, the direct path): the later neurons whose gate or in reads most strongly "
                   "what this neuron writes, w · (g ⊙ w_out) with g the later layer's pre-MLP norm scale. In a case "
                   "where post > 0 the neuron pushes them towards the side named; where post < 0, the other way.", "",
@@ -586,8 +605,8 @@ def related_section(data: NeuronData, ctx: PageContext) -> list[str]:
                   "same tokens as this case's (shared tokens, then shared documents, of "
                   f"{k}; tokens at the start of a document left out).", ""]
         for case, entries in related["shared"].items():
-            shown = " · ".join(f"{link(e['id'])} {md_text(e['case'])} <small>{e['positions']} tokens, {e['docs']} "
-                               "docs</small>" for e in entries[:6])
+            shown = " · ".join(f"{link(e['id'])} {md_text(e['case'])} <small>{plural(e['positions'], 'token')}, "
+                               f"{plural(e['docs'], 'doc')}</small>" for e in entries[:6])
             lines.append(f"- **{md_text(case)}**: {shown or 'no other case shares a strong token'}")
         lines.append("")
     return lines

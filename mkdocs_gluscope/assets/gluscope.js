@@ -539,7 +539,39 @@
     });
   }
 
+  // A served site's text box (plugin option probe_model): the text goes to the probe server on this
+  // machine, which answers with the example row the pages use; then it is colored like every list.
+  function initProbe(box) {
+    var text = box.querySelector(".gs-probe-text"), run = box.querySelector(".gs-probe-run");
+    var status = box.querySelector(".gs-probe-status"), result = box.querySelector(".gs-probe-result");
+    function go() {
+      if (!text.value.trim()) return;
+      status.textContent = "running the model…"; run.disabled = true;
+      // text/plain: a simple request, so the browser sends no preflight to the probe server.
+      fetch(box.dataset.url, { method: "POST", headers: { "Content-Type": "text/plain" },
+        body: JSON.stringify({ text: text.value, neuron: box.dataset.neuron }) })
+        .then(function (r) { return r.json(); })
+        .then(function (answer) {
+          if (answer.error) { status.textContent = answer.error; return; }
+          result.innerHTML = answer.html;  // the probe server's own rendering (render.example_row)
+          status.textContent = answer.tokens + " tokens";
+          init();
+          var select = document.querySelector(".gs-hook-select");
+          if (select && select.value !== "hook_post") result.querySelectorAll(".gs-examples").forEach(function (c) {
+            recolor(c, select.value);
+          });
+        })
+        .catch(function (e) { status.textContent = "the probe server did not answer (" + e + "); is mkdocs serve still running?"; })
+        .then(function () { run.disabled = false; });
+    }
+    run.addEventListener("click", go);
+    text.addEventListener("keydown", function (e) { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) go(); });
+  }
+
   function init() {
+    document.querySelectorAll(".gs-probe").forEach(function (box) {
+      if (!box.dataset.ready) { box.dataset.ready = "1"; initProbe(box); }
+    });
     document.querySelectorAll(".gs-examples").forEach(function (container) {
       if (container.dataset.ready) return;
       container.dataset.ready = "1";

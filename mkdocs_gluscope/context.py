@@ -14,7 +14,7 @@ import numpy as np
 
 from mkdocs_gluscope.effects import example_effects
 from mkdocs_gluscope.related import FEEDS_READS, post_sign
-from mkdocs_gluscope.store import CASES, HOOKS, VOCAB_WEIGHTS, NeuronData, neuron_id
+from mkdocs_gluscope.store import CASES, HOOKS, VOCAB_WEIGHTS, ActivationsFile, NeuronData, neuron_id
 
 #: The later neuron's case side each (read, direction) of ``feeds_*`` pushes towards when post > 0:
 #: a high gate score raises its gate (towards gate+), a low one lowers it; likewise for in.
@@ -105,3 +105,12 @@ def neuron_context(data: NeuronData, window_post: np.ndarray | None = None) -> d
     if effects is not None:
         out["effects"] = effects
     return out
+
+
+def file_context(f: ActivationsFile, layer: int, neuron: int) -> dict[str, Any]:
+    """:func:`neuron_context` of one neuron of an open activations file (what a light page's data file
+    can carry as it is: a few KB of JSON a neuron)."""
+    from mkdocs_gluscope.render import page_windows
+
+    data = f.neuron(layer, neuron, windows=f.has_effects)
+    return neuron_context(data, page_windows(data)["hook_post"] if data.top_gate is not None else None)

@@ -412,7 +412,8 @@ def examples_html(data: NeuronData, ctx: PageContext,
     k = shown_examples(data, ctx.examples)
     color_hook = ctx.color_hook if ctx.color_hook in HOOKS else "hook_post"
     counted, windows, scales = computed or list_scales(data, k)
-    effects = effects_context(data, windows["hook_post"])
+    # Light pages build most rows in the browser: their effects are the layout's to show (context.py).
+    effects = effects_context(data, windows["hook_post"]) if ctx.inline_cases is None else None
     levels = color_levels(windows[color_hook], scales[color_hook], counted).tolist()  # plain ints per token
     counted_list = counted.tolist()
     window_tokens = data.window_tokens.tolist()

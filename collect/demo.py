@@ -164,12 +164,25 @@ def run_demo(*, max_tokens: int, out: Path, dtype: str, cache: Path | None, acti
                      "dataset_path": str(corpus),
                      "note": "weights dequantized from Q4_1; documents of about 200 words of whole sentences"}))
     say(f"wrote {out} in {time.monotonic() - started:.0f} s")
+    add_related(out, model)
     if action == "none":
         return 0
     command = [sys.executable, "-m", "mkdocs", action, "-f", str(config_file)]
+    env = dict(os.environ)
     if action == "serve":
         command += ["--dev-addr", dev_addr]
+        env["GLUSCOPE_PROBE_MODEL"] = str(model)  # mkdocs.yml's probe_model: a text box on every neuron page
         say(f"serving the site at http://{dev_addr}/ (Ctrl-C to stop)")
     else:
         command.append("--strict")
-    return subprocess.call(command)
+    return subprocess.call(command, env=env)
+
+
+def add_related(out: Path, model: Path) -> None:
+    """``gluscope related OUT --model MODEL``: the related neurons the pages link to."""
+    from collect.related import weights_part
+    from mkdocs_gluscope.related import add_related as add
+
+    started = time.monotonic()
+    add(out, lambda f: weights_part(f, str(model), dtype="float32", device="auto"))
+    say(f"added related neurons in {time.monotonic() - started:.0f} s")

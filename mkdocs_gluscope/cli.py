@@ -342,29 +342,18 @@ def add_related_arguments(p: argparse.ArgumentParser) -> None:
 def run_related(args: argparse.Namespace) -> int:
     import time
 
-    from mkdocs_gluscope.related import RELATED_K, activation_part, store_related
+    from mkdocs_gluscope.related import add_related
 
     started = time.monotonic()
-    with open_activations(args.activations) as f:
-        if not (f.n_layers and f.d_mlp):
-            raise GluscopeError(f"{str(args.activations)!r} has no dense layers; related neurons cover dense "
-                                "layers only")
-        arrays = activation_part(f)
-        attrs: dict = {"related_k": RELATED_K}
-        if args.model is not None:
-            try:
-                from collect.related import weights_part
-            except ImportError as e:
-                raise GluscopeError(f"gluscope related --model needs the [collect] extra ({e.name} is missing): "
-                                    "pip install 'gluscope[collect]'") from None
-            weights, more = weights_part(f, args.model, dtype=args.dtype, device=args.device)
-            arrays.update(weights)
-            attrs.update(more)
-    try:
-        store_related(args.activations, arrays, attrs)
-    except OSError as e:  # HDF5 locks a file another process has open (e.g. mkdocs serve)
-        raise GluscopeError(f"cannot add related/ to {str(args.activations)!r}: {e}; close what has it open "
-                            "(mkdocs serve?) and run again") from None
+    weights = None
+    if args.model is not None:
+        try:
+            from collect.related import weights_part
+        except ImportError as e:
+            raise GluscopeError(f"gluscope related --model needs the [collect] extra ({e.name} is missing): "
+                                "pip install 'gluscope[collect]'") from None
+        weights = lambda f: weights_part(f, args.model, dtype=args.dtype, device=args.device)  # noqa: E731
+    add_related(args.activations, weights)
     parts = "by activation" + (" and by weights" if args.model is not None else "")
     print(f"gluscope: added related neurons ({parts}) to {args.activations} in {time.monotonic() - started:.1f} s")
     return 0

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import h5py
 import numpy as np
@@ -184,6 +184,36 @@ def store_related(path: str | os.PathLike, arrays: dict[str, np.ndarray], attrs:
             group.move(name + ".tmp", name)
         for key, value in attrs.items():
             h5.attrs[key] = value
+
+
+WeightsPart = Callable[[ActivationsFile], "tuple[dict[str, np.ndarray], dict[str, Any]]"]
+
+
+def add_related(path: str | os.PathLike, weights: WeightsPart | None = None) -> None:
+    """``gluscope related``: compute the part by activation (and, with ``weights``, e.g.
+    :func:`collect.related.weights_part` bound to a model, the part by weights) and add them to the
+    file; one clear error for a file without dense layers or one another process holds open."""
+    from mkdocs_gluscope.errors import GluscopeError
+    from mkdocs_gluscope.store import FormatError
+
+    try:
+        f = ActivationsFile(path)
+    except (FileNotFoundError, FormatError) as e:
+        raise GluscopeError(str(e)) from None
+    with f:
+        if not (f.n_layers and f.d_mlp):
+            raise GluscopeError(f"{str(path)!r} has no dense layers; related neurons cover dense layers only")
+        arrays = activation_part(f)
+        attrs: dict[str, Any] = {"related_k": RELATED_K}
+        if weights is not None:
+            more, more_attrs = weights(f)
+            arrays.update(more)
+            attrs.update(more_attrs)
+    try:
+        store_related(path, arrays, attrs)
+    except OSError as e:  # HDF5 locks a file another process has open (e.g. mkdocs serve)
+        raise GluscopeError(f"cannot add related/ to {str(path)!r}: {e}; close what has it open (mkdocs serve?) "
+                            "and run again") from None
 
 
 @dataclass

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from mkdocs_gluscope.cli import main
-from mkdocs_gluscope.related import RELATED_K
+from mkdocs_gluscope import related
+from mkdocs_gluscope.related import RELATED_K, shared_examples
 from mkdocs_gluscope.store import ActivationsFile, early_end
 from synthetic import write_synthetic
 
@@ -29,7 +30,7 @@ def brute_force_shared(f: ActivationsFile) -> dict[tuple, list[tuple]]:
     return lists
 
 
-def test_related_by_activation_finds_neurons_planted_to_share_examples(tmp_path, capsys):
+def test_related_by_activation_finds_neurons_planted_to_share_examples(tmp_path, capsys, monkeypatch):
     path = write_synthetic(tmp_path / "s.h5", layers=2, d_mlp=8, k=4,
                            docs=[[0] + list(range(1, 30)) for _ in range(40)])
     with h5py.File(path, "r+") as h5:
@@ -60,6 +61,13 @@ def test_related_by_activation_finds_neurons_planted_to_share_examples(tmp_path,
                        int(got["positions"][c, j]), int(got["docs"][c, j]))
                       for j in range(RELATED_K) if got["layer"][c, j] >= 0]
             assert listed == entries, (layer, n, c)
+        # The same lists when the pairs are expanded a few at a time (many blocks of source cases), and
+        # when shared documents are counted by comparing the lists rather than as bitsets.
+        monkeypatch.setattr(related, "BITSET_BYTES", 0)
+        small = shared_examples(f.file["top/doc"][:, :, :, 0], f.file["top/pos"][:, :, :, 0], f.doc_offsets,
+                                early_end(f.attrs), f.layers, pair_budget=7)
+        for name, values in small.items():
+            assert np.array_equal(values, f.file["related"][name][...]), name
 
 
 def direct_scores(folder, arch: str, flipped: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -14,7 +14,7 @@ records two things (``mkdocs_gluscope.effects`` reads them back):
   knowing its ``eps``. The run now goes on to the final norm (it used to stop after the last recorded
   MLP) and stops there: the unembedding is still skipped.
 * ``top/next_score``: for every top-k example, ``W_U[t] . (g_final * g_post * w_out)`` of the token
-  ``t`` that follows it in its document (:func:`next_token_scores`, at the end of the run, from the
+  ``t`` that follows it in its document (:class:`NextTokenScores`, at the end of the run, from the
   weights after refactor_glu: the ``vocab/`` ``out`` score of that token).
 
 Left out, and said so in the file's ``effect_norm`` attribute: a post-MLP norm (OLMo-2's and
@@ -33,7 +33,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from collect.vocab import find_modules, linear_part, norm_scale
+from collect.vocab import find_modules, linear_part, norm_scale, out_directions
 
 #: The per-position scales travel with the run's per-run counters (``routed``: checkpointed with
 #: the statistics and restored by ``--resume``) under this key; 0 where no batch has written yet.
@@ -124,44 +124,41 @@ def file_final_scale(scales: torch.Tensor) -> np.ndarray:
     return np.where(values > 0, values, np.nan).astype(np.float32)
 
 
-@torch.no_grad()
-def output_directions(loaded: Any, layer: int, w_out: torch.Tensor) -> torch.Tensor:
-    """``g_final * g_post * w_out`` of every neuron, ``[N, d_model]`` float32 (centring norms remove the
-    mean first): the vector whose dot product with ``W_U[t]`` is the ``vocab/`` ``out`` score of ``t``."""
-    m = find_modules(loaded, [layer])
-    device, dtype, d_model = m.unembed.device, m.unembed.dtype, m.unembed.shape[1]
-    out = w_out.float().T
-    if m.post_mlp[layer] is not None:
-        out = linear_part(out, *norm_scale(m.post_mlp[layer], d_model, dtype=dtype, device=device))
-    if m.final_norm is not None:
-        out = linear_part(out, *norm_scale(m.final_norm, d_model, dtype=dtype, device=device))
-    return out
+class NextTokenScores:
+    """``top/next_score`` of a prepared model's dense layers: the norms and unembedding found once."""
+
+    def __init__(self, loaded: Any, layers: list[int]) -> None:
+        self.loaded = loaded
+        self.modules = find_modules(loaded, layers)
+        m = self.modules
+        dtype, device, d_model = m.unembed.dtype, m.unembed.device, m.unembed.shape[1]
+        self.final = norm_scale(m.final_norm, d_model, dtype=dtype, device=device) if m.final_norm is not None else None
+        self.post = {layer: norm_scale(m.post_mlp[layer], d_model, dtype=dtype, device=device)
+                     for layer in layers if m.post_mlp[layer] is not None}
 
 
-@torch.no_grad()
-def next_token_scores(loaded: Any, layer: int, top_doc: torch.Tensor, top_pos: torch.Tensor,
-                      tokens: np.ndarray, doc_offsets: np.ndarray, *, budget: int = 1 << 26) -> np.ndarray:
-    """``top/next_score`` of one dense layer: ``[N, C, H, k]`` float32, the ``out`` score of the token
-    after each example (NaN for an empty slot and for an example at its document's last token).
-    Works in neuron blocks of at most ``budget`` gathered floats."""
-    mlp = loaded.mlps[layer]
-    direction = output_directions(loaded, layer, mlp.w_out)  # [N, d]
-    unembed = find_modules(loaded, []).unembed
-    doc = top_doc.cpu().numpy().astype(np.int64)
-    pos = top_pos.cpu().numpy().astype(np.int64)
-    safe = np.clip(doc, 0, len(doc_offsets) - 2)
-    at = doc_offsets[safe] + pos + 1
-    has_next = (doc >= 0) & (at < doc_offsets[safe + 1])
-    ids = torch.from_numpy(np.where(has_next, tokens[np.where(has_next, at, 0)], 0)).to(direction.device)
-    N = ids.shape[0]
-    per_neuron = ids[0].numel() * direction.shape[1]
-    block = max(1, budget // max(per_neuron, 1))
-    out = torch.empty(ids.shape, dtype=torch.float32)
-    for a in range(0, N, block):
-        b = min(a + block, N)
-        rows = unembed[ids[a:b].reshape(b - a, -1)].float()  # [n, C*H*k, d]
-        out[a:b] = torch.einsum("nld,nd->nl", rows, direction[a:b]).reshape(ids[a:b].shape).cpu()
-    return np.where(has_next, out.numpy(), np.nan).astype(np.float32)
+    @torch.no_grad()
+    def __call__(self, layer: int, top_doc: torch.Tensor, top_pos: torch.Tensor, tokens: np.ndarray,
+                 doc_offsets: np.ndarray, *, budget: int = 1 << 26) -> np.ndarray:
+        """``[N, C, H, k]`` float32: the ``out`` score of the token after each example (NaN for an empty
+        slot and for an example at its document's last token); neuron blocks of at most ``budget``
+        gathered floats."""
+        direction = out_directions(self.loaded.mlps[layer].w_out, self.post.get(layer), self.final)  # [N, d]
+        unembed = self.modules.unembed
+        doc = top_doc.cpu().numpy().astype(np.int64)
+        pos = top_pos.cpu().numpy().astype(np.int64)
+        safe = np.clip(doc, 0, len(doc_offsets) - 2)
+        at = doc_offsets[safe] + pos + 1
+        has_next = (doc >= 0) & (at < doc_offsets[safe + 1])
+        ids = torch.from_numpy(np.where(has_next, tokens[np.where(has_next, at, 0)], 0)).to(direction.device)
+        N = ids.shape[0]
+        block = max(1, budget // max(ids[0].numel() * direction.shape[1], 1))
+        out = torch.empty(ids.shape, dtype=torch.float32)
+        for a in range(0, N, block):
+            b = min(a + block, N)
+            rows = unembed[ids[a:b].reshape(b - a, -1)].float()  # [n, C*H*k, d]
+            out[a:b] = torch.einsum("nld,nd->nl", rows, direction[a:b]).reshape(ids[a:b].shape).cpu()
+        return np.where(has_next, out.numpy(), np.nan).astype(np.float32)
 
 
 def describe(loaded: Any) -> str:

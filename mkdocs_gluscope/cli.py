@@ -402,6 +402,9 @@ def run_probe(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise GluscopeError(f"gluscope probe needs the [collect] extra ({e.name} is missing): "
                             "pip install 'gluscope[collect]'") from None
+    from collect.probe import single_thread
+
+    single_thread()
     bos, refactor = args.bos, args.refactor_glu
     if args.file is not None:
         with open_activations(args.file) as f:

@@ -36,9 +36,23 @@ def machine() -> str:
 
 
 def demo_model() -> str:
-    from collect.demo import cache_dir, fetch_model
+    """The demo's model as ``gluscope demo`` leaves it: the float32 folder converted once from the GGUF file."""
+    from collect.demo import cache_dir, converted_model, fetch_model
 
-    return str(fetch_model(cache_dir()))
+    return str(converted_model(fetch_model(cache_dir()), cache_dir()))
+
+
+def timed(command: list[str]) -> tuple[float, float]:
+    """Wall and CPU seconds (user + system, of the child) of one command."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    assert result.returncode == 0, result.stderr
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def bench_activation(path: Path) -> None:
@@ -121,14 +135,15 @@ def bench_forward(path: Path, model: str, reps: int = 5, docs: int = 8) -> None:
 
 
 def bench_probe(model: str, file: Path, runs: int = 3) -> None:
-    walls = []
+    """The command end to end, interleaved with a Python that only imports what it imports (torch,
+    transformers, transformer_lens): the floor no probe command goes below on this machine."""
     command = [sys.executable, "-m", "mkdocs_gluscope.cli", "probe", "--model", model, "--file", str(file),
                "--neurons", "28.473,7.824", "--no-color", SENTENCE]
+    floor = [sys.executable, "-c", "import torch, transformers, transformer_lens"]
+    probe, imports = [], []
     for _ in range(runs):
-        start = time.perf_counter()
-        result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-        walls.append(time.perf_counter() - start)
-        assert result.returncode == 0, result.stderr
+        probe.append(timed(command))
+        imports.append(timed(floor))
     from collect.probe import Prober
 
     start = time.perf_counter()
@@ -137,15 +152,17 @@ def bench_probe(model: str, file: Path, runs: int = 3) -> None:
     start = time.perf_counter()
     prober.run(SENTENCE, [(28, 473), (7, 824)])
     ran = time.perf_counter() - start
-    print(f"gluscope probe, 2 neurons, {len(prober.tokens(SENTENCE))} tokens: {statistics.median(walls):.2f} s end to "
-          f"end (median of {runs}: {', '.join(f'{w:.2f}' for w in walls)}); inside: model load {loaded:.2f} s, "
-          f"run {ran * 1000:.0f} ms")
+    med = lambda xs, i: statistics.median(x[i] for x in xs)  # noqa: E731
+    print(f"gluscope probe, 2 neurons, {len(prober.tokens(SENTENCE))} tokens: {med(probe, 0):.2f} s end to end, "
+          f"{med(probe, 1):.2f} CPU s (medians of {runs}; walls {', '.join(f'{w:.2f}' for w, _ in probe)}); "
+          f"importing torch, transformers, transformer_lens alone: {med(imports, 0):.2f} s, {med(imports, 1):.2f} "
+          f"CPU s; inside: model load {loaded:.2f} s, run {ran * 1000:.0f} ms")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--file", type=Path, required=True)
-    parser.add_argument("--model", default=None, help="default: the demo's SmolLM2 GGUF from the cache")
+    parser.add_argument("--model", default=None, help="default: the demo's SmolLM2 (its float32 folder) from the cache")
     parser.add_argument("--parts", default="activation,weights,forward,probe")
     args = parser.parse_args()
     print(machine())

@@ -84,7 +84,7 @@ def fetch_model(cache: Path) -> Path:
 
 
 def converted_model(gguf: Path, cache: Path) -> Path:
-    """The GGUF model as a ``save_pretrained`` folder in float32 (made once in the cache, about 540 MB):
+    """The GGUF model as a ``save_pretrained`` folder in float32 (made once in the cache, 517 MB):
     it loads in about a second, where the GGUF file is dequantized and its tokenizer converted on every
     load (9 s and more on 2 cores). The weights are the dequantized ones, so every value is the same;
     ``gluscope probe --model`` and the served site's text box take this folder."""

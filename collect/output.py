@@ -138,6 +138,7 @@ def write_activations(config: CollectConfig, loaded: LoadedModel, corpus: Corpus
     if experts:
         attrs["expert_layers"] = list(experts)
         attrs["n_experts"] = sorted({loaded.moe[layer].n_experts for layer in experts})
+        attrs["n_experts_per_layer"] = [loaded.moe[layer].n_experts for layer in experts]  # as expert_layers
     # Vocabulary projections of the (refactored) weights: no corpus needed (collect.vocab).
     vocab, vocab_attrs = file_vocab(loaded, dense_layers, experts)
     attrs.update(vocab_attrs)

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn, Sequence
 
-from mkdocs_gluscope.errors import GluscopeError
+from mkdocs_gluscope.errors import GluscopeError, printable
 from mkdocs_gluscope.distributions import BAND_SAMPLES, SAMPLES
 
 
@@ -199,30 +199,32 @@ def open_activations(path: Path):
 def run_info(args: argparse.Namespace) -> int:
     from mkdocs_gluscope.store import CASES
 
+    lines: list[str] = []  # printed once all is read: a damaged file gives its error line alone
+    out = lines.append
     with open_activations(args.activations) as f:
         for key in ("model", "dataset", "dtype", "act_fn", "refactor_glu", "include_bos", "created"):
-            if key in f.attrs:
-                print(f"{key:>14}: {f.attrs[key]}")
-        print(f"{'layers':>14}: {f.describe_layers()} ({f.n_layers})")
-        print(f"{'neurons':>14}: {f.d_mlp} per layer")
-        print(f"{'documents':>14}: {f.n_docs}")
-        print(f"{'tokens':>14}: {f.n_tokens} counted")
-        print(f"{'k':>14}: {f.k}, window {f.context_before} before + 1 + {f.context_after} after")
+            if key in f.attrs:  # text from the file: escaped, so it cannot act on the terminal
+                out(f"{key:>14}: {printable(f.attrs[key])}")
+        out(f"{'layers':>14}: {f.describe_layers()} ({f.n_layers})")
+        out(f"{'neurons':>14}: {f.d_mlp} per layer")
+        out(f"{'documents':>14}: {f.n_docs}")
+        out(f"{'tokens':>14}: {f.n_tokens} counted")
+        out(f"{'k':>14}: {f.k}, window {f.context_before} before + 1 + {f.context_after} after")
         if f.n_layers and f.d_mlp:
             freq = f.frequency().mean(axis=(0, 1))
-            print(f"{'mean freq.':>14}: " + ", ".join(f"{c} {100 * x:.1f}%" for c, x in zip(CASES, freq)))
+            out(f"{'mean freq.':>14}: " + ", ".join(f"{c} {100 * x:.1f}%" for c, x in zip(CASES, freq)))
         if f.has_distributions:
-            print(f"{'distributions':>14}: histograms ({len(f.hist_edges) - 1} octave bins), gate x in density, "
+            out(f"{'distributions':>14}: histograms ({len(f.hist_edges) - 1} octave bins), gate x in density, "
                   f"{f.attrs.get('samples')} random examples per case, {f.attrs.get('band_samples')} per case "
                   "and band of |post|")
         else:
-            print(f"{'distributions':>14}: none (collected with --samples 0, or before them)")
+            out(f"{'distributions':>14}: none (collected with --samples 0, or before them)")
         if "vocab" in f.file:
-            print(f"{'vocabulary':>14}: top and bottom {f.attrs.get('vocab_k')} tokens of w_out, w_gate, w_in")
+            out(f"{'vocabulary':>14}: top and bottom {f.file['vocab/token'].shape[-1]} tokens of w_out, w_gate, w_in")
         if f.has_nonfinite:
-            nonfinite = f.file["stats/nonfinite"][...].sum(axis=-1)  # [L, N]
+            nonfinite = f.read("stats/nonfinite").sum(axis=-1)  # [L, N]
             neurons = int((nonfinite > 0).sum())
-            print(f"{'non-finite':>14}: {int(nonfinite.sum()):,} positions in {neurons:,} neuron"
+            out(f"{'non-finite':>14}: {int(nonfinite.sum()):,} positions in {neurons:,} neuron"
                   f"{'' if neurons == 1 else 's'} (NaN or inf; left out of every statistic)")
         if f.expert_rows:
             from mkdocs_gluscope.store import SHARED
@@ -235,7 +237,8 @@ def run_info(args: argparse.Namespace) -> int:
                         f"{100 * min(shares):.1f}%..{100 * max(shares):.1f}% of tokens" if routed else "")
                 if SHARED in experts:
                     text += (", " if text else "") + f"shared expert of {f.expert_neurons(SHARED)} neurons"
-                print(f"{'experts L' + str(layer):>14}: {text}")
+                out(f"{'experts L' + str(layer):>14}: {text}")
+    sys.stdout.write("".join(line + "\n" for line in lines))
     return 0
 
 
@@ -487,7 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except GluscopeError as e:
-        print(f"gluscope: error: {e}", file=sys.stderr)
+        print(f"gluscope: error: {printable(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gluscope: interrupted", file=sys.stderr)

@@ -12,7 +12,7 @@ imported here, when the command runs.
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -24,7 +24,8 @@ from mkdocs_gluscope.context import example_posts
 from mkdocs_gluscope.effects import direct_effect
 from mkdocs_gluscope.errors import GluscopeError
 from mkdocs_gluscope.related import ACTIVATION_PART, FEEDS_READS, RELATED_DIRECTIONS, WEIGHTS_PART
-from mkdocs_gluscope.render import display_name, hook_windows, md_text
+from mkdocs_gluscope.render import display_name, hook_windows, json_text, md_text
+from mkdocs_gluscope.schema import check_places
 from mkdocs_gluscope.store import (CASES, HOOKS, VOCAB_DIRECTIONS, VOCAB_WEIGHTS, WEIGHT_NAMES, ActivationsFile,
                                    FormatError, neuron_id)
 
@@ -117,11 +118,11 @@ def _filled(values: np.ndarray, layer: np.ndarray) -> list[list]:
 
 def effect_columns(f: ActivationsFile, row: int) -> dict[str, np.ndarray]:
     """``[N, C, H, k]`` effects and next tokens of one layer's top-k examples (NaN, -1 where unknown)."""
-    g = f.file
-    value, doc, pos = g["top/value"][row], g["top/doc"][row], g["top/pos"][row]
-    windows = hook_windows(g["top/gate"][row], g["top/in"][row], str(f.attrs.get("act_fn", "silu")))
+    g = lambda name: f.read(name, row, f"layer {f.layers[row]}")  # noqa: E731
+    value, doc, pos = g("top/value"), g("top/doc"), g("top/pos")
+    windows = hook_windows(g("top/gate"), g("top/in"), str(f.attrs.get("act_fn", "silu")))
     post = example_posts(value, windows["hook_post"], f.context_before)
-    effects = direct_effect(post, f.final_scale_at(doc, pos), g["top/next_score"][row])
+    effects = direct_effect(post, f.final_scale_at(doc, pos), g("top/next_score"))
     safe = np.clip(doc, 0, f.n_docs - 1)
     at = f.doc_offsets[safe] + pos + 1
     has_next = (doc >= 0) & (at < f.doc_offsets[safe + 1])
@@ -133,12 +134,14 @@ def layer_columns(f: ActivationsFile, layer: int) -> dict[str, Any]:
     """One layer's rows as columns (numpy arrays, neurons in order)."""
     row = f.row(layer)
     N = f.d_mlp
-    g = f.file
-    count = g["stats/count"][row]  # [N, C]
-    total = g["stats/sum"][row]
-    low, high = g["stats/min"][row], g["stats/max"][row]
-    value, doc, pos = g["top/value"][row], g["top/doc"][row], g["top/pos"][row]  # [N, C, H, k]
-    source = g["corpus/source_index"][...] if "source_index" in g["corpus"] else None
+    label = f"layer {layer}"
+    g = lambda name: f.read(name, row, label)  # noqa: E731
+    count = g("stats/count")  # [N, C]
+    total = g("stats/sum")
+    low, high = g("stats/min"), g("stats/max")
+    value, doc, pos = g("top/value"), g("top/doc"), g("top/pos")  # [N, C, H, k]
+    check_places(f.where, "top", doc, pos, f.doc_lengths, label)
+    source = f.read("corpus/source_index") if "source_index" in f.file["corpus"] else None
     # The paper's indices are rows of the source dataset; without a recorded source, this file's documents.
     index = np.where(doc >= 0, (source[np.clip(doc, 0, None)] if source is not None else doc), -1).astype(np.int64)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -158,14 +161,14 @@ def layer_columns(f: ActivationsFile, layer: int) -> dict[str, Any]:
     for name in WEIGHT_NAMES:
         cols[name] = f.weights(name)[row]
     if f.has_nonfinite:
-        cols["nonfinite"] = g["stats/nonfinite"][row]
+        cols["nonfinite"] = g("stats/nonfinite")
     if f.has_distributions:
-        hist = g["stats/hist"][row]  # [N, C, H, B]
+        hist = g("stats/hist")  # [N, C, H, B]
         for c, case in enumerate(CASES):
             for h, hook in enumerate(HOOKS):
                 cols[f"{case}_{hook}_hist"] = hist[:, c, h]
-    if "vocab" in g:
-        token, score = g["vocab/token"][row], g["vocab/score"][row]  # [N, 3, 2, K]
+    if "vocab" in f.file:
+        token, score = g("vocab/token"), g("vocab/score")  # [N, 3, 2, K]
         for w, weight in enumerate(VOCAB_WEIGHTS):
             for d, direction in enumerate(VOCAB_DIRECTIONS):
                 cols[f"vocab_{weight}_{direction}_tokens"] = token[:, w, d]
@@ -177,7 +180,7 @@ def layer_columns(f: ActivationsFile, layer: int) -> dict[str, Any]:
                 cols[f"{case}_{hook}_max_effects"] = effects["effects"][:, c, h]
                 cols[f"{case}_{hook}_max_next_tokens"] = effects["next_tokens"][:, c, h]
     parts = related_parts(f)
-    related = {name: g["related"][name][row] for name in g["related"]} if parts else {}
+    related = {name: g("related/" + name) for name in f.file["related"]} if parts else {}
     if "feeds" in parts:
         for r, read in enumerate(FEEDS_READS):
             for d, direction in enumerate(RELATED_DIRECTIONS):
@@ -199,6 +202,16 @@ def layer_columns(f: ActivationsFile, layer: int) -> dict[str, Any]:
             cols[f"{case}_related_shared_positions"] = _filled(related["shared_positions"][:, c], layer)
             cols[f"{case}_related_shared_docs"] = _filled(related["shared_docs"][:, c], layer)
     return cols
+
+
+def json_value(value: Any) -> Any:
+    """An attribute as JSON can hold it: a NaN or infinite number as null (JSON has neither), lists
+    item by item, anything that is not a number, string or bool by its text."""
+    if isinstance(value, list):
+        return [json_value(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return value if value is None or isinstance(value, (bool, int, str)) else str(value)
 
 
 def dataset_card(f: ActivationsFile, shards: str) -> str:
@@ -253,11 +266,11 @@ def export_dataset(activations: str | os.PathLike, out: str | os.PathLike) -> Pa
             table = datasets.Dataset.from_dict(layer_columns(f, layer), features=kinds)
             table.to_parquet(str(tmp / "data" / f"{SPLIT}-{i:05d}-of-{n:05d}.parquet"))
         (tmp / "README.md").write_text(dataset_card(f, f"data/{SPLIT}-*.parquet"), encoding="utf-8")
-        (tmp / "gluscope.json").write_text(json.dumps(
+        (tmp / "gluscope.json").write_text(json_text(
             # Local paths of the collector's machine are named by their last part, as on the site.
             {"cases": list(CASES), "hooks": list(HOOKS), "attrs": {
-                k: display_name(v) if k in ("model", "dataset") and isinstance(v, str) else v for k, v in f.attrs.items()}},
-            default=str, indent=1), encoding="utf-8")
+                k: display_name(v) if k in ("model", "dataset") and isinstance(v, str) else json_value(v)
+                for k, v in f.attrs.items()}}), encoding="utf-8")
         if out.exists():
             out.rmdir()
         tmp.rename(out)

@@ -26,7 +26,7 @@ Files written (paths relative to the site; ``P`` is ``url_prefix``):
 from __future__ import annotations
 
 import gzip
-import json
+import html
 import multiprocessing
 import os
 import re
@@ -40,16 +40,19 @@ import numpy as np
 from mkdocs_gluscope.activations import act_values
 from mkdocs_gluscope.render import (
     EARLY_TITLE,
+    PLACEHOLDER_MARK,
     PageContext,
+    counted_windows,
     example_word,
     fill_page,
+    json_text,
     list_scales,
     neuron_markdown,
     shown_examples,
     word_key,
     word_labels,
 )
-from mkdocs_gluscope.store import CASES, EARLY_POSITIONS, HOOKS, ActivationsFile, NeuronData
+from mkdocs_gluscope.store import CASES, EARLY_POSITIONS, HOOKS, ActivationsFile, NeuronData, first_counted_position
 
 #: Cases whose strongest color-hook example a light page holds: its rarest ones (the rest load on demand).
 DEFAULT_INLINE_CASES = 2
@@ -64,7 +67,7 @@ SEARCH_EXAMPLES = 8
 SEARCH_POSTINGS = 100
 #: More listed neurons than this make ``layout: auto`` choose the light layout.
 AUTO_LIGHT = 2000
-EXAMPLES_MAGIC = b"GSX1"
+EXAMPLES_MAGIC = b"GSX2"
 SHELL_TITLE = "GLUSCOPE-SHELL-TITLE"
 SHELL_CONTENT = "GLUSCOPE-SHELL-CONTENT"
 SHELL_SLUG = SHELL_TITLE.lower()  # the id the shell's title gets
@@ -100,7 +103,7 @@ def site_script(prefix: str, directory_urls: bool, layers: Sequence[int], d_mlp:
     rather than in every page)."""
     info = {"prefix": prefix, "suffix": "/" if directory_urls else ".html", "layers": list(layers), "dMlp": d_mlp,
             "pageRows": PAGE_ROWS, "docsPerShard": per_shard, "earlyTitle": EARLY_TITLE.replace("{n}", str(EARLY_POSITIONS))}
-    return f"window.GLUSCOPE = {json.dumps(info)};\n"
+    return f"window.GLUSCOPE = {json_text(info)};\n"
 
 
 def shard_key(word: str) -> str:
@@ -120,30 +123,55 @@ CODE_RANGE = 10
 
 def encode_values(values: np.ndarray, largest: float) -> np.ndarray:
     """``values`` as int8 codes: 0 for 0 (and anything below the smallest step), -128 for NaN, else
-    ``sign * (1 + round(126 * (log2(|v| / largest) + CODE_RANGE) / CODE_RANGE))`` clipped to 1..127."""
-    with np.errstate(divide="ignore", invalid="ignore"):
+    ``sign * (1 + round(126 * (log2(|v| / largest) + CODE_RANGE) / CODE_RANGE))`` clipped to 1..127
+    (an infinity, or a value beyond ``largest``, is 127)."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         steps = np.rint(126 * (np.log2(np.abs(values) / largest) + CODE_RANGE) / CODE_RANGE) + 1
-    magnitude = np.where(np.isfinite(steps) & (steps >= 1), np.minimum(steps, 127), 0)
+    magnitude = np.where(np.isnan(steps) | (steps < 1), 0, np.minimum(steps, 127))
     codes = (np.sign(np.nan_to_num(values)) * magnitude).astype(np.int8)
     return np.where(np.isnan(values), np.int8(-128), codes)
 
 
-def decode_values(codes: np.ndarray, largest: float) -> np.ndarray:
-    """The values codes stand for (what ``gluscope.js`` computes from them)."""
+def decode_values(codes: np.ndarray, largest: float | np.ndarray) -> np.ndarray:
+    """The values codes stand for (what ``gluscope.js`` computes from them); ``largest`` broadcasts."""
     codes = codes.astype(np.float64)
     values = np.sign(codes) * largest * np.exp2((np.abs(codes) - 1) * CODE_RANGE / 126 - CODE_RANGE)
     return np.where(codes == -128, np.nan, np.where(codes == 0, 0.0, values))
 
 
+def largest_magnitude(values: np.ndarray) -> float:
+    """The scale of a set of codes: the largest finite ``|value|``, or 1 where there is none."""
+    finite = np.abs(values[np.isfinite(values)])
+    return float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+
+
+def encode_windows(windows: np.ndarray, counted: np.ndarray) -> tuple[float, float, np.ndarray]:
+    """Windows ``[U, W]`` as codes, counted positions on the scale of the largest counted ``|value|``
+    and the others (the BOS, skipped positions: often attention-sink outliers) on their own: a BOS
+    value 1,000 times the rest would otherwise turn every counted value into "≈ 0"."""
+    windows = windows.astype(np.float64)
+    counted_scale, other_scale = largest_magnitude(windows[counted]), largest_magnitude(windows[~counted])
+    codes = np.where(counted, encode_values(windows, counted_scale), encode_values(windows, other_scale))
+    return counted_scale, other_scale, codes.astype(np.int8)
+
+
+def decode_windows(codes: np.ndarray, counted: np.ndarray, counted_scale: float, other_scale: float) -> np.ndarray:
+    """What :func:`encode_windows` codes stand for."""
+    return decode_values(codes, np.where(counted, counted_scale, other_scale))
+
+
 def encode_examples(data: NeuronData, k: int, scales: dict[str, np.ndarray]) -> bytes:
     """All examples of one neuron's lists as gzip-compressed little-endian binary.
 
-    Layout: ``GSX1``; uint16 C, H, k, W; uint32 U (distinct examples); float32 largest |gate| and |in|;
-    uint16 :data:`CODE_RANGE`; uint16 bytes of each doc and pos (2 when every one is below 65,536, else 4);
-    float32 scales [C,H,4 hooks]; float32 values [C,H,k] (NaN: empty); int16 example [C,H,k] (-1: empty);
-    uint doc [U]; uint pos [U]; int8 gate codes [U,W]; int8 in codes [U,W]
-    (:func:`encode_values`). An example that several lists share is stored once (within a gate+ case the
-    gate and act(gate) lists are the same examples)."""
+    Layout: ``GSX2``; uint16 C, H, k, W; uint32 U (distinct examples); uint16 centre (the example's
+    place in its window, ``context_before``) and counted_from (:func:`store.first_counted_position`);
+    float32 scales of the gate codes and the in codes at counted positions, then at the others
+    (:func:`encode_windows`: position w of example u is counted when ``pos[u] + w - centre >=
+    counted_from``); uint16 :data:`CODE_RANGE`; uint16 bytes of each doc and pos (2 when every one is
+    below 65,536, else 4); float32 color scales [C,H,4 hooks]; float32 values [C,H,k] (NaN: empty);
+    int16 example [C,H,k] (-1: empty); uint doc [U]; uint pos [U]; int8 gate codes [U,W]; int8 in codes
+    [U,W] (:func:`encode_values`). An example that several lists share is stored once (within a gate+
+    case the gate and act(gate) lists are the same examples)."""
     C, H = len(CASES), len(HOOKS)
     W = data.top_gate.shape[-1]
     doc = np.ascontiguousarray(data.top_doc[..., :k]).ravel()
@@ -154,21 +182,20 @@ def encode_examples(data: NeuronData, k: int, scales: dict[str, np.ndarray]) -> 
     example = np.full(doc.shape, -1, dtype="<i2")
     example[valid] = inverse.ravel()
     source = valid[first]
-    windows = []
-    for name in ("top_gate", "top_in"):
-        window = getattr(data, name)[..., :k, :].reshape(-1, W)[source].astype(np.float64)
-        largest = float(np.nanmax(np.abs(window), initial=0.0)) if window.size else 0.0
-        largest = largest if np.isfinite(largest) and largest > 0 else 1.0
-        windows.append((largest, encode_values(window, largest)))
+    counted_from = first_counted_position(data.attrs)
+    counted = counted_windows(data, pos[source])  # [U, W], the rule of the page's colors
+    gate_counted, gate_other, gate_codes = encode_windows(data.top_gate[..., :k, :].reshape(-1, W)[source], counted)
+    in_counted, in_other, in_codes = encode_windows(data.top_in[..., :k, :].reshape(-1, W)[source], counted)
     values = np.where(data.top_doc[..., :k] >= 0, data.top_value[..., :k], np.nan).astype("<f4")
     scale = np.stack([scales[h] for h in HOOKS], axis=-1).astype("<f4")  # [C, H, hooks]
     place = np.concatenate([doc[source], pos[source]])
     wide = "<u2" if place.size == 0 or place.max() < 1 << 16 else "<u4"
     raw = b"".join([
-        EXAMPLES_MAGIC, struct.pack("<4HIffHH", C, H, k, W, len(unique), windows[0][0], windows[1][0], CODE_RANGE,
+        EXAMPLES_MAGIC, struct.pack("<4HI2H4f2H", C, H, k, W, len(unique), data.context_before, counted_from,
+                                    gate_counted, in_counted, gate_other, in_other, CODE_RANGE,
                                     np.dtype(wide).itemsize),
         scale.tobytes(), values.tobytes(), example.tobytes(), place.astype(wide).tobytes(),
-        windows[0][1].tobytes(), windows[1][1].tobytes()])
+        gate_codes.tobytes(), in_codes.tobytes()])
     return gzip.compress(raw, compresslevel=6, mtime=0)
 
 
@@ -218,7 +245,7 @@ def shell_parts(page: str, search_url: str) -> tuple[str, str, str]:
     for start in SHELL_DROP:
         page = drop_element(page, start)
     page = re.sub(r'<script src="[^"]*/assets/javascripts/bundle\.[0-9a-f]+\.min\.js"></script>', "", page)
-    form = (f'<form class="gs-header-search" action="{search_url}" method="get" role="search">'
+    form = (f'<form class="gs-header-search" action="{html.escape(search_url)}" method="get" role="search">'
             '<input type="search" name="q" placeholder="Search neurons" aria-label="Search neurons"></form>')
     header_end = page.find("</nav>", page.find('<header class="md-header'))
     if header_end >= 0:
@@ -320,6 +347,10 @@ def write_pages(job: LightJob) -> dict[str, Any]:
 
 
 _HTML_LINE = re.compile(r"^<.*$", re.MULTILINE)
+#: Where a raw HTML line waits while Markdown runs: a number between two render.PLACEHOLDER_MARK, which
+#: no corpus text can spell (render.md_text escapes the mark) and which Markdown passes through as text.
+_BLOCK = PLACEHOLDER_MARK + "{}" + PLACEHOLDER_MARK
+_BLOCK_BACK = re.compile(f"(?:<p>)?{PLACEHOLDER_MARK}(\\d+){PLACEHOLDER_MARK}(?:</p>)?")
 
 
 def convert(md: Any, text: str) -> str:
@@ -329,11 +360,11 @@ def convert(md: Any, text: str) -> str:
 
     def keep(match: re.Match) -> str:
         blocks.append(match.group(0))
-        return f"GLUSCOPEBLOCK{len(blocks) - 1}X"
+        return _BLOCK.format(len(blocks) - 1)
 
     md.reset()
     html = md.convert(_HTML_LINE.sub(keep, text))
-    return re.sub(r"(?:<p>)?GLUSCOPEBLOCK(\d+)X(?:</p>)?", lambda m: blocks[int(m.group(1))], html)
+    return _BLOCK_BACK.sub(lambda m: blocks[int(m.group(1))], html)
 
 
 def layer_row(data: NeuronData, vocab_text) -> list:
@@ -358,8 +389,8 @@ def search_postings(data: NeuronData, vocab_text) -> list[tuple[str, int, int, i
         for j in range(min(SEARCH_EXAMPLES, data.top_doc.shape[-1])):
             if data.top_doc[c, 0, j] < 0:
                 break
-            if data.window_tokens[c, 0, j, data.context_before] < 0:
-                continue
+            if data.window_tokens[c, 0, j, data.context_before] < 0 or not np.isfinite(data.top_value[c, 0, j]):
+                continue  # no token, or no finite value to rank the neuron by (JSON has no NaN)
             key = word_key(example_word(data, vocab_text, c, 0, j))
             if not key:
                 continue
@@ -443,4 +474,4 @@ def build_light(*, activations: str, neurons: Sequence[tuple[int, int]], site_di
 
 
 def _write_json(path: Path, content: Any) -> None:
-    path.write_text(json.dumps(content, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
+    path.write_text(json_text(content), encoding="utf-8")

@@ -35,6 +35,7 @@ import numpy as np
 
 from mkdocs_gluscope.distributions import EMPTY_PRIORITY, document_pieces, position_priority
 from mkdocs_gluscope.errors import GluscopeError
+from mkdocs_gluscope.schema import check_places
 from mkdocs_gluscope.store import (
     EXAMPLE_PARTS,
     EXPERT_GROUPS,
@@ -72,7 +73,8 @@ class Priority:
     def __init__(self, f: ActivationsFile) -> None:
         corpus = f.file["corpus"]
         self.seed = int(f.attrs.get("seed", 0))
-        self.source = corpus["source_index"][...].astype(np.int64) if "source_index" in corpus else np.arange(f.n_docs)
+        self.source = (f.read("corpus/source_index").astype(np.int64) if "source_index" in corpus
+                       else np.arange(f.n_docs))
         self.piece = document_pieces(self.source)
 
     def __call__(self, doc: np.ndarray, pos: np.ndarray) -> np.ndarray:
@@ -259,15 +261,22 @@ def merge_block(blocks: Sequence[dict[str, np.ndarray]], k: int, priority: Prior
 
 
 def _read_block(f: ActivationsFile, row: int, neurons: slice, group: str = "") -> dict[str, np.ndarray]:
-    root = f.file[group] if group else f.file
-    block = {name: root["stats"][name][row, neurons] for name in STAT_NAMES + ("nonfinite",)}
-    block.update({"top_" + name: root["top"][name][row, neurons] for name in ("value", "doc", "pos", "gate", "in")})
-    if "next_score" in root["top"]:  # each example's effect (dense rows): travels with its example
-        block["top_next_score"] = root["top"]["next_score"][row, neurons]
-    if "hist" in root["stats"]:
-        block.update({name: root["stats"][name][row, neurons] for name in ("hist", "density")})
-        block.update({f"{group}_{name}": root[group][name][row, neurons]
-                      for group in EXAMPLE_GROUPS for name in EXAMPLE_PARTS})
+    """One block of neurons of one row (of ``group``), keyed as :meth:`ActivationsWriter.write_layer`
+    takes them; every example checked to be inside its document (a damaged file is one error line)."""
+    prefix = group + "/" if group else ""
+    label = f"{prefix or 'layer '}row {row}, neurons {neurons.start}..{neurons.stop - 1}"
+    read = lambda name: f.read(prefix + name, (row, neurons), label)  # noqa: E731
+    block = {name: read("stats/" + name) for name in STAT_NAMES + ("nonfinite",)}
+    block.update({"top_" + name: read("top/" + name) for name in ("value", "doc", "pos", "gate", "in")})
+    if "next_score" in f.file[prefix + "top"]:  # each example's effect (dense rows): travels with its example
+        block["top_next_score"] = read("top/next_score")
+    lists = ["top"]
+    if "hist" in f.file[prefix + "stats"]:
+        block.update({name: read("stats/" + name) for name in ("hist", "density")})
+        block.update({f"{kind}_{name}": read(f"{kind}/{name}") for kind in EXAMPLE_GROUPS for name in EXAMPLE_PARTS})
+        lists += EXAMPLE_GROUPS
+    for kind in lists:
+        check_places(f.where, prefix + kind, block[f"{kind}_doc"], block[f"{kind}_pos"], f.doc_lengths, label)
     return block
 
 
@@ -302,7 +311,7 @@ def _copy_vocab(writer: ActivationsWriter, rows: list[tuple[list[ActivationsFile
         for start in range(0, n, NEURON_BLOCK):
             neurons = slice(start, min(start + NEURON_BLOCK, n))
             for part in ("token", "score"):
-                values = [f.file[name][part][row, neurons] for f in files]
+                values = [f.read(f"{name}/{part}", (row, neurons)) for f in files]
                 for f, value in zip(files[1:], values[1:]):
                     if not np.array_equal(values[0], value, equal_nan=value.dtype.kind == "f"):
                         raise GluscopeError(
@@ -344,6 +353,17 @@ def _write_merged(groups: list[list[ActivationsFile]], out: Path) -> Path:
     expert_layers = sorted({layer for group in groups for layer in group[0].expert_layers})
     if expert_layers:
         attrs["expert_layers"] = expert_layers
+        # Per expert layer, as each layer group recorded it (files before n_experts_per_layer have none).
+        counts: dict[int, int] = {}
+        for group in groups:
+            a = group[0].attrs
+            counts.update(zip(a.get("expert_layers", []), a.get("n_experts_per_layer", [])))
+        attrs.pop("n_experts_per_layer", None)
+        if all(layer in counts for layer in expert_layers):
+            attrs["n_experts_per_layer"] = [counts[layer] for layer in expert_layers]
+        distinct = sorted({n for group in groups for n in group[0].attrs.get("n_experts", [])})
+        if distinct:
+            attrs["n_experts"] = distinct  # the older attribute: the distinct counts, of every group
     window_dtype = str(first.file["top/gate"].dtype)
     merger = _Merger(first)
     with ActivationsWriter(out, n_layers=len(layers), d_mlp=d_mlp, k=first.k,
@@ -352,11 +372,11 @@ def _write_merged(groups: list[list[ActivationsFile]], out: Path) -> Path:
                            band_samples=merger.sizes[1]) as writer:
         corpus = first.file["corpus"]
         writer.write_corpus(first.tokens, first.doc_offsets, first.vocab,
-                            source_index=corpus["source_index"][...] if "source_index" in corpus else None,
+                            source_index=first.read("corpus/source_index") if "source_index" in corpus else None,
                             doc_title=[first.doc_title(d) or "" for d in range(first.n_docs)]
                             if "doc_title" in corpus else None)
         if first.has_effects:  # shards cover disjoint documents (NaN elsewhere); layer groups the same ones
-            writer.add_effects(np.fmax.reduce([f.file["corpus/final_scale"][...] for f in files]),
+            writer.add_effects(np.fmax.reduce([f.read("corpus/final_scale") for f in files]),
                                str(first.attrs.get("effect_norm", "")))
         out_row = 0
         for group in dense:

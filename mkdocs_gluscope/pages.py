@@ -9,9 +9,9 @@ expands one).
 from __future__ import annotations
 
 import html
-import json
 import os
 import posixpath
+import re
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -21,11 +21,13 @@ from mkdocs_gluscope.activations import UnknownActivation, activation
 from mkdocs_gluscope.neurons import parse_neuron_ids
 from mkdocs_gluscope.pick import layer_case_scales
 from mkdocs_gluscope.render import (
+    VISIBLE,
     PageContext,
     display_name,
     examples_html,
     fill_page,
     index_rows,
+    json_text,
     md_text,
     neuron_markdown,
     token_html,
@@ -37,27 +39,39 @@ ASSETS = ("gluscope.css", "gluscope.js")
 ASSET_DIR = "assets/gluscope"
 
 
+#: Where ``gluscope.js`` takes :data:`render.VISIBLE` (one table for Python and JavaScript).
+VISIBLE_SLOT = "/*gluscope:visible*/{}"
+
+
 def asset_text(name: str) -> str:
-    return resources.files("mkdocs_gluscope").joinpath("assets", name).read_text(encoding="utf-8")
+    """An asset as the site serves it: ``gluscope.js`` with the tables it shares with Python filled in."""
+    text = resources.files("mkdocs_gluscope").joinpath("assets", name).read_text(encoding="utf-8")
+    if VISIBLE_SLOT in text:
+        text = text.replace(VISIBLE_SLOT, json_text(VISIBLE, ascii=True), 1)
+    return text
 
 
 class PageOptionError(ValueError):
     """A page option (``url_prefix``, ``examples``) that cannot be used; the message says what would do."""
 
 
+_PREFIX_PART = re.compile(r"[A-Za-z0-9_.-]+")
+
+
 def check_url_prefix(prefix: object) -> str:
     """``prefix`` as a folder path relative to the docs folder, without a trailing slash.
 
-    Pages are written at ``{prefix}/...`` inside the site: an absolute path, a ``..`` or ``.``
-    component, a backslash or a drive would write them somewhere else (or over other pages)."""
+    Pages are written at ``{prefix}/...`` inside the site and the prefix goes into URLs, HTML
+    attributes and scripts: only path-safe characters (ASCII letters, digits, ``-``, ``_``, ``.``) in
+    folder names separated by ``/``, and no ``.`` or ``..`` folder, which would write the pages
+    somewhere else (or over other pages)."""
     if isinstance(prefix, str):
         parts = prefix[:-1].split("/") if prefix.endswith("/") else prefix.split("/")
-        if (prefix and not prefix.startswith("/") and "\\" not in prefix and ":" not in prefix
-                and all(part not in ("", ".", "..") for part in parts)):
+        if all(_PREFIX_PART.fullmatch(part) and part not in (".", "..") for part in parts):
             return "/".join(parts)
     raise PageOptionError(
-        f"url_prefix: {prefix!r}; expected a relative path inside the site, folder names separated by '/' "
-        "(e.g. 'neurons' or 'model/neurons'), with no leading '/', '..', '.', backslash or drive")
+        f"url_prefix: {prefix!r}; expected a relative path inside the site: folder names of ASCII letters, digits, "
+        "'-', '_' and '.' separated by '/' (e.g. 'neurons' or 'model/neurons'), with no '.' or '..' folder")
 
 
 def check_examples(examples: object) -> int | None:
@@ -330,7 +344,7 @@ class SitePages:
         for doc in sorted(docs):
             tokens = [vocab[t] for t in self.file.document(doc)]
             shards.setdefault(doc // docs_per_shard, {})[str(doc)] = {"title": self.doc_title(doc), "tokens": tokens}
-        return {f"gluscope/docs/{shard}.json": json.dumps(content, ensure_ascii=False, separators=(",", ":"))
+        return {f"gluscope/docs/{shard}.json": json_text(content)
                 for shard, content in shards.items()}
 
 

@@ -63,8 +63,8 @@ def case_extremes(values: np.ndarray, pos: np.ndarray, early: int) -> tuple[np.n
 def layer_case_scales(f: ActivationsFile, layer: int) -> np.ndarray:
     """:func:`case_scales` of one model layer of ``f``: what pick divides each case's extreme by."""
     row = f.row(layer)
-    magnitude, _ = case_extremes(f.file["top/value"][row, :, :, 0, :], f.file["top/pos"][row, :, :, 0, :],
-                                 early_end(f.attrs))
+    post = (row, slice(None), slice(None), 0)  # every neuron and case, hook_post
+    magnitude, _ = case_extremes(f.read("top/value", post), f.read("top/pos", post), early_end(f.attrs))
     return case_scales(magnitude)
 
 
@@ -75,8 +75,8 @@ def pick_neurons(f: ActivationsFile, *, per_layer: int = 1, mix: int = 10, rare:
     ``mix`` most unusual case mixes (one per layer)."""
     freq = f.frequency()  # [L, N, C]
     count = f.stat("count")
-    magnitude, post = case_extremes(f.file["top/value"][:, :, :, 0, :], f.file["top/pos"][:, :, :, 0, :],
-                                    early_end(f.attrs))
+    hook_post = (slice(None), slice(None), slice(None), 0)
+    magnitude, post = case_extremes(f.read("top/value", hook_post), f.read("top/pos", hook_post), early_end(f.attrs))
     picks: list[Pick] = []
     chosen: set[tuple[int, int]] = set()
     scores = np.zeros(magnitude.shape)  # [L, N, C]

@@ -14,12 +14,13 @@ out of the navigation (a thousand nav entries make every page huge); ``neurons/`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from mkdocs.config import base
 from mkdocs.config import config_options as c
@@ -31,6 +32,7 @@ from mkdocs.structure.pages import Page
 
 from mkdocs_gluscope import light
 from mkdocs_gluscope.activations import UnknownActivation
+from mkdocs_gluscope.errors import printable
 from mkdocs_gluscope.neurons import NeuronSpecError, neuron_specs
 from mkdocs_gluscope.pages import (
     ASSET_DIR,
@@ -49,6 +51,16 @@ from mkdocs_gluscope.store import HOOKS, ActivationsFile, FormatError
 log = logging.getLogger("mkdocs.plugins.gluscope")
 
 DEFAULT_MISSING_HINT = "gluscope collect --model MODEL --dataset DATA --out FILE"
+
+
+@contextlib.contextmanager
+def file_errors() -> Iterator[None]:
+    """A file that cannot be used (refused when opened, or damaged where a neuron is read) fails the
+    build with its one line: a PluginError, which MkDocs reports without a traceback."""
+    try:
+        yield
+    except FormatError as e:
+        raise PluginError(f"gluscope: activations: {printable(e)}") from None
 
 
 # Option types: MkDocs checks every option when it loads mkdocs.yml, and reports a bad one as
@@ -125,8 +137,8 @@ class GluscopeConfig(base.Config):
 
     url_prefix = _Checked(check_url_prefix, default="neurons")
     """Folder of the generated pages inside the site: ``{url_prefix}/L{layer}/N{neuron}/``. A relative
-    path of folder names separated by ``/`` (no leading ``/``, ``..``, ``.``, backslash or drive).
-    Default: ``neurons``."""
+    path of folder names of ASCII letters, digits, ``-``, ``_`` and ``.`` separated by ``/`` (no leading
+    ``/``, no ``.`` or ``..`` folder). Default: ``neurons``."""
 
     examples = _Checked(check_examples)
     """Examples shown per (case, hook) list: a whole number, 1 or more. Default: all k in the file."""
@@ -177,10 +189,8 @@ class GluscopePlugin(BasePlugin[GluscopeConfig]):
         path = Path(self.config.activations)  # validated at load: an existing file, absolute
         if self.site is not None:
             self.site.file.close()  # a rebuild under `mkdocs serve` rereads the file
-        try:
+        with file_errors():
             activations = ActivationsFile(path)
-        except FormatError as e:
-            raise PluginError(f"gluscope: activations: {e}") from None
         try:
             self.site = SitePages(activations, self.config.neurons, url_prefix=self.config.url_prefix,
                                   examples=self.config.examples, color_hook=self.config.color_hook)
@@ -190,13 +200,13 @@ class GluscopePlugin(BasePlugin[GluscopeConfig]):
                 self.site.probe_url = self.probe.url
         except NeuronSpecError as e:
             activations.close()
-            raise PluginError(f"gluscope: neurons: {e}") from None
+            raise PluginError(f"gluscope: neurons: {printable(e)}") from None
         except UnknownActivation as e:
             activations.close()
-            raise PluginError(f"gluscope: activations file {path}: {e}") from None
+            raise PluginError(f"gluscope: activations file {path}: {printable(e)}") from None
         except ProbeError as e:
             activations.close()
-            raise PluginError(f"gluscope: probe_model: {e}") from None
+            raise PluginError(f"gluscope: probe_model: {printable(e)}") from None
         if not self.site.neurons:
             log.warning("no neurons listed under plugins.gluscope.neurons; only the index page is built")
         self.path = path
@@ -217,6 +227,10 @@ class GluscopePlugin(BasePlugin[GluscopeConfig]):
         return config
 
     def on_files(self, files: Files, *, config: MkDocsConfig) -> Files:
+        with file_errors():
+            return self._files(files, config)
+
+    def _files(self, files: Files, config: MkDocsConfig) -> Files:
         site = self.site
         assert site is not None
         self._pages = {}
@@ -284,7 +298,8 @@ class GluscopePlugin(BasePlugin[GluscopeConfig]):
         if key is None or self.site is None:
             return output
         site_root = "../" * page.url.count("/")
-        return self.site.fill_page(output, *key, site_root=site_root)
+        with file_errors():
+            return self.site.fill_page(output, *key, site_root=site_root)
 
     def on_post_build(self, *, config: MkDocsConfig) -> None:
         if not self.light or self.site is None:
@@ -293,12 +308,13 @@ class GluscopePlugin(BasePlugin[GluscopeConfig]):
             raise PluginError("gluscope: layout light: the shell page was not built")
         site = self.site
         start = time.perf_counter()
-        totals = light.build_light(
-            activations=str(self.path), neurons=site.neurons, site_dir=config.site_dir, prefix=site.prefix,
-            directory_urls=config.use_directory_urls, shell=self._shell,
-            markdown_extensions=list(config.markdown_extensions), mdx_configs=dict(config.mdx_configs),
-            examples=site.examples, color_hook=site.color_hook, inline_cases=self.config.inline_cases,
-            act_fn=str(site.file.attrs.get("act_fn", "silu")), workers=self.config.workers)
+        with file_errors():
+            totals = light.build_light(
+                activations=str(self.path), neurons=site.neurons, site_dir=config.site_dir, prefix=site.prefix,
+                directory_urls=config.use_directory_urls, shell=self._shell,
+                markdown_extensions=list(config.markdown_extensions), mdx_configs=dict(config.mdx_configs),
+                examples=site.examples, color_hook=site.color_hook, inline_cases=self.config.inline_cases,
+                act_fn=str(site.file.attrs.get("act_fn", "silu")), workers=self.config.workers)
         shutil.rmtree(Path(config.site_dir) / site.prefix / light.SHELL_DIR, ignore_errors=True)
         log.info(f"gluscope: wrote {totals['pages']:,} neuron pages ({totals['page_bytes'] / 1e6:.0f} MB) and their "
                  f"example data ({totals['data_bytes'] / 1e6:.0f} MB) in {time.perf_counter() - start:.1f} s")

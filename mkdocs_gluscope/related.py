@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterator
 import h5py
 import numpy as np
 
+from mkdocs_gluscope.schema import check_related
 from mkdocs_gluscope.store import HOOK_SIGNS, ActivationsFile, _compressed, early_end
 
 #: Entries per list (related neurons per case, per gate/in and direction, per direction).
@@ -245,15 +246,19 @@ class Related:
     alike: dict[str, np.ndarray] | None  # alike_* [2, K]
 
 
-def read_related(group: h5py.Group | None, row: int, neuron: int) -> Related | None:
-    """The parts of ``related/`` present, for one neuron (``group`` None: the file has none)."""
-    if group is None:
+def read_related(f: ActivationsFile, row: int, neuron: int, label: str = "") -> Related | None:
+    """The parts of ``related/`` present, for one neuron of a dense row (None: the file has none); every
+    entry checked to name a neuron of the file (:func:`schema.check_related`)."""
+    if "related" not in f.file:
         return None
+    group = f.file["related"]
 
     def part(names: tuple[str, ...], prefix: str) -> dict[str, np.ndarray] | None:
         if not all(name in group for name in names):
             return None
-        return {name[len(prefix):]: group[name][row, neuron] for name in names}
+        lists = {name: f.read("related/" + name, (row, neuron), label) for name in names}
+        check_related(f.where, lists, f.layers, f.d_mlp, label or f"row {row}, neuron {neuron}")
+        return {name[len(prefix):]: values for name, values in lists.items()}
 
     related = Related(shared=part(ACTIVATION_PART, "shared_"), feeds=part(WEIGHTS_PART[:3], "feeds_"),
                       alike=part(WEIGHTS_PART[3:], "alike_"))

@@ -20,7 +20,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -58,7 +58,21 @@ HOOK_LABELS = {
     "swish": "swish = act(gate)",
 }
 _MD_SPECIAL = set("\\`*_{}[]()<>#+-.!|~$&\"'=:^%@")
-_WHITESPACE = {"\n": "↵", "\t": "⇥", "\r": "␍"}
+#: Marks a layout's own placeholders in Markdown (light.convert's raw HTML blocks): a private-use
+#: character that :func:`md_text` always escapes, so no text from the corpus or the file can spell one,
+#: and that Markdown and its extensions leave as it is (an HTML comment would make Markdown parse HTML).
+PLACEHOLDER_MARK = "\ue000"
+#: Bidirectional controls (embeddings, overrides, isolates, marks): inside a token they would reorder
+#: the tokens around it, so a token shows them by name instead.
+BIDI_CONTROLS = (0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A))
+#: How a token shows the characters a reader could not see or that would act on the page: whitespace
+#: as symbols, other control characters as ``\xNN``, bidirectional controls as ``⟨U+202E⟩``. The one
+#: table of this rule: ``gluscope.js`` receives it from here (:func:`mkdocs_gluscope.pages.asset_text`).
+VISIBLE: dict[str, str] = {
+    **{chr(c): f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))},
+    "\n": "↵", "\t": "⇥", "\r": "␍",
+    **{chr(c): f"⟨U+{c:04X}⟩" for c in BIDI_CONTROLS},
+}
 
 
 def md_text(text: str) -> str:
@@ -66,11 +80,21 @@ def md_text(text: str) -> str:
     it becomes markup, a link, an element, a table cell or a template expression."""
     out = []
     for ch in text:
-        if ch in _MD_SPECIAL or ord(ch) < 32 or ch in "\u2028\u2029":
+        if ch in _MD_SPECIAL or ord(ch) < 32 or ch in "\u2028\u2029" or ch == PLACEHOLDER_MARK:
             out.append(f"&#{ord(ch)};")
         else:
             out.append(ch)
     return "".join(out)
+
+
+def json_text(value: Any, *, ascii: bool = False) -> str:
+    """``value`` as compact JSON, the one way the site writes JSON: never NaN or infinity (JSON has
+    neither, and a browser's ``JSON.parse`` refuses the whole file over one), so a value that cannot be
+    written is a ValueError saying so; ``ascii`` escapes every non-ASCII character too."""
+    try:
+        return json.dumps(value, ensure_ascii=ascii, separators=(",", ":"), allow_nan=False)
+    except ValueError as e:
+        raise ValueError(f"a value JSON cannot hold ({e}); NaN and infinity have no JSON form") from None
 
 
 # A path on the collector's machine: absolute, in a home folder, explicitly relative, or Windows.
@@ -89,17 +113,9 @@ def display_name(value: str) -> str:
 
 
 def token_label(token: str) -> str:
-    """A token's visible form: newlines and tabs as symbols, other control characters escaped,
-    and a token of spaces only shown as middle dots."""
-    out = []
-    for ch in token:
-        if ch in _WHITESPACE:
-            out.append(_WHITESPACE[ch])
-        elif ord(ch) < 32 or 0x7F <= ord(ch) < 0xA0:
-            out.append(f"\\x{ord(ch):02x}")
-        else:
-            out.append(ch)
-    label = "".join(out)
+    """A token's visible form: every character of :data:`VISIBLE` by its visible form, and a token
+    of spaces only shown as middle dots."""
+    label = "".join(VISIBLE.get(ch, ch) for ch in token)
     if label and not label.strip(" "):
         label = "·" * len(label)
     return label
@@ -260,7 +276,8 @@ def word_labels(word: tuple[str, str, str]) -> tuple[str, str, str]:
 
 
 def word_html(word: tuple[str, str, str]) -> str:
-    """A whole word with its peak piece marked (``gs-peak``)."""
+    """A whole word with its peak piece marked (``gs-peak``); where it stands alone (a list of top
+    words) wrap it in ``<bdi>``, which isolates its bidirectional text from its neighbours'."""
     before, peak, after = word_labels(word)
     return f'{md_text(before)}<span class="gs-peak">{md_text(peak)}</span>{md_text(after)}'
 
@@ -363,10 +380,13 @@ def neuron_markdown(data: NeuronData, ctx: PageContext) -> str:
     ]
     if ctx.inline_cases is None:  # light pages: the related lists are the layout's to show (context.py)
         lines += related_section(data, ctx)
-    lines += ["## Top words", ""]
+    # One line of HTML (each word a <bdi>: isolated from its neighbours' bidirectional text), which
+    # Markdown passes through: inline HTML in a Markdown list cost a third of a light page's conversion.
+    items = []
     for c, case in enumerate(CASES):
-        shown = ", ".join(word_html(w) for w in top_words(data, ctx, c, limit=ctx.top_words)) or "none"
-        lines.append(f"- **{md_text(case)}** ({100 * data.frequency[c]:.3g}%): {shown}")
+        shown = ", ".join(f"<bdi>{word_html(w)}</bdi>" for w in top_words(data, ctx, c, limit=ctx.top_words)) or "none"
+        items.append(f"<li><strong>{md_text(case)}</strong> ({100 * data.frequency[c]:.3g}%): {shown}</li>")
+    lines += ["## Top words", "", f'<ul class="gs-top-words">{"".join(items)}</ul>']
     if ctx.probe_url and ctx.inline_cases is None:
         lines += ["", "## Your own text", "", probe_box(data, ctx.probe_url)]
     lines += ["", "## Examples", "", EXAMPLES_PLACEHOLDER, ""]
@@ -459,7 +479,7 @@ def examples_html(data: NeuronData, ctx: PageContext,
             if ctx.inline_cases is not None and not inline:
                 continue  # a light page: gluscope.js builds this list from the data file
             # Exact (JS reads these), one per hook in HOOKS order, compact: md_text writes each [ , . as 5 characters.
-            scale = json.dumps([float(scales[name][c, h]) for name in HOOKS], separators=(",", ":"))
+            scale = json_text([float(scales[name][c, h]) for name in HOOKS])
             attrs = f' data-scale="{md_text(scale)}"' if inline else ""
             if ctx.inline_cases is not None:
                 attrs += f' data-hook="{h}"'
@@ -734,7 +754,7 @@ def _sample_rows(data: NeuronData, ctx: PageContext, ex: Examples, lists: dict, 
         rows.append(example_row(ctx, doc=int(doc[j]), pos=int(pos[j]), gate=gate[j], in_=in_[j], swish=swish[j],
                                 value=post[j], tokens=tokens[j], levels=levels[j], counted=counted[j],
                                 centre=data.context_before, early=lists["early"], rank=len(rows) + 1))
-    scale = json.dumps([float(lists["scales"][name][index]) for name in HOOKS], separators=(",", ":"))
+    scale = json_text([float(lists["scales"][name][index]) for name in HOOKS])
     return f' data-scale="{md_text(scale)}"', "".join(rows), len(rows)
 
 

@@ -29,31 +29,19 @@ from typing import Any, Mapping, Sequence
 import h5py
 import numpy as np
 
+from mkdocs_gluscope import schema
 from mkdocs_gluscope.distributions import (BAND_EDGES, BAND_SAMPLES, DENSITY_EDGES, HIST_EDGES, N_BANDS, N_BINS,
                                            N_DENSITY)
-
-FORMAT = "gluscope-activations"
-FORMAT_VERSION = 1
-
-#: Sign combinations of (gate, in), in file order.
-CASES: tuple[str, ...] = ("gate+_in+", "gate+_in-", "gate-_in+", "gate-_in-")
-#: Recorded quantities, in file order: act(gate)*in, in, gate, act(gate).
-HOOKS: tuple[str, ...] = ("hook_post", "hook_pre_linear", "hook_pre", "swish")
+# The format's names are defined with its schema; readers import them from here as well.
+from mkdocs_gluscope.schema import (CASES, EXAMPLE_PARTS, EXPERT_GROUPS, FORMAT, FORMAT_VERSION, HOOKS,  # noqa: F401
+                                    SHARED, STAT_NAMES, VOCAB_DIRECTIONS, VOCAB_WEIGHTS, WEIGHT_NAMES, FormatError)
 
 #: Sign of each hook's values within each case, ``[case][hook]``: gate and act(gate) have the sign
 #: of gate, in the sign of in, post = act(gate)·in their product (a value may also be 0).
 HOOK_SIGNS: tuple[tuple[int, ...], ...] = ((1, 1, 1, 1), (-1, -1, 1, 1), (-1, 1, -1, -1), (1, -1, -1, -1))
-STAT_NAMES = ("count", "sum", "min", "max")
 #: ``stats/nonfinite`` [L, N, 5]: positions with a NaN or infinite value, by case, then "no case"
 #: (gate or in NaN, so no sign); they are left out of every other statistic.
 NONFINITE_COLUMNS: tuple[str, ...] = CASES + ("no case",)
-WEIGHT_NAMES = ("flipped", "cos_gate_in", "cos_gate_out", "cos_in_out")
-#: ``samples/`` and ``bands/`` hold examples as ``top/`` does: these datasets each.
-EXAMPLE_PARTS = ("doc", "pos", "value", "gate", "in")
-#: ``vocab/token`` and ``vocab/score`` [L, N, 3, 2, K]: for each weight vector (axis 2, this order)
-#: the K tokens of highest score (axis 3 index 0) and of lowest score (index 1).
-VOCAB_WEIGHTS: tuple[str, ...] = ("out", "gate", "in")
-VOCAB_DIRECTIONS: tuple[str, ...] = ("top", "bottom")
 #: Tokens per vocabulary list (the last axis of ``vocab/``), as ``gluscope collect`` writes it.
 VOCAB_K = 10
 
@@ -75,10 +63,6 @@ def early_end(attrs: Mapping[str, Any]) -> int:
     :data:`EARLY_POSITIONS` counted positions, unless the run skipped positions itself."""
     first = first_counted_position(attrs)
     return first if int(attrs.get("skip_positions", 0)) > 0 else first + EARLY_POSITIONS
-
-
-class FormatError(ValueError):
-    """The file is not a gluscope activations file this version can read."""
 
 
 def _to_attr(value: Any) -> Any:
@@ -132,13 +116,6 @@ def write_layer_chunks(dataset: h5py.Dataset, layer: int, values: np.ndarray, po
 
     for offset, data in zip(offsets, pool.map(lambda o: _shuffle_deflate(block(o)), offsets)):
         dataset.id.write_direct_chunk((layer, start + offset) + (0,) * (len(chunk) - 2), data, filter_mask=0)
-
-
-#: Groups of expert neurons (mixture-of-experts layers): routed experts, and shared experts, which see
-#: every token. Each holds ``layer``, ``expert`` and ``routed`` per row and the root's neuron datasets.
-EXPERT_GROUPS = ("experts", "shared_experts")
-#: How an expert is named in ids and paths: routed expert ``E`` is ``eE``, the shared expert ``s``.
-SHARED = "s"
 
 
 def _create_neuron_datasets(root: h5py.Group, L: int, N: int, k: int, W: int, window_dtype: str,
@@ -449,44 +426,37 @@ def neuron_id(layer: int, neuron: int, expert: int | str | None = None) -> str:
     return f"{layer}.{expert_label(expert)}.{neuron}"
 
 
-def _attr(value: Any) -> Any:
-    """HDF5 attributes come back as numpy scalars and arrays; make them plain Python."""
-    if isinstance(value, np.ndarray):
-        return [_attr(v) for v in value.tolist()]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, bytes):
-        return value.decode("utf-8")
-    return value
-
-
 class ActivationsFile:
     """Read access to an activations file.
 
-    Whole-model arrays (:meth:`stat`, :meth:`frequency`, :meth:`mean`, :meth:`weights`) are read
-    on demand; :meth:`neuron` reads one neuron's chunks only, in about a millisecond.
+    Opening one checks the whole file first (:func:`mkdocs_gluscope.schema.check_file`: nothing stored
+    outside it, the documented schema); anything wrong is a :class:`FormatError` of one line. Whole-model
+    arrays (:meth:`stat`, :meth:`frequency`, :meth:`mean`, :meth:`weights`) are read on demand;
+    :meth:`neuron` reads one neuron's chunks only, in about a millisecond, and checks what only they
+    can show (each example inside its document, the counts, the vocabulary ids). A chunk that cannot
+    be read (a damaged file) is a :class:`FormatError` naming the dataset and the neuron.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        #: How errors name the file.
+        self.where = repr(str(self.path))
         if not self.path.is_file():
-            raise FileNotFoundError(f"no activations file at {str(self.path)!r}")
+            raise FileNotFoundError(f"no activations file at {self.where}")
         try:
             self.file = h5py.File(self.path, "r")
         except OSError as e:
-            raise FormatError(f"{str(self.path)!r} is not an HDF5 file ({e})") from None
-        fmt = _attr(self.file.attrs.get("format"))
-        version = _attr(self.file.attrs.get("format_version"))
-        if fmt != FORMAT:
+            raise FormatError(f"{self.where} is not an HDF5 file, or a damaged one ({e})") from None
+        try:
+            checked = schema.check_file(self.file, self.where)
+        except BaseException:
             self.file.close()
-            raise FormatError(f"{str(self.path)!r} has format={fmt!r}; expected {FORMAT!r}")
-        if version != FORMAT_VERSION:
-            self.file.close()
-            raise FormatError(
-                f"{str(self.path)!r} has format_version={version!r}; this gluscope reads "
-                f"format_version {FORMAT_VERSION}"
-            )
-        self.attrs: dict[str, Any] = {k: _attr(v) for k, v in self.file.attrs.items()}
+            raise
+        self.attrs: dict[str, Any] = checked.attrs
+        self._offsets: np.ndarray = checked.doc_offsets
+        self._tokens: np.ndarray = checked.tokens
+        self._lengths: np.ndarray = np.diff(checked.doc_offsets)
+        self.n_vocab = checked.n_vocab
         n_rows, self.d_mlp = self.file["stats/count"].shape[:2]
         #: Model layer of each row of the layer axis (a run may cover some layers only).
         self.layers: list[int] = [int(x) for x in self.attrs.get("layers", range(n_rows))]
@@ -494,7 +464,7 @@ class ActivationsFile:
         self.k = int(self.attrs["k"])
         self.context_before = int(self.attrs["context_before"])
         self.context_after = int(self.attrs["context_after"])
-        self.n_tokens = int(self.attrs.get("n_tokens", 0))
+        self.n_tokens = int(self.attrs["n_tokens"])
         #: Whether the file counts non-finite values (``stats/nonfinite``; files before it do not).
         self.has_nonfinite = "nonfinite" in self.file["stats"]
         #: Expert rows: ``{(layer, expert): (group, row)}`` with ``expert`` an int or SHARED.
@@ -513,9 +483,16 @@ class ActivationsFile:
         self._datasets: dict[str, h5py.Dataset] = {}
         self._weight_cache: dict[str, np.ndarray] = {}
         self._vocab: list[str] | None = None
-        self._offsets: np.ndarray | None = None
-        self._tokens: np.ndarray | None = None
         self._final_scale: np.ndarray | None = None
+
+    def read(self, name: str, index: Any = Ellipsis, label: str = "") -> np.ndarray:
+        """``file[name][index]``; a chunk that cannot be read (a damaged file) is a one-line
+        :class:`FormatError` naming the dataset (and ``label``: what was being read, e.g. a neuron)."""
+        try:
+            return self._dataset(name)[index]
+        except OSError as e:
+            what = f" of {label}" if label else ""
+            raise FormatError(f"{self.where}: {name}{what} cannot be read ({e}); the file is damaged") from None
 
     # -- whole-model arrays -------------------------------------------------------------------
     @staticmethod
@@ -534,7 +511,7 @@ class ActivationsFile:
         """``count`` [L,N,C], or ``sum``/``min``/``max`` [L,N,C,H]."""
         if name not in STAT_NAMES:
             raise KeyError(f"statistic {name!r}; expected one of {', '.join(STAT_NAMES)}")
-        return self.file["stats"][name][...]
+        return self.read("stats/" + name)
 
     def frequency(self) -> np.ndarray:
         """Share of counted positions in each case: ``count / n_tokens``, [L,N,C]."""
@@ -550,7 +527,7 @@ class ActivationsFile:
         in the bins :attr:`hist_edges`; a KeyError in files without distributions."""
         if not self.has_distributions:
             raise KeyError(f"{str(self.path)!r} has no histograms (collected with --samples 0, or before them)")
-        return self.file["stats/hist"][:, :, self.case_index(case), self.hook_index(hook), :]
+        return self.read("stats/hist", (slice(None), slice(None), self.case_index(case), self.hook_index(hook)))
 
     @property
     def hist_edges(self) -> np.ndarray:
@@ -561,28 +538,30 @@ class ActivationsFile:
         """``flipped``, ``cos_gate_in``, ``cos_gate_out`` or ``cos_in_out``, [L,N]."""
         if name not in WEIGHT_NAMES:
             raise KeyError(f"weight property {name!r}; expected one of {', '.join(WEIGHT_NAMES)}")
-        return self.file["weights"][name][...]
+        return self.read("weights/" + name)
 
     # -- corpus -------------------------------------------------------------------------------
     @property
     def vocab(self) -> list[str]:
         """Display string of each token id."""
         if self._vocab is None:
-            self._vocab = [s.decode("utf-8") if isinstance(s, bytes) else s
-                           for s in self.file["corpus/vocab"][...]]
+            self._vocab = [s.decode("utf-8") if isinstance(s, bytes) else s for s in self.read("corpus/vocab")]
         return self._vocab
 
     @property
     def doc_offsets(self) -> np.ndarray:
-        if self._offsets is None:
-            self._offsets = self.file["corpus/doc_offsets"][...]
+        """``corpus/doc_offsets`` (read, and checked, when the file was opened)."""
         return self._offsets
 
     @property
     def tokens(self) -> np.ndarray:
-        if self._tokens is None:
-            self._tokens = self.file["corpus/tokens"][...]
+        """``corpus/tokens`` (read, and checked, when the file was opened)."""
         return self._tokens
+
+    @property
+    def doc_lengths(self) -> np.ndarray:
+        """Tokens of each document (``np.diff(doc_offsets)``)."""
+        return self._lengths
 
     @property
     def has_effects(self) -> bool:
@@ -594,7 +573,7 @@ class ActivationsFile:
         """``corpus/final_scale`` at each (doc, pos), NaN for an empty slot (doc -1); the whole array is
         read once (4 bytes a token)."""
         if self._final_scale is None:
-            self._final_scale = self.file["corpus/final_scale"][...]
+            self._final_scale = self.read("corpus/final_scale")
         doc, pos = np.asarray(doc), np.asarray(pos)
         at = self.doc_offsets[np.clip(doc, 0, self.n_docs - 1)] + np.clip(pos, 0, None)
         return np.where(doc >= 0, self._final_scale[np.clip(at, 0, len(self._final_scale) - 1)], np.nan)
@@ -614,7 +593,7 @@ class ActivationsFile:
         """A short provenance label of the document (e.g. year and speaker), if recorded."""
         if "doc_title" not in self.file["corpus"]:
             return None
-        title = self.file["corpus/doc_title"][doc]
+        title = self.read("corpus/doc_title", doc)
         return title.decode("utf-8") if isinstance(title, bytes) else title
 
     # -- one neuron ---------------------------------------------------------------------------
@@ -681,33 +660,41 @@ class ActivationsFile:
     def neuron(self, layer: int, neuron: int, *, windows: bool = True, expert: int | str | None = None) -> NeuronData:
         """All data of one neuron's page (``layer`` is the model's layer index; ``expert`` a routed
         expert's index or SHARED for an expert's neuron). With ``windows=False`` the gate/in windows
-        are not read (``top_gate``/``top_in`` are None)."""
+        are not read (``top_gate``/``top_in`` are None).
+
+        Checks what only the neuron's data can show: every example an empty slot or a position inside
+        its document, counts that are shares of the positions they count, vocabulary ids inside the
+        vocabulary; a :class:`FormatError` names the dataset and the neuron otherwise."""
         if expert is None:
             self.check_neuron(layer, neuron)
             prefix, row, routed = "", self.row(layer), None
         else:
             group, row = self.check_expert_neuron(layer, expert, neuron)
             prefix, routed = group + "/", self.routed[(layer, expert)]
-        f = lambda name: self._dataset(prefix + name)  # noqa: E731
-        top_doc = f("top/doc")[row, neuron]
-        top_pos = f("top/pos")[row, neuron]
+        label = "neuron " + neuron_id(layer, neuron, expert)
+        f = lambda name: self.read(prefix + name, (row, neuron), label)  # noqa: E731
+        top_doc, top_pos = f("top/doc"), f("top/pos")
+        schema.check_places(self.where, prefix + "top", top_doc, top_pos, self.doc_lengths, label)
+        count = f("stats/count")
+        schema.check_counts(self.where, prefix + "stats/count", count, self.n_tokens if routed is None else routed,
+                            label, "the attribute n_tokens" if routed is None else f"{prefix}routed")
         weight = (lambda name: self._weight(name)[row, neuron]) if expert is None else (
-            lambda name: f("weights/" + name)[row, neuron])
+            lambda name: f("weights/" + name))
         nonfinite = "nonfinite" in self.file[prefix + "stats"]
-        distributions = self._distributions(prefix, row, neuron, windows)
+        distributions = self._distributions(prefix, row, neuron, windows, label)
         return NeuronData(
             layer=layer,
             neuron=neuron,
             n_tokens=self.n_tokens,
-            count=f("stats/count")[row, neuron],
-            sum=f("stats/sum")[row, neuron],
-            min=f("stats/min")[row, neuron],
-            max=f("stats/max")[row, neuron],
-            top_value=f("top/value")[row, neuron],
+            count=count,
+            sum=f("stats/sum"),
+            min=f("stats/min"),
+            max=f("stats/max"),
+            top_value=f("top/value"),
             top_doc=top_doc,
             top_pos=top_pos,
-            top_gate=f("top/gate")[row, neuron].astype(np.float32) if windows else None,
-            top_in=f("top/in")[row, neuron].astype(np.float32) if windows else None,
+            top_gate=f("top/gate").astype(np.float32) if windows else None,
+            top_in=f("top/in").astype(np.float32) if windows else None,
             window_tokens=self.window_tokens(top_doc, top_pos),
             flipped=bool(weight("flipped")),
             cos_gate_in=float(weight("cos_gate_in")),
@@ -716,7 +703,7 @@ class ActivationsFile:
             context_before=self.context_before,
             context_after=self.context_after,
             attrs=self.attrs,
-            nonfinite=f("stats/nonfinite")[row, neuron] if nonfinite else None,
+            nonfinite=f("stats/nonfinite") if nonfinite else None,
             expert=expert,
             routed=routed,
             **distributions,
@@ -729,35 +716,36 @@ class ActivationsFile:
 
     def _edges(self, name: str) -> np.ndarray:
         if name not in self._weight_cache:
-            self._weight_cache[name] = self.file[name][...]
+            self._weight_cache[name] = self.read(name)
         return self._weight_cache[name]
 
-    def _distributions(self, prefix: str, row: int, neuron: int, windows: bool) -> dict[str, Any]:
+    def _distributions(self, prefix: str, row: int, neuron: int, windows: bool, label: str) -> dict[str, Any]:
         """The distribution fields of :class:`NeuronData` present in the file."""
         out: dict[str, Any] = {}
-        f = lambda name: self._dataset(prefix + name)  # noqa: E731
+        f = lambda name: self.read(prefix + name, (row, neuron), label)  # noqa: E731
         if self.has_distributions:
-            out["hist"] = f("stats/hist")[row, neuron]
-            out["density"] = f("stats/density")[row, neuron]
+            out["hist"] = f("stats/hist")
+            out["density"] = f("stats/density")
             out["hist_edges"] = self._edges("stats/hist_edges")
             out["density_edges"] = self._edges("stats/density_edges")
             out["band_edges"] = self._edges("bands/edges")
             for group in ("samples", "bands"):
-                doc, pos = f(group + "/doc")[row, neuron], f(group + "/pos")[row, neuron]
-                window = (lambda name: f(f"{group}/{name}")[row, neuron].astype(np.float32)) if windows else (
-                    lambda name: None)
-                out[group] = Examples(doc=doc, pos=pos, value=f(group + "/value")[row, neuron],
-                                      gate=window("gate"), in_=window("in"), tokens=self.window_tokens(doc, pos))
+                doc, pos = f(group + "/doc"), f(group + "/pos")
+                schema.check_places(self.where, prefix + group, doc, pos, self.doc_lengths, label)
+                window = (lambda name: f(f"{group}/{name}").astype(np.float32)) if windows else (lambda name: None)
+                out[group] = Examples(doc=doc, pos=pos, value=f(group + "/value"), gate=window("gate"),
+                                      in_=window("in"), tokens=self.window_tokens(doc, pos))
         if prefix + "vocab" in self.file:
-            out["vocab_token"] = f("vocab/token")[row, neuron]
-            out["vocab_score"] = f("vocab/score")[row, neuron]
-        if not prefix and "related" in self.file:  # dense layers only
+            out["vocab_token"] = f("vocab/token")
+            schema.check_vocab_ids(self.where, prefix + "vocab/token", out["vocab_token"], self.n_vocab, label)
+            out["vocab_score"] = f("vocab/score")
+        if not prefix:  # dense layers only
             from mkdocs_gluscope.related import read_related
 
-            out["related"] = read_related(self.file["related"], row, neuron)
+            out["related"] = read_related(self, row, neuron, label)
         if not prefix and self.has_effects:  # dense layers only: experts have no effects
-            out["top_next_score"] = f("top/next_score")[row, neuron]
-            out["top_final_scale"] = self.final_scale_at(f("top/doc")[row, neuron], f("top/pos")[row, neuron])
+            out["top_next_score"] = f("top/next_score")
+            out["top_final_scale"] = self.final_scale_at(f("top/doc"), f("top/pos"))
         return out
 
     def window_tokens(self, doc: np.ndarray, pos: np.ndarray) -> np.ndarray:

@@ -341,3 +341,63 @@ def test_layer_page_sorts_filters_and_pages(light_site, browser, output_dir):
         assert page.locator(".gs-layer-table .gs-peak").count() > 100  # top words with their peak piece
         page.screenshot(path=str(output_dir / "layer-page.png"), full_page=True)
     assert not errors, errors
+
+
+#: A document with a right-to-left override (U+202E) and two Hebrew words among left-to-right tokens.
+BIDI_VOCAB = ["<s>", " A", "\u202e", " B", " C", "שלום", "עולם", " D", " E", " F"]
+_LEFT_TO_RIGHT = """els => els.map(e => { const r = e.getBoundingClientRect(); return [r.left, r.top, e.textContent]; })"""
+
+
+def assert_left_to_right(spans) -> int:
+    """Token spans on one line are laid out in their order, left to right; returns how many were compared."""
+    boxes = spans.evaluate_all(_LEFT_TO_RIGHT)
+    compared = 0
+    for (x0, y0, t0), (x1, y1, t1) in zip(boxes, boxes[1:]):
+        if abs(y1 - y0) < 2:  # the same line
+            assert x1 > x0, f"{t1!r} is drawn left of {t0!r}: {boxes}"
+            compared += 1
+    return compared
+
+
+def test_a_right_to_left_override_in_a_token_does_not_reverse_its_neighbours(tmp_path, browser, output_dir):
+    """Python's spans (full layout, a light page's inline example) and gluscope.js' (a light page's
+    lists loaded on demand, the document view) keep the window's order: U+202E shows as ⟨U+202E⟩,
+    and each token is a bidirectional island, so the Hebrew pair keeps its token order too."""
+    import h5py
+
+    docs = [list(range(10)) for _ in range(8)]
+    path = write_synthetic(tmp_path / "data" / "act.h5", layers=1, d_mlp=2, k=2, before=3, after=3,
+                           vocab=BIDI_VOCAB, docs=docs, seed=1)
+    with h5py.File(path, "a") as f:  # every example at " C": windows " A" .. " D"
+        pos = f["top/pos"][...]
+        pos[f["top/doc"][...] >= 0] = 4
+        f["top/pos"][...] = pos
+    errors: list[str] = []
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    for layout in ("full", "light"):
+        site = build_site(tmp_path / layout, {"activations": str(path), "neurons": "all", "layout": layout})
+        with serve_folder(site) as base:
+            page.goto(base + "neurons/L0/N0/")
+            blocks = page.locator(".gs-case-block")
+            for i in range(blocks.count()):  # open every case (a light page loads their lists)
+                if not blocks.nth(i).evaluate("e => e.open"):
+                    blocks.nth(i).locator("> summary").click()
+            lists = page.locator(".gs-examples:not(.gs-samples):not(.gs-bands) .gs-list")
+            page.wait_for_function("() => document.querySelectorAll('.gs-examples .gs-list').length >= 16")
+            for i in range(lists.count()):
+                if not lists.nth(i).evaluate("e => e.open"):
+                    lists.nth(i).locator("> summary").click()
+            page.wait_for_function("() => document.querySelectorAll('.gs-examples .gs-list .gs-ex').length >= 32")
+            rows = page.locator(".gs-examples:not(.gs-samples):not(.gs-bands) .gs-ex")
+            compared = 0
+            for i in range(rows.count()):
+                spans = rows.nth(i).locator(".gs-toks > span")
+                assert "⟨U+202E⟩" in spans.all_inner_texts(), spans.all_inner_texts()
+                compared += assert_left_to_right(spans)
+            assert rows.count() >= 32 and compared >= 3 * rows.count()  # a window may wrap onto two lines
+            rows.first.locator(".gs-doc-btn").click()  # the whole document, built by gluscope.js
+            page.locator(".gs-doc > span").nth(9).wait_for()
+            assert_left_to_right(page.locator(".gs-doc > span"))
+            page.screenshot(path=str(output_dir / f"bidi-{layout}.png"), full_page=True)
+    assert not errors, errors

@@ -208,3 +208,38 @@ def test_histogram_bins_follow_the_edges_at_every_edge():
     for sign in (1, -1):
         got = value_bins(torch.from_numpy(sign * values)).numpy()
         np.testing.assert_array_equal(got, hist_bin(values))
+
+
+def _priority_in_words(seed: int, source: int, piece: int, position: int) -> int:
+    """The data-format page's description of the hash, step by step, on Python integers."""
+    mask = (1 << 64) - 1
+
+    def mix(x: int) -> int:
+        x = (x + 0x9E3779B97F4A7C15) & mask
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+        return x ^ (x >> 31)
+
+    h = mix((mix(seed & mask) + (source & mask)) & mask)
+    h = mix((h + (piece & mask)) & mask)
+    h = mix((h + (position & mask)) & mask)
+    return h >> 2
+
+
+def test_the_sampling_priority_is_what_the_data_format_page_says():
+    """The page's test vectors, read from the page itself: the code, the words and the numbers agree."""
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parent.parent / "site_src" / "data-format.md").read_text(encoding="utf-8")
+    table = page.split("| seed | source | piece | position | priority |", 1)[1].split("\n\n", 1)[0]
+    vectors = [tuple(int(x) for x in row) for row in re.findall(r"^\| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \|$",
+                                                              table, re.MULTILINE)]
+    assert len(vectors) >= 4
+    for seed, source, piece, position, expected in vectors:
+        assert _priority_in_words(seed, source, piece, position) == expected
+        numpy = position_priority(seed, np.int64(source), np.int64(piece), np.int64(position))
+        torch_ = position_priority(seed, torch.tensor(source), torch.tensor(piece), torch.tensor(position))
+        assert int(numpy) == int(torch_) == expected and 0 <= expected < 2**62
+    # Negative inputs enter as their 64-bit patterns (a seed of -1 is 2^64 - 1).
+    assert int(position_priority(-1, np.int64(3), np.int64(0), np.int64(5))) == _priority_in_words(-1, 3, 0, 5)

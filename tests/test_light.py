@@ -18,7 +18,7 @@ import pytest
 from mkdocs_gluscope import light
 from mkdocs_gluscope.store import ActivationsFile
 from sites import build_site, write_project
-from synthetic import write_synthetic
+from synthetic import stage_early_list, write_synthetic
 
 UNTRUSTED = ["<script>alert(1)</script>", "<img src=x onerror=alert(1)>", "{{ 7*7 }}", "[x](javascript:alert(1))"]
 VOCAB = ["<s>"] + [f" w{i}" for i in range(1, 40)] + [" (", "Appl", "ause", ")"] + UNTRUSTED
@@ -56,8 +56,10 @@ def parse_examples(blob: bytes) -> dict:
     """light.encode_examples' layout, read as gluscope.js reads it."""
     raw = gzip.decompress(blob)
     assert raw[:4] == light.EXAMPLES_MAGIC
-    C, H, k, W, U, big_gate, big_in, code_range, wide = struct.unpack_from("<4HIffHH", raw, 4)
-    o = 4 + struct.calcsize("<4HIffHH")
+    header = "<4HI2H4f2H"
+    C, H, k, W, U, centre, counted_from, gate_counted, in_counted, gate_other, in_other, code_range, wide = \
+        struct.unpack_from(header, raw, 4)
+    o = 4 + struct.calcsize(header)
 
     def take(dtype, n):
         nonlocal o
@@ -69,8 +71,11 @@ def parse_examples(blob: bytes) -> dict:
            "example": take("<i2", C * H * k).reshape(C, H, k)}
     place = "<u2" if wide == 2 else "<u4"
     out["doc"], out["pos"] = take(place, U), take(place, U)
-    out["gate"] = light.decode_values(take("i1", U * W), big_gate).reshape(U, W)
-    out["in"] = light.decode_values(take("i1", U * W), big_in).reshape(U, W)
+    # The rule gluscope.js applies: a window position is counted from counted_from on.
+    counted = out["pos"][:, None].astype(np.int64) + np.arange(W) - centre >= counted_from
+    out["gate"] = light.decode_windows(take("i1", U * W).reshape(U, W), counted, gate_counted, gate_other)
+    out["in"] = light.decode_windows(take("i1", U * W).reshape(U, W), counted, in_counted, in_other)
+    out["counted"] = counted
     assert o == len(raw) and code_range == light.CODE_RANGE
     return out
 
@@ -148,7 +153,7 @@ def test_search_shards_find_whole_words_and_layer_tables_list_every_neuron(site)
     layer_page = read(site, "neurons/L1/index.html")
     assert 'data-src="../../gluscope/layers/L1.json"' in layer_page and layer_page.count('<tr>') == 7
     script = read(site, "gluscope/site.js")
-    assert '"prefix": "neurons"' in script and "earlyTitle" in script
+    assert '"prefix":"neurons"' in script and "earlyTitle" in script
     assert light.shard_key("Ápp") == "_p" and light.shard_key("a") == "a_"
 
 
@@ -206,5 +211,23 @@ def test_light_pages_without_directory_urls(tmp_path):
     assert 'href="../index.html"' in page and 'action="../../neurons/index.html"' in page
     assert 'src="../../assets/gluscope/gluscope.js"' in page
     assert 'data-src="&#46;&#46;/&#46;&#46;/gluscope/x/L1/N4&#46;bin"' in page
-    assert '"suffix": ".html"' in read(site, "gluscope/site.js")
+    assert '"suffix":".html"' in read(site, "gluscope/site.js")
     assert 'href="N4.html"' in read(site, "neurons/L1/index.html")
+
+
+def test_a_bos_outlier_leaves_every_counted_window_value_readable(tmp_path):
+    """8-bit codes reach 2^-10 of their scale: a BOS 5,000 times the ordinary values made them all "≈ 0"
+    when the scale was the window's largest |value|. Counted positions now have their own scale."""
+    from mkdocs_gluscope.render import list_scales
+
+    path = write_synthetic(tmp_path / "act.h5", layers=1, d_mlp=2, k=4, before=3, after=1)
+    stage_early_list(path, positions=[1, 2, 3, 5], bos=5000.0, sink=1.0)  # 0.0's gate+_in+ hook_post list
+    with ActivationsFile(path) as f:
+        data = f.neuron(0, 0)
+    d = parse_examples(light.encode_examples(data, 4, list_scales(data, 4)[2]))
+    for j in range(4):
+        u = d["example"][0, 0, j]
+        for got, want in ((d["gate"][u], data.top_gate[0, 0, j]), (d["in"][u], data.top_in[0, 0, j])):
+            inside = ~np.isnan(want)
+            assert np.allclose(got[inside], want[inside], rtol=0.029), (j, got, want)
+            assert (want[d["counted"][u] & inside] == 1.0).all() and (want[~d["counted"][u] & inside] == 5000).all()

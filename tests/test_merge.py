@@ -379,8 +379,13 @@ def test_merge_refuses_mixing_files_with_and_without_distributions(change, messa
     other = world_files["plain1"] if change == "distributions" else tmp_path / "s1.h5"
     if change == "samples":
         shutil.copy(world_files["s1"], other)
-        with h5py.File(other, "a") as f:
+        with h5py.File(other, "a") as f:  # a shard that kept 2 samples per case, consistent in itself
             f.attrs["samples"] = 2
+            for root in ("", "experts/"):
+                for name, axis in (("doc", 3), ("pos", 3), ("value", 4), ("gate", 3), ("in", 3)):
+                    kept = np.take(f[f"{root}samples/{name}"][...], [0, 1], axis=axis)
+                    del f[f"{root}samples/{name}"]
+                    f.create_dataset(f"{root}samples/{name}", data=kept)
     assert merge(world_files["s0"], other, out=tmp_path / "m.h5") == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err

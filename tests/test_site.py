@@ -310,7 +310,8 @@ def test_yaml_numbers_as_neuron_ids_are_refused(neurons, shown, activations, tmp
     assert not (tmp_path / "site").exists()
 
 
-@pytest.mark.parametrize("prefix", ["../../../escaped", "/abs/neurons", "", "/", "a/../../b", "a\\b", "C:/x", "./."])
+@pytest.mark.parametrize("prefix", ["../../../escaped", "/abs/neurons", "", "/", "a/../../b", "a\\b", "C:/x", "./.",
+                                    'a"b', "a b", "n<script>", "n?x", "n#x", "n%20", "névrons"])
 def test_url_prefix_must_stay_inside_the_site(prefix, activations, tmp_path, caplog):
     error = config_error(tmp_path, {"activations": "data/act.h5", "neurons": ["0.0"], "url_prefix": prefix}, caplog)
     assert "url_prefix" in error and repr(prefix) in error and "relative path inside the site" in error

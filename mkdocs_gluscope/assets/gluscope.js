@@ -133,7 +133,7 @@
         box.appendChild(head);
         entry.tokens.forEach(function (t, p) {
           var s = document.createElement("span");
-          s.textContent = t.replace(/\n/g, "↵\n").replace(/\t/g, "⇥");
+          s.textContent = t.split("\n").map(visible).join("↵\n");  // the document keeps its line breaks
           if (p === pos) { s.className = "gs-x"; }
           box.appendChild(s);
         });
@@ -165,16 +165,17 @@
   }
 
   // -- light pages: examples loaded on demand -----------------------------------------------------
-  var WHITESPACE = { "\n": "↵", "\t": "⇥", "\r": "␍" };
-  // render.token_label's rule: whitespace as symbols, control characters escaped, spaces-only as dots.
-  function tokenLabel(token) {
+  // render.VISIBLE, written here by pages.asset_text: how a character a reader could not see (or that
+  // would reorder the tokens around it) shows.
+  var VISIBLE = /*gluscope:visible*/{};
+  function visible(text) {
     var out = "";
-    for (var n = 0; n < token.length; n++) {
-      var ch = token[n], code = token.charCodeAt(n);
-      if (WHITESPACE[ch]) out += WHITESPACE[ch];
-      else if (code < 32 || (code >= 0x7f && code < 0xa0)) out += "\\x" + ("0" + code.toString(16)).slice(-2);
-      else out += ch;
-    }
+    for (var n = 0; n < text.length; n++) out += VISIBLE.hasOwnProperty(text[n]) ? VISIBLE[text[n]] : text[n];
+    return out;
+  }
+  // render.token_label's rule: visible characters, and a token of spaces only as dots.
+  function tokenLabel(token) {
+    var out = visible(token);
     return out && !out.replace(/ /g, "") ? out.replace(/ /g, "·") : out;
   }
   // render.fmt's rule (Python's "{:.4g}"): four significant digits, exponent outside 1e-4 .. 1e4.
@@ -197,25 +198,28 @@
       });
     });
   }
-  // mkdocs_gluscope.light.encode_examples' layout; window values as light.decode_values gives them.
+  // mkdocs_gluscope.light.encode_examples' layout; window values as light.decode_windows gives them: a
+  // position the statistics count on the counted positions' scale, the others (the BOS) on their own.
   function parseExamples(buf) {
     var v = new DataView(buf), o = 4, magic = String.fromCharCode.apply(null, new Uint8Array(buf, 0, 4));
-    if (magic !== "GSX1") throw new Error("not a gluscope example file");
+    if (magic !== "GSX2") throw new Error("not a gluscope example file of this version");
     function u16() { var x = v.getUint16(o, true); o += 2; return x; }
     function f32() { var x = v.getFloat32(o, true); o += 4; return x; }
     var C = u16(), H = u16(), k = u16(), W = u16(), U = v.getUint32(o, true); o += 4;
-    var largestGate = f32(), largestIn = f32(), range = u16(), wide = u16();
+    var centre = u16(), countedFrom = u16();
+    var gateCounted = f32(), inCounted = f32(), gateOther = f32(), inOther = f32(), range = u16(), wide = u16();
     function many(n, size, get) { var a = []; for (var j = 0; j < n; j++, o += size) a.push(get.call(v, o, true)); return a; }
-    function decoded(n, largest) {
-      return many(n, 1, v.getInt8).map(function (c) {
-        return c === -128 ? NaN : c === 0 ? 0 : (c < 0 ? -1 : 1) * largest * Math.pow(2, (Math.abs(c) - 1) * range / 126 - range);
-      });
-    }
     var d = { C: C, H: H, k: k, W: W, scales: many(C * H * 4, 4, v.getFloat32), values: many(C * H * k, 4, v.getFloat32),
       example: many(C * H * k, 2, v.getInt16) };
     var place = wide === 2 ? v.getUint16 : v.getUint32;
     d.doc = many(U, wide, place); d.pos = many(U, wide, place);
-    d.gate = decoded(U * W, largestGate); d.in_ = decoded(U * W, largestIn);
+    function decoded(counted, other) {
+      return many(U * W, 1, v.getInt8).map(function (c, n) {
+        var largest = d.pos[Math.floor(n / W)] + n % W - centre >= countedFrom ? counted : other;
+        return c === -128 ? NaN : c === 0 ? 0 : (c < 0 ? -1 : 1) * largest * Math.pow(2, (Math.abs(c) - 1) * range / 126 - range);
+      });
+    }
+    d.gate = decoded(gateCounted, gateOther); d.in_ = decoded(inCounted, inOther);
     return d;
   }
   // x rounded to the nearest float16, as bits: the index of act(x) in the act table.
@@ -410,10 +414,10 @@
       keys.slice(0, 6).forEach(function (w) {
         shard[w].slice(0, w === word ? 12 : 4).forEach(function (p) {
           items.push(resultItem(neuronUrl(p[0], p[1]), "Neuron " + p[0] + "." + p[1],
-            CASES[p[2]] + " · peaks on “" + w + "” in " + p[3] + " of its top examples · " + fmt4(p[4])));
+            CASES[p[2]] + " · peaks on “" + tokenLabel(w) + "” in " + p[3] + " of its top examples · " + fmt4(p[4])));
         });
       });
-      return { heading: "Neurons whose examples peak on “" + word + "”", items: items };
+      return { heading: "Neurons whose examples peak on “" + tokenLabel(word) + "”", items: items };
     });
   }
   var searchSeq = 0;

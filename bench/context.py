@@ -144,8 +144,9 @@ def bench_probe(model: str, file: Path, runs: int = 3) -> None:
     for _ in range(runs):
         probe.append(timed(command))
         imports.append(timed(floor))
-    from collect.probe import Prober
+    from collect.probe import Prober, single_thread
 
+    single_thread()  # as the command
     start = time.perf_counter()
     prober = Prober.load(model, bos="always")
     loaded = time.perf_counter() - start

@@ -34,22 +34,21 @@ MAX_TEXT = 20_000
 
 @dataclass
 class Prober:
-    """A loaded model and what documents need: the BOS rule and display strings of the tokens."""
+    """A loaded model and what documents need: the BOS rule and the vocabulary size for display strings."""
 
     loaded: Any
     bos: int | None
-    vocab: list[str]
+    vocab_size: int
     act_fn: str
     limit: int | None
 
     @classmethod
     def load(cls, model: str, *, dtype: str = "float32", device: str = "cpu", refactor_glu: bool = True,
              bos: str = "auto") -> "Prober":
-        loaded, _ = load_model(model, dtype=dtype, device=device, refactor=refactor_glu)
+        loaded, _ = load_model(model, dtype=dtype, device=device, refactor=refactor_glu, cosines=False)
         tokenizer = loaded.tokenizer
         size = max(len(tokenizer), loaded.hf_model.get_input_embeddings().weight.shape[0])
-        return cls(loaded, bos_token(tokenizer, bos), token_strings(tokenizer, size), loaded.act_fn_name,
-                   max_positions(loaded.hf_model))
+        return cls(loaded, bos_token(tokenizer, bos), size, loaded.act_fn_name, max_positions(loaded.hf_model))
 
     def check(self, neurons: Sequence[tuple[int, int]]) -> None:
         """One clear error for a neuron the model does not have (or whose layer was not loaded)."""
@@ -89,7 +88,7 @@ class Prober:
         columns = {layer: [n for lay, n in neurons if lay == layer] for layer in layers}
         values = {name: np.stack([seen[layer][h][:, columns[layer].index(n)].cpu().numpy() for layer, n in neurons])
                   for h, name in enumerate(("gate", "in_", "post", "swish"))}
-        return Probed(tokens=ids, strings=[self.vocab[int(t)] for t in ids], neurons=list(neurons),
+        return Probed(tokens=ids, strings=token_strings(self.loaded.tokenizer, self.vocab_size, ids), neurons=list(neurons),
                       first_counted=1 if self.bos is not None else 0, act_fn=self.act_fn, **values)
 
 

@@ -27,6 +27,7 @@ def test_probe_values_equal_those_a_one_document_collection_records(model_factor
         neurons = [(layer, n) for layer in f.layers for n in range(f.d_mlp)]
         probed = prober.run(TEXT, neurons)
         assert list(probed.tokens) == list(f.document(0))
+        assert probed.strings == [f.vocab[int(t)] for t in probed.tokens]  # the tokens as the pages spell them
         T = len(probed.tokens)
         checked = 0
         for i, (layer, n) in enumerate(neurons):

@@ -58,6 +58,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="timed runs; medians are printed")
     p.add_argument("--trunk", action="store_true",
                    help="also time the forward pass without the logits (the collection stops before them)")
+    p.add_argument("--wall", action="store_true",
+                   help="wall time on a CPU too (default there: the CPU time of the one torch thread)")
     p.add_argument("--samples", type=int, nargs="+", default=[0, 8],
                    help="--samples of each variant (0: no distributions; default: 0 and 8)")
     p.add_argument("--no-file", action="store_true",
@@ -133,12 +135,16 @@ def measure(args: argparse.Namespace, doc_len: int) -> None:
         hf = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     batches = plan_batches(corpus.lengths, args.batch_tokens)
 
+    # On a CPU, the thread's CPU time: the cores are shared with other jobs, and one torch thread
+    # computes in this thread alone, so this is the work done, not the waiting for a core.
+    clock = time.thread_time if device.type == "cpu" and args.threads == 1 and not args.wall else time.perf_counter
+
     def forward(docs: np.ndarray, logits: bool = True) -> float:
-        start = time.perf_counter()
+        start = clock()
         with torch.inference_mode():
             (hf if logits else hf.model)(torch.from_numpy(tokens[docs].astype(np.int64)).to(device))
         sync()
-        return time.perf_counter() - start
+        return clock() - start
 
     forward(batches[0].docs)  # warm-up
 
@@ -170,34 +176,30 @@ def measure(args: argparse.Namespace, doc_len: int) -> None:
     import collect.run as run_module
 
     run_batch = run_module._run_batch
-    pairs: dict[int, list[list[tuple[float, float]]]] = {s: [] for s in configs}  # per repeat, per batch
-    trunk: list[float] = []  # per batch: the forward pass without the logits, which collection skips
+    # per variant, repeat and batch: (collection, forward with logits, forward without them or 0)
+    pairs: dict[int, list[list[tuple[float, float, float]]]] = {s: [] for s in configs}
     current = [args.samples[0]]
 
     def timed_batch(*a, **kw):
-        start = time.perf_counter()
+        start = clock()
         run_batch(*a, **kw)
         sync()
-        collected = time.perf_counter() - start
-        pairs[current[0]][-1].append((collected, forward(a[2].docs)))
-        if args.trunk:
-            trunk.append(forward(a[2].docs, logits=False))
+        collected = clock() - start
+        pairs[current[0]][-1].append((collected, forward(a[2].docs), forward(a[2].docs, logits=False)
+                                      if args.trunk else 0.0))
 
     run_module._run_batch = timed_batch
-    runs: dict[int, list[tuple[float, float, float]]] = {s: [] for s in configs}  # loop, file, forward seconds
-    trunk_start = [0]
+    runs: dict[int, list[tuple[float, float]]] = {s: [] for s in configs}  # loop, file seconds
 
     def full(samples: int) -> None:
         cfg = configs[samples]
         current[0] = samples
         pairs[samples].append([])
-        start = time.perf_counter()
+        start = clock()
         states = collect_statistics(loaded, corpus, cfg, layers)
         sync()
-        forward_total = sum(f for _, f in pairs[samples][-1])
-        loop = time.perf_counter() - start - forward_total - sum(trunk[trunk_start[0]:])
-        trunk_start[0] = len(trunk)
-        start = time.perf_counter()
+        loop = clock() - start - sum(f + t for _, f, t in pairs[samples][-1])
+        start = clock()
         if not args.no_file:
             with ActivationsWriter(cfg.out, n_layers=len(layers), d_mlp=loaded.d_mlp, k=cfg.k,
                                    context_before=cfg.context_before, context_after=cfg.context_after,
@@ -211,7 +213,7 @@ def measure(args: argparse.Namespace, doc_len: int) -> None:
                 if samples:
                     writer.write_vocab(*vocab[""])
                 writer.close(n_tokens=int(corpus.lengths.sum()) - n_docs)
-        runs[samples].append((loop, time.perf_counter() - start, forward_total))
+        runs[samples].append((loop, clock() - start))
 
     for _ in range(args.repeats):
         for samples in configs:
@@ -224,41 +226,47 @@ def measure(args: argparse.Namespace, doc_len: int) -> None:
     print(f"model: {args.layers} layers, d_model {args.d_model}, d_mlp {args.d_mlp}, vocab {args.vocab}")
     late = slice(len(batches) // 2, None)
     docs_seen = sum(len(x.docs) for x in batches[:late.start])
+    print(f"clock: {'CPU time of the one torch thread' if clock is time.thread_time else 'wall time'}; "
+          f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end")
     late_ratios = {}
     for samples, cfg in configs.items():
         label = "without distributions (--samples 0)" if samples == 0 else f"with distributions (--samples {samples})"
         loop = statistics.median(r[0] for r in runs[samples])
-        a = statistics.median(r[2] for r in runs[samples])
-        b = statistics.median(r[0] + r[1] for r in runs[samples])
-        late_ratio = statistics.median(c / f for repeat in pairs[samples] for c, f in repeat[late])
-        late_ratios[samples] = late_ratio
-        late_b = statistics.median(c for repeat in pairs[samples] for c, _ in repeat[late])
-        late_a = statistics.median(f for repeat in pairs[samples] for _, f in repeat[late])
+        file = statistics.median(r[1] for r in runs[samples])
         print(f"-- {label}")
-        print(f"(a) bare HF forward:      {a:8.2f} s  ({args.tokens / a:,.0f} tok/s)")
-        print(f"(b) full collection:      {b:8.2f} s  ({args.tokens / b:,.0f} tok/s): run {loop:.2f} s + "
-              f"writing the file {b - loop:.2f} s   [compile warm-up, once per process: {warm_up[samples]:.1f} s]")
-        print(f"ratio b/a, whole run:     {b / a:8.3f}   (run alone: {loop / a:.3f})")
-        print(f"ratio b/a, later batches: {late_ratio:8.3f}   (median of per-batch ratios over batches "
-              f"{late.start + 1}-{len(batches)}, after {docs_seen} documents seen; medians {late_b:.3f} s vs {late_a:.3f} s)")
-        if args.trunk and samples == args.samples[0]:
-            per_repeat = len(batches)
-            trunk_total = statistics.median(sum(trunk[i:i + per_repeat]) for i in range(0, len(trunk), per_repeat))
-            print(f"(c) forward without logits: {trunk_total:6.2f} s (what the statistics add to the layers they read)")
+        baselines = [("a", "bare HF forward (logits included)", 1)] + ([("c", "forward without logits", 2)]
+                                                                         if args.trunk else [])
+        for name, what, column in baselines:
+            base = statistics.median(sum(x[column] for x in repeat) for repeat in pairs[samples])
+            print(f"({name}) {what + ':':34s} {base:8.2f} s  ({args.tokens / base:,.0f} tok/s)")
+        print(f"(b) full collection:                 {loop + file:8.2f} s  ({args.tokens / (loop + file):,.0f} tok/s): "
+              f"run {loop:.2f} s + writing the file {file:.2f} s   [compile warm-up, once per process: "
+              f"{warm_up[samples]:.1f} s]")
+        for name, what, column in baselines:
+            base = statistics.median(sum(x[column] for x in repeat) for repeat in pairs[samples])
+            late_ratio = statistics.median(x[0] / x[column] for repeat in pairs[samples] for x in repeat[late])
+            late_b = statistics.median(x[0] for repeat in pairs[samples] for x in repeat[late])
+            late_base = statistics.median(x[column] for repeat in pairs[samples] for x in repeat[late])
+            print(f"ratio b/{name}, whole run:     {(loop + file) / base:8.3f}   (run alone: {loop / base:.3f})")
+            print(f"ratio b/{name}, later batches: {late_ratio:8.3f}   (median of per-batch ratios over batches "
+                  f"{late.start + 1}-{len(batches)}, after {docs_seen} documents seen; medians {late_b:.3f} s vs "
+                  f"{late_base:.3f} s)")
+            late_ratios.setdefault(name, {})[samples] = late_ratio
         from collect.stats import state_bytes_per_neuron
 
-        state = state_bytes_per_neuron(cfg.k, cfg.context_before + 1 + cfg.context_after, 2, cfg.samples,
+        state = state_bytes_per_neuron(cfg.k, cfg.context_before + 1 + cfg.context_after, torch.float16, cfg.samples,
                                        cfg.band_samples) * neurons
         print(f"resident statistics: {state / 2**30:.2f} GiB ({state / neurons:,.0f} bytes per neuron, float16 windows)")
         size = cfg.out.stat().st_size if cfg.out.exists() else 0
         if size:
             print(f"file: {size:,} bytes = {size / neurons:,.0f} bytes per neuron ({neurons:,} neurons; "
                   f"corpus {corpus.tokens.nbytes:,} bytes of it)")
-    if 0 in late_ratios:
-        for samples, ratio in late_ratios.items():
-            if samples:
-                print(f"distributions (--samples {samples}) raise the later-batch ratio by "
-                      f"{(ratio / late_ratios[0] - 1) * 100:+.1f}% ({late_ratios[0]:.3f} -> {ratio:.3f})")
+    for name, ratios in late_ratios.items():
+        if 0 in ratios:
+            for samples, ratio in ratios.items():
+                if samples:
+                    print(f"distributions (--samples {samples}) raise the later-batch ratio b/{name} by "
+                          f"{(ratio / ratios[0] - 1) * 100:+.1f}% ({ratios[0]:.3f} -> {ratio:.3f})")
     print(f"vocabulary projections (once per run): {vocab_time:.1f} s")
 
 

@@ -1,10 +1,12 @@
 """What the distributions add to one layer's statistics, batch by batch, as the lists fill.
 
 The collection's statistics of one SmolLM2-shaped layer (d_mlp 1,536; batches of 8 documents of
-512 tokens, random values; compiled, one thread) with and without the distributions (``--samples
-0``), the same batches for both: the per-batch time of each, and their difference, over many
-batches. The random examples cost most in the first batches, while their lists fill; what stays is
-the histograms' pass. Prints the medians of each stretch of batches, with the CPU's name.
+512 tokens, random values; the path collection takes on this device: the CPU kernel where it was
+built, else the compiled torch code) with and without the distributions (``--samples 0``), the same
+batches for both: the per-batch time of each, and their difference, over many batches. On a CPU the
+clock is the CPU time of the one torch thread (the cores may be shared). The lists change less as
+they fill, so the cost falls; what stays is the pass over the values. Prints the medians of each
+stretch of batches, with the CPU's name and the machine's load.
 
     python bench/distributions_overhead.py --batches 40
 """
@@ -12,6 +14,8 @@ the histograms' pass. Prints the medians of each stretch of batches, with the CP
 from __future__ import annotations
 
 import argparse
+import gc
+import os
 import statistics
 import sys
 import time
@@ -22,7 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from collect.stats import LayerStats, compiled_histogram_batch, compiled_reduce_batch, update_stats  # noqa: E402
+from collect.batch import Batch, LayerPaths  # noqa: E402
+from collect.stats import LayerStats  # noqa: E402
 from mkdocs_gluscope.distributions import EMPTY_PRIORITY, position_priority  # noqa: E402
 
 
@@ -36,8 +41,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     B, T, N = args.docs, args.length, args.d_mlp
-    reduce = compiled_reduce_batch(True, exact_on_suspect=False)
-    histogram = compiled_histogram_batch(True)
+    clock = time.thread_time if args.threads == 1 else time.perf_counter
     lengths = torch.full((B,), T)
 
     def batch(i: int):
@@ -49,22 +53,26 @@ def main() -> None:
         docs = torch.arange(i * B, (i + 1) * B)
         prio = torch.from_numpy(position_priority(0, docs.numpy()[:, None], np.zeros((B, 1), dtype=np.int64),
                                                   np.arange(T)[None, :]))
-        return gate, in_, swish * in_, swish, valid, docs, torch.where(valid, prio, EMPTY_PRIORITY)
+        return (gate, in_, swish * in_, swish), Batch(docs, lengths, valid, torch.where(valid, prio, EMPTY_PRIORITY),
+                                                      16, 2)
 
+    gc.freeze()  # as the collection loop does (collect.run)
+    paths = {s: LayerPaths(torch.device("cpu"), N, True) for s in (0, 8)}
     states = {s: LayerStats.empty(N, 16, 19, window_dtype=torch.float16, samples=s, band_samples=2) for s in (0, 8)}
     times: dict[int, list[float]] = {0: [], 8: []}
     for i in range(args.batches + 1):
-        gate, in_, post, swish, valid, docs, prio = batch(i)
+        hooks, inputs = batch(i)
         for samples, stats in states.items():
-            extra = dict(hooks=(post, in_, gate, swish), valid=valid, prio=prio, histogram=histogram) if samples else {}
-            start = time.perf_counter()
-            reduced = reduce(gate, in_, post, swish, valid)
-            update_stats(stats, reduced, docs, gate, in_, lengths, 16, 2, accept=~reduced.suspect, **extra)
-            if i:  # batch 0 compiles
-                times[samples].append(time.perf_counter() - start)
+            start = clock()
+            paths[samples].add(0, stats, hooks, inputs)
+            if i:  # batch 0 compiles and checks
+                times[samples].append(clock() - start)
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "CPU")
-    print(f"one layer, d_mlp {N}, batches of {B} x {T} tokens, {cpu}, {args.threads} thread(s); ms per batch, medians")
+    print(f"one layer, d_mlp {N}, batches of {B} x {T} tokens, {cpu}, {args.threads} thread(s), "
+          f"{paths[8].fast if paths[8].trusted else 'eager torch code'}; ms per batch, medians "
+          f"({'CPU time of the thread' if clock is time.thread_time else 'wall time'}; load average "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())})")
     print(f"{'batches':>10} {'without':>9} {'with':>9} {'added':>8}")
     edges = [1, 2, 4, 8, 16, 32, 64, 128, 256]
     for lo, hi in zip(edges, edges[1:]):

@@ -1,15 +1,19 @@
-"""A whole model as a site: every neuron of a demo-shaped file, built with ``mkdocs build`` (light layout).
+"""A whole model as a site: every neuron of a model-shaped file, built with ``mkdocs build`` (light layout),
+then opened in Chromium from a local server that honours range requests.
 
-Writes a synthetic activations file shaped like the demo (SmolLM2-135M: 30 layers x 1536 neurons, k = 16,
-windows of 16 + 1 + 2 tokens, float16 windows holding bfloat16 values as the demo's bfloat16 run
-gives them, a 200k-token corpus of ~1,000-token documents with word pieces and titles), builds the
-site with ``neurons: all``, and prints the build time, the total size (bytes of all files, as GitHub
-Pages counts them), the largest and the median neuron page (page + example data file), and the size
-of each kind of file.
+Writes a synthetic activations file of the shape asked (``bench/shaped.py``: the demo's SmolLM2-135M or
+the paper's OLMo-7B-0424), builds the demo site's ``mkdocs.yml`` with ``neurons: all``, and prints: the
+build's time and peak memory (the proportional set size of the build and its workers, sampled every
+half second), the site's size by kind (pages, scripts and indexes: what GitHub Pages would hold with
+the data elsewhere) and the data files' (per neuron), and for a few neuron pages opened in a fresh
+Chromium: the time until the summary, the histograms and the first examples show, and the bytes
+fetched (all, and those of the neuron: its page, data and documents, without the site's shared
+scripts, styles and the theme's page, which a reader's browser holds after the first page).
 
-    python bench/site_scale.py [--layers 30] [--d-mlp 1536] [--file FILE] [--keep DIR] [--workers N]
+    python bench/site_scale.py --shape olmo-7b [--layers 32] [--keep DIR] [--file FILE] [--pages 5] [--neurons 5.*]
 
-``--file`` builds from an existing activations file instead (e.g. the real ``data/demo.h5``).
+``--neurons`` builds part of the model (e.g. one layer: the pages' figures do not depend on how many
+there are; sizes and times per neuron scale).
 """
 
 from __future__ import annotations
@@ -21,165 +25,121 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-
-SYLLABLES = ("ab al an ar as at be ca ce co con de di dis en er es ex for ge in is it la le li lo ma me mi "
-             "mo na ne no or pa pe per pre pro ra re ri ro sa se si so sta sub ta te ter ti to tra tu un ur "
-             "ve vi").split()
-SHARE_POST_IN = 0.4
-FUNCTION_WORDS = (" the", " of", " and", " to", " in", " a", " that", " is", " for", " we", " our", " will",
-                  " it", " be", " this", " with", " have", " by", " as", " on", ",", ".", "\n", " (", ")", "[", "]")
+sys.path.insert(0, str(ROOT / "bench"))
 
 
-def demo_vocab(rng: np.random.Generator, size: int = 49152) -> tuple[list[str], list[list[int]]]:
-    """Display strings like a byte-level BPE vocabulary's (leading spaces, word pieces) and the
-    token ids each of a set of words is cut into (long words in two or three pieces)."""
-    vocab = ["<|endoftext|>"] + list(FUNCTION_WORDS) + ["Appl", "ause", "L", "aughter"]
-    index = {s: i for i, s in enumerate(vocab)}
-    words: list[list[int]] = [[index[s]] for s in FUNCTION_WORDS]
-    words += [[index[" ("], index["Appl"], index["ause"], index[")"]], [index["["], index["L"], index["aughter"], index["]"]]]
-    while len(vocab) < size:
-        word = "".join(rng.choice(SYLLABLES, size=int(rng.integers(1, 5))))
-        if rng.random() < 0.1:
-            word = word.capitalize()
-        if len(word) <= 5 or rng.random() < 0.5:
-            pieces = [" " + word]
-        else:  # pieces after the first have no leading space
-            cuts = sorted(int(c) for c in rng.choice(np.arange(2, len(word) - 1), replace=False,
-                                                     size=min(int(rng.integers(1, 3)), len(word) - 3)))
-            bounds = [0] + cuts + [len(word)]
-            pieces = [(" " if a == 0 else "") + word[a:b] for a, b in zip(bounds, bounds[1:])]
-        for piece in pieces:
-            if piece not in index:
-                index[piece] = len(vocab)
-                vocab.append(piece)
-        words.append([index[piece] for piece in pieces])
-    return vocab, words
+class MemorySampler(threading.Thread):
+    """The largest summed proportional set size (Pss: shared pages counted once) of this process and
+    its descendants, sampled every half second."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak = 0
+        self.stop = threading.Event()
+
+    @staticmethod
+    def tree(pid: int) -> list[int]:
+        out, todo = [], [pid]
+        while todo:
+            p = todo.pop()
+            out.append(p)
+            try:
+                for task in os.listdir(f"/proc/{p}/task"):
+                    with open(f"/proc/{p}/task/{task}/children") as f:
+                        todo += [int(c) for c in f.read().split()]
+            except OSError:
+                pass
+        return out
+
+    @staticmethod
+    def pss(pid: int) -> int:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
+        except (OSError, StopIteration):
+            return 0
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.peak = max(self.peak, sum(self.pss(p) for p in self.tree(os.getpid())))
+            self.stop.wait(0.5)
 
 
-def write_demo_shaped(path: Path, *, layers: int = 30, d_mlp: int = 1536, k: int = 16, before: int = 16,
-                      after: int = 2, n_tokens: int = 200_000, doc_tokens: int = 1024, seed: int = 0) -> Path:
-    """A demo-shaped activations file, written layer by layer through the store API."""
-    from mkdocs_gluscope.activations import act_values
-    from mkdocs_gluscope.store import ActivationsWriter
+def sizes(site: Path, prefix: str = "neurons") -> dict[str, int]:
+    import re
 
-    rng = np.random.default_rng(seed)
-    vocab, words = demo_vocab(rng)
-    weights = 1.0 / np.arange(1, len(words) + 1) ** 1.1  # Zipf-like word frequencies
-    weights /= weights.sum()
-    docs: list[np.ndarray] = []
-    total = 0
-    while total < n_tokens:
-        length = int(min(doc_tokens, rng.integers(200, 3 * doc_tokens)))
-        chosen = rng.choice(len(words), size=length, p=weights)
-        ids = np.concatenate([[0]] + [words[w] for w in chosen])[:length]
-        docs.append(ids.astype(np.int32))
-        total += len(ids)
-    lengths = np.array([len(d) for d in docs])
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    n_docs = len(docs)
-    titles = [f"{1790 + d // 2} · President {d % 45}" for d in range(n_docs)]
-    W = before + 1 + after
-    C = H = 4
-    attrs = {"model": "synthetic/SmolLM2-135M-shaped", "dataset": "synthetic State of the Union-shaped corpus",
-             "n_docs": n_docs, "dtype": "bfloat16", "act_fn": "silu", "include_bos": False, "has_bos": True,
-             "refactor_glu": True, "layers": list(range(layers))}
-    g_sign = np.array([1, 1, -1, -1], dtype=np.float32)[:, None, None, None]
-    i_sign = np.array([1, -1, 1, -1], dtype=np.float32)[:, None, None, None]
-    with ActivationsWriter(path, n_layers=layers, d_mlp=d_mlp, k=k, context_before=before, context_after=after,
-                           attrs=attrs) as w:
-        w.write_corpus(np.concatenate(docs), offsets, vocab, doc_title=titles)
-        for layer in range(layers):
-            count = np.floor(rng.dirichlet(np.ones(C) * 0.7, size=d_mlp) * (n_tokens - n_docs)).astype(np.int64)
-            # k distinct documents per list. Lists of a case share examples as in the real demo file (where
-            # 77% of a neuron's 256 examples are distinct): within a gate+ case the gate and act(gate) lists
-            # are the same (SiLU rises for gate > 0), and each post example is the in list's example of the
-            # same rank with probability SHARE_POST_IN (otherwise a document the in list does not have).
-            perm = np.argsort(rng.random((d_mlp, C, H, n_docs)), axis=-1)[..., :2 * k].astype(np.int32)
-            top_doc = perm[..., :k].copy()
-            shared = rng.random((d_mlp, C, k)) < SHARE_POST_IN
-            top_doc[:, :, 0] = np.where(shared, top_doc[:, :, 1], perm[:, :, 1, k:])
-            top_doc[:, :2, 3] = top_doc[:, :2, 2]
-            top_pos = (rng.random((d_mlp, C, H, k)) * (lengths[top_doc] - 1)).astype(np.int32) + 1
-            top_pos[:, :, 0] = np.where(shared, top_pos[:, :, 1], top_pos[:, :, 0])
-            top_pos[:, :2, 3] = top_pos[:, :2, 2]
-            scale = rng.gamma(2.0, 0.6, size=(d_mlp, 1, 1, 1, 1)).astype(np.float32)
-            gate = (rng.normal(size=(d_mlp, C, H, k, W)) * scale).astype(np.float32)
-            in_ = (rng.normal(size=(d_mlp, C, H, k, W)) * scale).astype(np.float32)
-            peak = np.abs(rng.normal(size=(d_mlp, C, H, k)) * 2 + 3).astype(np.float32) * scale[..., 0]
-            peak = -np.sort(-peak, axis=-1)
-            gate[..., before] = g_sign[None, ..., 0] * peak
-            in_[..., before] = i_sign[None, ..., 0] * peak
-            for x in (gate, in_):  # a shared example has the same windows in every list
-                x[:, :, 0] = np.where(shared[..., None], x[:, :, 1], x[:, :, 0])
-                x[:, :2, 3] = x[:, :2, 2]
-            t = top_pos[..., None] + np.arange(-before, after + 1)
-            inside = (t >= 0) & (t < lengths[top_doc][..., None])
-            gate, in_ = (np.where(inside, _bfloat16(x), np.nan).astype(np.float32) for x in (gate, in_))
-            swish = act_values(gate[..., before], "silu").astype(np.float32)
-            values = np.stack([swish[:, :, 0] * in_[:, :, 0, :, before], in_[:, :, 1, :, before],
-                               gate[:, :, 2, :, before], swish[:, :, 3]], axis=2)
-            mag = np.abs(values).max(-1)
-            sign = np.sign(values[..., 0])
-            w.write_layer(layer, {
-                "count": count, "nonfinite": np.zeros((d_mlp, C + 1), np.int64),
-                "sum": (sign * mag * 0.2 * count[..., None]).astype(np.float64),
-                "min": np.where(sign > 0, 0.001, -mag).astype(np.float32),
-                "max": np.where(sign > 0, mag, -0.001).astype(np.float32),
-                "top_value": values.astype(np.float32), "top_doc": top_doc, "top_pos": top_pos,
-                "top_gate": gate, "top_in": in_,
-            })
-        w.write_weights({
-            "flipped": rng.random((layers, d_mlp)) < 0.3,
-            "cos_gate_in": rng.uniform(0, 0.5, (layers, d_mlp)).astype(np.float32),
-            "cos_gate_out": rng.uniform(-0.3, 0.3, (layers, d_mlp)).astype(np.float32),
-            "cos_in_out": rng.uniform(-0.3, 0.3, (layers, d_mlp)).astype(np.float32),
-        })
-        w.close(n_tokens=int(lengths.sum() - n_docs))
-    return path
-
-
-def _bfloat16(x: np.ndarray) -> np.ndarray:
-    """``x`` rounded to bfloat16 (round to nearest even), as a bfloat16 model computes its activations."""
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return rounded.astype(np.uint32).view(np.float32)
-
-
-def site_figures(site: Path, prefix: str = "neurons") -> dict:
-    sizes = {p: p.stat().st_size for p in site.rglob("*") if p.is_file()}
-    pages = {p: n for p, n in sizes.items() if p.name == "index.html" and p.parent.name.startswith("N")
-             and p.parent.parent.parent.name == prefix}
-    data = {(p.parent.name, p.stem): n for p, n in sizes.items() if p.suffix == ".bin" and p.parent.parent.name == "x"}
-    neuron = sorted(n + data.get((p.parent.parent.name, p.parent.name), 0) for p, n in pages.items())
+    page = re.compile(rf"{re.escape(prefix)}/L\d+/(?:(?:E\d+|S)/)?N\d+(?:/index)?\.html$")
     kinds: dict[str, int] = {}
-    for p, n in sizes.items():
-        rel = p.relative_to(site).parts
-        kind = ("neuron pages" if p in pages else "example data" if p.suffix == ".bin" and "x" in rel else
-                "search shards" if rel[:2] == ("gluscope", "search") else "layer tables" if rel[:2] == ("gluscope", "layers")
-                else "documents" if rel[:2] == ("gluscope", "docs") else "theme and other pages")
-        kinds[kind] = kinds.get(kind, 0) + n
-    return {"total": sum(sizes.values()), "files": len(sizes), "pages": len(pages), "neuron": neuron,
-            "page_only": sorted(pages.values()), "kinds": kinds}
+    for p in site.rglob("*"):
+        if not p.is_file():
+            continue
+        rel = p.relative_to(site).as_posix()
+        kind = ("data: neuron files" if rel.startswith(f"{prefix}/data/neurons/") else
+                "data: corpus files" if rel.startswith(f"{prefix}/data/corpus/") else
+                "neuron pages" if page.match(rel) else
+                "word index" if rel.startswith(f"{prefix}/gluscope/search/") else
+                "layer tables" if rel.startswith(f"{prefix}/gluscope/layers/") else
+                "sitemaps" if "sitemap" in rel else
+                "layer and index pages" if rel.startswith(f"{prefix}/") else
+                "theme, scripts, other pages")
+        kinds[kind] = kinds.get(kind, 0) + p.stat().st_size
+    return kinds
+
+
+def open_pages(site: Path, urls: list[str], warm_url: str) -> list[dict]:
+    """Each page in a fresh Chromium profile: seconds until it shows its summary, histograms and first
+    examples, and bytes fetched (all; the neuron's own)."""
+    from playwright.sync_api import sync_playwright
+
+    from sites import serve_folder
+
+    out = []
+    log: list = []
+    with serve_folder(site, log) as base, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium",
+                                    args=["--no-sandbox", "--disable-gpu"])
+        for url in urls:
+            for warm in (False, True):
+                context = browser.new_context(viewport={"width": 1400, "height": 1000})
+                page = context.new_page()
+                if warm:  # the site's shared files in the browser's cache: another neuron's page first
+                    page.goto(base + warm_url)
+                    page.wait_for_selector(".gs-light[data-ready='2'] details.gs-list[open] .gs-ex", timeout=60000)
+                log.clear()
+                start = time.perf_counter()
+                page.goto(base + url)
+                page.wait_for_selector(".gs-light[data-ready='2'] svg.gs-hist", timeout=60000)
+                page.wait_for_selector(".gs-examples.gs-top details.gs-list[open] .gs-ex", timeout=60000)
+                shown = time.perf_counter() - start
+                own = sum(n for path, _, n in log if "/data/" in path or path.rstrip("/").endswith(url.rstrip("/")))
+                out.append({"url": url, "warm": warm, "seconds": shown, "bytes": sum(n for _, _, n in log),
+                            "own": own, "requests": len(log)})
+                context.close()
+        browser.close()
+    return out
 
 
 def main() -> None:
+    from shaped import SHAPES, write_shaped
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=30)
-    p.add_argument("--d-mlp", type=int, default=1536)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="smollm2")
+    p.add_argument("--layers", type=int, default=None, help="fewer layers than the shape has")
     p.add_argument("--file", type=Path, default=None, help="build from this activations file instead")
     p.add_argument("--keep", type=Path, default=None, help="build into this folder and keep it")
-    p.add_argument("--workers", type=int, default=None, help="processes writing pages (default: all CPUs)")
-    p.add_argument("--neurons", nargs="+", default=["all"], help='neuron ids to publish (default: all)')
+    p.add_argument("--workers", type=int, default=None, help="processes writing the data (default: all CPUs)")
+    p.add_argument("--pages", type=int, default=5, help="neuron pages to open in Chromium")
     p.add_argument("--config", type=Path, default=ROOT / "mkdocs.yml", help="the site whose theme to use")
+    p.add_argument("--neurons", nargs="*", default=None, help="neuron specs to build (default: all)")
+    p.add_argument("--search", nargs="*", default=[], help="words whose first results to print (the word index)")
     args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("mkdocs").setLevel(logging.WARNING)
     logging.getLogger("mkdocs.plugins.gluscope").setLevel(logging.INFO)
 
@@ -188,23 +148,26 @@ def main() -> None:
     from sites import build
 
     root = args.keep or Path(tempfile.mkdtemp(prefix="gluscope-site-scale-"))
-    if args.keep and root.exists():
-        shutil.rmtree(root)
-    (root / "data").mkdir(parents=True)
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(root / "site", ignore_errors=True)
+    shutil.rmtree(root / ".cache", ignore_errors=True)
     if args.file:
-        activations = args.file.resolve()
-        made = 0.0
+        activations, made = args.file.resolve(), 0.0
     else:
-        activations = root / "data" / "act.h5"
+        shape = dict(SHAPES[args.shape])
+        if args.layers:
+            shape["layers"] = args.layers
+        activations = root / "data" / f"{args.shape}.h5"
         t0 = time.perf_counter()
-        write_demo_shaped(activations, layers=args.layers, d_mlp=args.d_mlp)
+        if not activations.exists():
+            activations.parent.mkdir(parents=True, exist_ok=True)
+            write_shaped(activations, **shape, log=lambda m: logging.info(m))
         made = time.perf_counter() - t0
-    # The demo site's own mkdocs.yml (theme, palette, navigation, hand-written pages), all neurons.
     config = yaml.load(args.config.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
-    shutil.copytree(ROOT / "site_src", root / "site_src")
+    shutil.copytree(ROOT / "site_src", root / "site_src", dirs_exist_ok=True)
     for plugin in config["plugins"]:
         if isinstance(plugin, dict) and "gluscope" in plugin:
-            plugin["gluscope"] = {"activations": str(activations), "neurons": args.neurons, "layout": "light"}
+            plugin["gluscope"] = {"activations": str(activations), "neurons": args.neurons or "all", "layout": "light"}
             if args.workers:
                 plugin["gluscope"]["workers"] = args.workers
     config["site_dir"] = str(root / "site")
@@ -212,24 +175,70 @@ def main() -> None:
                                      if not (isinstance(e, dict) and "pymdownx.snippets" in e)] + [
         {"pymdownx.snippets": {"base_path": [str(root / "site_src")], "check_paths": True}}]
     (root / "mkdocs.yml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    from mkdocs_gluscope.neurons import parse_neuron_ids
+    from mkdocs_gluscope.store import ActivationsFile
+
+    with ActivationsFile(activations) as f:
+        layers, d_mlp = f.layers, f.d_mlp
+        keys = parse_neuron_ids(args.neurons or "all", f.layers, f.d_mlp, f.experts_index())
+    n_neurons = len(keys)
+    built = sorted({k[0] for k in keys if len(k) == 2})  # the dense layers built
+    sampler = MemorySampler()
+    sampler.start()
+    load = os.getloadavg()
+    import resource
+
+    cpu0 = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     t0 = time.perf_counter()
-    # A smaller model than the demo's breaks the hand-written pages' links to demo neurons: not strict then.
-    site = build(root / "mkdocs.yml", strict=args.neurons == ["all"] and (bool(args.file) or (args.layers, args.d_mlp) == (30, 1536)))
+    # The demo's hand-written pages link demo neurons: strict only for the demo's own shape.
+    site = build(root / "mkdocs.yml", strict=(layers, d_mlp) == (list(range(30)), 1536))
     total = time.perf_counter() - t0
-    f = site_figures(site)
-    n = f["neuron"]
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               "unknown CPU") if os.path.exists("/proc/cpuinfo") else "unknown CPU"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(f"machine: {cpu}, {cores} cores")
-    print(f"activations file: {activations.name}, {activations.stat().st_size / 1e6:.0f} MB"
+    cpu = sum(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime for before, after in
+              zip(cpu0, [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]))
+    sampler.stop.set()
+    sampler.join()
+    kinds = sizes(site)
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                 "unknown CPU")
+    cores = len(os.sched_getaffinity(0))
+    print(f"\nmachine: {model}, {cores} cores; load average {load[0]:.1f} before the build, "
+          f"{os.getloadavg()[0]:.1f} after")
+    print(f"activations file: {activations.name}, {activations.stat().st_size / 1e9:.2f} GB; built {n_neurons:,} neurons"
           + (f" (written in {made:.0f} s)" if made else ""))
-    print(f"build: {total:.0f} s for {f['pages']:,} neuron pages ({1000 * total / max(f['pages'], 1):.1f} ms per page)")
-    print(f"site: {f['total'] / 1e6:.0f} MB in {f['files']:,} files")
-    print(f"neuron page + its example data: median {statistics.median(n) / 1e3:.1f} KB, largest {n[-1] / 1e3:.1f} KB; "
-          f"page alone: median {statistics.median(f['page_only']) / 1e3:.1f} KB, largest {f['page_only'][-1] / 1e3:.1f} KB")
-    for kind, size in sorted(f["kinds"].items(), key=lambda kv: -kv[1]):
-        print(f"  {kind}: {size / 1e6:.1f} MB")
+    print(f"build: {total:.0f} s ({1000 * total / n_neurons:.2f} ms a neuron), {cpu:.0f} CPU seconds ({cpu / cores:.0f} s "
+          f"on {cores} cores to themselves), peak memory {sampler.peak / 1e9:.2f} GB (Pss of the build and its workers)")
+    data = {k: v for k, v in kinds.items() if k.startswith("data")}
+    rest = {k: v for k, v in kinds.items() if not k.startswith("data")}
+    print(f"site without the data files: {sum(rest.values()) / 1e6:.0f} MB ({sum(rest.values()) / n_neurons:.0f} B a neuron)")
+    for kind, size in sorted(rest.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind}: {size / 1e6:.1f} MB ({size / n_neurons:.0f} B a neuron)")
+    print(f"data files: {sum(data.values()) / 1e6:.0f} MB ({sum(data.values()) / n_neurons / 1e3:.2f} KB a neuron)")
+    for kind, size in sorted(data.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind}: {size / 1e6:.1f} MB ({size / n_neurons / 1e3:.2f} KB a neuron)")
+    if args.search:
+        import json
+
+        from mkdocs_gluscope.words import query_terms, shard_of
+
+        index = site / "neurons/gluscope/search"
+        firsts = json.loads((index / "firsts.json").read_text(encoding="utf-8"))
+        for word in args.search:
+            term = query_terms(word)[0]
+            found = json.loads((index / f"{shard_of(term, firsts)}.json").read_text(encoding="utf-8")).get(term, [])
+            print(f"search {word!r}: " + ", ".join(f"{p[0]} (case {p[1]}, score {p[2]}, share {p[3]}, peak {p[4]})"
+                                                  for p in found[:5]))
+    if args.pages:
+        step = max(1, len(built) // args.pages)
+        chosen = (built[::step] * args.pages)[:args.pages]
+        urls = [f"neurons/L{layer}/N{(7919 * (i + 1)) % d_mlp}/" for i, layer in enumerate(chosen)]
+        loads = open_pages(site, urls, f"neurons/L{built[0]}/N1/")
+        for warm in (False, True):
+            runs = [r for r in loads if r["warm"] == warm]
+            print(f"neuron pages in Chromium, {'after another neuron page (shared files cached)' if warm else 'cold'}: "
+                  f"shown in median {statistics.median(r['seconds'] for r in runs):.2f} s (max "
+                  f"{max(r['seconds'] for r in runs):.2f}), fetched median {statistics.median(r['bytes'] for r in runs) / 1e3:.0f} KB "
+                  f"in {statistics.median(r['requests'] for r in runs):.0f} requests, of which the neuron's own page, data "
+                  f"and documents {statistics.median(r['own'] for r in runs) / 1e3:.0f} KB (max {max(r['own'] for r in runs) / 1e3:.0f})")
     if not args.keep:
         shutil.rmtree(root)
 

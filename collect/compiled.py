@@ -1,75 +1,136 @@
-"""The statistics' compiled functions, guarded: ``torch.compile`` where it works, the eager code
-with one warning line where it fails, and a run-time check of the compiled code against the eager
-computation (a compile cache from another kind of CPU once gave wrong counts without any error)."""
+"""The statistics' fast code, guarded: ``torch.compile`` where it works (the eager code with one
+warning line where it fails), a compile cache of the project's own, and a run-time check of every
+output of the fast code (compiled, or the CPU kernel) against the eager computation.
+
+A compile cache written on another kind of CPU once gave wrong counts for two thirds of the
+neurons without any error: :func:`use_own_compile_cache` keys the cache by torch version and CPU
+capability, so no run reads another machine's kernels, and :func:`check_outputs` compares what the
+fast code computed on a sample of every layer's neurons with the eager code.
+"""
 
 from __future__ import annotations
 
+import functools
+import os
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from collect.stats import BatchReduction, compiled_reduce_batch, reduce_batch
+from collect.stats import (BatchDistributions, BatchReduction, LayerStats, compiled_reduce_batch, find_candidates,
+                           finite_positions, histogram_batch, reduce_batch)
 
-
-#: Neurons of the first batch of each padded length recomputed eagerly to check the compiled code.
+#: Neurons of each layer compared with the eager code (the first batch of each padded length),
+#: spread over the whole layer.
 SELF_CHECK_NEURONS = 32
 
+#: What :func:`check_outputs` compares, in order; its result is 1 + the index of the first that differs.
+CHECKED = ("count", "nonfinite", "min", "max", "doc_abs", "doc_pos", "doc_value", "doc_count", "doc_min_abs", "sum",
+           "suspect", "hist", "density", "sample candidates", "band candidates")
 
-def reduce_with_fallback(compile_: bool) -> Callable[..., BatchReduction]:
-    """The compiled statistics, or the eager ones with a warning line where ``torch.compile``
-    fails (no C++ compiler, an unsupported Python, a backend bug): slower, the same numbers.
+#: Sums are added in another order by the fast code: they agree to rounding.
+SUM_TOLERANCE = dict(rtol=1e-4, atol=1e-4)
 
-    The compiled code is also checked against the eager computation on a few neurons of the first
-    batch of every padded length: a compile cache written on another kind of CPU once gave wrong
-    counts for two thirds of the neurons without any error. A mismatch falls back to eager.
 
-    The result may be ``suspect`` (a NaN or inf where the fast path assumes none): the caller
-    leaves such a batch out and reduces it again with :func:`reduce_batch` (no sync here)."""
+def compile_cache_dir() -> Path:
+    """The project's compile cache: ``inductor/<torch version>-<cpu capability>`` in the gluscope
+    cache folder (``$GLUSCOPE_CACHE``, else ``~/.cache/gluscope``), so that kernels compiled by
+    another torch or for another instruction set are never read."""
+    from collect.demo import cache_dir
+
+    version = torch.__version__.replace("+", "_")
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    return cache_dir() / "inductor" / f"{version}-{capability}"
+
+
+def use_own_compile_cache() -> None:
+    """Point ``torch.compile``'s cache at :func:`compile_cache_dir` unless the user chose one
+    (``TORCHINDUCTOR_CACHE_DIR``; torch sets it to its shared default on its first compile, which
+    is not a choice). Called before a collection compiles anything."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not chosen or os.path.abspath(chosen) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())
+
+
+def fast_reduce(compile_: bool) -> Callable[..., BatchReduction]:
+    """:func:`reduce_batch` assuming finite values, compiled (with a fallback to the eager code
+    where ``torch.compile`` fails: slower, the same numbers). Its result may be ``suspect``: the
+    caller reduces such a batch again with :func:`reduce_batch`."""
+    eager = functools.partial(reduce_batch, assume_finite=True)
+    if not compile_:
+        return eager
     try:
-        compiled = compiled_reduce_batch(compile_, exact_on_suspect=False)
+        compiled = compiled_reduce_batch(True, exact_on_suspect=False)
     except Exception as e:  # torch.compile raises many types, on creation or on first call
         warn_compile(e)
-        return reduce_batch
-    if not compile_:
-        return compiled
-    call = CompiledWithFallback(reduce_batch, compiled)
-    checked: set[int] = set()
-
-    def reduce(*args: Any) -> BatchReduction:
-        reduced = call(*args)
-        length = args[0].shape[1]
-        if call.fn is not reduce_batch and length not in checked and not bool(reduced.suspect):
-            checked.add(length)
-            problem = compare_reductions(reduced, args, SELF_CHECK_NEURONS)
-            if problem:
-                print(f"gluscope: warning: the compiled statistics differ from the eager computation ({problem}); "
-                      "computing them eagerly (slower). A compile cache from another kind of CPU can do this: "
-                      "set TORCHINDUCTOR_CACHE_DIR to an empty folder", file=sys.stderr, flush=True)
-                call.fn = reduce_batch
-                return reduce_batch(*args)
-        return reduced
-
-    return reduce
+        return eager
+    return CompiledWithFallback(eager, compiled)
 
 
-def compare_reductions(reduced: BatchReduction, args: tuple, neurons: int) -> str | None:
-    """What differs between ``reduced`` and the eager :func:`reduce_batch` on the first
-    ``neurons`` neurons of the same batch, or None."""
-    gate, in_, post, swish, valid = args
-    n = slice(0, min(neurons, gate.shape[-1]))
-    eager = reduce_batch(gate[..., n], in_[..., n], post[..., n], swish[..., n], valid)
-    per_neuron = {"count": 0, "nonfinite": 0, "min": 0, "max": 0, "doc_abs": 1, "doc_pos": 1, "doc_value": 1}
-    for name, axis in per_neuron.items():
-        got = getattr(reduced, name).narrow(axis, 0, n.stop)
+def sample_neurons(d_mlp: int, seed: int, size: int = SELF_CHECK_NEURONS) -> torch.Tensor:
+    """``size`` neurons spread evenly over ``[0, d_mlp)``, first and last included, shifted by
+    ``seed`` within their gaps (each layer checks others)."""
+    if d_mlp <= size:
+        return torch.arange(d_mlp)
+    gap = (d_mlp - 1) // (size - 1)
+    # Host integers, not tensor ops: nothing here for a sync counter to mistake for a device wait.
+    spread = sorted({min(i * (d_mlp - 1) // (size - 1) + seed % max(gap, 1), d_mlp - 1) for i in range(size)})
+    return torch.tensor(spread, dtype=torch.int64)
+
+
+def check_outputs(reduced: BatchReduction, hooks: tuple[torch.Tensor, ...], valid: torch.Tensor,
+                  neurons: torch.Tensor, *, exact: bool, distributions: BatchDistributions | None = None,
+                  before: LayerStats | None = None, prio: torch.Tensor | None = None,
+                  doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Whether the fast code's outputs on a sample of neurons equal the eager code's, as a device
+    int64: 0, or 1 + the index in :data:`CHECKED` of the first that differs (no host sync).
+
+    ``reduced``: the fast reduction of ``hooks`` ``(post, in, gate, swish)`` ``[B, T, N]`` and
+    ``valid``; ``exact``: whether it counted non-finite values (the kernel) or assumed none (the
+    compiled code: then a suspect sample must make the whole batch suspect); ``distributions``: the
+    batch's histogram tables (of this batch alone) and, from the kernel, its example candidates,
+    checked against :func:`histogram_batch` and :func:`find_candidates` with the limits of
+    ``before``, the statistics before the batch."""
+    post, in_, gate, swish = (h[..., neurons] for h in hooks)
+    part_valid = valid if valid.dim() == 2 else valid[..., neurons]
+    eager = reduce_batch(gate, in_, post, swish, part_valid, assume_finite=not exact)
+    differs = []
+    for name in CHECKED[:9]:
+        got = getattr(reduced, name)
+        got = got[neurons] if name in ("count", "nonfinite", "min", "max") else got[:, neurons]
         want = getattr(eager, name)
         if got.is_floating_point():  # NaN marks an empty slot; compare it as a value
             got, want = got.nan_to_num(0.0), want.nan_to_num(0.0)
-        if not torch.equal(got, want):
-            return f"{name} of neurons 0..{n.stop - 1}"
-    if not torch.allclose(reduced.sum[n], eager.sum, rtol=1e-4, atol=1e-4):
-        return f"sum of neurons 0..{n.stop - 1}"
-    return None
+        differs.append((got != want).any())
+    differs.append(~torch.isclose(reduced.sum[neurons], eager.sum, **SUM_TOLERANCE).all())
+    differs.append(eager.suspect & ~reduced.suspect)
+    if distributions is not None and distributions.hist is not None:
+        counted = finite_positions((post, in_, gate, swish), part_valid)
+        hist, density = torch.zeros_like(distributions.hist[neurons]), torch.zeros_like(distributions.density[neurons])
+        histogram_batch(gate, in_, post, swish, counted, torch.ones((), dtype=torch.int32, device=gate.device),
+                        hist, density)
+        differs += [(hist != distributions.hist[neurons]).any(), (density != distributions.density[neurons]).any()]
+        if before is not None and prio is not None and doc_ids is not None:
+            part = LayerStats(**{name: t[neurons] for name, t in before.to_dict().items()})
+            b, t, n = gate.shape
+            want = find_candidates(part, (post, in_, gate, swish), counted, prio, doc_ids, b * t * n).candidates
+            got = distributions.candidates
+            for kind in ("sample", "band"):
+                differs.append(torch.stack([(getattr(want, f"{kind}_{x}") != getattr(got, f"{kind}_{x}")[neurons]).any()
+                                            for x in ("key", "b", "t")]).any())
+    flags = torch.stack(differs)
+    return torch.where(flags.any(), flags.int().argmax() + 1, 0).long()
+
+
+def describe_problem(code: int, neurons: torch.Tensor, what: str) -> str:
+    """The warning line for a failed :func:`check_outputs`."""
+    listed = ", ".join(str(n) for n in neurons[:4].tolist()) + (", ..." if len(neurons) > 4 else "")
+    return (f"gluscope: warning: {what} differ from the eager computation ({CHECKED[code - 1]} of neurons "
+            f"{listed}); computing the statistics eagerly (slower), this batch again. A compile cache from "
+            "another kind of CPU can do this: set TORCHINDUCTOR_CACHE_DIR to an empty folder")
 
 
 def warn_compile(error: Exception) -> None:
@@ -85,6 +146,10 @@ class CompiledWithFallback:
 
     def __init__(self, eager: Callable[..., Any], compiled: Callable[..., Any]) -> None:
         self.eager, self.fn = eager, compiled
+
+    @property
+    def compiled(self) -> bool:
+        return self.fn is not self.eager
 
     def __call__(self, *args: Any) -> Any:
         try:
@@ -103,3 +168,4 @@ def compiled_with_fallback(eager: Callable[..., Any], compiled: Callable[[bool],
                            compile_: bool) -> Callable[..., Any]:
     """``compiled(True)`` that falls back to ``eager`` (:class:`CompiledWithFallback`), or ``eager``."""
     return CompiledWithFallback(eager, compiled(True)) if compile_ else eager
+

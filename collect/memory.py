@@ -18,9 +18,9 @@ from mkdocs_gluscope.errors import GluscopeError
 def state_bytes(d_mlp: int, n_layers: int, config: CollectConfig, model_dtype: torch.dtype) -> int:
     """Bytes of the statistics a collection keeps on its device (:class:`LayerStats` of every
     recorded layer)."""
-    window_bytes = torch.empty((), dtype=state_window_dtype(config.window_dtype, model_dtype)).element_size()
     window = config.context_before + 1 + config.context_after
-    return state_bytes_per_neuron(config.k, window, window_bytes, config.samples, config.band_samples) * d_mlp * n_layers
+    return state_bytes_per_neuron(config.k, window, state_window_dtype(config.window_dtype, model_dtype),
+                                  config.samples, config.band_samples) * d_mlp * n_layers
 
 
 def layer_groups(layers: list[int], per_layer: int, budget: int) -> list[list[int]]:
@@ -34,7 +34,7 @@ def layer_groups(layers: list[int], per_layer: int, budget: int) -> list[list[in
 
 def check_state_fits(loaded: LoadedModel, layers: list[int], config: CollectConfig) -> None:
     """On a GPU, refuse before the first batch a collection whose statistics cannot fit next to
-    the model (a 7B model in bfloat16 and all its layers' statistics need about 21 GiB), naming
+    the model (a 7B model in bfloat16 and all its layers' statistics need about 24 GiB), naming
     the layer groups that do fit: running out of memory mid-run would waste the run."""
     if loaded.device.type != "cuda":
         return
@@ -93,6 +93,45 @@ class ListCapacity:
 
     def observe(self, active: int, n_docs: int) -> None:
         self.per_doc = active / n_docs
+
+
+class CandidateCapacity:
+    """How many (position, neuron) pairs of a layer-batch may be random-example candidates on the
+    GPU's path (``nonzero_static``): sized from earlier batches' candidates per document, which fall
+    as the lists fill. In a layer's first batch (``filling``) every position is below its empty
+    list's limit: the limits are lowered to the batch's own first S per list, so that at most every
+    list's length of pairs remain (``n_slots``: the lists' slots of a layer)."""
+
+    MARGIN, FLOOR = 2.0, 4096
+
+    def __init__(self, n_slots: int) -> None:
+        self.n_slots = n_slots
+        self.per_doc: float | None = None
+
+    @property
+    def filling(self) -> bool:
+        return self.per_doc is None
+
+    def current(self, n_docs: int) -> int:
+        if self.per_doc is None:
+            return self.n_slots
+        return max(self.FLOOR, int(self.per_doc * n_docs * self.MARGIN))
+
+    def observe(self, found: int, n_docs: int) -> None:
+        self.per_doc = found / n_docs
+
+
+def keep_hooks(loaded: LoadedModel, layers: list[int], config: CollectConfig, on_gpu_path: bool) -> bool:
+    """Whether the GPU's path keeps each batch's hooks until its one host sync, so that a flagged
+    layer-batch is redone from them instead of by a second forward pass: on a CPU always (the hooks
+    are host memory like any other), on a GPU where all layers' (gate, in, post) fit in a quarter of
+    the memory left free next to the model and the statistics."""
+    if not on_gpu_path or loaded.device.type == "cpu":
+        return True
+    free, _ = torch.cuda.mem_get_info(loaded.device)
+    itemsize = torch.empty((), dtype=loaded.dtype).element_size()
+    needed = 3 * config.batch_tokens * loaded.d_mlp * itemsize * len(layers)
+    return needed <= (free - state_bytes(loaded.d_mlp, len(layers), config, loaded.dtype)) // 4
 
 
 @contextlib.contextmanager

@@ -14,31 +14,33 @@ guard (``compiled``), the memory plan (``memory``), and the file's arrays and pr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 from collect import distributed
 from collect.checkpoint import CheckpointWriter, load_checkpoint
-from collect.compiled import compiled_with_fallback, reduce_with_fallback
+from collect.batch import Batch, Flags, LayerPaths
+from collect.compiled import use_own_compile_cache
 from collect.config import (CollectConfig, RunFacts, check_config, check_positions, expert_key, resolve_experts,
                             resolve_layers, shard_batches)
 from collect.corpus import Corpus, read_texts, tokenize_corpus
 from collect.distributed import FailFast, World, any_rank, broadcast_object, merge_into_rank0
 from collect.effects import FINAL_SCALE_KEY, final_scale_hook, share_final_scales, start_final_scales
 from collect.interrupt import Interrupted, StopOnSignal
-from collect.memory import ListCapacity, check_state_fits, out_of_memory_hint
+from collect.memory import check_state_fits, keep_hooks, out_of_memory_hint
 from collect.model import LoadedModel, dtype_name, load_model, max_positions, run_with_mlp_hooks
 from collect.moe import expert_batches
 from collect.output import write_activations
-from collect.stats import (N_CASES, N_HOOKS, BatchReduction, LayerStats, compiled_histogram_batch,
-                           histogram_batch, reduce_batch, state_window_dtype, update_stats)
+from collect.stats import LayerStats, reduce_batch, state_window_dtype, update_stats
 from mkdocs_gluscope.distributions import EMPTY_PRIORITY, document_pieces, position_priority
 from mkdocs_gluscope.errors import GluscopeError
 from mkdocs_gluscope.store import SHARED
@@ -52,6 +54,7 @@ def collect(config: CollectConfig, *, stop_after_batches: int | None = None) -> 
     Under torchrun every process runs this; they share the batches and rank 0 writes the file
     (:mod:`collect.distributed`)."""
     check_config(config)
+    use_own_compile_cache()
     world, device = distributed.init(config.device)
     try:
         with FailFast(world, clean=(Interrupted,)).guard() as fail_fast:
@@ -115,12 +118,15 @@ def collect_statistics(
     ``fail_fast``: under torchrun, the guard that ends this rank when another fails
     (:class:`collect.distributed.FailFast`).
 
-    Inside the layer loop nothing waits for the device: a dense layer-batch whose fast statistics
-    are unusable (a NaN or inf where the fast path assumes finite values, or more changed lists than
-    the capacity) leaves that layer's statistics unchanged, decided on the device, and after the
-    batch's forward pass one host sync reads every layer's flag; the rare flagged layers are then
-    computed again, exactly, by a second forward pass of the batch. Experts' statistics are always
-    computed exactly (their packed token batches change size with the routing).
+    Each dense layer-batch takes the fastest exact path of its device (:mod:`collect.batch`): on a
+    CPU the kernel, or the compiled code checked at once; on a GPU nothing in the layer loop waits
+    for the device: a layer-batch whose fast statistics are unusable (a NaN or inf where the fast
+    path assumes finite values, more changed lists or example candidates than the capacities) leaves
+    that layer's statistics unchanged, decided on the device, and after the batch's forward pass one
+    host sync reads every layer's flags; the rare flagged layers are then computed again, exactly,
+    from the hooks kept for them where memory allows (:func:`collect.memory.keep_hooks`), else by a
+    second forward pass of those layers. Experts' statistics are always computed exactly (their
+    packed token batches change size with the routing).
     """
     world = world or World()
     experts = resolve_experts(None, loaded) if experts is None else experts  # default: every expert
@@ -156,13 +162,13 @@ def collect_statistics(
             routed.update({key: value.to(device) for key, value in restored[2].items()})
             print(f"gluscope: resuming from {config.checkpoint_path} after {start}/{len(batches)} batches",
                   file=sys.stderr)
-    reduce = reduce_with_fallback(config.compile)
+    paths = LayerPaths(device, loaded.d_mlp, config.compile)
+    keep = keep_hooks(loaded, dense, config, paths.deferred)
     final_norm = start_final_scales(loaded, corpus, routed, device) if config.effects else None
     sampling = _Sampling.of(corpus, config) if config.samples > 0 else None
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     first_counted = config.counted_from(corpus.has_bos)
     lengths_all = corpus.lengths
-    capacity = {layer: ListCapacity(device, loaded.d_mlp * N_CASES * N_HOOKS) for layer in dense}
     checkpoints = CheckpointWriter()
     if fail_fast is not None:  # another rank's failure ends this process: finish the checkpoint in flight first
         fail_fast.on_abort.append(checkpoints.wait)
@@ -178,14 +184,14 @@ def collect_statistics(
     # are done by every rank, so a checkpoint holds whole rounds and resumes with any number of ranks.
     n_rounds = -(-(len(batches) - start) // world.size)
     # The signal handlers are in place before the bar shows: once progress shows, SIGTERM checkpoints.
-    with StopOnSignal() as ctrl_c, out_of_memory_hint(config):
+    with StopOnSignal() as ctrl_c, out_of_memory_hint(config), _gc_spares_the_model():
         bar = tqdm(total=total, initial=tokens(range(start)), unit="tok", unit_scale=True,
                    disable=not (config.progress and world.is_main), desc="collect", dynamic_ncols=True)
         for round_ in range(n_rounds):
             first_of_round = start + round_ * world.size
             index = first_of_round + world.rank
             if index < len(batches):
-                _run_batch(loaded, corpus, batches[index], layers, states, config, reduce, capacity, pad_id,
+                _run_batch(loaded, corpus, batches[index], layers, states, config, paths, keep, pad_id,
                            first_counted, device, experts, routed, sampling, final_norm)
             finished = min(first_of_round + world.size, len(batches))
             bar.update(tokens(range(first_of_round, finished)))
@@ -212,16 +218,18 @@ def collect_statistics(
 
 
 def _run_batch(loaded: LoadedModel, corpus: Corpus, batch: Any, layers: list[int],
-               states: dict[int | str, LayerStats], config: CollectConfig, reduce: Callable[..., BatchReduction],
-               capacity: dict[int, "ListCapacity"], pad_id: int, first_counted: int, device: torch.device,
+               states: dict[int | str, LayerStats], config: CollectConfig, paths: LayerPaths, keep: bool,
+               pad_id: int, first_counted: int, device: torch.device,
                experts: dict[int, list[int | str]] | None = None,
                routed: dict[str, torch.Tensor] | None = None,
                sampling: "_Sampling | None" = None, final_norm: Any = None) -> None:
     """One batch through the model, every layer's statistics updated (see collect_statistics):
-    dense layers by the fast path (redone exactly where flagged), the experts of mixture-of-experts
-    layers exactly, with the tokens routed to each added to ``routed``; with ``sampling``, the
-    distributions too; with ``final_norm`` (:class:`collect.effects.FinalNorm`), the run goes on to
-    the final norm and records its scale at every position."""
+    dense layers by :class:`~collect.batch.LayerPaths` (a flagged layer-batch of the GPU's path
+    redone exactly after the batch's one host sync, from the hooks kept for it where ``keep``, else
+    by a second forward pass of those layers), the experts of mixture-of-experts layers exactly,
+    with the tokens routed to each added to ``routed``; with ``sampling``, the distributions too;
+    with ``final_norm`` (:class:`collect.effects.FinalNorm`), the run goes on to the final norm and
+    records its scale at every position."""
     experts = experts or {}
     routed = routed if routed is not None else {}
     lengths_np = corpus.lengths[batch.docs]
@@ -235,17 +243,17 @@ def _run_batch(loaded: LoadedModel, corpus: Corpus, batch: Any, layers: list[int
     valid = (t[None, :] < lengths[:, None]) & (t[None, :] >= first_counted)
     prio = (sampling.priorities(batch.docs, batch.length, lengths_np, first_counted).to(device, non_blocking=True)
             if sampling else None)
-    histogram = sampling.histogram if sampling else histogram_batch
-    applied: dict[int, torch.Tensor] = {}
-    active: dict[int, torch.Tensor] = {}
+    inputs = Batch(doc_ids, lengths, valid, prio, config.context_before, config.context_after)
+    flags: dict[int, Flags] = {}
+    kept: dict[int, tuple[torch.Tensor, ...]] = {}
 
     def on_layer(layer: int, gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor) -> None:
-        swish = loaded.mlps[layer].act_fn(gate)
-        reduced = reduce(gate, in_, post, swish, valid)
-        applied[layer], active[layer] = update_stats(
-            states[layer], reduced, doc_ids, gate, in_, lengths, config.context_before, config.context_after,
-            capacity=capacity[layer].current(len(batch.docs)), accept=~reduced.suspect,
-            hooks=(post, in_, gate, swish), valid=valid, prio=prio, histogram=histogram)
+        hooks = (gate, in_, post, loaded.mlps[layer].act_fn(gate))
+        pending = paths.add(layer, states[layer], hooks, inputs)
+        if pending is not None:
+            flags[layer] = pending
+            if keep:
+                kept[layer] = hooks
 
     def on_moe(layer: int, hidden: torch.Tensor, routing: torch.Tensor, shared: Any) -> None:
         # Each expert's neurons through the dense statistics, over the tokens routed to it; exactly
@@ -264,45 +272,48 @@ def _run_batch(loaded: LoadedModel, corpus: Corpus, batch: Any, layers: list[int
             update_stats(states[key], reduced, doc_ids, part.window_gate, part.window_in, lengths,
                          config.context_before, config.context_after, hooks=(part.post, part.in_, part.gate, swish),
                          valid=part.valid, prio=part_prio, positions=part.positions, check_finite=True,
-                         histogram=histogram)
+                         histogram=paths.histogram)
 
     with final_scale_hook(final_norm, routed, corpus.doc_offsets[batch.docs], lengths):
         run_with_mlp_hooks(loaded, input_ids, layers, on_layer, on_moe, stop_after_last=final_norm is None)
-    dense = [layer for layer in layers if layer in applied]
-    if not dense:
-        return
-    # The batch's one host sync: which layers were applied, and how many lists each changed.
-    flags = torch.stack([torch.stack([applied[layer].long(), active[layer].long()]) for layer in dense]).tolist()
-    redo = [layer for layer, (ok, _) in zip(dense, flags) if not ok]
-    for layer, (_, n_active) in zip(dense, flags):
-        capacity[layer].observe(n_active, len(batch.docs))
+    redo = paths.settle(flags, len(batch.docs))  # the batch's one host sync
     if not redo:
+        return
+    if keep:
+        for layer in redo:
+            paths.redo(states[layer], kept[layer], inputs)
         return
 
     def exactly(layer: int, gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor) -> None:
-        swish = loaded.mlps[layer].act_fn(gate)
-        reduced = reduce_batch(gate, in_, post, swish, valid)  # checks every value; rare, so eager
-        update_stats(states[layer], reduced, doc_ids, gate, in_, lengths, config.context_before,
-                     config.context_after, hooks=(post, in_, gate, swish), valid=valid, prio=prio, check_finite=True,
-                     histogram=histogram)
+        paths.redo(states[layer], (gate, in_, post, loaded.mlps[layer].act_fn(gate)), inputs)
 
     run_with_mlp_hooks(loaded, input_ids, redo, exactly)
+
+
+@contextlib.contextmanager
+def _gc_spares_the_model() -> Iterator[None]:
+    """Python's garbage collector, during the loop, leaves the objects that exist before it alone
+    (``gc.freeze``): the model, torch and transformers are a million of them, and every batch's
+    tensors set off collections that walked them all (8% of a CPU run's time, perf)."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 @dataclass
 class _Sampling:
     """What a run's distributions need beyond the statistics: each document's identity for the
-    sampling order (its source row and which piece of it), and the histogram function (compiled)."""
+    sampling order (its source row and which piece of it)."""
 
     seed: int
     sources: np.ndarray
     pieces: np.ndarray
-    histogram: Callable[..., None]
 
     @classmethod
     def of(cls, corpus: Corpus, config: CollectConfig) -> "_Sampling":
-        return cls(config.seed, corpus.source_index, document_pieces(corpus.source_index),
-                   compiled_with_fallback(histogram_batch, compiled_histogram_batch, config.compile))
+        return cls(config.seed, corpus.source_index, document_pieces(corpus.source_index))
 
     def priorities(self, docs: np.ndarray, length: int, lengths: np.ndarray, first_counted: int) -> torch.Tensor:
         """``[B, T]`` sampling priorities of a batch's positions (EMPTY_PRIORITY where not counted)."""

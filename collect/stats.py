@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from mkdocs_gluscope.distributions import (BAND_EDGES, DENSITY_HALF, DENSITY_OF_BIN, EMPTY_PRIORITY,
+from mkdocs_gluscope.distributions import (BAND_EDGES, DENSITY_HALF, EMPTY_PRIORITY,
                                            HIST_LOW_EXPONENT, N_BANDS, N_BINS, N_DENSITY)
 from mkdocs_gluscope.store import CASES, HOOKS
 from mkdocs_gluscope.store import HOOK_SIGNS as STORE_HOOK_SIGNS
@@ -43,17 +43,11 @@ SLOT_DTYPE = torch.int16
 MAX_K = 2**15 - 1
 
 
-def state_bytes_per_neuron(k: int, window: int, window_bytes: int, samples: int = 0, band_samples: int = 0) -> int:
+def state_bytes_per_neuron(k: int, window: int, window_dtype: torch.dtype = torch.float16, samples: int = 0,
+                           band_samples: int = 0) -> int:
     """Bytes of :class:`LayerStats` per neuron: what a collection keeps resident per neuron of
-    every recorded layer (the file's figure per shape is this times layers x d_mlp)."""
-    lists = N_CASES * N_HOOKS
-    per_list = k * (8 + 4 + 4 + 4 + 2) + 2 * k * window * window_bytes + 8 + 4 + 4  # keys..slot, windows, sum/min/max
-    total = lists * per_list + N_CASES * 8 + (N_CASES + 1) * 8
-    if samples > 0:
-        histograms = N_CASES * 2 * N_BINS * N_BINS * 4
-        per_example = 8 + 4 + 4 + N_HOOKS * 4 + 2 * window * window_bytes
-        total += histograms + N_CASES * (samples + N_BANDS * band_samples) * per_example
-    return total
+    every recorded layer (the figure per shape is this times layers x d_mlp)."""
+    return LayerStats.empty(1, k, window, "meta", window_dtype, samples, band_samples).nbytes()
 
 
 def sort_key(abs_value: torch.Tensor, doc: torch.Tensor) -> torch.Tensor:
@@ -66,13 +60,28 @@ def sort_key(abs_value: torch.Tensor, doc: torch.Tensor) -> torch.Tensor:
     return torch.where(abs_value >= 0, key, -1)
 
 
+def key_doc(key: torch.Tensor) -> torch.Tensor:
+    """The document of each :func:`sort_key`, int32; -1 for an empty entry."""
+    return torch.where(key >= 0, MAX_DOC - (key & MAX_DOC), -1).to(torch.int32)
+
+
+def key_value(key: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """The value of each :func:`sort_key` (float32): its ``|value|`` with the sign its hook has in
+    its case (``signs`` broadcast against ``key``; a zero comes out as -0.0 where the sign is
+    negative, as the batch's ``doc_value``); NaN for an empty entry."""
+    magnitude = (key.clamp(min=0) >> 31).to(torch.int32).view(torch.float32)
+    return torch.where(key >= 0, signs * magnitude, float("nan"))
+
+
 @dataclass
 class LayerStats:
     """Running statistics of one layer; leading axes ``[neuron, case, hook]``.
 
-    Lists are ordered best first. Their windows stay where they were written (``win_gate``,
-    ``win_in``, indexed by ``top_slot``), so a batch writes only the windows of documents that
-    enter a list; :meth:`ordered_windows` puts them in list order.
+    Lists are ordered best first. An entry is its :func:`sort_key` (which holds its ``|value|`` and
+    its document: :attr:`top_value` and :attr:`top_doc` are read off it) and its position. Its
+    windows stay where they were written (``win_gate``, ``win_in``, indexed by ``top_slot``), so a
+    batch writes only the windows of documents that enter a list; :meth:`ordered_windows` puts
+    them in list order.
     """
 
     count: torch.Tensor  # [N, C] int64
@@ -81,18 +90,15 @@ class LayerStats:
     min: torch.Tensor  # [N, C, H] float32, +inf while a case is empty
     max: torch.Tensor  # [N, C, H] float32, -inf while a case is empty
     top_key: torch.Tensor  # [N, C, H, k] int64 sort_key, -1 for an unfilled slot
-    top_value: torch.Tensor  # [N, C, H, k] float32, NaN for an unfilled slot
-    top_doc: torch.Tensor  # [N, C, H, k] int32, -1 for an unfilled slot
     top_pos: torch.Tensor  # [N, C, H, k] int32, -1 for an unfilled slot
     top_slot: torch.Tensor  # [N, C, H, k] int16, where each entry's window is stored
     win_gate: torch.Tensor  # [N, C, H, k, W] window dtype, by slot, NaN outside the document
     win_in: torch.Tensor  # [N, C, H, k, W] window dtype, by slot
-    # Distributions (None where a run records none). Histogram counts are int32 on the device
-    # (runs are limited to 2**31 - 1 counted positions); the hooks are binned in pairs, gate with in
-    # (which also gives the density) and post with act(gate): two scatters per position and neuron
-    # instead of five, for 7.7 KB per neuron each (bench/distributions_overhead.py).
-    hist_joint: torch.Tensor | None = None  # [N, C, B, B] int32: (gate bin, in bin) per case
-    hist_outputs: torch.Tensor | None = None  # [N, C, B, B] int32: (post bin, act(gate) bin) per case
+    # Distributions (None where a run records none): the tables the file stores, as int32 on the
+    # device (runs are limited to 2**31 - 1 counted positions). A batch's positions are counted in
+    # narrow per-batch tables first (histogram_batch, collect/_fused.cpp) and added to these.
+    hist: torch.Tensor | None = None  # [N, C, H, B] int32: each hook's |value| bins per case
+    density: torch.Tensor | None = None  # [N, C, G/2, G/2] int32: (gate, in) cells of each case's quadrant
     # Random examples: the S positions of lowest priority per case ("sample") and per (case, band)
     # of |post| ("band"), ascending; key EMPTY_PRIORITY, doc/pos -1 and NaN values in empty slots.
     sample_key: torch.Tensor | None = None  # [N, C, S] int64
@@ -121,8 +127,8 @@ class LayerStats:
         distributions: dict[str, torch.Tensor] = {}
         if samples > 0:
             distributions = dict(
-                hist_joint=torch.zeros(d_mlp, N_CASES, N_BINS, N_BINS, **i32),
-                hist_outputs=torch.zeros(d_mlp, N_CASES, N_BINS, N_BINS, **i32),
+                hist=torch.zeros(d_mlp, N_CASES, N_HOOKS, N_BINS, **i32),
+                density=torch.zeros(d_mlp, N_CASES, DENSITY_HALF, DENSITY_HALF, **i32),
             )
             for prefix, lists in (("sample", (samples,)), ("band", (N_BANDS, band_samples))):
                 lead = (d_mlp, N_CASES) + lists
@@ -141,8 +147,6 @@ class LayerStats:
             min=torch.full(shape, float("inf"), **f32),
             max=torch.full(shape, float("-inf"), **f32),
             top_key=torch.full(shape + (k,), -1, **i64),
-            top_value=torch.full(shape + (k,), float("nan"), **f32),
-            top_doc=torch.full(shape + (k,), -1, **i32),
             top_pos=torch.full(shape + (k,), -1, **i32),
             top_slot=torch.arange(k, dtype=SLOT_DTYPE, device=device).expand(shape + (k,)).contiguous(),
             win_gate=torch.full(shape + (k, window), float("nan"), dtype=window_dtype, device=device),
@@ -152,11 +156,21 @@ class LayerStats:
 
     @property
     def has_distributions(self) -> bool:
-        return self.hist_joint is not None
+        return self.hist is not None
 
     @property
     def k(self) -> int:
         return self.top_key.shape[-1]
+
+    @property
+    def top_doc(self) -> torch.Tensor:
+        """``[N, C, H, k]`` int32: each entry's document, -1 for an unfilled slot."""
+        return key_doc(self.top_key)
+
+    @property
+    def top_value(self) -> torch.Tensor:
+        """``[N, C, H, k]`` float32: each entry's value, NaN for an unfilled slot."""
+        return key_value(self.top_key, HOOK_SIGNS.to(self.top_key.device)[:, :, None])
 
     def ordered_windows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(gate, in)`` windows in list order, ``[N, C, H, k, W]``."""
@@ -167,8 +181,13 @@ class LayerStats:
 
     @classmethod
     def from_dict(cls, tensors: dict[str, torch.Tensor]) -> "LayerStats":
-        # Checkpoints of older versions hold int64 indices: narrow them to today's dtypes.
-        narrow = {"top_doc": torch.int32, "top_pos": torch.int32, "top_slot": SLOT_DTYPE}
+        """From :meth:`to_dict`, or a checkpoint of an earlier version: int64 indices are narrowed,
+        the value and document of each entry (now read off its key) dropped, and the joint
+        histograms of then ((gate, in) and (post, act(gate)) per case) turned into today's tables."""
+        narrow = {"top_pos": torch.int32, "top_slot": SLOT_DTYPE}
+        tensors = dict(tensors)
+        if "hist_joint" in tensors:
+            tensors["hist"], tensors["density"] = tables_of_joint(tensors.pop("hist_joint"), tensors.pop("hist_outputs"))
         return cls(**{f.name: tensors[f.name].to(narrow[f.name]) if f.name in narrow else tensors[f.name]
                       for f in fields(cls) if f.name in tensors})
 
@@ -236,7 +255,7 @@ def reduce_batch(
         nonfinite = torch.zeros(hooks[0].shape[-1], N_CASES + 1, dtype=torch.int64, device=valid.device)
     else:
         counted = finite_positions(hooks, valid)
-        bad = valid[:, :, None] & ~counted
+        bad = (valid if valid.dim() == 3 else valid[:, :, None]) & ~counted
         bad_by_case = [m.sum(dim=(0, 1)) for m in case_masks(hooks[2], hooks[1], bad)]
         nonfinite = torch.stack(bad_by_case + [bad.sum(dim=(0, 1)) - sum(bad_by_case)], dim=-1)
         masks = case_masks(hooks[2], hooks[1], counted)
@@ -255,36 +274,44 @@ def reduce_batch(
             min_abs.append(torch.where(mask, magnitude, float("inf")).amin(dim=1))
     best_key = torch.stack(best_keys, dim=-1)  # [B, N, C*H]
     present_flat = best_key >= 0
-    doc_pos_flat = torch.where(present_flat, t_max - 1 - (best_key & (2**POS_BITS - 1)), 0)
+    doc_pos = torch.where(present_flat, t_max - 1 - (best_key & (2**POS_BITS - 1)), 0)
     max_abs = torch.where(present_flat, (best_key >> POS_BITS).to(torch.int32).view(torch.float32), EMPTY)
     b, _, n = hooks[0].shape
     shape = (b, n, N_CASES, N_HOOKS)
-    doc_abs = max_abs.view(shape)
-    doc_min_abs = torch.stack(min_abs, dim=-1).view(shape)
+    sum_by_doc = torch.stack(sums, dim=-1).view(shape)
+    if assume_finite:
+        # A NaN or inf at a position in a case makes that case's sum non-finite; one at a position
+        # in no case (a zero or NaN gate or in) is caught by the sum of every hook there.
+        suspect = ~(torch.isfinite(sum_by_doc).all()
+                    & torch.isfinite(torch.where(valid if valid.dim() == 3 else valid[:, :, None],
+                                                 hooks[0] + hooks[1] + hooks[2] + hooks[3], 0.0).sum()))
+    else:
+        suspect = torch.zeros((), dtype=torch.bool, device=valid.device)
+    return from_documents(torch.stack(count, dim=-1), sum_by_doc, max_abs.view(shape),
+                          torch.stack(min_abs, dim=-1).view(shape), doc_pos.view(shape), nonfinite, suspect)
+
+
+def from_documents(doc_count: torch.Tensor, doc_sum: torch.Tensor, doc_abs: torch.Tensor, doc_min_abs: torch.Tensor,
+                   doc_pos: torch.Tensor, nonfinite: torch.Tensor, suspect: torch.Tensor) -> BatchReduction:
+    """A batch's :class:`BatchReduction` from its per-document reductions ``[B, N, C(, H)]`` (the
+    torch code's and the CPU kernel's alike): the batch's sums and extremes come from them. Within a
+    case each hook's values all have the case's sign (or are 0), so its min and max follow from the
+    smallest and largest ``|value|``."""
     signs = HOOK_SIGNS.to(doc_abs.device)
     present = doc_abs >= 0
     # Signed extremes per document, +-inf where the document has no position in the case.
     hi = torch.where(present, torch.where(signs > 0, doc_abs, -doc_min_abs), float("-inf"))
     lo = torch.where(present, torch.where(signs > 0, doc_min_abs, -doc_abs), float("inf"))
-    sum_by_doc = torch.stack(sums, dim=-1)
-    if assume_finite:
-        # A NaN or inf at a position in a case makes that case's sum non-finite; one at a position
-        # in no case has a NaN gate or in (or an inf in with a zero gate), caught by gate + in.
-        suspect = ~(torch.isfinite(sum_by_doc).all()
-                    & torch.isfinite(torch.where(valid[:, :, None], hooks[1] + hooks[2], 0.0).sum()))
-    else:
-        suspect = torch.zeros((), dtype=torch.bool, device=valid.device)
-    doc_count = torch.stack(count, dim=-1)
     return BatchReduction(
         count=doc_count.sum(dim=0),
         nonfinite=nonfinite,
-        sum=sum_by_doc.view(shape).sum(dim=0),
+        sum=doc_sum.sum(dim=0),
         min=lo.amin(dim=0),
         max=hi.amax(dim=0),
         doc_abs=doc_abs,
         # The value itself: within a case its sign is the hook's (a zero may come out as -0.0).
         doc_value=torch.where(present, signs * doc_abs, float("nan")),
-        doc_pos=doc_pos_flat.view(shape),
+        doc_pos=doc_pos,
         suspect=suspect,
         doc_count=doc_count,
         doc_min_abs=doc_min_abs,
@@ -316,12 +343,24 @@ def windows_at(
         flat = padded.view(-1)
         runs = flat.as_strided((flat.numel() - window + 1, window), (1, 1))
         return runs[(neurons * b + rows) * span + pos]
-    offsets = torch.arange(-context_before, context_after + 1, device=values.device)
-    t = pos[:, None] + offsets
+    if t_max < window:  # a batch shorter than a window: padded (a copy of a short batch)
+        values = torch.cat([values, values.new_full((b, window - t_max, d_mlp), nan)], dim=1)
+    # Each window as one index into a strided view (the W positions from a start, at a neuron), in
+    # the order of their positions so that neighbours share the rows they read, then shifted where
+    # the window runs past the batch's start or end.
+    order = torch.argsort(rows * t_max + pos)
+    rows, pos, neurons = rows[order], pos[order], neurons[order]
+    padded_t = values.shape[1]
+    sb, st, sn = values.stride()
+    view = values.as_strided((b, padded_t - window + 1, d_mlp, window), (sb, st, sn, st), values.storage_offset())
+    first = pos - context_before
+    start = first.clamp(0, padded_t - window)
+    offsets = torch.arange(window, device=values.device)
+    t = first[:, None] + offsets
     inside = (t >= 0) & (t < lengths[rows][:, None])
-    base = (rows * t_max + pos) * d_mlp + neurons
-    flat_index = torch.where(inside, base[:, None] + offsets * d_mlp, base[:, None])
-    return torch.where(inside, values.reshape(-1).take(flat_index), nan)
+    cut = view[rows, start, neurons].gather(1, (t - start[:, None]).clamp(0, window - 1))
+    cut = torch.where(inside, cut, nan)
+    return torch.empty_like(cut).index_copy_(0, order, cut)
 
 
 def _gather_k(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -344,6 +383,7 @@ def merge_top(
     *,
     capacity: int | None = None,
     accept: torch.Tensor | None = None,
+    cut: Callable[..., torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Add one batch's documents (rows ``doc_ids``, each with ``lengths`` tokens) to the top-k
     lists of ``stats``, in place, with the gate/in windows of newly entered examples cut from the
@@ -357,7 +397,9 @@ def merge_top(
     host sync, and a batch that activates more lists is not applied (``applied`` False) and must
     be added again with a larger capacity. ``accept`` False (a device bool) also leaves ``stats``
     unchanged: the caller found the batch's reduction unusable, without a sync of its own.
+    ``cut``: :func:`windows_at`, or a faster function that computes the same (the CPU kernel's).
     """
+    cut_windows = cut or windows_at
     k = stats.k
     b = doc_ids.shape[0]
     n_lists = stats.top_key[..., 0].numel()
@@ -395,10 +437,7 @@ def merge_top(
         new_rows = new.reshape(b, n_lists)[new_row, rows[:, None]].to(old.dtype)  # k of the B candidates
         return torch.where(filled, torch.where(from_old, old_rows, new_rows), empty)
 
-    top_value = pick(stats.top_value, batch.doc_value, float("nan"))
     top_pos = pick(stats.top_pos, batch.doc_pos, -1)
-    top_doc = torch.where(filled, torch.where(from_old, stats.top_doc.view(n_lists, k)[rows].gather(1, old_idx),
-                                              doc_ids.to(stats.top_doc.dtype)[new_row]), -1)
 
     # Every entry that enters evicts one old entry: reuse the evicted entries' window slots.
     old_slot = stats.top_slot.view(n_lists, k)[rows].long()
@@ -419,14 +458,13 @@ def merge_top(
     store_row = rows[r] * k + top_slot[r, j]
     neuron = rows[r] // (N_CASES * N_HOOKS)
     for store, values in ((stats.win_gate, gate), (stats.win_in, in_)):
-        cut = windows_at(values, new_row[r, j], top_pos[r, j].long(), neuron, lengths,
+        cut = cut_windows(values, new_row[r, j], top_pos[r, j].long(), neuron, lengths,
                          context_before, context_after).to(store.dtype)
         flat = store.view(-1, window)
         if keep is not None:
             cut = torch.where(keep, cut, flat[store_row])
         flat[store_row] = cut
-    for name, value in (("top_key", top_key), ("top_value", top_value), ("top_doc", top_doc),
-                        ("top_pos", top_pos), ("top_slot", top_slot)):
+    for name, value in (("top_key", top_key), ("top_pos", top_pos), ("top_slot", top_slot)):
         target = getattr(stats, name)
         target.view(n_lists, k).index_copy_(0, rows, value.to(target.dtype))
     return applied, n_active
@@ -455,23 +493,45 @@ _BAND_INNER_EDGES: tuple[float, ...] = tuple(float(e) for e in BAND_EDGES[1:-1])
 
 
 def histogram_batch(gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor, swish: torch.Tensor,
-                    counted: torch.Tensor, weight: torch.Tensor, joint: torch.Tensor, outputs: torch.Tensor) -> None:
-    """Add one batch to the histograms, in place. ``counted``: ``[B, T]`` or ``[B, T, N]`` bool, the
-    positions that count (a position also needs a nonzero gate and in: a case); ``weight``: an
-    int32 scalar tensor, 1, or 0 for a batch that is not to be added (decided on the device).
+                    counted: torch.Tensor, weight: torch.Tensor, hist: torch.Tensor, density: torch.Tensor) -> None:
+    """Add one batch to the histogram tables (:attr:`LayerStats.hist`, :attr:`LayerStats.density`),
+    in place. ``counted``: ``[B, T]`` or ``[B, T, N]`` bool, the positions that count (a position
+    also needs a nonzero gate and in: a case); ``weight``: an int32 scalar tensor, 1, or 0 for a
+    batch that is not to be added (decided on the device).
 
-    Three scatters per position and neuron: (gate bin, in bin) jointly (the gate and in histograms
-    and the density are its sums), post's bin and act(gate)'s bin. Under ``torch.compile`` the bins
-    and the scatters are one loop."""
+    Two scatters per position and neuron, into narrow tables of this batch: the joint (gate bin, in
+    bin) and (post bin, act(gate) bin) counts of each case, whose sums are the four histograms and
+    the density (:func:`tables_of_joint`), added to the stored tables at the end. Under
+    ``torch.compile`` the bins and the scatters are one loop."""
     n = gate.shape[-1]
     case = (gate < 0).int() * 2 + (in_ < 0).int()
     mask = counted if counted.dim() == 3 else counted[:, :, None]
-    ones = ((mask & (gate != 0) & (in_ != 0)).int() * weight).reshape(-1)
-    row = torch.arange(n, device=gate.device, dtype=torch.int32) * N_CASES + case
-    joint.view(-1).index_put_((((row * N_BINS + value_bins(gate)) * N_BINS + value_bins(in_)).reshape(-1).long(),),
-                              ones, accumulate=True)
-    outputs.view(-1).index_put_((((row * N_BINS + value_bins(post)) * N_BINS + value_bins(swish)).reshape(-1).long(),),
-                                ones, accumulate=True)
+    ones = (mask & (gate != 0) & (in_ != 0)).int().reshape(-1)
+    row = torch.arange(n, device=gate.device, dtype=torch.int32) * (2 * N_CASES) + case
+    joint = torch.zeros(n, 2 * N_CASES, N_BINS, N_BINS, dtype=torch.int32, device=gate.device)
+    flat = joint.view(-1)
+    flat.index_put_((((row * N_BINS + value_bins(gate)) * N_BINS + value_bins(in_)).reshape(-1).long(),), ones,
+                    accumulate=True)
+    flat.index_put_(((((row + N_CASES) * N_BINS + value_bins(post)) * N_BINS + value_bins(swish)).reshape(-1).long(),),
+                    ones, accumulate=True)
+    batch_hist, batch_density = tables_of_joint(joint[:, :N_CASES], joint[:, N_CASES:])
+    hist += batch_hist * weight
+    density += batch_density * weight
+
+
+def tables_of_joint(gate_in: torch.Tensor, post_act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored tables from joint counts ``[N, C, B, B]`` of (gate bin, in bin) and (post bin,
+    act(gate) bin): the four histograms ``[N, C, H, B]`` are their sums, the density ``[N, C, G/2,
+    G/2]`` the (gate, in) counts with their bins merged in pairs of octaves (DENSITY_OF_BIN)."""
+    hist = torch.stack([post_act.sum(dim=3), gate_in.sum(dim=2), gate_in.sum(dim=3), post_act.sum(dim=2)], dim=2)
+    # DENSITY_OF_BIN is (bin + 1) // 2; computed here, since torch.compile mishandles a numpy constant.
+    coarse = (torch.arange(N_BINS, device=gate_in.device) + 1) // 2
+    n = gate_in.shape[0]
+    by_gate = torch.zeros(n, N_CASES, DENSITY_HALF, N_BINS, dtype=gate_in.dtype, device=gate_in.device)
+    by_gate.index_add_(2, coarse, gate_in)
+    density = torch.zeros(n, N_CASES, DENSITY_HALF, DENSITY_HALF, dtype=gate_in.dtype, device=gate_in.device)
+    density.index_add_(3, coarse, by_gate)
+    return hist.to(gate_in.dtype), density
 
 
 def compiled_histogram_batch(enabled: bool) -> Callable[..., None]:
@@ -480,24 +540,18 @@ def compiled_histogram_batch(enabled: bool) -> Callable[..., None]:
 
 
 def hist_and_density(stats: LayerStats) -> tuple[torch.Tensor, torch.Tensor]:
-    """The file's ``hist`` ``[N, C, H, B]`` and ``density`` ``[N, G, G]`` (int64) from the running
-    histograms: gate's and in's histograms are the joint one's sums, the density its bins merged
-    in pairs of octaves and mirrored by the case's signs."""
-    joint = stats.hist_joint.long()
-    outputs = stats.hist_outputs.long()
-    hist = torch.stack([outputs.sum(dim=3), joint.sum(dim=2), joint.sum(dim=3), outputs.sum(dim=2)], dim=2)
-    device = joint.device
-    coarse = torch.as_tensor(DENSITY_OF_BIN, device=device)
-    # One-hot maps from octave bins to signed density cells, for a positive and a negative value.
-    to_cell = {sign: torch.nn.functional.one_hot(DENSITY_HALF + coarse if sign > 0 else DENSITY_HALF - 1 - coarse,
-                                                 N_DENSITY).double()
-               for sign in (1, -1)}
-    density = torch.zeros(joint.shape[0], N_DENSITY, N_DENSITY, dtype=torch.float64, device=device)
+    """The file's ``hist`` ``[N, C, H, B]`` and ``density`` ``[N, G, G]`` (int64) from the stored
+    tables: each case's quadrant of (gate, in) cells placed in the signed grid, mirrored by the
+    case's signs (cell ``G/2 + j`` of a positive value, ``G/2 - 1 - j`` of a negative one)."""
+    quadrants = stats.density.long()
+    device = quadrants.device
+    cells = torch.arange(DENSITY_HALF, device=device)
+    density = torch.zeros(quadrants.shape[0], N_DENSITY, N_DENSITY, dtype=torch.int64, device=device)
     for c in range(N_CASES):
-        g_sign, i_sign = (1 if c < 2 else -1), (1 if c % 2 == 0 else -1)
-        # float64 holds counts below 2**53 exactly (matmul has no int64 kernel on every device).
-        density += to_cell[g_sign].T @ joint[:, c].double() @ to_cell[i_sign]
-    return hist, density.round().long()
+        gate_cells = DENSITY_HALF + cells if c < 2 else DENSITY_HALF - 1 - cells
+        in_cells = DENSITY_HALF + cells if c % 2 == 0 else DENSITY_HALF - 1 - cells
+        density[:, gate_cells[:, None], in_cells[None, :]] = quadrants[:, c]
+    return stats.hist.long(), density
 
 
 def merge_examples(lists: dict[str, torch.Tensor], cand_list: torch.Tensor, cand: dict[str, torch.Tensor]) -> None:
@@ -659,6 +713,204 @@ def finite_positions(hooks: Sequence[torch.Tensor], valid: torch.Tensor) -> torc
     return (valid if valid.dim() == 3 else valid[:, :, None]) & (largest < float("inf"))
 
 
+@dataclass
+class Candidates:
+    """A batch's candidates for the random-example lists: per list, the batch's positions of lowest
+    priority below the list's last priority, ascending (at most as many as the list holds; key
+    EMPTY_PRIORITY and ``b``/``t`` -1 in unused slots). ``b`` is the batch row, ``t`` the position in
+    it (the packed position where the hooks are packed). Merging them into the lists gives exactly
+    what offering every position would (a position above its list's last priority cannot enter)."""
+
+    sample_key: torch.Tensor  # [N, C, S] int64
+    sample_b: torch.Tensor  # [N, C, S] int32
+    sample_t: torch.Tensor  # [N, C, S] int32
+    band_key: torch.Tensor  # [N, C, R, S2] int64
+    band_b: torch.Tensor  # [N, C, R, S2] int32
+    band_t: torch.Tensor  # [N, C, R, S2] int32
+
+    @classmethod
+    def empty(cls, d_mlp: int, samples: int, band_samples: int, device: torch.device | str = "cpu") -> "Candidates":
+        lead_s, lead_b = (d_mlp, N_CASES, samples), (d_mlp, N_CASES, N_BANDS, band_samples)
+        i32 = dict(dtype=torch.int32, device=device)
+        return cls(torch.full(lead_s, EMPTY_PRIORITY, dtype=torch.int64, device=device), torch.full(lead_s, -1, **i32),
+                   torch.full(lead_s, -1, **i32), torch.full(lead_b, EMPTY_PRIORITY, dtype=torch.int64, device=device),
+                   torch.full(lead_b, -1, **i32), torch.full(lead_b, -1, **i32))
+
+
+@dataclass
+class BatchDistributions:
+    """What one batch adds to the distributions, found before it is added (by the CPU kernel,
+    :mod:`collect.fused`, or by :func:`find_candidates` on a GPU): its histogram tables (None where
+    they are in the stored tables already) and its random-example candidates (None where
+    :func:`update_examples` is to offer the batch's positions). ``candidate_positions``
+    (int64 scalar) counts the (position, neuron) pairs below some list's limit, ``overflow`` (bool
+    scalar) says whether they were more than a capacity allowed: then the candidates are incomplete
+    and the batch must not be added."""
+
+    candidates: Candidates | None  # None: offered by update_examples instead
+    hist: torch.Tensor | None = None  # [N, C, H, B] int32
+    density: torch.Tensor | None = None  # [N, C, G/2, G/2] int32
+    candidate_positions: torch.Tensor | None = None
+    overflow: torch.Tensor | None = None
+
+
+def list_limits(stats: LayerStats) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each random-example list's last priority, ``[N, C]`` and ``[N, C, R]``: a position enters
+    only below it (EMPTY_PRIORITY while the list is not full)."""
+    return stats.sample_key[..., -1], stats.band_key[..., -1]
+
+
+def find_candidates(stats: LayerStats, hooks: tuple[torch.Tensor, ...], counted: torch.Tensor, prio: torch.Tensor,
+                    doc_ids: torch.Tensor, capacity: int, histogram: Callable[..., None] = histogram_batch, *,
+                    filling: bool = False) -> BatchDistributions:
+    """The batch's distributions without a host sync (the GPU's path): its histogram tables
+    (``histogram``: :func:`histogram_batch` or its compiled form) and its :class:`Candidates`, the
+    (position, neuron) pairs below their lists' limits, at most ``capacity`` of them
+    (``nonzero_static``), ranked within their lists in fixed-size tensors. More pairs than
+    ``capacity`` set ``overflow``. ``hooks``: ``(post, in, gate, swish)`` ``[B, T, N]``; ``counted``:
+    ``[B, T]`` or ``[B, T, N]``; ``prio``: ``[B, T]``.
+
+    ``filling``: the lists may still be empty (a layer's first batch), so that about every position
+    is below its limit: the limits are first lowered to each list's S-th lowest priority in this
+    batch (``topk`` per list, :func:`batch_limits`), so that at most S pairs per list remain."""
+    post, in_, gate, _ = hooks
+    b_, t_, n_ = gate.shape
+    samples, band_samples = stats.sample_key.shape[-1], stats.band_key.shape[-1]
+    limit_s, limit_b = list_limits(stats)
+    case = (gate < 0).long() * 2 + (in_ < 0).long()
+    band = band_of(post.float().abs())
+    sample_list = torch.arange(n_, device=gate.device) * N_CASES + case  # [B, T, N]
+    band_list = sample_list * N_BANDS + band
+    p = prio[:, :, None]
+    mask = counted if counted.dim() == 3 else counted[:, :, None]
+    in_case = mask & (gate != 0) & (in_ != 0)
+    below_s, below_b = p < limit_s.reshape(-1)[sample_list], p < limit_b.reshape(-1)[band_list]
+    if filling:
+        last_s, last_b = batch_limits(p, in_case, case, band, samples, band_samples)
+        below_s &= p <= last_s.reshape(-1)[sample_list]
+        below_b &= p <= last_b.reshape(-1)[band_list]
+    wanted = in_case & (below_s | below_b)
+    found = wanted.sum()
+    flat = torch.nonzero_static(wanted.reshape(-1), size=capacity, fill_value=-1).squeeze(1)
+    real = flat >= 0
+    flat = flat.clamp(min=0)
+    b, t = flat // (t_ * n_), flat // n_ % t_
+    key = prio[b, t]
+    doc = doc_ids.to(torch.int64)[b]
+    buffers = []
+    for lists, shaped, size in ((sample_list.reshape(-1)[flat], limit_s, samples),
+                                (band_list.reshape(-1)[flat], limit_b, band_samples)):
+        limits = shaped.reshape(-1)
+        n_lists = limits.numel()
+        lists = torch.where(real & (key < limits[lists]), lists, n_lists)  # not this kind's: after every list
+        # Ascending by (list, key, document, position): stable sorts, the last key first.
+        order = torch.argsort(t, stable=True)
+        for k in (doc, key, lists):
+            order = order[torch.argsort(k[order], stable=True)]
+        sorted_lists = lists[order]
+        rank = torch.arange(capacity, device=flat.device) - torch.searchsorted(sorted_lists, sorted_lists)
+        slot = torch.where((rank < size) & (sorted_lists < n_lists), sorted_lists * size + rank, n_lists * size)
+        out = []
+        for values, fill in ((key, EMPTY_PRIORITY), (b, -1), (t, -1)):
+            buffer = torch.full((n_lists * size + 1,), fill, dtype=values.dtype, device=flat.device)
+            buffer.scatter_(0, slot, values[order])  # the last slot takes what is kept nowhere
+            out.append(buffer[:-1].view(shaped.shape + (size,)))
+        buffers.append(out)
+    (sk, sb, st), (bk, bb, bt) = buffers
+    candidates = Candidates(sk, sb.int(), st.int(), bk, bb.int(), bt.int())
+    hist = torch.zeros_like(stats.hist)
+    density = torch.zeros_like(stats.density)
+    histogram(gate, in_, post, hooks[3], counted, torch.ones((), dtype=torch.int32, device=gate.device), hist, density)
+    return BatchDistributions(candidates, hist, density, candidate_positions=found, overflow=found > capacity)
+
+
+def batch_limits(prio: torch.Tensor, in_case: torch.Tensor, case: torch.Tensor, band: torch.Tensor, samples: int,
+                 band_samples: int, chunk_bytes: int = 1 << 28) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each list's S-th lowest priority among a batch's positions, ``[N, C]`` and ``[N, C, R]``
+    (EMPTY_PRIORITY where the batch has fewer): no later position of the batch can enter the list.
+    ``prio`` ``[B, T, 1]``; ``in_case``, ``case``, ``band``: ``[B, T, N]``. Neurons in chunks of about
+    ``chunk_bytes`` of priorities (a ``topk`` per case and per (case, band) over the positions)."""
+    b, t, n = case.shape
+    step = max(1, chunk_bytes // (8 * b * t))
+    out_s = torch.full((n, N_CASES), EMPTY_PRIORITY, dtype=torch.int64, device=case.device)
+    out_b = torch.full((n, N_CASES, N_BANDS), EMPTY_PRIORITY, dtype=torch.int64, device=case.device)
+    for start in range(0, n, step):
+        part = slice(start, min(n, start + step))
+        p = prio.expand(b, t, part.stop - part.start).reshape(b * t, -1)
+        c, r, ok = case[..., part].reshape(b * t, -1), band[..., part].reshape(b * t, -1), in_case[..., part].reshape(
+            b * t, -1)
+        for k in range(N_CASES):
+            mine = ok & (c == k)
+            if samples <= b * t:
+                out_s[part, k] = torch.where(mine, p, EMPTY_PRIORITY).topk(samples, dim=0, largest=False).values[-1]
+            for j in range(N_BANDS):
+                if band_samples <= b * t:
+                    out_b[part, k, j] = torch.where(mine & (r == j), p, EMPTY_PRIORITY).topk(
+                        band_samples, dim=0, largest=False).values[-1]
+    return out_s, out_b
+
+
+def add_candidates(stats: LayerStats, candidates: Candidates, doc_ids: torch.Tensor, hooks: tuple[torch.Tensor, ...],
+                   lengths: torch.Tensor, context_before: int, context_after: int, *,
+                   positions: torch.Tensor | None = None, windows: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   applied: torch.Tensor | None = None, cut: Callable[..., torch.Tensor] | None = None) -> None:
+    """Merge a batch's :class:`Candidates` into the random-example lists (in place): each list keeps
+    its S entries of lowest priority (then document, then position), ascending. With ``applied`` (a
+    device bool: the GPU's path) every list is merged, in fixed-size tensors, and kept as it was
+    where ``applied`` is False; without it only the lists with a candidate (``nonzero``: a sync,
+    free on a CPU). ``positions``/``windows``: packed hooks, as in :func:`update_stats`; ``cut`` as in
+    :func:`merge_top`."""
+    cut_windows = cut or windows_at
+    post, in_, gate, swish = hooks
+    windows = windows if windows is not None else (gate, in_)
+    for prefix, key, b, t in (("sample", candidates.sample_key, candidates.sample_b, candidates.sample_t),
+                              ("band", candidates.band_key, candidates.band_b, candidates.band_t)):
+        views = _example_views(stats, prefix)
+        size = views["key"].shape[1]
+        key, b, t = key.reshape(len(views["key"]), -1), b.reshape(len(views["key"]), -1).long(), t.reshape(
+            len(views["key"]), -1).long()
+        if applied is None:
+            rows = (key[:, 0] != EMPTY_PRIORITY).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+        else:
+            rows = torch.arange(len(key), device=key.device)
+        key, b, t = key[rows], b[rows], t[rows]
+        per_list = N_CASES if prefix == "sample" else N_CASES * N_BANDS
+        filled = key != EMPTY_PRIORITY
+        r, at = b.clamp(min=0), t.clamp(min=0)
+        n = (rows // per_list)[:, None].expand_as(r)
+        pos = positions[r, at] if positions is not None else at
+        nan = float("nan")
+        cand = {"key": key, "doc": torch.where(filled, doc_ids.to(torch.int64)[r], -1),
+                "pos": torch.where(filled, pos, -1)}
+        # Values and windows of the filled slots (all of them on the GPU's path: a fixed size).
+        picked = filled.reshape(-1).nonzero().squeeze(1) if applied is None else None
+        at_slots = [x.reshape(-1) if picked is None else x.reshape(-1)[picked] for x in (r, at, pos, n)]
+        for name, cut in (
+                ("value", torch.stack([h[at_slots[0], at_slots[1], at_slots[3]].float() for h in hooks], dim=-1)),
+                ("gate", cut_windows(windows[0], at_slots[0], at_slots[2], at_slots[3], lengths, context_before,
+                                    context_after)),
+                ("in", cut_windows(windows[1], at_slots[0], at_slots[2], at_slots[3], lengths, context_before,
+                                  context_after))):
+            full = torch.full((filled.numel(), cut.shape[-1]), nan, dtype=cut.dtype, device=cut.device)
+            if picked is None:
+                full = torch.where(filled.reshape(-1, 1), cut, nan)
+            else:
+                full[picked] = cut
+            cand[name] = full.view(key.shape + (-1,))
+        every = {name: torch.cat([views[name][rows], cand[name].to(views[name].dtype)], dim=1) for name in views}
+        # Ascending by (priority, document, position): stable sorts, the last key first.
+        order = torch.argsort(every["doc"].long() * 2**16 + every["pos"].long(), dim=1, stable=True)
+        order = order.gather(1, torch.argsort(every["key"].gather(1, order), dim=1, stable=True))[:, :size]
+        for name, target in views.items():
+            picked = every[name].gather(1, order if every[name].dim() == 2 else
+                                        order[..., None].expand(-1, -1, every[name].shape[-1]))
+            if applied is not None:
+                picked = torch.where(applied, picked, target[rows])
+            target[rows] = picked
+
+
 def update_stats(
     stats: LayerStats,
     batch: BatchReduction,
@@ -677,6 +929,9 @@ def update_stats(
     positions: torch.Tensor | None = None,
     check_finite: bool = False,
     histogram: Callable[..., None] = histogram_batch,
+    distributions: BatchDistributions | None = None,
+    cut: Callable[..., torch.Tensor] | None = None,
+    merge: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Add one batch to ``stats`` in place: counts, sums (accumulated in float64), extremes, top-k,
     and where ``stats`` has distributions, the histograms and random examples. Those need what
@@ -685,12 +940,14 @@ def update_stats(
     mapped back to document positions as for ``batch.doc_pos``; ``gate``/``in_`` then hold the
     windows' values at document positions); ``check_finite`` where ``batch`` came from the exact
     path, which counts non-finite values apart; ``histogram``: :func:`histogram_batch` or its
-    compiled form.
+    compiled form; ``distributions``: the batch's histogram tables and example candidates where they
+    were found already (:class:`BatchDistributions`), else the histograms are binned here and the
+    examples offered by :func:`update_examples`; ``cut``: what cuts the windows (:func:`merge_top`);
+    ``merge``: :func:`merge_top`, or a faster function that computes the same lists (the CPU kernel's).
     ``capacity``, ``accept`` and the returned ``(applied, active)`` as in :func:`merge_top`: a batch
-    not applied leaves every statistic as it was, decided on the device (no sync, except that the
-    random examples, when there are any, read ``applied``)."""
-    applied, active = merge_top(stats, batch, doc_ids, gate, in_, lengths, context_before, context_after,
-                                capacity=capacity, accept=accept)
+    not applied leaves every statistic as it was, decided on the device, without a host sync."""
+    applied, active = (merge or merge_top)(stats, batch, doc_ids, gate, in_, lengths, context_before, context_after,
+                                           capacity=capacity, accept=accept, cut=cut)
     updated = {
         "count": stats.count + batch.count,
         "nonfinite": stats.nonfinite + batch.nonfinite,
@@ -701,15 +958,31 @@ def update_stats(
     conditional = accept is not None or capacity is not None
     for name, value in updated.items():
         setattr(stats, name, torch.where(applied, value, getattr(stats, name)) if conditional else value)
-    if stats.has_distributions:
-        if hooks is None or valid is None or prio is None:
-            raise ValueError("statistics with distributions need hooks, valid and prio")
-        counted = finite_positions(hooks, valid) if check_finite else valid
-        post, hook_in, hook_gate, swish = hooks
-        histogram(hook_gate, hook_in, post, swish, counted, applied.int(), stats.hist_joint, stats.hist_outputs)
-        if not conditional or bool(applied):
-            update_examples(stats, batch, doc_ids, hooks, counted, prio, lengths, context_before, context_after,
-                            positions=positions, windows=(gate, in_))
+    if not stats.has_distributions:
+        return applied, active
+    if hooks is None or valid is None or prio is None:
+        raise ValueError("statistics with distributions need hooks, valid and prio")
+    post, hook_in, hook_gate, swish = hooks
+    weight = applied.int()
+    exact_examples = distributions is None or distributions.candidates is None
+    # Only binning and update_examples read every position: the counted ones, finite where checked.
+    counted = (finite_positions(hooks, valid) if check_finite else valid) if (
+        distributions is None or exact_examples) else valid
+    if distributions is None:
+        histogram(hook_gate, hook_in, post, swish, counted, weight, stats.hist, stats.density)
+    elif distributions.hist is not None:
+        stats.hist += distributions.hist * weight
+        stats.density += distributions.density * weight
+    elif conditional:  # the CPU kernel added them to the stored tables: only for a batch added as it is
+        raise ValueError("a batch whose histograms are added already cannot be added conditionally")
+    if exact_examples:
+        if conditional:
+            raise ValueError("a batch added conditionally needs its example candidates (find_candidates)")
+        update_examples(stats, batch, doc_ids, hooks, counted, prio, lengths, context_before, context_after,
+                        positions=positions, windows=(gate, in_))
+    else:
+        add_candidates(stats, distributions.candidates, doc_ids, hooks, lengths, context_before, context_after,
+                       positions=positions, windows=(gate, in_), applied=applied if conditional else None, cut=cut)
     return applied, active
 
 
@@ -747,16 +1020,14 @@ def merge_stats(a: LayerStats, b: LayerStats) -> LayerStats:
         min=torch.minimum(a.min, b.min),
         max=torch.maximum(a.max, b.max),
         top_key=top_key,
-        top_value=pick(a.top_value, b.top_value),
-        top_doc=pick(a.top_doc, b.top_doc),
         top_pos=pick(a.top_pos, b.top_pos),
         top_slot=torch.arange(k, dtype=SLOT_DTYPE, device=idx.device).expand_as(idx).contiguous(),
         win_gate=pick(a_gate, b_gate),
         win_in=pick(a_in, b_in),
     )
     if a.has_distributions:
-        merged.hist_joint = a.hist_joint + b.hist_joint
-        merged.hist_outputs = a.hist_outputs + b.hist_outputs
+        merged.hist = a.hist + b.hist
+        merged.density = a.density + b.density
         for prefix in ("sample", "band"):
             for name in ("key", "doc", "pos", "value", "gate", "in"):
                 setattr(merged, f"{prefix}_{name}", getattr(a, f"{prefix}_{name}").clone())

@@ -8,11 +8,11 @@ light page's data file can carry them as they are. Neuron ids are ``LAYER.NEURON
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from mkdocs_gluscope.effects import example_effects
+from mkdocs_gluscope.effects import RAISED, example_effects
 from mkdocs_gluscope.related import FEEDS_READS, post_sign
 from mkdocs_gluscope.store import CASES, HOOKS, VOCAB_WEIGHTS, ActivationsFile, NeuronData, neuron_id
 
@@ -114,3 +114,21 @@ def file_context(f: ActivationsFile, layer: int, neuron: int) -> dict[str, Any]:
 
     data = f.neuron(layer, neuron, windows=f.has_effects)
     return neuron_context(data, page_windows(data)["hook_post"] if data.top_gate is not None else None)
+
+
+def light_context(data: NeuronData, vocab: Callable[[int], str]) -> dict[str, Any] | None:
+    """What a light page's data file carries of :func:`neuron_context` as JSON (``light/data.py``: the
+    ``context`` column; each example's scale and next-token score are numbers of its ``effect`` column):
+    ``related`` as :func:`related_context`, and with effects the neuron's ``out`` lists ``raises`` /
+    ``lowers`` (for a positive post · s) as ``[display string, score]``, :data:`RAISED` each (the browser
+    has no vocabulary). None where the file has neither."""
+    out: dict[str, Any] = {}
+    related = related_context(data)
+    if related:
+        out["related"] = related
+    if data.top_next_score is not None and data.vocab_token is not None and data.vocab_score is not None:
+        w = VOCAB_WEIGHTS.index("out")
+        out["raises"], out["lowers"] = ([[vocab(int(a)), _number(b)] for a, b in
+                                         zip(data.vocab_token[w, d][:RAISED], data.vocab_score[w, d][:RAISED]) if a >= 0]
+                                        for d in (0, 1))
+    return out or None

@@ -39,6 +39,10 @@ class Effects:
     factor: np.ndarray  # post * s: every token t's logit changes by factor * score(t)
 
 
+#: Tokens an example's tooltip names as raised and lowered most.
+RAISED = 5
+
+
 def direct_effect(post: np.ndarray, final_scale: np.ndarray, next_score: np.ndarray) -> Effects:
     """The effects of examples with these ``post`` values, final-norm scales and next-token scores
     (arrays of one shape)."""
@@ -54,7 +58,7 @@ def example_effects(data: NeuronData, post: np.ndarray) -> Effects | None:
     return direct_effect(post, data.top_final_scale, data.top_next_score)
 
 
-def raised_and_lowered(data: NeuronData, factor: float, n: int = 5) -> tuple[list[tuple[int, float]],
+def raised_and_lowered(data: NeuronData, factor: float, n: int = RAISED) -> tuple[list[tuple[int, float]],
                                                                               list[tuple[int, float]]]:
     """The ``n`` tokens whose logit an example with ``factor`` (= post * s) raises most and lowers
     most, as ``(token id, change)``, from the neuron's ``out`` lists; empty without them."""

@@ -1,23 +1,23 @@
-"""Small inline SVG figures of one neuron's distributions: per-case histograms and the gate × in density.
+"""Inline SVG figures of one neuron's distributions: per-case histograms and the gate × in density.
 
-Pure functions of a neuron's arrays that return HTML (no MkDocs objects, no JavaScript needed): the
-page shows them as written, and every bar and cell carries a ``<title>`` (its range and count) that
-a browser shows on hover and a screen reader reads. No string here comes from the corpus.
+Pure functions of a neuron's arrays that return HTML (no MkDocs objects, no JavaScript needed): a
+full page shows them as written; a light page draws the same SVG in the browser with
+``assets/figures.js``, which mirrors these functions line for line (``tests/test_rules_js.py`` checks
+that both give the same text for the same arrays). Every bar and cell carries a ``<title>`` (its
+range and count) that a browser shows on hover and a screen reader reads. Geometry is in whole
+pixels (user units = CSS pixels) so both languages compute it alike. No string here comes from the corpus.
 
 * :func:`histograms_html`: for each hook one panel of four histograms (one per case, in the case's
-  color) of ``|value|`` on the octave bins of ``stats/hist``; a log-|value| x axis shared by the
-  four cases of a hook, bar heights relative to the case's fullest bin. The panels are tabs made
-  of radio buttons, so switching works without JavaScript; ``gluscope.js`` also follows the page's
-  "Color tokens by" control.
-* :func:`density_html`: the joint (gate, in) histogram as a heatmap, ``in`` across, ``gate`` up,
-  each quadrant (a case) tinted in its case's color, intensity by log count.
+  color) of ``|value|`` on the octave bins of ``stats/hist``, a log-|value| x axis shared by the four
+  cases of a hook, labelled where labels fit, and a count axis. The panels are tabs made of radio
+  buttons (no JavaScript needed); ``gluscope.js`` also follows the page's "Color tokens by" control.
+* :func:`density_html`: the joint (gate, in) histogram as a heatmap, ``in`` across, ``gate`` up, each
+  quadrant (a case) tinted in its case's color, darker for more tokens (steps of a power of two).
 """
 
 from __future__ import annotations
 
 import html
-import math
-from functools import lru_cache
 
 import numpy as np
 
@@ -40,7 +40,7 @@ def pow2(edge: float) -> str:
     if edge == 0:
         return "0"
     if not np.isfinite(edge):
-        return "∞"
+        return "−∞" if edge < 0 else "∞"
     e = int(round(np.log2(abs(edge))))
     return ("−" if edge < 0 else "") + ("1" if e == 0 else "2" + str(e).translate(_SUPERSCRIPT))
 
@@ -53,6 +53,14 @@ def _decimal(x: float) -> str:
     return f"{abs(float(x)):.3g}"
 
 
+def compact(n: int) -> str:
+    """A count in at most four characters and a suffix: ``512``, ``34.5k``, ``1.2M``."""
+    for size, suffix in ((10**9, "G"), (10**6, "M"), (10**3, "k")):
+        if n >= size:
+            return f"{n / size:.3g}{suffix}"
+    return str(n)
+
+
 def bin_range(edges: np.ndarray, b: int, name: str) -> str:
     """The range of histogram bin ``b`` of ``|name|`` in words, e.g. ``2⁻⁴ ≤ |post| < 2⁻³ (0.0625–0.125)``."""
     lo, hi = float(edges[b]), float(edges[b + 1])
@@ -63,63 +71,49 @@ def bin_range(edges: np.ndarray, b: int, name: str) -> str:
     return f"{pow2(lo)} ≤ |{name}| < {pow2(hi)} ({_decimal(lo)}–{_decimal(hi)})"
 
 
-@lru_cache(maxsize=16)
-def _bin_titles(edges: bytes, name: str) -> tuple[str, ...]:
-    """:func:`bin_range` of every bin, HTML-escaped (the bins are the same on every page: computed once)."""
-    e = np.frombuffer(edges, dtype=np.float64)
-    return tuple(html.escape(bin_range(e, b, name)) for b in range(len(e) - 1))
+# Histogram geometry in pixels: size, the plot's left (count labels), right, top and bottom (|value| labels)
+# margins, and the room a tick label needs.
+HW, HH, HL, HR, HT, HB, LABEL = 300, 150, 42, 10, 10, 34, 34
 
 
-@lru_cache(maxsize=16)
-def _edge_labels(edges: bytes) -> tuple[str, ...]:
-    return tuple(pow2(float(x)) for x in np.frombuffer(edges, dtype=np.float64))
-
-
-def _key(edges: np.ndarray) -> bytes:
-    return np.asarray(edges, dtype=np.float64).tobytes()
-
-
-# Histogram geometry (SVG user units = CSS pixels at natural size).
-_HW, _HH, _HL, _HB, _HT = 240, 92, 14, 26, 4  # width, height, left pad, bottom (axis) pad, top pad
-
-
-def _histogram_svg(hist: np.ndarray, edges: np.ndarray, lo: int, hi: int, case: int, hook: str) -> str:
+def _histogram_svg(hist: list[int], edges: np.ndarray, lo: int, hi: int, case: int, hook: str) -> str:
     """One case's histogram of one hook over bins ``lo..hi``: a bar per non-empty bin."""
     name = HOOK_SHORT[hook]
-    total = int(hist.sum())
-    top = int(hist.max()) if total else 1
-    n_bins = hi - lo + 1
-    step = (_HW - 2 * _HL) / n_bins
-    plot_h = _HH - _HB - _HT
+    total = sum(hist)
+    top = max(hist) if total else 1
+    n = hi - lo + 1
+    pw, ph = HW - HL - HR, HH - HT - HB
+    base = HT + ph
     sign = hook_sign(case, hook)
-    titles = _bin_titles(_key(edges), name)
-    labels = _edge_labels(_key(edges * sign))
-    out = [f'<svg class="gs-hist" viewBox="0 0 {_HW} {_HH}" width="{_HW}" height="{_HH}" role="img" '
+    out = [f'<svg class="gs-hist" viewBox="0 0 {HW} {HH}" width="{HW}" height="{HH}" role="img" '
            f'aria-label="histogram of |{name}| in {CASES[case]}">',
            f"<title>{html.escape(CASES[case])}: |{name}| of its {total:,} tokens, octave bins "
            f"(values are {'positive' if sign > 0 else 'negative'})</title>",
-           f'<line class="gs-axis" x1="{_HL}" y1="{_HH - _HB}" x2="{_HW - _HL}" y2="{_HH - _HB}"/>']
-    hist_list = hist.tolist()
+           f'<line class="gs-axis" x1="{HL}" y1="{base}" x2="{HW - HR}" y2="{base}"/>',
+           f'<line class="gs-axis" x1="{HL}" y1="{HT}" x2="{HL}" y2="{base}"/>',
+           f'<line class="gs-grid" x1="{HL}" y1="{HT}" x2="{HW - HR}" y2="{HT}"/>',
+           f'<text x="{HL - 4}" y="{HT + 4}" text-anchor="end">{compact(top) if total else 0}</text>',
+           f'<text x="{HL - 4}" y="{base + 4}" text-anchor="end">0</text>']
     for b in range(lo, hi + 1):
-        n = hist_list[b]
-        if not n:
+        count = hist[b]
+        if not count:
             continue
-        h = max(1.0, plot_h * n / top)
-        x = _HL + (b - lo) * step
-        out.append(f'<rect class="gs-bar-{case}" x="{x + 0.5:.1f}" y="{_HH - _HB - h:.1f}" width="{max(step - 1, 1):.1f}" '
-                   f'height="{h:.1f}"><title>{titles[b]}: {_tokens(n)} '
-                   f'({100 * n / total:.3g}% of {html.escape(CASES[case])})</title></rect>')
-    # Ticks: at most 6 labelled edges, on whole octaves shared by all cases of the hook.
-    every = max(1, -(-(n_bins + 1) // 6))
-    for b in range(lo, hi + 2):
-        if (b - lo) % every and b != hi + 1:
-            continue
-        x = _HL + (b - lo) * step
-        out.append(f'<line class="gs-tick" x1="{x:.1f}" y1="{_HH - _HB}" x2="{x:.1f}" y2="{_HH - _HB + 3}"/>'
-                   f'<text x="{x:.1f}" y="{_HH - _HB + 13}" text-anchor="middle">{labels[b]}</text>')
+        x0, x1 = HL + (b - lo) * pw // n, HL + (b - lo + 1) * pw // n
+        h = max(1, (2 * ph * count + top) // (2 * top))
+        out.append(f'<rect class="gs-bar-{case}" x="{x0 + 1}" y="{base - h}" width="{max(x1 - x0 - 1, 1)}" height="{h}">'
+                   f"<title>{html.escape(bin_range(edges, b, name))}: {_tokens(count)} "
+                   f"({100 * count / total:.3g}% of {html.escape(CASES[case])})</title></rect>")
+    # Labelled ticks as far apart as a label is wide: never two labels on top of each other.
+    every = max(1, -(-LABEL * n // pw))
+    for e in range(lo, hi + 2):
+        x = HL + (e - lo) * pw // n
+        labelled = (e - lo) % every == 0
+        out.append(f'<line class="gs-tick" x1="{x}" y1="{base}" x2="{x}" y2="{base + (4 if labelled else 2)}"/>')
+        if labelled:
+            out.append(f'<text x="{x}" y="{base + 16}" text-anchor="middle">{pow2(float(edges[e]))}</text>')
+    out.append(f'<text class="gs-axname" x="{HW - HR}" y="{HH - 3}" text-anchor="end">|{name}|</text>')
     if not total:
-        out.append(f'<text x="{_HW / 2:.0f}" y="{(_HH - _HB) / 2:.0f}" text-anchor="middle" class="gs-none">'
-                   "no tokens</text>")
+        out.append(f'<text x="{HL + pw // 2}" y="{HT + ph // 2}" text-anchor="middle" class="gs-none">no tokens</text>')
     out.append("</svg>")
     return "".join(out)
 
@@ -132,27 +126,23 @@ def histograms_html(hist: np.ndarray, edges: np.ndarray, count: np.ndarray, colo
         checked = " checked" if h == selected else ""
         parts.append(f'<input type="radio" class="gs-tab-in" name="gs-hist-hook" id="gs-hist-{h}" value="{hook}"{checked}>'
                      f'<label class="gs-tab" for="gs-hist-{h}">{HOOK_SHORT[hook]}</label>')
+    counts = [[[int(x) for x in hist[c, h]] for h in range(len(HOOKS))] for c in range(len(CASES))]
     for h, hook in enumerate(HOOKS):
-        filled = np.flatnonzero(hist[:, h].sum(axis=0))
-        lo, hi = (int(filled[0]), int(filled[-1])) if filled.size else (0, len(edges) - 2)
+        filled = [b for b in range(len(edges) - 1) if any(counts[c][h][b] for c in range(len(CASES)))]
+        lo, hi = (filled[0], filled[-1]) if filled else (0, len(edges) - 2)
         cells = []
         for c, case in enumerate(CASES):
             share = f"{int(count[c]):,} tokens · {HOOK_SHORT[hook]} {'>' if hook_sign(c, hook) > 0 else '<'} 0"
             cells.append(f'<figure class="gs-hist-fig gs-case{c}"><figcaption><span class="gs-chip gs-case{c}"></span>'
                          f"<b>{html.escape(case)}</b> · {share}</figcaption>"
-                         f"{_histogram_svg(hist[c, h], edges, lo, hi, c, hook)}</figure>")
+                         f"{_histogram_svg(counts[c][h], edges, lo, hi, c, hook)}</figure>")
         parts.append(f'<div class="gs-tab-panel" data-hook="{hook}">{"".join(cells)}</div>')
     parts.append("</div>")
     return "".join(parts)
 
 
-_DC, _DL, _DB, _DT, _DR = 11, 40, 34, 16, 10  # cell size, left (gate labels), bottom (in labels), top, right pads
-
-
-@lru_cache(maxsize=4)
-def _cell_titles(edges: bytes) -> tuple[str, ...]:
-    e = np.frombuffer(edges, dtype=np.float64)
-    return tuple(html.escape(_signed_range(e, j)) for j in range(len(e) - 1))
+# Density geometry: cell size, margins left (gate labels), bottom (in labels), top, right.
+DC, DL, DB, DT, DR = 16, 52, 52, 20, 12
 
 
 def _signed_range(edges: np.ndarray, j: int) -> str:
@@ -162,34 +152,39 @@ def _signed_range(edges: np.ndarray, j: int) -> str:
     return f"{pow2(lo)} ≤ v < {pow2(hi)}" if np.isfinite(hi) else f"v ≥ {pow2(lo)}"
 
 
+def bits(n: int) -> int:
+    """Binary digits of ``n`` (0 for 0): the darkness step of a density cell."""
+    return int(n).bit_length()
+
+
 def density_html(density: np.ndarray, edges: np.ndarray) -> str:
     """The (gate, in) heatmap: axis 0 of ``density`` is the gate cell, axis 1 the in cell."""
     G = density.shape[0]
     half = G // 2
-    total = int(density.sum())
-    rows_used = np.flatnonzero(density.sum(axis=1))
-    cols_used = np.flatnonzero(density.sum(axis=0))
+    cells = [[int(x) for x in row] for row in density]
+    total = sum(map(sum, cells))
+    rows_used = [g for g in range(G) if any(cells[g])]
+    cols_used = [i for i in range(G) if any(cells[g][i] for g in range(G))]
     # Crop to the cells in use, always keeping the cells on both sides of zero (the quadrant cross).
-    g_lo = int(min(rows_used.min(), half - 1)) if rows_used.size else half - 1
-    g_hi = int(max(rows_used.max(), half)) if rows_used.size else half
-    i_lo = int(min(cols_used.min(), half - 1)) if cols_used.size else half - 1
-    i_hi = int(max(cols_used.max(), half)) if cols_used.size else half
+    g_lo = min(rows_used[0], half - 1) if rows_used else half - 1
+    g_hi = max(rows_used[-1], half) if rows_used else half
+    i_lo = min(cols_used[0], half - 1) if cols_used else half - 1
+    i_hi = max(cols_used[-1], half) if cols_used else half
     nx, ny = i_hi - i_lo + 1, g_hi - g_lo + 1
-    width, height = _DL + nx * _DC + _DR, _DT + ny * _DC + _DB
-    top = math.log1p(int(density.max())) or 1.0
-    ranges, labels = _cell_titles(_key(edges)), _edge_labels(_key(edges))
-    cells = density.tolist()
+    width, height = DL + nx * DC + DR, DT + ny * DC + DB
+    top = bits(max(max(row) for row in cells)) or 1
+    ranges = [html.escape(_signed_range(edges, j)) for j in range(G)]
 
-    def x(j: int) -> float:  # left edge of in cell j
-        return _DL + (j - i_lo) * _DC
+    def x(j: int) -> int:  # left edge of in cell j
+        return DL + (j - i_lo) * DC
 
-    def y(j: int) -> float:  # top edge of gate cell j (positive gate up)
-        return _DT + (g_hi - j) * _DC
+    def y(j: int) -> int:  # top edge of gate cell j (positive gate up)
+        return DT + (g_hi - j) * DC
 
     out = [f'<svg class="gs-density" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
            'aria-label="joint histogram of gate and in">',
-           f"<title>gate × in: {total:,} tokens; each quadrant is a case, darker cells hold more tokens (log scale)</title>"]
-    # Quadrant tints and names.
+           f"<title>gate × in: {total:,} tokens; each quadrant is a case, darker cells hold more tokens "
+           "(each step twice as many)</title>"]
     for c, case in enumerate(CASES):
         gx = (x(half), x(i_hi + 1)) if IN_SIGN[c] > 0 else (x(i_lo), x(half))
         gy = (y(g_hi), y(half - 1)) if GATE_SIGN[c] > 0 else (y(half - 1), y(g_lo - 1))
@@ -201,22 +196,22 @@ def density_html(density: np.ndarray, edges: np.ndarray) -> str:
             if not n:
                 continue
             c = (0 if g >= half else 2) + (0 if i >= half else 1)
-            alpha = 0.15 + 0.85 * math.log1p(n) / top
-            out.append(f'<rect style="fill:var(--gs-case{c})" fill-opacity="{alpha:.2f}" x="{x(i)}" y="{y(g)}" width="{_DC}" '
-                       f'height="{_DC}"><title>gate {ranges[g]}, in {ranges[i]}: {_tokens(n)} '
+            alpha = 0.15 + 0.85 * bits(n) / top
+            out.append(f'<rect style="fill:var(--gs-case{c})" fill-opacity="{alpha:.2f}" x="{x(i)}" y="{y(g)}" width="{DC}" '
+                       f'height="{DC}"><title>gate {ranges[g]}, in {ranges[i]}: {_tokens(n)} '
                        f"({100 * n / total:.3g}%) · {CASES[c]}</title></rect>")
-    # Zero lines and edge labels (every other edge, and 0).
-    out.append(f'<line class="gs-zero" x1="{x(half)}" y1="{_DT}" x2="{x(half)}" y2="{_DT + ny * _DC}"/>'
-               f'<line class="gs-zero" x1="{_DL}" y1="{y(half - 1)}" x2="{_DL + nx * _DC}" y2="{y(half - 1)}"/>')
+    out.append(f'<line class="gs-zero" x1="{x(half)}" y1="{DT}" x2="{x(half)}" y2="{DT + ny * DC}"/>'
+               f'<line class="gs-zero" x1="{DL}" y1="{y(half - 1)}" x2="{DL + nx * DC}" y2="{y(half - 1)}"/>')
+    # Edge labels: every other edge (pairs of octaves), and 0.
     for j in range(i_lo, i_hi + 2):
         if (j - half) % 2 or not np.isfinite(edges[j]):
             continue
-        out.append(f'<text class="gs-xlab" transform="translate({x(j)},{_DT + ny * _DC + 4}) rotate(-60)" '
-                   f'text-anchor="end">{labels[j]}</text>')
+        out.append(f'<text class="gs-xlab" transform="translate({x(j)},{DT + ny * DC + 6}) rotate(-60)" '
+                   f'text-anchor="end">{pow2(float(edges[j]))}</text>')
     for j in range(g_lo, g_hi + 2):
         if (j - half) % 2 or not np.isfinite(edges[j]):
             continue
-        out.append(f'<text x="{_DL - 3}" y="{y(j - 1) + 3:.0f}" text-anchor="end">{labels[j]}</text>')
-    out.append(f'<text class="gs-axname" x="{_DL + nx * _DC}" y="{height - 2}" text-anchor="end">in →</text>'
-               f'<text class="gs-axname" x="2" y="10">gate ↑</text></svg>')
+        out.append(f'<text x="{DL - 5}" y="{y(j - 1) + 4}" text-anchor="end">{pow2(float(edges[j]))}</text>')
+    out.append(f'<text class="gs-axname" x="{DL + nx * DC}" y="{height - 3}" text-anchor="end">in →</text>'
+               f'<text class="gs-axname" x="3" y="13">gate ↑</text></svg>')
     return "".join(out)

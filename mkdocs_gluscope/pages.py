@@ -33,22 +33,23 @@ from mkdocs_gluscope.render import (
     token_html,
 )
 from mkdocs_gluscope.store import CASES, SHARED, ActivationsFile, NeuronData, neuron_id
+from mkdocs_gluscope.words import js_constants
 
 DOCS_PER_SHARD = 64
-ASSETS = ("gluscope.css", "gluscope.js")
+#: The pages' stylesheet and scripts (ES modules: gluscope.js imports the rules it shares with Python
+#: from rules.js, whose constants come from words-data.js; light.js draws a light site's neuron pages).
+ASSETS = ("gluscope.css", "gluscope.js", "rules.js", "figures.js", "light.js", "stub.js", "words-data.js")
+#: What a page's head names (the rest is imported by these).
+PAGE_ASSETS = ("gluscope.css", "gluscope.js")
 ASSET_DIR = "assets/gluscope"
 
 
-#: Where ``gluscope.js`` takes :data:`render.VISIBLE` (one table for Python and JavaScript).
-VISIBLE_SLOT = "/*gluscope:visible*/{}"
-
-
 def asset_text(name: str) -> str:
-    """An asset as the site serves it: ``gluscope.js`` with the tables it shares with Python filled in."""
-    text = resources.files("mkdocs_gluscope").joinpath("assets", name).read_text(encoding="utf-8")
-    if VISIBLE_SLOT in text:
-        text = text.replace(VISIBLE_SLOT, json_text(VISIBLE, ascii=True), 1)
-    return text
+    """An asset as the site serves it; ``words-data.js`` is written from the Python rules' constants
+    (:func:`words.js_constants`, and :data:`render.VISIBLE`: one table for Python and JavaScript)."""
+    if name == "words-data.js":
+        return js_constants() + f"export const VISIBLE = {json_text(VISIBLE, ascii=True)};\n"
+    return resources.files("mkdocs_gluscope").joinpath("assets", name).read_text(encoding="utf-8")
 
 
 class PageOptionError(ValueError):
@@ -79,13 +80,6 @@ def check_examples(examples: object) -> int | None:
     if examples is None or (isinstance(examples, int) and not isinstance(examples, bool) and examples >= 1):
         return examples
     raise PageOptionError(f"examples: {examples!r}; expected a whole number, 1 or more (or none for all k)")
-
-
-def check_inline_cases(cases: object) -> int:
-    """``inline_cases``: a whole number from 0 to 4."""
-    if isinstance(cases, int) and not isinstance(cases, bool) and 0 <= cases <= len(CASES):
-        return cases
-    raise PageOptionError(f"inline_cases: {cases!r}; expected a whole number from 0 to {len(CASES)}")
 
 
 Key = tuple  # (layer, neuron) or (layer, neuron, expert): see mkdocs_gluscope.neurons
@@ -296,42 +290,6 @@ class SitePages:
             "routed to it; the percentages below are shares of those tokens.", "",
             self._table(listed, self._url(path, directory_urls)), ""])
 
-    # -- light layout (a whole model): see mkdocs_gluscope.light -------------------------------
-    def light_index_markdown(self, directory_urls: bool = True) -> str:
-        """The neurons' front page: what was recorded, and one line per layer."""
-        a = self.file.attrs
-        counts: dict[int, int] = {}
-        for layer, _ in self.neurons:
-            counts[layer] = counts.get(layer, 0) + 1
-        return "\n".join([
-            "# Neurons", "",
-            f"{len(self.neurons):,} neurons of **{md_text(display_name(a.get('model') or 'the model'))}**, recorded "
-            f"over {self.file.n_tokens:,} tokens of {md_text(display_name(a.get('dataset') or 'the corpus'))}. "
-            "Each layer's page lists its neurons: sort them by a case's share of tokens, filter by it, and page "
-            "through. The search box at the top of every page finds a neuron by its id (`28.473`) or by a word "
-            "its strongest examples peak on (`applause`).", "",
-            "| layer | neurons |", "|---|---|",
-            *[f"| [Layer {layer}](L{layer}/index.md) | {n:,} |" for layer, n in sorted(counts.items())], ""])
-
-    def light_layer_markdown(self, layer: int, directory_urls: bool = True) -> str:
-        """A layer page: the table of its first rows (what a reader sees without JavaScript), which
-        ``gluscope.js`` replaces with a sortable, filterable, paged table of the whole layer."""
-        from mkdocs_gluscope.light import PAGE_ROWS
-
-        listed = [(lay, n) for lay, n in self.neurons if lay == layer]
-        suffix = "/" if directory_urls else ".html"
-        url = (lambda lay, n: f"N{n}{suffix}")
-        root = "../" * (self.prefix.count("/") + 2)
-        # Markdown links name the page's Markdown path (MkDocs writes the URL); the raw HTML table cannot.
-        jumps = " · ".join(f"[{n}](N{n}.md)" for _, n in listed[::PAGE_ROWS])
-        return "\n".join([
-            f"# Layer {layer}", "",
-            f"[All neurons](../index.md) · {len(listed):,} neurons", "",
-            f'<div class="gs-layer" data-src="{root}gluscope/layers/L{layer}.json" data-suffix="{suffix}">',
-            self._table(listed[:PAGE_ROWS], url),
-            "</div>", "",
-            f"Jump to neuron: {jumps}", ""])
-
     def doc_shards(self, docs_per_shard: int = DOCS_PER_SHARD) -> dict[str, str]:
         """``gluscope/docs/{shard}.json`` for every document an example of a listed neuron
         comes from: ``{doc: {"title": ..., "tokens": [display strings]}}``, ``docs_per_shard``
@@ -380,7 +338,7 @@ def write_markdown_pages(activations: str | os.PathLike, neurons: Sequence[str],
         except ValueError as e:  # a neuron id, an option, or an activation the file names
             raise GluscopeError(f"{f.path}: {e}" if isinstance(e, UnknownActivation) else str(e)) from None
         head = "".join(f'<link rel="stylesheet" href="{{root}}{ASSET_DIR}/{a}">' if a.endswith(".css") else
-                       f'<script src="{{root}}{ASSET_DIR}/{a}"></script>' for a in ASSETS)
+                       f'<script type="module" src="{{root}}{ASSET_DIR}/{a}"></script>' for a in PAGE_ASSETS)
         for key in site.neurons:
             rel = site.neuron_path(*key)
             root = "../" * rel.count("/")

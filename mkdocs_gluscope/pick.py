@@ -60,11 +60,16 @@ def case_extremes(values: np.ndarray, pos: np.ndarray, early: int) -> tuple[np.n
     return magnitude, np.take_along_axis(values, best_j[..., None], -1)[..., 0]
 
 
-def layer_case_scales(f: ActivationsFile, layer: int) -> np.ndarray:
-    """:func:`case_scales` of one model layer of ``f``: what pick divides each case's extreme by."""
-    row = f.row(layer)
+def layer_case_scales(f: ActivationsFile, layer: int, expert: int | str | None = None) -> np.ndarray:
+    """:func:`case_scales` of one model layer of ``f`` (or of one expert's neurons there): what pick
+    divides each case's extreme by."""
+    if expert is None:
+        prefix, row = "", f.row(layer)
+    else:
+        group, row = f.expert_rows[(layer, expert)]
+        prefix = group + "/"
     post = (row, slice(None), slice(None), 0)  # every neuron and case, hook_post
-    magnitude, _ = case_extremes(f.read("top/value", post), f.read("top/pos", post), early_end(f.attrs))
+    magnitude, _ = case_extremes(f.read(prefix + "top/value", post), f.read(prefix + "top/pos", post), early_end(f.attrs))
     return case_scales(magnitude)
 
 

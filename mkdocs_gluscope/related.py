@@ -246,23 +246,28 @@ class Related:
     alike: dict[str, np.ndarray] | None  # alike_* [2, K]
 
 
-def read_related(f: ActivationsFile, row: int, neuron: int, label: str = "") -> Related | None:
-    """The parts of ``related/`` present, for one neuron of a dense row (None: the file has none); every
-    entry checked to name a neuron of the file (:func:`schema.check_related`)."""
+def read_related(f: ActivationsFile, row: int, part: slice, label: Callable[[int], str]) -> list[Related | None] | None:
+    """The parts of ``related/`` present, for the neurons ``part`` of a dense row (None: the file has none;
+    ``label(i)`` names neuron ``part.start + i`` in errors); every entry checked to name a neuron of the
+    file (:func:`schema.check_related`)."""
     if "related" not in f.file:
         return None
     group = f.file["related"]
 
-    def part(names: tuple[str, ...], prefix: str) -> dict[str, np.ndarray] | None:
+    def read(names: tuple[str, ...]) -> dict[str, np.ndarray] | None:
         if not all(name in group for name in names):
             return None
-        lists = {name: f.read("related/" + name, (row, neuron), label) for name in names}
-        check_related(f.where, lists, f.layers, f.d_mlp, label or f"row {row}, neuron {neuron}")
-        return {name[len(prefix):]: values for name, values in lists.items()}
+        lists = {name: f._read_block("related/" + name, row, part, label) for name in names}
+        f._check_block(lambda *arrays: check_related(f.where, dict(zip(names, arrays[:-1])), f.layers, f.d_mlp,
+                                                     arrays[-1]), label, *lists.values())
+        return lists
 
-    related = Related(shared=part(ACTIVATION_PART, "shared_"), feeds=part(WEIGHTS_PART[:3], "feeds_"),
-                      alike=part(WEIGHTS_PART[3:], "alike_"))
-    return related if (related.shared, related.feeds, related.alike) != (None, None, None) else None
+    parts = [(read(ACTIVATION_PART), "shared_"), (read(WEIGHTS_PART[:3]), "feeds_"), (read(WEIGHTS_PART[3:]), "alike_")]
+    if all(lists is None for lists, _ in parts):
+        return None
+    pick = lambda lists, prefix, i: None if lists is None else {  # noqa: E731
+        name[len(prefix):]: values[i] for name, values in lists.items()}
+    return [Related(*(pick(lists, prefix, i) for lists, prefix in parts)) for i in range(part.stop - part.start)]
 
 
 def post_sign(case: int) -> int:

@@ -28,6 +28,7 @@ from mkdocs_gluscope.activations import act_values
 from mkdocs_gluscope.context import effects_context, related_context
 from mkdocs_gluscope.effects import raised_and_lowered
 from mkdocs_gluscope.figures import bin_range, density_html, histograms_html
+from mkdocs_gluscope.words import word_around, word_key
 from mkdocs_gluscope.store import (
     CASES,
     VOCAB_WEIGHTS,
@@ -58,10 +59,6 @@ HOOK_LABELS = {
     "swish": "swish = act(gate)",
 }
 _MD_SPECIAL = set("\\`*_{}[]()<>#+-.!|~$&\"'=:^%@")
-#: Marks a layout's own placeholders in Markdown (light.convert's raw HTML blocks): a private-use
-#: character that :func:`md_text` always escapes, so no text from the corpus or the file can spell one,
-#: and that Markdown and its extensions leave as it is (an HTML comment would make Markdown parse HTML).
-PLACEHOLDER_MARK = "\ue000"
 #: Bidirectional controls (embeddings, overrides, isolates, marks): inside a token they would reorder
 #: the tokens around it, so a token shows them by name instead.
 BIDI_CONTROLS = (0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A))
@@ -80,7 +77,7 @@ def md_text(text: str) -> str:
     it becomes markup, a link, an element, a table cell or a template expression."""
     out = []
     for ch in text:
-        if ch in _MD_SPECIAL or ord(ch) < 32 or ch in "\u2028\u2029" or ch == PLACEHOLDER_MARK:
+        if ch in _MD_SPECIAL or ord(ch) < 32 or ch in "\u2028\u2029":
             out.append(f"&#{ord(ch)};")
         else:
             out.append(ch)
@@ -234,32 +231,10 @@ def provenance_rows(attrs: dict) -> list[tuple[str, str]]:
     return [(k, str(v)) for k, v in rows if v not in (None, "")]
 
 
-def word_around(tokens: Sequence[str], centre: int, limit: int = 8) -> tuple[str, str, str]:
-    """The whole word that the token at ``centre`` is a piece of, as display strings ``(before, peak,
-    after)``: neighbours join while letters or digits meet across the piece boundary and the later
-    piece starts without a space (``"Appl" + "ause"``). ``tokens`` are the window's display strings
-    (None outside the document). Readers and search know words; tokenizers cut them into pieces."""
-    def joins(left: str | None, right: str | None) -> bool:
-        return bool(left) and bool(right) and left[-1].isalnum() and right[0].isalnum()
-
-    start = stop = centre
-    while start > 0 and centre - start < limit and joins(tokens[start - 1], tokens[start]):
-        start -= 1
-    while stop + 1 < len(tokens) and stop - centre < limit and joins(tokens[stop], tokens[stop + 1]):
-        stop += 1
-    return "".join(tokens[start:centre]), tokens[centre] or "", "".join(tokens[centre + 1:stop + 1])
-
-
 def example_word(data: NeuronData, vocab_text: Callable[[int], str], case: int, hook: int, j: int) -> tuple[str, str, str]:
     """:func:`word_around` the extreme token of example ``j`` of one list."""
     ids = data.window_tokens[case, hook, j]
     return word_around([vocab_text(int(t)) if t >= 0 else None for t in ids], data.context_before)
-
-
-def word_key(word: tuple[str, str, str]) -> str:
-    """How search knows a word: the whole word, trimmed and lowercased (``gluscope.js`` normalizes
-    a query the same way)."""
-    return "".join(word).strip().lower()
 
 
 def word_labels(word: tuple[str, str, str]) -> tuple[str, str, str]:
@@ -290,7 +265,7 @@ def top_words(data: NeuronData, ctx: PageContext, case: int, hook: int = 0, limi
             break
         if data.window_tokens[case, hook, j, data.context_before] >= 0:
             word = example_word(data, ctx.vocab_text, case, hook, j)
-            seen.setdefault(word_key(word), word)
+            seen.setdefault(word_key("".join(word)), word)
         if len(seen) >= limit:
             break
     return list(seen.values())
@@ -728,6 +703,14 @@ def _container_open(data: NeuronData, ctx: PageContext, kind: str) -> str:
             f'data-levels="{LEVELS}" data-counted-from="{first_counted_position(data.attrs)}">')
 
 
+def _first(ex: Examples, n: int | None) -> Examples:
+    """The first ``n`` examples of each list of ``ex`` (all for None): the ``examples`` option limits every list."""
+    if n is None:
+        return ex
+    return Examples(doc=ex.doc[..., :n], pos=ex.pos[..., :n], value=ex.value[..., :n], gate=ex.gate[..., :n, :],
+                    in_=ex.in_[..., :n, :], tokens=ex.tokens[..., :n, :])
+
+
 def _example_lists(data: NeuronData, ex: Examples, hook: str) -> dict:
     """What the rows of every list of ``ex`` need, computed for all lists at once (a list is
     ``[C, *E]`` down to its last axis): windows per hook, counted positions, each list's scale per hook
@@ -773,9 +756,10 @@ def samples_html(data: NeuronData, ctx: PageContext) -> str:
         return ""
     hook = ctx.color_hook if ctx.color_hook in HOOKS else "hook_post"
     parts = [_container_open(data, ctx, "samples")]
-    lists = _example_lists(data, data.samples, hook)
+    samples = _first(data.samples, ctx.examples)
+    lists = _example_lists(data, samples, hook)
     for c in range(len(CASES)):
-        attr, rows, n = _sample_rows(data, ctx, data.samples, lists, (c,))
+        attr, rows, n = _sample_rows(data, ctx, samples, lists, (c,))
         body = f'<div class="gs-list"{attr}><div class="gs-rows">{rows}{"" if n else _NO_TOKEN}</div></div>'
         parts.append(_case_block(c, True, f"{n} random tokens of {int(data.count[c]):,}", body))
     parts.append("</div>")
@@ -790,11 +774,12 @@ def bands_html(data: NeuronData, ctx: PageContext) -> str:
     hook = ctx.color_hook if ctx.color_hook in HOOKS else "hook_post"
     telling = telling_case(data, ctx.case_scales)
     parts = [_container_open(data, ctx, "bands")]
-    computed = _example_lists(data, data.bands, hook)
+    bands = _first(data.bands, ctx.examples)
+    computed = _example_lists(data, bands, hook)
     for c in range(len(CASES)):
         lists = []
-        for r in range(data.bands.doc.shape[1]):
-            attr, rows, n = _sample_rows(data, ctx, data.bands, computed, (c, r))
+        for r in range(bands.doc.shape[1]):
+            attr, rows, n = _sample_rows(data, ctx, bands, computed, (c, r))
             if n:
                 label = html.escape(bin_range(data.band_edges, r, "post"), quote=False)
                 lists.append(f'<div class="gs-list gs-band"{attr}><p class="gs-band-label">{label}'

@@ -24,7 +24,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -437,7 +437,9 @@ class ActivationsFile:
     be read (a damaged file) is a :class:`FormatError` naming the dataset and the neuron.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, checked: schema.Checked | None = None) -> None:
+        """``checked``: what opening this same file found before (:attr:`checked` of an open one, e.g.
+        in the process that forked this one); the file is not checked again."""
         self.path = Path(path)
         #: How errors name the file.
         self.where = repr(str(self.path))
@@ -447,11 +449,14 @@ class ActivationsFile:
             self.file = h5py.File(self.path, "r")
         except OSError as e:
             raise FormatError(f"{self.where} is not an HDF5 file, or a damaged one ({e})") from None
-        try:
-            checked = schema.check_file(self.file, self.where)
-        except BaseException:
-            self.file.close()
-            raise
+        if checked is None:
+            try:
+                checked = schema.check_file(self.file, self.where)
+            except BaseException:
+                self.file.close()
+                raise
+        #: What the check on opening found (the attributes, the corpus arrays).
+        self.checked = checked
         self.attrs: dict[str, Any] = checked.attrs
         self._offsets: np.ndarray = checked.doc_offsets
         self._tokens: np.ndarray = checked.tokens
@@ -667,47 +672,79 @@ class ActivationsFile:
         vocabulary; a :class:`FormatError` names the dataset and the neuron otherwise."""
         if expert is None:
             self.check_neuron(layer, neuron)
+        else:
+            self.check_expert_neuron(layer, expert, neuron)
+        return self.neurons(layer, neuron, neuron + 1, windows=windows, expert=expert)[0]
+
+    def neurons(self, layer: int, start: int, stop: int, *, windows: bool = True,
+                expert: int | str | None = None, tokens: bool = True) -> list[NeuronData]:
+        """:meth:`neuron` of the neurons ``start .. stop - 1`` of a layer (or expert), each dataset
+        read once for all of them (a whole-model site reads its neurons so). ``tokens=False`` leaves the
+        windows' token ids out (``window_tokens`` and the examples' ``tokens`` are None)."""
+        if expert is None:
+            self.check_neuron(layer, start)
+            self.check_neuron(layer, stop - 1)
             prefix, row, routed = "", self.row(layer), None
         else:
-            group, row = self.check_expert_neuron(layer, expert, neuron)
+            group, row = self.check_expert_neuron(layer, expert, start)
+            self.check_expert_neuron(layer, expert, stop - 1)
             prefix, routed = group + "/", self.routed[(layer, expert)]
-        label = "neuron " + neuron_id(layer, neuron, expert)
-        f = lambda name: self.read(prefix + name, (row, neuron), label)  # noqa: E731
+        part = slice(start, stop)
+        label = lambda i: "neuron " + neuron_id(layer, start + i, expert)  # noqa: E731
+        f = lambda name: self._read_block(prefix + name, row, part, label)  # noqa: E731
         top_doc, top_pos = f("top/doc"), f("top/pos")
-        schema.check_places(self.where, prefix + "top", top_doc, top_pos, self.doc_lengths, label)
-        count = f("stats/count")
-        schema.check_counts(self.where, prefix + "stats/count", count, self.n_tokens if routed is None else routed,
-                            label, "the attribute n_tokens" if routed is None else f"{prefix}routed")
-        weight = (lambda name: self._weight(name)[row, neuron]) if expert is None else (
-            lambda name: f("weights/" + name))
-        nonfinite = "nonfinite" in self.file[prefix + "stats"]
-        distributions = self._distributions(prefix, row, neuron, windows, label)
-        return NeuronData(
-            layer=layer,
-            neuron=neuron,
-            n_tokens=self.n_tokens,
-            count=count,
-            sum=f("stats/sum"),
-            min=f("stats/min"),
-            max=f("stats/max"),
-            top_value=f("top/value"),
-            top_doc=top_doc,
-            top_pos=top_pos,
-            top_gate=f("top/gate").astype(np.float32) if windows else None,
-            top_in=f("top/in").astype(np.float32) if windows else None,
-            window_tokens=self.window_tokens(top_doc, top_pos),
-            flipped=bool(weight("flipped")),
-            cos_gate_in=float(weight("cos_gate_in")),
-            cos_gate_out=float(weight("cos_gate_out")),
-            cos_in_out=float(weight("cos_in_out")),
-            context_before=self.context_before,
-            context_after=self.context_after,
-            attrs=self.attrs,
-            nonfinite=f("stats/nonfinite") if nonfinite else None,
-            expert=expert,
-            routed=routed,
-            **distributions,
-        )
+        self._check_block(lambda doc, pos, name: schema.check_places(self.where, prefix + "top", doc, pos,
+                                                                     self.doc_lengths, name), label, top_doc, top_pos)
+        ids = self.window_tokens(top_doc, top_pos) if tokens else None
+        if expert is None:
+            weights = {name: self._weight(name)[row, part] for name in WEIGHT_NAMES}
+        else:
+            weights = {name: f("weights/" + name) for name in WEIGHT_NAMES}
+        stats = {name: f("stats/" + name) for name in STAT_NAMES}
+        total, of = (self.n_tokens, "the attribute n_tokens") if routed is None else (routed, f"{prefix}routed")
+        counts = stats["count"]
+        for i in np.flatnonzero((counts < 0).any(axis=-1) | (counts.sum(axis=-1) > total))[:1]:  # the first at fault
+            schema.check_counts(self.where, prefix + "stats/count", counts[i], total, label(i), of)
+        nonfinite = f("stats/nonfinite") if "nonfinite" in self.file[prefix + "stats"] else None
+        top_value = f("top/value")
+        top_gate = f("top/gate").astype(np.float32) if windows else None
+        top_in = f("top/in").astype(np.float32) if windows else None
+        distributions = self._distributions(prefix, row, part, windows, tokens, label)
+        out = []
+        for i in range(stop - start):
+            out.append(NeuronData(
+                layer=layer, neuron=start + i, n_tokens=self.n_tokens,
+                count=stats["count"][i], sum=stats["sum"][i], min=stats["min"][i], max=stats["max"][i],
+                top_value=top_value[i], top_doc=top_doc[i], top_pos=top_pos[i],
+                top_gate=None if top_gate is None else top_gate[i], top_in=None if top_in is None else top_in[i],
+                window_tokens=None if ids is None else ids[i], flipped=bool(weights["flipped"][i]),
+                cos_gate_in=float(weights["cos_gate_in"][i]), cos_gate_out=float(weights["cos_gate_out"][i]),
+                cos_in_out=float(weights["cos_in_out"][i]), context_before=self.context_before,
+                context_after=self.context_after, attrs=self.attrs,
+                nonfinite=None if nonfinite is None else nonfinite[i], expert=expert, routed=routed,
+                **{name: _pick(value, i) for name, value in distributions.items()}))
+        return out
+
+    def _read_block(self, name: str, row: int, part: slice, label: Callable[[int], str]) -> np.ndarray:
+        """``name[row, part]`` (:meth:`read`); a chunk that cannot be read names the first neuron of
+        ``part`` whose own read fails (``label(i)`` names neuron ``start + i``)."""
+        try:
+            return self.read(name, (row, part))
+        except FormatError as error:
+            for i, neuron in enumerate(range(part.start, part.stop)):
+                self.read(name, (row, neuron), label(i))
+            raise error
+
+    @staticmethod
+    def _check_block(check: Callable[..., None], label: Callable[[int], str], *arrays: np.ndarray) -> None:
+        """``check(*arrays, name)`` of a block of neurons (each array's first axis): checked at once,
+        and neuron by neuron only to name the one at fault."""
+        try:
+            check(*arrays, "these neurons")
+        except FormatError:
+            for i in range(len(arrays[0])):
+                check(*(a[i] for a in arrays), label(i))
+            raise
 
     @property
     def has_distributions(self) -> bool:
@@ -719,30 +756,37 @@ class ActivationsFile:
             self._weight_cache[name] = self.read(name)
         return self._weight_cache[name]
 
-    def _distributions(self, prefix: str, row: int, neuron: int, windows: bool, label: str) -> dict[str, Any]:
-        """The distribution fields of :class:`NeuronData` present in the file."""
+    def _distributions(self, prefix: str, row: int, part: slice, windows: bool, tokens: bool,
+                       label: Callable[[int], str]) -> dict[str, Any]:
+        """The distribution fields of :class:`NeuronData` present in the file, for the neurons ``part``
+        (each array with the neurons on its first axis; the edges are the same for every neuron)."""
         out: dict[str, Any] = {}
-        f = lambda name: self.read(prefix + name, (row, neuron), label)  # noqa: E731
+        f = lambda name: self._read_block(prefix + name, row, part, label)  # noqa: E731
         if self.has_distributions:
             out["hist"] = f("stats/hist")
             out["density"] = f("stats/density")
-            out["hist_edges"] = self._edges("stats/hist_edges")
-            out["density_edges"] = self._edges("stats/density_edges")
-            out["band_edges"] = self._edges("bands/edges")
+            out["hist_edges"] = _Shared(self._edges("stats/hist_edges"))
+            out["density_edges"] = _Shared(self._edges("stats/density_edges"))
+            out["band_edges"] = _Shared(self._edges("bands/edges"))
             for group in ("samples", "bands"):
                 doc, pos = f(group + "/doc"), f(group + "/pos")
-                schema.check_places(self.where, prefix + group, doc, pos, self.doc_lengths, label)
-                window = (lambda name: f(f"{group}/{name}").astype(np.float32)) if windows else (lambda name: None)
-                out[group] = Examples(doc=doc, pos=pos, value=f(group + "/value"), gate=window("gate"),
-                                      in_=window("in"), tokens=self.window_tokens(doc, pos))
+                self._check_block(lambda d, p, name: schema.check_places(self.where, prefix + group, d, p,
+                                                                         self.doc_lengths, name), label, doc, pos)
+                gate = f(group + "/gate").astype(np.float32) if windows else None
+                in_ = f(group + "/in").astype(np.float32) if windows else None
+                out[group] = _Block(doc=doc, pos=pos, value=f(group + "/value"), gate=gate, in_=in_,
+                                    tokens=self.window_tokens(doc, pos) if tokens else None)
         if prefix + "vocab" in self.file:
             out["vocab_token"] = f("vocab/token")
-            schema.check_vocab_ids(self.where, prefix + "vocab/token", out["vocab_token"], self.n_vocab, label)
+            self._check_block(lambda token, name: schema.check_vocab_ids(self.where, prefix + "vocab/token", token,
+                                                                         self.n_vocab, name), label, out["vocab_token"])
             out["vocab_score"] = f("vocab/score")
         if not prefix:  # dense layers only
             from mkdocs_gluscope.related import read_related
 
-            out["related"] = read_related(self, row, neuron, label)
+            related = read_related(self, row, part, label)
+            if related is not None:
+                out["related"] = related
         if not prefix and self.has_effects:  # dense layers only: experts have no effects
             out["top_next_score"] = f("top/next_score")
             out["top_final_scale"] = self.final_scale_at(f("top/doc"), f("top/pos"))
@@ -767,3 +811,34 @@ class ActivationsFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@dataclass
+class _Shared:
+    """A value that every neuron of a block shares (not indexed by :func:`_pick`)."""
+
+    value: Any
+
+
+@dataclass
+class _Block:
+    """:class:`Examples` of a block of neurons (the neurons on each array's first axis)."""
+
+    doc: np.ndarray
+    pos: np.ndarray
+    value: np.ndarray
+    gate: np.ndarray | None
+    in_: np.ndarray | None
+    tokens: np.ndarray
+
+
+def _pick(value: Any, i: int) -> Any:
+    """Neuron ``i``'s part of a block's field."""
+    if isinstance(value, _Shared):
+        return value.value
+    if isinstance(value, _Block):
+        return Examples(doc=value.doc[i], pos=value.pos[i], value=value.value[i],
+                        gate=None if value.gate is None else value.gate[i],
+                        in_=None if value.in_ is None else value.in_[i],
+                        tokens=None if value.tokens is None else value.tokens[i])
+    return value[i]

@@ -49,3 +49,12 @@ def output_dir(request):
     folder = OUTPUT / request.node.name.replace("/", "_").replace("[", "-").replace("]", "")
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+@pytest.fixture
+def torch_path(monkeypatch):
+    """Collection without the CPU kernel (collect/_fused.cpp): the torch code, compiled or eager,
+    as on a GPU or where the kernel was not built."""
+    from collect import fused
+
+    monkeypatch.setattr(fused, "_fused", None)

@@ -24,8 +24,12 @@ def write_synthetic(path: Path, *, layers: int = 2, d_mlp: int = 8, k: int = 4, 
                     titles: Sequence[str] | None = None, seed: int = 0, model: str = "synthetic/tiny",
                     layer_ids: Sequence[int] | None = None, dataset: str = "synthetic corpus", act_fn: str = "silu",
                     nonfinite: np.ndarray | None = None, distributions: bool = True, samples: int = 4,
-                    band_samples: int = 2, vocab_k: int | None = 6) -> Path:
+                    band_samples: int = 2, vocab_k: int | None = 6, experts: dict[int, int] | None = None,
+                    shared: Sequence[int] | None = None) -> Path:
     """``nonfinite`` ([layers, d_mlp, 5] int64): ``stats/nonfinite`` (default: none anywhere).
+    ``experts`` (model layer -> routed experts) and ``shared`` (model layers with a shared expert) add
+    expert rows of ``d_mlp`` neurons each, as a mixture-of-experts run records them (``layers`` dense
+    layers stay; give ``layer_ids`` so the expert layers are others).
 
     ``distributions`` (default) also writes histograms, the density, ``samples`` random examples per
     case, ``band_samples`` per case and band, and (unless ``vocab_k`` is None) vocabulary projections
@@ -38,8 +42,6 @@ def write_synthetic(path: Path, *, layers: int = 2, d_mlp: int = 8, k: int = 4, 
     lengths = np.array([len(d) for d in docs])
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     n_tokens = int(lengths.sum() - len(docs))
-    W = before + 1 + after
-    C = H = 4
     attrs = {"model": model, "dataset": dataset, "n_docs": len(docs), "dtype": "float32",
              "act_fn": act_fn, "include_bos": False, "has_bos": True, "refactor_glu": True,
              "layers": list(layer_ids) if layer_ids is not None else list(range(layers))}
@@ -47,55 +49,30 @@ def write_synthetic(path: Path, *, layers: int = 2, d_mlp: int = 8, k: int = 4, 
                            attrs=attrs, samples=samples if distributions else 0, band_samples=band_samples) as w:
         w.write_corpus(np.concatenate([np.asarray(d, dtype=np.int32) for d in docs]), offsets, list(vocab),
                        doc_title=titles)
-        g_sign = np.array([1, 1, -1, -1], dtype=np.float32)[:, None, None]
-        i_sign = np.array([1, -1, 1, -1], dtype=np.float32)[:, None, None]
+
+        def arrays(count_total: int) -> dict:
+            return _neuron_arrays(rng, drng, d_mlp, k, before, after, docs, lengths, count_total, act_fn,
+                                  distributions, samples, band_samples)
+
         for layer in range(layers):
-            share = rng.dirichlet(np.ones(C), size=d_mlp)
-            count = np.floor(share * n_tokens).astype(np.int64)
-            mag = rng.gamma(2.0, 1.0, size=(d_mlp, C, H)).astype(np.float32)
-            top_doc = np.full((d_mlp, C, H, k), -1, dtype=np.int32)
-            top_pos = np.full((d_mlp, C, H, k), -1, dtype=np.int32)
-            n_fill = min(k, len(docs))
-            for n in range(d_mlp):
-                for c in range(C):
-                    for h in range(H):
-                        chosen = rng.choice(len(docs), size=n_fill, replace=False)
-                        top_doc[n, c, h, :n_fill] = chosen
-                        top_pos[n, c, h, :n_fill] = [int(rng.integers(1, lengths[d])) if lengths[d] > 1 else 0
-                                                     for d in chosen]
-            gate = rng.normal(size=(d_mlp, C, H, k, W)).astype(np.float32)
-            in_ = rng.normal(size=(d_mlp, C, H, k, W)).astype(np.float32)
-            centre = before
-            gate[..., centre] = np.abs(gate[..., centre]) * g_sign * 2
-            in_[..., centre] = np.abs(in_[..., centre]) * i_sign * 2
-            # NaN outside each document.
-            t = top_pos[..., None] + np.arange(-before, after + 1)
-            inside = (top_doc[..., None] >= 0) & (t >= 0) & (t < lengths[np.clip(top_doc, 0, None)][..., None])
-            gate[~inside] = np.nan
-            in_[~inside] = np.nan
-            swish = act_values(gate[..., centre], act_fn).astype(np.float32)
-            hooks = np.stack([swish[:, :, 0] * in_[:, :, 0, :, centre], in_[:, :, 1, :, centre],
-                              gate[:, :, 2, :, centre], swish[:, :, 3]], axis=2)
-            order = np.argsort(-np.abs(hooks), axis=-1, kind="stable")
-            top_value = np.take_along_axis(hooks, order, -1).astype(np.float32)
-            top_value[top_doc < 0] = np.nan
-            signs = np.stack([g_sign * i_sign, i_sign, g_sign, g_sign], axis=1)[..., 0]  # [C, H, 1]
-            extra = (distribution_arrays(drng, count, mag, lengths, before, after, act_fn, samples, band_samples)
-                     if distributions else {})
-            w.write_layer(layer, {
-                **extra,
-                "count": count,
-                "nonfinite": (np.zeros(count.shape[:-1] + (count.shape[-1] + 1,), np.int64) if nonfinite is None
-                              else np.asarray(nonfinite[layer], dtype=np.int64)),
-                "sum": (mag * count[..., None] * 0.3 * signs[None, :, :, 0]).astype(np.float64),
-                "min": (np.where(signs[None, :, :, 0] > 0, 0.01, -mag * 3)).astype(np.float32),
-                "max": (np.where(signs[None, :, :, 0] > 0, mag * 3, -0.01)).astype(np.float32),
-                "top_value": top_value,
-                "top_doc": np.take_along_axis(top_doc, order, -1),
-                "top_pos": np.take_along_axis(top_pos, order, -1),
-                "top_gate": np.take_along_axis(gate, order[..., None], 3),
-                "top_in": np.take_along_axis(in_, order[..., None], 3),
-            })
+            extra = arrays(n_tokens)
+            if nonfinite is not None:
+                extra["nonfinite"] = np.asarray(nonfinite[layer], dtype=np.int64)
+            w.write_layer(layer, extra)
+        for group, rows in (("experts", [(lay, e) for lay, n in (experts or {}).items() for e in range(n)]),
+                            ("shared_experts", [(lay, -1) for lay in (shared or [])])):
+            if not rows:
+                continue
+            routed = [n_tokens if e < 0 else int(n_tokens * (0.1 + 0.8 * ((7 * lay + 3 * e) % 10) / 10))
+                      for lay, e in rows]
+            w.add_experts(group, [lay for lay, _ in rows], [e for _, e in rows], routed, d_mlp)
+            for row, total in enumerate(routed):
+                w.write_neurons(row, 0, arrays(total), group=group)
+            w.write_weights({
+                "flipped": rng.random((len(rows), d_mlp)) < 0.3,
+                "cos_gate_in": rng.uniform(0, 0.5, (len(rows), d_mlp)).astype(np.float32),
+                "cos_gate_out": rng.uniform(-0.3, 0.3, (len(rows), d_mlp)).astype(np.float32),
+                "cos_in_out": rng.uniform(-0.3, 0.3, (len(rows), d_mlp)).astype(np.float32)}, group=group)
         if distributions and vocab_k:
             w.write_vocab(*vocab_arrays(drng, layers, d_mlp, vocab_k, len(vocab)))
         w.write_weights({
@@ -250,3 +227,57 @@ def stage_early_list(path: Path, *, positions: Sequence[int], bos: float = 60.0,
             data = f[name][...]
             data[sel] = new
             f[name][...] = data
+
+
+def _neuron_arrays(rng, drng, d_mlp: int, k: int, before: int, after: int, docs, lengths: np.ndarray, n_tokens: int,
+                   act_fn: str, distributions: bool, samples: int, band_samples: int) -> dict:
+    """One layer's (or expert's) arrays for ``write_neurons``, its case counts summing to ``n_tokens`` at most."""
+    W = before + 1 + after
+    C = H = 4
+    g_sign = np.array([1, 1, -1, -1], dtype=np.float32)[:, None, None]
+    i_sign = np.array([1, -1, 1, -1], dtype=np.float32)[:, None, None]
+    share = rng.dirichlet(np.ones(C), size=d_mlp)
+    count = np.floor(share * n_tokens).astype(np.int64)
+    mag = rng.gamma(2.0, 1.0, size=(d_mlp, C, H)).astype(np.float32)
+    top_doc = np.full((d_mlp, C, H, k), -1, dtype=np.int32)
+    top_pos = np.full((d_mlp, C, H, k), -1, dtype=np.int32)
+    n_fill = min(k, len(docs))
+    for n in range(d_mlp):
+        for c in range(C):
+            for h in range(H):
+                chosen = rng.choice(len(docs), size=n_fill, replace=False)
+                top_doc[n, c, h, :n_fill] = chosen
+                top_pos[n, c, h, :n_fill] = [int(rng.integers(1, lengths[d])) if lengths[d] > 1 else 0
+                                             for d in chosen]
+    gate = rng.normal(size=(d_mlp, C, H, k, W)).astype(np.float32)
+    in_ = rng.normal(size=(d_mlp, C, H, k, W)).astype(np.float32)
+    centre = before
+    gate[..., centre] = np.abs(gate[..., centre]) * g_sign * 2
+    in_[..., centre] = np.abs(in_[..., centre]) * i_sign * 2
+    # NaN outside each document.
+    t = top_pos[..., None] + np.arange(-before, after + 1)
+    inside = (top_doc[..., None] >= 0) & (t >= 0) & (t < lengths[np.clip(top_doc, 0, None)][..., None])
+    gate[~inside] = np.nan
+    in_[~inside] = np.nan
+    swish = act_values(gate[..., centre], act_fn).astype(np.float32)
+    hooks = np.stack([swish[:, :, 0] * in_[:, :, 0, :, centre], in_[:, :, 1, :, centre],
+                      gate[:, :, 2, :, centre], swish[:, :, 3]], axis=2)
+    order = np.argsort(-np.abs(hooks), axis=-1, kind="stable")
+    top_value = np.take_along_axis(hooks, order, -1).astype(np.float32)
+    top_value[top_doc < 0] = np.nan
+    signs = np.stack([g_sign * i_sign, i_sign, g_sign, g_sign], axis=1)[..., 0]  # [C, H, 1]
+    extra = (distribution_arrays(drng, count, mag, lengths, before, after, act_fn, samples, band_samples)
+             if distributions else {})
+    return {
+        **extra,
+        "count": count,
+        "nonfinite": np.zeros(count.shape[:-1] + (count.shape[-1] + 1,), np.int64),
+        "sum": (mag * count[..., None] * 0.3 * signs[None, :, :, 0]).astype(np.float64),
+        "min": (np.where(signs[None, :, :, 0] > 0, 0.01, -mag * 3)).astype(np.float32),
+        "max": (np.where(signs[None, :, :, 0] > 0, mag * 3, -0.01)).astype(np.float32),
+        "top_value": top_value,
+        "top_doc": np.take_along_axis(top_doc, order, -1),
+        "top_pos": np.take_along_axis(top_pos, order, -1),
+        "top_gate": np.take_along_axis(gate, order[..., None], 3),
+        "top_in": np.take_along_axis(in_, order[..., None], 3),
+    }

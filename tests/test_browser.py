@@ -210,81 +210,113 @@ def test_relu_page_hover_and_recolor_follow_the_page_data(relu_site, browser, ou
     assert not errors, errors
 
 
-# -- A whole model (light layout, issue 11) ------------------------------------------------------------
-
-LIGHT_K = 6
-
+# -- A whole model (light layout, issues 11 and 17) --------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def light_site(tmp_path_factory):
-    """300 neurons in the light layout; neuron 1.7 peaks on "ause" of "Applause" in its gate+_in+ list."""
+    """2 layers x 150 neurons in the light layout, with test_light's words of several scripts staged:
+    1.4 peaks on "applause", 0.1 on "人民", 0.2 on a decomposed "café", 0.3 on "😀party", 0.4 on
+    "Darmstadt" and 0.5 on "arms"."""
     import h5py
 
+    from test_light import ID, UNTRUSTED, VOCAB, WORDS, stage
+
     root = tmp_path_factory.mktemp("light-site")
-    vocab = ["<s>"] + [f" w{i}" for i in range(1, 60)] + [" (", "Appl", "ause", ")", " zygomorphic", "\n"]
-    docs = [[0] + [(7 * d + 3 * t) % 59 + 1 for t in range(3)] + [60, 61, 62, 63] + [(5 * d + t) % 59 + 1 for t in range(25)]
-            for d in range(24)]
-    path = write_synthetic(root / "data" / "act.h5", layers=2, d_mlp=150, k=LIGHT_K, before=5, after=2, vocab=vocab,
-                           docs=docs, titles=[f"{1790 + 4 * d} · President {d}" for d in range(24)], seed=4)
+    docs = [[0, 1 + d % 30, 2, 3, ID[" ("], ID["Appl"], ID["ause"], ID[")"]] + [ID[w] for w in WORDS]
+            + [1 + (5 * d + 3 * t) % 39 for t in range(12)] + [44 + d % 4] for d in range(24)]
+    path = write_synthetic(root / "data" / "act.h5", layers=2, d_mlp=150, k=6, before=5, after=2, vocab=VOCAB, docs=docs,
+                           titles=[f"{1790 + 4 * d} · President {d}" for d in range(24)], seed=4)
+    from test_light import quiet
+
     with h5py.File(path, "a") as f:
-        pos = f["top/pos"][...]
-        pos[1, 7, 0, 0] = 6
-        f["top/pos"][...] = pos
+        stage(f, 1, 4, 0, [(d, 6) for d in range(6)], [9.0, 8.9, 8.8, 8.7, 8.6, 8.5])
+        quiet(f, 1, 4)
+        for neuron, word in ((1, "人民"), (2, " cafe\u0301"), (3, " 😀party"), (4, " Darmstadt"), (5, " arms")):
+            stage(f, 0, neuron, 0, [(d, 8 + WORDS.index(word)) for d in range(6)], [9.0, 8.5, 8.0, 7.5, 7.2, 7.1])
+            quiet(f, 0, neuron)
     return build_site(root, {"activations": "data/act.h5", "neurons": "all", "layout": "light"})
 
 
-def test_light_page_loads_its_examples_on_demand(light_site, browser, output_dir):
+def wait_ready(page):
+    page.wait_for_selector(".gs-light[data-ready='2']", timeout=15000)
+
+
+def test_light_page_shows_its_summary_figures_examples_and_samples(light_site, browser, output_dir):
     from mkdocs_gluscope.render import HOOK_LABELS, _extreme
     from mkdocs_gluscope.store import HOOKS, ActivationsFile, early_end
 
     errors: list[str] = []
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
     page.on("pageerror", lambda e: errors.append(str(e)))
     with serve_folder(light_site) as base:
-        page.goto(base + "neurons/L1/N7/")
-        # The page opens its two rarest cases, each with its strongest example; the rest of those lists loads.
-        assert page.locator(".gs-case-block[open]").count() == 2
-        page.wait_for_function("() => document.querySelectorAll('.gs-lazy').length === 2")  # closed cases wait
-        open_list = page.locator(".gs-list[open]").first
-        page.wait_for_function("() => document.querySelector('.gs-list[open] .gs-rows').children.length === %d" % LIGHT_K)
-        # Another case, opened as a reader would: its four lists come from the data file.
-        index = page.locator(".gs-case-block").evaluate_all("els => els.findIndex(e => !e.open)")
-        closed = page.locator(".gs-case-block").nth(index)
-        closed.locator("summary").first.click()
-        closed.locator(".gs-list").nth(3).wait_for()
-        second = closed.locator(".gs-list").nth(1)
-        second.locator("summary").click()
-        rows = second.locator(".gs-ex")
-        rows.nth(LIGHT_K - 1).wait_for()
-        assert rows.count() == LIGHT_K
+        page.goto(base + "neurons/L1/N4/")
+        wait_ready(page)
+        # The theme's own page (header, search box) around the neuron's content.
+        assert page.locator(".md-header .md-search__input").count() == 1 and page.locator("h1").inner_text() == "Neuron 1.4"
+        assert page.locator(".gs-summary table").is_visible()
+        hists = page.locator(".gs-tab-panel[data-hook='hook_post'] svg.gs-hist")
+        assert hists.count() == 4 and all(hists.nth(c).is_visible() for c in range(4))
+        box = page.locator("svg.gs-density").bounding_box()
+        assert box["width"] > 250 and box["height"] > 250  # large enough to read
+        # Tick labels do not collide and are legible (11 px type, not 7).
+        labels = hists.first.locator("text").evaluate_all(
+            "els => els.map(e => { const r = e.getBoundingClientRect(); return [r.left, r.right, r.top, r.height]; })")
+        ticks = sorted(l for l in labels if l[2] > box["y"] * 0 and l[3] > 0)
+        assert min(l[3] for l in labels) >= 10
+        row_of = {}
+        for left, right, top, height in ticks:
+            row_of.setdefault(round(top), []).append((left, right))
+        for spans in row_of.values():
+            spans.sort()
+            assert all(a[1] <= b[0] + 0.5 for a, b in zip(spans, spans[1:])), spans
+        # The opened list: its examples, colored, with tooltips that say the values are approximate.
+        rows = page.locator(".gs-examples.gs-top details.gs-list[open] .gs-ex")
+        rows.first.wait_for()
+        assert rows.count() == 6
         tokens = rows.first.locator(".gs-toks > span")
-        assert tokens.count() > 3 and rows.first.locator(".gs-x").count() == 1
         colors = tokens.evaluate_all("els => els.map(e => getComputedStyle(e).backgroundColor)")
         assert any(c not in ("rgba(0, 0, 0, 0)", "transparent") for c in colors), colors
-        assert "President" in rows.first.locator(".gs-doc-btn").inner_text()
-        tokens.nth(2).hover()
+        rows.first.locator(".gs-x").hover()  # the peak (the staged windows hold values there)
         tip = page.locator(".gs-tip")
         tip.wait_for(state="visible")
-        assert "≈" in tip.inner_text() and "8-bit" in tip.inner_text()
+        assert "≈" in tip.inner_text() and "within 6%" in tip.inner_text()
         before = tokens.evaluate_all("els => els.map(e => e.className)")
         page.select_option(".gs-hook-select", "hook_pre")
         assert tokens.evaluate_all("els => els.map(e => e.className)") != before
         page.select_option(".gs-hook-select", "hook_post")
+        assert "President" in rows.first.locator(".gs-doc-btn").inner_text()
+        rows.first.locator(".gs-doc-btn").click()
+        page.locator(".gs-doc-head").first.wait_for()
+        assert "tokens" in page.locator(".gs-doc-head").first.inner_text()
         # Every list's summary, as the full layout's render._extreme writes it.
-        for block in page.locator(".gs-case-block:not([open])").all():
-            block.locator("summary").first.click()
-        page.wait_for_function("() => document.querySelectorAll('.gs-list').length === 16")
         with ActivationsFile(light_site.parent / "data" / "act.h5") as f:
-            data = f.neuron(1, 7, windows=False)
+            data = f.neuron(1, 4, windows=False)
             expected = [f"{HOOK_LABELS[h]}: most extreme {_extreme(data, c, i, early_end(f.attrs))}"
                         for c in range(4) for i, h in enumerate(HOOKS)]
-        assert page.locator(".gs-list > summary").all_inner_texts() == expected
-        open_list.scroll_into_view_if_needed()
+        assert page.locator(".gs-top .gs-list > summary").all_text_contents() == expected
         page.screenshot(path=str(output_dir / "light-neuron-page.png"), full_page=True)
+        # Random and band samples load as they come into view.
+        page.locator(".gs-samples").scroll_into_view_if_needed()
+        page.locator(".gs-samples .gs-ex").first.wait_for(timeout=10000)
+        assert page.locator(".gs-samples .gs-ex").first.is_visible()
+        page.locator(".gs-bands").scroll_into_view_if_needed()
+        page.locator(".gs-bands .gs-ex").first.wait_for(timeout=10000)
+        page.locator(".gs-dists").screenshot(path=str(output_dir / "light-distributions.png"))
+        page.locator(".gs-samples").screenshot(path=str(output_dir / "light-samples.png"))
     assert not errors, errors
 
 
-def test_search_box_finds_neurons_by_whole_word_and_by_id(light_site, browser, output_dir):
+def search(page, text):
+    page.locator(".md-search__input").fill("")
+    page.locator(".md-search__input").press_sequentially(text, delay=20)
+    page.wait_for_function("t => { const h = document.querySelector('.gs-search-head'); return h && h.dataset.query === t; }",
+                           arg=text, timeout=15000)
+    return page.locator(".gs-search-item").all_inner_texts()
+
+
+def test_the_theme_search_box_finds_neurons_in_any_language_and_by_id(light_site, browser, output_dir):
+    import unicodedata
+
     errors: list[str] = []
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.on("pageerror", lambda e: errors.append(str(e)))
@@ -292,29 +324,31 @@ def test_search_box_finds_neurons_by_whole_word_and_by_id(light_site, browser, o
         page.goto(base)
         page.wait_for_load_state("networkidle")
         page.locator("label.md-search__icon, .md-search__input").first.click()
-        page.locator(".md-search__input").press_sequentially("applause", delay=30)
-        items = page.locator(".gs-search-item")
-        items.first.wait_for(state="visible", timeout=15000)
-        assert "Neuron 1.7" in items.first.inner_text() and "gate+_in+" in items.first.inner_text()
-        page.screenshot(path=str(output_dir / "search-applause.png"))
-        page.locator(".md-search__input").fill("")
-        page.locator(".md-search__input").press_sequentially("1.14", delay=30)
-        page.wait_for_function("() => document.querySelector('.gs-search-head').innerText === 'Neurons'")
-        # The exact id first, then the ids it begins: 1.140 .. 1.149.
-        assert page.locator(".gs-search-item").all_inner_texts() == ["Neuron 1.14"] + [f"Neuron 1.14{n}" for n in range(10)]
+        found = search(page, "applause")
+        assert found[0].startswith("Neuron 1.4") and "gate+_in+" in found[0] and "100%" in found[0]
+        assert search(page, "人民")[0].startswith("Neuron 0.1")  # Chinese, by bigrams
+        assert search(page, "人民共和")[0].startswith("Neuron 0.1")
+        assert search(page, unicodedata.normalize("NFC", "café"))[0].startswith("Neuron 0.2")  # stored decomposed
+        assert search(page, "😀party")[0].startswith("Neuron 0.3")  # emoji-led
+        assert search(page, "darmstadt")[0].startswith("Neuron 0.4")
+        page.screenshot(path=str(output_dir / "search-words.png"))
+        # By id: the exact id first, then the ids it begins: 1.140 .. 1.149.
+        assert search(page, "1.14") == ["Neuron 1.14"] + [f"Neuron 1.14{n}" for n in range(10)]
+        # The theme's search box reaches a light page.
         page.locator(".gs-search-item a").first.click()
         page.wait_for_url("**/neurons/L1/N14/")
-        # A neuron page's own search form opens the site's search box with the query.
-        page.locator(".gs-header-search input").fill("Appl")
-        page.locator(".gs-header-search input").press("Enter")
-        page.wait_for_url("**/neurons/?q=Appl")
-        page.wait_for_function("() => [...document.querySelectorAll('.gs-search-item')].some(e => e.innerText.includes('Neuron 1.7'))",
-                               timeout=15000)
+        wait_ready(page)
+        # And a light page's own (the theme's) search box works the same.
+        page.locator("label.md-search__icon, .md-search__input").first.click()
+        assert search(page, "applause")[0].startswith("Neuron 1.4")
+        page.locator(".gs-search-item a").first.click()
+        page.wait_for_url("**/neurons/L1/N4/")
+        wait_ready(page)
         page.screenshot(path=str(output_dir / "search-from-neuron-page.png"))
     assert not errors, errors
 
 
-def test_layer_page_sorts_filters_and_pages(light_site, browser, output_dir):
+def test_layer_page_sorts_filters_by_whole_words_and_pages(light_site, browser, output_dir):
     errors: list[str] = []
     page = browser.new_page(viewport={"width": 1280, "height": 1200})
     page.on("pageerror", lambda e: errors.append(str(e)))
@@ -326,21 +360,116 @@ def test_layer_page_sorts_filters_and_pages(light_site, browser, output_dir):
         assert body.count() == 100 and status.inner_text() == "neurons 1–100 of 150 · page 1 of 2"
         page.locator(".gs-next").click()
         assert body.count() == 50 and body.first.locator("td").first.inner_text() == "0.100"
+        # Whole words: "arms" finds the neuron on " arms", not the one on " Darmstadt".
+        def kept(word: str) -> tuple[list[str], list[list[str]]]:
+            page.locator(".gs-filter-word").fill(word)
+            ids = body.locator("td:first-child").all_inner_texts()
+            tops = [row.locator("code.gs-top").all_inner_texts() for row in body.all()]
+            return ids, tops
+
+        ids, tops = kept("arms")
+        assert "0.5" in ids and "0.4" not in ids and all("arms" in [w.strip().lower() for w in t] for t in tops)
+        ids, tops = kept("darm*")
+        assert "0.4" in ids and "0.5" not in ids and all(any(w.lower().startswith("darm") for w in t) for t in tops)
+        ids, tops = kept("CAFÉ")  # typed composed and upper case; the corpus has it decomposed
+        assert "0.2" in ids and all(any(w.strip().lower() in ("café", "cafe\u0301") for w in t) for t in tops)
+        page.locator(".gs-filter-word").fill("")
         # Filter by a case's share: gate-_in- from 30%.
         page.select_option(".gs-filter-case", "3")
         page.locator(".gs-filter-min").fill("30")
         shares = page.locator(".gs-layer-table tbody td:nth-child(5)").all_inner_texts()
         assert shares and all(float(x) >= 30 for x in shares)
         assert "filtered from 150" in status.inner_text() and "page 1 of" in status.inner_text()
-        # Sort by gate+_in+, largest first.
         page.locator(".gs-filter-min").fill("")
         page.locator(".gs-layer-table th").nth(1).click()
-        page.locator(".gs-layer-table th").nth(1).click() if page.locator(".gs-layer-table th").nth(1).get_attribute("data-dir") == "asc" else None
+        if page.locator(".gs-layer-table th").nth(1).get_attribute("data-dir") == "asc":
+            page.locator(".gs-layer-table th").nth(1).click()
         shares = [float(x) for x in page.locator(".gs-layer-table tbody td:nth-child(2)").all_inner_texts()]
         assert shares == sorted(shares, reverse=True) and len(shares) == 100
         assert page.locator(".gs-layer-table .gs-peak").count() > 100  # top words with their peak piece
         page.screenshot(path=str(output_dir / "layer-page.png"), full_page=True)
     assert not errors, errors
+
+
+def test_mkdocs_serve_after_an_edit_rewrites_no_neuron_page(tmp_path, browser):
+    """A real `mkdocs serve`: edit one line of docs/index.md, and the rebuild links the cached neuron
+    pages again (symbolic links into the cache) rather than writing them; the pages still work."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from sites import write_project
+    from test_light import demo_like
+
+    demo_like(tmp_path / "data" / "act.h5")
+    config = write_project(tmp_path, {"activations": "data/act.h5", "neurons": "all", "layout": "light"})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "mkdocs", "serve", "-f", str(config), "-a", f"127.0.0.1:{port}"],
+                              stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    base = f"http://127.0.0.1:{port}/"
+
+    def get(path: str) -> str:
+        return urllib.request.urlopen(base + path, timeout=5).read().decode("utf-8")
+
+    try:
+        for _ in range(240):
+            try:
+                if "Neuron 1.4" in get("neurons/L1/N4/"):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        cached = sorted((tmp_path / ".cache/plugin/gluscope/neurons").glob("pages-*/neurons/L1/N4/index.html"))
+        assert len(cached) == 1
+        stamp = cached[0].stat().st_mtime_ns
+        (tmp_path / "docs" / "index.md").write_text("# Home\n\nA test site, edited once.\n", encoding="utf-8")
+        for _ in range(240):
+            if "edited once" in get(""):
+                break
+            time.sleep(0.5)
+        assert "edited once" in get("")
+        assert cached[0].stat().st_mtime_ns == stamp and "Neuron 1.4" in get("neurons/L1/N4/")
+        text = (tmp_path / "serve.log").read_text()
+        assert "reused the neuron pages" in text and text.count("wrote 12 neuron pages") == 1
+        page = browser.new_page()
+        page.goto(base + "neurons/L1/N4/")
+        wait_ready(page)  # a server without range requests sends whole files: pages read them too
+        assert page.locator(".gs-examples .gs-ex").count() > 0
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def test_expert_neurons_are_found_by_id_and_word_and_drawn(tmp_path, browser, output_dir):
+    from test_light import moe_file
+
+    moe_file(tmp_path / "data" / "act.h5")
+    site = build_site(tmp_path, {"activations": "data/act.h5", "neurons": "all", "layout": "light"})
+    errors: list[str] = []
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    with serve_folder(site) as base:
+        page.goto(base)
+        page.wait_for_load_state("networkidle")
+        page.locator("label.md-search__icon, .md-search__input").first.click()
+        assert search(page, "1.e2.4") == ["Neuron 1.e2.4"]
+        assert search(page, "1.s.")[:3] == ["Neuron 1.s.0", "Neuron 1.s.1", "Neuron 1.s.2"]
+        assert search(page, "applause")[0].startswith("Neuron 1.e2.4")
+        page.locator(".gs-search-item a").first.click()
+        page.wait_for_url("**/neurons/L1/E2/N4/")
+        wait_ready(page)
+        assert "routed to its expert" in page.locator(".gs-routing").inner_text()
+        assert page.locator(".gs-examples.gs-top details.gs-list[open] .gs-ex").count() > 0
+        page.goto(base + "neurons/L1/E2/")
+        page.wait_for_selector('.gs-layer[data-ready="2"]')
+        assert page.locator(".gs-layer-table tbody tr").count() == 6
+        assert page.locator(".gs-layer-table tbody td a").first.inner_text() == "1.e2.0"
+        page.screenshot(path=str(output_dir / "expert-table.png"), full_page=True)
 
 
 #: A document with a right-to-left override (U+202E) and two Hebrew words among left-to-right tokens.
@@ -379,6 +508,8 @@ def test_a_right_to_left_override_in_a_token_does_not_reverse_its_neighbours(tmp
         site = build_site(tmp_path / layout, {"activations": str(path), "neurons": "all", "layout": layout})
         with serve_folder(site) as base:
             page.goto(base + "neurons/L0/N0/")
+            if layout == "light":
+                wait_ready(page)  # drawn from its data file
             blocks = page.locator(".gs-case-block")
             for i in range(blocks.count()):  # open every case (a light page loads their lists)
                 if not blocks.nth(i).evaluate("e => e.open"):

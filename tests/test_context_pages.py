@@ -19,7 +19,7 @@ import pytest
 
 from mkdocs_gluscope.cli import main
 from mkdocs_gluscope.render import fmt
-from sites import build, write_project
+from sites import build, build_site, serve_folder, write_project
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
@@ -124,6 +124,51 @@ def test_served_page_runs_your_own_text_through_the_model(project, output_dir):
         serve.wait(timeout=60)
     with pytest.raises(OSError):
         urllib.request.urlopen(probe_url.replace("/probe", "/health"), timeout=5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not shutil.which("chromium"), reason="Debian's chromium package is not installed")
+def test_light_pages_show_related_neurons_and_effects(project, tmp_path, output_dir):
+    """The light layout draws both from the neuron's data file: the related lists as links to pages that
+    exist, and each example's effect as the full page computes it."""
+    from playwright.sync_api import sync_playwright
+
+    from mkdocs_gluscope.context import effects_context
+    from mkdocs_gluscope.render import page_windows
+    from mkdocs_gluscope.store import ActivationsFile
+
+    _, _, _, path = project
+    site = build_site(tmp_path, {"activations": str(path), "neurons": ["0.*", "1.*"], "layout": "light",
+                                 "workers": 1})
+    with ActivationsFile(path) as f:
+        data = f.neuron(0, 3)
+        expected = effects_context(data, page_windows(data)["hook_post"])["effect"]
+    errors: list[str] = []
+    with serve_folder(site) as base, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(base + "neurons/L0/N3/")
+        page.wait_for_selector(".gs-light[data-ready='2']", timeout=30_000)
+        text = page.locator(".gs-light").inner_text()
+        assert "Related neurons" in text and "Feeds" in text and "Writes alike" in text and "Fires with" in text
+        links = page.locator(".gs-light table.gs-related a").evaluate_all("els => els.map(e => e.href)")
+        assert links and all((site / (href[len(base):] + "index.html")).exists() for href in links), links
+        listed = page.locator(".gs-examples.gs-top details.gs-list[open]")
+        c, h = int(listed.get_attribute("data-case")), int(listed.get_attribute("data-hook"))
+        cells = listed.locator(".gs-ex .gs-eff")
+        cells.first.wait_for()
+        shown = [float(x.replace("−", "-")) if x != "–" else None for x in cells.all_inner_texts()]
+        want = expected[c][h][:len(shown)]
+        assert shown and all((a is None) == (b is None) for a, b in zip(shown, want))
+        assert all(a == pytest.approx(b, rel=6e-3, abs=1e-6) for a, b in zip(shown, want) if a is not None)
+        assert "raises most" in cells.first.get_attribute("title")
+        page.locator("h2#related-neurons").scroll_into_view_if_needed()
+        page.screenshot(path=str(output_dir / "light-related-neurons.png"))
+        listed.scroll_into_view_if_needed()
+        page.screenshot(path=str(output_dir / "light-effects.png"))
+        browser.close()
+    assert not errors, errors
 
 
 def test_export_carries_effects_and_related_neurons(project, tmp_path):

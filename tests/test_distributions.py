@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from collect.stats import LayerStats, add_batch, hist_and_density, merge_stats, reduce_batch, update_stats
+from collect.stats import (LayerStats, add_batch, find_candidates, hist_and_density, merge_stats, reduce_batch,
+                           update_stats)
 from mkdocs_gluscope.distributions import (BAND_EDGES, DENSITY_EDGES, EMPTY_PRIORITY, N_BANDS, N_BINS, N_DENSITY,
                                            hist_bin, position_priority)
 from test_stats import AFTER, BEFORE, W, batch_tensors, hook_values, make_docs
@@ -28,10 +29,12 @@ def batch_prio(doc_ids: torch.Tensor, t_max: int, lengths: torch.Tensor, seed: i
     return prio
 
 
-def run(docs, k, first_counted, batch_size, samples, band_samples, *, seed=SEED, capacity=None, exact=False,
-        doc_offset=0):
-    """Statistics with distributions, batch by batch, as collection adds them (the fast path that
-    assumes finite values, a batch redone exactly where it was not applied; or ``exact``)."""
+def run(docs, k, first_counted, batch_size, samples, band_samples, *, seed=SEED, capacity=None, candidates=None,
+        exact=False, doc_offset=0):
+    """Statistics with distributions, batch by batch, as collection adds them: the GPU's path
+    (finite values assumed, lists under ``capacity``, example candidates found under
+    ``candidates``, default all positions), a batch redone exactly where it was not applied; or
+    ``exact`` (the examples' own staged search, :func:`collect.stats.update_examples`)."""
     d_mlp = docs[0][0].shape[1]
     stats = LayerStats.empty(d_mlp, k, W, samples=samples, band_samples=band_samples)
     for start in range(0, len(docs), batch_size):
@@ -41,8 +44,10 @@ def run(docs, k, first_counted, batch_size, samples, band_samples, *, seed=SEED,
         extra = dict(hooks=(post, in_, gate, swish), valid=valid, prio=prio)
         if not exact:
             red = reduce_batch(gate, in_, post, swish, valid, assume_finite=True)
+            found = find_candidates(stats, extra["hooks"], valid, prio, doc_ids, candidates or gate.numel(),
+                                    filling=start == 0)
             applied, _ = update_stats(stats, red, doc_ids, gate, in_, lengths, BEFORE, AFTER, capacity=capacity,
-                                      accept=~red.suspect, **extra)
+                                      accept=~red.suspect & ~found.overflow, distributions=found, **extra)
             if bool(applied):
                 continue
         red = reduce_batch(gate, in_, post, swish, valid)
@@ -150,14 +155,15 @@ def test_distributions_match_brute_force(case, stage, monkeypatch):
         monkeypatch.setattr(stats_module, "FILLING_SHARE", 1.1)
         monkeypatch.setattr(stats_module, "PREFIX", int(stage.split("-")[1]))
     docs = make(case)
-    stats = run(docs, 3, case["first"], case["batch"], case["samples"], case["band_samples"])
-    assert_distributions(stats, docs, case["first"], case["samples"], case["band_samples"])
+    for exact in (False, True):  # the stages are the exact path's; the GPU's path finds candidates
+        stats = run(docs, 3, case["first"], case["batch"], case["samples"], case["band_samples"], exact=exact)
+        assert_distributions(stats, docs, case["first"], case["samples"], case["band_samples"])
 
 
 @pytest.mark.parametrize("case", CASES[:2] + CASES[4:5], ids=IDS[:2] + IDS[4:5])
 def test_distributions_through_the_path_without_host_syncs_and_the_exact_path(case):
     docs = make(case)
-    for kwargs in (dict(capacity=7), dict(exact=True)):
+    for kwargs in (dict(capacity=7), dict(capacity=7, candidates=5), dict(exact=True)):
         stats = run(docs, 3, case["first"], case["batch"], case["samples"], case["band_samples"], **kwargs)
         assert_distributions(stats, docs, case["first"], case["samples"], case["band_samples"])
 
@@ -168,7 +174,7 @@ def test_merge_of_two_halves_equals_whole_with_distributions():
     first = run(docs[:6], 3, 0, 4, 3, 2)
     second = run(docs[6:], 3, 0, 4, 3, 2, doc_offset=6)
     merged = merge_stats(first, second)
-    for name in ("hist_joint", "hist_outputs", "sample_key", "sample_doc", "sample_pos", "band_key",
+    for name in ("hist", "density", "sample_key", "sample_doc", "sample_pos", "band_key",
                  "band_doc", "band_pos"):
         assert torch.equal(getattr(merged, name), getattr(whole, name)), name
     for name in ("sample_value", "sample_gate", "band_value", "band_in"):

@@ -487,9 +487,9 @@ def test_a_wrong_count_of_experts_per_layer_is_refused(base, tmp_path):
 
 
 # -- the corpus cannot write markup ------------------------------------------------------------------
-#: Every placeholder the layouts use (the light layout's raw HTML blocks: a number between two
-#: render.PLACEHOLDER_MARK; and its former ones), as corpus words.
-PLACEHOLDERS = ["GLUSCOPEBLOCK0X", "\ue0000\ue000", "\ue0001\ue000", "<!-- gluscope:examples -->",
+#: Every placeholder the layouts use (the full layout's HTML comments, the light layout's theme markers
+#: that stub.js replaces; and former ones), as corpus words.
+PLACEHOLDERS = ["GLUSCOPEBLOCK0X", "\ue0000\ue000", "GLUSCOPE:TITLE", "GLUSCOPE:CONTENT", "<!-- gluscope:examples -->",
                 "<!-- gluscope:distributions -->", "<!-- gluscope:samples -->", "<!-- gluscope:bands -->",
                 "GLUSCOPE-SHELL-TITLE", "GLUSCOPE-SHELL-CONTENT", "gluscope-shell-title", "<!--gluscope-block-0-->"]
 
@@ -505,10 +505,10 @@ def shown_words(page: str) -> list[str]:
 def test_corpus_words_spelling_placeholders_show_as_words_in_both_layouts(tmp_path):
     import html
 
-    from mkdocs_gluscope import light, render
+    from mkdocs_gluscope import render
+    from mkdocs_gluscope.light import theme
 
-    assert render.EXAMPLES_PLACEHOLDER in PLACEHOLDERS and light.SHELL_TITLE in PLACEHOLDERS
-    assert light._BLOCK.format(0) in PLACEHOLDERS
+    assert render.EXAMPLES_PLACEHOLDER in PLACEHOLDERS and set(theme.MARKERS) <= set(PLACEHOLDERS)
     vocab = ["<s>", " ;"] + PLACEHOLDERS  # a spacer that joins no word
     docs = [[0] + [t for i in range(len(PLACEHOLDERS)) for t in (2 + (i + d) % len(PLACEHOLDERS), 1)] for d in range(12)]
     path = write_synthetic(tmp_path / "data" / "act.h5", layers=2, d_mlp=6, k=4, before=2, after=1, vocab=vocab,
@@ -524,14 +524,18 @@ def test_corpus_words_spelling_placeholders_show_as_words_in_both_layouts(tmp_pa
             assert words and set(words) <= set(PLACEHOLDERS) | {";"}, (page_path, words)
             seen.update(words)
             # The page's own parts are there once each, and no placeholder is left unreplaced.
-            assert page.count('class="gs-provenance"') == 1 and page.count('<h2 id="examples"') == 1
-            for placeholder in PLACEHOLDERS[3:7]:
+            if layout == "full":
+                assert page.count('class="gs-provenance"') == 1 and page.count('<h2 id="examples"') == 1
+            else:  # a stub: title, links, top words, where its data is (stub.js puts it in the theme's page)
+                assert page.count('class="gs-light"') == 1 and page.count('<h1 id="neuron"') == 1
+                assert page.count("GLUSCOPE:") == 0  # the words are escaped: no marker a split could find
+            for placeholder in PLACEHOLDERS[4:8]:
                 assert placeholder not in page, (page_path, placeholder)
-            assert render.PLACEHOLDER_MARK not in page  # always escaped: no text can spell a block
             assert "GLUSCOPE-SHELL" not in page.split("<h1", 1)[0]  # the shell's title was replaced
-        tokens = " ".join(html.unescape(t) for t in re.findall(r'<span class="gs-toks">(.*?)</span></span>',
-                                                                 (pages[0]).read_text(encoding="utf-8")))
-        assert any(p in tokens for p in PLACEHOLDERS[1:]), tokens  # example tokens show them as text too
+        if layout == "full":
+            tokens = " ".join(html.unescape(t) for t in re.findall(r'<span class="gs-toks">(.*?)</span></span>',
+                                                                     (pages[0]).read_text(encoding="utf-8")))
+            assert any(p in tokens for p in PLACEHOLDERS[1:]), tokens  # example tokens show them as text too
     assert set(PLACEHOLDERS) <= seen  # every placeholder was a word on some page
 
 
@@ -547,7 +551,7 @@ def test_a_nan_in_the_search_index_keeps_every_json_file_valid(tmp_path):
         value[0, 1, 0, 0, :] = np.inf
         f["top/value"][...] = value
     site = build_site(tmp_path, {"activations": str(path), "neurons": "all", "layout": "light"})
-    files = list((site / "gluscope").rglob("*.json")) + [site / "gluscope/site.js"]
+    files = list((site / "neurons/gluscope").rglob("*.json")) + [site / "neurons/site.js"]
     assert len(files) > 3
 
     def refuse(constant: str):
@@ -555,4 +559,6 @@ def test_a_nan_in_the_search_index_keeps_every_json_file_valid(tmp_path):
 
     for file in files:
         text = file.read_text(encoding="utf-8")
-        json.loads(text.split("=", 1)[1].rstrip(";\n") if file.suffix == ".js" else text, parse_constant=refuse)
+        if file.suffix == ".js":  # ...push(Object.assign({base: ...}, JSON));
+            text = text[text.index(".href}, ") + len(".href}, "):text.rindex("));")]
+        json.loads(text, parse_constant=refuse)

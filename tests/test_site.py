@@ -204,6 +204,15 @@ def test_whole_layer_all_and_examples_option(activations, tmp_path):
     assert '<option value="hook_pre" selected>' in page
 
 
+def test_examples_option_limits_every_list(activations, tmp_path):
+    site = build_site(tmp_path, {"activations": "data/act.h5", "neurons": ["0.1"], "examples": 1})
+    page = read(site, "neurons/L0/N1/index.html")
+    lists = re.findall(r'<(?:details|div) class="gs-list[^"]*"[^>]*>(.*?)</div>(?:</details>|</div>)', page, re.S)
+    assert len(lists) >= 4 * 4 + 4 and all(body.count('class="gs-ex"') <= 1 for body in lists)
+    samples = page.split('class="gs-examples gs-samples"')[1].split('class="gs-examples gs-bands"')
+    assert samples[0].count('class="gs-ex"') <= 4 and 0 < samples[1].count('class="gs-ex"') <= 4 * 5
+
+
 def test_serve_watches_the_activations_file(activations, tmp_path):
     from mkdocs.config import load_config
 

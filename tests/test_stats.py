@@ -268,6 +268,7 @@ def test_compiled_reduction_equals_eager(poison):
 def test_compiled_histograms_equal_eager():
     """The histograms' compiled scatter counts what the eager one counts, values at bin edges included."""
     from collect.stats import N_BINS, compiled_histogram_batch, histogram_batch
+    from mkdocs_gluscope.distributions import DENSITY_HALF
 
     g = torch.Generator().manual_seed(1)
     gate = torch.randn(3, 13, 6, generator=g) * 8
@@ -277,14 +278,15 @@ def test_compiled_histograms_equal_eager():
     valid = torch.rand(3, 13, generator=g) > 0.3
     results = []
     for fn in (histogram_batch, compiled_histogram_batch(True)):
-        joint, outputs = (torch.zeros(6, 4, N_BINS, N_BINS, dtype=torch.int32) for _ in range(2))
+        hist = torch.zeros(6, 4, 4, N_BINS, dtype=torch.int32)
+        density = torch.zeros(6, 4, DENSITY_HALF, DENSITY_HALF, dtype=torch.int32)
         for weight in (1, 0, 1):  # a batch with weight 0 (not applied) adds nothing
-            fn(gate, in_, swish * in_, swish, valid, torch.tensor(weight, dtype=torch.int32), joint, outputs)
-        results.append((joint, outputs))
+            fn(gate, in_, swish * in_, swish, valid, torch.tensor(weight, dtype=torch.int32), hist, density)
+        results.append((hist, density))
     for eager, fused in zip(*results):
         assert torch.equal(eager, fused)
     counted = (valid[:, :, None] & (gate != 0) & (in_ != 0)).sum()
-    assert int(results[0][0].sum()) == 2 * int(counted)
+    assert int(results[0][1].sum()) == 2 * int(counted) and int(results[0][0].sum()) == 4 * 2 * int(counted)
 
 
 @pytest.mark.parametrize("capacity", [1, 7, 1000], ids=["overflows", "some-overflow", "ample"])

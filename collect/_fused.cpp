@@ -1,0 +1,818 @@
+// One pass over a layer-batch's hooks on the CPU: every statistic of collect.stats.reduce_batch,
+// the histograms and the random examples' candidates, fused (collect/fused.py calls it).
+//
+// Built by `pip install` as an optional extension (setup.py): plain CPython, no torch or numpy at
+// build time; tensors arrive as raw pointers with their strides. Where it is absent (no C++
+// compiler), collect falls back to the torch code, which computes the same values (tests compare
+// them value by value).
+//
+// Layout: hooks [B, T, N] (neurons contiguous) in float32 or bfloat16, in HOOKS order (post, in,
+// gate, swish). Lanes are 8 consecutive neurons (GCC vector extensions: AVX2 where the CPU has it,
+// chosen at run time by target_clones; SSE2 otherwise); a block of neurons is read position by
+// position, so that its accumulators stay in L1 and its histograms in L2.
+//
+// Definitions (as reduce_batch): a counted position where any hook is NaN or infinite counts in
+// `nonfinite` (by case, or "no case") and nowhere else; a position is in case c by the strict signs
+// of gate and in; per document and (case, hook): the count, the float32 sum, the largest |value|
+// and its earliest position, the smallest |value|.
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <cstdlib>
+#include <algorithm>
+#include <new>
+#include <vector>
+
+// Aligned to their size even where the build's default target has no 32-byte vectors (GCC would
+// align them to 16 there, and the AVX2 clone's aligned moves would fault).
+typedef float vf __attribute__((vector_size(32), aligned(32)));
+typedef int32_t vi __attribute__((vector_size(32), aligned(32)));
+
+static const int C = 4, H = 4, NBINS = 22, DH = 12, R = 5, L = 8;
+#ifndef CHUNK
+#define CHUNK 32
+#endif
+static const int64_t EMPTY_PRIORITY = INT64_MAX;
+// Histogram bin of |value| from its float32 exponent field (mkdocs_gluscope.distributions): bin 0
+// below 2**-10, bin j for 2**(j-11) <= |v| < 2**(j-10), bin 21 from 2**10 up.
+static const int HIST_BIAS = 127 - 10 - 1;
+// Density cell (per sign) of each histogram bin, and band of |post| of each bin.
+static const int8_t DENSITY_OF_BIN[NBINS] = {0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11};
+static const int8_t BAND_OF_BIN[NBINS] = {0, 0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 4, 4, 4, 4, 4};
+
+struct Args {
+    int64_t B, T, N, n0, n1, block;
+    int bf16;
+    const char* hook[H];
+    int64_t hook_sb[H], hook_st[H];  // element strides of b and t (n is contiguous)
+    const uint8_t* valid;
+    int64_t valid_sb, valid_st, valid_sn;  // valid_sn 0: one mask for every neuron
+    // outputs, [B, N, C] and [B, N, C, H]
+    int32_t* doc_count;
+    float* doc_sum;
+    float* doc_max;
+    float* doc_min;
+    int32_t* doc_pos;
+    int64_t* nonfinite;  // [N, C + 1], added to
+    // distributions (NULL without): tables added to, priorities, thresholds and candidates
+    int32_t* hist;  // [N, C, H, NBINS]
+    int32_t* dens;  // [N, C, DH, DH]
+    const int64_t* prio;  // [B, T]
+    const int64_t* doc_id;  // [B]
+    const int64_t* limit_s;  // [N, C]: each case list's last priority; a position enters only below it
+    const int64_t* limit_b;  // [N, C, R]: the same for each (case, band) list
+    int64_t* cand_s_key;  // [N, C, S] ascending, EMPTY_PRIORITY in empty slots
+    int32_t* cand_s_b;
+    int32_t* cand_s_t;
+    int64_t* cand_b_key;  // [N, C, R, S2]
+    int32_t* cand_b_b;
+    int32_t* cand_b_t;
+    int64_t S, S2;
+};
+
+static inline float load_scalar(const char* base, int64_t i, int bf16) {
+    if (bf16) {
+        uint32_t bits = (uint32_t)((const uint16_t*)base)[i] << 16;
+        float f;
+        std::memcpy(&f, &bits, 4);
+        return f;
+    }
+    return ((const float*)base)[i];
+}
+
+// 8 lanes from base[i..i+8) (all of them inside the tensor).
+static inline __attribute__((always_inline)) vf load8(const char* base, int64_t i, int bf16) {
+    if (bf16) {
+        typedef uint16_t vh __attribute__((vector_size(16)));
+        vh h;
+        std::memcpy(&h, (const uint16_t*)base + i, 16);
+        vi w = __builtin_convertvector(h, vi) << 16;
+        return (vf)w;
+    }
+    vf v;
+    std::memcpy(&v, (const float*)base + i, 32);
+    return v;
+}
+
+// Insert (key, doc, t) into an ascending list of `size` entries (order: key, then document, then
+// position), the last one dropped; lowers *thr to the list's last key once it is full.
+static void insert(int64_t* keys, int32_t* bs, int32_t* ts, int64_t size, int64_t* thr, int64_t key, int32_t b,
+                   int32_t t, const int64_t* doc_id) {
+    int64_t j = size - 1;
+    auto before = [&](int64_t i) {  // the new entry sorts before entry i
+        if (keys[i] == EMPTY_PRIORITY) return true;
+        if (key != keys[i]) return key < keys[i];
+        if (doc_id[b] != doc_id[bs[i]]) return doc_id[b] < doc_id[bs[i]];
+        return t < ts[i];
+    };
+    if (!before(j)) return;
+    while (j > 0 && before(j - 1)) {
+        keys[j] = keys[j - 1];
+        bs[j] = bs[j - 1];
+        ts[j] = ts[j - 1];
+        --j;
+    }
+    keys[j] = key;
+    bs[j] = b;
+    ts[j] = t;
+    if (keys[size - 1] != EMPTY_PRIORITY && keys[size - 1] < *thr) *thr = keys[size - 1];
+}
+
+struct Acc {  // one document's accumulators for 8 lanes; max and min as |value| + 1 in integers
+    vi count[C];
+    vf sum[C][H];
+    vi max[C][H], min[C][H], pos[C][H];
+};
+
+static inline __attribute__((always_inline)) bool any(vi m) {
+    typedef uint64_t vq __attribute__((vector_size(32)));
+    const vq q = (vq)m;
+    return (q[0] | q[1] | q[2] | q[3]) != 0;
+}
+
+// Narrow counters per neuron: the joint (gate bin, in bin) and (post bin, act(gate) bin) tables of
+// each case, and a last slot for the lanes in no case. A position adds to two of them; the
+// histograms and the density the file stores are their sums (flush).
+static const int JOINT = NBINS * NBINS, PER_NEURON = 2 * C * JOINT + 1, NO_CASE = 2 * C * JOINT;
+
+// The joint counts of one neuron added to its stored tables, and cleared: the hist of gate and in
+// are the (gate, in) table's row and column sums, the density its cells merged in pairs of octaves
+// ((bin + 1) / 2), the hist of post and act(gate) the other table's row and column sums.
+static inline __attribute__((always_inline)) void fold(uint16_t* joint, int32_t* hist, int32_t* dens) {
+    for (int c = 0; c < C; ++c) {
+        uint16_t* gi = joint + c * JOINT;
+        uint16_t* ps = joint + (C + c) * JOINT;
+        int32_t* hc = hist + c * H * NBINS;  // hooks post, in, gate, swish
+        int32_t* dc = dens + c * DH * DH;
+        for (int i = 0; i < NBINS; ++i) {
+            int32_t row_gi = 0, row_ps = 0, coarse[NBINS + 2] = {0};
+            for (int j = 0; j < NBINS; ++j) {
+                const int32_t x = gi[i * NBINS + j], y = ps[i * NBINS + j];
+                row_gi += x;
+                row_ps += y;
+                hc[1 * NBINS + j] += x;
+                hc[3 * NBINS + j] += y;
+                coarse[j + 1] = x;
+            }
+            hc[2 * NBINS + i] += row_gi;
+            hc[i] += row_ps;
+            int32_t* drow = dc + ((i + 1) >> 1) * DH;
+            for (int cj = 0; cj < DH; ++cj) drow[cj] += coarse[2 * cj] + coarse[2 * cj + 1];
+        }
+    }
+    std::memset(joint, 0, sizeof(uint16_t) * PER_NEURON);
+}
+
+// A growable array aligned for the vector types, zeroed when it grows.
+template <class T>
+struct Aligned {
+    T* data = nullptr;
+    size_t size = 0;
+    T* need(size_t n) {
+        if (n > size) {
+            std::free(data);
+            const size_t bytes = (n * sizeof(T) + 63) / 64 * 64;
+            data = (T*)std::aligned_alloc(64, bytes);
+            size = data != nullptr ? n : 0;
+            if (data != nullptr) std::memset((void*)data, 0, bytes);
+        }
+        return data;
+    }
+    ~Aligned() { std::free(data); }
+};
+
+// Working memory of one thread, kept from call to call (large allocations fault in every page).
+struct Buffers {
+    Aligned<Acc> acc;
+    Aligned<int32_t> codes, lanes;  // vi, 8 lanes each
+    Aligned<uint16_t> local;  // all zero between calls: every fold clears what it read
+    Aligned<int32_t> counted;
+    Aligned<int64_t> n_counted, thr_s, thr_b;
+};
+
+__attribute__((target_clones("avx2", "default")))
+static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buffers& buf) {
+    const vf zero = {0, 0, 0, 0, 0, 0, 0, 0};
+    const vi lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    const vi none = lane * 0;
+    const vi abs_mask = none + 0x7fffffff;
+    const int64_t B = a.B, T = a.T, N = a.N, block = (a.block + L - 1) / L * L;
+    const int bf16 = a.bf16, width_bytes = bf16 ? 2 : 4;
+    const char* hook[H];
+    int64_t hook_sb[H], hook_st[H];
+    for (int h = 0; h < H; ++h) hook[h] = a.hook[h], hook_sb[h] = a.hook_sb[h], hook_st[h] = a.hook_st[h];
+    const uint8_t* valid = a.valid;
+    const int64_t valid_sb = a.valid_sb, valid_st = a.valid_st, valid_sn = a.valid_sn;
+    const bool dist = a.hist != nullptr;
+    const bool examples = a.prio != nullptr;
+    const int64_t groups = (n1 - n0 + L - 1) / L;
+    Acc* acc = buf.acc.need(groups);
+    if (acc == nullptr) return false;
+    // Each list's current bar for this range's neurons: its limit, lowered to the priority of the
+    // last of the batch's candidates once the list's candidates fill it (ties then go by document
+    // and position: insert).
+    int64_t* thr_s = nullptr;
+    int64_t* thr_b = nullptr;
+    if (examples) {
+        thr_s = buf.thr_s.need((n1 - n0) * C);
+        thr_b = buf.thr_b.need((n1 - n0) * C * R);
+        if (thr_s == nullptr || thr_b == nullptr) return false;
+        std::memcpy(thr_s, a.limit_s + n0 * C, sizeof(int64_t) * (n1 - n0) * C);
+        std::memcpy(thr_b, a.limit_b + n0 * C * R, sizeof(int64_t) * (n1 - n0) * C * R);
+    }
+    struct Slot {
+        vf v[H];
+        vi m[C];
+        vi code;  // case * 8 + band of |post|, for the random examples
+        vi hit;  // lanes that may enter a random-example list (a superset)
+        int32_t t;
+    };
+    Slot tile[CHUNK];  // one group's values and case masks over a chunk of positions
+    // Per group and position of the batch: each lane's two counters (low and high 16 bits).
+    vi* codes = nullptr;
+    uint16_t* local = nullptr;
+    if (dist) {
+        codes = (vi*)buf.codes.need(groups * B * T * L);
+        local = buf.local.need((n1 - n0) * PER_NEURON);
+        if (codes == nullptr || local == nullptr) return false;
+    }
+    vi* lanes = examples ? (vi*)buf.lanes.need(groups * 2 * L) : nullptr;  // per group: open lists, limit bound
+    if (examples && lanes == nullptr) return false;
+    int32_t* counted = buf.counted.need(B * T);  // each document's counted positions
+    int64_t* n_counted_of = buf.n_counted.need(B);
+    if (counted == nullptr || n_counted_of == nullptr) return false;
+    auto flush = [&]() {
+        for (int64_t n = n0; n < n1; ++n)
+            fold(local + (n - n0) * PER_NEURON, a.hist + n * C * H * NBINS, a.dens + n * C * DH * DH);
+    };
+    for (int64_t b = 0; b < B; ++b) {
+        for (int64_t g = 0; g < groups; ++g) {
+            Acc& x = acc[g];
+            for (int c = 0; c < C; ++c) {
+                x.count[c] = none;
+                for (int h = 0; h < H; ++h) {
+                    x.sum[c][h] = zero;
+                    x.max[c][h] = none;
+                    x.min[c][h] = none + INT32_MAX;
+                    x.pos[c][h] = none;
+                }
+            }
+        }
+        int32_t* counted_b = counted + b * T;
+        int64_t n_counted = 0;
+        for (int64_t t = 0; t < T; ++t)
+            if (valid_sn != 0 || valid[b * valid_sb + t * valid_st]) counted_b[n_counted++] = (int32_t)t;
+        n_counted_of[b] = n_counted;
+        // Positions a chunk at a time, and within a chunk one block of neurons after another: a
+        // position's neurons are a row of N values (a page or more), so a block read position by
+        // position would wait for a page walk at every position; the chunk's pages are walked once.
+        for (int64_t c0 = 0; c0 < n_counted; c0 += CHUNK) {
+            const int64_t c1 = c0 + CHUNK < n_counted ? c0 + CHUNK : n_counted;
+            for (int64_t s0 = n0; s0 < n1; s0 += block) {
+                const int64_t s1 = s0 + block < n1 ? s0 + block : n1;
+                for (int64_t n = s0; n < s1; n += L) {
+                    const int64_t width = s1 - n < L ? s1 - n : L;
+                    const int64_t g = (n - n0) / L;
+                    Acc& x = acc[g];
+                    vi count[C] = {none, none, none, none};
+                    vi bad_any = none, hits = none;
+                    // Per lane: which of its 24 lists are not full yet (bit case * 6 + band, and
+                    // case * 6 + 5 for the case's list), and the largest limit of the full ones, in
+                    // its top 32 bits; found at each document's start (limits only fall during the
+                    // batch: this stays a bound).
+                    vi& lanes_open = lanes[2 * g];
+                    vi& lanes_limit = lanes[2 * g + 1];
+                    if (examples && c0 == 0) {
+                        lanes_open = none, lanes_limit = none - 1;
+                        for (int64_t j = 0; j < width; ++j) {
+                            int32_t open = 0;
+                            int64_t limit = -1;
+                            for (int c = 0; c < C; ++c) {
+                                for (int r = 0; r <= R; ++r) {
+                                    const int64_t lim = r < R ? thr_b[((n + j - n0) * C + c) * R + r]
+                                                              : thr_s[(n + j - n0) * C + c];
+                                    open |= (lim == EMPTY_PRIORITY) << (c * 6 + r);
+                                    limit = lim != EMPTY_PRIORITY && lim > limit ? lim : limit;
+                                }
+                            }
+                            lanes_open[j] = open;
+                            lanes_limit[j] = limit < 0 ? -1 : (int32_t)(limit >> 31);
+                        }
+                    }
+                    // First the chunk's values, their cases, counts, bins and candidates ...
+                    const int64_t k = c1 - c0;
+                    for (int64_t i = 0; i < k; ++i) {
+                        const int64_t t = counted_b[c0 + i];
+                        Slot& here = tile[i];
+                        here.t = (int32_t)t;
+                        // The values two groups on (the next cache line of this row), requested now:
+                        // rows lie N values apart, too far apart for the hardware to guess.
+                        if (n + 2 * L < n1)
+                            for (int h = 0; h < H; ++h)
+                                __builtin_prefetch(hook[h] + (b * hook_sb[h] + t * hook_st[h] + n + 2 * L) * width_bytes);
+                        vf* v = here.v;
+                        vi live = lane < (int32_t)width;
+                        for (int h = 0; h < H; ++h) {
+                            const int64_t at = b * hook_sb[h] + t * hook_st[h] + n;
+                            if (width == L) {
+                                v[h] = load8(hook[h], at, bf16);
+                            } else {
+                                float tmp[L] = {0, 0, 0, 0, 0, 0, 0, 0};
+                                for (int j = 0; j < width; ++j) tmp[j] = load_scalar(hook[h], at + j, bf16);
+                                std::memcpy(&v[h], tmp, 32);
+                            }
+                        }
+                        if (valid_sn != 0) {
+                            const uint8_t* valid_row = valid + b * valid_sb + t * valid_st;
+                            int32_t tmp[L] = {0, 0, 0, 0, 0, 0, 0, 0};
+                            for (int j = 0; j < width; ++j) tmp[j] = valid_row[(n + j) * valid_sn] ? -1 : 0;
+                            vi m;
+                            std::memcpy(&m, tmp, 32);
+                            live &= m;
+                        }
+                        const vf gate = v[2], in = v[1];
+                        // x * 0 is NaN exactly where x is NaN or infinite: such lanes count nowhere
+                        // but in nonfinite (counted below, in the rare chunk that has any).
+                        const vf z = v[0] * 0.0f + v[1] * 0.0f + v[2] * 0.0f + v[3] * 0.0f;
+                        const vi bad = (z != z) & live;
+                        bad_any |= bad;
+                        live &= ~bad;
+                        const vi gp = gate > 0.0f, gn = gate < 0.0f, ip = in > 0.0f, in_neg = in < 0.0f;
+                        vi* m = here.m;
+                        m[0] = gp & ip & live;
+                        m[1] = gp & in_neg & live;
+                        m[2] = gn & ip & live;
+                        m[3] = gn & in_neg & live;
+                        for (int c = 0; c < C; ++c) count[c] -= m[c];
+                        if (!dist) continue;
+                        // Bins: the exponent field, clamped.
+                        const vi in_any = m[0] | m[1] | m[2] | m[3];
+                        vi bin[H];
+                        for (int h = 0; h < H; ++h) {
+                            vi e = (((vi)v[h] & abs_mask) >> 23) - HIST_BIAS;
+                            e = e < 0 ? none : e;
+                            bin[h] = e > NBINS - 1 ? none + (NBINS - 1) : e;
+                        }
+                        const vi cv = (gn & 2) | (in_neg & 1);
+                        const vi joint = cv * JOINT;
+                        const vi both = (joint + bin[2] * NBINS + bin[1]) |
+                                        ((joint + C * JOINT + bin[0] * NBINS + bin[3]) << 16);
+                        codes[(g * B + b) * T + t] = in_any ? both : none + (NO_CASE | NO_CASE << 16);
+                        if (!examples) continue;
+                        // A lane may enter its case's list or its (case, band) list: below the
+                        // largest limit of its full lists, or into one of its lists not yet full.
+                        const vi band = -((bin[0] >= 5) + (bin[0] >= 8) + (bin[0] >= 11) + (bin[0] >= 14));
+                        here.code = cv * 8 + band;
+                        const int32_t p_hi = (int32_t)(a.prio[b * T + t] >> 31);
+                        const vi open = (vi)((1 << (cv * 6 + 5)) | (1 << (cv * 6 + band)));
+                        here.hit = in_any & (((open & lanes_open) != 0) | ((none + p_hi) <= lanes_limit));
+                        hits |= here.hit;
+                    }
+                    for (int c = 0; c < C; ++c) x.count[c] += count[c];
+                    if (examples && any(hits)) {
+                        for (int64_t i = 0; i < k; ++i) {
+                            if (!any(tile[i].hit)) continue;
+                            const int32_t t = tile[i].t;
+                            const int64_t p = a.prio[b * T + t];
+                            for (int j = 0; j < width; ++j) {
+                                if (!tile[i].hit[j]) continue;
+                                const int64_t list = (n + j) * C + tile[i].code[j] / 8;
+                                const int64_t bl = list * R + tile[i].code[j] % 8;
+                                const int64_t at = list - n0 * C, bat = bl - n0 * C * R;
+                                if (p < a.limit_s[list] && p <= thr_s[at])
+                                    insert(a.cand_s_key + list * a.S, a.cand_s_b + list * a.S,
+                                           a.cand_s_t + list * a.S, a.S, thr_s + at, p, (int32_t)b, t, a.doc_id);
+                                if (p < a.limit_b[bl] && p <= thr_b[bat])
+                                    insert(a.cand_b_key + bl * a.S2, a.cand_b_b + bl * a.S2, a.cand_b_t + bl * a.S2,
+                                           a.S2, thr_b + bat, p, (int32_t)b, t, a.doc_id);
+                            }
+                        }
+                    }
+                    if (__builtin_expect(any(bad_any), 0)) {
+                        for (int64_t i = 0; i < k; ++i) {
+                            const int64_t t = tile[i].t;
+                            const uint8_t* valid_row = valid + b * valid_sb + t * valid_st;
+                            for (int64_t j = 0; j < width; ++j) {
+                                if (!valid_row[valid_sn * (n + j)]) continue;
+                                float y[H];
+                                for (int h = 0; h < H; ++h)
+                                    y[h] = load_scalar(hook[h], b * hook_sb[h] + t * hook_st[h] + n + j, bf16);
+                                if (std::isfinite(y[0]) && std::isfinite(y[1]) && std::isfinite(y[2]) &&
+                                    std::isfinite(y[3]))
+                                    continue;
+                                int col = 4;  // no case: a NaN or a zero in gate or in
+                                if ((y[2] > 0 || y[2] < 0) && (y[1] > 0 || y[1] < 0))
+                                    col = (y[2] < 0) * 2 + (y[1] < 0);
+                                a.nonfinite[(n + j) * (C + 1) + col] += 1;
+                            }
+                        }
+                    }
+                    // ... then each hook over the chunk: sums, and the extremes of each pair of
+                    // cases, their accumulators in registers. The extremes in integers: |value| + 1
+                    // (its bits order like the value; 0 stands for "no position"), so that a lane
+                    // outside the case is a 0 for the maximum and INT32_MAX for the minimum.
+                    for (int h = 0; h < H; ++h) {
+                        vf sm0 = x.sum[0][h], sm1 = x.sum[1][h], sm2 = x.sum[2][h], sm3 = x.sum[3][h];
+                        for (int64_t i = 0; i < k; ++i) {
+                            const vi val = (vi)tile[i].v[h];
+                            sm0 += (vf)(val & tile[i].m[0]);
+                            sm1 += (vf)(val & tile[i].m[1]);
+                            sm2 += (vf)(val & tile[i].m[2]);
+                            sm3 += (vf)(val & tile[i].m[3]);
+                        }
+                        x.sum[0][h] = sm0, x.sum[1][h] = sm1, x.sum[2][h] = sm2, x.sum[3][h] = sm3;
+                        for (int c0 = 0; c0 < C; c0 += 2) {
+                            vi mx0 = x.max[c0][h], mx1 = x.max[c0 + 1][h];
+                            vi mn0 = x.min[c0][h], mn1 = x.min[c0 + 1][h];
+                            vi ps0 = x.pos[c0][h], ps1 = x.pos[c0 + 1][h];
+                            for (int64_t i = 0; i < k; ++i) {
+                                const vi key = ((vi)tile[i].v[h] & abs_mask) + 1;
+                                const vi tv = none + tile[i].t;
+                                const vi m0 = tile[i].m[c0], m1 = tile[i].m[c0 + 1];
+                                const vi k0 = key & m0, k1 = key & m1;
+                                const vi hi0 = k0 > mx0, hi1 = k1 > mx1;
+                                mx0 = hi0 ? k0 : mx0;
+                                mx1 = hi1 ? k1 : mx1;
+                                ps0 = hi0 ? tv : ps0;
+                                ps1 = hi1 ? tv : ps1;
+                                const vi lo0 = key | (~m0 & INT32_MAX), lo1 = key | (~m1 & INT32_MAX);
+                                mn0 = lo0 < mn0 ? lo0 : mn0;
+                                mn1 = lo1 < mn1 ? lo1 : mn1;
+                            }
+                            x.max[c0][h] = mx0, x.max[c0 + 1][h] = mx1;
+                            x.min[c0][h] = mn0, x.min[c0 + 1][h] = mn1;
+                            x.pos[c0][h] = ps0, x.pos[c0 + 1][h] = ps1;
+                        }
+                    }
+                }
+            }
+        }
+        // The document's accumulators out, [B, N, C(, H)].
+        for (int64_t g = 0; g < groups; ++g) {
+            const Acc& x = acc[g];
+            const int64_t n = n0 + g * L;
+            const int64_t width = n1 - n < L ? n1 - n : L;
+            for (int64_t j = 0; j < width; ++j) {
+                const int64_t row = (b * N + n + j) * C;
+                for (int c = 0; c < C; ++c) {
+                    a.doc_count[row + c] = x.count[c][j];
+                    for (int h = 0; h < H; ++h) {
+                        const int64_t o = (row + c) * H + h;
+                        a.doc_sum[o] = x.sum[c][h][j];
+                        const int32_t most = x.max[c][h][j] - 1, least = x.min[c][h][j] - 1;
+                        float f;
+                        std::memcpy(&f, &most, 4);
+                        a.doc_max[o] = most < 0 ? -1.0f : f;  // EMPTY where the case has no position
+                        std::memcpy(&f, &least, 4);
+                        a.doc_min[o] = most < 0 ? INFINITY : f;
+                        a.doc_pos[o] = x.pos[c][h][j];
+                    }
+                }
+            }
+        }
+    }
+    // The batch's counters, a group of neurons at a time: their narrow counters stay in cache
+    // while the positions add to them, in runs of at most 65535 positions between folds into the
+    // stored tables, so that no narrow counter overflows (a document of more is cut in two).
+    const int64_t most = 65535;
+    for (int64_t b0 = 0, i0 = 0; dist && b0 < B;) {
+        int64_t b1 = b0, i1 = i0, positions = 0;  // the run ends before position i1 of document b1
+        while (b1 < B && positions < most) {
+            const int64_t take = n_counted_of[b1] - i1 < most - positions ? n_counted_of[b1] - i1 : most - positions;
+            positions += take;
+            i1 += take;
+            if (i1 == n_counted_of[b1]) ++b1, i1 = 0;
+        }
+        for (int64_t g = 0; g < groups; ++g) {
+            uint16_t* base = local + g * L * PER_NEURON;
+            const int64_t width = n1 - (n0 + g * L) < L ? n1 - (n0 + g * L) : L;
+            for (int64_t b = b0, i = i0; b < b1 || (b == b1 && i < i1);) {
+                const int64_t end = b < b1 ? n_counted_of[b] : i1;
+                const vi* code = codes + (g * B + b) * T;
+                const int32_t* counted_b = counted + b * T;
+                for (; i < end; ++i) {
+                    const vi both = code[counted_b[i]];
+                    for (int j = 0; j < width; ++j) {
+                        const uint32_t c = (uint32_t)both[j];
+                        base[j * PER_NEURON + (c & 0xffff)] += 1;
+                        base[j * PER_NEURON + (c >> 16)] += 1;
+                    }
+                }
+                ++b, i = 0;
+            }
+        }
+        flush();
+        b0 = b1, i0 = i1;
+    }
+    return true;
+}
+
+// Neurons a superblock at a time: the positions' codes and narrow counters of at most this many
+// bytes per thread, whatever the model's width.
+static const int64_t SUPERBLOCK_BYTES = 8 << 20;
+
+static bool kernel(const Args& a) {
+    static thread_local Buffers buf;
+    const int64_t per_neuron = (a.hist != nullptr ? a.B * a.T * 4 + PER_NEURON * 2 : 0) + 1;
+    int64_t step = SUPERBLOCK_BYTES / per_neuron / a.block * a.block;
+    if (step < a.block) step = (a.block + L - 1) / L * L;
+    for (int64_t s0 = a.n0; s0 < a.n1; s0 += step)
+        if (!kernel_range(a, s0, s0 + step < a.n1 ? s0 + step : a.n1, buf)) return false;
+    return true;
+}
+
+static void* ptr(PyObject* list, Py_ssize_t i) {
+    return PyLong_AsVoidPtr(PyList_GET_ITEM(list, i));
+}
+
+static int64_t num(PyObject* list, Py_ssize_t i) {
+    return PyLong_AsLongLong(PyList_GET_ITEM(list, i));
+}
+
+// layer_batch(pointers: list[int], sizes: list[int]): see collect/fused.py for the order.
+static PyObject* layer_batch(PyObject*, PyObject* args) {
+    PyObject *p, *s;
+    if (!PyArg_ParseTuple(args, "O!O!", &PyList_Type, &p, &PyList_Type, &s)) return nullptr;
+    if (PyList_GET_SIZE(p) != 23 || PyList_GET_SIZE(s) != 20) {
+        PyErr_SetString(PyExc_ValueError, "layer_batch: expected 23 pointers and 20 sizes");
+        return nullptr;
+    }
+    Args a;
+    for (int h = 0; h < H; ++h) a.hook[h] = (const char*)ptr(p, h);
+    a.valid = (const uint8_t*)ptr(p, 4);
+    a.doc_count = (int32_t*)ptr(p, 5);
+    a.doc_sum = (float*)ptr(p, 6);
+    a.doc_max = (float*)ptr(p, 7);
+    a.doc_min = (float*)ptr(p, 8);
+    a.doc_pos = (int32_t*)ptr(p, 9);
+    a.nonfinite = (int64_t*)ptr(p, 10);
+    a.hist = (int32_t*)ptr(p, 11);
+    a.dens = (int32_t*)ptr(p, 12);
+    a.prio = (const int64_t*)ptr(p, 13);
+    a.doc_id = (const int64_t*)ptr(p, 14);
+    a.limit_s = (const int64_t*)ptr(p, 15);
+    a.limit_b = (const int64_t*)ptr(p, 16);
+    a.cand_s_key = (int64_t*)ptr(p, 17);
+    a.cand_s_b = (int32_t*)ptr(p, 18);
+    a.cand_s_t = (int32_t*)ptr(p, 19);
+    a.cand_b_key = (int64_t*)ptr(p, 20);
+    a.cand_b_b = (int32_t*)ptr(p, 21);
+    a.cand_b_t = (int32_t*)ptr(p, 22);
+    a.B = num(s, 0);
+    a.T = num(s, 1);
+    a.N = num(s, 2);
+    a.n0 = num(s, 3);
+    a.n1 = num(s, 4);
+    a.block = num(s, 5);
+    a.bf16 = (int)num(s, 6);
+    for (int h = 0; h < H; ++h) {
+        a.hook_sb[h] = num(s, 7 + 2 * h);
+        a.hook_st[h] = num(s, 8 + 2 * h);
+    }
+    a.valid_sb = num(s, 15);
+    a.valid_st = num(s, 16);
+    a.valid_sn = num(s, 17);
+    a.S = num(s, 18);
+    a.S2 = num(s, 19);
+    if (PyErr_Occurred()) return nullptr;
+    if ((a.hist == nullptr) != (a.dens == nullptr) || (a.prio != nullptr && a.hist == nullptr) || a.block < 1) {
+        PyErr_SetString(PyExc_ValueError, "layer_batch: inconsistent arguments");
+        return nullptr;
+    }
+    bool done;
+    Py_BEGIN_ALLOW_THREADS
+    done = kernel(a);
+    Py_END_ALLOW_THREADS
+    if (!done) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+// Windows of gate or in around chosen positions: out[i, w] = values[rows[i], pos[i] - before + w,
+// neurons[i]] (float32), NaN outside the row's document. The windows are visited in the order of
+// their positions, so that neighbours read the same rows from cache.
+static void cut_windows(const char* values, int bf16, int64_t sb, int64_t st, int64_t T, const int64_t* rows,
+                        const int64_t* pos, const int64_t* neurons, const int64_t* lengths, int64_t count,
+                        int64_t before, int64_t after, const int64_t* order, float* out) {
+    const int64_t W = before + 1 + after;
+    for (int64_t k = 0; k < count; ++k) {
+        const int64_t i = order[k];
+        const int64_t r = rows[i], p = pos[i], n = neurons[i], len = lengths[r] < T ? lengths[r] : T;
+        float* o = out + i * W;
+        for (int64_t w = 0; w < W; ++w) {
+            const int64_t t = p - before + w;
+            o[w] = (t >= 0 && t < len) ? load_scalar(values, r * sb + t * st + n, bf16) : NAN;
+        }
+    }
+}
+
+// windows(pointers: [values, rows, pos, neurons, lengths, order, out], sizes: [bf16, sb, st, T, count,
+// before, after]): see cut_windows.
+static PyObject* windows(PyObject*, PyObject* args) {
+    PyObject *p, *s;
+    if (!PyArg_ParseTuple(args, "O!O!", &PyList_Type, &p, &PyList_Type, &s)) return nullptr;
+    if (PyList_GET_SIZE(p) != 7 || PyList_GET_SIZE(s) != 7) {
+        PyErr_SetString(PyExc_ValueError, "windows: expected 7 pointers and 7 sizes");
+        return nullptr;
+    }
+    const char* values = (const char*)ptr(p, 0);
+    const int64_t *rows = (const int64_t*)ptr(p, 1), *pos = (const int64_t*)ptr(p, 2),
+                  *neurons = (const int64_t*)ptr(p, 3), *lengths = (const int64_t*)ptr(p, 4),
+                  *order = (const int64_t*)ptr(p, 5);
+    float* out = (float*)ptr(p, 6);
+    const int bf16 = (int)num(s, 0);
+    const int64_t sb = num(s, 1), st = num(s, 2), T = num(s, 3), count = num(s, 4), before = num(s, 5),
+                  after = num(s, 6);
+    if (PyErr_Occurred()) return nullptr;
+    Py_BEGIN_ALLOW_THREADS
+    cut_windows(values, bf16, sb, st, T, rows, pos, neurons, lengths, count, before, after, order, out);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+// float32 to IEEE half, rounding to nearest even (as torch converts), NaN kept a NaN.
+static inline uint16_t to_half(float f) {
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000;
+    x &= 0x7fffffff;
+    if (x > 0x7f800000) return (uint16_t)(sign | 0x7e00);  // NaN
+    if (x >= 0x477ff000) return (uint16_t)(sign | 0x7c00);  // rounds to inf
+    if (x < 0x38800000) {  // a subnormal half (or zero)
+        if (x < 0x33000000) return (uint16_t)sign;  // below half the smallest subnormal: zero
+        const uint32_t exp = x >> 23, mant = (x & 0x7fffff) | 0x800000;
+        const uint32_t shift = 126 - exp;  // 14 .. 24
+        uint32_t half = mant >> shift;
+        const uint32_t rest = mant & ((1u << shift) - 1), mid = 1u << (shift - 1);
+        if (rest > mid || (rest == mid && (half & 1))) ++half;
+        return (uint16_t)(sign | half);
+    }
+    uint32_t half = ((x >> 13) - (112 << 10));
+    const uint32_t rest = x & 0x1fff;
+    if (rest > 0x1000 || (rest == 0x1000 && (half & 1))) ++half;
+    return (uint16_t)(sign | half);
+}
+
+// float32 to bfloat16, rounding to nearest even (as torch converts), NaN kept a NaN.
+static inline uint16_t to_bf16(float f) {
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    if ((x & 0x7fffffff) > 0x7f800000) return (uint16_t)((x >> 16) | 0x40);
+    return (uint16_t)((x + 0x7fff + ((x >> 16) & 1)) >> 16);
+}
+
+static inline void store_window_value(void* out, int64_t i, int kind, float v) {
+    if (kind == 0) ((float*)out)[i] = v;
+    else if (kind == 1) ((uint16_t*)out)[i] = to_bf16(v);
+    else ((uint16_t*)out)[i] = to_half(v);
+}
+
+struct Merge {
+    int64_t* key;  // [lists, k] sort keys, best first, -1 empty
+    int32_t* pos;  // [lists, k]
+    int16_t* slot;  // [lists, k] where each entry's windows are
+    void* win[2];  // [lists * k, W] gate and in windows by slot, of window kind
+    int window_kind;  // 0 float32, 1 bfloat16, 2 float16
+    const float* doc_abs;  // [B, lists]: each document's largest |value| per list, -1 without one
+    const int64_t* doc_pos;  // [B, lists]
+    const int64_t* doc_id;  // [B]
+    const char* hook[2];  // gate and in [B, T, N] of hook kind
+    int64_t hook_sb[2], hook_st[2];
+    int bf16;
+    const int64_t* lengths;  // [B]
+    int64_t B, T, lists, k, before, after, per_neuron, l0, l1;
+};
+
+// The batch's documents into the top-k lists [l0, l1): collect.stats.merge_top's rule (each list
+// keeps its k largest sort keys, best first; an entering entry takes an evicted entry's window
+// slot and gets its windows cut from the batch). Returns the lists changed.
+static int64_t merge_lists(const Merge& m) {
+    const int64_t W = m.before + 1 + m.after, k = m.k;
+    std::vector<int64_t> ck(m.B);
+    std::vector<int32_t> cb(m.B);
+    std::vector<int64_t> nkey(k);
+    std::vector<int32_t> npos(k), from(k), freed(k);
+    std::vector<int16_t> nslot(k);
+    std::vector<char> kept(k);
+    struct Entering {
+        int64_t at, n, out;  // batch position (row * T + position), neuron, first window value
+    };
+    std::vector<Entering> entering;
+    int64_t changed = 0;
+    const int64_t MAX_DOC = 2147483647LL;
+    for (int64_t l = m.l0; l < m.l1; ++l) {
+        int64_t* key = m.key + l * k;
+        const int64_t last = key[k - 1];
+        int64_t nc = 0;
+        for (int64_t b = 0; b < m.B; ++b) {
+            const float a = m.doc_abs[b * m.lists + l];
+            if (!(a >= 0)) continue;
+            int32_t bits;
+            std::memcpy(&bits, &a, 4);
+            const int64_t c = ((int64_t)bits << 31) | (MAX_DOC - m.doc_id[b]);
+            if (c <= last) continue;
+            int64_t j = nc++;  // insertion, descending
+            while (j > 0 && ck[j - 1] < c) ck[j] = ck[j - 1], cb[j] = cb[j - 1], --j;
+            ck[j] = c, cb[j] = (int32_t)b;
+        }
+        if (nc == 0) continue;
+        ++changed;
+        int32_t* pos = m.pos + l * k;
+        int16_t* slot = m.slot + l * k;
+        int64_t i = 0, j = 0;
+        for (int64_t p = 0; p < k; ++p) {
+            if (j < nc && (i >= k || ck[j] > key[i])) {
+                nkey[p] = ck[j], npos[p] = (int32_t)m.doc_pos[cb[j] * m.lists + l], from[p] = -1 - (int32_t)j, ++j;
+            } else {
+                nkey[p] = key[i], npos[p] = pos[i], nslot[p] = slot[i], from[p] = (int32_t)i, ++i;
+            }
+        }
+        std::fill(kept.begin(), kept.end(), 0);
+        for (int64_t p = 0; p < k; ++p)
+            if (from[p] >= 0) kept[from[p]] = 1;
+        int64_t nfree = 0;
+        for (int64_t q = 0; q < k; ++q)
+            if (!kept[q]) freed[nfree++] = slot[q];
+        for (int64_t p = 0, f = 0; p < k; ++p) {
+            if (from[p] >= 0) continue;
+            nslot[p] = (int16_t)freed[f++];
+            entering.push_back({cb[-1 - from[p]] * m.T + npos[p], l / m.per_neuron, (l * k + nslot[p]) * W});
+        }
+        for (int64_t p = 0; p < k; ++p) key[p] = nkey[p], pos[p] = npos[p], slot[p] = nslot[p];
+    }
+    // The entering entries' windows, in the order of their positions: neighbours read the same rows
+    // from cache (in list order every window would read its rows from memory).
+    std::sort(entering.begin(), entering.end(), [](const Entering& x, const Entering& y) { return x.at < y.at; });
+    for (const Entering& e : entering) {
+        const int64_t b = e.at / m.T, p = e.at % m.T, len = m.lengths[b] < m.T ? m.lengths[b] : m.T;
+        for (int h = 0; h < 2; ++h) {
+            for (int64_t w = 0; w < W; ++w) {
+                const int64_t t = p - m.before + w;
+                const float v = (t >= 0 && t < len) ? load_scalar(m.hook[h], b * m.hook_sb[h] + t * m.hook_st[h] + e.n,
+                                                                  m.bf16) : NAN;
+                store_window_value(m.win[h], e.out + w, m.window_kind, v);
+            }
+        }
+    }
+    return changed;
+}
+
+// merge(pointers: [key, pos, slot, win_gate, win_in, doc_abs, doc_pos, doc_id, gate, in, lengths],
+// sizes: [window_kind, bf16, gate_sb, gate_st, in_sb, in_st, B, T, lists, k, before, after,
+// per_neuron, l0, l1]): see merge_lists; returns the lists changed.
+static PyObject* merge(PyObject*, PyObject* args) {
+    PyObject *p, *s;
+    if (!PyArg_ParseTuple(args, "O!O!", &PyList_Type, &p, &PyList_Type, &s)) return nullptr;
+    if (PyList_GET_SIZE(p) != 11 || PyList_GET_SIZE(s) != 15) {
+        PyErr_SetString(PyExc_ValueError, "merge: expected 11 pointers and 15 sizes");
+        return nullptr;
+    }
+    Merge m;
+    m.key = (int64_t*)ptr(p, 0);
+    m.pos = (int32_t*)ptr(p, 1);
+    m.slot = (int16_t*)ptr(p, 2);
+    m.win[0] = ptr(p, 3);
+    m.win[1] = ptr(p, 4);
+    m.doc_abs = (const float*)ptr(p, 5);
+    m.doc_pos = (const int64_t*)ptr(p, 6);
+    m.doc_id = (const int64_t*)ptr(p, 7);
+    m.hook[0] = (const char*)ptr(p, 8);
+    m.hook[1] = (const char*)ptr(p, 9);
+    m.lengths = (const int64_t*)ptr(p, 10);
+    m.window_kind = (int)num(s, 0);
+    m.bf16 = (int)num(s, 1);
+    m.hook_sb[0] = num(s, 2), m.hook_st[0] = num(s, 3), m.hook_sb[1] = num(s, 4), m.hook_st[1] = num(s, 5);
+    m.B = num(s, 6), m.T = num(s, 7), m.lists = num(s, 8), m.k = num(s, 9), m.before = num(s, 10);
+    m.after = num(s, 11), m.per_neuron = num(s, 12), m.l0 = num(s, 13), m.l1 = num(s, 14);
+    if (PyErr_Occurred()) return nullptr;
+    int64_t changed;
+    Py_BEGIN_ALLOW_THREADS
+    changed = merge_lists(m);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLongLong(changed);
+}
+
+// to_half(values: int (float32 pointer), out: int (uint16 pointer), count): for the tests.
+static PyObject* halves(PyObject*, PyObject* args) {
+    unsigned long long values, out;
+    long long count;
+    int kind;
+    if (!PyArg_ParseTuple(args, "KKLi", &values, &out, &count, &kind)) return nullptr;
+    for (long long i = 0; i < count; ++i) store_window_value((void*)out, i, kind, ((const float*)values)[i]);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"layer_batch", layer_batch, METH_VARARGS, "One layer-batch's fused statistics (see collect/fused.py)."},
+    {"windows", windows, METH_VARARGS, "Windows around chosen positions (see collect/fused.py)."},
+    {"merge", merge, METH_VARARGS, "A batch's documents into the top-k lists (see collect/fused.py)."},
+    {"convert", halves, METH_VARARGS, "float32 to a window dtype, as the merge stores them (for the tests)."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fused", nullptr, -1, methods};
+
+PyMODINIT_FUNC PyInit__fused(void) { return PyModule_Create(&module); }

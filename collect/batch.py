@@ -1,0 +1,204 @@
+"""One layer-batch into its statistics, by the fastest path that is exact on the device.
+
+Three paths give the same statistics (the tests compare them with brute-force references, value by
+value):
+
+* **the CPU kernel** (:mod:`collect.fused`), on a CPU where it was built: one pass over the hooks,
+  exact as it is (non-finite values counted apart); nothing is ever redone;
+* **the torch code without host syncs**, on a GPU (``torch.compile`` makes it Triton kernels): the
+  lists a batch may change and the random-example candidates it may hold are found with
+  ``nonzero_static`` under capacities learnt from earlier batches; a layer-batch that needs more,
+  or holds a NaN or inf where the compiled code assumes none, is left out (decided on the device)
+  and redone exactly after the batch's one host sync (:meth:`LayerPaths.settle`);
+* **the compiled torch code, checked at once**, on a CPU without the kernel: a sync costs nothing
+  there, so a flagged layer-batch is redone right away from the tensors in hand.
+
+The fast code (compiled, or the kernel) is checked against the eager code on a sample of every
+layer's neurons, in the first batch of each padded length (:func:`collect.compiled.check_outputs`:
+every output, the histograms and the example candidates included); a difference turns the rest of
+the run to the eager code, with one warning line, and the layer-batch is redone.
+
+The API takes any ``[B, T, N]`` hooks with a ``valid`` mask of ``[B, T]`` or ``[B, T, N]`` (per
+neuron), so that several sets of neurons (a layer's experts) can run as one wide layer.
+"""
+
+from __future__ import annotations
+
+import sys
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from collect import fused
+from collect.compiled import (CompiledWithFallback, check_outputs, compiled_with_fallback, describe_problem,
+                              fast_reduce, sample_neurons)
+from collect.memory import CandidateCapacity, ListCapacity
+from collect.stats import (N_CASES, N_HOOKS, BatchDistributions, LayerStats, compiled_histogram_batch,
+                           find_candidates, histogram_batch, reduce_batch, update_stats)
+
+
+@dataclass
+class Flags:
+    """What a deferred layer-batch left on the device for the batch's one host sync."""
+
+    applied: torch.Tensor  # bool: added; if not, it is redone exactly
+    active: torch.Tensor  # int64: top-k lists it changed (sizes the next capacity)
+    candidates: torch.Tensor  # int64: (position, neuron) pairs below an example list's limit
+    problem: torch.Tensor  # int64: 0, or 1 + the index in compiled.CHECKED of what differed from the eager code
+
+
+@dataclass
+class Batch:
+    """One batch's inputs shared by its layers: document rows, lengths, counted positions, priorities."""
+
+    doc_ids: torch.Tensor  # [B]
+    lengths: torch.Tensor  # [B]
+    valid: torch.Tensor  # [B, T] (or [B, T, N] per neuron)
+    prio: torch.Tensor | None  # [B, T] sampling priorities, with distributions
+    context_before: int
+    context_after: int
+
+
+class LayerPaths:
+    """Chooses and runs each layer-batch's path (see the module's docstring) and keeps what the
+    paths learn across batches: capacities per layer, which (layer, length) was checked, whether
+    the fast code is still trusted."""
+
+    def __init__(self, device: torch.device, d_mlp: int, compile_: bool, *, on_gpu_path: bool | None = None) -> None:
+        self.device = device
+        gpu_path = on_gpu_path if on_gpu_path is not None else (device.type != "cpu" or ListCapacity.ON_CPU)
+        self.kernel = device.type == "cpu" and not gpu_path and fused.available()
+        self.deferred = gpu_path
+        self.reduce: Callable[..., Any] = fast_reduce(compile_)
+        self.histogram: Callable[..., None] = compiled_with_fallback(histogram_batch, compiled_histogram_batch,
+                                                                     compile_)
+        self.trusted = self.kernel or isinstance(self.reduce, CompiledWithFallback)
+        self.n_lists = d_mlp * N_CASES * N_HOOKS
+        self.lists: dict[Any, ListCapacity] = {}
+        self.candidates: dict[Any, CandidateCapacity] = {}
+        self.checked: set[tuple[Any, int]] = set()
+
+    @property
+    def fast(self) -> str:
+        return "the CPU kernel's statistics" if self.kernel else "the compiled statistics"
+
+    def _check_now(self, layer: Any, length: int) -> bool:
+        if not self.trusted or (layer, length) in self.checked:
+            return False
+        self.checked.add((layer, length))
+        return True
+
+    def distrust(self, code: int, neurons: torch.Tensor) -> None:
+        """The fast code differed from the eager code: one warning line, the eager code from now on."""
+        print(describe_problem(code, neurons, self.fast), file=sys.stderr, flush=True)
+        self.kernel = False
+        self.trusted = False
+        self.reduce = lambda *args: reduce_batch(*args, assume_finite=True)
+        self.histogram = histogram_batch
+
+    def add(self, layer: Any, stats: LayerStats, hooks: tuple[torch.Tensor, ...], batch: Batch) -> Flags | None:
+        """Add one layer-batch (``hooks``: ``(gate, in, post, swish)``) to ``stats``. Returns the flags
+        to read at the batch's sync on the deferred (GPU) path, else None: done."""
+        gate, in_, post, swish = hooks
+        ordered = (post, in_, gate, swish)
+        length = gate.shape[1]
+        check = self._check_now(layer, length)
+        neurons = sample_neurons(gate.shape[-1], _seed(layer)).to(gate.device) if check else None
+        dist = stats.has_distributions
+        extra = dict(hooks=ordered, valid=batch.valid, prio=batch.prio) if dist else {}
+        if self.kernel and fused.supports(*hooks):
+            tables = None
+            if check and dist:  # this batch's tables apart, to compare them before they count
+                tables = (torch.zeros_like(stats.hist), torch.zeros_like(stats.density))
+            reduced, distributions = fused.reduce_and_bin(
+                stats, gate, in_, post, swish, batch.valid, prio=batch.prio, doc_ids=batch.doc_ids, tables=tables)
+            if check:
+                code = int(check_outputs(reduced, ordered, batch.valid, neurons, exact=True, distributions=distributions,
+                                         before=stats, prio=batch.prio, doc_ids=batch.doc_ids))
+                if code:
+                    self.distrust(code, neurons)
+                    self.redo(stats, hooks, batch)
+                    return None
+            update_stats(stats, reduced, batch.doc_ids, gate, in_, batch.lengths, batch.context_before,
+                         batch.context_after, check_finite=True, distributions=distributions, cut=fused.windows_at,
+                         merge=fused.merge_top, **extra)
+            return None
+        reduced = self.reduce(gate, in_, post, swish, batch.valid)
+        if not self.deferred:  # a CPU: every check read at once, a flagged batch redone from the tensors in hand
+            tables = None
+            if check and dist:  # this batch's histograms apart, to compare them before they count
+                tables = BatchDistributions(None, torch.zeros_like(stats.hist), torch.zeros_like(stats.density))
+                self.histogram(gate, in_, post, swish, batch.valid, torch.ones((), dtype=torch.int32),
+                               tables.hist, tables.density)
+            code = int(check_outputs(reduced, ordered, batch.valid, neurons, exact=False,
+                                     distributions=tables)) if check else 0
+            if code:
+                self.distrust(code, neurons)
+            if code or bool(reduced.suspect):
+                self.redo(stats, hooks, batch)
+                return None
+            update_stats(stats, reduced, batch.doc_ids, gate, in_, batch.lengths, batch.context_before,
+                         batch.context_after, histogram=self.histogram, distributions=tables, **extra)
+            return None
+        n_docs = len(batch.doc_ids)
+        lists = self.lists.setdefault(layer, ListCapacity(gate.device, self.n_lists))
+        accept = ~reduced.suspect
+        distributions = None
+        found = torch.zeros((), dtype=torch.int64, device=gate.device)
+        if dist:
+            slots = stats.sample_key.numel() + stats.band_key.numel()
+            learnt = self.candidates.setdefault(layer, CandidateCapacity(slots))
+            distributions = find_candidates(stats, ordered, batch.valid, batch.prio, batch.doc_ids,
+                                            learnt.current(n_docs), histogram=self.histogram, filling=learnt.filling)
+            accept = accept & ~distributions.overflow
+            found = distributions.candidate_positions
+        problem = torch.zeros((), dtype=torch.int64, device=gate.device)
+        if check:
+            problem = check_outputs(reduced, ordered, batch.valid, neurons, exact=False,
+                                    distributions=_tables_only(distributions))
+            accept = accept & (problem == 0)
+        applied, active = update_stats(stats, reduced, batch.doc_ids, gate, in_, batch.lengths, batch.context_before,
+                                       batch.context_after, capacity=lists.current(n_docs), accept=accept,
+                                       distributions=distributions, **extra)
+        return Flags(applied, active, found, problem)
+
+    def settle(self, flags: dict[Any, Flags], n_docs: int) -> list[Any]:
+        """After the forward pass of a deferred batch: the batch's one host sync reads every layer's
+        flags; the capacities learn from them. Returns the layers to redo exactly."""
+        if not flags:
+            return []
+        values = torch.stack([torch.stack([f.applied.long(), f.active.long(), f.candidates.long(), f.problem.long()])
+                              for f in flags.values()]).tolist()
+        redo = []
+        for layer, (applied, active, candidates, problem) in zip(flags, values):
+            self.lists[layer].observe(active, n_docs)
+            if layer in self.candidates:
+                self.candidates[layer].observe(candidates, n_docs)
+            if problem and self.trusted:
+                self.distrust(problem, sample_neurons(self.n_lists // (N_CASES * N_HOOKS), _seed(layer)))
+            if not applied:
+                redo.append(layer)
+        return redo
+
+    def redo(self, stats: LayerStats, hooks: tuple[torch.Tensor, ...], batch: Batch) -> None:
+        """Add one layer-batch exactly: every value checked, lists found with ``nonzero`` (host syncs:
+        for the rare flagged layer-batch, or a path without faster code)."""
+        gate, in_, post, swish = hooks
+        extra = dict(hooks=(post, in_, gate, swish), valid=batch.valid, prio=batch.prio) if stats.has_distributions else {}
+        update_stats(stats, reduce_batch(gate, in_, post, swish, batch.valid), batch.doc_ids, gate, in_, batch.lengths,
+                     batch.context_before, batch.context_after, check_finite=True, **extra)
+
+
+def _seed(layer: Any) -> int:
+    """A layer's (or an expert's key's) own offset for the neurons it checks."""
+    return layer if isinstance(layer, int) else zlib.crc32(str(layer).encode())
+
+
+def _tables_only(distributions: BatchDistributions | None) -> BatchDistributions | None:
+    """The histogram tables of a batch's distributions, for the check (its candidates came from the
+    torch code itself: nothing to compare them with)."""
+    if distributions is None:
+        return None
+    return BatchDistributions(distributions.candidates, distributions.hist, distributions.density)

@@ -1,0 +1,203 @@
+"""The CPU's statistics in one pass: the C++ kernel ``collect/_fused.cpp``, called on the hooks' memory.
+
+``torch.compile`` fuses :func:`collect.stats.reduce_batch` into one loop, but on a CPU the
+histograms and the random examples then need passes of their own, and the compiled loop computes
+every case's reductions for every value. The kernel reads each value once and does all of it: the
+per-document counts, sums and extremes of :func:`~collect.stats.reduce_batch` (non-finite values
+counted apart, as its exact path does), the histograms (narrow counters per block of neurons,
+flushed into the tables), and for each random-example list the batch's positions that may enter it
+(:class:`Candidates`). Neurons are split among ``torch.get_num_threads()`` threads.
+
+The kernel is an optional part of the install (``setup.py``); :func:`available` says whether it was
+built. Without it collection runs the torch code, which gives the same values (the tests compare
+both, value by value, and collection checks the kernel against it at run time:
+:mod:`collect.compiled`).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import torch
+
+from collect.stats import (N_CASES, N_HOOKS, BatchDistributions, BatchReduction, Candidates, LayerStats, from_documents,
+                           list_limits)
+from collect.stats import windows_at as stats_windows_at
+
+try:
+    from collect import _fused
+except ImportError:  # not built: no C++ compiler at install time, or a source checkout
+    _fused = None
+
+#: Neurons a thread reads position by position: their accumulators stay in L1, their narrow
+#: histogram counters in L2 (bench/fused_kernel.py measured 32 to 128 alike on a 2-core EPYC).
+BLOCK = 64
+
+
+def available() -> bool:
+    """Whether the C++ kernel was built with this install."""
+    return _fused is not None
+
+
+def supports(*hooks: torch.Tensor) -> bool:
+    """Whether the kernel can read these hooks: CPU tensors of one float dtype it knows, neurons
+    contiguous (float16 is converted by the caller)."""
+    return all(h.device.type == "cpu" and h.dtype in (torch.float32, torch.bfloat16, torch.float16) and h.dim() == 3
+               for h in hooks)
+
+
+def reduce_and_bin(stats: LayerStats, gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor,
+                   swish: torch.Tensor, valid: torch.Tensor, *, prio: torch.Tensor | None = None,
+                   doc_ids: torch.Tensor | None = None,
+                   tables: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   threads: int | None = None) -> tuple[BatchReduction, BatchDistributions | None]:
+    """One layer-batch through the kernel, for :func:`collect.stats.update_stats`: its reduction
+    (exact: non-finite values counted apart, ``suspect`` never set) and, where ``stats`` has
+    distributions, its :class:`~collect.stats.BatchDistributions`, whose histograms the kernel has
+    added to ``stats`` already (so the batch must then be added as it is), or to ``tables`` (zeroed
+    ``hist`` and ``density`` of the batch alone, for a check before they count). ``gate``, ``in_``,
+    ``post``, ``swish``: ``[B, T, N]``; ``valid``: ``[B, T]`` or ``[B, T, N]`` bool; ``prio``: ``[B, T]``
+    sampling priorities and ``doc_ids`` ``[B]`` the rows' documents (with distributions)."""
+    if not stats.has_distributions:
+        return layer_batch(gate, in_, post, swish, valid, threads=threads)[0], None
+    limit_s, limit_b = list_limits(stats)
+    hist, density = tables if tables is not None else (stats.hist, stats.density)
+    reduced, candidates = layer_batch(gate, in_, post, swish, valid, hist=hist, density=density,
+                                      prio=prio, doc_ids=doc_ids, sample_limit=limit_s, band_limit=limit_b,
+                                      list_sizes=(stats.sample_key.shape[-1], stats.band_key.shape[-1]),
+                                      threads=threads)
+    if tables is not None:
+        return reduced, BatchDistributions(candidates, hist, density)
+    return reduced, BatchDistributions(candidates)
+
+
+def layer_batch(gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor, swish: torch.Tensor, valid: torch.Tensor,
+                *, hist: torch.Tensor | None = None, density: torch.Tensor | None = None,
+                prio: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
+                sample_limit: torch.Tensor | None = None, band_limit: torch.Tensor | None = None,
+                list_sizes: tuple[int, int] = (0, 0), threads: int | None = None) -> tuple[BatchReduction, Candidates | None]:
+    """One layer-batch through the kernel. ``gate``, ``in_``, ``post``, ``swish``: ``[B, T, N]``;
+    ``valid``: ``[B, T]`` or ``[B, T, N]`` bool. Returns the batch's reduction (exact: ``suspect`` is
+    never set) and, with ``prio``, the random examples' candidates.
+
+    ``hist`` ``[N, C, H, B]`` and ``density`` ``[N, C, G/2, G/2]`` (int32, the quadrant of each case):
+    the histogram tables, added to in place. ``prio`` ``[B, T]`` int64, ``doc_ids`` ``[B]``: the
+    positions' sampling priorities and the rows' documents; ``sample_limit`` ``[N, C]`` and
+    ``band_limit`` ``[N, C, R]``: each list's last priority (a position enters only below it);
+    ``list_sizes``: the lists' lengths (S, S2)."""
+    if _fused is None:
+        raise RuntimeError("collect._fused was not built")
+    hooks = [h if h.dtype != torch.float16 else h.float() for h in (post, in_, gate, swish)]
+    dtype = hooks[0].dtype
+    hooks = [h.to(dtype) if h.dtype != dtype else h for h in hooks]
+    hooks = [h if h.stride(-1) == 1 else h.contiguous() for h in hooks]
+    b, t, n = hooks[0].shape
+    valid = valid.to(torch.uint8)
+    valid_strides = valid.stride() if valid.dim() == 3 else valid.stride() + (0,)
+    doc_count = torch.empty(b, n, N_CASES, dtype=torch.int32)
+    doc_sum, doc_max, doc_min = (torch.empty(b, n, N_CASES, N_HOOKS) for _ in range(3))
+    doc_pos = torch.empty(b, n, N_CASES, N_HOOKS, dtype=torch.int32)
+    nonfinite = torch.zeros(n, N_CASES + 1, dtype=torch.int64)
+    candidates = None
+    null = 0
+    extra = [null] * 12
+    S = S2 = 0
+    if hist is not None:
+        extra[0], extra[1] = hist.data_ptr(), density.data_ptr()
+    if prio is not None:
+        assert hist is not None and sample_limit is not None and band_limit is not None and doc_ids is not None
+        S, S2 = list_sizes
+        prio = prio.contiguous()
+        doc_ids = doc_ids.to(torch.int64).contiguous()
+        sample_limit, band_limit = sample_limit.contiguous(), band_limit.contiguous()
+        candidates = Candidates.empty(n, S, S2)
+        extra[2:] = [prio.data_ptr(), doc_ids.data_ptr(), sample_limit.data_ptr(), band_limit.data_ptr(),
+                     candidates.sample_key.data_ptr(), candidates.sample_b.data_ptr(), candidates.sample_t.data_ptr(),
+                     candidates.band_key.data_ptr(), candidates.band_b.data_ptr(), candidates.band_t.data_ptr()]
+    pointers = [h.data_ptr() for h in hooks] + [valid.data_ptr(), doc_count.data_ptr(), doc_sum.data_ptr(),
+                                                doc_max.data_ptr(), doc_min.data_ptr(), doc_pos.data_ptr(),
+                                                nonfinite.data_ptr()] + extra
+    strides = [s for h in hooks for s in h.stride()[:2]]
+
+    def run(n0: int, n1: int) -> None:
+        _fused.layer_batch(pointers, [b, t, n, n0, n1, BLOCK, int(dtype == torch.bfloat16), *strides,
+                                      *valid_strides, S, S2])
+
+    threads = threads or torch.get_num_threads()
+    blocks = -(-n // BLOCK)
+    if threads <= 1 or blocks <= 1:
+        run(0, n)
+    else:
+        per = -(-blocks // min(threads, blocks)) * BLOCK
+        with concurrent.futures.ThreadPoolExecutor(min(threads, blocks)) as pool:
+            list(pool.map(lambda n0: run(n0, min(n, n0 + per)), range(0, n, per)))
+    reduced = from_documents(doc_count.long(), doc_sum, doc_max, doc_min, doc_pos.long(), nonfinite,
+                             torch.zeros((), dtype=torch.bool))
+    return reduced, candidates
+
+
+
+def windows_at(values: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, neurons: torch.Tensor,
+               lengths: torch.Tensor, context_before: int, context_after: int) -> torch.Tensor:
+    """:func:`collect.stats.windows_at` in the kernel (one loop over the windows in the order of
+    their positions, instead of tensors of indices): the same values, for CPU tensors it can read;
+    otherwise the torch code."""
+    if _fused is None or not supports(values) or values.stride(-1) != 1:
+        return stats_windows_at(values, rows, pos, neurons, lengths, context_before, context_after)
+    if values.dtype == torch.float16:
+        values = values.float()
+    rows, pos, neurons = (x.to(torch.int64).contiguous() for x in (rows, pos, neurons))
+    lengths = lengths.to(torch.int64).contiguous()
+    window = context_before + 1 + context_after
+    out = torch.empty(rows.numel(), window)
+    if rows.numel():
+        order = torch.argsort(rows * values.shape[1] + pos)
+        _fused.windows([values.data_ptr(), rows.data_ptr(), pos.data_ptr(), neurons.data_ptr(), lengths.data_ptr(),
+                        order.data_ptr(), out.data_ptr()],
+                       [int(values.dtype == torch.bfloat16), values.stride(0), values.stride(1), values.shape[1],
+                        rows.numel(), context_before, context_after])
+    return out.to(values.dtype)
+
+
+#: The kernel's codes of the windows' dtypes.
+_WINDOW_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def merge_top(stats: LayerStats, batch: BatchReduction, doc_ids: torch.Tensor, gate: torch.Tensor, in_: torch.Tensor,
+              lengths: torch.Tensor, context_before: int, context_after: int, *, capacity: int | None = None,
+              accept: torch.Tensor | None = None, cut: object = None,
+              threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`collect.stats.merge_top` in the kernel: the same lists and windows (their slots may
+    differ: :meth:`LayerStats.ordered_windows` reads them in list order), one loop per list instead
+    of tensors over every list. For a batch added as it is, from CPU tensors the kernel reads."""
+    if capacity is not None or accept is not None:
+        raise ValueError("the kernel's merge adds a batch as it is (no capacity, no accept)")
+    hooks = [h if h.dtype != torch.float16 else h.float() for h in (gate, in_)]
+    if hooks[0].dtype != hooks[1].dtype:
+        hooks = [h.float() for h in hooks]
+    hooks = [h if h.stride(-1) == 1 else h.contiguous() for h in hooks]
+    doc_abs = batch.doc_abs.float().contiguous()
+    doc_pos = batch.doc_pos.to(torch.int64).contiguous()
+    doc_ids = doc_ids.to(torch.int64).contiguous()
+    lengths = lengths.to(torch.int64).contiguous()
+    n_lists, k = stats.top_key[..., 0].numel(), stats.k
+    for name in ("top_key", "top_pos", "top_slot", "win_gate", "win_in"):
+        assert getattr(stats, name).is_contiguous(), name
+    pointers = [stats.top_key.data_ptr(), stats.top_pos.data_ptr(), stats.top_slot.data_ptr(),
+                stats.win_gate.data_ptr(), stats.win_in.data_ptr(), doc_abs.data_ptr(), doc_pos.data_ptr(),
+                doc_ids.data_ptr(), hooks[0].data_ptr(), hooks[1].data_ptr(), lengths.data_ptr()]
+    sizes = [_WINDOW_KINDS[stats.win_gate.dtype], int(hooks[0].dtype == torch.bfloat16), *hooks[0].stride()[:2],
+             *hooks[1].stride()[:2], doc_abs.shape[0], hooks[0].shape[1], n_lists, k, context_before, context_after,
+             N_CASES * N_HOOKS]
+
+    def run(l0: int, l1: int) -> int:
+        return _fused.merge(pointers, sizes + [l0, l1])
+
+    threads = threads or torch.get_num_threads()
+    if threads <= 1 or n_lists < 1024:
+        changed = run(0, n_lists)
+    else:
+        per = -(-n_lists // threads)
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            changed = sum(pool.map(lambda l0: run(l0, min(n_lists, l0 + per)), range(0, n_lists, per)))
+    return torch.ones((), dtype=torch.bool), torch.tensor(changed)

@@ -1,0 +1,208 @@
+"""A light site's word index: which neurons a word is about, ranked by how much of their strong
+activations it accounts for.
+
+A neuron's strong activations are the examples of its four ``hook_post`` top-k lists (each case's
+strongest). Each example is found by the terms of the word it peaks on (:func:`words.index_terms`:
+the word up to the peak piece, what the model had read). For each case, a term's **share** is the sum
+of ``|post|`` over the case's examples on it divided by the sum over all four lists: how much of the
+neuron's strong activations the word accounts for, in that case. Its **score**, what search ranks by,
+is the share times ``min(1, peak / scale)``, ``peak`` the strongest ``|post|`` on the term and ``scale``
+the case's scale in the layer (``pick.case_scales``: the 99th percentile of the case's extremes over
+the layer's neurons), so a word that fills a neuron's lists only at a fraction of the strength the
+layer's neurons reach counts for that fraction. On the demo, the neuron whose rare case is made of
+bracketed transcript notes (28.473: ``[Applause]``, ``[Laughter]``) ranks first for both words, before
+neurons that fire on "App" of "Applause" (found by "app") and neurons whose weak cases hold the word.
+
+The index is written as shards of about :data:`SHARD_BYTES`, each a range of terms in code-point
+order (``search/{n}.json``: ``{term: [[id, case, score, share, peak], ...]}``), and
+``search/firsts.json``, each shard's first term (:func:`words.shard_of`). A term keeps its
+:data:`POSTINGS` best neurons.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from mkdocs_gluscope.light.data import dumps
+from mkdocs_gluscope.store import CASES, NeuronData
+from mkdocs_gluscope.words import CONTEXT, WORD_LIMIT, index_terms, unspaced, word_around
+
+#: Neurons kept per term (the best by share): a word thousands of neurons peak on (" the") stays small.
+POSTINGS = 100
+#: Bytes per shard file (before the last term that crosses it): a query fetches one or two.
+SHARD_BYTES = 64 * 1024
+
+Posting = tuple[str, float, float, float, str, int]  # term, -score, -share, -|peak|, neuron id, case (sort order)
+
+
+class WordFinder:
+    """:func:`words.word_around` and :func:`words.index_terms` for windows of token ids, fast: the
+    vocabulary's per-token facts are arrays computed once, a window's word is found for all examples at
+    once, and each word's terms are computed once (``tests/test_light.py`` checks it against the rules)."""
+
+    def __init__(self, vocab: list[str]) -> None:
+        self.vocab = vocab
+
+        def facts(pick) -> np.ndarray:
+            return np.array([bool(s) and pick(s) for s in vocab] + [False])  # id -1 (outside): no word
+
+        self.first_alnum = facts(lambda s: s[0].isalnum())
+        self.last_alnum = facts(lambda s: s[-1].isalnum())
+        self.first_unspaced = facts(lambda s: unspaced(s[0]))
+        self.last_unspaced = facts(lambda s: unspaced(s[-1]))
+        self._terms: dict[bytes, list[str]] = {}
+        self._words: dict[bytes, tuple[str, str, str]] = {}
+
+    def extents(self, ids: np.ndarray, centre: int) -> tuple[np.ndarray, np.ndarray]:
+        """First and last window position of the whole word around ``centre`` of each window ``ids[..., W]``."""
+        a, b = ids[..., :-1], ids[..., 1:]
+        joins = (self.last_alnum[a] & self.first_alnum[b] & ~(self.last_unspaced[a] & self.first_unspaced[b])
+                 & (a >= 0) & (b >= 0))
+        left = np.cumprod(joins[..., :centre][..., ::-1], axis=-1).sum(axis=-1) if centre else np.zeros(ids.shape[:-1], int)
+        right = np.cumprod(joins[..., centre:], axis=-1).sum(axis=-1)
+        return centre - np.minimum(left, WORD_LIMIT), centre + np.minimum(right, WORD_LIMIT)
+
+    def _key(self, ids: np.ndarray, centre: int, start: int, stop: int) -> tuple[int, int, bytes]:
+        """The word's tokens, with the tokens on each side that the rules look at (where the word stops at
+        its peak next to text without spaces: up to CONTEXT characters, so as many tokens): the slice
+        and the bytes of its ids, the key of the word's terms."""
+        lo = max(0, start - CONTEXT) if start == centre and centre > 0 and self.last_unspaced[ids[centre - 1]] else start
+        hi = (min(len(ids), stop + 1 + CONTEXT) if stop == centre and centre + 1 < len(ids)
+              and self.first_unspaced[ids[centre + 1]] else stop + 1)
+        return lo, hi, ids[lo:hi].tobytes() + bytes([centre - lo])
+
+    def _tokens(self, ids: np.ndarray) -> list[str | None]:
+        return [self.vocab[t] if t >= 0 else None for t in ids]
+
+    def terms(self, ids: np.ndarray, centre: int, start: int, stop: int) -> list[str]:
+        lo, hi, key = self._key(ids, centre, start, stop)
+        found = self._terms.get(key)
+        if found is None:
+            found = self._terms[key] = index_terms(self._tokens(ids[lo:hi]), centre - lo)
+        return found
+
+    def word(self, ids: np.ndarray, centre: int, start: int, stop: int) -> tuple[str, str, str]:
+        lo, hi, key = self._key(ids, centre, start, stop)
+        found = self._words.get(key)
+        if found is None:
+            found = self._words[key] = word_around(self._tokens(ids[lo:hi]), centre - lo)
+        return found
+
+
+def postings(data: NeuronData, words: WordFinder, ids: np.ndarray | None = None,
+             scales: Sequence[float] | None = None) -> list[Posting]:
+    """Each (term, case) of one neuron with its score and share (see the module). ``ids``: the token
+    ids of the hook_post lists' windows ``[C, k, W]`` (default: from ``data.window_tokens``);
+    ``scales``: each case's scale in the layer (default: 1, no discount)."""
+    out: list[Posting] = []
+    nid = data.id
+    centre = data.context_before
+    if ids is None:
+        ids = data.window_tokens[:, 0]
+    starts, stops = words.extents(ids, centre)
+    filled = data.top_doc[:, 0] >= 0  # [C, k]
+    weights = np.abs(data.top_value[:, 0].astype(np.float64))
+    weights[~np.isfinite(weights) | ~filled] = 0.0
+    total = float(weights.sum())
+    peaks = filled & (ids[:, :, centre] >= 0)
+    for c in range(len(CASES)):
+        found: dict[str, list[float]] = {}
+        for j in np.flatnonzero(peaks[c]).tolist():
+            w = float(weights[c, j])
+            for term in words.terms(ids[c, j], centre, int(starts[c, j]), int(stops[c, j])):
+                entry = found.get(term)
+                if entry is None:
+                    found[term] = [w, w]
+                else:
+                    entry[0] += w
+                    entry[1] = max(entry[1], w)
+        scale = float(scales[c]) if scales is not None and scales[c] > 0 else 0.0
+        for term, (mass, peak) in found.items():
+            share = mass / total if total > 0 else 0.0
+            score = share * min(1.0, peak / scale) if scale else share
+            out.append((term, -_round(score), -_round(share), -float(f"{peak:.4g}"), nid, c))
+    return out
+
+
+def _round(x: float) -> float:
+    return int(x * 1000 + 0.5) / 1000
+
+
+def write_sorted(items: list[Posting], path: Path) -> Path:
+    """Postings sorted (by term, then rank) as lines of tab-separated fields (backslash, tab and line
+    ends in the term escaped as in JSON), for :func:`write_shards` to merge."""
+    items.sort()
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        f.writelines(f"{_escape(t)}\t{r!r}\t{s!r}\t{p!r}\t{n}\t{c}\n" for t, r, s, p, n, c in items)
+    return path
+
+
+_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def _escape(term: str) -> str:
+    return term.translate(_ESCAPES)
+
+
+def _unescape(text: str) -> str:
+    return json.loads('"' + text.replace('"', '\\"') + '"', strict=False) if "\\" in text else text
+
+
+def _read(path: Path) -> Iterator[Posting]:
+    with open(path, encoding="utf-8", newline="\n") as f:
+        for line in f:
+            term, score, share, peak, nid, case = line[:-1].split("\t")
+            yield _unescape(term), float(score), float(share), float(peak), nid, int(case)
+
+
+def write_shards(runs: Iterable[Path], folder: Path) -> dict[str, int]:
+    """Merge sorted posting runs into the shards and ``firsts.json`` under ``folder``; returns counts.
+    Memory holds one term's postings and one shard at a time."""
+    folder.mkdir(parents=True, exist_ok=True)
+    firsts: list[str] = []
+    shard: dict[str, list] = {}
+    size = 0
+    terms = kept = 0
+
+    def flush() -> None:
+        nonlocal shard, size
+        if shard:
+            (folder / f"{len(firsts) - 1}.json").write_text(dumps(shard), encoding="utf-8")
+        shard, size = {}, 0
+
+    current: str | None = None
+    best: list = []
+
+    def finish() -> None:
+        nonlocal terms, kept
+        if current is None:
+            return
+        entry = [[nid, c, -score, -share, -peak] for _, score, share, peak, nid, c in best]
+        cost = len(dumps(current)) + len(dumps(entry)) + 2
+        if not firsts or (size + cost > SHARD_BYTES and shard):
+            flush()
+            firsts.append(current if firsts else "")
+        shard[current] = entry
+        add(cost)
+        terms += 1
+        kept += len(entry)
+
+    def add(n: int) -> None:
+        nonlocal size
+        size += n
+
+    for item in heapq.merge(*(_read(p) for p in runs)):
+        if item[0] != current:
+            finish()
+            current, best = item[0], []
+        if len(best) < POSTINGS:
+            best.append(item)
+    finish()
+    flush()
+    (folder / "firsts.json").write_text(dumps(firsts or [""]), encoding="utf-8")
+    return {"terms": terms, "postings": kept, "shards": len(firsts)}

@@ -1,0 +1,192 @@
+"""Collection's fast paths (collect/batch.py): one host sync per batch on the GPU's path, one forward
+pass per batch, and a run-time check that catches fast code that is wrong anywhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import collect.run as run_module
+from collect import fused
+from collect.memory import ListCapacity
+from collect.run import collect
+from collect.stats import reduce_batch
+from collect.syncs import SyncCounter
+from test_collect import same_statistics, small_config
+
+
+def run_counting_syncs(config, monkeypatch) -> list:
+    """``collect(config)``, with the host syncs of each batch counted."""
+    run_batch = run_module._run_batch
+    per_batch = []
+
+    def counted(*args, **kwargs):
+        with SyncCounter() as syncs:
+            run_batch(*args, **kwargs)
+        per_batch.append(syncs.counts)
+
+    monkeypatch.setattr(run_module, "_run_batch", counted)
+    collect(config)
+    monkeypatch.setattr(run_module, "_run_batch", run_batch)
+    return per_batch
+
+
+def test_gpu_path_makes_one_host_sync_per_batch_and_the_exact_paths_file(model_factory, corpus_files, tmp_path,
+                                                                         monkeypatch, torch_path):
+    """Issue 16: with the distributions, the GPU's code path (run on a CPU) waits for the device
+    once per batch, the first batch included (its random examples fill without a redo), and writes
+    the file of the exact path, dataset by dataset."""
+    model = model_factory("llama")
+    exact = collect(small_config(model, corpus_files, tmp_path / "exact.h5", batch_tokens=64))
+    monkeypatch.setattr(ListCapacity, "ON_CPU", True)
+    per_batch = run_counting_syncs(small_config(model, corpus_files, tmp_path / "gpu.h5", batch_tokens=64), monkeypatch)
+    assert len(per_batch) > 3 and all(sum(c.values()) == 1 for c in per_batch), per_batch
+    same_statistics(exact, tmp_path / "gpu.h5")
+
+
+def test_sync_counter_counts_what_makes_the_host_wait():
+    x = torch.arange(10)
+    with SyncCounter() as syncs:
+        x.sum()
+        x[x > 3]  # boolean mask: its size depends on the values
+        x.nonzero()
+        int(x[0])
+        torch.unique(x)
+        x.tolist()
+        torch.nonzero_static(x > 3, size=4)  # a fixed size: no wait
+    assert syncs.total == 5 and syncs.counts["tolist"] == 1, syncs.counts
+
+
+def float16_model_with_an_overflowing_neuron(model_factory, folder):
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_factory("llama"))
+    with torch.no_grad():
+        model.model.layers[0].mlp.gate_proj.weight[0] *= 1e5  # beyond float16's 65504 on most tokens
+    model.to(torch.float16).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (model_factory("llama") / name).exists():
+            (folder / name).write_bytes((model_factory("llama") / name).read_bytes())
+    return folder
+
+
+@pytest.mark.parametrize("path", ["kernel", "torch"])
+def test_float16_model_with_an_overflowing_neuron_runs_one_forward_pass_per_batch(path, model_factory, corpus_files,
+                                                                                   tmp_path, monkeypatch, request):
+    """Issue 16: a flagged layer-batch is redone from the tensors in hand, not by a second forward
+    pass (the torch code flags every batch here: its fast path assumes finite values)."""
+    if path == "torch":
+        request.getfixturevalue("torch_path")
+    elif not fused.available():
+        pytest.skip("collect._fused was not built")
+    folder = float16_model_with_an_overflowing_neuron(model_factory, tmp_path / "fp16")
+    forwards, flagged, batches = [], [], []
+    run_with_hooks, run_batch = run_module.run_with_mlp_hooks, run_module._run_batch
+
+    def counting(loaded, input_ids, layers, on_layer, on_moe=None):
+        forwards.append(layers)
+        return run_with_hooks(loaded, input_ids, layers, on_layer, on_moe)
+
+    def batch_counting(*args, **kwargs):
+        batches.append(args[2])
+        return run_batch(*args, **kwargs)
+
+    def noting(*args, **kwargs):
+        reduced = reduce_batch(*args, **kwargs)
+        flagged.append(bool(reduced.suspect))
+        return reduced
+
+    monkeypatch.setattr(run_module, "run_with_mlp_hooks", counting)
+    monkeypatch.setattr(run_module, "_run_batch", batch_counting)
+    monkeypatch.setattr("collect.compiled.reduce_batch", noting)
+    out = collect(small_config(folder, corpus_files, tmp_path / "run.h5", dtype="float16", layers=[0],
+                               refactor_glu=False))
+    import h5py
+
+    with h5py.File(out) as f:
+        assert f["stats/nonfinite"][0, 0].sum() > f.attrs["n_tokens"] // 2  # the overflowing neuron
+        assert (f["stats/nonfinite"][0, 1:] == 0).all()
+    assert len(batches) > 3 and len(forwards) == len(batches)
+    if path == "torch":
+        assert sum(flagged) == len(batches)  # every batch flagged by the fast path, and redone
+
+
+def miscompiled(corrupt):
+    """A ``compiled_reduce_batch`` whose results ``corrupt`` changes: what a kernel compiled for
+    another instruction set did."""
+    def make(enabled, **kwargs):
+        def compiled(*args):
+            reduced = reduce_batch(*args, assume_finite=True)
+            corrupt(reduced)
+            return reduced
+        return compiled
+    return make
+
+
+@pytest.mark.parametrize("fault", ["neurons-past-32", "per-document-counts", "histograms", "kernel-histograms"])
+def test_wrong_fast_code_is_caught_and_the_batch_recomputed(fault, model_factory, corpus_files, tmp_path,
+                                                            monkeypatch, capsys, request):
+    """Issue 15: the run-time check compares every output of the fast code on neurons spread over
+    every layer: a fault anywhere is caught with one warning line and the file is the eager one."""
+    import collect.compiled as compiled_module
+    from collect.stats import histogram_batch
+
+    if fault == "kernel-histograms":
+        if not fused.available():
+            pytest.skip("collect._fused was not built")
+    else:
+        request.getfixturevalue("torch_path")
+    model = model_factory("llama")
+    eager = collect(small_config(model, corpus_files, tmp_path / "eager.h5"))
+    if fault == "neurons-past-32":
+        monkeypatch.setattr(compiled_module, "compiled_reduce_batch",
+                            miscompiled(lambda r: r.doc_abs[:, 32:].mul_(2)))
+    elif fault == "per-document-counts":
+        monkeypatch.setattr(compiled_module, "compiled_reduce_batch",
+                            miscompiled(lambda r: r.doc_count[:, 40:].add_(1)))
+    elif fault == "histograms":
+        def wrong_histogram(enabled):
+            def histogram(*args):
+                histogram_batch(*args)
+                args[-2][40, 0, 0, 0] += 1  # one count too many in neuron 40's hist
+            return histogram
+        monkeypatch.setattr(compiled_module, "compiled_reduce_batch", miscompiled(lambda r: None))
+        monkeypatch.setattr("collect.batch.compiled_histogram_batch", wrong_histogram)
+    else:
+        layer_batch = fused.layer_batch
+
+        def wrong_kernel(*args, **kwargs):
+            out = layer_batch(*args, **kwargs)
+            if kwargs.get("density") is not None:
+                kwargs["density"][45, 3, 2, 2] += 1
+            return out
+        monkeypatch.setattr(fused, "layer_batch", wrong_kernel)
+    out = collect(small_config(model, corpus_files, tmp_path / "checked.h5", compile=True))
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    expected = {"neurons-past-32": "doc_abs", "per-document-counts": "doc_count", "histograms": "hist",
+                "kernel-histograms": "density"}[fault]
+    assert len(warnings) == 1 and f"differ from the eager computation ({expected} of neurons" in warnings[0], warnings
+    # The eager torch code adds the rest of the run's sums in another order than the kernel did.
+    same_statistics(eager, out, sums_to_rounding=fault.startswith("kernel"))
+
+
+def test_nan_post_at_a_zero_gate_is_flagged_by_the_fast_path():
+    """Issue 15: a NaN in post or act(gate) where gate or in is exactly zero (no case) was counted by
+    the exact path but not flagged by the fast one."""
+    from collect.stats import compiled_reduce_batch
+
+    g = torch.Generator().manual_seed(0)
+    gate, in_ = torch.randn(2, 9, 6, generator=g), torch.randn(2, 9, 6, generator=g)
+    gate[1, 4, 3] = 0.0
+    swish = torch.nn.functional.silu(gate)
+    valid = torch.ones(2, 9, dtype=torch.bool)
+    for poisoned in ("post", "swish"):
+        post, act = swish * in_, swish.clone()
+        (post if poisoned == "post" else act)[1, 4, 3] = float("nan")
+        exact = reduce_batch(gate, in_, post, act, valid)
+        assert exact.nonfinite[3].tolist() == [0, 0, 0, 0, 1]
+        assert bool(reduce_batch(gate, in_, post, act, valid, assume_finite=True).suspect), poisoned
+        assert bool(compiled_reduce_batch(True, exact_on_suspect=False)(gate, in_, post, act, valid).suspect)
+        if fused.available():
+            kernel, _ = fused.layer_batch(gate, in_, post, act, valid)
+            assert torch.equal(kernel.nonfinite, exact.nonfinite)

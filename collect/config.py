@@ -47,6 +47,7 @@ class CollectConfig:
     window_dtype: str = "float16"
     samples: int = SAMPLES  # random examples per case; 0: no distributions (histograms, density, samples, bands)
     band_samples: int = BAND_SAMPLES  # random examples per case and band of |post|
+    effects: bool = True  # run on to the final norm and record each example's direct effect on the output
     shard: str | None = None
     resume: bool = False
     checkpoint_every: float = 600.0

@@ -287,7 +287,8 @@ def _torchvision_importable() -> bool:
 
 
 def load_model(model: str, *, dtype: str = "auto", device: str = "auto", refactor: bool = True,
-               engine: str = "hf", layers: list[int] | None = None) -> tuple[LoadedModel, dict[str, torch.Tensor]]:
+               engine: str = "hf", layers: list[int] | None = None, cosines: bool = True
+               ) -> tuple[LoadedModel, dict[str, torch.Tensor]]:
     """Load a model by name or path and :func:`prepare_model` it."""
     if engine not in ENGINES:
         raise GluscopeError(f"--engine {engine!r}; expected one of {', '.join(ENGINES)}")
@@ -295,15 +296,16 @@ def load_model(model: str, *, dtype: str = "auto", device: str = "auto", refacto
     torch_dtype = resolve_dtype(dtype, torch_device)
     hf_model, tokenizer = load_hf(model, torch_dtype)
     return prepare_model(hf_model.to(torch_device), tokenizer, name=model, refactor=refactor, engine=engine,
-                         layers=layers)
+                         layers=layers, cosines=cosines)
 
 
 def prepare_model(hf_model: Any, tokenizer: Any, *, name: str = "model", refactor: bool = True,
-                  engine: str = "hf", layers: list[int] | None = None
+                  engine: str = "hf", layers: list[int] | None = None, cosines: bool = True
                   ) -> tuple[LoadedModel, dict[str, torch.Tensor]]:
     """Locate the requested layers' MLPs (all by default), check, refactor (and for engine
     ``bridge``, wrap) a loaded model. Returns it and the weight facts of its dense layers, in layer
-    order (``flipped`` and the three cosines, computed after refactor_glu)."""
+    order (``flipped`` and, unless ``cosines`` is False, the three cosines, computed after
+    refactor_glu: a second of a 135M model's load on 2 cores, which a probe does without)."""
     param = next(hf_model.parameters())
     found = locate(hf_model, layers)
     dense = {layer: mlp for layer, mlp in sorted(found.layers.items()) if isinstance(mlp, GatedMLP)}
@@ -326,7 +328,7 @@ def prepare_model(hf_model: Any, tokenizer: Any, *, name: str = "model", refacto
         flipped = refactor_glu(mlps) if mlps else torch.zeros(0, 0, dtype=torch.bool)
     else:
         flipped = torch.zeros(len(mlps), d_mlp, dtype=torch.bool)
-    facts = {"flipped": flipped, **(weight_cosines(mlps) if mlps else
+    facts = {"flipped": flipped, **({} if not cosines else weight_cosines(mlps) if mlps else
                                     {k: torch.zeros(0, 0) for k in ("cos_gate_in", "cos_gate_out", "cos_in_out")})}
     expert_facts = {}
     for layer, moe_layer in moe.items():
@@ -389,13 +391,15 @@ def run_with_mlp_hooks(
     layers: list[int],
     on_layer: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None],
     on_moe: OnMoE | None = None,
+    stop_after_last: bool = True,
 ) -> None:
     """Run the model on ``input_ids`` (right-padded: causal attention keeps padding out of real
     positions, so no attention mask is needed) and call ``on_layer(layer, gate, in, post)`` as each
     listed dense layer's MLP runs, ``on_moe`` (see :data:`OnMoE`) as each listed mixture-of-experts
     layer finishes. The forward pass stops after the last listed layer, skipping the rest of the
-    model and the unembedding."""
-    last = max(layers)
+    model and the unembedding; with ``stop_after_last=False`` it goes on (a hook of the caller's may
+    still raise :class:`StopForward`, e.g. at the final norm)."""
+    last = max(layers) if stop_after_last else None
     captured: dict[str, Any] = {}
     batch, length = input_ids.shape
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from collect.config import CollectConfig, expert_key, experts_key, shard_batches
+from collect.effects import FINAL_SCALE_KEY, NextTokenScores, describe as describe_effects, file_final_scale
 from collect.corpus import Corpus, token_strings
 from collect.model import LoadedModel, dtype_name
 from collect.stats import LayerStats, hist_and_density
@@ -161,8 +162,16 @@ def write_activations(config: CollectConfig, loaded: LoadedModel, corpus: Corpus
                            band_samples=config.band_samples) as writer:
         writer.write_corpus(corpus.tokens, corpus.doc_offsets, token_strings(loaded.tokenizer, vocab_size),
                             source_index=corpus.source_index, doc_title=corpus.titles)
+        effects = FINAL_SCALE_KEY in routed  # each example's direct effect on the output (collect.effects)
+        if effects:
+            writer.add_effects(file_final_scale(routed[FINAL_SCALE_KEY]), describe_effects(loaded))
+            next_scores = NextTokenScores(loaded, dense_layers)
         for row, layer in enumerate(dense_layers):
-            writer.write_layer(row, finalize(states[layer], config.window_dtype))
+            arrays = finalize(states[layer], config.window_dtype)
+            if effects:
+                arrays["top_next_score"] = next_scores(layer, states[layer].top_doc, states[layer].top_pos,
+                                                       corpus.tokens, corpus.doc_offsets)
+            writer.write_layer(row, arrays)
         writer.write_weights({name: values.numpy() for name, values in facts.items()})  # in `layers` order
         write_experts(writer, loaded, experts, states, routed, config.window_dtype)
         for group, (token, score) in vocab.items():  # rows in the order of the datasets above

@@ -35,6 +35,7 @@ from collect.config import (CollectConfig, RunFacts, check_config, check_positio
                             resolve_experts, resolve_layers, shard_batches, state_sizes)
 from collect.corpus import Corpus, read_texts, tokenize_corpus
 from collect.distributed import FailFast, World, add_into_rank0, any_rank, broadcast_object, merge_into_rank0
+from collect.effects import FINAL_SCALE_KEY, final_scale_hook, share_final_scales, start_final_scales
 from collect.interrupt import Interrupted, StopOnSignal
 from collect.memory import PackedLength, check_state_fits, keep_hooks, out_of_memory_hint
 from collect.model import LoadedModel, dtype_name, load_model, max_positions, run_with_mlp_hooks
@@ -166,6 +167,7 @@ def collect_statistics(
                   file=sys.stderr)
     paths = LayerPaths(device, loaded.d_mlp, config.compile)
     keep = keep_hooks(loaded, [layer for layer in layers if layer not in loaded.moe], config, paths.deferred)
+    final_norm = start_final_scales(loaded, corpus, routed, device) if config.effects else None
     sampling = _Sampling.of(corpus, config) if config.samples > 0 else None
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     first_counted = config.counted_from(corpus.has_bos)
@@ -194,7 +196,7 @@ def collect_statistics(
             index = first_of_round + world.rank
             if index < len(batches):
                 _run_batch(loaded, corpus, batches[index], layers, states, config, paths, keep, pad_id,
-                           first_counted, device, experts, routed, sampling, packed_length)
+                           first_counted, device, experts, routed, sampling, packed_length, final_norm)
             finished = min(first_of_round + world.size, len(batches))
             bar.update(tokens(range(first_of_round, finished)))
             stop, due = any_rank(world, [
@@ -202,7 +204,7 @@ def collect_statistics(
                 world.is_main and time.monotonic() - last_checkpoint > config.checkpoint_every], device)
             if finished < len(batches) and (stop or due):
                 states = merge_into_rank0(world, states, empty)
-                add_into_rank0(world, routed)
+                _share_routed(world, routed)
                 if world.is_main:
                     checkpoints.save(config.checkpoint_path, config, finished, states, facts, routed, wait=stop)
                 last_checkpoint = time.monotonic()
@@ -215,8 +217,15 @@ def collect_statistics(
                     ctrl_c.signum)
         bar.close()
         checkpoints.wait()
-    add_into_rank0(world, routed)
+    _share_routed(world, routed)
     return merge_into_rank0(world, states, empty)
+
+
+def _share_routed(world: World, routed: dict[str, torch.Tensor]) -> None:
+    """Under torchrun: the final norm's scales shared by every rank (an elementwise maximum), the
+    tokens routed to each expert summed into rank 0 (the scales must not be summed)."""
+    share_final_scales(world, routed.get(FINAL_SCALE_KEY))
+    routed.update(add_into_rank0(world, {k: v for k, v in routed.items() if k != FINAL_SCALE_KEY}))
 
 
 def _run_batch(loaded: LoadedModel, corpus: Corpus, batch: Any, layers: list[int],
@@ -225,13 +234,14 @@ def _run_batch(loaded: LoadedModel, corpus: Corpus, batch: Any, layers: list[int
                experts: dict[int, list[int | str]] | None = None,
                routed: dict[str, torch.Tensor] | None = None,
                sampling: "_Sampling | None" = None,
-               packed_length: "dict[int, PackedLength] | None" = None) -> None:
+               packed_length: "dict[int, PackedLength] | None" = None, final_norm: Any = None) -> None:
     """One batch through the model, every layer's statistics updated (see collect_statistics):
     dense layers and experts by :class:`~collect.batch.LayerPaths` (a MoE layer's routed experts as one
     wide layer over their packed tokens; a flagged layer-batch of the GPU's path redone exactly
     after the batch's one host sync, a dense one from the hooks kept for it where ``keep``, else by
     a second forward pass), with the tokens routed to each expert added to ``routed``; with
-    ``sampling``, the distributions too."""
+    ``sampling``, the distributions too; with ``final_norm`` (:class:`collect.effects.FinalNorm`),
+    the run goes on to the final norm and records its scale at every position."""
     experts = experts or {}
     routed = routed if routed is not None else {}
     packed_length = packed_length or {}
@@ -291,7 +301,8 @@ def _run_batch(loaded: LoadedModel, corpus: Corpus, batch: Any, layers: list[int
             dataclasses.replace(inputs, valid=packed.packing.neuron_valid()), packed.routed, exact,
             packed.packing, None if learnt is None else packed.fits)
 
-    run_with_mlp_hooks(loaded, input_ids, layers, on_layer, on_moe)
+    with final_scale_hook(final_norm, routed, corpus.doc_offsets[batch.docs], lengths):
+        run_with_mlp_hooks(loaded, input_ids, layers, on_layer, on_moe, stop_after_last=final_norm is None)
     # The batch's one host sync: every flag, and the most tokens one expert had in one document.
     redo, most = paths.settle(flags, len(batch.docs), list(longest.values()))
     for layer, tokens_per_doc in zip(longest, most):

@@ -129,6 +129,11 @@ def check_same_run(files: Sequence[ActivationsFile]) -> None:
             with_, without = (f, first) if f.has_distributions else (first, f)
             raise GluscopeError(f"{str(with_.path)!r} has distributions (stats/hist, samples/, bands/) but "
                                 f"{str(without.path)!r} has none; only files of one run can be merged")
+        if f.has_effects != first.has_effects:
+            with_, without = (f, first) if f.has_effects else (first, f)
+            raise GluscopeError(f"{str(with_.path)!r} has effects (corpus/final_scale, top/next_score) but "
+                                f"{str(without.path)!r} has none (collected with --no-effects?); only files of one "
+                                "run can be merged")
         for key in MUST_MATCH:
             if first.attrs.get(key) != f.attrs.get(key):
                 raise GluscopeError(
@@ -256,7 +261,7 @@ def merge_block(blocks: Sequence[dict[str, np.ndarray]], k: int, priority: Prior
         "min": np.fmin.reduce([b["min"] for b in blocks]),
         "max": np.fmax.reduce([b["max"] for b in blocks]),
     }
-    for name in ("top_value", "top_doc", "top_pos"):
+    for name in ("top_value", "top_doc", "top_pos") + (("top_next_score",) if "top_next_score" in blocks[0] else ()):
         merged[name] = np.take_along_axis(np.concatenate([b[name] for b in blocks], axis=-1), pick, axis=-1)
     for name in ("top_gate", "top_in"):
         windows = np.concatenate([b[name] for b in blocks], axis=-2)
@@ -279,6 +284,8 @@ def _read_block(f: ActivationsFile, row: int, neurons: slice, group: str = "") -
     read = lambda name: f.read(prefix + name, (row, neurons), label)  # noqa: E731
     block = {name: read("stats/" + name) for name in STAT_NAMES + ("nonfinite",)}
     block.update({"top_" + name: read("top/" + name) for name in ("value", "doc", "pos", "gate", "in")})
+    if "next_score" in f.file[prefix + "top"]:  # each example's effect (dense rows): travels with its example
+        block["top_next_score"] = read("top/next_score")
     lists = ["top"]
     if "hist" in f.file[prefix + "stats"]:
         block.update({name: read("stats/" + name) for name in ("hist", "density")})
@@ -388,6 +395,9 @@ def _write_merged(groups: list[list[ActivationsFile]], out: Path) -> Path:
                             source_index=first.read("corpus/source_index") if "source_index" in corpus else None,
                             doc_title=[first.doc_title(d) or "" for d in range(first.n_docs)]
                             if "doc_title" in corpus else None)
+        if first.has_effects:  # shards cover disjoint documents (NaN elsewhere); layer groups the same ones
+            writer.add_effects(np.fmax.reduce([f.read("corpus/final_scale") for f in files]),
+                               str(first.attrs.get("effect_norm", "")))
         for out_row, (_, group, row) in enumerate(dense_rows):
             for start in range(0, d_mlp, NEURON_BLOCK):
                 neurons = slice(start, min(start + NEURON_BLOCK, d_mlp))

@@ -612,9 +612,9 @@ def test_gpu_path_without_host_syncs_gives_the_same_file(model_factory, corpus_f
     forwards, redone = [], []
     run_with_hooks, redo = run_module.run_with_mlp_hooks, batch_module.LayerPaths.redo
 
-    def counting(loaded, input_ids, layers, on_layer, on_moe=None):
+    def counting(loaded, input_ids, layers, on_layer, on_moe=None, **options):
         forwards.append(input_ids.shape)
-        return run_with_hooks(loaded, input_ids, layers, on_layer, on_moe)
+        return run_with_hooks(loaded, input_ids, layers, on_layer, on_moe, **options)
 
     def counting_redo(self, *args, **kwargs):
         redone.append(args)

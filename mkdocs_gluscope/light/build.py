@@ -128,6 +128,7 @@ def open_shared(path: str) -> tuple[ActivationsFile, lsearch.WordFinder]:
 
 
 def _data_task(task: Task) -> dict[str, Any]:
+    from mkdocs_gluscope.context import light_context
     from mkdocs_gluscope.render import telling_case
 
     layer, expert = task.group
@@ -137,6 +138,7 @@ def _data_task(task: Task) -> dict[str, Any]:
     written = tail = 0
     f, words = open_shared(task.activations)
     with f:
+        vocab = lambda t: f.vocab[t]  # noqa: E731
         docs = np.zeros(f.n_docs, dtype=bool)
         first, last = int(task.neurons[0]), int(task.neurons[-1])
         # One read per dataset for the task's neurons, unless they are too few of the range they span.
@@ -155,7 +157,9 @@ def _data_task(task: Task) -> dict[str, Any]:
                 data = block[int(n) - first]
                 data.window_tokens = f.window_tokens(data.top_doc[:, :1], data.top_pos[:, :1])
                 shown = ldata.Shown.of(data, task.examples)
-                file_rows.append(ldata.neuron_row(data, shown, telling_case(data, task.scales)))
+                context = light_context(data, vocab) if expert is None else None
+                file_rows.append(ldata.neuron_row(data, shown, telling_case(data, task.scales),
+                                                  "" if context is None else ldata.dumps(context)))
                 rows.append(lpage.layer_row(data, words))
                 posting_list.extend(lsearch.postings(data, words, data.window_tokens[:, 0], task.scales))
                 posting_list.extend(lsearch.label_postings(data))

@@ -141,6 +141,7 @@ EXPLANATIONS = (
     ("explanations/recall", F32, ("L", "N", "C")),
     ("explanations/scored_positions", I64, ("L", "N", "C")),
     ("explanations/strong_positions", I64, ("L", "N", "C")),
+)
 #: Each top-k example's effect on the output (dense layers, at the root): both or neither.
 EFFECTS = (
     ("corpus/final_scale", F32, ("T",)),

@@ -32,7 +32,7 @@ from mkdocs_gluscope.render import (
     neuron_markdown,
     token_html,
 )
-from mkdocs_gluscope.store import CASES, SHARED, ActivationsFile, NeuronData, neuron_id
+from mkdocs_gluscope.store import SHARED, ActivationsFile, NeuronData, neuron_id
 from mkdocs_gluscope.words import js_constants
 
 DOCS_PER_SHARD = 64

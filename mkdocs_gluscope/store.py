@@ -194,7 +194,7 @@ class ActivationsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = h5py.File(self.tmp_path, "w")
         self._pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
-        L, N, C, H = n_layers, d_mlp, len(CASES), len(HOOKS)
+        L, N = n_layers, d_mlp
         W = context_before + 1 + context_after
         root = self.file.attrs
         root["format"] = FORMAT

@@ -19,7 +19,6 @@ The text: Debian's ``fortunes-zh`` package (2 MB of modern Chinese: sayings, tip
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import re
 import statistics

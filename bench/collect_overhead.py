@@ -150,7 +150,6 @@ def measure(args: argparse.Namespace, doc_len: int) -> None:
 
     # (b) the full collection, on the same model: statistics from the MLP hooks, then the file.
     loaded, facts = prepare_model(hf, tokenizer)  # refactor_glu leaves the model's output as it was
-    out = work / "bench.h5"
     layers = list(range(loaded.n_layers))
     first = batches[0].docs
     warm_corpus = Corpus(tokens=tokens[first].reshape(-1), doc_offsets=np.arange(len(first) + 1) * args.doc_len,

@@ -70,7 +70,7 @@ def main() -> None:
         at_once.add(0, checked, moved, inputs)
         with SyncCounter() as counter:
             flags = gpu_path.add(0, deferred, moved, inputs)
-            redo = gpu_path.settle({0: flags}, B)
+            redo, _ = gpu_path.settle({0: flags}, B)
         syncs.append(counter.total)
         for _ in redo:
             redone += 1

@@ -1,14 +1,20 @@
-"""The GPU check of issue 10, as one script: run it when a GPU is at hand and copy its summary into
-README.md and site_src/gpu.md, with the GPU's name it prints.
+"""The GPU check of issues 10 and 16, as one script: run it when a GPU is at hand and copy its
+summary into README.md and site_src/gpu.md, with the GPU's name it prints.
 
-1. ``bench/cuda_check.py``: the GPU's statistics equal the CPU reference;
-2. ``bench/collect_overhead.py`` at the SmolLM2, 1B and 7B shapes in bfloat16 (ratio targets:
-   at most 1.30, -, 1.10);
-3. a torchrun collection with 1 process against a plain run of the same tiny model: the same file;
-4. 20M tokens of the 7B shape, extrapolated from its measured collection throughput.
+1. ``bench/cuda_check.py``: the GPU's statistics equal the eager CPU reference, through the path
+   without host syncs too (its syncs counted per batch), distributions included;
+2. ``bench/collect_overhead.py`` at the SmolLM2, 1B and 7B shapes in bfloat16, 512-token
+   documents: the collection against the forward pass with and without the logits (``--trunk``),
+   whole run and later batches, with and without the distributions;
+3. ``bench/sync_count.py``: host syncs per batch of the collection at the SmolLM2, 1B, 7B and
+   OLMoE-1B-7B shapes, distributions on (a dense model's target: one per batch);
+4. ``bench/moe_overhead.py`` at the OLMoE-1B-7B layer shape: collection against the forward pass;
+5. a torchrun collection with 1 process against a plain run of the same tiny model: the same file;
+6. 20M tokens of the 7B shape, extrapolated from its measured collection throughput.
 
-    python bench/gpu_check.py                  # about 8 minutes on an H200
-    python bench/gpu_check.py --quick          # smaller corpora, to try the script itself
+    python bench/gpu_check.py                       # on a GPU (about 15 minutes on an H100)
+    python bench/gpu_check.py --device cpu --quick  # a smoke test of the script itself: few layers,
+                                                    # small corpora, float32, the GPU's path counted on the CPU
 """
 
 from __future__ import annotations
@@ -44,24 +50,52 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--quick", action="store_true", help="small corpora: checks the script, not the GPU")
     args = p.parse_args()
+    cuda = args.device.startswith("cuda")
+    dtype = args.dtype if cuda else "float32"  # no native bfloat16 on most CPUs
     scale = 16 if args.quick else 1
     summary = []
-    if args.device.startswith("cuda"):
-        run([sys.executable, "bench/cuda_check.py"])
+    if cuda or not args.quick:
+        out = run([sys.executable, "bench/cuda_check.py", "--device", args.device])
+        syncs = re.search(r"host syncs of the path without them, per batch.*?: (\[[\d, ]*\])", out)
+        summary.append(f"statistics equal the CPU reference on both paths; syncs per batch {syncs.group(1)}")
     # (shape, tokens, batch tokens): enough batches for the later-batch ratio to mean something.
     shapes = [("smollm2", 1_048_576, 65_536), ("1b", 524_288, 65_536), ("7b", 262_144, 32_768)]
     throughput_7b = None
     for shape, tokens, batch_tokens in shapes:
+        size = ["--tokens", str(tokens // scale), "--batch-tokens", str(batch_tokens // scale), "--doc-len", "512",
+                "--repeats", "2"]
+        quick = args.quick and not cuda  # a CPU: 2 layers, 4 batches of 2 documents
+        if quick:
+            size = ["--layers", "2", "--tokens", "1024", "--batch-tokens", "256", "--doc-len", "128", "--repeats", "1"]
         out = run([sys.executable, "bench/collect_overhead.py", "--shape", shape, "--device", args.device,
-                   "--dtype", args.dtype, "--tokens", str(tokens // scale), "--batch-tokens", str(batch_tokens // scale),
-                   "--doc-len", "512", "--repeats", "2", "--no-file"])
-        whole = re.search(r"ratio b/a, whole run:\s+([\d.]+)", out)
-        late = re.search(r"ratio b/a, later batches:\s+([\d.]+)", out)
-        speed = re.search(r"\(b\) full collection:.*?\(([\d,]+) tok/s\)", out)
-        summary.append(f"{shape}: ratio {whole.group(1)} whole run, {late.group(1)} later batches, "
-                       f"{speed.group(1)} tokens/s collected")
+                   "--dtype", dtype, "--no-file", "--trunk", *size])
+        with_distributions = out.split("with distributions", 1)[1]
+        ratios = {name: [re.search(rf"ratio b/{name}, {span}:\s+([\d.]+)", with_distributions).group(1)
+                         for span in ("whole run", "later batches")] for name in ("a", "c")}
+        speed = re.search(r"\(b\) full collection:.*?\(([\d,]+) tok/s\)", with_distributions)
+        summary.append(f"{shape}{' (2 layers)' if quick else ''}, distributions on: ratio vs the forward pass "
+                       f"without logits {ratios['c'][0]} whole run, {ratios['c'][1]} later batches (with logits "
+                       f"{ratios['a'][0]}, {ratios['a'][1]}); {speed.group(1)} tokens/s collected")
         if shape == "7b":
             throughput_7b = float(speed.group(1).replace(",", ""))
+    for shape in ("smollm2", "1b", "7b", "olmoe"):
+        if cuda:  # the whole model where it fits next to its statistics, else 2 layers of it
+            size = ["--layers", "2"] if shape in ("7b", "olmoe") else []
+        else:
+            size = ["--layers", "1", "--tokens", "1024", "--doc-len", "256", "--batch-tokens", "512"]
+            size += ["--experts", "8"] if shape == "olmoe" else []
+        out = run([sys.executable, "bench/sync_count.py", "--shape", shape, "--device", args.device, "--dtype", dtype,
+                   *size])
+        counts = re.search(r"host syncs per batch: (\[[\d, ]*\])", out).group(1)
+        bare = re.search(r"alone: (\d+)", out).group(1)
+        summary.append(f"host syncs per batch, {shape}{'' if cuda else ' (the GPU path on the CPU, 1 layer)'}: "
+                       f"{counts} (the bare forward pass of a batch: {bare})")
+    moe = (["--layers", "2", "--tokens", "16384", "--batch-tokens", "4096"] if cuda else
+           ["--layers", "1", "--experts", "8", "--d-expert", "256", "--d-model", "512", "--heads", "8",
+            "--vocab", "1024", "--tokens", "512", "--doc-len", "128", "--batch-tokens", "256"])
+    out = run([sys.executable, "bench/moe_overhead.py", "--device", args.device, "--dtype", dtype, *moe])
+    summary.append(f"MoE{' (OLMoE layer shape, 2 layers)' if cuda else ' (a small MoE)'}: "
+                   f"{re.search(r'ratio b/a:.*', out).group(0)}")
     with tempfile.TemporaryDirectory() as tmp:
         import tiny
 
@@ -83,7 +117,7 @@ def main() -> None:
     import torch
 
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
-    print(f"\nsummary ({device}, {args.dtype}, torch {torch.__version__}):")
+    print(f"\nsummary ({device}, {dtype}, torch {torch.__version__}):")
     for line in summary:
         print(f"  {line}")
 

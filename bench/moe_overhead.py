@@ -1,12 +1,14 @@
-"""Collection cost of a mixture-of-experts model against its bare forward pass, and the memory
-its expert neurons need.
+"""Collection cost of a mixture-of-experts layer against its bare forward pass, batch by batch, and the
+memory its expert neurons need.
 
-OLMoE-1B-7B's shape by default (d_model 2048, 64 experts of 1,024 neurons, 8 routed per token,
-16 layers; random weights): every expert's neurons are recorded, 65,536 per layer. ``--layers``
-builds fewer layers of that shape (the whole model is 28 GB in float32); the memory figures are
-given for the whole model too, from the statistics' own tensors.
+OLMoE-1B-7B's layer shape by default (d_model 2048, 64 experts of 1,024 neurons, 8 routed per token;
+random weights, routers spread over the experts): every expert's neurons are recorded, 65,536 per
+layer. The forward pass it is compared with is the model's trunk (embedding, layers, final norm; no
+unembedding: collection skips it too), measured per batch on the same batches in the same run; CPU
+seconds of this process (one torch thread), which other jobs on shared cores disturb far less than
+wall time. The first batch fills every top-k list; later batches show the steady cost.
 
-    python bench/moe_overhead.py --layers 2 --tokens 2048          # CPU, one thread
+    python bench/moe_overhead.py                       # CPU, one thread, 1 layer, 8,192 tokens
     python bench/moe_overhead.py --layers 16 --device cuda --dtype bfloat16 --tokens 65536
 """
 
@@ -14,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,31 +31,37 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
-def stats_bytes(d_mlp: int, k: int, window: int, window_dtype: torch.dtype) -> int:
-    """Bytes of one expert's running statistics (LayerStats) on the device."""
-    from collect.stats import LayerStats
-
-    state = LayerStats.empty(d_mlp, k, window, "meta", window_dtype)
-    return sum(t.numel() * t.element_size() for t in state.to_dict().values())
+def hardware() -> str:
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+        model = " ".join(fields.get("Model name", platform.processor()).split())
+        flags = fields.get("Flags", "")
+        isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+        return f"{model} (family {fields.get('CPU family', '?').strip()} model {fields.get('Model', '?').strip()}, " \
+               f"{isa}, {os.cpu_count()} cores)"
+    except (OSError, subprocess.SubprocessError):
+        return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=2, help="layers built (OLMoE-1B-7B has 16)")
+    p.add_argument("--layers", type=int, default=1, help="layers built (OLMoE-1B-7B has 16)")
     p.add_argument("--full-layers", type=int, default=16, help="layers of the whole model, for the memory figures")
     p.add_argument("--d-model", type=int, default=2048)
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--d-expert", type=int, default=1024)
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--vocab", type=int, default=50304)
-    p.add_argument("--tokens", type=int, default=2048, help="corpus tokens")
+    p.add_argument("--vocab", type=int, default=1024, help="vocabulary (the unembedding is not run either way)")
+    p.add_argument("--tokens", type=int, default=8192, help="corpus tokens")
     p.add_argument("--doc-len", type=int, default=256, help="tokens per document (BOS included)")
     p.add_argument("--batch-tokens", type=int, default=1024)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--samples", type=int, default=None, help="random examples per case (default: collect's; 0: none)")
     p.add_argument("--k", type=int, default=16)
     args = p.parse_args()
     if args.device == "cpu":
@@ -59,18 +69,22 @@ def main() -> None:
 
     import transformers
 
+    import collect.run as run_module
     import tiny
+    from collect.config import resolve_experts
     from collect.corpus import Corpus, plan_batches
     from collect.model import prepare_model
-    from collect.config import resolve_experts
     from collect.run import CollectConfig, collect_statistics
+    from collect.stats import state_bytes_per_neuron
+    from mkdocs_gluscope.distributions import BAND_SAMPLES, SAMPLES
 
     work = Path(tempfile.mkdtemp(prefix="gluscope-bench-moe-"))
     tokenizer = tiny.train_tokenizer(work, bos=True)
     config = transformers.OlmoeConfig(
         vocab_size=args.vocab, hidden_size=args.d_model, intermediate_size=args.d_expert,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
-        num_experts=args.experts, num_experts_per_tok=args.top_k, max_position_embeddings=4096, bos_token_id=0)
+        num_experts=args.experts, num_experts_per_tok=args.top_k, max_position_embeddings=4096, bos_token_id=0,
+        eos_token_id=1, pad_token_id=2)
     n_docs = args.tokens // args.doc_len
     rng = np.random.default_rng(0)
     tokens = rng.integers(3, args.vocab, size=(n_docs, args.doc_len)).astype(np.int32)
@@ -83,6 +97,10 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    def clock() -> float:  # CPU seconds on a CPU (robust to shared cores), wall seconds on a GPU
+        sync()
+        return time.process_time() if device.type == "cpu" else time.perf_counter()
+
     torch.manual_seed(0)
     with device:
         hf = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
@@ -90,26 +108,23 @@ def main() -> None:
             for layer in hf.model.layers:
                 layer.mlp.gate.weight.normal_(0, 0.02)
     batches = plan_batches(corpus.lengths, args.batch_tokens)
-    inputs = [torch.from_numpy(tokens[b.docs].astype(np.int64)) for b in batches]
+    inputs = [torch.from_numpy(tokens[b.docs].astype(np.int64)).to(device) for b in batches]
 
-    # CPU seconds too: on shared cores (other jobs running) they vary much less than wall time.
-    def forward() -> tuple[float, float]:
-        t0, c0 = time.perf_counter(), time.process_time()
+    def forward_times() -> list[float]:
+        times = []
         with torch.inference_mode():
             for ids in inputs:
-                hf(ids.to(device))
-        sync()
-        return time.perf_counter() - t0, time.process_time() - c0
+                t0 = clock()
+                hf.model(ids)  # the trunk: no unembedding, as collection
+                times.append(clock() - t0)
+        return times
 
-    with torch.inference_mode():
-        hf(inputs[0].to(device))
-    runs = [forward() for _ in range(2)]
-    a, a_cpu = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
-
+    forward_times()  # warm-up
+    samples = SAMPLES if args.samples is None else args.samples
     loaded, _ = prepare_model(hf, tokenizer)
     cfg = CollectConfig(model=str(work), dataset=["synthetic"], out=work / "x.h5", dtype=args.dtype,
                         device=args.device, batch_tokens=args.batch_tokens, progress=False, compile=args.compile,
-                        k=args.k)
+                        k=args.k, samples=samples, band_samples=BAND_SAMPLES if samples else 0)
     layers = list(range(loaded.n_layers))
     experts = resolve_experts(None, loaded)
     first = batches[0].docs
@@ -120,26 +135,43 @@ def main() -> None:
     warm_up = time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t0, c0 = time.perf_counter(), time.process_time()
+
+    collected: list[float] = []
+    real_batch = run_module._run_batch
+
+    def timed_batch(*a, **kw):
+        t0 = clock()
+        real_batch(*a, **kw)
+        collected.append(clock() - t0)
+
+    run_module._run_batch = timed_batch
+    forward = [forward_times() for _ in range(2)]
     collect_statistics(loaded, corpus, cfg, layers, experts=experts)
-    sync()
-    b, b_cpu = time.perf_counter() - t0, time.process_time() - c0
+    forward.append(forward_times())
+    run_module._run_batch = real_batch
+    bare = [statistics.median(f[i] for f in forward) for i in range(len(batches))]
+    later = slice(max(1, len(batches) // 4), None)
     window = cfg.context_before + 1 + cfg.context_after
-    per_expert = stats_bytes(args.d_expert, args.k, window, getattr(torch, cfg.window_dtype))
-    per_neuron = per_expert / args.d_expert
+    per_neuron = state_bytes_per_neuron(args.k, window, torch.float16, samples, BAND_SAMPLES if samples else 0)
     neurons = args.full_layers * args.experts * args.d_expert
-    print(f"device {args.device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{args.threads} thread(s)'}), "
-          f"dtype {args.dtype}, {n_docs} docs x {args.doc_len} tokens, batch_tokens {args.batch_tokens}, "
-          f"compile {args.compile}")
-    print(f"model: {args.layers} layers of d_model {args.d_model}, {args.experts} experts x {args.d_expert} neurons, "
-          f"top-{args.top_k}, vocab {args.vocab}")
-    print(f"(a) bare HF forward:   {a:8.2f} s  ({args.tokens / a:,.0f} tok/s)")
-    print(f"(b) collection run:    {b:8.2f} s  ({args.tokens / b:,.0f} tok/s)   [compile warm-up {warm_up:.1f} s]")
-    print(f"ratio b/a:             {b / a:8.2f}   (CPU seconds: {b_cpu:.2f} / {a_cpu:.2f} = {b_cpu / a_cpu:.2f})")
-    print(f"statistics memory: {per_neuron / 1024:.1f} KiB per neuron (k={args.k}, W={window}, float16 windows) = "
-          f"{per_expert / 2**20:.1f} MiB per expert = {per_expert * args.experts / 2**30:.2f} GiB per layer; "
-          f"whole model ({args.full_layers} layers, {neurons:,} expert neurons): "
-          f"{per_neuron * neurons / 2**30:.1f} GiB")
+    load = os.getloadavg()
+    print(f"hardware: {hardware() if device.type == 'cpu' else torch.cuda.get_device_name()}; load average "
+          f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+    print(f"device {args.device} ({args.threads if device.type == 'cpu' else ''} thread(s)), dtype {args.dtype}, "
+          f"{n_docs} docs x {args.doc_len} tokens, {len(batches)} batches of {args.batch_tokens} tokens, compile "
+          f"{args.compile}, samples {samples}, k {args.k}")
+    print(f"model: {args.layers} layer(s) of d_model {args.d_model}, {args.experts} experts x {args.d_expert} neurons, "
+          f"top-{args.top_k}; every expert's neurons recorded ({args.layers * args.experts * args.d_expert:,})")
+    unit = "CPU s" if device.type == "cpu" else "s"
+    print(f"per batch ({unit}), forward / collection: " + ", ".join(f"{f:.2f}/{c:.2f}" for f, c in zip(bare, collected)))
+    print(f"whole run:     forward {sum(bare):7.2f} {unit}, collection {sum(collected):7.2f} {unit}: "
+          f"ratio {sum(collected) / sum(bare):.2f}   [compile warm-up {warm_up:.1f} s wall]")
+    print(f"first batch:   ratio {collected[0] / bare[0]:.2f}")
+    print(f"later batches ({len(batches) - later.start} from batch {later.start}): ratio "
+          f"{sum(collected[later]) / sum(bare[later]):.2f}")
+    print(f"statistics memory: {per_neuron / 1024:.1f} KiB per expert neuron (k={args.k}, W={window}, float16 "
+          f"windows) = {per_neuron * args.d_expert * args.experts / 2**30:.2f} GiB per layer; whole model "
+          f"({args.full_layers} layers, {neurons:,} expert neurons): {per_neuron * neurons / 2**30:.1f} GiB")
     if device.type == "cuda":
         print(f"peak device memory in the run: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 

@@ -45,6 +45,12 @@ class GatedMLP:
     up: torch.nn.Module | None = None  # output: in (None when fused)
     down: torch.nn.Module | None = None  # input: act(gate) * in
     fused: bool = False
+    #: refactor_glu may flip these neurons (False where negating w_in does not negate in: gpt-oss's in + 1)
+    refactor: bool = True
+    #: where set, gate is read as this module's input instead of the gate projection's output (a family
+    #: that scales gate before its activation: Falcon-H1)
+    act_module: torch.nn.Module | None = None
+    definition: str | None = None  # how this family's hooks differ from the plain gate, in, post (pages say it)
 
     @property
     def d_mlp(self) -> int:
@@ -60,14 +66,28 @@ class GatedMLP:
 @dataclass
 class MoELayer:
     """A mixture-of-experts layer: routed experts kept as fused 3-D tensors (transformers 5), an
-    optional shared expert that sees every token, and the module whose inputs (hidden states and
-    routing) :mod:`collect.moe` captures."""
+    optional shared expert that sees every token, the experts module whose call (hidden states and
+    routing) and the activation module whose input and output (``gate`` with ``in`` beside it,
+    ``act(gate)``) :mod:`collect.moe` reads."""
 
-    block: torch.nn.Module  # the whole MoE block: its forward hook fires once experts and shared expert ran
+    block: torch.nn.Module  # the whole MoE block
     experts_module: torch.nn.Module
     experts: list[GatedMLP]
     shared: GatedMLP | None
     act_fn: Callable[[torch.Tensor], torch.Tensor]
+    act_module: torch.nn.Module | None = None  # the experts' activation, called on their [gate | in] rows' gate
+    #: where each row's (token, expert) comes from: "call" (experts(hidden, top_k_index, weights)),
+    #: "scores" (the router's [tokens, experts] scores, every expert on every token: Llama 4), "sorted"
+    #: (the router's pairs sorted by expert: JetMoE)
+    routing: str = "call"
+    router: torch.nn.Module | None = None
+    #: the family's own values of the experts' rows (gpt-oss), read in its ``_apply_gate``; None: the
+    #: activation's input is gate, the first half of each [gate | in] row
+    rows: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+    act_name: str | None = None  # the activation pages compute act(gate) with, where not the model's own
+    definition: str | None = None  # how this family's hooks differ from the plain gate, in, post (pages say it)
+    done: torch.nn.Module | None = None  # whose forward hook fires once experts and shared expert ran (block)
+    top_k: int | None = None  # experts per token (the model's num_experts_per_tok), for the memory plan
 
     @property
     def n_experts(self) -> int:
@@ -86,6 +106,7 @@ class Located:
     layers_path: str  # e.g. model.language_model.layers
     n_layers: int
     layers: dict[int, GatedMLP | MoELayer] = field(default_factory=dict)
+    skipped: list[int] = field(default_factory=list)  # layers without an MLP (attention or state-space only)
 
 
 def _architecture(hf_model: Any) -> str:
@@ -94,12 +115,13 @@ def _architecture(hf_model: Any) -> str:
     from transformer_lens.factories.architecture_adapter_factory import ArchitectureAdapterFactory
 
     known = ArchitectureAdapterFactory._adapters
+    # TransformerLens may spell a class otherwise than transformers does (PhiMoEForCausalLM for
+    # transformers' PhimoeForCausalLM): compare without case.
+    by_lower = {key.lower(): key for key in known}
     name = type(hf_model).__name__
-    if name in known:
-        return name
-    for candidate in getattr(hf_model.config, "architectures", None) or []:
-        if candidate in known:
-            return candidate
+    for candidate in [name, *(getattr(hf_model.config, "architectures", None) or [])]:
+        if candidate.lower() in by_lower:
+            return by_lower[candidate.lower()]
     return name
 
 
@@ -148,6 +170,15 @@ def _children(module: torch.nn.Module) -> str:
 
 def _dense(mlp: torch.nn.Module, gate: torch.nn.Module, up: torch.nn.Module, down: torch.nn.Module,
            where: str) -> GatedMLP:
+    multiplier = getattr(mlp, "gate_multiplier", None)
+    if multiplier is not None:  # Falcon-H1: act(gate_proj(x) * gate_multiplier) * up_proj(x)
+        act = _act_module(mlp, where)
+        bias = getattr(gate, "bias", None)
+        return GatedMLP(w_gate=gate.weight * multiplier, w_in=up.weight, w_out=down.weight,
+                        b_gate=None if bias is None else bias * multiplier, b_in=getattr(up, "bias", None),
+                        act_fn=act, gate=gate, up=up, down=down, act_module=act,
+                        definition=f"Falcon-H1: gate = (x·w_gate)·{multiplier:g} (its gate_multiplier), the value "
+                                   "its activation reads")
     return GatedMLP(w_gate=gate.weight, w_in=up.weight, w_out=down.weight,
                     b_gate=getattr(gate, "bias", None), b_in=getattr(up, "bias", None),
                     act_fn=_act_fn(mlp, where), gate=gate, up=up, down=down)
@@ -181,40 +212,128 @@ def _batched_experts(mlp: torch.nn.Module) -> torch.nn.Module | None:
     return found[0] if len(found) == 1 else None
 
 
-def _moe(bridge: Any, mlp: torch.nn.Module, where: str) -> GatedMLP | MoELayer:
-    from transformer_lens.model_bridge.generalized_components import GatedMLPBridge
+@dataclass(frozen=True)
+class GptOssValues:
+    """gpt-oss's experts (``GptOssExperts._apply_gate``): interleaved ``[g0, u0, g1, u1, ...]`` rows
+    with biases, and ``(clamp(u, -limit, limit) + 1) * g * sigmoid(alpha * g)`` with
+    ``g = min(g, limit)``. gluscope's hooks are the values the experts multiply: ``gate`` is the
+    clamped ``g``, ``in`` the clamped ``u`` plus one, ``act(gate) = gate * sigmoid(alpha * gate)``
+    (``quick_gelu`` for gpt-oss's alpha 1.702), ``post = act(gate) * in``: the same operations on the
+    same tensors as the model, so the same bits."""
 
-    subs = bridge.submodules
-    # Dense layer of an interleaved stack: the adapter declares the dense projections and the module
-    # has them (MoEBridge's own positive detection).
-    dense = [_sub(mlp, subs[key].name) if key in subs else None for key in ("dense_gate", "dense_in", "dense_out")]
-    if all(m is not None for m in dense):
-        return _dense(mlp, *dense, where=where)
-    experts = _batched_experts(mlp)
-    if experts is None:
-        raise GluscopeError(
-            f"{where} is a mixture-of-experts block ({type(mlp).__name__}, modules [{_children(mlp)}]) whose "
-            "experts are not kept as batched 3-D gate_up_proj/down_proj tensors; gluscope reads experts in "
-            "that layout only (transformers 5)")
+    alpha: float
+    limit: float
+
+    def __call__(self, gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        gate = gate_up[..., ::2].clamp(min=None, max=self.limit)
+        in_ = gate_up[..., 1::2].clamp(min=-self.limit, max=self.limit) + 1
+        return gate, in_, gate * torch.sigmoid(gate * self.alpha)
+
+    @property
+    def definition(self) -> str:
+        return (f"gpt-oss experts: gate = min(x·w_gate + b_gate, {self.limit:g}), in = clamp(x·w_in + b_in, "
+                f"±{self.limit:g}) + 1, act(gate) = gate·σ({self.alpha:g}·gate), post = act(gate)·in (what the "
+                "expert's down projection reads); the cases are the signs of this gate and in. refactor_glu "
+                "flips no gpt-oss expert neuron (negating w_in does not negate in + 1)")
+
+
+def _experts_weights(experts: torch.nn.Module, where: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """``gate_up_proj`` and ``down_proj`` of batched experts and whether they are stored transposed
+    (``[E, D, 2I]``/``[E, I, D]``, as transformers' experts interface says, else by their shapes);
+    a GluscopeError naming what was found for another layout."""
     params = {name: tuple(p.shape) for name, p in experts.named_parameters()}
     gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
-    layout_ok = (set(params) == {"gate_up_proj", "down_proj"} and gate_up.ndim == 3 and down.ndim == 3
-                 and gate_up.shape[0] == down.shape[0] and gate_up.shape[1] == 2 * down.shape[2]
-                 and gate_up.shape[2] == down.shape[1]
-                 and any(callable(getattr(experts, a, None)) for a in ACT_ATTRS))
-    if not layout_ok:
+    biased = {"gate_up_proj_bias", "down_proj_bias"} <= set(params)
+    names_ok = set(params) == {"gate_up_proj", "down_proj"} | ({"gate_up_proj_bias", "down_proj_bias"} if biased else set())
+    shapes_ok = names_ok and gate_up.ndim == 3 and down.ndim == 3 and gate_up.shape[0] == down.shape[0]
+    as_stored = shapes_ok and gate_up.shape[1] == 2 * down.shape[2] and gate_up.shape[2] == down.shape[1]
+    as_transposed = shapes_ok and gate_up.shape[2] == 2 * down.shape[1] and gate_up.shape[1] == down.shape[2]
+    transposed = getattr(experts, "is_transposed", None)
+    if transposed is None:  # not in transformers' experts interface: the shapes tell (they cannot fit both)
+        transposed = as_transposed
+    plain = as_transposed if transposed else as_stored
+    if not plain or getattr(experts, "has_gate", True) is False:
         found = ", ".join(f"{name} {list(shape)}" for name, shape in params.items())
         raise GluscopeError(
-            f"{where}: its experts ({type(experts).__name__}: {found}) are not gate_up_proj [E, 2I, D] and "
-            "down_proj [E, D, I] with an act_fn and no biases; gluscope records experts computing "
-            "down(act(gate) * in) only (gpt-oss's interleaved, biased, clamped experts are not)")
-    n_experts, two_d, d_model = gate_up.shape
-    d = two_d // 2
-    act = _act_fn(experts, where + " experts")
-    routed = [GatedMLP(w_gate=gate_up[e, :d], w_in=gate_up[e, d:], w_out=down[e], b_gate=None, b_in=None,
-                       act_fn=act) for e in range(n_experts)]
-    shared = None
-    for key, sub in subs.items():
+            f"{where}: its experts ({type(experts).__name__}: {found}) are not gated experts with gate_up_proj "
+            "[E, 2I, D] (or [E, D, 2I]) and down_proj [E, D, I] (or [E, I, D]); gluscope records experts computing "
+            "down(act(gate) * in)")
+    return gate_up, down, bool(transposed)
+
+
+def _act_module(module: torch.nn.Module, where: str) -> torch.nn.Module:
+    act = _act_fn(module, where)
+    if not isinstance(act, torch.nn.Module):
+        raise GluscopeError(f"{where}: its activation is a plain function ({act!r}), not a module gluscope can hook "
+                            "to read gate and in where the experts computed them")
+    return act
+
+
+def _routed_experts(mlp: torch.nn.Module, where: str) -> MoELayer | None:
+    """The routed experts of one MoE block, by the layout their family keeps them in (one place per
+    family): batched 3-D tensors run by transformers' experts interface (Mixtral, OLMoE, Qwen-MoE,
+    DeepSeek, GLM-4-MoE, PhiMoE, Granite-MoE, Jamba, Qwen3-Next; gpt-oss with its own values),
+    Llama 4's experts on score-scaled tokens, JetMoE's parallel experts; None if none is found."""
+    experts = _batched_experts(mlp)
+    if experts is None:
+        parts = [getattr(mlp, name, None) for name in ("input_linear", "output_linear", "router")]
+        if all(isinstance(p, torch.nn.Module) for p in parts) and all(
+                getattr(p, "weight", torch.empty(0)).ndim == 3 for p in parts[:2]):
+            return _jetmoe_experts(mlp, where)
+        return None
+    gate_up, down, transposed = _experts_weights(experts, where)
+    n_experts = gate_up.shape[0]
+    if transposed:  # [E, D, 2I]: views of each expert's columns as [I, D] rows
+        d = gate_up.shape[2] // 2
+        ups, outs = [gate_up[e].T for e in range(n_experts)], [down[e].T for e in range(n_experts)]
+    else:
+        d = gate_up.shape[1] // 2
+        ups, outs = [gate_up[e] for e in range(n_experts)], [down[e] for e in range(n_experts)]
+    common = dict(block=mlp, experts_module=experts)
+    if hasattr(experts, "gate_up_proj_bias"):  # gpt-oss: interleaved [g, u] columns, biases, its own _apply_gate
+        alpha, limit = getattr(experts, "alpha", None), getattr(experts, "limit", None)
+        if alpha is None or limit is None or "_apply_gate" not in type(experts).__dict__:
+            raise GluscopeError(f"{where}: its experts ({type(experts).__name__}) have biases but not gpt-oss's "
+                                "_apply_gate, alpha and limit; gluscope does not know which values they multiply")
+        values = GptOssValues(float(alpha), float(limit))
+        bias = experts.gate_up_proj_bias
+        routed = [GatedMLP(w_gate=ups[e][0::2], w_in=ups[e][1::2], w_out=outs[e], b_gate=bias[e][0::2],
+                           b_in=bias[e][1::2], act_fn=lambda g, v=values: g * torch.sigmoid(g * v.alpha),
+                           refactor=False) for e in range(n_experts)]
+        return MoELayer(**common, experts=routed, shared=None, act_fn=routed[0].act_fn, rows=values,
+                        act_name="quick_gelu" if alpha == 1.702 else f"gpt-oss alpha {alpha}",
+                        definition=values.definition)
+    act = _act_module(experts, where + " experts")
+    routed = [GatedMLP(w_gate=ups[e][:d], w_in=ups[e][d:], w_out=outs[e], b_gate=None, b_in=None, act_fn=act)
+              for e in range(n_experts)]
+    if getattr(experts, "has_gate", None) is None and isinstance(getattr(mlp, "router", None), torch.nn.Module):
+        # Llama 4: experts(tokens) on every token, each scaled by its routing score (0 where not routed)
+        return MoELayer(**common, experts=routed, shared=None, act_fn=act, act_module=act, routing="scores",
+                        router=mlp.router,
+                        definition="Llama 4 experts see each routed token scaled by its routing score "
+                                   "(σ of the router's logit): gate and in are the expert's values on the scaled token")
+    return MoELayer(**common, experts=routed, shared=None, act_fn=act, act_module=act)
+
+
+def _jetmoe_experts(mlp: torch.nn.Module, where: str) -> MoELayer:
+    """JetMoE's parallel experts: ``input_linear`` [E, 2I, D] computes ``[gate | in]`` of the tokens
+    the router sorted by expert, ``activation`` their act(gate), ``output_linear`` [E, D, I] reads post."""
+    up, out = mlp.input_linear.weight, mlp.output_linear.weight
+    if not (up.shape[0] == out.shape[0] and up.shape[1] == 2 * out.shape[2] and up.shape[2] == out.shape[1]):
+        raise GluscopeError(f"{where}: its input_linear {list(up.shape)} and output_linear {list(out.shape)} are "
+                            "not [E, 2I, D] and [E, D, I]")
+    d = up.shape[1] // 2
+    act = _act_module(mlp, where)
+    routed = [GatedMLP(w_gate=up[e, :d], w_in=up[e, d:], w_out=out[e], b_gate=None, b_in=None, act_fn=act)
+              for e in range(up.shape[0])]
+    return MoELayer(block=mlp, experts_module=mlp.input_linear, experts=routed, shared=None, act_fn=act,
+                    act_module=act, routing="sorted", router=mlp.router)
+
+
+def _shared_expert(bridge: Any, mlp: torch.nn.Module, where: str) -> GatedMLP | None:
+    from transformer_lens.model_bridge.generalized_components import GatedMLPBridge
+
+    for key, sub in bridge.submodules.items():
         if isinstance(sub, GatedMLPBridge) and key.startswith("shared"):
             module = _sub(mlp, sub.name)
             if module is not None:
@@ -222,16 +341,51 @@ def _moe(bridge: Any, mlp: torch.nn.Module, where: str) -> GatedMLP | MoELayer:
                 if any(p is None for p in parts):
                     raise GluscopeError(f"{where}'s shared expert lacks gate/in/out projections "
                                         f"(modules [{_children(module)}])")
-                shared = _dense(module, *parts, where=f"{where} shared expert")
-    from collect.moe import check_expert_rule
+                return _dense(module, *parts, where=f"{where} shared expert")
+    # An adapter that does not declare the block's shared expert (GLM-4-MoE): found by the name the
+    # families give it, with the plain gated projections.
+    for name in ("shared_experts", "shared_expert"):
+        module = getattr(mlp, name, None)
+        parts = [getattr(module, p, None) for p in ("gate_proj", "up_proj", "down_proj")]
+        if isinstance(module, torch.nn.Module) and all(isinstance(p, torch.nn.Linear) for p in parts):
+            return _dense(module, *parts, where=f"{where} shared expert")
+    return None
 
-    check_expert_rule(experts, routed, where)
-    return MoELayer(block=mlp, experts_module=experts, experts=routed, shared=shared, act_fn=act)
+
+def _moe(bridge: Any, mlp: torch.nn.Module, where: str) -> GatedMLP | MoELayer:
+    subs = bridge.submodules
+    # Dense layer of an interleaved stack: the adapter declares the dense projections and the module
+    # has them (MoEBridge's own positive detection).
+    dense = [_sub(mlp, subs[key].name) if key in subs else None for key in ("dense_gate", "dense_in", "dense_out")]
+    if all(m is not None for m in dense):
+        return _dense(mlp, *dense, where=where)
+    layer = _routed_experts(mlp, where)
+    if layer is None:
+        raise GluscopeError(
+            f"{where} is a mixture-of-experts block ({type(mlp).__name__}, modules [{_children(mlp)}]) whose "
+            "experts are not kept as batched 3-D gate_up_proj/down_proj tensors nor as JetMoE's parallel experts; "
+            "gluscope reads experts in those layouts only")
+    layer.shared = _shared_expert(bridge, mlp, where)
+    from collect.moe import check_experts
+
+    check_experts(layer, where)
+    return layer
+
+
+def _not_gated(adapter: Any, hf_config: Any, model_class: str, name: str) -> None:
+    """Refuse a model TransformerLens' adapter marks as not gated (``cfg.gated_mlp`` False), naming why."""
+    cfg = getattr(adapter, "cfg", None)
+    if cfg is not None and getattr(cfg, "gated_mlp", None) is False:
+        act = getattr(hf_config, "mlp_hidden_act", None) or getattr(cfg, "act_fn", None)
+        raise GluscopeError(
+            f"model class {model_class} has no gated MLP: TransformerLens' {name} says its MLPs and experts compute "
+            f"down(act(up·x)){f' with {act}' if act else ''}, no gate; gluscope needs a gated MLP, act(gate) * in")
 
 
 def locate(hf_model: Any, layers: list[int] | None) -> Located:
-    """Each requested layer's gated MLP (all layers when ``layers`` is None); a GluscopeError that
-    names what was found where a layer has none we can record."""
+    """Each requested layer's gated MLP (all layers when ``layers`` is None, skipping the layers of a
+    hybrid stack that hold none: attention or state-space layers only); a GluscopeError that names
+    what was found where a requested layer has none we can record."""
     from transformer_lens.model_bridge.generalized_components import (
         GatedMLPBridge,
         JointGateUpMLPBridge,
@@ -241,6 +395,7 @@ def locate(hf_model: Any, layers: list[int] | None) -> Located:
     adapter = adapter_for(hf_model)
     name = type(adapter).__name__
     model_class = type(hf_model).__name__
+    _not_gated(adapter, hf_model.config, model_class, name)
     mapping = adapter.component_mapping or {}
     blocks = mapping.get("blocks")
     stack = _sub(hf_model, getattr(blocks, "name", None)) if blocks is not None else None
@@ -248,18 +403,31 @@ def locate(hf_model: Any, layers: list[int] | None) -> Located:
         raise GluscopeError(f"model class {model_class}: its TransformerLens adapter {name} names no list of "
                             "decoder layers; gluscope supports gated-MLP language models")
     n_layers = len(stack)
+    requested = layers is not None
     if layers is None:
         layers = list(range(n_layers))
     bad = [layer for layer in layers if not 0 <= layer < n_layers]
     if bad:
         raise GluscopeError(f"--layers {bad}: this model has layers 0..{n_layers - 1}")
-    bridge = blocks.submodules.get("mlp")
+    subs = blocks.submodules
+    bridge = subs.get("mlp")
+    # A hybrid block whose MLP branch is an MoE block beside a (fused) shared MLP (Granite-4.0).
+    moe_bridge, shared_bridge = subs.get("moe"), subs.get("shared_mlp")
     found = Located(adapter=name, layers_path=blocks.name, n_layers=n_layers)
     for index in sorted(set(layers)):
         where = f"model class {model_class} ({name}): layer {index}'s MLP"
-        mlp = _sub(stack[index], getattr(bridge, "name", None))
+        block = stack[index]
+        if bridge is None and shared_bridge is not None:
+            layer = _hybrid_moe(moe_bridge, shared_bridge, block, where)
+            if layer is not None:
+                found.layers[index] = layer
+            continue
+        mlp = _sub(block, getattr(bridge, "name", None))
         if mlp is None:
-            raise GluscopeError(f"{where} was not found (modules [{_children(stack[index])}]); gluscope needs "
+            if not requested and _has_mixer(block):
+                found.skipped.append(index)  # an attention or state-space layer only
+                continue
+            raise GluscopeError(f"{where} was not found (modules [{_children(block)}]); gluscope needs "
                                 "a gated MLP")
         if isinstance(bridge, JointGateUpMLPBridge):
             found.layers[index] = _fused(bridge, mlp, where)
@@ -277,4 +445,37 @@ def locate(hf_model: Any, layers: list[int] | None) -> Located:
                 f"model class {model_class} has no gated MLP: layer {index}'s MLP is {type(mlp).__name__} with "
                 f"modules [{_children(mlp)}] ({type(bridge).__name__} in TransformerLens' {name}); gluscope "
                 "needs a gated MLP, act(gate) * in (Llama, OLMo, Gemma, Mistral, Qwen, Phi-3, Mixtral, OLMoE, ...)")
+    if not found.layers:
+        raise GluscopeError(f"model class {model_class} ({name}): none of its layers holds a gated MLP")
+    config = getattr(hf_model.config, "text_config", None) or hf_model.config
+    for layer in found.layers.values():
+        if isinstance(layer, MoELayer):
+            layer.top_k = getattr(config, "num_experts_per_tok", None) or getattr(config, "moe_topk", None)
     return found
+
+
+def _has_mixer(block: torch.nn.Module) -> bool:
+    """Whether a decoder layer holds an attention or state-space mixer: a layer of a hybrid stack
+    without an MLP, skipped when no --layers names it."""
+    return any(name in dict(block.named_children()) for name in ("mamba", "mixer", "self_attn", "attention",
+                                                                   "linear_attn", "self_attention"))
+
+
+def _hybrid_moe(moe_bridge: Any, shared_bridge: Any, block: torch.nn.Module, where: str) -> GatedMLP | MoELayer | None:
+    """Granite-4.0 (GraniteMoeHybrid): an MoE block and a fused shared MLP side by side in the decoder
+    layer, summed; without experts the shared MLP alone is the layer's dense MLP."""
+    shared_module = _sub(block, shared_bridge.name)
+    shared = _fused(shared_bridge, shared_module, where + " (shared MLP)") if shared_module is not None else None
+    moe_module = _sub(block, getattr(moe_bridge, "name", None)) if moe_bridge is not None else None
+    if moe_module is None:
+        return shared
+    layer = _routed_experts(moe_module, where)
+    if layer is None:
+        raise GluscopeError(f"{where}: its mixture-of-experts block ({type(moe_module).__name__}, modules "
+                            f"[{_children(moe_module)}]) keeps its experts in a layout gluscope does not read")
+    from collect.moe import check_experts
+
+    check_experts(layer, where)
+    # The shared MLP runs after the experts: the layer's own forward hook fires once both have.
+    layer.shared, layer.done = shared, block
+    return layer

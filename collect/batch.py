@@ -19,7 +19,9 @@ every output, the histograms and the example candidates included); a difference 
 the run to the eager code, with one warning line, and the layer-batch is redone.
 
 The API takes any ``[B, T, N]`` hooks with a ``valid`` mask of ``[B, T]`` or ``[B, T, N]`` (per
-neuron), so that several sets of neurons (a layer's experts) can run as one wide layer.
+neuron), so that several sets of neurons run as one wide layer: a mixture-of-experts layer's routed
+experts, each over its own tokens packed to the front of each document (a :class:`Packing` says
+where each slot is; the kernel reads document positions, so packed experts take the compiled code).
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ from collect import fused
 from collect.compiled import (CompiledWithFallback, check_outputs, compiled_with_fallback, describe_problem,
                               fast_reduce, sample_neurons)
 from collect.memory import CandidateCapacity, ListCapacity
-from collect.stats import (N_CASES, N_HOOKS, BatchDistributions, LayerStats, compiled_histogram_batch,
-                           find_candidates, histogram_batch, reduce_batch, update_stats)
+from collect.stats import (N_CASES, N_HOOKS, BatchDistributions, BatchReduction, LayerStats, Packing,
+                           compiled_histogram_batch, find_candidates, histogram_batch, reduce_batch, update_stats)
 
 
 @dataclass
@@ -98,9 +100,13 @@ class LayerPaths:
         self.reduce = lambda *args: reduce_batch(*args, assume_finite=True)
         self.histogram = histogram_batch
 
-    def add(self, layer: Any, stats: LayerStats, hooks: tuple[torch.Tensor, ...], batch: Batch) -> Flags | None:
+    def add(self, layer: Any, stats: LayerStats, hooks: tuple[torch.Tensor, ...], batch: Batch, *,
+            packing: Packing | None = None, fits: torch.Tensor | None = None) -> Flags | None:
         """Add one layer-batch (``hooks``: ``(gate, in, post, swish)``) to ``stats``. Returns the flags
-        to read at the batch's sync on the deferred (GPU) path, else None: done."""
+        to read at the batch's sync on the deferred (GPU) path, else None: done. ``packing``: the
+        hooks are packed (``batch.valid`` per neuron, ``batch.prio`` the documents'); ``fits``: a
+        device bool, False where the packing left tokens out (the deferred path only: the batch is
+        then not added, and must be redone from a new packing)."""
         gate, in_, post, swish = hooks
         ordered = (post, in_, gate, swish)
         length = gate.shape[1]
@@ -108,7 +114,7 @@ class LayerPaths:
         neurons = sample_neurons(gate.shape[-1], _seed(layer)).to(gate.device) if check else None
         dist = stats.has_distributions
         extra = dict(hooks=ordered, valid=batch.valid, prio=batch.prio) if dist else {}
-        if self.kernel and fused.supports(*hooks):
+        if self.kernel and packing is None and fused.supports(*hooks):
             tables = None
             if check and dist:  # this batch's tables apart, to compare them before they count
                 tables = (torch.zeros_like(stats.hist), torch.zeros_like(stats.density))
@@ -137,20 +143,22 @@ class LayerPaths:
             if code:
                 self.distrust(code, neurons)
             if code or bool(reduced.suspect):
-                self.redo(stats, hooks, batch)
+                self.redo(stats, hooks, batch, packing=packing)
                 return None
-            update_stats(stats, reduced, batch.doc_ids, gate, in_, batch.lengths, batch.context_before,
-                         batch.context_after, histogram=self.histogram, distributions=tables, **extra)
+            update_stats(stats, _at_documents(reduced, packing), batch.doc_ids, gate, in_, batch.lengths,
+                         batch.context_before, batch.context_after, histogram=self.histogram, distributions=tables,
+                         packing=packing, **extra)
             return None
         n_docs = len(batch.doc_ids)
-        lists = self.lists.setdefault(layer, ListCapacity(gate.device, self.n_lists))
-        accept = ~reduced.suspect
+        lists = self.lists.setdefault(layer, ListCapacity(gate.device, gate.shape[-1] * N_CASES * N_HOOKS))
+        accept = ~reduced.suspect if fits is None else ~reduced.suspect & fits
         distributions = None
         found = torch.zeros((), dtype=torch.int64, device=gate.device)
         if dist:
             slots = stats.sample_key.numel() + stats.band_key.numel()
             learnt = self.candidates.setdefault(layer, CandidateCapacity(slots))
-            distributions = find_candidates(stats, ordered, batch.valid, batch.prio, batch.doc_ids,
+            prio = batch.prio if packing is None else packing.neuron_priorities(batch.prio)
+            distributions = find_candidates(stats, ordered, batch.valid, prio, batch.doc_ids,
                                             learnt.current(n_docs), histogram=self.histogram, filling=learnt.filling)
             accept = accept & ~distributions.overflow
             found = distributions.candidate_positions
@@ -159,18 +167,23 @@ class LayerPaths:
             problem = check_outputs(reduced, ordered, batch.valid, neurons, exact=False,
                                     distributions=_tables_only(distributions))
             accept = accept & (problem == 0)
-        applied, active = update_stats(stats, reduced, batch.doc_ids, gate, in_, batch.lengths, batch.context_before,
-                                       batch.context_after, capacity=lists.current(n_docs), accept=accept,
-                                       distributions=distributions, **extra)
+        applied, active = update_stats(stats, _at_documents(reduced, packing), batch.doc_ids, gate, in_, batch.lengths,
+                                       batch.context_before, batch.context_after, capacity=lists.current(n_docs),
+                                       accept=accept, distributions=distributions, packing=packing, **extra)
         return Flags(applied, active, found, problem)
 
-    def settle(self, flags: dict[Any, Flags], n_docs: int) -> list[Any]:
+    def settle(self, flags: dict[Any, Flags], n_docs: int,
+               extra: list[torch.Tensor] | None = None) -> tuple[list[Any], list[int]]:
         """After the forward pass of a deferred batch: the batch's one host sync reads every layer's
-        flags; the capacities learn from them. Returns the layers to redo exactly."""
-        if not flags:
-            return []
-        values = torch.stack([torch.stack([f.applied.long(), f.active.long(), f.candidates.long(), f.problem.long()])
-                              for f in flags.values()]).tolist()
+        flags (and the ``extra`` integer scalars, e.g. packed lengths); the capacities learn from
+        them. Returns the layers to redo exactly, and the values of ``extra``."""
+        extra = extra or []
+        if not flags and not extra:
+            return [], []
+        rows = [torch.stack([f.applied.long(), f.active.long(), f.candidates.long(), f.problem.long()])
+                for f in flags.values()]
+        read = torch.cat(rows + [torch.stack([x.long() for x in extra])] if extra else rows).tolist()
+        values = [read[4 * i:4 * i + 4] for i in range(len(rows))]
         redo = []
         for layer, (applied, active, candidates, problem) in zip(flags, values):
             self.lists[layer].observe(active, n_docs)
@@ -180,15 +193,25 @@ class LayerPaths:
                 self.distrust(problem, sample_neurons(self.n_lists // (N_CASES * N_HOOKS), _seed(layer)))
             if not applied:
                 redo.append(layer)
-        return redo
+        return redo, [int(x) for x in read[4 * len(rows):]]
 
-    def redo(self, stats: LayerStats, hooks: tuple[torch.Tensor, ...], batch: Batch) -> None:
+    def redo(self, stats: LayerStats, hooks: tuple[torch.Tensor, ...], batch: Batch, *,
+             packing: Packing | None = None) -> None:
         """Add one layer-batch exactly: every value checked, lists found with ``nonzero`` (host syncs:
         for the rare flagged layer-batch, or a path without faster code)."""
         gate, in_, post, swish = hooks
         extra = dict(hooks=(post, in_, gate, swish), valid=batch.valid, prio=batch.prio) if stats.has_distributions else {}
-        update_stats(stats, reduce_batch(gate, in_, post, swish, batch.valid), batch.doc_ids, gate, in_, batch.lengths,
-                     batch.context_before, batch.context_after, check_finite=True, **extra)
+        update_stats(stats, _at_documents(reduce_batch(gate, in_, post, swish, batch.valid), packing), batch.doc_ids,
+                     gate, in_, batch.lengths, batch.context_before, batch.context_after, check_finite=True,
+                     packing=packing, **extra)
+
+
+def _at_documents(reduced: BatchReduction, packing: Packing | None) -> BatchReduction:
+    """``reduced`` with its examples' packed slots turned into document positions (after the check
+    against the eager code, which compares slots)."""
+    if packing is not None:
+        reduced.doc_pos = packing.to_document(reduced.doc_pos)
+    return reduced
 
 
 def _seed(layer: Any) -> int:

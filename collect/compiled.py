@@ -37,7 +37,7 @@ def compile_cache_dir() -> Path:
     """The project's compile cache: ``inductor/<torch version>-<cpu capability>`` in the gluscope
     cache folder (``$GLUSCOPE_CACHE``, else ``~/.cache/gluscope``), so that kernels compiled by
     another torch or for another instruction set are never read."""
-    from collect.demo import cache_dir
+    from mkdocs_gluscope.npm import cache_dir
 
     version = torch.__version__.replace("+", "_")
     capability = torch.backends.cpu.get_cpu_capability().lower()

@@ -47,6 +47,7 @@ class CollectConfig:
     window_dtype: str = "float16"
     samples: int = SAMPLES  # random examples per case; 0: no distributions (histograms, density, samples, bands)
     band_samples: int = BAND_SAMPLES  # random examples per case and band of |post|
+    effects: bool = True  # run on to the final norm and record each example's direct effect on the output
     shard: str | None = None
     resume: bool = False
     checkpoint_every: float = 600.0
@@ -189,6 +190,26 @@ def resolve_experts(experts: list[int | str] | None, loaded: LoadedModel) -> dic
             raise GluscopeError(f"--experts {','.join(map(str, bad))}: layer {layer} has experts {has}")
         plan[layer] = [e for e in available if e in experts]
     return plan
+
+
+def experts_key(layer: int) -> str:
+    """The key of a mixture-of-experts layer's routed experts among the run's statistics (and in
+    checkpoints): they are reduced together, as one wide layer of experts x neurons per expert."""
+    return f"{layer}.experts"
+
+
+def state_sizes(loaded: LoadedModel, layers: list[int], experts: dict[int, list[int | str]]) -> dict[int | str, int]:
+    """Neurons of each set of statistics a run keeps: each dense layer by number, each MoE layer's
+    recorded routed experts together (:func:`experts_key`), its shared expert (:func:`expert_key`)."""
+    sizes: dict[int | str, int] = {layer: loaded.d_mlp for layer in layers if layer not in loaded.moe}
+    for layer, chosen in experts.items():
+        moe = loaded.moe[layer]
+        n_routed = sum(1 for e in chosen if e != SHARED)
+        if n_routed:
+            sizes[experts_key(layer)] = n_routed * moe.d_expert
+        if SHARED in chosen:
+            sizes[expert_key(layer, SHARED)] = moe.shared.d_mlp
+    return sizes
 
 
 def expert_key(layer: int, expert: int | str) -> str:

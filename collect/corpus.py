@@ -337,17 +337,18 @@ def _bytes_to_unicode() -> dict[str, int]:
 _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
-def token_strings(tokenizer: Any, vocab_size: int) -> list[str]:
-    """Display string of every token id: the text it stands for, with bytes that are not valid
-    UTF-8 on their own shown as ``\\xNN`` escapes."""
-    pieces = tokenizer.convert_ids_to_tokens(list(range(vocab_size)))
+def token_strings(tokenizer: Any, vocab_size: int, ids: Sequence[int] | None = None) -> list[str]:
+    """Display string of every token id (of ``ids`` only, in their order, where given): the text it
+    stands for, with bytes that are not valid UTF-8 on their own shown as ``\\xNN`` escapes."""
+    ids = list(range(vocab_size)) if ids is None else [int(i) for i in ids]
+    pieces = tokenizer.convert_ids_to_tokens(ids)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     decoder = type(getattr(backend, "decoder", None)).__name__
     byte_level = decoder == "ByteLevel"
     byte_map = _bytes_to_unicode() if byte_level else {}
     special = set(getattr(tokenizer, "all_special_tokens", []))
     out = []
-    for token_id, piece in enumerate(pieces):
+    for token_id, piece in zip(ids, pieces):
         if piece is None:
             out.append("")
         elif piece in special:

@@ -75,6 +75,34 @@ def fetch_model(cache: Path) -> Path:
     return target
 
 
+def converted_model(gguf: Path, cache: Path) -> Path:
+    """The GGUF model as a ``save_pretrained`` folder in float32 (made once in the cache, 517 MB):
+    it loads in about a second, where the GGUF file is dequantized and its tokenizer converted on every
+    load (9 s and more on 2 cores). The weights are the dequantized ones, so every value is the same;
+    ``gluscope probe --model`` and the served site's text box take this folder."""
+    target = cache / "smollm2" / (gguf.stem + "-float32")
+    if (target / "config.json").is_file():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    say(f"converting the model once into {target} (a folder that loads in a second)")
+    part = target.with_name(target.name + ".part")
+    shutil.rmtree(part, ignore_errors=True)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(part)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A model loaded from GGUF counts as quantized and refuses save_pretrained: the same weights in a plain one.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    plain.save_pretrained(part)
+    shutil.rmtree(target, ignore_errors=True)
+    part.replace(target)
+    return target
+
+
 def fetch_corpus(cache: Path) -> Path:
     """The addresses as JSON files (year, name, party, text), downloaded into the cache."""
     folder = cache / "sotu"
@@ -136,7 +164,7 @@ def run_demo(*, max_tokens: int, out: Path, dtype: str, cache: Path | None, acti
 
     root = cache_dir(cache)
     root.mkdir(parents=True, exist_ok=True)
-    model = fetch_model(root)
+    model = converted_model(fetch_model(root), root)
     corpus = write_corpus(fetch_corpus(root), root / "sotu-documents.jsonl")
     # Every core this process may use (a container or taskset may allow fewer than the machine has).
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -154,12 +182,25 @@ def run_demo(*, max_tokens: int, out: Path, dtype: str, cache: Path | None, acti
                      "dataset_path": str(corpus),
                      "note": "weights dequantized from Q4_1; documents of about 200 words of whole sentences"}))
     say(f"wrote {out} in {time.monotonic() - started:.0f} s")
+    add_related(out, model)
     if action == "none":
         return 0
     command = [sys.executable, "-m", "mkdocs", action, "-f", str(config_file)]
+    env = dict(os.environ)
     if action == "serve":
         command += ["--dev-addr", dev_addr]
+        env["GLUSCOPE_PROBE_MODEL"] = str(model)  # mkdocs.yml's probe_model: a text box on every neuron page
         say(f"serving the site at http://{dev_addr}/ (Ctrl-C to stop)")
     else:
         command.append("--strict")
-    return subprocess.call(command)
+    return subprocess.call(command, env=env)
+
+
+def add_related(out: Path, model: Path) -> None:
+    """``gluscope related OUT --model MODEL``: the related neurons the pages link to."""
+    from collect.related import weights_part
+    from mkdocs_gluscope.related import add_related as add
+
+    started = time.monotonic()
+    add(out, lambda f: weights_part(f, str(model), dtype="float32", device="auto"))
+    say(f"added related neurons in {time.monotonic() - started:.0f} s")

@@ -201,11 +201,11 @@ def merge_into_rank0(world: World, states: dict[int, LayerStats], empty: Any) ->
     sent = False
     while step < world.size:
         if not sent and world.rank % (2 * step) == step:
-            for layer in sorted(states):
+            for layer in sorted(states, key=str):  # dense layers by number, experts by key: one order
                 dist.send(_pack(states[layer]), dst=world.rank - step)
             sent = True
         elif not sent and world.rank % (2 * step) == 0 and world.rank + step < world.size:
-            for layer in sorted(states):
+            for layer in sorted(states, key=str):  # dense layers by number, experts by key: one order
                 like = states[layer]
                 buffer = torch.empty(like.nbytes(), dtype=torch.uint8, device=like.count.device)
                 dist.recv(buffer, src=world.rank + step)
@@ -214,3 +214,16 @@ def merge_into_rank0(world: World, states: dict[int, LayerStats], empty: Any) ->
     if world.rank != 0:
         states = {layer: empty(layer) for layer in states}
     return states
+
+
+def add_into_rank0(world: World, counts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Integer counts (the tokens routed to each recorded expert) summed into rank 0, as
+    :func:`merge_into_rank0` merges the statistics: every other rank starts again from zero, since
+    what it had is now counted in rank 0's."""
+    if world.size == 1:
+        return counts
+    for key in sorted(counts):
+        dist.reduce(counts[key], dst=0, op=dist.ReduceOp.SUM)
+        if world.rank != 0:
+            counts[key] = torch.zeros_like(counts[key])
+    return counts

@@ -5,6 +5,7 @@ the capacity of list changes a batch may make without a sync, and the out-of-mem
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -13,6 +14,7 @@ from collect.config import CollectConfig
 from collect.model import LoadedModel
 from collect.stats import state_bytes_per_neuron, state_window_dtype
 from mkdocs_gluscope.errors import GluscopeError
+from mkdocs_gluscope.store import SHARED
 
 
 def state_bytes(d_mlp: int, n_layers: int, config: CollectConfig, model_dtype: torch.dtype) -> int:
@@ -32,32 +34,170 @@ def layer_groups(layers: list[int], per_layer: int, budget: int) -> list[list[in
     return [layers[i:i + size] for i in range(0, len(layers), size)]
 
 
-def check_state_fits(loaded: LoadedModel, layers: list[int], config: CollectConfig) -> None:
-    """On a GPU, refuse before the first batch a collection whose statistics cannot fit next to
-    the model (a 7B model in bfloat16 and all its layers' statistics need about 24 GiB), naming
-    the layer groups that do fit: running out of memory mid-run would waste the run."""
+def _even_chunks(items: list, size: int) -> list[list]:
+    """``items`` in consecutive chunks of at most ``size``, as even as possible."""
+    n = -(-len(items) // max(size, 1))
+    step = -(-len(items) // n)
+    return [items[i:i + step] for i in range(0, len(items), step)]
+
+
+def _span(values: list[int | str]) -> str:
+    """``0-15`` for a run of integers, else a comma list (``s`` for the shared expert)."""
+    numbers = [v for v in values if v != SHARED]
+    text = ",".join(map(str, numbers))
+    if len(numbers) > 1 and numbers == list(range(numbers[0], numbers[-1] + 1)):
+        text = f"{numbers[0]}-{numbers[-1]}"
+    return ",".join(t for t in (text, SHARED if SHARED in values else "") if t)
+
+
+@dataclass
+class Group:
+    """One collection of a plan: ``--layers`` and, for mixture-of-experts layers, ``--experts``
+    (None: every expert)."""
+
+    layers: list[int]
+    experts: list[int | str] | None = None
+    neurons: int = 0
+
+    def options(self) -> str:
+        text = f"--layers {_span(self.layers)}"
+        return text + (f" --experts {_span(self.experts)}" if self.experts is not None else "")
+
+
+@dataclass
+class StatePlan:
+    """The statistics a run keeps on its device, and the groups of layers and experts to collect
+    separately (then join with ``gluscope merge``) where they do not fit: every neuron is in
+    exactly one group."""
+
+    per_neuron: int  # bytes
+    neurons: int
+    groups: list[Group]
+
+    @property
+    def total(self) -> int:
+        return self.per_neuron * self.neurons
+
+
+def plan_groups(loaded: LoadedModel, layers: list[int], experts: dict[int, list[int | str]], per_neuron: int,
+                budget: int, requested: list[int | str] | None = None) -> StatePlan:
+    """Groups of layers and experts whose statistics fit ``budget`` bytes each (``per_neuron`` bytes a
+    neuron; ``experts``: the experts recorded at each MoE layer, ``requested`` the run's ``--experts``).
+    Whole layers where the largest fits (fewest runs: consecutive layers packed together); else the
+    dense layers and the shared experts in groups of their own (``--experts s``), and the routed
+    experts of every MoE layer in ranges of experts (``--layers <MoE layers> --experts a-b``), cut by
+    layers too where not even one expert of every MoE layer fits. Every neuron is in one group."""
+    from collect.config import experts_key, state_sizes
+
+    sizes = state_sizes(loaded, layers, experts)
+    per_layer = {layer: sizes.get(layer, 0) + sizes.get(experts_key(layer), 0) + sizes.get(f"{layer}.{SHARED}", 0)
+                 for layer in layers}
+    total = sum(per_layer.values())
+    capacity = budget // per_neuron
+
+    def packed(units: dict[int, int], options: list[int | str] | None) -> list[Group]:
+        """Consecutive layers in as few groups as fit, as even as they can be."""
+        if not units:
+            return []
+        greedy: list[list[int]] = []
+        size = 0
+        for layer, n in units.items():
+            if not greedy or size + n > capacity:
+                greedy.append([])
+                size = 0
+            greedy[-1].append(layer)
+            size += n
+        even = _even_chunks(list(units), -(-len(units) // len(greedy)))
+        chunks = even if len(even) == len(greedy) and all(sum(units[x] for x in c) <= capacity for c in even) \
+            else greedy
+        return [Group(c, options, sum(units[x] for x in c)) for c in chunks]
+
+    if max(per_layer.values()) <= capacity:  # whole layers (all at once if they fit)
+        return StatePlan(per_neuron, total, packed(per_layer, requested))
+    moe_layers = [layer for layer in layers if experts_key(layer) in sizes]
+    routed = [e for e in experts[moe_layers[0]] if e != SHARED]
+    d_expert = loaded.moe[moe_layers[0]].d_expert
+    if d_expert > capacity:
+        raise GluscopeError(f"not even one expert's statistics fit: {d_expert * per_neuron / 2**30:.2f} GiB for its "
+                            f"{d_expert:,} neurons, {budget / 2**30:.2f} GiB free next to the model")
+    # The dense layers and the shared experts (which see every token) first, by whole layers.
+    dense = {layer: n for layer in layers if (n := sizes.get(layer, 0) + sizes.get(f"{layer}.{SHARED}", 0))}
+    groups = [g for g in packed({layer: n for layer, n in dense.items() if layer not in loaded.moe}, None)]
+    shared = {layer: n for layer, n in dense.items() if layer in loaded.moe}
+    if shared:  # (dense layers then ride along with the shared experts where they fit)
+        groups = packed(dense, [SHARED])
+    # The routed experts: ranges of experts over as many MoE layers as fit.
+    per_range = capacity // (d_expert * len(moe_layers))
+    layer_chunks = [moe_layers] if per_range >= 1 else _even_chunks(moe_layers, max(1, capacity // d_expert))
+    for chunk_layers in layer_chunks:
+        per = max(1, capacity // (d_expert * len(chunk_layers)))
+        for chunk in _even_chunks(routed, per):
+            groups.append(Group(list(chunk_layers), chunk, len(chunk) * d_expert * len(chunk_layers)))
+    return StatePlan(per_neuron, total, groups)
+
+
+def working_bytes(loaded: LoadedModel, config: CollectConfig) -> int:
+    """The batch's hooks and the statistics' float32 temporaries of the widest recorded layer: a
+    rough bound, measured generous (for experts: their packed rows, padded, at top_k / n_experts of
+    the tokens)."""
+    widest = loaded.d_mlp
+    for moe in loaded.moe.values():
+        top_k = moe.top_k or moe.n_experts
+        widest = max(widest, 2 * top_k * moe.d_expert + (moe.shared.d_mlp if moe.shared else 0))
+    return config.batch_tokens * widest * 4 * 12
+
+
+def plan_line(loaded: LoadedModel, layers: list[int], config: CollectConfig, experts: dict[int, list[int | str]],
+              free: int | None = None) -> str:
+    """The run's plan in one line, printed before the first batch: what its statistics hold and
+    need on the device, and (on a GPU) what is free next to the model."""
+    from collect.config import state_sizes
+
+    sizes = state_sizes(loaded, layers, experts)
+    per_neuron = state_bytes(1, 1, config, loaded.dtype)
+    neurons = sum(sizes.values())
+    dense = [layer for layer in layers if layer not in loaded.moe]
+    parts = [f"{len(dense)} dense layer{'s' * (len(dense) != 1)}"] if dense else []
+    if experts:
+        n_routed = {len([e for e in chosen if e != SHARED]) for chosen in experts.values()}
+        shared = any(SHARED in chosen for chosen in experts.values())
+        parts.append(f"{len(experts)} MoE layer{'s' * (len(experts) != 1)} ({'/'.join(map(str, sorted(n_routed)))} "
+                     f"routed experts each{' + shared' if shared else ''})")
+    text = (f"statistics of {neurons:,} neurons ({', '.join(parts)}): {neurons * per_neuron / 2**30:.2f} GiB on "
+            f"{loaded.device} at {per_neuron:,} bytes a neuron")
+    if free is not None:
+        text += f"; {free / 2**30:.1f} GiB free next to the model"
+    return text
+
+
+def check_state_fits(loaded: LoadedModel, layers: list[int], config: CollectConfig,
+                     experts: dict[int, list[int | str]] | None = None) -> str:
+    """Before the first batch: the run's plan (:func:`plan_line`, which the run prints), and on a GPU
+    the refusal of a collection whose statistics cannot fit next to the model (a 7B model in bfloat16
+    and all its layers' statistics need about 11.4 GiB; OLMoE-1B-7B's million expert neurons about 34),
+    naming the groups of layers and experts that do fit: running out of memory mid-run would waste
+    the run."""
+    experts = experts or {}
     if loaded.device.type != "cuda":
-        return
+        return plan_line(loaded, layers, config, experts)
     free, _ = torch.cuda.mem_get_info(loaded.device)
-    per_layer = state_bytes(loaded.d_mlp, 1, config, loaded.dtype)
-    # The batch's hooks and the statistics' float32 temporaries: a rough bound, measured generous.
-    working = config.batch_tokens * loaded.d_mlp * 4 * 12
+    per_neuron = state_bytes(1, 1, config, loaded.dtype)
+    working = working_bytes(loaded, config)
     budget = int(free * 0.9) - working
-    if per_layer * len(layers) <= budget:
-        return
-    if budget < per_layer:
+    if budget < per_neuron:
         raise GluscopeError(
             f"out of memory at --batch-tokens {config.batch_tokens}: {free / 2**30:.1f} GiB free on {loaded.device} "
             f"after loading the model; rerun with a smaller --batch-tokens")
-    groups = layer_groups(layers, per_layer, budget)
-    spans = " then ".join("--layers " + (str(g[0]) if len(g) == 1 else f"{g[0]}-{g[-1]}"
-                                         if g == list(range(g[0], g[-1] + 1)) else ",".join(map(str, g)))
-                          for g in groups)
+    plan = plan_groups(loaded, layers, experts, per_neuron, budget, config.experts)
+    if len(plan.groups) == 1:
+        return plan_line(loaded, layers, config, experts, free) + ": one run"
+    spans = " then ".join(g.options() for g in plan.groups)
+    what = f"{len(layers)} layers" if not loaded.moe else f"{len(layers)} layers ({plan.neurons:,} neurons with experts)"
     raise GluscopeError(
-        f"the statistics of {len(layers)} layers need {per_layer * len(layers) / 2**30:.1f} GiB on {loaded.device}, "
-        f"{max(budget, 0) / 2**30:.1f} GiB is free next to the model; collect the layers in {len(groups)} groups "
+        f"the statistics of {what} need {plan.total / 2**30:.1f} GiB on {loaded.device}, "
+        f"{max(budget, 0) / 2**30:.1f} GiB is free next to the model; collect them in {len(plan.groups)} groups "
         f"({spans}, each with the same other options; each may run under torchrun) and join the files with "
-        "gluscope merge")
+        "gluscope merge (a smaller --batch-tokens leaves more room)")
 
 
 def has_nonzero_static(device: torch.device) -> bool:
@@ -95,6 +235,32 @@ class ListCapacity:
         self.per_doc = active / n_docs
 
 
+class PackedLength:
+    """The packed length of a mixture-of-experts layer's experts (slots per document and expert,
+    :func:`collect.moe.pack_experts`) without a host sync: on a GPU, a bucket above the last
+    batch's most tokens of one expert in one document (per token of the batch's length), with a
+    margin, so that a batch that overflows it (flagged on the device, redone exactly) stays rare;
+    the first batch uses the batch's length, which always fits. ``None`` on a CPU: the exact length
+    (a sync that costs nothing there)."""
+
+    MARGIN = 1.5
+    ON_CPU = False  # tests run the GPU's path on a CPU
+
+    def __init__(self, device: torch.device) -> None:
+        self.exact = device.type == "cpu" and not self.ON_CPU
+        self.share: float | None = None  # the last batch's most tokens of one expert per position
+
+    def current(self, length: int) -> int | None:
+        if self.exact:
+            return None
+        if self.share is None:
+            return length
+        from collect.moe import bucket
+
+        return min(length, bucket(int(self.share * length * self.MARGIN) + 1))
+
+    def observe(self, most: int, length: int) -> None:
+        self.share = most / length
 class CandidateCapacity:
     """How many (position, neuron) pairs of a layer-batch may be random-example candidates on the
     GPU's path (``nonzero_static``): sized from earlier batches' candidates per document, which fall

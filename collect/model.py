@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from collect.architectures import GatedMLP, MoELayer, locate
+from collect.moe import ExpertRows, ExpertTap
 from mkdocs_gluscope.errors import GluscopeError
 from mkdocs_gluscope.store import SHARED
 
@@ -55,8 +56,22 @@ class LoadedModel:
     dtype: torch.dtype
     moe: dict[int, MoELayer] = field(default_factory=dict)  # the requested mixture-of-experts layers
     adapter: str = ""  # TransformerLens' adapter that located the MLPs
+    skipped: list[int] = field(default_factory=list)  # layers without an MLP (attention or state-space only)
     #: weight facts of every expert of the requested MoE layers, by (layer, expert or "s")
     expert_facts: dict[tuple[int, int | str], dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    def definitions(self) -> dict[str, str]:
+        """How the recorded hooks differ from the plain ``gate``, ``in``, ``post`` of a gated MLP, as
+        the file's attributes say it to every page: ``hook_definition`` for the dense layers'
+        neurons, ``expert_hook_definition`` for the routed experts' (families that scale, clamp or
+        shift their values: Falcon-H1, Llama 4, gpt-oss)."""
+        out = {}
+        for attr, texts in (("hook_definition", [m.definition for m in self.mlps.values()]),
+                            ("expert_hook_definition", [m.definition for m in self.moe.values()])):
+            found = list(dict.fromkeys(t for t in texts if t))
+            if found:
+                out[attr] = "; ".join(found)
+        return out
 
 
 def resolve_device(device: str) -> torch.device:
@@ -207,15 +222,19 @@ def _text_config(hf_model: Any) -> Any:
 
 def act_fn_name(hf_model: Any) -> str:
     config = _text_config(hf_model)
-    return str(getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "unknown"))
+    for attr in ("hidden_activation", "hidden_act", "activation_function"):  # activation_function: JetMoE
+        if getattr(config, attr, None):
+            return str(getattr(config, attr))
+    return "unknown"
 
 
-def check_activation(hf_model: Any) -> str:
-    """The model's activation name, refused unless pages can recompute it: the one table in
-    :mod:`mkdocs_gluscope.activations` decides, before any batch runs."""
+def check_activation(hf_model: Any, name: str | None = None) -> str:
+    """The model's activation name (or ``name``, where the recorded layers use their own), refused
+    unless pages can recompute it: the one table in :mod:`mkdocs_gluscope.activations` decides,
+    before any batch runs."""
     from mkdocs_gluscope.activations import UnknownActivation, activation
 
-    name = act_fn_name(hf_model)
+    name = name or act_fn_name(hf_model)
     try:
         activation(name)
     except UnknownActivation as e:
@@ -268,7 +287,8 @@ def _torchvision_importable() -> bool:
 
 
 def load_model(model: str, *, dtype: str = "auto", device: str = "auto", refactor: bool = True,
-               engine: str = "hf", layers: list[int] | None = None) -> tuple[LoadedModel, dict[str, torch.Tensor]]:
+               engine: str = "hf", layers: list[int] | None = None, cosines: bool = True
+               ) -> tuple[LoadedModel, dict[str, torch.Tensor]]:
     """Load a model by name or path and :func:`prepare_model` it."""
     if engine not in ENGINES:
         raise GluscopeError(f"--engine {engine!r}; expected one of {', '.join(ENGINES)}")
@@ -276,20 +296,25 @@ def load_model(model: str, *, dtype: str = "auto", device: str = "auto", refacto
     torch_dtype = resolve_dtype(dtype, torch_device)
     hf_model, tokenizer = load_hf(model, torch_dtype)
     return prepare_model(hf_model.to(torch_device), tokenizer, name=model, refactor=refactor, engine=engine,
-                         layers=layers)
+                         layers=layers, cosines=cosines)
 
 
 def prepare_model(hf_model: Any, tokenizer: Any, *, name: str = "model", refactor: bool = True,
-                  engine: str = "hf", layers: list[int] | None = None
+                  engine: str = "hf", layers: list[int] | None = None, cosines: bool = True
                   ) -> tuple[LoadedModel, dict[str, torch.Tensor]]:
     """Locate the requested layers' MLPs (all by default), check, refactor (and for engine
     ``bridge``, wrap) a loaded model. Returns it and the weight facts of its dense layers, in layer
-    order (``flipped`` and the three cosines, computed after refactor_glu)."""
+    order (``flipped`` and, unless ``cosines`` is False, the three cosines, computed after
+    refactor_glu: a second of a 135M model's load on 2 cores, which a probe does without)."""
     param = next(hf_model.parameters())
     found = locate(hf_model, layers)
     dense = {layer: mlp for layer, mlp in sorted(found.layers.items()) if isinstance(mlp, GatedMLP)}
     moe = {layer: mlp for layer, mlp in sorted(found.layers.items()) if isinstance(mlp, MoELayer)}
-    act_name = check_activation(hf_model)
+    own = {layer.act_name for layer in moe.values() if layer.act_name}
+    if len(own) > 1 or (own and dense):
+        raise GluscopeError(f"the requested layers compute act(gate) with different functions ({sorted(own)} and the "
+                            "model's own); record them in separate runs with --layers")
+    act_name = check_activation(hf_model, own.pop() if own else None)
     sizes = sorted({mlp.d_mlp for mlp in dense.values()})
     if len(sizes) > 1:
         raise GluscopeError(f"the requested dense layers have MLPs of different sizes ({sizes}); record them "
@@ -303,21 +328,22 @@ def prepare_model(hf_model: Any, tokenizer: Any, *, name: str = "model", refacto
         flipped = refactor_glu(mlps) if mlps else torch.zeros(0, 0, dtype=torch.bool)
     else:
         flipped = torch.zeros(len(mlps), d_mlp, dtype=torch.bool)
-    facts = {"flipped": flipped, **(weight_cosines(mlps) if mlps else
+    facts = {"flipped": flipped, **({} if not cosines else weight_cosines(mlps) if mlps else
                                     {k: torch.zeros(0, 0) for k in ("cos_gate_in", "cos_gate_out", "cos_in_out")})}
     expert_facts = {}
     for layer, moe_layer in moe.items():
         # Every expert's neurons, as a dense layer's: refactor_glu and weight geometry per expert.
         sets = {**dict(enumerate(moe_layer.experts)), **({SHARED: moe_layer.shared} if moe_layer.shared else {})}
         for expert, neurons in sets.items():
-            flips = refactor_glu([neurons])[0] if refactor else torch.zeros(neurons.d_mlp, dtype=torch.bool)
+            flips = (refactor_glu([neurons])[0] if refactor and neurons.refactor
+                     else torch.zeros(neurons.d_mlp, dtype=torch.bool))
             expert_facts[layer, expert] = {"flipped": flips,
                                            **{k: v[0] for k, v in weight_cosines([neurons]).items()}}
     bridge = boot_bridge(name, hf_model, tokenizer, param.device, param.dtype) if engine == "bridge" else None
     loaded = LoadedModel(hf_model=hf_model, bridge=bridge, tokenizer=tokenizer, mlps=dense,
                          act_fn_name=act_name, n_layers=found.n_layers, d_mlp=d_mlp,
                          device=param.device, dtype=param.dtype, moe=moe, adapter=found.adapter,
-                         expert_facts=expert_facts)
+                         expert_facts=expert_facts, skipped=found.skipped)
     return loaded, facts
 
 
@@ -331,16 +357,20 @@ def hook_names(layer: int) -> tuple[str, str, str]:
             f"blocks.{layer}.mlp.hook_post")
 
 
-#: ``on_moe(layer, hidden [B, T, D], routing [B, T, top_k], shared)``: what a mixture-of-experts
-#: layer's experts were called with, and its shared expert's ``(gate, in, post)`` (None without one).
-OnMoE = Callable[[int, torch.Tensor, torch.Tensor, "tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None"], None]
+#: ``on_moe(layer, rows, shared)``: what a mixture-of-experts layer's experts computed
+#: (:class:`collect.moe.ExpertRows`), and its shared expert's ``(gate, in, post)`` ``[B, T, N]`` (None
+#: without one).
+OnMoE = Callable[[int, "ExpertRows", "tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None"], None]
 
 
 def _dense_hooks(mlp: GatedMLP, save: Callable[[str], Callable[[torch.Tensor], None]],
                  on_post: Callable[[torch.Tensor], None], prefix: str = "") -> list[Any]:
     """Forward hooks capturing one gated MLP's gate and in, then ``on_post(post)``."""
     handles = []
-    if mlp.fused:  # one hook on the fused projection, split by the family's rule
+    if mlp.act_module is not None:  # gate as the activation reads it (scaled after the gate projection)
+        handles.append(mlp.act_module.register_forward_pre_hook(lambda m, i, f=save(prefix + "gate"): f(i[0])))
+        handles.append(mlp.up.register_forward_hook(lambda m, i, o, f=save(prefix + "in"): f(o)))
+    elif mlp.fused:  # one hook on the fused projection, split by the family's rule
         gate_save, in_save = save(prefix + "gate"), save(prefix + "in")
 
         def fused(m: Any, i: Any, o: torch.Tensor) -> None:
@@ -361,13 +391,15 @@ def run_with_mlp_hooks(
     layers: list[int],
     on_layer: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None],
     on_moe: OnMoE | None = None,
+    stop_after_last: bool = True,
 ) -> None:
     """Run the model on ``input_ids`` (right-padded: causal attention keeps padding out of real
     positions, so no attention mask is needed) and call ``on_layer(layer, gate, in, post)`` as each
     listed dense layer's MLP runs, ``on_moe`` (see :data:`OnMoE`) as each listed mixture-of-experts
     layer finishes. The forward pass stops after the last listed layer, skipping the rest of the
-    model and the unembedding."""
-    last = max(layers)
+    model and the unembedding; with ``stop_after_last=False`` it goes on (a hook of the caller's may
+    still raise :class:`StopForward`, e.g. at the final norm)."""
+    last = max(layers) if stop_after_last else None
     captured: dict[str, Any] = {}
     batch, length = input_ids.shape
 
@@ -384,12 +416,7 @@ def run_with_mlp_hooks(
         return hook
 
     def moe_hooks(layer: int, moe: MoELayer) -> list[Any]:
-        def experts_called(m: Any, args: tuple, kwargs: dict) -> None:
-            # experts(hidden_states, top_k_index, top_k_weights), tokens flattened (checked at load)
-            hidden = args[0] if args else kwargs["hidden_states"]
-            routing = args[1] if len(args) > 1 else kwargs["top_k_index"]
-            captured["moe_hidden"] = hidden.reshape(batch, length, -1)
-            captured["moe_routing"] = routing.reshape(batch, length, -1)
+        tap = ExpertTap(moe, f"layer {layer}'s mixture-of-experts block")
 
         def block_done(m: Any, i: Any, o: Any) -> None:
             shared = None
@@ -398,12 +425,11 @@ def run_with_mlp_hooks(
                 shared = tuple(captured.pop(f"shared_{name}").reshape(batch, length, -1)
                                for name in ("gate", "in", "post"))
             assert on_moe is not None
-            on_moe(layer, captured.pop("moe_hidden"), captured.pop("moe_routing"), shared)
+            on_moe(layer, tap.take(), shared)
             if layer == last:
                 raise StopForward
 
-        handles = [moe.experts_module.register_forward_pre_hook(experts_called, with_kwargs=True),
-                   moe.block.register_forward_hook(block_done)]
+        handles = tap.install() + [(moe.done or moe.block).register_forward_hook(block_done)]
         if moe.shared is not None:
             handles += _dense_hooks(moe.shared, save, save("shared_post"), prefix="shared_")
         return handles

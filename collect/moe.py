@@ -1,125 +1,357 @@
-"""Mixture-of-experts layers: every expert's neurons are neurons.
+"""Mixture-of-experts layers: every expert's neurons are neurons, recorded from the model's own computation.
 
-transformers 5 keeps a layer's routed experts as fused 3-D tensors (``gate_up_proj`` [E, 2I, D],
-``down_proj`` [E, D, I]) and runs them with grouped kernels, so there is no per-expert module to
-hook. We capture what the experts module is called with (the hidden states and each token's
-routed experts) and compute ``gate`` and ``in`` of an expert's neurons ourselves, from the same
-weights. :func:`check_expert_rule` proves, once per layer when the model is located, that this
-recomputation is what the module itself does; a family whose experts compute something else
-(interleaved gate/up, biases, clamped activations as in gpt-oss) is refused there.
+transformers keeps a layer's routed experts as 3-D tensors and runs them as one grouped matmul
+(``grouped_mm``), a batched one (``batched_mm``) or a loop over experts (``eager``): there is no
+per-expert module to hook. :class:`ExpertTap` reads each routed (token, expert) pair's ``gate``
+and ``in`` where the experts themselves computed them, in whichever implementation runs: the
+activation module's input is ``gate``, the first half of each row of the ``[gate | in]``
+projection the experts just computed (checked by its memory layout), and its output is
+``act(gate)``; ``post = act(gate) * in`` is the same multiplication the experts make. Nothing is
+recomputed, so a value near zero keeps the sign the model gave it, bit for bit, in every dtype.
+Which pair each row belongs to follows from the routing the experts were called with and the
+implementation's order of rows (:func:`row_pairs`); :func:`check_experts` proves both on a few
+tokens when the model is located.
+
+The experts of a layer are then reduced together, as one wide layer of ``experts x d_expert``
+neurons over packed positions (:func:`pack_experts`, :class:`collect.stats.Packing`): each
+expert's tokens packed to the front of each document, padded to a few bucket lengths so that the
+compiled statistics are reused.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from collect.stats import Packing
 from mkdocs_gluscope.errors import GluscopeError
 
-
-def expert_hooks(expert: Any, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(gate, in, post)`` of one expert's neurons at ``hidden`` [..., D]: what the expert computes
-    for a token routed to it (before the routing weight scales its output)."""
-    gate = torch.nn.functional.linear(hidden, expert.w_gate, expert.b_gate)
-    in_ = torch.nn.functional.linear(hidden, expert.w_in, expert.b_in)
-    return gate, in_, expert.act_fn(gate) * in_
+#: The experts implementations whose order of rows :func:`row_pairs` knows (transformers' names).
+IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "eager")
 
 
-@torch.no_grad()
-def check_expert_rule(experts_module: torch.nn.Module, routed: list[Any], where: str) -> None:
-    """Run the experts module on a few random tokens, all routed to one expert with weight 1, and
-    compare with ``down(act(gate) * in)`` from our views of its weights."""
-    param = routed[0].w_gate
-    d_model = param.shape[1]
-    generator = torch.Generator(device="cpu").manual_seed(0)
-    hidden = torch.randn(3, d_model, generator=generator).to(param.device, param.dtype)
-    for e in sorted({0, len(routed) - 1}):
-        index = torch.full((3, 1), e, dtype=torch.long, device=param.device)
-        weights = torch.ones(3, 1, dtype=param.dtype, device=param.device)
-        try:
-            theirs = experts_module(hidden, index, weights)
-        except Exception as error:  # another calling convention: not a layout we know
-            raise GluscopeError(
-                f"{where}: its experts module {type(experts_module).__name__} is not called as "
-                f"experts(hidden_states, top_k_index, top_k_weights) ({type(error).__name__}); gluscope "
-                "cannot tell which tokens each expert sees") from None
-        _, _, post = expert_hooks(routed[e], hidden)
-        ours = torch.nn.functional.linear(post, routed[e].w_out)
-        tolerance = 1e-4 if param.dtype == torch.float32 else 3e-2
-        scale = float(theirs.abs().max()) or 1.0
-        if not torch.allclose(ours.float(), theirs.float(), rtol=tolerance, atol=tolerance * scale):
-            raise GluscopeError(
-                f"{where}: expert {e} of {type(experts_module).__name__} does not compute "
-                "down_proj(act(gate) * in) with [gate | in] = gate_up_proj halves; gluscope records experts of "
-                "that form only (gpt-oss-style experts with biases, interleaved or clamped gates are not)")
+def experts_implementation(experts_module: torch.nn.Module) -> str:
+    """The implementation the experts run with now: transformers' ``config._experts_implementation``
+    for classes registered with its experts interface, else the class's own loop (``eager``)."""
+    config = getattr(experts_module, "config", None)
+    name = getattr(config, "_experts_implementation", None) if config is not None else None
+    return name or "eager"
+
+
+def row_pairs(top_k_index: torch.Tensor, implementation: str, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(token, expert)`` of each row the experts compute, in the order they compute them, from the
+    routing they were called with (``top_k_index`` ``[tokens, top_k]``): ``grouped_mm`` sorts the
+    (token, slot) pairs by expert with ``torch.sort`` (the same call on the same device gives the
+    same order), ``batched_mm`` keeps them in order, the eager loop takes the experts in order and
+    each expert's pairs by slot, then token (``torch.where`` on its ``[top_k, tokens]`` mask)."""
+    flat = top_k_index.reshape(-1)
+    n_tokens, top_k = top_k_index.shape
+    if implementation == "grouped_mm":
+        expert, perm = torch.sort(flat)
+    elif implementation == "batched_mm":
+        perm = torch.arange(flat.numel(), device=flat.device)
+        expert = flat
+    elif implementation == "eager":
+        pair = torch.arange(flat.numel(), device=flat.device)
+        key = flat * flat.numel() + (pair % top_k) * n_tokens + pair // top_k
+        perm = torch.argsort(key)
+        perm = perm[flat[perm] < n_experts]  # a sentinel expert (expert parallelism) computes nothing
+        expert = flat[perm]
+    else:
+        raise GluscopeError(f"experts implementation {implementation!r}: gluscope reads the rows of "
+                            f"{', '.join(IMPLEMENTATIONS)} only; load the model with experts_implementation='grouped_mm'")
+    return perm // top_k, expert
+
+
+def _first_half_rows(gate: torch.Tensor, where: str) -> torch.Tensor:
+    """The ``[..., 2I]`` rows whose first halves ``gate`` ``[..., I]`` is: the experts' ``[gate | in]``
+    projection, read where the activation found it. Its layout proves it: ``gate`` has the strides
+    of a contiguous ``[..., 2I]`` tensor, so each row's ``in`` follows its ``gate`` in memory."""
+    size = gate.shape[-1]
+    shape = gate.shape[:-1] + (2 * size,)
+    strides, step = [], 1
+    for extent in reversed(shape):
+        strides.append(step)
+        step *= extent
+    strides = tuple(reversed(strides))
+    needed = gate.storage_offset() + sum((n - 1) * s for n, s in zip(shape, strides)) + 1
+    same = all(s == t for n, s, t in zip(gate.shape, gate.stride(), strides) if n > 1)
+    if not same or gate.untyped_storage().nbytes() < needed * gate.element_size():
+        raise GluscopeError(f"{where}: the activation's input is not the first half of a [gate | in] projection "
+                            f"(shape {list(gate.shape)}, strides {list(gate.stride())}); gluscope cannot read in")
+    return gate.as_strided(shape, strides, gate.storage_offset())
 
 
 @dataclass
-class ExpertBatch:
-    """One expert's share of a batch, ready for the dense statistics.
+class ExpertRows:
+    """What one MoE block's experts computed in one forward pass: ``gate``, ``in`` and ``act(gate)``
+    (and ``post`` where the family's own forward gives it) of each computed (token, expert) pair, as
+    rows ``[S, I]``, with the pair of each row; ``member`` False marks rows of tokens not routed to
+    their expert (Llama 4 runs every expert on every token)."""
 
-    ``gate``/``in_``/``post`` are ``[B, T', N]`` over the expert's counted positions packed to the
-    front of each document, in position order (``valid`` marks the real ones, ``positions`` maps
-    them back to positions in the document): a routed expert sees top_k / n_experts of the tokens,
-    so the statistics run over that share, not over every position. ``window_gate``/``window_in``
-    are ``[B, T, N]`` at the original positions, NaN where the token was not routed to the expert,
-    for the example windows. For a shared expert nothing is packed (``positions`` None)."""
-
-    expert: int | str
     gate: torch.Tensor
     in_: torch.Tensor
+    swish: torch.Tensor
+    token: torch.Tensor  # [S] flat token index (row-major over the batch's [B, T])
+    expert: torch.Tensor  # [S]
+    post: torch.Tensor | None = None
+    member: torch.Tensor | None = None
+
+
+class _Restore:
+    """A handle that removes an instance attribute set over a class's method."""
+
+    def __init__(self, module: torch.nn.Module, name: str) -> None:
+        self.module, self.name = module, name
+
+    def remove(self) -> None:
+        self.module.__dict__.pop(self.name, None)
+
+
+@dataclass
+class ExpertTap:
+    """Hooks that collect :class:`ExpertRows` while one MoE block runs: the routing (the experts
+    module's call, or the router's output, as the family routes), and the rows, once per call of
+    the experts' activation (the eager loop calls it once per expert): its input is ``gate``, the
+    first half of the ``[gate | in]`` rows, its output ``act(gate)``; or, for a family with values of
+    its own (gpt-oss), the rows its ``_apply_gate`` receives and returns."""
+
+    moe: Any  # collect.architectures.MoELayer
+    where: str = "mixture-of-experts layer"
+    _parts: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
+    _acts: list[torch.Tensor] = field(default_factory=list)
+    _routing: Any = None
+
+    def install(self) -> list[Any]:
+        moe = self.moe
+        handles: list[Any] = []
+
+        def called(module: Any, args: tuple, kwargs: dict) -> None:
+            # experts(hidden_states, top_k_index, top_k_weights): tokens flattened (checked at load)
+            self._routing = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
+
+        def routed(module: Any, args: tuple, out: Any) -> None:
+            self._routing = out
+
+        if moe.routing == "call":
+            handles.append(moe.experts_module.register_forward_pre_hook(called, with_kwargs=True))
+        else:
+            handles.append(moe.router.register_forward_hook(routed))
+        if moe.rows is not None:  # the family's own values, read where its _apply_gate runs
+            experts, values = moe.experts_module, moe.rows
+            original = type(experts)._apply_gate
+
+            def apply_gate(gate_up: torch.Tensor) -> torch.Tensor:
+                out = original(experts, gate_up)
+                gate, in_, swish = values(gate_up)
+                self._parts.append((gate, in_, swish, out))
+                return out
+
+            experts.__dict__["_apply_gate"] = apply_gate
+            return handles + [_Restore(experts, "_apply_gate")]
+        if moe.act_module is None:
+            raise GluscopeError(f"{self.where}: its experts have no activation module to read gate and in from")
+
+        def act_in(module: Any, args: tuple) -> None:
+            full = _first_half_rows(args[0], self.where)
+            half = full.shape[-1] // 2
+            self._parts.append((full[..., :half], full[..., half:]))
+
+        def act_out(module: Any, args: tuple, out: torch.Tensor) -> None:
+            self._acts.append(out)
+
+        return handles + [moe.act_module.register_forward_pre_hook(act_in),
+                          moe.act_module.register_forward_hook(act_out)]
+
+    def take(self) -> ExpertRows:
+        """The rows of the last forward pass (and forget them)."""
+        if self._routing is None or not self._parts:
+            raise GluscopeError(f"{self.where}: its experts were not called in the forward pass")
+        routing, parts, acts = self._routing, self._parts, self._acts
+        self._routing, self._parts, self._acts = None, [], []
+        moe = self.moe
+
+        def rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+            flat = [t.reshape(-1, t.shape[-1]) for t in tensors]
+            return flat[0] if len(flat) == 1 else torch.cat(flat)
+
+        gate, in_ = rows([p[0] for p in parts]), rows([p[1] for p in parts])
+        swish = rows([p[2] for p in parts] if moe.rows is not None else acts)
+        post = rows([p[3] for p in parts]) if moe.rows is not None else None
+        member = None
+        if moe.routing == "call":
+            implementation = experts_implementation(moe.experts_module)
+            token, expert = row_pairs(routing.reshape(-1, routing.shape[-1]), implementation, moe.n_experts)
+        elif moe.routing == "scores":  # every expert on every token, expert after expert
+            scores = routing[0]  # [T, E]: 0 where the token is not routed to the expert
+            n_tokens = scores.shape[0]
+            implementation = "every expert on every token"
+            pair = torch.arange(n_tokens * moe.n_experts, device=scores.device)
+            token, expert = pair % n_tokens, pair // n_tokens
+            member = scores.T.reshape(-1) > 0
+        else:  # "sorted": (index_sorted_experts, batch_index, batch_gates, expert_size, logits)
+            _, token, _, expert_size, _ = routing
+            implementation = "rows sorted by expert"
+            sizes = torch.as_tensor(expert_size, device=token.device)
+            expert = torch.repeat_interleave(torch.arange(len(expert_size), device=token.device), sizes,
+                                             output_size=token.shape[0])
+        if gate.shape[0] != token.shape[0]:
+            raise GluscopeError(
+                f"{self.where}: its experts ({implementation}) computed {gate.shape[0]} rows for {token.shape[0]} "
+                "routed (token, expert) pairs; gluscope cannot tell which row belongs to which pair")
+        return ExpertRows(gate=gate, in_=in_, swish=swish, token=token, expert=expert, post=post, member=member)
+
+
+def bucket(length: int) -> int:
+    """A packed length at least ``length`` from a few fixed ones (16, 20, 24, 28, 32, 40, 48, ...:
+    four per octave), so that the compiled statistics see few shapes and pad at most a quarter."""
+    size = 16
+    while size < length:
+        step = 1 << max(size.bit_length() - 3, 0)  # a quarter octave
+        size += step
+    return size
+
+
+@dataclass
+class PackedExperts:
+    """One MoE layer's recorded experts over one batch, as one wide layer of ``G x I`` neurons over
+    packed positions (:class:`collect.stats.Packing`), and the counted tokens routed to each."""
+
+    gate: torch.Tensor  # [B, T', G * I]
+    in_: torch.Tensor
+    swish: torch.Tensor
     post: torch.Tensor
-    valid: torch.Tensor
-    positions: torch.Tensor | None
-    window_gate: torch.Tensor
-    window_in: torch.Tensor
+    packing: Packing
+    routed: torch.Tensor  # [G] int64: counted positions routed to each recorded expert
+    longest: torch.Tensor  # int64 scalar: the most counted positions of one expert in one document
+    fits: torch.Tensor  # bool scalar: the packed length held them
 
 
-def expert_batches(
-    moe: Any,
-    hidden: torch.Tensor,
-    routing: torch.Tensor,
-    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
-    valid: torch.Tensor,
-    experts: list[int | str],
-) -> Iterator[ExpertBatch]:
-    """Per recorded expert of one MoE layer and batch, its :class:`ExpertBatch` (none for an expert
-    no counted token was routed to). ``hidden`` [B, T, D] and ``routing`` [B, T, top_k] are what the
-    experts module was called with; ``valid`` [B, T] the counted positions. Only the routed tokens
-    go through the expert's weights: the same matmul work the model itself does. The shared expert
-    (``"s"``) sees every token; its hooks come from the model's own modules."""
-    from mkdocs_gluscope.store import SHARED
+def pack_experts(rows: ExpertRows, valid: torch.Tensor, lengths: torch.Tensor, groups: torch.Tensor,
+                 n_groups: int, length: int | None) -> PackedExperts:
+    """Pack the rows of the recorded experts (``groups`` ``[n_experts]``: each expert's group among the
+    ``n_groups`` recorded, -1 if not recorded) by document and expert: slot ``s`` of a document holds
+    the expert's ``s``-th routed position in the document (``lengths``), counted or not (an uncounted
+    BOS still shows in the windows); ``valid`` ``[B, T]`` marks the counted positions, the packing's
+    ``valid`` the counted slots. ``length``: the packed length, or None for the exact one (a host
+    sync); tokens past a given length are left out and ``fits`` is False, decided on the device (no
+    sync: masks become indices into a spare row)."""
+    b, t = valid.shape
+    device = valid.device
+    group = groups[rows.expert]  # [S]
+    in_doc = torch.arange(t, device=device)[None, :] < lengths[:, None]
+    member = in_doc.reshape(-1)[rows.token] & (group >= 0)
+    if rows.member is not None:
+        member &= rows.member
+    # Each (document, group) pair's positions, in position order: their rank is the slot.
+    seen = torch.zeros(b * t, n_groups + 1, dtype=torch.bool, device=device)
+    seen[rows.token, torch.where(member, group, n_groups)] = True  # column n_groups: not recorded
+    seen = seen[:, :n_groups].reshape(b, t, n_groups)
+    rank = torch.cumsum(seen, dim=1) - 1  # [B, T, G]
+    longest = rank[:, -1, :].max() + 1
+    if length is None:
+        length = bucket(int(longest))  # the exact path's one sync per MoE layer and batch
+    fits = longest <= length
+    slot = rank.view(b * t, n_groups)[rows.token, group.clamp(min=0)]
+    keep = member & (slot < length)
+    spare = b * length * n_groups
+    row_of = torch.full((spare + 1,), -1, dtype=torch.long, device=device)
+    target = torch.where(keep, ((rows.token // t) * length + slot) * n_groups + group, spare)
+    row_of[target] = torch.arange(len(keep), device=device)
+    row_of = row_of[:spare].view(b, length, n_groups)
+    filled = row_of >= 0
+    take = row_of.clamp(min=0).view(-1)
+    size = rows.gate.shape[-1]
 
-    nan = float("nan")
-    batch, length, d_model = hidden.shape
-    flat_hidden = hidden.reshape(-1, d_model)
-    for expert in experts:
-        if expert == SHARED:
-            if shared is not None:
-                gate, in_, post = shared
-                yield ExpertBatch(SHARED, gate, in_, post, valid, None, gate, in_)
-            continue
-        routed = (routing == expert).any(dim=-1)  # [B, T]
-        counted = valid & routed
-        per_doc = counted.sum(dim=1)
-        packed_len = int(per_doc.max())  # one sync per expert and batch
-        if packed_len == 0:
-            continue
-        # Counted routed positions first, in position order (a stable sort keeps the earliest first,
-        # which is the statistics' tie rule).
-        positions = torch.sort((~counted).to(torch.uint8), dim=1, stable=True).indices[:, :packed_len]
-        packed_valid = torch.arange(packed_len, device=valid.device)[None, :] < per_doc[:, None]
-        # The expert's values at every routed token (counted or not), NaN elsewhere: the windows.
-        tokens = routed.reshape(-1).nonzero().squeeze(1)
-        routed_gate, routed_in, _ = expert_hooks(moe.experts[expert], flat_hidden[tokens])
-        windows = []
-        for v in (routed_gate, routed_in):
-            full = v.new_full((batch * length, v.shape[-1]), nan)
-            full[tokens] = v
-            windows.append(full.view(batch, length, -1))
-        index = positions[:, :, None].expand(-1, -1, routed_gate.shape[-1])
-        gate, in_ = windows[0].gather(1, index), windows[1].gather(1, index)
-        post = moe.experts[expert].act_fn(gate) * in_  # as expert_hooks computes it
-        yield ExpertBatch(expert, gate, in_, post, packed_valid, positions, *windows)
+    def packed(values: torch.Tensor) -> torch.Tensor:
+        return values[take].view(b, length, n_groups * size)
+
+    gate, in_, swish = packed(rows.gate), packed(rows.in_), packed(rows.swish)
+    post = swish * in_ if rows.post is None else packed(rows.post)  # act(gate) * in: the experts' own product
+    token = rows.token[take].view(b, length, n_groups)
+    positions = torch.where(filled, token % t, 0)
+    inverse = torch.where(seen & (rank < length), rank, -1)
+    packing = Packing(positions=positions, valid=filled & valid.reshape(-1)[token], inverse=inverse, group_size=size,
+                      filled=filled)
+    return PackedExperts(gate=gate, in_=in_, swish=swish, post=post, packing=packing,
+                         routed=(seen & valid[:, :, None]).sum(dim=(0, 1)), longest=longest, fits=fits)
+
+
+@torch.no_grad()
+def check_experts(moe: Any, where: str) -> None:
+    """Run the MoE block on a few random tokens, reading its experts' rows with an
+    :class:`ExpertTap`, and compare each row's ``gate`` and ``in`` with our views of the expert's
+    weights applied to the row's input, and ``post = act(gate) * in`` through the expert's down
+    projection with what the experts return: proves the layout, the activation's place and the
+    order of rows of the implementation the model runs with, before any batch. Tolerances: a
+    recomputation may differ in the last bits, a wrong row, half or expert would not be close."""
+    param = moe.experts[0].w_gate
+    d_model = param.shape[1]
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    n_tokens = 4 * moe.n_experts
+    hidden = torch.randn(1, n_tokens, d_model, generator=generator).to(param.device, param.dtype)
+    seen: dict[str, Any] = {}
+
+    def experts_in(module: Any, args: tuple, kwargs: dict) -> None:
+        seen["input"] = args[0] if args else kwargs["hidden_states"]
+        if moe.routing == "call":
+            seen["index"] = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
+            seen["weights"] = args[2] if len(args) > 2 else kwargs.get("top_k_weights", kwargs.get("routing_weights"))
+
+    def experts_out(module: Any, args: tuple, kwargs: dict, out: Any) -> None:
+        seen["output"] = out[0] if isinstance(out, tuple) else out
+
+    down = moe.block.output_linear if moe.routing == "sorted" else moe.experts_module
+    tap = ExpertTap(moe, where)
+    handles = tap.install() + [moe.experts_module.register_forward_pre_hook(experts_in, with_kwargs=True)]
+    handles.append(down.register_forward_hook(experts_out, with_kwargs=True))
+    try:
+        moe.block(hidden)
+        rows = tap.take()
+    except GluscopeError:
+        raise
+    except Exception as error:  # another calling convention: not a layout we know
+        raise GluscopeError(f"{where}: its experts ({type(moe.experts_module).__name__}) do not run as gluscope "
+                            f"reads them ({type(error).__name__}: {str(error)[:160]})") from None
+    finally:
+        for handle in handles:
+            handle.remove()
+    x = seen["input"].reshape(-1, d_model)
+    x = x[rows.token] if moe.routing == "call" else x  # Llama 4, JetMoE: the experts' input row by row
+    member = rows.member if rows.member is not None else torch.ones_like(rows.token, dtype=torch.bool)
+    tolerance = 1e-4 if param.dtype == torch.float32 else 3e-2
+    post = (rows.swish * rows.in_ if rows.post is None else rows.post).float()
+    out = torch.zeros(len(rows.token), d_model, dtype=torch.float32, device=param.device)
+    for e in range(moe.n_experts):
+        mine = (rows.expert == e) & member
+        expert = moe.experts[e]
+        gate = torch.nn.functional.linear(x[mine], expert.w_gate, expert.b_gate).float()
+        in_ = torch.nn.functional.linear(x[mine], expert.w_in, expert.b_in).float()
+        if moe.rows is not None:  # the family's own values of the interleaved row
+            gate, in_, _ = moe.rows(torch.stack([gate, in_], dim=-1).flatten(-2))
+        for name, got, want in (("gate", rows.gate[mine], gate), ("in", rows.in_[mine], in_)):
+            scale = float(want.abs().max()) if want.numel() else 1.0
+            if not torch.allclose(got.float(), want, rtol=tolerance, atol=tolerance * max(scale, 1e-6)):
+                raise GluscopeError(
+                    f"{where}: the rows expert {e} of {type(moe.experts_module).__name__} computed are not its {name} "
+                    "as gluscope reads its weights; gluscope records experts computing down(act(gate) * in) only")
+        out[mine] = torch.nn.functional.linear(post[mine], expert.w_out.float())
+    theirs = seen["output"].float().reshape(-1, d_model)
+    if moe.routing == "call":  # the experts sum each token's rows, weighted by its routing weights
+        index = seen["index"].reshape(-1, seen["index"].shape[-1])
+        weights = seen["weights"].float().reshape(index.shape)
+        routing = ((index[rows.token] == rows.expert[:, None]) * weights[rows.token]).sum(dim=1)
+        bias = getattr(moe.experts_module, "down_proj_bias", None)
+        if bias is not None:  # gpt-oss: the down projection's bias, inside the weighting
+            out = out + bias[rows.expert].float()
+        ours = torch.zeros_like(theirs).index_add_(0, rows.token, out * routing[:, None])
+    else:
+        ours = torch.where(member[:, None], out, 0.0)
+        theirs = torch.where(member[:, None], theirs, 0.0)
+    scale = float(theirs.abs().max()) or 1.0
+    if not torch.allclose(ours, theirs, rtol=tolerance, atol=tolerance * scale):
+        raise GluscopeError(
+            f"{where}: {type(moe.experts_module).__name__} does not compute down(act(gate) * in) from the rows "
+            "gluscope reads; gluscope records experts of that form only")

@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from collect.config import CollectConfig, expert_key, shard_batches
+from collect.config import CollectConfig, expert_key, experts_key, shard_batches
+from collect.effects import FINAL_SCALE_KEY, NextTokenScores, describe as describe_effects, file_final_scale
 from collect.corpus import Corpus, token_strings
 from collect.model import LoadedModel, dtype_name
 from collect.stats import LayerStats, hist_and_density
@@ -101,27 +102,40 @@ def provenance(config: CollectConfig, loaded: LoadedModel, corpus: Corpus, layer
         "transformers_version": transformers.__version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    attrs.update(loaded.definitions())
+    if loaded.skipped:
+        attrs["skipped_layers"] = loaded.skipped  # the model's layers without an MLP (attention, state space)
     attrs.update(config.extra_attrs)
     return attrs
 
 
 def write_experts(writer: ActivationsWriter, loaded: LoadedModel, experts: dict[int, list[int | str]],
                   states: dict[int | str, LayerStats], routed: dict[str, torch.Tensor], window_dtype: str) -> None:
-    """The ``experts`` and ``shared_experts`` groups: one row per recorded (layer, expert)."""
+    """The ``experts`` and ``shared_experts`` groups: one row per recorded (layer, expert). A layer's
+    routed experts were reduced as one wide layer (:func:`collect.config.experts_key`), expert after
+    expert: each row is one expert's slice of it."""
     for group, shared in (("experts", False), ("shared_experts", True)):
         rows = [(layer, e) for layer, chosen in experts.items() for e in chosen if (e == SHARED) == shared]
         if not rows:
             continue
-        moe = loaded.moe[rows[0][0]]
-        d = moe.shared.d_mlp if shared else moe.d_expert
         sizes = {loaded.moe[layer].shared.d_mlp if shared else loaded.moe[layer].d_expert for layer, _ in rows}
         if len(sizes) > 1:
             raise GluscopeError(f"the recorded layers' experts differ in size ({sorted(sizes)}); record them in "
                                 "separate runs with --layers")
-        writer.add_experts(group, [layer for layer, _ in rows], [-1 if shared else e for _, e in rows],
-                           [int(routed[expert_key(layer, e)]) for layer, e in rows], d)
-        for row, (layer, e) in enumerate(rows):
-            writer.write_neurons(row, 0, finalize(states[expert_key(layer, e)], window_dtype), group=group)
+        d = sizes.pop()
+        counts, arrays = [], []
+        for layer in dict.fromkeys(layer for layer, _ in rows):
+            if shared:
+                counts.append(int(routed[expert_key(layer, SHARED)]))
+                arrays.append(finalize(states[expert_key(layer, SHARED)], window_dtype))
+                continue
+            wide = finalize(states[experts_key(layer)], window_dtype)
+            n = [e for e in experts[layer] if e != SHARED]
+            counts += routed[experts_key(layer)].tolist()
+            arrays += [{name: values[g * d:(g + 1) * d] for name, values in wide.items()} for g in range(len(n))]
+        writer.add_experts(group, [layer for layer, _ in rows], [-1 if shared else e for _, e in rows], counts, d)
+        for row, values in enumerate(arrays):
+            writer.write_neurons(row, 0, values, group=group)
         writer.write_weights({name: torch.stack([loaded.expert_facts[layer, e][name] for layer, e in rows]).numpy()
                               for name in ("flipped", "cos_gate_in", "cos_gate_out", "cos_in_out")}, group=group)
 
@@ -148,8 +162,16 @@ def write_activations(config: CollectConfig, loaded: LoadedModel, corpus: Corpus
                            band_samples=config.band_samples) as writer:
         writer.write_corpus(corpus.tokens, corpus.doc_offsets, token_strings(loaded.tokenizer, vocab_size),
                             source_index=corpus.source_index, doc_title=corpus.titles)
+        effects = FINAL_SCALE_KEY in routed  # each example's direct effect on the output (collect.effects)
+        if effects:
+            writer.add_effects(file_final_scale(routed[FINAL_SCALE_KEY]), describe_effects(loaded))
+            next_scores = NextTokenScores(loaded, dense_layers)
         for row, layer in enumerate(dense_layers):
-            writer.write_layer(row, finalize(states[layer], config.window_dtype))
+            arrays = finalize(states[layer], config.window_dtype)
+            if effects:
+                arrays["top_next_score"] = next_scores(layer, states[layer].top_doc, states[layer].top_pos,
+                                                       corpus.tokens, corpus.doc_offsets)
+            writer.write_layer(row, arrays)
         writer.write_weights({name: values.numpy() for name, values in facts.items()})  # in `layers` order
         write_experts(writer, loaded, experts, states, routed, config.window_dtype)
         for group, (token, score) in vocab.items():  # rows in the order of the datasets above

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import sys
 import time
@@ -30,16 +31,17 @@ from collect import distributed
 from collect.checkpoint import CheckpointWriter, load_checkpoint
 from collect.batch import Batch, Flags, LayerPaths
 from collect.compiled import use_own_compile_cache
-from collect.config import (CollectConfig, RunFacts, check_config, check_positions, expert_key, resolve_experts,
-                            resolve_layers, shard_batches)
+from collect.config import (CollectConfig, RunFacts, check_config, check_positions, expert_key, experts_key,
+                            resolve_experts, resolve_layers, shard_batches, state_sizes)
 from collect.corpus import Corpus, read_texts, tokenize_corpus
-from collect.distributed import FailFast, World, any_rank, broadcast_object, merge_into_rank0
+from collect.distributed import FailFast, World, add_into_rank0, any_rank, broadcast_object, merge_into_rank0
+from collect.effects import FINAL_SCALE_KEY, final_scale_hook, share_final_scales, start_final_scales
 from collect.interrupt import Interrupted, StopOnSignal
-from collect.memory import check_state_fits, keep_hooks, out_of_memory_hint
+from collect.memory import PackedLength, check_state_fits, keep_hooks, out_of_memory_hint
 from collect.model import LoadedModel, dtype_name, load_model, max_positions, run_with_mlp_hooks
-from collect.moe import expert_batches
+from collect.moe import pack_experts
 from collect.output import write_activations
-from collect.stats import LayerStats, reduce_batch, state_window_dtype, update_stats
+from collect.stats import LayerStats, Packing, state_window_dtype
 from mkdocs_gluscope.distributions import EMPTY_PRIORITY, document_pieces, position_priority
 from mkdocs_gluscope.errors import GluscopeError
 from mkdocs_gluscope.store import SHARED
@@ -81,7 +83,9 @@ def _collect(config: CollectConfig, world: World, device: str, *, stop_after_bat
     corpus = tokenize_corpus(texts, loaded.tokenizer, max_tokens=config.max_tokens,
                              max_doc_tokens=config.max_doc_tokens, long_docs=config.long_docs, bos=config.bos)
     check_positions(corpus, max_positions(loaded.hf_model), config.max_doc_tokens)
-    check_state_fits(loaded, layers, config)
+    plan = check_state_fits(loaded, layers, config, experts)
+    if config.progress and world.is_main:
+        print(f"gluscope: {plan}", file=sys.stderr, flush=True)
     run_facts = RunFacts(dtype=dtype_name(loaded.dtype), corpus_sha256=corpus.sha256())
     if not distributed.all_equal(world, dataclasses.asdict(run_facts)):
         raise GluscopeError("the torchrun processes disagree on the tokenized corpus or the dtype; give every "
@@ -112,47 +116,47 @@ def collect_statistics(
 ) -> dict[int | str, LayerStats]:
     """Run the model over every batch of the corpus and return each layer's statistics (on rank 0
     of a torchrun collection: the merge of every rank's; on other ranks: empty): dense layers by
-    number, and for the mixture-of-experts layers, each expert in ``experts`` (see
-    :func:`resolve_experts`) by :func:`expert_key`, with the tokens routed to it added to ``routed``.
-    ``fail_fast``: under torchrun, the guard that ends this rank when another fails
-    (:class:`collect.distributed.FailFast`).
+    number; for the mixture-of-experts layers, the routed experts in ``experts`` (see
+    :func:`resolve_experts`) as one wide layer by :func:`experts_key` (expert after expert) and a
+    shared expert by :func:`expert_key`, with the tokens routed to each added to ``routed`` (a
+    ``[experts]`` tensor for the routed ones). ``fail_fast``: under torchrun, the guard that ends
+    this rank when another fails (:class:`collect.distributed.FailFast`).
 
-    Each dense layer-batch takes the fastest exact path of its device (:mod:`collect.batch`): on a
-    CPU the kernel, or the compiled code checked at once; on a GPU nothing in the layer loop waits
-    for the device: a layer-batch whose fast statistics are unusable (a NaN or inf where the fast
-    path assumes finite values, more changed lists or example candidates than the capacities) leaves
-    that layer's statistics unchanged, decided on the device, and after the batch's forward pass one
-    host sync reads every layer's flags; the rare flagged layers are then computed again, exactly,
-    from the hooks kept for them where memory allows (:func:`collect.memory.keep_hooks`), else by a
-    second forward pass of those layers. Experts' statistics are always computed exactly (their
-    packed token batches change size with the routing).
+    Each layer-batch takes the fastest exact path of its device (:mod:`collect.batch`); a MoE layer's
+    routed experts run there as one wide layer over their packed tokens. On a CPU the kernel (dense
+    layers and shared experts), or the compiled code checked at once; on a GPU nothing in the layer
+    loop waits for the device: a layer-batch whose fast statistics are unusable (a NaN or inf where
+    the fast path assumes finite values, more changed lists or example candidates than the
+    capacities, more of an expert's tokens in a document than the packed length) leaves those
+    statistics unchanged, decided on the device, and after the batch's forward pass one host sync
+    reads every flag; the rare flagged dense layers are then computed again, exactly, from the hooks
+    kept for them where memory allows (:func:`collect.memory.keep_hooks`), else by a second forward
+    pass of those layers (flagged experts always by a second forward pass: their packed tokens may
+    not all have fit). On a CPU, where a sync costs nothing, capacities and packed lengths are exact.
     """
     world = world or World()
     experts = resolve_experts(None, loaded) if experts is None else experts  # default: every expert
     routed = routed if routed is not None else {}
-    if world.size > 1 and any(experts.values()):
-        raise GluscopeError("torchrun does not merge expert neurons yet; run MoE layers in one process, or "
-                            "--shard and gluscope merge")
     facts = facts or RunFacts(dtype=dtype_name(loaded.dtype), corpus_sha256=corpus.sha256())
     device = loaded.device
     window = config.context_before + 1 + config.context_after
     window_dtype = state_window_dtype(config.window_dtype, loaded.dtype)
     batches = shard_batches(corpus, config.batch_tokens, config.shard)
 
-    def empty(layer: int) -> LayerStats:
-        return LayerStats.empty(loaded.d_mlp, config.k, window, device, window_dtype, config.samples,
+    sizes = state_sizes(loaded, layers, experts)
+
+    def empty(key: int | str) -> LayerStats:
+        return LayerStats.empty(sizes[key], config.k, window, device, window_dtype, config.samples,
                                 config.band_samples)
 
     start = 0
-    dense = [layer for layer in layers if layer not in loaded.moe]
-    states: dict[int | str, LayerStats] = {layer: empty(layer) for layer in dense}
+    states: dict[int | str, LayerStats] = {key: empty(key) for key in sizes}
     for layer, chosen in experts.items():
-        moe = loaded.moe[layer]
-        for expert in chosen:
-            d = moe.shared.d_mlp if expert == SHARED else moe.d_expert
-            states[expert_key(layer, expert)] = LayerStats.empty(d, config.k, window, device, window_dtype,
-                                                                 config.samples, config.band_samples)
-            routed[expert_key(layer, expert)] = torch.zeros((), dtype=torch.int64, device=device)
+        n_routed = sum(1 for e in chosen if e != SHARED)
+        if n_routed:
+            routed[experts_key(layer)] = torch.zeros(n_routed, dtype=torch.int64, device=device)
+        if SHARED in chosen:
+            routed[expert_key(layer, SHARED)] = torch.zeros((), dtype=torch.int64, device=device)
     if config.resume:
         restored = load_checkpoint(config, device, facts) if world.is_main else None
         start = broadcast_object(world, restored[0] if restored is not None else 0)
@@ -162,11 +166,13 @@ def collect_statistics(
             print(f"gluscope: resuming from {config.checkpoint_path} after {start}/{len(batches)} batches",
                   file=sys.stderr)
     paths = LayerPaths(device, loaded.d_mlp, config.compile)
-    keep = keep_hooks(loaded, dense, config, paths.deferred)
+    keep = keep_hooks(loaded, [layer for layer in layers if layer not in loaded.moe], config, paths.deferred)
+    final_norm = start_final_scales(loaded, corpus, routed, device) if config.effects else None
     sampling = _Sampling.of(corpus, config) if config.samples > 0 else None
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     first_counted = config.counted_from(corpus.has_bos)
     lengths_all = corpus.lengths
+    packed_length = {layer: PackedLength(device) for layer in experts}
     checkpoints = CheckpointWriter()
     if fail_fast is not None:  # another rank's failure ends this process: finish the checkpoint in flight first
         fail_fast.on_abort.append(checkpoints.wait)
@@ -190,7 +196,7 @@ def collect_statistics(
             index = first_of_round + world.rank
             if index < len(batches):
                 _run_batch(loaded, corpus, batches[index], layers, states, config, paths, keep, pad_id,
-                           first_counted, device, experts, routed, sampling)
+                           first_counted, device, experts, routed, sampling, packed_length, final_norm)
             finished = min(first_of_round + world.size, len(batches))
             bar.update(tokens(range(first_of_round, finished)))
             stop, due = any_rank(world, [
@@ -198,6 +204,7 @@ def collect_statistics(
                 world.is_main and time.monotonic() - last_checkpoint > config.checkpoint_every], device)
             if finished < len(batches) and (stop or due):
                 states = merge_into_rank0(world, states, empty)
+                _share_routed(world, routed)
                 if world.is_main:
                     checkpoints.save(config.checkpoint_path, config, finished, states, facts, routed, wait=stop)
                 last_checkpoint = time.monotonic()
@@ -210,7 +217,15 @@ def collect_statistics(
                     ctrl_c.signum)
         bar.close()
         checkpoints.wait()
+    _share_routed(world, routed)
     return merge_into_rank0(world, states, empty)
+
+
+def _share_routed(world: World, routed: dict[str, torch.Tensor]) -> None:
+    """Under torchrun: the final norm's scales shared by every rank (an elementwise maximum), the
+    tokens routed to each expert summed into rank 0 (the scales must not be summed)."""
+    share_final_scales(world, routed.get(FINAL_SCALE_KEY))
+    routed.update(add_into_rank0(world, {k: v for k, v in routed.items() if k != FINAL_SCALE_KEY}))
 
 
 def _run_batch(loaded: LoadedModel, corpus: Corpus, batch: Any, layers: list[int],
@@ -218,14 +233,18 @@ def _run_batch(loaded: LoadedModel, corpus: Corpus, batch: Any, layers: list[int
                pad_id: int, first_counted: int, device: torch.device,
                experts: dict[int, list[int | str]] | None = None,
                routed: dict[str, torch.Tensor] | None = None,
-               sampling: "_Sampling | None" = None) -> None:
+               sampling: "_Sampling | None" = None,
+               packed_length: "dict[int, PackedLength] | None" = None, final_norm: Any = None) -> None:
     """One batch through the model, every layer's statistics updated (see collect_statistics):
-    dense layers by :class:`~collect.batch.LayerPaths` (a flagged layer-batch of the GPU's path
-    redone exactly after the batch's one host sync, from the hooks kept for it where ``keep``, else
-    by a second forward pass of those layers), the experts of mixture-of-experts layers exactly,
-    with the tokens routed to each added to ``routed``; with ``sampling``, the distributions too."""
+    dense layers and experts by :class:`~collect.batch.LayerPaths` (a MoE layer's routed experts as one
+    wide layer over their packed tokens; a flagged layer-batch of the GPU's path redone exactly
+    after the batch's one host sync, a dense one from the hooks kept for it where ``keep``, else by
+    a second forward pass), with the tokens routed to each expert added to ``routed``; with
+    ``sampling``, the distributions too; with ``final_norm`` (:class:`collect.effects.FinalNorm`),
+    the run goes on to the final norm and records its scale at every position."""
     experts = experts or {}
     routed = routed if routed is not None else {}
+    packed_length = packed_length or {}
     lengths_np = corpus.lengths[batch.docs]
     ids = np.full((len(batch.docs), batch.length), pad_id, dtype=np.int64)
     for row, doc in enumerate(batch.docs):
@@ -238,8 +257,9 @@ def _run_batch(loaded: LoadedModel, corpus: Corpus, batch: Any, layers: list[int
     prio = (sampling.priorities(batch.docs, batch.length, lengths_np, first_counted).to(device, non_blocking=True)
             if sampling else None)
     inputs = Batch(doc_ids, lengths, valid, prio, config.context_before, config.context_after)
-    flags: dict[int, Flags] = {}
+    flags: dict[int | str, Flags] = {}
     kept: dict[int, tuple[torch.Tensor, ...]] = {}
+    longest: dict[int, torch.Tensor] = {}  # per MoE layer: the most tokens of one expert in one document
 
     def on_layer(layer: int, gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor) -> None:
         hooks = (gate, in_, post, loaded.mlps[layer].act_fn(gate))
@@ -249,38 +269,59 @@ def _run_batch(loaded: LoadedModel, corpus: Corpus, batch: Any, layers: list[int
             if keep:
                 kept[layer] = hooks
 
-    def on_moe(layer: int, hidden: torch.Tensor, routing: torch.Tensor, shared: Any) -> None:
-        # Each expert's neurons through the dense statistics, over the tokens routed to it; exactly
-        # (no capacity, every value checked): never redone, since a second pass would count twice.
-        moe = loaded.moe[layer]
-        for part in expert_batches(moe, hidden, routing, shared, valid, experts.get(layer, [])):
-            key = expert_key(layer, part.expert)
-            routed[key] += part.valid.sum()
-            act_fn = moe.shared.act_fn if part.expert == SHARED else moe.act_fn
-            swish = act_fn(part.gate)
-            part_prio = None if prio is None else prio if part.positions is None else prio.gather(1, part.positions)
-            reduced = reduce_batch(part.gate, part.in_, part.post, swish, part.valid)
-            if part.positions is not None:  # packed positions (a routed expert's tokens) back to the document's
-                b = part.positions.shape[0]
-                reduced.doc_pos = part.positions.gather(1, reduced.doc_pos.reshape(b, -1)).view_as(reduced.doc_pos)
-            update_stats(states[key], reduced, doc_ids, part.window_gate, part.window_in, lengths,
-                         config.context_before, config.context_after, hooks=(part.post, part.in_, part.gate, swish),
-                         valid=part.valid, prio=part_prio, positions=part.positions, check_finite=True,
-                         histogram=paths.histogram)
+    def add(key: str, hooks: tuple[torch.Tensor, ...], part: Batch, n_routed: torch.Tensor, exact: bool,
+            packing: Packing | None = None, fits: torch.Tensor | None = None) -> None:
+        if exact:
+            paths.redo(states[key], hooks, part, packing=packing)
+        elif (pending := paths.add(key, states[key], hooks, part, packing=packing, fits=fits)) is not None:
+            flags[key] = pending
+            n_routed = torch.where(pending.applied, n_routed, 0)  # counted once added (a redo counts then)
+        routed[key] += n_routed
 
-    run_with_mlp_hooks(loaded, input_ids, layers, on_layer, on_moe)
-    redo = paths.settle(flags, len(batch.docs))  # the batch's one host sync
-    if not redo:
-        return
+    def on_moe(layer: int, rows: Any, shared: Any, *, exact: bool = False,
+               only: set[int | str] | None = None) -> None:
+        # The shared expert sees every token, as a dense layer; the routed experts run as one wide
+        # layer over their packed tokens (collect.moe.pack_experts), values as the experts computed them.
+        moe, chosen = loaded.moe[layer], experts.get(layer, [])
+        key = expert_key(layer, SHARED)
+        if SHARED in chosen and shared is not None and (only is None or key in only):
+            gate, in_, post = shared
+            add(key, (gate, in_, post, moe.shared.act_fn(gate)), inputs, valid.sum(), exact)
+        key = experts_key(layer)
+        if key not in states or (only is not None and key not in only):
+            return
+        recorded = [e for e in chosen if e != SHARED]
+        groups = torch.full((moe.n_experts,), -1, dtype=torch.long)
+        groups[recorded] = torch.arange(len(recorded))
+        learnt = packed_length[layer].current(batch.length) if paths.deferred and not exact else None
+        packed = pack_experts(rows, valid, lengths, groups.to(device), len(recorded), learnt)
+        if learnt is not None:
+            longest[layer] = packed.longest
+        add(key, (packed.gate, packed.in_, packed.post, packed.swish),
+            dataclasses.replace(inputs, valid=packed.packing.neuron_valid()), packed.routed, exact,
+            packed.packing, None if learnt is None else packed.fits)
+
+    with final_scale_hook(final_norm, routed, corpus.doc_offsets[batch.docs], lengths):
+        run_with_mlp_hooks(loaded, input_ids, layers, on_layer, on_moe, stop_after_last=final_norm is None)
+    # The batch's one host sync: every flag, and the most tokens one expert had in one document.
+    redo, most = paths.settle(flags, len(batch.docs), list(longest.values()))
+    for layer, tokens_per_doc in zip(longest, most):
+        packed_length[layer].observe(int(tokens_per_doc), batch.length)
+    dense_redo = [key for key in redo if isinstance(key, int)]
+    expert_redo = {key for key in redo if not isinstance(key, int)}
     if keep:
-        for layer in redo:
+        for layer in dense_redo:
             paths.redo(states[layer], kept[layer], inputs)
+        dense_redo = []
+    if not dense_redo and not expert_redo:
         return
 
     def exactly(layer: int, gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor) -> None:
-        paths.redo(states[layer], (gate, in_, post, loaded.mlps[layer].act_fn(gate)), inputs)
+        if layer in dense_redo:
+            paths.redo(states[layer], (gate, in_, post, loaded.mlps[layer].act_fn(gate)), inputs)
 
-    run_with_mlp_hooks(loaded, input_ids, redo, exactly)
+    redo_layers = sorted(set(dense_redo) | {int(str(key).split(".")[0]) for key in expert_redo})
+    run_with_mlp_hooks(loaded, input_ids, redo_layers, exactly, functools.partial(on_moe, exact=True, only=expert_redo))
 
 
 @contextlib.contextmanager

@@ -33,7 +33,7 @@ import torch
 
 from collect.corpus import Corpus, Text, dataset_source, plan_batches, read_texts, token_strings, tokenize_corpus
 from collect.model import LoadedModel, dtype_name, load_model, resolve_device, resolve_dtype, run_with_mlp_hooks
-from collect.moe import expert_batches
+from collect.moe import ExpertRows
 from mkdocs_gluscope.distributions import document_pieces, position_priority
 from mkdocs_gluscope.errors import GluscopeError
 from mkdocs_gluscope.explain_run import Unit
@@ -265,6 +265,21 @@ def _strong(x: np.ndarray, y: np.ndarray, threshold: np.ndarray, sign: np.ndarra
     return np.stack([predicted.sum(axis=axes), true.sum(axis=axes), (predicted & true).sum(axis=axes)], -1)
 
 
+def expert_windows(rows: ExpertRows, expert: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One routed expert's ``gate`` and ``in`` as the model computed them, ``[B, T, I]`` on the CPU, at
+    the batch's positions routed to it and NaN elsewhere (as its examples' windows hold them)."""
+    mine = rows.expert == expert
+    if rows.member is not None:
+        mine &= rows.member
+    token = rows.token[mine].cpu()
+    out = []
+    for values in (rows.gate, rows.in_):
+        full = torch.full((shape[0] * shape[1], values.shape[-1]), float("nan"), dtype=values.dtype)
+        full[token] = values[mine].cpu()
+        out.append(full.reshape(shape[0], shape[1], -1))
+    return out[0], out[1]
+
+
 def score_pass(loaded: LoadedModel, held_out: HeldOut, units: list[Unit], sets: dict[str, list[dict[str, np.ndarray]]],
                *, vocab: Sequence[str], early: int, batch_tokens: int, top: int = TOP_SEQUENCES,
                progress: bool = True, simulator: Callable[[dict[str, np.ndarray]], Any] | None = None
@@ -308,15 +323,22 @@ def score_pass(loaded: LoadedModel, held_out: HeldOut, units: list[Unit], sets: 
                 dense[layer].add(gate.cpu(), in_.cpu(), batch.docs, positions, valid, is_random,
                                  loaded.mlps[layer].act_fn)
 
-        def on_moe(layer: int, hidden: torch.Tensor, routing: torch.Tensor, shared: Any) -> None:
+        # Experts' values are added after the forward pass: their activation modules are hooked while it runs.
+        pending: list[tuple[Any, torch.Tensor, torch.Tensor, Any]] = []
+
+        def on_moe(layer: int, rows: ExpertRows, shared: Any) -> None:
             wanted = experts.get(layer, {})
             moe = loaded.moe[layer]
-            for part in expert_batches(moe, hidden, routing, shared, valid.to(hidden.device), list(wanted)):
-                act = moe.shared.act_fn if part.expert == SHARED else moe.act_fn
-                wanted[part.expert].add(part.window_gate.cpu(), part.window_in.cpu(), batch.docs, positions, valid,
-                                        is_random, act)
+            for expert, target in wanted.items():
+                if expert == SHARED:
+                    if shared is not None:
+                        pending.append((target, shared[0].cpu(), shared[1].cpu(), moe.shared.act_fn))
+                    continue
+                pending.append((target, *expert_windows(rows, expert, device_ids.shape), moe.act_fn))
 
         run_with_mlp_hooks(loaded, device_ids, layers, on_layer, on_moe)
+        for target, gate, in_, act in pending:
+            target.add(gate, in_, batch.docs, positions, valid, is_random, act)
         bar.update(int(lengths.sum()))
     bar.close()
     return {name: [target.scores(s, corpus, early) for s in range(len(target.simulators))]

@@ -38,6 +38,8 @@ EMPTY = -1.0  # |value| of a document with no position in a case: below every re
 
 
 MAX_DOC = 2**31 - 1
+#: Entries whose windows are cut at a time from packed experts' values (bounds the index tensors).
+WINDOW_CHUNK = 1 << 18
 #: Window slots (0..k-1) are stored small; ``gather`` wants int64, so they widen where used.
 SLOT_DTYPE = torch.int16
 MAX_K = 2**15 - 1
@@ -71,6 +73,94 @@ def key_value(key: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     negative, as the batch's ``doc_value``); NaN for an empty entry."""
     magnitude = (key.clamp(min=0) >> 31).to(torch.int32).view(torch.float32)
     return torch.where(key >= 0, signs * magnitude, float("nan"))
+
+
+@dataclass
+class Packing:
+    """Where each neuron's positions are packed: the experts of a mixture-of-experts layer run as one
+    wide layer of ``G`` groups (experts) of ``group_size`` neurons, each group over its own tokens.
+
+    A routed expert sees about top_k / n_experts of the tokens, so its values are packed: slot ``s``
+    of document row ``b`` holds, for group ``g``, the document position ``positions[b, s, g]`` (its
+    ``s``-th routed position, in position order, so the earliest stays first on ties); ``valid``
+    marks the filled slots. ``inverse[b, t, g]`` is the slot of position ``t``, or -1 where group
+    ``g`` did not see it. Hook tensors are ``[B, T', G * group_size]``, neuron ``n`` in group
+    ``n // group_size``; a dense layer is one group of every neuron, unpacked (``Packing`` None)."""
+
+    positions: torch.Tensor  # [B, T', G] int64, 0 in empty slots
+    valid: torch.Tensor  # [B, T', G] bool: the slot holds a counted position
+    inverse: torch.Tensor  # [B, T, G] int64, -1 where the group did not see the position
+    group_size: int
+    filled: torch.Tensor | None = None  # [B, T', G] bool: the slot holds a position, counted or not (valid if None)
+
+    def __post_init__(self) -> None:
+        if self.filled is None:
+            self.filled = self.valid
+
+    def neuron_valid(self) -> torch.Tensor:
+        """``[B, T', N]`` (a broadcast view): the valid mask of every neuron."""
+        b, t, g = self.valid.shape
+        return self.valid[..., None].expand(b, t, g, self.group_size).reshape(b, t, g * self.group_size)
+
+    def to_document(self, slot: torch.Tensor) -> torch.Tensor:
+        """Document positions of packed slots ``[B, N, ...]`` (an int tensor, neuron on axis 1)."""
+        b, n = slot.shape[:2]
+        rows = torch.arange(b, device=slot.device).view((b,) + (1,) * (slot.dim() - 1))
+        group = (torch.arange(n, device=slot.device) // self.group_size).view((1, n) + (1,) * (slot.dim() - 2))
+        return self.positions[rows, slot.long(), group]
+
+    def priorities(self, prio: torch.Tensor) -> torch.Tensor:
+        """``[B, T', G]`` sampling priorities of the packed slots from the document's ``[B, T]``
+        (``EMPTY_PRIORITY`` in empty slots)."""
+        b, t, g = self.positions.shape
+        packed = prio.gather(1, self.positions.reshape(b, t * g)).view(b, t, g)
+        return torch.where(self.valid, packed, EMPTY_PRIORITY)
+
+    def neuron_priorities(self, prio: torch.Tensor) -> torch.Tensor:
+        """``[B, T', N]``: :meth:`priorities` for every neuron (its group's), as the GPU's candidate
+        search reads them."""
+        b, t, g = self.positions.shape
+        return self.priorities(prio)[..., None].expand(b, t, g, self.group_size).reshape(b, t, g * self.group_size)
+
+    def unpacked(self, values: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Neurons ``lo..hi-1`` of packed ``values`` back at their documents' positions, ``[B, T, hi - lo]``,
+        NaN where the neuron's group did not see the position."""
+        b, t_doc, _ = self.inverse.shape
+        size = self.group_size
+        out = values.new_full((b, t_doc + 1, hi - lo), float("nan"))  # row t_doc: where empty slots go
+        rows = torch.arange(b, device=values.device)[:, None]
+        for g in range(lo // size, (hi - 1) // size + 1):
+            first, last = max(lo, g * size), min(hi, (g + 1) * size)
+            at = torch.where(self.filled[:, :, g], self.positions[:, :, g], t_doc)
+            out[rows, at, first - lo:last - lo] = values[:, :, first:last]
+        return out[:, :t_doc]
+
+    def windows_at(self, values: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, neurons: torch.Tensor,
+                   lengths: torch.Tensor, context_before: int, context_after: int, *,
+                   syncs_free: bool = False) -> torch.Tensor:
+        """As :func:`windows_at`, with ``values`` packed ``[B, T', N]`` and ``pos`` document positions:
+        each window holds the group's value at every position it saw, NaN elsewhere. Few windows are
+        cut by index, with no document-shaped copy of the values; many (the first batches fill every
+        list) where ``syncs_free`` (a CPU) from the neurons they concern put back at their positions,
+        as :func:`windows_at` cuts a dense layer's (contiguous runs: several times faster)."""
+        window = context_before + 1 + context_after
+        if syncs_free and rows.numel() and rows.numel() * window * 4 >= values.shape[0] * values.shape[1] * (
+                int(neurons.max()) + 1 - int(neurons.min())):
+            lo, hi = int(neurons.min()), int(neurons.max()) + 1
+            return windows_at(self.unpacked(values, lo, hi), rows, pos, neurons - lo, lengths, context_before,
+                              context_after)
+        b, t_doc, n_groups = self.inverse.shape
+        t_packed, n = values.shape[1], values.shape[2]
+        offsets = torch.arange(-context_before, context_after + 1, device=values.device)
+        rows, neurons = rows.long(), neurons.long()
+        t = pos[:, None].long() + offsets
+        inside = (t >= 0) & (t < lengths[rows][:, None])
+        # Two flat takes (one index tensor each): the slot of every window position, then its value.
+        at = (rows * t_doc)[:, None] + t.clamp(0, t_doc - 1)
+        slot = self.inverse.reshape(-1).take(at * n_groups + (neurons // self.group_size)[:, None])
+        seen = inside & (slot >= 0)
+        found = values.reshape(-1).take(((rows * t_packed)[:, None] + slot.clamp(min=0)) * n + neurons[:, None])
+        return torch.where(seen, found, float("nan"))
 
 
 @dataclass
@@ -237,7 +327,8 @@ def reduce_batch(
     """Per-case statistics of one batch of one layer.
 
     ``gate``, ``in_``, ``post``, ``swish``: ``[B, T, N]`` in any float dtype (computed in float32);
-    ``valid``: ``[B, T]`` bool, True at counted positions (not padding, not an excluded BOS).
+    ``valid``: ``[B, T]`` bool, True at counted positions (not padding, not an excluded BOS), or
+    ``[B, T, N]`` per neuron (packed experts, :class:`Packing`: positions are then slots).
     Positions where a hook is NaN or infinite are counted apart (``nonfinite``) and left out.
     With ``assume_finite`` that check is skipped (it triples the compiled CPU cost, since every
     reduction then reads all four hooks) and ``suspect`` says whether the batch needs it: then
@@ -383,6 +474,7 @@ def merge_top(
     *,
     capacity: int | None = None,
     accept: torch.Tensor | None = None,
+    packing: Packing | None = None,
     cut: Callable[..., torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Add one batch's documents (rows ``doc_ids``, each with ``lengths`` tokens) to the top-k
@@ -397,6 +489,7 @@ def merge_top(
     host sync, and a batch that activates more lists is not applied (``applied`` False) and must
     be added again with a larger capacity. ``accept`` False (a device bool) also leaves ``stats``
     unchanged: the caller found the batch's reduction unusable, without a sync of its own.
+    With ``packing``, ``gate``/``in_`` are packed and ``batch.doc_pos`` holds document positions.
     ``cut``: :func:`windows_at`, or a faster function that computes the same (the CPU kernel's).
     """
     cut_windows = cut or windows_at
@@ -457,13 +550,21 @@ def merge_top(
         keep = entered.reshape(-1, 1)  # a fixed shape: write the old window back where none entered
     store_row = rows[r] * k + top_slot[r, j]
     neuron = rows[r] // (N_CASES * N_HOOKS)
-    for store, values in ((stats.win_gate, gate), (stats.win_in, in_)):
-        cut = cut_windows(values, new_row[r, j], top_pos[r, j].long(), neuron, lengths,
-                         context_before, context_after).to(store.dtype)
-        flat = store.view(-1, window)
-        if keep is not None:
-            cut = torch.where(keep, cut, flat[store_row])
-        flat[store_row] = cut
+    if packing is not None:  # packed experts: windows from the slots each group saw
+        cut_windows = functools.partial(packing.windows_at, syncs_free=capacity is None)
+    # Packed experts cut their windows in chunks (entries come by list, so by neuron): a wide MoE
+    # layer's first batch enters millions of entries.
+    chunk = len(r) if packing is None else WINDOW_CHUNK
+    for start in range(0, len(r), max(chunk, 1)):
+        part = slice(start, start + chunk)
+        rp, jp = r[part], j[part]
+        for store, values in ((stats.win_gate, gate), (stats.win_in, in_)):
+            cut = cut_windows(values, new_row[rp, jp], top_pos[rp, jp].long(), neuron[part], lengths,
+                              context_before, context_after).to(store.dtype)
+            flat = store.view(-1, window)
+            if keep is not None:
+                cut = torch.where(keep[part], cut, flat[store_row[part]])
+            flat[store_row[part]] = cut
     for name, value in (("top_key", top_key), ("top_pos", top_pos), ("top_slot", top_slot)):
         target = getattr(stats, name)
         target.view(n_lists, k).index_copy_(0, rows, value.to(target.dtype))
@@ -605,16 +706,18 @@ PREFIX = 64
 def _offer(stats: LayerStats, views: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]],
            hooks: tuple[torch.Tensor, ...], windows: tuple[torch.Tensor, torch.Tensor], counted: torch.Tensor,
            prio: torch.Tensor, rows: torch.Tensor, t: torch.Tensor, neurons: torch.Tensor,
-           doc_ids: torch.Tensor, lengths: torch.Tensor, positions: torch.Tensor | None,
+           doc_ids: torch.Tensor, lengths: torch.Tensor, packing: Packing | None,
            context: tuple[int, int]) -> None:
     """Offer the positions ``(rows, t)`` of ``neurons`` (index tensors broadcast to one grid) to
-    the lists: those below their list's S-th priority enter."""
+    the lists: those below their list's S-th priority enter. ``prio``: ``[B, T, G]``, the priority
+    of each position for each group of neurons (one group for a dense layer)."""
     post, in_, gate, swish = hooks
     shape = torch.broadcast_shapes(rows.shape, t.shape, neurons.shape)
     rows, t, neurons = rows.expand(shape), t.expand(shape), neurons.expand(shape)
     g, i = gate[rows, t, neurons].float(), in_[rows, t, neurons].float()
     ok = (counted[rows, t] if counted.dim() == 2 else counted[rows, t, neurons]) & (g != 0) & (i != 0)
-    p = prio[rows, t]
+    group = neurons // (gate.shape[-1] // prio.shape[-1])
+    p = prio[rows, t, group]
     case = (g < 0).long() * 2 + (i < 0).long()
     band = band_of(post[rows, t, neurons].float().abs())
     sample_list = neurons * N_CASES + case
@@ -625,17 +728,19 @@ def _offer(stats: LayerStats, views: tuple[dict[str, torch.Tensor], dict[str, to
             continue
         r, at, n = rows[chosen], t[chosen], neurons[chosen]
         values = torch.stack([h[r, at, n].float() for h in hooks], dim=-1)
-        if positions is not None:
-            at = positions[r, at]
+        cut_windows = windows_at
+        if packing is not None:
+            at = packing.positions[r, at, group[chosen]]
+            cut_windows = packing.windows_at
         cand = {"key": p[chosen], "doc": doc_ids[r], "pos": at, "value": values,
-                "gate": windows_at(windows[0], r, at, n, lengths, *context),
-                "in": windows_at(windows[1], r, at, n, lengths, *context)}
+                "gate": cut_windows(windows[0], r, at, n, lengths, *context),
+                "in": cut_windows(windows[1], r, at, n, lengths, *context)}
         merge_examples(kind, lists[chosen], cand)
 
 
 def update_examples(stats: LayerStats, batch: BatchReduction, doc_ids: torch.Tensor,
                     hooks: tuple[torch.Tensor, ...], counted: torch.Tensor, prio: torch.Tensor, lengths: torch.Tensor,
-                    context_before: int, context_after: int, *, positions: torch.Tensor | None = None,
+                    context_before: int, context_after: int, *, packing: Packing | None = None,
                     windows: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Offer one batch's positions to the random-example lists (exactly; in place).
 
@@ -653,27 +758,34 @@ def update_examples(stats: LayerStats, batch: BatchReduction, doc_ids: torch.Ten
 
     While a layer's lists are still filling (its first batch), the lowest-priority positions go
     first, in growing chunks, so that the lists take S positions each instead of every position.
-    ``positions``/``windows``: packed hooks, as in :func:`update_stats`."""
+    ``packing``/``windows``: packed hooks, as in :func:`update_stats`; ``prio`` is then
+    ``[B, T', G]`` (:meth:`Packing.priorities`): a position of one group is offered to its neurons."""
     post, in_, gate, swish = hooks
     windows = windows if windows is not None else (gate, in_)
     device = gate.device
     n_docs, t_max, n_neurons = gate.shape
+    prio = prio if prio.dim() == 3 else prio[:, :, None]
+    n_groups = prio.shape[-1]
+    group_size = n_neurons // n_groups
     views = (_example_views(stats, "sample"), _example_views(stats, "band"))
     offer = functools.partial(_offer, stats, views, hooks, windows, counted, prio, doc_ids=doc_ids, lengths=lengths,
-                              positions=positions, context=(context_before, context_after))
+                              packing=packing, context=(context_before, context_after))
     flat = prio.reshape(-1)
     order = torch.argsort(flat)[:int((flat < EMPTY_PRIORITY).sum())]  # counted positions, lowest priority first
-    neuron_ids = torch.arange(n_neurons, device=device)[None, :]
+    neuron_ids = torch.arange(group_size, device=device)[None, :]
     filling = float((stats.sample_key[..., -1] == EMPTY_PRIORITY).float().mean()) > FILLING_SHARE
     prefix = min(len(order), FIRST_STAGE if filling else PREFIX)
+    after = int(flat[order[prefix - 1]]) if prefix else -1  # every position up to this priority is offered
+    if n_groups > 1:  # one position seen by several groups has one priority: keep its copies together
+        prefix = int((flat <= after).sum())
     start, size = 0, 16 if filling else prefix
     while start < prefix:
-        chunk = order[start:min(prefix, start + max(1, min(size, EXAMPLE_CHUNK // n_neurons)))]
-        offer(chunk[:, None] // t_max, chunk[:, None] % t_max, neuron_ids)
+        chunk = order[start:min(prefix, start + max(1, min(size, EXAMPLE_CHUNK // group_size)))]
+        row_pos, group = chunk[:, None] // n_groups, chunk[:, None] % n_groups
+        offer(row_pos // t_max, row_pos % t_max, group * group_size + neuron_ids)
         start, size = start + len(chunk), size * 2
     if prefix == len(order):
         return
-    after = int(flat[order[prefix - 1]]) if prefix else -1  # every position up to this priority was offered
     open_samples = stats.sample_key[..., -1] > after  # [N, C]
     open_bands = stats.band_key[..., -1] > after  # [N, C, R]
     edges = torch.as_tensor(BAND_EDGES, device=device)
@@ -686,7 +798,7 @@ def update_examples(stats: LayerStats, batch: BatchReduction, doc_ids: torch.Ten
         return
     rest = prio.masked_fill(prio <= after, EMPTY_PRIORITY)  # the prefix was offered already
     offer_rest = functools.partial(_offer, stats, views, hooks, windows, counted, rest, doc_ids=doc_ids,
-                                   lengths=lengths, positions=positions, context=(context_before, context_after))
+                                   lengths=lengths, packing=packing, context=(context_before, context_after))
     # A pair whose neuron has an open case list is read whole; the others only at the positions whose
     # band of |post| is open in some case (post alone is read to find them).
     whole = open_samples.any(-1)[pairs[:, 1]]
@@ -700,7 +812,8 @@ def update_examples(stats: LayerStats, batch: BatchReduction, doc_ids: torch.Ten
                 offer_rest(b[:, None], t, n[:, None])
                 continue
             band = band_of(post[b[:, None], t, n[:, None]].float().abs())  # [M, T]
-            j, at = (open_band[n[:, None], band] & (rest[b] < EMPTY_PRIORITY)).nonzero(as_tuple=True)
+            j, at = (open_band[n[:, None], band] & (rest[b[:, None], t, (n // group_size)[:, None]] < EMPTY_PRIORITY)
+                     ).nonzero(as_tuple=True)
             if j.numel():
                 offer_rest(b[j], at, n[j])
 
@@ -768,7 +881,8 @@ def find_candidates(stats: LayerStats, hooks: tuple[torch.Tensor, ...], counted:
     (position, neuron) pairs below their lists' limits, at most ``capacity`` of them
     (``nonzero_static``), ranked within their lists in fixed-size tensors. More pairs than
     ``capacity`` set ``overflow``. ``hooks``: ``(post, in, gate, swish)`` ``[B, T, N]``; ``counted``:
-    ``[B, T]`` or ``[B, T, N]``; ``prio``: ``[B, T]``.
+    ``[B, T]`` or ``[B, T, N]``; ``prio``: ``[B, T]``, or ``[B, T, N]`` per neuron (packed experts:
+    each slot's position's priority, :meth:`Packing.priorities`).
 
     ``filling``: the lists may still be empty (a layer's first batch), so that about every position
     is below its limit: the limits are first lowered to each list's S-th lowest priority in this
@@ -781,7 +895,7 @@ def find_candidates(stats: LayerStats, hooks: tuple[torch.Tensor, ...], counted:
     band = band_of(post.float().abs())
     sample_list = torch.arange(n_, device=gate.device) * N_CASES + case  # [B, T, N]
     band_list = sample_list * N_BANDS + band
-    p = prio[:, :, None]
+    p = prio if prio.dim() == 3 else prio[:, :, None]
     mask = counted if counted.dim() == 3 else counted[:, :, None]
     in_case = mask & (gate != 0) & (in_ != 0)
     below_s, below_b = p < limit_s.reshape(-1)[sample_list], p < limit_b.reshape(-1)[band_list]
@@ -795,7 +909,7 @@ def find_candidates(stats: LayerStats, hooks: tuple[torch.Tensor, ...], counted:
     real = flat >= 0
     flat = flat.clamp(min=0)
     b, t = flat // (t_ * n_), flat // n_ % t_
-    key = prio[b, t]
+    key = prio[b, t] if prio.dim() == 2 else prio[b, t, flat % n_]
     doc = doc_ids.to(torch.int64)[b]
     buffers = []
     for lists, shaped, size in ((sample_list.reshape(-1)[flat], limit_s, samples),
@@ -828,7 +942,7 @@ def batch_limits(prio: torch.Tensor, in_case: torch.Tensor, case: torch.Tensor, 
                  band_samples: int, chunk_bytes: int = 1 << 28) -> tuple[torch.Tensor, torch.Tensor]:
     """Each list's S-th lowest priority among a batch's positions, ``[N, C]`` and ``[N, C, R]``
     (EMPTY_PRIORITY where the batch has fewer): no later position of the batch can enter the list.
-    ``prio`` ``[B, T, 1]``; ``in_case``, ``case``, ``band``: ``[B, T, N]``. Neurons in chunks of about
+    ``prio`` ``[B, T, 1]`` (or ``[B, T, N]``); ``in_case``, ``case``, ``band``: ``[B, T, N]``. Neurons in chunks of about
     ``chunk_bytes`` of priorities (a ``topk`` per case and per (case, band) over the positions)."""
     b, t, n = case.shape
     step = max(1, chunk_bytes // (8 * b * t))
@@ -836,7 +950,7 @@ def batch_limits(prio: torch.Tensor, in_case: torch.Tensor, case: torch.Tensor, 
     out_b = torch.full((n, N_CASES, N_BANDS), EMPTY_PRIORITY, dtype=torch.int64, device=case.device)
     for start in range(0, n, step):
         part = slice(start, min(n, start + step))
-        p = prio.expand(b, t, part.stop - part.start).reshape(b * t, -1)
+        p = (prio[..., part] if prio.shape[-1] == n > 1 else prio.expand(b, t, part.stop - part.start)).reshape(b * t, -1)
         c, r, ok = case[..., part].reshape(b * t, -1), band[..., part].reshape(b * t, -1), in_case[..., part].reshape(
             b * t, -1)
         for k in range(N_CASES):
@@ -852,15 +966,17 @@ def batch_limits(prio: torch.Tensor, in_case: torch.Tensor, case: torch.Tensor, 
 
 def add_candidates(stats: LayerStats, candidates: Candidates, doc_ids: torch.Tensor, hooks: tuple[torch.Tensor, ...],
                    lengths: torch.Tensor, context_before: int, context_after: int, *,
-                   positions: torch.Tensor | None = None, windows: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   packing: Packing | None = None, windows: tuple[torch.Tensor, torch.Tensor] | None = None,
                    applied: torch.Tensor | None = None, cut: Callable[..., torch.Tensor] | None = None) -> None:
     """Merge a batch's :class:`Candidates` into the random-example lists (in place): each list keeps
     its S entries of lowest priority (then document, then position), ascending. With ``applied`` (a
     device bool: the GPU's path) every list is merged, in fixed-size tensors, and kept as it was
     where ``applied`` is False; without it only the lists with a candidate (``nonzero``: a sync,
-    free on a CPU). ``positions``/``windows``: packed hooks, as in :func:`update_stats`; ``cut`` as in
-    :func:`merge_top`."""
+    free on a CPU). ``packing``/``windows``: packed hooks, as in :func:`update_stats` (the candidates'
+    ``t`` are then slots); ``cut`` as in :func:`merge_top`."""
     cut_windows = cut or windows_at
+    if packing is not None:
+        cut_windows = functools.partial(packing.windows_at, syncs_free=applied is None)
     post, in_, gate, swish = hooks
     windows = windows if windows is not None else (gate, in_)
     for prefix, key, b, t in (("sample", candidates.sample_key, candidates.sample_b, candidates.sample_t),
@@ -880,7 +996,7 @@ def add_candidates(stats: LayerStats, candidates: Candidates, doc_ids: torch.Ten
         filled = key != EMPTY_PRIORITY
         r, at = b.clamp(min=0), t.clamp(min=0)
         n = (rows // per_list)[:, None].expand_as(r)
-        pos = positions[r, at] if positions is not None else at
+        pos = packing.positions[r, at, n // packing.group_size] if packing is not None else at
         nan = float("nan")
         cand = {"key": key, "doc": torch.where(filled, doc_ids.to(torch.int64)[r], -1),
                 "pos": torch.where(filled, pos, -1)}
@@ -926,7 +1042,7 @@ def update_stats(
     hooks: tuple[torch.Tensor, ...] | None = None,
     valid: torch.Tensor | None = None,
     prio: torch.Tensor | None = None,
-    positions: torch.Tensor | None = None,
+    packing: Packing | None = None,
     check_finite: bool = False,
     histogram: Callable[..., None] = histogram_batch,
     distributions: BatchDistributions | None = None,
@@ -936,9 +1052,9 @@ def update_stats(
     """Add one batch to ``stats`` in place: counts, sums (accumulated in float64), extremes, top-k,
     and where ``stats`` has distributions, the histograms and random examples. Those need what
     ``batch`` was reduced from: ``hooks`` ``(post, in, gate, swish)``, ``valid`` and ``prio`` (the
-    positions' sampling priorities); ``positions`` where those are packed (an expert's tokens,
-    mapped back to document positions as for ``batch.doc_pos``; ``gate``/``in_`` then hold the
-    windows' values at document positions); ``check_finite`` where ``batch`` came from the exact
+    positions' sampling priorities, ``[B, T]``); ``packing`` where those are packed (a
+    mixture-of-experts layer's experts, :class:`Packing`: the hooks, ``gate``/``in_`` and ``valid`` are
+    then packed, ``batch.doc_pos`` holds document positions); ``check_finite`` where ``batch`` came from the exact
     path, which counts non-finite values apart; ``histogram``: :func:`histogram_batch` or its
     compiled form; ``distributions``: the batch's histogram tables and example candidates where they
     were found already (:class:`BatchDistributions`), else the histograms are binned here and the
@@ -946,8 +1062,12 @@ def update_stats(
     ``merge``: :func:`merge_top`, or a faster function that computes the same lists (the CPU kernel's).
     ``capacity``, ``accept`` and the returned ``(applied, active)`` as in :func:`merge_top`: a batch
     not applied leaves every statistic as it was, decided on the device, without a host sync."""
-    applied, active = (merge or merge_top)(stats, batch, doc_ids, gate, in_, lengths, context_before, context_after,
-                                           capacity=capacity, accept=accept, cut=cut)
+    if packing is None:
+        applied, active = (merge or merge_top)(stats, batch, doc_ids, gate, in_, lengths, context_before, context_after,
+                                               capacity=capacity, accept=accept, cut=cut)
+    else:  # packed slots: the torch merge, which knows the document position of every slot
+        applied, active = merge_top(stats, batch, doc_ids, gate, in_, lengths, context_before, context_after,
+                                    capacity=capacity, accept=accept, packing=packing)
     updated = {
         "count": stats.count + batch.count,
         "nonfinite": stats.nonfinite + batch.nonfinite,
@@ -978,11 +1098,11 @@ def update_stats(
     if exact_examples:
         if conditional:
             raise ValueError("a batch added conditionally needs its example candidates (find_candidates)")
-        update_examples(stats, batch, doc_ids, hooks, counted, prio, lengths, context_before, context_after,
-                        positions=positions, windows=(gate, in_))
+        update_examples(stats, batch, doc_ids, hooks, counted, prio if packing is None else packing.priorities(prio),
+                        lengths, context_before, context_after, packing=packing, windows=(gate, in_))
     else:
         add_candidates(stats, distributions.candidates, doc_ids, hooks, lengths, context_before, context_after,
-                       positions=positions, windows=(gate, in_), applied=applied if conditional else None, cut=cut)
+                       packing=packing, windows=(gate, in_), applied=applied if conditional else None, cut=cut)
     return applied, active
 
 

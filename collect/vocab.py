@@ -86,6 +86,18 @@ def linear_part(vectors: torch.Tensor, scale: torch.Tensor, centres: bool) -> to
     return vectors * scale
 
 
+def out_directions(w_out: torch.Tensor, post: tuple[torch.Tensor, bool] | None,
+                   final: tuple[torch.Tensor, bool] | None) -> torch.Tensor:
+    """``g_final * g_post * w_out`` of every neuron, ``[N, d_model]`` float32, from ``w_out``
+    ``[d_model, N]`` and the :func:`norm_scale` of the post-MLP and final norms (None: no such norm):
+    its dot product with ``W_U[t]`` is the ``out`` score of token ``t`` (also each example's effect,
+    :mod:`collect.effects`)."""
+    out = w_out.float().T
+    if post is not None:
+        out = linear_part(out, *post)
+    return linear_part(out, *final) if final is not None else out
+
+
 def _merge(best_value: torch.Tensor, best_id: torch.Tensor, value: torch.Tensor, ids: torch.Tensor, k: int,
            largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best of two candidate lists [B, *], best first; equal values by lower id."""
@@ -233,11 +245,7 @@ def vocab_projections(loaded: Any, rows: list[tuple[int, Any]], *, k: int = VOCA
     token, score = np.empty(shape, dtype=np.int32), np.empty(shape, dtype=np.float32)
     for row, (layer, mlp) in enumerate(rows):
         # out: the direction each neuron writes, [N, d_model], through the post-MLP norm, then the final norm.
-        out = mlp.w_out.float().T
-        if layer in post_scales:
-            out = linear_part(out, *post_scales[layer])
-        if final is not None:
-            out = linear_part(out, *final)
+        out = out_directions(mlp.w_out, post_scales.get(layer), final)
 
         def inputs(a: int, b: int, pre: Any = m.pre_mlp[layer]) -> list[torch.Tensor]:
             embedded = m.embed(torch.arange(a, b, device=device))

@@ -128,6 +128,10 @@ def add_collect_arguments(p: argparse.ArgumentParser) -> None:
                         f"(no histograms, density, samples or bands) (default: {SAMPLES})")
     p.add_argument("--band-samples", type=int, default=BAND_SAMPLES, metavar="S",
                    help=f"random examples kept per case and band of |post| (default: {BAND_SAMPLES})")
+    p.add_argument("--no-effects", dest="effects", action="store_false",
+                   help="stop each forward pass after the last recorded MLP, as before effects: no "
+                        "corpus/final_scale and no top/next_score, so pages show no effect on the output "
+                        "(default: run on to the final norm and record them)")
     p.add_argument("--window-dtype", choices=("float16", "float32"), default="float16",
                    help="dtype of the stored gate/in windows (default: float16)")
     p.add_argument("--shard", default=None, metavar="I/N",
@@ -202,6 +206,16 @@ def run_info(args: argparse.Namespace) -> int:
             if key in f.attrs:  # text from the file: escaped, so it cannot act on the terminal
                 out(f"{key:>14}: {printable(f.attrs[key])}")
         out(f"{'layers':>14}: {f.describe_layers()} ({f.n_layers})")
+        if f.expert_layers or f.attrs.get("skipped_layers") is not None:
+            # Which of the model's layers hold neurons: a hybrid stack's attention or state-space
+            # layers hold none, an MoE layer holds its experts'.
+            held = sorted(set(f.layers) | set(f.expert_layers))
+            total = f.attrs.get("n_model_layers")
+            text = f"{', '.join(map(str, held))}" + (f" of {total} model layers" if total else "")
+            skipped = list(f.attrs.get("skipped_layers", []))
+            if skipped:
+                text += f"; {', '.join(map(str, skipped))} hold no MLP (attention or state space only)"
+            out(f"{'with neurons':>14}: {text}")
         out(f"{'neurons':>14}: {f.d_mlp} per layer")
         out(f"{'documents':>14}: {f.n_docs}")
         out(f"{'tokens':>14}: {f.n_tokens} counted")
@@ -264,8 +278,9 @@ def run_merge(args: argparse.Namespace) -> int:
 def add_pick_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("activations", type=Path, help="the activations file (.h5)")
     p.add_argument("--per-layer", type=int, default=1,
-                   help="rare-case standouts per layer: the rare cases whose most extreme hook_post after the start of "
-                        "the document is largest against that case's 99th percentile in the layer (default: 1)")
+                   help="rare-case standouts per layer (and per MoE layer's experts, and shared expert): the rare cases "
+                        "whose most extreme hook_post after the start of the document is largest against that case's "
+                        "99th percentile in the layer (among its experts, for an expert's neuron) (default: 1)")
     p.add_argument("--per-case", type=int, default=2,
                    help="at least this many rare-case standouts of every case, over all layers, where the per-layer "
                         "ones have fewer (default: 2)")
@@ -296,13 +311,6 @@ def run_pick(args: argparse.Namespace) -> int:
         print(picks_yaml(picks))
         return 0
     with open_activations(args.activations) as f:
-        if f.expert_rows:
-            layers = ", ".join(map(str, f.expert_layers))
-            if not (f.n_layers and f.d_mlp):
-                raise GluscopeError(f"{str(args.activations)!r} holds expert neurons only (layers {layers}); pick "
-                                    "scores dense layers' neurons, not experts' yet: list those as LAYER.eEXPERT.*")
-            print(f"gluscope: warning: pick scored the dense layers only; the expert neurons of layers {layers} "
-                  "are not scored yet", file=sys.stderr)
         print(picks_yaml(pick_neurons(f, per_layer=args.per_layer, mix=args.mix, rare=args.rare,
                                       per_case=args.per_case)))
     return 0
@@ -432,6 +440,101 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_related_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("activations", type=Path, help="the activations file (.h5); related/ is added to it")
+    p.add_argument("--model", default=None,
+                   help="the model the file was collected from (hub name, folder or GGUF file): adds the related "
+                        "neurons by weights (needs the [collect] extra); without it, only those by activation")
+    p.add_argument("--dtype", default="float32",
+                   help="dtype the model loads in: float32, bfloat16, float16 or auto; scores are float32 "
+                        "(default: float32)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+
+
+def run_related(args: argparse.Namespace) -> int:
+    import time
+
+    from mkdocs_gluscope.related import add_related
+
+    started = time.monotonic()
+    weights = None
+    if args.model is not None:
+        try:
+            from collect.related import weights_part
+        except ImportError as e:
+            raise GluscopeError(f"gluscope related --model needs the [collect] extra ({e.name} is missing): "
+                                "pip install 'gluscope[collect]'") from None
+        weights = lambda f: weights_part(f, args.model, dtype=args.dtype, device=args.device)  # noqa: E731
+    add_related(args.activations, weights)
+    parts = "by activation" + (" and by weights" if args.model is not None else "")
+    print(f"gluscope: added related neurons ({parts}) to {args.activations} in {time.monotonic() - started:.1f} s")
+    return 0
+
+
+def _neuron_list(text: str) -> list[tuple[int, int]]:
+    """``28.473`` or ``28.473,7.824``: dense neurons as LAYER.NEURON (zero-based)."""
+    out = []
+    for part in text.split(","):
+        layer, _, neuron = part.strip().partition(".")
+        if not (layer.isdigit() and neuron.isdigit()):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected neurons LAYER.NEURON separated by commas, e.g. "
+                                             "28.473,7.824")
+        out.append((int(layer), int(neuron)))
+    return out
+
+
+def add_probe_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("text", help="the text to run through the model ('-': read it from standard input)")
+    p.add_argument("--model", required=True, help="hub name, save_pretrained folder, or GGUF file")
+    p.add_argument("--neurons", type=_neuron_list, required=True, metavar="L.N[,L.N...]",
+                   help="neurons to show, e.g. 28.473,7.824")
+    p.add_argument("--file", type=Path, default=None,
+                   help="an activations file of this model: take its --bos and refactor_glu, so the values are "
+                        "those its collection recorded (default: --bos auto, refactor_glu on)")
+    p.add_argument("--bos", choices=("auto", "always", "never"), default=None,
+                   help="a BOS token first, as gluscope collect --bos (default: auto, or the file's)")
+    p.add_argument("--no-refactor-glu", dest="refactor_glu", action="store_false", default=None,
+                   help="keep the weights as they are (default: refactor_glu, as gluscope collect)")
+    p.add_argument("--html", type=Path, default=None,
+                   help="also write the rows as the pages show them into this HTML file (hover a token for its values)")
+    p.add_argument("--values", action="store_true", help="also print every token's values as a tab-separated table")
+    p.add_argument("--color", dest="color", action="store_true", default=None,
+                   help="color even when the output is not a terminal")
+    p.add_argument("--no-color", dest="color", action="store_false", help="never color")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or auto (default: float32)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+
+
+def run_probe(args: argparse.Namespace) -> int:
+    from mkdocs_gluscope.pages import asset_text
+    from mkdocs_gluscope.probe import print_probed, probe_page_html, wants_color
+
+    try:
+        from collect.probe import Prober
+    except ImportError as e:
+        raise GluscopeError(f"gluscope probe needs the [collect] extra ({e.name} is missing): "
+                            "pip install 'gluscope[collect]'") from None
+    from collect.probe import single_thread
+
+    single_thread()
+    bos, refactor = args.bos, args.refactor_glu
+    if args.file is not None:
+        with open_activations(args.file) as f:
+            bos = bos or str(f.attrs.get("bos", "auto"))
+            refactor = bool(f.attrs.get("refactor_glu", True)) if refactor is None else refactor
+    text = sys.stdin.read() if args.text == "-" else args.text
+    prober = Prober.load(args.model, dtype=args.dtype, device=args.device,
+                         refactor_glu=True if refactor is None else refactor, bos=bos or "auto")
+    probed = prober.run(text, args.neurons)
+    print_probed(probed, sys.stdout, color=wants_color(sys.stdout, args.color), values=args.values)
+    if args.html is not None:
+        args.html.parent.mkdir(parents=True, exist_ok=True)
+        args.html.write_text(probe_page_html(probed, asset_text("gluscope.css"), asset_text("gluscope.js")),
+                             encoding="utf-8")
+        print(f"gluscope: wrote {args.html}", file=sys.stderr)
+    return 0
+
+
 COMMANDS = {
     "collect": (add_collect_arguments, run_collect, "run a model over a corpus and write the activations file"),
     "pages": (add_pages_arguments, run_pages, "write neuron pages as Markdown files, for any site generator"),
@@ -442,6 +545,10 @@ COMMANDS = {
              "choose neurons worth a page (rare-case standouts, unusual case mixes), as mkdocs.yml entries"),
     "explain": (add_explain_arguments, run_explain,
                 "write a label for every case of every neuron into the file, scored against the model with --score"),
+    "probe": (add_probe_arguments, run_probe,
+              "run your own text through the model: each token colored by a neuron's post and marked by its case"),
+    "related": (add_related_arguments, run_related,
+                "add related neurons to the file: by shared strongest examples, and with --model by weights"),
     "export": (add_export_arguments, run_export,
                "write the file as a Hugging Face dataset, one row per neuron (needs the [collect] extra)"),
     "demo": (add_demo_arguments, run_demo,

@@ -20,11 +20,14 @@ from typing import Any
 
 import numpy as np
 
+from mkdocs_gluscope.context import example_posts
+from mkdocs_gluscope.effects import direct_effect
 from mkdocs_gluscope.errors import GluscopeError
-from mkdocs_gluscope.render import display_name, json_text, md_text
+from mkdocs_gluscope.related import ACTIVATION_PART, FEEDS_READS, RELATED_DIRECTIONS, WEIGHTS_PART
+from mkdocs_gluscope.render import display_name, hook_windows, json_text, md_text
 from mkdocs_gluscope.schema import check_places
 from mkdocs_gluscope.store import (CASES, HOOKS, VOCAB_DIRECTIONS, VOCAB_WEIGHTS, WEIGHT_NAMES, ActivationsFile,
-                                   FormatError)
+                                   FormatError, neuron_id)
 
 SPLIT = "train"
 
@@ -46,10 +49,11 @@ EXPLANATION_COLUMNS = {"explanation": ("label", "string"), "explanation_method":
 
 
 def features(k: int, has_nonfinite: bool, bins: int | None = None, vocab_k: int | None = None,
-             explanations: bool = False) -> Any:
+             explanations: bool = False, effects: bool = False, related: tuple[str, ...] = ()) -> Any:
     """The dataset's column types, in column order (``bins``: the histograms' bins, in files with
     distributions; ``vocab_k``: tokens per vocabulary list, in files with ``vocab/``; ``explanations``:
-    files with ``explanations/``)."""
+    files with ``explanations/``; ``effects``: the examples' effects on the output; ``related``: the
+    parts of ``related/`` the file has)."""
     datasets = _datasets()
     v = datasets.Value
     seq = datasets.Sequence
@@ -83,7 +87,59 @@ def features(k: int, has_nonfinite: bool, bins: int | None = None, vocab_k: int 
         for case in CASES:
             for suffix, (_, kind) in EXPLANATION_COLUMNS.items():
                 cols[f"{case}_{suffix}"] = v(kind)
+    if effects:
+        for case in CASES:
+            for hook in HOOKS:
+                cols[f"{case}_{hook}_max_effects"] = seq(v("float32"), length=k)
+                cols[f"{case}_{hook}_max_next_tokens"] = seq(v("int32"), length=k)
+    if "feeds" in related:
+        for read in FEEDS_READS:
+            for direction in RELATED_DIRECTIONS:
+                cols[f"related_feeds_{read}_{direction}"] = seq(v("string"))
+                cols[f"related_feeds_{read}_{direction}_scores"] = seq(v("float32"))
+    if "alike" in related:
+        for direction in RELATED_DIRECTIONS:
+            cols[f"related_alike_{direction}"] = seq(v("string"))
+            cols[f"related_alike_{direction}_scores"] = seq(v("float32"))
+    if "shared" in related:
+        for case in CASES:
+            cols[f"{case}_related_shared"] = seq(v("string"))
+            cols[f"{case}_related_shared_cases"] = seq(v("string"))
+            cols[f"{case}_related_shared_positions"] = seq(v("int32"))
+            cols[f"{case}_related_shared_docs"] = seq(v("int32"))
     return datasets.Features(cols)
+
+
+def related_parts(f: ActivationsFile) -> tuple[str, ...]:
+    """Which parts of ``related/`` the file has: ``feeds``, ``alike``, ``shared``."""
+    if "related" not in f.file:
+        return ()
+    group = f.file["related"]
+    return tuple(part for part, names in (("feeds", WEIGHTS_PART[:3]), ("alike", WEIGHTS_PART[3:]),
+                                          ("shared", ACTIVATION_PART)) if all(name in group for name in names))
+
+
+def _ids(layer: np.ndarray, neuron: np.ndarray) -> list[list[str]]:
+    """``LAYER.NEURON`` strings of each row's filled entries (layer -1: none)."""
+    return [[neuron_id(int(a), int(b)) for a, b in zip(ls, ns) if a >= 0] for ls, ns in zip(layer, neuron)]
+
+
+def _filled(values: np.ndarray, layer: np.ndarray) -> list[list]:
+    return [[x for x, a in zip(vs, ls) if a >= 0] for vs, ls in zip(values.tolist(), layer)]
+
+
+def effect_columns(f: ActivationsFile, row: int) -> dict[str, np.ndarray]:
+    """``[N, C, H, k]`` effects and next tokens of one layer's top-k examples (NaN, -1 where unknown)."""
+    g = lambda name: f.read(name, row, f"layer {f.layers[row]}")  # noqa: E731
+    value, doc, pos = g("top/value"), g("top/doc"), g("top/pos")
+    windows = hook_windows(g("top/gate"), g("top/in"), str(f.attrs.get("act_fn", "silu")))
+    post = example_posts(value, windows["hook_post"], f.context_before)
+    effects = direct_effect(post, f.final_scale_at(doc, pos), g("top/next_score"))
+    safe = np.clip(doc, 0, f.n_docs - 1)
+    at = f.doc_offsets[safe] + pos + 1
+    has_next = (doc >= 0) & (at < f.doc_offsets[safe + 1])
+    return {"effects": effects.effect.astype(np.float32),
+            "next_tokens": np.where(has_next, f.tokens[np.where(has_next, at, 0)], -1).astype(np.int32)}
 
 
 def layer_columns(f: ActivationsFile, layer: int) -> dict[str, Any]:
@@ -136,6 +192,34 @@ def layer_columns(f: ActivationsFile, layer: int) -> dict[str, Any]:
         for c, case in enumerate(CASES):
             for suffix, (name, _) in EXPLANATION_COLUMNS.items():
                 cols[f"{case}_{suffix}"] = list(e[name][:, c]) if name in strings else e[name][:, c]
+    if f.has_effects:
+        effects = effect_columns(f, row)
+        for c, case in enumerate(CASES):
+            for h, hook in enumerate(HOOKS):
+                cols[f"{case}_{hook}_max_effects"] = effects["effects"][:, c, h]
+                cols[f"{case}_{hook}_max_next_tokens"] = effects["next_tokens"][:, c, h]
+    parts = related_parts(f)
+    related = {name: g("related/" + name) for name in f.file["related"]} if parts else {}
+    if "feeds" in parts:
+        for r, read in enumerate(FEEDS_READS):
+            for d, direction in enumerate(RELATED_DIRECTIONS):
+                layer = related["feeds_layer"][:, r, d]
+                cols[f"related_feeds_{read}_{direction}"] = _ids(layer, related["feeds_neuron"][:, r, d])
+                cols[f"related_feeds_{read}_{direction}_scores"] = _filled(related["feeds_score"][:, r, d], layer)
+    if "alike" in parts:
+        for d, direction in enumerate(RELATED_DIRECTIONS):
+            neuron = related["alike_neuron"][:, d]
+            same = np.where(neuron >= 0, f.layers[row], -1)  # the same layer
+            cols[f"related_alike_{direction}"] = _ids(same, neuron)
+            cols[f"related_alike_{direction}_scores"] = _filled(related["alike_score"][:, d], same)
+    if "shared" in parts:
+        for c, case in enumerate(CASES):
+            layer = related["shared_layer"][:, c]
+            cols[f"{case}_related_shared"] = _ids(layer, related["shared_neuron"][:, c])
+            cols[f"{case}_related_shared_cases"] = [[CASES[x] for x in xs] for xs in
+                                                    _filled(related["shared_case"][:, c], layer)]
+            cols[f"{case}_related_shared_positions"] = _filled(related["shared_positions"][:, c], layer)
+            cols[f"{case}_related_shared_docs"] = _filled(related["shared_docs"][:, c], layer)
     return cols
 
 
@@ -198,7 +282,7 @@ def export_dataset(activations: str | os.PathLike, out: str | os.PathLike) -> Pa
         (tmp / "data").mkdir(parents=True)
         kinds = features(f.k, f.has_nonfinite, len(f.hist_edges) - 1 if f.has_distributions else None,
                          int(f.file["vocab/token"].shape[-1]) if "vocab" in f.file else None,
-                         "explanations" in f.file)
+                         "explanations" in f.file, effects=f.has_effects, related=related_parts(f))
         n = len(f.layers)
         for i, layer in enumerate(f.layers):
             table = datasets.Dataset.from_dict(layer_columns(f, layer), features=kinds)

@@ -7,8 +7,10 @@ Two kinds of split combine, also together:
   exactly: counts and sums add, extremes take the extreme, and top-k lists merge under the same
   order (larger ``|value|`` first, then lower document index). Only sums can differ from a single
   run, in their last bits (another order of additions).
-* **layer groups** (``--layers``): runs over the same corpus with disjoint layer sets (e.g. to fit
-  a large model's statistics on a small card) are stacked along the layer axis.
+* **layer groups** (``--layers``, and for mixture-of-experts layers ``--experts``): runs over the same
+  corpus with disjoint sets of neurons (e.g. to fit a large model's statistics on a small card: whole
+  layers, or ranges of experts of the same layers) are stacked along the layer axis, and their
+  expert rows in (layer, expert) order, as one run writes them.
 
 Files with distributions (``stats/hist``, ``stats/density``, ``samples/``, ``bands/``) merge exactly
 too: histograms add, and every ``samples/`` and ``bands/`` list keeps the positions of lowest
@@ -46,6 +48,7 @@ from mkdocs_gluscope.store import (
     ActivationsFile,
     ActivationsWriter,
     FormatError,
+    SHARED,
 )
 
 #: Attributes that must agree between shards: the same model, corpus and options, and the same
@@ -126,6 +129,11 @@ def check_same_run(files: Sequence[ActivationsFile]) -> None:
             with_, without = (f, first) if f.has_distributions else (first, f)
             raise GluscopeError(f"{str(with_.path)!r} has distributions (stats/hist, samples/, bands/) but "
                                 f"{str(without.path)!r} has none; only files of one run can be merged")
+        if f.has_effects != first.has_effects:
+            with_, without = (f, first) if f.has_effects else (first, f)
+            raise GluscopeError(f"{str(with_.path)!r} has effects (corpus/final_scale, top/next_score) but "
+                                f"{str(without.path)!r} has none (collected with --no-effects?); only files of one "
+                                "run can be merged")
         for key in MUST_MATCH:
             if first.attrs.get(key) != f.attrs.get(key):
                 raise GluscopeError(
@@ -174,9 +182,21 @@ def check_shard_set(files: Sequence[ActivationsFile]) -> None:
                             f"all {count} shards of the run (layers {first.describe_layers()})")
 
 
+def _units(f: ActivationsFile) -> tuple:
+    """What a file holds: its dense layers, and its experts by (layer, expert)."""
+    return tuple([(layer, -1) for layer in f.layers]
+                 + sorted((layer, -2 if e == SHARED else int(e)) for layer, e in f.expert_rows))
+
+
+def _unit_name(unit: tuple[int, int]) -> str:
+    layer, expert = unit
+    return f"layer {layer}" if expert == -1 else f"layer {layer}'s expert {'s' if expert == -2 else expert}"
+
+
 def check_inputs(files: Sequence[ActivationsFile]) -> list[list[ActivationsFile]]:
-    """The inputs as layer groups (files with the same ``layers``), in layer order: accepted when
-    every (layer, document) is covered exactly once, else a GluscopeError naming the problem."""
+    """The inputs as groups of files of the same neurons (shards of one ``--layers``/``--experts``
+    run), in layer order: accepted when every (neuron, document) is covered exactly once, else a
+    GluscopeError naming the problem."""
     paths: dict[Path, ActivationsFile] = {}
     for f in files:
         if f.path.resolve() in paths:
@@ -187,25 +207,21 @@ def check_inputs(files: Sequence[ActivationsFile]) -> list[list[ActivationsFile]
             raise GluscopeError(f"{str(f.path)!r} holds explanations (gluscope explain); merge the collection's files "
                                 "first, then explain the merged file")
     check_same_run(files)
-    groups: dict[tuple[int, ...], list[ActivationsFile]] = {}
+    groups: dict[tuple, list[ActivationsFile]] = {}
     for f in files:
-        # A layer group is the dense layers and the expert layers a run recorded.
-        groups.setdefault((tuple(f.layers), tuple(f.expert_layers)), []).append(f)
-    owner: dict[int, ActivationsFile] = {}
-    for (dense, expert_layers), group in groups.items():
-        for f in group:
-            if list(f.expert_rows) != list(group[0].expert_rows):
-                raise GluscopeError(f"{str(f.path)!r} and {str(group[0].path)!r} hold different experts; shards of "
-                                    "one run record the same experts")
-        for layer in dense + expert_layers:
-            if layer in owner:
+        # A group is one run's neurons: its dense layers and its experts (shards hold the same).
+        groups.setdefault(_units(f), []).append(f)
+    owner: dict[tuple[int, int], ActivationsFile] = {}
+    for units, group in groups.items():
+        for unit in units:
+            if unit in owner:
                 raise GluscopeError(
-                    f"{str(owner[layer].path)!r} (layers {owner[layer].describe_layers()}) and {str(group[0].path)!r} "
-                    f"(layers {group[0].describe_layers()}) both hold layer {layer}; files of one run merge when "
-                    "they are shards of the same layers or hold disjoint layers")
-            owner[layer] = group[0]
+                    f"{str(owner[unit].path)!r} (layers {owner[unit].describe_layers()}) and {str(group[0].path)!r} "
+                    f"(layers {group[0].describe_layers()}) both hold {_unit_name(unit)}; files of one run merge "
+                    "when they are shards of the same layers and experts or hold disjoint ones")
+            owner[unit] = group[0]
         check_shard_set(group)
-    ordered = sorted(groups.values(), key=lambda g: min(g[0].layers + g[0].expert_layers))
+    ordered = sorted(groups.values(), key=lambda g: min(_units(g[0])))
     tokens = {sum(f.n_tokens for f in group) for group in ordered}
     if len(tokens) > 1:
         raise GluscopeError(f"the layer groups counted different numbers of tokens ({sorted(tokens)}); "
@@ -245,7 +261,7 @@ def merge_block(blocks: Sequence[dict[str, np.ndarray]], k: int, priority: Prior
         "min": np.fmin.reduce([b["min"] for b in blocks]),
         "max": np.fmax.reduce([b["max"] for b in blocks]),
     }
-    for name in ("top_value", "top_doc", "top_pos"):
+    for name in ("top_value", "top_doc", "top_pos") + (("top_next_score",) if "top_next_score" in blocks[0] else ()):
         merged[name] = np.take_along_axis(np.concatenate([b[name] for b in blocks], axis=-1), pick, axis=-1)
     for name in ("top_gate", "top_in"):
         windows = np.concatenate([b[name] for b in blocks], axis=-2)
@@ -268,6 +284,8 @@ def _read_block(f: ActivationsFile, row: int, neurons: slice, group: str = "") -
     read = lambda name: f.read(prefix + name, (row, neurons), label)  # noqa: E731
     block = {name: read("stats/" + name) for name in STAT_NAMES + ("nonfinite",)}
     block.update({"top_" + name: read("top/" + name) for name in ("value", "doc", "pos", "gate", "in")})
+    if "next_score" in f.file[prefix + "top"]:  # each example's effect (dense rows): travels with its example
+        block["top_next_score"] = read("top/next_score")
     lists = ["top"]
     if "hist" in f.file[prefix + "stats"]:
         block.update({name: read("stats/" + name) for name in ("hist", "density")})
@@ -325,7 +343,9 @@ def _write_merged_experts(writer: ActivationsWriter, groups: list[list[Activatio
         parts = [group for group in groups if name in group[0].file]
         if not parts:
             continue
-        rows = [(group, row) for group in parts for row in range(group[0].file[name]["layer"].shape[0])]
+        # One run writes the rows by layer, then expert: groups of experts interleave into that order.
+        rows = sorted(((group, row) for group in parts for row in range(group[0].file[name]["layer"].shape[0])),
+                      key=lambda gr: (int(gr[0][0].file[name]["layer"][gr[1]]), int(gr[0][0].file[name]["expert"][gr[1]])))
         d = parts[0][0].file[name]["stats/count"].shape[1]
         writer.add_experts(name, [int(g[0].file[name]["layer"][r]) for g, r in rows],
                            [int(g[0].file[name]["expert"][r]) for g, r in rows],
@@ -343,9 +363,11 @@ def _write_merged_experts(writer: ActivationsWriter, groups: list[list[Activatio
 def _write_merged(groups: list[list[ActivationsFile]], out: Path) -> Path:
     files = [f for group in groups for f in group]
     first = files[0]
-    layers = [layer for group in groups for layer in group[0].layers]
-    dense = [group for group in groups if group[0].layers]  # groups of expert layers only have no dense rows
-    d_mlp = dense[0][0].d_mlp if dense else 0
+    # Dense rows in layer order, each with the group that holds it.
+    dense_rows = sorted(((layer, group, row) for group in groups for row, layer in enumerate(group[0].layers)),
+                        key=lambda x: x[0])
+    layers = [layer for layer, _, _ in dense_rows]
+    d_mlp = dense_rows[0][1][0].d_mlp if dense_rows else 0
     attrs = {key: value for key, value in first.attrs.items() if key not in ("n_tokens", "shard")}
     attrs.update(layers=layers, merged_from=[str(f.path) for f in files], merged_shards=len(files))
     expert_layers = sorted({layer for group in groups for layer in group[0].expert_layers})
@@ -373,17 +395,17 @@ def _write_merged(groups: list[list[ActivationsFile]], out: Path) -> Path:
                             source_index=first.read("corpus/source_index") if "source_index" in corpus else None,
                             doc_title=[first.doc_title(d) or "" for d in range(first.n_docs)]
                             if "doc_title" in corpus else None)
-        out_row = 0
-        for group in dense:
-            for row in range(group[0].n_layers):
-                for start in range(0, d_mlp, NEURON_BLOCK):
-                    neurons = slice(start, min(start + NEURON_BLOCK, d_mlp))
-                    blocks = [_read_block(f, row, neurons) for f in group]
-                    writer.write_neurons(out_row, start, merger(blocks))
-                out_row += 1
-        if dense:
-            writer.write_weights({name: np.concatenate([group[0].weights(name) for group in dense])
+        if first.has_effects:  # shards cover disjoint documents (NaN elsewhere); layer groups the same ones
+            writer.add_effects(np.fmax.reduce([f.read("corpus/final_scale") for f in files]),
+                               str(first.attrs.get("effect_norm", "")))
+        for out_row, (_, group, row) in enumerate(dense_rows):
+            for start in range(0, d_mlp, NEURON_BLOCK):
+                neurons = slice(start, min(start + NEURON_BLOCK, d_mlp))
+                blocks = [_read_block(f, row, neurons) for f in group]
+                writer.write_neurons(out_row, start, merger(blocks))
+        if dense_rows:
+            writer.write_weights({name: np.stack([group[0].weights(name)[row] for _, group, row in dense_rows])
                                   for name in WEIGHT_NAMES})
-            _copy_vocab(writer, [(group, row) for group in dense for row in range(group[0].n_layers)])
+            _copy_vocab(writer, [(group, row) for _, group, row in dense_rows])
         _write_merged_experts(writer, groups, merger)
         return writer.close(n_tokens=sum(f.n_tokens for f in groups[0]))

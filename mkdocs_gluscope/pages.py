@@ -32,7 +32,7 @@ from mkdocs_gluscope.render import (
     neuron_markdown,
     token_html,
 )
-from mkdocs_gluscope.store import CASES, SHARED, ActivationsFile, NeuronData, neuron_id
+from mkdocs_gluscope.store import SHARED, ActivationsFile, NeuronData, neuron_id
 from mkdocs_gluscope.words import js_constants
 
 DOCS_PER_SHARD = 64
@@ -104,6 +104,8 @@ class SitePages:
         self._position = {n: i for i, n in enumerate(self.neurons)}
         self._vocab_html: dict[int, str] = {}
         self._summaries: dict[Key, NeuronData] = {}
+        #: Where a full page's text box posts its text (a probe server of ``mkdocs serve``); None: no box.
+        self.probe_url: str | None = None
 
     # -- paths --------------------------------------------------------------------------------
     @staticmethod
@@ -150,10 +152,15 @@ class SitePages:
     def doc_title(self, doc: int) -> str | None:
         return self.file.doc_title(doc)
 
+    def case_scales(self, layer: int, expert: int | str | None = None) -> tuple[float, ...]:
+        """The layer's scale of each case, as ``gluscope pick`` scores (read once per layer; for an
+        expert's neuron, the scale among the layer's routed experts, or of its shared expert)."""
+        kind = None if expert is None else SHARED if expert == SHARED else 0  # every routed expert: one scale
+        return self._case_scales(layer, kind)
+
     @lru_cache(maxsize=None)
-    def case_scales(self, layer: int) -> tuple[float, ...]:
-        """The layer's scale of each case, as ``gluscope pick`` scores (read once per layer)."""
-        return tuple(float(x) for x in layer_case_scales(self.file, layer))
+    def _case_scales(self, layer: int, kind: int | str | None) -> tuple[float, ...]:
+        return tuple(float(x) for x in layer_case_scales(self.file, layer, kind))
 
     def context(self, *key: Any, site_root: str = "") -> PageContext:
         i = self._position[tuple(key)]
@@ -169,13 +176,20 @@ class SitePages:
             return neuron_id(*_id_parts(other)), rel(self.neuron_path(*other))
 
         expert = key[2] if len(key) == 3 else None
+
+        def neuron_link(neuron: str) -> str | None:
+            """A related neuron's page (``LAYER.NEURON``), where the site has one."""
+            other = tuple(int(x) for x in neuron.split("."))
+            return rel(self.neuron_path(*other)) if other in self._position else None
+
         return PageContext(
             vocab_html=self.vocab_html, vocab_text=self.vocab_text, doc_title=self.doc_title,
             site_root=site_root, examples=self.examples, color_hook=self.color_hook,
             prev_link=link(i - 1), next_link=link(i + 1), index_link=rel(self.index_path),
             layer_link=rel(self.layer_path(key[0])),
             expert_link=None if expert is None else rel(self.expert_path(key[0], expert)),
-            case_scales=self.case_scales(key[0]) if expert is None else None)
+            case_scales=self.case_scales(key[0], expert), neuron_link=neuron_link,
+            probe_url=self.probe_url if expert is None else None)
 
     # -- content ------------------------------------------------------------------------------
     def neuron_data(self, layer: int, neuron: int, expert: int | str | None = None) -> NeuronData:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mkdocs_gluscope.store import CASES, ActivationsFile, early_end
+from mkdocs_gluscope.store import CASES, SHARED, ActivationsFile, early_end, neuron_id
 
 
 @dataclass
@@ -32,10 +32,11 @@ class Pick:
     neuron: int
     reason: str
     score: float
+    expert: int | str | None = None  # a routed expert's index, SHARED, or None for a dense layer's neuron
 
     @property
     def id(self) -> str:
-        return f"{self.layer}.{self.neuron}"
+        return neuron_id(self.layer, self.neuron, self.expert)
 
 
 def case_scales(magnitude: np.ndarray, percentile: float = 99) -> np.ndarray:
@@ -60,71 +61,129 @@ def case_extremes(values: np.ndarray, pos: np.ndarray, early: int) -> tuple[np.n
     return magnitude, np.take_along_axis(values, best_j[..., None], -1)[..., 0]
 
 
+@dataclass
+class NeuronSet:
+    """Neurons scored against one another: a dense layer, the routed experts of one MoE layer
+    (expert after expert, ``d_expert`` neurons each), or a shared expert. ``freq`` is each case's
+    share of the tokens the neurons see (for a routed expert: of the tokens routed to it)."""
+
+    layer: int
+    experts: list[int | str | None]  # one entry per block of d neurons
+    d: int
+    freq: np.ndarray  # [N, C]
+    count: np.ndarray  # [N, C]
+    magnitude: np.ndarray  # [N, C]
+    post: np.ndarray  # [N, C]
+    routing: np.ndarray | None = None  # [N] routing frequency of each neuron's expert (routed experts)
+
+    def which(self, n: int) -> tuple[int | str | None, int]:
+        return self.experts[n // self.d], n % self.d
+
+
+def dense_set(f: ActivationsFile, layer: int) -> NeuronSet:
+    """One dense layer's neurons as a :class:`NeuronSet`."""
+    row = f.row(layer)
+    count = f.read("stats/count", row)
+    hook_post = (row, slice(None), slice(None), 0)  # every neuron and case, hook_post
+    magnitude, post = case_extremes(f.read("top/value", hook_post), f.read("top/pos", hook_post), early_end(f.attrs))
+    return NeuronSet(layer, [None], f.d_mlp, count / max(f.n_tokens, 1), count, magnitude, post)
+
+
+def expert_set(f: ActivationsFile, layer: int, shared: bool) -> NeuronSet | None:
+    """One MoE layer's routed experts together (each case's scale is then its scale among the layer's
+    experts), or its shared expert, as a :class:`NeuronSet`; None if the file has none."""
+    experts = [e for e in f.experts_of(layer) if (e == SHARED) == shared]
+    if not experts:
+        return None
+    rows = [f.expert_rows[layer, e][1] for e in experts]
+    group = "shared_experts/" if shared else "experts/"
+    count = f.read(group + "stats/count", rows)  # [E, d, C]
+    routed = np.array([max(f.routed[layer, e], 1) for e in experts], dtype=np.float64)
+    hook_post = (rows, slice(None), slice(None), 0)
+    magnitude, post = case_extremes(f.read(group + "top/value", hook_post), f.read(group + "top/pos", hook_post),
+                                    early_end(f.attrs))
+    d = count.shape[1]
+
+    def flat(x: np.ndarray) -> np.ndarray:
+        return x.reshape(len(experts) * d, *x.shape[2:])
+
+    return NeuronSet(layer, experts, d, flat(count / routed[:, None, None]), flat(count), flat(magnitude), flat(post),
+                     np.repeat(routed / max(f.n_tokens, 1), d))
+
+
+def neuron_sets(f: ActivationsFile) -> list[NeuronSet]:
+    """Every scored set of ``f``: its dense layers, then per MoE layer its routed experts and its
+    shared expert."""
+    sets = [dense_set(f, layer) for layer in f.layers] if f.d_mlp else []
+    for layer in f.expert_layers:
+        sets += [s for s in (expert_set(f, layer, False), expert_set(f, layer, True)) if s is not None]
+    return sets
+
+
 def layer_case_scales(f: ActivationsFile, layer: int, expert: int | str | None = None) -> np.ndarray:
-    """:func:`case_scales` of one model layer of ``f`` (or of one expert's neurons there): what pick
-    divides each case's extreme by."""
-    if expert is None:
-        prefix, row = "", f.row(layer)
-    else:
-        group, row = f.expert_rows[(layer, expert)]
-        prefix = group + "/"
-    post = (row, slice(None), slice(None), 0)  # every neuron and case, hook_post
-    magnitude, _ = case_extremes(f.read(prefix + "top/value", post), f.read(prefix + "top/pos", post), early_end(f.attrs))
-    return case_scales(magnitude)
+    """:func:`case_scales` of one model layer of ``f`` (for an ``expert``'s neuron: of the layer's
+    routed experts together, or of its shared expert): what pick divides each case's extreme by."""
+    found = dense_set(f, layer) if expert is None else expert_set(f, layer, expert == SHARED)
+    return case_scales(found.magnitude)
 
 
 def pick_neurons(f: ActivationsFile, *, per_layer: int = 1, mix: int = 10, rare: float = 0.10,
                  per_case: int = 2) -> list[Pick]:
-    """Rare-case standouts (``per_layer`` per layer), then the best of each case that has fewer
-    than ``per_case`` of them (over all layers: so every case a neuron has rarely shows), then the
-    ``mix`` most unusual case mixes (one per layer)."""
-    freq = f.frequency()  # [L, N, C]
-    count = f.stat("count")
-    hook_post = (slice(None), slice(None), slice(None), 0)
-    magnitude, post = case_extremes(f.read("top/value", hook_post), f.read("top/pos", hook_post), early_end(f.attrs))
+    """Rare-case standouts (``per_layer`` per layer, and as many among each MoE layer's experts and
+    shared expert), then the best of each case that has fewer than ``per_case`` of them (over every
+    layer and expert: so every case a neuron has rarely shows), then the ``mix`` most unusual case mixes
+    (one per set). An expert neuron's case frequency is a share of the tokens routed to its expert,
+    and its extreme is judged against the same case's scale among the layer's experts."""
+    sets = neuron_sets(f)
     picks: list[Pick] = []
-    chosen: set[tuple[int, int]] = set()
-    scores = np.zeros(magnitude.shape)  # [L, N, C]
-    for row in range(len(f.layers)):
-        eligible = (freq[row] < rare) & (count[row] >= f.k)
-        scores[row] = np.where(eligible, magnitude[row] / case_scales(magnitude[row]), 0.0)
+    chosen: set[str] = set()
+    scores = [np.where((s.freq < rare) & (s.count >= f.k), s.magnitude / case_scales(s.magnitude), 0.0) for s in sets]
     by_case = [0] * len(CASES)
 
-    def add(row: int, neuron: int, c: int) -> None:
-        picks.append(Pick(f.layers[row], neuron, f"rare {CASES[c]} ({100 * freq[row, neuron, c]:.2g}% of tokens) "
-                                                 f"reaches hook_post {post[row, neuron, c]:.3g}",
-                          float(scores[row, neuron, c])))
-        chosen.add((f.layers[row], neuron))
+    def add(i: int, n: int, c: int) -> None:
+        s = sets[i]
+        expert, neuron = s.which(n)
+        routed = "" if s.routing is None else f", routed {100 * s.routing[n]:.2g}% of tokens"
+        share = "of its expert's tokens" if s.routing is not None else "of tokens"
+        pick = Pick(s.layer, neuron, f"rare {CASES[c]} ({100 * s.freq[n, c]:.2g}% {share}{routed}) "
+                                     f"reaches hook_post {s.post[n, c]:.3g}", float(scores[i][n, c]), expert)
+        picks.append(pick)
+        chosen.add(pick.id)
         by_case[c] += 1
 
-    for row in range(len(f.layers)):
-        best_case = scores[row].argmax(axis=-1)
-        best = scores[row].max(axis=-1)
-        for neuron in np.argsort(-best, kind="stable")[:per_layer]:
-            if best[neuron] > 0:
-                add(row, int(neuron), int(best_case[neuron]))
+    for i in range(len(sets)):
+        best_case = scores[i].argmax(axis=-1)
+        best = scores[i].max(axis=-1)
+        for n in np.argsort(-best, kind="stable")[:per_layer]:
+            if best[n] > 0:
+                add(i, int(n), int(best_case[n]))
     for c in range(len(CASES)):
-        for flat in np.argsort(-scores[..., c], axis=None, kind="stable"):
-            row, neuron = (int(x) for x in np.unravel_index(flat, scores.shape[:2]))
-            if by_case[c] >= per_case or scores[row, neuron, c] <= 0:
+        candidates = sorted(((float(scores[i][n, c]), i, int(n)) for i in range(len(sets))
+                             for n in np.argsort(-scores[i][:, c], kind="stable")[:per_case + len(chosen)]),
+                            key=lambda x: -x[0])
+        for score, i, n in candidates:
+            if by_case[c] >= per_case or score <= 0:
                 break
-            if (f.layers[row], neuron) not in chosen:
-                add(row, neuron, c)
-    distance = np.abs(freq - freq.mean(axis=1, keepdims=True)).sum(axis=-1)  # [L, N]
-    layers_used: set[int] = set()
-    for flat in np.argsort(-distance, axis=None, kind="stable"):
-        if mix <= 0:
-            break
-        row, neuron = np.unravel_index(flat, distance.shape)
-        layer = f.layers[row]
-        if (layer, int(neuron)) in chosen or layer in layers_used:
-            continue
-        layers_used.add(layer)
-        mix_text = " / ".join(f"{100 * x:.0f}" for x in freq[row, neuron])
-        picks.append(Pick(layer, int(neuron), f"unusual case mix {mix_text}% (++/+-/-+/--)", float(distance[row, neuron])))
-        chosen.add((layer, int(neuron)))
-        mix -= 1
-    picks.sort(key=lambda p: (p.layer, p.neuron))
+            expert, neuron = sets[i].which(n)
+            if neuron_id(sets[i].layer, neuron, expert) not in chosen:
+                add(i, n, c)
+    mixes = []
+    for i, s in enumerate(sets):
+        distance = np.abs(s.freq - s.freq.mean(axis=0, keepdims=True)).sum(axis=-1)  # [N]
+        for n in np.argsort(-distance, kind="stable")[:1 + len(chosen)]:
+            expert, neuron = s.which(int(n))
+            if neuron_id(s.layer, neuron, expert) not in chosen:
+                mixes.append((float(distance[n]), i, int(n)))
+                break
+    for distance, i, n in sorted(mixes, key=lambda x: -x[0])[:max(mix, 0)]:
+        s = sets[i]
+        expert, neuron = s.which(n)
+        mix_text = " / ".join(f"{100 * x:.0f}" for x in s.freq[n])
+        pick = Pick(s.layer, neuron, f"unusual case mix {mix_text}% (++/+-/-+/--)", distance, expert)
+        picks.append(pick)
+        chosen.add(pick.id)
+    picks.sort(key=lambda p: (p.layer, -1 if p.expert is None else 10**9 if p.expert == SHARED else p.expert,
+                              p.neuron))
     return picks
 
 

@@ -46,6 +46,7 @@ from mkdocs_gluscope.pages import (
     check_examples,
     check_url_prefix,
 )
+from mkdocs_gluscope.probe_server import ProbeError, ProbeServer
 from mkdocs_gluscope.store import HOOKS, ActivationsFile, FormatError
 
 log = logging.getLogger("mkdocs.plugins.gluscope")
@@ -195,6 +196,13 @@ class GluscopeConfig(base.Config):
     workers = c.Optional(c.Type(int))
     """Light layout: processes that write the data files. Default: one per CPU this build may use."""
 
+    probe_model = c.Optional(c.Type(str))
+    """``mkdocs serve`` only: the model the file was collected from (a hub name, a folder or GGUF file,
+    relative to ``mkdocs.yml`` if it exists there). Each full neuron page then offers a text box that
+    runs the reader's own text through it (``gluscope probe``) on this machine: the plugin starts a
+    probe server on 127.0.0.1 that answers this site's pages only. Needs the ``[collect]`` extra. A
+    built site (``mkdocs build``) never has the box. Default: none."""
+
     inline_cases = c.Deprecated(
         message="The option '{}' was removed: a light page holds no examples of its own (a 7B model's site "
                 "would not fit 1 GB); its examples, distributions and samples load from its data file.",
@@ -222,6 +230,7 @@ class GluscopePlugin(BasePlugin[GluscopeConfig]):
         self._env: Any = None
         self._nav: Any = None
         self._files: Files | None = None
+        self.probe: ProbeServer | None = None  # full pages of mkdocs serve with probe_model: the text box's model
 
     # -- configuration ------------------------------------------------------------------------
     def on_startup(self, *, command: str, dirty: bool) -> None:
@@ -261,6 +270,14 @@ class GluscopePlugin(BasePlugin[GluscopeConfig]):
             with file_errors():
                 self.site = SitePages(ActivationsFile(path), [self._id(k) for k in keys], url_prefix=self.config.url_prefix,
                                       examples=self.config.examples, color_hook=self.config.color_hook)
+            if self.config.probe_model and self._serve:
+                try:
+                    if self.probe is None:  # one server for every rebuild of this serve session
+                        self.probe = ProbeServer.start(self._probe_model(config), self.site.file.attrs, config.dev_addr)
+                except ProbeError as e:
+                    self.close()
+                    raise PluginError(f"gluscope: probe_model: {printable(e)}") from None
+                self.site.probe_url = self.probe.url
         for name in PAGE_ASSETS:
             target = config.extra_css if name.endswith(".css") else config.extra_javascript
             if f"{ASSET_DIR}/{name}" not in [str(x) for x in target]:
@@ -483,6 +500,11 @@ class GluscopePlugin(BasePlugin[GluscopeConfig]):
             server.watch(str(self.path))  # a new collection run rebuilds the site
         return server
 
+    def _probe_model(self, config: MkDocsConfig) -> str:
+        model = str(self.config.probe_model)
+        local = Path(config.config_file_path or ".").parent / model
+        return str(local.resolve()) if local.exists() else model
+
     def close(self) -> None:
         if self.site is not None:
             self.site.file.close()
@@ -490,6 +512,9 @@ class GluscopePlugin(BasePlugin[GluscopeConfig]):
 
     def on_shutdown(self) -> None:
         self.close()
+        if self.probe is not None:
+            self.probe.stop()
+            self.probe = None
 
 
 def _read_json(path: Path) -> Any:

@@ -25,6 +25,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from mkdocs_gluscope.activations import act_values
+from mkdocs_gluscope.context import effects_context, related_context
+from mkdocs_gluscope.effects import raised_and_lowered
 from mkdocs_gluscope.figures import bin_range, density_html, histograms_html
 from mkdocs_gluscope.words import word_around, word_key
 from mkdocs_gluscope.store import (
@@ -208,6 +210,11 @@ class PageContext:
     #: The layer's scale of each case (``pick.layer_case_scales``): the page opens the case pick
     #: would flag, each case against its own scale. None: cases compared as they are.
     case_scales: tuple[float, ...] | None = None
+    #: The Markdown link target of another neuron's page (``LAYER.NEURON``), None where the site has none:
+    #: related neurons link to their pages.
+    neuron_link: Callable[[str], str | None] | None = None
+    #: A probe server's URL (``mkdocs serve`` with ``probe_model``): the page offers a text box. None: no box.
+    probe_url: str | None = None
 
 
 def provenance_rows(attrs: dict) -> list[tuple[str, str]]:
@@ -361,6 +368,19 @@ def routing_note(data: NeuronData) -> list[str]:
             "not routed to the expert have no value.</p>", ""]
 
 
+def definition_note(data: NeuronData) -> list[str]:
+    """How this neuron's gate, in and post are defined where its family's MLP is not the plain
+    ``act(x·w_gate) * (x·w_in)``: the file says it (``hook_definition`` for a dense layer's neurons,
+    ``expert_hook_definition`` for a routed expert's; a shared expert is a plain gated MLP), and every
+    page of such a neuron repeats it."""
+    if data.expert == "s":
+        return []
+    text = data.attrs.get("hook_definition" if data.expert is None else "expert_hook_definition")
+    if not text:
+        return []
+    return [f'<p class="gs-definition"><b>Hooks of this family.</b> {md_text(str(text))}.</p>', ""]
+
+
 def nonfinite_note(data: NeuronData) -> list[str]:
     """A warning under the summary when some of the neuron's positions had NaN or infinite values."""
     if data.nonfinite is None or not int(np.sum(data.nonfinite)):
@@ -389,7 +409,7 @@ def neuron_markdown(data: NeuronData, ctx: PageContext) -> str:
     lines += [" · ".join(nav), ""]
     prov = " · ".join(f"<b>{md_text(k)}</b> {md_text(v)}"
                       for k, v in provenance_rows({**data.attrs, "n_tokens": data.n_tokens}))
-    lines += [f'<p class="gs-provenance">{prov}</p>', "", *routing_note(data)]
+    lines += [f'<p class="gs-provenance">{prov}</p>', "", *routing_note(data), *definition_note(data)]
     # First, where the file has them: what each case is about. Full pages only: the light layout
     # (mkdocs_gluscope.light) shows explanations its own way.
     if ctx.inline_cases is None:
@@ -411,15 +431,19 @@ def neuron_markdown(data: NeuronData, ctx: PageContext) -> str:
                               "in and post carry the opposite sign of the original model's)"
                               if data.flipped else "not flipped"),
         "",
-        "## Top words", "",
     ]
+    if ctx.inline_cases is None:  # light pages: the related lists are the layout's to show (context.py)
+        lines += related_section(data, ctx)
     # One line of HTML (each word a <bdi>: isolated from its neighbours' bidirectional text), which
     # Markdown passes through: inline HTML in a Markdown list cost a third of a light page's conversion.
     items = []
     for c, case in enumerate(CASES):
         shown = ", ".join(f"<bdi>{word_html(w)}</bdi>" for w in top_words(data, ctx, c, limit=ctx.top_words)) or "none"
         items.append(f"<li><strong>{md_text(case)}</strong> ({100 * data.frequency[c]:.3g}%): {shown}</li>")
-    lines += [f'<ul class="gs-top-words">{"".join(items)}</ul>', "", "## Examples", "", EXAMPLES_PLACEHOLDER, ""]
+    lines += ["## Top words", "", f'<ul class="gs-top-words">{"".join(items)}</ul>']
+    if ctx.probe_url and ctx.inline_cases is None:
+        lines += ["", "## Your own text", "", probe_box(data, ctx.probe_url)]
+    lines += ["", "## Examples", "", EXAMPLES_PLACEHOLDER, ""]
     if data.samples is not None and ctx.inline_cases is None:
         lines += ["## Random samples", "",
                   "Tokens drawn uniformly at random from each case: what the case looks like on an ordinary "
@@ -462,6 +486,8 @@ def examples_html(data: NeuronData, ctx: PageContext,
     k = shown_examples(data, ctx.examples)
     color_hook = ctx.color_hook if ctx.color_hook in HOOKS else "hook_post"
     counted, windows, scales = computed or list_scales(data, k)
+    # Light pages build most rows in the browser: their effects are the layout's to show (context.py).
+    effects = effects_context(data, windows["hook_post"]) if ctx.inline_cases is None else None
     levels = color_levels(windows[color_hook], scales[color_hook], counted).tolist()  # plain ints per token
     counted_list = counted.tolist()
     window_tokens = data.window_tokens.tolist()
@@ -483,7 +509,9 @@ def examples_html(data: NeuronData, ctx: PageContext,
         f'{options}</select></label> <span class="gs-legend"><span class="gs-legend-bar"></span>'
         '<span>− most negative</span><span>0</span><span>most positive +</span></span>'
         f'<span class="gs-hint">scaled per list (its {COLOR_PERCENTILE}th percentile of |value|; stronger values '
-        'get the strongest color) · hover a token for its values</span></div>',
+        'get the strongest color) · hover a token for its values'
+        + (" · effect: the neuron's direct effect on the next token's logit (hover it for the tokens the example "
+           "raises and lowers most)" if effects else "") + '</span></div>',
     ]
     opened = ""
     telling = telling_case(data, ctx.case_scales)
@@ -523,7 +551,7 @@ def examples_html(data: NeuronData, ctx: PageContext,
                     ctx, doc=int(data.top_doc[c, h, j]), pos=int(data.top_pos[c, h, j]), gate=data.top_gate[c, h, j],
                     in_=data.top_in[c, h, j], swish=windows["swish"][c, h, j], value=data.top_value[c, h, j],
                     tokens=window_tokens[c][h][j], levels=levels[c][h][j], counted=counted_list[c][h][j],
-                    centre=centre, early=early, rank=j + 1))
+                    centre=centre, early=early, rank=j + 1, effect=effect_cell(data, ctx, effects, c, h, j)))
             if not filled:
                 parts.append('<p class="gs-empty">No token of the corpus fell in this case.</p>')
             parts.append("</div></details>")
@@ -555,9 +583,11 @@ _NOT_COUNTED_OPEN = '<span class="c0 gs-nc">'
 
 def example_row(ctx: PageContext, *, doc: int, pos: int, gate: np.ndarray, in_: np.ndarray, swish: np.ndarray,
                 value: float, tokens: list[int], levels: list[int], counted: list[bool], centre: int, early: int,
-                rank: int) -> str:
+                rank: int, effect: str | None = None) -> str:
     """One colored-token example (a top-k list's, a random sample's or a band's): rank, value, the
-    tokens of its window colored by ``levels`` with the peak framed, and its document button."""
+    tokens of its window colored by ``levels`` with the peak framed, and its document button (none for
+    ``doc`` -1: a text of the reader's own); with ``effect`` (:func:`effect_cell`'s HTML), a column of
+    its effect on the output after the value."""
     vocab_html = ctx.vocab_html
     spans = [(_PEAK_OPEN[levels[w]] if w == centre else _SPAN_OPEN[levels[w]] if counted[w] else _NOT_COUNTED_OPEN)
              + vocab_html(t) + "</span>" for w, t in enumerate(tokens) if t >= 0]
@@ -567,12 +597,97 @@ def example_row(ctx: PageContext, *, doc: int, pos: int, gate: np.ndarray, in_: 
     badge = (f'<span class="gs-early" title="{md_text(EARLY_TITLE.format(pos=pos, n=EARLY_POSITIONS))}">'
              "start of document</span>" if pos < early else "")
     return (
-        f'<div class="gs-ex" data-doc="{doc}" data-pos="{pos}" data-first="{first}" '
-        f'data-g="{_b64_float16(gate)}" data-i="{_b64_float16(in_)}" '
+        f'<div class="gs-ex{"" if effect is None else " gs-ex-eff"}" data-doc="{doc}" data-pos="{pos}" '
+        f'data-first="{first}" data-g="{_b64_float16(gate)}" data-i="{_b64_float16(in_)}" '
         f'data-s="{_b64_float16(swish)}">'
-        f'<span class="gs-rank">{rank}</span><span class="gs-val">{fmt(value)}{badge}</span>'
+        f'<span class="gs-rank">{rank}</span><span class="gs-val">{fmt(value)}{badge}</span>{effect or ""}'
         f'<span class="gs-toks">{"".join(spans)}</span>'
-        f'<button class="gs-doc-btn" type="button" title="show the whole document">{where}</button></div>')
+        + (f'<button class="gs-doc-btn" type="button" title="show the whole document">{where}</button>' if doc >= 0
+           else "") + "</div>")
+
+
+def probe_box(data: NeuronData, url: str) -> str:
+    """A text box whose text ``gluscope.js`` posts to the probe server at ``url`` (the model, on this
+    machine); the answer is an example row of the text, as :mod:`mkdocs_gluscope.probe` renders it."""
+    return (f'<div class="gs-probe" data-url="{md_text(url)}" data-neuron="{md_text(data.id)}" data-search-exclude>'
+            '<textarea class="gs-probe-text" rows="3" placeholder="Type a text; Run (or Ctrl+Enter) colors each '
+            f'token by this neuron\'s post."></textarea><button class="gs-probe-run md-button" type="button">Run</button>'
+            '<span class="gs-probe-status"></span><div class="gs-probe-result"></div></div>')
+
+
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def signed(x: float | None) -> str:
+    """A change with its sign (``+0.42``, ``−1.3``), 3 significant digits; an en dash for none."""
+    if x is None or not math.isfinite(x):
+        return "–"
+    text = f"{x:+.3g}"
+    return text.replace("-", "−")
+
+
+def effect_cell(data: NeuronData, ctx: PageContext, effects: dict | None, c: int, h: int, j: int) -> str | None:
+    """The effect column of one top-k example: the change of the next token's logit, its tooltip naming
+    that token and the tokens the example raises and lowers most (:func:`effects.raised_and_lowered`).
+    None where the file has no effects."""
+    if effects is None:
+        return None
+    effect, factor, nxt = effects["effect"][c][h][j], effects["factor"][c][h][j], effects["next"][c][h][j]
+    if effect is None:
+        reason = "no next token in the document" if data.top_doc[c, h, j] >= 0 else ""
+        return f'<span class="gs-eff" title="{md_text(reason)}">–</span>'
+    raised, lowered = raised_and_lowered(data, factor if factor is not None else float("nan"))
+    tip = (f"direct effect on the logit of the next token {ctx.vocab_text(nxt)!r}: {signed(effect)}"
+           if nxt >= 0 else f"direct effect on the logit of the next token: {signed(effect)}")
+    for label, tokens in (("raises most", raised), ("lowers most", lowered)):
+        if tokens:
+            tip += f"\n{label}: " + ", ".join(f"{ctx.vocab_text(t)!r} {signed(v)}" for t, v in tokens)
+    return f'<span class="gs-eff" title="{md_text(tip)}">{signed(effect)}</span>'
+
+
+def related_section(data: NeuronData, ctx: PageContext) -> list[str]:
+    """``## Related neurons``: what this neuron feeds in later layers (per sign of post, so per case),
+    the same layer's neurons that write alike and opposite, and the cases whose strongest examples are
+    the same tokens; each neuron a link where the site has its page. Nothing without ``related/``."""
+    related = related_context(data)
+    if not related:
+        return []
+    k = data.top_doc.shape[-1]
+
+    def link(neuron: str) -> str:
+        target = ctx.neuron_link(neuron) if ctx.neuron_link else None
+        return f"[{md_text(neuron)}]({target})" if target else md_text(neuron)
+
+    lines = ["## Related neurons", ""]
+    if "feeds" in related and not any(row["sides"][side] for row in related["feeds"] for side in row["sides"]):
+        lines += ["**Feeds** (by weights): no later layer in this file reads what this neuron writes.", ""]
+    elif "feeds" in related:
+        lines += ["**Feeds** (by weights, the direct path): the later neurons whose gate or in reads most strongly "
+                  "what this neuron writes, w · (g ⊙ w_out) with g the later layer's pre-MLP norm scale. In a case "
+                  "where post > 0 the neuron pushes them towards the side named; where post < 0, the other way.", "",
+                  "| this neuron's cases | gate+ of | gate− of | in+ of | in− of |", "|---|---|---|---|---|"]
+        for row in related["feeds"]:
+            cells = [" · ".join(f"{link(e['id'])}&nbsp;<small>{fmt(e['score'])}</small>" for e in row["sides"][side][:5])
+                     or "–" for side in ("gate+", "gate-", "in+", "in-")]
+            cases = ", ".join(md_text(case) for case in row["cases"])
+            lines.append(f"| {cases} (post {'>' if row['post'] > 0 else '<'} 0) | " + " | ".join(cells) + " |")
+        lines.append("")
+    if "alike" in related:
+        for name, label in (("alike", "Writes alike"), ("opposite", "Writes opposite")):
+            entries = " · ".join(f"{link(e['id'])}&nbsp;<small>{fmt(e['cos'])}</small>" for e in related[name][:8])
+            lines.append(f"- **{label}** (same layer, cos of w_out): {entries or 'none'}")
+        lines.append("")
+    if "shared" in related:
+        lines += [f"**Fires with** (by activation): the cases whose {k} strongest hook_post examples include the "
+                  "same tokens as this case's (shared tokens, then shared documents, of "
+                  f"{k}; tokens at the start of a document left out).", ""]
+        for case, entries in related["shared"].items():
+            shown = " · ".join(f"{link(e['id'])} {md_text(e['case'])} <small>{plural(e['positions'], 'token')}, "
+                               f"{plural(e['docs'], 'doc')}</small>" for e in entries[:6])
+            lines.append(f"- **{md_text(case)}**: {shown or 'no other case shares a strong token'}")
+        lines.append("")
+    return lines
 
 
 def index_rows(entries: Sequence[tuple[NeuronData, str]], vocab_text: Callable[[int], str]) -> str:

@@ -61,6 +61,7 @@ class FormatError(GluscopeError, ValueError):
 
 # -- the schema -----------------------------------------------------------------------------------
 # A dtype rule is (name shown in errors, accepted (kind, itemsize) pairs); strings are their own rule.
+I8 = ("int8", {("i", 1)})
 I32 = ("int32", {("i", 4)})
 I64 = ("int64", {("i", 8)})
 F32 = ("float32", {("f", 4)})
@@ -76,7 +77,7 @@ SYMBOLS = {
     "B": "histogram bins", "B+1": "bins + 1", "G": "density cells", "G+1": "cells + 1", "S": "samples",
     "R": "bands", "R+1": "bands + 1", "S2": "band samples", "K": "vocabulary list length", "T": "tokens",
     "D": "documents", "D+1": "documents + 1", "V": "vocabulary size",
-    "Et": "explanation token slots", "Ec": "explanation context slots", "Ek": "explanation kinds",
+    "Et": "explanation token slots", "Ec": "explanation context slots", "Ek": "explanation kinds", "Kr": "related list length",
 }
 #: What every group of neurons holds (the root for dense layers, each expert group for its rows).
 NEURON_DATASETS: tuple[tuple[str, tuple, tuple], ...] = (
@@ -140,6 +141,26 @@ EXPLANATIONS = (
     ("explanations/recall", F32, ("L", "N", "C")),
     ("explanations/scored_positions", I64, ("L", "N", "C")),
     ("explanations/strong_positions", I64, ("L", "N", "C")),
+)
+#: Each top-k example's effect on the output (dense layers, at the root): both or neither.
+EFFECTS = (
+    ("corpus/final_scale", F32, ("T",)),
+    ("top/next_score", F32, ("L", "N", "C", "H", "k")),
+)
+#: ``related/``, added by ``gluscope related`` (dense layers): each part complete or absent.
+RELATED_ACTIVATION = (
+    ("related/shared_layer", I32, ("L", "N", "C", "Kr")),
+    ("related/shared_neuron", I32, ("L", "N", "C", "Kr")),
+    ("related/shared_case", I8, ("L", "N", "C", "Kr")),
+    ("related/shared_positions", I32, ("L", "N", "C", "Kr")),
+    ("related/shared_docs", I32, ("L", "N", "C", "Kr")),
+)
+RELATED_WEIGHTS = (
+    ("related/feeds_layer", I32, ("L", "N", 2, 2, "Kr")),
+    ("related/feeds_neuron", I32, ("L", "N", 2, 2, "Kr")),
+    ("related/feeds_score", F32, ("L", "N", 2, 2, "Kr")),
+    ("related/alike_neuron", I32, ("L", "N", 2, "Kr")),
+    ("related/alike_score", F32, ("L", "N", 2, "Kr")),
 )
 CORPUS = (
     ("corpus/tokens", I32, ("T",)),
@@ -486,6 +507,7 @@ def check_file(f: h5py.File, where: str) -> Checked:
     if root["vocab"] and "vocab_k" in attrs and attrs["vocab_k"] != c.dims["K"][0]:
         raise c.fail("attribute vocab_k", f"{show(attrs['vocab_k'])}; expected {c.dims['K'][0]}, the length of "
                                           "vocab/token's lists")
+    _check_additions(c, attrs, f)
     rows = c.dims["L"][0]
     layers = attrs.get("layers", list(range(rows)))
     if (not isinstance(layers, list) or len(layers) != rows
@@ -525,7 +547,28 @@ def check_file(f: h5py.File, where: str) -> Checked:
             if not shared:
                 routed_rows.append((lay, e))
     _check_expert_attrs(c, attrs, expert_layers, routed_rows)
+    _check_layer_attrs(c, attrs, layers, expert_layers)
     return Checked(attrs=attrs, tokens=tokens, doc_offsets=offsets, n_vocab=n_vocab)
+
+
+def _check_additions(c: _Check, attrs: Mapping[str, Any], f: h5py.File) -> None:
+    """The root's optional additions: effects (``corpus/final_scale``, ``top/next_score``) and the two
+    parts of ``related/``, each complete or absent, with their attributes."""
+    c.all_or_none("", EFFECTS, "each example's effects")
+    for key in ("effect_norm", "related_weights"):
+        if key in attrs and not isinstance(attrs[key], str):
+            raise c.fail(f"attribute {key}", f"{show(attrs[key])}; expected a string (how the norms entered)")
+    if "related" not in f:
+        return
+    if not isinstance(c.lookup("related"), h5py.Group):
+        raise c.fail("related", "a dataset; expected a group of related-neuron lists")
+    parts = [c.all_or_none("", RELATED_ACTIVATION, "the related lists by activation"),
+             c.all_or_none("", RELATED_WEIGHTS, "the related lists by weights")]
+    if any(parts):
+        c.integer(attrs, "related_k", low=1, meaning="entries per related list")
+        if attrs["related_k"] != c.dims["Kr"][0]:
+            raise c.fail("attribute related_k", f"{show(attrs['related_k'])}; expected {c.dims['Kr'][0]}, the length "
+                                                "of related/'s lists")
 
 
 def _check_expert_attrs(c: _Check, attrs: Mapping[str, Any], expert_layers: set[int],
@@ -557,6 +600,28 @@ def _check_expert_attrs(c: _Check, attrs: Mapping[str, Any], expert_layers: set[
                                            "of the attribute n_experts)")
 
 
+def _check_layer_attrs(c: _Check, attrs: Mapping[str, Any], layers: list[int], expert_layers: set[int]) -> None:
+    """The optional attributes that describe the model's stack and its hooks: ``n_model_layers``,
+    ``skipped_layers`` (layers without an MLP) and the families' ``hook_definition`` /
+    ``expert_hook_definition`` texts."""
+    total = c.integer(attrs, "n_model_layers", low=1, required=False, meaning="the model's layers")
+    held = set(layers) | expert_layers
+    if total is not None and held and max(held) >= total:
+        raise c.fail("attribute n_model_layers", f"{total}; expected more than the highest recorded layer, {max(held)}")
+    skipped = attrs.get("skipped_layers")
+    if skipped is not None:
+        ok = (isinstance(skipped, list) and len(set(skipped)) == len(skipped)
+              and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in skipped))
+        if not ok or held & set(skipped) or (total is not None and skipped and max(skipped) >= total):
+            raise c.fail("attribute skipped_layers", f"{show(skipped)}; expected distinct model layers (0 or more"
+                                                     + (f", below n_model_layers {total}" if total is not None else "")
+                                                     + f") that are none of the recorded layers {sorted(held)}")
+    for key in ("hook_definition", "expert_hook_definition"):
+        text = attrs.get(key)
+        if text is not None and (not isinstance(text, str) or not text.strip()):
+            raise c.fail(f"attribute {key}", f"{show(text)}; expected a text that says how the hooks are defined")
+
+
 # -- one neuron's data, when it is read ------------------------------------------------------------
 def check_places(where: str, dataset: str, doc: np.ndarray, pos: np.ndarray, lengths: np.ndarray, label: str) -> None:
     """Every example of ``doc``/``pos`` (any shape) is an empty slot (doc -1) or a position inside its
@@ -581,6 +646,23 @@ def check_counts(where: str, dataset: str, count: np.ndarray, total: int, label:
     if (count < 0).any() or int(count.sum()) > total:
         raise FormatError(f"{where}: {dataset} of {label}: {show(count.tolist())}; expected counts of 0 or more "
                           f"that add up to at most {total} ({of})")
+
+
+def check_related(where: str, lists: Mapping[str, np.ndarray], layers: Sequence[int], d_mlp: int, label: str) -> None:
+    """One neuron's ``related/`` lists (``{dataset: values}``): every entry -1 (none) or a neuron of the
+    file's dense layers (and a case 0..3), so a link never points outside the file."""
+    for name, values in lists.items():
+        if name.endswith("_layer"):
+            bad = (values != -1) & ~np.isin(values, np.asarray(layers))
+            expected = f"-1 (none) or a dense layer of the file {show(list(layers))}"
+        elif name.endswith("_neuron"):
+            bad, expected = (values < -1) | (values >= d_mlp), f"-1 (none) or 0..{d_mlp - 1}"
+        elif name.endswith("_case"):
+            bad, expected = (values < -1) | (values >= len(CASES)), f"-1 (none) or 0..{len(CASES) - 1}"
+        else:
+            continue
+        if bad.any():
+            raise FormatError(f"{where}: related/{name} of {label}: {int(values[bad].flat[0])}; expected {expected}")
 
 
 def check_vocab_ids(where: str, dataset: str, token: np.ndarray, n_vocab: int, label: str) -> None:

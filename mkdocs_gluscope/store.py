@@ -194,7 +194,7 @@ class ActivationsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = h5py.File(self.tmp_path, "w")
         self._pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
-        L, N, C, H = n_layers, d_mlp, len(CASES), len(HOOKS)
+        L, N = n_layers, d_mlp
         W = context_before + 1 + context_after
         root = self.file.attrs
         root["format"] = FORMAT
@@ -268,6 +268,8 @@ class ActivationsWriter:
             root["stats"][name][layer, start:start + n] = arrays[name]
         for name in ("value", "doc", "pos", "gate", "in"):
             write_layer_chunks(root["top"][name], layer, arrays["top_" + name], self._pool, start)
+        if "top_next_score" in arrays:
+            write_layer_chunks(root["top"]["next_score"], layer, arrays["top_next_score"], self._pool, start)
         if self.samples > 0:
             for name in ("hist", "density"):
                 write_layer_chunks(root["stats"][name], layer, arrays[name], self._pool, start)
@@ -284,6 +286,20 @@ class ActivationsWriter:
         chunks = (1, max(1, min(token.shape[1], 8))) + token.shape[2:]
         vocab.create_dataset("token", data=token, **_compressed(chunks))
         vocab.create_dataset("score", data=score, **_compressed(chunks))
+
+    def add_effects(self, final_scale: np.ndarray, effect_norm: str) -> None:
+        """Each example's direct effect on the output (:mod:`mkdocs_gluscope.effects`): ``corpus/final_scale``
+        (float32 per corpus position, NaN where not recorded), the root attribute ``effect_norm``, and
+        an empty ``top/next_score`` that :meth:`write_neurons` fills from ``top_next_score`` (float32
+        ``[N, C, H, k]``, the dense rows only)."""
+        self.file["corpus"].create_dataset("final_scale", data=np.asarray(final_scale, dtype=np.float32),
+                                           **_compressed((min(len(final_scale), 1 << 16) or 1,)))
+        self.file.attrs["effect_norm"] = effect_norm
+        value = self.file["top/value"]
+        options = _compressed(value.chunks)
+        if not value.shape[0]:  # no dense rows: chunks may exceed the empty shape
+            options["maxshape"] = (None,) * value.ndim
+        self.file["top"].create_dataset("next_score", value.shape, "float32", fillvalue=np.nan, **options)
 
     def write_weights(self, arrays: Mapping[str, np.ndarray], group: str = "") -> None:
         """``flipped`` and the three cosines, each ``[layer, neuron]`` (``[row, neuron]`` of ``group``)."""
@@ -372,6 +388,10 @@ class NeuronData:
     vocab_score: np.ndarray | None = None  # [3, 2, K] float32
     #: Each case's explanation (``explanations.CaseExplanation``, CASES order); None in files without them.
     explanations: list[Any] | None = None
+    # Direct effects (None in files without them): see mkdocs_gluscope.effects.
+    top_next_score: np.ndarray | None = None  # [C, H, k] float32: out score of the token after each example
+    top_final_scale: np.ndarray | None = None  # [C, H, k] float32: the final norm's scale at each example
+    related: Any = None  # mkdocs_gluscope.related.Related: related neurons (None: the file has none)
 
     @property
     def frequency(self) -> np.ndarray:
@@ -470,6 +490,7 @@ class ActivationsFile:
         self._datasets: dict[str, h5py.Dataset] = {}
         self._weight_cache: dict[str, np.ndarray] = {}
         self._vocab: list[str] | None = None
+        self._final_scale: np.ndarray | None = None
 
     def read(self, name: str, index: Any = Ellipsis, label: str = "") -> np.ndarray:
         """``file[name][index]``; a chunk that cannot be read (a damaged file) is a one-line
@@ -548,6 +569,21 @@ class ActivationsFile:
     def doc_lengths(self) -> np.ndarray:
         """Tokens of each document (``np.diff(doc_offsets)``)."""
         return self._lengths
+
+    @property
+    def has_effects(self) -> bool:
+        """Whether the file records each example's direct effect on the output (``corpus/final_scale``
+        and ``top/next_score``; files collected before them, or with ``--no-effects``, do not)."""
+        return "final_scale" in self.file["corpus"] and "next_score" in self.file["top"]
+
+    def final_scale_at(self, doc: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """``corpus/final_scale`` at each (doc, pos), NaN for an empty slot (doc -1); the whole array is
+        read once (4 bytes a token)."""
+        if self._final_scale is None:
+            self._final_scale = self.read("corpus/final_scale")
+        doc, pos = np.asarray(doc), np.asarray(pos)
+        at = self.doc_offsets[np.clip(doc, 0, self.n_docs - 1)] + np.clip(pos, 0, None)
+        return np.where(doc >= 0, self._final_scale[np.clip(at, 0, len(self._final_scale) - 1)], np.nan)
 
     @property
     def n_docs(self) -> int:
@@ -755,6 +791,15 @@ class ActivationsFile:
             self._check_block(lambda token, name: schema.check_vocab_ids(self.where, prefix + "vocab/token", token,
                                                                          self.n_vocab, name), label, out["vocab_token"])
             out["vocab_score"] = f("vocab/score")
+        if not prefix:  # dense layers only
+            from mkdocs_gluscope.related import read_related
+
+            related = read_related(self, row, part, label)
+            if related is not None:
+                out["related"] = related
+        if not prefix and self.has_effects:  # dense layers only: experts have no effects
+            out["top_next_score"] = f("top/next_score")
+            out["top_final_scale"] = self.final_scale_at(f("top/doc"), f("top/pos"))
         return out
 
     def _explanations(self, layer: int, start: int, stop: int, expert: int | str | None) -> list[Any] | None:

@@ -219,7 +219,7 @@ def light_site(tmp_path_factory):
     "Darmstadt" and 0.5 on "arms"."""
     import h5py
 
-    from test_light import ID, UNTRUSTED, VOCAB, WORDS, stage
+    from test_light import ID, VOCAB, WORDS, stage
 
     root = tmp_path_factory.mktemp("light-site")
     docs = [[0, 1 + d % 30, 2, 3, ID[" ("], ID["Appl"], ID["ause"], ID[")"]] + [ID[w] for w in WORDS]

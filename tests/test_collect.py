@@ -612,9 +612,9 @@ def test_gpu_path_without_host_syncs_gives_the_same_file(model_factory, corpus_f
     forwards, redone = [], []
     run_with_hooks, redo = run_module.run_with_mlp_hooks, batch_module.LayerPaths.redo
 
-    def counting(loaded, input_ids, layers, on_layer, on_moe=None):
+    def counting(loaded, input_ids, layers, on_layer, on_moe=None, **options):
         forwards.append(input_ids.shape)
-        return run_with_hooks(loaded, input_ids, layers, on_layer, on_moe)
+        return run_with_hooks(loaded, input_ids, layers, on_layer, on_moe, **options)
 
     def counting_redo(self, *args, **kwargs):
         redone.append(args)
@@ -651,7 +651,7 @@ def test_statistics_too_large_for_the_gpu_name_layer_groups_that_fit(model_facto
     per_layer = state_bytes(48, 1, small_config(Path("m"), [], Path("o")), torch.float32)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (
         int((per_layer + 64 * 48 * 4 * 12) / 0.9) + 10, 2**34))
-    loaded = type("Loaded", (), {"device": torch.device("cuda:0"), "d_mlp": 48, "dtype": torch.float32})()
+    loaded = type("Loaded", (), {"device": torch.device("cuda:0"), "d_mlp": 48, "dtype": torch.float32, "moe": {}})()
     config = small_config(Path("m"), [], Path("o"), batch_tokens=64)
     with pytest.raises(GluscopeError, match=r"in 2 groups \(--layers 0 then --layers 1, .*gluscope merge"):
         memory.check_state_fits(loaded, [0, 1], config)
@@ -901,8 +901,7 @@ def test_expert_pages_build_with_routing_and_indexes(model_factory, corpus_files
 
 def test_merged_shards_and_layer_groups_of_an_moe_run_equal_one_run(model_factory, corpus_files, tmp_path, capsys):
     """Shards of an MoE run (and runs of disjoint layers) merge into the file one run writes: expert
-    statistics merge like a dense layer's and routed counts add. pick refuses a file of expert neurons
-    only (it scores dense layers), info lists the experts."""
+    statistics merge like a dense layer's and routed counts add; info lists the experts."""
     from mkdocs_gluscope.merge import merge_files
 
     model = model_factory("deepseek2", 3)
@@ -926,8 +925,6 @@ def test_merged_shards_and_layer_groups_of_an_moe_run_equal_one_run(model_factor
             assert a.attrs["n_tokens"] == b.attrs["n_tokens"]
     olmoe = collect(small_config(model_factory("olmoe", 2), corpus_files, tmp_path / "olmoe.h5"))
     capsys.readouterr()
-    code, text = run_cli("pick", str(olmoe), capsys=capsys)
-    assert code == 2 and "holds expert neurons only (layers 0, 1)" in text and text.count("gluscope: error") == 1
     code, text = run_cli("info", str(olmoe), capsys=capsys)
     assert code == 0 and "experts L1: 4 routed x 48 neurons" in text and "nan" not in text
 
@@ -968,32 +965,6 @@ def test_expert_resume_and_weight_geometry(model_factory, corpus_files, tmp_path
                                        rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose([d.cos_in_out for d in data], cos(w_in, w_out, dim=1).detach(),
                                        rtol=1e-5, atol=1e-6)  # both flipped: unchanged
-
-
-def test_gpt_oss_experts_are_refused_naming_what_was_found():
-    """gpt-oss's experts interleave gate and in, add biases and clamp: not act(gate) * in."""
-    import transformers
-
-    from collect.architectures import locate
-
-    config = transformers.GptOssConfig(vocab_size=400, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
-                                       num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
-                                       num_experts_per_tok=2, head_dim=16, max_position_embeddings=256)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    with pytest.raises(GluscopeError, match=r"layer 0's MLP: its experts \(GptOssExperts: gate_up_proj \[4, 32, 32\], "
-                                            r"gate_up_proj_bias .*gpt-oss's interleaved, biased, clamped experts"):
-        locate(model, [0])
-
-
-def test_torchrun_refuses_expert_neurons_before_the_first_batch():
-    """torchrun's merge (collect.distributed.merge_into_rank0) handles dense layers only: a run
-    recording experts is refused before it loads a batch, naming what works instead."""
-    from collect.distributed import World
-    from collect.run import collect_statistics
-
-    with pytest.raises(GluscopeError, match="torchrun does not merge expert neurons yet.*--shard and gluscope merge"):
-        collect_statistics(None, None, small_config(Path("m"), [], Path("o")), [1], world=World(rank=0, size=2),
-                           experts={1: [0, 1]})
 
 
 def test_bridge_on_a_multimodal_model_installs_no_package(model_factory, monkeypatch):

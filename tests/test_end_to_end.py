@@ -58,9 +58,10 @@ def test_cli_reference_page_is_current():
 
 
 def test_demo_site_config_lists_valid_neurons():
-    import yaml
+    from mkdocs.utils.yaml import yaml_load
 
-    config = yaml.safe_load((REPO / "mkdocs.yml").read_text())
+    with open(REPO / "mkdocs.yml", encoding="utf-8") as source:
+        config = yaml_load(source)  # MkDocs' loader: the file uses its !ENV tag
     plugin = next(p["gluscope"] for p in config["plugins"] if isinstance(p, dict) and "gluscope" in p)
     from mkdocs_gluscope.neurons import parse_neuron_ids
 

@@ -190,3 +190,22 @@ def test_nan_post_at_a_zero_gate_is_flagged_by_the_fast_path():
         if fused.available():
             kernel, _ = fused.layer_batch(gate, in_, post, act, valid)
             assert torch.equal(kernel.nonfinite, exact.nonfinite)
+
+
+def test_the_compile_cache_is_the_projects_own_per_torch_and_instruction_set(tmp_path, monkeypatch):
+    """Issue 15: kernels compiled by another torch, or for another CPU's instruction set (an AVX-512
+    cache read on an AVX2 CPU gave wrong counts), are never read: the cache folder is keyed by both,
+    under the gluscope cache; a folder the user chose is kept."""
+    import os
+
+    from collect.compiled import use_own_compile_cache
+
+    monkeypatch.setenv("GLUSCOPE_CACHE", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    use_own_compile_cache()
+    chosen = os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    assert chosen == str(tmp_path / "inductor" / f"{torch.__version__.replace('+', '_')}-{capability}")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    use_own_compile_cache()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")

@@ -43,12 +43,37 @@ def base(tmp_path_factory) -> Path:
         g["routed"] = np.array([f.attrs["n_tokens"]] * 2, np.int64)
         f.attrs["expert_layers"] = [5]
         f.attrs["n_experts_per_layer"] = [2]
+        # Effects (dense layers): every position's final-norm scale, every top-k example's next-token score.
+        rng = np.random.default_rng(0)
+        f["corpus"].create_dataset("final_scale", data=rng.uniform(0.5, 2, f["corpus/tokens"].shape).astype(np.float32))
+        f["top"].create_dataset("next_score", data=rng.normal(size=f["top/value"].shape).astype(np.float32))
+        f.attrs["effect_norm"] = "synthetic"
+    add_synthetic_related(path)
     with ActivationsFile(path) as f:  # the unchanged file passes, every neuron of it
         for layer, neuron in np.ndindex(2, 4):
             f.neuron(layer, neuron)
         for expert in (0, 1):
             f.neuron(5, 0, expert=expert)
     return path
+
+
+def add_synthetic_related(path: Path) -> None:
+    """Both parts of ``related/``: by activation computed from the file, by weights made up (layer 0
+    feeds layer 1; the last layer feeds none)."""
+    from mkdocs_gluscope.related import RELATED_K, activation_part, store_related
+
+    with ActivationsFile(path) as f:
+        arrays = activation_part(f)
+        L, N = f.n_layers, f.d_mlp
+    K = RELATED_K
+    neuron = np.broadcast_to(np.arange(K) % N, (L, N, 2, 2, K)).astype(np.int32).copy()
+    layer = np.where(np.arange(L)[:, None, None, None, None] < L - 1, 1, -1) * np.ones_like(neuron)
+    arrays.update(feeds_layer=layer.astype(np.int32), feeds_neuron=np.where(layer >= 0, neuron, -1).astype(np.int32),
+                  feeds_score=np.where(layer >= 0, 1.0, np.nan).astype(np.float32),
+                  alike_neuron=np.full((L, N, 2, K), -1, np.int32), alike_score=np.full((L, N, 2, K), np.nan, np.float32))
+    arrays["alike_neuron"][..., 0] = (np.arange(N)[None, :, None] + 1) % N
+    arrays["alike_score"][..., 0] = 0.5
+    store_related(path, arrays, {"related_k": K, "related_weights": "synthetic"})
 
 
 def cli(*args: str, capsys) -> tuple[int, str]:
@@ -217,6 +242,21 @@ DAMAGED: dict[str, tuple[Callable[[h5py.File], None], str, str]] = {
     "expert-in-a-dense-layer": (edit("experts/layer", lambda x: _set(x, 0, 1)), "experts/layer: row 0 is layer 1", "open"),
     "too-few-experts": (lambda f: f.attrs.__setitem__("n_experts_per_layer", [1]),
                         "experts/expert: expert 1 at layer 5", "open"),
+    "half-the-effects": (lambda f: f.__delitem__("top/next_score"),
+                         "top/next_score: missing while corpus/final_scale is there", "open"),
+    "final-scale-one-short": (lambda f: rewrite(f, "corpus/final_scale", f["corpus/final_scale"][:-1]),
+                              "corpus/final_scale: shape", "open"),
+    "half-a-related-part": (lambda f: f.__delitem__("related/alike_score"),
+                            "related/alike_score: missing while related/feeds_layer is there", "open"),
+    "related-lists-disagree": (lambda f: rewrite(f, "related/shared_docs", f["related/shared_docs"][..., :-1]),
+                               "related/shared_docs: shape", "open"),
+    "related_k-disagrees": (lambda f: f.attrs.__setitem__("related_k", 3), "attribute related_k: 3; expected 10", "open"),
+    "related-case-as-int32": (lambda f: rewrite(f, "related/shared_case", f["related/shared_case"][...].astype(np.int32)),
+                              "related/shared_case: dtype int32; expected int8", "open"),
+    "related-neuron-beyond": (edit("related/feeds_neuron", lambda x: _set(x, (0, 2, 0, 0, 0), 99)),
+                              "related/feeds_neuron of neuron 0.2: 99; expected -1 (none) or 0..3", "read"),
+    "related-layer-not-in-file": (edit("related/shared_layer", lambda x: _set(x, (1, 1, 0, 0), 7)),
+                                  "related/shared_layer of neuron 1.1: 7; expected -1 (none) or a dense layer", "read"),
     "truncated": (None, "is not an HDF5 file, or a damaged one (", "open"),
     "corrupt-chunk": (corrupt_chunk("stats/count"), "stats/count", "open+read"),
     "doc-beyond-the-corpus": (edit("top/doc", lambda d: _set(d, (0, 0, 0, 0, 0), 99)),
@@ -406,12 +446,17 @@ def test_every_file_todays_collect_writes_passes(model_factory, corpus_files, tm
     shards = [collect(small_config(llama, corpus_files, tmp_path / f"s{i}.h5", shard=f"{i}/2", batch_tokens=64))
               for i in range(2)]
     files += shards + [merge_files(shards, tmp_path / "merged.h5")]
+    assert main(["related", str(files[0]), "--model", str(llama)]) == 0  # related/ added in place, both parts
+    assert main(["related", str(files[-1])]) == 0  # the merged file (effects merged): by activation
     moe = collect(small_config(model_factory("deepseek2", 3), corpus_files, tmp_path / "moe.h5",
                                experts=[1, 2, "s"]))
     files.append(moe)
     for path in files:
         read_every_neuron(path)
         assert_lists_as_documented(path)
+    with ActivationsFile(files[0]) as f, ActivationsFile(files[-2]) as merged:
+        assert f.has_effects and merged.has_effects and {"feeds_layer", "shared_layer"} <= set(f.file["related"])
+        assert f.neuron(0, 1).related.feeds is not None and merged.neuron(1, 1).related.shared is not None
     with ActivationsFile(moe) as f:
         assert f.attrs["expert_layers"] == [1, 2] and f.attrs["n_experts_per_layer"] == [4, 4]
         for group in ("experts", "shared_experts"):  # expert groups hold samples, bands and vocab too
@@ -453,6 +498,28 @@ def test_a_wrong_count_of_experts_per_layer_is_refused(base, tmp_path):
     with h5py.File(path, "a") as f:
         f.attrs["n_experts_per_layer"] = [2, 2]  # two counts for one expert layer
     with pytest.raises(FormatError, match=r"attribute n_experts_per_layer: \[2, 2\]; expected one count"):
+        ActivationsFile(path)
+
+
+@pytest.mark.parametrize("attrs, message", [
+    ({"skipped_layers": [1, 7]}, r"attribute skipped_layers: \[1, 7\]; expected distinct model layers .* none of the "
+                                 r"recorded layers \[0, 1, 5\]"),
+    ({"n_model_layers": 5}, r"attribute n_model_layers: 5; expected more than the highest recorded layer, 5"),
+    ({"hook_definition": ""}, r"attribute hook_definition: ''; expected a text"),
+    ({"expert_hook_definition": 3}, r"attribute expert_hook_definition: 3; expected a text"),
+])
+def test_the_families_layer_and_hook_attributes_are_checked_on_opening(base, tmp_path, attrs, message):
+    """A hybrid stack's skipped layers are none of the recorded ones, and a family's definition of its
+    hooks (shown on every page of its neurons) is a text; a file that says otherwise does not open."""
+    path = tmp_path / "act.h5"
+    shutil.copy(base, path)
+    with h5py.File(path, "a") as f:
+        f.attrs["n_model_layers"], f.attrs["skipped_layers"] = 8, [2, 3]  # what collect writes: opens
+    ActivationsFile(path).close()
+    with h5py.File(path, "a") as f:
+        for key, value in attrs.items():
+            f.attrs[key] = value
+    with pytest.raises(FormatError, match=message):
         ActivationsFile(path)
 
 

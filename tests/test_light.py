@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import random
 import re
 from html.parser import HTMLParser
@@ -451,7 +450,7 @@ def label_one(path: Path, layer: int, neuron: int, case: int, label: str, score:
 def test_explanations_show_in_light_tables_pages_and_search(tmp_path):
     """A file with explanations: each case's label and score in the layer table's rows (and its static
     first page), on the neuron's page, and each word of a label in the search index, ranked by score."""
-    path = label_one(demo_like(tmp_path / "data" / "act.h5"), 1, 2, 3, "` marmalade` after ` once`", 0.87)
+    label_one(demo_like(tmp_path / "data" / "act.h5"), 1, 2, 3, "` marmalade` after ` once`", 0.87)
     site = build_site(tmp_path, {"activations": "data/act.h5", "neurons": "all", "layout": "light"})
     rows = json.loads(read(site, "neurons/gluscope/layers/L1.json"))["rows"]
     assert rows[2][12] == [["", " marmalade", " after ", " once", ""], 0.87]  # quoted tokens at odd indices

@@ -97,7 +97,7 @@ def test_merge_equals_the_whole_run(inputs, shard_files, tmp_path, monkeypatch):
 
 from mkdocs_gluscope.distributions import (BAND_OF_BIN, DENSITY_EDGES, N_BANDS, N_BINS, N_DENSITY, document_pieces,
                                            hist_bin, position_priority)
-from mkdocs_gluscope.store import CASES, EXPERT_GROUPS, HOOKS, ActivationsWriter
+from mkdocs_gluscope.store import CASES, HOOKS, ActivationsWriter
 
 BEFORE, AFTER, TOP_K, SAMPLES_S, BANDS_S, VOCAB_K, SEED = 2, 1, 2, 3, 2, 3, 1234
 #: Documents 1-3 are pieces of one source row, 5-6 of another: piece numbers matter to the priority.

@@ -436,7 +436,37 @@ function initTable(box) {
   });
 }
 
+// A served site's text box (plugin option probe_model): the text goes to the probe server on this
+// machine, which answers with the example row the pages use; then it is colored like every list.
+function initProbe(box) {
+  const text = box.querySelector(".gs-probe-text"), run = box.querySelector(".gs-probe-run");
+  const status = box.querySelector(".gs-probe-status"), result = box.querySelector(".gs-probe-result");
+  function go() {
+    if (!text.value.trim()) return;
+    status.textContent = "running the model…"; run.disabled = true;
+    // text/plain: a simple request, so the browser sends no preflight to the probe server.
+    fetch(box.dataset.url, { method: "POST", headers: { "Content-Type": "text/plain" },
+      body: JSON.stringify({ text: text.value, neuron: box.dataset.neuron }) })
+      .then(r => r.json())
+      .then(answer => {
+        if (answer.error) { status.textContent = answer.error; return; }
+        result.innerHTML = answer.html;  // the probe server's own rendering (render.example_row)
+        status.textContent = answer.tokens + " tokens";
+        init();
+        const select = document.querySelector(".gs-hook-select");
+        if (select && select.value !== "hook_post") result.querySelectorAll(".gs-examples").forEach(c => recolor(c, select.value));
+      })
+      .catch(e => { status.textContent = "the probe server did not answer (" + e + "); is mkdocs serve still running?"; })
+      .then(() => { run.disabled = false; });
+  }
+  run.addEventListener("click", go);
+  text.addEventListener("keydown", e => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) go(); });
+}
+
 function init() {
+  document.querySelectorAll(".gs-probe").forEach(box => {
+    if (!box.dataset.ready) { box.dataset.ready = "1"; initProbe(box); }
+  });
   document.querySelectorAll(".gs-examples").forEach(initExamples);
   document.querySelectorAll(".gs-layer").forEach(box => {
     if (!box.dataset.ready) { box.dataset.ready = "1"; initTable(box); }

@@ -11,9 +11,9 @@
 import { parquetMetadataAsync, parquetReadObjects } from "./vendor/hyparquet/index.js";
 import { decompress } from "./vendor/fzstd.js";
 import { CASES, HOOKS, HOOK_LABELS, LEVELS, caseBlock, colorLevels, colorScale, countOf, escapeHtml, exampleRow,
-  extremeText, fmtInt, formatG, halfBits, mdText, summaryTable, windowValue } from "./rules.js";
+  extremeText, fmt, fmtInt, formatG, halfBits, mdText, signed, summaryTable, windowValue } from "./rules.js";
 import { binRange, densityHtml, histogramsHtml } from "./figures.js";
-import { fetchJSON, fetchOk, initExamples, once } from "./gluscope.js";
+import { fetchJSON, fetchOk, initExamples, neuronUrl, once } from "./gluscope.js";
 
 const compressors = { ZSTD: (input, n) => decompress(input, new Uint8Array(n)) };
 
@@ -121,18 +121,75 @@ function decodeNeuron(row, f) {
     cos: parts.cos, flipped: parts.flipped[0] > 0, telling: parts.telling[0], routed: parts.routed[0] >= 0 ? parts.routed[0] : null,
     hist: dist.length ? CASES.map((_, c) => HOOKS.map((_, h) => dist.slice((c * H + h) * B, (c * H + h + 1) * B))) : null,
     density: dist.length ? Array.from({ length: G }, (_, g) => dist.slice(C * H * B + g * G, C * H * B + (g + 1) * G)) : null,
-    k, S, S2, R, W, lists, values, docs, pos, gate: windows(0), in_: windows(1),
+    k, S, S2, R, W, lists, values, docs, pos, gate: windows(0), in_: windows(1), ...effectsOf(row, U),
     top: (c, h) => ({ offset: (c * H + h) * k, n: k }),
     sample: c => ({ offset: C * H * k + c * S, n: S }),
     band: (c, r) => ({ offset: C * H * k + C * S + (c * R + r) * S2, n: S2 }),
   };
 }
 
+// The effect column (light/data.py): each distinct example's final-norm scale s, then the out score of the
+// token after it; empty in a file without effects.
+function effectsOf(row, U) {
+  const e = row.effect ? Array.from(row.effect, Number) : [];
+  return e.length === 2 * U ? { finalScale: e.slice(0, U), nextScore: e.slice(U) } : { finalScale: null, nextScore: null };
+}
+
 // -- drawing ------------------------------------------------------------------------------------------
 const NO_TOKEN = '<p class="gs-empty">No token of the corpus fell in this case.</p>';
 function heading(id, text) { return '<h2 id="' + id + '">' + escapeHtml(text) + "</h2>"; }
 
-function pageHtml(n, f, nid) {
+// Related neurons (the row's context column: context.light_context), as a full page lists them
+// (render.related_section): what the neuron feeds per sign of post, alike and opposite writers, and the
+// cases whose strongest examples are the same tokens; each neuron a link to its page.
+function relatedHtml(related, site, k) {
+  const link = id => '<a href="' + escapeHtml(neuronUrl(site, id)) + '">' + escapeHtml(id) + "</a>";
+  const out = [heading("related-neurons", "Related neurons")];
+  if (related.feeds && !related.feeds.some(row => Object.values(row.sides).some(list => list.length))) {
+    out.push("<p><strong>Feeds</strong> (by weights): no later layer in this file reads what this neuron writes.</p>");
+  } else if (related.feeds) {
+    out.push("<p><strong>Feeds</strong> (by weights, the direct path): the later neurons whose gate or in reads most strongly " +
+      "what this neuron writes, w · (g ⊙ w_out) with g the later layer's pre-MLP norm scale. In a case where post &gt; 0 the " +
+      "neuron pushes them towards the side named; where post &lt; 0, the other way.</p>",
+      '<div class="md-typeset__scrollwrap"><table class="gs-table gs-related"><thead><tr><th>this neuron\'s cases</th>' +
+      "<th>gate+ of</th><th>gate− of</th><th>in+ of</th><th>in− of</th></tr></thead><tbody>" +
+      related.feeds.map(row => "<tr><td>" + row.cases.map(c => escapeHtml(c)).join(", ") + " (post " + (row.post > 0 ? "&gt;" : "&lt;") +
+        " 0)</td>" + ["gate+", "gate-", "in+", "in-"].map(side => "<td>" + (row.sides[side].slice(0, 5).map(e => link(e.id) +
+        "&nbsp;<small>" + fmt(e.score) + "</small>").join(" · ") || "–") + "</td>").join("") + "</tr>").join("") + "</tbody></table></div>");
+  }
+  if (related.alike) {
+    out.push("<ul>" + [["alike", "Writes alike"], ["opposite", "Writes opposite"]].map(([name, label]) => "<li><strong>" + label +
+      "</strong> (same layer, cos of w_out): " + ((related[name] || []).slice(0, 8).map(e => link(e.id) + "&nbsp;<small>" +
+      fmt(e.cos) + "</small>").join(" · ") || "none") + "</li>").join("") + "</ul>");
+  }
+  if (related.shared) {
+    const plural = (x, noun) => x + " " + noun + (x === 1 ? "" : "s");
+    out.push("<p><strong>Fires with</strong> (by activation): the cases whose " + k + " strongest hook_post examples include the " +
+      "same tokens as this case's (shared tokens, then shared documents, of " + k + "; tokens at the start of a document left out).</p>" +
+      "<ul>" + Object.entries(related.shared).map(([kase, entries]) => "<li><strong>" + escapeHtml(kase) + "</strong>: " +
+        (entries.slice(0, 6).map(e => link(e.id) + " " + escapeHtml(e.case) + " <small>" + plural(e.positions, "token") + ", " +
+          plural(e.docs, "doc") + "</small>").join(" · ") || "no other case shares a strong token") + "</li>").join("") + "</ul>");
+  }
+  return out.join("");
+}
+
+// One top example's effect on the output (render.effect_cell): post · s · score, the change of the next
+// token's logit, and in its tooltip the tokens the example raises and lowers most (effects.raised_and_lowered:
+// every token's logit changes by post · s times its out score).
+function effectCell(context, post, s, score, next) {
+  const factor = post * s, effect = factor * score;
+  if (!isFinite(effect)) return '<span class="gs-eff" title="no next token in the document">–</span>';
+  let tip = "direct effect on the logit of the next token" + (next === null ? "" : " " + JSON.stringify(next)) + ": " + signed(effect);
+  if (context && factor !== 0) {
+    const [up, down] = factor > 0 ? [context.raises, context.lowers] : [context.lowers, context.raises];
+    for (const [label, list] of [["raises most", up], ["lowers most", down]]) {
+      if (list && list.length) tip += "\n" + label + ": " + list.map(([t, x]) => JSON.stringify(t) + " " + signed(factor * x)).join(", ");
+    }
+  }
+  return '<span class="gs-eff" title="' + mdText(tip) + '">' + signed(effect) + "</span>";
+}
+
+function pageHtml(n, f, nid, site) {
   const total = n.routed === null ? f.nTokens : n.routed;
   const prov = f.provenance.map(([k, v]) => "<b>" + mdText(k) + "</b> " + mdText(v)).join(" · ");
   const out = ['<p class="gs-provenance">' + prov + "</p>"];
@@ -158,6 +215,7 @@ function pageHtml(n, f, nid) {
     n.cos[1].toFixed(3) + " · cos(w_in, w_out) = " + n.cos[2].toFixed(3) + "</li><li>refactor_glu: " + (n.flipped ?
       "<strong>flipped</strong> (w_gate · w_in was negative, so w_in and w_out were negated; in and post carry the opposite " +
       "sign of the original model's)" : "not flipped") + "</li></ul>");
+  if (n.context && n.context.related) out.push(relatedHtml(n.context.related, site, n.k));
   out.push(heading("examples", "Examples"), examplesHtml(n, f, total));
   if (n.S) {
     out.push(heading("random-samples", "Random samples"), "<p>Tokens drawn uniformly at random from each case: what the case " +
@@ -181,7 +239,9 @@ function examplesHtml(n, f, total) {
   const out = [containerOpen(f, "top"), '<div class="gs-controls"><label>Color tokens by <select class="gs-hook-select">' + options +
     '</select></label> <span class="gs-legend"><span class="gs-legend-bar"></span><span>− most negative</span><span>0</span>' +
     '<span>most positive +</span></span><span class="gs-hint">scaled per list (its ' + f.colorPercentile + "th percentile of " +
-    "|value|; stronger values get the strongest color) · hover a token for its values</span></div>"];
+    "|value|; stronger values get the strongest color) · hover a token for its values" + (n.finalScale === null ? "" :
+      " · effect: the neuron's direct effect on the next token's logit (hover it for the tokens the example raises and lowers " +
+      "most)") + "</span></div>"];
   CASES.forEach((_, c) => {
     let filled = 0;
     const t0 = n.top(c, 0);
@@ -263,10 +323,14 @@ async function fillList(list, n, f, site, nid) {
       f.colorPercentile));
     list.dataset.scale = JSON.stringify(scales);
     const scale = scales[HOOKS.indexOf(hook)];
+    const effects = kind === "top" && n.finalScale !== null, h = +list.dataset.hook;
     rowsBox.innerHTML = examples.map((e, i) => exampleRow({
       doc: e.doc, pos: e.pos, gate: e.gate, in_: e.in_, swish: e.swish, value: e.value, tokens: e.window,
       levels: colorLevels(e.hooks[hook], scale, e.counted), counted: e.counted, centre, early: f.early,
       rank: (kind === "top" ? e.j : i) + 1, title: e.title, earlyTitle: f.earlyTitle, earlyPositions: f.earlyPositions,
+      // post: the list's exact value in a hook_post list, else act(gate)·in at the centre (within 6%), as full pages
+      effect: effects ? effectCell(n.context, h === 0 ? e.value : e.hooks.hook_post[centre], n.finalScale[e.u],
+        n.nextScore[e.u], e.pos + 1 < documents[i].tokens.length ? documents[i].tokens[e.pos + 1] : null) : undefined,
     })).join("");
     delete rowsBox.dataset.loading;
   } catch (e) {
@@ -282,7 +346,8 @@ export async function renderNeuron(el) {
     actTable(site).catch(() => {});  // wanted as soon as the first list fills (a failure shows there)
     const [f, row] = await Promise.all([facts(site), readRow(dataUrl(site, el.dataset.file), +el.dataset.row, site.tails.neurons)]);
     const n = decodeNeuron(row, f);
-    el.innerHTML = pageHtml(n, f, nid);
+    n.context = row.context ? JSON.parse(row.context) : null;
+    el.innerHTML = pageHtml(n, f, nid, site);
     el.querySelectorAll(".gs-examples").forEach(container => {
       container.gsDocument = doc => documentOf(site, f, doc);
       initExamples(container);

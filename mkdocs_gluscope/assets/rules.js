@@ -309,7 +309,7 @@ function b64Float16(values) {
 // render.example_row: one colored-token example. tokens: the window's display strings (null outside
 // the document); levels, counted: per window position; title: the document's (or null).
 export function exampleRow({ doc, pos, gate, in_, swish, value, tokens, levels, counted, centre, early, rank, title,
-  earlyTitle, earlyPositions }) {
+  earlyTitle, earlyPositions, effect }) {
   let spans = "", first = -1;
   tokens.forEach((t, w) => {
     if (t === null) return;
@@ -322,11 +322,18 @@ export function exampleRow({ doc, pos, gate, in_, swish, value, tokens, levels, 
   const where = "doc " + doc + (title ? " · " + mdText(title) : "") + " · pos " + pos;
   const badge = pos < early ? '<span class="gs-early" title="' +
     mdText(earlyTitle.replace("{pos}", pos).replace("{n}", earlyPositions)) + '">start of document</span>' : "";
-  return '<div class="gs-ex" data-doc="' + doc + '" data-pos="' + pos + '" data-first="' + first + '" ' +
+  return '<div class="gs-ex' + (effect === undefined ? "" : " gs-ex-eff") + '" data-doc="' + doc + '" data-pos="' + pos +
+    '" data-first="' + first + '" ' +
     'data-g="' + b64Float16(gate) + '" data-i="' + b64Float16(in_) + '" data-s="' + b64Float16(swish) + '">' +
-    '<span class="gs-rank">' + rank + '</span><span class="gs-val">' + fmt(value) + badge + "</span>" +
+    '<span class="gs-rank">' + rank + '</span><span class="gs-val">' + fmt(value) + badge + "</span>" + (effect || "") +
     '<span class="gs-toks">' + spans + "</span>" +
     '<button class="gs-doc-btn" type="button" title="show the whole document">' + where + "</button></div>";
+}
+
+// render.signed: a change with its sign, 3 significant digits ("+0.42", "−1.3"); an en dash for none.
+export function signed(x) {
+  if (x === null || x === undefined || !isFinite(x)) return "–";
+  return ((x > 0 || (x === 0 && !Object.is(x, -0)) ? "+" : "") + formatG(x, 3)).replace("-", "−");
 }
 
 // render._case_block: one case's collapsible block of lists, headed by its color chip and name.

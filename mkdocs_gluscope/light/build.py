@@ -24,7 +24,7 @@ import multiprocessing
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -128,6 +128,7 @@ def open_shared(path: str) -> tuple[ActivationsFile, lsearch.WordFinder]:
 
 
 def _data_task(task: Task) -> dict[str, Any]:
+    from mkdocs_gluscope.context import light_context
     from mkdocs_gluscope.render import telling_case
 
     layer, expert = task.group
@@ -137,6 +138,7 @@ def _data_task(task: Task) -> dict[str, Any]:
     written = tail = 0
     f, words = open_shared(task.activations)
     with f:
+        vocab = lambda t: f.vocab[t]  # noqa: E731
         docs = np.zeros(f.n_docs, dtype=bool)
         first, last = int(task.neurons[0]), int(task.neurons[-1])
         # One read per dataset for the task's neurons, unless they are too few of the range they span.
@@ -156,7 +158,9 @@ def _data_task(task: Task) -> dict[str, Any]:
             for data, window_tokens in zip(datas, ids):
                 data.window_tokens = window_tokens
                 shown = ldata.Shown.of(data, task.examples)
-                file_rows.append(ldata.neuron_row(data, shown, telling_case(data, task.scales)))
+                context = light_context(data, vocab) if expert is None else None
+                file_rows.append(ldata.neuron_row(data, shown, telling_case(data, task.scales),
+                                                  "" if context is None else ldata.dumps(context)))
                 rows.append(lpage.layer_row(data, words))
                 posting_list.extend(lsearch.postings(data, words, data.window_tokens[:, 0], task.scales))
                 posting_list.extend(lsearch.label_postings(data))
@@ -246,7 +250,16 @@ def build_data(options: DataOptions, groups: dict[Group, np.ndarray], out: Path,
     f, _ = open_shared(options.activations)  # before the workers fork: they share what it read
     with f:
         n_docs = f.n_docs
-        scales = {g: tuple(float(x) for x in layer_case_scales(f, g[0], g[1])) for g in groups}
+        # A routed expert's scales are those of its layer's routed experts together (pick's sets):
+        # computed once per set, not once per expert.
+        def set_of(layer: int, expert: int | str | None) -> tuple:
+            return layer, expert if expert in (None, SHARED) else "routed"
+
+        by_set: dict[tuple, tuple[float, ...]] = {}
+        for g in groups:
+            if set_of(*g) not in by_set:
+                by_set[set_of(*g)] = tuple(float(x) for x in layer_case_scales(f, *g))
+        scales = {g: by_set[set_of(*g)] for g in groups}
         first = next(iter(groups.items()), None)
         shown = (ldata.Shown.of(f.neuron(first[0][0], int(first[1][0]), windows=False, expert=first[0][1]),
                                 options.examples) if first else ldata.Shown(0, 0, 0))

@@ -64,6 +64,10 @@ def neuron_schema():
         ("values", pa.list_(pa.float32())),
         ("place", pa.list_(pa.int32())),  # each distinct example's document (ascending), then its position
         ("window", pa.binary()),  # int8 codes [2 (gate, in), examples, W]: encode_windows
+        # effects (files that have them; else empty): each distinct example's final-norm scale s, then the out
+        # score of the token after it (its effect on that token's logit is post * s * score)
+        ("effect", pa.list_(pa.float32())),
+        ("context", pa.string()),  # related neurons and the out lists as JSON (context.light_context); "" where none
     ])
 
 
@@ -158,9 +162,10 @@ def _slots(data: NeuronData, shown: Shown) -> list[tuple[np.ndarray, np.ndarray,
     return out
 
 
-def neuron_row(data: NeuronData, shown: Shown, telling: int | None) -> dict:
+def neuron_row(data: NeuronData, shown: Shown, telling: int | None, context: str = "") -> dict:
     """One neuron's row of its data file (see :func:`neuron_schema`). ``data`` has its windows;
-    ``telling`` is the case its page opens (``render.telling_case``)."""
+    ``telling`` is the case its page opens (``render.telling_case``); ``context`` the JSON of
+    :func:`context.light_context` ("" where the file has neither related neurons nor effects)."""
     kinds = _slots(data, shown)
     doc = np.concatenate([k[0] for k in kinds]).astype(np.int64)
     pos = np.concatenate([k[1] for k in kinds]).astype(np.int64)
@@ -197,10 +202,18 @@ def neuron_row(data: NeuronData, shown: Shown, telling: int | None) -> dict:
         [-1 if telling is None else telling], [-1 if data.routed is None else data.routed]]).astype(np.float64)
     dist = (encode_counts(np.concatenate([data.hist.ravel(), data.density.ravel()])) if data.hist is not None
             else np.zeros(0, np.uint8)).tobytes()
-    return {"neuron": data.neuron, "summary": summary, "dist": dist, "lists": example,
+    effect = np.zeros(0, np.float32)
+    if data.top_next_score is not None and data.top_final_scale is not None:  # the top slots come first
+        top = example[:data.top_doc[..., :shown.top].size]
+        filled = top >= 0
+        effect = np.full((2, len(unique)), np.nan, np.float32)
+        for row, per_slot in enumerate((data.top_final_scale, data.top_next_score)):
+            effect[row, top[filled]] = per_slot[..., :shown.top].ravel()[filled]
+        effect = effect.ravel()
+    return {"neuron": data.neuron, "summary": summary, "dist": dist, "lists": example, "effect": effect,
             "values": np.concatenate([values, largest.astype(np.float32).ravel()]),
             "place": np.concatenate([unique >> 34, (unique >> 2) & 0xFFFFFFFF]).astype(np.int32),
-            "window": codes.astype(np.int8).tobytes()}
+            "window": codes.astype(np.int8).tobytes(), "context": context}
 
 
 def _table(rows: Sequence[dict], schema):

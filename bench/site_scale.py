@@ -243,7 +243,9 @@ def main() -> None:
             activations.parent.mkdir(parents=True, exist_ok=True)
             write_shaped(activations, **shape, log=lambda m: logging.info(m))
         made = time.perf_counter() - t0
-    config = yaml.load(args.config.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    from mkdocs.utils.yaml import yaml_load  # the tags mkdocs.yml may use (!ENV)
+
+    config = yaml_load(args.config.read_text(encoding="utf-8"))
     shutil.copytree(ROOT / "site_src", root / "site_src", dirs_exist_ok=True)
     for plugin in config["plugins"]:
         if isinstance(plugin, dict) and "gluscope" in plugin:

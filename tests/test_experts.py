@@ -78,7 +78,7 @@ class ModelsOwnRows:
                         add(input, out, [offset // (weight.numel() * weight.element_size())] * len(input), kind)
             return out
 
-        def run(loaded, input_ids, layers, on_layer, on_moe=None):
+        def run(loaded, input_ids, layers, on_layer, on_moe=None, **options):
             handles = []
             for layer in layers:
                 if layer in loaded.moe:
@@ -90,7 +90,7 @@ class ModelsOwnRows:
                     module = loaded.moe[layer].experts_module
                     handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(done)]
             try:
-                return real_run(loaded, input_ids, layers, on_layer, on_moe)
+                return real_run(loaded, input_ids, layers, on_layer, on_moe, **options)
             finally:
                 for handle in handles:
                     handle.remove()
@@ -243,12 +243,12 @@ def test_gpu_path_of_an_moe_batch_makes_one_host_sync_and_writes_the_exact_file(
             real_batch(*args, **kwargs)
         syncs.append(getattr(counter, "first_pass", counter.total))
 
-    def hooks(loaded, input_ids, layers, on_layer, on_moe=None):
+    def hooks(loaded, input_ids, layers, on_layer, on_moe=None, **options):
         again = isinstance(on_moe, functools.partial)  # the exact redo of flagged layers, after the sync
         if again:
             counters[-1].first_pass = counters[-1].total
         redone.append(again)
-        return real_hooks(loaded, input_ids, layers, on_layer, on_moe)
+        return real_hooks(loaded, input_ids, layers, on_layer, on_moe, **options)
 
     monkeypatch.setattr(run_module, "_run_batch", counted_batch)
     monkeypatch.setattr(run_module, "run_with_mlp_hooks", hooks)

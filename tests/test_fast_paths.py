@@ -83,9 +83,9 @@ def test_float16_model_with_an_overflowing_neuron_runs_one_forward_pass_per_batc
     forwards, flagged, batches = [], [], []
     run_with_hooks, run_batch = run_module.run_with_mlp_hooks, run_module._run_batch
 
-    def counting(loaded, input_ids, layers, on_layer, on_moe=None):
+    def counting(loaded, input_ids, layers, on_layer, on_moe=None, **options):
         forwards.append(layers)
-        return run_with_hooks(loaded, input_ids, layers, on_layer, on_moe)
+        return run_with_hooks(loaded, input_ids, layers, on_layer, on_moe, **options)
 
     def batch_counting(*args, **kwargs):
         batches.append(args[2])

@@ -3,6 +3,7 @@ config: the file agrees with a recomputation from the model's own modules, and i
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from collect.model import load_hf
 from collect.run import CollectConfig, collect
 from mkdocs_gluscope.errors import GluscopeError
 from mkdocs_gluscope.store import HOOKS, ActivationsFile, first_counted_position
+from sites import build_site
 
 IN, GATE = HOOKS.index("hook_pre_linear"), HOOKS.index("hook_pre")
 
@@ -204,6 +206,15 @@ def test_family_against_its_own_modules(arch, model_factory, corpus_files, tmp_p
     for title, text in texts.items():  # the family's own definition of the hooks, on its neurons' pages
         kind = "dense" if title.count(".") == 1 else "shared" if ".s." in title else "routed"
         assert ("Hooks of this family" in text) == defined.get(kind, False), title
+    # The light layout publishes every neuron of the file, each listed one with its page.
+    (tmp_path / "light" / "data").mkdir(parents=True)
+    shutil.copy(out, tmp_path / "light" / "data" / "act.h5")
+    site = build_site(tmp_path / "light", {"activations": "data/act.h5", "neurons": "all", "layout": "light"})
+    for neuron_id in ids:
+        layer, *expert, n = neuron_id.split(".")
+        folder = "/".join([f"L{layer}"] + [("S" if e == "s" else f"E{e[1:]}") for e in expert] + [f"N{n}"])
+        page = (site / "neurons" / folder / "index.html").read_text(encoding="utf-8")
+        assert f"Neuron {neuron_id}" in page, neuron_id
 
 
 def test_nemotron_h_is_refused_as_not_gated(model_factory, corpus_files, tmp_path, capsys):

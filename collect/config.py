@@ -14,6 +14,7 @@ from collect.corpus import BOS_MODES, Corpus, dataset_source, plan_batches
 from collect.model import DTYPE_CHOICES, ENGINES, LoadedModel, resolve_device
 from mkdocs_gluscope.distributions import BAND_SAMPLES, SAMPLES
 from mkdocs_gluscope.errors import GluscopeError
+from mkdocs_gluscope.neurons import parse_shard
 from mkdocs_gluscope.store import SHARED, expert_label, first_counted_position
 
 
@@ -131,19 +132,6 @@ def check_config(config: CollectConfig) -> None:
     parse_shard(config.shard)
     if config.out.is_dir():
         raise GluscopeError(f"--out {str(config.out)!r} is a folder; expected a file path such as run.h5")
-
-
-def parse_shard(shard: str | None) -> tuple[int, int]:
-    """``"I/N"`` as (I, N); no shard is (0, 1)."""
-    if shard is None:
-        return 0, 1
-    try:
-        index, count = (int(x) for x in shard.split("/"))
-    except ValueError:
-        raise GluscopeError(f"--shard {shard!r}; expected I/N such as 0/4") from None
-    if not 0 <= index < count:
-        raise GluscopeError(f"--shard {shard!r}; expected 0 <= I < N")
-    return index, count
 
 
 def shard_batches(corpus: Corpus, batch_tokens: int, shard: str | None) -> list:

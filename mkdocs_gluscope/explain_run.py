@@ -30,7 +30,7 @@ from mkdocs_gluscope.explain import (EXPLAINER, BaseRates, Corpus, base_rates, e
                                      read_corpus)
 from mkdocs_gluscope.explanations import (ARRAYS, STRINGS, describe_attrs, empty_arrays, group_attrs,
                                           write_explanations)
-from mkdocs_gluscope.neurons import NeuronSpecError, parse_neuron_ids
+from mkdocs_gluscope.neurons import NeuronSpecError, parse_neuron_ids, parse_shard
 from mkdocs_gluscope.store import ActivationsFile, FormatError, expert_label
 
 #: Neurons per task of the explaining processes (a multiple of the files' 8-neuron chunks).
@@ -86,12 +86,7 @@ def shard_units(units: list[Unit], shard: str | None) -> list[Unit]:
     shard's forward pass stops at its own last layer."""
     if shard is None:
         return units
-    try:
-        index, count = (int(x) for x in shard.split("/"))
-    except ValueError:
-        raise GluscopeError(f"--shard {shard!r}; expected I/N such as 0/4") from None
-    if not 0 <= index < count:
-        raise GluscopeError(f"--shard {shard!r}; expected 0 <= I < N")
+    index, count = parse_shard(shard)
     if count > len(units):
         raise GluscopeError(f"--shard {shard}: the listed neurons make only {len(units)} units (rows of the file); "
                             "use fewer shards")

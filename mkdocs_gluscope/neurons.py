@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from typing import Iterable, Mapping, Sequence
 
+from mkdocs_gluscope.errors import GluscopeError
+
 _ID = re.compile(r"^\s*(\d+)\s*\.\s*(?:(e\d+|s)\s*\.\s*)?(\d+|\*)\s*$")
 SHARED = "s"  # as in mkdocs_gluscope.store
 
@@ -110,3 +112,16 @@ def _describe(layers: Sequence[int]) -> str:
     if layers and layers == list(range(layers[0], layers[-1] + 1)):
         return f"{layers[0]}..{layers[-1]}"
     return ", ".join(map(str, layers))
+
+
+def parse_shard(shard: str | None) -> tuple[int, int]:
+    """``--shard "I/N"`` (collect, explain) as (I, N); no shard is (0, 1)."""
+    if shard is None:
+        return 0, 1
+    try:
+        index, count = (int(x) for x in shard.split("/"))
+    except ValueError:
+        raise GluscopeError(f"--shard {shard!r}; expected I/N such as 0/4") from None
+    if not 0 <= index < count:
+        raise GluscopeError(f"--shard {shard!r}; expected 0 <= I < N")
+    return index, count

@@ -15,7 +15,7 @@ import posixpath
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
-from mkdocs_gluscope.render import label_parts, md_text, parts_html, score_text, token_label
+from mkdocs_gluscope.render import label_parts, md_text, parts_html, score_text, word_labels
 from mkdocs_gluscope.store import CASES, SHARED, NeuronData, neuron_id
 
 #: Rows per page of a layer table (in the browser, and the static first page without JavaScript).
@@ -63,19 +63,6 @@ def _relpath(path: str, start: str) -> str:
         i += 1
     parts = [".."] * (len(start_parts) - i) + path_parts[i:]
     return "/".join(parts) if parts else "."
-
-
-def word_labels(word: tuple[str, str, str]) -> tuple[str, str, str]:
-    """A whole word's pieces as shown: the word's outer whitespace trimmed, then :func:`token_label`
-    (a word of whitespace only keeps it, shown as its visible symbols)."""
-    before, peak, after = word
-    if "".join(word).strip():
-        if not before:
-            peak = peak.lstrip()
-        if not after:
-            peak = peak.rstrip()
-        before, after = before.lstrip(), after.rstrip()
-    return token_label(before), token_label(peak), token_label(after)
 
 
 def layer_row(data: NeuronData, words: Any) -> list:

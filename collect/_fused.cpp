@@ -670,11 +670,49 @@ static inline void store_window_value(void* out, int64_t i, int kind, float v) {
     else ((uint16_t*)out)[i] = to_half(v);
 }
 
+// A window to cut: gate and in at (b, p - before .. p + after, n) into window slot `out` (the
+// index of its first value in the window arrays).
+struct Cut {
+    int64_t b, p, n, out;
+};
+
+// The windows of `cuts` (reordered), NaN outside each row's document: windows that share cache
+// lines (one document, one line of 16 neurons, nearby positions) one after another, and a window
+// equal to the one before it (same document, position and neuron: a neuron's largest value in
+// several lists) copied instead of read again.
+static void cut_windows_of(std::vector<Cut>& cuts, const char* const hook[2], const int64_t sb[2], const int64_t st[2],
+                           int bf16, const int64_t* lengths, int64_t T, int64_t before, int64_t after,
+                           char* const win[2], int kind) {
+    const int64_t W = before + 1 + after, bytes = (kind == 0 ? 4 : 2) * W;
+    std::sort(cuts.begin(), cuts.end(), [](const Cut& x, const Cut& y) {
+        if (x.b != y.b) return x.b < y.b;
+        if (x.n >> 4 != y.n >> 4) return x.n >> 4 < y.n >> 4;
+        if (x.p != y.p) return x.p < y.p;
+        return x.n < y.n;
+    });
+    const Cut* last = nullptr;
+    for (const Cut& c : cuts) {
+        if (last != nullptr && last->b == c.b && last->p == c.p && last->n == c.n) {
+            for (int h = 0; h < 2; ++h) std::memcpy(win[h] + c.out / W * bytes, win[h] + last->out / W * bytes, bytes);
+            continue;
+        }
+        last = &c;
+        const int64_t len = lengths[c.b] < T ? lengths[c.b] : T;
+        for (int h = 0; h < 2; ++h) {
+            for (int64_t w = 0; w < W; ++w) {
+                const int64_t t = c.p - before + w;
+                const float v = (t >= 0 && t < len) ? load_scalar(hook[h], c.b * sb[h] + t * st[h] + c.n, bf16) : NAN;
+                store_window_value(win[h], c.out + w, kind, v);
+            }
+        }
+    }
+}
+
 struct Merge {
     int64_t* key;  // [lists, k] sort keys, best first, -1 empty
     int32_t* pos;  // [lists, k]
     int16_t* slot;  // [lists, k] where each entry's windows are
-    void* win[2];  // [lists * k, W] gate and in windows by slot, of window kind
+    char* win[2];  // [lists * k, W] gate and in windows by slot, of window kind
     int window_kind;  // 0 float32, 1 bfloat16, 2 float16
     const float* doc_abs;  // [B, lists]: each document's largest |value| per list, -1 without one
     const int64_t* doc_pos;  // [B, lists]
@@ -697,10 +735,7 @@ static int64_t merge_lists(const Merge& m) {
     std::vector<int32_t> npos(k), from(k), freed(k);
     std::vector<int16_t> nslot(k);
     std::vector<char> kept(k);
-    struct Entering {
-        int64_t at, n, out;  // batch position (row * T + position), neuron, first window value
-    };
-    std::vector<Entering> entering;
+    std::vector<Cut> entering;
     int64_t changed = 0;
     const int64_t MAX_DOC = 2147483647LL;
     for (int64_t l = m.l0; l < m.l1; ++l) {
@@ -739,24 +774,12 @@ static int64_t merge_lists(const Merge& m) {
         for (int64_t p = 0, f = 0; p < k; ++p) {
             if (from[p] >= 0) continue;
             nslot[p] = (int16_t)freed[f++];
-            entering.push_back({cb[-1 - from[p]] * m.T + npos[p], l / m.per_neuron, (l * k + nslot[p]) * W});
+            entering.push_back({cb[-1 - from[p]], npos[p], l / m.per_neuron, (l * k + nslot[p]) * W});
         }
         for (int64_t p = 0; p < k; ++p) key[p] = nkey[p], pos[p] = npos[p], slot[p] = nslot[p];
     }
-    // The entering entries' windows, in the order of their positions: neighbours read the same rows
-    // from cache (in list order every window would read its rows from memory).
-    std::sort(entering.begin(), entering.end(), [](const Entering& x, const Entering& y) { return x.at < y.at; });
-    for (const Entering& e : entering) {
-        const int64_t b = e.at / m.T, p = e.at % m.T, len = m.lengths[b] < m.T ? m.lengths[b] : m.T;
-        for (int h = 0; h < 2; ++h) {
-            for (int64_t w = 0; w < W; ++w) {
-                const int64_t t = p - m.before + w;
-                const float v = (t >= 0 && t < len) ? load_scalar(m.hook[h], b * m.hook_sb[h] + t * m.hook_st[h] + e.n,
-                                                                  m.bf16) : NAN;
-                store_window_value(m.win[h], e.out + w, m.window_kind, v);
-            }
-        }
-    }
+    cut_windows_of(entering, m.hook, m.hook_sb, m.hook_st, m.bf16, m.lengths, m.T, m.before, m.after,
+                   m.win, m.window_kind);
     return changed;
 }
 
@@ -774,8 +797,8 @@ static PyObject* merge(PyObject*, PyObject* args) {
     m.key = (int64_t*)ptr(p, 0);
     m.pos = (int32_t*)ptr(p, 1);
     m.slot = (int16_t*)ptr(p, 2);
-    m.win[0] = ptr(p, 3);
-    m.win[1] = ptr(p, 4);
+    m.win[0] = (char*)ptr(p, 3);
+    m.win[1] = (char*)ptr(p, 4);
     m.doc_abs = (const float*)ptr(p, 5);
     m.doc_pos = (const int64_t*)ptr(p, 6);
     m.doc_id = (const int64_t*)ptr(p, 7);
@@ -795,6 +818,121 @@ static PyObject* merge(PyObject*, PyObject* args) {
     return PyLong_FromLongLong(changed);
 }
 
+struct Examples {
+    int64_t* key;  // [lists, S] ascending by (key, document * 2**16 + position), EMPTY_PRIORITY last
+    int32_t* doc;  // [lists, S]
+    int32_t* pos;  // [lists, S]
+    float* value;  // [lists, S, H]
+    char* win[2];  // [lists, S, W] gate and in windows, of window kind
+    int window_kind;
+    const int64_t* cand_key;  // [lists, S] the batch's candidates, EMPTY_PRIORITY in unused slots
+    const int32_t* cand_b;
+    const int32_t* cand_t;
+    const int64_t* doc_id;  // [B]
+    const int64_t* lengths;  // [B]
+    const char* hook[H];  // post, in, gate, swish [B, T, N]
+    int64_t hook_sb[H], hook_st[H];
+    int bf16;
+    int64_t T, S, per_neuron, before, after, l0, l1;
+};
+
+// A batch's random-example candidates into their lists [l0, l1): collect.stats.add_candidates's
+// rule (each list keeps its S entries of lowest priority, then document * 2**16 + position, the
+// list's own entries first on a tie), an entering entry with its hook values and windows read from
+// the batch. Entries move within their list only: one list at a time, from its end; the entering
+// entries' windows are cut at the end, in an order that reads memory well (cut_windows_of).
+static void add_examples(const Examples& e) {
+    const int64_t S = e.S, W = e.before + 1 + e.after;
+    const int64_t wbytes = e.window_kind == 0 ? 4 : 2;
+    std::vector<int64_t> ck(S), cc(S);
+    std::vector<int32_t> cj(S), src(S);
+    std::vector<Cut> cuts;  // the entering entries' windows, cut once every list is merged
+    for (int64_t l = e.l0; l < e.l1; ++l) {
+        const int64_t* cand = e.cand_key + l * S;
+        if (cand[0] == EMPTY_PRIORITY) continue;
+        int64_t m = 0;  // the candidates, sorted by (key, document * 2**16 + position)
+        for (int64_t j = 0; j < S && cand[j] != EMPTY_PRIORITY; ++j) {
+            const int64_t c = e.doc_id[e.cand_b[l * S + j]] * 65536 + e.cand_t[l * S + j];
+            int64_t q = m++;
+            while (q > 0 && (ck[q - 1] > cand[j] || (ck[q - 1] == cand[j] && cc[q - 1] > c)))
+                ck[q] = ck[q - 1], cc[q] = cc[q - 1], cj[q] = cj[q - 1], --q;
+            ck[q] = cand[j], cc[q] = c, cj[q] = (int32_t)j;
+        }
+        int64_t* key = e.key + l * S;
+        int32_t* doc = e.doc + l * S;
+        int32_t* pos = e.pos + l * S;
+        int64_t i = 0, j = 0;
+        for (int64_t p = 0; p < S; ++p) {
+            bool old = j >= m;
+            if (!old && key[i] != EMPTY_PRIORITY) {
+                const int64_t c = (int64_t)doc[i] * 65536 + pos[i];
+                old = key[i] < ck[j] || (key[i] == ck[j] && c <= cc[j]);
+            }
+            src[p] = old ? (int32_t)i++ : -1 - (int32_t)j++;
+        }
+        // From the end: an entry kept moves to a later slot (p >= i), never over one still to move.
+        const int64_t n = l / e.per_neuron;
+        for (int64_t p = S - 1; p >= 0; --p) {
+            const int64_t at = l * S + p;
+            if (src[p] >= 0) {
+                const int64_t from = l * S + src[p];
+                if (from == at) continue;
+                key[p] = key[src[p]], doc[p] = doc[src[p]], pos[p] = pos[src[p]];
+                std::memcpy(e.value + at * H, e.value + from * H, sizeof(float) * H);
+                for (int h = 0; h < 2; ++h)
+                    std::memmove(e.win[h] + at * W * wbytes, e.win[h] + from * W * wbytes, W * wbytes);
+                continue;
+            }
+            const int32_t c = cj[-1 - src[p]];
+            const int64_t b = e.cand_b[l * S + c], t = e.cand_t[l * S + c];
+            key[p] = cand[c];
+            doc[p] = (int32_t)e.doc_id[b];
+            pos[p] = (int32_t)t;
+            for (int h = 0; h < H; ++h)
+                e.value[at * H + h] = load_scalar(e.hook[h], b * e.hook_sb[h] + t * e.hook_st[h] + n, e.bf16);
+            cuts.push_back({b, t, n, at * W});
+        }
+    }
+    const char* windows[2] = {e.hook[2], e.hook[1]};  // gate, in
+    const int64_t sb[2] = {e.hook_sb[2], e.hook_sb[1]}, st[2] = {e.hook_st[2], e.hook_st[1]};
+    cut_windows_of(cuts, windows, sb, st, e.bf16, e.lengths, e.T, e.before, e.after, e.win, e.window_kind);
+}
+
+// examples(pointers: [key, doc, pos, value, win_gate, win_in, cand_key, cand_b, cand_t, doc_id, lengths,
+// post, in, gate, swish], sizes: [window_kind, bf16, 4 x (sb, st), T, S, per_neuron, before, after, l0,
+// l1]): see add_examples.
+static PyObject* examples(PyObject*, PyObject* args) {
+    PyObject *p, *s;
+    if (!PyArg_ParseTuple(args, "O!O!", &PyList_Type, &p, &PyList_Type, &s)) return nullptr;
+    if (PyList_GET_SIZE(p) != 15 || PyList_GET_SIZE(s) != 17) {
+        PyErr_SetString(PyExc_ValueError, "examples: expected 15 pointers and 17 sizes");
+        return nullptr;
+    }
+    Examples e;
+    e.key = (int64_t*)ptr(p, 0);
+    e.doc = (int32_t*)ptr(p, 1);
+    e.pos = (int32_t*)ptr(p, 2);
+    e.value = (float*)ptr(p, 3);
+    e.win[0] = (char*)ptr(p, 4);
+    e.win[1] = (char*)ptr(p, 5);
+    e.cand_key = (const int64_t*)ptr(p, 6);
+    e.cand_b = (const int32_t*)ptr(p, 7);
+    e.cand_t = (const int32_t*)ptr(p, 8);
+    e.doc_id = (const int64_t*)ptr(p, 9);
+    e.lengths = (const int64_t*)ptr(p, 10);
+    for (int h = 0; h < H; ++h) e.hook[h] = (const char*)ptr(p, 11 + h);
+    e.window_kind = (int)num(s, 0);
+    e.bf16 = (int)num(s, 1);
+    for (int h = 0; h < H; ++h) e.hook_sb[h] = num(s, 2 + 2 * h), e.hook_st[h] = num(s, 3 + 2 * h);
+    e.T = num(s, 10), e.S = num(s, 11), e.per_neuron = num(s, 12), e.before = num(s, 13), e.after = num(s, 14);
+    e.l0 = num(s, 15), e.l1 = num(s, 16);
+    if (PyErr_Occurred()) return nullptr;
+    Py_BEGIN_ALLOW_THREADS
+    add_examples(e);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 // to_half(values: int (float32 pointer), out: int (uint16 pointer), count): for the tests.
 static PyObject* halves(PyObject*, PyObject* args) {
     unsigned long long values, out;
@@ -809,6 +947,7 @@ static PyMethodDef methods[] = {
     {"layer_batch", layer_batch, METH_VARARGS, "One layer-batch's fused statistics (see collect/fused.py)."},
     {"windows", windows, METH_VARARGS, "Windows around chosen positions (see collect/fused.py)."},
     {"merge", merge, METH_VARARGS, "A batch's documents into the top-k lists (see collect/fused.py)."},
+    {"examples", examples, METH_VARARGS, "A batch's random-example candidates into their lists (see collect/fused.py)."},
     {"convert", halves, METH_VARARGS, "float32 to a window dtype, as the merge stores them (for the tests)."},
     {nullptr, nullptr, 0, nullptr},
 };

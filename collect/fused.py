@@ -17,10 +17,11 @@ both, value by value, and collection checks the kernel against it at run time:
 from __future__ import annotations
 
 import concurrent.futures
+from typing import Any, Callable
 
 import torch
 
-from collect.stats import (N_CASES, N_HOOKS, BatchDistributions, BatchReduction, Candidates, LayerStats, from_documents,
+from collect.stats import (N_BANDS, N_CASES, N_HOOKS, BatchDistributions, BatchReduction, Candidates, LayerStats, from_documents,
                            list_limits)
 from collect.stats import windows_at as stats_windows_at
 
@@ -163,6 +164,45 @@ def windows_at(values: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, neur
 _WINDOW_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
+def add_candidates(stats: LayerStats, candidates: Candidates, doc_ids: torch.Tensor, hooks: tuple[torch.Tensor, ...],
+                   lengths: torch.Tensor, context_before: int, context_after: int, *,
+                   threads: int | None = None) -> None:
+    """:func:`collect.stats.add_candidates` in the kernel: the same lists, values and windows, one
+    loop per list with a candidate instead of tensors over them all. For a batch added as it is, of
+    unpacked ``hooks`` ``(post, in, gate, swish)`` the kernel reads (:func:`supports`)."""
+    hooks = [h if h.dtype != torch.float16 else h.float() for h in hooks]
+    if len({h.dtype for h in hooks}) > 1:
+        hooks = [h.float() for h in hooks]
+    hooks = [h if h.stride(-1) == 1 else h.contiguous() for h in hooks]
+    doc_ids = doc_ids.to(torch.int64).contiguous()
+    lengths = lengths.to(torch.int64).contiguous()
+    sizes = [int(hooks[0].dtype == torch.bfloat16)] + [s for h in hooks for s in h.stride()[:2]] + [hooks[0].shape[1]]
+    for prefix, per_neuron in (("sample", N_CASES), ("band", N_CASES * N_BANDS)):
+        lists = [getattr(stats, f"{prefix}_{name}") for name in ("key", "doc", "pos", "value", "gate", "in")]
+        found = [getattr(candidates, f"{prefix}_{name}").contiguous() for name in ("key", "b", "t")]
+        assert all(x.is_contiguous() for x in lists), prefix
+        size = lists[0].shape[-1]
+        n_lists = lists[0].numel() // size
+        pointers = [x.data_ptr() for x in lists + found + [doc_ids, lengths] + hooks]
+        head = [_WINDOW_KINDS[lists[4].dtype]] + sizes + [size, per_neuron, context_before, context_after]
+
+        def run(l0: int, l1: int) -> None:
+            _fused.examples(pointers, head + [l0, l1])
+
+        _split(run, n_lists, threads)
+
+
+def _split(run: Callable[[int, int], Any], n_lists: int, threads: int | None) -> list[Any]:
+    """``run(l0, l1)`` over ``[0, n_lists)``, the lists split among ``threads`` threads (default:
+    torch's) where there are enough of them; returns each part's result."""
+    threads = threads or torch.get_num_threads()
+    if threads <= 1 or n_lists < 1024:
+        return [run(0, n_lists)]
+    per = -(-n_lists // threads)
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(lambda l0: run(l0, min(n_lists, l0 + per)), range(0, n_lists, per)))
+
+
 def merge_top(stats: LayerStats, batch: BatchReduction, doc_ids: torch.Tensor, gate: torch.Tensor, in_: torch.Tensor,
               lengths: torch.Tensor, context_before: int, context_after: int, *, capacity: int | None = None,
               accept: torch.Tensor | None = None, cut: object = None,
@@ -193,11 +233,5 @@ def merge_top(stats: LayerStats, batch: BatchReduction, doc_ids: torch.Tensor, g
     def run(l0: int, l1: int) -> int:
         return _fused.merge(pointers, sizes + [l0, l1])
 
-    threads = threads or torch.get_num_threads()
-    if threads <= 1 or n_lists < 1024:
-        changed = run(0, n_lists)
-    else:
-        per = -(-n_lists // threads)
-        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-            changed = sum(pool.map(lambda l0: run(l0, min(n_lists, l0 + per)), range(0, n_lists, per)))
+    changed = sum(_split(run, n_lists, threads))
     return torch.ones((), dtype=torch.bool), torch.tensor(changed)

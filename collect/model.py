@@ -363,10 +363,13 @@ def hook_names(layer: int) -> tuple[str, str, str]:
 OnMoE = Callable[[int, "ExpertRows", "tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None"], None]
 
 
-def _dense_hooks(mlp: GatedMLP, save: Callable[[str], Callable[[torch.Tensor], None]],
-                 on_post: Callable[[torch.Tensor], None], prefix: str = "") -> list[Any]:
-    """Forward hooks capturing one gated MLP's gate and in, then ``on_post(post)``."""
+def _dense_hooks(mlp: GatedMLP, save: Callable[[str], Callable[[Any], None]],
+                 on_post: Callable[[torch.Tensor], None], prefix: str = "", *, act: bool = False) -> list[Any]:
+    """Forward hooks capturing one gated MLP's gate and in, then ``on_post(post)``; with ``act``, also
+    the activation module's ``(input, output)`` (where ``act_fn`` is a module), under ``act``."""
     handles = []
+    if act and isinstance(mlp.act_fn, torch.nn.Module):
+        handles.append(mlp.act_fn.register_forward_hook(lambda m, i, o, f=save(prefix + "act"): f((i[0], o))))
     if mlp.act_module is not None:  # gate as the activation reads it (scaled after the gate projection)
         handles.append(mlp.act_module.register_forward_pre_hook(lambda m, i, f=save(prefix + "gate"): f(i[0])))
         handles.append(mlp.up.register_forward_hook(lambda m, i, o, f=save(prefix + "in"): f(o)))
@@ -392,13 +395,19 @@ def run_with_mlp_hooks(
     on_layer: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None],
     on_moe: OnMoE | None = None,
     stop_after_last: bool = True,
+    *,
+    with_act: bool = False,
 ) -> None:
     """Run the model on ``input_ids`` (right-padded: causal attention keeps padding out of real
     positions, so no attention mask is needed) and call ``on_layer(layer, gate, in, post)`` as each
     listed dense layer's MLP runs, ``on_moe`` (see :data:`OnMoE`) as each listed mixture-of-experts
     layer finishes. The forward pass stops after the last listed layer, skipping the rest of the
     model and the unembedding; with ``stop_after_last=False`` it goes on (a hook of the caller's may
-    still raise :class:`StopForward`, e.g. at the final norm)."""
+    still raise :class:`StopForward`, e.g. at the final norm).
+
+    ``with_act``: ``on_layer`` also gets ``act(gate)`` as a fifth argument: the activation module's
+    own output where it ran on the very gate tensor recorded (the values ``act_fn(gate)`` gives,
+    without computing them again: a pass over every value), else ``act_fn(gate)``."""
     last = max(layers) if stop_after_last else None
     captured: dict[str, Any] = {}
     batch, length = input_ids.shape
@@ -410,7 +419,12 @@ def run_with_mlp_hooks(
 
     def on_post(layer: int) -> Callable[[torch.Tensor], None]:
         def hook(t: torch.Tensor) -> None:
-            on_layer(layer, captured.pop("gate"), captured.pop("in"), t)
+            gate, in_ = captured.pop("gate"), captured.pop("in")
+            if with_act:
+                act_in, act_out = captured.pop("act", (None, None))
+                on_layer(layer, gate, in_, t, act_out if act_in is gate else loaded.mlps[layer].act_fn(gate))
+            else:
+                on_layer(layer, gate, in_, t)
             if layer == last:
                 raise StopForward
         return hook
@@ -451,7 +465,7 @@ def run_with_mlp_hooks(
                         if layer in loaded.moe:
                             handles += moe_hooks(layer, loaded.moe[layer])
                         else:
-                            handles += _dense_hooks(loaded.mlps[layer], save, on_post(layer))
+                            handles += _dense_hooks(loaded.mlps[layer], save, on_post(layer), act=with_act)
                     loaded.hf_model(input_ids=input_ids, use_cache=False)
                 finally:
                     for handle in handles:

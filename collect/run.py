@@ -261,8 +261,8 @@ def _run_batch(loaded: LoadedModel, corpus: Corpus, batch: Any, layers: list[int
     kept: dict[int, tuple[torch.Tensor, ...]] = {}
     longest: dict[int, torch.Tensor] = {}  # per MoE layer: the most tokens of one expert in one document
 
-    def on_layer(layer: int, gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor) -> None:
-        hooks = (gate, in_, post, loaded.mlps[layer].act_fn(gate))
+    def on_layer(layer: int, gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor, act: torch.Tensor) -> None:
+        hooks = (gate, in_, post, act)
         pending = paths.add(layer, states[layer], hooks, inputs)
         if pending is not None:
             flags[layer] = pending
@@ -302,7 +302,8 @@ def _run_batch(loaded: LoadedModel, corpus: Corpus, batch: Any, layers: list[int
             packed.packing, None if learnt is None else packed.fits)
 
     with final_scale_hook(final_norm, routed, corpus.doc_offsets[batch.docs], lengths):
-        run_with_mlp_hooks(loaded, input_ids, layers, on_layer, on_moe, stop_after_last=final_norm is None)
+        run_with_mlp_hooks(loaded, input_ids, layers, on_layer, on_moe, stop_after_last=final_norm is None,
+                           with_act=True)
     # The batch's one host sync: every flag, and the most tokens one expert had in one document.
     redo, most = paths.settle(flags, len(batch.docs), list(longest.values()))
     for layer, tokens_per_doc in zip(longest, most):
@@ -316,12 +317,13 @@ def _run_batch(loaded: LoadedModel, corpus: Corpus, batch: Any, layers: list[int
     if not dense_redo and not expert_redo:
         return
 
-    def exactly(layer: int, gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor) -> None:
+    def exactly(layer: int, gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor, act: torch.Tensor) -> None:
         if layer in dense_redo:
-            paths.redo(states[layer], (gate, in_, post, loaded.mlps[layer].act_fn(gate)), inputs)
+            paths.redo(states[layer], (gate, in_, post, act), inputs)
 
     redo_layers = sorted(set(dense_redo) | {int(str(key).split(".")[0]) for key in expert_redo})
-    run_with_mlp_hooks(loaded, input_ids, redo_layers, exactly, functools.partial(on_moe, exact=True, only=expert_redo))
+    run_with_mlp_hooks(loaded, input_ids, redo_layers, exactly, functools.partial(on_moe, exact=True, only=expert_redo),
+                       with_act=True)
 
 
 @contextlib.contextmanager

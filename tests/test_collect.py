@@ -98,6 +98,32 @@ def test_hooks_match_hugging_face_forward_hooks(arch, engine, model_factory):
     assert loaded.act_fn_name.startswith("gelu" if arch.startswith("gemma") else "silu")
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma", "phi3"])
+def test_act_of_gate_is_the_models_own_and_not_computed_again(arch, model_factory):
+    """The collection's act(gate) equals act_fn(gate) bit for bit: the activation's own output where
+    the model ran it on the recorded gate (Llama, Gemma: the activation runs once per layer, not a
+    second time for the statistics), computed where the recorded gate is a split of a fused
+    projection (Phi-3)."""
+    folder = model_factory(arch, 2)
+    loaded, _ = load_model(str(folder), dtype="float32", device="cpu", refactor=False, engine="hf")
+    calls = []
+    for layer, mlp in loaded.mlps.items():
+        mlp.act_fn.register_forward_hook(lambda m, i, o, layer=layer: calls.append(layer))
+    got = {}
+
+    def on_layer(layer, gate, in_, post, act):
+        got[layer] = (gate.clone(), act.clone())
+
+    tokenizer = loaded.tokenizer
+    run_with_mlp_hooks(loaded, torch.tensor([tokenizer("Once again the council met.")["input_ids"]]),
+                       [0, 1], on_layer, with_act=True)
+    assert sorted(got) == [0, 1]
+    for layer, (gate, act) in got.items():
+        want = loaded.mlps[layer].act_fn(gate)
+        assert torch.equal(act.view(torch.int32), want.view(torch.int32)), layer
+    assert calls[:2] == ([0, 1] if arch != "phi3" else [0, 0])
+
+
 def test_refactor_glu_keeps_logits_and_flips_exactly_negative_neurons(model_factory):
     model, tokenizer = load_hf(str(model_factory("llama")), torch.float32)
     ids = torch.tensor([tokenizer("Meanwhile the market rose again.")["input_ids"]])

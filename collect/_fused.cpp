@@ -200,6 +200,8 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
     const vi lane = {0, 1, 2, 3, 4, 5, 6, 7};
     const vi none = lane * 0;
     const vi abs_mask = none + 0x7fffffff;
+    // Each lane's counters in the thread's narrow tables, in both halves of its histogram code.
+    const vi lane_offset = lane * PER_NEURON * 0x10001;
     const int64_t B = a.B, T = a.T, N = a.N, block = (a.block + L - 1) / L * L;
     const int bf16 = a.bf16, width_bytes = bf16 ? 2 : 4;
     const char* hook[H];
@@ -226,7 +228,9 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
     }
     struct Slot {
         vf v[H];
+        vi key[H];  // |value| + 1 in integers (see the extremes below)
         vi m[C];
+        vi not_m[C];  // INT32_MAX outside the case, 0 in it
         vi code;  // case * 8 + band of |post|, for the random examples
         vi hit;  // lanes that may enter a random-example list (a superset)
         int32_t t;
@@ -240,7 +244,7 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
         local = buf.local.need((n1 - n0) * PER_NEURON);
         if (codes == nullptr || local == nullptr) return false;
     }
-    vi* lanes = examples ? (vi*)buf.lanes.need(groups * 2 * L) : nullptr;  // per group: open lists, limit bound
+    vi* lanes = examples ? (vi*)buf.lanes.need(groups * (R + 1) * L) : nullptr;  // per group: open lists, bounds
     if (examples && lanes == nullptr) return false;
     int32_t* counted = buf.counted.need(B * T);  // each document's counted positions
     int64_t* n_counted_of = buf.n_counted.need(B);
@@ -281,26 +285,34 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
                     vi count[C] = {none, none, none, none};
                     vi bad_any = none, hits = none;
                     // Per lane: which of its 24 lists are not full yet (bit case * 6 + band, and
-                    // case * 6 + 5 for the case's list), and the largest limit of the full ones, in
-                    // its top 32 bits; found at each document's start (limits only fall during the
-                    // batch: this stays a bound).
-                    vi& lanes_open = lanes[2 * g];
-                    vi& lanes_limit = lanes[2 * g + 1];
+                    // case * 6 + 5 for the case's list), and for each band of |post| the largest
+                    // limit of the full lists a position of that band may enter (its case's list
+                    // or its (case, band) list, in any case), in its top 32 bits: found at each
+                    // document's start (limits only fall during the batch: these stay bounds). A
+                    // rare band's list keeps a high limit; the other bands' positions skip it.
+                    vi& lanes_open = lanes[(R + 1) * g];
+                    vi* lanes_limit = lanes + (R + 1) * g + 1;
                     if (examples && c0 == 0) {
-                        lanes_open = none, lanes_limit = none - 1;
+                        lanes_open = none;
+                        for (int r = 0; r < R; ++r) lanes_limit[r] = none - 1;
                         for (int64_t j = 0; j < width; ++j) {
                             int32_t open = 0;
-                            int64_t limit = -1;
+                            int64_t cases = -1, bands[R] = {-1, -1, -1, -1, -1};
                             for (int c = 0; c < C; ++c) {
                                 for (int r = 0; r <= R; ++r) {
                                     const int64_t lim = r < R ? thr_b[((n + j - n0) * C + c) * R + r]
                                                               : thr_s[(n + j - n0) * C + c];
                                     open |= (lim == EMPTY_PRIORITY) << (c * 6 + r);
-                                    limit = lim != EMPTY_PRIORITY && lim > limit ? lim : limit;
+                                    if (lim == EMPTY_PRIORITY) continue;
+                                    if (r < R) bands[r] = lim > bands[r] ? lim : bands[r];
+                                    else cases = lim > cases ? lim : cases;
                                 }
                             }
                             lanes_open[j] = open;
-                            lanes_limit[j] = limit < 0 ? -1 : (int32_t)(limit >> 31);
+                            for (int r = 0; r < R; ++r) {
+                                const int64_t limit = bands[r] > cases ? bands[r] : cases;
+                                lanes_limit[r][j] = limit < 0 ? -1 : (int32_t)(limit >> 31);
+                            }
                         }
                     }
                     // First the chunk's values, their cases, counts, bins and candidates ...
@@ -335,10 +347,12 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
                             live &= m;
                         }
                         const vf gate = v[2], in = v[1];
-                        // x * 0 is NaN exactly where x is NaN or infinite: such lanes count nowhere
-                        // but in nonfinite (counted below, in the rare chunk that has any).
-                        const vf z = v[0] * 0.0f + v[1] * 0.0f + v[2] * 0.0f + v[3] * 0.0f;
-                        const vi bad = (z != z) & live;
+                        vi mag[H];  // |value|'s bits
+                        for (int h = 0; h < H; ++h) mag[h] = (vi)v[h] & abs_mask, here.key[h] = mag[h] + 1;
+                        // A NaN or an infinity has the largest exponent field: such lanes count
+                        // nowhere but in nonfinite (counted below, in the rare chunk that has any).
+                        const vi most01 = mag[0] > mag[1] ? mag[0] : mag[1], most23 = mag[2] > mag[3] ? mag[2] : mag[3];
+                        const vi bad = ((most01 > most23 ? most01 : most23) > 0x7f7fffff) & live;
                         bad_any |= bad;
                         live &= ~bad;
                         const vi gp = gate > 0.0f, gn = gate < 0.0f, ip = in > 0.0f, in_neg = in < 0.0f;
@@ -347,29 +361,32 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
                         m[1] = gp & in_neg & live;
                         m[2] = gn & ip & live;
                         m[3] = gn & in_neg & live;
-                        for (int c = 0; c < C; ++c) count[c] -= m[c];
+                        for (int c = 0; c < C; ++c) count[c] -= m[c], here.not_m[c] = ~m[c] & INT32_MAX;
                         if (!dist) continue;
                         // Bins: the exponent field, clamped.
                         const vi in_any = m[0] | m[1] | m[2] | m[3];
                         vi bin[H];
                         for (int h = 0; h < H; ++h) {
-                            vi e = (((vi)v[h] & abs_mask) >> 23) - HIST_BIAS;
-                            e = e < 0 ? none : e;
-                            bin[h] = e > NBINS - 1 ? none + (NBINS - 1) : e;
+                            vi e = (mag[h] >> 23) - HIST_BIAS;
+                            e = e > 0 ? e : none;
+                            bin[h] = e < NBINS - 1 ? e : none + (NBINS - 1);
                         }
                         const vi cv = (gn & 2) | (in_neg & 1);
                         const vi joint = cv * JOINT;
                         const vi both = (joint + bin[2] * NBINS + bin[1]) |
                                         ((joint + C * JOINT + bin[0] * NBINS + bin[3]) << 16);
-                        codes[(g * B + b) * T + t] = in_any ? both : none + (NO_CASE | NO_CASE << 16);
+                        codes[(g * B + b) * T + t] = (in_any ? both : none + (NO_CASE | NO_CASE << 16)) + lane_offset;
                         if (!examples) continue;
                         // A lane may enter its case's list or its (case, band) list: below the
                         // largest limit of its full lists, or into one of its lists not yet full.
-                        const vi band = -((bin[0] >= 5) + (bin[0] >= 8) + (bin[0] >= 11) + (bin[0] >= 14));
+                        const vi above[R - 1] = {bin[0] >= 5, bin[0] >= 8, bin[0] >= 11, bin[0] >= 14};
+                        const vi band = -(above[0] + above[1] + above[2] + above[3]);
+                        vi limit = lanes_limit[0];
+                        for (int r = 1; r < R; ++r) limit = above[r - 1] ? lanes_limit[r] : limit;
                         here.code = cv * 8 + band;
                         const int32_t p_hi = (int32_t)(a.prio[b * T + t] >> 31);
                         const vi open = (vi)((1 << (cv * 6 + 5)) | (1 << (cv * 6 + band)));
-                        here.hit = in_any & (((open & lanes_open) != 0) | ((none + p_hi) <= lanes_limit));
+                        here.hit = in_any & (((open & lanes_open) != 0) | ((none + p_hi) <= limit));
                         hits |= here.hit;
                     }
                     for (int c = 0; c < C; ++c) x.count[c] += count[c];
@@ -430,7 +447,7 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
                             vi mn0 = x.min[c0][h], mn1 = x.min[c0 + 1][h];
                             vi ps0 = x.pos[c0][h], ps1 = x.pos[c0 + 1][h];
                             for (int64_t i = 0; i < k; ++i) {
-                                const vi key = ((vi)tile[i].v[h] & abs_mask) + 1;
+                                const vi key = tile[i].key[h];
                                 const vi tv = none + tile[i].t;
                                 const vi m0 = tile[i].m[c0], m1 = tile[i].m[c0 + 1];
                                 const vi k0 = key & m0, k1 = key & m1;
@@ -439,7 +456,7 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
                                 mx1 = hi1 ? k1 : mx1;
                                 ps0 = hi0 ? tv : ps0;
                                 ps1 = hi1 ? tv : ps1;
-                                const vi lo0 = key | (~m0 & INT32_MAX), lo1 = key | (~m1 & INT32_MAX);
+                                const vi lo0 = key | tile[i].not_m[c0], lo1 = key | tile[i].not_m[c0 + 1];
                                 mn0 = lo0 < mn0 ? lo0 : mn0;
                                 mn1 = lo1 < mn1 ? lo1 : mn1;
                             }
@@ -494,12 +511,24 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
                 const int64_t end = b < b1 ? n_counted_of[b] : i1;
                 const vi* code = codes + (g * B + b) * T;
                 const int32_t* counted_b = counted + b * T;
-                for (; i < end; ++i) {
-                    const vi both = code[counted_b[i]];
-                    for (int j = 0; j < width; ++j) {
-                        const uint32_t c = (uint32_t)both[j];
-                        base[j * PER_NEURON + (c & 0xffff)] += 1;
-                        base[j * PER_NEURON + (c >> 16)] += 1;
+                if (width == L) {  // unrolled: the lanes' offsets are in their codes
+                    for (; i < end; ++i) {
+                        const uint32_t* both = (const uint32_t*)(code + counted_b[i]);
+#pragma GCC unroll 8
+                        for (int j = 0; j < L; ++j) {
+                            const uint32_t c = both[j];
+                            base[c & 0xffff] += 1;
+                            base[c >> 16] += 1;
+                        }
+                    }
+                } else {
+                    for (; i < end; ++i) {
+                        const uint32_t* both = (const uint32_t*)(code + counted_b[i]);
+                        for (int j = 0; j < width; ++j) {
+                            const uint32_t c = both[j];
+                            base[c & 0xffff] += 1;
+                            base[c >> 16] += 1;
+                        }
                     }
                 }
                 ++b, i = 0;
@@ -674,6 +703,7 @@ static inline void store_window_value(void* out, int64_t i, int kind, float v) {
 // index of its first value in the window arrays).
 struct Cut {
     int64_t b, p, n, out;
+    uint64_t order;  // set by cut_windows_of
 };
 
 // The windows of `cuts` (reordered), NaN outside each row's document: windows that share cache
@@ -684,26 +714,33 @@ static void cut_windows_of(std::vector<Cut>& cuts, const char* const hook[2], co
                            int bf16, const int64_t* lengths, int64_t T, int64_t before, int64_t after,
                            char* const win[2], int kind) {
     const int64_t W = before + 1 + after, bytes = (kind == 0 ? 4 : 2) * W;
-    std::sort(cuts.begin(), cuts.end(), [](const Cut& x, const Cut& y) {
-        if (x.b != y.b) return x.b < y.b;
-        if (x.n >> 4 != y.n >> 4) return x.n >> 4 < y.n >> 4;
-        if (x.p != y.p) return x.p < y.p;
-        return x.n < y.n;
-    });
+    int64_t lines = 1;  // of 16 neurons
+    for (const Cut& c : cuts) lines = c.n / 16 + 1 > lines ? c.n / 16 + 1 : lines;
+    for (Cut& c : cuts) c.order = (((uint64_t)c.b * lines + c.n / 16) * T + c.p) * 16 + c.n % 16;
+    std::sort(cuts.begin(), cuts.end(), [](const Cut& x, const Cut& y) { return x.order < y.order; });
     const Cut* last = nullptr;
-    for (const Cut& c : cuts) {
+    const int64_t count = (int64_t)cuts.size();
+    for (int64_t i = 0; i < count; ++i) {
+        const Cut& c = cuts[i];
         if (last != nullptr && last->b == c.b && last->p == c.p && last->n == c.n) {
             for (int h = 0; h < 2; ++h) std::memcpy(win[h] + c.out / W * bytes, win[h] + last->out / W * bytes, bytes);
             continue;
         }
         last = &c;
         const int64_t len = lengths[c.b] < T ? lengths[c.b] : T;
+        // The window's values inside the document are w in [w0, w1): NaN around them.
+        const int64_t w0 = before - c.p > 0 ? before - c.p : 0;
+        const int64_t w1 = len - c.p + before < W ? (len - c.p + before > w0 ? len - c.p + before : w0) : W;
         for (int h = 0; h < 2; ++h) {
-            for (int64_t w = 0; w < W; ++w) {
-                const int64_t t = c.p - before + w;
-                const float v = (t >= 0 && t < len) ? load_scalar(hook[h], c.b * sb[h] + t * st[h] + c.n, bf16) : NAN;
-                store_window_value(win[h], c.out + w, kind, v);
-            }
+            const int64_t at = c.b * sb[h] + (c.p - before) * st[h] + c.n;
+            for (int64_t w = 0; w < w0; ++w) store_window_value(win[h], c.out + w, kind, NAN);
+            if (bf16 == 0 && kind == 2)  // the usual pair: float32 values, float16 windows
+                for (int64_t w = w0; w < w1; ++w)
+                    ((uint16_t*)win[h])[c.out + w] = to_half(((const float*)hook[h])[at + w * st[h]]);
+            else
+                for (int64_t w = w0; w < w1; ++w)
+                    store_window_value(win[h], c.out + w, kind, load_scalar(hook[h], at + w * st[h], bf16));
+            for (int64_t w = w1; w < W; ++w) store_window_value(win[h], c.out + w, kind, NAN);
         }
     }
 }

@@ -703,7 +703,6 @@ static inline void store_window_value(void* out, int64_t i, int kind, float v) {
 // index of its first value in the window arrays).
 struct Cut {
     int64_t b, p, n, out;
-    uint64_t order;  // set by cut_windows_of
 };
 
 // The windows of `cuts` (reordered), NaN outside each row's document: windows that share cache
@@ -714,10 +713,25 @@ static void cut_windows_of(std::vector<Cut>& cuts, const char* const hook[2], co
                            int bf16, const int64_t* lengths, int64_t T, int64_t before, int64_t after,
                            char* const win[2], int kind) {
     const int64_t W = before + 1 + after, bytes = (kind == 0 ? 4 : 2) * W;
-    int64_t lines = 1;  // of 16 neurons
-    for (const Cut& c : cuts) lines = c.n / 16 + 1 > lines ? c.n / 16 + 1 : lines;
-    for (Cut& c : cuts) c.order = (((uint64_t)c.b * lines + c.n / 16) * T + c.p) * 16 + c.n % 16;
-    std::sort(cuts.begin(), cuts.end(), [](const Cut& x, const Cut& y) { return x.order < y.order; });
+    // By (document, line of 16 neurons): counted into place; then each such bucket (a few rows'
+    // worth of lines, in cache) by position and neuron.
+    int64_t lines = 1, rows = 1;
+    for (const Cut& c : cuts) {
+        lines = c.n / 16 + 1 > lines ? c.n / 16 + 1 : lines;
+        rows = c.b + 1 > rows ? c.b + 1 : rows;
+    }
+    std::vector<int64_t> start(rows * lines + 1, 0);
+    for (const Cut& c : cuts) ++start[c.b * lines + c.n / 16 + 1];
+    for (size_t i = 1; i < start.size(); ++i) start[i] += start[i - 1];
+    std::vector<Cut> sorted(cuts.size());
+    {
+        std::vector<int64_t> next(start.begin(), start.end() - 1);
+        for (const Cut& c : cuts) sorted[next[c.b * lines + c.n / 16]++] = c;
+    }
+    for (size_t i = 0; i + 1 < start.size(); ++i)
+        std::sort(sorted.begin() + start[i], sorted.begin() + start[i + 1],
+                  [](const Cut& x, const Cut& y) { return x.p != y.p ? x.p < y.p : x.n < y.n; });
+    cuts.swap(sorted);
     const Cut* last = nullptr;
     const int64_t count = (int64_t)cuts.size();
     for (int64_t i = 0; i < count; ++i) {

@@ -1,5 +1,7 @@
 // One pass over a layer-batch's hooks on the CPU: every statistic of collect.stats.reduce_batch,
-// the histograms and the random examples' candidates, fused (collect/fused.py calls it).
+// the histograms and the random examples' candidates, fused; then the batch merged into the top-k
+// lists and the random-example lists, with the windows of the entries that enter (collect/fused.py
+// calls them).
 //
 // Built by `pip install` as an optional extension (setup.py): plain CPython, no torch or numpy at
 // build time; tensors arrive as raw pointers with their strides. Where it is absent (no C++

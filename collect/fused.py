@@ -6,7 +6,9 @@ every case's reductions for every value. The kernel reads each value once and do
 per-document counts, sums and extremes of :func:`~collect.stats.reduce_batch` (non-finite values
 counted apart, as its exact path does), the histograms (narrow counters per block of neurons,
 flushed into the tables), and for each random-example list the batch's positions that may enter it
-(:class:`Candidates`). Neurons are split among ``torch.get_num_threads()`` threads.
+(:class:`Candidates`). Neurons are split among ``torch.get_num_threads()`` threads. The kernel then
+merges the batch into the top-k lists (:func:`merge_top`) and the random-example lists
+(:func:`add_candidates`), cutting the windows of the entries that enter.
 
 The kernel is an optional part of the install (``setup.py``); :func:`available` says whether it was
 built. Without it collection runs the torch code, which gives the same values (the tests compare

@@ -144,10 +144,12 @@ def collect_statistics(
     batches = shard_batches(corpus, config.batch_tokens, config.shard)
 
     sizes = state_sizes(loaded, layers, experts)
+    paths = LayerPaths(device, loaded.d_mlp, config.compile)
 
     def empty(key: int | str) -> LayerStats:
+        # The GPU's path keeps the top-k windows in host memory (stats.WindowWrites).
         return LayerStats.empty(sizes[key], config.k, window, device, window_dtype, config.samples,
-                                config.band_samples)
+                                config.band_samples, windows_on_host=paths.deferred)
 
     start = 0
     states: dict[int | str, LayerStats] = {key: empty(key) for key in sizes}
@@ -161,11 +163,10 @@ def collect_statistics(
         restored = load_checkpoint(config, device, facts) if world.is_main else None
         start = broadcast_object(world, restored[0] if restored is not None else 0)
         if restored is not None:
-            states = restored[1]
+            states = {key: stats.windows_on_host(paths.deferred) for key, stats in restored[1].items()}
             routed.update({key: value.to(device) for key, value in restored[2].items()})
             print(f"gluscope: resuming from {config.checkpoint_path} after {start}/{len(batches)} batches",
                   file=sys.stderr)
-    paths = LayerPaths(device, loaded.d_mlp, config.compile)
     keep = keep_hooks(loaded, [layer for layer in layers if layer not in loaded.moe], config, paths.deferred)
     final_norm = start_final_scales(loaded, corpus, routed, device) if config.effects else None
     sampling = _Sampling.of(corpus, config) if config.samples > 0 else None
@@ -313,15 +314,17 @@ def _run_batch(loaded: LoadedModel, corpus: Corpus, batch: Any, layers: list[int
         for layer in dense_redo:
             paths.redo(states[layer], kept[layer], inputs)
         dense_redo = []
-    if not dense_redo and not expert_redo:
-        return
+    if dense_redo or expert_redo:
+        def exactly(layer: int, gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor) -> None:
+            if layer in dense_redo:
+                paths.redo(states[layer], (gate, in_, post, loaded.mlps[layer].act_fn(gate)), inputs)
 
-    def exactly(layer: int, gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor) -> None:
-        if layer in dense_redo:
-            paths.redo(states[layer], (gate, in_, post, loaded.mlps[layer].act_fn(gate)), inputs)
-
-    redo_layers = sorted(set(dense_redo) | {int(str(key).split(".")[0]) for key in expert_redo})
-    run_with_mlp_hooks(loaded, input_ids, redo_layers, exactly, functools.partial(on_moe, exact=True, only=expert_redo))
+        redo_layers = sorted(set(dense_redo) | {int(str(key).split(".")[0]) for key in expert_redo})
+        run_with_mlp_hooks(loaded, input_ids, redo_layers, exactly,
+                           functools.partial(on_moe, exact=True, only=expert_redo))
+    # After the sync: the batch's window writes (the GPU's path) into host memory, in the order made.
+    for stats in states.values():
+        stats.flush_windows()
 
 
 @contextlib.contextmanager

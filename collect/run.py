@@ -160,10 +160,10 @@ def collect_statistics(
         if SHARED in chosen:
             routed[expert_key(layer, SHARED)] = torch.zeros((), dtype=torch.int64, device=device)
     if config.resume:
-        restored = load_checkpoint(config, device, facts) if world.is_main else None
+        restored = load_checkpoint(config, device, facts, windows_on_host=paths.deferred) if world.is_main else None
         start = broadcast_object(world, restored[0] if restored is not None else 0)
         if restored is not None:
-            states = {key: stats.windows_on_host(paths.deferred) for key, stats in restored[1].items()}
+            states = restored[1]
             routed.update({key: value.to(device) for key, value in restored[2].items()})
             print(f"gluscope: resuming from {config.checkpoint_path} after {start}/{len(batches)} batches",
                   file=sys.stderr)

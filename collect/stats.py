@@ -277,6 +277,9 @@ class LayerStats:
         f32 = dict(dtype=torch.float32, device=device)
         i64 = dict(dtype=torch.int64, device=device)
         i32 = dict(dtype=torch.int32, device=device)
+        # Made where they live: a 7B model's windows would not fit on a small card even for a moment.
+        windows = dict(dtype=window_dtype, device="cpu" if windows_on_host and torch.device(device).type != "meta"
+                       else device)
         distributions: dict[str, torch.Tensor] = {}
         if samples > 0:
             distributions = dict(
@@ -302,20 +305,19 @@ class LayerStats:
             top_key=torch.full(shape + (k,), -1, **i64),
             top_pos=torch.full(shape + (k,), -1, **i32),
             top_slot=torch.arange(k, dtype=SLOT_DTYPE, device=device).expand(shape + (k,)).contiguous(),
-            win_gate=torch.full(shape + (k, window), float("nan"), dtype=window_dtype, device=device),
-            win_in=torch.full(shape + (k, window), float("nan"), dtype=window_dtype, device=device),
+            win_gate=torch.full(shape + (k, window), float("nan"), **windows),
+            win_in=torch.full(shape + (k, window), float("nan"), **windows),
             **distributions,
-        ).windows_on_host(windows_on_host)
+            writes=WindowWrites() if windows_on_host else None,
+        )
 
     def windows_on_host(self, on_host: bool = True) -> "LayerStats":
         """These statistics (in place; returned) with the top-k windows in host memory, where the
         batches' writes reach them through a :class:`WindowWrites` (the GPU's path: they are most of
-        a neuron's state and rarely written). On a CPU they stay where they are, and the writes
-        still wait for :meth:`flush_windows`, as on a GPU."""
+        a neuron's state and rarely written; e.g. a resumed checkpoint's). On a CPU they stay where
+        they are, and the writes still wait for :meth:`flush_windows`, as on a GPU."""
         if on_host and self.writes is None:
-            self.flush_windows()
-            if self.win_gate.device.type != "meta":
-                self.win_gate, self.win_in = self.win_gate.cpu(), self.win_in.cpu()
+            self.win_gate, self.win_in = self.win_gate.cpu(), self.win_in.cpu()
             self.writes = WindowWrites()
         return self
 

@@ -302,8 +302,13 @@ def _run_batch(loaded: LoadedModel, corpus: Corpus, batch: Any, layers: list[int
             dataclasses.replace(inputs, valid=packed.packing.neuron_valid()), packed.routed, exact,
             packed.packing, None if learnt is None else packed.fits)
 
+    earlier = {key: len(stats.writes or ()) for key, stats in states.items()}  # window writes of earlier batches
     with final_scale_hook(final_norm, routed, corpus.doc_offsets[batch.docs], lengths):
         run_with_mlp_hooks(loaded, input_ids, layers, on_layer, on_moe, stop_after_last=final_norm is None)
+    # The GPU's path: while the device works through this batch, the earlier batches' window writes
+    # (copied already: their syncs have passed) go into the tables in host memory, in the order made.
+    for key, stats in states.items():
+        stats.flush_windows(earlier[key])
     # The batch's one host sync: every flag, and the most tokens one expert had in one document.
     redo, most = paths.settle(flags, len(batch.docs), list(longest.values()))
     for layer, tokens_per_doc in zip(longest, most):
@@ -322,9 +327,6 @@ def _run_batch(loaded: LoadedModel, corpus: Corpus, batch: Any, layers: list[int
         redo_layers = sorted(set(dense_redo) | {int(str(key).split(".")[0]) for key in expert_redo})
         run_with_mlp_hooks(loaded, input_ids, redo_layers, exactly,
                            functools.partial(on_moe, exact=True, only=expert_redo))
-    # After the sync: the batch's window writes (the GPU's path) into host memory, in the order made.
-    for stats in states.values():
-        stats.flush_windows()
 
 
 @contextlib.contextmanager

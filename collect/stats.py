@@ -191,10 +191,11 @@ class WindowWrites:
     A batch writes the windows of the entries that enter a list; each layer-batch's writes leave
     the device as one fixed-shape update (rows, cut windows, the ``keep`` mask), copied
     asynchronously into pinned host memory behind the work queued on the device: no host sync.
-    :meth:`apply` writes them into the tables in the order they were made, after the batch's one
-    host sync (by then the device has done the copies; a CUDA event recorded after each says so
-    without waiting). On a CPU the updates are kept as they are and applied at the same point, so
-    that the tests run the GPU's order of events."""
+    :meth:`apply` writes them into the tables in the order they were made, once the batch's one
+    host sync has passed (then the device has done the copies; a CUDA event recorded after each
+    says so without waiting): the collection applies a batch's writes during the next batch, while
+    the device computes it, and reading the tables applies what is left. On a CPU the updates are
+    kept as they are and applied at the same points, so that the tests run the GPU's order of events."""
 
     def __init__(self) -> None:
         self._pending: list[tuple[list[torch.Tensor], Any]] = []
@@ -212,13 +213,31 @@ class WindowWrites:
             done.record(torch.cuda.current_stream(rows.device))
         self._pending.append((tensors, done))
 
-    def apply(self, win_gate: torch.Tensor, win_in: torch.Tensor) -> None:
-        for tensors, done in self._pending:
+    def apply(self, win_gate: torch.Tensor, win_in: torch.Tensor, first: int | None = None) -> None:
+        """Write the pending updates (the ``first`` of them), in the order they were made."""
+        first = len(self._pending) if first is None else first
+        for tensors, done in self._pending[:first]:
             if done is not None:
-                done.synchronize()  # passed already after the batch's sync
+                done.synchronize()  # passed already after the sync of the batch that made it
             rows, gate, in_ = tensors[:3]
-            _write_windows((win_gate, win_in), rows, (gate, in_), tensors[3] if len(tensors) > 3 else None)
-        self._pending.clear()
+            _host_write((win_gate, win_in), rows, (gate, in_), tensors[3] if len(tensors) > 3 else None)
+        del self._pending[:first]
+
+
+def _host_write(tables: Sequence[torch.Tensor], rows: torch.Tensor, cuts: Sequence[torch.Tensor],
+                keep: torch.Tensor | None) -> None:
+    """:func:`_write_windows` into tables in host memory, of updates in host memory: only the kept
+    rows (about one in ten of a capacity's slots, whose old windows the device's fixed shape would
+    read and write back), copied as bytes by numpy (which has no bfloat16). Selecting them is host
+    work that never waits for a device; numpy keeps it apart from the torch operations whose host
+    syncs :class:`collect.syncs.SyncCounter` counts, which on a CPU cannot tell host from device."""
+    at = rows.numpy()
+    kept = slice(None) if keep is None else keep.numpy().reshape(-1)
+    at = at[kept]
+    for table, cut in zip(tables, cuts):
+        width = table.shape[-1] * table.element_size()
+        table.view(-1, table.shape[-1]).view(torch.uint8).numpy()[at] = (
+            cut.view(torch.uint8).numpy().reshape(-1, width)[kept])
 
 
 @dataclass
@@ -330,11 +349,12 @@ class LayerStats:
         else:
             _write_windows((self.win_gate, self.win_in), rows, (gate, in_), keep)
 
-    def flush_windows(self) -> None:
-        """Apply the window writes on their way to host memory (after the batch's one host sync:
-        then without waiting); reading the windows does it first."""
+    def flush_windows(self, first: int | None = None) -> None:
+        """Apply the window writes on their way to host memory (the ``first`` of them), which the
+        device has done once the sync of the batch that made them has passed (then without waiting);
+        reading the windows applies them all first."""
         if self.writes is not None and len(self.writes):
-            self.writes.apply(self.win_gate, self.win_in)
+            self.writes.apply(self.win_gate, self.win_in, first)
 
     @property
     def has_distributions(self) -> bool:

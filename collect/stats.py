@@ -237,7 +237,7 @@ def _host_write(tables: Sequence[torch.Tensor], rows: torch.Tensor, cuts: Sequen
     for table, cut in zip(tables, cuts):
         width = table.shape[-1] * table.element_size()
         table.view(-1, table.shape[-1]).view(torch.uint8).numpy()[at] = (
-            cut.view(torch.uint8).numpy().reshape(-1, width)[kept])
+            cut.contiguous().view(torch.uint8).numpy().reshape(-1, width)[kept])
 
 
 @dataclass

@@ -343,6 +343,25 @@ def test_window_writes_on_their_way_to_host_memory_apply_in_order(capacity):
     assert_matches(stats, docs, 4, 1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_window_writes_in_host_memory_equal_the_devices_in_every_window_dtype(dtype):
+    """The host writes only the rows that changed, as bytes (numpy has no bfloat16: the windows of a
+    bfloat16 model for a float32 file): every window equals the fixed-shape write's, bit for bit."""
+    from collect.stats import _host_write, _write_windows
+
+    g = torch.Generator().manual_seed(5)
+    device_tables = [torch.full((6, 4, 4, 3, W), float("nan"), dtype=dtype) for _ in range(2)]
+    host_tables = [t.clone() for t in device_tables]
+    for _ in range(3):
+        rows = torch.randperm(6 * 16 * 3, generator=g)[:40]
+        cuts = [torch.randn(40, W, generator=g).to(dtype) for _ in range(2)]
+        keep = torch.rand(40, 1, generator=g) < 0.5
+        _write_windows(device_tables, rows, cuts, keep)
+        _host_write(host_tables, rows, cuts, keep)
+    for a, b in zip(device_tables, host_tables):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)) and not a.isnan().all()
+
+
 def test_windows_cut_by_either_path_agree():
     """Many windows are cut from a neuron-major copy of the batch, few by direct gathers."""
     from collect.stats import windows_at

@@ -8,6 +8,8 @@ during ``collect`` leaves a checkpoint and exits with 130, SIGTERM the same with
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import os
 import sys
 from pathlib import Path
@@ -506,8 +508,7 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_probe(args: argparse.Namespace) -> int:
-    from mkdocs_gluscope.pages import asset_text
-    from mkdocs_gluscope.probe import print_probed, probe_page_html, wants_color
+    from mkdocs_gluscope.probe import print_probed, wants_color
 
     try:
         from collect.probe import Prober
@@ -528,6 +529,9 @@ def run_probe(args: argparse.Namespace) -> int:
     probed = prober.run(text, args.neurons)
     print_probed(probed, sys.stdout, color=wants_color(sys.stdout, args.color), values=args.values)
     if args.html is not None:
+        from mkdocs_gluscope.pages import asset_text  # the pages' stylesheet and script: only for --html
+        from mkdocs_gluscope.probe import probe_page_html
+
         args.html.parent.mkdir(parents=True, exist_ok=True)
         args.html.write_text(probe_page_html(probed, asset_text("gluscope.css"), asset_text("gluscope.js")),
                              encoding="utf-8")
@@ -596,6 +600,11 @@ def cli_reference() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # At exit, the interpreter's last collections walk every object left: after a probe, the millions that
+    # importing torch and transformers made, 2 s of a 20 s probe on 2 busy cores (measured; 0.2 s frozen).
+    # Frozen, they are left to the OS. Registered once, even when tests call main() many times.
+    atexit.unregister(gc.freeze)
+    atexit.register(gc.freeze)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -31,9 +31,12 @@ SENTENCE = "In 1861 the president spoke to Congress of the union, the states, an
 
 
 def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in subprocess.run(
-        ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")), "?")
-    return f"{model}, {os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f}"
+    fields = dict(line.split(":", 1) for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+                  if ":" in line)
+    get = lambda key: fields.get(key, "?").strip()  # noqa: E731
+    isa = "AVX-512" if "avx512f" in get("Flags").split() else "AVX2 only" if "avx2" in get("Flags").split() else "no AVX2"
+    return (f"{get('Model name')} (family {get('CPU family')} model {get('Model')}, {isa}), {len(os.sched_getaffinity(0))} "
+            f"cores; load average {os.getloadavg()[0]:.1f}")
 
 
 def demo_model() -> str:
@@ -43,13 +46,13 @@ def demo_model() -> str:
     return str(converted_model(fetch_model(cache_dir()), cache_dir()))
 
 
-def timed(command: list[str]) -> tuple[float, float]:
+def timed(command: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
     """Wall and CPU seconds (user + system, of the child) of one command."""
     import resource
 
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     assert result.returncode == 0, result.stderr
@@ -137,18 +140,19 @@ def bench_forward(path: Path, model: str, reps: int = 5, docs: int = 8) -> None:
 
 PROBE_NEURONS = "28.473,7.824"
 #: What the probe's phases are called in the breakdown, in the order the command goes through them.
-PHASES = ("import gluscope cli", "import the probe (torch...)", "open the file (schema check)", "load tokenizer + model",
-          "prepare (locate MLPs, refactor_glu)", "forward pass", "print")
+PHASES = ("import gluscope cli", "import the probe (torch...)", "open the file (schema check)",
+          "load tokenizer + model (transformers)", "locate the MLPs", "refactor_glu its layers, forward pass", "print")
 
 
 def probe_phases(model: str, file: Path) -> None:
     """In a fresh process (``--probe-phases``): the steps ``gluscope probe`` takes, in its order, each timed;
     printed as one JSON line. The steps are the command's own calls (``run_probe``), unrolled; the model
     load is split by timing :func:`collect.model.load_hf` (transformers: tokenizer and model) apart from the
-    rest of ``Prober.load`` (``prepare_model``: locating the MLPs, refactor_glu)."""
+    rest of ``Prober.load`` (``prepare_model``: locating the MLPs)."""
     import io
     import json
 
+    began = time.time()  # the parent compares it with when it started this process
     marks = [(time.perf_counter(), time.process_time())]
 
     def mark() -> None:
@@ -156,6 +160,7 @@ def probe_phases(model: str, file: Path) -> None:
 
     from mkdocs_gluscope import cli
     from mkdocs_gluscope.probe import print_probed
+    cli.freeze_at_exit()  # as cli.main
     mark()
     from collect import model as model_module
     from collect.probe import Prober, single_thread
@@ -189,7 +194,8 @@ def probe_phases(model: str, file: Path) -> None:
 
     print(json.dumps({"phases": dict(zip(PHASES, steps)), "total": [b - a for a, b in zip(marks[0], marks[-1])],
                       "tokens": len(probed.tokens),
-                      "transformer_lens": "transformer_lens" in sys.modules, "threads": torch.get_num_threads()}))
+                      "transformer_lens": "transformer_lens" in sys.modules, "threads": torch.get_num_threads(),
+                      "began": began, "ended": time.time()}), flush=True)
 
 
 def import_times(command: list[str]) -> dict[str, float]:
@@ -209,33 +215,48 @@ def import_times(command: list[str]) -> dict[str, float]:
 
 
 def bench_probe(model: str, file: Path, runs: int = 5) -> None:
-    """``gluscope probe`` on a sentence from the shell, ``runs`` times in fresh processes, interleaved with
-    as many fresh processes that time its steps (:func:`probe_phases`); then where the imports go
-    (``-X importtime``, one run). Medians; one torch thread, as the command runs."""
+    """``gluscope probe`` on a sentence from the shell, ``runs`` times in fresh processes, interleaved with as
+    many fresh processes that only import what any probe of this model imports (torch, transformers and the
+    model's modeling module: the floor) and as many that time the probe's steps (:func:`probe_phases`); once
+    with an empty cache folder before them (the first probe of a model asks TransformerLens where its MLPs
+    are); then where the imports go (``-X importtime``, one run). Medians; one torch thread, as the command."""
     import json
+    import tempfile
 
     command = [sys.executable, "-m", "mkdocs_gluscope.cli", "probe", "--model", model, "--file", str(file),
                "--neurons", PROBE_NEURONS, "--no-color", SENTENCE]
+    kind = json.loads((Path(model) / "config.json").read_text())["model_type"] if Path(model).is_dir() else "llama"
+    floor = [sys.executable, "-c", "import torch, transformers.models.auto.modeling_auto, "
+             f"transformers.models.auto.tokenization_auto, transformers.models.{kind}.modeling_{kind}"]
     phases_command = [sys.executable, str(Path(__file__).resolve()), "--probe-phases", "--model", model,
                       "--file", str(file)]
-    ends, steps, loads = [], [], []
+    with tempfile.TemporaryDirectory() as empty:
+        first = timed(command, env={**os.environ, "GLUSCOPE_CACHE": empty})
+    ends, floors, steps, loads = [], [], [], []
     for _ in range(runs):
         loads.append(os.getloadavg()[0])
         ends.append(timed(command))
+        floors.append(timed(floor))
+        started = time.time()
         result = subprocess.run(phases_command, capture_output=True, text=True, cwd=ROOT)
+        finished = time.time()
         assert result.returncode == 0, result.stderr[-2000:]
         steps.append(json.loads(result.stdout.strip().splitlines()[-1]))
+        steps[-1]["start"], steps[-1]["exit"] = steps[-1]["began"] - started, finished - steps[-1]["ended"]
     med = statistics.median
     print(f"gluscope probe --neurons {PROBE_NEURONS}, {steps[0]['tokens']} tokens, end to end from the shell: "
           f"{med(w for w, _ in ends):.2f} s wall, {med(c for _, c in ends):.2f} CPU s (medians of {runs}; walls "
-          f"{', '.join(f'{w:.2f}' for w, _ in ends)}; load average {min(loads):.1f}-{max(loads):.1f})")
+          f"{', '.join(f'{w:.2f}' for w, _ in ends)}; load average {min(loads):.1f}-{max(loads):.1f}); the first "
+          f"probe of the model (an empty cache folder): {first[0]:.2f} s wall, {first[1]:.2f} CPU s")
+    print(f"importing torch and transformers' {kind} model and auto classes alone (the floor): {med(w for w, _ in floors):.2f} s "
+          f"wall, {med(c for _, c in floors):.2f} CPU s (medians of {runs})")
     print(f"its steps, timed inside a fresh process (medians of {runs}; wall and CPU seconds; {steps[0]['threads']} "
           f"torch thread; transformer_lens imported: {steps[0]['transformer_lens']}):")
     for name in PHASES:
         print(f"  {name:<40} {med(s['phases'][name][0] for s in steps):6.2f} s {med(s['phases'][name][1] for s in steps):6.2f} CPU s")
     total = med(s["total"][0] for s in steps)
-    print(f"  {'all steps':<40} {total:6.2f} s {med(s['total'][1] for s in steps):6.2f} CPU s; the rest of the wall time "
-          f"(interpreter start and exit): {med(w for w, _ in ends) - total:.2f} s")
+    print(f"  {'all steps':<40} {total:6.2f} s {med(s['total'][1] for s in steps):6.2f} CPU s; before them, the "
+          f"interpreter's start {med(s['start'] for s in steps):.2f} s; after them, its exit {med(s['exit'] for s in steps):.2f} s")
     imports = import_times(command)
     print("imports by package (python -X importtime, each module's own time, one run; it adds its own overhead): "
           + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in list(imports.items())[:10])

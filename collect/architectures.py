@@ -403,7 +403,8 @@ def locate(hf_model: Any, layers: list[int] | None, *, remember: Path | None = N
     With ``remember`` (a folder) and all layers asked for, the adapter's answer is kept there as module
     names (:func:`layout_of`), one small JSON file per model class, config and transformers and
     TransformerLens versions, and read back by the next process that loads the same model: importing
-    TransformerLens takes seconds, more than a ``gluscope probe`` of a small model needs for the rest.
+    TransformerLens takes seconds, more than all that a ``gluscope probe`` of a small model does besides
+    importing torch and transformers.
     An entry that does not fit the model (a module it names is missing) is ignored and replaced."""
     if remember is None or layers is not None:
         return _ask_adapter(hf_model, layers)

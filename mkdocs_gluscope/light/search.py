@@ -26,7 +26,7 @@ order (``search/{n}.json``: ``{term: [[id, case, score, share, peak], ...]}``), 
 from __future__ import annotations
 
 import heapq
-import json
+import struct
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -181,30 +181,49 @@ def _round(x: float) -> float:
 
 
 def write_sorted(items: list[Posting], path: Path) -> Path:
-    """Postings sorted (by term, then rank) as lines of tab-separated fields (backslash, tab and line
-    ends in the term escaped as in JSON), for :func:`write_shards` to merge."""
-    items.sort()
+    """Postings sorted (by term, then rank) as lines for :func:`write_shards` to merge, one a posting.
+
+    A line sorts as its posting does, as a string, so the merge compares lines and reads only the
+    postings a term keeps: the term (:func:`_order_term`), the three ranks as order-keeping hex
+    (:func:`_order_key`), the neuron id and the case, separated by ``\\x01`` (below every character
+    of a term, so a term sorts before the terms it begins), then the ranks as written (``repr``)."""
+    lines = [f"{_order_term(t)}{_SEP}{_order_key(r)}{_SEP}{_order_key(s)}{_SEP}{_order_key(p)}{_SEP}{n}{_SEP}{c}"
+             f"{_SEP}{r!r}{_SEP}{s!r}{_SEP}{p!r}\n" for t, r, s, p, n, c in items]
+    lines.sort()
     with open(path, "w", encoding="utf-8", newline="\n") as f:
-        f.writelines(f"{_escape(t)}\t{r!r}\t{s!r}\t{p!r}\t{n}\t{c}\n" for t, r, s, p, n, c in items)
+        f.writelines(lines)
     return path
 
 
-_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_SEP = "\x01"
+#: Control characters (below U+0020, the separator and line end among them) become U+001F and the
+#: character 0x20 higher: still below every other character, and in their own order.
+_TERM_ESCAPES = str.maketrans({c: "\x1f" + chr(c + 0x20) for c in range(0x20)})
 
 
-def _escape(term: str) -> str:
-    return term.translate(_ESCAPES)
+def _order_term(term: str) -> str:
+    return term.translate(_TERM_ESCAPES)
 
 
-def _unescape(text: str) -> str:
-    return json.loads('"' + text.replace('"', '\\"') + '"', strict=False) if "\\" in text else text
+def _term(ordered: str) -> str:
+    """The term of :func:`_order_term`'s string."""
+    if "\x1f" not in ordered:
+        return ordered
+    head, *rest = ordered.split("\x1f")
+    return head + "".join(chr(ord(part[0]) - 0x20) + part[1:] for part in rest)
 
 
-def _read(path: Path) -> Iterator[Posting]:
-    with open(path, encoding="utf-8", newline="\n") as f:
-        for line in f:
-            term, score, share, peak, nid, case = line[:-1].split("\t")
-            yield _unescape(term), float(score), float(share), float(peak), nid, int(case)
+def _ranks(line: str) -> tuple[float, float, float, str, int]:
+    """A line's ranks (as the posting has them), neuron id and case."""
+    fields = line[:-1].split(_SEP)
+    return float(fields[6]), float(fields[7]), float(fields[8]), fields[4], int(fields[5])
+
+
+def _order_key(x: float) -> str:
+    """16 hex digits that sort as ``x`` does (-0.0 as 0.0): the float's bits, the sign bit flipped
+    for a positive number and every bit for a negative one."""
+    bits = struct.unpack("<Q", struct.pack("<d", x + 0.0))[0]
+    return f"{bits ^ 0xFFFFFFFFFFFFFFFF if bits >> 63 else bits | 0x8000000000000000:016x}"
 
 
 def write_shards(runs: Iterable[Path], folder: Path) -> dict[str, int]:
@@ -222,34 +241,35 @@ def write_shards(runs: Iterable[Path], folder: Path) -> dict[str, int]:
             (folder / f"{len(firsts) - 1}.json").write_text(dumps(shard), encoding="utf-8")
         shard, size = {}, 0
 
-    current: str | None = None
-    best: list = []
-
-    def finish() -> None:
-        nonlocal terms, kept
-        if current is None:
-            return
-        entry = [[nid, c, -score, -share, -peak] for _, score, share, peak, nid, c in best]
-        cost = len(dumps(current)) + len(dumps(entry)) + 2
+    def finish(term: str, lines: list[str]) -> None:
+        nonlocal size, terms, kept
+        entry = [[nid, c, -score, -share, -peak] for score, share, peak, nid, c in map(_ranks, lines)]
+        cost = len(dumps(term)) + len(dumps(entry)) + 2
         if not firsts or (size + cost > SHARD_BYTES and shard):
             flush()
-            firsts.append(current if firsts else "")
-        shard[current] = entry
-        add(cost)
+            firsts.append(term if firsts else "")
+        shard[term] = entry
+        size += cost
         terms += 1
         kept += len(entry)
 
-    def add(n: int) -> None:
-        nonlocal size
-        size += n
-
-    for item in heapq.merge(*(_read(p) for p in runs)):
-        if item[0] != current:
-            finish()
-            current, best = item[0], []
-        if len(best) < POSTINGS:
-            best.append(item)
-    finish()
+    files = [open(p, encoding="utf-8", newline="\n") for p in runs]
+    try:
+        ordered: str | None = None  # the current term, as the lines spell it
+        best: list[str] = []
+        for line in heapq.merge(*files):  # lines sort as their postings: compared, parsed only if kept
+            term = line[:line.index(_SEP)]
+            if term != ordered:
+                if ordered is not None:
+                    finish(_term(ordered), best)
+                ordered, best = term, []
+            if len(best) < POSTINGS:
+                best.append(line)
+        if ordered is not None:
+            finish(_term(ordered), best)
+    finally:
+        for f in files:
+            f.close()
     flush()
     (folder / "firsts.json").write_text(dumps(firsts or [""]), encoding="utf-8")
     return {"terms": terms, "postings": kept, "shards": len(firsts)}

@@ -209,10 +209,12 @@ def test_search_shards_are_ranges_of_about_equal_size(tmp_path):
         assert all(len(p) <= lsearch.POSTINGS for p in shard.values())
 
 
-def test_search_index_keeps_each_terms_best_postings_in_rank_order(tmp_path):
+@pytest.mark.parametrize("parts", [1, 3], ids=["one-range", "three-ranges"])
+def test_search_index_keeps_each_terms_best_postings_in_rank_order(tmp_path, parts):
     """The merge of sorted runs equals sorting every posting at once: each term's POSTINGS best, in
     rank order, whatever characters the term holds (tab, line end, backslash, control, emoji) and
-    with -0.0 and 0.0 ranks, ties broken by neuron id and case."""
+    with -0.0 and 0.0 ranks, ties broken by neuron id and case; in one range of terms or several
+    (each merged by its own task: how the build uses its workers)."""
     rng = random.Random(5)
     alphabet = ["a", "b", "\t", "\n", "\\", "\x01", "\x1f", "\x00", " ", "é", "😀", "人"]
     ranks = [0.0, -0.0, -0.5, -0.25, -1.0, -1e-300, -3.0]
@@ -225,7 +227,7 @@ def test_search_index_keeps_each_terms_best_postings_in_rank_order(tmp_path):
         runs.append(lsearch.write_sorted(items, tmp_path / f"run{r}.txt"))
     lsearch.POSTINGS, old = 7, lsearch.POSTINGS
     try:
-        lsearch.write_shards(runs, tmp_path / "search")
+        counts = lsearch.write_shards(runs, tmp_path / "search", parts=parts)
     finally:
         lsearch.POSTINGS = old
     expected: dict[str, list] = {}
@@ -237,6 +239,9 @@ def test_search_index_keeps_each_terms_best_postings_in_rank_order(tmp_path):
     for i in range(len(firsts)):
         found.update(json.loads((tmp_path / f"search/{i}.json").read_text(encoding="utf-8")))
     assert list(found) == list(expected) and found == expected
+    assert firsts[0] == "" and all(words.shard_of(t, firsts) == i for i in range(len(firsts))
+                                   for t in json.loads((tmp_path / f"search/{i}.json").read_text(encoding="utf-8")))
+    assert counts["terms"] == len(expected) and not list((tmp_path / "search").glob("range-*"))
 
 
 def test_word_finder_agrees_with_the_word_rules():

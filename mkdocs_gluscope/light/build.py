@@ -294,21 +294,23 @@ def build_data(options: DataOptions, groups: dict[Group, np.ndarray], out: Path,
         parts = np.unique(np.flatnonzero(docs) // ldata.DOCS_PER_FILE).tolist()
         chunks = [(options.activations, str(out), parts[i:i + 64]) for i in range(0, len(parts), 64)]
         totals["corpus_bytes"] = 0
-        for size, tail in _map(pool, _corpus_task, chunks):
+        corpus = _map(pool, _corpus_task, chunks)  # the workers write the corpus while this writes the tables
+        site = out / "site"
+        (site / "layers").mkdir(parents=True, exist_ok=True)
+        for g, parts in rows.items():  # one table in memory at a time
+            table = sorted((r for part in parts for r in json.loads(Path(part).read_text(encoding="utf-8"))),
+                           key=lambda r: r[0])
+            (site / "layers" / f"{table_name(g)}.json").write_text(
+                ldata.dumps({"layer": g[0], "expert": g[1], "rows": table}), encoding="utf-8")
+        for size, tail in corpus:
             totals["corpus_bytes"] += size
             tails["corpus"] = max(tails["corpus"], tail)
+        # The word index: a range of terms per worker.
+        totals.update(lsearch.write_shards(sorted(runs), site / "search", pool, options.workers if pool else 1))
     finally:
         if pool is not None:
             pool.close()
             pool.join()
-    site = out / "site"
-    (site / "layers").mkdir(parents=True, exist_ok=True)
-    for g, parts in rows.items():  # one table in memory at a time
-        table = sorted((r for part in parts for r in json.loads(Path(part).read_text(encoding="utf-8"))),
-                       key=lambda r: r[0])
-        (site / "layers" / f"{table_name(g)}.json").write_text(
-            ldata.dumps({"layer": g[0], "expert": g[1], "rows": table}), encoding="utf-8")
-    totals.update(lsearch.write_shards(sorted(runs), site / "search"))
     (site / "act.bin").write_bytes(act)
     # A page's first request to a data file is for its tail: the largest footer of its kind, no more.
     (site / "site.json").write_text(ldata.dumps({**facts, "tails": tails}), encoding="utf-8")

@@ -25,6 +25,7 @@ import torch
 
 from collect.stats import (N_BANDS, N_CASES, N_HOOKS, BatchDistributions, BatchReduction, Candidates, LayerStats, from_documents,
                            list_limits)
+from collect.stats import add_candidates as stats_add_candidates
 from collect.stats import windows_at as stats_windows_at
 
 try:
@@ -171,7 +172,12 @@ def add_candidates(stats: LayerStats, candidates: Candidates, doc_ids: torch.Ten
                    threads: int | None = None) -> None:
     """:func:`collect.stats.add_candidates` in the kernel: the same lists, values and windows, one
     loop per list with a candidate instead of tensors over them all. For a batch added as it is, of
-    unpacked ``hooks`` ``(post, in, gate, swish)`` the kernel reads (:func:`supports`)."""
+    unpacked ``hooks`` ``(post, in, gate, swish)`` the kernel reads (:func:`supports`). A build of the
+    kernel from before this function (a stale ``_fused`` of an older checkout) gets the torch code."""
+    if not hasattr(_fused, "examples"):
+        post, in_, gate, _ = hooks
+        return stats_add_candidates(stats, candidates, doc_ids, hooks, lengths, context_before, context_after,
+                                    windows=(gate, in_), cut=windows_at)
     hooks = [h if h.dtype != torch.float16 else h.float() for h in hooks]
     if len({h.dtype for h in hooks}) > 1:
         hooks = [h.float() for h in hooks]

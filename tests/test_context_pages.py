@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -67,22 +68,25 @@ def test_served_page_runs_your_own_text_through_the_model(project, output_dir):
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent),
                                                          os.environ.get("PYTHONPATH", "")])}
+    text = "Once again the council met, and the cat sat on the mat."
+    # The reference values first: opening the activations file while serving could start a rebuild.
+    with ActivationsFile(path) as f:
+        prober = Prober.load(str(folder), bos=str(f.attrs["bos"]))
+    probed = prober.run(text, [(1, 3)])
+    # The server's log goes to a file: a pipe nobody reads would block it once full.
+    log = tempfile.TemporaryFile(mode="w+")
     serve = subprocess.Popen([sys.executable, "-m", "mkdocs", "serve", "-f", str(config), "--dev-addr",
                               f"127.0.0.1:{port}", "--no-livereload"], cwd=root, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.DEVNULL, stderr=log, text=True)
     base = f"http://127.0.0.1:{port}/"
-    text = "Once again the council met, and the cat sat on the mat."
     try:
         for _ in range(240):
             try:
                 urllib.request.urlopen(base + "neurons/L1/N3/", timeout=2)
                 break
             except OSError:
-                assert serve.poll() is None, serve.stderr.read()
+                assert serve.poll() is None, log.seek(0) or log.read()
                 time.sleep(0.5)
-        with ActivationsFile(path) as f:
-            prober = Prober.load(str(folder), bos=str(f.attrs["bos"]))
-        probed = prober.run(text, [(1, 3)])
         errors: list[str] = []
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
@@ -121,7 +125,14 @@ def test_served_page_runs_your_own_text_through_the_model(project, output_dir):
             assert got == status and allowed == (origin if status == 200 else None)
     finally:
         serve.send_signal(signal.SIGINT)  # mkdocs serve shuts its plugins down, which stop the probe server
-        serve.wait(timeout=60)
+        try:
+            serve.wait(timeout=120)
+        finally:
+            if serve.poll() is None:
+                serve.kill()
+            log.seek(0)
+            print(log.read()[-3000:])  # shown with a failure
+            log.close()
     with pytest.raises(OSError):
         urllib.request.urlopen(probe_url.replace("/probe", "/health"), timeout=5)
 

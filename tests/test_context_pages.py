@@ -75,9 +75,12 @@ def test_served_page_runs_your_own_text_through_the_model(project, output_dir):
     probed = prober.run(text, [(1, 3)])
     # The server's log goes to a file: a pipe nobody reads would block it once full.
     log = tempfile.TemporaryFile(mode="w+")
+    # Ctrl+C as a terminal sends it: SIGINT at its default (a shell's background job starts with it ignored,
+    # and Python then installs no KeyboardInterrupt, so mkdocs serve would never stop).
     serve = subprocess.Popen([sys.executable, "-m", "mkdocs", "serve", "-f", str(config), "--dev-addr",
                               f"127.0.0.1:{port}", "--no-livereload"], cwd=root, env=env,
-                             stdout=subprocess.DEVNULL, stderr=log, text=True)
+                             stdout=subprocess.DEVNULL, stderr=log, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     base = f"http://127.0.0.1:{port}/"
     try:
         for _ in range(240):

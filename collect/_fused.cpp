@@ -51,6 +51,9 @@ struct Args {
     int64_t hook_sb[H], hook_st[H];  // element strides of b and t (n is contiguous)
     const uint8_t* valid;
     int64_t valid_sb, valid_st, valid_sn;  // valid_sn 0: one mask for every neuron
+    // Packed experts (collect.stats.Packing): neurons per group; valid is then [B, T, G] and prio
+    // [B, T, G], one per group and slot (valid_sn the stride of G). 0: not packed.
+    int64_t group;
     // outputs, [B, N, C] and [B, N, C, H]
     int32_t* doc_count;
     float* doc_sum;
@@ -278,6 +281,14 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
                     const int64_t width = s1 - n < L ? s1 - n : L;
                     const int64_t g = (n - n0) / L;
                     Acc& x = acc[g];
+                    // Each lane's column of valid and prio: its neuron, or its group where packed.
+                    int64_t col[L];
+                    for (int j = 0; j < L; ++j) col[j] = a.group > 0 ? (n + j) / a.group : n + j;
+                    const bool one_prio = a.group == 0 || col[0] == col[width - 1];
+                    const int64_t n_groups = a.group > 0 ? N / a.group : 1;
+                    auto prio_of = [&](int64_t t, int64_t j) {
+                        return a.group > 0 ? a.prio[(b * T + t) * n_groups + col[j]] : a.prio[b * T + t];
+                    };
                     vi count[C] = {none, none, none, none};
                     vi bad_any = none, hits = none;
                     // Per lane: which of its 24 lists are not full yet (bit case * 6 + band, and
@@ -329,7 +340,7 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
                         if (valid_sn != 0) {
                             const uint8_t* valid_row = valid + b * valid_sb + t * valid_st;
                             int32_t tmp[L] = {0, 0, 0, 0, 0, 0, 0, 0};
-                            for (int j = 0; j < width; ++j) tmp[j] = valid_row[(n + j) * valid_sn] ? -1 : 0;
+                            for (int j = 0; j < width; ++j) tmp[j] = valid_row[col[j] * valid_sn] ? -1 : 0;
                             vi m;
                             std::memcpy(&m, tmp, 32);
                             live &= m;
@@ -367,9 +378,11 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
                         // largest limit of its full lists, or into one of its lists not yet full.
                         const vi band = -((bin[0] >= 5) + (bin[0] >= 8) + (bin[0] >= 11) + (bin[0] >= 14));
                         here.code = cv * 8 + band;
-                        const int32_t p_hi = (int32_t)(a.prio[b * T + t] >> 31);
+                        vi p_hi = none + (int32_t)(prio_of(t, 0) >> 31);
+                        if (!one_prio)
+                            for (int j = 1; j < width; ++j) p_hi[j] = (int32_t)(prio_of(t, j) >> 31);
                         const vi open = (vi)((1 << (cv * 6 + 5)) | (1 << (cv * 6 + band)));
-                        here.hit = in_any & (((open & lanes_open) != 0) | ((none + p_hi) <= lanes_limit));
+                        here.hit = in_any & (((open & lanes_open) != 0) | (p_hi <= lanes_limit));
                         hits |= here.hit;
                     }
                     for (int c = 0; c < C; ++c) x.count[c] += count[c];
@@ -377,9 +390,9 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
                         for (int64_t i = 0; i < k; ++i) {
                             if (!any(tile[i].hit)) continue;
                             const int32_t t = tile[i].t;
-                            const int64_t p = a.prio[b * T + t];
                             for (int j = 0; j < width; ++j) {
                                 if (!tile[i].hit[j]) continue;
+                                const int64_t p = prio_of(t, j);
                                 const int64_t list = (n + j) * C + tile[i].code[j] / 8;
                                 const int64_t bl = list * R + tile[i].code[j] % 8;
                                 const int64_t at = list - n0 * C, bat = bl - n0 * C * R;
@@ -397,7 +410,7 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
                             const int64_t t = tile[i].t;
                             const uint8_t* valid_row = valid + b * valid_sb + t * valid_st;
                             for (int64_t j = 0; j < width; ++j) {
-                                if (!valid_row[valid_sn * (n + j)]) continue;
+                                if (!valid_row[valid_sn * col[j]]) continue;
                                 float y[H];
                                 for (int h = 0; h < H; ++h)
                                     y[h] = load_scalar(hook[h], b * hook_sb[h] + t * hook_st[h] + n + j, bf16);
@@ -537,8 +550,8 @@ static int64_t num(PyObject* list, Py_ssize_t i) {
 static PyObject* layer_batch(PyObject*, PyObject* args) {
     PyObject *p, *s;
     if (!PyArg_ParseTuple(args, "O!O!", &PyList_Type, &p, &PyList_Type, &s)) return nullptr;
-    if (PyList_GET_SIZE(p) != 23 || PyList_GET_SIZE(s) != 20) {
-        PyErr_SetString(PyExc_ValueError, "layer_batch: expected 23 pointers and 20 sizes");
+    if (PyList_GET_SIZE(p) != 23 || (PyList_GET_SIZE(s) != 20 && PyList_GET_SIZE(s) != 21)) {
+        PyErr_SetString(PyExc_ValueError, "layer_batch: expected 23 pointers and 20 sizes (21: packed)");
         return nullptr;
     }
     Args a;
@@ -578,8 +591,10 @@ static PyObject* layer_batch(PyObject*, PyObject* args) {
     a.valid_sn = num(s, 17);
     a.S = num(s, 18);
     a.S2 = num(s, 19);
+    a.group = PyList_GET_SIZE(s) > 20 ? num(s, 20) : 0;
     if (PyErr_Occurred()) return nullptr;
-    if ((a.hist == nullptr) != (a.dens == nullptr) || (a.prio != nullptr && a.hist == nullptr) || a.block < 1) {
+    if ((a.hist == nullptr) != (a.dens == nullptr) || (a.prio != nullptr && a.hist == nullptr) || a.block < 1 ||
+        a.group < 0 || (a.group > 0 && a.N % a.group != 0)) {
         PyErr_SetString(PyExc_ValueError, "layer_batch: inconsistent arguments");
         return nullptr;
     }
@@ -684,6 +699,11 @@ struct Merge {
     int bf16;
     const int64_t* lengths;  // [B]
     int64_t B, T, lists, k, before, after, per_neuron, l0, l1;
+    // Packed experts (collect.stats.Packing): the hooks are [B, T', N], T the documents' length,
+    // inverse [B, T, G] the slot of each position in each group's packing (-1: not seen, NaN in the
+    // windows), group the neurons per group. nullptr: not packed.
+    const int64_t* inverse;
+    int64_t group, n_groups;
 };
 
 // The batch's documents into the top-k lists [l0, l1): collect.stats.merge_top's rule (each list
@@ -751,8 +771,10 @@ static int64_t merge_lists(const Merge& m) {
         for (int h = 0; h < 2; ++h) {
             for (int64_t w = 0; w < W; ++w) {
                 const int64_t t = p - m.before + w;
-                const float v = (t >= 0 && t < len) ? load_scalar(m.hook[h], b * m.hook_sb[h] + t * m.hook_st[h] + e.n,
-                                                                  m.bf16) : NAN;
+                int64_t at = t;  // where position t is in the hooks: itself, or its slot where packed
+                if (m.inverse != nullptr && t >= 0 && t < len) at = m.inverse[(b * m.T + t) * m.n_groups + e.n / m.group];
+                const float v = (t >= 0 && t < len && at >= 0)
+                                    ? load_scalar(m.hook[h], b * m.hook_sb[h] + at * m.hook_st[h] + e.n, m.bf16) : NAN;
                 store_window_value(m.win[h], e.out + w, m.window_kind, v);
             }
         }
@@ -760,14 +782,15 @@ static int64_t merge_lists(const Merge& m) {
     return changed;
 }
 
-// merge(pointers: [key, pos, slot, win_gate, win_in, doc_abs, doc_pos, doc_id, gate, in, lengths],
-// sizes: [window_kind, bf16, gate_sb, gate_st, in_sb, in_st, B, T, lists, k, before, after,
-// per_neuron, l0, l1]): see merge_lists; returns the lists changed.
+// merge(pointers: [key, pos, slot, win_gate, win_in, doc_abs, doc_pos, doc_id, gate, in, lengths(,
+// inverse)], sizes: [window_kind, bf16, gate_sb, gate_st, in_sb, in_st, B, T, lists, k, before, after,
+// per_neuron, l0, l1(, group, n_groups)]): see merge_lists; returns the lists changed.
 static PyObject* merge(PyObject*, PyObject* args) {
     PyObject *p, *s;
     if (!PyArg_ParseTuple(args, "O!O!", &PyList_Type, &p, &PyList_Type, &s)) return nullptr;
-    if (PyList_GET_SIZE(p) != 11 || PyList_GET_SIZE(s) != 15) {
-        PyErr_SetString(PyExc_ValueError, "merge: expected 11 pointers and 15 sizes");
+    const bool packed = PyList_GET_SIZE(p) == 12;
+    if ((PyList_GET_SIZE(p) != 11 || PyList_GET_SIZE(s) != 15) && (!packed || PyList_GET_SIZE(s) != 17)) {
+        PyErr_SetString(PyExc_ValueError, "merge: expected 11 pointers and 15 sizes (packed: 12 and 17)");
         return nullptr;
     }
     Merge m;
@@ -787,7 +810,13 @@ static PyObject* merge(PyObject*, PyObject* args) {
     m.hook_sb[0] = num(s, 2), m.hook_st[0] = num(s, 3), m.hook_sb[1] = num(s, 4), m.hook_st[1] = num(s, 5);
     m.B = num(s, 6), m.T = num(s, 7), m.lists = num(s, 8), m.k = num(s, 9), m.before = num(s, 10);
     m.after = num(s, 11), m.per_neuron = num(s, 12), m.l0 = num(s, 13), m.l1 = num(s, 14);
+    m.inverse = packed ? (const int64_t*)ptr(p, 11) : nullptr;
+    m.group = packed ? num(s, 15) : 1, m.n_groups = packed ? num(s, 16) : 1;
     if (PyErr_Occurred()) return nullptr;
+    if (m.group < 1) {
+        PyErr_SetString(PyExc_ValueError, "merge: group < 1");
+        return nullptr;
+    }
     int64_t changed;
     Py_BEGIN_ALLOW_THREADS
     changed = merge_lists(m);

@@ -20,8 +20,8 @@ import concurrent.futures
 
 import torch
 
-from collect.stats import (N_CASES, N_HOOKS, BatchDistributions, BatchReduction, Candidates, LayerStats, from_documents,
-                           list_limits)
+from collect.stats import (N_CASES, N_HOOKS, BatchDistributions, BatchReduction, Candidates, LayerStats, Packing,
+                           from_documents, list_limits)
 from collect.stats import windows_at as stats_windows_at
 
 try:
@@ -50,6 +50,7 @@ def reduce_and_bin(stats: LayerStats, gate: torch.Tensor, in_: torch.Tensor, pos
                    swish: torch.Tensor, valid: torch.Tensor, *, prio: torch.Tensor | None = None,
                    doc_ids: torch.Tensor | None = None,
                    tables: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   packing: Packing | None = None,
                    threads: int | None = None) -> tuple[BatchReduction, BatchDistributions | None]:
     """One layer-batch through the kernel, for :func:`collect.stats.update_stats`: its reduction
     (exact: non-finite values counted apart, ``suspect`` never set) and, where ``stats`` has
@@ -57,15 +58,22 @@ def reduce_and_bin(stats: LayerStats, gate: torch.Tensor, in_: torch.Tensor, pos
     added to ``stats`` already (so the batch must then be added as it is), or to ``tables`` (zeroed
     ``hist`` and ``density`` of the batch alone, for a check before they count). ``gate``, ``in_``,
     ``post``, ``swish``: ``[B, T, N]``; ``valid``: ``[B, T]`` or ``[B, T, N]`` bool; ``prio``: ``[B, T]``
-    sampling priorities and ``doc_ids`` ``[B]`` the rows' documents (with distributions)."""
+    sampling priorities and ``doc_ids`` ``[B]`` the rows' documents (with distributions).
+    ``packing``: the hooks are packed experts (:class:`~collect.stats.Packing`): ``valid`` is then
+    ignored for the packing's own (per group and slot), ``prio`` the documents' ``[B, T]``, each slot
+    read at its position; the reduction's ``doc_pos`` and the candidates' ``t`` are slots."""
+    group = 0
+    if packing is not None:
+        valid, group = packing.valid, packing.group_size
+        prio = packing.priorities(prio) if prio is not None else None
     if not stats.has_distributions:
-        return layer_batch(gate, in_, post, swish, valid, threads=threads)[0], None
+        return layer_batch(gate, in_, post, swish, valid, group=group, threads=threads)[0], None
     limit_s, limit_b = list_limits(stats)
     hist, density = tables if tables is not None else (stats.hist, stats.density)
     reduced, candidates = layer_batch(gate, in_, post, swish, valid, hist=hist, density=density,
                                       prio=prio, doc_ids=doc_ids, sample_limit=limit_s, band_limit=limit_b,
                                       list_sizes=(stats.sample_key.shape[-1], stats.band_key.shape[-1]),
-                                      threads=threads)
+                                      group=group, threads=threads)
     if tables is not None:
         return reduced, BatchDistributions(candidates, hist, density)
     return reduced, BatchDistributions(candidates)
@@ -75,7 +83,8 @@ def layer_batch(gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor, swish
                 *, hist: torch.Tensor | None = None, density: torch.Tensor | None = None,
                 prio: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
                 sample_limit: torch.Tensor | None = None, band_limit: torch.Tensor | None = None,
-                list_sizes: tuple[int, int] = (0, 0), threads: int | None = None) -> tuple[BatchReduction, Candidates | None]:
+                list_sizes: tuple[int, int] = (0, 0), group: int = 0,
+                threads: int | None = None) -> tuple[BatchReduction, Candidates | None]:
     """One layer-batch through the kernel. ``gate``, ``in_``, ``post``, ``swish``: ``[B, T, N]``;
     ``valid``: ``[B, T]`` or ``[B, T, N]`` bool. Returns the batch's reduction (exact: ``suspect`` is
     never set) and, with ``prio``, the random examples' candidates.
@@ -84,7 +93,8 @@ def layer_batch(gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor, swish
     the histogram tables, added to in place. ``prio`` ``[B, T]`` int64, ``doc_ids`` ``[B]``: the
     positions' sampling priorities and the rows' documents; ``sample_limit`` ``[N, C]`` and
     ``band_limit`` ``[N, C, R]``: each list's last priority (a position enters only below it);
-    ``list_sizes``: the lists' lengths (S, S2)."""
+    ``list_sizes``: the lists' lengths (S, S2). ``group`` > 0: packed experts, ``group`` neurons per
+    expert, ``valid`` and ``prio`` ``[B, T, G]`` (one per expert and slot)."""
     if _fused is None:
         raise RuntimeError("collect._fused was not built")
     hooks = [h if h.dtype != torch.float16 else h.float() for h in (post, in_, gate, swish)]
@@ -92,6 +102,9 @@ def layer_batch(gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor, swish
     hooks = [h.to(dtype) if h.dtype != dtype else h for h in hooks]
     hooks = [h if h.stride(-1) == 1 else h.contiguous() for h in hooks]
     b, t, n = hooks[0].shape
+    if group and (valid.dim() != 3 or valid.shape[-1] * group != n or (prio is not None and prio.shape != valid.shape)):
+        raise ValueError(f"packed hooks of {n} neurons in groups of {group}: valid {list(valid.shape)} and prio "
+                         f"{None if prio is None else list(prio.shape)} must be [B, T, {n // max(group, 1)}]")
     valid = valid.to(torch.uint8)
     valid_strides = valid.stride() if valid.dim() == 3 else valid.stride() + (0,)
     doc_count = torch.empty(b, n, N_CASES, dtype=torch.int32)
@@ -121,7 +134,7 @@ def layer_batch(gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor, swish
 
     def run(n0: int, n1: int) -> None:
         _fused.layer_batch(pointers, [b, t, n, n0, n1, BLOCK, int(dtype == torch.bfloat16), *strides,
-                                      *valid_strides, S, S2])
+                                      *valid_strides, S, S2] + ([group] if group else []))
 
     threads = threads or torch.get_num_threads()
     blocks = -(-n // BLOCK)
@@ -165,11 +178,13 @@ _WINDOW_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 def merge_top(stats: LayerStats, batch: BatchReduction, doc_ids: torch.Tensor, gate: torch.Tensor, in_: torch.Tensor,
               lengths: torch.Tensor, context_before: int, context_after: int, *, capacity: int | None = None,
-              accept: torch.Tensor | None = None, cut: object = None,
+              accept: torch.Tensor | None = None, cut: object = None, packing: Packing | None = None,
               threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`collect.stats.merge_top` in the kernel: the same lists and windows (their slots may
     differ: :meth:`LayerStats.ordered_windows` reads them in list order), one loop per list instead
-    of tensors over every list. For a batch added as it is, from CPU tensors the kernel reads."""
+    of tensors over every list. For a batch added as it is, from CPU tensors the kernel reads.
+    ``packing``: ``gate``/``in_`` are packed experts, ``batch.doc_pos`` document positions (as the
+    torch merge takes them); each window holds the expert's values where it saw the position."""
     if capacity is not None or accept is not None:
         raise ValueError("the kernel's merge adds a batch as it is (no capacity, no accept)")
     hooks = [h if h.dtype != torch.float16 else h.float() for h in (gate, in_)]
@@ -186,12 +201,18 @@ def merge_top(stats: LayerStats, batch: BatchReduction, doc_ids: torch.Tensor, g
     pointers = [stats.top_key.data_ptr(), stats.top_pos.data_ptr(), stats.top_slot.data_ptr(),
                 stats.win_gate.data_ptr(), stats.win_in.data_ptr(), doc_abs.data_ptr(), doc_pos.data_ptr(),
                 doc_ids.data_ptr(), hooks[0].data_ptr(), hooks[1].data_ptr(), lengths.data_ptr()]
+    t_doc, packed = hooks[0].shape[1], []
+    if packing is not None:
+        inverse = packing.inverse.to(torch.int64).contiguous()
+        t_doc = inverse.shape[1]
+        pointers.append(inverse.data_ptr())
+        packed = [packing.group_size, inverse.shape[2]]
     sizes = [_WINDOW_KINDS[stats.win_gate.dtype], int(hooks[0].dtype == torch.bfloat16), *hooks[0].stride()[:2],
-             *hooks[1].stride()[:2], doc_abs.shape[0], hooks[0].shape[1], n_lists, k, context_before, context_after,
+             *hooks[1].stride()[:2], doc_abs.shape[0], t_doc, n_lists, k, context_before, context_after,
              N_CASES * N_HOOKS]
 
     def run(l0: int, l1: int) -> int:
-        return _fused.merge(pointers, sizes + [l0, l1])
+        return _fused.merge(pointers, sizes + [l0, l1] + packed)
 
     threads = threads or torch.get_num_threads()
     if threads <= 1 or n_lists < 1024:

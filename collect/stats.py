@@ -1062,12 +1062,8 @@ def update_stats(
     ``merge``: :func:`merge_top`, or a faster function that computes the same lists (the CPU kernel's).
     ``capacity``, ``accept`` and the returned ``(applied, active)`` as in :func:`merge_top`: a batch
     not applied leaves every statistic as it was, decided on the device, without a host sync."""
-    if packing is None:
-        applied, active = (merge or merge_top)(stats, batch, doc_ids, gate, in_, lengths, context_before, context_after,
-                                               capacity=capacity, accept=accept, cut=cut)
-    else:  # packed slots: the torch merge, which knows the document position of every slot
-        applied, active = merge_top(stats, batch, doc_ids, gate, in_, lengths, context_before, context_after,
-                                    capacity=capacity, accept=accept, packing=packing)
+    applied, active = (merge or merge_top)(stats, batch, doc_ids, gate, in_, lengths, context_before, context_after,
+                                           capacity=capacity, accept=accept, cut=cut, packing=packing)
     updated = {
         "count": stats.count + batch.count,
         "nonfinite": stats.nonfinite + batch.nonfinite,

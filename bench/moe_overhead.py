@@ -187,6 +187,7 @@ def main() -> None:
               "nested parts indented):")
         print(f"  bare forward pass of the layer            {sum(bare[later]) * per:8.1f}")
         print(f"  collection, all of it                     {sum(collected[later]) * per:8.1f}")
+        print(f"  packed slots filled, per layer-batch: {'; '.join(parts.packed)}")
         for name, depth in parts.NAMES:
             if parts.totals.get(name):
                 print(f"  {'  ' * depth}{name:<{40 - 2 * depth}} {parts.totals[name] * per:8.1f}")
@@ -198,7 +199,7 @@ class Parts:
 
     NAMES = [("pack_experts", 0), ("LayerPaths.add", 0), ("reduce (compiled)", 1), ("kernel layer_batch", 1),
              ("check_outputs", 1), ("update_stats", 1), ("merge_top", 2), ("kernel merge", 2),
-             ("histogram", 2), ("update_examples", 2), ("add_candidates", 2), ("windows", 3),
+             ("histogram", 2), ("update_examples", 2), ("add_candidates", 2), ("kernel examples", 2), ("windows", 3),
              ("LayerPaths.redo", 0)]
 
     def __init__(self, later_from: int, collected: list[float]) -> None:
@@ -227,6 +228,17 @@ class Parts:
             setattr(owner, attr, timed)
 
         wrap(run_module, "pack_experts", "pack_experts")
+        self.packed: list[str] = []  # each later batch's packing: slots filled of slots packed
+        timed_pack = run_module.pack_experts
+
+        def pack(*a, **kw):
+            packed = timed_pack(*a, **kw)
+            if later():
+                filled = packed.packing.filled
+                self.packed.append(f"{int(filled.sum()):,} of {filled.numel():,} (length {filled.shape[1]})")
+            return packed
+
+        run_module.pack_experts = pack
         wrap(batch_module.LayerPaths, "add", "LayerPaths.add")
         wrap(batch_module.LayerPaths, "redo", "LayerPaths.redo")
         wrap(batch_module, "check_outputs", "check_outputs")
@@ -236,6 +248,8 @@ class Parts:
         wrap(fused_module, "merge_top", "kernel merge")
         wrap(stats_module, "update_examples", "update_examples")
         wrap(stats_module, "add_candidates", "add_candidates")
+        if hasattr(fused_module, "add_candidates"):
+            wrap(fused_module, "add_candidates", "kernel examples")
         wrap(stats_module.Packing, "windows_at", "windows")
         real_init = batch_module.LayerPaths.__init__
 

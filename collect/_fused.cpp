@@ -54,6 +54,7 @@ struct Args {
     // Packed experts (collect.stats.Packing): neurons per group; valid is then [B, T, G] and prio
     // [B, T, G], one per group and slot (valid_sn the stride of G). 0: not packed.
     int64_t group;
+    const int64_t* slot_count;  // packed: [B, G] filled slots of each (document, group), past which nothing is read
     // outputs, [B, N, C] and [B, N, C, H]
     int32_t* doc_count;
     float* doc_sum;
@@ -76,6 +77,14 @@ struct Args {
     int32_t* cand_b_t;
     int64_t S, S2;
 };
+
+// The most filled slots of the groups of lanes n .. n + width - 1 in document b (packed experts).
+static inline int64_t filled_slots(const Args& a, int64_t b, int64_t n, int64_t width) {
+    const int64_t n_groups = a.N / a.group;
+    int64_t most = 0;
+    for (int64_t j = 0; j < width; ++j) most = std::max(most, a.slot_count[b * n_groups + (n + j) / a.group]);
+    return most;
+}
 
 static inline float load_scalar(const char* base, int64_t i, int bf16) {
     if (bf16) {
@@ -289,6 +298,9 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
                     auto prio_of = [&](int64_t t, int64_t j) {
                         return a.group > 0 ? a.prio[(b * T + t) * n_groups + col[j]] : a.prio[b * T + t];
                     };
+                    // Packed experts: a group's slots past its filled ones in this document hold nothing.
+                    const int64_t stop = a.slot_count != nullptr ? std::min(c1, filled_slots(a, b, n, width)) : c1;
+                    if (stop <= c0) continue;
                     vi count[C] = {none, none, none, none};
                     vi bad_any = none, hits = none;
                     // Per lane: which of its 24 lists are not full yet (bit case * 6 + band, and
@@ -315,7 +327,7 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
                         }
                     }
                     // First the chunk's values, their cases, counts, bins and candidates ...
-                    const int64_t k = c1 - c0;
+                    const int64_t k = stop - c0;
                     for (int64_t i = 0; i < k; ++i) {
                         const int64_t t = counted_b[c0 + i];
                         Slot& here = tile[i];
@@ -504,7 +516,8 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
             uint16_t* base = local + g * L * PER_NEURON;
             const int64_t width = n1 - (n0 + g * L) < L ? n1 - (n0 + g * L) : L;
             for (int64_t b = b0, i = i0; b < b1 || (b == b1 && i < i1);) {
-                const int64_t end = b < b1 ? n_counted_of[b] : i1;
+                int64_t end = b < b1 ? n_counted_of[b] : i1;
+                if (a.slot_count != nullptr) end = std::min(end, filled_slots(a, b, n0 + g * L, width));
                 const vi* code = codes + (g * B + b) * T;
                 const int32_t* counted_b = counted + b * T;
                 for (; i < end; ++i) {
@@ -550,8 +563,8 @@ static int64_t num(PyObject* list, Py_ssize_t i) {
 static PyObject* layer_batch(PyObject*, PyObject* args) {
     PyObject *p, *s;
     if (!PyArg_ParseTuple(args, "O!O!", &PyList_Type, &p, &PyList_Type, &s)) return nullptr;
-    if (PyList_GET_SIZE(p) != 23 || (PyList_GET_SIZE(s) != 20 && PyList_GET_SIZE(s) != 21)) {
-        PyErr_SetString(PyExc_ValueError, "layer_batch: expected 23 pointers and 20 sizes (21: packed)");
+    if ((PyList_GET_SIZE(p) != 23 || PyList_GET_SIZE(s) != 20) && (PyList_GET_SIZE(p) != 24 || PyList_GET_SIZE(s) != 21)) {
+        PyErr_SetString(PyExc_ValueError, "layer_batch: expected 23 pointers and 20 sizes (packed: 24 and 21)");
         return nullptr;
     }
     Args a;
@@ -592,9 +605,11 @@ static PyObject* layer_batch(PyObject*, PyObject* args) {
     a.S = num(s, 18);
     a.S2 = num(s, 19);
     a.group = PyList_GET_SIZE(s) > 20 ? num(s, 20) : 0;
+    a.slot_count = PyList_GET_SIZE(p) > 23 ? (const int64_t*)ptr(p, 23) : nullptr;
     if (PyErr_Occurred()) return nullptr;
     if ((a.hist == nullptr) != (a.dens == nullptr) || (a.prio != nullptr && a.hist == nullptr) || a.block < 1 ||
-        a.group < 0 || (a.group > 0 && a.N % a.group != 0)) {
+        a.group < 0 || (a.group > 0 && a.N % a.group != 0) ||
+        (a.slot_count != nullptr && (a.group < 1 || a.valid_sn == 0))) {
         PyErr_SetString(PyExc_ValueError, "layer_batch: inconsistent arguments");
         return nullptr;
     }
@@ -765,16 +780,18 @@ static int64_t merge_lists(const Merge& m) {
     }
     // The entering entries' windows, in the order of their positions: neighbours read the same rows
     // from cache (in list order every window would read its rows from memory).
-    std::sort(entering.begin(), entering.end(), [](const Entering& x, const Entering& y) { return x.at < y.at; });
+    // (Neurons in order within a position: neighbouring columns of the same rows, one cache line for several.)
+    if (m.inverse == nullptr)
+        std::sort(entering.begin(), entering.end(),
+                  [](const Entering& x, const Entering& y) { return x.at < y.at || (x.at == y.at && x.n < y.n); });
     for (const Entering& e : entering) {
         const int64_t b = e.at / m.T, p = e.at % m.T, len = m.lengths[b] < m.T ? m.lengths[b] : m.T;
-        for (int h = 0; h < 2; ++h) {
-            for (int64_t w = 0; w < W; ++w) {
-                const int64_t t = p - m.before + w;
-                int64_t at = t;  // where position t is in the hooks: itself, or its slot where packed
-                if (m.inverse != nullptr && t >= 0 && t < len) at = m.inverse[(b * m.T + t) * m.n_groups + e.n / m.group];
-                const float v = (t >= 0 && t < len && at >= 0)
-                                    ? load_scalar(m.hook[h], b * m.hook_sb[h] + at * m.hook_st[h] + e.n, m.bf16) : NAN;
+        for (int64_t w = 0; w < W; ++w) {
+            const int64_t t = p - m.before + w;
+            int64_t at = t >= 0 && t < len ? t : -1;  // where position t is in the hooks: itself, or its slot where packed
+            if (at >= 0 && m.inverse != nullptr) at = m.inverse[(b * m.T + t) * m.n_groups + e.n / m.group];
+            for (int h = 0; h < 2; ++h) {
+                const float v = at >= 0 ? load_scalar(m.hook[h], b * m.hook_sb[h] + at * m.hook_st[h] + e.n, m.bf16) : NAN;
                 store_window_value(m.win[h], e.out + w, m.window_kind, v);
             }
         }
@@ -824,6 +841,132 @@ static PyObject* merge(PyObject*, PyObject* args) {
     return PyLong_FromLongLong(changed);
 }
 
+// A batch's random-example candidates into their lists [l0, l1) (collect.stats.add_candidates' rule):
+// each list keeps its S entries of lowest (priority, document, position), ascending, empty slots last;
+// only the entries that enter get their values and windows read. In place, from the last slot back:
+// an old entry only moves to a later slot, so every slot is written after its old entry has moved.
+struct Examples {
+    int64_t* key;  // [lists, S], EMPTY_PRIORITY in empty slots (which are last)
+    int32_t* doc;
+    int32_t* pos;
+    float* value;  // [lists, S, H]
+    char* win[2];  // gate and in windows [lists, S, W] of window kind
+    int window_kind;
+    const int64_t* cand_key;  // [lists, S] ascending, EMPTY_PRIORITY in empty slots
+    const int32_t* cand_b;
+    const int32_t* cand_t;  // the position in the hooks (a slot where packed)
+    const int64_t* doc_id;  // [B]
+    const int64_t* lengths;  // [B]
+    const char* hook[H + 2];  // post, in, gate, swish (the values), then gate and in (the windows): [B, T', N]
+    int64_t hook_sb[H + 2], hook_st[H + 2];
+    int bf16;
+    const int64_t* positions;  // packed: [B, T', G] document position of each slot; nullptr: not packed
+    const int64_t* inverse;  // packed: [B, T, G] slot of each position, -1 where the group did not see it
+    int64_t T, T_hooks, S, before, after, per_neuron, group, n_groups, l0, l1;
+};
+
+static int64_t merge_examples(const Examples& e) {
+    const int64_t S = e.S, W = e.before + 1 + e.after;
+    const int64_t wbytes = e.window_kind == 0 ? 4 : 2;
+    std::vector<int64_t> from(S), cdoc(S), cpos(S);
+    int64_t entered = 0;
+    for (int64_t l = e.l0; l < e.l1; ++l) {
+        const int64_t* ck = e.cand_key + l * S;
+        if (ck[0] == EMPTY_PRIORITY) continue;
+        int64_t* key = e.key + l * S;
+        int32_t* doc = e.doc + l * S;
+        int32_t* pos = e.pos + l * S;
+        const int32_t* cb = e.cand_b + l * S;
+        const int32_t* ct = e.cand_t + l * S;
+        const int64_t n = l / e.per_neuron, g = e.positions != nullptr ? n / e.group : 0;
+        int64_t m = 0, c = 0;
+        while (m < S && key[m] != EMPTY_PRIORITY) ++m;
+        for (; c < S && ck[c] != EMPTY_PRIORITY; ++c) {
+            cdoc[c] = e.doc_id[cb[c]];
+            cpos[c] = e.positions != nullptr ? e.positions[((int64_t)cb[c] * e.T_hooks + ct[c]) * e.n_groups + g] : ct[c];
+        }
+        // Which entry each slot takes: the lower (priority, document, position) first.
+        const int64_t used = m + c < S ? m + c : S;
+        for (int64_t p = 0, i = 0, j = 0; p < used; ++p) {
+            const bool take_cand = j < c && (i >= m || ck[j] < key[i] ||
+                                             (ck[j] == key[i] && (cdoc[j] < doc[i] || (cdoc[j] == doc[i] && cpos[j] < pos[i]))));
+            from[p] = take_cand ? -1 - j++ : i++;
+        }
+        for (int64_t p = used - 1; p >= 0; --p) {
+            if (from[p] == p) continue;
+            float* value = e.value + (l * S + p) * H;
+            if (from[p] >= 0) {  // an old entry, one slot later or more
+                const int64_t i = from[p];
+                key[p] = key[i], doc[p] = doc[i], pos[p] = pos[i];
+                std::memcpy(value, e.value + (l * S + i) * H, sizeof(float) * H);
+                for (int h = 0; h < 2; ++h)
+                    std::memcpy(e.win[h] + (l * S + p) * W * wbytes, e.win[h] + (l * S + i) * W * wbytes, W * wbytes);
+                continue;
+            }
+            const int64_t j = -1 - from[p], b = cb[j], t = ct[j], at = cpos[j];
+            ++entered;
+            key[p] = ck[j], doc[p] = (int32_t)cdoc[j], pos[p] = (int32_t)at;
+            for (int h = 0; h < H; ++h) value[h] = load_scalar(e.hook[h], b * e.hook_sb[h] + t * e.hook_st[h] + n, e.bf16);
+            const int64_t len = e.lengths[b] < e.T ? e.lengths[b] : e.T;
+            for (int64_t w = 0; w < W; ++w) {
+                const int64_t u = at - e.before + w;  // a document position
+                int64_t where = u >= 0 && u < len ? u : -1;  // where it is in the hooks: itself, or its slot
+                if (where >= 0 && e.inverse != nullptr) where = e.inverse[(b * e.T + u) * e.n_groups + g];
+                for (int h = 0; h < 2; ++h) {
+                    const float v = where >= 0 ? load_scalar(e.hook[H + h], b * e.hook_sb[H + h] + where * e.hook_st[H + h] + n,
+                                                             e.bf16) : NAN;
+                    store_window_value(e.win[h], (l * S + p) * W + w, e.window_kind, v);
+                }
+            }
+        }
+    }
+    return entered;
+}
+
+// examples(pointers: [key, doc, pos, value, win_gate, win_in, cand_key, cand_b, cand_t, doc_id, lengths,
+// post, in, gate, swish, window gate, window in, positions, inverse] (positions and inverse 0: not packed),
+// sizes: [window_kind, bf16, 6 x (sb, st), T, T_hooks, S, before, after, per_neuron, group, n_groups, l0, l1]):
+// see merge_examples; returns the entries that entered.
+static PyObject* examples(PyObject*, PyObject* args) {
+    PyObject *p, *s;
+    if (!PyArg_ParseTuple(args, "O!O!", &PyList_Type, &p, &PyList_Type, &s)) return nullptr;
+    if (PyList_GET_SIZE(p) != 19 || PyList_GET_SIZE(s) != 24) {
+        PyErr_SetString(PyExc_ValueError, "examples: expected 19 pointers and 24 sizes");
+        return nullptr;
+    }
+    Examples e;
+    e.key = (int64_t*)ptr(p, 0);
+    e.doc = (int32_t*)ptr(p, 1);
+    e.pos = (int32_t*)ptr(p, 2);
+    e.value = (float*)ptr(p, 3);
+    e.win[0] = (char*)ptr(p, 4);
+    e.win[1] = (char*)ptr(p, 5);
+    e.cand_key = (const int64_t*)ptr(p, 6);
+    e.cand_b = (const int32_t*)ptr(p, 7);
+    e.cand_t = (const int32_t*)ptr(p, 8);
+    e.doc_id = (const int64_t*)ptr(p, 9);
+    e.lengths = (const int64_t*)ptr(p, 10);
+    for (int h = 0; h < H + 2; ++h) e.hook[h] = (const char*)ptr(p, 11 + h);
+    e.positions = (const int64_t*)ptr(p, 17);
+    e.inverse = (const int64_t*)ptr(p, 18);
+    e.window_kind = (int)num(s, 0);
+    e.bf16 = (int)num(s, 1);
+    for (int h = 0; h < H + 2; ++h) e.hook_sb[h] = num(s, 2 + 2 * h), e.hook_st[h] = num(s, 3 + 2 * h);
+    e.T = num(s, 14), e.T_hooks = num(s, 15), e.S = num(s, 16), e.before = num(s, 17), e.after = num(s, 18);
+    e.per_neuron = num(s, 19), e.group = num(s, 20), e.n_groups = num(s, 21), e.l0 = num(s, 22), e.l1 = num(s, 23);
+    if (PyErr_Occurred()) return nullptr;
+    if ((e.positions == nullptr) != (e.inverse == nullptr) || e.per_neuron < 1 || e.S < 1 ||
+        (e.positions != nullptr && e.group < 1)) {
+        PyErr_SetString(PyExc_ValueError, "examples: inconsistent arguments");
+        return nullptr;
+    }
+    int64_t entered;
+    Py_BEGIN_ALLOW_THREADS
+    entered = merge_examples(e);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLongLong(entered);
+}
+
 // to_half(values: int (float32 pointer), out: int (uint16 pointer), count): for the tests.
 static PyObject* halves(PyObject*, PyObject* args) {
     unsigned long long values, out;
@@ -838,6 +981,7 @@ static PyMethodDef methods[] = {
     {"layer_batch", layer_batch, METH_VARARGS, "One layer-batch's fused statistics (see collect/fused.py)."},
     {"windows", windows, METH_VARARGS, "Windows around chosen positions (see collect/fused.py)."},
     {"merge", merge, METH_VARARGS, "A batch's documents into the top-k lists (see collect/fused.py)."},
+    {"examples", examples, METH_VARARGS, "A batch's example candidates into their lists (see collect/fused.py)."},
     {"convert", halves, METH_VARARGS, "float32 to a window dtype, as the merge stores them (for the tests)."},
     {nullptr, nullptr, 0, nullptr},
 };

@@ -131,7 +131,8 @@ class LayerPaths:
                     return None
             update_stats(stats, _at_documents(reduced, packing), batch.doc_ids, gate, in_, batch.lengths,
                          batch.context_before, batch.context_after, check_finite=True, distributions=distributions,
-                         cut=fused.windows_at, merge=fused.merge_top, packing=packing, **extra)
+                         cut=fused.windows_at, merge=fused.merge_top, add_examples=fused.add_candidates, packing=packing,
+                         **extra)
             return None
         reduced = self.reduce(gate, in_, post, swish, batch.valid)
         if not self.deferred:  # a CPU: every check read at once, a flagged batch redone from the tensors in hand

@@ -23,6 +23,7 @@ import torch
 from collect.stats import (N_CASES, N_HOOKS, BatchDistributions, BatchReduction, Candidates, LayerStats, Packing,
                            from_documents, list_limits)
 from collect.stats import windows_at as stats_windows_at
+from mkdocs_gluscope.distributions import N_BANDS
 
 try:
     from collect import _fused
@@ -62,18 +63,18 @@ def reduce_and_bin(stats: LayerStats, gate: torch.Tensor, in_: torch.Tensor, pos
     ``packing``: the hooks are packed experts (:class:`~collect.stats.Packing`): ``valid`` is then
     ignored for the packing's own (per group and slot), ``prio`` the documents' ``[B, T]``, each slot
     read at its position; the reduction's ``doc_pos`` and the candidates' ``t`` are slots."""
-    group = 0
+    group, slots = 0, None
     if packing is not None:
-        valid, group = packing.valid, packing.group_size
+        valid, group, slots = packing.valid, packing.group_size, packing.filled.sum(dim=1)
         prio = packing.priorities(prio) if prio is not None else None
     if not stats.has_distributions:
-        return layer_batch(gate, in_, post, swish, valid, group=group, threads=threads)[0], None
+        return layer_batch(gate, in_, post, swish, valid, group=group, slots=slots, threads=threads)[0], None
     limit_s, limit_b = list_limits(stats)
     hist, density = tables if tables is not None else (stats.hist, stats.density)
     reduced, candidates = layer_batch(gate, in_, post, swish, valid, hist=hist, density=density,
                                       prio=prio, doc_ids=doc_ids, sample_limit=limit_s, band_limit=limit_b,
                                       list_sizes=(stats.sample_key.shape[-1], stats.band_key.shape[-1]),
-                                      group=group, threads=threads)
+                                      group=group, slots=slots, threads=threads)
     if tables is not None:
         return reduced, BatchDistributions(candidates, hist, density)
     return reduced, BatchDistributions(candidates)
@@ -83,7 +84,7 @@ def layer_batch(gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor, swish
                 *, hist: torch.Tensor | None = None, density: torch.Tensor | None = None,
                 prio: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
                 sample_limit: torch.Tensor | None = None, band_limit: torch.Tensor | None = None,
-                list_sizes: tuple[int, int] = (0, 0), group: int = 0,
+                list_sizes: tuple[int, int] = (0, 0), group: int = 0, slots: torch.Tensor | None = None,
                 threads: int | None = None) -> tuple[BatchReduction, Candidates | None]:
     """One layer-batch through the kernel. ``gate``, ``in_``, ``post``, ``swish``: ``[B, T, N]``;
     ``valid``: ``[B, T]`` or ``[B, T, N]`` bool. Returns the batch's reduction (exact: ``suspect`` is
@@ -94,7 +95,8 @@ def layer_batch(gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor, swish
     positions' sampling priorities and the rows' documents; ``sample_limit`` ``[N, C]`` and
     ``band_limit`` ``[N, C, R]``: each list's last priority (a position enters only below it);
     ``list_sizes``: the lists' lengths (S, S2). ``group`` > 0: packed experts, ``group`` neurons per
-    expert, ``valid`` and ``prio`` ``[B, T, G]`` (one per expert and slot)."""
+    expert, ``valid`` and ``prio`` ``[B, T, G]`` (one per expert and slot); ``slots`` ``[B, G]``: each
+    expert's filled slots in each document (a prefix; the kernel reads nothing past it)."""
     if _fused is None:
         raise RuntimeError("collect._fused was not built")
     hooks = [h if h.dtype != torch.float16 else h.float() for h in (post, in_, gate, swish)]
@@ -105,6 +107,8 @@ def layer_batch(gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor, swish
     if group and (valid.dim() != 3 or valid.shape[-1] * group != n or (prio is not None and prio.shape != valid.shape)):
         raise ValueError(f"packed hooks of {n} neurons in groups of {group}: valid {list(valid.shape)} and prio "
                          f"{None if prio is None else list(prio.shape)} must be [B, T, {n // max(group, 1)}]")
+    if slots is not None and (not group or slots.shape != (b, n // group)):
+        raise ValueError(f"slots {list(slots.shape)}: expected [B, G] = [{b}, {n // max(group, 1)}] with a group size")
     valid = valid.to(torch.uint8)
     valid_strides = valid.stride() if valid.dim() == 3 else valid.stride() + (0,)
     doc_count = torch.empty(b, n, N_CASES, dtype=torch.int32)
@@ -130,6 +134,9 @@ def layer_batch(gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor, swish
     pointers = [h.data_ptr() for h in hooks] + [valid.data_ptr(), doc_count.data_ptr(), doc_sum.data_ptr(),
                                                 doc_max.data_ptr(), doc_min.data_ptr(), doc_pos.data_ptr(),
                                                 nonfinite.data_ptr()] + extra
+    if slots is not None:
+        slots = slots.to(torch.int64).contiguous()
+        pointers.append(slots.data_ptr())
     strides = [s for h in hooks for s in h.stride()[:2]]
 
     def run(n0: int, n1: int) -> None:
@@ -222,3 +229,54 @@ def merge_top(stats: LayerStats, batch: BatchReduction, doc_ids: torch.Tensor, g
         with concurrent.futures.ThreadPoolExecutor(threads) as pool:
             changed = sum(pool.map(lambda l0: run(l0, min(n_lists, l0 + per)), range(0, n_lists, per)))
     return torch.ones((), dtype=torch.bool), torch.tensor(changed)
+
+
+def add_candidates(stats: LayerStats, candidates: Candidates, doc_ids: torch.Tensor, hooks: tuple[torch.Tensor, ...],
+                   lengths: torch.Tensor, context_before: int, context_after: int, *, packing: Packing | None = None,
+                   windows: tuple[torch.Tensor, torch.Tensor] | None = None, applied: torch.Tensor | None = None,
+                   cut: object = None, threads: int | None = None) -> None:
+    """:func:`collect.stats.add_candidates` in the kernel: the same lists, one loop per list with a
+    candidate, the values and windows read only for the entries that enter (the torch code cuts them
+    for every candidate, then sorts). For a batch added as it is, from CPU tensors the kernel reads;
+    ``hooks`` ``(post, in, gate, swish)``, ``windows`` ``(gate, in)`` (default: the hooks'), packed
+    where ``packing`` says so (the candidates' ``t`` are then slots)."""
+    if applied is not None:
+        raise ValueError("the kernel's example merge adds a batch as it is (no applied flag)")
+    windows = windows if windows is not None else (hooks[2], hooks[1])
+    tensors = [h if h.dtype != torch.float16 else h.float() for h in (*hooks, *windows)]
+    if len({h.dtype for h in tensors}) > 1:
+        tensors = [h.float() for h in tensors]
+    tensors = [h if h.stride(-1) == 1 else h.contiguous() for h in tensors]
+    doc_ids = doc_ids.to(torch.int64).contiguous()
+    lengths = lengths.to(torch.int64).contiguous()
+    t_doc, t_hooks = tensors[0].shape[1], tensors[0].shape[1]
+    positions = inverse = None
+    group, n_groups = 0, 1
+    if packing is not None:
+        positions = packing.positions.to(torch.int64).contiguous()
+        inverse = packing.inverse.to(torch.int64).contiguous()
+        t_doc, group, n_groups = inverse.shape[1], packing.group_size, inverse.shape[2]
+    strides = [s for h in tensors for s in h.stride()[:2]]
+    threads = threads or torch.get_num_threads()
+    for prefix, per_list in (("sample", N_CASES), ("band", N_CASES * N_BANDS)):
+        lists = [getattr(stats, f"{prefix}_{name}") for name in ("key", "doc", "pos", "value", "gate", "in")]
+        for name, target in zip(("key", "doc", "pos", "value", "gate", "in"), lists):
+            assert target.is_contiguous(), f"{prefix}_{name}"
+        found = [getattr(candidates, f"{prefix}_{x}").contiguous() for x in ("key", "b", "t")]
+        size = lists[0].shape[-1]
+        n_lists = lists[0].numel() // size
+        pointers = [x.data_ptr() for x in lists + found] + [doc_ids.data_ptr(), lengths.data_ptr()] + [
+            h.data_ptr() for h in tensors] + [0 if positions is None else positions.data_ptr(),
+                                              0 if inverse is None else inverse.data_ptr()]
+        sizes = [_WINDOW_KINDS[lists[4].dtype], int(tensors[0].dtype == torch.bfloat16), *strides, t_doc, t_hooks, size,
+                 context_before, context_after, per_list, group, n_groups]
+
+        def run(l0: int, l1: int) -> int:
+            return _fused.examples(pointers, sizes + [l0, l1])
+
+        if threads <= 1 or n_lists < 1024:
+            run(0, n_lists)
+        else:
+            per = -(-n_lists // threads)
+            with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+                list(pool.map(lambda l0: run(l0, min(n_lists, l0 + per)), range(0, n_lists, per)))

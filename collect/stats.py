@@ -1048,6 +1048,7 @@ def update_stats(
     distributions: BatchDistributions | None = None,
     cut: Callable[..., torch.Tensor] | None = None,
     merge: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
+    add_examples: Callable[..., None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Add one batch to ``stats`` in place: counts, sums (accumulated in float64), extremes, top-k,
     and where ``stats`` has distributions, the histograms and random examples. Those need what
@@ -1059,7 +1060,8 @@ def update_stats(
     compiled form; ``distributions``: the batch's histogram tables and example candidates where they
     were found already (:class:`BatchDistributions`), else the histograms are binned here and the
     examples offered by :func:`update_examples`; ``cut``: what cuts the windows (:func:`merge_top`);
-    ``merge``: :func:`merge_top`, or a faster function that computes the same lists (the CPU kernel's).
+    ``merge``: :func:`merge_top`, or a faster function that computes the same lists (the CPU kernel's);
+    ``add_examples``: :func:`add_candidates`, or the same in the kernel (a batch added as it is).
     ``capacity``, ``accept`` and the returned ``(applied, active)`` as in :func:`merge_top`: a batch
     not applied leaves every statistic as it was, decided on the device, without a host sync."""
     applied, active = (merge or merge_top)(stats, batch, doc_ids, gate, in_, lengths, context_before, context_after,
@@ -1097,8 +1099,9 @@ def update_stats(
         update_examples(stats, batch, doc_ids, hooks, counted, prio if packing is None else packing.priorities(prio),
                         lengths, context_before, context_after, packing=packing, windows=(gate, in_))
     else:
-        add_candidates(stats, distributions.candidates, doc_ids, hooks, lengths, context_before, context_after,
-                       packing=packing, windows=(gate, in_), applied=applied if conditional else None, cut=cut)
+        (add_examples or add_candidates)(stats, distributions.candidates, doc_ids, hooks, lengths, context_before,
+                                         context_after, packing=packing, windows=(gate, in_),
+                                         applied=applied if conditional else None, cut=cut)
     return applied, active
 
 

@@ -29,7 +29,7 @@ def run_kernel(docs, k, first_counted, batch_size, samples=0, band_samples=1, *,
         assert not bool(reduced.suspect)
         update_stats(stats, reduced, doc_ids, gate, in_, lengths, BEFORE, AFTER, hooks=(post, in_, gate, swish),
                      valid=valid, prio=prio, check_finite=True, distributions=distributions, cut=fused.windows_at,
-                     merge=fused.merge_top)
+                     merge=fused.merge_top, add_examples=fused.add_candidates)
     return stats
 
 

@@ -6,7 +6,12 @@ every case's reductions for every value. The kernel reads each value once and do
 per-document counts, sums and extremes of :func:`~collect.stats.reduce_batch` (non-finite values
 counted apart, as its exact path does), the histograms (narrow counters per block of neurons,
 flushed into the tables), and for each random-example list the batch's positions that may enter it
-(:class:`Candidates`). Neurons are split among ``torch.get_num_threads()`` threads.
+(:class:`Candidates`). Neurons are split among ``torch.get_num_threads()`` threads. The top-k
+merge (:func:`merge_top`) and the random examples' merge (:func:`add_candidates`) run in it too,
+reading values and cutting windows only for the entries that enter a list. A mixture-of-experts
+layer's packed experts (:class:`~collect.stats.Packing`) take the same code: each expert's valid
+slots and their sampling priorities are read per expert, its empty slots skipped, and windows cut
+at document positions through the packing.
 
 The kernel is an optional part of the install (``setup.py``); :func:`available` says whether it was
 built. Without it collection runs the torch code, which gives the same values (the tests compare

@@ -15,7 +15,8 @@ tokens when the model is located.
 The experts of a layer are then reduced together, as one wide layer of ``experts x d_expert``
 neurons over packed positions (:func:`pack_experts`, :class:`collect.stats.Packing`): each
 expert's tokens packed to the front of each document, padded to a few bucket lengths so that the
-compiled statistics are reused.
+compiled statistics are reused (on a GPU; on a CPU the kernel of :mod:`collect.fused` reads each
+expert's filled slots only).
 """
 
 from __future__ import annotations

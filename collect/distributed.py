@@ -20,6 +20,7 @@ import datetime
 import os
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -77,19 +78,26 @@ def finish(world: World) -> None:
 #: How often a rank looks whether another one failed, and how long it then lets the failed rank end
 #: first, so that torchrun names that rank as the root cause (seconds).
 FAIL_POLL_S, FAIL_GRACE_S = 0.5, 2.0
+#: How long a failed rank waits for the others to finish what they must before it ends (seconds):
+#: torchrun stops every other process as soon as one ends, so the failed rank ends last but one.
+FAIL_ACK_TIMEOUT_S = 15.0
 
 
 class FailFast:
     """Every rank stops within seconds when one fails, with that rank's message.
 
     A rank that leaves :meth:`guard` by an exception (anything but a clean, agreed stop such as
-    :class:`collect.interrupt.Interrupted`) writes ``RANK<TAB>message`` under a key of torchrun's
-    key-value store, the first failure only. Every rank runs a watchdog thread that polls that key;
-    on another rank's failure it runs the ``on_abort`` callbacks (e.g. finishing a checkpoint that
-    is being written) and ends the process with status 1, wherever the main thread is waiting (a
-    collective cannot be interrupted otherwise). The store is torchrun's (``MASTER_ADDR``,
-    ``MASTER_PORT``), through a connection of its own, keyed by the run and restart so that a restarted
-    group does not read an earlier failure."""
+    :class:`collect.interrupt.Interrupted`) prints ``gluscope: error: rank R failed (...)`` and writes
+    ``RANK<TAB>message`` under a key of torchrun's key-value store, the first failure only. Every rank
+    runs a watchdog thread that polls that key; on another rank's failure it runs the ``on_abort``
+    callbacks (e.g. finishing a checkpoint that is being written), acknowledges under a key of its own
+    and ends the process with status 1 a moment later, wherever the main thread is waiting (a
+    collective cannot be interrupted otherwise). The failed rank waits for those acknowledgements
+    (at most :data:`FAIL_ACK_TIMEOUT_S`) before it ends: torchrun stops every other process as soon
+    as one ends, which would cut a checkpoint being finished, and it names the rank that ended first
+    as the root cause. The store is torchrun's (``MASTER_ADDR``, ``MASTER_PORT``), through a
+    connection of its own, keyed by the run and restart so that a restarted group does not read an
+    earlier failure."""
 
     def __init__(self, world: World, clean: tuple[type[BaseException], ...] = ()) -> None:
         self.world = world
@@ -118,14 +126,27 @@ class FailFast:
                 return
             if failure is None or failure[0] == self.world.rank:
                 continue
-            rank, message = failure
-            print(f"gluscope: error: rank {rank} failed ({message}); rank {self.world.rank} stops too (the last "
-                  "checkpoint is kept: rerun with --resume)", file=sys.stderr, flush=True)
+            rank, _message = failure
+            print(f"gluscope: rank {self.world.rank} stops because rank {rank} failed (the last checkpoint is "
+                  "kept: rerun with --resume)", file=sys.stderr, flush=True)
             for callback in self.on_abort:
                 with contextlib.suppress(BaseException):
                     callback()
+            with contextlib.suppress(Exception):
+                self._store.set(self._ack_key(self.world.rank), "1")
             self._stop.wait(FAIL_GRACE_S)
             os._exit(1)
+
+    def _ack_key(self, rank: int) -> str:
+        return f"{self._key}/stopped/{rank}"
+
+    def _await_the_others(self) -> None:
+        """Until every other rank has acknowledged the failure, or :data:`FAIL_ACK_TIMEOUT_S`."""
+        others = [self._ack_key(r) for r in range(self.world.size) if r != self.world.rank]
+        deadline = time.monotonic() + FAIL_ACK_TIMEOUT_S
+        with contextlib.suppress(Exception):  # the store went away: the group is ending anyway
+            while time.monotonic() < deadline and not self._store.check(others):
+                time.sleep(FAIL_POLL_S / 5)
 
     @contextlib.contextmanager
     def guard(self) -> Iterator["FailFast"]:
@@ -141,8 +162,11 @@ class FailFast:
             raise
         except BaseException as error:
             message = " ".join(str(error).split())[:500] or type(error).__name__
+            print(f"gluscope: error: rank {self.world.rank} failed ({type(error).__name__}: {message}); every "
+                  "rank stops (the last checkpoint is kept: rerun with --resume)", file=sys.stderr, flush=True)
             # The first failure wins: compare_set writes only where the key does not exist yet.
             self._store.compare_set(self._key, "", f"{self.world.rank}\t{type(error).__name__}: {message}")
+            self._await_the_others()
             raise
         finally:
             self._stop.set()

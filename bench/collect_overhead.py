@@ -64,10 +64,18 @@ def main() -> None:
                    help="--samples of each variant (0: no distributions; default: 0 and 8)")
     p.add_argument("--no-file", action="store_true",
                    help="time the run only, without writing the file (for large models on a GPU)")
+    p.add_argument("--state-only", action="store_true",
+                   help="print the statistics' memory per neuron (device and host) for each --samples, and stop")
     args = p.parse_args()
     for name, value in zip(("layers", "d_model", "d_mlp", "heads", "kv_heads", "vocab"), SHAPES[args.shape]):
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.state_only:
+        from collect.run import CollectConfig
+
+        for samples in args.samples:
+            print_state(CollectConfig(model="m", dataset=[], out=Path("o"), samples=samples), args.layers * args.d_mlp)
+        return
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     for doc_len in args.doc_len:
@@ -80,6 +88,21 @@ SHAPES = {
     "1b": (16, 2048, 8192, 32, 8, 128256),  # Llama-3.2-1B
     "7b": (32, 4096, 11008, 32, 32, 32000),  # Llama-2-7B / OLMo-7B
 }
+
+
+def print_state(cfg: "CollectConfig", neurons: int) -> None:
+    """The statistics a run keeps per neuron (float16 windows): in all (a CPU run's memory), and on a
+    GPU the device's part and the host memory's (the top-k windows)."""
+    from collect.stats import state_bytes_per_neuron
+
+    window = cfg.context_before + 1 + cfg.context_after
+    per = {part: state_bytes_per_neuron(cfg.k, window, torch.float16, cfg.samples, cfg.band_samples, part)
+           for part in ("all", "device", "host")}
+    what = f"samples {cfg.samples}, band samples {cfg.band_samples}" if cfg.samples else "no distributions"
+    print(f"resident statistics (k {cfg.k}, {window}-token float16 windows, {what}): {per['all']:,} bytes per neuron, {per['all'] * neurons / 2**30:.2f} GiB for "
+          f"{neurons:,} neurons; on a GPU: device state {per['device']:,} bytes per neuron "
+          f"({per['device'] * neurons / 2**30:.2f} GiB), host state {per['host']:,} bytes per neuron "
+          f"({per['host'] * neurons / 2**30:.2f} GiB: the top-k windows)")
 
 
 def cpu_name() -> str:
@@ -251,11 +274,7 @@ def measure(args: argparse.Namespace, doc_len: int) -> None:
                   f"{late.start + 1}-{len(batches)}, after {docs_seen} documents seen; medians {late_b:.3f} s vs "
                   f"{late_base:.3f} s)")
             late_ratios.setdefault(name, {})[samples] = late_ratio
-        from collect.stats import state_bytes_per_neuron
-
-        state = state_bytes_per_neuron(cfg.k, cfg.context_before + 1 + cfg.context_after, torch.float16, cfg.samples,
-                                       cfg.band_samples) * neurons
-        print(f"resident statistics: {state / 2**30:.2f} GiB ({state / neurons:,.0f} bytes per neuron, float16 windows)")
+        print_state(cfg, neurons)
         size = cfg.out.stat().st_size if cfg.out.exists() else 0
         if size:
             print(f"file: {size:,} bytes = {size / neurons:,.0f} bytes per neuron ({neurons:,} neurons; "

@@ -1,6 +1,6 @@
 """A neuron in context, measured: related neurons, the effects' cost to a collection, and the probe.
 
-    python bench/context.py --file data/demo.h5 [--model GGUF] [--parts activation,weights,forward,probe]
+    python bench/context.py --file data/demo.h5 [--model MODEL] [--parts activation,weights,forward,probe] [--runs 5]
 
 * ``activation``: ``gluscope related``'s part by activation over every neuron of the file (one run).
 * ``weights``: the part by weights for every layer of the model (one run).
@@ -8,8 +8,9 @@
   the model with the MLP hooks (statistics left out), stopping after the last recorded layer (before
   effects) against running on to the final norm and recording its scale; all layers recorded, and the
   first half only (there the rest of the model runs too). Interleaved, one torch thread, medians.
-* ``probe``: ``gluscope probe`` on a sentence, end to end as a command (medians of 3), and the model
-  load and the run inside it.
+* ``probe``: ``gluscope probe`` on a sentence, end to end from the shell in fresh processes (medians of
+  ``--runs``), its steps timed in as many fresh processes (imports, the file's opening, model load,
+  locating the MLPs, the forward pass, printing), and its imports by package (``python -X importtime``).
 
 Figures print with the CPU (``lscpu``) and the load average.
 """
@@ -30,9 +31,12 @@ SENTENCE = "In 1861 the president spoke to Congress of the union, the states, an
 
 
 def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in subprocess.run(
-        ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")), "?")
-    return f"{model}, {os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f}"
+    fields = dict(line.split(":", 1) for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+                  if ":" in line)
+    get = lambda key: fields.get(key, "?").strip()  # noqa: E731
+    isa = "AVX-512" if "avx512f" in get("Flags").split() else "AVX2 only" if "avx2" in get("Flags").split() else "no AVX2"
+    return (f"{get('Model name')} (family {get('CPU family')} model {get('Model')}, {isa}), {len(os.sched_getaffinity(0))} "
+            f"cores; load average {os.getloadavg()[0]:.1f}")
 
 
 def demo_model() -> str:
@@ -42,13 +46,13 @@ def demo_model() -> str:
     return str(converted_model(fetch_model(cache_dir()), cache_dir()))
 
 
-def timed(command: list[str]) -> tuple[float, float]:
+def timed(command: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
     """Wall and CPU seconds (user + system, of the child) of one command."""
     import resource
 
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     assert result.returncode == 0, result.stderr
@@ -134,30 +138,129 @@ def bench_forward(path: Path, model: str, reps: int = 5, docs: int = 8) -> None:
     assert float(routed[FINAL_SCALE_KEY][:10].max()) > 0
 
 
-def bench_probe(model: str, file: Path, runs: int = 3) -> None:
-    """The command end to end, interleaved with a Python that only imports what it imports (torch,
-    transformers, transformer_lens): the floor no probe command goes below on this machine."""
-    command = [sys.executable, "-m", "mkdocs_gluscope.cli", "probe", "--model", model, "--file", str(file),
-               "--neurons", "28.473,7.824", "--no-color", SENTENCE]
-    floor = [sys.executable, "-c", "import torch, transformers, transformer_lens"]
-    probe, imports = [], []
-    for _ in range(runs):
-        probe.append(timed(command))
-        imports.append(timed(floor))
-    from collect.probe import Prober, single_thread
+PROBE_NEURONS = "28.473,7.824"
+#: What the probe's phases are called in the breakdown, in the order the command goes through them.
+PHASES = ("import gluscope cli", "import the probe (torch...)", "open the file (schema check)",
+          "load tokenizer + model (transformers)", "locate the MLPs", "refactor_glu its layers, forward pass", "print")
 
-    single_thread()  # as the command
-    start = time.perf_counter()
-    prober = Prober.load(model, bos="always")
-    loaded = time.perf_counter() - start
-    start = time.perf_counter()
-    prober.run(SENTENCE, [(28, 473), (7, 824)])
-    ran = time.perf_counter() - start
-    med = lambda xs, i: statistics.median(x[i] for x in xs)  # noqa: E731
-    print(f"gluscope probe, 2 neurons, {len(prober.tokens(SENTENCE))} tokens: {med(probe, 0):.2f} s end to end, "
-          f"{med(probe, 1):.2f} CPU s (medians of {runs}; walls {', '.join(f'{w:.2f}' for w, _ in probe)}); "
-          f"importing torch, transformers, transformer_lens alone: {med(imports, 0):.2f} s, {med(imports, 1):.2f} "
-          f"CPU s; inside: model load {loaded:.2f} s, run {ran * 1000:.0f} ms")
+
+def probe_phases(model: str, file: Path) -> None:
+    """In a fresh process (``--probe-phases``): the steps ``gluscope probe`` takes, in its order, each timed;
+    printed as one JSON line. The steps are the command's own calls (``run_probe``), unrolled; the model
+    load is split by timing :func:`collect.model.load_hf` (transformers: tokenizer and model) apart from the
+    rest of ``Prober.load`` (``prepare_model``: locating the MLPs)."""
+    import io
+    import json
+
+    began = time.time()  # the parent compares it with when it started this process
+    marks = [(time.perf_counter(), time.process_time())]
+
+    def mark() -> None:
+        marks.append((time.perf_counter(), time.process_time()))
+
+    from mkdocs_gluscope import cli
+    from mkdocs_gluscope.probe import print_probed
+    cli.freeze_at_exit()  # as cli.main
+    mark()
+    from collect import model as model_module
+    from collect.probe import Prober, single_thread
+    mark()
+    single_thread()
+    with cli.open_activations(file) as f:
+        bos, refactor = str(f.attrs.get("bos", "auto")), bool(f.attrs.get("refactor_glu", True))
+    mark()
+    inner: dict[str, tuple[float, float]] = {}
+    load_hf = model_module.load_hf
+
+    def timed_load(*args, **kwargs):
+        start = (time.perf_counter(), time.process_time())
+        try:
+            return load_hf(*args, **kwargs)
+        finally:
+            inner["load"] = (time.perf_counter() - start[0], time.process_time() - start[1])
+
+    model_module.load_hf = timed_load
+    prober = Prober.load(model, refactor_glu=refactor, bos=bos)
+    mark()
+    neurons = cli._neuron_list(PROBE_NEURONS)
+    probed = prober.run(SENTENCE, neurons)
+    mark()
+    print_probed(probed, io.StringIO(), color=True)
+    mark()
+    steps = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(marks, marks[1:])]
+    load = steps.pop(3)
+    steps[3:3] = [inner["load"], (load[0] - inner["load"][0], load[1] - inner["load"][1])]
+    import torch
+
+    print(json.dumps({"phases": dict(zip(PHASES, steps)), "total": [b - a for a, b in zip(marks[0], marks[-1])],
+                      "tokens": len(probed.tokens),
+                      "transformer_lens": "transformer_lens" in sys.modules, "threads": torch.get_num_threads(),
+                      "began": began, "ended": time.time()}), flush=True)
+
+
+def import_times(command: list[str]) -> dict[str, float]:
+    """Seconds spent importing, by top package (``python -X importtime``): the sum of each module's own
+    time (not counting what it imports in turn) over all modules of the package, so that the packages'
+    figures add up to the whole."""
+    result = subprocess.run([command[0], "-X", "importtime", *command[1:]], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out: dict[str, float] = {}
+    for line in result.stderr.splitlines():
+        if not line.startswith("import time:") or line.count("|") != 2 or "cumulative" in line:
+            continue
+        own, _, name = line.removeprefix("import time:").split("|")
+        root = name.strip().split(".")[0]
+        out[root] = out.get(root, 0.0) + int(own) / 1e6
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def bench_probe(model: str, file: Path, runs: int = 5) -> None:
+    """``gluscope probe`` on a sentence from the shell, ``runs`` times in fresh processes, interleaved with as
+    many fresh processes that only import what any probe of this model imports (torch, transformers and the
+    model's modeling module: the floor) and as many that time the probe's steps (:func:`probe_phases`); once
+    with an empty cache folder before them (the first probe of a model asks TransformerLens where its MLPs
+    are); then where the imports go (``-X importtime``, one run). Medians; one torch thread, as the command."""
+    import json
+    import tempfile
+
+    command = [sys.executable, "-m", "mkdocs_gluscope.cli", "probe", "--model", model, "--file", str(file),
+               "--neurons", PROBE_NEURONS, "--no-color", SENTENCE]
+    kind = json.loads((Path(model) / "config.json").read_text())["model_type"] if Path(model).is_dir() else "llama"
+    floor = [sys.executable, "-c", "import torch, transformers.models.auto.modeling_auto, "
+             f"transformers.models.auto.tokenization_auto, transformers.models.{kind}.modeling_{kind}"]
+    phases_command = [sys.executable, str(Path(__file__).resolve()), "--probe-phases", "--model", model,
+                      "--file", str(file)]
+    with tempfile.TemporaryDirectory() as empty:
+        first = timed(command, env={**os.environ, "GLUSCOPE_CACHE": empty})
+    ends, floors, steps, loads = [], [], [], []
+    for _ in range(runs):
+        loads.append(os.getloadavg()[0])
+        ends.append(timed(command))
+        floors.append(timed(floor))
+        started = time.time()
+        result = subprocess.run(phases_command, capture_output=True, text=True, cwd=ROOT)
+        finished = time.time()
+        assert result.returncode == 0, result.stderr[-2000:]
+        steps.append(json.loads(result.stdout.strip().splitlines()[-1]))
+        steps[-1]["start"], steps[-1]["exit"] = steps[-1]["began"] - started, finished - steps[-1]["ended"]
+    med = statistics.median
+    print(f"gluscope probe --neurons {PROBE_NEURONS}, {steps[0]['tokens']} tokens, end to end from the shell: "
+          f"{med(w for w, _ in ends):.2f} s wall, {med(c for _, c in ends):.2f} CPU s (medians of {runs}; walls "
+          f"{', '.join(f'{w:.2f}' for w, _ in ends)}; load average {min(loads):.1f}-{max(loads):.1f}); the first "
+          f"probe of the model (an empty cache folder): {first[0]:.2f} s wall, {first[1]:.2f} CPU s")
+    print(f"importing torch and transformers' {kind} model and auto classes alone (the floor): {med(w for w, _ in floors):.2f} s "
+          f"wall, {med(c for _, c in floors):.2f} CPU s (medians of {runs})")
+    print(f"its steps, timed inside a fresh process (medians of {runs}; wall and CPU seconds; {steps[0]['threads']} "
+          f"torch thread; transformer_lens imported: {steps[0]['transformer_lens']}):")
+    for name in PHASES:
+        print(f"  {name:<40} {med(s['phases'][name][0] for s in steps):6.2f} s {med(s['phases'][name][1] for s in steps):6.2f} CPU s")
+    total = med(s["total"][0] for s in steps)
+    print(f"  {'all steps':<40} {total:6.2f} s {med(s['total'][1] for s in steps):6.2f} CPU s; before them, the "
+          f"interpreter's start {med(s['start'] for s in steps):.2f} s; after them, its exit {med(s['exit'] for s in steps):.2f} s")
+    imports = import_times(command)
+    print("imports by package (python -X importtime, each module's own time, one run; it adds its own overhead): "
+          + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in list(imports.items())[:10])
+          + f"; all {sum(imports.values()):.2f} s")
 
 
 def main() -> None:
@@ -165,7 +268,12 @@ def main() -> None:
     parser.add_argument("--file", type=Path, required=True)
     parser.add_argument("--model", default=None, help="default: the demo's SmolLM2 (its float32 folder) from the cache")
     parser.add_argument("--parts", default="activation,weights,forward,probe")
+    parser.add_argument("--runs", type=int, default=5, help="fresh probe processes to take medians over (default: 5)")
+    parser.add_argument("--probe-phases", action="store_true", help=argparse.SUPPRESS)  # the child of bench_probe
     args = parser.parse_args()
+    if args.probe_phases:
+        probe_phases(args.model, args.file)
+        return
     print(machine())
     parts = args.parts.split(",")
     model = args.model or (demo_model() if set(parts) - {"activation"} else "")
@@ -174,7 +282,7 @@ def main() -> None:
     if "forward" in parts:
         bench_forward(args.file, model)
     if "probe" in parts:
-        bench_probe(model, args.file)
+        bench_probe(model, args.file, args.runs)
     if "weights" in parts:
         bench_weights(args.file, model)
     print(machine())

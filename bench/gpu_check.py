@@ -78,6 +78,10 @@ def main() -> None:
                        f"{ratios['a'][0]}, {ratios['a'][1]}); {speed.group(1)} tokens/s collected")
         if shape == "7b":
             throughput_7b = float(speed.group(1).replace(",", ""))
+            state = re.search(r"on a GPU: device state ([\d,]+) bytes per neuron \(([\d.]+) GiB\), host state "
+                              r"([\d,]+) bytes per neuron \(([\d.]+) GiB", with_distributions)
+            summary.append(f"statistics of the 7B shape (computed): {state.group(1)} bytes a neuron on the device "
+                           f"({state.group(2)} GiB), {state.group(3)} in host memory ({state.group(4)} GiB)")
     for shape in ("smollm2", "1b", "7b", "olmoe"):
         if cuda:  # the whole model where it fits next to its statistics, else 2 layers of it
             size = ["--layers", "2"] if shape in ("7b", "olmoe") else []

@@ -15,7 +15,11 @@ other layers we could not record.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -51,6 +55,8 @@ class GatedMLP:
     #: that scales gate before its activation: Falcon-H1)
     act_module: torch.nn.Module | None = None
     definition: str | None = None  # how this family's hooks differ from the plain gate, in, post (pages say it)
+    #: the MLP module the projections and the activation were read from (None for a routed expert)
+    module: torch.nn.Module | None = None
 
     @property
     def d_mlp(self) -> int:
@@ -176,12 +182,12 @@ def _dense(mlp: torch.nn.Module, gate: torch.nn.Module, up: torch.nn.Module, dow
         bias = getattr(gate, "bias", None)
         return GatedMLP(w_gate=gate.weight * multiplier, w_in=up.weight, w_out=down.weight,
                         b_gate=None if bias is None else bias * multiplier, b_in=getattr(up, "bias", None),
-                        act_fn=act, gate=gate, up=up, down=down, act_module=act,
+                        act_fn=act, gate=gate, up=up, down=down, act_module=act, module=mlp,
                         definition=f"Falcon-H1: gate = (x·w_gate)·{multiplier:g} (its gate_multiplier), the value "
                                    "its activation reads")
     return GatedMLP(w_gate=gate.weight, w_in=up.weight, w_out=down.weight,
                     b_gate=getattr(gate, "bias", None), b_in=getattr(up, "bias", None),
-                    act_fn=_act_fn(mlp, where), gate=gate, up=up, down=down)
+                    act_fn=_act_fn(mlp, where), gate=gate, up=up, down=down, module=mlp)
 
 
 def _fused(bridge: Any, mlp: torch.nn.Module, where: str) -> GatedMLP:
@@ -199,10 +205,17 @@ def _fused(bridge: Any, mlp: torch.nn.Module, where: str) -> GatedMLP:
     if not (torch.equal(gate_lin.weight, weight[:d]) and torch.equal(up_lin.weight, weight[d:])):
         raise GluscopeError(f"{where}: the family's split of {bridge.fused_attr} is not [gate | in] halves; "
                             "gluscope hooks fused projections split that way only")
+    return _fused_halves(mlp, fused, out, where)
+
+
+def _fused_halves(mlp: torch.nn.Module, fused: torch.nn.Module, out: torch.nn.Module, where: str) -> GatedMLP:
+    """A fused projection whose output is ``[gate | in]`` halves (as :func:`_fused` checked)."""
+    weight = fused.weight
+    d = weight.shape[0] // 2
     bias = getattr(fused, "bias", None)
     return GatedMLP(w_gate=weight[:d], w_in=weight[d:], w_out=out.weight,
                     b_gate=None if bias is None else bias[:d], b_in=None if bias is None else bias[d:],
-                    act_fn=_act_fn(mlp, where), gate=fused, up=None, down=out, fused=True)
+                    act_fn=_act_fn(mlp, where), gate=fused, up=None, down=out, fused=True, module=mlp)
 
 
 def _batched_experts(mlp: torch.nn.Module) -> torch.nn.Module | None:
@@ -382,10 +395,43 @@ def _not_gated(adapter: Any, hf_config: Any, model_class: str, name: str) -> Non
             f"down(act(up·x)){f' with {act}' if act else ''}, no gate; gluscope needs a gated MLP, act(gate) * in")
 
 
-def locate(hf_model: Any, layers: list[int] | None) -> Located:
+def locate(hf_model: Any, layers: list[int] | None, *, remember: Path | None = None) -> Located:
     """Each requested layer's gated MLP (all layers when ``layers`` is None, skipping the layers of a
     hybrid stack that hold none: attention or state-space layers only); a GluscopeError that names
-    what was found where a requested layer has none we can record."""
+    what was found where a requested layer has none we can record.
+
+    With ``remember`` (a folder) and all layers asked for, the adapter's answer is kept there as module
+    names (:func:`layout_of`), one small JSON file per model class, config and transformers and
+    TransformerLens versions, and read back by the next process that loads the same model: importing
+    TransformerLens takes seconds, more than all that a ``gluscope probe`` of a small model does besides
+    importing torch and transformers.
+    An entry that does not fit the model (a module it names is missing) is ignored and replaced."""
+    if remember is None or layers is not None:
+        return _ask_adapter(hf_model, layers)
+    key = layout_key(hf_model)
+    if key is None:
+        return _ask_adapter(hf_model, layers)
+    path = remember / f"{key}.json"
+    try:
+        found = relocate(hf_model, json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, GluscopeError):
+        found = None  # absent, or written by something else: the adapter decides again
+    if found is not None:
+        return found
+    found = _ask_adapter(hf_model, None)
+    layout = layout_of(hf_model, found)
+    if layout is not None:
+        try:
+            remember.mkdir(parents=True, exist_ok=True)
+            part = path.with_name(f"{path.name}.{os.getpid()}.part")
+            part.write_text(json.dumps(layout, indent=1), encoding="utf-8")
+            part.replace(path)  # whole or absent, even with two processes writing at once
+        except OSError:
+            pass  # a read-only cache: the adapter is asked again next time
+    return found
+
+
+def _ask_adapter(hf_model: Any, layers: list[int] | None) -> Located:
     from transformer_lens.model_bridge.generalized_components import (
         GatedMLPBridge,
         JointGateUpMLPBridge,
@@ -479,3 +525,67 @@ def _hybrid_moe(moe_bridge: Any, shared_bridge: Any, block: torch.nn.Module, whe
     # The shared MLP runs after the experts: the layer's own forward hook fires once both have.
     layer.shared, layer.done = shared, block
     return layer
+
+
+# -- the adapter's answer, remembered ------------------------------------------------------------
+
+#: The shape of a remembered layout; a change to it gives new keys, so older entries are never read.
+LAYOUT_VERSION = 1
+
+
+def layout_key(hf_model: Any) -> str | None:
+    """The name of this model's layout: a hash of what the adapter's answer depends on (the model
+    class, its config, the transformers and TransformerLens versions); None without TransformerLens."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        versions = [version("transformers"), version("transformer-lens")]
+    except PackageNotFoundError:
+        return None
+    text = json.dumps([LAYOUT_VERSION, type(hf_model).__module__, type(hf_model).__qualname__, versions,
+                       hf_model.config.to_dict()], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+def layout_of(hf_model: Any, found: Located) -> dict[str, Any] | None:
+    """What :func:`locate` found, as module names (JSON): each layer's MLP module and its gate, in and
+    out projections (or fused gate/up and out) within it. None where a layer is a mixture-of-experts
+    block: only dense layouts are remembered."""
+    names = {id(module): name for name, module in hf_model.named_modules()}
+    layers: dict[str, dict[str, Any]] = {}
+    for index, mlp in found.layers.items():
+        if not isinstance(mlp, GatedMLP) or mlp.module is None or not names.get(id(mlp.module)):
+            return None
+        base = names[id(mlp.module)] + "."
+        entry: dict[str, Any] = {"module": base[:-1], "fused": mlp.fused}
+        for role, module in (("gate", mlp.gate), ("in", mlp.up), ("out", mlp.down)):
+            if module is None:
+                continue
+            name = names.get(id(module), "")
+            if not name.startswith(base):
+                return None
+            entry[role] = name[len(base):]
+        layers[str(index)] = entry
+    return {"adapter": found.adapter, "layers_path": found.layers_path, "n_layers": found.n_layers,
+            "skipped": list(found.skipped), "layers": layers}
+
+
+def relocate(hf_model: Any, layout: dict[str, Any]) -> Located | None:
+    """:func:`locate`'s answer for every layer, rebuilt from a :func:`layout_of` without
+    TransformerLens: the same modules, read the same way (:func:`_dense`, :func:`_fused_halves`);
+    None where the model lacks a module the layout names."""
+    stack = _sub(hf_model, layout["layers_path"])
+    if not isinstance(stack, torch.nn.ModuleList) or len(stack) != int(layout["n_layers"]):
+        return None
+    found = Located(adapter=str(layout["adapter"]), layers_path=str(layout["layers_path"]), n_layers=len(stack),
+                    skipped=[int(x) for x in layout["skipped"]])
+    model_class = type(hf_model).__name__
+    for index, entry in sorted((int(k), v) for k, v in layout["layers"].items()):
+        where = f"model class {model_class} ({found.adapter}): layer {index}'s MLP"
+        mlp = _sub(hf_model, entry["module"])
+        roles = ("gate", "out") if entry["fused"] else ("gate", "in", "out")
+        parts = [_sub(mlp, entry[role]) for role in roles] if mlp is not None else [None]
+        if any(part is None for part in parts):
+            return None
+        found.layers[index] = _fused_halves(mlp, *parts, where) if entry["fused"] else _dense(mlp, *parts, where=where)
+    return found if found.layers else None

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from collect.config import CollectConfig, RunFacts
-from collect.stats import LayerStats
+from collect.stats import HOST_TABLES, LayerStats
 from mkdocs_gluscope.errors import GluscopeError
 
 
@@ -38,12 +38,15 @@ def save_checkpoint(path: Path, config: CollectConfig, batches_done: int,
     os.replace(tmp, path)
 
 
-def load_checkpoint(config: CollectConfig, device: torch.device, facts: RunFacts
+def load_checkpoint(config: CollectConfig, device: torch.device, facts: RunFacts, *, windows_on_host: bool = False
                     ) -> tuple[int, dict[int | str, LayerStats], dict[str, torch.Tensor]] | None:
+    """The checkpoint's batches done, statistics on ``device`` (with ``windows_on_host``, the GPU's
+    path, their top-k windows in host memory: :meth:`LayerStats.windows_on_host`) and routed counts;
+    None where there is none."""
     path = config.checkpoint_path
     if not path.exists():
         return None
-    saved = torch.load(path, map_location=device, weights_only=True)
+    saved = torch.load(path, map_location="cpu", weights_only=True)
     expected = checkpoint_fingerprint(config, facts)
     if saved["fingerprint"] != expected:
         differ = sorted(k for k in expected if saved["fingerprint"].get(k) != expected[k])
@@ -54,7 +57,11 @@ def load_checkpoint(config: CollectConfig, device: torch.device, facts: RunFacts
             f"checkpoint {str(path)!r} was made with other options or input ({what}); rerun with "
             "the same options and dataset, or delete it to start over")
     # Dense layers by number; experts by their key (expert_key), a string.
-    states = {(int(key) if str(key).isdigit() else key): LayerStats.from_dict(t) for key, t in saved["states"].items()}
+    def placed(tensors: dict[str, torch.Tensor]) -> LayerStats:
+        return LayerStats.from_dict({name: t if windows_on_host and name in HOST_TABLES else t.to(device)
+                                     for name, t in tensors.items()}).windows_on_host(windows_on_host)
+
+    states = {(int(key) if str(key).isdigit() else key): placed(t) for key, t in saved["states"].items()}
     return int(saved["batches_done"]), states, dict(saved.get("routed", {}))
 
 

@@ -200,9 +200,10 @@ def all_equal(world: World, value: Any) -> bool:
 
 
 def _pack(state: LayerStats) -> torch.Tensor:
-    """One layer's statistics as one byte buffer: one message per layer, whatever the dtypes
-    (gloo has no int16)."""
-    return torch.cat([t.contiguous().view(-1).view(torch.uint8) for t in state.to_dict().values()])
+    """One layer's statistics as one byte buffer on the device: one message per layer, whatever the
+    dtypes (gloo has no int16); the windows join it from host memory on the GPU's path."""
+    device = state.count.device
+    return torch.cat([t.to(device).contiguous().view(-1).view(torch.uint8) for t in state.to_dict().values()])
 
 
 def _unpack(buffer: torch.Tensor, like: LayerStats) -> LayerStats:
@@ -233,7 +234,7 @@ def merge_into_rank0(world: World, states: dict[int, LayerStats], empty: Any) ->
                 like = states[layer]
                 buffer = torch.empty(like.nbytes(), dtype=torch.uint8, device=like.count.device)
                 dist.recv(buffer, src=world.rank + step)
-                states[layer] = merge_stats(like, _unpack(buffer, like))
+                states[layer] = merge_stats(like, _unpack(buffer, like))  # windows back where like's live
         step *= 2
     if world.rank != 0:
         states = {layer: empty(layer) for layer in states}

@@ -17,12 +17,19 @@ from mkdocs_gluscope.errors import GluscopeError
 from mkdocs_gluscope.store import SHARED
 
 
-def state_bytes(d_mlp: int, n_layers: int, config: CollectConfig, model_dtype: torch.dtype) -> int:
-    """Bytes of the statistics a collection keeps on its device (:class:`LayerStats` of every
-    recorded layer)."""
+def state_bytes(d_mlp: int, n_layers: int, config: CollectConfig, model_dtype: torch.dtype,
+                part: str = "all") -> int:
+    """Bytes of the statistics a collection keeps (:class:`LayerStats` of every recorded layer):
+    ``all`` of them (a CPU run), or on a GPU the ``device`` part and the ``host`` part (the top-k
+    windows, kept in host memory: :data:`collect.stats.HOST_TABLES`)."""
     window = config.context_before + 1 + config.context_after
     return state_bytes_per_neuron(config.k, window, state_window_dtype(config.window_dtype, model_dtype),
-                                  config.samples, config.band_samples) * d_mlp * n_layers
+                                  config.samples, config.band_samples, part) * d_mlp * n_layers
+
+
+def on_device(device: torch.device) -> str:
+    """The part of the statistics (:func:`state_bytes`) that a run on ``device`` keeps there."""
+    return "all" if device.type == "cpu" else "device"
 
 
 def layer_groups(layers: list[int], per_layer: int, budget: int) -> list[list[int]]:
@@ -115,6 +122,11 @@ def plan_groups(loaded: LoadedModel, layers: list[int], experts: dict[int, list[
     if max(per_layer.values()) <= capacity:  # whole layers (all at once if they fit)
         return StatePlan(per_neuron, total, packed(per_layer, requested))
     moe_layers = [layer for layer in layers if experts_key(layer) in sizes]
+    if not moe_layers:  # dense layers only: no smaller unit than a layer
+        widest = max(per_layer.values())
+        raise GluscopeError(f"not even one layer's statistics fit: {widest * per_neuron / 2**30:.2f} GiB for its "
+                            f"{widest:,} neurons, {budget / 2**30:.2f} GiB free next to the model; a smaller "
+                            "--batch-tokens leaves more room")
     routed = [e for e in experts[moe_layers[0]] if e != SHARED]
     d_expert = loaded.moe[moe_layers[0]].d_expert
     if d_expert > capacity:
@@ -154,7 +166,7 @@ def plan_line(loaded: LoadedModel, layers: list[int], config: CollectConfig, exp
     from collect.config import state_sizes
 
     sizes = state_sizes(loaded, layers, experts)
-    per_neuron = state_bytes(1, 1, config, loaded.dtype)
+    per_neuron = state_bytes(1, 1, config, loaded.dtype, on_device(loaded.device))
     neurons = sum(sizes.values())
     dense = [layer for layer in layers if layer not in loaded.moe]
     parts = [f"{len(dense)} dense layer{'s' * (len(dense) != 1)}"] if dense else []
@@ -165,6 +177,9 @@ def plan_line(loaded: LoadedModel, layers: list[int], config: CollectConfig, exp
                      f"routed experts each{' + shared' if shared else ''})")
     text = (f"statistics of {neurons:,} neurons ({', '.join(parts)}): {neurons * per_neuron / 2**30:.2f} GiB on "
             f"{loaded.device} at {per_neuron:,} bytes a neuron")
+    if loaded.device.type != "cpu":
+        host = state_bytes(1, 1, config, loaded.dtype, "host")
+        text += f" (and their top-k windows in host memory: {neurons * host / 2**30:.2f} GiB at {host:,} bytes a neuron)"
     if free is not None:
         text += f"; {free / 2**30:.1f} GiB free next to the model"
     return text
@@ -174,14 +189,15 @@ def check_state_fits(loaded: LoadedModel, layers: list[int], config: CollectConf
                      experts: dict[int, list[int | str]] | None = None) -> str:
     """Before the first batch: the run's plan (:func:`plan_line`, which the run prints), and on a GPU
     the refusal of a collection whose statistics cannot fit next to the model (a 7B model in bfloat16
-    and all its layers' statistics need about 11.4 GiB; OLMoE-1B-7B's million expert neurons about 34),
+    and all its layers' statistics need about 5.1 GiB there, their windows 6.4 GiB of host memory;
+    OLMoE-1B-7B's million expert neurons about 15 GiB and 19),
     naming the groups of layers and experts that do fit: running out of memory mid-run would waste
     the run."""
     experts = experts or {}
     if loaded.device.type != "cuda":
         return plan_line(loaded, layers, config, experts)
     free, _ = torch.cuda.mem_get_info(loaded.device)
-    per_neuron = state_bytes(1, 1, config, loaded.dtype)
+    per_neuron = state_bytes(1, 1, config, loaded.dtype, on_device(loaded.device))
     working = working_bytes(loaded, config)
     budget = int(free * 0.9) - working
     if budget < per_neuron:
@@ -297,7 +313,7 @@ def keep_hooks(loaded: LoadedModel, layers: list[int], config: CollectConfig, on
     free, _ = torch.cuda.mem_get_info(loaded.device)
     itemsize = torch.empty((), dtype=loaded.dtype).element_size()
     needed = 3 * config.batch_tokens * loaded.d_mlp * itemsize * len(layers)
-    return needed <= (free - state_bytes(loaded.d_mlp, len(layers), config, loaded.dtype)) // 4
+    return needed <= (free - state_bytes(loaded.d_mlp, len(layers), config, loaded.dtype, "device")) // 4
 
 
 @contextlib.contextmanager

@@ -115,6 +115,14 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def layouts_folder() -> Path:
+    """Where :func:`collect.architectures.locate` remembers the adapter's answers: ``layouts/`` in
+    gluscope's cache folder (``$GLUSCOPE_CACHE``, else ``~/.cache/gluscope``)."""
+    from mkdocs_gluscope.npm import cache_dir
+
+    return cache_dir() / "layouts"
+
+
 def find_gguf(path: Path) -> Path | None:
     """The GGUF file of a local model: the path itself, or the only ``.gguf`` in the folder."""
     if path.is_file() and path.suffix == ".gguf":
@@ -287,8 +295,8 @@ def _torchvision_importable() -> bool:
 
 
 def load_model(model: str, *, dtype: str = "auto", device: str = "auto", refactor: bool = True,
-               engine: str = "hf", layers: list[int] | None = None, cosines: bool = True
-               ) -> tuple[LoadedModel, dict[str, torch.Tensor]]:
+               engine: str = "hf", layers: list[int] | None = None, cosines: bool = True,
+               remember: Path | None = None) -> tuple[LoadedModel, dict[str, torch.Tensor]]:
     """Load a model by name or path and :func:`prepare_model` it."""
     if engine not in ENGINES:
         raise GluscopeError(f"--engine {engine!r}; expected one of {', '.join(ENGINES)}")
@@ -296,18 +304,19 @@ def load_model(model: str, *, dtype: str = "auto", device: str = "auto", refacto
     torch_dtype = resolve_dtype(dtype, torch_device)
     hf_model, tokenizer = load_hf(model, torch_dtype)
     return prepare_model(hf_model.to(torch_device), tokenizer, name=model, refactor=refactor, engine=engine,
-                         layers=layers, cosines=cosines)
+                         layers=layers, cosines=cosines, remember=remember)
 
 
 def prepare_model(hf_model: Any, tokenizer: Any, *, name: str = "model", refactor: bool = True,
-                  engine: str = "hf", layers: list[int] | None = None, cosines: bool = True
-                  ) -> tuple[LoadedModel, dict[str, torch.Tensor]]:
-    """Locate the requested layers' MLPs (all by default), check, refactor (and for engine
-    ``bridge``, wrap) a loaded model. Returns it and the weight facts of its dense layers, in layer
-    order (``flipped`` and, unless ``cosines`` is False, the three cosines, computed after
-    refactor_glu: a second of a 135M model's load on 2 cores, which a probe does without)."""
+                  engine: str = "hf", layers: list[int] | None = None, cosines: bool = True,
+                  remember: Path | None = None) -> tuple[LoadedModel, dict[str, torch.Tensor]]:
+    """Locate the requested layers' MLPs (all by default; ``remember``: a folder where the adapter's
+    answer is kept for the next process, see :func:`collect.architectures.locate`), check, refactor
+    (and for engine ``bridge``, wrap) a loaded model. Returns it and the weight facts of its dense
+    layers, in layer order (``flipped`` and, unless ``cosines`` is False, the three cosines, computed
+    after refactor_glu: a second of a 135M model's load on 2 cores, which a probe does without)."""
     param = next(hf_model.parameters())
-    found = locate(hf_model, layers)
+    found = locate(hf_model, layers, remember=remember)
     dense = {layer: mlp for layer, mlp in sorted(found.layers.items()) if isinstance(mlp, GatedMLP)}
     moe = {layer: mlp for layer, mlp in sorted(found.layers.items()) if isinstance(mlp, MoELayer)}
     own = {layer.act_name for layer in moe.values() if layer.act_name}

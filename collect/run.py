@@ -144,10 +144,12 @@ def collect_statistics(
     batches = shard_batches(corpus, config.batch_tokens, config.shard)
 
     sizes = state_sizes(loaded, layers, experts)
+    paths = LayerPaths(device, loaded.d_mlp, config.compile)
 
     def empty(key: int | str) -> LayerStats:
+        # The GPU's path keeps the top-k windows in host memory (stats.WindowWrites).
         return LayerStats.empty(sizes[key], config.k, window, device, window_dtype, config.samples,
-                                config.band_samples)
+                                config.band_samples, windows_on_host=paths.deferred)
 
     start = 0
     states: dict[int | str, LayerStats] = {key: empty(key) for key in sizes}
@@ -158,14 +160,13 @@ def collect_statistics(
         if SHARED in chosen:
             routed[expert_key(layer, SHARED)] = torch.zeros((), dtype=torch.int64, device=device)
     if config.resume:
-        restored = load_checkpoint(config, device, facts) if world.is_main else None
+        restored = load_checkpoint(config, device, facts, windows_on_host=paths.deferred) if world.is_main else None
         start = broadcast_object(world, restored[0] if restored is not None else 0)
         if restored is not None:
             states = restored[1]
             routed.update({key: value.to(device) for key, value in restored[2].items()})
             print(f"gluscope: resuming from {config.checkpoint_path} after {start}/{len(batches)} batches",
                   file=sys.stderr)
-    paths = LayerPaths(device, loaded.d_mlp, config.compile)
     keep = keep_hooks(loaded, [layer for layer in layers if layer not in loaded.moe], config, paths.deferred)
     final_norm = start_final_scales(loaded, corpus, routed, device) if config.effects else None
     sampling = _Sampling.of(corpus, config) if config.samples > 0 else None
@@ -304,8 +305,13 @@ def _run_batch(loaded: LoadedModel, corpus: Corpus, batch: Any, layers: list[int
             dataclasses.replace(inputs, valid=packed.packing.neuron_valid()), packed.routed, exact,
             packed.packing, None if learnt is None else packed.fits)
 
+    earlier = {key: len(stats.writes or ()) for key, stats in states.items()}  # window writes of earlier batches
     with final_scale_hook(final_norm, routed, corpus.doc_offsets[batch.docs], lengths):
         run_with_mlp_hooks(loaded, input_ids, layers, on_layer, on_moe, stop_after_last=final_norm is None)
+    # The GPU's path: while the device works through this batch, the earlier batches' window writes
+    # (copied already: their syncs have passed) go into the tables in host memory, in the order made.
+    for key, stats in states.items():
+        stats.flush_windows(earlier[key])
     # The batch's one host sync: every flag, and the most tokens one expert had in one document.
     redo, most = paths.settle(flags, len(batch.docs), list(longest.values()))
     for layer, tokens_per_doc in zip(longest, most):
@@ -316,15 +322,14 @@ def _run_batch(loaded: LoadedModel, corpus: Corpus, batch: Any, layers: list[int
         for layer in dense_redo:
             paths.redo(states[layer], kept[layer], inputs)
         dense_redo = []
-    if not dense_redo and not expert_redo:
-        return
+    if dense_redo or expert_redo:
+        def exactly(layer: int, gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor) -> None:
+            if layer in dense_redo:
+                paths.redo(states[layer], (gate, in_, post, loaded.mlps[layer].act_fn(gate)), inputs)
 
-    def exactly(layer: int, gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor) -> None:
-        if layer in dense_redo:
-            paths.redo(states[layer], (gate, in_, post, loaded.mlps[layer].act_fn(gate)), inputs)
-
-    redo_layers = sorted(set(dense_redo) | {int(str(key).split(".")[0]) for key in expert_redo})
-    run_with_mlp_hooks(loaded, input_ids, redo_layers, exactly, functools.partial(on_moe, exact=True, only=expert_redo))
+        redo_layers = sorted(set(dense_redo) | {int(str(key).split(".")[0]) for key in expert_redo})
+        run_with_mlp_hooks(loaded, input_ids, redo_layers, exactly,
+                           functools.partial(on_moe, exact=True, only=expert_redo))
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ The definitions (the contract in ``ARCHITECTURE.md``):
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Sequence
 
 import torch
@@ -45,11 +45,20 @@ SLOT_DTYPE = torch.int16
 MAX_K = 2**15 - 1
 
 
+#: The tables that the GPU's path keeps in host memory (:class:`WindowWrites`): the top-k windows,
+#: written only for the entries that enter a list and read only at checkpoints, merges and the end.
+HOST_TABLES = ("win_gate", "win_in")
+#: What :func:`state_bytes_per_neuron` counts: everything, or the GPU path's device or host part.
+STATE_PARTS = ("all", "device", "host")
+
+
 def state_bytes_per_neuron(k: int, window: int, window_dtype: torch.dtype = torch.float16, samples: int = 0,
-                           band_samples: int = 0) -> int:
+                           band_samples: int = 0, part: str = "all") -> int:
     """Bytes of :class:`LayerStats` per neuron: what a collection keeps resident per neuron of
-    every recorded layer (the figure per shape is this times layers x d_mlp)."""
-    return LayerStats.empty(1, k, window, "meta", window_dtype, samples, band_samples).nbytes()
+    every recorded layer (the figure per shape is this times layers x d_mlp). ``part``: ``all``
+    (a CPU run, where the host is the device), or on the GPU's path the ``device`` part and the
+    ``host`` part (:data:`HOST_TABLES`)."""
+    return LayerStats.empty(1, k, window, "meta", window_dtype, samples, band_samples).nbytes(part)
 
 
 def sort_key(abs_value: torch.Tensor, doc: torch.Tensor) -> torch.Tensor:
@@ -163,6 +172,74 @@ class Packing:
         return torch.where(seen, found, float("nan"))
 
 
+def _write_windows(tables: Sequence[torch.Tensor], rows: torch.Tensor, cuts: Sequence[torch.Tensor],
+                   keep: torch.Tensor | None) -> None:
+    """Write window rows of the ``[..., W]`` window tables: ``table[rows] = cut`` (flat rows, list *
+    k + slot), where ``keep`` (``[M, 1]`` bool, or None: everywhere); elsewhere the row keeps what
+    it holds (a fixed shape: the capacity path writes every selected list's k slots)."""
+    for table, cut in zip(tables, cuts):
+        flat = table.view(-1, table.shape[-1])
+        if keep is not None:
+            cut = torch.where(keep, cut, flat[rows])
+        flat[rows] = cut
+
+
+class WindowWrites:
+    """The top-k window writes of the GPU's path on their way to host memory, where its window
+    tables live (:data:`HOST_TABLES`: 19.5 of the 34.9 KB of a neuron's state at the defaults).
+
+    A batch writes the windows of the entries that enter a list; each layer-batch's writes leave
+    the device as one fixed-shape update (rows, cut windows, the ``keep`` mask), copied
+    asynchronously into pinned host memory behind the work queued on the device: no host sync.
+    :meth:`apply` writes them into the tables in the order they were made, once the batch's one
+    host sync has passed (then the device has done the copies; a CUDA event recorded after each
+    says so without waiting): the collection applies a batch's writes during the next batch, while
+    the device computes it, and reading the tables applies what is left. On a CPU the updates are
+    kept as they are and applied at the same points, so that the tests run the GPU's order of events."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[list[torch.Tensor], Any]] = []
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def push(self, rows: torch.Tensor, gate: torch.Tensor, in_: torch.Tensor, keep: torch.Tensor | None) -> None:
+        tensors = [rows, gate, in_] if keep is None else [rows, gate, in_, keep]
+        done = None
+        if rows.is_cuda:
+            tensors = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                       for t in tensors]
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(rows.device))
+        self._pending.append((tensors, done))
+
+    def apply(self, win_gate: torch.Tensor, win_in: torch.Tensor, first: int | None = None) -> None:
+        """Write the pending updates (the ``first`` of them), in the order they were made."""
+        first = len(self._pending) if first is None else first
+        for tensors, done in self._pending[:first]:
+            if done is not None:
+                done.synchronize()  # passed already after the sync of the batch that made it
+            rows, gate, in_ = tensors[:3]
+            _host_write((win_gate, win_in), rows, (gate, in_), tensors[3] if len(tensors) > 3 else None)
+        del self._pending[:first]
+
+
+def _host_write(tables: Sequence[torch.Tensor], rows: torch.Tensor, cuts: Sequence[torch.Tensor],
+                keep: torch.Tensor | None) -> None:
+    """:func:`_write_windows` into tables in host memory, of updates in host memory: only the kept
+    rows (about one in ten of a capacity's slots, whose old windows the device's fixed shape would
+    read and write back), copied as bytes by numpy (which has no bfloat16). Selecting them is host
+    work that never waits for a device; numpy keeps it apart from the torch operations whose host
+    syncs :class:`collect.syncs.SyncCounter` counts, which on a CPU cannot tell host from device."""
+    at = rows.numpy()
+    kept = slice(None) if keep is None else keep.numpy().reshape(-1)
+    at = at[kept]
+    for table, cut in zip(tables, cuts):
+        width = table.shape[-1] * table.element_size()
+        table.view(-1, table.shape[-1]).view(torch.uint8).numpy()[at] = (
+            cut.contiguous().view(torch.uint8).numpy().reshape(-1, width)[kept])
+
+
 @dataclass
 class LayerStats:
     """Running statistics of one layer; leading axes ``[neuron, case, hook]``.
@@ -171,7 +248,8 @@ class LayerStats:
     its document: :attr:`top_value` and :attr:`top_doc` are read off it) and its position. Its
     windows stay where they were written (``win_gate``, ``win_in``, indexed by ``top_slot``), so a
     batch writes only the windows of documents that enter a list; :meth:`ordered_windows` puts
-    them in list order.
+    them in list order. On the GPU's path the windows live in host memory (``writes``, a
+    :class:`WindowWrites`, takes the writes there; :meth:`flush_windows` applies them).
     """
 
     count: torch.Tensor  # [N, C] int64
@@ -203,17 +281,24 @@ class LayerStats:
     band_value: torch.Tensor | None = None  # [N, C, R, S2, H] float32
     band_gate: torch.Tensor | None = None  # [N, C, R, S2, W] window dtype
     band_in: torch.Tensor | None = None  # [N, C, R, S2, W] window dtype
+    # The GPU's path: win_gate and win_in in host memory, their writes on the way there (not a table).
+    writes: WindowWrites | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def empty(cls, d_mlp: int, k: int, window: int, device: torch.device | str = "cpu",
-              window_dtype: torch.dtype = torch.float32, samples: int = 0, band_samples: int = 0) -> "LayerStats":
+              window_dtype: torch.dtype = torch.float32, samples: int = 0, band_samples: int = 0, *,
+              windows_on_host: bool = False) -> "LayerStats":
         """Statistics of no documents. ``window_dtype`` float16 halves the window memory and
         loses nothing when the file stores float16 windows anyway. ``samples`` > 0 adds the
-        distributions (histograms, ``samples`` random examples per case, ``band_samples`` per band)."""
+        distributions (histograms, ``samples`` random examples per case, ``band_samples`` per band).
+        ``windows_on_host``: the GPU's path (:meth:`windows_on_host`)."""
         shape = (d_mlp, N_CASES, N_HOOKS)
         f32 = dict(dtype=torch.float32, device=device)
         i64 = dict(dtype=torch.int64, device=device)
         i32 = dict(dtype=torch.int32, device=device)
+        # Made where they live: a 7B model's windows would not fit on a small card even for a moment.
+        windows = dict(dtype=window_dtype, device="cpu" if windows_on_host and torch.device(device).type != "meta"
+                       else device)
         distributions: dict[str, torch.Tensor] = {}
         if samples > 0:
             distributions = dict(
@@ -239,10 +324,37 @@ class LayerStats:
             top_key=torch.full(shape + (k,), -1, **i64),
             top_pos=torch.full(shape + (k,), -1, **i32),
             top_slot=torch.arange(k, dtype=SLOT_DTYPE, device=device).expand(shape + (k,)).contiguous(),
-            win_gate=torch.full(shape + (k, window), float("nan"), dtype=window_dtype, device=device),
-            win_in=torch.full(shape + (k, window), float("nan"), dtype=window_dtype, device=device),
+            win_gate=torch.full(shape + (k, window), float("nan"), **windows),
+            win_in=torch.full(shape + (k, window), float("nan"), **windows),
             **distributions,
+            writes=WindowWrites() if windows_on_host else None,
         )
+
+    def windows_on_host(self, on_host: bool = True) -> "LayerStats":
+        """These statistics (in place; returned) with the top-k windows in host memory, where the
+        batches' writes reach them through a :class:`WindowWrites` (the GPU's path: they are most of
+        a neuron's state and rarely written; e.g. a resumed checkpoint's). On a CPU they stay where
+        they are, and the writes still wait for :meth:`flush_windows`, as on a GPU."""
+        if on_host and self.writes is None:
+            self.win_gate, self.win_in = self.win_gate.cpu(), self.win_in.cpu()
+            self.writes = WindowWrites()
+        return self
+
+    def write_windows(self, rows: torch.Tensor, gate: torch.Tensor, in_: torch.Tensor,
+                      keep: torch.Tensor | None = None) -> None:
+        """Write the windows of flat rows ``rows`` (list * k + slot), where ``keep`` (``[M, 1]``);
+        on the GPU's path on their way to host memory, written there by :meth:`flush_windows`."""
+        if self.writes is not None:
+            self.writes.push(rows, gate, in_, keep)
+        else:
+            _write_windows((self.win_gate, self.win_in), rows, (gate, in_), keep)
+
+    def flush_windows(self, first: int | None = None) -> None:
+        """Apply the window writes on their way to host memory (the ``first`` of them), which the
+        device has done once the sync of the batch that made them has passed (then without waiting);
+        reading the windows applies them all first."""
+        if self.writes is not None and len(self.writes):
+            self.writes.apply(self.win_gate, self.win_in, first)
 
     @property
     def has_distributions(self) -> bool:
@@ -263,11 +375,16 @@ class LayerStats:
         return key_value(self.top_key, HOOK_SIGNS.to(self.top_key.device)[:, :, None])
 
     def ordered_windows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(gate, in)`` windows in list order, ``[N, C, H, k, W]``."""
-        return _gather_k(self.win_gate, self.top_slot), _gather_k(self.win_in, self.top_slot)
+        """``(gate, in)`` windows in list order, ``[N, C, H, k, W]``, where the windows live (host
+        memory on the GPU's path)."""
+        self.flush_windows()
+        slot = self.top_slot.to(self.win_gate.device)
+        return _gather_k(self.win_gate, slot), _gather_k(self.win_in, slot)
 
     def to_dict(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        """Every table by name (the windows where they live: host memory on the GPU's path)."""
+        self.flush_windows()
+        return {f.name: value for f in fields(self) if isinstance(value := getattr(self, f.name), torch.Tensor)}
 
     @classmethod
     def from_dict(cls, tensors: dict[str, torch.Tensor]) -> "LayerStats":
@@ -281,8 +398,13 @@ class LayerStats:
         return cls(**{f.name: tensors[f.name].to(narrow[f.name]) if f.name in narrow else tensors[f.name]
                       for f in fields(cls) if f.name in tensors})
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.to_dict().values())
+    def nbytes(self, part: str = "all") -> int:
+        """Bytes of every table (``all``), or on the GPU's path of those on the ``device`` or in ``host``
+        memory (:data:`HOST_TABLES`)."""
+        if part not in STATE_PARTS:
+            raise ValueError(f"part {part!r}: expected one of {', '.join(STATE_PARTS)}")
+        return sum(t.numel() * t.element_size() for name, t in self.to_dict().items()
+                   if part == "all" or (name in HOST_TABLES) == (part == "host"))
 
 
 @dataclass
@@ -496,7 +618,6 @@ def merge_top(
     k = stats.k
     b = doc_ids.shape[0]
     n_lists = stats.top_key[..., 0].numel()
-    window = stats.win_gate.shape[-1]
     # Candidates as [B, lists]: each batch row is one document's candidate for every list.
     cand_key = sort_key(batch.doc_abs, doc_ids.view(b, 1, 1, 1)).view(b, n_lists)
     old_key = stats.top_key.view(n_lists, k)
@@ -558,13 +679,10 @@ def merge_top(
     for start in range(0, len(r), max(chunk, 1)):
         part = slice(start, start + chunk)
         rp, jp = r[part], j[part]
-        for store, values in ((stats.win_gate, gate), (stats.win_in, in_)):
-            cut = cut_windows(values, new_row[rp, jp], top_pos[rp, jp].long(), neuron[part], lengths,
-                              context_before, context_after).to(store.dtype)
-            flat = store.view(-1, window)
-            if keep is not None:
-                cut = torch.where(keep[part], cut, flat[store_row[part]])
-            flat[store_row[part]] = cut
+        gate_cut, in_cut = (cut_windows(values, new_row[rp, jp], top_pos[rp, jp].long(), neuron[part], lengths,
+                                        context_before, context_after).to(stats.win_gate.dtype)
+                            for values in (gate, in_))
+        stats.write_windows(store_row[part], gate_cut, in_cut, None if keep is None else keep[part])
     for name, value in (("top_key", top_key), ("top_pos", top_pos), ("top_slot", top_slot)):
         target = getattr(stats, name)
         target.view(n_lists, k).index_copy_(0, rows, value.to(target.dtype))
@@ -1126,11 +1244,12 @@ def merge_stats(a: LayerStats, b: LayerStats) -> LayerStats:
     """Statistics of the union of two disjoint document sets (documents indexed alike)."""
     k = a.k
     top_key, idx = torch.cat([a.top_key, b.top_key], dim=-1).topk(k, dim=-1)
+    # The windows are merged where a's live (host memory on the GPU's path), the rest on the device.
     a_gate, a_in = a.ordered_windows()
-    b_gate, b_in = b.ordered_windows()
+    b_gate, b_in = (w.to(a_gate.device) for w in b.ordered_windows())
 
     def pick(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return _gather_k(torch.cat([x, y], dim=3), idx)
+        return _gather_k(torch.cat([x, y], dim=3), idx.to(x.device))
 
     merged = LayerStats(
         count=a.count + b.count,
@@ -1143,6 +1262,7 @@ def merge_stats(a: LayerStats, b: LayerStats) -> LayerStats:
         top_slot=torch.arange(k, dtype=SLOT_DTYPE, device=idx.device).expand_as(idx).contiguous(),
         win_gate=pick(a_gate, b_gate),
         win_in=pick(a_in, b_in),
+        writes=WindowWrites() if a.writes is not None else None,
     )
     if a.has_distributions:
         merged.hist = a.hist + b.hist

@@ -194,7 +194,7 @@ class GluscopeConfig(base.Config):
     """Light layout: the cache folder, relative to ``mkdocs.yml`` (add it to ``.gitignore``)."""
 
     workers = c.Optional(c.Type(int))
-    """Light layout: processes that write the data files. Default: one per CPU this build may use."""
+    """Light layout: processes that write the data files and the pages. Default: one per CPU this build may use."""
 
     probe_model = c.Optional(c.Type(str))
     """``mkdocs serve`` only: the model the file was collected from (a hub name, a folder or GGUF file,
@@ -230,6 +230,7 @@ class GluscopePlugin(BasePlugin[GluscopeConfig]):
         self._env: Any = None
         self._nav: Any = None
         self._files: Files | None = None
+        self._vendor_modules: list[str] = []  # light layout: the Parquet reader's modules, preloaded by the shell
         self.probe: ProbeServer | None = None  # full pages of mkdocs serve with probe_model: the text box's model
 
     # -- configuration ------------------------------------------------------------------------
@@ -345,6 +346,7 @@ class GluscopePlugin(BasePlugin[GluscopeConfig]):
             vendored = vendor_files()
         except GluscopeError as e:
             raise PluginError(f"gluscope: layout light: {e}") from None
+        self._vendor_modules = sorted(name for name in vendored if name.endswith(".js"))
         for name, content in vendored.items():
             if files.get_file_from_path(f"{ASSET_DIR}/{name}") is None:
                 files.append(File.generated(config, f"{ASSET_DIR}/{name}", content=content))
@@ -464,7 +466,8 @@ class GluscopePlugin(BasePlugin[GluscopeConfig]):
             if name not in shells:
                 try:
                     shells[name] = render_shell(config, self._env, self._nav, self._files,
-                                                lpage.page_url(self.prefix, key, config.use_directory_urls))
+                                                lpage.page_url(self.prefix, key, config.use_directory_urls),
+                                                self._vendor_modules)
                 except ThemeError as e:
                     raise PluginError(f"gluscope: layout light: {e}") from None
         site_url = config.site_url or "/"
@@ -473,7 +476,8 @@ class GluscopePlugin(BasePlugin[GluscopeConfig]):
                              "urls": config.use_directory_urls, "site": site_url, "name": config.site_name})
         holder: dict = {}
         pages, made = lbuild.cached(self._data.parent, f"pages-{key}", lambda out: holder.update(
-            lbuild.build_pages(options, self.groups, self._data / "site" / "layers", shells, out)))
+            lbuild.build_pages(options, self.groups, self._data / "site" / "layers", shells, out,
+                               self.config.workers or _cpus())))
         site_dir = Path(config.site_dir)
         symlink = self._serve
         lbuild.place(pages, site_dir, symlink)

@@ -647,8 +647,13 @@ def test_statistics_too_large_for_the_gpu_name_layer_groups_that_fit(model_facto
     with_distributions = state_bytes(11008, 32, small_config(Path("m"), [], Path("o"), k=16, context_before=16,
                                                              context_after=2, samples=8), torch.bfloat16)
     assert 11.4 < with_distributions / 2**30 < 11.5
+    # On a GPU the top-k windows live in host memory: the device keeps the rest (issue 16: <= 30 KB a neuron).
+    defaults = small_config(Path("m"), [], Path("o"), k=16, context_before=16, context_after=2, samples=8)
+    assert state_bytes(1, 1, defaults, torch.bfloat16, "device") <= 30_000
+    device, host = (state_bytes(11008, 32, defaults, torch.bfloat16, part) for part in ("device", "host"))
+    assert device + host == with_distributions and 5.0 < device / 2**30 < 5.1 and 6.3 < host / 2**30 < 6.4
 
-    per_layer = state_bytes(48, 1, small_config(Path("m"), [], Path("o")), torch.float32)
+    per_layer = state_bytes(48, 1, small_config(Path("m"), [], Path("o")), torch.float32, "device")
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (
         int((per_layer + 64 * 48 * 4 * 12) / 0.9) + 10, 2**34))
     loaded = type("Loaded", (), {"device": torch.device("cuda:0"), "d_mlp": 48, "dtype": torch.float32, "moe": {}})()
@@ -656,6 +661,11 @@ def test_statistics_too_large_for_the_gpu_name_layer_groups_that_fit(model_facto
     with pytest.raises(GluscopeError, match=r"in 2 groups \(--layers 0 then --layers 1, .*gluscope merge"):
         memory.check_state_fits(loaded, [0, 1], config)
     memory.check_state_fits(loaded, [1], config)  # one layer fits
+    # Room for less than one layer: one line naming the option that makes room, not a traceback.
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (
+        int((per_layer / 2 + 64 * 48 * 4 * 12) / 0.9) + 10, 2**34))
+    with pytest.raises(GluscopeError, match=r"not even one layer's statistics fit: .* smaller --batch-tokens"):
+        memory.check_state_fits(loaded, [0, 1], config)
 
 
 def test_gpu_capacity_follows_changed_lists_per_document(monkeypatch):

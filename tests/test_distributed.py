@@ -128,6 +128,34 @@ def test_torchrun_gloo_processes_write_the_single_process_file(nproc, model_fact
     same_file(single, out, world_size=nproc)
 
 
+#: ``gluscope`` on the GPU's code path (capacities, example candidates, packed lengths, the top-k
+#: windows in host memory), run by torchrun on CPUs in place of the command.
+GPU_PATH = """
+import sys
+from collect.memory import ListCapacity, PackedLength
+
+ListCapacity.ON_CPU = PackedLength.ON_CPU = True
+from mkdocs_gluscope.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_on_the_gpu_path_merges_host_windows_into_the_single_process_file(model_factory, corpus_files,
+                                                                                   tmp_path):
+    """Issue 16 (device state): 2 processes on the GPU's code path, whose top-k windows live in host
+    memory, checkpointing every round (so every round merges both ranks' statistics into rank 0, the
+    windows joining the one message from the host): the single process file, dataset by dataset."""
+    model = model_factory("llama")
+    single = collect(small_config(model, corpus_files, tmp_path / "single.h5", **OPTIONS))
+    script = tmp_path / "gpu_path.py"
+    script.write_text(GPU_PATH)
+    out = tmp_path / "torchrun.h5"
+    done = torchrun(cli_args(model, corpus_files, out) + ["--checkpoint-every", "0"], script=script)
+    assert done.returncode == 0, done.stderr[-3000:]
+    same_file(single, out, world_size=2)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -44,6 +44,44 @@ def test_gpu_path_makes_one_host_sync_per_batch_and_the_exact_paths_file(model_f
     same_statistics(exact, tmp_path / "gpu.h5")
 
 
+def test_gpu_path_keeps_the_windows_in_host_memory_and_resumes_into_the_exact_paths_file(
+        model_factory, corpus_files, tmp_path, monkeypatch, torch_path):
+    """Issue 16 (device state): on the GPU's code path (run on a CPU) the top-k windows live in host
+    memory; each batch's window writes are on their way there until the batch's host sync and are
+    applied during the next batch (none of an earlier batch is left when a batch ends); a run stopped
+    after 2 batches (its checkpoint holds the host windows) resumes into the exact path's file,
+    dataset by dataset."""
+    from collect.run import Interrupted
+    from collect.stats import WindowWrites
+
+    model = model_factory("llama")
+    exact = collect(small_config(model, corpus_files, tmp_path / "exact.h5", batch_tokens=64))
+    monkeypatch.setattr(ListCapacity, "ON_CPU", True)
+    pushed, made, push, run_batch = [], [], WindowWrites.push, run_module._run_batch
+
+    def counted_push(self, *args):
+        pushed.append(self)
+        return push(self, *args)
+
+    def checked_batch(*args, **kwargs):
+        pushed.clear()
+        run_batch(*args, **kwargs)
+        states = args[4]
+        for stats in states.values():  # what is left was made by this batch
+            assert stats.writes is not None and len(stats.writes) == sum(w is stats.writes for w in pushed)
+        made.append(len(pushed))
+
+    monkeypatch.setattr(WindowWrites, "push", counted_push)
+    monkeypatch.setattr(run_module, "_run_batch", checked_batch)
+    config = small_config(model, corpus_files, tmp_path / "resumed.h5", batch_tokens=64)
+    with pytest.raises(Interrupted, match="--resume"):
+        collect(config, stop_after_batches=2)
+    config.resume = True
+    collect(config)
+    assert len(made) > 3 and all(made), made
+    same_statistics(exact, config.out)
+
+
 def test_sync_counter_counts_what_makes_the_host_wait():
     x = torch.arange(10)
     with SyncCounter() as syncs:

@@ -106,6 +106,9 @@ def test_every_neuron_gets_a_stub_page_that_the_theme_page_takes_in(site):
     shell = read(site, "neurons/gluscope-shell/neuron.html")
     assert shell.count("GLUSCOPE:CONTENT") == 1 and "<title>GLUSCOPE:TITLE - GLUScope test</title>" in shell
     assert 'class="md-header' in shell and "md-search__input" in shell  # the theme's own header and search box
+    # Every module a page imports is preloaded by the shell: fetched at once, not an import at a time.
+    vendor = sorted(p.relative_to(site / "assets/gluscope").as_posix() for p in (site / "assets/gluscope/vendor").rglob("*.js"))
+    assert len(vendor) > 10 and all(f'rel="modulepreload" href="../../../assets/gluscope/{m}"' in shell for m in vendor)
     # A hand-written page's link to a neuron's Markdown path reaches its page.
     assert 'href="../neurons/L1/N4/"' in read(site, "about/index.html")
     # The theme's index holds the index and layer pages, not 12 (or 352,256) neuron pages.
@@ -204,6 +207,41 @@ def test_search_shards_are_ranges_of_about_equal_size(tmp_path):
         shard = json.loads((tmp_path / f"search/{i}.json").read_text(encoding="utf-8"))
         assert all(words.shard_of(term, firsts) == i for term in shard) and (not i or first in shard)
         assert all(len(p) <= lsearch.POSTINGS for p in shard.values())
+
+
+@pytest.mark.parametrize("parts", [1, 3], ids=["one-range", "three-ranges"])
+def test_search_index_keeps_each_terms_best_postings_in_rank_order(tmp_path, parts):
+    """The merge of sorted runs equals sorting every posting at once: each term's POSTINGS best, in
+    rank order, whatever characters the term holds (tab, line end, backslash, control, emoji) and
+    with -0.0 and 0.0 ranks, ties broken by neuron id and case; in one range of terms or several
+    (each merged by its own task: how the build uses its workers)."""
+    rng = random.Random(5)
+    alphabet = ["a", "b", "\t", "\n", "\\", "\x01", "\x1f", "\x00", " ", "é", "😀", "人"]
+    ranks = [0.0, -0.0, -0.5, -0.25, -1.0, -1e-300, -3.0]
+    everything, runs = [], []
+    for r in range(4):
+        items = [("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 3))), rng.choice(ranks), rng.choice(ranks),
+                  rng.choice(ranks), f"{rng.randint(0, 30)}.{rng.randint(0, 9)}", rng.randint(0, 3)) for _ in range(3000)]
+        items = list({(t, n, c): (t, a, b, p, n, c) for t, a, b, p, n, c in items}.values())  # a (term, neuron, case) once
+        everything += items
+        runs.append(lsearch.write_sorted(items, tmp_path / f"run{r}.txt"))
+    lsearch.POSTINGS, old = 7, lsearch.POSTINGS
+    try:
+        counts = lsearch.write_shards(runs, tmp_path / "search", parts=parts)
+    finally:
+        lsearch.POSTINGS = old
+    expected: dict[str, list] = {}
+    for t, a, b, p, n, c in sorted(everything):
+        if len(expected.setdefault(t, [])) < 7:
+            expected[t].append([n, c, -a, -b, -p])
+    firsts = json.loads((tmp_path / "search/firsts.json").read_text(encoding="utf-8"))
+    found: dict[str, list] = {}
+    for i in range(len(firsts)):
+        found.update(json.loads((tmp_path / f"search/{i}.json").read_text(encoding="utf-8")))
+    assert list(found) == list(expected) and found == expected
+    assert firsts[0] == "" and all(words.shard_of(t, firsts) == i for i in range(len(firsts))
+                                   for t in json.loads((tmp_path / f"search/{i}.json").read_text(encoding="utf-8")))
+    assert counts["terms"] == len(expected) and not list((tmp_path / "search").glob("range-*"))
 
 
 def test_word_finder_agrees_with_the_word_rules():

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import tiny
+from collect import architectures
+from collect.architectures import locate
+from collect.model import load_hf
 from collect.probe import Prober
 from collect.run import collect
 from mkdocs_gluscope.cli import main
@@ -15,6 +23,18 @@ from mkdocs_gluscope.store import CASES, HOOKS, ActivationsFile
 from test_collect import run_cli, small_config
 
 TEXT = tiny.CORPUS[1]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """A cache folder of the test's own: a probe remembers where a model's MLPs are (layouts/) there."""
+    monkeypatch.setenv("GLUSCOPE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def no_adapter(*args, **kwargs):
+    raise AssertionError("TransformerLens' adapter was asked, though the layout was remembered")
 
 
 def test_probe_values_equal_those_a_one_document_collection_records(model_factory, tmp_path):
@@ -79,3 +99,69 @@ def test_probe_command_colors_in_a_terminal_only_and_writes_the_pages_row(model_
 def test_probe_refuses_bad_neuron_lists(bad, capsys):
     code, text = run_cli("probe", "--model", "m", "--neurons", bad, "text", capsys=capsys)
     assert code == 2 and "expected neurons LAYER.NEURON" in text and text.count("gluscope: error") == 1
+
+
+def test_a_later_probe_finds_the_mlps_without_the_adapter_and_gets_the_same_values(model_factory, own_cache,
+                                                                                    monkeypatch):
+    """The first probe of a model asks TransformerLens where its MLPs are and remembers the answer; a later
+    one reads it back (importing TransformerLens takes seconds) and its values are the same bits."""
+    folder = str(model_factory("llama"))
+    neurons = [(0, 5), (1, 3), (1, 47)]
+    first = Prober.load(folder).run(TEXT, neurons)
+    assert len(list((own_cache / "layouts").glob("*.json"))) == 1
+    monkeypatch.setattr(architectures, "_ask_adapter", no_adapter)
+    again = Prober.load(folder).run(TEXT, neurons)
+    for name in ("gate", "in_", "post", "swish"):
+        assert np.array_equal(getattr(first, name), getattr(again, name)), name
+
+
+def test_a_layout_that_does_not_fit_the_model_is_asked_for_again(model_factory, own_cache, monkeypatch):
+    folder = str(model_factory("llama"))
+    expected = Prober.load(folder).run(TEXT, [(1, 3)]).post
+    (path,) = (own_cache / "layouts").glob("*.json")
+    asked = []
+    ask = architectures._ask_adapter
+    monkeypatch.setattr(architectures, "_ask_adapter", lambda *a: asked.append(1) or ask(*a))
+    for broken in (path.read_text().replace('"up_proj"', '"no_such_proj"'), "{not json"):
+        path.write_text(broken)
+        assert np.array_equal(Prober.load(folder).run(TEXT, [(1, 3)]).post, expected)
+        assert '"up_proj"' in path.read_text()  # written again, as the adapter answered
+    assert len(asked) == 2
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3", "gemma3mm", "falconh1"])
+def test_a_remembered_layout_gives_the_adapters_own_modules(arch, model_factory, tmp_path, monkeypatch):
+    """Plain, fused (Phi-3), a multimodal wrapper's language tower, a gate scaled before its activation
+    (Falcon-H1): rebuilt from the remembered module names, each layer's MLP is what the adapter found."""
+    model, _ = load_hf(str(model_factory(arch)), torch.float32)
+    asked = locate(model, None, remember=tmp_path)
+    monkeypatch.setattr(architectures, "_ask_adapter", no_adapter)
+    again = locate(model, None, remember=tmp_path)
+    assert (again.adapter, again.layers_path, again.n_layers, again.skipped) == (
+        asked.adapter, asked.layers_path, asked.n_layers, asked.skipped)
+    assert list(again.layers) == list(asked.layers)
+    for layer, mlp in asked.layers.items():
+        other = again.layers[layer]
+        for part in ("module", "gate", "up", "down", "act_module"):
+            assert getattr(other, part) is getattr(mlp, part), (layer, part)
+        assert (other.fused, other.definition, other.act_fn) == (mlp.fused, mlp.definition, mlp.act_fn)
+        for weight in ("w_gate", "w_in", "w_out", "b_gate", "b_in"):
+            a, b = getattr(mlp, weight), getattr(other, weight)
+            assert (a is None and b is None) or torch.equal(a, b), (layer, weight)
+
+
+@pytest.mark.slow
+def test_the_probe_command_imports_no_transformer_lens_once_the_layout_is_remembered(model_factory, own_cache,
+                                                                                     capsys):
+    """What makes a probe of the demo model take seconds less: a fresh process, as a user runs it."""
+    folder = str(model_factory("llama"))
+    args = ["probe", "--model", folder, "--neurons", "1.3,0.5", "--values", "--no-color", TEXT]
+    assert main(args) == 0  # asks the adapter, remembers
+    expected = capsys.readouterr().out
+    script = ("import sys; from mkdocs_gluscope.cli import main; code = main(sys.argv[1:]); "
+              "print('transformer_lens imported:', 'transformer_lens' in sys.modules); sys.exit(code)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env,
+                            cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "transformer_lens imported: False\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -101,27 +102,42 @@ def batch_tensors(chunk, first_counted):
     return gate, in_, post, swish, valid, lengths
 
 
-def run_batches(docs, k, first_counted, batch_size, doc_offset=0, capacity=None):
+def tables(stats: LayerStats) -> dict[str, torch.Tensor]:
+    """A copy of every table of ``stats`` as it is (window writes on their way to the host left there)."""
+    return {f.name: t.clone() for f in dataclasses.fields(stats) if isinstance(t := getattr(stats, f.name), torch.Tensor)}
+
+
+def run_batches(docs, k, first_counted, batch_size, doc_offset=0, capacity=None, flush_every=None, on_flush=None):
     """Statistics of ``docs`` in batches; with ``capacity``, through the path without host syncs
     (``nonzero_static``), growing the capacity and adding a batch again where it overflowed, as
-    collection does."""
+    collection does. ``flush_every``: the GPU's path's windows in host memory, their writes applied
+    every that many batches (``on_flush(stats)`` first); until then the window tables must not change."""
     d_mlp = docs[0][0].shape[1]
-    stats = LayerStats.empty(d_mlp, k, W)
+    stats = LayerStats.empty(d_mlp, k, W, windows_on_host=flush_every is not None)
+    flushed = tables(stats)
     if capacity is not None:
-        for start in range(0, len(docs), batch_size):
+        for number, start in enumerate(range(0, len(docs), batch_size), 1):
             gate, in_, post, swish, valid, lengths = batch_tensors(docs[start:start + batch_size], first_counted)
             red = reduce_batch(gate, in_, post, swish, valid, assume_finite=True)
             doc_ids = torch.arange(start, start + len(lengths)) + doc_offset
-            before = {name: t.clone() for name, t in stats.to_dict().items()}
+            before = tables(stats)
             applied, active = update_stats(stats, red, doc_ids, gate, in_, lengths, BEFORE, AFTER,
                                            capacity=capacity, accept=~red.suspect)
             if not bool(applied):  # overflow or NaN: nothing changed; add it again exactly
                 assert int(active) > capacity or bool(red.suspect)
-                for name, t in stats.to_dict().items():
+                for name, t in tables(stats).items():
                     assert torch.equal(t, before[name]) or (t.isnan() == before[name].isnan()).all() and torch.equal(
                         t.nan_to_num(), before[name].nan_to_num()), name
                 update_stats(stats, reduce_batch(gate, in_, post, swish, valid), doc_ids, gate, in_, lengths,
                              BEFORE, AFTER)
+            if flush_every is not None:
+                for name in ("win_gate", "win_in"):  # still as last applied: the writes wait
+                    assert torch.equal(getattr(stats, name).nan_to_num(99.0), flushed[name].nan_to_num(99.0))
+                if number % flush_every == 0 or start + batch_size >= len(docs):
+                    if on_flush is not None:
+                        on_flush(stats)
+                    stats.flush_windows()
+                    flushed = tables(stats)
         return stats
     for start in range(0, len(docs), batch_size):
         gate, in_, post, swish, valid, lengths = batch_tensors(docs[start:start + batch_size], first_counted)
@@ -298,6 +314,52 @@ def test_statistics_without_host_syncs_match_brute_force(capacity, kind):
                      zeros=kind == "nonfinite")
     stats = run_batches(docs, 4, 1, 3, capacity=capacity)
     assert_matches(stats, docs, 4, 1)
+
+
+@pytest.mark.parametrize("capacity", [7, 1000], ids=["some-overflow", "ample"])
+def test_window_writes_on_their_way_to_host_memory_apply_in_order(capacity):
+    """The GPU's path keeps the top-k windows in host memory: a batch's window writes leave the device
+    as one update each and wait; the tables do not change until the writes are applied, then in the
+    order they were made. Here three batches' writes at a time, with entries evicted and their slots
+    reused in between (so that the order matters: applied backwards, some window differs), and the
+    lists and windows equal brute force."""
+    from collect.stats import WindowWrites
+
+    docs = make_docs(11, 17, d_mlp=5, max_len=8, ties=True)
+    order_mattered = []
+
+    def backwards(stats):  # the same writes applied in the reverse order, to a copy
+        gate, in_ = stats.win_gate.clone(), stats.win_in.clone()
+        reverse = WindowWrites()
+        reverse._pending = list(reversed(stats.writes._pending))
+        reverse.apply(gate, in_)
+        stats.flush_windows()
+        order_mattered.append(not (torch.equal(gate.nan_to_num(99.0), stats.win_gate.nan_to_num(99.0))
+                                   and torch.equal(in_.nan_to_num(99.0), stats.win_in.nan_to_num(99.0))))
+
+    stats = run_batches(docs, 4, 1, 2, capacity=capacity, flush_every=3, on_flush=backwards)
+    assert stats.writes is not None and len(stats.writes) == 0
+    assert any(order_mattered), order_mattered
+    assert_matches(stats, docs, 4, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_window_writes_in_host_memory_equal_the_devices_in_every_window_dtype(dtype):
+    """The host writes only the rows that changed, as bytes (numpy has no bfloat16: the windows of a
+    bfloat16 model for a float32 file): every window equals the fixed-shape write's, bit for bit."""
+    from collect.stats import _host_write, _write_windows
+
+    g = torch.Generator().manual_seed(5)
+    device_tables = [torch.full((6, 4, 4, 3, W), float("nan"), dtype=dtype) for _ in range(2)]
+    host_tables = [t.clone() for t in device_tables]
+    for _ in range(3):
+        rows = torch.randperm(6 * 16 * 3, generator=g)[:40]
+        cuts = [torch.randn(40, W, generator=g).to(dtype) for _ in range(2)]
+        keep = torch.rand(40, 1, generator=g) < 0.5
+        _write_windows(device_tables, rows, cuts, keep)
+        _host_write(host_tables, rows, cuts, keep)
+    for a, b in zip(device_tables, host_tables):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)) and not a.isnan().all()
 
 
 def test_windows_cut_by_either_path_agree():

@@ -294,21 +294,23 @@ def build_data(options: DataOptions, groups: dict[Group, np.ndarray], out: Path,
         parts = np.unique(np.flatnonzero(docs) // ldata.DOCS_PER_FILE).tolist()
         chunks = [(options.activations, str(out), parts[i:i + 64]) for i in range(0, len(parts), 64)]
         totals["corpus_bytes"] = 0
-        for size, tail in _map(pool, _corpus_task, chunks):
+        corpus = _map(pool, _corpus_task, chunks)  # the workers write the corpus while this writes the tables
+        site = out / "site"
+        (site / "layers").mkdir(parents=True, exist_ok=True)
+        for g, parts in rows.items():  # one table in memory at a time
+            table = sorted((r for part in parts for r in json.loads(Path(part).read_text(encoding="utf-8"))),
+                           key=lambda r: r[0])
+            (site / "layers" / f"{table_name(g)}.json").write_text(
+                ldata.dumps({"layer": g[0], "expert": g[1], "rows": table}), encoding="utf-8")
+        for size, tail in corpus:
             totals["corpus_bytes"] += size
             tails["corpus"] = max(tails["corpus"], tail)
+        # The word index: a range of terms per worker.
+        totals.update(lsearch.write_shards(sorted(runs), site / "search", pool, options.workers if pool else 1))
     finally:
         if pool is not None:
             pool.close()
             pool.join()
-    site = out / "site"
-    (site / "layers").mkdir(parents=True, exist_ok=True)
-    for g, parts in rows.items():  # one table in memory at a time
-        table = sorted((r for part in parts for r in json.loads(Path(part).read_text(encoding="utf-8"))),
-                       key=lambda r: r[0])
-        (site / "layers" / f"{table_name(g)}.json").write_text(
-            ldata.dumps({"layer": g[0], "expert": g[1], "rows": table}), encoding="utf-8")
-    totals.update(lsearch.write_shards(sorted(runs), site / "search"))
     (site / "act.bin").write_bytes(act)
     # A page's first request to a data file is for its tail: the largest footer of its kind, no more.
     (site / "site.json").write_text(ldata.dumps({**facts, "tails": tails}), encoding="utf-8")
@@ -327,57 +329,74 @@ class PageOptions:
 
 
 def build_pages(options: PageOptions, groups: dict[Group, np.ndarray], tables: Path, shells: dict[str, str],
-                out: Path) -> dict[str, Any]:
+                out: Path, workers: int = 1) -> dict[str, Any]:
     """Stage 2 into ``out`` (paths as in the site): every neuron page, the shells (``shells``: their
-    names below ``url_prefix`` and text) and ``{prefix}/sitemap-neurons-N.xml``."""
+    names below ``url_prefix`` and text) and ``{prefix}/sitemap-neurons-N.xml``. The pages are
+    written a group (layer or expert) per task on ``workers`` processes: making a folder and a file
+    per page is most of the stage."""
+    tasks: list[PageTask] = []
+    listed = list(groups.items())
+    for i, (g, neurons) in enumerate(listed):
+        before = group_key(listed[i - 1][0][0], int(listed[i - 1][1][-1]), listed[i - 1][0][1]) if i else None
+        after = group_key(listed[i + 1][0][0], int(listed[i + 1][1][0]), listed[i + 1][0][1]) if i + 1 < len(listed) else None
+        tasks.append(PageTask(options, g, neurons, str(tables), str(out), before, after))
     written = sizes = 0
-    urls: list[str] = []
+    pool = _pool(min(workers, len(tasks)))
+    try:
+        for pages, page_bytes in _map(pool, _pages_task, tasks):
+            written, sizes = written + pages, sizes + page_bytes
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    urls = [lpage.page_url(options.prefix, group_key(g[0], n, g[1]), options.directory_urls)
+            for g, neurons in listed for n in neurons.tolist()]
     sitemaps: list[str] = []
+    for start in range(0, len(urls), lpage.SITEMAP_URLS):
+        name = f"{options.prefix}/sitemap-neurons-{len(sitemaps)}.xml"
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(lpage.sitemap(urls[start:start + lpage.SITEMAP_URLS], options.site_url), encoding="utf-8")
+        sitemaps.append(name)
+    for name, text in shells.items():
+        path = out / options.prefix / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    return {"pages": written, "page_bytes": sizes, "sitemaps": sitemaps}
 
-    def flush() -> None:
-        name = f"sitemap-neurons-{len(sitemaps)}.xml"
-        (out / options.prefix).mkdir(parents=True, exist_ok=True)
-        (out / options.prefix / name).write_text(lpage.sitemap(urls, options.site_url), encoding="utf-8")
-        sitemaps.append(f"{options.prefix}/{name}")
-        urls.clear()
 
-    def listed() -> Iterable[tuple[tuple, list, str, int]]:
-        """Every listed neuron in order: its key, table row, data file and row group (a table at a time)."""
-        for g, neurons in groups.items():
-            table = json.loads((tables / f"{table_name(g)}.json").read_text(encoding="utf-8"))["rows"]
-            _, row_in = places(neurons)
-            for i, n in enumerate(neurons.tolist()):
-                yield group_key(g[0], n, g[1]), table[i], ldata.neuron_file(g[0], n, g[1])[0], int(row_in[i])
+@dataclass
+class PageTask:
+    options: PageOptions
+    group: Group
+    neurons: np.ndarray
+    tables: str
+    out: str
+    before: tuple | None  # the neuron before the group's first (the previous group's last), for its links
+    after: tuple | None  # the neuron after the group's last
 
-    before: tuple | None = None
-    items = listed()
-    current = next(items, None)
-    while current is not None:
-        following = next(items, None)
-        key, row, name, row_group = current
-        links = lpage.neighbour_links(before, key, following[0] if following else None, options.prefix,
-                                      options.directory_urls)
+
+def _pages_task(task: PageTask) -> tuple[int, int]:
+    """One group's pages: (pages, bytes)."""
+    options, g, out = task.options, task.group, Path(task.out)
+    table = json.loads((Path(task.tables) / f"{table_name(g)}.json").read_text(encoding="utf-8"))["rows"]
+    _, row_in = places(task.neurons)
+    keys = [group_key(g[0], n, g[1]) for n in task.neurons.tolist()]
+    sizes = 0
+    for i, key in enumerate(keys):
+        before = keys[i - 1] if i else task.before
+        after = keys[i + 1] if i + 1 < len(keys) else task.after
+        links = lpage.neighbour_links(before, key, after, options.prefix, options.directory_urls)
         root = lpage.root_of(options.prefix, key, options.directory_urls)
-        content = lpage.neuron_content(key, row, lpage.Place(name, row_group), links=links, root=root)
+        place = lpage.Place(ldata.neuron_file(g[0], key[1], g[1])[0], int(row_in[i]))
+        content = lpage.neuron_content(key, table[i], place, links=links, root=root)
         up = root + "../" * (options.prefix.count("/") + 1)
         text = lpage.neuron_stub(f"Neuron {neuron_id(*key)}", content, site_name=options.site_name,
                                  stub_js=f"{up}assets/gluscope/stub.js", shell=root + lpage.shell_name(key)).encode("utf-8")
         path = out / lpage.page_path(options.prefix, key, options.directory_urls)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(text)
-        urls.append(lpage.page_url(options.prefix, key, options.directory_urls))
-        if len(urls) == lpage.SITEMAP_URLS:
-            flush()
-        written += 1
         sizes += len(text)
-        before, current = key, following
-    if urls:
-        flush()
-    for name, text in shells.items():
-        path = out / options.prefix / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-    return {"pages": written, "page_bytes": sizes, "sitemaps": sitemaps}
+    return len(keys), sizes
 
 
 # -- the cache and placing it in the site -----------------------------------------------------------

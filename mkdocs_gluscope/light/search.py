@@ -26,9 +26,10 @@ order (``search/{n}.json``: ``{term: [[id, case, score, share, peak], ...]}``), 
 from __future__ import annotations
 
 import heapq
-import json
+import os
+import struct
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -181,40 +182,121 @@ def _round(x: float) -> float:
 
 
 def write_sorted(items: list[Posting], path: Path) -> Path:
-    """Postings sorted (by term, then rank) as lines of tab-separated fields (backslash, tab and line
-    ends in the term escaped as in JSON), for :func:`write_shards` to merge."""
-    items.sort()
+    """Postings sorted (by term, then rank) as lines for :func:`write_shards` to merge, one a posting.
+
+    A line sorts as its posting does, as a string, so the merge compares lines and reads only the
+    postings a term keeps: the term (:func:`_order_term`), the three ranks as order-keeping hex
+    (:func:`_order_key`), the neuron id and the case, separated by ``\\x01`` (below every character
+    of a term, so a term sorts before the terms it begins), then the ranks as written (``repr``)."""
+    lines = [f"{_order_term(t)}{_SEP}{_order_key(r)}{_SEP}{_order_key(s)}{_SEP}{_order_key(p)}{_SEP}{n}{_SEP}{c}"
+             f"{_SEP}{r!r}{_SEP}{s!r}{_SEP}{p!r}\n" for t, r, s, p, n, c in items]
+    lines.sort()
     with open(path, "w", encoding="utf-8", newline="\n") as f:
-        f.writelines(f"{_escape(t)}\t{r!r}\t{s!r}\t{p!r}\t{n}\t{c}\n" for t, r, s, p, n, c in items)
+        f.writelines(lines)
     return path
 
 
-_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_SEP = "\x01"
+_SEP_BYTES = _SEP.encode()
+#: Control characters (below U+0020, the separator and line end among them) become U+001F and the
+#: character 0x20 higher: still below every other character, and in their own order.
+_TERM_ESCAPES = str.maketrans({c: "\x1f" + chr(c + 0x20) for c in range(0x20)})
 
 
-def _escape(term: str) -> str:
-    return term.translate(_ESCAPES)
+def _order_term(term: str) -> str:
+    return term.translate(_TERM_ESCAPES)
 
 
-def _unescape(text: str) -> str:
-    return json.loads('"' + text.replace('"', '\\"') + '"', strict=False) if "\\" in text else text
+def _term(ordered: str) -> str:
+    """The term of :func:`_order_term`'s string."""
+    if "\x1f" not in ordered:
+        return ordered
+    head, *rest = ordered.split("\x1f")
+    return head + "".join(chr(ord(part[0]) - 0x20) + part[1:] for part in rest)
 
 
-def _read(path: Path) -> Iterator[Posting]:
-    with open(path, encoding="utf-8", newline="\n") as f:
-        for line in f:
-            term, score, share, peak, nid, case = line[:-1].split("\t")
-            yield _unescape(term), float(score), float(share), float(peak), nid, int(case)
+def _ranks(line: bytes) -> tuple[float, float, float, str, int]:
+    """A line's ranks (as the posting has them), neuron id and case."""
+    fields = line[:-1].decode("utf-8").split(_SEP)
+    return float(fields[6]), float(fields[7]), float(fields[8]), fields[4], int(fields[5])
 
 
-def write_shards(runs: Iterable[Path], folder: Path) -> dict[str, int]:
+def _order_key(x: float) -> str:
+    """16 hex digits that sort as ``x`` does (-0.0 as 0.0): the float's bits, the sign bit flipped
+    for a positive number and every bit for a negative one."""
+    bits = struct.unpack("<Q", struct.pack("<d", x + 0.0))[0]
+    return f"{bits ^ 0xFFFFFFFFFFFFFFFF if bits >> 63 else bits | 0x8000000000000000:016x}"
+
+
+def write_shards(runs: Iterable[Path], folder: Path, pool: Any = None, parts: int = 1) -> dict[str, int]:
     """Merge sorted posting runs into the shards and ``firsts.json`` under ``folder``; returns counts.
-    Memory holds one term's postings and one shard at a time."""
+
+    With ``parts`` > 1 the terms are cut into that many ranges of about equal size (by terms sampled
+    from the runs), each merged by one task of ``pool`` (a ``multiprocessing`` pool; none: one after
+    the other); a shard then also ends where a range does. Memory holds one term's postings and one
+    shard at a time per task."""
+    runs = [str(p) for p in runs]
+    bounds = _range_bounds(runs, parts) if parts > 1 else []
+    tasks = [(runs, str(folder / f"range-{i}"), lo, hi) for i, (lo, hi) in enumerate(zip([b""] + bounds, bounds + [None]))]
+    done = pool.map(_merge_range, tasks) if pool is not None else list(map(_merge_range, tasks))
+    firsts: list[str] = []
+    terms = kept = 0
+    folder.mkdir(parents=True, exist_ok=True)
+    for (_, part, _, _), (part_firsts, part_terms, part_kept) in zip(tasks, done):
+        for j, first in enumerate(part_firsts):  # the ranges' shards numbered on, in term order
+            Path(part, f"{j}.json").rename(folder / f"{len(firsts)}.json")
+            firsts.append(first if firsts else "")  # the first shard's first is "": every term finds a shard
+        terms, kept = terms + part_terms, kept + part_kept
+        Path(part).rmdir()
+    (folder / "firsts.json").write_text(dumps(firsts or [""]), encoding="utf-8")
+    return {"terms": terms, "postings": kept, "shards": len(firsts)}
+
+
+def _range_bounds(runs: list[str], parts: int) -> list[bytes]:
+    """``parts - 1`` increasing terms (as the lines spell them) that cut the runs' lines into about
+    equal ranges: quantiles of the terms of lines sampled at 16 places of each run."""
+    sample: list[bytes] = []
+    for path in runs:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            for q in range(16):
+                f.seek(size * q // 16)
+                f.readline()  # to the next line's start
+                line = f.readline()
+                if line:
+                    sample.append(line[:line.index(_SEP_BYTES)])
+    sample.sort()
+    bounds = sorted({sample[len(sample) * i // parts] for i in range(1, parts)} if sample else set())
+    return [b for b in bounds if b]
+
+
+def _seek_term(f: Any, size: int, term: bytes) -> None:
+    """Put the sorted run ``f`` (binary) at its first line whose term is ``term`` or after it."""
+    lo, hi = 0, size
+    while lo < hi:  # the smallest position whose next line (starting there or after) is at or after term
+        mid = (lo + hi) // 2
+        f.seek(max(mid - 1, 0))
+        if mid:
+            f.readline()
+        line = f.readline()
+        if not line or line[:line.index(_SEP_BYTES)] >= term:
+            hi = mid
+        else:
+            lo = mid + 1
+    f.seek(max(lo - 1, 0))
+    if lo:
+        f.readline()
+
+
+def _merge_range(task: tuple) -> tuple[list[str], int, int]:
+    """One range of terms (``lo`` <= term < ``hi``; ``hi`` None: to the end) of the runs merged into
+    shards ``0.json``, ... in ``out``; returns each shard's first term, the terms and the postings kept."""
+    runs, out, lo, hi = task
+    folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     firsts: list[str] = []
     shard: dict[str, list] = {}
-    size = 0
-    terms = kept = 0
+    size = terms = kept = 0
 
     def flush() -> None:
         nonlocal shard, size
@@ -222,34 +304,38 @@ def write_shards(runs: Iterable[Path], folder: Path) -> dict[str, int]:
             (folder / f"{len(firsts) - 1}.json").write_text(dumps(shard), encoding="utf-8")
         shard, size = {}, 0
 
-    current: str | None = None
-    best: list = []
-
-    def finish() -> None:
-        nonlocal terms, kept
-        if current is None:
-            return
-        entry = [[nid, c, -score, -share, -peak] for _, score, share, peak, nid, c in best]
-        cost = len(dumps(current)) + len(dumps(entry)) + 2
+    def finish(term: str, lines: list[bytes]) -> None:
+        nonlocal size, terms, kept
+        entry = [[nid, c, -score, -share, -peak] for score, share, peak, nid, c in map(_ranks, lines)]
+        cost = len(dumps(term)) + len(dumps(entry)) + 2
         if not firsts or (size + cost > SHARD_BYTES and shard):
             flush()
-            firsts.append(current if firsts else "")
-        shard[current] = entry
-        add(cost)
+            firsts.append(term)
+        shard[term] = entry
+        size += cost
         terms += 1
         kept += len(entry)
 
-    def add(n: int) -> None:
-        nonlocal size
-        size += n
+    def lines_of(path: str) -> Iterator[bytes]:
+        with open(path, "rb") as f:
+            if lo:
+                _seek_term(f, os.path.getsize(path), lo)
+            for line in f:
+                if hi is not None and line[:line.index(_SEP_BYTES)] >= hi:
+                    return
+                yield line
 
-    for item in heapq.merge(*(_read(p) for p in runs)):
-        if item[0] != current:
-            finish()
-            current, best = item[0], []
+    ordered: bytes | None = None  # the current term, as the lines spell it
+    best: list[bytes] = []
+    for line in heapq.merge(*map(lines_of, runs)):  # lines sort as their postings: compared, parsed only if kept
+        term = line[:line.index(_SEP_BYTES)]
+        if term != ordered:
+            if ordered is not None:
+                finish(_term(ordered.decode("utf-8")), best)
+            ordered, best = term, []
         if len(best) < POSTINGS:
-            best.append(item)
-    finish()
+            best.append(line)
+    if ordered is not None:
+        finish(_term(ordered.decode("utf-8")), best)
     flush()
-    (folder / "firsts.json").write_text(dumps(firsts or [""]), encoding="utf-8")
-    return {"terms": terms, "postings": kept, "shards": len(firsts)}
+    return firsts, terms, kept

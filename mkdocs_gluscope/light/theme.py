@@ -12,7 +12,7 @@ are. A theme without the blocks the markers are in fails the build with a messag
 from __future__ import annotations
 
 from importlib import resources
-from typing import Any
+from typing import Any, Sequence
 
 TEMPLATE = "gluscope/neuron.html"
 TITLE = "GLUSCOPE:TITLE"
@@ -44,9 +44,10 @@ def check_shell(output: str) -> str:
     return output
 
 
-def render_shell(config: Any, env: Any, nav: Any, files: Any, url: str) -> str:
+def render_shell(config: Any, env: Any, nav: Any, files: Any, url: str, vendor_modules: Sequence[str] = ()) -> str:
     """The neuron template rendered as MkDocs renders a page (the page context plugins see, then the
-    ``post_page`` event) for a page at ``url`` (a neuron page's URL, relative to the site)."""
+    ``post_page`` event) for a page at ``url`` (a neuron page's URL, relative to the site).
+    ``vendor_modules``: the Parquet reader's modules (below ``assets/gluscope/``), preloaded."""
     import jinja2
     from mkdocs.commands.build import get_context
     from mkdocs.structure.files import File
@@ -64,5 +65,6 @@ def render_shell(config: Any, env: Any, nav: Any, files: Any, url: str) -> str:
         raise ThemeError(f"the theme has no template {e.name!r} (the plugin adds it to theme.dirs)") from None
     context = get_context(nav, files, config, page)
     context = config.plugins.on_page_context(context, page=page, config=config, nav=nav)
+    context["gluscope_vendor_modules"] = list(vendor_modules)
     output = config.plugins.on_post_page(template.render(context), page=page, config=config)
     return check_shell(output)

@@ -98,8 +98,9 @@ def main() -> None:
            ["--layers", "1", "--experts", "8", "--d-expert", "256", "--d-model", "512", "--heads", "8",
             "--vocab", "1024", "--tokens", "512", "--doc-len", "128", "--batch-tokens", "256"])
     out = run([sys.executable, "bench/moe_overhead.py", "--device", args.device, "--dtype", dtype, *moe])
-    summary.append(f"MoE{' (OLMoE layer shape, 2 layers)' if cuda else ' (a small MoE)'}: "
-                   f"{re.search(r'ratio b/a:.*', out).group(0)}")
+    ratios = [re.search(rf"{span}.*?ratio ([\d.]+)", out).group(1) for span in ("whole run", "later batches")]
+    summary.append(f"MoE{' (OLMoE layer shape, 2 layers)' if cuda else ' (a small MoE)'}: collection vs the forward "
+                   f"pass {ratios[0]} whole run, {ratios[1]} later batches")
     with tempfile.TemporaryDirectory() as tmp:
         import tiny
 

@@ -63,6 +63,8 @@ def main() -> None:
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--samples", type=int, default=None, help="random examples per case (default: collect's; 0: none)")
     p.add_argument("--k", type=int, default=16)
+    p.add_argument("--profile", action="store_true",
+                   help="also print where a later batch's collection time goes (ms per MoE layer and batch)")
     args = p.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
@@ -145,10 +147,14 @@ def main() -> None:
         collected.append(clock() - t0)
 
     run_module._run_batch = timed_batch
+    later_from = max(1, len(batches) // 4)
+    parts = Parts(later_from, collected) if args.profile else None
     forward = [forward_times() for _ in range(2)]
     collect_statistics(loaded, corpus, cfg, layers, experts=experts)
     forward.append(forward_times())
     run_module._run_batch = real_batch
+    if parts is not None:
+        parts.remove()
     bare = [statistics.median(f[i] for f in forward) for i in range(len(batches))]
     later = slice(max(1, len(batches) // 4), None)
     window = cfg.context_before + 1 + cfg.context_after
@@ -174,6 +180,100 @@ def main() -> None:
           f"({args.full_layers} layers, {neurons:,} expert neurons): {per_neuron * neurons / 2**30:.1f} GiB")
     if device.type == "cuda":
         print(f"peak device memory in the run: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    if parts is not None:
+        n_later = len(batches) - later.start
+        per = 1000 / (n_later * args.layers)
+        print(f"where a later batch's time goes ({unit[:-2]}ms per MoE layer and batch, mean of {n_later} batches; "
+              "nested parts indented):")
+        print(f"  bare forward pass of the layer            {sum(bare[later]) * per:8.1f}")
+        print(f"  collection, all of it                     {sum(collected[later]) * per:8.1f}")
+        print(f"  packed slots filled, per layer-batch: {'; '.join(parts.packed)}")
+        for name, depth in parts.NAMES:
+            if parts.totals.get(name):
+                print(f"  {'  ' * depth}{name:<{40 - 2 * depth}} {parts.totals[name] * per:8.1f}")
+
+
+class Parts:
+    """Seconds spent in the expert statistics' parts, in the batches from ``later_from`` on: each
+    function wrapped where its callers look it up (CPU seconds of this process, as the batches)."""
+
+    NAMES = [("pack_experts", 0), ("LayerPaths.add", 0), ("reduce (compiled)", 1), ("kernel layer_batch", 1),
+             ("check_outputs", 1), ("update_stats", 1), ("merge_top", 2), ("kernel merge", 2),
+             ("histogram", 2), ("update_examples", 2), ("add_candidates", 2), ("kernel examples", 2), ("windows", 3),
+             ("LayerPaths.redo", 0)]
+
+    def __init__(self, later_from: int, collected: list[float]) -> None:
+        import collect.batch as batch_module
+        import collect.fused as fused_module
+        import collect.run as run_module
+        import collect.stats as stats_module
+
+        self.totals: dict[str, float] = {}
+        self.undo: list[tuple[object, str, object]] = []
+        later = lambda: len(collected) >= later_from  # noqa: E731: the batch in flight is a later one
+
+        def wrap(owner: object, attr: str, name: str) -> None:
+            real = getattr(owner, attr)
+
+            def timed(*a, **kw):
+                if not later():
+                    return real(*a, **kw)
+                t0 = time.process_time()
+                try:
+                    return real(*a, **kw)
+                finally:
+                    self.totals[name] = self.totals.get(name, 0.0) + time.process_time() - t0
+
+            self.undo.append((owner, attr, real))
+            setattr(owner, attr, timed)
+
+        wrap(run_module, "pack_experts", "pack_experts")
+        self.packed: list[str] = []  # each later batch's packing: slots filled of slots packed
+        timed_pack = run_module.pack_experts
+
+        def pack(*a, **kw):
+            packed = timed_pack(*a, **kw)
+            if later():
+                filled = packed.packing.filled
+                self.packed.append(f"{int(filled.sum()):,} of {filled.numel():,} (length {filled.shape[1]})")
+            return packed
+
+        run_module.pack_experts = pack
+        wrap(batch_module.LayerPaths, "add", "LayerPaths.add")
+        wrap(batch_module.LayerPaths, "redo", "LayerPaths.redo")
+        wrap(batch_module, "check_outputs", "check_outputs")
+        wrap(batch_module, "update_stats", "update_stats")
+        wrap(fused_module, "layer_batch", "kernel layer_batch")
+        wrap(stats_module, "merge_top", "merge_top")
+        wrap(fused_module, "merge_top", "kernel merge")
+        wrap(stats_module, "update_examples", "update_examples")
+        wrap(stats_module, "add_candidates", "add_candidates")
+        if hasattr(fused_module, "add_candidates"):
+            wrap(fused_module, "add_candidates", "kernel examples")
+        wrap(stats_module.Packing, "windows_at", "windows")
+        real_init = batch_module.LayerPaths.__init__
+
+        def init(paths, *a, **kw):
+            real_init(paths, *a, **kw)
+            for attr, name in (("reduce", "reduce (compiled)"), ("histogram", "histogram")):
+                real = getattr(paths, attr)
+
+                def timed(*args, real=real, name=name):
+                    if not later():
+                        return real(*args)
+                    t0 = time.process_time()
+                    try:
+                        return real(*args)
+                    finally:
+                        self.totals[name] = self.totals.get(name, 0.0) + time.process_time() - t0
+                setattr(paths, attr, timed)
+
+        self.undo.append((batch_module.LayerPaths, "__init__", real_init))
+        batch_module.LayerPaths.__init__ = init
+
+    def remove(self) -> None:
+        for owner, attr, real in reversed(self.undo):
+            setattr(owner, attr, real)
 
 
 if __name__ == "__main__":

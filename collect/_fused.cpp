@@ -53,6 +53,10 @@ struct Args {
     int64_t hook_sb[H], hook_st[H];  // element strides of b and t (n is contiguous)
     const uint8_t* valid;
     int64_t valid_sb, valid_st, valid_sn;  // valid_sn 0: one mask for every neuron
+    // Packed experts (collect.stats.Packing): neurons per group; valid is then [B, T, G] and prio
+    // [B, T, G], one per group and slot (valid_sn the stride of G). 0: not packed.
+    int64_t group;
+    const int64_t* slot_count;  // packed: [B, G] filled slots of each (document, group), past which nothing is read
     // outputs, [B, N, C] and [B, N, C, H]
     int32_t* doc_count;
     float* doc_sum;
@@ -75,6 +79,14 @@ struct Args {
     int32_t* cand_b_t;
     int64_t S, S2;
 };
+
+// The most filled slots of the groups of lanes n .. n + width - 1 in document b (packed experts).
+static inline int64_t filled_slots(const Args& a, int64_t b, int64_t n, int64_t width) {
+    const int64_t n_groups = a.N / a.group;
+    int64_t most = 0;
+    for (int64_t j = 0; j < width; ++j) most = std::max(most, a.slot_count[b * n_groups + (n + j) / a.group]);
+    return most;
+}
 
 static inline float load_scalar(const char* base, int64_t i, int bf16) {
     if (bf16) {
@@ -284,6 +296,17 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
                     const int64_t width = s1 - n < L ? s1 - n : L;
                     const int64_t g = (n - n0) / L;
                     Acc& x = acc[g];
+                    // Each lane's column of valid and prio: its neuron, or its group where packed.
+                    int64_t col[L];
+                    for (int j = 0; j < L; ++j) col[j] = a.group > 0 ? (n + j) / a.group : n + j;
+                    const bool one_prio = a.group == 0 || col[0] == col[width - 1];
+                    const int64_t n_groups = a.group > 0 ? N / a.group : 1;
+                    auto prio_of = [&](int64_t t, int64_t j) {
+                        return a.group > 0 ? a.prio[(b * T + t) * n_groups + col[j]] : a.prio[b * T + t];
+                    };
+                    // Packed experts: a group's slots past its filled ones in this document hold nothing.
+                    const int64_t stop = a.slot_count != nullptr ? std::min(c1, filled_slots(a, b, n, width)) : c1;
+                    if (stop <= c0) continue;
                     vi count[C] = {none, none, none, none};
                     vi bad_any = none, hits = none;
                     // Per lane: which of its 24 lists are not full yet (bit case * 6 + band, and
@@ -318,7 +341,7 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
                         }
                     }
                     // First the chunk's values, their cases, counts, bins and candidates ...
-                    const int64_t k = c1 - c0;
+                    const int64_t k = stop - c0;
                     for (int64_t i = 0; i < k; ++i) {
                         const int64_t t = counted_b[c0 + i];
                         Slot& here = tile[i];
@@ -343,7 +366,7 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
                         if (valid_sn != 0) {
                             const uint8_t* valid_row = valid + b * valid_sb + t * valid_st;
                             int32_t tmp[L] = {0, 0, 0, 0, 0, 0, 0, 0};
-                            for (int j = 0; j < width; ++j) tmp[j] = valid_row[(n + j) * valid_sn] ? -1 : 0;
+                            for (int j = 0; j < width; ++j) tmp[j] = valid_row[col[j] * valid_sn] ? -1 : 0;
                             vi m;
                             std::memcpy(&m, tmp, 32);
                             live &= m;
@@ -386,9 +409,11 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
                         vi limit = lanes_limit[0];
                         for (int r = 1; r < R; ++r) limit = above[r - 1] ? lanes_limit[r] : limit;
                         here.code = cv * 8 + band;
-                        const int32_t p_hi = (int32_t)(a.prio[b * T + t] >> 31);
+                        vi p_hi = none + (int32_t)(prio_of(t, 0) >> 31);
+                        if (!one_prio)
+                            for (int j = 1; j < width; ++j) p_hi[j] = (int32_t)(prio_of(t, j) >> 31);
                         const vi open = (vi)((1 << (cv * 6 + 5)) | (1 << (cv * 6 + band)));
-                        here.hit = in_any & (((open & lanes_open) != 0) | ((none + p_hi) <= limit));
+                        here.hit = in_any & (((open & lanes_open) != 0) | (p_hi <= limit));
                         hits |= here.hit;
                     }
                     for (int c = 0; c < C; ++c) x.count[c] += count[c];
@@ -396,9 +421,9 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
                         for (int64_t i = 0; i < k; ++i) {
                             if (!any(tile[i].hit)) continue;
                             const int32_t t = tile[i].t;
-                            const int64_t p = a.prio[b * T + t];
                             for (int j = 0; j < width; ++j) {
                                 if (!tile[i].hit[j]) continue;
+                                const int64_t p = prio_of(t, j);
                                 const int64_t list = (n + j) * C + tile[i].code[j] / 8;
                                 const int64_t bl = list * R + tile[i].code[j] % 8;
                                 const int64_t at = list - n0 * C, bat = bl - n0 * C * R;
@@ -416,7 +441,7 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
                             const int64_t t = tile[i].t;
                             const uint8_t* valid_row = valid + b * valid_sb + t * valid_st;
                             for (int64_t j = 0; j < width; ++j) {
-                                if (!valid_row[valid_sn * (n + j)]) continue;
+                                if (!valid_row[valid_sn * col[j]]) continue;
                                 float y[H];
                                 for (int h = 0; h < H; ++h)
                                     y[h] = load_scalar(hook[h], b * hook_sb[h] + t * hook_st[h] + n + j, bf16);
@@ -510,7 +535,8 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
             uint16_t* base = local + g * L * PER_NEURON;
             const int64_t width = n1 - (n0 + g * L) < L ? n1 - (n0 + g * L) : L;
             for (int64_t b = b0, i = i0; b < b1 || (b == b1 && i < i1);) {
-                const int64_t end = b < b1 ? n_counted_of[b] : i1;
+                int64_t end = b < b1 ? n_counted_of[b] : i1;
+                if (a.slot_count != nullptr) end = std::min(end, filled_slots(a, b, n0 + g * L, width));
                 const vi* code = codes + (g * B + b) * T;
                 const int32_t* counted_b = counted + b * T;
                 if (width == L) {  // unrolled: the lanes' offsets are in their codes
@@ -568,8 +594,8 @@ static int64_t num(PyObject* list, Py_ssize_t i) {
 static PyObject* layer_batch(PyObject*, PyObject* args) {
     PyObject *p, *s;
     if (!PyArg_ParseTuple(args, "O!O!", &PyList_Type, &p, &PyList_Type, &s)) return nullptr;
-    if (PyList_GET_SIZE(p) != 23 || PyList_GET_SIZE(s) != 20) {
-        PyErr_SetString(PyExc_ValueError, "layer_batch: expected 23 pointers and 20 sizes");
+    if ((PyList_GET_SIZE(p) != 23 || PyList_GET_SIZE(s) != 20) && (PyList_GET_SIZE(p) != 24 || PyList_GET_SIZE(s) != 21)) {
+        PyErr_SetString(PyExc_ValueError, "layer_batch: expected 23 pointers and 20 sizes (packed: 24 and 21)");
         return nullptr;
     }
     Args a;
@@ -609,8 +635,12 @@ static PyObject* layer_batch(PyObject*, PyObject* args) {
     a.valid_sn = num(s, 17);
     a.S = num(s, 18);
     a.S2 = num(s, 19);
+    a.group = PyList_GET_SIZE(s) > 20 ? num(s, 20) : 0;
+    a.slot_count = PyList_GET_SIZE(p) > 23 ? (const int64_t*)ptr(p, 23) : nullptr;
     if (PyErr_Occurred()) return nullptr;
-    if ((a.hist == nullptr) != (a.dens == nullptr) || (a.prio != nullptr && a.hist == nullptr) || a.block < 1) {
+    if ((a.hist == nullptr) != (a.dens == nullptr) || (a.prio != nullptr && a.hist == nullptr) || a.block < 1 ||
+        a.group < 0 || (a.group > 0 && a.N % a.group != 0) ||
+        (a.slot_count != nullptr && (a.group < 1 || a.valid_sn == 0))) {
         PyErr_SetString(PyExc_ValueError, "layer_batch: inconsistent arguments");
         return nullptr;
     }
@@ -710,10 +740,14 @@ struct Cut {
 // The windows of `cuts` (reordered), NaN outside each row's document: windows that share cache
 // lines (one document, one line of 16 neurons, nearby positions) one after another, and a window
 // equal to the one before it (same document, position and neuron: a neuron's largest value in
-// several lists) copied instead of read again.
+// several lists) copied instead of read again. Packed experts (collect.stats.Packing, `inverse`
+// not nullptr): the hooks' rows are slots, `inverse` [B, T, n_groups] the slot of each document
+// position in the group of `group` neurons (-1 where the group did not see it: NaN), T the
+// documents' length; a cut's p is a document position.
 static void cut_windows_of(std::vector<Cut>& cuts, const char* const hook[2], const int64_t sb[2], const int64_t st[2],
                            int bf16, const int64_t* lengths, int64_t T, int64_t before, int64_t after,
-                           char* const win[2], int kind) {
+                           char* const win[2], int kind, const int64_t* inverse = nullptr, int64_t group = 1,
+                           int64_t n_groups = 1) {
     const int64_t W = before + 1 + after, bytes = (kind == 0 ? 4 : 2) * W;
     // By (document, line of 16 neurons): counted into place; then each such bucket (a few rows'
     // worth of lines, in cache) by position and neuron.
@@ -747,6 +781,16 @@ static void cut_windows_of(std::vector<Cut>& cuts, const char* const hook[2], co
         // The window's values inside the document are w in [w0, w1): NaN around them.
         const int64_t w0 = before - c.p > 0 ? before - c.p : 0;
         const int64_t w1 = len - c.p + before < W ? (len - c.p + before > w0 ? len - c.p + before : w0) : W;
+        if (inverse != nullptr) {  // packed: each position read from its slot in the neuron's group
+            const int64_t* slot_of = inverse + c.b * T * n_groups + c.n / group;
+            for (int h = 0; h < 2; ++h)
+                for (int64_t w = 0; w < W; ++w) {
+                    const int64_t t = c.p - before + w, at = w >= w0 && w < w1 ? slot_of[t * n_groups] : -1;
+                    store_window_value(win[h], c.out + w, kind,
+                                       at >= 0 ? load_scalar(hook[h], c.b * sb[h] + at * st[h] + c.n, bf16) : NAN);
+                }
+            continue;
+        }
         for (int h = 0; h < 2; ++h) {
             const int64_t at = c.b * sb[h] + (c.p - before) * st[h] + c.n;
             for (int64_t w = 0; w < w0; ++w) store_window_value(win[h], c.out + w, kind, NAN);
@@ -775,6 +819,11 @@ struct Merge {
     int bf16;
     const int64_t* lengths;  // [B]
     int64_t B, T, lists, k, before, after, per_neuron, l0, l1;
+    // Packed experts (collect.stats.Packing): the hooks are [B, T', N], T the documents' length,
+    // inverse [B, T, G] the slot of each position in each group's packing (-1: not seen, NaN in the
+    // windows), group the neurons per group. nullptr: not packed.
+    const int64_t* inverse;
+    int64_t group, n_groups;
 };
 
 // The batch's documents into the top-k lists [l0, l1): collect.stats.merge_top's rule (each list
@@ -832,18 +881,19 @@ static int64_t merge_lists(const Merge& m) {
         for (int64_t p = 0; p < k; ++p) key[p] = nkey[p], pos[p] = npos[p], slot[p] = nslot[p];
     }
     cut_windows_of(entering, m.hook, m.hook_sb, m.hook_st, m.bf16, m.lengths, m.T, m.before, m.after,
-                   m.win, m.window_kind);
+                   m.win, m.window_kind, m.inverse, m.group, m.n_groups);
     return changed;
 }
 
-// merge(pointers: [key, pos, slot, win_gate, win_in, doc_abs, doc_pos, doc_id, gate, in, lengths],
-// sizes: [window_kind, bf16, gate_sb, gate_st, in_sb, in_st, B, T, lists, k, before, after,
-// per_neuron, l0, l1]): see merge_lists; returns the lists changed.
+// merge(pointers: [key, pos, slot, win_gate, win_in, doc_abs, doc_pos, doc_id, gate, in, lengths(,
+// inverse)], sizes: [window_kind, bf16, gate_sb, gate_st, in_sb, in_st, B, T, lists, k, before, after,
+// per_neuron, l0, l1(, group, n_groups)]): see merge_lists; returns the lists changed.
 static PyObject* merge(PyObject*, PyObject* args) {
     PyObject *p, *s;
     if (!PyArg_ParseTuple(args, "O!O!", &PyList_Type, &p, &PyList_Type, &s)) return nullptr;
-    if (PyList_GET_SIZE(p) != 11 || PyList_GET_SIZE(s) != 15) {
-        PyErr_SetString(PyExc_ValueError, "merge: expected 11 pointers and 15 sizes");
+    const bool packed = PyList_GET_SIZE(p) == 12;
+    if ((PyList_GET_SIZE(p) != 11 || PyList_GET_SIZE(s) != 15) && (!packed || PyList_GET_SIZE(s) != 17)) {
+        PyErr_SetString(PyExc_ValueError, "merge: expected 11 pointers and 15 sizes (packed: 12 and 17)");
         return nullptr;
     }
     Merge m;
@@ -863,7 +913,13 @@ static PyObject* merge(PyObject*, PyObject* args) {
     m.hook_sb[0] = num(s, 2), m.hook_st[0] = num(s, 3), m.hook_sb[1] = num(s, 4), m.hook_st[1] = num(s, 5);
     m.B = num(s, 6), m.T = num(s, 7), m.lists = num(s, 8), m.k = num(s, 9), m.before = num(s, 10);
     m.after = num(s, 11), m.per_neuron = num(s, 12), m.l0 = num(s, 13), m.l1 = num(s, 14);
+    m.inverse = packed ? (const int64_t*)ptr(p, 11) : nullptr;
+    m.group = packed ? num(s, 15) : 1, m.n_groups = packed ? num(s, 16) : 1;
     if (PyErr_Occurred()) return nullptr;
+    if (m.group < 1) {
+        PyErr_SetString(PyExc_ValueError, "merge: group < 1");
+        return nullptr;
+    }
     int64_t changed;
     Py_BEGIN_ALLOW_THREADS
     changed = merge_lists(m);
@@ -887,6 +943,12 @@ struct Examples {
     int64_t hook_sb[H], hook_st[H];
     int bf16;
     int64_t T, S, per_neuron, before, after, l0, l1;
+    // Packed experts (collect.stats.Packing): the hooks' rows are slots, cand_t a slot; positions
+    // [B, T, G] the document position of each slot, inverse [B, T_doc, G] the slot of each document
+    // position (-1: the group did not see it), group the neurons per group. nullptr: not packed.
+    const int64_t* positions;
+    const int64_t* inverse;
+    int64_t group, n_groups, T_doc;
 };
 
 // A batch's random-example candidates into their lists [l0, l1): collect.stats.add_candidates's
@@ -903,9 +965,11 @@ static void add_examples(const Examples& e) {
     for (int64_t l = e.l0; l < e.l1; ++l) {
         const int64_t* cand = e.cand_key + l * S;
         if (cand[0] == EMPTY_PRIORITY) continue;
+        const int64_t n = l / e.per_neuron, g = n / e.group;
         int64_t m = 0;  // the candidates, sorted by (key, document * 2**16 + position)
         for (int64_t j = 0; j < S && cand[j] != EMPTY_PRIORITY; ++j) {
-            const int64_t c = e.doc_id[e.cand_b[l * S + j]] * 65536 + e.cand_t[l * S + j];
+            const int64_t b = e.cand_b[l * S + j], t = e.cand_t[l * S + j];
+            const int64_t c = e.doc_id[b] * 65536 + (e.positions != nullptr ? e.positions[(b * e.T + t) * e.n_groups + g] : t);
             int64_t q = m++;
             while (q > 0 && (ck[q - 1] > cand[j] || (ck[q - 1] == cand[j] && cc[q - 1] > c)))
                 ck[q] = ck[q - 1], cc[q] = cc[q - 1], cj[q] = cj[q - 1], --q;
@@ -924,7 +988,6 @@ static void add_examples(const Examples& e) {
             src[p] = old ? (int32_t)i++ : -1 - (int32_t)j++;
         }
         // From the end: an entry kept moves to a later slot (p >= i), never over one still to move.
-        const int64_t n = l / e.per_neuron;
         for (int64_t p = S - 1; p >= 0; --p) {
             const int64_t at = l * S + p;
             if (src[p] >= 0) {
@@ -940,25 +1003,27 @@ static void add_examples(const Examples& e) {
             const int64_t b = e.cand_b[l * S + c], t = e.cand_t[l * S + c];
             key[p] = cand[c];
             doc[p] = (int32_t)e.doc_id[b];
-            pos[p] = (int32_t)t;
+            pos[p] = (int32_t)(cc[-1 - src[p]] % 65536);  // the document position (t itself where not packed)
             for (int h = 0; h < H; ++h)
                 e.value[at * H + h] = load_scalar(e.hook[h], b * e.hook_sb[h] + t * e.hook_st[h] + n, e.bf16);
-            cuts.push_back({b, t, n, at * W});
+            cuts.push_back({b, pos[p], n, at * W});
         }
     }
     const char* windows[2] = {e.hook[2], e.hook[1]};  // gate, in
     const int64_t sb[2] = {e.hook_sb[2], e.hook_sb[1]}, st[2] = {e.hook_st[2], e.hook_st[1]};
-    cut_windows_of(cuts, windows, sb, st, e.bf16, e.lengths, e.T, e.before, e.after, e.win, e.window_kind);
+    cut_windows_of(cuts, windows, sb, st, e.bf16, e.lengths, e.inverse != nullptr ? e.T_doc : e.T, e.before, e.after,
+                   e.win, e.window_kind, e.inverse, e.group, e.n_groups);
 }
 
 // examples(pointers: [key, doc, pos, value, win_gate, win_in, cand_key, cand_b, cand_t, doc_id, lengths,
-// post, in, gate, swish], sizes: [window_kind, bf16, 4 x (sb, st), T, S, per_neuron, before, after, l0,
-// l1]): see add_examples.
+// post, in, gate, swish(, positions, inverse)], sizes: [window_kind, bf16, 4 x (sb, st), T, S, per_neuron,
+// before, after, l0, l1(, group, n_groups, T_doc)]): see add_examples.
 static PyObject* examples(PyObject*, PyObject* args) {
     PyObject *p, *s;
     if (!PyArg_ParseTuple(args, "O!O!", &PyList_Type, &p, &PyList_Type, &s)) return nullptr;
-    if (PyList_GET_SIZE(p) != 15 || PyList_GET_SIZE(s) != 17) {
-        PyErr_SetString(PyExc_ValueError, "examples: expected 15 pointers and 17 sizes");
+    const bool packed = PyList_GET_SIZE(p) == 17;
+    if ((PyList_GET_SIZE(p) != 15 || PyList_GET_SIZE(s) != 17) && (!packed || PyList_GET_SIZE(s) != 20)) {
+        PyErr_SetString(PyExc_ValueError, "examples: expected 15 pointers and 17 sizes (packed: 17 and 20)");
         return nullptr;
     }
     Examples e;
@@ -979,7 +1044,15 @@ static PyObject* examples(PyObject*, PyObject* args) {
     for (int h = 0; h < H; ++h) e.hook_sb[h] = num(s, 2 + 2 * h), e.hook_st[h] = num(s, 3 + 2 * h);
     e.T = num(s, 10), e.S = num(s, 11), e.per_neuron = num(s, 12), e.before = num(s, 13), e.after = num(s, 14);
     e.l0 = num(s, 15), e.l1 = num(s, 16);
+    e.positions = packed ? (const int64_t*)ptr(p, 15) : nullptr;
+    e.inverse = packed ? (const int64_t*)ptr(p, 16) : nullptr;
+    e.group = packed ? num(s, 17) : 1, e.n_groups = packed ? num(s, 18) : 1, e.T_doc = packed ? num(s, 19) : e.T;
     if (PyErr_Occurred()) return nullptr;
+    if (e.group < 1 || e.n_groups < 1 || e.S < 1 || e.per_neuron < 1 ||
+        (packed && (e.positions == nullptr || e.inverse == nullptr))) {
+        PyErr_SetString(PyExc_ValueError, "examples: inconsistent arguments");
+        return nullptr;
+    }
     Py_BEGIN_ALLOW_THREADS
     add_examples(e);
     Py_END_ALLOW_THREADS

@@ -21,7 +21,7 @@ the run to the eager code, with one warning line, and the layer-batch is redone.
 The API takes any ``[B, T, N]`` hooks with a ``valid`` mask of ``[B, T]`` or ``[B, T, N]`` (per
 neuron), so that several sets of neurons run as one wide layer: a mixture-of-experts layer's routed
 experts, each over its own tokens packed to the front of each document (a :class:`Packing` says
-where each slot is; the kernel reads document positions, so packed experts take the compiled code).
+where each slot is; the kernel reads each expert's valid slots and their priorities per expert).
 """
 
 from __future__ import annotations
@@ -114,22 +114,25 @@ class LayerPaths:
         neurons = sample_neurons(gate.shape[-1], _seed(layer)).to(gate.device) if check else None
         dist = stats.has_distributions
         extra = dict(hooks=ordered, valid=batch.valid, prio=batch.prio) if dist else {}
-        if self.kernel and packing is None and fused.supports(*hooks):
+        if self.kernel and fused.supports(*hooks):
             tables = None
             if check and dist:  # this batch's tables apart, to compare them before they count
                 tables = (torch.zeros_like(stats.hist), torch.zeros_like(stats.density))
             reduced, distributions = fused.reduce_and_bin(
-                stats, gate, in_, post, swish, batch.valid, prio=batch.prio, doc_ids=batch.doc_ids, tables=tables)
+                stats, gate, in_, post, swish, batch.valid, prio=batch.prio, doc_ids=batch.doc_ids, tables=tables,
+                packing=packing)
             if check:
+                prio = batch.prio if packing is None or batch.prio is None else packing.neuron_priorities(batch.prio)
                 code = int(check_outputs(reduced, ordered, batch.valid, neurons, exact=True, distributions=distributions,
-                                         before=stats, prio=batch.prio, doc_ids=batch.doc_ids))
+                                         before=stats, prio=prio, doc_ids=batch.doc_ids))
                 if code:
                     self.distrust(code, neurons)
-                    self.redo(stats, hooks, batch)
+                    self.redo(stats, hooks, batch, packing=packing)
                     return None
-            update_stats(stats, reduced, batch.doc_ids, gate, in_, batch.lengths, batch.context_before,
-                         batch.context_after, check_finite=True, distributions=distributions, cut=fused.windows_at,
-                         merge=fused.merge_top, examples=fused.add_candidates, **extra)
+            update_stats(stats, _at_documents(reduced, packing), batch.doc_ids, gate, in_, batch.lengths,
+                         batch.context_before, batch.context_after, check_finite=True, distributions=distributions,
+                         cut=fused.windows_at, merge=fused.merge_top, examples=fused.add_candidates, packing=packing,
+                         **extra)
             return None
         reduced = self.reduce(gate, in_, post, swish, batch.valid)
         if not self.deferred:  # a CPU: every check read at once, a flagged batch redone from the tensors in hand

@@ -116,7 +116,8 @@ def check_outputs(reduced: BatchReduction, hooks: tuple[torch.Tensor, ...], vali
         if before is not None and prio is not None and doc_ids is not None:
             part = LayerStats(**{name: t[neurons] for name, t in before.to_dict().items()})
             b, t, n = gate.shape
-            want = find_candidates(part, (post, in_, gate, swish), counted, prio, doc_ids, b * t * n).candidates
+            part_prio = prio[..., neurons] if prio.dim() == 3 else prio  # per neuron: packed experts' slots
+            want = find_candidates(part, (post, in_, gate, swish), counted, part_prio, doc_ids, b * t * n).candidates
             got = distributions.candidates
             for kind in ("sample", "band"):
                 differs.append(torch.stack([(getattr(want, f"{kind}_{x}") != getattr(got, f"{kind}_{x}")[neurons]).any()

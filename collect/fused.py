@@ -6,9 +6,12 @@ every case's reductions for every value. The kernel reads each value once and do
 per-document counts, sums and extremes of :func:`~collect.stats.reduce_batch` (non-finite values
 counted apart, as its exact path does), the histograms (narrow counters per block of neurons,
 flushed into the tables), and for each random-example list the batch's positions that may enter it
-(:class:`Candidates`). Neurons are split among ``torch.get_num_threads()`` threads. The kernel then
-merges the batch into the top-k lists (:func:`merge_top`) and the random-example lists
-(:func:`add_candidates`), cutting the windows of the entries that enter.
+(:class:`Candidates`). Neurons are split among ``torch.get_num_threads()`` threads. The top-k
+merge (:func:`merge_top`) and the random examples' merge (:func:`add_candidates`) run in it too,
+reading values and cutting windows only for the entries that enter a list. A mixture-of-experts
+layer's packed experts (:class:`~collect.stats.Packing`) take the same code: each expert's valid
+slots and their sampling priorities are read per expert, its empty slots skipped, and windows cut
+at document positions through the packing.
 
 The kernel is an optional part of the install (``setup.py``); :func:`available` says whether it was
 built. Without it collection runs the torch code, which gives the same values (the tests compare
@@ -23,10 +26,11 @@ from typing import Any, Callable
 
 import torch
 
-from collect.stats import (N_BANDS, N_CASES, N_HOOKS, BatchDistributions, BatchReduction, Candidates, LayerStats, from_documents,
-                           list_limits)
+from collect.stats import (N_CASES, N_HOOKS, BatchDistributions, BatchReduction, Candidates, LayerStats, Packing,
+                           from_documents, list_limits)
 from collect.stats import add_candidates as stats_add_candidates
 from collect.stats import windows_at as stats_windows_at
+from mkdocs_gluscope.distributions import N_BANDS
 
 try:
     from collect import _fused
@@ -54,6 +58,7 @@ def reduce_and_bin(stats: LayerStats, gate: torch.Tensor, in_: torch.Tensor, pos
                    swish: torch.Tensor, valid: torch.Tensor, *, prio: torch.Tensor | None = None,
                    doc_ids: torch.Tensor | None = None,
                    tables: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   packing: Packing | None = None,
                    threads: int | None = None) -> tuple[BatchReduction, BatchDistributions | None]:
     """One layer-batch through the kernel, for :func:`collect.stats.update_stats`: its reduction
     (exact: non-finite values counted apart, ``suspect`` never set) and, where ``stats`` has
@@ -61,15 +66,22 @@ def reduce_and_bin(stats: LayerStats, gate: torch.Tensor, in_: torch.Tensor, pos
     added to ``stats`` already (so the batch must then be added as it is), or to ``tables`` (zeroed
     ``hist`` and ``density`` of the batch alone, for a check before they count). ``gate``, ``in_``,
     ``post``, ``swish``: ``[B, T, N]``; ``valid``: ``[B, T]`` or ``[B, T, N]`` bool; ``prio``: ``[B, T]``
-    sampling priorities and ``doc_ids`` ``[B]`` the rows' documents (with distributions)."""
+    sampling priorities and ``doc_ids`` ``[B]`` the rows' documents (with distributions).
+    ``packing``: the hooks are packed experts (:class:`~collect.stats.Packing`): ``valid`` is then
+    ignored for the packing's own (per group and slot), ``prio`` the documents' ``[B, T]``, each slot
+    read at its position; the reduction's ``doc_pos`` and the candidates' ``t`` are slots."""
+    group, slots = 0, None
+    if packing is not None:
+        valid, group, slots = packing.valid, packing.group_size, packing.filled.sum(dim=1)
+        prio = packing.priorities(prio) if prio is not None else None
     if not stats.has_distributions:
-        return layer_batch(gate, in_, post, swish, valid, threads=threads)[0], None
+        return layer_batch(gate, in_, post, swish, valid, group=group, slots=slots, threads=threads)[0], None
     limit_s, limit_b = list_limits(stats)
     hist, density = tables if tables is not None else (stats.hist, stats.density)
     reduced, candidates = layer_batch(gate, in_, post, swish, valid, hist=hist, density=density,
                                       prio=prio, doc_ids=doc_ids, sample_limit=limit_s, band_limit=limit_b,
                                       list_sizes=(stats.sample_key.shape[-1], stats.band_key.shape[-1]),
-                                      threads=threads)
+                                      group=group, slots=slots, threads=threads)
     if tables is not None:
         return reduced, BatchDistributions(candidates, hist, density)
     return reduced, BatchDistributions(candidates)
@@ -79,7 +91,8 @@ def layer_batch(gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor, swish
                 *, hist: torch.Tensor | None = None, density: torch.Tensor | None = None,
                 prio: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
                 sample_limit: torch.Tensor | None = None, band_limit: torch.Tensor | None = None,
-                list_sizes: tuple[int, int] = (0, 0), threads: int | None = None) -> tuple[BatchReduction, Candidates | None]:
+                list_sizes: tuple[int, int] = (0, 0), group: int = 0, slots: torch.Tensor | None = None,
+                threads: int | None = None) -> tuple[BatchReduction, Candidates | None]:
     """One layer-batch through the kernel. ``gate``, ``in_``, ``post``, ``swish``: ``[B, T, N]``;
     ``valid``: ``[B, T]`` or ``[B, T, N]`` bool. Returns the batch's reduction (exact: ``suspect`` is
     never set) and, with ``prio``, the random examples' candidates.
@@ -88,7 +101,9 @@ def layer_batch(gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor, swish
     the histogram tables, added to in place. ``prio`` ``[B, T]`` int64, ``doc_ids`` ``[B]``: the
     positions' sampling priorities and the rows' documents; ``sample_limit`` ``[N, C]`` and
     ``band_limit`` ``[N, C, R]``: each list's last priority (a position enters only below it);
-    ``list_sizes``: the lists' lengths (S, S2)."""
+    ``list_sizes``: the lists' lengths (S, S2). ``group`` > 0: packed experts, ``group`` neurons per
+    expert, ``valid`` and ``prio`` ``[B, T, G]`` (one per expert and slot); ``slots`` ``[B, G]``: each
+    expert's filled slots in each document (a prefix; the kernel reads nothing past it)."""
     if _fused is None:
         raise RuntimeError("collect._fused was not built")
     hooks = [h if h.dtype != torch.float16 else h.float() for h in (post, in_, gate, swish)]
@@ -96,6 +111,11 @@ def layer_batch(gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor, swish
     hooks = [h.to(dtype) if h.dtype != dtype else h for h in hooks]
     hooks = [h if h.stride(-1) == 1 else h.contiguous() for h in hooks]
     b, t, n = hooks[0].shape
+    if group and (valid.dim() != 3 or valid.shape[-1] * group != n or (prio is not None and prio.shape != valid.shape)):
+        raise ValueError(f"packed hooks of {n} neurons in groups of {group}: valid {list(valid.shape)} and prio "
+                         f"{None if prio is None else list(prio.shape)} must be [B, T, {n // max(group, 1)}]")
+    if slots is not None and (not group or slots.shape != (b, n // group)):
+        raise ValueError(f"slots {list(slots.shape)}: expected [B, G] = [{b}, {n // max(group, 1)}] with a group size")
     valid = valid.to(torch.uint8)
     valid_strides = valid.stride() if valid.dim() == 3 else valid.stride() + (0,)
     doc_count = torch.empty(b, n, N_CASES, dtype=torch.int32)
@@ -121,11 +141,14 @@ def layer_batch(gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor, swish
     pointers = [h.data_ptr() for h in hooks] + [valid.data_ptr(), doc_count.data_ptr(), doc_sum.data_ptr(),
                                                 doc_max.data_ptr(), doc_min.data_ptr(), doc_pos.data_ptr(),
                                                 nonfinite.data_ptr()] + extra
+    if slots is not None:
+        slots = slots.to(torch.int64).contiguous()
+        pointers.append(slots.data_ptr())
     strides = [s for h in hooks for s in h.stride()[:2]]
 
     def run(n0: int, n1: int) -> None:
         _fused.layer_batch(pointers, [b, t, n, n0, n1, BLOCK, int(dtype == torch.bfloat16), *strides,
-                                      *valid_strides, S, S2])
+                                      *valid_strides, S, S2] + ([group] if group else []))
 
     threads = threads or torch.get_num_threads()
     blocks = -(-n // BLOCK)
@@ -168,16 +191,19 @@ _WINDOW_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def add_candidates(stats: LayerStats, candidates: Candidates, doc_ids: torch.Tensor, hooks: tuple[torch.Tensor, ...],
-                   lengths: torch.Tensor, context_before: int, context_after: int, *,
+                   lengths: torch.Tensor, context_before: int, context_after: int, *, packing: Packing | None = None,
                    threads: int | None = None) -> None:
     """:func:`collect.stats.add_candidates` in the kernel: the same lists, values and windows, one
     loop per list with a candidate instead of tensors over them all. For a batch added as it is, of
-    unpacked ``hooks`` ``(post, in, gate, swish)`` the kernel reads (:func:`supports`). A build of the
-    kernel from before this function (a stale ``_fused`` of an older checkout) gets the torch code."""
+    ``hooks`` ``(post, in, gate, swish)`` the kernel reads (:func:`supports`), the windows cut from
+    their gate and in. ``packing``: the hooks are packed experts (:class:`~collect.stats.Packing`),
+    the candidates' ``t`` slots; each entry keeps its document position and its windows hold the
+    expert's values where it saw each position (NaN elsewhere). A build of the kernel from before
+    this function (a stale ``_fused`` of an older checkout) gets the torch code."""
     if not hasattr(_fused, "examples"):
         post, in_, gate, _ = hooks
         return stats_add_candidates(stats, candidates, doc_ids, hooks, lengths, context_before, context_after,
-                                    windows=(gate, in_), cut=windows_at)
+                                    packing=packing, windows=(gate, in_), cut=windows_at)
     hooks = [h if h.dtype != torch.float16 else h.float() for h in hooks]
     if len({h.dtype for h in hooks}) > 1:
         hooks = [h.float() for h in hooks]
@@ -185,17 +211,23 @@ def add_candidates(stats: LayerStats, candidates: Candidates, doc_ids: torch.Ten
     doc_ids = doc_ids.to(torch.int64).contiguous()
     lengths = lengths.to(torch.int64).contiguous()
     sizes = [int(hooks[0].dtype == torch.bfloat16)] + [s for h in hooks for s in h.stride()[:2]] + [hooks[0].shape[1]]
+    packed_pointers, packed_sizes = [], []
+    if packing is not None:  # each slot's document position and each position's slot, per group
+        positions = packing.positions.to(torch.int64).contiguous()
+        inverse = packing.inverse.to(torch.int64).contiguous()
+        packed_pointers = [positions, inverse]
+        packed_sizes = [packing.group_size, inverse.shape[2], inverse.shape[1]]
     for prefix, per_neuron in (("sample", N_CASES), ("band", N_CASES * N_BANDS)):
         lists = [getattr(stats, f"{prefix}_{name}") for name in ("key", "doc", "pos", "value", "gate", "in")]
         found = [getattr(candidates, f"{prefix}_{name}").contiguous() for name in ("key", "b", "t")]
         assert all(x.is_contiguous() for x in lists), prefix
         size = lists[0].shape[-1]
         n_lists = lists[0].numel() // size
-        pointers = [x.data_ptr() for x in lists + found + [doc_ids, lengths] + hooks]
+        pointers = [x.data_ptr() for x in lists + found + [doc_ids, lengths] + hooks + packed_pointers]
         head = [_WINDOW_KINDS[lists[4].dtype]] + sizes + [size, per_neuron, context_before, context_after]
 
         def run(l0: int, l1: int) -> None:
-            _fused.examples(pointers, head + [l0, l1])
+            _fused.examples(pointers, head + [l0, l1] + packed_sizes)
 
         _split(run, n_lists, threads)
 
@@ -213,11 +245,13 @@ def _split(run: Callable[[int, int], Any], n_lists: int, threads: int | None) ->
 
 def merge_top(stats: LayerStats, batch: BatchReduction, doc_ids: torch.Tensor, gate: torch.Tensor, in_: torch.Tensor,
               lengths: torch.Tensor, context_before: int, context_after: int, *, capacity: int | None = None,
-              accept: torch.Tensor | None = None, cut: object = None,
+              accept: torch.Tensor | None = None, cut: object = None, packing: Packing | None = None,
               threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`collect.stats.merge_top` in the kernel: the same lists and windows (their slots may
     differ: :meth:`LayerStats.ordered_windows` reads them in list order), one loop per list instead
-    of tensors over every list. For a batch added as it is, from CPU tensors the kernel reads."""
+    of tensors over every list. For a batch added as it is, from CPU tensors the kernel reads.
+    ``packing``: ``gate``/``in_`` are packed experts, ``batch.doc_pos`` document positions (as the
+    torch merge takes them); each window holds the expert's values where it saw the position."""
     if capacity is not None or accept is not None:
         raise ValueError("the kernel's merge adds a batch as it is (no capacity, no accept)")
     hooks = [h if h.dtype != torch.float16 else h.float() for h in (gate, in_)]
@@ -234,12 +268,18 @@ def merge_top(stats: LayerStats, batch: BatchReduction, doc_ids: torch.Tensor, g
     pointers = [stats.top_key.data_ptr(), stats.top_pos.data_ptr(), stats.top_slot.data_ptr(),
                 stats.win_gate.data_ptr(), stats.win_in.data_ptr(), doc_abs.data_ptr(), doc_pos.data_ptr(),
                 doc_ids.data_ptr(), hooks[0].data_ptr(), hooks[1].data_ptr(), lengths.data_ptr()]
+    t_doc, packed = hooks[0].shape[1], []
+    if packing is not None:
+        inverse = packing.inverse.to(torch.int64).contiguous()
+        t_doc = inverse.shape[1]
+        pointers.append(inverse.data_ptr())
+        packed = [packing.group_size, inverse.shape[2]]
     sizes = [_WINDOW_KINDS[stats.win_gate.dtype], int(hooks[0].dtype == torch.bfloat16), *hooks[0].stride()[:2],
-             *hooks[1].stride()[:2], doc_abs.shape[0], hooks[0].shape[1], n_lists, k, context_before, context_after,
+             *hooks[1].stride()[:2], doc_abs.shape[0], t_doc, n_lists, k, context_before, context_after,
              N_CASES * N_HOOKS]
 
     def run(l0: int, l1: int) -> int:
-        return _fused.merge(pointers, sizes + [l0, l1])
+        return _fused.merge(pointers, sizes + [l0, l1] + packed)
 
     changed = sum(_split(run, n_lists, threads))
     return torch.ones((), dtype=torch.bool), torch.tensor(changed)

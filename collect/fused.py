@@ -269,11 +269,12 @@ def merge_top(stats: LayerStats, batch: BatchReduction, doc_ids: torch.Tensor, g
                 stats.win_gate.data_ptr(), stats.win_in.data_ptr(), doc_abs.data_ptr(), doc_pos.data_ptr(),
                 doc_ids.data_ptr(), hooks[0].data_ptr(), hooks[1].data_ptr(), lengths.data_ptr()]
     t_doc, packed = hooks[0].shape[1], []
-    if packing is not None:
+    if packing is not None:  # each position's slot and each slot's position, per group
         inverse = packing.inverse.to(torch.int64).contiguous()
+        positions = packing.positions.to(torch.int64).contiguous()
         t_doc = inverse.shape[1]
-        pointers.append(inverse.data_ptr())
-        packed = [packing.group_size, inverse.shape[2]]
+        pointers += [inverse.data_ptr(), positions.data_ptr()]
+        packed = [packing.group_size, inverse.shape[2], positions.shape[1]]
     sizes = [_WINDOW_KINDS[stats.win_gate.dtype], int(hooks[0].dtype == torch.bfloat16), *hooks[0].stride()[:2],
              *hooks[1].stride()[:2], doc_abs.shape[0], t_doc, n_lists, k, context_before, context_after,
              N_CASES * N_HOOKS]

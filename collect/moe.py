@@ -259,7 +259,8 @@ def pack_experts(rows: ExpertRows, valid: torch.Tensor, lengths: torch.Tensor, g
     ``valid`` the counted slots. ``length``: the packed length, or None for the exact one (a host
     sync); tokens past a given length are left out and ``fits`` is False, decided on the device (no
     sync: masks become indices into a spare row). ``buffers``: where the packed values are written
-    (valid until the next call with the same buffers), else new tensors."""
+    (valid until the next call with the same buffers; their empty slots then hold stale values,
+    which the packing's masks leave out), else new tensors."""
     b, t = valid.shape
     device = valid.device
     group = groups[rows.expert]  # [S]
@@ -290,12 +291,17 @@ def pack_experts(rows: ExpertRows, valid: torch.Tensor, lengths: torch.Tensor, g
     def packed(name: str, values: torch.Tensor) -> torch.Tensor:
         if buffers is None:
             return values[take].view(b, length, n_groups * size)
-        out = buffers.take(name, (take.numel(), size), values)
-        return torch.index_select(values, 0, take, out=out).view(b, length, n_groups * size)
+        # Each row copied to its slot, and only there (a row left out to the spare row past the
+        # end): the empty slots, most of a padded packing, keep whatever they held (every reader
+        # masks them, the kernel does not read them), instead of a copy of row 0 each.
+        out = buffers.take(name, (spare + 1, size), values)
+        return out.index_copy_(0, target, values)[:spare].view(b, length, n_groups * size)
 
     gate, in_, swish = packed("gate", rows.gate), packed("in", rows.in_), packed("swish", rows.swish)
-    if rows.post is None:  # act(gate) * in: the experts' own product
-        post = swish * in_ if buffers is None else torch.mul(swish, in_, out=buffers.take("post", swish.shape, swish))
+    if rows.post is None and buffers is None:  # act(gate) * in: the experts' own product
+        post = swish * in_
+    elif rows.post is None:  # on the rows, not over the padding
+        post = packed("post", torch.mul(rows.swish, rows.in_, out=buffers.take("post rows", rows.in_.shape, rows.in_)))
     else:
         post = packed("post", rows.post)
     token = rows.token[take].view(b, length, n_groups)

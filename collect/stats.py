@@ -1209,9 +1209,12 @@ def update_stats(
         distributions is None or exact_examples) else valid
     if distributions is None:
         histogram(hook_gate, hook_in, post, swish, counted, weight, stats.hist, stats.density)
-    elif distributions.hist is not None:
+    elif distributions.hist is not None and conditional:
         stats.hist += distributions.hist * weight
         stats.density += distributions.density * weight
+    elif distributions.hist is not None:  # added as it is: no product the tables' size (0.2 GiB an OLMoE layer)
+        stats.hist += distributions.hist
+        stats.density += distributions.density
     elif conditional:  # the CPU kernel added them to the stored tables: only for a batch added as it is
         raise ValueError("a batch whose histograms are added already cannot be added conditionally")
     if exact_examples:

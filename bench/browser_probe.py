@@ -1,0 +1,361 @@
+"""The in-browser probe, measured: one layer's gate, in and post from ONNX Runtime Web (wasm) in headless Chromium.
+
+    python bench/browser_probe.py [--model MODEL] [--layer 7] [--variants float32,float16,int8] [--runs 5]
+
+Exports to ONNX a wrapper of the model whose input is the token ids (any length) and whose outputs are the
+``gate``, ``in`` and ``post`` of every neuron of one layer's MLP, the model cut after that layer (a page needs
+no later layer, no final norm and no unembedding). Variants: ``float32``; ``float16`` (weights stored as
+float16, cast back to float32 as the session loads, so only the download halves); ``int8``
+(``onnxruntime.quantization.quantize_dynamic``: int8 weights of every MatMul and of the embedding Gather,
+activations quantized on the fly). Each is checked in Python with onnxruntime against transformers' forward
+through the project's own hooks (``collect.probe.Prober``, refactor_glu off: its sign flips are a page's
+business, applied from the file's ``flips``, and change no magnitude), then served with ``python -m
+http.server``'s handler on 127.0.0.1 to a page that imports ``onnxruntime-web`` (npm, pinned below, installed
+into a temporary folder) and runs the ids of a fixed sentence, precomputed in Python (a tokenizer in the
+page is not measured). Headless Chromium (``/usr/bin/chromium``) loads the page in a fresh context (cold
+cache) and reports, from ``performance.now()`` (ms since navigation start): the runtime imported, the model
+fetched, the session created, the first activation; then the median of ``--runs`` further runs of the same
+session (warm). The server counts the bytes it sent per file. Wasm backend on one thread: a static host
+such as GitHub Pages cannot send the COOP/COEP headers that wasm threads need. WebGPU is not tried (no GPU).
+
+Bytes for every layer a page could need follow from the parameter counts (embedding + layers 0..L); the
+exported files of ``--layer`` check that arithmetic. Figures print with the CPU (``lscpu``) and load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import http.server
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from functools import partial
+from pathlib import Path
+
+from context import SENTENCE, demo_model, machine  # noqa: E402 (bench/ is on the path of a script run from it)
+
+ORT_WEB = "onnxruntime-web@1.31.1"
+#: what a page loads of the npm package for the wasm backend: the ES module, its worker glue and the SIMD binary
+ORT_FILES = ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
+CHROMIUM = "/usr/bin/chromium"
+VARIANTS = ("float32", "float16", "int8")
+
+PAGE = """<!doctype html><meta charset="utf-8"><title>browser probe</title>
+<script type="module">
+const mark = {};
+const ort = await import('./ort.wasm.min.mjs');
+ort.env.wasm.numThreads = 1;
+ort.env.wasm.wasmPaths = './';
+mark.runtime = performance.now();
+const bytes = new Uint8Array(await (await fetch('./model.onnx')).arrayBuffer());
+mark.fetched = performance.now();
+const session = await ort.InferenceSession.create(bytes, {executionProviders: ['wasm']});
+mark.session = performance.now();
+const ids = await (await fetch('./ids.json')).json();
+const feed = () => ({input_ids: new ort.Tensor('int64', BigInt64Array.from(ids, BigInt), [1, ids.length])});
+let out = await session.run(feed());
+mark.first = performance.now();
+const warm = [];
+for (let i = 0; i < RUNS; i++) {
+  const t = performance.now();
+  out = await session.run(feed());
+  warm.push(performance.now() - t);
+}
+const values = Object.fromEntries(['gate', 'in', 'post'].map(k => [k, Array.from(out[k].data)]));
+window.result = {mark, warm, values, memory: performance.memory ? performance.memory.usedJSHeapSize : null};
+</script>
+"""
+
+
+def install_ort_web(folder: Path) -> Path:
+    """The pinned onnxruntime-web, installed with npm into ``folder`` (never into the repository)."""
+    subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--prefix", str(folder), ORT_WEB], check=True,
+                   capture_output=True, timeout=600)
+    return folder / "node_modules" / "onnxruntime-web" / "dist"
+
+
+class Truncated:
+    """Builds the wrapper module lazily, so that ``--help`` needs no torch."""
+
+    @staticmethod
+    def module(hf_model, layer: int):
+        import torch
+
+        class Wrapper(torch.nn.Module):
+            """Token ids in; gate, in and post of ``layer``'s MLP out. Layers after it are dropped, so their
+            weights are not in the export; the attention is transformers' eager one with an explicit causal
+            mask, which exports with a dynamic length."""
+
+            def __init__(self) -> None:
+                super().__init__()
+                base = hf_model.model
+                self.embed, self.rotary = base.embed_tokens, base.rotary_emb
+                self.layers = torch.nn.ModuleList(base.layers[: layer + 1])
+
+            def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                hidden = self.embed(input_ids)
+                n = input_ids.shape[1]
+                positions = torch.arange(n, device=input_ids.device)[None]
+                rope = self.rotary(hidden, positions)
+                mask = torch.full((n, n), torch.finfo(hidden.dtype).min, dtype=hidden.dtype).triu(1)[None, None]
+                for block in self.layers[:-1]:
+                    hidden = block(hidden, attention_mask=mask, position_ids=positions, position_embeddings=rope)
+                last = self.layers[-1]
+                attended, _ = last.self_attn(last.input_layernorm(hidden), attention_mask=mask,
+                                             position_ids=positions, position_embeddings=rope)
+                x = last.post_attention_layernorm(hidden + attended)
+                gate, in_ = last.mlp.gate_proj(x), last.mlp.up_proj(x)
+                return gate[0], in_[0], last.mlp.act_fn(gate[0]) * in_[0]
+
+        return Wrapper().eval()
+
+
+def export(hf_model, layer: int, ids, path: Path) -> float:
+    """The float32 export of the wrapper; seconds it took."""
+    import torch
+
+    wrapper = Truncated.module(hf_model, layer)
+    start = time.perf_counter()
+    with torch.no_grad():
+        program = torch.onnx.export(wrapper, (torch.from_numpy(ids)[None],), dynamo=True, input_names=["input_ids"],
+                                    output_names=["gate", "in", "post"],
+                                    dynamic_shapes={"input_ids": {1: torch.export.Dim("tokens", min=2, max=8192)}},
+                                    optimize=True, verbose=False)
+    program.save(str(path))
+    return time.perf_counter() - start
+
+
+def to_float16(source: Path, target: Path) -> None:
+    """Every float32 initializer stored as float16 behind a Cast to float32: half the bytes to download, the
+    same float32 arithmetic (ORT folds the casts when the session loads)."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(source))
+    graph = model.graph
+    kept, casts = [], []
+    for init in graph.initializer:
+        array = numpy_helper.to_array(init)
+        if array.dtype != np.float32 or array.size < 1024:
+            kept.append(init)
+            continue
+        stored = init.name + "__float16"
+        kept.append(numpy_helper.from_array(array.astype(np.float16), stored))
+        casts.append(helper.make_node("Cast", [stored], [init.name], to=onnx.TensorProto.FLOAT))
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    nodes = casts + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.save(model, str(target))
+
+
+def to_int8(source: Path, target: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gather"])
+
+
+def onnx_values(path: Path, ids) -> tuple[dict, float, float]:
+    """gate, in and post from onnxruntime (CPU, one thread); session seconds and run seconds."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    start = time.perf_counter()
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    made = time.perf_counter()
+    out = session.run(None, {"input_ids": ids[None]})
+    ran = time.perf_counter()
+    return dict(zip(("gate", "in", "post"), out)), made - start, ran - made
+
+
+def max_diff(values: dict, reference: dict) -> str:
+    import numpy as np
+
+    return ", ".join(f"{k} {float(np.abs(np.asarray(values[k]).reshape(reference[k].shape) - reference[k]).max()):.2e}"
+                     for k in ("gate", "in", "post"))
+
+
+class CountingHandler(http.server.SimpleHTTPRequestHandler):
+    """http.server's static handler, counting the body bytes it sends per file."""
+
+    sent: dict[str, int] = {}
+
+    def copyfile(self, source, outputfile) -> None:  # noqa: D102
+        before = source.tell()
+        super().copyfile(source, outputfile)
+        self.sent[self.path] = self.sent.get(self.path, 0) + source.tell() - before
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+
+def browse(folder: Path, runs: int, timeout_s: float) -> tuple[dict, dict[str, int], float]:
+    """The page in a fresh headless Chromium (cold cache): its marks, the bytes sent per file, wall seconds."""
+    from playwright.sync_api import sync_playwright
+
+    handler = type("Handler", (CountingHandler,), {"sent": {}})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--enable-precise-memory-info"])
+            try:
+                page = browser.new_context().new_page()
+                errors: list[str] = []
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                start = time.perf_counter()
+                page.goto(f"http://127.0.0.1:{server.server_address[1]}/index.html")
+                page.wait_for_function("window.result !== undefined || false", timeout=timeout_s * 1000,
+                                       polling=100)
+                wall = time.perf_counter() - start
+                if errors:
+                    raise RuntimeError("; ".join(errors))
+                result = page.evaluate("window.result")
+            finally:
+                browser.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    return result, dict(handler.sent), wall
+
+
+def gzipped(path: Path) -> int:
+    with open(path, "rb") as f:
+        return len(gzip.compress(f.read(), compresslevel=6))
+
+
+def parameter_counts(hf_model) -> tuple[int, int, int, int]:
+    """Parameters of the embedding, of one decoder layer, of its MLP's down projection (which the page's last
+    layer does without: post is read before it) and of the final norm."""
+    embed = hf_model.model.embed_tokens.weight.numel()
+    per_layer = sum(p.numel() for p in hf_model.model.layers[0].parameters())
+    down = hf_model.model.layers[0].mlp.down_proj.weight.numel()
+    return embed, per_layer, down, hf_model.model.norm.weight.numel()
+
+
+def mb(n: float) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="a save_pretrained Llama folder (default: the demo's, as gluscope demo leaves it)")
+    parser.add_argument("--layer", type=int, default=7, help="the layer whose MLP the page reads (default 7, of 7.824)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"a comma list of {', '.join(VARIANTS)}")
+    parser.add_argument("--runs", type=int, default=5, help="warm runs after the first activation (median)")
+    parser.add_argument("--ort-web", type=Path, help="an onnxruntime-web dist/ folder (default: npm installs "
+                        f"{ORT_WEB} into a temporary folder)")
+    parser.add_argument("--keep", type=Path, help="keep the exported .onnx files in this folder")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds a page may take")
+    args = parser.parse_args()
+    variants = [v for v in args.variants.split(",") if v]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        parser.error(f"--variants: {', '.join(bad)}; accepted: {', '.join(VARIANTS)}")
+
+    import numpy as np
+    import torch
+
+    from collect.probe import Prober
+
+    torch.set_num_threads(1)
+    print(f"machine: {machine()}")
+    model = args.model or demo_model()
+    prober = Prober.load(model, refactor_glu=False)
+    hf_model = prober.loaded.hf_model
+    n_layers = len(hf_model.model.layers)
+    if not 0 <= args.layer < n_layers:
+        parser.error(f"--layer {args.layer}: the model has layers 0..{n_layers - 1}")
+    ids = prober.tokens(SENTENCE)
+    d_mlp = prober.loaded.mlps[args.layer].d_mlp
+    probed = prober.run(SENTENCE, [(args.layer, n) for n in range(d_mlp)])
+    reference = {"gate": probed.gate.T, "in": probed.in_.T, "post": probed.post.T}
+    # the reference ran with the loader's attention; the export uses the eager one (an explicit causal mask,
+    # which exports with a dynamic length)
+    hf_model.config._attn_implementation = "eager"
+    print(f"model: {model}; layer {args.layer} of {n_layers}, {d_mlp} neurons; sentence of {len(ids)} tokens "
+          f"(ids from Python, BOS included)")
+
+    embed, per_layer, down, tail = parameter_counts(hf_model)
+    whole = embed + n_layers * per_layer + tail
+    print(f"\nparameters: embedding {embed:,}, each layer {per_layer:,}; whole model {whole:,} "
+          f"(unembedding tied to the embedding)")
+    print("weights a page needs to read layer L: the embedding, layers 0..L, less L's down projection "
+          "(float32 / float16 / int8, arithmetic from the counts):")
+    for layer in sorted({0, args.layer, n_layers // 2, n_layers - 1}):
+        n = embed + (layer + 1) * per_layer - down
+        print(f"  L={layer:2d}: {n:,} parameters: {mb(4 * n)} / {mb(2 * n)} / {mb(n)}")
+    print(f"  whole model: {mb(4 * whole)} / {mb(2 * whole)} / {mb(whole)}")
+
+    with tempfile.TemporaryDirectory(prefix="gluscope-browser-") as tmp:
+        work = Path(tmp)
+        dist = args.ort_web or install_ort_web(work / "npm")
+        missing = [f for f in ORT_FILES if not (dist / f).is_file()]
+        if missing:
+            sys.exit(f"gluscope: error: {dist} lacks {', '.join(missing)}; expected onnxruntime-web's dist/ folder")
+        version = json.loads((dist.parent / "package.json").read_text())["version"]
+        runtime_bytes = {f: (dist / f).stat().st_size for f in ORT_FILES}
+        print(f"\nonnxruntime-web {version} (wasm backend, one thread): "
+              + ", ".join(f"{f} {mb(b)} (gzip {mb(gzipped(dist / f))})" for f, b in runtime_bytes.items()))
+
+        float32 = work / "float32.onnx"
+        took = export(hf_model, args.layer, ids, float32)
+        print(f"export (torch.onnx.export, dynamo) of layers 0..{args.layer}: {took:.1f} s")
+        files = {"float32": float32}
+        if "float16" in variants:
+            files["float16"] = work / "float16.onnx"
+            to_float16(float32, files["float16"])
+        if "int8" in variants:
+            files["int8"] = work / "int8.onnx"
+            to_int8(float32, files["int8"])
+
+        print("\nin Python (onnxruntime, CPU, one thread) against transformers' forward (max abs diff):")
+        for name in variants:
+            values, made, ran = onnx_values(files[name], ids)
+            print(f"  {name}: {mb(files[name].stat().st_size)} (gzip {mb(gzipped(files[name]))}); session {made:.2f} s, "
+                  f"run {ran * 1000:.0f} ms; diff {max_diff(values, reference)} "
+                  f"(|post| up to {np.abs(reference['post']).max():.2f})")
+        # the length is dynamic and the attention causal: a prefix of the ids gives the reference's first rows
+        prefix = len(ids) // 2
+        values, _, _ = onnx_values(float32, ids[:prefix])
+        print(f"  float32, the first {prefix} ids alone: diff "
+              f"{max_diff(values, {k: v[:prefix] for k, v in reference.items()})}")
+
+        print(f"\nin headless Chromium ({CHROMIUM}), cold cache, ms since navigation start; warm = median of "
+              f"{args.runs} runs of the same session:")
+        for name in variants:
+            site = work / f"site-{name}"
+            site.mkdir()
+            for f in ORT_FILES:
+                shutil.copy(dist / f, site / f)
+            shutil.copy(files[name], site / "model.onnx")
+            (site / "ids.json").write_text(json.dumps(ids.tolist()))
+            (site / "index.html").write_text(PAGE.replace("RUNS", str(args.runs)))
+            load = os.getloadavg()[0]
+            result, sent, wall = browse(site, args.runs, args.timeout)
+            m = result["mark"]
+            model_sent = sent.get("/model.onnx", 0)
+            other = sum(sent.values()) - model_sent
+            print(f"  {name} (load {load:.1f}): bytes {mb(model_sent)} model + {mb(other)} page and runtime; "
+                  f"runtime imported {m['runtime']:.0f}, model fetched {m['fetched']:.0f}, session "
+                  f"{m['session']:.0f}, FIRST ACTIVATION {m['first']:.0f} ms (wall {wall:.1f} s); warm run "
+                  f"{statistics.median(result['warm']):.0f} ms; diff {max_diff(result['values'], reference)}")
+            if args.keep:
+                args.keep.mkdir(parents=True, exist_ok=True)
+                shutil.copy(files[name], args.keep / f"layer{args.layer}-{name}.onnx")
+    print(f"\n{machine()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -5,9 +5,11 @@
 Exports to ONNX a wrapper of the model whose input is the token ids (any length) and whose outputs are the
 ``gate``, ``in`` and ``post`` of every neuron of one layer's MLP, the model cut after that layer (a page needs
 no later layer, no final norm and no unembedding). Variants: ``float32``; ``float16`` (weights stored as
-float16, cast back to float32 as the session loads, so only the download halves); ``int8``
-(``onnxruntime.quantization.quantize_dynamic``: int8 weights of every MatMul and of the embedding Gather,
-activations quantized on the fly). Each is checked in Python with onnxruntime against transformers' forward
+float16, cast back to float32 as the session loads, so only the download halves); ``int8`` and ``int4``
+(weight-only, in blocks of 32 with a scale each: onnxruntime's ``MatMulNBitsQuantizer`` on every MatMul and
+on the embedding's Gather, which onnxruntime quantizes to int4 only, so ``int8`` stores the embedding as
+float16; the arithmetic is float32); ``int8-dynamic`` (``quantize_dynamic``: int8 weights, one
+scale a tensor, and activations quantized to uint8 before every MatMul). Each is checked in Python with onnxruntime against transformers' forward
 through the project's own hooks (``collect.probe.Prober``, refactor_glu off: its sign flips are a page's
 business, applied from the file's ``flips``, and change no magnitude), then served with ``python -m
 http.server``'s handler on 127.0.0.1 to a page that imports ``onnxruntime-web`` (npm, pinned below, installed
@@ -28,6 +30,7 @@ import argparse
 import gzip
 import http.server
 import json
+import logging
 import os
 import shutil
 import statistics
@@ -44,8 +47,11 @@ from context import SENTENCE, demo_model, machine  # noqa: E402 (bench/ is on th
 ORT_WEB = "onnxruntime-web@1.31.1"
 #: what a page loads of the npm package for the wasm backend: the ES module, its worker glue and the SIMD binary
 ORT_FILES = ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
+#: tokenizers.js (pure JavaScript, what transformers.js tokenizes with), which reads the model's tokenizer.json
+TOKENIZERS = "@huggingface/tokenizers@0.2.0"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 CHROMIUM = "/usr/bin/chromium"
-VARIANTS = ("float32", "float16", "int8")
+VARIANTS = ("float32", "float16", "int8", "int4", "int8-dynamic")
 
 PAGE = """<!doctype html><meta charset="utf-8"><title>browser probe</title>
 <script type="module">
@@ -54,31 +60,39 @@ const ort = await import('./ort.wasm.min.mjs');
 ort.env.wasm.numThreads = 1;
 ort.env.wasm.wasmPaths = './';
 mark.runtime = performance.now();
-const bytes = new Uint8Array(await (await fetch('./model.onnx')).arrayBuffer());
+const {Tokenizer} = await import('./tokenizers.min.mjs');
+const [vocab, config, probe] = await Promise.all(
+  ['tokenizer.json', 'tokenizer_config.json', 'probe.json'].map(async f => (await fetch('./' + f)).json()));
+const tokenizer = new Tokenizer(vocab, config);
+mark.tokenizer = performance.now();
+const t = performance.now();
+const ids = (probe.bos === null ? [] : [probe.bos]).concat(tokenizer.encode(probe.text, {add_special_tokens: false}).ids);
+const encode = performance.now() - t;
+const response = await fetch('./model.onnx');
+const bytes = new Uint8Array(await response.arrayBuffer());
 mark.fetched = performance.now();
 const session = await ort.InferenceSession.create(bytes, {executionProviders: ['wasm']});
 mark.session = performance.now();
-const ids = await (await fetch('./ids.json')).json();
 const feed = () => ({input_ids: new ort.Tensor('int64', BigInt64Array.from(ids, BigInt), [1, ids.length])});
 let out = await session.run(feed());
 mark.first = performance.now();
 const warm = [];
-for (let i = 0; i < RUNS; i++) {
+for (let i = 0; i < probe.runs; i++) {
   const t = performance.now();
   out = await session.run(feed());
   warm.push(performance.now() - t);
 }
 const values = Object.fromEntries(['gate', 'in', 'post'].map(k => [k, Array.from(out[k].data)]));
-window.result = {mark, warm, values, memory: performance.memory ? performance.memory.usedJSHeapSize : null};
+window.result = {mark, encode, warm, ids, values};
 </script>
 """
 
-
-def install_ort_web(folder: Path) -> Path:
-    """The pinned onnxruntime-web, installed with npm into ``folder`` (never into the repository)."""
-    subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--prefix", str(folder), ORT_WEB], check=True,
-                   capture_output=True, timeout=600)
-    return folder / "node_modules" / "onnxruntime-web" / "dist"
+def install_npm(folder: Path) -> Path:
+    """The pinned onnxruntime-web and tokenizers.js, installed with npm into ``folder`` (never into the
+    repository); their ``node_modules``."""
+    subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--prefix", str(folder), ORT_WEB, TOKENIZERS],
+                   check=True, capture_output=True, timeout=600)
+    return folder / "node_modules"
 
 
 class Truncated:
@@ -158,7 +172,24 @@ def to_float16(source: Path, target: Path) -> None:
     onnx.save(model, str(target))
 
 
-def to_int8(source: Path, target: Path) -> None:
+def to_blocks(source: Path, target: Path, bits: int) -> None:
+    """Weight-only quantization in blocks of 32 (onnxruntime's MatMulNBits and GatherBlockQuantized, as
+    transformers.js' q4/q8 models): the arithmetic stays float32, each block of weights has its own scale."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), bits=bits, block_size=32, is_symmetric=True,
+                                     op_types_to_quantize=("MatMul", "Gather"),
+                                     quant_axes=(("MatMul", 0), ("Gather", 1)))
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(target))
+    if bits == 8:  # onnxruntime quantizes a Gather to int4 only: the embedding goes float16 instead
+        to_float16(target, target)
+
+
+def to_int8_dynamic(source: Path, target: Path) -> None:
+    """onnxruntime's dynamic quantization: int8 weights (one scale a tensor) and the activations quantized to
+    uint8 on the fly before every MatMul, which the residual stream's outliers make coarse."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gather"])
@@ -193,41 +224,47 @@ class CountingHandler(http.server.SimpleHTTPRequestHandler):
     def copyfile(self, source, outputfile) -> None:  # noqa: D102
         before = source.tell()
         super().copyfile(source, outputfile)
-        self.sent[self.path] = self.sent.get(self.path, 0) + source.tell() - before
+        type(self).sent[self.path] = type(self).sent.get(self.path, 0) + source.tell() - before
 
     def log_message(self, *args) -> None:  # quiet
         pass
 
 
-def browse(folder: Path, runs: int, timeout_s: float) -> tuple[dict, dict[str, int], float]:
-    """The page in a fresh headless Chromium (cold cache): its marks, the bytes sent per file, wall seconds."""
+def browse(folder: Path, timeout_s: float) -> list[tuple[dict, dict[str, int], float]]:
+    """The page in headless Chromium with a new profile (cold cache), then visited again with the same profile
+    (what its HTTP cache kept is revalidated, and http.server answers 304): per visit its result, the body
+    bytes sent per file, wall seconds."""
     from playwright.sync_api import sync_playwright
 
     handler = type("Handler", (CountingHandler,), {"sent": {}})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(folder)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
+    visits = []
     try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--enable-precise-memory-info"])
+        with sync_playwright() as p, tempfile.TemporaryDirectory(prefix="gluscope-profile-") as profile:
+            # a profile on disk, as a reader's browser has (a fresh context's cache lives in memory only)
+            context = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM)
             try:
-                page = browser.new_context().new_page()
-                errors: list[str] = []
-                page.on("pageerror", lambda e: errors.append(str(e)))
-                start = time.perf_counter()
-                page.goto(f"http://127.0.0.1:{server.server_address[1]}/index.html")
-                page.wait_for_function("window.result !== undefined || false", timeout=timeout_s * 1000,
-                                       polling=100)
-                wall = time.perf_counter() - start
-                if errors:
-                    raise RuntimeError("; ".join(errors))
-                result = page.evaluate("window.result")
+                for _ in range(2):
+                    page = context.new_page()
+                    errors: list[str] = []
+                    page.on("pageerror", lambda e: errors.append(str(e)))
+                    handler.sent = {}
+                    start = time.perf_counter()
+                    page.goto(f"http://127.0.0.1:{server.server_address[1]}/index.html")
+                    page.wait_for_function("window.result !== undefined", timeout=timeout_s * 1000, polling=100)
+                    wall = time.perf_counter() - start
+                    if errors:
+                        raise RuntimeError("; ".join(errors))
+                    visits.append((page.evaluate("window.result"), dict(handler.sent), wall))
+                    page.close()
             finally:
-                browser.close()
+                context.close()
     finally:
         server.shutdown()
         server.server_close()
-    return result, dict(handler.sent), wall
+    return visits
 
 
 def gzipped(path: Path) -> int:
@@ -254,8 +291,8 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=7, help="the layer whose MLP the page reads (default 7, of 7.824)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"a comma list of {', '.join(VARIANTS)}")
     parser.add_argument("--runs", type=int, default=5, help="warm runs after the first activation (median)")
-    parser.add_argument("--ort-web", type=Path, help="an onnxruntime-web dist/ folder (default: npm installs "
-                        f"{ORT_WEB} into a temporary folder)")
+    parser.add_argument("--node-modules", type=Path, help=f"a node_modules folder holding {ORT_WEB} and "
+                        f"{TOKENIZERS} (default: npm installs them into a temporary folder)")
     parser.add_argument("--keep", type=Path, help="keep the exported .onnx files in this folder")
     parser.add_argument("--timeout", type=float, default=300, help="seconds a page may take")
     args = parser.parse_args()
@@ -270,6 +307,7 @@ def main() -> None:
     from collect.probe import Prober
 
     torch.set_num_threads(1)
+    logging.disable(logging.WARNING)  # onnxruntime's quantizers log every node they pass
     print(f"machine: {machine()}")
     model = args.model or demo_model()
     prober = Prober.load(model, refactor_glu=False)
@@ -285,7 +323,7 @@ def main() -> None:
     # which exports with a dynamic length)
     hf_model.config._attn_implementation = "eager"
     print(f"model: {model}; layer {args.layer} of {n_layers}, {d_mlp} neurons; sentence of {len(ids)} tokens "
-          f"(ids from Python, BOS included)")
+          f"(BOS included)")
 
     embed, per_layer, down, tail = parameter_counts(hf_model)
     whole = embed + n_layers * per_layer + tail
@@ -300,25 +338,29 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="gluscope-browser-") as tmp:
         work = Path(tmp)
-        dist = args.ort_web or install_ort_web(work / "npm")
-        missing = [f for f in ORT_FILES if not (dist / f).is_file()]
+        modules = args.node_modules or install_npm(work / "npm")
+        dist, tokenizers = modules / "onnxruntime-web" / "dist", modules / "@huggingface" / "tokenizers"
+        assets = {f: dist / f for f in ORT_FILES} | {"tokenizers.min.mjs": tokenizers / "dist" / "tokenizers.min.mjs"}
+        assets |= {f: Path(model) / f for f in TOKENIZER_FILES}
+        missing = [str(path) for path in assets.values() if not path.is_file()]
         if missing:
-            sys.exit(f"gluscope: error: {dist} lacks {', '.join(missing)}; expected onnxruntime-web's dist/ folder")
-        version = json.loads((dist.parent / "package.json").read_text())["version"]
-        runtime_bytes = {f: (dist / f).stat().st_size for f in ORT_FILES}
-        print(f"\nonnxruntime-web {version} (wasm backend, one thread): "
-              + ", ".join(f"{f} {mb(b)} (gzip {mb(gzipped(dist / f))})" for f, b in runtime_bytes.items()))
+            sys.exit(f"gluscope: error: missing {', '.join(missing)}; expected --node-modules with {ORT_WEB} and "
+                     f"{TOKENIZERS}, and --model a folder with {' and '.join(TOKENIZER_FILES)}")
+        versions = {p.name: json.loads((p / "package.json").read_text())["version"] for p in (dist.parent, tokenizers)}
+        print(f"\nwhat a page loads besides the model ({', '.join(f'{k} {v}' for k, v in versions.items())}; wasm "
+              "backend, one thread): " + ", ".join(f"{f} {mb(p.stat().st_size)} (gzip {mb(gzipped(p))})"
+                                                   for f, p in assets.items()))
 
         float32 = work / "float32.onnx"
         took = export(hf_model, args.layer, ids, float32)
         print(f"export (torch.onnx.export, dynamo) of layers 0..{args.layer}: {took:.1f} s")
         files = {"float32": float32}
-        if "float16" in variants:
-            files["float16"] = work / "float16.onnx"
-            to_float16(float32, files["float16"])
-        if "int8" in variants:
-            files["int8"] = work / "int8.onnx"
-            to_int8(float32, files["int8"])
+        makers = {"float16": to_float16, "int8": partial(to_blocks, bits=8), "int4": partial(to_blocks, bits=4),
+                  "int8-dynamic": to_int8_dynamic}
+        for name in variants:
+            if name != "float32":
+                files[name] = work / f"{name}.onnx"
+                makers[name](float32, files[name])
 
         print("\nin Python (onnxruntime, CPU, one thread) against transformers' forward (max abs diff):")
         for name in variants:
@@ -332,25 +374,30 @@ def main() -> None:
         print(f"  float32, the first {prefix} ids alone: diff "
               f"{max_diff(values, {k: v[:prefix] for k, v in reference.items()})}")
 
-        print(f"\nin headless Chromium ({CHROMIUM}), cold cache, ms since navigation start; warm = median of "
-              f"{args.runs} runs of the same session:")
+        print(f"\nin headless Chromium ({CHROMIUM}), ms since navigation start (the page tokenizes the sentence "
+              f"itself); warm run = median of {args.runs} further runs of the same session:")
         for name in variants:
             site = work / f"site-{name}"
             site.mkdir()
-            for f in ORT_FILES:
-                shutil.copy(dist / f, site / f)
+            for f, path in assets.items():
+                shutil.copy(path, site / f)
             shutil.copy(files[name], site / "model.onnx")
-            (site / "ids.json").write_text(json.dumps(ids.tolist()))
-            (site / "index.html").write_text(PAGE.replace("RUNS", str(args.runs)))
+            bos = None if prober.bos is None else int(prober.bos)
+            (site / "probe.json").write_text(json.dumps({"text": SENTENCE, "bos": bos, "runs": args.runs}))
+            (site / "index.html").write_text(PAGE)
             load = os.getloadavg()[0]
-            result, sent, wall = browse(site, args.runs, args.timeout)
-            m = result["mark"]
-            model_sent = sent.get("/model.onnx", 0)
-            other = sum(sent.values()) - model_sent
-            print(f"  {name} (load {load:.1f}): bytes {mb(model_sent)} model + {mb(other)} page and runtime; "
-                  f"runtime imported {m['runtime']:.0f}, model fetched {m['fetched']:.0f}, session "
-                  f"{m['session']:.0f}, FIRST ACTIVATION {m['first']:.0f} ms (wall {wall:.1f} s); warm run "
-                  f"{statistics.median(result['warm']):.0f} ms; diff {max_diff(result['values'], reference)}")
+            for visit, (result, sent, wall) in zip(("first visit (cold cache)", "second visit (HTTP cache)"),
+                                                   browse(site, args.timeout)):
+                if result["ids"] != ids.tolist():
+                    sys.exit(f"gluscope: error: the page's tokens {result['ids']} are not Python's {ids.tolist()}")
+                m = result["mark"]
+                model_sent = sent.get("/model.onnx", 0)
+                print(f"  {name}, {visit}, load {load:.1f}: sent {mb(model_sent)} model + "
+                      f"{mb(sum(sent.values()) - model_sent)} else; runtime imported {m['runtime']:.0f}, tokenizer "
+                      f"ready {m['tokenizer']:.0f} (encoding {result['encode']:.1f}), model fetched {m['fetched']:.0f}, "
+                      f"session {m['session']:.0f}, FIRST ACTIVATION {m['first']:.0f} ms (wall {wall:.1f} s); warm run "
+                      f"{statistics.median(result['warm']):.0f} ms; diff {max_diff(result['values'], reference)}")
+                load = os.getloadavg()[0]
             if args.keep:
                 args.keep.mkdir(parents=True, exist_ok=True)
                 shutil.copy(files[name], args.keep / f"layer{args.layer}-{name}.onnx")

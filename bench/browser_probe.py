@@ -1,6 +1,7 @@
 """The in-browser probe, measured: one layer's gate, in and post from ONNX Runtime Web (wasm) in headless Chromium.
 
-    python bench/browser_probe.py [--model MODEL] [--layer 7] [--variants float32,float16,int8] [--runs 5]
+    pip install ".[bench]"   # onnx, onnxruntime, onnxscript, pinned
+    python bench/browser_probe.py [--model MODEL] [--layer 7] [--variants float32,float16,int8,int4,int8-dynamic] [--runs 5]
 
 Exports to ONNX a wrapper of the model whose input is the token ids (any length) and whose outputs are the
 ``gate``, ``in`` and ``post`` of every neuron of one layer's MLP, the model cut after that layer (a page needs
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import http.server
+import importlib.util
 import json
 import logging
 import os
@@ -95,47 +97,44 @@ def install_npm(folder: Path) -> Path:
     return folder / "node_modules"
 
 
-class Truncated:
-    """Builds the wrapper module lazily, so that ``--help`` needs no torch."""
+def truncated(hf_model, layer: int):
+    """The wrapper to export (torch imported here, so that ``--help`` needs none)."""
+    import torch
 
-    @staticmethod
-    def module(hf_model, layer: int):
-        import torch
+    class Wrapper(torch.nn.Module):
+        """Token ids in; gate, in and post of ``layer``'s MLP out. Layers after it are dropped, so their
+        weights are not in the export; the attention is transformers' eager one with an explicit causal
+        mask, which exports with a dynamic length."""
 
-        class Wrapper(torch.nn.Module):
-            """Token ids in; gate, in and post of ``layer``'s MLP out. Layers after it are dropped, so their
-            weights are not in the export; the attention is transformers' eager one with an explicit causal
-            mask, which exports with a dynamic length."""
+        def __init__(self) -> None:
+            super().__init__()
+            base = hf_model.model
+            self.embed, self.rotary = base.embed_tokens, base.rotary_emb
+            self.layers = torch.nn.ModuleList(base.layers[: layer + 1])
 
-            def __init__(self) -> None:
-                super().__init__()
-                base = hf_model.model
-                self.embed, self.rotary = base.embed_tokens, base.rotary_emb
-                self.layers = torch.nn.ModuleList(base.layers[: layer + 1])
+        def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            hidden = self.embed(input_ids)
+            n = input_ids.shape[1]
+            positions = torch.arange(n, device=input_ids.device)[None]
+            rope = self.rotary(hidden, positions)
+            mask = torch.full((n, n), torch.finfo(hidden.dtype).min, dtype=hidden.dtype).triu(1)[None, None]
+            for block in self.layers[:-1]:
+                hidden = block(hidden, attention_mask=mask, position_ids=positions, position_embeddings=rope)
+            last = self.layers[-1]
+            attended, _ = last.self_attn(last.input_layernorm(hidden), attention_mask=mask,
+                                         position_ids=positions, position_embeddings=rope)
+            x = last.post_attention_layernorm(hidden + attended)
+            gate, in_ = last.mlp.gate_proj(x), last.mlp.up_proj(x)
+            return gate[0], in_[0], last.mlp.act_fn(gate[0]) * in_[0]
 
-            def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-                hidden = self.embed(input_ids)
-                n = input_ids.shape[1]
-                positions = torch.arange(n, device=input_ids.device)[None]
-                rope = self.rotary(hidden, positions)
-                mask = torch.full((n, n), torch.finfo(hidden.dtype).min, dtype=hidden.dtype).triu(1)[None, None]
-                for block in self.layers[:-1]:
-                    hidden = block(hidden, attention_mask=mask, position_ids=positions, position_embeddings=rope)
-                last = self.layers[-1]
-                attended, _ = last.self_attn(last.input_layernorm(hidden), attention_mask=mask,
-                                             position_ids=positions, position_embeddings=rope)
-                x = last.post_attention_layernorm(hidden + attended)
-                gate, in_ = last.mlp.gate_proj(x), last.mlp.up_proj(x)
-                return gate[0], in_[0], last.mlp.act_fn(gate[0]) * in_[0]
-
-        return Wrapper().eval()
+    return Wrapper().eval()
 
 
 def export(hf_model, layer: int, ids, path: Path) -> float:
     """The float32 export of the wrapper; seconds it took."""
     import torch
 
-    wrapper = Truncated.module(hf_model, layer)
+    wrapper = truncated(hf_model, layer)
     start = time.perf_counter()
     with torch.no_grad():
         program = torch.onnx.export(wrapper, (torch.from_numpy(ids)[None],), dynamo=True, input_names=["input_ids"],
@@ -301,6 +300,9 @@ def main() -> None:
     if bad:
         parser.error(f"--variants: {', '.join(bad)}; accepted: {', '.join(VARIANTS)}")
 
+    missing = [name for name in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(name) is None]
+    if missing:
+        sys.exit(f"gluscope: error: {', '.join(missing)} not installed; pip install '.[bench]' installs them")
     import numpy as np
     import torch
 

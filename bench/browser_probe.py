@@ -11,7 +11,7 @@ float16, cast back to float32 as the session loads, so only the download halves)
 on the embedding's Gather, which onnxruntime quantizes to int4 only, so ``int8`` stores the embedding as
 float16; the arithmetic is float32); ``int8-dynamic`` (``quantize_dynamic``: int8 weights, one
 scale a tensor, and activations quantized to uint8 before every MatMul). Each is checked in Python with onnxruntime against transformers' forward
-through the project's own hooks (``collect.probe.Prober``, refactor_glu off: its sign flips are a page's
+through the project's own hooks (``collect.probe.Prober.through_transformers``, refactor_glu off: its sign flips are a page's
 business, applied from the file's ``flips``, and change no magnitude), then served with ``python -m
 http.server``'s handler on 127.0.0.1 to a page that imports ``onnxruntime-web`` (npm, pinned below, installed
 into a temporary folder) and runs the ids of a fixed sentence, precomputed in Python (a tokenizer in the
@@ -312,13 +312,14 @@ def main() -> None:
     logging.disable(logging.ERROR)  # onnxruntime's quantizers log every node they pass, and an 8-bit Gather as an error
     print(f"machine: {machine()}")
     model = args.model or demo_model()
-    prober = Prober.load(model, refactor_glu=False)
-    hf_model = prober.loaded.hf_model
+    # through transformers (never a recipe of collect.trunk): the reference is transformers' forward
+    prober, loaded = Prober.through_transformers(model, dtype="float32", device="cpu", refactor_glu=False, bos="auto")
+    hf_model = loaded.hf_model
     n_layers = len(hf_model.model.layers)
     if not 0 <= args.layer < n_layers:
         parser.error(f"--layer {args.layer}: the model has layers 0..{n_layers - 1}")
     ids = prober.tokens(SENTENCE)
-    d_mlp = prober.loaded.mlps[args.layer].d_mlp
+    d_mlp = prober.mlp_sizes[args.layer]
     probed = prober.run(SENTENCE, [(args.layer, n) for n in range(d_mlp)])
     reference = {"gate": probed.gate.T, "in": probed.in_.T, "post": probed.post.T}
     # the reference ran with the loader's attention; the export uses the eager one (an explicit causal mask,

@@ -708,12 +708,13 @@ static inline uint16_t to_half(float f) {
         const uint32_t shift = 126 - exp;  // 14 .. 24
         uint32_t half = mant >> shift;
         const uint32_t rest = mant & ((1u << shift) - 1), mid = 1u << (shift - 1);
-        if (rest > mid || (rest == mid && (half & 1))) ++half;
+        half += (rest > mid) | ((rest == mid) & half & 1);
         return (uint16_t)(sign | half);
     }
+    // Rounding without a branch: its direction is as random as the values' last bits.
     uint32_t half = ((x >> 13) - (112 << 10));
     const uint32_t rest = x & 0x1fff;
-    if (rest > 0x1000 || (rest == 0x1000 && (half & 1))) ++half;
+    half += (rest > 0x1000) | ((rest == 0x1000) & half & 1);
     return (uint16_t)(sign | half);
 }
 
@@ -790,6 +791,15 @@ static void cut_windows_of(std::vector<Cut>& cuts, const char* const hook[2], co
                                        at >= 0 ? load_scalar(hook[h], c.b * sb[h] + at * st[h] + c.n, bf16) : NAN);
                 }
             continue;
+        }
+        // The slots of a window a few on, requested for writing now: the slots lie all over the
+        // lists' windows, and the stores would wait for each line in turn.
+        if (i + 4 < count) {
+            const int64_t o = cuts[i + 4].out / W * bytes;
+            for (int h = 0; h < 2; ++h) {
+                __builtin_prefetch(win[h] + o, 1);
+                __builtin_prefetch(win[h] + o + bytes - 1, 1);
+            }
         }
         for (int h = 0; h < 2; ++h) {
             const int64_t at = c.b * sb[h] + (c.p - before) * st[h] + c.n;

@@ -9,8 +9,9 @@
   effects) against running on to the final norm and recording its scale; all layers recorded, and the
   first half only (there the rest of the model runs too). Interleaved, one torch thread, medians.
 * ``probe``: ``gluscope probe`` on a sentence, end to end from the shell in fresh processes (medians of
-  ``--runs``), its steps timed in as many fresh processes (imports, the file's opening, model load,
-  locating the MLPs, the forward pass, printing), and its imports by package (``python -X importtime``).
+  ``--runs``), from the checked recipe (the default, once a first probe kept one) and with ``--no-recipe``
+  (through transformers) interleaved; its steps timed in as many fresh processes (imports, the file's
+  opening, model load, the forward pass, printing), and its imports by package (``python -X importtime``).
 
 Figures print with the CPU (``lscpu``) and the load average.
 """
@@ -141,14 +142,12 @@ def bench_forward(path: Path, model: str, reps: int = 5, docs: int = 8) -> None:
 PROBE_NEURONS = "28.473,7.824"
 #: What the probe's phases are called in the breakdown, in the order the command goes through them.
 PHASES = ("import gluscope cli", "import the probe (torch...)", "open the file (schema check)",
-          "load tokenizer + model (transformers)", "locate the MLPs", "refactor_glu its layers, forward pass", "print")
+          "load tokenizer + model", "refactor_glu its layers, forward pass", "print")
 
 
 def probe_phases(model: str, file: Path) -> None:
     """In a fresh process (``--probe-phases``): the steps ``gluscope probe`` takes, in its order, each timed;
-    printed as one JSON line. The steps are the command's own calls (``run_probe``), unrolled; the model
-    load is split by timing :func:`collect.model.load_hf` (transformers: tokenizer and model) apart from the
-    rest of ``Prober.load`` (``prepare_model``: locating the MLPs)."""
+    printed as one JSON line. The steps are the command's own calls (``run_probe``), unrolled."""
     import io
     import json
 
@@ -162,24 +161,12 @@ def probe_phases(model: str, file: Path) -> None:
     from mkdocs_gluscope.probe import print_probed
     cli.freeze_at_exit()  # as cli.main
     mark()
-    from collect import model as model_module
     from collect.probe import Prober, single_thread
     mark()
     single_thread()
     with cli.open_activations(file) as f:
         bos, refactor = str(f.attrs.get("bos", "auto")), bool(f.attrs.get("refactor_glu", True))
     mark()
-    inner: dict[str, tuple[float, float]] = {}
-    load_hf = model_module.load_hf
-
-    def timed_load(*args, **kwargs):
-        start = (time.perf_counter(), time.process_time())
-        try:
-            return load_hf(*args, **kwargs)
-        finally:
-            inner["load"] = (time.perf_counter() - start[0], time.process_time() - start[1])
-
-    model_module.load_hf = timed_load
     prober = Prober.load(model, refactor_glu=refactor, bos=bos)
     mark()
     neurons = cli._neuron_list(PROBE_NEURONS)
@@ -188,12 +175,10 @@ def probe_phases(model: str, file: Path) -> None:
     print_probed(probed, io.StringIO(), color=True)
     mark()
     steps = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(marks, marks[1:])]
-    load = steps.pop(3)
-    steps[3:3] = [inner["load"], (load[0] - inner["load"][0], load[1] - inner["load"][1])]
     import torch
 
     print(json.dumps({"phases": dict(zip(PHASES, steps)), "total": [b - a for a, b in zip(marks[0], marks[-1])],
-                      "tokens": len(probed.tokens),
+                      "tokens": len(probed.tokens), "engine": prober.engine, "transformers": "transformers" in sys.modules,
                       "transformer_lens": "transformer_lens" in sys.modules, "threads": torch.get_num_threads(),
                       "began": began, "ended": time.time()}), flush=True)
 
@@ -216,10 +201,11 @@ def import_times(command: list[str]) -> dict[str, float]:
 
 def bench_probe(model: str, file: Path, runs: int = 5) -> None:
     """``gluscope probe`` on a sentence from the shell, ``runs`` times in fresh processes, interleaved with as
-    many fresh processes that only import what any probe of this model imports (torch, transformers and the
-    model's modeling module: the floor) and as many that time the probe's steps (:func:`probe_phases`); once
-    with an empty cache folder before them (the first probe of a model asks TransformerLens where its MLPs
-    are); then where the imports go (``-X importtime``, one run). Medians; one torch thread, as the command."""
+    many with ``--no-recipe`` (through transformers), as many fresh processes that only import what a probe
+    through transformers imports (torch, transformers and the model's modeling module: that path's floor)
+    and as many that time the probe's steps (:func:`probe_phases`); once with an empty cache folder before
+    them (the first probe of a model asks TransformerLens where its MLPs are and checks the recipe); then
+    where the imports go (``-X importtime``, one run). Medians; one torch thread, as the command."""
     import json
     import tempfile
 
@@ -232,10 +218,12 @@ def bench_probe(model: str, file: Path, runs: int = 5) -> None:
                       "--file", str(file)]
     with tempfile.TemporaryDirectory() as empty:
         first = timed(command, env={**os.environ, "GLUSCOPE_CACHE": empty})
-    ends, floors, steps, loads = [], [], [], []
+    timed(command)  # not counted: keeps the layout and the checked recipe in the cache the runs below use
+    ends, through, floors, steps, loads = [], [], [], [], []
     for _ in range(runs):
         loads.append(os.getloadavg()[0])
         ends.append(timed(command))
+        through.append(timed([*command, "--no-recipe"]))
         floors.append(timed(floor))
         started = time.time()
         result = subprocess.run(phases_command, capture_output=True, text=True, cwd=ROOT)
@@ -248,10 +236,13 @@ def bench_probe(model: str, file: Path, runs: int = 5) -> None:
           f"{med(w for w, _ in ends):.2f} s wall, {med(c for _, c in ends):.2f} CPU s (medians of {runs}; walls "
           f"{', '.join(f'{w:.2f}' for w, _ in ends)}; load average {min(loads):.1f}-{max(loads):.1f}); the first "
           f"probe of the model (an empty cache folder): {first[0]:.2f} s wall, {first[1]:.2f} CPU s")
+    print(f"the same with --no-recipe (through transformers), interleaved: {med(w for w, _ in through):.2f} s wall, "
+          f"{med(c for _, c in through):.2f} CPU s (walls {', '.join(f'{w:.2f}' for w, _ in through)})")
     print(f"importing torch and transformers' {kind} model and auto classes alone (the floor): {med(w for w, _ in floors):.2f} s "
           f"wall, {med(c for _, c in floors):.2f} CPU s (medians of {runs})")
     print(f"its steps, timed inside a fresh process (medians of {runs}; wall and CPU seconds; {steps[0]['threads']} "
-          f"torch thread; transformer_lens imported: {steps[0]['transformer_lens']}):")
+          f"torch thread; engine {steps[0]['engine']}; transformers imported: {steps[0]['transformers']}; "
+          f"transformer_lens imported: {steps[0]['transformer_lens']}):")
     for name in PHASES:
         print(f"  {name:<40} {med(s['phases'][name][0] for s in steps):6.2f} s {med(s['phases'][name][1] for s in steps):6.2f} CPU s")
     total = med(s["total"][0] for s in steps)

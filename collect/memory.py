@@ -87,7 +87,7 @@ class StatePlan:
 
 
 def plan_groups(loaded: LoadedModel, layers: list[int], experts: dict[int, list[int | str]], per_neuron: int,
-                budget: int, requested: list[int | str] | None = None) -> StatePlan:
+                budget: int, requested: list[int | str] | None = None, where: str = "on the device") -> StatePlan:
     """Groups of layers and experts whose statistics fit ``budget`` bytes each (``per_neuron`` bytes a
     neuron; ``experts``: the experts recorded at each MoE layer, ``requested`` the run's ``--experts``).
     Whole layers where the largest fits (fewest runs: consecutive layers packed together); else the
@@ -125,13 +125,13 @@ def plan_groups(loaded: LoadedModel, layers: list[int], experts: dict[int, list[
     if not moe_layers:  # dense layers only: no smaller unit than a layer
         widest = max(per_layer.values())
         raise GluscopeError(f"not even one layer's statistics fit: {widest * per_neuron / 2**30:.2f} GiB for its "
-                            f"{widest:,} neurons, {budget / 2**30:.2f} GiB free next to the model; a smaller "
+                            f"{widest:,} neurons, {budget / 2**30:.2f} GiB free {where} next to the model; a smaller "
                             "--batch-tokens leaves more room")
     routed = [e for e in experts[moe_layers[0]] if e != SHARED]
     d_expert = loaded.moe[moe_layers[0]].d_expert
     if d_expert > capacity:
         raise GluscopeError(f"not even one expert's statistics fit: {d_expert * per_neuron / 2**30:.2f} GiB for its "
-                            f"{d_expert:,} neurons, {budget / 2**30:.2f} GiB free next to the model")
+                            f"{d_expert:,} neurons, {budget / 2**30:.2f} GiB free {where} next to the model")
     # The dense layers and the shared experts (which see every token) first, by whole layers.
     dense = {layer: n for layer in layers if (n := sizes.get(layer, 0) + sizes.get(f"{layer}.{SHARED}", 0))}
     groups = [g for g in packed({layer: n for layer, n in dense.items() if layer not in loaded.moe}, None)]
@@ -185,33 +185,78 @@ def plan_line(loaded: LoadedModel, layers: list[int], config: CollectConfig, exp
     return text
 
 
+def available_host_memory() -> int | None:
+    """Bytes of host memory available to a new allocation (``MemAvailable`` of ``/proc/meminfo``: free
+    memory and the page cache the kernel can drop), or None where the system does not say (not Linux)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+@dataclass
+class Budget:
+    """Room for statistics in one kind of memory: ``per_neuron`` bytes a neuron within ``budget`` bytes."""
+
+    where: str  # "on cuda:0", "in host memory"
+    per_neuron: int
+    budget: int
+    free: int
+
+    @property
+    def capacity(self) -> int:
+        return self.budget // self.per_neuron if self.per_neuron else 2**62
+
+
+def _budgets(loaded: LoadedModel, config: CollectConfig) -> list[Budget]:
+    """What the statistics need where they live: on a GPU its device part on the card and the top-k
+    windows in host memory; on a CPU all of it in host memory (beside the model, already loaded)."""
+    working = working_bytes(loaded, config)
+    out = []
+    if loaded.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(loaded.device)
+        out.append(Budget(f"on {loaded.device}", state_bytes(1, 1, config, loaded.dtype, "device"),
+                          int(free * 0.9) - working, free))
+    host = available_host_memory()
+    if host is not None:
+        part = "all" if loaded.device.type == "cpu" else "host"
+        spare = working if loaded.device.type == "cpu" else 0
+        out.append(Budget("in host memory", state_bytes(1, 1, config, loaded.dtype, part), int(host * 0.9) - spare, host))
+    return out
+
+
 def check_state_fits(loaded: LoadedModel, layers: list[int], config: CollectConfig,
                      experts: dict[int, list[int | str]] | None = None) -> str:
-    """Before the first batch: the run's plan (:func:`plan_line`, which the run prints), and on a GPU
-    the refusal of a collection whose statistics cannot fit next to the model (a 7B model in bfloat16
-    and all its layers' statistics need about 5.1 GiB there, their windows 6.4 GiB of host memory;
-    OLMoE-1B-7B's million expert neurons about 15 GiB and 19),
-    naming the groups of layers and experts that do fit: running out of memory mid-run would waste
-    the run."""
+    """Before the first batch: the run's plan (:func:`plan_line`, which the run prints), and the
+    refusal of a collection whose statistics cannot fit next to the model: on a GPU, their device part
+    on the card (a 7B model in bfloat16 and all its layers' statistics need about 5.1 GiB there;
+    OLMoE-1B-7B's million expert neurons about 15 GiB) and their top-k windows in host memory (6.4 and
+    19 GiB); on a CPU, all of it in host memory. The refusal names the groups of layers and experts
+    that fit both (the one with less room decides): running out of memory mid-run would waste the run."""
     experts = experts or {}
-    if loaded.device.type != "cuda":
-        return plan_line(loaded, layers, config, experts)
-    free, _ = torch.cuda.mem_get_info(loaded.device)
-    per_neuron = state_bytes(1, 1, config, loaded.dtype, on_device(loaded.device))
-    working = working_bytes(loaded, config)
-    budget = int(free * 0.9) - working
-    if budget < per_neuron:
-        raise GluscopeError(
-            f"out of memory at --batch-tokens {config.batch_tokens}: {free / 2**30:.1f} GiB free on {loaded.device} "
-            f"after loading the model; rerun with a smaller --batch-tokens")
-    plan = plan_groups(loaded, layers, experts, per_neuron, budget, config.experts)
+    budgets = _budgets(loaded, config)
+    free = next((b.free for b in budgets if b.where != "in host memory"), None)
+    for budget in budgets:
+        if budget.budget < budget.per_neuron:
+            raise GluscopeError(
+                f"out of memory at --batch-tokens {config.batch_tokens}: {budget.free / 2**30:.1f} GiB free "
+                f"{budget.where} after loading the model; rerun with a smaller --batch-tokens")
+    if not budgets:
+        return plan_line(loaded, layers, config, experts, free)
+    tightest = min(budgets, key=lambda b: b.capacity)
+    plan = plan_groups(loaded, layers, experts, tightest.per_neuron, tightest.budget, config.experts, tightest.where)
     if len(plan.groups) == 1:
-        return plan_line(loaded, layers, config, experts, free) + ": one run"
+        return plan_line(loaded, layers, config, experts, free) + (": one run" if free is not None else "")
     spans = " then ".join(g.options() for g in plan.groups)
     what = f"{len(layers)} layers" if not loaded.moe else f"{len(layers)} layers ({plan.neurons:,} neurons with experts)"
+    kind = "statistics" if tightest.where != "in host memory" or loaded.device.type == "cpu" else "statistics' top-k windows"
     raise GluscopeError(
-        f"the statistics of {what} need {plan.total / 2**30:.1f} GiB on {loaded.device}, "
-        f"{max(budget, 0) / 2**30:.1f} GiB is free next to the model; collect them in {len(plan.groups)} groups "
+        f"the {kind} of {what} need {plan.total / 2**30:.1f} GiB {tightest.where}, "
+        f"{max(tightest.budget, 0) / 2**30:.1f} GiB is free next to the model; collect them in {len(plan.groups)} groups "
         f"({spans}, each with the same other options; each may run under torchrun) and join the files with "
         "gluscope merge (a smaller --batch-tokens leaves more room)")
 

@@ -505,6 +505,9 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-color", dest="color", action="store_false", help="never color")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or auto (default: float32)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    p.add_argument("--no-recipe", dest="recipe", action="store_false",
+                   help="run the model through transformers even where a checked recipe lets a Llama checkpoint "
+                        "run without it (see reading.md), and keep none")
 
 
 def run_probe(args: argparse.Namespace) -> int:
@@ -525,7 +528,7 @@ def run_probe(args: argparse.Namespace) -> int:
             refactor = bool(f.attrs.get("refactor_glu", True)) if refactor is None else refactor
     text = sys.stdin.read() if args.text == "-" else args.text
     prober = Prober.load(args.model, dtype=args.dtype, device=args.device,
-                         refactor_glu=True if refactor is None else refactor, bos=bos or "auto")
+                         refactor_glu=True if refactor is None else refactor, bos=bos or "auto", recipe=args.recipe)
     probed = prober.run(text, args.neurons)
     print_probed(probed, sys.stdout, color=wants_color(sys.stdout, args.color), values=args.values)
     if args.html is not None:

@@ -313,6 +313,7 @@ def test_state_check_on_a_small_card_names_groups_of_layers_and_experts(monkeypa
     once."""
     import re
 
+    from collect import memory
     from collect.memory import check_state_fits, plan_groups, state_bytes, working_bytes
     from mkdocs_gluscope.errors import GluscopeError
 
@@ -321,6 +322,7 @@ def test_state_check_on_a_small_card_names_groups_of_layers_and_experts(monkeypa
     config = CollectConfig(model="m", dataset=[], out=Path("o"))  # the defaults: k 16, 19-token windows, samples
     free = 24 * 10**9 - int(6.9e9 * 2)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 24 * 10**9))
+    monkeypatch.setattr(memory, "available_host_memory", lambda: 512 * 2**30)  # room for the windows
     with pytest.raises(GluscopeError) as refused:
         check_state_fits(loaded, list(range(16)), config, experts)
     text = str(refused.value)
@@ -344,6 +346,42 @@ def test_state_check_on_a_small_card_names_groups_of_layers_and_experts(monkeypa
     # On an 80 GB card (about 66 GB free) it fits in one run.
     plan = plan_groups(loaded, list(range(16)), experts, per_neuron, int(66e9 * 0.9) - working_bytes(loaded, config))
     assert len(plan.groups) == 1
+
+
+def test_state_check_counts_the_host_memory_the_windows_and_a_cpu_runs_statistics_take(monkeypatch):
+    """The top-k windows of a GPU run live in host memory (19 GiB for OLMoE-1B-7B at the defaults), all of a
+    CPU run's statistics do: where host memory is what runs out, the refusal says so and names groups that
+    fit it; where the card is the tighter of the two, the card decides."""
+    import re
+
+    from collect import memory
+    from mkdocs_gluscope.errors import GluscopeError
+
+    experts = {layer: list(range(64)) for layer in range(16)}
+    config = CollectConfig(model="m", dataset=[], out=Path("o"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (200 * 2**30, 256 * 2**30))  # a big card
+    monkeypatch.setattr(memory, "available_host_memory", lambda: 12 * 2**30)
+    host = memory.state_bytes(1, 1, config, torch.bfloat16, "host")
+    with pytest.raises(GluscopeError) as refused:
+        memory.check_state_fits(olmoe_shaped(), list(range(16)), config, experts)
+    text = str(refused.value)
+    assert f"top-k windows of 16 layers ({16 * 64 * 1024:,} neurons with experts) need " \
+           f"{16 * 64 * 1024 * host / 2**30:.1f} GiB in host memory" in text and "gluscope merge" in text
+    for layers, chosen in re.findall(r"--layers ([\d-]+) --experts ([\d-]+)", text):
+        a, _, b = chosen.partition("-")
+        n_layers = len(range(int(layers.split("-")[0]), int(layers.split("-")[-1]) + 1))
+        assert n_layers * (int(b or a) - int(a) + 1) * 1024 * host <= int(12 * 2**30 * 0.9)
+    monkeypatch.setattr(memory, "available_host_memory", lambda: 64 * 2**30)
+    assert "one run" in memory.check_state_fits(olmoe_shaped(), list(range(16)), config, experts)
+    # A CPU run keeps everything in host memory, next to the model.
+    cpu = olmoe_shaped("cpu")
+    every = memory.state_bytes(1, 1, config, torch.bfloat16, "all")
+    monkeypatch.setattr(memory, "available_host_memory", lambda: 16 * 2**30)
+    with pytest.raises(GluscopeError, match=rf"the statistics of 16 layers .* need "
+                                            rf"{16 * 64 * 1024 * every / 2**30:.1f} GiB in host memory"):
+        memory.check_state_fits(cpu, list(range(16)), config, experts)
+    monkeypatch.setattr(memory, "available_host_memory", lambda: None)  # a system that does not say: no check
+    assert memory.check_state_fits(cpu, list(range(16)), config, experts).startswith("statistics of")
 
 
 def test_groups_of_layers_and_experts_merge_into_one_run(model_factory, corpus_files, tmp_path):

@@ -19,6 +19,7 @@ from collect.model import load_hf
 from collect.probe import Prober
 from collect.run import collect
 from mkdocs_gluscope.cli import main
+from mkdocs_gluscope.errors import GluscopeError
 from mkdocs_gluscope.store import CASES, HOOKS, ActivationsFile
 from test_collect import run_cli, small_config
 
@@ -107,24 +108,24 @@ def test_a_later_probe_finds_the_mlps_without_the_adapter_and_gets_the_same_valu
     one reads it back (importing TransformerLens takes seconds) and its values are the same bits."""
     folder = str(model_factory("llama"))
     neurons = [(0, 5), (1, 3), (1, 47)]
-    first = Prober.load(folder).run(TEXT, neurons)
+    first = Prober.load(folder, recipe=False).run(TEXT, neurons)
     assert len(list((own_cache / "layouts").glob("*.json"))) == 1
     monkeypatch.setattr(architectures, "_ask_adapter", no_adapter)
-    again = Prober.load(folder).run(TEXT, neurons)
+    again = Prober.load(folder, recipe=False).run(TEXT, neurons)
     for name in ("gate", "in_", "post", "swish"):
         assert np.array_equal(getattr(first, name), getattr(again, name)), name
 
 
 def test_a_layout_that_does_not_fit_the_model_is_asked_for_again(model_factory, own_cache, monkeypatch):
     folder = str(model_factory("llama"))
-    expected = Prober.load(folder).run(TEXT, [(1, 3)]).post
+    expected = Prober.load(folder, recipe=False).run(TEXT, [(1, 3)]).post
     (path,) = (own_cache / "layouts").glob("*.json")
     asked = []
     ask = architectures._ask_adapter
     monkeypatch.setattr(architectures, "_ask_adapter", lambda *a: asked.append(1) or ask(*a))
     for broken in (path.read_text().replace('"up_proj"', '"no_such_proj"'), "{not json"):
         path.write_text(broken)
-        assert np.array_equal(Prober.load(folder).run(TEXT, [(1, 3)]).post, expected)
+        assert np.array_equal(Prober.load(folder, recipe=False).run(TEXT, [(1, 3)]).post, expected)
         assert '"up_proj"' in path.read_text()  # written again, as the adapter answered
     assert len(asked) == 2
 
@@ -151,17 +152,94 @@ def test_a_remembered_layout_gives_the_adapters_own_modules(arch, model_factory,
 
 
 @pytest.mark.slow
-def test_the_probe_command_imports_no_transformer_lens_once_the_layout_is_remembered(model_factory, own_cache,
-                                                                                     capsys):
-    """What makes a probe of the demo model take seconds less: a fresh process, as a user runs it."""
+def test_a_later_probe_command_imports_neither_transformers_nor_transformer_lens(model_factory, own_cache, capsys):
+    """What makes a probe of the demo model take seconds less: a fresh process, as a user runs it. With
+    --no-recipe it goes through transformers, and still finds the MLPs without TransformerLens."""
     folder = str(model_factory("llama"))
     args = ["probe", "--model", folder, "--neurons", "1.3,0.5", "--values", "--no-color", TEXT]
-    assert main(args) == 0  # asks the adapter, remembers
+    assert main(args) == 0  # asks the adapter and checks the recipe; remembers both
     expected = capsys.readouterr().out
     script = ("import sys; from mkdocs_gluscope.cli import main; code = main(sys.argv[1:]); "
-              "print('transformer_lens imported:', 'transformer_lens' in sys.modules); sys.exit(code)")
+              "print('imported:', 'transformers' in sys.modules, 'transformer_lens' in sys.modules); sys.exit(code)")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env,
-                            cwd=ROOT, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == expected + "transformer_lens imported: False\n"
+    for extra, imported in (([], "False False"), (["--no-recipe"], "True False")):
+        result = subprocess.run([sys.executable, "-c", script, *args, *extra], capture_output=True, text=True,
+                                env=env, cwd=ROOT, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == expected + f"imported: {imported}\n"
+
+
+def probe_all(prober: Prober, text: str = TEXT):
+    neurons = [(layer, n) for layer in sorted(prober.mlp_sizes) for n in range(prober.mlp_sizes[layer])]
+    return prober.run(text, neurons)
+
+
+def same_values(a, b) -> None:
+    assert list(a.tokens) == list(b.tokens) and a.strings == b.strings and a.first_counted == b.first_counted
+    for name in ("gate", "in_", "post", "swish"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_later_probe_of_a_llama_checkpoint_runs_without_transformers_and_gets_the_same_bits(
+        dtype, model_factory, own_cache, monkeypatch):
+    """The first probe goes through transformers, checks the checkpoint recipe against it and keeps it;
+    a later probe computes the layers from the safetensors files alone, every value the same bits (texts
+    of one token and of the model's full context too), and never loads the model through transformers."""
+    folder = str(model_factory("llama"))
+    first = Prober.load(folder, dtype=dtype)
+    assert first.engine == "transformers" and len(list((own_cache / "probe").glob("*.json"))) == 1
+    texts = (TEXT, "a", TEXT * (256 // len(first.tokens(TEXT))))  # the last near the model's 256 positions
+    expected = [probe_all(first, text) for text in texts]
+    import collect.model
+    monkeypatch.setattr(collect.model, "load_hf", lambda *a, **k: pytest.fail("loaded through transformers"))
+    again = Prober.load(folder, dtype=dtype)
+    assert again.engine == "checkpoint"
+    for text, want in zip(texts, expected):
+        same_values(probe_all(again, text), want)
+    with pytest.raises(GluscopeError, match="layer 2 is not a dense layer"):
+        again.run(TEXT, [(2, 0)])
+    with pytest.raises(GluscopeError, match="the model takes at most 256"):
+        again.run(TEXT * 200, [(0, 0)])
+
+
+def test_a_recipe_that_differs_from_transformers_in_one_bit_is_not_kept(model_factory, own_cache, monkeypatch):
+    from collect import trunk
+
+    folder = str(model_factory("llama"))
+    norm = trunk._rms_norm
+    monkeypatch.setattr(trunk, "_rms_norm", lambda x, w, eps: norm(x, w, eps * 1.0001))
+    assert Prober.load(folder).engine == "transformers"
+    assert not list((own_cache / "probe").glob("*.json"))
+    monkeypatch.undo()
+    assert Prober.load(folder).engine == "transformers"  # now checked equal and kept
+    assert Prober.load(folder).engine == "checkpoint"
+
+
+def test_a_changed_checkpoint_or_other_options_go_through_transformers_again(model_factory, own_cache, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_factory("llama"), folder)
+    assert Prober.load(str(folder)).engine == "transformers"
+    assert Prober.load(str(folder)).engine == "checkpoint"
+    assert Prober.load(str(folder), refactor_glu=False).engine == "transformers"  # another recipe
+    assert Prober.load(str(folder), bos="never").engine == "transformers"
+    weights = load_file(folder / "model.safetensors")
+    weights["model.layers.1.mlp.up_proj.weight"] *= 2
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    changed = Prober.load(str(folder))
+    assert changed.engine == "transformers"
+    reference = Prober.load(str(folder), recipe=False)
+    same_values(probe_all(changed), probe_all(reference))
+    assert Prober.load(str(folder)).engine == "checkpoint"
+    same_values(probe_all(Prober.load(str(folder))), probe_all(reference))
+
+
+@pytest.mark.parametrize("arch", ["gemma", "phi3"])
+def test_other_families_keep_no_recipe(arch, model_factory, own_cache):
+    folder = str(model_factory(arch))
+    assert Prober.load(folder).engine == "transformers"
+    assert Prober.load(folder).engine == "transformers" and not list((own_cache / "probe").glob("*.json"))

@@ -34,16 +34,20 @@
 typedef float vf __attribute__((vector_size(32), aligned(32)));
 typedef int32_t vi __attribute__((vector_size(32), aligned(32)));
 
-static const int C = 4, H = 4, NBINS = 22, DH = 12, R = 5, L = 8;
+static constexpr int C = 4, H = 4, NBINS = 22, DH = 12, R = 5, L = 8;
 #ifndef CHUNK
 #define CHUNK 32
 #endif
 static const int64_t EMPTY_PRIORITY = INT64_MAX;
 // Histogram bin of |value| from its float32 exponent field (mkdocs_gluscope.distributions): bin 0
 // below 2**-10, bin j for 2**(j-11) <= |v| < 2**(j-10), bin 21 from 2**10 up.
-static const int HIST_BIAS = 127 - 10 - 1;
+static constexpr int HIST_BIAS = 127 - 10 - 1;
 // Density cell (per sign) of each histogram bin, and band of |post| of each bin.
 static const int8_t DENSITY_OF_BIN[NBINS] = {0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11};
+static constexpr int BAND_START[R] = {0, 5, 8, 11, 14};  // the first bin of each band of |post|
+// The least |value| + 1 in integers (the extremes' keys) of each band's first bin.
+static constexpr int32_t band_key(int r) { return r == 0 ? 0 : ((BAND_START[r] + HIST_BIAS) << 23) + 1; }
+static constexpr int32_t BAND_KEY[R] = {band_key(0), band_key(1), band_key(2), band_key(3), band_key(4)};
 static const int8_t BAND_OF_BIN[NBINS] = {0, 0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 4, 4, 4, 4, 4};
 
 struct Args {
@@ -340,7 +344,24 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
                             }
                         }
                     }
-                    // First the chunk's values, their cases, counts, bins and candidates ...
+                    // The group's bar: the largest bound of its lanes' full lists; a position above it
+                    // enters only open lists, and a lane only those of its case from the least
+                    // |post| key (|value| + 1 in integers) of the lowest band with an open list
+                    // (0 where the case's own list is open, none where the case has no open list).
+                    int32_t bar[R] = {-1, -1, -1, -1, -1};
+                    vi open_key = none + INT32_MAX;
+                    if (examples) {
+                        for (int r = 0; r < R; ++r)
+                            for (int j = 0; j < L; ++j) bar[r] = lanes_limit[r][j] > bar[r] ? lanes_limit[r][j] : bar[r];
+                        int32_t open = 0;
+                        for (int j = 0; j < L; ++j) open |= lanes_open[j];
+                        for (int c = 0; c < C; ++c) {
+                            for (int r = R - 1; r >= 0; --r)
+                                if (open & (1 << (c * 6 + r))) open_key[c] = BAND_KEY[r];
+                            if (open & (1 << (c * 6 + R))) open_key[c] = 0;  // the case's own list
+                        }
+                    }
+                    // First the chunk's values, their cases, counts and bins ...
                     const int64_t k = stop - c0;
                     for (int64_t i = 0; i < k; ++i) {
                         const int64_t t = counted_b[c0 + i];
@@ -401,15 +422,37 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
                         const vi both = (joint + bin[2] * NBINS + bin[1]) |
                                         ((joint + C * JOINT + bin[0] * NBINS + bin[3]) << 16);
                         codes[(g * B + b) * T + t] = (in_any ? both : none + (NO_CASE | NO_CASE << 16)) + lane_offset;
-                        if (!examples) continue;
-                        // A lane may enter its case's list or its (case, band) list: below the
-                        // largest limit of its full lists, or into one of its lists not yet full.
-                        const vi above[R - 1] = {bin[0] >= 5, bin[0] >= 8, bin[0] >= 11, bin[0] >= 14};
+                    }
+                    // ... then which lanes may enter a random-example list: below the largest
+                    // limit of its full lists, or into one of its lists not yet full (a loop of its
+                    // own: the one above keeps its values in registers). A position whose lanes'
+                    // |post| lie below every band it could enter at its priority is passed over.
+                    for (int64_t i = 0; examples && i < k; ++i) {
+                        Slot& here = tile[i];
+                        here.hit = none;
+                        const int32_t t = here.t;
+                        const int32_t p_top = (int32_t)(prio_of(t, 0) >> 31);
+                        const vi* m = here.m;
+                        const vi in_any = m[0] | m[1] | m[2] | m[3];
+                        if (one_prio) {
+                            int32_t full = INT32_MAX;  // the least key of a band whose full lists it may enter
+                            for (int r = R - 1; r >= 0; --r) full = p_top <= bar[r] ? BAND_KEY[r] : full;
+                            vi least = (m[0] & open_key[0]) | (m[1] & open_key[1]) | (m[2] & open_key[2]) |
+                                       (m[3] & open_key[3]);
+                            least = least < full ? least : none + full;
+                            if (!any(in_any & (here.key[0] >= least))) continue;
+                        }
+                        const vi cv = ((m[2] | m[3]) & 2) | ((m[1] | m[3]) & 1);
+                        vi e = ((here.key[0] - 1) >> 23) - HIST_BIAS;  // the bin of |post|
+                        e = e > 0 ? e : none;
+                        const vi bin0 = e < NBINS - 1 ? e : none + (NBINS - 1);
+                        const vi above[R - 1] = {bin0 >= BAND_START[1], bin0 >= BAND_START[2], bin0 >= BAND_START[3],
+                                                 bin0 >= BAND_START[4]};
                         const vi band = -(above[0] + above[1] + above[2] + above[3]);
                         vi limit = lanes_limit[0];
                         for (int r = 1; r < R; ++r) limit = above[r - 1] ? lanes_limit[r] : limit;
                         here.code = cv * 8 + band;
-                        vi p_hi = none + (int32_t)(prio_of(t, 0) >> 31);
+                        vi p_hi = none + p_top;
                         if (!one_prio)
                             for (int j = 1; j < width; ++j) p_hi[j] = (int32_t)(prio_of(t, j) >> 31);
                         const vi open = (vi)((1 << (cv * 6 + 5)) | (1 << (cv * 6 + band)));
@@ -733,12 +776,13 @@ static inline uint16_t to_half(float f) {
         const uint32_t shift = 126 - exp;  // 14 .. 24
         uint32_t half = mant >> shift;
         const uint32_t rest = mant & ((1u << shift) - 1), mid = 1u << (shift - 1);
-        if (rest > mid || (rest == mid && (half & 1))) ++half;
+        half += (rest > mid) | ((rest == mid) & half & 1);
         return (uint16_t)(sign | half);
     }
+    // Rounding without a branch: its direction is as random as the values' last bits.
     uint32_t half = ((x >> 13) - (112 << 10));
     const uint32_t rest = x & 0x1fff;
-    if (rest > 0x1000 || (rest == 0x1000 && (half & 1))) ++half;
+    half += (rest > 0x1000) | ((rest == 0x1000) & half & 1);
     return (uint16_t)(sign | half);
 }
 
@@ -802,6 +846,15 @@ static void cut_windows_of(std::vector<Cut>& cuts, const char* const hook[2], co
         // The window's values inside the document are w in [w0, w1): NaN around them.
         const int64_t w0 = before - c.p > 0 ? before - c.p : 0;
         const int64_t w1 = len - c.p + before < W ? (len - c.p + before > w0 ? len - c.p + before : w0) : W;
+        // The slots of a window a few on, requested for writing now: the slots lie all over the
+        // lists' windows, and the stores would wait for each line in turn.
+        if (i + 4 < count) {
+            const int64_t o = cuts[i + 4].out / W * bytes;
+            for (int h = 0; h < 2; ++h) {
+                __builtin_prefetch(win[h] + o, 1);
+                __builtin_prefetch(win[h] + o + bytes - 1, 1);
+            }
+        }
         for (int h = 0; h < 2; ++h) {
             const int64_t at = c.b * sb[h] + (c.p - before) * st[h] + c.n;
             for (int64_t w = 0; w < w0; ++w) store_window_value(win[h], c.out + w, kind, NAN);

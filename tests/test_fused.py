@@ -57,6 +57,16 @@ def test_kernel_distributions_match_brute_force(case):
     assert_distributions(stats, docs, case["first"], case["samples"], case["band_samples"])
 
 
+def test_kernel_examples_with_open_case_lists_and_full_band_lists():
+    """A position whose priority is above every full list's and whose |post| is in a band whose
+    lists are full still enters its case's list while that list is open (the kernel passes over
+    positions that cannot enter any list: the case's open list must count for every band)."""
+    case = dict(seed=9, n_docs=8, batch=2, first=1, samples=20, band_samples=1)
+    docs = make(case, d_mlp=2, max_len=16)  # |post| near 1 and near 0.01: a low band's lists fill first
+    stats = run_kernel(docs, 3, case["first"], case["batch"], case["samples"], case["band_samples"])
+    assert_distributions(stats, docs, case["first"], case["samples"], case["band_samples"])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("per_neuron", [False, True], ids=["valid-per-position", "valid-per-neuron"])
 def test_kernel_reduction_equals_the_torch_code(dtype, per_neuron):

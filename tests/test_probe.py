@@ -43,7 +43,13 @@ def test_probe_values_equal_those_a_one_document_collection_records(model_factor
     corpus = tiny.write_corpus_files(tmp_path / "corpus", [TEXT])
     path = collect(small_config(folder, corpus, tmp_path / "one.h5", window_dtype="float32", context_before=40,
                                 context_after=2, samples=0))
-    prober = Prober.load(str(folder), bos="auto")
+    for engine in ("transformers", "checkpoint"):  # the first probe, then one from the recipe it checked
+        prober = Prober.load(str(folder), bos="auto")
+        assert prober.engine == engine
+        check_against_collection(prober, path)
+
+
+def check_against_collection(prober: Prober, path: Path) -> None:
     with ActivationsFile(path) as f:
         neurons = [(layer, n) for layer in f.layers for n in range(f.d_mlp)]
         probed = prober.run(TEXT, neurons)

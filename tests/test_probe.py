@@ -214,10 +214,10 @@ def test_a_recipe_that_differs_from_transformers_in_one_bit_is_not_kept(model_fa
 
     folder = str(model_factory("llama"))
     norm = trunk._rms_norm
-    monkeypatch.setattr(trunk, "_rms_norm", lambda x, w, eps: norm(x, w, eps * 1.0001))
-    assert Prober.load(folder).engine == "transformers"
-    assert not list((own_cache / "probe").glob("*.json"))
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:  # (only this patch: the test's own cache folder stays set)
+        patch.setattr(trunk, "_rms_norm", lambda x, w, eps: norm(x, w, eps) * (1 + 2**-20))  # the last bits
+        assert Prober.load(folder).engine == "transformers"
+        assert not list((own_cache / "probe").glob("*.json"))
     assert Prober.load(folder).engine == "transformers"  # now checked equal and kept
     assert Prober.load(folder).engine == "checkpoint"
 

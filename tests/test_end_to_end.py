@@ -90,6 +90,17 @@ def test_demo_end_to_end(tmp_path):
     pages = list((project / "site/neurons").glob("L*/N*/index.html"))
     assert len(pages) >= 30
     assert "Neuron" in pages[0].read_text()
+    # The demo checked the model for the probe: the user's first probe of it imports no transformers.
+    assert "it will run from its recipe" in result.stderr
+    with ActivationsFile(project / "data/demo.h5") as f:
+        model = f.attrs["model_path"]
+    script = ("import sys; from mkdocs_gluscope.cli import main; code = main(sys.argv[1:]); "
+              "print('transformers imported:', 'transformers' in sys.modules); sys.exit(code)")
+    probe = subprocess.run([sys.executable, "-c", script, "probe", "--model", model, "--file", "data/demo.h5",
+                            "--neurons", "5.10", "--no-color", "The union of the states."], cwd=project, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    assert "neuron 5.10" in probe.stdout and probe.stdout.endswith("transformers imported: False\n")
 
 
 def test_pick_proposes_valid_neurons_with_reasons(model_factory, corpus_files, tmp_path, capsys):

@@ -73,7 +73,7 @@ def _fingerprint(folder: Path) -> list[list[Any]] | None:
     files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".json"))
     if not any(p.suffix == ".safetensors" for p in files):
         return None
-    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    return [[p.name, stat.st_size, stat.st_mtime_ns] for p in files for stat in [p.stat()]]
 
 
 def recipe_key(folder: Path, *, dtype: str, device: str, refactor: bool, bos: str) -> str | None:
@@ -115,8 +115,7 @@ class Shape:
         attn = decoder.layers[0].self_attn
         if attn.head_dim > 256 and attn.num_key_value_groups > 1:
             return None  # transformers repeats the keys there instead of sdpa's enable_gqa
-        biases = {name: getattr(decoder.layers[0].self_attn, name).bias is not None
-                  for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        biases = {name: getattr(attn, name).bias is not None for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
         biases.update({name: getattr(decoder.layers[0].mlp, name).bias is not None
                        for name in ("gate_proj", "up_proj", "down_proj")})
         return cls(n_layers=len(decoder.layers), d_mlp=decoder.layers[0].mlp.gate_proj.out_features,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -112,13 +113,16 @@ def main() -> None:
     batches = plan_batches(corpus.lengths, args.batch_tokens)
     inputs = [torch.from_numpy(tokens[b.docs].astype(np.int64)).to(device) for b in batches]
 
+    forward_faults: list[int] = []
+
     def forward_times() -> list[float]:
         times = []
         with torch.inference_mode():
             for ids in inputs:
-                t0 = clock()
+                f0, t0 = _minor_faults(), clock()
                 hf.model(ids)  # the trunk: no unembedding, as collection
                 times.append(clock() - t0)
+                forward_faults.append(_minor_faults() - f0)
         return times
 
     forward_times()  # warm-up
@@ -139,12 +143,14 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
 
     collected: list[float] = []
+    faults: list[int] = []  # minor page faults per batch: fresh memory the kernel must zero
     real_batch = run_module._run_batch
 
     def timed_batch(*a, **kw):
-        t0 = clock()
+        f0, t0 = _minor_faults(), clock()
         real_batch(*a, **kw)
         collected.append(clock() - t0)
+        faults.append(_minor_faults() - f0)
 
     run_module._run_batch = timed_batch
     later_from = max(1, len(batches) // 4)
@@ -173,6 +179,8 @@ def main() -> None:
     print(f"whole run:     forward {sum(bare):7.2f} {unit}, collection {sum(collected):7.2f} {unit}: "
           f"ratio {sum(collected) / sum(bare):.2f}   [compile warm-up {warm_up:.1f} s wall]")
     print(f"first batch:   ratio {collected[0] / bare[0]:.2f}")
+    print(f"page faults per batch (fresh 4 KiB pages, each zeroed by the OS): first {faults[0]:,}, later median "
+          f"{int(statistics.median(faults[later])):,}; the bare forward pass's median {int(statistics.median(forward_faults)):,}")
     print(f"later batches ({len(batches) - later.start} from batch {later.start}): ratio "
           f"{sum(collected[later]) / sum(bare[later]):.2f}")
     print(f"statistics memory: {per_neuron / 1024:.1f} KiB per expert neuron (k={args.k}, W={window}, float16 "
@@ -190,7 +198,12 @@ def main() -> None:
         print(f"  packed slots filled, per layer-batch: {'; '.join(parts.packed)}")
         for name, depth in parts.NAMES:
             if parts.totals.get(name):
-                print(f"  {'  ' * depth}{name:<{40 - 2 * depth}} {parts.totals[name] * per:8.1f}")
+                print(f"  {'  ' * depth}{name:<{40 - 2 * depth}} {parts.totals[name] * per:8.1f}   "
+                      f"{parts.faults.get(name, 0) / (n_later * args.layers):9,.0f} page faults")
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 class Parts:
@@ -209,6 +222,7 @@ class Parts:
         import collect.stats as stats_module
 
         self.totals: dict[str, float] = {}
+        self.faults: dict[str, int] = {}  # minor page faults in each part
         self.undo: list[tuple[object, str, object]] = []
         later = lambda: len(collected) >= later_from  # noqa: E731: the batch in flight is a later one
 
@@ -218,11 +232,12 @@ class Parts:
             def timed(*a, **kw):
                 if not later():
                     return real(*a, **kw)
-                t0 = time.process_time()
+                t0, f0 = time.process_time(), _minor_faults()
                 try:
                     return real(*a, **kw)
                 finally:
                     self.totals[name] = self.totals.get(name, 0.0) + time.process_time() - t0
+                    self.faults[name] = self.faults.get(name, 0) + _minor_faults() - f0
 
             self.undo.append((owner, attr, real))
             setattr(owner, attr, timed)
@@ -261,11 +276,12 @@ class Parts:
                 def timed(*args, real=real, name=name):
                     if not later():
                         return real(*args)
-                    t0 = time.process_time()
+                    t0, f0 = time.process_time(), _minor_faults()
                     try:
                         return real(*args)
                     finally:
                         self.totals[name] = self.totals.get(name, 0.0) + time.process_time() - t0
+                        self.faults[name] = self.faults.get(name, 0) + _minor_faults() - f0
                 setattr(paths, attr, timed)
 
         self.undo.append((batch_module.LayerPaths, "__init__", real_init))

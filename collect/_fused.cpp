@@ -922,6 +922,36 @@ struct PackedWindows {
                                    load_scalar(hook[h], c.b * sb[h] + s * st[h] + c.n, bf16));
         }
     }
+
+    // The cuts in order, each one's memory requested ahead: its slot lookup FAR cuts on, then (the
+    // slot read from cache by then) the slots' positions, values and window lines NEAR cuts on. A
+    // cut reads lines all over the batch's tensors and writes one all over the windows; one after
+    // another each would wait for memory in turn.
+    void cut_all(const std::vector<Cut>& cuts) const {
+        const int64_t count = (int64_t)cuts.size(), W = before + 1 + after, bytes = (int64_t)nan_window.size();
+        constexpr int64_t FAR = 16, NEAR = 8;
+        auto slot_at = [&](const Cut& c) { return inverse + (c.b * T + c.p) * n_groups + c.n / group; };
+        for (int64_t i = 0; i < count; ++i) {
+            if (i + FAR < count && cuts[i + FAR].p >= 0 && cuts[i + FAR].p < T) __builtin_prefetch(slot_at(cuts[i + FAR]));
+            if (i + NEAR < count) {
+                const Cut& c = cuts[i + NEAR];
+                for (int h = 0; h < 2; ++h) {
+                    __builtin_prefetch(win[h] + c.out / W * bytes, 1);
+                    __builtin_prefetch(win[h] + c.out / W * bytes + bytes - 1, 1);
+                }
+                const int64_t own = c.p >= 0 && c.p < T ? *slot_at(c) : -1;
+                if (own >= 0) {
+                    const int64_t g = c.n / group;
+                    for (int64_t s = own > 0 ? own - 1 : 0; s <= own + 1 && s < T_packed; ++s) {
+                        __builtin_prefetch(positions + (c.b * T_packed + s) * n_groups + g);
+                        for (int h = 0; h < 2; ++h)
+                            __builtin_prefetch(hook[h] + (c.b * sb[h] + s * st[h] + c.n) * (bf16 ? 2 : 4));
+                    }
+                }
+            }
+            cut(cuts[i]);
+        }
+    }
 };
 
 struct Merge {
@@ -1002,10 +1032,16 @@ static int64_t merge_lists(const Merge& m) {
             if (from[p] >= 0) continue;
             nslot[p] = (int16_t)freed[f++];
             const Cut c{cb[-1 - from[p]], npos[p], l / m.per_neuron, (l * k + nslot[p]) * W};
-            if (m.inverse != nullptr) packed.cut(c);
-            else entering.push_back(c);
+            entering.push_back(c);
         }
         for (int64_t p = 0; p < k; ++p) key[p] = nkey[p], pos[p] = npos[p], slot[p] = nslot[p];
+        // Packed: cut a few thousand at a time (each list's windows are its own: nothing reads them
+        // meanwhile), so that the pending cuts stay small whatever the lists.
+        if (m.inverse != nullptr && entering.size() >= 4096) packed.cut_all(entering), entering.clear();
+    }
+    if (m.inverse != nullptr) {
+        packed.cut_all(entering);
+        return changed;
     }
     cut_windows_of(entering, m.hook, m.hook_sb, m.hook_st, m.bf16, m.lengths, m.T, m.before, m.after,
                    m.win, m.window_kind);

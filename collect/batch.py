@@ -122,7 +122,8 @@ class LayerPaths:
                 stats, gate, in_, post, swish, batch.valid, prio=batch.prio, doc_ids=batch.doc_ids, tables=tables,
                 packing=packing)
             if check:
-                prio = batch.prio if packing is None or batch.prio is None else packing.neuron_priorities(batch.prio)
+                prio = (batch.prio if packing is None or batch.prio is None
+                        else packing.neuron_priorities(batch.prio, neurons))
                 code = int(check_outputs(reduced, ordered, batch.valid, neurons, exact=True, distributions=distributions,
                                          before=stats, prio=prio, doc_ids=batch.doc_ids))
                 if code:

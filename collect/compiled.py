@@ -93,7 +93,8 @@ def check_outputs(reduced: BatchReduction, hooks: tuple[torch.Tensor, ...], vali
     compiled code: then a suspect sample must make the whole batch suspect); ``distributions``: the
     batch's histogram tables (of this batch alone) and, from the kernel, its example candidates,
     checked against :func:`histogram_batch` and :func:`find_candidates` with the limits of
-    ``before``, the statistics before the batch."""
+    ``before``, the statistics before the batch, and ``prio``: the positions' sampling priorities
+    ``[B, T]``, or packed experts' ``[B, T, len(neurons)]``, those of the checked neurons' slots."""
     post, in_, gate, swish = (h[..., neurons] for h in hooks)
     part_valid = valid if valid.dim() == 2 else valid[..., neurons]
     eager = reduce_batch(gate, in_, post, swish, part_valid, assume_finite=not exact)
@@ -116,8 +117,7 @@ def check_outputs(reduced: BatchReduction, hooks: tuple[torch.Tensor, ...], vali
         if before is not None and prio is not None and doc_ids is not None:
             part = LayerStats(**{name: t[neurons] for name, t in before.to_dict().items()})
             b, t, n = gate.shape
-            part_prio = prio[..., neurons] if prio.dim() == 3 else prio  # per neuron: packed experts' slots
-            want = find_candidates(part, (post, in_, gate, swish), counted, part_prio, doc_ids, b * t * n).candidates
+            want = find_candidates(part, (post, in_, gate, swish), counted, prio, doc_ids, b * t * n).candidates
             got = distributions.candidates
             for kind in ("sample", "band"):
                 differs.append(torch.stack([(getattr(want, f"{kind}_{x}") != getattr(got, f"{kind}_{x}")[neurons]).any()

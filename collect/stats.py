@@ -127,11 +127,15 @@ class Packing:
         packed = prio.gather(1, self.positions.reshape(b, t * g)).view(b, t, g)
         return torch.where(self.valid, packed, EMPTY_PRIORITY)
 
-    def neuron_priorities(self, prio: torch.Tensor) -> torch.Tensor:
+    def neuron_priorities(self, prio: torch.Tensor, neurons: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, T', N]``: :meth:`priorities` for every neuron (its group's), as the GPU's candidate
-        search reads them."""
-        b, t, g = self.positions.shape
-        return self.priorities(prio)[..., None].expand(b, t, g, self.group_size).reshape(b, t, g * self.group_size)
+        search reads them; ``[B, T', len(neurons)]`` for ``neurons`` alone (a check's sample: an
+        OLMoE layer's whole tensor is 0.3 GiB)."""
+        per_group = self.priorities(prio)
+        if neurons is not None:
+            return per_group[..., neurons // self.group_size]
+        b, t, g = per_group.shape
+        return per_group[..., None].expand(b, t, g, self.group_size).reshape(b, t, g * self.group_size)
 
     def unpacked(self, values: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """Neurons ``lo..hi-1`` of packed ``values`` back at their documents' positions, ``[B, T, hi - lo]``,

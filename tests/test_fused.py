@@ -132,13 +132,15 @@ def packed_expert_batches(seed: int, n_batches: int, *, rows: int = 3, length: i
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("size", [12, 16], ids=["experts-across-lanes", "experts-on-lane-boundaries"])
+@pytest.mark.parametrize("size", [12, 16, 200],
+                         ids=["experts-across-lanes", "experts-on-lane-boundaries", "more-windows-than-one-run-of-cuts"])
 def test_kernel_on_packed_experts_equals_the_torch_code(dtype, size):
     """A mixture-of-experts layer's recorded experts (some left out) packed as collection packs them, batch
     after batch, through the kernel (per-expert valid slots and sampling priorities, windows cut through
     the packing) and through the torch code: every statistic, the top-k lists with their windows and the
     random examples with theirs, value for value (sums to rounding). Expert widths that straddle the
-    kernel's 8 lanes and ones that do not."""
+    kernel's 8 lanes and ones that do not; and 800 neurons, whose first batch enters tens of thousands
+    of windows (the kernel cuts them in runs of 4,096, each memory read requested ahead)."""
     from collect.batch import Batch, LayerPaths
     from collect.moe import pack_experts
     from mkdocs_gluscope.distributions import EMPTY_PRIORITY

@@ -24,7 +24,9 @@ forward time of the same batches: closer to a real run's steady state (20M token
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -129,6 +131,7 @@ def measure(args: argparse.Namespace, doc_len: int) -> None:
     from mkdocs_gluscope.store import ActivationsWriter
 
     work = Path(tempfile.mkdtemp(prefix="gluscope-bench-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # a run leaves 1.5 GB of checkpoints and files
     import tiny
 
     tokenizer = tiny.train_tokenizer(work, bos=True)

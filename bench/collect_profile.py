@@ -15,9 +15,11 @@ shared); the machine's load is printed with the figures.
 from __future__ import annotations
 
 import argparse
+import atexit
 import collections
 import functools
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -102,6 +104,7 @@ def main() -> None:
     from collect.run import CollectConfig, collect_statistics
 
     work = Path(tempfile.mkdtemp(prefix="gluscope-profile-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
     tokenizer = tiny.train_tokenizer(work, bos=True)
     config = transformers.LlamaConfig(
         vocab_size=vocab, hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers,

@@ -15,9 +15,11 @@ wall time. The first batch fills every top-k list; later batches show the steady
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -82,6 +84,7 @@ def main() -> None:
     from mkdocs_gluscope.distributions import BAND_SAMPLES, SAMPLES
 
     work = Path(tempfile.mkdtemp(prefix="gluscope-bench-moe-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
     tokenizer = tiny.train_tokenizer(work, bos=True)
     config = transformers.OlmoeConfig(
         vocab_size=args.vocab, hidden_size=args.d_model, intermediate_size=args.d_expert,

@@ -9,6 +9,8 @@ shards, example HTML) and the whole `mkdocs build` time.
 from __future__ import annotations
 
 import argparse
+import atexit
+import shutil
 import sys
 import tempfile
 import time
@@ -34,6 +36,7 @@ def main() -> None:
     from synthetic import write_synthetic
 
     root = Path(tempfile.mkdtemp(prefix="gluscope-site-bench-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
     rng = np.random.default_rng(0)
     vocab = ["<s>"] + [f" {w}" for w in ("the", "of", "and", "to", "in", "a", "that", "is")] + [
         "".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=int(rng.integers(2, 9)))) for _ in range(5000)]

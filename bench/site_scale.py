@@ -25,6 +25,7 @@ files, word index and layer tables are the same bytes.
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import shutil
@@ -228,6 +229,8 @@ def main() -> None:
     from sites import build
 
     root = args.keep or Path(tempfile.mkdtemp(prefix="gluscope-site-scale-"))
+    if not args.keep:
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(root / "site", ignore_errors=True)
     shutil.rmtree(root / ".cache", ignore_errors=True)

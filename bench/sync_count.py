@@ -14,7 +14,9 @@ run (every aten call passes through Python): time with ``bench/collect_overhead.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from collections import Counter
@@ -64,6 +66,7 @@ def main() -> None:
     from collect.syncs import SyncCounter
 
     work = Path(tempfile.mkdtemp(prefix="gluscope-bench-syncs-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
     tokenizer = tiny.train_tokenizer(work, bos=True)
     common = dict(vocab_size=vocab, hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers,
                   num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,

@@ -66,7 +66,7 @@ struct Args {
     float* doc_sum;
     float* doc_max;
     float* doc_min;
-    int32_t* doc_pos;
+    int64_t* doc_pos;
     int64_t* nonfinite;  // [N, C + 1], added to
     // distributions (NULL without): tables added to, priorities, thresholds and candidates
     int32_t* hist;  // [N, C, H, NBINS]
@@ -673,7 +673,7 @@ static PyObject* layer_batch(PyObject*, PyObject* args) {
     a.doc_sum = (float*)ptr(p, 6);
     a.doc_max = (float*)ptr(p, 7);
     a.doc_min = (float*)ptr(p, 8);
-    a.doc_pos = (int32_t*)ptr(p, 9);
+    a.doc_pos = (int64_t*)ptr(p, 9);
     a.nonfinite = (int64_t*)ptr(p, 10);
     a.hist = (int32_t*)ptr(p, 11);
     a.dens = (int32_t*)ptr(p, 12);

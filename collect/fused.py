@@ -120,7 +120,7 @@ def layer_batch(gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor, swish
     valid_strides = valid.stride() if valid.dim() == 3 else valid.stride() + (0,)
     doc_count = torch.empty(b, n, N_CASES, dtype=torch.int32)
     doc_sum, doc_max, doc_min = (torch.empty(b, n, N_CASES, N_HOOKS) for _ in range(3))
-    doc_pos = torch.empty(b, n, N_CASES, N_HOOKS, dtype=torch.int32)
+    doc_pos = torch.empty(b, n, N_CASES, N_HOOKS, dtype=torch.int64)
     nonfinite = torch.zeros(n, N_CASES + 1, dtype=torch.int64)
     candidates = None
     null = 0
@@ -158,7 +158,7 @@ def layer_batch(gate: torch.Tensor, in_: torch.Tensor, post: torch.Tensor, swish
         per = -(-blocks // min(threads, blocks)) * BLOCK
         with concurrent.futures.ThreadPoolExecutor(min(threads, blocks)) as pool:
             list(pool.map(lambda n0: run(n0, min(n, n0 + per)), range(0, n, per)))
-    reduced = from_documents(doc_count.long(), doc_sum, doc_max, doc_min, doc_pos.long(), nonfinite,
+    reduced = from_documents(doc_count.long(), doc_sum, doc_max, doc_min, doc_pos, nonfinite,
                              torch.zeros((), dtype=torch.bool))
     return reduced, candidates
 

@@ -118,7 +118,8 @@ class Packing:
         # One flat take (a single index tensor): several times faster than indexing by three.
         rows = torch.arange(b, device=slot.device).view((b,) + (1,) * (slot.dim() - 1)) * (t * g)
         group = (torch.arange(n, device=slot.device) // self.group_size).view((1, n) + (1,) * (slot.dim() - 2))
-        return self.positions.reshape(-1).take(slot.long() * g + (rows + group))
+        # The index added to in place: one temporary the slots' size, not three (an OLMoE layer's are 34 MB).
+        return self.positions.reshape(-1).take((slot.long() * g).add_(rows + group))
 
     def priorities(self, prio: torch.Tensor) -> torch.Tensor:
         """``[B, T', G]`` sampling priorities of the packed slots from the document's ``[B, T]``
@@ -423,11 +424,17 @@ class BatchReduction:
     min: torch.Tensor  # [N, C, H]
     max: torch.Tensor  # [N, C, H]
     doc_abs: torch.Tensor  # [B, N, C, H] largest |value| of the document in the case, EMPTY if none
-    doc_value: torch.Tensor  # [B, N, C, H] the signed value there
     doc_pos: torch.Tensor  # [B, N, C, H] int64 its position (the earliest on ties)
     suspect: torch.Tensor  # bool scalar: assume_finite was wrong for this batch (see reduce_batch)
     doc_count: torch.Tensor | None = None  # [B, N, C] int64 the document's positions in each case
     doc_min_abs: torch.Tensor | None = None  # [B, N, C, H] smallest |value| of the document in the case, inf if none
+
+    @property
+    def doc_value(self) -> torch.Tensor:
+        """``[B, N, C, H]`` the signed value at ``doc_pos``, NaN where the document has no position in
+        the case: within a case its sign is the hook's (a zero may come out as -0.0). Computed when
+        read (the checks): the merges need only ``doc_abs``."""
+        return torch.where(self.doc_abs >= 0, HOOK_SIGNS.to(self.doc_abs.device) * self.doc_abs, float("nan"))
 
 
 def case_masks(gate: torch.Tensor, in_: torch.Tensor, valid: torch.Tensor) -> list[torch.Tensor]:
@@ -517,19 +524,19 @@ def from_documents(doc_count: torch.Tensor, doc_sum: torch.Tensor, doc_abs: torc
     case each hook's values all have the case's sign (or are 0), so its min and max follow from the
     smallest and largest ``|value|``."""
     signs = HOOK_SIGNS.to(doc_abs.device)
-    present = doc_abs >= 0
-    # Signed extremes per document, +-inf where the document has no position in the case.
-    hi = torch.where(present, torch.where(signs > 0, doc_abs, -doc_min_abs), float("-inf"))
-    lo = torch.where(present, torch.where(signs > 0, doc_min_abs, -doc_abs), float("inf"))
+    # The batch's largest and smallest |value| first (a document without a position in the case
+    # holds EMPTY and inf: never the extreme of one that has one), then signed; +-inf where no
+    # document has a position. Reductions of [B, N, C, H] before anything elementwise: an OLMoE
+    # layer's experts make those tensors 17 MB each.
+    most, least = doc_abs.amax(dim=0), doc_min_abs.amin(dim=0)
+    present = most >= 0
     return BatchReduction(
         count=doc_count.sum(dim=0),
         nonfinite=nonfinite,
         sum=doc_sum.sum(dim=0),
-        min=lo.amin(dim=0),
-        max=hi.amax(dim=0),
+        min=torch.where(present, torch.where(signs > 0, least, -most), float("inf")),
+        max=torch.where(present, torch.where(signs > 0, most, -least), float("-inf")),
         doc_abs=doc_abs,
-        # The value itself: within a case its sign is the hook's (a zero may come out as -0.0).
-        doc_value=torch.where(present, signs * doc_abs, float("nan")),
         doc_pos=doc_pos,
         suspect=suspect,
         doc_count=doc_count,

@@ -10,11 +10,11 @@ wall time. The first batch fills every top-k list; later batches show the steady
 
     python bench/moe_overhead.py                       # CPU, one thread, 1 layer, 8,192 tokens
     python bench/moe_overhead.py --tokens 65536        # 256 documents: later batches near a long run's cost
+    python bench/moe_overhead.py --layers 16 --device cuda --dtype bfloat16 --tokens 65536
 
 The top-k merges cost about k / (documents seen) of their first batch's: with the default 32
 documents the "later" batches still rewrite most lists' windows; 65,536 tokens (about 10 minutes on
 one CPU core) shows the cost a long run settles to.
-    python bench/moe_overhead.py --layers 16 --device cuda --dtype bfloat16 --tokens 65536
 """
 
 from __future__ import annotations

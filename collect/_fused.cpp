@@ -363,6 +363,7 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
                     }
                     // First the chunk's values, their cases, counts and bins ...
                     const int64_t k = stop - c0;
+                    vi key_most = none;  // the chunk's largest |post| key of a lane in a case
                     for (int64_t i = 0; i < k; ++i) {
                         const int64_t t = counted_b[c0 + i];
                         Slot& here = tile[i];
@@ -408,6 +409,10 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
                         m[2] = gn & ip & live;
                         m[3] = gn & in_neg & live;
                         for (int c = 0; c < C; ++c) count[c] -= m[c], here.not_m[c] = ~m[c] & INT32_MAX;
+                        if (examples) {
+                            const vi key = here.key[0] & (m[0] | m[1] | m[2] | m[3]);
+                            key_most = key > key_most ? key : key_most;
+                        }
                         if (!dist) continue;
                         // Bins: the exponent field, clamped.
                         const vi in_any = m[0] | m[1] | m[2] | m[3];
@@ -427,11 +432,28 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
                     // limit of its full lists, or into one of its lists not yet full (a loop of its
                     // own: the one above keeps its values in registers). A position whose lanes'
                     // |post| lie below every band it could enter at its priority is passed over.
+                    // In a run's later batches most lists are full and most positions enter none: the
+                    // chunk's largest |post| key bounds every position's, so a position whose priority
+                    // is above the bars of every band up to that key's band, where no list the key could
+                    // enter is open, is passed over at the cost of one comparison (the test below would
+                    // pass it over too; p_pass stays INT32_MAX where the bound says nothing).
+                    int32_t p_pass = INT32_MAX;
+                    if (examples && one_prio) {
+                        int32_t most = 0, open_least = INT32_MAX;
+                        for (int j = 0; j < L; ++j) most = key_most[j] > most ? key_most[j] : most;
+                        for (int c = 0; c < C; ++c) open_least = open_key[c] < open_least ? open_key[c] : open_least;
+                        if (most < open_least) {
+                            p_pass = -1;
+                            for (int r = 0; r < R; ++r)
+                                if (BAND_KEY[r] <= most && bar[r] > p_pass) p_pass = bar[r];
+                        }
+                    }
                     for (int64_t i = 0; examples && i < k; ++i) {
                         Slot& here = tile[i];
                         here.hit = none;
                         const int32_t t = here.t;
                         const int32_t p_top = (int32_t)(prio_of(t, 0) >> 31);
+                        if (p_top > p_pass) continue;
                         const vi* m = here.m;
                         const vi in_any = m[0] | m[1] | m[2] | m[3];
                         if (one_prio) {

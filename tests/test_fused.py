@@ -67,6 +67,47 @@ def test_kernel_examples_with_open_case_lists_and_full_band_lists():
     assert_distributions(stats, docs, case["first"], case["samples"], case["band_samples"])
 
 
+def test_kernel_examples_of_a_rare_band_in_a_late_batch():
+    """In a run's later batches every list but the highest band's is full and the kernel passes over a
+    chunk's positions at one comparison each, against the bars of the bands up to the chunk's largest
+    |post|. A position in a rare band, whose list filled early and keeps a high last priority, must
+    still enter that list: below its band's bar, or at the bar's top bits and below the list's own
+    limit. The kernel's candidates equal the torch code's (collect.stats.find_candidates)."""
+    from collect.stats import EMPTY_PRIORITY, find_candidates
+
+    n, t = 16, 80  # two groups of lanes, three chunks of positions
+    gate, in_ = torch.full((1, t, n), 0.01), torch.full((1, t, n), 0.02)  # |post| in the lowest band
+    rare = [(5, 3), (40, 12), (70, 6)]  # |post| about 1.8: band [1, 8)
+    for pos, neuron in rare:
+        gate[0, pos, neuron], in_[0, pos, neuron] = 2.0, 1.0
+    gate[0, 50, 9] = -0.01  # another case in the same chunk as a rare position
+    swish = torch.nn.functional.silu(gate)
+    post = swish * in_
+    valid = torch.ones(1, t, dtype=torch.bool)
+    stats = LayerStats.empty(n, 3, W, samples=2, band_samples=1)
+    stats.sample_key[...] = torch.tensor([1, 2])  # full, low limits: nothing enters them
+    stats.band_key[...] = 3
+    high = 5 << 40  # a multiple of 2**31: the kernel compares priorities' top bits first
+    limit = high + (1 << 20)
+    stats.band_key[:, 0, 3, :] = limit  # case 0's list of the band [1, 8): full early, a high limit
+    stats.band_key[:, :, 4, :] = EMPTY_PRIORITY  # the highest band: no position yet, open
+    prio = torch.full((1, t), 9 << 40) + torch.arange(t)  # above every limit
+    prio[0, 5] = high + 1  # the bar's own top bits, below the limit: enters
+    prio[0, 40] = high - (3 << 31)  # below the bar
+    prio[0, 70] = limit + 1  # the bar's top bits, above the limit: enters nothing
+    prio[0, 50] = high - (1 << 31)  # below the rare band's bar, but its |post| is in the lowest band
+    doc_ids = torch.tensor([4])
+    tables = (torch.zeros_like(stats.hist), torch.zeros_like(stats.density))
+    _, got = fused.reduce_and_bin(stats, gate, in_, post, swish, valid, prio=prio, doc_ids=doc_ids, tables=tables)
+    want = find_candidates(stats, (post, in_, gate, swish), valid, prio, doc_ids, capacity=t * n)
+    assert not bool(want.overflow)
+    for name in ("sample_key", "sample_b", "sample_t", "band_key", "band_b", "band_t"):
+        assert torch.equal(getattr(got.candidates, name), getattr(want.candidates, name)), name
+    entered = got.candidates.band_key[:, 0, 3, 0]
+    assert (entered[3], entered[12], entered[6]) == (high + 1, high - (3 << 31), EMPTY_PRIORITY)
+    assert int((got.candidates.band_key != EMPTY_PRIORITY).sum()) == 2
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("per_neuron", [False, True], ids=["valid-per-position", "valid-per-neuron"])
 def test_kernel_reduction_equals_the_torch_code(dtype, per_neuron):

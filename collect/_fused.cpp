@@ -33,6 +33,7 @@
 // align them to 16 there, and the AVX2 clone's aligned moves would fault).
 typedef float vf __attribute__((vector_size(32), aligned(32)));
 typedef int32_t vi __attribute__((vector_size(32), aligned(32)));
+typedef uint32_t vu __attribute__((vector_size(32), aligned(32)));
 
 static constexpr int C = 4, H = 4, NBINS = 22, DH = 12, R = 5, L = 8;
 #ifndef CHUNK
@@ -140,10 +141,15 @@ static void insert(int64_t* keys, int32_t* bs, int32_t* ts, int64_t size, int64_
     if (keys[size - 1] != EMPTY_PRIORITY && keys[size - 1] < *thr) *thr = keys[size - 1];
 }
 
-struct Acc {  // one document's accumulators for 8 lanes; max and min as |value| + 1 in integers
+// One document's accumulators for 8 lanes. The extremes in integers, |value| + 1 (its bits order
+// like the value; 0 stands for "no position"): max its largest, min the complement of its least
+// (unsigned: the least key is the largest complement, and a lane outside the case, a 0, is never
+// the largest), so that both are one mask and one maximum per value.
+struct Acc {
     vi count[C];
     vf sum[C][H];
-    vi max[C][H], min[C][H], pos[C][H];
+    vi max[C][H], pos[C][H];
+    vu min[C][H];
 };
 
 static inline __attribute__((always_inline)) bool any(vi m) {
@@ -248,7 +254,6 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
         vf v[H];
         vi key[H];  // |value| + 1 in integers (see the extremes below)
         vi m[C];
-        vi not_m[C];  // INT32_MAX outside the case, 0 in it
         vi code;  // case * 8 + band of |post|, for the random examples
         vi hit;  // lanes that may enter a random-example list (a superset)
         int32_t t;
@@ -279,7 +284,7 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
                 for (int h = 0; h < H; ++h) {
                     x.sum[c][h] = zero;
                     x.max[c][h] = none;
-                    x.min[c][h] = none + INT32_MAX;
+                    x.min[c][h] = (vu)none;
                     x.pos[c][h] = none;
                 }
             }
@@ -408,7 +413,7 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
                         m[1] = gp & in_neg & live;
                         m[2] = gn & ip & live;
                         m[3] = gn & in_neg & live;
-                        for (int c = 0; c < C; ++c) count[c] -= m[c], here.not_m[c] = ~m[c] & INT32_MAX;
+                        for (int c = 0; c < C; ++c) count[c] -= m[c];
                         if (examples) {
                             const vi key = here.key[0] & (m[0] | m[1] | m[2] | m[3]);
                             key_most = key > key_most ? key : key_most;
@@ -521,9 +526,8 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
                         }
                     }
                     // ... then each hook over the chunk: sums, and the extremes of each pair of
-                    // cases, their accumulators in registers. The extremes in integers: |value| + 1
-                    // (its bits order like the value; 0 stands for "no position"), so that a lane
-                    // outside the case is a 0 for the maximum and INT32_MAX for the minimum.
+                    // cases, their accumulators in registers (the extremes as in Acc: a lane outside
+                    // the case is a 0 for both).
                     for (int h = 0; h < H; ++h) {
                         vf sm0 = x.sum[0][h], sm1 = x.sum[1][h], sm2 = x.sum[2][h], sm3 = x.sum[3][h];
                         for (int64_t i = 0; i < k; ++i) {
@@ -536,7 +540,7 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
                         x.sum[0][h] = sm0, x.sum[1][h] = sm1, x.sum[2][h] = sm2, x.sum[3][h] = sm3;
                         for (int c0 = 0; c0 < C; c0 += 2) {
                             vi mx0 = x.max[c0][h], mx1 = x.max[c0 + 1][h];
-                            vi mn0 = x.min[c0][h], mn1 = x.min[c0 + 1][h];
+                            vu mn0 = x.min[c0][h], mn1 = x.min[c0 + 1][h];
                             vi ps0 = x.pos[c0][h], ps1 = x.pos[c0 + 1][h];
                             for (int64_t i = 0; i < k; ++i) {
                                 const vi key = tile[i].key[h];
@@ -548,9 +552,9 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
                                 mx1 = hi1 ? k1 : mx1;
                                 ps0 = hi0 ? tv : ps0;
                                 ps1 = hi1 ? tv : ps1;
-                                const vi lo0 = key | tile[i].not_m[c0], lo1 = key | tile[i].not_m[c0 + 1];
-                                mn0 = lo0 < mn0 ? lo0 : mn0;
-                                mn1 = lo1 < mn1 ? lo1 : mn1;
+                                const vu lo0 = (vu)(~key & m0), lo1 = (vu)(~key & m1);
+                                mn0 = lo0 > mn0 ? lo0 : mn0;
+                                mn1 = lo1 > mn1 ? lo1 : mn1;
                             }
                             x.max[c0][h] = mx0, x.max[c0 + 1][h] = mx1;
                             x.min[c0][h] = mn0, x.min[c0 + 1][h] = mn1;
@@ -572,7 +576,7 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
                     for (int h = 0; h < H; ++h) {
                         const int64_t o = (row + c) * H + h;
                         a.doc_sum[o] = x.sum[c][h][j];
-                        const int32_t most = x.max[c][h][j] - 1, least = x.min[c][h][j] - 1;
+                        const int32_t most = x.max[c][h][j] - 1, least = (int32_t)~x.min[c][h][j] - 1;
                         float f;
                         std::memcpy(&f, &most, 4);
                         a.doc_max[o] = most < 0 ? -1.0f : f;  // EMPTY where the case has no position

@@ -1018,7 +1018,7 @@ struct Merge {
 static int64_t merge_lists(const Merge& m) {
     const int64_t W = m.before + 1 + m.after, k = m.k;
     std::vector<int64_t> ck(m.B);
-    std::vector<int32_t> cb(m.B), cp(m.B);  // the entering documents' rows and positions
+    std::vector<int32_t> cb(m.B);
     std::vector<int64_t> nkey(k);
     std::vector<int32_t> npos(k), from(k), freed(k);
     std::vector<int16_t> nslot(k);
@@ -1029,46 +1029,21 @@ static int64_t merge_lists(const Merge& m) {
                          m.positions, m.group, m.n_groups, m.T_packed, {}};
     if (m.inverse != nullptr) packed.start();
     int64_t changed = 0;
-    const int64_t MAX_DOC = 2147483647LL, n_lists = m.l1 - m.l0;
-    // The documents that beat each list's last entry, found a document at a time (its row of
-    // doc_abs read in order: B rows read at once, list by list, wait on memory at every list) and
-    // then placed by list.
-    struct Found {
-        int64_t c;  // the sort key
-        int32_t b, list, pos;
-    };
-    std::vector<int64_t> last(n_lists);
-    for (int64_t l = 0; l < n_lists; ++l) last[l] = m.key[(m.l0 + l) * k + k - 1];
-    std::vector<Found> found;
-    std::vector<int32_t> first(n_lists + 1, 0);  // each list's found, from first[l] (counted, then placed)
-    for (int64_t b = 0; b < m.B; ++b) {
-        const float* row = m.doc_abs + b * m.lists + m.l0;
-        const int64_t doc = MAX_DOC - m.doc_id[b];
-        for (int64_t l = 0; l < n_lists; ++l) {
-            const float a = row[l];
+    const int64_t MAX_DOC = 2147483647LL;
+    for (int64_t l = m.l0; l < m.l1; ++l) {
+        int64_t* key = m.key + l * k;
+        const int64_t last = key[k - 1];
+        int64_t nc = 0;
+        for (int64_t b = 0; b < m.B; ++b) {
+            const float a = m.doc_abs[b * m.lists + l];
             if (!(a >= 0)) continue;
             int32_t bits;
             std::memcpy(&bits, &a, 4);
-            const int64_t c = ((int64_t)bits << 31) | doc;
-            if (c <= last[l]) continue;
-            found.push_back(Found{c, (int32_t)b, (int32_t)l, (int32_t)m.doc_pos[b * m.lists + m.l0 + l]});
-            ++first[l + 1];
-        }
-    }
-    for (int64_t l = 0; l < n_lists; ++l) first[l + 1] += first[l];
-    std::vector<Found> by_list(found.size());
-    {
-        std::vector<int32_t> next(first.begin(), first.end() - 1);
-        for (const Found& f : found) by_list[next[f.list]++] = f;  // documents in order within a list
-    }
-    for (int64_t l = m.l0; l < m.l1; ++l) {
-        int64_t* key = m.key + l * k;
-        int64_t nc = 0;
-        for (int32_t f = first[l - m.l0]; f < first[l - m.l0 + 1]; ++f) {
-            const int64_t c = by_list[f].c;
+            const int64_t c = ((int64_t)bits << 31) | (MAX_DOC - m.doc_id[b]);
+            if (c <= last) continue;
             int64_t j = nc++;  // insertion, descending
-            while (j > 0 && ck[j - 1] < c) ck[j] = ck[j - 1], cb[j] = cb[j - 1], cp[j] = cp[j - 1], --j;
-            ck[j] = c, cb[j] = by_list[f].b, cp[j] = by_list[f].pos;
+            while (j > 0 && ck[j - 1] < c) ck[j] = ck[j - 1], cb[j] = cb[j - 1], --j;
+            ck[j] = c, cb[j] = (int32_t)b;
         }
         if (nc == 0) continue;
         ++changed;
@@ -1077,7 +1052,7 @@ static int64_t merge_lists(const Merge& m) {
         int64_t i = 0, j = 0;
         for (int64_t p = 0; p < k; ++p) {
             if (j < nc && (i >= k || ck[j] > key[i])) {
-                nkey[p] = ck[j], npos[p] = cp[j], from[p] = -1 - (int32_t)j, ++j;
+                nkey[p] = ck[j], npos[p] = (int32_t)m.doc_pos[cb[j] * m.lists + l], from[p] = -1 - (int32_t)j, ++j;
             } else {
                 nkey[p] = key[i], npos[p] = pos[i], nslot[p] = slot[i], from[p] = (int32_t)i, ++i;
             }

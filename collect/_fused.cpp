@@ -414,7 +414,7 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
                         m[2] = gn & ip & live;
                         m[3] = gn & in_neg & live;
                         for (int c = 0; c < C; ++c) count[c] -= m[c];
-                        if (examples) {
+                        if (examples && one_prio) {  // read only there (p_pass below)
                             const vi key = here.key[0] & (m[0] | m[1] | m[2] | m[3]);
                             key_most = key > key_most ? key : key_most;
                         }

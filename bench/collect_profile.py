@@ -87,6 +87,7 @@ def main() -> None:
     p.add_argument("--batch-tokens", type=int, default=4096)
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--per-batch", action="store_true", help="also print each batch's parts (ms per layer-batch)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     n_layers, d_model, d_mlp, heads, kv_heads, vocab = SHAPES[args.shape]
@@ -176,6 +177,11 @@ def main() -> None:
           f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print(f"{args.shape} shape: {n_layers} layers x {d_mlp} neurons, float32, --samples {args.samples}; "
           f"{n_docs} documents x {args.doc_len} tokens, {len(batches)} batches of {b}")
+    if args.per_batch:
+        labels = [label for label, _ in PARTS]
+        print("batch  " + "  ".join(f"{label[:12]:>12s}" for label in labels))
+        for i, x in enumerate(timers.batches):
+            print(f"{i + 1:5d}  " + "  ".join(f"{x.get(label, 0.0) / n_layers * 1e3:12.2f}" for label in labels))
     for title, part in (("later batches", timers.batches[len(batches) // 2:]), ("whole run", timers.batches)):
         print(f"-- {title} ({len(part)} batches): median ms per layer-batch, ns per neuron-token")
         medians = collections.OrderedDict(

@@ -218,3 +218,26 @@ def test_kernel_on_packed_experts_equals_the_torch_code(dtype, size):
         else:
             assert torch.equal(got.nan_to_num(7.0) if got.is_floating_point() else got,
                                want.nan_to_num(7.0) if want.is_floating_point() else want), name
+
+
+def test_kernel_float16_windows_round_as_torch_does():
+    """The merge's float32-to-float16 conversion of window values (by F16C where the CPU has it)
+    gives torch's halves: ties to even, subnormals, overflow to infinity, signed zeros, NaN."""
+    edges = torch.tensor([0x00000000, 0x80000000, 0x33000000, 0x33000001, 0x337fffff, 0x38800000, 0x387fe000,
+                          0x387ff000, 0x387ff001, 0x3f801000, 0x3f803000, 0x477fefff, 0x477ff000, 0x7f7fffff,
+                          0x7f800000, 0xff800000, 0x7fc00000, 0xffc00001, 0x7f800001, 0x00000001],
+                         dtype=torch.int64).to(torch.int32)
+    random_bits = torch.randint(-2**31, 2**31, (100_003,), dtype=torch.int64, generator=torch.Generator().manual_seed(0))
+    values = torch.cat([edges, random_bits.to(torch.int32)]).view(torch.float32)
+    for count in (values.numel(), 19, 7):  # the vector loop, one window, its scalar tail alone
+        part = values[:count].contiguous()
+        out = torch.empty(count, dtype=torch.float16)
+        fused._fused.convert(part.data_ptr(), out.data_ptr(), count, 2)
+        want = part.half()
+        same = (out.view(torch.int16) == want.view(torch.int16)) | (out.isnan() & want.isnan())
+        assert same.all(), [(hex(v), hex(g), hex(w)) for v, g, w in zip(
+            part.view(torch.int32)[~same].tolist(), out.view(torch.int16)[~same].tolist(),
+            want.view(torch.int16)[~same].tolist())][:5]
+        # A NaN is stored as one quiet NaN of its sign (the torch code's windows hold the same).
+        nan = part.isnan()
+        assert ((out.view(torch.int16)[nan] & 0x7fff) == 0x7e00).all()

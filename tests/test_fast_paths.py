@@ -161,7 +161,8 @@ def miscompiled(corrupt):
     return make
 
 
-@pytest.mark.parametrize("fault", ["neurons-past-32", "per-document-counts", "histograms", "kernel-histograms"])
+@pytest.mark.parametrize("fault", ["neurons-past-32", "per-document-counts", "histograms", "kernel-histograms",
+                                   "kernel-candidates"])
 def test_wrong_fast_code_is_caught_and_the_batch_recomputed(fault, model_factory, corpus_files, tmp_path,
                                                             monkeypatch, capsys, request):
     """Issue 15: the run-time check compares every output of the fast code on neurons spread over
@@ -169,7 +170,7 @@ def test_wrong_fast_code_is_caught_and_the_batch_recomputed(fault, model_factory
     import collect.compiled as compiled_module
     from collect.stats import histogram_batch
 
-    if fault == "kernel-histograms":
+    if fault.startswith("kernel"):
         if not fused.available():
             pytest.skip("collect._fused was not built")
     else:
@@ -195,14 +196,16 @@ def test_wrong_fast_code_is_caught_and_the_batch_recomputed(fault, model_factory
 
         def wrong_kernel(*args, **kwargs):
             out = layer_batch(*args, **kwargs)
-            if kwargs.get("density") is not None:
+            if fault == "kernel-histograms" and kwargs.get("density") is not None:
                 kwargs["density"][45, 3, 2, 2] += 1
+            if fault == "kernel-candidates" and out[1] is not None:  # a sample list's best candidate lost
+                out[1].sample_key[45:, :, 0] = out[1].sample_key[45:, :, 1]
             return out
         monkeypatch.setattr(fused, "layer_batch", wrong_kernel)
     out = collect(small_config(model, corpus_files, tmp_path / "checked.h5", compile=True))
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     expected = {"neurons-past-32": "doc_abs", "per-document-counts": "doc_count", "histograms": "hist",
-                "kernel-histograms": "density"}[fault]
+                "kernel-histograms": "density", "kernel-candidates": "sample candidates"}[fault]
     assert len(warnings) == 1 and f"differ from the eager computation ({expected} of neurons" in warnings[0], warnings
     # The eager torch code adds the rest of the run's sums in another order than the kernel did.
     same_statistics(eager, out, sums_to_rounding=fault.startswith("kernel"))

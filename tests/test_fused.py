@@ -57,6 +57,25 @@ def test_kernel_distributions_match_brute_force(case):
     assert_distributions(stats, docs, case["first"], case["samples"], case["band_samples"])
 
 
+def test_kernel_histograms_of_values_in_every_octave():
+    """Gate and in from 2**-13 to 2**13, either sign: every histogram bin of every hook (both clamped
+    ends too) and every density cell in every case. The kernel folds its narrow counters into the
+    tables a row of bins at a time (three vectors of eight per row of 22): each bin's count must land
+    in its own place."""
+    g = torch.Generator().manual_seed(11)
+
+    def spread(shape):
+        octave = torch.randint(-13, 13, shape, generator=g).float()
+        sign = torch.where(torch.rand(shape, generator=g) < 0.5, -1.0, 1.0)
+        return sign * (1 + torch.rand(shape, generator=g)) * 2**octave
+
+    docs = [(spread((40, 9)), spread((40, 9))) for _ in range(6)]
+    stats = run_kernel(docs, 3, 1, 4, samples=2, band_samples=1)
+    assert_distributions(stats, docs, 1, 2, 1)
+    for hook in range(4):  # the values reach every bin of every hook's histogram
+        assert bool((stats.hist.sum(dim=(0, 1))[hook] > 0).all()), hook
+
+
 def test_kernel_examples_with_open_case_lists_and_full_band_lists():
     """A position whose priority is above every full list's and whose |post| is in a band whose
     lists are full still enters its case's list while that list is open (the kernel passes over

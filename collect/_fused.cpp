@@ -1088,10 +1088,6 @@ static int64_t merge_lists(const Merge& m) {
     const int64_t W = m.before + 1 + m.after, k = m.k;
     std::vector<int64_t> ck(m.B);
     std::vector<int32_t> cb(m.B);
-    std::vector<int64_t> nkey(k);
-    std::vector<int32_t> npos(k), from(k), freed(k);
-    std::vector<int16_t> nslot(k);
-    std::vector<char> kept(k);
     std::vector<Cut> entering;
     PackedWindows packed{{m.hook[0], m.hook[1]}, {m.hook_sb[0], m.hook_sb[1]}, {m.hook_st[0], m.hook_st[1]}, m.bf16,
                          m.lengths, m.T, m.before, m.after, {m.win[0], m.win[1]}, m.window_kind, m.inverse,
@@ -1118,27 +1114,24 @@ static int64_t merge_lists(const Merge& m) {
         ++changed;
         int32_t* pos = m.pos + l * k;
         int16_t* slot = m.slot + l * k;
-        int64_t i = 0, j = 0;
-        for (int64_t p = 0; p < k; ++p) {
-            if (j < nc && (i >= k || ck[j] > key[i])) {
-                nkey[p] = ck[j], npos[p] = (int32_t)m.doc_pos[cb[j] * m.lists + l], from[p] = -1 - (int32_t)j, ++j;
-            } else {
-                nkey[p] = key[i], npos[p] = pos[i], nslot[p] = slot[i], from[p] = (int32_t)i, ++i;
+        // Each entering document in place, best first: it evicts the list's last entry, takes that
+        // entry's window slot, and the entries below it move down one. Best first, an entering
+        // document never evicts one entered before it; one that no longer beats the last entry (a
+        // better one of this batch took its place) is left out, as are all after it. A batch's few
+        // entering documents (usually one or two of a list's k) move a few entries each, where a
+        // merge of the two lists would rewrite all k.
+        for (int64_t j = 0; j < nc; ++j) {
+            const int64_t c = ck[j];
+            if (c <= key[k - 1]) break;
+            const int16_t freed_slot = slot[k - 1];
+            int64_t q = k - 1;
+            while (q > 0 && key[q - 1] < c) {
+                key[q] = key[q - 1], pos[q] = pos[q - 1], slot[q] = slot[q - 1];
+                --q;
             }
+            key[q] = c, pos[q] = (int32_t)m.doc_pos[cb[j] * m.lists + l], slot[q] = freed_slot;
+            entering.push_back(Cut{cb[j], pos[q], l / m.per_neuron, (l * k + freed_slot) * W});
         }
-        std::fill(kept.begin(), kept.end(), 0);
-        for (int64_t p = 0; p < k; ++p)
-            if (from[p] >= 0) kept[from[p]] = 1;
-        int64_t nfree = 0;
-        for (int64_t q = 0; q < k; ++q)
-            if (!kept[q]) freed[nfree++] = slot[q];
-        for (int64_t p = 0, f = 0; p < k; ++p) {
-            if (from[p] >= 0) continue;
-            nslot[p] = (int16_t)freed[f++];
-            const Cut c{cb[-1 - from[p]], npos[p], l / m.per_neuron, (l * k + nslot[p]) * W};
-            entering.push_back(c);
-        }
-        for (int64_t p = 0; p < k; ++p) key[p] = nkey[p], pos[p] = npos[p], slot[p] = nslot[p];
         // Packed: cut a few thousand at a time (each list's windows are its own: nothing reads them
         // meanwhile), so that the pending cuts stay small whatever the lists.
         if (m.inverse != nullptr && entering.size() >= 4096) packed.cut_all(entering), entering.clear();

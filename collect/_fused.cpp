@@ -1088,6 +1088,7 @@ static int64_t merge_lists(const Merge& m) {
     const int64_t W = m.before + 1 + m.after, k = m.k;
     std::vector<int64_t> ck(m.B);
     std::vector<int32_t> cb(m.B);
+    std::vector<int16_t> freed(k);
     std::vector<Cut> entering;
     PackedWindows packed{{m.hook[0], m.hook[1]}, {m.hook_sb[0], m.hook_sb[1]}, {m.hook_st[0], m.hook_st[1]}, m.bf16,
                          m.lengths, m.T, m.before, m.after, {m.win[0], m.win[1]}, m.window_kind, m.inverse,
@@ -1114,23 +1115,21 @@ static int64_t merge_lists(const Merge& m) {
         ++changed;
         int32_t* pos = m.pos + l * k;
         int16_t* slot = m.slot + l * k;
-        // Each entering document in place, best first: it evicts the list's last entry, takes that
-        // entry's window slot, and the entries below it move down one. Best first, an entering
-        // document never evicts one entered before it; one that no longer beats the last entry (a
-        // better one of this batch took its place) is left out, as are all after it. A batch's few
-        // entering documents (usually one or two of a list's k) move a few entries each, where a
-        // merge of the two lists would rewrite all k.
-        for (int64_t j = 0; j < nc; ++j) {
-            const int64_t c = ck[j];
-            if (c <= key[k - 1]) break;
-            const int16_t freed_slot = slot[k - 1];
-            int64_t q = k - 1;
-            while (q > 0 && key[q - 1] < c) {
-                key[q] = key[q - 1], pos[q] = pos[q - 1], slot[q] = slot[q - 1];
-                --q;
+        // The two lists merged from their ends, in place: y entering documents make the new top k
+        // (the j-th best, j < k, enters where it beats the list's (k - 1 - j)-th entry), evicting the list's
+        // last y entries, whose window slots they take; the entries above the best entering one
+        // stay where they are. Ties keep a list's own entry first, as collect.stats.merge_top.
+        int64_t y = 0;
+        while (y < nc && y < k && ck[y] > key[k - 1 - y]) ++y;
+        for (int64_t q = k - y; q < k; ++q) freed[q - (k - y)] = slot[q];
+        for (int64_t p = k - 1, i = k - y - 1, j = y - 1, f = 0; j >= 0; --p) {
+            if (i >= 0 && ck[j] > key[i]) {
+                key[p] = key[i], pos[p] = pos[i], slot[p] = slot[i], --i;
+            } else {
+                key[p] = ck[j], pos[p] = (int32_t)m.doc_pos[cb[j] * m.lists + l], slot[p] = freed[f++];
+                entering.push_back(Cut{cb[j], pos[p], l / m.per_neuron, (l * k + slot[p]) * W});
+                --j;
             }
-            key[q] = c, pos[q] = (int32_t)m.doc_pos[cb[j] * m.lists + l], slot[q] = freed_slot;
-            entering.push_back(Cut{cb[j], pos[q], l / m.per_neuron, (l * k + freed_slot) * W});
         }
         // Packed: cut a few thousand at a time (each list's windows are its own: nothing reads them
         // meanwhile), so that the pending cuts stay small whatever the lists.

@@ -175,6 +175,7 @@ static const int JOINT = NBINS * NBINS, PER_NEURON = 2 * C * JOINT + 1, NO_CASE 
 // zero (a neuron's values in a case span about 10 of the 22 octaves), and are only tested. Rows
 // are cleared where they were not zero: the tables are all zero between calls.
 typedef uint16_t vh8 __attribute__((vector_size(16)));
+typedef uint64_t vq2 __attribute__((vector_size(16)));
 
 static inline __attribute__((always_inline)) int32_t lanes_sum(vi v) {
     return v[0] + v[1] + v[2] + v[3] + v[4] + v[5] + v[6] + v[7];
@@ -208,9 +209,8 @@ static inline __attribute__((always_inline)) void fold_table(uint16_t* table, in
         std::memcpy(&h0, row, 16);
         std::memcpy(&h1, row + 8, 16);
         std::memcpy(&h2, row + 14, 16);
-        typedef uint64_t vq2 __attribute__((vector_size(16)));
         const vq2 any = (vq2)(h0 | h1 | h2);
-        if (dens != nullptr && (i & 1) && i > 0) flush_coarse(i >> 1);  // coarse row (i + 1) / 2 starts at odd i
+        if (dens != nullptr && (i & 1)) flush_coarse(i >> 1);  // coarse row (i + 1) / 2 starts at odd i
         if ((any[0] | any[1]) == 0) continue;
         const vi x0 = __builtin_convertvector(h0, vi), x1 = __builtin_convertvector(h1, vi);
         const vi x2 = __builtin_convertvector(h2, vi) & tail;
@@ -1116,9 +1116,10 @@ static int64_t merge_lists(const Merge& m) {
         int32_t* pos = m.pos + l * k;
         int16_t* slot = m.slot + l * k;
         // The two lists merged from their ends, in place: y entering documents make the new top k
-        // (the j-th best, j < k, enters where it beats the list's (k - 1 - j)-th entry), evicting the list's
-        // last y entries, whose window slots they take; the entries above the best entering one
-        // stay where they are. Ties keep a list's own entry first, as collect.stats.merge_top.
+        // (the j-th best, j < k, enters where it beats the list's (k - 1 - j)-th entry), evicting
+        // the list's last y entries, whose window slots they take; the entries above the best
+        // entering one stay where they are. Ties keep a list's own entry first, as
+        // collect.stats.merge_top.
         int64_t y = 0;
         while (y < nc && y < k && ck[y] > key[k - 1 - y]) ++y;
         for (int64_t q = k - y; q < k; ++q) freed[q - (k - y)] = slot[q];

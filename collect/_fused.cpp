@@ -163,7 +163,7 @@ static inline __attribute__((always_inline)) bool any(vi m) {
 
 // Narrow counters per neuron: the joint (gate bin, in bin) and (post bin, act(gate) bin) tables of
 // each case, and a last slot for the lanes in no case. A position adds to two of them; the
-// histograms and the density the file stores are their sums (flush).
+// histograms and the density the file stores are their sums (fold).
 static const int JOINT = NBINS * NBINS, PER_NEURON = 2 * C * JOINT + 1, NO_CASE = 2 * C * JOINT;
 
 // The joint counts of one neuron added to its stored tables, and cleared: the hist of gate and in
@@ -255,7 +255,7 @@ struct Aligned {
 struct Buffers {
     Aligned<Acc> acc;
     Aligned<int32_t> codes, lanes;  // vi, 8 lanes each
-    Aligned<uint16_t> local;  // all zero between calls: every fold clears what it read
+    Aligned<uint16_t> local;  // one group's narrow counters, all zero between groups: a fold clears what it read
     Aligned<int32_t> counted;
     Aligned<int64_t> n_counted, thr_s, thr_b;
 };
@@ -306,7 +306,7 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
     uint16_t* local = nullptr;
     if (dist) {
         codes = (vi*)buf.codes.need(groups * B * T * L);
-        local = buf.local.need((n1 - n0) * PER_NEURON);
+        local = buf.local.need(L * PER_NEURON);
         if (codes == nullptr || local == nullptr) return false;
     }
     vi* lanes = examples ? (vi*)buf.lanes.need(groups * (R + 1) * L) : nullptr;  // per group: open lists, bounds
@@ -314,10 +314,6 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
     int32_t* counted = buf.counted.need(B * T);  // each document's counted positions
     int64_t* n_counted_of = buf.n_counted.need(B);
     if (counted == nullptr || n_counted_of == nullptr) return false;
-    auto flush = [&]() {
-        for (int64_t n = n0; n < n1; ++n)
-            fold(local + (n - n0) * PER_NEURON, a.hist + n * C * H * NBINS, a.dens + n * C * DH * DH);
-    };
     for (int64_t b = 0; b < B; ++b) {
         for (int64_t g = 0; g < groups; ++g) {
             Acc& x = acc[g];
@@ -631,7 +627,7 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
         }
     }
     // Packed experts: a neuron sees a few dozen positions a batch, too few to pay for folding its
-    // 2 x 4 joint tables of 22 x 22 narrow counters (flush): each position adds to the stored
+    // 2 x 4 joint tables of 22 x 22 narrow counters (fold): each position adds to the stored
     // tables directly, 8 neurons' tables (in cache) at a time.
     const bool direct = a.slot_count != nullptr;
     for (int64_t g = 0; dist && direct && g < groups; ++g) {
@@ -655,9 +651,11 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
             }
         }
     }
-    // The batch's counters, a group of neurons at a time: their narrow counters stay in cache
-    // while the positions add to them, in runs of at most 65535 positions between folds into the
-    // stored tables, so that no narrow counter overflows (a document of more is cut in two).
+    // The batch's counters, a group of neurons at a time: the positions add to one group's narrow
+    // counters (62 KB, in cache), which are then folded into the group's stored tables and cleared
+    // for the next group (a table per neuron of the superblock, 4 MB, would be read from memory at
+    // every first touch: twice the time). In runs of at most 65535 positions between folds, so
+    // that no narrow counter overflows (a document of more is cut in two).
     const int64_t most = 65535;
     for (int64_t b0 = 0, i0 = 0; dist && !direct && b0 < B;) {
         int64_t b1 = b0, i1 = i0, positions = 0;  // the run ends before position i1 of document b1
@@ -668,7 +666,7 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
             if (i1 == n_counted_of[b1]) ++b1, i1 = 0;
         }
         for (int64_t g = 0; g < groups; ++g) {
-            uint16_t* base = local + g * L * PER_NEURON;
+            uint16_t* base = local;
             const int64_t width = n1 - (n0 + g * L) < L ? n1 - (n0 + g * L) : L;
             for (int64_t b = b0, i = i0; b < b1 || (b == b1 && i < i1);) {
                 int64_t end = b < b1 ? n_counted_of[b] : i1;
@@ -697,20 +695,23 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
                 }
                 ++b, i = 0;
             }
+            for (int64_t j = 0; j < width; ++j) {
+                const int64_t n = n0 + g * L + j;
+                fold(base + j * PER_NEURON, a.hist + n * C * H * NBINS, a.dens + n * C * DH * DH);
+            }
         }
-        flush();
         b0 = b1, i0 = i1;
     }
     return true;
 }
 
-// Neurons a superblock at a time: the positions' codes and narrow counters of at most this many
-// bytes per thread, whatever the model's width.
-static const int64_t SUPERBLOCK_BYTES = 8 << 20;
+// Neurons a superblock at a time: the positions' codes of at most this many bytes per thread,
+// whatever the model's width (written by the main pass, read back by the counters' pass).
+static const int64_t SUPERBLOCK_BYTES = 4 << 20;
 
 static bool kernel(const Args& a) {
     static thread_local Buffers buf;
-    const int64_t per_neuron = (a.hist != nullptr ? a.B * a.T * 4 + PER_NEURON * 2 : 0) + 1;
+    const int64_t per_neuron = (a.hist != nullptr ? a.B * a.T * 4 : 0) + 1;
     int64_t step = SUPERBLOCK_BYTES / per_neuron / a.block * a.block;
     if (step < a.block) step = (a.block + L - 1) / L * L;
     for (int64_t s0 = a.n0; s0 < a.n1; s0 += step)

@@ -260,3 +260,33 @@ def test_kernel_float16_windows_round_as_torch_does():
         # A NaN is stored as one quiet NaN of its sign (the torch code's windows hold the same).
         nan = part.isnan()
         assert ((out.view(torch.int16)[nan] & 0x7fff) == 0x7e00).all()
+
+
+def test_kernel_histograms_of_a_call_longer_than_the_narrow_counters_hold():
+    """One call of 90,000 positions (beyond the 65,535 a narrow 16-bit counter holds), most of them
+    in one bin, over 72 neurons (a superblock of 64 and one of 8; groups of 8 lanes): the kernel
+    counts a group's positions in runs, folding its counters into that group's stored tables after
+    each run. Every neuron's histograms and density equal the torch tables (collect.stats.histogram_batch)."""
+    from collect.stats import histogram_batch
+
+    g = torch.Generator().manual_seed(5)
+    b, t, n = 3, 30000, 72
+    gate = torch.full((b, t, n), 1.5)  # one (gate, in) cell and one (post, act) cell for most positions
+    in_ = torch.full((b, t, n), -0.75)
+    spread = torch.rand(b, t, n, generator=g) < 0.2
+    gate[spread] = torch.randn(int(spread.sum()), generator=g) * 3
+    in_[spread] = torch.randn(int(spread.sum()), generator=g)
+    gate[:, :, 5] *= 100  # neurons of their own ranges, so that a table folded into the wrong neuron shows
+    in_[:, :, 66] /= 1000
+    swish = torch.nn.functional.silu(gate)
+    post = swish * in_
+    valid = torch.ones(b, t, dtype=torch.bool)
+    valid[1, 29000:] = False  # a shorter document: its tail counts nowhere
+    stats = LayerStats.empty(n, 3, W, samples=2, band_samples=1)
+    hist, density = torch.zeros_like(stats.hist), torch.zeros_like(stats.density)
+    fused.layer_batch(gate, in_, post, swish, valid, hist=hist, density=density, threads=1)
+    want_hist, want_density = torch.zeros_like(hist), torch.zeros_like(density)
+    histogram_batch(gate, in_, post, swish, valid, torch.tensor(1, dtype=torch.int32), want_hist, want_density)
+    assert int(want_hist[0].max()) > 65535  # the test's premise: one bin's count overflows a narrow counter
+    assert torch.equal(hist, want_hist)
+    assert torch.equal(density, want_density)

@@ -337,6 +337,11 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
         // position would wait for a page walk at every position; the chunk's pages are walked once.
         for (int64_t c0 = 0; c0 < n_counted; c0 += CHUNK) {
             const int64_t c1 = c0 + CHUNK < n_counted ? c0 + CHUNK : n_counted;
+            // Each of the chunk's positions' rows of each hook, found once for all its groups.
+            const char* row[CHUNK][H];
+            for (int64_t i = 0; i < c1 - c0; ++i)
+                for (int h = 0; h < H; ++h)
+                    row[i][h] = hook[h] + (b * hook_sb[h] + counted_b[c0 + i] * hook_st[h]) * width_bytes;
             for (int64_t s0 = n0; s0 < n1; s0 += block) {
                 const int64_t s1 = s0 + block < n1 ? s0 + block : n1;
                 for (int64_t n = s0; n < s1; n += L) {
@@ -414,17 +419,15 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
                         // The values two groups on (the next cache line of this row), requested now:
                         // rows lie N values apart, too far apart for the hardware to guess.
                         if (n + 2 * L < n1)
-                            for (int h = 0; h < H; ++h)
-                                __builtin_prefetch(hook[h] + (b * hook_sb[h] + t * hook_st[h] + n + 2 * L) * width_bytes);
+                            for (int h = 0; h < H; ++h) __builtin_prefetch(row[i][h] + (n + 2 * L) * width_bytes);
                         vf* v = here.v;
                         vi live = lane < (int32_t)width;
                         for (int h = 0; h < H; ++h) {
-                            const int64_t at = b * hook_sb[h] + t * hook_st[h] + n;
                             if (width == L) {
-                                v[h] = load8(hook[h], at, bf16);
+                                v[h] = load8(row[i][h], n, bf16);
                             } else {
                                 float tmp[L] = {0, 0, 0, 0, 0, 0, 0, 0};
-                                for (int j = 0; j < width; ++j) tmp[j] = load_scalar(hook[h], at + j, bf16);
+                                for (int j = 0; j < width; ++j) tmp[j] = load_scalar(row[i][h], n + j, bf16);
                                 std::memcpy(&v[h], tmp, 32);
                             }
                         }

@@ -251,6 +251,27 @@ struct Aligned {
     ~Aligned() { std::free(data); }
 };
 
+// The lines of some neurons' stored histogram and density tables, requested for writing a few at a
+// time while other work goes on: a layer's tables are touched once a batch, so they are in no cache,
+// and the packed experts' increments would otherwise wait on memory one line at a time (the dense
+// fold does not gain from it: measured).
+struct TableLines {
+    const char* at[2];
+    int64_t end[2], requested = 0;  // bytes of hist, then of dens
+    TableLines(const Args& a, int64_t n, int64_t width) {
+        const int64_t lanes = width > 0 ? width : 0, m = width > 0 ? n : 0;
+        at[0] = (const char*)(a.hist + m * C * H * NBINS), at[1] = (const char*)(a.dens + m * C * DH * DH);
+        end[0] = lanes * C * H * NBINS * 4, end[1] = lanes * C * DH * DH * 4;
+    }
+    inline void request(int64_t lines) {
+        for (; lines > 0 && requested < end[0] + end[1]; --lines, requested += 64) {
+            const int t = requested >= end[0];
+            __builtin_prefetch(at[t] + requested - t * end[0], 1);
+        }
+    }
+    void rest() { request((end[0] + end[1] + 63) / 64); }
+};
+
 // Working memory of one thread, kept from call to call (large allocations fault in every page).
 struct Buffers {
     Aligned<Acc> acc;
@@ -635,26 +656,15 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
     // an OLMoE layer) are not in any cache: the next group's lines are requested for writing a few
     // per position meanwhile, so that the increments do not wait on memory one line at a time.
     const bool direct = a.slot_count != nullptr;
-    const int64_t hist_bytes = C * H * NBINS * 4, dens_bytes = C * DH * DH * 4;
     for (int64_t g = 0; dist && direct && g < groups; ++g) {
         const int64_t n = n0 + g * L, width = n1 - n < L ? n1 - n : L;
-        const int64_t next = n1 - (n + L) < L ? n1 - (n + L) : L;  // the next group's lanes (<= 0: none)
-        const int64_t m = next > 0 ? n + L : n;
-        const char* ahead[2] = {(const char*)(a.hist + m * C * H * NBINS), (const char*)(a.dens + m * C * DH * DH)};
-        const int64_t ahead_end[2] = {next > 0 ? next * hist_bytes : 0, next > 0 ? next * dens_bytes : 0};
-        int64_t requested = 0;  // bytes of the next group's tables requested, hist then dens
-        auto request = [&](int64_t lines) {
-            for (; lines > 0 && requested < ahead_end[0] + ahead_end[1]; --lines, requested += 64) {
-                const int t = requested >= ahead_end[0];
-                __builtin_prefetch(ahead[t] + requested - t * ahead_end[0], 1);
-            }
-        };
+        TableLines ahead(a, n + L, n1 - (n + L) < L ? n1 - (n + L) : L);  // the next group's (none after the last)
         for (int64_t b = 0; b < B; ++b) {
             const int64_t end = std::min(n_counted_of[b], filled_slots(a, b, n, width));
             const vi* code = codes + (g * B + b) * T;
             const int32_t* counted_b = counted + b * T;
             for (int64_t i = 0; i < end; ++i) {
-                request(4);
+                ahead.request(4);
                 const uint32_t* both = (const uint32_t*)(code + counted_b[i]);
                 for (int64_t j = 0; j < width; ++j) {
                     const uint32_t gi = (both[j] & 0xffff) - (uint32_t)(j * PER_NEURON);
@@ -668,7 +678,7 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
                 }
             }
         }
-        request(ahead_end[0] + ahead_end[1]);  // the rest, where this group saw few positions
+        ahead.rest();  // where this group saw few positions
     }
     // The batch's counters, a group of neurons at a time: the positions add to one group's narrow
     // counters (62 KB, in cache), which are then folded into the group's stored tables and cleared

@@ -217,5 +217,5 @@ def add_related(out: Path, model: Path) -> None:
     from mkdocs_gluscope.related import add_related as add
 
     started = time.monotonic()
-    add(out, lambda f: weights_part(f, str(model), dtype="float32", device="auto"))
+    add(out, lambda f: weights_part(f, str(model), device="auto"))  # in the dtype the collection ran
     say(f"added related neurons in {time.monotonic() - started:.0f} s")

@@ -115,18 +115,22 @@ def describe(loaded: Any, layers: list[int]) -> str:
             "later layer's 1/rms and attention left out. alike: cosine of w_out within the layer")
 
 
-def weights_part(f: Any, model: str, *, dtype: str = "auto", device: str = "auto",
+def weights_part(f: Any, model: str, *, dtype: str | None = None, device: str = "auto",
                  progress: Callable[[int], None] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The weights part of ``related/`` for an activations file ``f`` (an open ``ActivationsFile``) from
     ``model``, loaded with the file's refactor_glu and layers; refused unless the model's weight facts
-    are the file's (the same model, refactored the same way). Returns the arrays and root attributes."""
-    from collect.model import load_model
+    are the file's (the same model, refactored the same way). ``dtype`` None: the file's ``dtype``,
+    what the collection ran (refactor_glu decides each flip by the sign of w_gate . w_in in the
+    loaded weights, so a float32 checkpoint run in bfloat16 may flip a neuron whose dot is near 0
+    that float32 does not flip). Returns the arrays and root attributes."""
+    from collect.model import dtype_name, load_model
     from mkdocs_gluscope.errors import GluscopeError
 
     if not f.layers:
         raise GluscopeError(f"{str(f.path)!r} has no dense layers; related neurons cover dense layers only")
-    loaded, facts = load_model(model, dtype=dtype, device=device, refactor=bool(f.attrs.get("refactor_glu", True)),
-                               layers=f.layers)
+    ran = str(f.attrs.get("dtype", "float32"))
+    loaded, facts = load_model(model, dtype=dtype or ran, device=device,
+                               refactor=bool(f.attrs.get("refactor_glu", True)), layers=f.layers)
     if sorted(loaded.mlps) != sorted(f.layers) or loaded.d_mlp != f.d_mlp:
         raise GluscopeError(f"--model {model!r} has {loaded.d_mlp} neurons in layers {sorted(loaded.mlps)}, but "
                             f"{str(f.path)!r} records {f.d_mlp} in layers {f.describe_layers()}")
@@ -135,6 +139,11 @@ def weights_part(f: Any, model: str, *, dtype: str = "auto", device: str = "auto
     cosine = facts["cos_gate_in"].numpy()[order]
     if not np.array_equal(flipped, f.weights("flipped")) or not np.allclose(cosine, f.weights("cos_gate_in"),
                                                                             atol=1e-2):
+        loaded_as = dtype_name(loaded.dtype)
+        if loaded_as != ran:
+            raise GluscopeError(f"--model {model!r} loaded in {loaded_as} gives other refactor_glu flips or "
+                                f"cos(w_gate, w_in) than {str(f.path)!r}, whose collection ran in {ran}: give "
+                                f"--dtype {ran} (or leave --dtype out), or another model")
         raise GluscopeError(f"--model {model!r} is not the model {str(f.path)!r} was collected from (its weights "
                             "give other refactor_glu flips or cos(w_gate, w_in)); give the same model")
     arrays = related_by_weights(loaded, list(f.layers), progress=progress)

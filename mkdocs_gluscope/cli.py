@@ -447,9 +447,10 @@ def add_related_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="the model the file was collected from (hub name, folder or GGUF file): adds the related "
                         "neurons by weights (needs the [collect] extra); without it, only those by activation")
-    p.add_argument("--dtype", default="float32",
+    p.add_argument("--dtype", default=None,
                    help="dtype the model loads in: float32, bfloat16, float16 or auto; scores are float32 "
-                        "(default: float32)")
+                        "(default: the file's dtype, what the collection ran: its refactor_glu flips are then "
+                        "the file's)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
 
 

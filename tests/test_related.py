@@ -150,3 +150,39 @@ def test_related_refuses_another_model(model_factory, corpus_files, tmp_path, ca
     assert main(["related", str(path), "--model", str(model_factory("qwen2"))]) == 2
     err = capsys.readouterr().err
     assert err.count("gluscope: error:") == 1 and "is not the model" in err
+
+
+def test_related_loads_the_model_in_the_dtype_the_collection_ran(model_factory, corpus_files, tmp_path, capsys):
+    """A float32 checkpoint collected in bfloat16 (what --dtype auto picks on a CPU with native
+    bfloat16, as the demo does): a neuron whose w_gate . w_in is negative in float32 but 0 in
+    bfloat16 flips in one and not the other. `gluscope related --model` loads the model in the
+    file's dtype by default, so the flips are the file's; asked for float32 it says which dtype the
+    collection ran in, in one error line, instead of calling it another model."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from collect.run import collect
+    from test_collect import small_config
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_factory("llama"), folder)
+    weights_file = folder / "model.safetensors"
+    weights = load_file(weights_file)
+    gate, up = weights["model.layers.0.mlp.gate_proj.weight"], weights["model.layers.0.mlp.up_proj.weight"]
+    gate[0], up[0] = 0.0, 0.0
+    gate[0, :2] = 1.0
+    up[0, 0], up[0, 1] = 1 + 2**-8 + 2**-10, -(1 + 2**-7)  # float32 dot -0.0029; bfloat16 1 + 2**-7 twice: dot 0
+    assert float(gate[0] @ up[0]) < 0 and float(gate[0].bfloat16().float() @ up[0].bfloat16().float()) == 0
+    save_file(weights, weights_file, metadata={"format": "pt"})
+
+    path = collect(small_config(folder, corpus_files, tmp_path / "a.h5", samples=0, dtype="bfloat16"))
+    with h5py.File(path) as f:
+        assert not f["weights/flipped"][0, 0]  # flipped as the bfloat16 run decided
+    assert main(["related", str(path), "--model", str(folder), "--dtype", "float32"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("gluscope: error:") == 1 and "ran in bfloat16" in err and "--dtype bfloat16" in err
+    assert main(["related", str(path), "--model", str(folder)]) == 0
+    with ActivationsFile(path) as f:
+        assert f.neuron(0, 0).related.feeds is not None

@@ -239,6 +239,50 @@ def test_kernel_on_packed_experts_equals_the_torch_code(dtype, size):
                                want.nan_to_num(7.0) if want.is_floating_point() else want), name
 
 
+@pytest.mark.parametrize("before, after", [(0, 0), (16, 2), (40, 5)], ids=["one-value", "default", "longer-than-32"])
+@pytest.mark.parametrize("dtype, window_dtype", [(torch.float32, torch.float16), (torch.bfloat16, torch.bfloat16),
+                                                 (torch.float32, torch.float32)])
+def test_kernel_windows_equal_the_torch_codes(before, after, dtype, window_dtype):
+    """The windows the kernel cuts for the top-k lists and the random examples (each bucket of
+    16 neurons' rows read once, in order, through a ring of the last rows) against the torch code's:
+    contexts of one value, the default 19 and more than the ring's 32, documents shorter than the
+    batch, hooks that are views of a wider tensor (rows of an odd width, as a fused gate and up
+    projection leaves them), neurons past the last full line of 16, and a first batch in which
+    every document enters every list."""
+    g = torch.Generator().manual_seed(11)
+    b, t, n = 6, 70, 37
+    lengths = torch.tensor([70, 55, 3, 70, 41, 1])
+    valid = torch.arange(t)[None, :] < lengths[:, None]
+    states = {name: LayerStats.empty(n, 8, before + 1 + after, window_dtype=window_dtype, samples=3, band_samples=2)
+              for name in ("kernel", "torch")}
+    for batch in range(2):
+        wide = torch.randn(b, t, 2 * n + 3, generator=g).to(dtype)
+        gate, in_ = wide[..., :n], wide[..., n + 3:]
+        swish = torch.nn.functional.silu(gate)
+        post = swish * in_
+        doc_ids = torch.arange(batch * b, (batch + 1) * b)
+        prio = batch_prio(doc_ids, t, lengths)
+        hooks = (post, in_, gate, swish)
+        reduced, distributions = fused.reduce_and_bin(states["kernel"], gate, in_, post, swish, valid, prio=prio,
+                                                      doc_ids=doc_ids)
+        update_stats(states["kernel"], reduced, doc_ids, gate, in_, lengths, before, after, hooks=hooks, valid=valid,
+                     prio=prio, check_finite=True, distributions=distributions, merge=fused.merge_top,
+                     examples=fused.add_candidates)
+        update_stats(states["torch"], reduce_batch(gate, in_, post, swish, valid), doc_ids, gate, in_, lengths, before,
+                     after, hooks=hooks, valid=valid, prio=prio, check_finite=True)
+    kernel, torch_code = states["kernel"], states["torch"]
+    windows = dict(zip(("win_gate", "win_in"), kernel.ordered_windows()))
+    want_windows = dict(zip(("win_gate", "win_in"), torch_code.ordered_windows()))
+    assert int(kernel.top_key[..., -1].ge(0).sum()) > 0.9 * kernel.top_key[..., -1].numel()  # lists full: many cuts
+    for name, want in torch_code.to_dict().items():
+        if name in ("top_slot", "sum", "hist", "density"):
+            continue  # where a window is stored (read in list order above); sums to rounding; no windows
+        got = windows.get(name, getattr(kernel, name))
+        want = want_windows.get(name, want)
+        assert torch.equal(got.float().nan_to_num(7.0) if got.is_floating_point() else got,
+                           want.float().nan_to_num(7.0) if want.is_floating_point() else want), name
+
+
 def test_kernel_float16_windows_round_as_torch_does():
     """The merge's float32-to-float16 conversion of window values (by F16C where the CPU has it)
     gives torch's halves: ties to even, subnormals, overflow to infinity, signed zeros, NaN."""

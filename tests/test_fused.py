@@ -33,6 +33,24 @@ def run_kernel(docs, k, first_counted, batch_size, samples=0, band_samples=1, *,
     return stats
 
 
+def assert_same_tables(kernel: LayerStats, torch_code: LayerStats, skip: tuple[str, ...] = ()) -> None:
+    """Every table of the kernel's statistics equals the torch code's (but those in ``skip``): the
+    windows read in list order (where a window is stored, ``top_slot``, may differ), the sums to
+    rounding, the rest value for value (NaN as a value)."""
+    windows = dict(zip(("win_gate", "win_in"), kernel.ordered_windows()))
+    want_windows = dict(zip(("win_gate", "win_in"), torch_code.ordered_windows()))
+    for name, want in torch_code.to_dict().items():
+        if name == "top_slot" or name in skip:
+            continue
+        got = windows.get(name, getattr(kernel, name))
+        want = want_windows.get(name, want)
+        if name == "sum":
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+        else:
+            assert torch.equal(got.float().nan_to_num(7.0) if got.is_floating_point() else got,
+                               want.float().nan_to_num(7.0) if want.is_floating_point() else want), name
+
+
 @pytest.mark.parametrize(
     "case",
     [
@@ -225,18 +243,7 @@ def test_kernel_on_packed_experts_equals_the_torch_code(dtype, size):
     assert paths["kernel"].kernel  # its run-time check against the eager code found no difference either
     kernel, torch_code = states["kernel"], states["torch"]
     assert int(kernel.nonfinite.sum()) >= 1 and int((kernel.sample_key != EMPTY_PRIORITY).sum()) > 100
-    windows = dict(zip(("win_gate", "win_in"), kernel.ordered_windows()))
-    want_windows = dict(zip(("win_gate", "win_in"), torch_code.ordered_windows()))
-    for name, want in torch_code.to_dict().items():
-        got = windows.get(name, getattr(kernel, name))
-        want = want_windows.get(name, want)
-        if name == "top_slot":
-            continue  # where a window is stored: ordered_windows reads them in list order
-        if name == "sum":
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
-        else:
-            assert torch.equal(got.nan_to_num(7.0) if got.is_floating_point() else got,
-                               want.nan_to_num(7.0) if want.is_floating_point() else want), name
+    assert_same_tables(kernel, torch_code)
 
 
 @pytest.mark.parametrize("before, after", [(0, 0), (16, 2), (40, 5)], ids=["one-value", "default", "longer-than-32"])
@@ -271,16 +278,8 @@ def test_kernel_windows_equal_the_torch_codes(before, after, dtype, window_dtype
         update_stats(states["torch"], reduce_batch(gate, in_, post, swish, valid), doc_ids, gate, in_, lengths, before,
                      after, hooks=hooks, valid=valid, prio=prio, check_finite=True)
     kernel, torch_code = states["kernel"], states["torch"]
-    windows = dict(zip(("win_gate", "win_in"), kernel.ordered_windows()))
-    want_windows = dict(zip(("win_gate", "win_in"), torch_code.ordered_windows()))
     assert int(kernel.top_key[..., -1].ge(0).sum()) > 0.9 * kernel.top_key[..., -1].numel()  # lists full: many cuts
-    for name, want in torch_code.to_dict().items():
-        if name in ("top_slot", "sum", "hist", "density"):
-            continue  # where a window is stored (read in list order above); sums to rounding; no windows
-        got = windows.get(name, getattr(kernel, name))
-        want = want_windows.get(name, want)
-        assert torch.equal(got.float().nan_to_num(7.0) if got.is_floating_point() else got,
-                           want.float().nan_to_num(7.0) if want.is_floating_point() else want), name
+    assert_same_tables(kernel, torch_code, skip=("sum", "hist", "density"))  # the windows and the lists they go with
 
 
 def test_kernel_float16_windows_round_as_torch_does():

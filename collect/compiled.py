@@ -83,7 +83,7 @@ def sample_neurons(d_mlp: int, seed: int, size: int = SELF_CHECK_NEURONS) -> tor
 
 def check_outputs(reduced: BatchReduction, hooks: tuple[torch.Tensor, ...], valid: torch.Tensor,
                   neurons: torch.Tensor, *, exact: bool, distributions: BatchDistributions | None = None,
-                  before: LayerStats | None = None, prio: torch.Tensor | None = None,
+                  tables_of_neurons: bool = False, before: LayerStats | None = None, prio: torch.Tensor | None = None,
                   doc_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Whether the fast code's outputs on a sample of neurons equal the eager code's, as a device
     int64: 0, or 1 + the index in :data:`CHECKED` of the first that differs (no host sync).
@@ -91,7 +91,8 @@ def check_outputs(reduced: BatchReduction, hooks: tuple[torch.Tensor, ...], vali
     ``reduced``: the fast reduction of ``hooks`` ``(post, in, gate, swish)`` ``[B, T, N]`` and
     ``valid``; ``exact``: whether it counted non-finite values (the kernel) or assumed none (the
     compiled code: then a suspect sample must make the whole batch suspect); ``distributions``: the
-    batch's histogram tables (of this batch alone) and, from the kernel, its example candidates,
+    batch's histogram tables (of this batch alone; with ``tables_of_neurons``, only the rows of
+    ``neurons``) and, from the kernel, its example candidates,
     checked against :func:`histogram_batch` and :func:`find_candidates` with the limits of
     ``before``, the statistics before the batch, and ``prio``: the positions' sampling priorities
     ``[B, T]``, or packed experts' ``[B, T, len(neurons)]``, those of the checked neurons' slots."""
@@ -110,10 +111,12 @@ def check_outputs(reduced: BatchReduction, hooks: tuple[torch.Tensor, ...], vali
     differs.append(eager.suspect & ~reduced.suspect)
     if distributions is not None and distributions.hist is not None:
         counted = finite_positions((post, in_, gate, swish), part_valid)
-        hist, density = torch.zeros_like(distributions.hist[neurons]), torch.zeros_like(distributions.density[neurons])
+        got_hist, got_density = ((distributions.hist, distributions.density) if tables_of_neurons
+                                 else (distributions.hist[neurons], distributions.density[neurons]))
+        hist, density = torch.zeros_like(got_hist), torch.zeros_like(got_density)
         histogram_batch(gate, in_, post, swish, counted, torch.ones((), dtype=torch.int32, device=gate.device),
                         hist, density)
-        differs += [(hist != distributions.hist[neurons]).any(), (density != distributions.density[neurons]).any()]
+        differs += [(hist != got_hist).any(), (density != got_density).any()]
         if before is not None and prio is not None and doc_ids is not None:
             part = LayerStats(**{name: t[neurons] for name, t in before.to_dict().items()})
             b, t, n = gate.shape

@@ -47,6 +47,11 @@ def available() -> bool:
     return _fused is not None
 
 
+def location() -> str:
+    """Where the kernel was loaded from (for messages)."""
+    return getattr(_fused, "__file__", None) or "collect._fused"
+
+
 def supports(*hooks: torch.Tensor) -> bool:
     """Whether the kernel can read these hooks: CPU tensors of one float dtype it knows, neurons
     contiguous (float16 is converted by the caller)."""

@@ -211,6 +211,31 @@ def test_wrong_fast_code_is_caught_and_the_batch_recomputed(fault, model_factory
     same_statistics(eager, out, sums_to_rounding=fault.startswith("kernel"))
 
 
+def test_a_kernel_that_adds_other_counts_when_asked_again_stops_the_run(model_factory, corpus_files, tmp_path,
+                                                                       monkeypatch):
+    """The kernel adds a checked batch to the statistics' own tables; a batch that fails the check is
+    taken back out by the same call into zeroed tables. Were that call to add other counts (a kernel
+    that is not deterministic), the tables could not be restored: the run stops with one error line
+    instead of writing histograms that no one can trust."""
+    from mkdocs_gluscope.errors import GluscopeError
+
+    if not fused.available():
+        pytest.skip("collect._fused was not built")
+    layer_batch = fused.layer_batch
+    calls = []
+
+    def flaky_kernel(*args, **kwargs):
+        out = layer_batch(*args, **kwargs)
+        if kwargs.get("density") is not None:
+            calls.append(1)
+            if len(calls) == 1:  # the first call only: the check catches it, the take-back misses it
+                kwargs["density"][45, 3, 2, 2] += 1
+        return out
+    monkeypatch.setattr(fused, "layer_batch", flaky_kernel)
+    with pytest.raises(GluscopeError, match="added other histogram counts to the same layer-batch a second time"):
+        collect(small_config(model_factory("llama"), corpus_files, tmp_path / "flaky.h5", compile=True))
+
+
 def test_nan_post_at_a_zero_gate_is_flagged_by_the_fast_path():
     """Issue 15: a NaN in post or act(gate) where gate or in is exactly zero (no case) was counted by
     the exact path but not flagged by the fast one."""

@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from typing import Callable
 import time
 from pathlib import Path
 
@@ -73,6 +74,8 @@ def main() -> None:
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--profile", action="store_true",
                    help="also print where a later batch's collection time goes (ms per MoE layer and batch)")
+    p.add_argument("--profile-first", action="store_true",
+                   help="with --profile: the first batch's parts instead (every list filling, the run-time check)")
     args = p.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
@@ -162,7 +165,8 @@ def main() -> None:
 
     run_module._run_batch = timed_batch
     later_from = max(1, len(batches) // 4)
-    parts = Parts(later_from, collected) if args.profile else None
+    profiled = (lambda done: done == 0) if args.profile_first else (lambda done: done >= later_from)
+    parts = Parts(profiled, collected) if args.profile else None
     forward = [forward_times() for _ in range(2)]
     collect_statistics(loaded, corpus, cfg, layers, experts=experts)
     forward.append(forward_times())
@@ -197,12 +201,14 @@ def main() -> None:
     if device.type == "cuda":
         print(f"peak device memory in the run: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     if parts is not None:
-        n_later = len(batches) - later.start
+        span = slice(0, 1) if args.profile_first else later
+        n_later = len(bare[span])
         per = 1000 / (n_later * args.layers)
-        print(f"where a later batch's time goes ({unit[:-2]}ms per MoE layer and batch, mean of {n_later} batches; "
+        what = "the first batch's time goes" if args.profile_first else "a later batch's time goes"
+        print(f"where {what} ({unit[:-2]}ms per MoE layer and batch, mean of {n_later} batches; "
               "nested parts indented):")
-        print(f"  bare forward pass of the layer            {sum(bare[later]) * per:8.1f}")
-        print(f"  collection, all of it                     {sum(collected[later]) * per:8.1f}")
+        print(f"  bare forward pass of the layer            {sum(bare[span]) * per:8.1f}")
+        print(f"  collection, all of it                     {sum(collected[span]) * per:8.1f}")
         print(f"  packed slots filled, per layer-batch: {'; '.join(parts.packed)}")
         for name, depth in parts.NAMES:
             if parts.totals.get(name):
@@ -215,15 +221,15 @@ def _minor_faults() -> int:
 
 
 class Parts:
-    """Seconds spent in the expert statistics' parts, in the batches from ``later_from`` on: each
-    function wrapped where its callers look it up (CPU seconds of this process, as the batches)."""
+    """Seconds spent in the expert statistics' parts, in the batches ``profiled(batches done)`` picks:
+    each function wrapped where its callers look it up (CPU seconds of this process, as the batches)."""
 
     NAMES = [("pack_experts", 0), ("LayerPaths.add", 0), ("reduce (compiled)", 1), ("kernel layer_batch", 1),
              ("check_outputs", 1), ("update_stats", 1), ("merge_top", 2), ("kernel merge", 2),
              ("histogram", 2), ("update_examples", 2), ("add_candidates", 2), ("kernel examples", 2), ("windows", 3),
              ("LayerPaths.redo", 0)]
 
-    def __init__(self, later_from: int, collected: list[float]) -> None:
+    def __init__(self, profiled: Callable[[int], bool], collected: list[float]) -> None:
         import collect.batch as batch_module
         import collect.fused as fused_module
         import collect.run as run_module
@@ -232,7 +238,7 @@ class Parts:
         self.totals: dict[str, float] = {}
         self.faults: dict[str, int] = {}  # minor page faults in each part
         self.undo: list[tuple[object, str, object]] = []
-        later = lambda: len(collected) >= later_from  # noqa: E731: the batch in flight is a later one
+        later = lambda: profiled(len(collected))  # noqa: E731: is the batch in flight one to profile
 
         def wrap(owner: object, attr: str, name: str) -> None:
             real = getattr(owner, attr)

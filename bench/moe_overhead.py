@@ -224,7 +224,7 @@ class Parts:
     """Seconds spent in the expert statistics' parts, in the batches ``profiled(batches done)`` picks:
     each function wrapped where its callers look it up (CPU seconds of this process, as the batches)."""
 
-    NAMES = [("pack_experts", 0), ("LayerPaths.add", 0), ("reduce (compiled)", 1), ("kernel layer_batch", 1),
+    NAMES = [("run_with_mlp_hooks", 0), ("pack_experts", 0), ("LayerPaths.add", 0), ("reduce (compiled)", 1), ("kernel layer_batch", 1),
              ("check_outputs", 1), ("update_stats", 1), ("merge_top", 2), ("kernel merge", 2),
              ("histogram", 2), ("update_examples", 2), ("add_candidates", 2), ("kernel examples", 2), ("windows", 3),
              ("LayerPaths.redo", 0)]
@@ -257,6 +257,7 @@ class Parts:
             setattr(owner, attr, timed)
 
         wrap(run_module, "pack_experts", "pack_experts")
+        wrap(run_module, "run_with_mlp_hooks", "run_with_mlp_hooks")
         self.packed: list[str] = []  # each later batch's packing: slots filled of slots packed
         timed_pack = run_module.pack_experts
 

@@ -29,9 +29,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from typing import Callable
 import time
 from pathlib import Path
+from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -202,10 +202,10 @@ def main() -> None:
         print(f"peak device memory in the run: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     if parts is not None:
         span = slice(0, 1) if args.profile_first else later
-        n_later = len(bare[span])
-        per = 1000 / (n_later * args.layers)
+        n_profiled = len(bare[span])
+        per = 1000 / (n_profiled * args.layers)
         what = "the first batch's time goes" if args.profile_first else "a later batch's time goes"
-        print(f"where {what} ({unit[:-2]}ms per MoE layer and batch, mean of {n_later} batches; "
+        print(f"where {what} ({unit[:-2]}ms per MoE layer and batch, mean of {n_profiled} batches; "
               "nested parts indented):")
         print(f"  bare forward pass of the layer            {sum(bare[span]) * per:8.1f}")
         print(f"  collection, all of it                     {sum(collected[span]) * per:8.1f}")
@@ -213,7 +213,7 @@ def main() -> None:
         for name, depth in parts.NAMES:
             if parts.totals.get(name):
                 print(f"  {'  ' * depth}{name:<{40 - 2 * depth}} {parts.totals[name] * per:8.1f}   "
-                      f"{parts.faults.get(name, 0) / (n_later * args.layers):9,.0f} page faults")
+                      f"{parts.faults.get(name, 0) / (n_profiled * args.layers):9,.0f} page faults")
 
 
 def _minor_faults() -> int:
@@ -224,8 +224,8 @@ class Parts:
     """Seconds spent in the expert statistics' parts, in the batches ``profiled(batches done)`` picks:
     each function wrapped where its callers look it up (CPU seconds of this process, as the batches)."""
 
-    NAMES = [("run_with_mlp_hooks", 0), ("pack_experts", 0), ("LayerPaths.add", 0), ("reduce (compiled)", 1), ("kernel layer_batch", 1),
-             ("check_outputs", 1), ("update_stats", 1), ("merge_top", 2), ("kernel merge", 2),
+    NAMES = [("run_with_mlp_hooks", 0), ("pack_experts", 0), ("LayerPaths.add", 0), ("reduce (compiled)", 1),
+             ("kernel layer_batch", 1), ("check_outputs", 1), ("update_stats", 1), ("merge_top", 2), ("kernel merge", 2),
              ("histogram", 2), ("update_examples", 2), ("add_candidates", 2), ("kernel examples", 2), ("windows", 3),
              ("LayerPaths.redo", 0)]
 
@@ -238,13 +238,13 @@ class Parts:
         self.totals: dict[str, float] = {}
         self.faults: dict[str, int] = {}  # minor page faults in each part
         self.undo: list[tuple[object, str, object]] = []
-        later = lambda: profiled(len(collected))  # noqa: E731: is the batch in flight one to profile
+        in_profile = lambda: profiled(len(collected))  # noqa: E731: is the batch in flight one to profile
 
         def wrap(owner: object, attr: str, name: str) -> None:
             real = getattr(owner, attr)
 
             def timed(*a, **kw):
-                if not later():
+                if not in_profile():
                     return real(*a, **kw)
                 t0, f0 = time.process_time(), _minor_faults()
                 try:
@@ -263,7 +263,7 @@ class Parts:
 
         def pack(*a, **kw):
             packed = timed_pack(*a, **kw)
-            if later():
+            if in_profile():
                 filled = packed.packing.filled
                 self.packed.append(f"{int(filled.sum()):,} of {filled.numel():,} (length {filled.shape[1]})")
             return packed
@@ -289,7 +289,7 @@ class Parts:
                 real = getattr(paths, attr)
 
                 def timed(*args, real=real, name=name):
-                    if not later():
+                    if not in_profile():
                         return real(*args)
                     t0, f0 = time.process_time(), _minor_faults()
                     try:

@@ -19,6 +19,9 @@ forward time of the same batches: closer to a real run's steady state (20M token
 
     python bench/collect_overhead.py                      # SmolLM2-135M shape, CPU, one thread, 128 and 512
     python bench/collect_overhead.py --shape 7b --device cuda --dtype bfloat16 --tokens 262144 --no-file
+    # issue 16's 512-token figure, nearer a long run: 512 documents, later batches after 256 of them
+    # (about 46 minutes on one core of a Zen 4)
+    python bench/collect_overhead.py --trunk --samples 8 --repeats 1 --no-file --doc-len 512 --tokens 262144
 """
 
 from __future__ import annotations

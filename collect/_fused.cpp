@@ -969,7 +969,12 @@ static void cut_windows_of(std::vector<Cut>& cuts, const char* const hook[2], co
     int64_t ring = 1;
     while (ring < W) ring *= 2;
     std::vector<float> lines_read(2 * ring * LINE);
-    std::vector<float> values(W);  // one window's values, NaN outside the document
+    // One window's values, NaN outside the document, and as halves: whole vectors of 8 (to_halves
+    // converts a vector's worth at a time; the rest of a window one value at a time cost about as
+    // much as the whole of it: W = 19 is two vectors and 3 values).
+    const int64_t W8 = (W + 7) / 8 * 8;
+    std::vector<float> values(W8, 0.0f);
+    std::vector<uint16_t> halves(W8);
     constexpr int64_t AHEAD = 8;  // rows requested ahead of the one read
     const int64_t count = (int64_t)cuts.size();
     std::vector<std::pair<int64_t, int64_t>> ranges;  // a bucket's rows to read: [first, end) ranges
@@ -1047,7 +1052,8 @@ static void cut_windows_of(std::vector<Cut>& cuts, const char* const hook[2], co
                 for (int64_t w = 0; w < W; ++w)
                     values[w] = w >= w0 && w < w1 ? at[((c.p - before + w) & (ring - 1)) * LINE] : NAN;
                 if (kind == 2) {
-                    to_halves(values.data(), W, (uint16_t*)win[h] + c.out);
+                    to_halves(values.data(), W8, halves.data());
+                    std::memcpy((uint16_t*)win[h] + c.out, halves.data(), 2 * W);
                     continue;
                 }
                 for (int64_t w = 0; w < W; ++w) store_window_value(win[h], c.out + w, kind, values[w]);

@@ -1061,8 +1061,9 @@ static void cut_windows_of(std::vector<Cut>& cuts, const char* const hook[2], co
             next_row = next_row > t1 ? next_row : t1;
             for (int h = 0; h < 2; ++h) {
                 const float* at = lines_read.data() + h * ring * LINE + (c.n - base);
-                for (int64_t w = 0; w < W; ++w)
-                    values[w] = w >= w0 && w < w1 ? at[((c.p - before + w) & (ring - 1)) * LINE] : NAN;
+                for (int64_t w = 0; w < w0; ++w) values[w] = NAN;
+                for (int64_t w = w0; w < w1; ++w) values[w] = at[((c.p - before + w) & (ring - 1)) * LINE];
+                for (int64_t w = w1; w < W; ++w) values[w] = NAN;
                 if (kind == 2) {
                     to_halves(values.data(), W8, halves.data());
                     std::memcpy((uint16_t*)win[h] + c.out, halves.data(), 2 * W);

@@ -999,14 +999,19 @@ static void cut_windows_of(std::vector<Cut>& cuts, const char* const hook[2], co
         int64_t width = 1;
         for (int64_t i = i0; i < i1; ++i) width = cuts[i].n - base + 1 > width ? cuts[i].n - base + 1 : width;
         auto row_at = [&](int h, int64_t t) { return hook[h] + (b * sb[h] + t * st[h] + base) * (bf16 ? 2 : 4); };
+        // A window's rows inside its document, [t0, t1) (empty where none is).
+        auto rows_of = [&](const Cut& c) {
+            const int64_t t0 = c.p - before > 0 ? c.p - before : 0;
+            const int64_t end = c.p + after + 1 < len ? c.p + after + 1 : len;
+            return std::make_pair(t0, end > t0 ? end : t0);
+        };
         // The rows the bucket's windows read: their ranges merged, in order. The rows are
         // requested AHEAD rows ahead of the one read along these ranges, across the gaps between
         // windows: a window after a gap otherwise waited for its first rows from memory (most of
         // a later batch's cut time, whose few windows per bucket lie far apart: 25% less time).
         ranges.clear();
         for (int64_t i = i0; i < i1; ++i) {
-            const int64_t t0 = cuts[i].p - before > 0 ? cuts[i].p - before : 0;
-            const int64_t t1 = cuts[i].p + after + 1 < len ? cuts[i].p + after + 1 : len;
+            const auto [t0, t1] = rows_of(cuts[i]);
             if (!ranges.empty() && t0 <= ranges.back().second)
                 ranges.back().second = t1 > ranges.back().second ? t1 : ranges.back().second;
             else if (t0 < t1)
@@ -1041,9 +1046,8 @@ static void cut_windows_of(std::vector<Cut>& cuts, const char* const hook[2], co
             }
             last = &c;
             // The window's values inside the document are w in [w0, w1): NaN around them.
-            const int64_t w0 = before - c.p > 0 ? before - c.p : 0;
-            const int64_t w1 = len - c.p + before < W ? (len - c.p + before > w0 ? len - c.p + before : w0) : W;
-            const int64_t t0 = c.p - before + w0, t1 = c.p - before + w1;
+            const auto [t0, t1] = rows_of(c);
+            const int64_t w0 = t0 - (c.p - before), w1 = t1 - (c.p - before);
             for (int64_t t = next_row > t0 ? next_row : t0; t < t1; ++t) {
                 request();
                 for (int h = 0; h < 2; ++h) {

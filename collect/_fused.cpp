@@ -171,58 +171,61 @@ static const int JOINT = NBINS * NBINS, PER_NEURON = 2 * C * JOINT + 1, NO_CASE 
 // are the (gate, in) table's row and column sums, the density its cells merged in pairs of octaves
 // ((bin + 1) / 2), the hist of post and act(gate) the other table's row and column sums.
 //
-// A row of 22 counters is read as three vectors of 8 (bins 0-7, 8-15 and 14-21: the last two share
-// bins 14 and 15, whose lanes of the third are masked out of sums); about half a call's rows are
-// zero (a neuron's values in a case span about 10 of the 22 octaves), and are only tested. Rows
-// are cleared where they were not zero: the tables are all zero between calls.
-typedef uint16_t vh8 __attribute__((vector_size(16)));
-typedef uint64_t vq2 __attribute__((vector_size(16)));
-
-static inline __attribute__((always_inline)) int32_t lanes_sum(vi v) {
-    return v[0] + v[1] + v[2] + v[3] + v[4] + v[5] + v[6] + v[7];
-}
+// Every sum fits 16 bits (a run adds at most 65535 positions, each to one counter of each of a
+// neuron's two kinds of table, or to its no-case slot), so the sums are taken in 16-bit lanes, and a
+// row whose sum is 0 holds no count. A row of 22 counters is read as two vectors of 16, bins 0-15 and
+// 6-21 (the second's lanes of bins 6-15 masked out of sums); about half a call's rows are zero (a
+// neuron's values in a case span about 10 of the 22 octaves). Rows are cleared where they were not
+// zero: the tables are all zero between calls.
+typedef uint16_t vw __attribute__((vector_size(32), aligned(32)));  // 16 narrow counters
+#if defined(__clang__) || __GNUC__ >= 12
+#define SWAP16(v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
+#else
+#define SWAP16(v, ...) __builtin_shuffle(v, (vw){__VA_ARGS__})
+#endif
 
 // One 22 x 22 table into row sums (rows[i] +=), column sums (cols[j] +=) and, where dens is not
 // null, its 12 x 12 coarse cells (dens[(i + 1) / 2][(j + 1) / 2] +=); then cleared.
 static inline __attribute__((always_inline)) void fold_table(uint16_t* table, int32_t* rows, int32_t* cols,
                                                              int32_t* dens) {
-    static_assert(NBINS == 22 && DH == 12, "fold_table reads rows of 22 bins as 8 + 8 + 6");
-    const vi lane = {0, 1, 2, 3, 4, 5, 6, 7};
-    const vi tail = lane >= 2;  // the third vector's bins 16-21
-    const vi zero = lane * 0;
-    vi col0 = zero, col1 = zero, col2 = zero;
-    vi coarse0 = zero, coarse1 = zero, coarse2 = zero;  // the fine columns of the current coarse row
-    bool coarse_any = false;
-    auto flush_coarse = [&](int r) {
-        if (!coarse_any) return;
-        int32_t fine[NBINS + 2];
-        fine[0] = 0, fine[NBINS + 1] = 0;  // bins -1 and 22: the edges' coarse cells hold one bin
-        for (int j = 0; j < 8; ++j) fine[1 + j] = coarse0[j], fine[9 + j] = coarse1[j];
-        for (int j = 2; j < 8; ++j) fine[15 + j] = coarse2[j];
-        int32_t* drow = dens + r * DH;
+    static_assert(NBINS == 22 && DH == 12, "fold_table reads rows of 22 bins as 16 + 6");
+    const vw lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const vw high = (vw)(lane >= 10);  // the second vector's bins 16-21
+    const vw zero = lane * 0;
+    vw col_lo = zero, col_hi = zero;
+    for (int ci = 0; ci < DH; ++ci) {  // coarse row ci: fine rows 0; 1-2; ...; 19-20; 21
+        const int i0 = ci == 0 ? 0 : 2 * ci - 1, i1 = ci == DH - 1 ? NBINS : 2 * ci + 1;
+        vw pair_lo = zero, pair_hi = zero;  // the coarse row's fine columns
+        bool any = false;
+        for (int i = i0; i < i1; ++i) {
+            uint16_t* row = table + i * NBINS;
+            vw lo, hi;
+            std::memcpy(&lo, row, 32);
+            std::memcpy(&hi, row + 6, 32);
+            hi &= high;
+            vw s = lo + hi;  // the row's sum, in every lane: 0 only where the row is all zero
+            s += SWAP16(s, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+            s += SWAP16(s, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+            s += SWAP16(s, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+            s += SWAP16(s, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+            if (s[0] == 0) continue;
+            col_lo += lo, col_hi += hi;
+            pair_lo += lo, pair_hi += hi;
+            any = true;
+            rows[i] += s[0];
+            std::memcpy(row, &zero, 32);
+            std::memcpy(row + 6, &zero, 32);
+        }
+        if (dens == nullptr || !any) continue;
+        uint16_t fine[NBINS + 2 + 8];  // bins -1 .. 22 (the edges' coarse cells hold one bin), room to store 16
+        std::memcpy(fine + 7, &pair_hi, 32);  // bins 16-21 (its lanes of bins 6-15 are zero) ...
+        std::memcpy(fine + 1, &pair_lo, 32);  // ... then bins 0-15 over them
+        fine[0] = 0, fine[NBINS + 1] = 0;
+        int32_t* drow = dens + ci * DH;
         for (int cj = 0; cj < DH; ++cj) drow[cj] += fine[2 * cj] + fine[2 * cj + 1];
-        coarse0 = coarse1 = coarse2 = zero;
-        coarse_any = false;
-    };
-    for (int i = 0; i < NBINS; ++i) {
-        uint16_t* row = table + i * NBINS;
-        vh8 h0, h1, h2;
-        std::memcpy(&h0, row, 16);
-        std::memcpy(&h1, row + 8, 16);
-        std::memcpy(&h2, row + 14, 16);
-        const vq2 any = (vq2)(h0 | h1 | h2);
-        if (dens != nullptr && (i & 1)) flush_coarse(i >> 1);  // coarse row (i + 1) / 2 starts at odd i
-        if ((any[0] | any[1]) == 0) continue;
-        const vi x0 = __builtin_convertvector(h0, vi), x1 = __builtin_convertvector(h1, vi);
-        const vi x2 = __builtin_convertvector(h2, vi) & tail;
-        col0 += x0, col1 += x1, col2 += x2;
-        rows[i] += lanes_sum(x0 + x1 + x2);
-        if (dens != nullptr) coarse0 += x0, coarse1 += x1, coarse2 += x2, coarse_any = true;
-        std::memset(row, 0, sizeof(uint16_t) * NBINS);
     }
-    if (dens != nullptr) flush_coarse((NBINS + 1) >> 1);
-    for (int j = 0; j < 8; ++j) cols[j] += col0[j], cols[8 + j] += col1[j];
-    for (int j = 2; j < 8; ++j) cols[14 + j] += col2[j];
+    for (int j = 0; j < 16; ++j) cols[j] += col_lo[j];
+    for (int j = 10; j < 16; ++j) cols[6 + j] += col_hi[j];
 }
 
 static inline __attribute__((always_inline)) void fold(uint16_t* joint, int32_t* hist, int32_t* dens) {
@@ -494,16 +497,16 @@ static bool kernel_range(const Args& a, const int64_t n0, const int64_t n1, Buff
                             key_most = key > key_most ? key : key_most;
                         }
                         if (!dist) continue;
-                        // Bins: the exponent field, clamped.
+                        // Bins: the exponent field, clamped, still biased (the bias is taken off
+                        // the case's table, below).
                         const vi in_any = m[0] | m[1] | m[2] | m[3];
                         vi bin[H];
                         for (int h = 0; h < H; ++h) {
-                            vi e = (mag[h] >> 23) - HIST_BIAS;
-                            e = e > 0 ? e : none;
-                            bin[h] = e < NBINS - 1 ? e : none + (NBINS - 1);
+                            const vi e = mag[h] >> 23;
+                            bin[h] = e > HIST_BIAS ? e : none + HIST_BIAS;
+                            bin[h] = bin[h] < HIST_BIAS + NBINS - 1 ? bin[h] : none + (HIST_BIAS + NBINS - 1);
                         }
-                        const vi cv = (gn & 2) | (in_neg & 1);
-                        const vi joint = cv * JOINT;
+                        const vi joint = (gn & 2 * JOINT) + (in_neg & JOINT) - HIST_BIAS * (NBINS + 1);
                         const vi both = (joint + bin[2] * NBINS + bin[1]) |
                                         ((joint + C * JOINT + bin[0] * NBINS + bin[3]) << 16);
                         codes[(g * B + b) * T + t] = (in_any ? both : none + (NO_CASE | NO_CASE << 16)) + lane_offset;

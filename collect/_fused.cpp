@@ -178,10 +178,11 @@ static const int JOINT = NBINS * NBINS, PER_NEURON = 2 * C * JOINT + 1, NO_CASE 
 // neuron's values in a case span about 10 of the 22 octaves). Rows are cleared where they were not
 // zero: the tables are all zero between calls.
 typedef uint16_t vw __attribute__((vector_size(32), aligned(32)));  // 16 narrow counters
+// The lanes of a vector of 16 narrow counters in another order.
 #if defined(__clang__) || __GNUC__ >= 12
-#define SWAP16(v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
+#define PERMUTE16(v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
 #else
-#define SWAP16(v, ...) __builtin_shuffle(v, (vw){__VA_ARGS__})
+#define PERMUTE16(v, ...) __builtin_shuffle(v, (vw){__VA_ARGS__})
 #endif
 
 // One 22 x 22 table into row sums (rows[i] +=), column sums (cols[j] +=) and, where dens is not
@@ -204,10 +205,10 @@ static inline __attribute__((always_inline)) void fold_table(uint16_t* table, in
             std::memcpy(&hi, row + 6, 32);
             hi &= high;
             vw s = lo + hi;  // the row's sum, in every lane: 0 only where the row is all zero
-            s += SWAP16(s, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-            s += SWAP16(s, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-            s += SWAP16(s, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-            s += SWAP16(s, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+            s += PERMUTE16(s, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+            s += PERMUTE16(s, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+            s += PERMUTE16(s, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+            s += PERMUTE16(s, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
             if (s[0] == 0) continue;
             col_lo += lo, col_hi += hi;
             pair_lo += lo, pair_hi += hi;

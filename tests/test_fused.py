@@ -110,7 +110,8 @@ def test_kernel_examples_of_a_rare_band_in_a_late_batch():
     |post| (or over the whole chunk at one, where its least priority is above them: each chunk here
     holds a position at a bar's own top bits, which must not pass it over). A position in a rare
     band, whose list filled early and keeps a high last priority, must still enter that list: below
-    its band's bar, or at the bar's top bits and below the list's own limit. The kernel's candidates equal the torch code's (collect.stats.find_candidates)."""
+    its band's bar, or at the bar's top bits and below the list's own limit. The kernel's
+    candidates equal the torch code's (collect.stats.find_candidates)."""
     from collect.stats import EMPTY_PRIORITY, find_candidates
 
     n, t = 16, 80  # two groups of lanes, three chunks of positions

@@ -61,6 +61,9 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads on the CPU (default 1)")
     p.add_argument("--repeats", type=int, default=2, help="timed runs; medians are printed")
+    p.add_argument("--malloc-defaults", action="store_true",
+                   help="leave glibc's malloc as it is instead of reusing freed memory as collect() does "
+                        "(collect/allocator.py; the figures before it were timed so)")
     p.add_argument("--trunk", action="store_true",
                    help="also time the forward pass without the logits (the collection stops before them)")
     p.add_argument("--wall", action="store_true",
@@ -83,6 +86,7 @@ def main() -> None:
         return
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
+    print(malloc_setting(args.malloc_defaults))
     for doc_len in args.doc_len:
         measure(args, doc_len)
 
@@ -108,6 +112,17 @@ def print_state(cfg: "CollectConfig", neurons: int) -> None:
           f"{neurons:,} neurons; on a GPU: device state {per['device']:,} bytes per neuron "
           f"({per['device'] * neurons / 2**30:.2f} GiB), host state {per['host']:,} bytes per neuron "
           f"({per['host'] * neurons / 2**30:.2f} GiB: the top-k windows)")
+
+
+def malloc_setting(defaults: bool) -> str:
+    """Applies collect()'s setting of glibc's malloc unless ``defaults`` (both sides of a comparison
+    run in this process); returns the line that says which was timed."""
+    from collect.allocator import keep_freed_memory
+
+    if defaults:
+        return "glibc malloc: its defaults (--malloc-defaults)"
+    return ("glibc malloc: freed memory kept for reuse, as collect() sets it" if keep_freed_memory()
+            else "malloc: as it is (not glibc)")
 
 
 def cpu_name() -> str:

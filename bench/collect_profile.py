@@ -19,6 +19,7 @@ import atexit
 import collections
 import functools
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -34,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from collect_overhead import SHAPES, cpu_name  # noqa: E402
+from collect_overhead import SHAPES, cpu_name, malloc_setting  # noqa: E402
 
 #: (label, depth) in print order; a timer's time includes those indented under it.
 PARTS = [
@@ -87,9 +88,14 @@ def main() -> None:
     p.add_argument("--batch-tokens", type=int, default=4096)
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="the model's dtype (bfloat16: what --dtype auto picks on a CPU with native bfloat16)")
+    p.add_argument("--malloc-defaults", action="store_true",
+                   help="leave glibc's malloc as it is instead of reusing freed memory as collect() does")
     p.add_argument("--per-batch", action="store_true", help="also print each batch's parts (ms per layer-batch)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    malloc = malloc_setting(args.malloc_defaults)
     n_layers, d_model, d_mlp, heads, kv_heads, vocab = SHAPES[args.shape]
     n_layers = args.layers or n_layers
 
@@ -118,11 +124,11 @@ def main() -> None:
     corpus = Corpus(tokens=tokens.reshape(-1), doc_offsets=np.arange(n_docs + 1) * args.doc_len,
                     source_index=np.arange(n_docs), titles=None, has_bos=True)
     torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype)).eval()
     loaded, _ = prepare_model(hf, tokenizer)
     layers = list(range(loaded.n_layers))
     batches = plan_batches(corpus.lengths, args.batch_tokens)
-    cfg = CollectConfig(model=str(work), dataset=["synthetic"], out=work / "profile.h5", dtype="float32",
+    cfg = CollectConfig(model=str(work), dataset=["synthetic"], out=work / "profile.h5", dtype=args.dtype,
                         batch_tokens=args.batch_tokens, progress=False, samples=args.samples)
     first = batches[0].docs
     warm = Corpus(tokens=tokens[first].reshape(-1), doc_offsets=np.arange(len(first) + 1) * args.doc_len,
@@ -154,16 +160,23 @@ def main() -> None:
 
     run_batch = run_module._run_batch
 
+    fresh_pages: list[tuple[int, int]] = []  # per batch: the collection's, the forward pass's
+
+    def pages() -> int:
+        return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+
     def timed_batch(*a: Any, **kw: Any) -> None:
         timers.batches.append({})
-        start = clock()
+        start, before = clock(), pages()
         run_batch(*a, **kw)
         timers.add("collection batch", clock() - start)
+        collected = pages() - before
         ids = torch.from_numpy(tokens[a[2].docs].astype(np.int64))
-        start = clock()
+        start, before = clock(), pages()
         with torch.inference_mode():
             hf.model(ids)
         timers.add("forward over the layers read", clock() - start)
+        fresh_pages.append((collected, pages() - before))
 
     run_module._run_batch = timed_batch
     try:
@@ -174,8 +187,8 @@ def main() -> None:
     b = len(batches[0].docs)
     neuron_tokens = b * args.doc_len * d_mlp  # per layer-batch
     print(f"{cpu_name()}, {args.threads} torch thread(s), {'CPU time of the thread' if clock is time.thread_time else 'wall time'}; "
-          f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    print(f"{args.shape} shape: {n_layers} layers x {d_mlp} neurons, float32, --samples {args.samples}; "
+          f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}; {malloc}")
+    print(f"{args.shape} shape: {n_layers} layers x {d_mlp} neurons, {args.dtype}, --samples {args.samples}; "
           f"{n_docs} documents x {args.doc_len} tokens, {len(batches)} batches of {b}")
     if args.per_batch:
         labels = [label for label, _ in PARTS]
@@ -189,6 +202,9 @@ def main() -> None:
         for label, depth in PARTS:
             ms = medians[label] * 1e3
             print(f"{'  ' * depth}{label + ':':{40 - 2 * depth}s} {ms:9.2f} ms {ms * 1e6 / neuron_tokens:8.2f} ns")
+        print(f"fresh pages faulted in per batch (median): collection "
+              f"{statistics.median(c for c, _ in fresh_pages[len(fresh_pages) - len(part):]):,.0f}, forward "
+              f"{statistics.median(f for _, f in fresh_pages[len(fresh_pages) - len(part):]):,.0f}")
         fwd = medians["forward over the layers read"]
         ratios = [x["collection batch"] / x["forward over the layers read"] for x in part]
         print(f"collection / forward: median of per-batch ratios {statistics.median(ratios):.3f}; "

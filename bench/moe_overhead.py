@@ -35,6 +35,7 @@ from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -74,11 +75,16 @@ def main() -> None:
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--profile", action="store_true",
                    help="also print where a later batch's collection time goes (ms per MoE layer and batch)")
+    p.add_argument("--malloc-defaults", action="store_true",
+                   help="leave glibc's malloc as it is instead of reusing freed memory as collect() does")
     p.add_argument("--profile-first", action="store_true",
                    help="with --profile: the first batch's parts instead (every list filling, the run-time check)")
     args = p.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
+    from collect_overhead import malloc_setting
+
+    malloc = malloc_setting(args.malloc_defaults)
 
     import transformers
 
@@ -180,7 +186,7 @@ def main() -> None:
     neurons = args.full_layers * args.experts * args.d_expert
     load = os.getloadavg()
     print(f"hardware: {hardware() if device.type == 'cpu' else torch.cuda.get_device_name()}; load average "
-          f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+          f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; {malloc}")
     print(f"device {args.device} ({args.threads if device.type == 'cpu' else ''} thread(s)), dtype {args.dtype}, "
           f"{n_docs} docs x {args.doc_len} tokens, {len(batches)} batches of {args.batch_tokens} tokens, compile "
           f"{args.compile}, samples {samples}, k {args.k}")

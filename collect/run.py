@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from collect import distributed
+from collect.allocator import keep_freed_memory
 from collect.checkpoint import CheckpointWriter, load_checkpoint
 from collect.batch import Batch, Flags, LayerPaths
 from collect.compiled import use_own_compile_cache
@@ -56,6 +57,7 @@ def collect(config: CollectConfig, *, stop_after_batches: int | None = None) -> 
     (:mod:`collect.distributed`)."""
     check_config(config)
     use_own_compile_cache()
+    keep_freed_memory()  # the hooks' memory reused from layer to layer, not faulted in again
     world, device = distributed.init(config.device)
     try:
         with FailFast(world, clean=(Interrupted,)).guard() as fail_fast:

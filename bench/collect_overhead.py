@@ -17,6 +17,11 @@ time of the second half of the batches (after half the documents were seen) over
 forward time of the same batches: closer to a real run's steady state (20M tokens are 20,000 to
 150,000 documents, not a few hundred), and still an overestimate of it.
 
+Both sides run in this process with glibc's malloc set as ``collect()`` sets it
+(``collect/allocator.py``), so that neither faults in again the pages the other freed (with glibc's
+defaults the collection's churn made the interleaved bare forward pass fault too, which made the
+ratios look lower); ``--malloc-defaults`` times them with the defaults, as figures before d350cbf were.
+
     python bench/collect_overhead.py                      # SmolLM2-135M shape, CPU, one thread, 128 and 512
     python bench/collect_overhead.py --shape 7b --device cuda --dtype bfloat16 --tokens 262144 --no-file
     # issue 16's 512-token figure, nearer a long run: 512 documents, later batches after 256 of them

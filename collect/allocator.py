@@ -16,7 +16,7 @@ benches, so that they time what a collection does.
 from __future__ import annotations
 
 import ctypes
-import platform
+import os
 import sys
 
 #: mallopt's parameters (glibc's malloc.h).
@@ -32,10 +32,18 @@ MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 1 << 30
 
 
+def is_glibc() -> bool:
+    """Whether this process runs on glibc (Linux with the GNU C library)."""
+    try:
+        return sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+    except (AttributeError, ValueError, OSError):  # no such name here: not glibc
+        return False
+
+
 def keep_freed_memory() -> bool:
     """Set glibc's malloc to reuse freed memory (see the module); True where it did. False, and
     nothing changed, on another C library or system, or where glibc refused a value."""
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+    if not is_glibc():
         return False
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # the process's own C library
     if mallopt is None:

@@ -4,7 +4,6 @@ pass per batch, and a run-time check that catches fast code that is wrong anywhe
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 
 import collect.run as run_module
 from collect import fused
+from collect.allocator import is_glibc
 from collect.memory import ListCapacity
 from collect.run import collect
 from collect.stats import reduce_batch
@@ -325,8 +325,7 @@ print(" ".join(map(str, pages)))
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
-                    reason="glibc's malloc only")
+@pytest.mark.skipif(not is_glibc(), reason="glibc's malloc only")
 def test_collection_reuses_the_memory_it_frees(tmp_path):
     """Issue 16: with glibc's defaults a layer's hooks, freed together, go back to the system and the
     next layer faults their pages in again (2.7 us a page on a 2-core EPYC: as long as the statistics

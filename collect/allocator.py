@@ -4,8 +4,8 @@ A collection holds each layer's hooks (gate, in, act(gate), post: 25 MB each at 
 SmolLM2-135M in float32) until its statistics are taken, then frees them together. With glibc's
 defaults, the free space then at the top of the heap is above its trim threshold (twice the largest
 chunk freed so far), so it goes back to the system, and the next layer's hooks fault every page in
-again: 50,000 to 200,000 fresh pages per batch of 8 layers on a 2-core EPYC, 2.7 us each (a fresh
-25 MB filled in 18 ms against 0.7 ms reused), as much as the statistics themselves. A forward pass
+again: 12,000 to 200,000 fresh pages per batch of 8 layers on a 2-core EPYC, 2.7 us each (a fresh
+25 MB filled in 18 ms against 0.7 ms reused), up to as much as the statistics themselves. A forward pass
 alone frees its tensors one at a time and faults none. :func:`keep_freed_memory` raises the
 thresholds, so freed memory is reused.
 

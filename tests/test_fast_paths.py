@@ -283,7 +283,6 @@ def test_the_compile_cache_is_the_projects_own_per_torch_and_instruction_set(tmp
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
 
 
-
 #: A collection of 8 batches (2 layers of 1,024 neurons, 2,048 tokens a batch: 8 MB of hooks a
 #: layer), printing the fresh pages each batch faulted in; argv[1] "keep": with keep_freed_memory.
 _COLLECTION_PAGES = """
